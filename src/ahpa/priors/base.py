@@ -1,0 +1,109 @@
+"""The interface every frozen prior encoder (a VAE and its level taps) implements.
+
+One codec object owns the image range its VAE expects: callers always pass images as float
+in [0, 1] (NCHW) and get images in [0, 1] back from `decode`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Level:
+    """One alignment target: a feature map of the encoder (or the latent itself)."""
+
+    name: str
+    channels: int
+    stride: int  # image side / feature-map side
+
+
+@dataclass
+class EncoderOutput:
+    mean: torch.Tensor  # [B, C_lat, H/f, W/f] latent (posterior mean for a KL-VAE)
+    logvar: torch.Tensor | None  # [B, C_lat, H/f, W/f] or None for a deterministic encoder
+    features: dict[str, torch.Tensor]  # level name -> [B, C_k, H/s_k, W/s_k]
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A latent drawn from the posterior (the mean itself for deterministic encoders)."""
+        if self.logvar is None:
+            return self.mean
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * noise
+
+
+class PriorEncoder(nn.Module):
+    """A frozen VAE: encodes images to a latent and exposes its hierarchy of levels.
+
+    Subclasses set `spec` (the grammar string that built them), `levels` (ordered fine to coarse,
+    the latent last, named "latent"), `latent_channels` and `factor` (image side / latent side),
+    and implement `_encode(x)` on images already in their own range and `_decode(z)`.
+    """
+
+    spec: str
+    levels: tuple[Level, ...]
+    latent_channels: int
+    factor: int
+
+    def level(self, name: str) -> Level:
+        for lvl in self.levels:
+            if lvl.name == name:
+                return lvl
+        raise KeyError(f"encoder {self.spec!r} has no level {name!r}; its levels are {[l.name for l in self.levels]}")
+
+    @property
+    def level_names(self) -> list[str]:
+        return [lvl.name for lvl in self.levels]
+
+    def to_input_range(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the range this VAE expects (default [-1, 1])."""
+        return images * 2 - 1
+
+    def from_output_range(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, levels: list[str] | tuple[str, ...] = ()) -> EncoderOutput:
+        """images: float [B, 3, H, W] in [0, 1]. Features are returned for the requested levels."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encoder {self.spec!r} takes RGB images [B, 3, H, W], got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"image size {h}x{w} is not divisible by the VAE factor {self.factor} of {self.spec!r}")
+        for name in levels:
+            self.level(name)  # fails with the list of valid names
+        return self._encode(self.to_input_range(images), tuple(levels))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, C_lat, h, w] (raw, not normalised) -> images [B, 3, h*f, w*f] in [0, 1]."""
+        return self.from_output_range(self._decode(latents))
+
+    def _encode(self, x: torch.Tensor, levels: tuple[str, ...]) -> EncoderOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What a cache or run records to recognise this encoder again."""
+        return {"spec": self.spec, "weights_sha256": getattr(self, "weights_sha256", None)}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module

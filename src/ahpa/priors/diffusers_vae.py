@@ -1,0 +1,120 @@
+"""A diffusers `AutoencoderKL` (SD-VAE and relatives) as a prior encoder.
+
+Levels are the outputs of `encoder.down_blocks[i]` and `encoder.mid_block`, captured by forward hooks
+that live only for the duration of one `_encode` call, in the same encoder forward that produces the
+posterior moments: one pass gives the latent and every requested level.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ahpa.priors.base import EncoderOutput, Level, PriorEncoder, frozen, sha256_file
+
+WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def levels_from_config(block_out_channels: list[int] | tuple[int, ...], latent_channels: int) -> tuple[Level, ...]:
+    """Level names, channels and strides implied by an AutoencoderKL config.
+
+    The downsampler sits at the end of every down block but the last, so down_blocks[i] already
+    outputs at stride 2**(i+1) (down0 of SD-VAE is 1/2 of the image side, not 1/1); the last block
+    and the mid block stay at the latent stride.
+    """
+    n = len(block_out_channels)
+    factor = 2 ** (n - 1)
+    levels = [Level(f"down{i}", c, 2 ** min(i + 1, n - 1)) for i, c in enumerate(block_out_channels)]
+    levels.append(Level("mid", block_out_channels[-1], factor))
+    levels.append(Level("latent", latent_channels, factor))
+    return tuple(levels)
+
+
+class DiffusersVAE(PriorEncoder):
+    """Frozen diffusers AutoencoderKL with levels down0..down{N-1}, mid, latent. Images in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module, spec: str = "diffusers", memory_format: torch.memory_format = torch.contiguous_format):
+        super().__init__()
+        self.vae = vae
+        self.spec = spec
+        self.weights_sha256: str | None = None
+        cfg = vae.config
+        self.latent_channels = int(cfg.latent_channels)
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.levels = levels_from_config(cfg.block_out_channels, self.latent_channels)
+        self._taps: dict[str, nn.Module] = {f"down{i}": b for i, b in enumerate(vae.encoder.down_blocks)}
+        self._taps["mid"] = vae.encoder.mid_block
+        # channels_last speeds up the convolutions on recent GPUs; inputs are converted to match in _encode.
+        self.memory_format = memory_format
+        if memory_format is not torch.contiguous_format:
+            self.vae.to(memory_format=memory_format)
+        frozen(self)
+
+    @classmethod
+    def from_pretrained(cls, where: str | Path, memory_format: torch.memory_format = torch.contiguous_format) -> "DiffusersVAE":
+        """Load from a local directory (never touches the network) or a hub id (may download)."""
+        from diffusers import AutoencoderKL
+
+        local = Path(where).expanduser()
+        if local.exists():
+            # A full pipeline directory keeps its VAE in vae/; accept both layouts.
+            if not (local / "config.json").is_file() and (local / "vae" / "config.json").is_file():
+                local = local / "vae"
+            vae = AutoencoderKL.from_pretrained(str(local), local_files_only=True)
+            enc = cls(vae, spec=f"diffusers:{where}", memory_format=memory_format)
+            weights = next((local / f for f in WEIGHTS_FILES if (local / f).is_file()), None)
+            enc.weights_sha256 = sha256_file(weights) if weights is not None else None
+            return enc
+        vae = AutoencoderKL.from_pretrained(str(where))
+        return cls(vae, spec=f"diffusers:{where}", memory_format=memory_format)
+
+    @classmethod
+    def from_config(cls, config: dict, memory_format: torch.memory_format = torch.contiguous_format) -> "DiffusersVAE":
+        """Randomly initialised weights from an AutoencoderKL config dict (keys starting with '_' are ignored).
+
+        Seed torch beforehand for reproducible weights.
+        """
+        from diffusers import AutoencoderKL
+
+        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+        return cls(AutoencoderKL(**kwargs), spec="diffusers:<config>", memory_format=memory_format)
+
+    @contextmanager
+    def _capture(self, names: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """Hooks on the requested stages for the duration of the with-block; removed even on error."""
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        try:
+            for name in names:
+                def hook(_module, _inputs, output, name=name):
+                    captured[name] = output
+                handles.append(self._taps[name].register_forward_hook(hook))
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _encode(self, x: torch.Tensor, levels: tuple[str, ...]) -> EncoderOutput:
+        vae = self.vae
+        x = x.to(dtype=next(vae.parameters()).dtype, memory_format=self.memory_format)
+        with self._capture(tuple(n for n in levels if n != "latent")) as features:
+            # vae.encoder + quant_conv directly rather than vae.encode: tiling or slicing (if a user
+            # enabled them) would run the stages once per tile and the hooks would keep only the last.
+            moments = vae.encoder(x)  # [B, 2*C_lat, H/f, W/f]
+            quant_conv = getattr(vae, "quant_conv", None)  # None when the config sets use_quant_conv=False
+            if quant_conv is not None:
+                moments = quant_conv(moments)
+        mean, logvar = torch.chunk(moments, 2, dim=1)  # [B, 2C, h, w] -> 2 x [B, C, h, w]
+        logvar = logvar.clamp(-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
+        features = dict(features)
+        if "latent" in levels:
+            features["latent"] = mean
+        return EncoderOutput(mean=mean, logvar=logvar, features=features)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.to(dtype=next(self.vae.parameters()).dtype, memory_format=self.memory_format)
+        return self.vae.decode(z).sample

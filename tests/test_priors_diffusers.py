@@ -1,0 +1,117 @@
+"""DiffusersVAE: levels derived from the config, hooks that capture the same forward and never leak."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ahpa.priors import load_encoder
+from ahpa.priors.base import sha256_file
+from ahpa.priors.diffusers_vae import DiffusersVAE
+
+SD_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "sd-vae-ft-ema.config.json"
+
+TINY = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+}
+
+
+def _hook_count(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in module.modules())
+
+
+@pytest.fixture(scope="module")
+def sd_vae() -> DiffusersVAE:
+    if not SD_CONFIG.is_file():
+        pytest.skip(f"SD-VAE reference config not found at {SD_CONFIG} (the shared/ directory beside the repository)")
+    torch.manual_seed(0)
+    return DiffusersVAE.from_config(json.loads(SD_CONFIG.read_text()))
+
+
+@pytest.fixture()
+def tiny() -> DiffusersVAE:
+    torch.manual_seed(0)
+    return DiffusersVAE.from_config(TINY)
+
+
+def test_sd_levels_match_reality_and_latent_is_posterior_mean(sd_vae):
+    # The downsampler closes each down block, so down0 is already at 1/2 (at 256 input: 128@128x128,
+    # 256@64x64, 512@32x32, 512@32x32, mid 512@32x32, latent 4@32x32; measured, as the config note says).
+    assert [(l.name, l.channels, l.stride) for l in sd_vae.levels] == [
+        ("down0", 128, 2), ("down1", 256, 4), ("down2", 512, 8), ("down3", 512, 8), ("mid", 512, 8), ("latent", 4, 8),
+    ]  # fmt: skip
+    assert (sd_vae.factor, sd_vae.latent_channels) == (8, 4)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    out = sd_vae.encode(x, sd_vae.level_names)
+    for lvl in sd_vae.levels:
+        assert out.features[lvl.name].shape == (1, lvl.channels, 64 // lvl.stride, 64 // lvl.stride), lvl
+    posterior = sd_vae.vae.encode(x * 2 - 1).latent_dist  # diffusers' own path, images in [-1, 1]
+    assert torch.equal(out.mean, posterior.mean) and torch.equal(out.logvar, posterior.logvar)
+    assert torch.equal(out.features["latent"], out.mean)
+    assert _hook_count(sd_vae) == 0
+
+
+def test_hooks_do_not_leak(tiny):
+    assert [(l.name, l.channels, l.stride) for l in tiny.levels] == [
+        ("down0", 32, 2), ("down1", 64, 2), ("mid", 64, 2), ("latent", 4, 2),
+    ]  # fmt: skip
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    first = tiny.encode(x, ("down0", "mid"))
+    second = tiny.encode(x, ("down1",))
+    third = tiny.encode(x, ("down0", "mid"))
+    assert _hook_count(tiny) == 0
+    assert set(first.features) == {"down0", "mid"} and set(second.features) == {"down1"}
+    for name in first.features:
+        assert torch.equal(first.features[name], third.features[name])
+    assert torch.equal(first.mean, second.mean)
+
+    # A stage that raises mid-forward still leaves no hook behind.
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    tiny.vae.encoder.mid_block.forward = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny.encode(x, ("down0", "mid"))
+    assert _hook_count(tiny) == 0
+
+
+def test_decode_and_no_quant_conv():
+    torch.manual_seed(0)
+    enc = DiffusersVAE.from_config({**TINY, "use_quant_conv": False, "use_post_quant_conv": False})
+    assert enc.vae.quant_conv is None
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = enc.encode(x)
+    assert out.mean.shape == (1, 4, 8, 8) and out.features == {}
+    assert torch.equal(out.mean, enc.vae.encode(x * 2 - 1).latent_dist.mean)
+    rec = enc.decode(out.mean)
+    assert rec.shape == x.shape and rec.min() >= 0 and rec.max() <= 1
+
+
+def test_channels_last_matches(tiny):
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = tiny.encode(x, ("down0",))
+    cl = DiffusersVAE(tiny.vae, memory_format=torch.channels_last)
+    out = cl.encode(x, ("down0",))
+    assert torch.allclose(out.mean, ref.mean, atol=1e-5)
+    assert torch.allclose(out.features["down0"], ref.features["down0"], atol=1e-5)
+
+
+def test_local_dir_round_trip(tiny, tmp_path):
+    tiny.vae.save_pretrained(tmp_path / "vae")  # a pipeline layout: the VAE in vae/
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for where in (tmp_path / "vae", tmp_path):
+        enc = load_encoder(f"diffusers:{where}")
+        assert enc.spec == f"diffusers:{where}"
+        assert enc.weights_sha256 == sha256_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+        assert torch.equal(enc.encode(x).mean, tiny.encode(x).mean)
+
+
+def test_missing_dir_names_the_path():
+    with pytest.raises(FileNotFoundError, match="/no/such/dir"):
+        load_encoder("diffusers:/no/such/dir")

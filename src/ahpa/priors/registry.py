@@ -1,4 +1,7 @@
-"""One grammar names every prior encoder: `taef2:DIR`, `diffusers:DIR_OR_HUB_ID`, `ahpa-vae:DIR`."""
+"""One grammar names every prior encoder: `taef2:DIR`, `diffusers:DIR_OR_HUB_ID`, `ahpa-vae:DIR`.
+
+`ahpa-vae:random` builds an untrained small VAE (seeded): it lets smoke runs and tests need no files.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ def load_encoder(spec: str, device: torch.device | str = "cpu") -> PriorEncoder:
     elif kind == "ahpa-vae":
         from ahpa.priors.kl_vae import KLVAE
 
-        enc = KLVAE.from_dir(_existing(local, spec))
+        # `ahpa-vae:random` is an untrained small VAE with fixed seed: for smoke runs and tests only
+        enc = KLVAE.random() if where == "random" else KLVAE.from_dir(_existing(local, spec))
     else:
         from ahpa.priors.diffusers_vae import DiffusersVAE
 

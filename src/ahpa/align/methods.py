@@ -1,0 +1,53 @@
+"""The registry of alignment methods: which levels they align and how they weight them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    levels: str  # none | latent | one | all | external
+    router: str  # the router mode the method fixes ("" = taken from align.router)
+    loss: str  # default loss for this method
+    about: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in (
+        MethodSpec("none", "none", "uniform", "cosine", "vanilla SiT, no alignment"),
+        MethodSpec("repa", "external", "uniform", "cosine", "REPA: an external frozen encoder's patch tokens (e.g. DINOv2)"),
+        MethodSpec("vae-latent", "latent", "uniform", "smooth-l1", "SRA2 / VAE-REPA: the VAE latent, one level"),
+        MethodSpec("vae-level", "one", "uniform", "cosine", "one fixed encoder level (align.levels=[NAME])"),
+        MethodSpec("multi-uniform", "all", "uniform", "cosine", "all levels, equal weights (AHPA without its router)"),
+        MethodSpec("ahpa", "all", "", "cosine", "all levels weighted by the timestep-conditioned Dynamic Router"),
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ValueError(f"unknown alignment method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def resolve_levels(method: MethodSpec, available: list[str], requested: list[str]) -> list[str]:
+    """The level names a method aligns, checked against what the encoder (or cache) provides."""
+    for name in requested:
+        if name not in available:
+            raise ValueError(f"align.levels names {name!r}, which the encoder does not provide; its levels are {available}")
+    if method.levels == "none":
+        return []
+    if method.levels == "external":
+        return ["external"]
+    if method.levels == "latent":
+        chosen = requested or ["latent"]
+    elif method.levels == "one":
+        chosen = requested
+    else:
+        chosen = requested or list(available)
+    if method.levels in ("latent", "one") and len(chosen) != 1:
+        raise ValueError(f"method {method.name!r} aligns exactly one level: set align.levels=[NAME] with NAME one of {available}")
+    return chosen

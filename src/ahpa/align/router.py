@@ -1,0 +1,69 @@
+"""The Dynamic Router: weights over K prior levels as a function of the noise level t.
+
+Modes:
+- soft:    g(t) = softmax(MLP(sinusoidal(t)) / tau), learned, initialised uniform.
+- topk:    as soft, then only the k largest weights are kept and renormalised.
+- snr:     fixed schedule, no parameters: level k (ordered fine -> coarse) gets a Gaussian window
+           centred at t = k / (K - 1), so coarse levels dominate at high noise (the paper's story).
+- uniform: 1/K everywhere (the multi-uniform baseline; a single level gets weight 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ahpa.models.sit import timestep_embedding
+
+ROUTER_MODES = ("soft", "topk", "snr", "uniform")
+
+
+def snr_schedule(t: torch.Tensor, num_levels: int, width: float) -> torch.Tensor:
+    """[B] -> [B, K] fixed weights: coarse levels at high noise, fine levels near the data."""
+    if num_levels == 1:
+        return torch.ones(t.shape[0], 1, device=t.device)
+    centres = torch.linspace(0.0, 1.0, num_levels, device=t.device)  # fine -> coarse
+    logits = -((t.float()[:, None] - centres[None]) ** 2) / (2 * width**2)
+    return torch.softmax(logits, dim=-1)
+
+
+def keep_topk(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero all but the k largest weights of each row and renormalise."""
+    if k >= weights.shape[-1]:
+        return weights
+    idx = weights.topk(k, dim=-1).indices
+    mask = torch.zeros_like(weights).scatter_(-1, idx, 1.0)
+    kept = weights * mask
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+class Router(nn.Module):
+    def __init__(
+        self, num_levels: int, mode: str = "soft", tau: float = 1.0, topk: int = 2, width: float = 0.25,
+        hidden: int = 128, freq_dim: int = 64,
+    ):
+        super().__init__()
+        if mode not in ROUTER_MODES:
+            raise ValueError(f"unknown router mode {mode!r}; valid modes: {', '.join(ROUTER_MODES)}")
+        self.num_levels, self.mode, self.tau, self.topk, self.width = num_levels, mode, tau, topk, width
+        self.freq_dim = freq_dim
+        self.mlp = None
+        if self.learned:
+            self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, num_levels))
+            # zero last layer: softmax of zeros is uniform, so training starts from multi-uniform
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    @property
+    def learned(self) -> bool:
+        return self.mode in ("soft", "topk") and self.num_levels > 1
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] in [0, 1] -> weights [B, K] (fp32, rows sum to 1)."""
+        if self.mode == "uniform" or self.num_levels == 1:
+            return torch.full((t.shape[0], self.num_levels), 1.0 / self.num_levels, device=t.device)
+        if self.mode == "snr":
+            return snr_schedule(t, self.num_levels, self.width)
+        emb = timestep_embedding(t * 1000.0, self.freq_dim)
+        weights = torch.softmax(self.mlp(emb.to(self.mlp[0].weight.dtype)).float() / self.tau, dim=-1)
+        return keep_topk(weights, self.topk) if self.mode == "topk" else weights

@@ -1,0 +1,254 @@
+"""Run configuration: typed dataclasses, YAML files and dotted `key=value` overrides.
+
+Strings become checked choices here, once: an unknown key or value fails with the valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelCfg:
+    preset: str = "S/2"  # SiT size/patch: S, B, L, XL x 1, 2, 4
+    qk_norm: bool = False
+    # overrides of the preset, for tiny test models (0 = take the preset's value)
+    hidden_size: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TransportCfg:
+    path: str = "linear"  # linear | cosine
+    time_sampler: str = "uniform"  # uniform | logit-normal
+    time_mean: float = 0.0
+    time_std: float = 1.0
+
+
+@dataclass
+class DataCfg:
+    source: str = "procedural"  # procedural | npz | cache
+    path: str = ""  # npz file or cache directory
+    resolution: int = 32  # image side fed to the encoder
+    hflip: bool = True
+    num_classes: int = 0  # 0 = read from the data
+    limit: int = 0  # use only the first N images (0 = all)
+    procedural_size: int = 4096  # images in the procedural data set
+
+
+@dataclass
+class PriorCfg:
+    encoder: str = ""  # taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR
+    stats_images: int = 1024  # images used to measure latent/level statistics
+    external: str = ""  # repa only: dinov2:DIR (an external frozen encoder)
+
+
+@dataclass
+class AlignCfg:
+    method: str = "ahpa"  # none | repa | vae-latent | vae-level | multi-uniform | ahpa
+    depth: int = 4  # hidden tokens after this block (1-based) are aligned
+    weight: float = 0.5  # lambda
+    levels: list = field(default_factory=list)  # [] = the method's default levels
+    loss: str = "default"  # default | cosine | smooth-l1
+    smooth_l1_beta: float = 0.05
+    projector_dim: int = 2048
+    shared_trunk: bool = True  # one projector trunk, a light linear head per level
+    router: str = "soft"  # soft | topk | snr | uniform  (ahpa only)
+    router_tau: float = 1.0
+    router_topk: int = 2
+    router_normalize: bool = True  # router sees each level's loss / its running mean
+    router_entropy: float = 0.05  # entropy bonus on the router's weights
+    router_momentum: float = 0.99  # running-mean momentum for the normalisation
+    snr_width: float = 0.25  # width of each level's window on t in the fixed snr schedule
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 1000
+    batch_size: int = 256  # global batch, all processes and accumulation steps together
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    log_every: int = 50
+    ckpt_every: int = 1000
+    sample_every: int = 1000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # non-finite steps in a row before the run stops
+
+
+@dataclass
+class SampleCfg:
+    solver: str = "euler"  # euler | heun | euler-maruyama
+    steps: int = 50
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    micro_batch: int = 64
+    grid_images: int = 64
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    transport: TransportCfg = field(default_factory=TransportCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    prior: PriorCfg = field(default_factory=PriorCfg)
+    align: AlignCfg = field(default_factory=AlignCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    sample: SampleCfg = field(default_factory=SampleCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "transport.path": ("linear", "cosine"),
+    "transport.time_sampler": ("uniform", "logit-normal"),
+    "data.source": ("procedural", "npz", "cache"),
+    "align.method": ("none", "repa", "vae-latent", "vae-level", "multi-uniform", "ahpa"),
+    "align.loss": ("default", "cosine", "smooth-l1"),
+    "align.router": ("soft", "topk", "snr", "uniform"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "sample.solver": ("euler", "heun", "euler-maruyama"),
+}
+
+# keys that may change when a run is resumed (run length, cadences); everything else must match
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.sample_every",
+    "train.keep_checkpoints",
+    "train.device",
+    "train.compile",
+    "train.max_bad_steps",
+    "sample.",
+)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _section_types(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
+    """Check/convert one value to the declared type; strings from the command line are parsed as YAML."""
+    if isinstance(value, str) and typ is not str:
+        value = yaml.safe_load(value) if value != "" else value
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+    elif typ is list or origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        value = list(value)
+    choices = CHOICES.get(key)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}")
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+    section, _, name = key.partition(".")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section not in sections or not name:
+        raise ConfigError(f"{where}: unknown config key {key!r}; sections are: {', '.join(sorted(sections))}")
+    sub = getattr(cfg, section)
+    types_ = _section_types(sub)
+    if name not in types_:
+        raise ConfigError(f"{where}: unknown config key {key!r}; valid keys in {section}: {', '.join(types_)}")
+    setattr(sub, name, _coerce(key, value, types_[name], where))
+
+
+def from_dict(data: dict, where: str = "config", base: Config | None = None) -> Config:
+    cfg = base if base is not None else Config()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
+        for name, value in values.items():
+            _apply(cfg, f"{section}.{name}", value, where)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config from an optional YAML file plus `section.key=value` overrides (later wins)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        from_dict(data, where=str(path), base=cfg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _apply(cfg, key.strip(), value.strip(), where="command line")
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_conflicts(saved: Config, new: Config) -> list[str]:
+    """Keys whose values differ between a saved run and a new command, except those allowed to change."""
+    a, b = flatten(saved.to_dict()), flatten(new.to_dict())
+    return [
+        f"{k}: run has {a[k]!r}, command gives {b[k]!r}"
+        for k in a
+        if a[k] != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
+    ]
+

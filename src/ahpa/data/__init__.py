@@ -1,0 +1,1 @@
+"""Image sources, deterministic data order and (later) prepared caches."""

@@ -1,0 +1,57 @@
+"""Image sources held in memory as uint8 NHWC: the procedural set and `.npz` files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ahpa.config import DataCfg
+from ahpa.data.procedural import make_shapes
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 [N, H, W, 3]
+    labels: torch.Tensor  # int64 [N]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """`images`/`labels` (our layout) or `arr_0`/`arr_1` (ADM layout), uint8 NHWC RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+    with np.load(path) as f:
+        key = "images" if "images" in f else "arr_0" if "arr_0" in f else None
+        if key is None:
+            raise ValueError(f"{path}: no 'images' or 'arr_0' array (found {list(f.keys())})")
+        images = f[key]
+        labels = f["labels"] if "labels" in f else f["arr_1"] if "arr_1" in f else None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: {key} must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    return images, labels
+
+
+def load_image_set(cfg: DataCfg, seed: int) -> ImageSet:
+    if cfg.source == "procedural":
+        images, labels = make_shapes(cfg.procedural_size, cfg.resolution, seed=seed)
+    elif cfg.source == "npz":
+        if not cfg.path:
+            raise ValueError("data.source=npz needs data.path=FILE.npz")
+        images, labels = load_npz_images(cfg.path)
+        if labels is None:
+            labels = np.zeros(len(images), dtype=np.int64)
+    else:
+        raise ValueError(f"data.source={cfg.source!r} is not an in-memory image source")
+    if cfg.limit:
+        images, labels = images[: cfg.limit], labels[: cfg.limit]
+    num_classes = cfg.num_classes or int(labels.max()) + 1
+    if labels.max() >= num_classes or labels.min() < 0:
+        raise ValueError(f"labels must lie in [0, {num_classes}); found {labels.min()}..{labels.max()} (set data.num_classes)")
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)), num_classes)

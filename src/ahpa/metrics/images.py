@@ -1,0 +1,227 @@
+"""Image sources for metrics, and detector statistics over them.
+
+A source is an `.npz` holding uint8 NHWC images under `arr_0` (ADM's sample format) or `images` (our
+CIFAR files), a folder of PNG/JPEG files, an in-memory uint8 NHWC array, or any iterable of uint8 NHWC
+batches (a sampler that feeds metrics without writing files, as in EDM2). Batches come out as uint8
+NHWC, the storage format; `compute_stats` turns them into the detector's NCHW on the way in.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ahpa.metrics.detectors import Detector
+from ahpa.metrics.frechet import FeatureStats
+
+NPZ_IMAGE_KEYS = ("arr_0", "images")  # ADM samples, then our datasets
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def npz_image_key(path: str | Path) -> str | None:
+    """The key under which an .npz stores images, or None when it holds none."""
+    with zipfile.ZipFile(path) as z:
+        names = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+    return next((k for k in NPZ_IMAGE_KEYS if k in names), None)
+
+
+def _check_batch(batch, where: str):
+    if batch.dtype not in (np.uint8, torch.uint8) or batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"{where}: expected uint8 RGB images [N, H, W, 3], got {batch.dtype} {tuple(batch.shape)}")
+    return batch
+
+
+def _batch_ranges(n: int, batch_size: int, rank: int, world_size: int) -> Iterator[tuple[int, int]]:
+    # Batch b goes to rank b % world_size: every image is seen exactly once, whatever the process count.
+    for b, start in enumerate(range(0, n, batch_size)):
+        if b % world_size == rank:
+            yield start, min(start + batch_size, n)
+
+
+def _read_exact(f, out: np.ndarray) -> None:
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    pos = 0
+    while pos < len(view):
+        got = f.readinto(view[pos:])
+        if not got:
+            raise EOFError("truncated .npy member in .npz")
+        pos += got
+
+
+def _iter_npz(path: Path, key: str, batch_size: int, rank: int, world_size: int, limit: int | None) -> Iterator[np.ndarray]:
+    # Stream the member out of the zip (deflated or stored alike) instead of np.load-ing it whole: an
+    # ADM sample file of 50k 256x256 images is ~10 GB.
+    with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if reader is not None:
+            shape, fortran_order, dtype = reader(f)
+        if reader is None or fortran_order or dtype.hasobject or len(shape) != 4:
+            f.close()
+            with np.load(path) as data:  # unusual layout: load whole, slice below
+                arr = data[key]
+            yield from _iter_array(arr, batch_size, rank, world_size, limit, str(path))
+            return
+        _check_batch(np.empty((0, *shape[1:]), dtype), str(path))
+        n = shape[0] if limit is None else min(shape[0], limit)
+        pos = 0
+        for start, stop in _batch_ranges(n, batch_size, rank, world_size):
+            if start > pos:  # another rank's batches: read past them
+                _read_exact(f, np.empty((start - pos, *shape[1:]), dtype))
+            batch = np.empty((stop - start, *shape[1:]), dtype)
+            _read_exact(f, batch)
+            pos = stop
+            yield batch
+
+
+def _iter_array(arr, batch_size: int, rank: int, world_size: int, limit: int | None, where: str):
+    _check_batch(arr, where)
+    n = len(arr) if limit is None else min(len(arr), limit)
+    for start, stop in _batch_ranges(n, batch_size, rank, world_size):
+        yield arr[start:stop]
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """PNG/JPEG files under `folder` (recursively), in sorted order so that every process agrees."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _iter_folder(folder: Path, batch_size: int, rank: int, world_size: int, limit: int | None):
+    from PIL import Image
+
+    files = image_files(folder)
+    if not files:
+        raise ValueError(f"folder {str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    n = len(files) if limit is None else min(len(files), limit)
+    for start, stop in _batch_ranges(n, batch_size, rank, world_size):
+        imgs = []
+        for p in files[start:stop]:
+            with Image.open(p) as im:
+                imgs.append(np.asarray(im.convert("RGB")))
+            if imgs[-1].shape != imgs[0].shape:
+                raise ValueError(f"{str(p)!r} is {imgs[-1].shape[:2]}, but {str(files[start])!r} is {imgs[0].shape[:2]}: one size per folder")
+        yield np.stack(imgs)
+
+
+def iter_image_batches(
+    source, batch_size: int = 250, *, rank: int = 0, world_size: int = 1, max_images: int | None = None
+) -> Iterator[np.ndarray | torch.Tensor]:
+    """Yield uint8 NHWC batches of `source` (see the module doc); with world_size > 1, this rank's share.
+
+    `max_images` takes the first images of the source (before sharding). An iterable of batches is
+    passed through as it is (it is the caller's to shard), only checked and cut at `max_images`.
+    """
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}")
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return _iter_folder(path, batch_size, rank, world_size, max_images)
+        if not path.exists():
+            raise FileNotFoundError(f"image source {str(path)!r} does not exist")
+        if path.suffix != ".npz":
+            raise ValueError(f"image source {str(path)!r} is neither a folder nor an .npz file")
+        key = npz_image_key(path)
+        if key is None:
+            with np.load(path) as f:
+                keys = sorted(f.keys())
+            raise ValueError(f"{str(path)!r} holds no images under {' or '.join(NPZ_IMAGE_KEYS)} (keys: {keys})")
+        return _iter_npz(path, key, batch_size, rank, world_size, max_images)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _iter_array(source, batch_size, rank, world_size, max_images, "image array")
+    if isinstance(source, Iterable):
+        return _iter_batches(source, max_images)
+    raise TypeError(f"unsupported image source of type {type(source).__name__}")
+
+
+def _iter_batches(batches: Iterable, limit: int | None):
+    seen = 0
+    for batch in batches:
+        if limit is not None and seen >= limit:
+            return
+        batch = _check_batch(batch, "image batch")
+        if limit is not None:
+            batch = batch[: limit - seen]
+        seen += len(batch)
+        yield batch
+
+
+def _to_nchw(batch) -> torch.Tensor:
+    x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+    return x.permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels-last strides; the detector copies as it needs)
+
+
+def compute_stats(
+    source,
+    detector: Detector,
+    batch_size: int = 250,
+    device: torch.device | str | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_images: int | None = None,
+) -> FeatureStats:
+    """Feature statistics of `source` under `detector`, accumulated on `device` (default: the detector's).
+
+    With world_size > 1 each rank reads its share and, when torch.distributed is initialised, the sums
+    are all-reduced so that every rank returns the statistics of the whole source.
+    """
+    stats = FeatureStats(dim=detector.dim, device=device if device is not None else detector.device)
+    for batch in iter_image_batches(source, batch_size, rank=rank, world_size=world_size, max_images=max_images):
+        stats.update(detector.features(_to_nchw(batch)))
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flat = stats.to_tensor()
+        torch.distributed.all_reduce(flat)
+        stats = FeatureStats.from_tensor(flat)
+    stats.detector = detector.name
+    return stats
+
+
+def _stored_stats_usable(path: Path, detector: Detector) -> tuple[bool, str | None]:
+    """Whether a statistics .npz may stand for `detector`, and which metric it says it holds."""
+    with np.load(path) as f:
+        keys = set(f.keys())
+        tag = str(f["detector"]) if "detector" in keys else None
+    has_images = npz_image_key(path) is not None
+    if "mu" not in keys or "sigma" not in keys:
+        return False, tag
+    if tag is not None:
+        return tag == detector.name, tag
+    # Untagged mu/sigma beside images is an ADM reference batch: Inception statistics, FID only.
+    return (not has_images) or detector.name == "FID", tag
+
+
+def reference_stats(
+    ref,
+    detector: Detector,
+    batch_size: int = 250,
+    device: torch.device | str | None = None,
+    **kwargs,
+) -> FeatureStats:
+    """Statistics of a reference: an image source, or an .npz of stored `mu`/`sigma`.
+
+    Stored statistics are used when they were made with this detector (our files name it; an untagged
+    ADM reference batch counts as Inception); otherwise images in the same file are measured afresh,
+    and with no images the mismatch is an error rather than a wrong number.
+    """
+    if isinstance(ref, (str, Path)) and Path(ref).suffix == ".npz" and Path(ref).is_file():
+        usable, tag = _stored_stats_usable(Path(ref), detector)
+        if usable:
+            stats = FeatureStats.load(ref)
+            stats.detector = detector.name
+            return stats
+        if tag is not None and npz_image_key(ref) is None:
+            raise ValueError(f"statistics in {str(ref)!r} were computed for {tag}, not {detector.name}")
+    return compute_stats(ref, detector, batch_size, device, **kwargs)
+
+
+def fd_between(samples, ref, detector: Detector, batch_size: int = 250, device: torch.device | str | None = None) -> dict[str, float]:
+    """{detector.name: Fréchet distance} between a sample source and a reference (source or stats)."""
+    a = compute_stats(samples, detector, batch_size, device)
+    b = reference_stats(ref, detector, batch_size, device)
+    return {detector.name: a.frechet_distance(b)}

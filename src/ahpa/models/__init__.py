@@ -1,0 +1,3 @@
+from ahpa.models.sit import SiT, SiTConfig
+
+__all__ = ["SiT", "SiTConfig"]

@@ -1,0 +1,67 @@
+"""External frozen encoders for REPA: any module that maps images to patch tokens.
+
+`ExternalEncoder` resizes images to the encoder's input size, normalises them and pools the
+tokens [B, N, C] (square grid) to the DiT token grid. `dinov2:DIR` loads DINOv2 from a local
+directory through `transformers` (an optional dependency).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ahpa.priors.base import frozen
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ExternalEncoder(nn.Module):
+    def __init__(self, module: nn.Module, channels: int, input_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.module = frozen(module)
+        self.channels = channels
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1] -> tokens [B, grid*grid, C]."""
+        x = F.interpolate(images.float(), size=self.input_size, mode="bicubic", align_corners=False)
+        tokens = self.module((x - self.mean) / self.std)  # [B, N, C]
+        b, n, c = tokens.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"external encoder returned {n} tokens, not a square grid")
+        maps = tokens.transpose(1, 2).reshape(b, c, side, side)  # [B, C, s, s]
+        return F.adaptive_avg_pool2d(maps.float(), grid).flatten(2).transpose(1, 2)  # [B, grid*grid, C]
+
+
+class _Dinov2Tokens(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).last_hidden_state[:, 1:]  # drop the CLS token -> [B, N, C]
+
+
+def load_external(spec: str) -> ExternalEncoder:
+    kind, _, where = spec.partition(":")
+    if kind != "dinov2" or not where:
+        raise ValueError(f"external encoder spec {spec!r} is not dinov2:DIR")
+    path = Path(where).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"DINOv2 directory {str(path)!r} (from {spec!r}) does not exist")
+    try:
+        from transformers import Dinov2Model
+    except ImportError as e:
+        raise ImportError("dinov2:DIR needs the `transformers` package (pip install transformers)") from e
+    model = Dinov2Model.from_pretrained(str(path), local_files_only=True)
+    # register tokens (DINOv2 with registers) would also need dropping; plain DINOv2 has none
+    return ExternalEncoder(_Dinov2Tokens(model), model.config.hidden_size, input_size=224)

@@ -1,0 +1,108 @@
+"""From encoder outputs to training inputs: normalised latents and per-level token targets.
+
+Each level's map is average-pooled to the DiT token grid and standardised per channel with
+statistics measured on the data; the latent is standardised per channel too (no magic 0.18215).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ahpa.priors.base import EncoderOutput
+
+
+def pool_to_grid(feat: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, grid*grid, C] by average pooling (H, W multiples of grid, or adaptive)."""
+    if feat.shape[-1] != grid or feat.shape[-2] != grid:
+        feat = F.adaptive_avg_pool2d(feat.float(), grid)
+    return feat.flatten(2).transpose(1, 2)  # [B, N, C]
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel mean and std of one level (or the latent), measured on the data."""
+
+    mean: torch.Tensor  # [C]
+    std: torch.Tensor  # [C]
+
+    def apply(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        shape = [1] * x.ndim
+        shape[channel_dim] = -1
+        mean = self.mean.to(x.device, torch.float32).reshape(shape)
+        std = self.std.to(x.device, torch.float32).reshape(shape)
+        return (x.float() - mean) / std
+
+    def invert(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        shape = [1] * x.ndim
+        shape[channel_dim] = -1
+        return x.float() * self.std.to(x.device).reshape(shape) + self.mean.to(x.device).reshape(shape)
+
+
+class StatsAccumulator:
+    """Streaming per-channel moments in float64 (channel dim given per update)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, channel_dim: int) -> None:
+        x = x.detach().double().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])  # [M, C]
+        s1, s2 = x.sum(0).cpu(), (x * x).sum(0).cpu()
+        self.s1 = s1 if self.s1 is None else self.s1 + s1
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += x.shape[0]
+
+    def result(self, min_std: float = 1e-4) -> ChannelStats:
+        mean = self.s1 / self.n
+        var = (self.s2 / self.n - mean * mean).clamp_min(0)
+        return ChannelStats(mean.float(), var.sqrt().clamp_min(min_std).float())
+
+
+@dataclass
+class PriorStats:
+    latent: ChannelStats
+    levels: dict[str, ChannelStats] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {"latent.mean": self.latent.mean, "latent.std": self.latent.std}
+        for name, s in self.levels.items():
+            out[f"level.{name}.mean"], out[f"level.{name}.std"] = s.mean, s.std
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PriorStats":
+        levels = {}
+        for key in d:
+            if key.startswith("level.") and key.endswith(".mean"):
+                name = key[len("level.") : -len(".mean")]
+                levels[name] = ChannelStats(d[key], d[f"level.{name}.std"])
+        return cls(ChannelStats(d["latent.mean"], d["latent.std"]), levels)
+
+
+def level_map(out: EncoderOutput, name: str, latent: torch.Tensor) -> torch.Tensor:
+    """The feature map of a level; 'latent' is the (sampled) latent the SiT is trained on."""
+    return latent if name == "latent" else out.features[name]
+
+
+def measure_stats(
+    outputs: list[tuple[EncoderOutput, torch.Tensor]], levels: list[str], grid: int
+) -> PriorStats:
+    """Statistics from (encoder output, sampled latent) pairs: latent per channel, levels after pooling."""
+    lat = StatsAccumulator()
+    acc = {name: StatsAccumulator() for name in levels}
+    for out, latent in outputs:
+        lat.update(latent, channel_dim=1)
+        for name in levels:
+            acc[name].update(pool_to_grid(level_map(out, name, latent), grid), channel_dim=2)
+    return PriorStats(lat.result(), {name: a.result() for name, a in acc.items()})
+
+
+def make_targets(
+    out: EncoderOutput, latent: torch.Tensor, levels: list[str], grid: int, stats: PriorStats
+) -> list[torch.Tensor]:
+    """K x [B, N, C_k] standardised targets, in the order of `levels`."""
+    return [stats.levels[name].apply(pool_to_grid(level_map(out, name, latent), grid), channel_dim=2) for name in levels]

@@ -1,0 +1,164 @@
+"""Generation: per-sample seeded noise -> solver -> VAE decode -> uint8 images, and the ADM `.npz`.
+
+Sample i's noise comes from a generator seeded by (seed, i) alone and every network call runs on
+a fixed micro-batch, so a file is identical whatever the batch size or number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ahpa.config import SampleCfg
+from ahpa.models.sit import SiT, SiTConfig
+from ahpa.priors.base import PriorEncoder
+from ahpa.priors.targets import ChannelStats
+from ahpa.train.rng import generator
+from ahpa.transport.guidance import fixed_batch, guided_velocity
+from ahpa.transport.path import Path as TPath
+from ahpa.transport.path import get_path
+from ahpa.transport.solvers import SOLVERS, solve
+
+SAMPLE_STREAM = 3
+
+
+@dataclass
+class SamplerBundle:
+    """Everything needed to turn noise into images: backbone, path, latent statistics, decoder."""
+
+    model: SiT
+    path: TPath
+    latent_stats: ChannelStats
+    encoder: PriorEncoder
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.model.cfg
+        return (c.in_channels, c.input_size, c.input_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.cfg.num_classes
+
+
+def class_balanced_labels(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return indices % num_classes
+
+
+def per_sample_noise(seed: int, indices: list[int], shape: tuple[int, ...], sde_steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(initial noise [n, *shape], SDE noise [sde_steps, n, *shape] or None) from (seed, index)."""
+    x0, extra = [], []
+    for i in indices:
+        g = generator(seed, i, stream=SAMPLE_STREAM)
+        x0.append(torch.randn(shape, generator=g))
+        if sde_steps:
+            extra.append(torch.randn((sde_steps, *shape), generator=g))
+    sde = torch.stack(extra, dim=1) if sde_steps else None  # [steps, n, *shape]
+    return torch.stack(x0), sde
+
+
+def _velocity_fn(bundle: SamplerBundle) -> Callable:
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(bundle.device.type, dtype=bundle.autocast_dtype, enabled=bundle.autocast_dtype is not None):
+            return bundle.model(x, t, y)[0].float()
+
+    return fn
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]."""
+    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def generate(bundle: SamplerBundle, indices: list[int], labels: torch.Tensor, seed: int, cfg: SampleCfg) -> torch.Tensor:
+    """uint8 [n, H, W, 3] images for sample indices `indices` with class `labels`."""
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"unknown sampler {cfg.solver!r}; valid samplers: {', '.join(SOLVERS)}")
+    sde_steps = cfg.steps - 1 if cfg.solver == "euler-maruyama" else 0
+    x, sde = per_sample_noise(seed, indices, bundle.latent_shape, sde_steps)
+    x, y = x.to(bundle.device), labels.to(bundle.device)
+    fn = _velocity_fn(bundle)
+    interval = (cfg.guidance_low, cfg.guidance_high)
+
+    def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:
+        return guided_velocity(fn, x_t, t, y, bundle.model.null_class, cfg.cfg_scale, interval, cfg.micro_batch)
+
+    latents = solve(cfg.solver, velocity, x, cfg.steps, bundle.path, None if sde is None else sde.to(bundle.device))
+    raw = bundle.latent_stats.invert(latents, channel_dim=1)
+    images = fixed_batch(lambda z, _t, _y: bundle.encoder.decode(z), raw, y.float(), y, cfg.micro_batch)
+    return to_uint8(images).cpu()
+
+
+def iter_samples(
+    bundle: SamplerBundle, start: int, end: int, seed: int, batch_size: int, cfg: SampleCfg,
+    labels: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yields (first index, uint8 images, labels) for samples [start, end) in batches."""
+    for lo in range(start, end, batch_size):
+        hi = min(lo + batch_size, end)
+        idx = torch.arange(lo, hi)
+        y = labels[lo:hi] if labels is not None else class_balanced_labels(idx, bundle.num_classes)
+        yield lo, generate(bundle, idx.tolist(), y, seed, cfg), y
+
+
+def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """ADM layout: arr_0 uint8 [N, H, W, 3], arr_1 int64 [N]; written atomically."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"sample output {str(path)!r} must end in .npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{os.getpid()}.npz")
+    np.savez(tmp, arr_0=images, arr_1=labels.astype(np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+# ---- export: the EMA backbone alone, with what sampling needs in the metadata ----
+
+def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encoder_spec: str, path_name: str, resolution: int) -> Path:
+    meta = {
+        "sit": model.cfg.to_dict(),
+        "encoder": encoder_spec,
+        "latent_mean": latent_stats.mean.tolist(),
+        "latent_std": latent_stats.std.tolist(),
+        "transport_path": path_name,
+        "resolution": resolution,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"ahpa": json.dumps(meta), "format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
+def load_export(path: str | Path, device: torch.device, encoder: PriorEncoder | None = None) -> SamplerBundle:
+    from safetensors.torch import load_file
+
+    from ahpa.priors.registry import load_encoder
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = (f.metadata() or {}).get("ahpa")
+    if meta is None:
+        raise ValueError(f"{path}: not an ahpa export (no 'ahpa' metadata); export one with `ahpa export`")
+    meta = json.loads(meta)
+    model = SiT(SiTConfig(**meta["sit"]))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    enc = encoder if encoder is not None else load_encoder(meta["encoder"], device)
+    stats = ChannelStats(torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]))
+    return SamplerBundle(model.to(device).eval(), get_path(meta["transport_path"]), stats, enc, device)

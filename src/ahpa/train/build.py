@@ -1,0 +1,139 @@
+"""Builds a run's parts from its config: device, data, encoders, statistics, model, aligner, optimiser."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ahpa.align import Aligner, get_method, resolve_levels
+from ahpa.config import Config
+from ahpa.data.sources import ImageSet, load_image_set
+from ahpa.models.sit import SiT, SiTConfig
+from ahpa.priors.base import PriorEncoder
+from ahpa.priors.external import ExternalEncoder, load_external
+from ahpa.priors.registry import load_encoder
+from ahpa.priors.targets import PriorStats, measure_stats
+from ahpa.train.rng import generator
+
+STATS_STREAM = 2
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class Parts:
+    cfg: Config
+    device: torch.device
+    amp: torch.dtype | None
+    data: ImageSet
+    encoder: PriorEncoder
+    external: ExternalEncoder | None
+    levels: list[str]
+    model: SiT
+    ema: SiT
+    aligner: Aligner | None
+    optimizer: torch.optim.Optimizer
+    stats: PriorStats | None = None
+
+    @property
+    def grid(self) -> int:
+        return self.model.cfg.grid
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        params = list(self.model.parameters())
+        if self.aligner is not None:
+            params += [p for p in self.aligner.parameters() if p.requires_grad]
+        return params
+
+
+def sit_config(cfg: Config, encoder: PriorEncoder, num_classes: int) -> SiTConfig:
+    res = cfg.data.resolution
+    if res % encoder.factor:
+        raise ValueError(f"data.resolution={res} is not divisible by the VAE factor {encoder.factor} of {encoder.spec!r}")
+    latent = res // encoder.factor
+    sc = SiTConfig.preset(cfg.model.preset, input_size=latent, in_channels=encoder.latent_channels,
+                          num_classes=num_classes, qk_norm=cfg.model.qk_norm, mlp_ratio=cfg.model.mlp_ratio)
+    for key in ("hidden_size", "depth", "num_heads"):
+        if getattr(cfg.model, key):
+            setattr(sc, key, getattr(cfg.model, key))
+    if latent % sc.patch_size:
+        raise ValueError(
+            f"latent side {latent} (resolution {res} / VAE factor {encoder.factor}) is not divisible by patch size "
+            f"{sc.patch_size}: use a resolution that is a multiple of {encoder.factor * sc.patch_size}"
+        )
+    return sc
+
+
+def build_parts(cfg: Config, device: torch.device | None = None) -> Parts:
+    device = device or resolve_device(cfg.train.device)
+    method = get_method(cfg.align.method)
+    if not cfg.prior.encoder:
+        raise ValueError("prior.encoder is not set: name the VAE, e.g. prior.encoder=taef2:PATH or ahpa-vae:PATH")
+    encoder = load_encoder(cfg.prior.encoder, device)
+    data = load_image_set(cfg.data, cfg.train.seed)
+    sc = sit_config(cfg, encoder, data.num_classes)
+    levels = resolve_levels(method, encoder.level_names, list(cfg.align.levels))
+    if method.levels != "none" and not 1 <= cfg.align.depth <= sc.depth:
+        raise ValueError(f"align.depth={cfg.align.depth} must lie in [1, {sc.depth}] (the model's depth)")
+    external = None
+    if method.levels == "external":
+        if not cfg.prior.external:
+            raise ValueError("align.method=repa needs prior.external=dinov2:DIR (an external frozen encoder)")
+        external = load_external(cfg.prior.external).to(device)
+
+    torch.manual_seed(cfg.train.seed)  # weight init is part of the run's identity
+    model = SiT(sc).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    aligner = None
+    if levels:
+        dims = [external.channels] if external is not None else [encoder.level(n).channels for n in levels]
+        router_mode = method.router or cfg.align.router
+        loss = method.loss if cfg.align.loss == "default" else cfg.align.loss
+        aligner = Aligner(sc.hidden_size, levels, dims, cfg.align, router_mode, loss).to(device)
+    params = list(model.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+    return Parts(cfg, device, autocast_dtype(cfg.train.precision, device), data, encoder, external, levels,
+                 model, ema, aligner, optimizer)
+
+
+@torch.no_grad()
+def compute_stats(parts: Parts, batch_size: int = 64) -> PriorStats:
+    """Latent and level statistics from the first `prior.stats_images` images (no flips)."""
+    n = min(parts.cfg.prior.stats_images, len(parts.data))
+    g = generator(parts.cfg.train.seed, stream=STATS_STREAM, device=parts.device)
+    outs = []
+    vae_levels = [l for l in parts.levels if l != "external"]
+    for lo in range(0, n, batch_size):
+        images = prepare_images(parts.data.images[lo : lo + batch_size].to(parts.device), parts.cfg.data.resolution)
+        out = parts.encoder.encode(images, [l for l in vae_levels if l != "latent"])
+        outs.append((out, out.sample(g)))
+    return measure_stats(outs, vae_levels, parts.grid)
+
+
+def prepare_images(images_u8: torch.Tensor, resolution: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, R, R] in [0, 1], bicubic-resized if needed, flipped where `flip`."""
+    x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp_(0, 1)
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x

@@ -1,0 +1,42 @@
+"""Metrics to JSONL and TensorBoard (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is a dependency, but keep the JSONL working without it
+                self.writer = None
+
+    def log(self, step: int, row: dict) -> None:
+        row = {"step": step, **row}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "images"):
+                    self.writer.add_scalar(k, v, step)
+                elif isinstance(v, list) and k == "align/level_loss" and "level_names" in row:
+                    for name, x in zip(row["level_names"], v):
+                        self.writer.add_scalar(f"align/level_loss/{name}", x, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint we resume from (they will be redone)."""
+        if not self.path.exists():
+            return
+        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        self.path.write_text("".join(l + "\n" for l in keep))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

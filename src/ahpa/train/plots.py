@@ -1,0 +1,81 @@
+"""Pictures of a run: sample grids, the router's weights against t, loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
+    """uint8 [N, H, W, 3] -> one PNG grid."""
+    n, h, w, _ = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def router_heatmap(t: np.ndarray, weights: np.ndarray, names: list[str], path: str | Path, title: str = "") -> Path:
+    """weights [T, K] of the router for t [T] (0 = data, 1 = noise)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.6))
+    im = ax.imshow(weights.T, aspect="auto", origin="lower", extent=(t[0], t[-1], -0.5, len(names) - 0.5), vmin=0, vmax=1, cmap="viridis")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("t (0 = data, 1 = noise)")
+    ax.set_title(title or "router weight per level")
+    fig.colorbar(im, ax=ax, label="g_k(t)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[str] | None = None) -> Path:
+    """Flow and alignment losses (and per-level losses) against images seen, from metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss/flow" in r]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    x = [r["images"] for r in rows]
+    axes[0].plot(x, [r["loss/flow"] for r in rows], label="flow")
+    if rows and "loss/align" in rows[0]:
+        axes[0].plot(x, [r["loss/align"] for r in rows], label="align (weighted)")
+    axes[0].set_xlabel("training images")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[0].set_title("losses")
+    if rows and "align/level_loss" in rows[0]:
+        per = np.array([r["align/level_loss"] for r in rows])  # [T, K]
+        for k in range(per.shape[1]):
+            axes[1].plot(x, per[:, k], label=(level_names or [str(i) for i in range(per.shape[1])])[k])
+        axes[1].legend(fontsize=8)
+        axes[1].set_title("per-level alignment loss")
+        axes[1].set_xlabel("training images")
+    else:
+        axes[1].axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

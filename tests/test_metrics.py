@@ -1,0 +1,281 @@
+"""Fréchet distance, streaming statistics, image sources and detectors (ahpa.metrics)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ahpa.metrics import (
+    KINDS,
+    FeatureStats,
+    compute_stats,
+    fd_between,
+    frechet_distance,
+    iter_image_batches,
+    load_detector,
+    metric_name,
+    reference_stats,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+R20 = SHARED / "detectors" / "cifar10-resnet20.pt"
+CIFAR_TEST = SHARED / "data" / "cifar10" / "test.npz"
+needs_shared = pytest.mark.skipif(
+    not (R20.is_file() and CIFAR_TEST.is_file()),
+    reason=f"shared detectors/data not found at {SHARED} (checkout without ../shared beside the repo)",
+)
+
+
+def random_spd(rng: np.random.Generator, d: int, n: int | None = None) -> np.ndarray:
+    a = rng.standard_normal((n or 2 * d, d))
+    return a.T @ a / len(a)
+
+
+# --- Fréchet distance -----------------------------------------------------------------------------
+
+
+def test_identical_statistics_give_zero():
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(64), random_spd(rng, 64)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_diagonal_covariances_match_closed_form():
+    rng = np.random.default_rng(1)
+    d = 32
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    got = frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert isinstance(got, float)
+    assert got == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+
+def test_scaled_covariance_matches_closed_form():
+    # S2 = c^2 S1  =>  tr sqrt(S1 S2) = c tr S1  =>  FD = |dmu|^2 + (1 - c)^2 tr S1.
+    rng = np.random.default_rng(2)
+    s1, c = random_spd(rng, 24), 1.7
+    mu1, mu2 = rng.standard_normal(24), rng.standard_normal(24)
+    expected = np.sum((mu1 - mu2) ** 2) + (1 - c) ** 2 * np.trace(s1)
+    assert frechet_distance(mu1, s1, mu2, c * c * s1) == pytest.approx(expected, rel=1e-10)
+
+
+def test_general_spd_matches_high_precision_reference():
+    mpmath = pytest.importorskip("mpmath", reason="mpmath (a torch dependency) computes the reference")
+    rng = np.random.default_rng(3)
+    d = 8
+    s1, s2 = random_spd(rng, d), random_spd(rng, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    with mpmath.workdps(50):
+        # The non-symmetric product form, at 50 digits: a different route from ours (symmetric eigh).
+        root = mpmath.sqrtm(mpmath.matrix(s1.tolist()) * mpmath.matrix(s2.tolist()))
+        tr_root = sum(root[i, i] for i in range(d))
+        ref = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * mpmath.re(tr_root))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+    # Torch inputs give the same float.
+    got_t = frechet_distance(*(torch.from_numpy(a) for a in (mu1, s1, mu2, s2)))
+    assert got_t == pytest.approx(ref, rel=1e-9)
+
+
+def test_rank_deficient_covariances_give_finite_result():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((20, 64)), rng.standard_normal((30, 64)) + 0.5  # fewer samples than dims
+    sa, sb = FeatureStats().update(a), FeatureStats().update(b)
+    fd = sa.frechet_distance(sb)
+    assert np.isfinite(fd) and fd > 0
+    same = sa.frechet_distance(sa)
+    assert np.isfinite(same) and 0 <= same < 1e-4 * np.trace(sa.cov)
+
+
+def test_shape_mismatch_and_nonfinite_are_errors():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="non-finite"):
+        frechet_distance(np.zeros(2), np.eye(2) * np.nan, np.zeros(2), np.eye(2))
+
+
+# --- streaming statistics -------------------------------------------------------------------------
+
+
+def features(n: int = 1000, d: int = 16, seed: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 3.0  # correlated, offset mean
+
+
+def test_streaming_equals_one_shot():
+    x = features()
+    stats = FeatureStats()
+    for i, (lo, hi) in enumerate([(0, 7), (7, 300), (300, 301), (301, 1000)]):
+        chunk = x[lo:hi]
+        stats.update(torch.from_numpy(chunk) if i % 2 else chunk)  # torch and numpy batches mix
+    assert stats.count == len(x)
+    np.testing.assert_allclose(stats.mean, x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.cov, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-10)
+
+
+def test_merge_of_halves_equals_whole():
+    x = features()
+    whole = FeatureStats().update(x)
+    a, b = FeatureStats().update(x[:400]), FeatureStats().update(x[400:])
+    merged = a.merge(b)
+    assert merged.count == whole.count
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.cov, whole.cov, rtol=1e-10)
+    # The flat tensor is what torch.distributed.all_reduce would sum.
+    summed = FeatureStats().update(x[:400]).to_tensor() + FeatureStats().update(x[400:]).to_tensor()
+    reduced = FeatureStats.from_tensor(summed)
+    assert reduced.count == whole.count
+    np.testing.assert_allclose(reduced.cov, whole.cov, rtol=1e-10)
+    # An empty shard that knows its dimension reduces too.
+    assert FeatureStats.from_tensor(FeatureStats(16).to_tensor() + whole.to_tensor()).count == whole.count
+
+
+def test_save_load_round_trip(tmp_path):
+    x = features()
+    stats = FeatureStats().update(x[:600])
+    stats.save(tmp_path / "s.npz", detector="FD-r20")
+    back = FeatureStats.load(tmp_path / "s.npz")
+    assert back.count == 600 and back.detector == "FD-r20"
+    np.testing.assert_allclose(back.mean, stats.mean, rtol=1e-12)
+    np.testing.assert_allclose(back.cov, stats.cov, rtol=1e-12)
+    # The count makes the sums exact again: a loaded file can keep accumulating.
+    back.update(x[600:])
+    np.testing.assert_allclose(back.cov, np.cov(x, rowvar=False), rtol=1e-9)
+
+
+def test_adm_reference_batch_accepted(tmp_path):
+    x = features()
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)  # ADM reference batches: mu/sigma, no count
+    ref = FeatureStats.load(tmp_path / "ref.npz")
+    np.testing.assert_array_equal(ref.mean, mu)
+    assert ref.frechet_distance(FeatureStats().update(x)) < 1e-8
+    with pytest.raises(ValueError, match="merged"):
+        ref.merge(FeatureStats().update(x))
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        FeatureStats.load(tmp_path / "nope.npz")
+
+
+# --- detectors and image sources ------------------------------------------------------------------
+
+
+class _Pool(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 2).flatten(1)  # [N, 12]
+
+
+@pytest.fixture
+def tiny_detector_file(tmp_path) -> Path:
+    path = tmp_path / "cifar10-resnet32.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.10 deprecates jit.script; files stay valid
+        torch.jit.script(_Pool()).save(str(path))
+    return path
+
+
+def test_metric_naming(tmp_path, tiny_detector_file):
+    assert metric_name("torchscript", "x/cifar10-resnet20.pt") == "FD-r20"
+    assert metric_name("torchscript", "cifar10-resnet32.pt") == "FD-r32"
+    assert metric_name("torchscript", "my_net.pt") == "FD-my_net"
+    assert metric_name("inception", "pt_inception.pth") == "FID"
+    assert metric_name("dinov2", "weights/dinov2-b") == "FD-DINOv2"
+    det = load_detector(f"torchscript:{tiny_detector_file}")
+    assert det.name == "FD-r32" and det.dim == 12 and not det.has_logits
+    with pytest.raises(NotImplementedError, match="logits"):
+        det.logits(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    other = tmp_path / "foo.pt"
+    other.write_bytes(tiny_detector_file.read_bytes())
+    assert load_detector(f"torchscript:{other}").name == "FD-foo"
+
+
+def test_detector_spec_errors(tmp_path, tiny_detector_file):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_detector(f"torchscript:{tmp_path / 'missing.pt'}")
+    with pytest.raises(ValueError, match=", ".join(KINDS)):
+        load_detector(f"clip:{tiny_detector_file}")
+    with pytest.raises(ValueError, match="KIND:PATH"):
+        load_detector(str(tiny_detector_file))
+    with pytest.raises(ImportError, match=r"ahpa\[fid\]"):
+        load_detector(f"inception:{tiny_detector_file}")
+    with pytest.raises(ImportError, match=r"ahpa\[fid\]"):
+        load_detector(f"dinov2:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="no-dino"):
+        load_detector(f"dinov2:{tmp_path / 'no-dino'}")
+    det = load_detector(f"torchscript:{tiny_detector_file}")
+    with pytest.raises(TypeError, match="uint8"):
+        det.features(torch.zeros(1, 3, 8, 8))
+
+
+def test_image_sources_agree(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    imgs = rng.integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "adm.npz", arr_0=imgs)
+    np.savez_compressed(tmp_path / "ours.npz", images=imgs, labels=np.arange(7))
+    folder = tmp_path / "pngs"
+    (folder / "sub").mkdir(parents=True)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(folder / ("sub" if i % 2 else "") / f"{i:03d}.png")
+    (folder / "notes.txt").write_text("ignored")
+    for src in (tmp_path / "adm.npz", tmp_path / "ours.npz", imgs, iter([imgs[:3], imgs[3:]])):
+        got = np.concatenate([np.asarray(b) for b in iter_image_batches(src, 3)])
+        np.testing.assert_array_equal(got, imgs)
+    # Folder order is the sorted relative path order.
+    got = np.concatenate(list(iter_image_batches(folder, 3)))
+    order = sorted(range(7), key=lambda i: ("sub/" if i % 2 else "") + f"{i:03d}.png")
+    np.testing.assert_array_equal(got, imgs[order])
+    # Sharding: two ranks together see every image once; max_images cuts before sharding.
+    shards = [list(iter_image_batches(tmp_path / "ours.npz", 2, rank=r, world_size=2, max_images=5)) for r in (0, 1)]
+    assert [len(b) for b in shards[0]] == [2, 1] and [len(b) for b in shards[1]] == [2]
+    Image.fromarray(imgs[0][:4]).convert("L").save(folder / "zz-small-gray.png")
+    with pytest.raises(ValueError, match="one size per folder"):
+        list(iter_image_batches(folder, 10))
+    with pytest.raises(ValueError, match="arr_0 or images"):
+        np.savez(tmp_path / "none.npz", x=np.zeros(3))
+        iter_image_batches(tmp_path / "none.npz", 2)
+
+
+def test_sharded_stats_merge_to_whole(tmp_path, tiny_detector_file):
+    det = load_detector(f"torchscript:{tiny_detector_file}")
+    imgs = np.random.default_rng(7).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    whole = compute_stats(imgs, det, batch_size=8)
+    parts = [compute_stats(imgs, det, batch_size=8, rank=r, world_size=3) for r in range(3)]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.count == whole.count == 50
+    np.testing.assert_allclose(merged.cov, whole.cov, rtol=1e-10)
+
+
+@needs_shared
+def test_resnet20_detector_features_and_accuracy():
+    det = load_detector(f"torchscript:{R20}")
+    assert det.name == "FD-r20" and det.has_logits
+    with np.load(CIFAR_TEST) as f:
+        labels = f["labels"][:400]
+    (imgs,) = list(iter_image_batches(CIFAR_TEST, 400, max_images=400))
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+    feats = det.features(x)
+    assert feats.shape == (400, 64) and feats.dtype == torch.float32 and torch.isfinite(feats).all()
+    acc = (det.logits(x).argmax(1).numpy() == labels).mean()
+    assert acc > 0.85, f"resnet20 accuracy {acc:.3f} on 400 CIFAR-10 test images (published 91.7% on all)"
+
+
+@needs_shared
+def test_fd_between_and_reference_stats(tmp_path):
+    det = load_detector(f"torchscript:{R20}")
+    (imgs,) = list(iter_image_batches(CIFAR_TEST, 300, max_images=300))
+    np.savez(tmp_path / "ref.npz", images=imgs)
+    same = fd_between(imgs, tmp_path / "ref.npz", det, batch_size=100)
+    assert set(same) == {"FD-r20"} and same["FD-r20"] < 1e-6
+    stats = compute_stats(imgs[:150], det)
+    stats.save(tmp_path / "stats.npz")  # tagged FD-r20 by compute_stats
+    assert reference_stats(tmp_path / "stats.npz", det).count == 150
+    half = fd_between(imgs[150:], tmp_path / "stats.npz", det)["FD-r20"]
+    assert 0 < half < 10
+    FeatureStats.load(tmp_path / "stats.npz").save(tmp_path / "other.npz", detector="FD-r32")
+    with pytest.raises(ValueError, match="FD-r32, not FD-r20"):
+        reference_stats(tmp_path / "other.npz", det)

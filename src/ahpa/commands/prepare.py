@@ -1,0 +1,97 @@
+"""ahpa prepare --images SRC --vae SPEC --resolution R --out CACHE_DIR: a sharded cache of latents and priors.
+
+Rerun the same command to resume an interrupted run; on a complete cache it returns at once. Under
+torchrun (`torchrun --nproc-per-node N -m ahpa.cli prepare ...`) each process encodes every N-th shard
+and rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prepare", help="encode images once into a sharded cache of latents and prior levels")
+    p.add_argument("--images", required=True, help="image folder (class sub-folders give labels), .npz (images, labels) or .txt file list")
+    p.add_argument("--vae", required=True, help="encoder spec: taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR")
+    p.add_argument("--resolution", type=int, required=True, help="image side R after the ADM centre crop")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--levels", default="", help="comma-separated levels to store (default: all; the latent is always kept)")
+    p.add_argument("--grid", type=int, default=0, help="token grid of the stored levels (default: latent side / 2, i.e. patch 2)")
+    p.add_argument("--dtype", default="fp16", help="fp16 | bf16 (storage of moments and levels)")
+    p.add_argument("--flips", default="stored", help="stored (encode a mirrored copy too) | generated (mirror at read time) | none")
+    p.add_argument("--batch", type=int, default=64, help="images per encoder call")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding images")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad file instead of skipping and reporting it")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--precision", default="fp32", help="encoder arithmetic: fp32 | bf16 (part of the cache's identity)")
+    p.add_argument("--shard-size", type=int, default=4096, help="source items per shard (the unit of resume)")
+    p.add_argument("--labels", default="auto", help="auto | folders | none (how a folder gives labels)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N source items")
+    p.set_defaults(func=run)
+
+
+def _distributed():
+    """(rank, world, barrier) from torchrun's environment; a gloo group serves as the barrier on any device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # gloo: only barriers are needed, and a long shard imbalance must not time out
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world, dist.barrier
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ahpa.data.prepare import PrepareOptions, prepare
+
+    rank, world, barrier = _distributed()
+    levels = [s.strip() for s in args.levels.split(",") if s.strip()] or None
+    opts = PrepareOptions(
+        images=args.images, vae=args.vae, resolution=args.resolution, out=args.out, levels=levels, grid=args.grid,
+        dtype=args.dtype, flips=args.flips, batch=args.batch, workers=args.workers, strict=args.strict,
+        device=args.device, precision=args.precision, shard_size=args.shard_size, labels=args.labels,
+        limit=args.limit, rank=rank, world=world,
+    )
+    bar = None
+
+    def on_progress(p) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.items_total, desc=f"prepare{f' [rank {rank}]' if world > 1 else ''}", unit="img",
+                       dynamic_ncols=True, position=rank, smoothing=0.05)
+        bar.update(p.items_done - bar.n)
+        bar.set_postfix(shards=f"{p.shards_done}/{p.shards_total}", skipped=p.skipped)
+
+    try:
+        result = prepare(opts, on_progress, barrier)
+    finally:
+        if bar is not None:
+            bar.close()
+    if rank != 0:
+        return 0
+    if result.noop:
+        print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); nothing to do")
+        return 0
+    print(f"{result.path}: {result.images:,} images from {result.items:,} source items, {result.bytes / 1e9:.2f} GB "
+          f"({result.bytes / max(result.images, 1) / 1e3:.1f} kB per image); shards written {result.shards_written}, "
+          f"kept {result.shards_reused}")
+    if result.conversions:
+        print("converted: " + ", ".join(f"{k} x{v}" for k, v in result.conversions.items()))
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} file(s) (listed in {result.path / 'report.json'}):", file=sys.stderr)
+        for name, reason in result.skipped[:20]:
+            print(f"  {name}: {reason}", file=sys.stderr)
+        if len(result.skipped) > 20:
+            print(f"  ... and {len(result.skipped) - 20} more", file=sys.stderr)
+    return 0

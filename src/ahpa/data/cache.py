@@ -1,0 +1,215 @@
+"""Reading a prepared cache in training: `open_cache(cfg, encoder, levels, grid, device) -> CacheSource`.
+
+Shards are raw row files memory-mapped with numpy (no copy, no decode; the page cache does the rest).
+`fetch` groups a batch's indices by (shard, flip variant), gathers each group with one fancy index per
+field, ships the fp16/bf16 rows to the device and only there converts to float32, samples the posterior,
+mirrors (generated flips) and pools to the model's grid.
+
+Why raw rows and not safetensors: numpy memmaps gather arbitrary row sets in one vectorised call, the
+writer can append rows as they come (the row count of a shard is not known until its bad files are
+counted), and dtype and row shape live in the manifest, so nothing but the manifest has to be parsed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ahpa.data.batches import PriorBatch
+from ahpa.data.manifest import FORMAT, MANIFEST, NUMPY_DTYPE, SHARD_DIR, read_json
+from ahpa.data.shard_store import CacheError, stats_tensor
+from ahpa.data.tokens import flip_tokens, pool_tokens
+from ahpa.priors.base import PriorEncoder
+from ahpa.priors.targets import ChannelStats, PriorStats, pool_to_grid
+
+TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "int64": torch.int64}
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a complete cache, or a CacheError saying what is wrong and what to do."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"cache directory {str(directory)!r} does not exist (create it with `ahpa prepare ... --out DIR`)")
+    file = directory / MANIFEST
+    if not file.is_file():
+        raise CacheError(f"{directory} has no {MANIFEST}: not a prepared cache (create it with `ahpa prepare ... --out {directory}`)")
+    manifest = read_json(file)
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{file}: format {manifest.get('format')!r}, this version reads {FORMAT!r}; prepare the cache again")
+    if not manifest.get("complete"):
+        raise CacheError(f"{directory} is an incomplete cache (preparation was interrupted or is still running); "
+                         f"rerun the same `ahpa prepare` command to finish it")
+    return manifest
+
+
+def check_encoder(manifest: dict, encoder: PriorEncoder, where: Path) -> None:
+    got, have = encoder.identity(), manifest["encoder"]
+    if got["weights_sha256"] and have["weights_sha256"]:
+        if got["weights_sha256"] != have["weights_sha256"]:
+            raise CacheError(f"{where}: field encoder.weights_sha256 differs: cache was encoded by {have['spec']!r} "
+                             f"(sha256 {have['weights_sha256'][:12]}...), prior.encoder is {got['spec']!r} "
+                             f"(sha256 {got['weights_sha256'][:12]}...); use the same VAE or prepare a new cache")
+        if got["spec"].partition(":")[0] != have["spec"].partition(":")[0]:
+            raise CacheError(f"{where}: field encoder.spec differs in kind: cache {have['spec']!r}, prior.encoder {got['spec']!r}")
+    elif got["spec"] != have["spec"]:
+        raise CacheError(f"{where}: field encoder.spec differs: cache {have['spec']!r}, prior.encoder {got['spec']!r}; "
+                         f"use the same VAE or prepare a new cache")
+
+
+def cache_overview(cfg, encoder: PriorEncoder, method) -> tuple[int, list[str]]:
+    """(num_classes, the levels a method may choose from) of the cache named by cfg.data.path, checked early.
+
+    With no align.levels given, a method's default is the cache's levels; levels named explicitly are
+    checked by `open_cache`, which says which are missing from the cache.
+    """
+    if method.levels == "external":
+        raise CacheError(f"align.method={method.name} aligns to an external encoder that needs the images; a prepared "
+                         f"cache holds latents and VAE levels only: train it with data.source=npz (on the fly)")
+    if not cfg.data.path:
+        raise CacheError("data.source=cache needs data.path=CACHE_DIR (made by `ahpa prepare`)")
+    manifest = read_manifest(cfg.data.path)
+    check_encoder(manifest, encoder, Path(cfg.data.path))
+    num_classes = max(manifest["num_classes"], cfg.data.num_classes)
+    if cfg.align.levels:
+        return num_classes, encoder.level_names
+    stored = {l["name"] for l in manifest["levels"]} | {"latent"}
+    return num_classes, [n for n in encoder.level_names if n in stored]
+
+
+def open_cache(cfg, encoder: PriorEncoder, levels: list[str], grid: int, device: torch.device) -> "CacheSource":
+    """A CacheSource for cfg.data.path after checking it matches the config; errors name the field and both values."""
+    where = Path(cfg.data.path).expanduser()
+    manifest = read_manifest(where)
+    check_encoder(manifest, encoder, where)
+    if manifest["resolution"] != cfg.data.resolution:
+        raise CacheError(f"{where}: field resolution differs: cache {manifest['resolution']}, data.resolution "
+                         f"{cfg.data.resolution}; set data.resolution={manifest['resolution']} or prepare at {cfg.data.resolution}")
+    stored = [l["name"] for l in manifest["levels"]]
+    missing = [n for n in levels if n not in stored and n != "latent"]
+    if missing:
+        raise CacheError(f"{where}: field levels: the cache stores {stored} (+ latent), the run aligns {levels}; "
+                         f"missing {missing}: set align.levels or prepare with --levels {','.join(stored + missing)}")
+    for lvl in manifest["levels"]:
+        if lvl["name"] in levels and lvl["channels"] != encoder.level(lvl["name"]).channels:
+            raise CacheError(f"{where}: level {lvl['name']!r} has {lvl['channels']} channels in the cache, the encoder "
+                             f"{encoder.level(lvl['name']).channels}")
+    G = manifest["grid"]
+    if G % grid:
+        raise CacheError(f"{where}: field grid: the cache grid {G} is not a multiple of the model grid {grid}; "
+                         f"prepare with --grid {grid} (or a multiple of it) or pick a model patch size that fits")
+    if cfg.data.hflip and manifest["flips"] == "none":
+        raise CacheError(f"{where}: field flips: the cache was prepared with --flips none but data.hflip=true; "
+                         f"set data.hflip=false or prepare with --flips stored")
+    if cfg.data.num_classes and cfg.data.num_classes < manifest["num_classes"]:
+        raise CacheError(f"{where}: field num_classes: the cache has {manifest['num_classes']} classes, "
+                         f"data.num_classes={cfg.data.num_classes}")
+    return CacheSource(where, manifest, levels, grid, device, limit=cfg.data.limit, num_classes=cfg.data.num_classes)
+
+
+class CacheSource:
+    """Training batches from a prepared cache: the same interface as `ahpa.data.batches.OnTheFly`."""
+
+    def __init__(self, directory: Path, manifest: dict, levels: list[str], grid: int, device: torch.device,
+                 limit: int = 0, num_classes: int = 0):
+        self.directory, self.manifest, self.grid, self.device = Path(directory), manifest, grid, torch.device(device)
+        self.levels = [l for l in levels if l != "external"]
+        self.num_classes = max(manifest["num_classes"], num_classes)
+        self.cache_grid = manifest["grid"]
+        self.pool = self.cache_grid // grid
+        self.flips = manifest["flips"]
+        self.has_logvar = "logvar" in manifest["latent"]["moments"]
+        fields = manifest["fields"]
+        wanted = ["latent_mean"] + (["latent_logvar"] if self.has_logvar else [])
+        wanted += [f"level.{n}" for n in self.levels if n != "latent"]
+        variants = [""] + (["flip."] if self.flips == "stored" else [])
+        self.fields = wanted
+        self.specs = {f: fields[f] for f in wanted}
+        shards = [s for s in manifest["shards"] if s["rows"] > 0]  # an empty file cannot be memory-mapped
+        rows = np.array([s["rows"] for s in shards], np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(rows)])  # [S + 1] first global index of each shard
+        total = int(self.starts[-1])
+        self.length = min(limit, total) if limit else total
+        shard_dir = self.directory / SHARD_DIR
+        # maps[variant][field][shard] -> memmap [rows, *row_shape]
+        self.maps: dict[str, dict[str, list[np.memmap]]] = {}
+        for v in variants:
+            self.maps[v] = {f: [self._map(shard_dir, s, v + f, fields[v + f]) for s in shards] for f in wanted}
+        labels = [np.asarray(self._map(shard_dir, s, "labels", fields["labels"])) for s in shards]
+        self.labels = torch.from_numpy(np.concatenate(labels)[: self.length].astype(np.int64))  # [N], small: in memory
+
+    @staticmethod
+    def _map(shard_dir: Path, shard: dict, field: str, spec: dict) -> np.memmap:
+        info = shard["files"][field]
+        path = shard_dir / info["file"]
+        shape = (shard["rows"], *spec["shape"])
+        expected = NUMPY_DTYPE[spec["dtype"]].itemsize * int(np.prod(shape))
+        if not path.is_file() or path.stat().st_size != expected:
+            raise CacheError(f"{path} is missing or has the wrong size (expected {expected} bytes); the cache is damaged: "
+                             f"delete it and prepare it again")
+        return np.memmap(path, dtype=NUMPY_DTYPE[spec["dtype"]], mode="r", shape=shape)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _gather(self, idx: np.ndarray, variant: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows of every field for global indices `idx` (int64 [B]) from variant 0 (original) or 1 (stored flip)."""
+        shard = np.searchsorted(self.starts, idx, side="right") - 1  # [B]
+        local = idx - self.starts[shard]
+        key = shard * 2 + variant
+        order = np.lexsort((local, key))  # grouped by (shard, variant), rows ascending within a group: sequential reads
+        groups = np.flatnonzero(np.diff(key[order], prepend=-1))  # start of each group in `order`
+        bounds = np.append(groups, len(order))
+        out = {f: np.empty((len(idx), *self.specs[f]["shape"]), NUMPY_DTYPE[self.specs[f]["dtype"]]) for f in self.fields}
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            sel = order[a:b]
+            s, v = int(shard[sel[0]]), int(variant[sel[0]])
+            maps = self.maps["flip." if v else ""]
+            for f in self.fields:
+                out[f][sel] = maps[f][s][local[sel]]
+        return out
+
+    def _to_device(self, arr: np.ndarray, dtype: str) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        if dtype == "bf16":
+            t = t.view(torch.bfloat16)  # the stored bits are bfloat16
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True).float()  # 16-bit over the bus, float32 on the device
+
+    @torch.no_grad()
+    def fetch(self, idx: torch.Tensor, flip: torch.Tensor | None, posterior_noise: torch.Tensor | None) -> PriorBatch:
+        idx_np = idx.detach().cpu().numpy().astype(np.int64)
+        if idx_np.size and (idx_np.min() < 0 or idx_np.max() >= self.length):
+            raise IndexError(f"cache index out of range [0, {self.length}): {idx_np.min()}..{idx_np.max()}")
+        flip_np = np.zeros(len(idx_np), bool) if flip is None else flip.detach().cpu().numpy().astype(bool)
+        if flip_np.any() and self.flips == "none":
+            raise CacheError(f"{self.directory} was prepared with --flips none: it cannot serve flipped samples")
+        stored = self.flips == "stored"
+        rows = self._gather(idx_np, flip_np.astype(np.int64) if stored else np.zeros(len(idx_np), np.int64))
+        t = {f: self._to_device(rows[f], self.specs[f]["dtype"]) for f in self.fields}
+        flip_dev = torch.from_numpy(flip_np).to(self.device)
+        latent = t["latent_mean"]  # [B, C, h, w]
+        if self.has_logvar and posterior_noise is not None:
+            latent = latent + torch.exp(0.5 * t["latent_logvar"]) * posterior_noise.to(self.device)
+        if self.flips == "generated":
+            latent = torch.where(flip_dev[:, None, None, None], latent.flip(-1), latent)
+        maps = {}
+        for name in self.levels:
+            if name == "latent":
+                maps[name] = pool_to_grid(latent, self.grid)  # as on the fly: the sampled latent, pooled
+                continue
+            tokens = pool_tokens(t[f"level.{name}"], self.pool)  # [B, G*G, C] -> [B, g*g, C]
+            maps[name] = flip_tokens(tokens, flip_dev) if self.flips == "generated" else tokens
+        return PriorBatch(latent, maps, self.labels[torch.from_numpy(idx_np)].to(self.device), None)
+
+    def measure_stats(self, num_images: int, generator: torch.Generator) -> PriorStats:
+        """The statistics measured at prepare time (every image, originals) at the model's grid."""
+        st = self.manifest["stats"]
+        per_grid = st["grids"][str(self.grid)]
+
+        def cs(d: dict) -> ChannelStats:
+            return ChannelStats(stats_tensor(d["mean"]), stats_tensor(d["std"]))
+
+        return PriorStats(cs(st["latent"]), {n: cs(per_grid[n]) for n in self.levels})

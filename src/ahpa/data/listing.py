@@ -1,0 +1,202 @@
+"""What `ahpa prepare` reads: an image folder, an `.npz` array file or a text file list, as numbered items.
+
+Item i is the same file on every run and every process (sorted listing), so that shard boundaries and the
+cache's order are functions of the source alone. `ItemDataset` decodes item i in a DataLoader worker and
+returns either a crop ready for the encoder or the reason it was skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ahpa.data.decode import IMAGE_EXTENSIONS, BadImage, adm_center_crop, load_rgb
+
+LABEL_MODES = ("auto", "folders", "none")
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+@dataclass
+class Listing:
+    """Numbered items of a source. Exactly one of `paths` / `array` is set."""
+
+    kind: str  # folder | npz | list
+    location: Path
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str] | None  # None when the source has no labels (every label is 0)
+    paths: list[Path] | None = None
+    array: np.ndarray | None = None  # uint8 [N, H, W, 3] for npz
+    ignored: list[str] = field(default_factory=list)  # files of a folder without an image extension
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.class_names else int(self.labels.max(initial=0)) + 1
+
+    def name(self, i: int) -> str:
+        """How the report names item i: the path relative to a folder, the path from a list, or npz[i]."""
+        if self.paths is None:
+            return f"{self.location.name}[{i}]"
+        p = self.paths[i]
+        return str(p.relative_to(self.location)) if self.kind == "folder" else str(p)
+
+    def fingerprint(self) -> str:
+        """A hash of what the items are (names and byte sizes, or the array's bytes), to notice a changed source."""
+        h = hashlib.sha256()
+        h.update(f"{self.kind}:{len(self)}".encode())
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        if self.array is not None:
+            # the whole array: an npz fits in memory by construction, and hashing runs at ~1 GB/s
+            h.update(repr(self.array.shape).encode())
+            h.update(memoryview(np.ascontiguousarray(self.array)).cast("B"))
+        else:
+            for i, p in enumerate(self.paths):
+                try:
+                    size = p.stat().st_size
+                except OSError:
+                    size = -1
+                h.update(f"{self.name(i)}\0{size}\n".encode())
+        return h.hexdigest()
+
+
+def _folder(root: Path, labels: str) -> Listing:
+    files: list[Path] = []
+    ignored: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted walk: a stable order
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            if f.startswith("."):
+                continue  # .DS_Store and friends
+            (files.append(p) if p.suffix.lower() in IMAGE_EXTENSIONS else ignored.append(str(p.relative_to(root))))
+    if not files:
+        raise ValueError(
+            f"no images found under {root} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}"
+            + (f"; found only {len(ignored)} other files, e.g. {ignored[0]!r})" if ignored else ")")
+        )
+    rel = [p.relative_to(root) for p in files]
+    in_subfolders = all(len(r.parts) > 1 for r in rel)
+    if labels == "folders" and not in_subfolders:
+        loose = next(r for r in rel if len(r.parts) == 1)
+        raise ValueError(f"--labels folders needs every image inside a class sub-folder of {root}, but {loose} is not")
+    if labels == "none" or (labels == "auto" and not in_subfolders):
+        return Listing("folder", root, np.zeros(len(files), np.int64), None, paths=files, ignored=ignored)
+    names = sorted({r.parts[0] for r in rel})
+    index = {n: k for k, n in enumerate(names)}
+    y = np.array([index[r.parts[0]] for r in rel], np.int64)
+    return Listing("folder", root, y, names, paths=files, ignored=ignored)
+
+
+def _file_list(path: Path, labels: str) -> Listing:
+    """One image path per line, optionally a TAB and an integer label; '#' comments and blank lines skipped.
+
+    Relative paths are relative to the list file's directory.
+    """
+    paths, ys, first_unlabelled = [], [], None
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, label = line.rpartition("\t")
+        if sep:
+            try:
+                ys.append(int(label))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: label {label!r} after the TAB is not an integer") from None
+        else:
+            name, first_unlabelled = line, first_unlabelled or n
+        p = Path(name.strip()).expanduser()
+        paths.append(p if p.is_absolute() else path.parent / p)
+    if ys and first_unlabelled is not None:
+        raise ValueError(f"{path}:{first_unlabelled}: this line has no TAB and label, others do: label every line or none")
+    if not paths:
+        raise ValueError(f"file list {path} names no images (one path per line, optionally TAB label)")
+    if labels == "folders":
+        raise ValueError("--labels folders applies to an image folder; a file list gives labels after a TAB")
+    if ys and labels != "none":
+        y = np.array(ys, np.int64)
+        if y.min() < 0:
+            raise ValueError(f"{path}: labels must be >= 0, found {y.min()}")
+        return Listing("list", path, y, None, paths=paths)
+    return Listing("list", path, np.zeros(len(paths), np.int64), None, paths=paths)
+
+
+def _npz(path: Path, labels: str) -> Listing:
+    from ahpa.data.sources import load_npz_images
+
+    images, y = load_npz_images(path)
+    if len(images) == 0:
+        raise ValueError(f"{path} holds no images")
+    if y is None or labels == "none":
+        return Listing("npz", path, np.zeros(len(images), np.int64), None, array=images)
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    if len(y) != len(images):
+        raise ValueError(f"{path}: {len(y)} labels for {len(images)} images")
+    return Listing("npz", path, y, None, array=images)
+
+
+def list_source(src: str | Path, labels: str = "auto", limit: int = 0) -> Listing:
+    """Numbered items of SRC (a folder, a .npz, or a .txt/.lst file list); the first `limit` only if > 0."""
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels mode {labels!r} is not valid; valid: {', '.join(LABEL_MODES)}")
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"image source {str(path)!r} does not exist (give a folder, a .npz file or a .txt file list)")
+    if path.is_dir():
+        listing = _folder(path, labels)
+    elif path.suffix.lower() == ".npz":
+        listing = _npz(path, labels)
+    elif path.suffix.lower() in LIST_SUFFIXES:
+        listing = _file_list(path, labels)
+    else:
+        raise ValueError(f"image source {path} is neither a folder, a .npz file nor a {'/'.join(LIST_SUFFIXES)} file list")
+    if limit and limit < len(listing):
+        listing.labels = listing.labels[:limit]
+        listing.paths = listing.paths[:limit] if listing.paths is not None else None
+        listing.array = listing.array[:limit] if listing.array is not None else None
+    return listing
+
+
+@dataclass
+class Item:
+    """One decoded item. `image` is uint8 [R, R, 3] when cropped, or [h, w, 3] (short side < R) when
+    `small` (upsampled later, in float, with the batch); None when skipped, with `reason`."""
+
+    index: int
+    image: np.ndarray | None
+    small: bool = False
+    reason: str = ""
+    conversions: tuple[str, ...] = ()
+
+
+class ItemDataset(torch.utils.data.Dataset):
+    """Item i -> `Item`, decoded and ADM-cropped in a DataLoader worker; bad files become skip records."""
+
+    def __init__(self, listing: Listing, resolution: int):
+        self.listing, self.resolution = listing, resolution
+
+    def __len__(self) -> int:
+        return len(self.listing)
+
+    def __getitem__(self, i: int) -> Item:
+        if self.listing.array is not None:
+            arr, conversions = self.listing.array[i], []
+        else:
+            try:
+                arr, conversions = load_rgb(self.listing.paths[i])
+            except BadImage as e:
+                return Item(i, None, reason=e.reason)
+        if min(arr.shape[:2]) < self.resolution:
+            return Item(i, np.ascontiguousarray(arr), small=True, conversions=tuple(conversions) + ("upsampled (smaller than R)",))
+        return Item(i, adm_center_crop(arr, self.resolution), conversions=tuple(conversions))
+
+
+def collate_items(items: list[Item]) -> list[Item]:
+    return items  # images of a batch may differ in size (small ones); the prepare loop assembles them

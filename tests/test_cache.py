@@ -1,0 +1,229 @@
+"""Prepared caches of CIFAR-10 through TAEF2 at 64x64: reader parity with on-the-fly encoding, training from
+a cache, resume after an interruption (byte-identical), no-op reruns, and refusals that name the field."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ahpa import config as config_mod
+from ahpa.data.batches import OnTheFly
+from ahpa.data.cache import CacheSource, open_cache, read_manifest
+from ahpa.data.prepare import PrepareError, PrepareOptions, prepare
+from ahpa.data.sources import ImageSet, load_npz_images
+from ahpa.data.shard_store import CacheError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR_TEST = SHARED / "data" / "cifar10" / "test.npz"
+TAEF2 = SHARED / "weights" / "taef2"
+LEVELS = ["stage1", "stage2", "stage3", "stage4", "latent"]
+
+
+@pytest.fixture(scope="module")
+def taef2():
+    if not (CIFAR_TEST.is_file() and (TAEF2 / "taef2_encoder.pth").is_file()):
+        pytest.skip(f"needs {CIFAR_TEST} and {TAEF2} (the shared/ directory beside the repository)")
+    from ahpa.priors.registry import load_encoder
+
+    return load_encoder(f"taef2:{TAEF2}")
+
+
+def _opts(out: Path, **kw) -> PrepareOptions:
+    base = dict(images=str(CIFAR_TEST), vae=f"taef2:{TAEF2}", resolution=64, out=str(out), grid=8, limit=48,
+                shard_size=16, batch=16, workers=0, flips="generated")
+    return PrepareOptions(**(base | kw))
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def stored_cache(taef2, tmp_path_factory) -> Path:
+    """24 CIFAR test images with stored flips (exact mirror-image encodings), grid 8 (the study's patch 1)."""
+    out = tmp_path_factory.mktemp("cifar") / "cache"
+    res = prepare(_opts(out, limit=24, flips="stored", shard_size=16), encoder=taef2)
+    assert res.complete and res.images == 24 and not res.skipped
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_cache(taef2, tmp_path_factory) -> Path:
+    """An uninterrupted run: the byte-for-byte reference for the interrupted ones."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    prepare(_opts(out), encoder=taef2)
+    return out
+
+
+def _cfg(cache: Path, **over) -> config_mod.Config:
+    d = {
+        "model": {"preset": "S/1", "hidden_size": 32, "depth": 2, "num_heads": 2},
+        "data": {"source": "cache", "path": str(cache), "resolution": 64},
+        "prior": {"encoder": f"taef2:{TAEF2}"},
+        "align": {"method": "ahpa", "depth": 1, "projector_dim": 32},
+        "train": {"steps": 3, "batch_size": 8, "log_every": 1, "ckpt_every": 3, "sample_every": 0, "device": "cpu"},
+    }
+    for key, value in over.items():
+        section, _, name = key.partition(".")
+        d.setdefault(section, {})[name] = value
+    return config_mod.from_dict(d)
+
+
+def test_cache_matches_on_the_fly_encoding(stored_cache, taef2):
+    images, labels = load_npz_images(CIFAR_TEST)
+    data = ImageSet(torch.from_numpy(images[:24]), torch.from_numpy(labels[:24]), 10)
+    manifest = read_manifest(stored_cache)
+    idx = torch.tensor([3, 23, 0, 17, 16, 5])  # across both shards, out of order
+    flip = torch.tensor([False, True, True, False, True, False])
+    for grid in (8, 4):  # 4: the cache grid is pooled by 2 at read time
+        cache = CacheSource(stored_cache, manifest, LEVELS, grid, torch.device("cpu"))
+        onthefly = OnTheFly(data, taef2, LEVELS, grid, 64, torch.device("cpu"))
+        a, b = cache.fetch(idx, flip, None), onthefly.fetch(idx, flip, None)
+        assert torch.equal(a.labels, b.labels) and a.latent.shape == b.latent.shape == (6, 32, 8, 8)
+        assert torch.allclose(a.latent, b.latent, atol=2e-3 * b.latent.abs().max())  # fp16 rounding only
+        for name in LEVELS:
+            assert a.levels[name].shape == b.levels[name].shape == (6, grid * grid, taef2.level(name).channels)
+            assert torch.allclose(a.levels[name], b.levels[name], atol=2e-3 * b.levels[name].abs().max()), name
+        ours = cache.measure_stats(0, torch.Generator())
+        theirs = onthefly.measure_stats(24, torch.Generator())
+        assert torch.allclose(ours.latent.std, theirs.latent.std, rtol=1e-3)
+        for name in LEVELS:
+            assert torch.allclose(ours.levels[name].mean, theirs.levels[name].mean, atol=1e-3)
+            assert torch.allclose(ours.levels[name].std, theirs.levels[name].std, rtol=1e-3), name
+
+
+def test_generated_flips_mirror_token_maps(reference_cache):
+    cache = CacheSource(reference_cache, read_manifest(reference_cache), LEVELS, 8, torch.device("cpu"))
+    idx = torch.tensor([5, 5])
+    a = cache.fetch(idx, torch.tensor([False, True]), None)
+    assert torch.equal(a.latent[1], a.latent[0].flip(-1))
+    grid = a.levels["stage2"].reshape(2, 8, 8, 64)  # [B, rows, cols, C]
+    assert torch.equal(grid[1], grid[0].flip(1))
+
+
+def test_training_round_trip_from_cache(stored_cache, tmp_path):
+    from ahpa.train.loop import Trainer
+
+    trainer = Trainer(_cfg(stored_cache), tmp_path / "run")
+    assert isinstance(trainer.parts.source, CacheSource) and trainer.parts.levels == LEVELS
+    assert trainer.parts.model.cfg.num_classes == 10
+    last = trainer.run()
+    assert trainer.step == 3 and torch.isfinite(torch.tensor(last["loss/flow"])) and (tmp_path / "run" / "DONE").exists()
+    # rerunning resumes from the checkpoint and reads the same cache
+    again = Trainer(_cfg(stored_cache, **{"train.steps": 4}), tmp_path / "run")
+    assert again.step == 3
+    again.run()
+    assert again.step == 4
+
+
+def test_open_cache_refuses_mismatches_naming_the_field(stored_cache, taef2):
+    from ahpa.align import get_method
+    from ahpa.data.cache import cache_overview
+    from ahpa.priors.kl_vae import KLVAE
+
+    cpu = torch.device("cpu")
+    with pytest.raises(CacheError, match="resolution.*64.*32"):
+        open_cache(_cfg(stored_cache, **{"data.resolution": 32}), taef2, LEVELS, 8, cpu)
+    with pytest.raises(CacheError, match="grid.*8.*3"):
+        open_cache(_cfg(stored_cache), taef2, LEVELS, 3, cpu)
+    with pytest.raises(CacheError, match="encoder.spec"):
+        open_cache(_cfg(stored_cache, **{"prior.encoder": "ahpa-vae:random"}), KLVAE.random(), ["latent"], 8, cpu)
+    with pytest.raises(CacheError, match="repa.*needs the images"):
+        cache_overview(_cfg(stored_cache, **{"align.method": "repa"}), taef2, get_method("repa"))
+
+
+def test_missing_level_and_flips_none_are_refused(taef2, tmp_path):
+    out = tmp_path / "subset"
+    res = prepare(_opts(out, limit=8, levels=["stage4"], flips="none", dtype="bf16", grid=4), encoder=taef2)
+    assert res.images == 8 and read_manifest(out)["levels"][0]["name"] == "stage4"
+    cpu = torch.device("cpu")
+    with pytest.raises(CacheError, match="levels.*missing \\['stage1'\\]"):
+        open_cache(_cfg(out, **{"data.hflip": False}), taef2, ["stage1", "stage4"], 4, cpu)
+    with pytest.raises(CacheError, match="flips"):
+        open_cache(_cfg(out), taef2, ["stage4"], 4, cpu)
+    src = open_cache(_cfg(out, **{"data.hflip": False}), taef2, ["stage4", "latent"], 2, cpu)  # bf16, pooled 4 -> 2
+    b = src.fetch(torch.arange(8), None, None)
+    assert b.levels["stage4"].shape == (8, 4, 64) and b.levels["stage4"].dtype == torch.float32
+
+
+def test_interrupted_run_resumes_to_identical_files(taef2, reference_cache, tmp_path):
+    out = tmp_path / "cache"
+
+    def stop_after_one_shard(p):
+        if p.shards_done == 1:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_opts(out), on_progress=stop_after_one_shard, encoder=taef2)
+    assert read_manifest_raises(out)  # a partial cache never looks complete
+    assert any(p.name.endswith(".tmp") for p in (out / "shards").iterdir())  # the unfinished shard's temp files
+    kept = []
+    res = prepare(_opts(out), on_progress=lambda p: kept.append(p.shards_done), encoder=taef2)
+    assert res.shards_reused == 1 and res.shards_written == 2 and kept[0] == 1
+    assert _files(out) == _files(reference_cache)
+
+
+def read_manifest_raises(out: Path) -> bool:
+    with pytest.raises(CacheError, match="incomplete"):
+        read_manifest(out)
+    return True
+
+
+def test_rerun_is_a_noop_and_other_settings_are_refused(taef2, reference_cache):
+    before = _files(reference_cache)
+    t0 = time.perf_counter()
+    res = prepare(_opts(reference_cache), encoder=taef2)
+    assert res.noop and res.images == 48 and time.perf_counter() - t0 < 5
+    assert _files(reference_cache) == before
+    with pytest.raises(PrepareError, match="grid: cache has 8, this command gives 4"):
+        prepare(_opts(reference_cache, grid=4), encoder=taef2)
+    with pytest.raises(PrepareError, match="source.count: cache has 48, this command gives 40"):
+        prepare(_opts(reference_cache, limit=40), encoder=taef2)
+    assert _files(reference_cache) == before
+
+
+def test_two_processes_write_interleaved_shards(taef2, reference_cache, tmp_path):
+    """rank r writes shards r, r+2, ...; rank 0 merges after the barrier: the same bytes as one process."""
+    out = tmp_path / "cache"
+    barrier = threading.Barrier(2, timeout=120)
+    results, errors = {}, []
+
+    def run(rank):
+        try:
+            results[rank] = prepare(_opts(out, rank=rank, world=2), barrier=barrier.wait, encoder=taef2)
+        except BaseException as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    assert results[0].complete and results[0].shards_written == 2 and results[1].shards_written == 1
+    assert _files(out) == _files(reference_cache)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_identical_files(reference_cache, tmp_path):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "ahpa.cli", "prepare", "--images", str(CIFAR_TEST), "--vae", f"taef2:{TAEF2}",
+           "--resolution", "64", "--out", str(out), "--grid", "8", "--limit", "48", "--shard-size", "16", "--batch", "16",
+           "--workers", "0", "--flips", "generated"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "shards" / "shard-00000.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_manifest_raises(out)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr
+    assert _files(out) == _files(reference_cache)

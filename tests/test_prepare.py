@@ -1,0 +1,270 @@
+"""`ahpa prepare` on a folder of real-world files (bad ones included) through a randomly initialised
+AutoencoderKL with the exact SD-VAE configuration; decoding, the ADM crop, bad paths, the CLI.
+
+The SD-VAE encoder costs ~0.2 s per 32x32 image and ~3.5 s per 256x256 image on two CPU cores, so the
+50-file folder is prepared at 32 (the code path does not depend on R) and one image at 256 checks the real
+geometry: five levels at 1/2..1/8 pooled to the 16x16 grid and the bytes per image stated in docs/data.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ahpa.data.cache import open_cache, read_manifest
+from ahpa.data.decode import BadImage, adm_center_crop, load_rgb
+from ahpa.data.listing import list_source
+from ahpa.data.prepare import PrepareError, PrepareOptions, prepare
+from ahpa.data.shard_store import CacheError
+
+SD_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "sd-vae-ft-ema.config.json"
+SD_LEVELS = ["down0", "down1", "down2", "down3", "mid", "latent"]
+
+
+# ---------------------------------------------------------------- files
+def _rgb(rng, h, w) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, format="JPEG", **kw)
+    return b.getvalue()
+
+
+def make_folder(root: Path) -> dict[str, str]:
+    """~50 files in two class folders; returns {relative name: what is special about it}."""
+    rng = np.random.default_rng(0)
+    special = {}
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for k in range(19):
+            img = _rgb(rng, int(rng.integers(32, 80)), int(rng.integers(32, 80)))
+            img.save(root / cls / f"img_{k:03d}.{'jpg' if k % 2 else 'png'}")
+    c = root / "cats"
+    full = _jpeg_bytes(_rgb(rng, 64, 64))
+    (c / "bad_truncated.jpg").write_bytes(full[: len(full) // 2])
+    (c / "bad_empty.png").write_bytes(b"")
+    (c / "bad_notes.jpg").write_text("not an image, despite the name")
+    special |= {"cats/bad_truncated.jpg": "skip", "cats/bad_empty.png": "skip", "cats/bad_notes.jpg": "skip"}
+    Image.new("L", (40, 40), 90).save(c / "odd_grey.png")
+    Image.new("LA", (40, 40), (90, 0)).save(c / "odd_grey_alpha.png")
+    pal = Image.new("P", (40, 40), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.save(c / "odd_palette_transparent.png", transparency=0)
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(c / "odd_cmyk.jpg")
+    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(c / "odd_16bit.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    _rgb(rng, 36, 60).save(c / "odd_rotated.jpg", exif=exif.tobytes())
+    _rgb(rng, 12, 20).save(c / "odd_tiny.png")  # smaller than R: upsampled
+    Image.new("RGBA", (40, 40), (0, 0, 255, 128)).save(c / "odd_rgba.png")
+    (c / "readme.txt").write_text("ignored: not an image extension")
+    return special
+
+
+@pytest.fixture(scope="module")
+def sd_vae_dir(tmp_path_factory) -> Path:
+    if not SD_CONFIG.is_file():
+        pytest.skip(f"SD-VAE reference config not found at {SD_CONFIG} (the shared/ directory beside the repository)")
+    from ahpa.priors.diffusers_vae import DiffusersVAE
+
+    torch.manual_seed(0)
+    vae = DiffusersVAE.from_config(json.loads(SD_CONFIG.read_text()))
+    where = tmp_path_factory.mktemp("sdvae") / "sd-vae-random"
+    vae.vae.save_pretrained(where)  # diffusers:DIR needs a directory
+    return where
+
+
+@pytest.fixture(scope="module")
+def sd_vae(sd_vae_dir):
+    from ahpa.priors.registry import load_encoder
+
+    return load_encoder(f"diffusers:{sd_vae_dir}")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images") / "photos"
+    make_folder(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_cache(folder, sd_vae, sd_vae_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "sd32"
+    opts = PrepareOptions(images=str(folder), vae=f"diffusers:{sd_vae_dir}", resolution=32, out=str(out), batch=16,
+                          workers=2, shard_size=24, flips="generated")
+    res = prepare(opts, encoder=sd_vae)
+    assert res.complete and res.items == 49 and res.images == 46
+    return out
+
+
+# ---------------------------------------------------------------- decoding
+def test_modes_become_rgb_correctly(folder):
+    c = folder / "cats"
+    assert load_rgb(c / "odd_grey.png")[0][0, 0].tolist() == [90, 90, 90]
+    assert load_rgb(c / "odd_grey_alpha.png")[0][0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    assert load_rgb(c / "odd_palette_transparent.png")[0][0, 0].tolist() == [255, 0, 0]
+    arr, conv = load_rgb(c / "odd_16bit.png")
+    assert arr[0, 0].tolist() == [156, 156, 156] and "16-bit" in conv[0]  # 40000 / 257, not clipped to 255
+    assert (np.abs(load_rgb(c / "odd_cmyk.jpg")[0][0, 0].astype(int) - [255, 0, 0]) < 8).all()
+    rgba = load_rgb(c / "odd_rgba.png")[0][0, 0].tolist()
+    assert rgba == [127, 127, 255] or rgba == [128, 128, 255]  # half-transparent blue over white
+    arr, conv = load_rgb(c / "odd_rotated.jpg")
+    assert arr.shape == (60, 36, 3) and conv == ["EXIF orientation 6 applied"]
+
+
+@pytest.mark.parametrize("name, reason", [("bad_truncated.jpg", "truncated"), ("bad_empty.png", "empty file"),
+                                          ("bad_notes.jpg", "not an image"), ("missing.png", "does not exist")])
+def test_bad_files_raise_with_a_reason(folder, name, reason):
+    with pytest.raises(BadImage, match=reason):
+        load_rgb(folder / "cats" / name)
+
+
+def _reference_center_crop_arr(pil_image, image_size):  # guided-diffusion image_datasets.py, verbatim
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+@pytest.mark.parametrize("h, w, r", [(300, 451, 64), (64, 80, 64), (517, 260, 128)])
+def test_adm_center_crop_is_the_reference(h, w, r):
+    arr = np.random.default_rng(h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    assert np.array_equal(adm_center_crop(arr, r), _reference_center_crop_arr(Image.fromarray(arr), r))
+
+
+# ---------------------------------------------------------------- sources and bad paths
+def test_sources_list_labels(folder, tmp_path):
+    listing = list_source(folder)
+    assert len(listing) == 49 and listing.class_names == ["cats", "dogs"] and listing.ignored == ["cats/readme.txt"]
+    assert listing.labels.tolist() == [0] * 30 + [1] * 19
+    lst = tmp_path / "files.txt"
+    lst.write_text(f"# a comment\n{folder}/dogs/img_001.jpg\t3\n\n{folder}/cats/odd_tiny.png\t0\n")
+    listed = list_source(lst)
+    assert listed.labels.tolist() == [3, 0] and listed.num_classes == 4
+    lst.write_text(f"{folder}/dogs/img_001.jpg\t3\n{folder}/cats/odd_tiny.png\n")
+    with pytest.raises(ValueError, match="files.txt:2"):
+        list_source(lst)
+
+
+def test_bad_paths_fail_before_any_work(tmp_path, folder):
+    never = "diffusers:/nonexistent/vae"  # would fail if it were ever loaded: the path errors come first
+    def opts(images, out):
+        return PrepareOptions(images=str(images), vae=never, resolution=32, out=str(out))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare(opts(tmp_path / "nope", tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        prepare(opts(tmp_path / "empty", tmp_path / "out"))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CacheError, match="a_file is a file"):
+        prepare(opts(folder, tmp_path / "a_file" / "cache"))
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(CacheError, match="not writable"):
+            prepare(opts(folder, ro / "cache"))
+    with pytest.raises(FileNotFoundError, match="nonexistent"):  # only now the VAE, and nothing was created
+        prepare(opts(folder, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the folder through SD-VAE
+def test_folder_is_prepared_with_bad_files_reported(folder_cache):
+    m = read_manifest(folder_cache)
+    assert m["count"] == 46 and m["skipped"] == 3 and m["class_names"] == ["cats", "dogs"]
+    assert [l["name"] for l in m["levels"]] == SD_LEVELS[:-1] and m["latent"]["moments"] == ["mean", "logvar"]
+    assert m["grid"] == 2 and m["fields"]["level.down0"]["shape"] == [4, 128]
+    report = json.loads((folder_cache / "report.json").read_text())
+    assert sorted(n for n, _ in report["skipped"]) == ["cats/bad_empty.png", "cats/bad_notes.jpg", "cats/bad_truncated.jpg"]
+    assert all(reason for _, reason in report["skipped"])
+    conv = report["conversions"]
+    for key in ("L->RGB", "LA+alpha->RGB (composited on white)", "P+alpha->RGB (composited on white)", "CMYK->RGB",
+                "I;16->RGB (16-bit rescaled)", "EXIF orientation 6 applied", "RGBA+alpha->RGB (composited on white)"):
+        assert conv.get(key) == 1, (key, conv)
+    assert conv["upsampled (smaller than R)"] == 1 and report["ignored_files"] == ["cats/readme.txt"]
+
+
+def test_strict_fails_on_the_first_bad_file(folder, sd_vae, sd_vae_dir, tmp_path):
+    opts = PrepareOptions(images=str(folder), vae=f"diffusers:{sd_vae_dir}", resolution=32, out=str(tmp_path / "c"),
+                          batch=8, workers=0, strict=True)
+    with pytest.raises(PrepareError, match=r"cats/bad_empty.png: empty file.*--strict"):
+        prepare(opts, encoder=sd_vae)
+    with pytest.raises(CacheError, match="incomplete"):
+        read_manifest(tmp_path / "c")
+
+
+def test_sd_vae_cache_trains_and_samples_posterior(folder_cache, sd_vae_dir, tmp_path):
+    from ahpa import config as config_mod
+    from ahpa.train.loop import Trainer
+
+    cfg = config_mod.from_dict({
+        "model": {"preset": "S/2", "hidden_size": 32, "depth": 2, "num_heads": 2},
+        "data": {"source": "cache", "path": str(folder_cache), "resolution": 32},
+        "prior": {"encoder": f"diffusers:{sd_vae_dir}"},
+        "align": {"method": "multi-uniform", "depth": 1, "projector_dim": 32},
+        "train": {"steps": 2, "batch_size": 8, "log_every": 1, "ckpt_every": 2, "sample_every": 0, "device": "cpu"},
+    })
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.parts.levels == SD_LEVELS and trainer.parts.model.cfg.num_classes == 2
+    src = trainer.parts.source
+    idx = torch.tensor([0, 1])
+    mean = src.fetch(idx, None, None).latent
+    sampled = src.fetch(idx, None, torch.ones(2, 4, 4, 4)).latent
+    assert not torch.equal(mean, sampled)  # the posterior is sampled with the trainer's noise
+    last = trainer.run()
+    assert trainer.step == 2 and np.isfinite(last["loss/flow"]) and np.isfinite(last["loss/align"])
+
+
+def test_one_image_at_256_has_the_documented_geometry(sd_vae, sd_vae_dir, tmp_path):
+    big = tmp_path / "big.jpg"
+    _rgb(np.random.default_rng(1), 300, 420).save(big)
+    lst = tmp_path / "one.txt"
+    lst.write_text("big.jpg\t0\n")  # relative to the list's folder
+    opts = PrepareOptions(images=str(lst), vae=f"diffusers:{sd_vae_dir}", resolution=256, out=str(tmp_path / "c"),
+                          batch=1, workers=0, flips="none")
+    res = prepare(opts, encoder=sd_vae)
+    m = read_manifest(tmp_path / "c")
+    assert m["grid"] == 16 and [(l["name"], l["channels"], l["stride"]) for l in m["levels"]] == [
+        ("down0", 128, 2), ("down1", 256, 4), ("down2", 512, 8), ("down3", 512, 8), ("mid", 512, 8)]
+    per_level = {k: 2 * int(np.prod(v["shape"])) for k, v in m["fields"].items() if v["dtype"] == "fp16"}
+    assert per_level == {"latent_mean": 8192, "latent_logvar": 8192, "level.down0": 65536, "level.down1": 131072,
+                         "level.down2": 262144, "level.down3": 262144, "level.mid": 262144}  # docs/data.md table
+    data = sum(f["bytes"] for s in m["shards"] for k, f in s["files"].items() if k != "stats")
+    assert res.images == 1 and data == sum(per_level.values()) + 16  # + label and source index (int64 each)
+    cfg = type("C", (), {})()
+    from ahpa import config as config_mod
+
+    cfg = config_mod.from_dict({"data": {"source": "cache", "path": str(tmp_path / "c"), "resolution": 256, "hflip": False}})
+    b = open_cache(cfg, sd_vae, SD_LEVELS, 16, torch.device("cpu")).fetch(torch.tensor([0]), None, None)
+    assert b.latent.shape == (1, 4, 32, 32) and b.levels["down0"].shape == (1, 256, 128) and b.levels["latent"].shape == (1, 256, 4)
+
+
+def test_cli_prepare_reports_and_is_a_noop_on_rerun(folder, tmp_path, capsys):
+    from ahpa.cli import main
+
+    out = tmp_path / "c"
+    args = ["prepare", "--images", str(folder / "dogs"), "--vae", "ahpa-vae:random", "--resolution", "16",
+            "--out", str(out), "--workers", "0", "--flips", "none", "--limit", "6"]
+    assert main(args) == 0
+    assert "6 images from 6 source items" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(args[:-1] + ["5"]) == 2
+    assert "source.count: cache has 6, this command gives 5" in capsys.readouterr().err
+    assert main(["prepare", "--images", str(tmp_path / "nope"), "--vae", "ahpa-vae:random", "--resolution", "16",
+                 "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -126,11 +126,15 @@ class MomentSums:
         self.s2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, channel_dim: int) -> None:
-        x = x.detach().double().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])  # [M, C]
-        s1, s2 = x.sum(0), (x * x).sum(0)
+        # reduce in place with float64 accumulators: no float64 copy of x, no movedim copy (this runs for
+        # every level at every grid on every batch, so it must stay small next to the encoder)
+        x = x.detach().float()
+        dims = [d for d in range(x.ndim) if d != channel_dim % x.ndim]
+        s1 = x.sum(dims, dtype=torch.float64)  # [C]
+        s2 = x.square().sum(dims, dtype=torch.float64)
         self.s1 = s1 if self.s1 is None else self.s1 + s1
         self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.n += x.shape[0]
+        self.n += x.numel() // x.shape[channel_dim]
 
     def arrays(self, channels: int) -> dict[str, np.ndarray]:
         """n, s1, s2 as float64 numpy (zeros for a shard without rows)."""

@@ -14,16 +14,19 @@ PALETTES = ("warm", "cool")
 CLASS_NAMES = tuple(f"{p} {s}" for p in PALETTES for s in SHAPES)
 
 
-def make_shapes(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [n, size, size, 3], labels int64 [n]); labels cycle through the 8 classes."""
+def make_shapes(n: int, size: int = 32, seed: int = 0, jitter: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [n, size, size, 3], labels int64 [n]); labels cycle through the 8 classes.
+
+    `jitter` is how far (as a fraction of the side) a shape's centre may move from the middle.
+    """
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(CLASS_NAMES)
     shape, palette = labels % len(SHAPES), labels // len(SHAPES)
     coords = np.arange(size, dtype=np.float32) + 0.5
     yy, xx = np.meshgrid(coords, coords, indexing="ij")  # [S, S]
     r = rng.uniform(0.22, 0.34, n).astype(np.float32)[:, None, None] * size
-    cx = rng.uniform(0.35, 0.65, n).astype(np.float32)[:, None, None] * size
-    cy = rng.uniform(0.35, 0.65, n).astype(np.float32)[:, None, None] * size
+    cx = rng.uniform(0.5 - jitter, 0.5 + jitter, n).astype(np.float32)[:, None, None] * size
+    cy = rng.uniform(0.5 - jitter, 0.5 + jitter, n).astype(np.float32)[:, None, None] * size
     dx, dy = xx[None] - cx, yy[None] - cy  # [n, S, S]
     dist = np.sqrt(dx**2 + dy**2)
     adx, ady = np.abs(dx), np.abs(dy)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ahpa.priors.base import EncoderOutput
 
 
 def pool_to_grid(feat: torch.Tensor, grid: int) -> torch.Tensor:
@@ -83,26 +82,6 @@ class PriorStats:
         return cls(ChannelStats(d["latent.mean"], d["latent.std"]), levels)
 
 
-def level_map(out: EncoderOutput, name: str, latent: torch.Tensor) -> torch.Tensor:
-    """The feature map of a level; 'latent' is the (sampled) latent the SiT is trained on."""
-    return latent if name == "latent" else out.features[name]
-
-
-def measure_stats(
-    outputs: list[tuple[EncoderOutput, torch.Tensor]], levels: list[str], grid: int
-) -> PriorStats:
-    """Statistics from (encoder output, sampled latent) pairs: latent per channel, levels after pooling."""
-    lat = StatsAccumulator()
-    acc = {name: StatsAccumulator() for name in levels}
-    for out, latent in outputs:
-        lat.update(latent, channel_dim=1)
-        for name in levels:
-            acc[name].update(pool_to_grid(level_map(out, name, latent), grid), channel_dim=2)
-    return PriorStats(lat.result(), {name: a.result() for name, a in acc.items()})
-
-
-def make_targets(
-    out: EncoderOutput, latent: torch.Tensor, levels: list[str], grid: int, stats: PriorStats
-) -> list[torch.Tensor]:
+def standardise_levels(maps: dict[str, torch.Tensor], levels: list[str], stats: PriorStats) -> list[torch.Tensor]:
     """K x [B, N, C_k] standardised targets, in the order of `levels`."""
-    return [stats.levels[name].apply(pool_to_grid(level_map(out, name, latent), grid), channel_dim=2) for name in levels]
+    return [stats.levels[name].apply(maps[name], channel_dim=2) for name in levels]

@@ -9,12 +9,13 @@ import torch
 
 from ahpa.align import Aligner, get_method, resolve_levels
 from ahpa.config import Config
-from ahpa.data.sources import ImageSet, load_image_set
+from ahpa.data.batches import OnTheFly
+from ahpa.data.sources import load_image_set
 from ahpa.models.sit import SiT, SiTConfig
 from ahpa.priors.base import PriorEncoder
 from ahpa.priors.external import ExternalEncoder, load_external
 from ahpa.priors.registry import load_encoder
-from ahpa.priors.targets import PriorStats, measure_stats
+from ahpa.priors.targets import PriorStats
 from ahpa.train.rng import generator
 
 STATS_STREAM = 2
@@ -41,7 +42,7 @@ class Parts:
     cfg: Config
     device: torch.device
     amp: torch.dtype | None
-    data: ImageSet
+    source: OnTheFly
     encoder: PriorEncoder
     external: ExternalEncoder | None
     levels: list[str]
@@ -80,19 +81,29 @@ def sit_config(cfg: Config, encoder: PriorEncoder, num_classes: int) -> SiTConfi
     return sc
 
 
-def build_parts(cfg: Config, device: torch.device | None = None) -> Parts:
+def build_parts(cfg: Config, device: torch.device | None = None, external: ExternalEncoder | None = None) -> Parts:
+    """All parts of a run. `external` supplies REPA's frozen encoder as a module (else prior.external)."""
     device = device or resolve_device(cfg.train.device)
     method = get_method(cfg.align.method)
     if not cfg.prior.encoder:
         raise ValueError("prior.encoder is not set: name the VAE, e.g. prior.encoder=taef2:PATH or ahpa-vae:PATH")
     encoder = load_encoder(cfg.prior.encoder, device)
-    data = load_image_set(cfg.data, cfg.train.seed)
-    sc = sit_config(cfg, encoder, data.num_classes)
-    levels = resolve_levels(method, encoder.level_names, list(cfg.align.levels))
+    if cfg.data.source == "cache":  # a prepared cache (ahpa prepare): the encoder stays for decoding samples
+        from ahpa.data.cache import cache_overview, open_cache
+
+        num_classes, available = cache_overview(cfg, encoder, method)
+    else:
+        data = load_image_set(cfg.data, cfg.train.seed)
+        num_classes, available = data.num_classes, encoder.level_names
+    sc = sit_config(cfg, encoder, num_classes)
+    levels = resolve_levels(method, available, list(cfg.align.levels))
     if method.levels != "none" and not 1 <= cfg.align.depth <= sc.depth:
         raise ValueError(f"align.depth={cfg.align.depth} must lie in [1, {sc.depth}] (the model's depth)")
-    external = None
-    if method.levels == "external":
+    if method.levels != "external":
+        external = None
+    elif external is not None:
+        external = external.to(device)
+    else:
         if not cfg.prior.external:
             raise ValueError("align.method=repa needs prior.external=dinov2:DIR (an external frozen encoder)")
         external = load_external(cfg.prior.external).to(device)
@@ -111,29 +122,15 @@ def build_parts(cfg: Config, device: torch.device | None = None) -> Parts:
         params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
         **({"fused": True} if device.type == "cuda" else {}),
     )
-    return Parts(cfg, device, autocast_dtype(cfg.train.precision, device), data, encoder, external, levels,
+    if cfg.data.source == "cache":
+        source = open_cache(cfg, encoder, levels, sc.grid, device)
+    else:
+        source = OnTheFly(data, encoder, levels, sc.grid, cfg.data.resolution, device)
+    return Parts(cfg, device, autocast_dtype(cfg.train.precision, device), source, encoder, external, levels,
                  model, ema, aligner, optimizer)
 
 
-@torch.no_grad()
-def compute_stats(parts: Parts, batch_size: int = 64) -> PriorStats:
-    """Latent and level statistics from the first `prior.stats_images` images (no flips)."""
-    n = min(parts.cfg.prior.stats_images, len(parts.data))
+def compute_stats(parts: Parts) -> PriorStats:
+    """Latent and level statistics of the run's data, from a generator of their own."""
     g = generator(parts.cfg.train.seed, stream=STATS_STREAM, device=parts.device)
-    outs = []
-    vae_levels = [l for l in parts.levels if l != "external"]
-    for lo in range(0, n, batch_size):
-        images = prepare_images(parts.data.images[lo : lo + batch_size].to(parts.device), parts.cfg.data.resolution)
-        out = parts.encoder.encode(images, [l for l in vae_levels if l != "latent"])
-        outs.append((out, out.sample(g)))
-    return measure_stats(outs, vae_levels, parts.grid)
-
-
-def prepare_images(images_u8: torch.Tensor, resolution: int, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, R, R] in [0, 1], bicubic-resized if needed, flipped where `flip`."""
-    x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
-    if x.shape[-1] != resolution or x.shape[-2] != resolution:
-        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp_(0, 1)
-    if flip is not None:
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
+    return parts.source.measure_stats(parts.cfg.prior.stats_images, g)

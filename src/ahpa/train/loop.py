@@ -17,10 +17,11 @@ import torch
 from ahpa import config as config_mod
 from ahpa.config import Config
 from ahpa.data.order import batch_indices
-from ahpa.priors.targets import PriorStats, make_targets
+from ahpa.data.batches import PriorBatch
+from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle, export_model, generate
 from ahpa.train import plots
-from ahpa.train.build import Parts, build_parts, compute_stats, prepare_images
+from ahpa.train.build import Parts, build_parts, compute_stats
 from ahpa.train.checkpoint import load_latest, save_checkpoint
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger
@@ -37,14 +38,14 @@ class RunConfigError(ValueError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: Config, run_dir: str | Path, rank: int = 0, world: int = 1, external=None):
         self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), rank, world
         self.path = get_path(cfg.transport.path)
         t = cfg.train
         if t.batch_size % (t.grad_accum * world):
             raise ValueError(f"train.batch_size={t.batch_size} is not divisible by grad_accum x processes = {t.grad_accum * world}")
         self._check_resume_config()
-        self.parts: Parts = build_parts(cfg)
+        self.parts: Parts = build_parts(cfg, external=external)
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = []
@@ -110,14 +111,10 @@ class Trainer:
             "posterior": torch.randn((n, *latent_shape), generator=g, device=dev),
         }
 
-    def _loss(self, images_u8: torch.Tensor, labels: torch.Tensor, d: dict[str, torch.Tensor]):
+    def _loss(self, batch: PriorBatch, d: dict[str, torch.Tensor]):
         p, c = self.parts, self.cfg
-        images = prepare_images(images_u8, c.data.resolution, d["flip"])
-        vae_levels = [l for l in p.levels if l not in ("latent", "external")]
-        out = p.encoder.encode(images, vae_levels)
-        latent = out.mean if out.logvar is None else out.mean + torch.exp(0.5 * out.logvar) * d["posterior"]
-        x = p.stats.latent.apply(latent, channel_dim=1)
-        y = torch.where(d["drop"], torch.full_like(labels, p.model.null_class), labels)
+        x = p.stats.latent.apply(batch.latent, channel_dim=1)
+        y = torch.where(d["drop"], torch.full_like(batch.labels, p.model.null_class), batch.labels)
         x_t = self.path.interpolate(x, d["eps"], d["t"])
         target = self.path.velocity(x, d["eps"], d["t"])
         taps = (c.align.depth,) if p.aligner is not None else ()
@@ -128,9 +125,9 @@ class Trainer:
         loss = flow
         if p.aligner is not None:
             if p.external is not None:
-                targets = [p.external(images, p.grid)]
+                targets = [p.external(batch.images, p.grid)]
             else:
-                targets = make_targets(out, latent, p.levels, p.grid, p.stats)
+                targets = standardise_levels(batch.levels, p.levels, p.stats)
             with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
                 align, extra = p.aligner(hidden[0], targets, d["t"])
             loss = loss + c.align.weight * align
@@ -141,7 +138,7 @@ class Trainer:
     def train_step(self) -> dict[str, torch.Tensor]:
         p, c = self.parts, self.cfg
         step, accum, B = self.step, c.train.grad_accum, c.train.batch_size
-        idx = batch_indices(step, B, len(p.data), c.train.seed)
+        idx = batch_indices(step, B, len(p.source), c.train.seed)
         mc = p.model.cfg
         draws = self._draws(step, B, (mc.in_channels, mc.input_size, mc.input_size))
         per_rank = B // self.world
@@ -155,10 +152,8 @@ class Trainer:
         micro = per_rank // accum
         for a in range(accum):
             sl = slice(lo + a * micro, lo + (a + 1) * micro)
-            sel = idx[sl]
-            images = p.data.images[sel].to(p.device, non_blocking=True)
-            labels = p.data.labels[sel].to(p.device, non_blocking=True)
-            loss, metrics = self._loss(images, labels, {k: v[sl] for k, v in draws.items()})
+            d = {k: v[sl] for k, v in draws.items()}
+            loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d["posterior"]), d)
             (loss / accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v / accum

@@ -29,12 +29,13 @@ def euler(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def heun(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Heun's second-order method; the last step (to t=0) is Euler, as in EDM: 2 * steps - 1 evaluations."""
     ts = time_grid(steps)
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         dt = t_next - t_cur
         v_cur = velocity(x, t_cur)
         x_pred = x + dt * v_cur
-        x = x + dt * 0.5 * (v_cur + velocity(x_pred, t_next))
+        x = x + dt * 0.5 * (v_cur + velocity(x_pred, t_next)) if t_next > 0 else x_pred
     return x
 
 

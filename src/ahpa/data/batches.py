@@ -1,0 +1,74 @@
+"""Where a training batch's latents and prior targets come from.
+
+A source maps global sample indices to a `PriorBatch`: the (sampled, raw) latent, each level's
+map pooled to the token grid (raw, before standardisation) and the labels. `OnTheFly` runs the
+frozen encoder on in-memory images inside the step; a prepared cache (ahpa.data.cache) reads
+the same quantities from disk. Statistics are measured by the source that knows the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ahpa.data.sources import ImageSet
+from ahpa.priors.base import PriorEncoder
+from ahpa.priors.targets import PriorStats, StatsAccumulator, pool_to_grid
+
+
+@dataclass
+class PriorBatch:
+    latent: torch.Tensor  # [B, C, h, w] raw latent (sampled from the posterior where there is one)
+    levels: dict[str, torch.Tensor]  # name -> [B, N, C_k] pooled to the token grid, raw
+    labels: torch.Tensor  # int64 [B]
+    images: torch.Tensor | None = None  # [B, 3, R, R] in [0, 1] (on-the-fly only: REPA needs pixels)
+
+
+def prepare_images(images_u8: torch.Tensor, resolution: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, R, R] in [0, 1], bicubic-resized if needed, flipped where `flip`."""
+    x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp_(0, 1)
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+class OnTheFly:
+    """Encodes in-memory images with the frozen encoder inside the training step."""
+
+    def __init__(self, data: ImageSet, encoder: PriorEncoder, levels: list[str], grid: int, resolution: int, device: torch.device):
+        self.data, self.encoder, self.grid, self.resolution, self.device = data, encoder, grid, resolution, device
+        self.levels = [l for l in levels if l != "external"]
+        self.num_classes = data.num_classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @torch.no_grad()
+    def fetch(self, idx: torch.Tensor, flip: torch.Tensor | None, posterior_noise: torch.Tensor | None) -> PriorBatch:
+        images = prepare_images(self.data.images[idx].to(self.device, non_blocking=True), self.resolution, flip)
+        out = self.encoder.encode(images, [l for l in self.levels if l != "latent"])
+        latent = out.mean
+        if out.logvar is not None and posterior_noise is not None:
+            latent = out.mean + torch.exp(0.5 * out.logvar) * posterior_noise
+        maps = {name: pool_to_grid(latent if name == "latent" else out.features[name], self.grid) for name in self.levels}
+        return PriorBatch(latent, maps, self.data.labels[idx].to(self.device, non_blocking=True), images)
+
+    @torch.no_grad()
+    def measure_stats(self, num_images: int, generator: torch.Generator, batch_size: int = 64) -> PriorStats:
+        """Latent statistics per channel and level statistics after pooling, on the first images (no flips)."""
+        lat, acc = StatsAccumulator(), {name: StatsAccumulator() for name in self.levels}
+        n = min(num_images, len(self))
+        c, f = self.encoder.latent_channels, self.encoder.factor
+        for lo in range(0, n, batch_size):
+            idx = torch.arange(lo, min(lo + batch_size, n))
+            side = self.resolution // f
+            noise = torch.randn((len(idx), c, side, side), generator=generator, device=self.device)
+            b = self.fetch(idx, None, noise)
+            lat.update(b.latent, channel_dim=1)
+            for name in self.levels:
+                acc[name].update(b.levels[name], channel_dim=2)
+        return PriorStats(lat.result(), {name: a.result() for name, a in acc.items()})

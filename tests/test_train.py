@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ahpa import config
+from ahpa.models.sit import SiT
+from ahpa.priors.external import ExternalEncoder
+from ahpa.train.loop import RunConfigError, Trainer
+
+
+class PatchTokens(nn.Module):
+    """A stand-in external encoder: 4x4 patches of a 16x16 resize -> 16 tokens of 12 channels."""
+
+    def forward(self, x):
+        x = torch.nn.functional.interpolate(x, size=16)
+        return x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], 16, -1)[..., :12]
+
+
+def tiny_external():
+    return ExternalEncoder(PatchTokens(), channels=12, input_size=16)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("none", []), ("vae-latent", []), ("vae-level", ["align.levels=[stage2]"]), ("multi-uniform", []),
+    ("ahpa", []), ("ahpa", ["align.router=snr"]), ("ahpa", ["align.router=topk"]), ("repa", []),
+])
+def test_each_method_loss_is_finite_and_falls_on_a_fixed_batch(tmp_path, tiny, method, extra):
+    cfg = tiny(f"align.method={method}", "train.lr=0.003", *extra)
+    tr = Trainer(cfg, tmp_path / "run", external=tiny_external() if method == "repa" else None)
+    p = tr.parts
+    idx = torch.arange(8)
+    draws = tr._draws(0, 8, (p.model.cfg.in_channels, p.model.cfg.input_size, p.model.cfg.input_size))
+    key = "loss/flow" if method == "none" else "loss/align"
+    history = []
+    for _ in range(25):
+        loss, metrics = tr._loss(p.source.fetch(idx, draws["flip"], draws["posterior"]), draws)
+        assert torch.isfinite(loss)
+        history.append(metrics[key].item())
+        p.optimizer.zero_grad()
+        loss.backward()
+        p.optimizer.step()
+    assert history[-1] < 0.9 * history[0], history
+
+
+def test_resume_three_plus_three_equals_six_bitwise(tmp_path, tiny):
+    straight = Trainer(tiny("train.steps=6"), tmp_path / "a")
+    straight.run()
+    first = Trainer(tiny("train.steps=3"), tmp_path / "b")
+    first.run()
+    second = Trainer(tiny("train.steps=6"), tmp_path / "b")
+    assert second.step == 3 and "resumed from step 3" in second.messages
+    second.run()
+    for name in ("model", "ema", "aligner"):
+        a, b = getattr(straight.parts, name).state_dict(), getattr(second.parts, name).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}.{k} differs after resume"
+    rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_other_settings_but_allows_run_length(tmp_path, tiny):
+    Trainer(tiny("train.steps=2"), tmp_path / "r").run()
+    with pytest.raises(RunConfigError, match="train.lr"):
+        Trainer(tiny("train.steps=4", "train.lr=0.5"), tmp_path / "r")
+    Trainer(tiny("train.steps=3", "train.log_every=2"), tmp_path / "r").run()
+
+
+def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
+    tr = Trainer(tiny("train.steps=2", "train.sample_every=2"), tmp_path / "r")
+    tr.run()
+    run = tmp_path / "r"
+    for name in ("config.yaml", "metrics.jsonl", "router.png", "losses.png", "samples.png", "model.safetensors", "DONE"):
+        assert (run / name).exists(), name
+    assert any((run / "tb").iterdir())
+    exported = load_file(str(run / "model.safetensors"))
+    vanilla = SiT(tr.parts.model.cfg)
+    assert sum(v.numel() for v in exported.values()) == vanilla.num_params()
+    assert set(exported) == set(vanilla.state_dict())
+    assert tr.parts.aligner is not None and tr.parts.aligner.projector.flops_per_token() > 0
+
+
+def test_config_errors_name_the_valid_choices(tiny):
+    with pytest.raises(config.ConfigError, match="valid keys in train"):
+        tiny("train.stpes=3")
+    with pytest.raises(config.ConfigError, match="valid values: none, repa"):
+        tiny("align.method=sra")
+    with pytest.raises(config.ConfigError, match="must be an integer"):
+        tiny("train.steps=many")
+    with pytest.raises(config.ConfigError, match="valid values: euler, heun"):
+        tiny("sample.solver=ddim")
+
+
+def test_bad_sizes_and_paths(tmp_path, tiny):
+    with pytest.raises(ValueError, match="not divisible by the VAE factor 4"):
+        Trainer(tiny("data.resolution=18"), tmp_path / "a")
+    with pytest.raises(ValueError, match="not divisible by patch size 2"):
+        Trainer(tiny("data.resolution=12", "model.preset=S/2"), tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="/no/such/vae"):
+        Trainer(tiny("prior.encoder=ahpa-vae:/no/such/vae"), tmp_path / "c")
+    with pytest.raises(ValueError, match="valid kinds"):
+        Trainer(tiny("prior.encoder=sdvae:/x"), tmp_path / "d")
+    assert not (tmp_path / "a" / "DONE").exists()

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from ahpa.transport.guidance import fixed_batch, guided_velocity
+from ahpa.transport.path import PATHS, get_path
+from ahpa.transport.solvers import euler, heun, solve
+from ahpa.transport.timesteps import sample_t
+
+
+@pytest.mark.parametrize("name", list(PATHS))
+def test_velocity_is_the_time_derivative(name):
+    path = PATHS[name]
+    x, eps = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64).requires_grad_(True)
+    x_t = path.interpolate(x, eps, t)
+    grad = torch.autograd.grad(x_t.sum(dim=(1, 2, 3)).sum(), t)[0]  # sum over dims: d/dt per sample
+    assert torch.allclose(grad, path.velocity(x, eps, t).sum(dim=(1, 2, 3)), atol=1e-10)
+    # endpoints: t=0 data, t=1 noise
+    assert torch.allclose(path.interpolate(x, eps, torch.zeros(5, dtype=torch.float64)), x)
+    assert torch.allclose(path.interpolate(x, eps, torch.ones(5, dtype=torch.float64)), eps, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(PATHS))
+def test_predictions_invert_the_path(name):
+    path = PATHS[name]
+    x, eps = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    t = torch.rand(4, dtype=torch.float64) * 0.9 + 0.05
+    x0, e = path.predictions(path.interpolate(x, eps, t), path.velocity(x, eps, t), t)
+    assert torch.allclose(x0, x) and torch.allclose(e, eps)
+
+
+def test_time_samplers():
+    g = torch.Generator().manual_seed(0)
+    for kind in ("uniform", "logit-normal"):
+        t = sample_t(10000, kind, g)
+        assert t.min() >= 0 and t.max() <= 1
+    assert abs(sample_t(20000, "logit-normal", g).mean() - 0.5) < 0.01
+    with pytest.raises(ValueError, match="valid"):
+        sample_t(3, "beta", g)
+
+
+def test_solvers_transport_a_point_mass_exactly():
+    # data = constant c: the exact velocity field on the linear path is v(x, t) = (x - c) / t
+    c = torch.full((3, 2), 0.7, dtype=torch.float64)
+    noise = torch.randn(3, 2, dtype=torch.float64)
+    vel = lambda x, t: (x - c) / t
+    for solver in (euler, heun):
+        assert torch.allclose(solver(vel, noise, 10), c, atol=1e-9)
+
+
+def test_euler_maruyama_marginals_match_for_a_gaussian():
+    # data ~ N(0, s^2): x_t ~ N(0, (1-t)^2 s^2 + t^2), exact velocity is linear in x
+    s, path = 0.5, get_path("linear")
+    var = lambda t: (1 - t) ** 2 * s**2 + t**2
+    vel = lambda x, t: x * ((t - (1 - t) * s**2) / var(t))
+    n, steps = 20000, 100
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 1, dtype=torch.float64, generator=g)
+    noise = torch.randn(steps - 1, n, 1, dtype=torch.float64, generator=g)
+    out = solve("euler-maruyama", vel, x, steps, path, noise)
+    assert abs(out.std().item() - s) < 0.02
+    with pytest.raises(ValueError, match="valid samplers"):
+        solve("ddim", vel, x, steps, path)
+
+
+def test_cfg_scale_one_is_the_conditional_output():
+    fn = lambda x, t, y: x * (y.float()[:, None] + 1) + t[:, None]
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    assert torch.equal(guided_velocity(fn, x, 0.5, y, null_class=3, scale=1.0, micro_batch=4), fn(x, torch.full((5,), 0.5), y))
+    guided = guided_velocity(fn, x, 0.5, y, null_class=3, scale=2.0, micro_batch=4)
+    cond, uncond = fn(x, torch.full((5,), 0.5), y), fn(x, torch.full((5,), 0.5), torch.full_like(y, 3))
+    assert torch.allclose(guided, uncond + 2 * (cond - uncond))
+    # outside the guidance interval only the conditional branch runs
+    assert torch.equal(guided_velocity(fn, x, 0.9, y, 3, 2.0, (0.0, 0.7), 4), fn(x, torch.full((5,), 0.9), y))
+
+
+def test_fixed_batch_pads_and_drops():
+    calls = []
+    fn = lambda x, t, y: (calls.append(x.shape[0]), x * 2)[1]
+    x = torch.randn(10, 2)
+    assert torch.equal(fixed_batch(fn, x, torch.zeros(10), torch.zeros(10, dtype=torch.long), 4), x * 2)
+    assert calls == [4, 4, 4]

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+
+from ahpa.cli import main
+from ahpa.config import SampleCfg
+from ahpa.sample import iter_samples, load_export, write_npz
+from ahpa.train.loop import Trainer
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from ahpa import config
+    from tests.conftest import TINY
+
+    run = tmp_path_factory.mktemp("sample") / "run"
+    Trainer(config.load(None, [*TINY, "train.steps=2"]), run).run()
+    return run
+
+
+def collect(bundle, n, batch, cfg, seed=0):
+    parts = [(imgs.numpy(), ys.numpy()) for _, imgs, ys in iter_samples(bundle, 0, n, seed, batch, cfg)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "euler-maruyama"])
+def test_samples_do_not_depend_on_batch_size(run_dir, solver):
+    bundle = load_export(run_dir / "model.safetensors", torch.device("cpu"))
+    cfg = SampleCfg(solver=solver, steps=4, cfg_scale=1.5, micro_batch=8)
+    a, la = collect(bundle, 13, 7, cfg)
+    b, lb = collect(bundle, 13, 16, cfg)
+    assert a.dtype == np.uint8 and a.shape == (13, 16, 16, 3)
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    assert np.array_equal(la, np.arange(13) % bundle.num_classes)  # class-balanced labels
+    c, _ = collect(bundle, 13, 16, cfg, seed=1)
+    assert not np.array_equal(a, c)
+
+
+def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path):
+    common = ["--num", "9", "--steps", "3", "--micro-batch", "8", "--batch", "5"]
+    assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common]) == 0
+    assert main(["sample", "--model", str(run_dir / "model.safetensors"), "--out", str(tmp_path / "b.npz"), *common]) == 0
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert a["arr_0"].shape == (9, 16, 16, 3) and a["arr_1"].dtype == np.int64
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_bad_sample_inputs(tmp_path, capsys):
+    assert main(["sample", "--model", str(tmp_path / "none.safetensors"), "--num", "2", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\.npz"):
+        write_npz(tmp_path / "x.png", np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1))
+    assert not (tmp_path / "x.npz").exists()

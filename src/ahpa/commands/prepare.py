@@ -70,8 +70,8 @@ def run(args) -> int:
         if bar is None:
             bar = tqdm(total=p.items_total, desc=f"prepare{f' [rank {rank}]' if world > 1 else ''}", unit="img",
                        dynamic_ncols=True, position=rank, smoothing=0.05)
-        bar.update(p.items_done - bar.n)
-        bar.set_postfix(shards=f"{p.shards_done}/{p.shards_total}", skipped=p.skipped)
+        bar.set_postfix(shards=f"{p.shards_done}/{p.shards_total}", skipped=p.skipped, refresh=False)
+        bar.update(p.items_done - bar.n)  # redraws (rate-limited by tqdm) with the new postfix
 
     try:
         result = prepare(opts, on_progress, barrier)

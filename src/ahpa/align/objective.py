@@ -12,6 +12,7 @@ from ahpa.align.loss import cosine_loss, entropy, router_objective, smooth_l1_lo
 from ahpa.align.projector import Projector
 from ahpa.align.router import Router
 from ahpa.config import AlignCfg
+from ahpa.train.distributed import all_reduce_mean_
 
 
 class Aligner(nn.Module):
@@ -51,7 +52,8 @@ class Aligner(nn.Module):
         loss = (weights.detach() * losses).sum(dim=1).mean()
         weighted = loss.detach()
         if self.training:
-            self._update_running(losses.detach().mean(dim=0))
+            # every process keeps the same running statistics: the mean over the global batch
+            self._update_running(all_reduce_mean_(losses.detach().mean(dim=0)))
         if self.router.learned:
             running = self.running_loss if self.normalize else None
             loss = loss + router_objective(weights, losses, running, self.entropy_weight)

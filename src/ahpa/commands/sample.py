@@ -10,7 +10,8 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (uses the EMA weights of its latest checkpoint)")
     src.add_argument("--model", help="exported model file (.safetensors)")
-    p.add_argument("--num", type=int, required=True)
+    # --num-samples: the same; under torchrun `--num` collides with its own --numa-binding option
+    p.add_argument("--num", "--num-samples", dest="num", type=int, required=True)
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="samples per iteration (the file does not depend on it)")
@@ -25,30 +26,33 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
-
     from ahpa.config import SampleCfg
-    from ahpa.sample import iter_samples, load_export, write_npz
+    from ahpa.sample import load_export
+    from ahpa.sample_writer import write_samples
     from ahpa.train.build import autocast_dtype, resolve_device
+    from ahpa.train.distributed import device_for, init_from_env, shutdown
 
-    device = resolve_device(args.device)
-    if args.run:
-        from ahpa.train.resume import trainer_from_run
-
-        bundle = trainer_from_run(args.run, device=str(device)).sampler_bundle()
-    else:
-        bundle = load_export(args.model, device)
-        bundle.autocast_dtype = autocast_dtype("auto", device)
     if args.num <= 0:
         raise ValueError("--num must be positive")
-    cfg = SampleCfg(solver=args.solver, steps=args.steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                    guidance_high=args.guidance_high, micro_batch=args.micro_batch)
-    images, labels = [], []
-    with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True) as bar:
-        for _, imgs, ys in iter_samples(bundle, 0, args.num, args.seed, args.batch, cfg):
-            images.append(imgs.numpy())
-            labels.append(ys.numpy())
-            bar.update(len(imgs))
-    path = write_npz(args.out, np.concatenate(images), np.concatenate(labels))
-    print(f"wrote {args.num} samples to {path}")
-    return 0
+    d = init_from_env(args.device)
+    try:
+        device = resolve_device(device_for(args.device, d))
+        if args.run:
+            from ahpa.train.resume import trainer_from_run
+
+            trainer = trainer_from_run(args.run, device=str(device))
+            bundle, identity = trainer.sampler_bundle(), {"run": str(args.run), "step": trainer.step}
+        else:
+            bundle = load_export(args.model, device)
+            bundle.autocast_dtype = autocast_dtype("auto", device)
+            identity = {"model": str(args.model)}
+        cfg = SampleCfg(solver=args.solver, steps=args.steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                        guidance_high=args.guidance_high, micro_batch=args.micro_batch)
+        with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main) as bar:
+            path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
+                                 on_progress=lambda n: bar.update(n * d.world))
+        if d.is_main:
+            print(f"wrote {args.num} samples to {path}")
+        return 0
+    finally:
+        shutdown()

@@ -1,14 +1,19 @@
-"""ahpa train --config FILE.yaml --out RUN_DIR [section.key=value ...]"""
+"""ahpa train --config FILE.yaml --out RUN_DIR [section.key=value ...]
+
+Rerunning the same command resumes. Under torchrun every process runs this command (DDP).
+SIGTERM / SIGINT save a checkpoint and exit cleanly (exit code 143 / 130); rerun to resume.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from tqdm import tqdm
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a SiT (rerun the same command to resume)")
+    p = sub.add_parser("train", help="train a SiT (rerun the same command to resume; torchrun for several GPUs)")
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--out", required=True, help="run directory (config, checkpoints, logs, plots)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=1000")
@@ -17,22 +22,46 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ahpa import config
+    from ahpa.train.distributed import device_for, init_from_env, shutdown
     from ahpa.train.loop import Trainer
 
     cfg = config.load(args.config, args.overrides)
-    trainer = Trainer(cfg, args.out)
-    for msg in trainer.messages:
-        print(msg, file=sys.stderr)
-    bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True)
+    d = init_from_env(cfg.train.device)
+    cfg.train.device = device_for(cfg.train.device, d)
+    received: list[int] = []
 
-    def on_log(step: int, row: dict) -> None:
-        bar.update(step - bar.n)
-        post = {"flow": f"{row['loss/flow']:.4f}", "img/s": f"{row['img_per_s']:.0f}"}
-        if "loss/align" in row:
-            post["align"] = f"{row['loss/align']:.4f}"
-        bar.set_postfix(post)
+    def on_signal(signum, _frame):  # finish the step, save, exit: schedulers send SIGTERM before a kill
+        received.append(signum)
 
-    trainer.run(on_log)
-    bar.close()
-    print(f"run complete: {args.out} (model.safetensors, samples.png, router.png, losses.png, metrics.jsonl, tb/)")
-    return 0
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        trainer = Trainer(cfg, args.out)
+        if d.is_main:
+            for msg in trainer.messages:
+                print(msg, file=sys.stderr)
+        bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not d.is_main)
+
+        def on_log(step: int, row: dict) -> None:
+            bar.update(step - bar.n)
+            post = {"flow": f"{row['loss/flow']:.4f}", "img/s": f"{row['img_per_s']:.0f}"}
+            if "loss/align" in row:
+                post["align"] = f"{row['loss/align']:.4f}"
+            if row.get("bad_steps"):
+                post["skipped"] = row["bad_steps"]
+            bar.set_postfix(post)
+
+        result = trainer.run(on_log, should_stop=lambda: bool(received))
+        bar.close()
+        if result.get("stopped"):
+            if d.is_main:
+                print(f"stopped by signal at step {result['step']}; checkpoint saved in {args.out}. "
+                      f"Rerun the same command to resume.", file=sys.stderr)
+            return 128 + received[0]
+        if d.is_main:
+            print(f"run complete: {args.out} (model.safetensors, samples.png, router.png, losses.png, metrics.jsonl, tb/)")
+        return 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        shutdown()

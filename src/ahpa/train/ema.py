@@ -15,8 +15,15 @@ def ema_decay(num_updates: int, decay: float, warmup: bool) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, one fused foreach call over all parameters."""
-    ema_params = [p for p in ema.parameters()]
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, keep: torch.Tensor | None = None) -> None:
+    """ema <- ema + w * (model - ema) with w = 1 - decay, as foreach calls over all parameters.
+
+    `keep` (a 0-dim tensor, 1 = skipped step) zeroes w without a host sync.
+    """
+    ema_params = list(ema.parameters())
+    diff = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
+    weight = torch.tensor(1.0 - decay, device=ema_params[0].device)
+    if keep is not None:
+        weight = weight * (1 - keep.to(weight.device, weight.dtype))
+    torch._foreach_mul_(diff, weight)
+    torch._foreach_add_(ema_params, diff)

@@ -7,12 +7,14 @@ and running statistics), optimiser and prior statistics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ahpa import config as config_mod
 from ahpa.config import Config
@@ -23,6 +25,7 @@ from ahpa.sample import SamplerBundle, export_model, generate
 from ahpa.train import plots
 from ahpa.train.build import Parts, build_parts, compute_stats
 from ahpa.train.checkpoint import load_latest, save_checkpoint
+from ahpa.train.distributed import all_reduce_mean_, current
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger
 from ahpa.train.rng import generator
@@ -37,19 +40,41 @@ class RunConfigError(ValueError):
     pass
 
 
+class TooManyBadSteps(FloatingPointError):
+    pass
+
+
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, rank: int = 0, world: int = 1, external=None):
-        self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), rank, world
+    """One training run. Under torchrun (process group initialised) it trains with DDP: each
+    process takes its slice of the same global batch, so 2 processes x b equal 1 process x 2b."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, external=None):
+        d = current()
+        self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), d.rank, d.world
         self.path = get_path(cfg.transport.path)
         t = cfg.train
-        if t.batch_size % (t.grad_accum * world):
-            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by grad_accum x processes = {t.grad_accum * world}")
+        if t.batch_size % (t.grad_accum * self.world):
+            raise ValueError(
+                f"train.batch_size={t.batch_size} is not divisible by grad_accum x processes = {t.grad_accum * self.world}"
+            )
         self._check_resume_config()
         self.parts: Parts = build_parts(cfg, external=external)
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = []
         self._load()
+        p = self.parts
+        # the fused AdamW skips a step whose gradients are not finite without a host sync (found_inf)
+        self.bad_total = torch.zeros((), device=p.device)
+        self.bad_run = torch.zeros((), device=p.device)
+        self.net, self.align_net = p.model, p.aligner
+        if self.world > 1:
+            ids = [p.device.index] if p.device.type == "cuda" else None
+            self.net = DDP(p.model, device_ids=ids)
+            if p.aligner is not None and any(q.requires_grad for q in p.aligner.parameters()):
+                self.align_net = DDP(p.aligner, device_ids=ids)
+        if t.compile:
+            self.net = torch.compile(self.net)
 
     # ---- set-up and resume ----
     def _check_resume_config(self) -> None:
@@ -119,7 +144,7 @@ class Trainer:
         target = self.path.velocity(x, d["eps"], d["t"])
         taps = (c.align.depth,) if p.aligner is not None else ()
         with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
-            pred, hidden = p.model(x_t, d["t"], y, taps)
+            pred, hidden = self.net(x_t, d["t"], y, taps)
         flow = (pred.float() - target).pow(2).mean()
         metrics = {"loss/flow": flow.detach()}
         loss = flow
@@ -129,7 +154,7 @@ class Trainer:
             else:
                 targets = standardise_levels(batch.levels, p.levels, p.stats)
             with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
-                align, extra = p.aligner(hidden[0], targets, d["t"])
+                align, extra = self.align_net(hidden[0], targets, d["t"])
             loss = loss + c.align.weight * align
             metrics["loss/align"] = c.align.weight * extra.pop("align/weighted")
             metrics.update(extra)
@@ -153,18 +178,37 @@ class Trainer:
         for a in range(accum):
             sl = slice(lo + a * micro, lo + (a + 1) * micro)
             d = {k: v[sl] for k, v in draws.items()}
-            loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d["posterior"]), d)
-            (loss / accum).backward()
+            with self._no_sync(last=a == accum - 1):
+                loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d["posterior"]), d)
+                (loss / accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(p.trainable(), c.train.grad_clip if c.train.grad_clip > 0 else float("inf"))
-        totals["grad_norm"] = grad_norm.detach()
+        # a non-finite loss or gradient: skip the optimiser and EMA updates, count it (no host sync)
+        found_inf = (~torch.isfinite(grad_norm)).float()
+        p.optimizer.found_inf, p.optimizer.grad_scale = found_inf, None
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
-        ema_update(p.ema, p.model, ema_decay(self.ema_updates, c.train.ema_decay, c.train.ema_warmup))
+        ema_update(p.ema, p.model, ema_decay(self.ema_updates, c.train.ema_decay, c.train.ema_warmup), keep=found_inf)
+        self.bad_total += found_inf
+        self.bad_run = (self.bad_run + found_inf) * found_inf
+        totals["grad_norm"] = grad_norm.detach()
+        # a skipped step's metrics are dropped from the averages (masked, not branched on)
+        totals = {k: torch.where(found_inf > 0, torch.zeros_like(v), v) for k, v in totals.items()}
+        totals["good_steps"] = 1 - found_inf
         self.ema_updates += 1
         self.step += 1
         return totals
+
+    def _no_sync(self, last: bool):
+        """DDP reduces gradients on the last accumulation micro-step only."""
+        if last or self.world == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for net in (self.net, self.align_net):
+            if isinstance(net, DDP):
+                stack.enter_context(net.no_sync())
+        return stack
 
     # ---- outputs ----
     def sampler_bundle(self, use_ema: bool = True) -> SamplerBundle:
@@ -202,45 +246,85 @@ class Trainer:
                             self.cfg.transport.path, self.cfg.data.resolution)
 
     # ---- the loop ----
-    def run(self, on_log: Callable[[int, dict], None] | None = None) -> dict:
+    def _stop_agreed(self, should_stop: Callable[[], bool] | None) -> bool:
+        """Whether to stop now; under DDP all processes must agree (checked every 10 steps)."""
+        if should_stop is None:
+            return False
+        if self.world == 1:
+            return should_stop()
+        if self.step % 10:
+            return False
+        flag = torch.tensor(float(should_stop()), device=self.parts.device)
+        return all_reduce_mean_(flag).item() > 0
+
+    def _log_row(self, sums: dict[str, torch.Tensor], count: int, t0: float) -> dict:
         c = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_mod.dump(c))
-        logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
+        good = sums.pop("good_steps")
+        flat = torch.cat([v.reshape(-1).float() for v in sums.values()] + [good.reshape(1).float()])
+        all_reduce_mean_(flat)  # one collective per log line
+        values = flat.tolist()  # the only host sync of the loop: once per log line
+        row, at = {}, 0
+        n_good = max(values[-1], 1e-9)
+        for k, v in sums.items():
+            n = v.numel()
+            avg = [x / n_good for x in values[at : at + n]]
+            row[k] = avg if v.ndim else avg[0]
+            at += n
+        skipped = count - round(values[-1])
+        row.update(images=self.step * c.train.batch_size, lr=self._lr(self.step - 1),
+                   img_per_s=count * c.train.batch_size / max(time.perf_counter() - t0, 1e-9),
+                   level_names=self.parts.levels, bad_steps=int(self.bad_total.item()), skipped_in_window=skipped)
+        return row
+
+    def run(self, on_log: Callable[[int, dict], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> dict:
+        """Trains to train.steps. Returns the last log row, with "stopped": True when `should_stop`
+        asked for an early, clean exit (a checkpoint is saved first: rerun to resume)."""
+        c = self.cfg
+        main = self.rank == 0
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_mod.dump(c))
+        logger = MetricsLogger(self.run_dir) if main else None
         if logger is not None:
             logger.truncate_after(self.step)
         sums: dict[str, torch.Tensor] = {}
         count, t0, last = 0, time.perf_counter(), {}
-        names = self.parts.levels
-        while self.step < c.train.steps:
-            metrics = self.train_step()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v
-            count += 1
-            done = self.step == c.train.steps
-            if self.step % c.train.log_every == 0 or done:
-                row = {k: (v / count).tolist() for k, v in sums.items()}  # the only host sync: once per log
-                bad = [k for k, v in row.items() if not torch.isfinite(torch.tensor(v)).all()]
-                if bad:
-                    raise FloatingPointError(f"non-finite {bad} at step {self.step}; lower train.lr or check the data")
-                dt = time.perf_counter() - t0
-                row.update(images=self.step * c.train.batch_size, lr=self._lr(self.step - 1),
-                           img_per_s=count * c.train.batch_size / max(dt, 1e-9), level_names=names)
-                if logger is not None:
-                    logger.log(self.step, row)
-                if on_log is not None:
-                    on_log(self.step, row)
-                sums, count, t0, last = {}, 0, time.perf_counter(), row
-            if self.rank == 0 and (self.step % c.train.ckpt_every == 0 or done):
-                self.save()
-                self.write_router_plot()
-            if self.rank == 0 and c.train.sample_every and (self.step % c.train.sample_every == 0 or done):
-                self.write_samples()
-        if self.rank == 0:
-            if (self.run_dir / "metrics.jsonl").exists():
-                plots.loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png", names)
-            self.export()
-            (self.run_dir / "DONE").write_text(json.dumps({"step": self.step}) + "\n")
-        if logger is not None:
-            logger.close()
+        try:
+            while self.step < c.train.steps:
+                metrics = self.train_step()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v
+                count += 1
+                done = self.step == c.train.steps
+                if self.step % c.train.log_every == 0 or done:
+                    last = self._log_row(sums, count, t0)
+                    if self.bad_run.item() >= c.train.max_bad_steps:
+                        raise TooManyBadSteps(
+                            f"{int(self.bad_run.item())} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                            f"they were skipped and no checkpoint was written over the last good one. Try a lower "
+                            f"train.lr, a smaller train.grad_clip, train.precision=fp32, or check the data."
+                        )
+                    if logger is not None:
+                        logger.log(self.step, last)
+                    if on_log is not None:
+                        on_log(self.step, last)
+                    sums, count, t0 = {}, 0, time.perf_counter()
+                if main and (self.step % c.train.ckpt_every == 0 or done):
+                    self.save()
+                    self.write_router_plot()
+                if main and c.train.sample_every and (self.step % c.train.sample_every == 0 or done):
+                    self.write_samples()
+                if not done and self._stop_agreed(should_stop):
+                    if main:
+                        self.save()
+                    return {**last, "stopped": True, "step": self.step}
+            if main:
+                if (self.run_dir / "metrics.jsonl").exists():
+                    plots.loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png", self.parts.levels)
+                self.export()
+                (self.run_dir / "DONE").write_text(json.dumps({"step": self.step}) + "\n")
+        finally:
+            if logger is not None:
+                logger.close()
         return last

@@ -1,0 +1,98 @@
+"""Writing many samples to one ADM `.npz`: resumable after a kill, split across processes.
+
+Batch b (samples [b*B, (b+1)*B)) goes to process b mod world and is stored as its own chunk in
+`OUT.parts/` (written atomically). When every chunk exists, the main process concatenates them in
+index order into OUT (atomically) and removes the parts. A rerun skips the chunks already there,
+so a killed job loses at most one batch, and OUT never exists unless it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ahpa.config import SampleCfg
+from ahpa.sample import SamplerBundle, iter_samples, write_npz
+from ahpa.train.distributed import barrier, current
+
+
+class SampleSettingsError(ValueError):
+    pass
+
+
+def _chunk_path(parts: Path, lo: int) -> Path:
+    return parts / f"chunk_{lo:010d}.npz"
+
+
+def _save_chunk(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, images=images, labels=labels)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _chunk_ok(path: Path, n: int) -> bool:
+    try:
+        with np.load(path) as f:
+            return f["images"].shape[0] == n and f["labels"].shape[0] == n
+    except Exception:  # a torn or foreign file is simply redone
+        return False
+
+
+def write_samples(
+    bundle: SamplerBundle, out: str | Path, num: int, seed: int, batch: int, cfg: SampleCfg,
+    identity: dict, on_progress: Callable[[int], None] | None = None,
+) -> Path | None:
+    """Generate samples [0, num) into `out`. Returns the path on the main process (None elsewhere).
+
+    `identity` names what produced the samples (model file or run and step); with the sampler
+    settings it must match a previous partial attempt, else the error names the differing field.
+    """
+    d = current()
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise ValueError(f"sample output {str(out)!r} must end in .npz")
+    parts = out.with_name(out.name + ".parts")
+    settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
+    settings.pop("grid_images", None)
+    if d.is_main:
+        parts.mkdir(parents=True, exist_ok=True)
+        saved_file = parts / "settings.json"
+        if saved_file.exists():
+            saved = json.loads(saved_file.read_text())
+            diff = [f"{k}: partial has {saved.get(k)!r}, command gives {v!r}" for k, v in settings.items() if saved.get(k) != v]
+            if diff:
+                raise SampleSettingsError(
+                    f"{parts} holds a partial sampling run with other settings ({'; '.join(diff)}); "
+                    f"delete it or rerun with the same settings"
+                )
+        else:
+            saved_file.write_text(json.dumps(settings, indent=1))
+    barrier()
+    starts = list(range(0, num, batch))
+    mine = [lo for i, lo in enumerate(starts) if i % d.world == d.rank]
+    for lo in mine:
+        n = min(batch, num - lo)
+        path = _chunk_path(parts, lo)
+        if not _chunk_ok(path, n):
+            for _, images, labels in iter_samples(bundle, lo, lo + n, seed, n, cfg):
+                _save_chunk(path, images.numpy(), labels.numpy())
+        if on_progress is not None:
+            on_progress(n)
+    barrier()
+    if not d.is_main:
+        return None
+    images, labels = [], []
+    for lo in starts:
+        with np.load(_chunk_path(parts, lo)) as f:
+            images.append(f["images"])
+            labels.append(f["labels"])
+    path = write_npz(out, np.concatenate(images), np.concatenate(labels))
+    shutil.rmtree(parts)
+    return path

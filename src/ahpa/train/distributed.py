@@ -1,0 +1,73 @@
+"""torch.distributed set-up from torchrun's environment, and the few collectives training needs.
+
+Launch with `torchrun --nproc_per_node N -m ahpa.cli train ...` (or the `ahpa` script). NCCL on
+CUDA, gloo on CPU. A single process without torchrun runs with world size 1 and no process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device_kind: str = "auto") -> Dist:
+    """Joins the process group when torchrun set WORLD_SIZE > 1; returns this process's place."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_kind in ("auto", "cuda")
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local)
+
+
+def current() -> Dist:
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist()
+
+
+def device_for(spec: str, d: Dist) -> str:
+    """Under torchrun each process takes its own GPU (cuda:LOCAL_RANK)."""
+    if d.enabled and spec in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{d.local_rank}"
+    return spec
+
+
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """In place mean over processes (no-op in a single process). Asynchronous on GPU: no host sync."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

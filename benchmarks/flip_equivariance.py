@@ -30,8 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=64)
     args = p.parse_args(argv)
 
-    from ahpa.data.listing import ItemDataset, list_source
-    from ahpa.data.prepare import assemble
+    from ahpa.data.listing import ItemDataset, assemble, list_source
     from ahpa.data.tokens import flip_tokens
     from ahpa.priors.registry import load_encoder
     from ahpa.priors.targets import pool_to_grid

@@ -49,8 +49,7 @@ def build_encoder(args, device):
 
 def load_batches(args, device: torch.device) -> list[torch.Tensor]:
     """The first `num` images exactly as prepare feeds them to the encoder (decoded, cropped/upsampled)."""
-    from ahpa.data.listing import ItemDataset, list_source
-    from ahpa.data.prepare import assemble
+    from ahpa.data.listing import ItemDataset, assemble, list_source
 
     items = ItemDataset(list_source(args.images, limit=args.num), args.resolution)
     good = [it for it in (items[i] for i in range(len(items))) if it.image is not None]

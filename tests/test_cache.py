@@ -226,3 +226,31 @@ def test_killed_process_resumes_to_identical_files(reference_cache, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stderr
     assert _files(out) == _files(reference_cache)
+
+
+def test_channel_reduction_stores_pca_coefficients_and_rebuilds_channels(taef2, reference_cache, tmp_path):
+    out = tmp_path / "pca"
+    prepare(_opts(out, limit=24, reduce=16, reduce_images=16), encoder=taef2)
+    m = read_manifest(out)
+    assert m["fields"]["level.stage1"]["shape"] == [64, 16] and m["fields"]["latent_mean"]["shape"] == [32, 8, 8]
+    assert (out / "reduce.safetensors").is_file() and m["reduce"]["dim"] == 16
+    kept = m["reduce"]["variance_kept"]
+    assert set(kept) == {"stage1", "stage2", "stage3", "stage4"} and all(0.5 < k <= 1 for k in kept.values())
+    names = ["stage1", "stage4", "latent"]
+    reduced = CacheSource(out, m, names, 8, torch.device("cpu"))
+    full = CacheSource(reference_cache, read_manifest(reference_cache), names, 8, torch.device("cpu"))
+    idx = torch.arange(24)
+    a, b = reduced.fetch(idx, None, None), full.fetch(idx, None, None)
+    assert torch.equal(a.latent, b.latent)  # the latent is never reduced
+    for name in ("stage1", "stage4"):
+        assert a.levels[name].shape == b.levels[name].shape == (24, 64, 64)  # the aligner still sees 64 channels
+        mean, std = b.levels[name].mean((0, 1)), b.levels[name].std((0, 1))  # the loss sees standardised tokens
+        err = (((a.levels[name] - b.levels[name]) / std).norm() / ((b.levels[name] - mean) / std).norm()) ** 2
+        assert err < 1.5 * (1 - kept[name]) + 0.02, (name, float(err), kept[name])
+    stats = reduced.measure_stats(0, torch.Generator())  # measured on the rebuilt tokens, as training reads them
+    for name in ("stage1", "stage4"):
+        assert torch.allclose(stats.levels[name].mean, a.levels[name].mean((0, 1)), atol=1e-3)
+        assert torch.allclose(stats.levels[name].std, a.levels[name].std((0, 1), unbiased=False), rtol=1e-3, atol=1e-4)
+    assert prepare(_opts(out, limit=24, reduce=16, reduce_images=16), encoder=taef2).noop
+    with pytest.raises(PrepareError, match="reduce: cache has"):
+        prepare(_opts(out, limit=24, reduce=8, reduce_images=16), encoder=taef2)

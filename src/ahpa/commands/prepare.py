@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--shard-size", type=int, default=4096, help="source items per shard (the unit of resume)")
     p.add_argument("--labels", default="auto", help="auto | folders | none (how a folder gives labels)")
     p.add_argument("--limit", type=int, default=0, help="only the first N source items")
+    p.add_argument("--reduce", type=int, default=0,
+                   help="store levels wider than N channels as N PCA coefficients (basis fitted and kept with the cache)")
+    p.add_argument("--reduce-images", type=int, default=1024, help="first source items the PCA bases are fitted on")
     p.set_defaults(func=run)
 
 
@@ -61,7 +64,7 @@ def run(args) -> int:
         images=args.images, vae=args.vae, resolution=args.resolution, out=args.out, levels=levels, grid=args.grid,
         dtype=args.dtype, flips=args.flips, batch=args.batch, workers=args.workers, strict=args.strict,
         device=args.device, precision=args.precision, shard_size=args.shard_size, labels=args.labels,
-        limit=args.limit, rank=rank, world=world,
+        limit=args.limit, reduce=args.reduce, reduce_images=args.reduce_images, rank=rank, world=world,
     )
     bar = None
 

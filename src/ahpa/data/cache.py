@@ -19,6 +19,7 @@ import torch
 
 from ahpa.data.batches import PriorBatch
 from ahpa.data.manifest import FORMAT, MANIFEST, NUMPY_DTYPE, SHARD_DIR, read_json
+from ahpa.data.reduce import load_bases, reconstruct
 from ahpa.data.shard_store import CacheError, stats_tensor
 from ahpa.data.tokens import flip_tokens, pool_tokens
 from ahpa.priors.base import PriorEncoder
@@ -137,6 +138,9 @@ class CacheSource:
         for v in variants:
             self.maps[v] = {f: [self._map(shard_dir, s, v + f, fields[v + f]) for s in shards] for f in wanted}
         labels = [np.asarray(self._map(shard_dir, s, "labels", fields["labels"])) for s in shards]
+        reduce = manifest.get("reduce")
+        bases = load_bases(self.directory, reduce["sha256"], self.device) if reduce else {}
+        self.bases = {n: b for n, b in bases.items() if n in self.levels}  # level -> (mean [C], basis [C, r])
         self.labels = torch.from_numpy(np.concatenate(labels)[: self.length].astype(np.int64))  # [N], small: in memory
 
     @staticmethod
@@ -200,7 +204,10 @@ class CacheSource:
             if name == "latent":
                 maps[name] = pool_to_grid(latent, self.grid)  # as on the fly: the sampled latent, pooled
                 continue
-            tokens = pool_tokens(t[f"level.{name}"], self.pool)  # [B, G*G, C] -> [B, g*g, C]
+            tokens = t[f"level.{name}"]  # [B, G*G, C], or [B, G*G, r] PCA coefficients
+            if name in self.bases:
+                tokens = reconstruct(tokens, *self.bases[name])  # [B, G*G, r] -> [B, G*G, C]
+            tokens = pool_tokens(tokens, self.pool)  # [B, G*G, C] -> [B, g*g, C]
             maps[name] = flip_tokens(tokens, flip_dev) if self.flips == "generated" else tokens
         return PriorBatch(latent, maps, self.labels[torch.from_numpy(idx_np)].to(self.device), None)
 

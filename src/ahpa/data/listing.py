@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ahpa.data.decode import IMAGE_EXTENSIONS, BadImage, adm_center_crop, load_rgb
+from ahpa.data.decode import IMAGE_EXTENSIONS, BadImage, adm_center_crop, load_rgb, upsample_size
 
 LABEL_MODES = ("auto", "folders", "none")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -199,4 +200,45 @@ class ItemDataset(torch.utils.data.Dataset):
 
 
 def collate_items(items: list[Item]) -> list[Item]:
-    return items  # images of a batch may differ in size (small ones); the prepare loop assembles them
+    return items  # images of a batch may differ in size (small ones); `assemble` stacks them on the device
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is per-process; intra-op threads would only fight over cores
+
+
+def make_loader(listing: Listing, resolution: int, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
+    """Decode the given batches of item indices in `workers` processes (0: in this process), in order."""
+    return torch.utils.data.DataLoader(
+        ItemDataset(listing, resolution), batch_sampler=batches, num_workers=workers, collate_fn=collate_items,
+        worker_init_fn=_worker_init, prefetch_factor=4 if workers else None,
+    )
+
+
+def assemble(items: list[Item], size: int, device: torch.device) -> torch.Tensor:
+    """Decoded items -> float [n, 3, R, R] in [0, 1] on the device, in item order.
+
+    Cropped items are uint8 [R, R, 3] already. Items whose short side is below R are upsampled here, per
+    shape group and in float (no uint8 rounding): bicubic to ADM's target size, then the centre crop. For a
+    square source (CIFAR 32 -> 64) this is exactly `ahpa.data.batches.prepare_images`, so a cache and
+    on-the-fly encoding feed the encoder the same pixels.
+    """
+    x = torch.empty((len(items), 3, size, size), device=device)
+    regular = [j for j, it in enumerate(items) if not it.small]
+    if regular:
+        u8 = torch.from_numpy(np.stack([items[j].image for j in regular]))  # [b, R, R, 3]
+        if device.type == "cuda":
+            u8 = u8.pin_memory()
+        x[torch.tensor(regular, device=device)] = u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, it in enumerate(items):
+        if it.small:
+            groups.setdefault(it.image.shape[:2], []).append(j)
+    for (h, w), pos in groups.items():
+        u8 = torch.from_numpy(np.stack([items[j].image for j in pos])).to(device)  # [b, h, w, 3]
+        img = u8.permute(0, 3, 1, 2).float().div_(255.0)  # [b, 3, h, w]
+        H, W = upsample_size(h, w, size)
+        img = F.interpolate(img, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 1)
+        top, left = (H - size) // 2, (W - size) // 2
+        x[torch.tensor(pos, device=device)] = img[:, :, top : top + size, left : left + size]
+    return x

@@ -4,6 +4,7 @@ A cache directory:
     manifest.json                 settings (+ "complete": false) while preparing; rewritten last, atomically,
                                   with counts, statistics, checksums and "complete": true
     report.json                   skipped files with reasons, conversion counts
+    reduce.safetensors            with --reduce: PCA mean/projection/rebuild per level (ahpa.data.reduce)
     shards/shard-00007.json       commit record of shard 7 (written after its data files are renamed in place)
     shards/shard-00007.<field>.bin   raw little-endian rows of one field, shape and dtype in the manifest
     shards/shard-00007.stats.safetensors   float64 moment sums of shard 7 (merged in shard order at the end)
@@ -35,7 +36,7 @@ NUMPY_DTYPE = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "int64": np.dty
 IDENTITY_KEYS = (
     "format", "encoder.kind", "encoder.weights_sha256", "encoder.spec_if_unhashed", "resolution", "grid",
     "dtype", "flips", "levels", "latent", "source.kind", "source.count", "source.fingerprint", "labels",
-    "shard_size", "seed", "crop",
+    "shard_size", "seed", "crop", "precision", "reduce",
 )  # fmt: skip
 
 
@@ -119,6 +120,9 @@ def identity_view(settings: dict) -> dict[str, Any]:
         "source.count": settings["source"]["count"],
         "source.fingerprint": settings["source"]["fingerprint"],
     }
+    reduce = settings.get("reduce")
+    # the basis (and its checksum) is fitted from these two settings; only they identify the cache
+    flat["reduce"] = {"dim": reduce["dim"], "images": reduce["images"]} if reduce else None
     for key in IDENTITY_KEYS:
         if key not in flat:
             flat[key] = settings.get(key)

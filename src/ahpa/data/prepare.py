@@ -11,7 +11,6 @@ that readers refuse and that rerunning the same command resumes.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ahpa.data.decode import upsample_size
-from ahpa.data.listing import Item, ItemDataset, Listing, collate_items, list_source
+from ahpa.data.listing import Item, Listing, assemble, list_source, make_loader
 from ahpa.data.manifest import (
-    DTYPES, FLIPS, FORMAT, MANIFEST, SHARD_DIR, atomic_write_json, identity_view, read_json, settings_differences,
+    DTYPES, FLIPS, FORMAT, MANIFEST, SHARD_DIR, atomic_write_bytes, atomic_write_json, identity_view, read_json,
+    settings_differences,
 )  # fmt: skip
+from ahpa.data.reduce import REDUCE_FILE, fit_bases, load_bases, project, reconstruct
 from ahpa.data.shard_store import ShardPlan, check_output_dir, finalize_cache, sweep_shards
 from ahpa.data.shard_writer import AsyncShardWriter, MomentSums
 from ahpa.data.tokens import divisor_grids, pool_tokens
@@ -59,6 +58,8 @@ class PrepareOptions:
     shard_size: int = 4096  # source items per shard: the unit of resume
     labels: str = "auto"  # auto | folders | none
     limit: int = 0  # only the first N source items (0 = all)
+    reduce: int = 0  # store levels with more channels as this many PCA coefficients (0 = store every channel)
+    reduce_images: int = 1024  # first source items the PCA bases are fitted on
     seed: int = 0  # posterior draws for the statistics
     rank: int = 0
     world: int = 1
@@ -99,6 +100,8 @@ def _check_options(o: PrepareOptions) -> None:
         (o.shard_size >= 1, f"--shard-size must be >= 1, got {o.shard_size}"),
         (o.grid >= 0, f"--grid must be >= 1 (or 0 for the default), got {o.grid}"),
         (o.limit >= 0, f"--limit must be >= 0, got {o.limit}"),
+        (o.reduce >= 0, f"--reduce must be >= 0 (0 = no reduction), got {o.reduce}"),
+        (o.reduce_images >= 1, f"--reduce-images must be >= 1, got {o.reduce_images}"),
         (0 <= o.rank < o.world, f"rank {o.rank} is outside [0, world={o.world})"),
     ]
     for ok, msg in checks:
@@ -133,7 +136,8 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
         "dtype": o.dtype,
         "flips": o.flips,
         "precision": o.precision,
-        "levels": [{"name": l.name, "channels": l.channels, "stride": l.stride} for l in stored],
+        "levels": [{"name": l.name, "channels": l.channels, "stride": l.stride,
+                    "stored_channels": min(l.channels, o.reduce) if o.reduce else l.channels} for l in stored],
         "latent": {"channels": encoder.latent_channels, "factor": f, "side": side,
                    "moments": ["mean", "logvar"] if has_logvar else ["mean"]},
         "source": {"kind": listing.kind, "path": str(listing.location.resolve()), "count": len(listing),
@@ -142,6 +146,8 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
         "shard_size": o.shard_size,
         "seed": o.seed,
         "crop": "adm-center (BOX halving, BICUBIC, centre crop); smaller than R: torch bicubic upsample, centre crop",
+        "reduce": {"dim": o.reduce, "images": min(o.reduce_images, len(listing))}
+        if o.reduce and any(l.channels > o.reduce for l in stored) else None,
     }
 
 
@@ -174,6 +180,8 @@ def prepare(
     except OSError as e:
         raise PrepareError(f"cannot create the cache directory {out}: {e}; choose a writable --out") from None
     if o.rank == 0 and not (out / MANIFEST).exists():
+        if settings["reduce"]:  # the bases come first: every shard is written in their coordinates
+            settings["reduce"] |= fit_reduction(o, listing, encoder, settings, device, out)
         atomic_write_json(out / MANIFEST, {**settings, "complete": False})
     if barrier is not None:
         barrier()
@@ -182,6 +190,7 @@ def prepare(
     if diffs:
         raise PrepareError(f"{out} holds a cache prepared with other settings:\n  " + "\n  ".join(diffs)
                            + "\nUse another --out, or delete the directory to prepare it again.")
+    settings["reduce"] = saved.get("reduce")  # with the checksum of the basis file fitted by the first run
     plan = ShardPlan(out, len(listing), o.shard_size, _digest(settings))
     if saved.get("complete"):
         plan.check_complete(saved)
@@ -212,11 +221,23 @@ def prepare(
 def _digest(settings: dict) -> str:
     import hashlib
 
-    return hashlib.sha256(json.dumps(identity_view(settings), sort_keys=True).encode()).hexdigest()
+    ident = identity_view(settings) | {"reduce_sha256": (settings.get("reduce") or {}).get("sha256")}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding is per-process; intra-op threads would only fight over cores
+def fit_reduction(o: PrepareOptions, listing: Listing, encoder: PriorEncoder, settings: dict, device: torch.device,
+                  out: Path) -> dict:
+    """Fit the PCA bases (levels wider than --reduce, first --reduce-images items) and write the basis file.
+
+    Returns the manifest entries {sha256, file, variance_kept}.
+    """
+    wide = [l["name"] for l in settings["levels"] if l["stored_channels"] < l["channels"]]
+    n = settings["reduce"]["images"]
+    batches = [list(range(s, min(s + o.batch, n))) for s in range(0, n, o.batch)]
+    loader = make_loader(listing, o.resolution, batches, o.workers)
+    data, sha, kept = fit_bases(encoder, loader, wide, settings["grid"], o.resolution, o.reduce, o.precision, device)
+    atomic_write_bytes(out / REDUCE_FILE, data)
+    return {"sha256": sha, "file": REDUCE_FILE, "variance_kept": {k: round(v, 6) for k, v in kept.items()}}
 
 
 class _Run:
@@ -230,6 +251,8 @@ class _Run:
         self.grids = divisor_grids(self.grid)
         self.logvar = settings["latent"]["moments"] == ["mean", "logvar"]
         self.store = TORCH_DTYPE[o.dtype]
+        reduce = settings["reduce"]
+        self.bases = load_bases(plan.directory, reduce["sha256"], device) if reduce else {}
         self.items_done = self.items_total = self.images = self.shards_done = self.shards_total = 0
         self.skipped: list[list[str]] = []
         self.conversions: Counter = Counter()
@@ -242,11 +265,7 @@ class _Run:
         for i in todo:
             lo, hi = self.plan.items(i)
             batches += [list(range(s, min(s + B, hi))) for s in range(lo, hi, B)]  # never across a shard boundary
-        loader = torch.utils.data.DataLoader(
-            ItemDataset(self.listing, self.o.resolution), batch_sampler=batches, num_workers=self.o.workers,
-            collate_fn=collate_items, worker_init_fn=_worker_init, prefetch_factor=4 if self.o.workers else None,
-            pin_memory=False,
-        )
+        loader = make_loader(self.listing, self.o.resolution, batches, self.o.workers)
         writer = AsyncShardWriter(self.plan.shard_dir)
         shard = None
         try:
@@ -316,11 +335,19 @@ class _Run:
         rows = {"latent_mean": out.mean.float().to(self.store)}
         if self.logvar:
             rows["latent_logvar"] = out.logvar.float().to(self.store)
+        read = {}  # level -> the float tokens the reader will rebuild from the stored rows
         for name in self.levels:
-            rows[f"level.{name}"] = pool_to_grid(out.features[name].float(), self.grid).to(self.store)  # [2n?, G*G, C]
+            tokens = pool_to_grid(out.features[name].float(), self.grid)  # [n or 2n, G*G, C]
+            if name in self.bases:
+                stored = project(tokens, *self.bases[name]).to(self.store)  # [.., G*G, r] PCA coefficients
+                read[name] = reconstruct(stored, *self.bases[name])
+            else:
+                stored = tokens.to(self.store)
+                read[name] = stored.float()
+            rows[f"level.{name}"] = stored
         if self.o.flips == "stored":
             rows = {k: v[:n] for k, v in rows.items()} | {f"flip.{k}": v[n:] for k, v in rows.items()}
-        self._measure(rows, shard, [it.index for it in good])
+        self._measure(rows, {k: v[:n] for k, v in read.items()}, shard, [it.index for it in good])
         on_gpu = self.device.type == "cuda"
         host = {k: v.contiguous().to("cpu", non_blocking=on_gpu) for k, v in rows.items()}
         ready = None
@@ -334,7 +361,7 @@ class _Run:
         shard.rows += n
         self.images += n
 
-    def _measure(self, rows: dict[str, torch.Tensor], shard: "_Shard", index: list[int]) -> None:
+    def _measure(self, rows: dict[str, torch.Tensor], read: dict[str, torch.Tensor], shard: "_Shard", index: list[int]) -> None:
         """Statistics of the stored (rounded) values exactly as the reader will see them; originals only.
 
         Every level (and the pooled latent) is concatenated along channels so that each grid costs a few
@@ -345,7 +372,7 @@ class _Run:
             noise = shard.noise[torch.tensor(index) - shard.lo].to(self.device)  # [n, C, h, w]
             latent = latent + torch.exp(0.5 * rows["latent_logvar"].float()) * noise
         shard.sums["latent"].update(latent, channel_dim=1)
-        parts = [pool_to_grid(latent, self.grid)] + [rows[f"level.{n}"].float() for n in self.levels]
+        parts = [pool_to_grid(latent, self.grid)] + [read[n] for n in self.levels]
         tokens = torch.cat(parts, dim=2)  # [n, G*G, C_latent + sum C_k]
         for g in self.grids:
             shard.sums[f"g{g}"].update(pool_tokens(tokens, self.grid // g), channel_dim=2)
@@ -383,36 +410,3 @@ class _Shard:
     rows: int = 0
     skipped: list[list[str]] = field(default_factory=list)
     conversions: Counter = field(default_factory=Counter)
-
-
-def assemble(items: list[Item], size: int, device: torch.device) -> torch.Tensor:
-    """Decoded items -> float [n, 3, R, R] in [0, 1] on the device, in item order.
-
-    Cropped items are uint8 [R, R, 3] already. Items whose short side is below R are upsampled here, per
-    shape group and in float (no uint8 rounding): bicubic to ADM's target size, then the centre crop. For a
-    square source (CIFAR 32 -> 64) this is exactly `ahpa.data.batches.prepare_images`, so a cache and
-    on-the-fly encoding feed the encoder the same pixels.
-    """
-    x = torch.empty((len(items), 3, size, size), device=device)
-    regular = [j for j, it in enumerate(items) if not it.small]
-    if regular:
-        u8 = torch.from_numpy(np.stack([items[j].image for j in regular]))  # [b, R, R, 3]
-        if device.type == "cuda":
-            u8 = u8.pin_memory()
-        x[torch.tensor(regular, device=device)] = u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for j, it in enumerate(items):
-        if it.small:
-            groups.setdefault(it.image.shape[:2], []).append(j)
-    for (h, w), pos in groups.items():
-        u8 = torch.from_numpy(np.stack([items[j].image for j in pos])).to(device)  # [b, h, w, 3]
-        img = u8.permute(0, 3, 1, 2).float().div_(255.0)  # [b, 3, h, w]
-        H, W = upsample_size(h, w, size)
-        img = F.interpolate(img, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 1)
-        top, left = (H - size) // 2, (W - size) // 2
-        x[torch.tensor(pos, device=device)] = img[:, :, top : top + size, left : left + size]
-    return x
-
-
-def shard_count(n: int, shard_size: int) -> int:
-    return math.ceil(n / shard_size)

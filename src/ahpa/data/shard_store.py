@@ -56,7 +56,7 @@ def field_spec(settings: dict) -> dict[str, dict]:
     if "logvar" in lat["moments"]:
         spec["latent_logvar"] = dict(spec["latent_mean"])
     for lvl in settings["levels"]:
-        spec[f"level.{lvl['name']}"] = {"dtype": dtype, "shape": [G * G, lvl["channels"]]}
+        spec[f"level.{lvl['name']}"] = {"dtype": dtype, "shape": [G * G, lvl.get("stored_channels", lvl["channels"])]}
     if settings["flips"] == "stored":
         spec |= {f"flip.{k}": dict(v) for k, v in spec.items()}
     spec["labels"] = {"dtype": "int64", "shape": []}

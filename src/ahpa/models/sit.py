@@ -22,6 +22,7 @@ SIZES = {
     "XL": (1152, 28, 16),
 }
 PATCHES = (1, 2, 4)
+POS_EMBED_ORDERS = ("hw", "wh")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class SiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000  # class index num_classes is the null class for guidance
     qk_norm: bool = False
+    # Conventions of released checkpoints (ahpa.models.convert); the defaults are ahpa's own.
+    t_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoid (SiT / REPA feed t as is: 1.0)
+    pos_embed_order: str = "hw"  # first half of the sin-cos channels encodes the row ("hw") or the column ("wh": DiT / MAE)
 
     @classmethod
     def preset(cls, name: str, **kw) -> "SiTConfig":
@@ -54,6 +58,8 @@ class SiTConfig:
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.pos_embed_order not in POS_EMBED_ORDERS:
+            raise ValueError(f"unknown pos_embed_order {self.pos_embed_order!r}; valid orders: {', '.join(POS_EMBED_ORDERS)}")
 
     @property
     def grid(self) -> int:
@@ -83,8 +89,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2D sin-cos position embedding [grid*grid, dim] (MAE / DiT layout)."""
+def sincos_pos_embed(dim: int, grid: int, order: str = "hw") -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding [grid*grid, dim], tokens in row-major order.
+
+    order "hw": channels [0, dim/2) encode the row, [dim/2, dim) the column (ahpa's layout); "wh": the
+    column first, which is what MAE / DiT / SiT / REPA compute (their numpy meshgrid returns the column
+    coordinate first).
+    """
     coords = torch.arange(grid, dtype=torch.float64)
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
 
@@ -93,18 +104,21 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
         out = pos.reshape(-1)[:, None] * omega[None]  # [G*G, d/2]
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
-    return torch.cat([one_axis(gy, dim // 2), one_axis(gx, dim // 2)], dim=1).float()
+    first, second = (gy, gx) if order == "hw" else (gx, gy)
+    return torch.cat([one_axis(first, dim // 2), one_axis(second, dim // 2)], dim=1).float()
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden: int, freq_dim: int = 256):
+    def __init__(self, hidden: int, freq_dim: int = 256, t_scale: float = 1000.0):
         super().__init__()
         self.freq_dim = freq_dim
+        self.t_scale = t_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        # t in [0, 1]; scaled by 1000 so the sinusoid frequencies resolve it as well as DiT's integer steps
-        return self.mlp(timestep_embedding(t * 1000.0, self.freq_dim).to(self.mlp[0].weight.dtype))
+        # t in [0, 1]; scaled (by 1000 by default) so the sinusoid frequencies resolve it as well as DiT's
+        # integer steps. Converted SiT / REPA checkpoints were trained on t as is (t_scale = 1).
+        return self.mlp(timestep_embedding(t * self.t_scale, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class Attention(nn.Module):
@@ -171,10 +185,10 @@ class SiT(nn.Module):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         self.x_embedder = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, t_scale=cfg.t_scale)
         # one extra row: the null class used for label dropout and classifier-free guidance
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, d)
-        self.register_buffer("pos_embed", sincos_pos_embed(d, cfg.grid)[None], persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed(d, cfg.grid, cfg.pos_embed_order)[None], persistent=False)
         self.blocks = nn.ModuleList(SiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, p, cfg.in_channels)
         self.initialize_weights()

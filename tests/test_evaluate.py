@@ -1,0 +1,111 @@
+"""Evaluation during training: samples streamed into detector statistics, reference statistics cached."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ahpa.config import SampleCfg
+from ahpa.metrics import compute_stats, load_detector
+from ahpa.sample import iter_samples, load_export
+from ahpa.train import evaluate as ev
+
+CFG = SampleCfg(solver="euler", steps=3, micro_batch=8)
+
+
+class TinyDetector(nn.Module):
+    """uint8 [N, 3, H, W] -> float [N, 9]: mean colour and six pooled random-conv responses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        pooled = F.relu(self.conv(x)).mean(dim=(2, 3))  # [N, 6]
+        return torch.cat([x.mean(dim=(2, 3)), pooled], dim=1)  # [N, 9]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("evaluate")
+    Trainer(config.load(None, [*TINY, "train.steps=2"]), root / "run").run()
+    det_file = root / "tiny-resnet20.pt"
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript authoring; the detector format is TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(TinyDetector().eval()).save(str(det_file))
+    ref = root / "ref.npz"
+    rng = np.random.default_rng(0)
+    np.savez(ref, images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), labels=np.arange(40) % 10)
+    bundle = load_export(root / "run" / "model.safetensors", torch.device("cpu"))
+    return bundle, load_detector(f"torchscript:{det_file}"), ref
+
+
+def test_streamed_fd_matches_written_samples(setup):
+    bundle, det, ref = setup
+    assert det.name == "FD-r20"  # named from the file stem, as ahpa eval names it
+    ref_stats = ev.load_reference(ref, det, None)
+    got = ev.evaluate_fd(bundle, det, ref_stats, num=13, seed=5, cfg=CFG, batch=5)
+    # the same samples written out and measured the way `ahpa eval` measures a file
+    images = np.concatenate([imgs.numpy() for _, imgs, _ in iter_samples(bundle, 0, 13, 5, 13, CFG)])
+    expected = compute_stats(images, det).frechet_distance(ref_stats)
+    # same images; only float32 round-off of the detector on other batch compositions differs
+    assert set(got) == {"FD-r20"} and got["FD-r20"] == pytest.approx(expected, rel=1e-5)
+    again = ev.evaluate_fd(bundle, det, ref_stats, num=13, seed=5, cfg=CFG, batch=8)  # batch size is irrelevant
+    assert again["FD-r20"] == pytest.approx(expected, rel=1e-5)
+    other = ev.evaluate_fd(bundle, det, ref_stats, num=13, seed=6, cfg=CFG, batch=8)
+    assert other["FD-r20"] != pytest.approx(expected, rel=1e-3)
+
+
+def test_ranks_share_the_samples(setup):
+    bundle, det, _ = setup
+    whole = ev.sample_stats(bundle, det, 11, 0, CFG, 4)
+    parts = [ev.sample_stats(bundle, det, 11, 0, CFG, 4, rank=r, world_size=2) for r in range(2)]
+    assert [p.count for p in parts] == [7, 4]  # batches 0, 2 and 1
+    merged = parts[0].merge(parts[1])
+    assert merged.count == 11
+    assert np.allclose(merged.mean, whole.mean, rtol=1e-6, atol=1e-9)
+    assert np.allclose(merged.cov, whole.cov, rtol=1e-6, atol=1e-9)
+
+
+def test_reference_statistics_are_cached(setup, tmp_path, monkeypatch):
+    bundle, det, ref = setup
+    first = ev.load_reference(ref, det, tmp_path / "cache")
+    files = list((tmp_path / "cache").glob("*.npz"))
+    assert len(files) == 1 and files[0].name.startswith("FD-r20-") and first.count == 40
+
+    def no_recompute(*a, **k):
+        raise AssertionError("reference statistics recomputed despite the cache")
+
+    monkeypatch.setattr(ev, "reference_stats", no_recompute)
+    cached = ev.load_reference(ref, det, tmp_path / "cache")
+    assert cached.count == 40 and cached.detector == "FD-r20"
+    assert np.allclose(cached.mean, first.mean) and np.allclose(cached.cov, first.cov)
+    monkeypatch.undo()
+
+    with np.load(ref) as f:  # a changed reference gets a new key, not the stale statistics
+        np.savez(ref, images=f["images"][:30], labels=f["labels"][:30])
+    assert ev.load_reference(ref, det, tmp_path / "cache").count == 30
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+def test_bad_evaluation_inputs(setup, tmp_path):
+    bundle, det, ref = setup
+    stats = ev.load_reference(ref, det, None)
+    stats.detector = "FID"
+    with pytest.raises(ValueError, match="computed for FID, not FD-r20"):
+        ev.evaluate_fd(bundle, det, stats, 4, 0, CFG, 4)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ev.evaluate_fd(bundle, det, ev.load_reference(ref, det, None), 1, 0, CFG, 4)
+    with pytest.raises(FileNotFoundError, match="eval.ref"):
+        ev.load_reference(tmp_path / "none.npz", det, tmp_path)

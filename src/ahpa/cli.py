@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
+    except (ValueError, OSError, FloatingPointError, ImportError) as e:
         # expected user-facing errors: one clear message, no traceback
         print(f"ahpa {args.command}: error: {e}", file=sys.stderr)
         return 2

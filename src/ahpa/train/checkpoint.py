@@ -23,11 +23,16 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # never leave a torn file; the previous checkpoint stays intact
+        raise OSError(e.errno, f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
+                               f"Free disk space or fix permissions, then rerun to resume") from e
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -78,6 +79,14 @@ class Trainer:
 
     # ---- set-up and resume ----
     def _check_resume_config(self) -> None:
+        if self.rank == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / f".write_probe{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise OSError(e.errno, f"run directory {self.run_dir} is not writable ({e.strerror}); choose another --out") from None
         saved_file = self.run_dir / "config.yaml"
         if saved_file.exists():
             saved = config_mod.load(saved_file)
@@ -92,14 +101,26 @@ class Trainer:
         p = self.parts
         state, skipped = load_latest(self.run_dir / "checkpoints")
         self.messages += skipped
+        if state is None and skipped:
+            raise RunConfigError(
+                f"{self.run_dir / 'checkpoints'} holds checkpoints but none is readable:\n  " + "\n  ".join(skipped)
+                + "\nMove them away to start afresh, or restore a good copy."
+            )
         if state is None:
             p.stats = compute_stats(p)
             return
-        p.model.load_state_dict(state["model"])
-        p.ema.load_state_dict(state["ema"])
-        if p.aligner is not None:
-            p.aligner.load_state_dict(state["aligner"])
-        p.optimizer.load_state_dict(state["optimizer"])
+        try:
+            p.model.load_state_dict(state["model"])
+            p.ema.load_state_dict(state["ema"])
+            if p.aligner is not None:
+                p.aligner.load_state_dict(state["aligner"])
+            p.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise RunConfigError(
+                f"the newest checkpoint in {self.run_dir / 'checkpoints'} (step {state.get('step')}) does not fit this "
+                f"run's model/aligner: {str(e).splitlines()[0]} ... Is it from another run or model size? Move it away "
+                f"or use another --out."
+            ) from None
         p.stats = PriorStats.from_dict(state["stats"])
         self.step, self.ema_updates = state["step"], state["ema_updates"]
         self.messages.append(f"resumed from step {self.step}")
@@ -310,7 +331,8 @@ class Trainer:
                     if on_log is not None:
                         on_log(self.step, last)
                     sums, count, t0 = {}, 0, time.perf_counter()
-                if main and (self.step % c.train.ckpt_every == 0 or done):
+                # no checkpoint inside a streak of skipped steps: the last good one stays the newest
+                if main and (self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0:
                     self.save()
                     self.write_router_plot()
                 if main and c.train.sample_every and (self.step % c.train.sample_every == 0 or done):

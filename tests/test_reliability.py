@@ -1,0 +1,174 @@
+"""Crash safety: SIGKILL at random moments, SIGTERM, non-finite steps, broken checkpoints, bad disks."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ahpa import config
+from ahpa.train import checkpoint as ckpt
+from ahpa.train.loop import RunConfigError, TooManyBadSteps, Trainer
+from tests.conftest import TINY
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ahpa.cli", *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finish(*args: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "ahpa.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def kill_randomly(args: list[str], times: int, seed: int, progress) -> None:
+    """Start the command `times` times; each time SIGKILL it at a random moment after it made progress
+    (`progress()` counts units of work on disk), so every kill interrupts real work."""
+    rng = random.Random(seed)
+    for _ in range(times):
+        target = progress() + rng.randint(1, 3)
+        proc = start(*args)
+        deadline = time.time() + 120
+        while progress() < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_training_survives_sigkill_bitwise(tmp_path):
+    args = [*TINY, "train.steps=14", "train.ckpt_every=1", "train.keep_checkpoints=2"]
+    finish("train", "--out", str(tmp_path / "straight"), *args)
+    run = ["train", "--out", str(tmp_path / "killed"), *args]
+    kill_randomly(run, times=3, seed=0, progress=lambda: lines(tmp_path / "killed" / "metrics.jsonl"))
+    assert not (tmp_path / "killed" / "DONE").exists()
+    finish(*run)
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(l.split(",")[0].split(":")[1]) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 15))  # rows after the checkpoint a kill fell back to are redone, not doubled
+
+
+def test_sampling_survives_sigkill(tmp_path):
+    finish("train", "--out", str(tmp_path / "run"), *TINY, "train.steps=1")
+    model = str(tmp_path / "run" / "model.safetensors")
+    common = ["sample", "--model", model, "--num", "64", "--batch", "4", "--steps", "20", "--micro-batch", "4"]
+    finish(*common, "--out", str(tmp_path / "straight.npz"))
+    parts = tmp_path / "killed.npz.parts"
+    kill_randomly([*common, "--out", str(tmp_path / "killed.npz")], times=3, seed=1,
+                  progress=lambda: len(list(parts.glob("chunk_*.npz"))) if parts.exists() else 0)
+    assert not (tmp_path / "killed.npz").exists()  # a killed job leaves parts, never a final file
+    finish(*common, "--out", str(tmp_path / "killed.npz"))
+    with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "killed.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_sampling_refuses_a_partial_run_with_other_settings(tmp_path):
+    finish("train", "--out", str(tmp_path / "run"), *TINY, "train.steps=1")
+    parts = tmp_path / "m.npz.parts"
+    parts.mkdir()
+    (parts / "settings.json").write_text('{"num": 8, "seed": 0, "batch": 4, "steps": 99}')
+    res = subprocess.run([sys.executable, "-m", "ahpa.cli", "sample", "--model", str(tmp_path / "run" / "model.safetensors"),
+                          "--num", "8", "--batch", "4", "--steps", "3", "--out", str(tmp_path / "m.npz")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "steps: partial has 99, command gives 3" in res.stderr
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    out = tmp_path / "run"
+    proc = start("train", "--out", str(out), *TINY, "train.steps=100000", "train.ckpt_every=100000")
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert "checkpoint saved" in err.decode()
+    assert ckpt.list_checkpoints(out / "checkpoints") and not (out / "DONE").exists()
+
+
+def tiny_cfg(*extra):
+    return config.load(None, [*TINY, *extra])
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    tr = Trainer(tiny_cfg("train.steps=3", "train.max_bad_steps=3"), tmp_path / "r")
+    real = Trainer._loss
+    poisoned = {1}
+
+    def loss(self, batch, d):
+        value, metrics = real(self, batch, d)
+        return (value * float("nan"), metrics) if self.step in poisoned else (value, metrics)
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    tr.train_step()
+    before = {k: v.clone() for k, v in tr.parts.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in tr.parts.ema.state_dict().items()}
+    tr.train_step()  # step index 1: non-finite -> skipped
+    assert all(torch.equal(before[k], v) for k, v in tr.parts.model.state_dict().items())
+    assert all(torch.equal(ema_before[k], v) for k, v in tr.parts.ema.state_dict().items())
+    assert tr.bad_total.item() == 1
+    row = tr.run()
+    assert row["bad_steps"] == 1 and np.isfinite(row["loss/flow"])
+
+    poisoned.update(range(0, 100))
+    tr2 = Trainer(tiny_cfg("train.steps=10", "train.max_bad_steps=3", "train.log_every=1", "train.ckpt_every=1"), tmp_path / "r2")
+    with pytest.raises(TooManyBadSteps, match="lower train.lr"):
+        tr2.run()
+    assert not ckpt.list_checkpoints(tmp_path / "r2" / "checkpoints")  # nothing written over a good state
+
+
+def test_broken_checkpoints_are_skipped_or_refused(tmp_path):
+    run = tmp_path / "r"
+    Trainer(tiny_cfg("train.steps=2", "train.ckpt_every=1"), run).run()
+    cks = ckpt.list_checkpoints(run / "checkpoints")
+    newest = cks[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    tr = Trainer(tiny_cfg("train.steps=2", "train.ckpt_every=1"), run)
+    assert tr.step == 1 and any("skipped broken checkpoint step_000000002.pt" in m for m in tr.messages)
+    cks[0].write_bytes(b"PK\x03\x04 not ours")  # a foreign file under our name
+    with pytest.raises(RunConfigError, match="none is readable"):
+        Trainer(tiny_cfg("train.steps=2"), run)
+
+    other = tmp_path / "other"
+    Trainer(tiny_cfg("train.steps=1", "model.hidden_size=48"), other).run()
+    good = tmp_path / "good"
+    Trainer(tiny_cfg("train.steps=1"), good).run()
+    (good / "checkpoints" / "step_000000005.pt").write_bytes(ckpt.list_checkpoints(other / "checkpoints")[-1].read_bytes())
+    with pytest.raises(RunConfigError, match="does not fit this run's model"):
+        Trainer(tiny_cfg("train.steps=6"), good)
+
+
+def test_unwritable_run_dir_and_full_disk(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="not writable"):
+        Trainer(tiny_cfg(), tmp_path / "file" / "run")
+    run = tmp_path / "r"
+    tr = Trainer(tiny_cfg("train.steps=1"), run)
+    tr.run()
+    before = ckpt.list_checkpoints(run / "checkpoints")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    tr.step = 7
+    with pytest.raises(OSError, match="previous checkpoint is intact"):
+        tr.save()
+    assert ckpt.list_checkpoints(run / "checkpoints") == before
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]

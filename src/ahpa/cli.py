@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "sample", "export", "demo", "vae-train", "prepare", "eval")
+COMMANDS = ("train", "sample", "export", "eval", "prepare", "convert", "demo", "vae-train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -109,3 +109,22 @@ def test_bad_evaluation_inputs(setup, tmp_path):
         ev.evaluate_fd(bundle, det, ev.load_reference(ref, det, None), 1, 0, CFG, 4)
     with pytest.raises(FileNotFoundError, match="eval.ref"):
         ev.load_reference(tmp_path / "none.npz", det, tmp_path)
+
+
+def test_evaluation_during_training_is_logged(setup, tmp_path):
+    import json
+
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, ref = setup
+    cfg = config.load(None, [*TINY, "train.steps=4", "eval.every=2", f"eval.detectors=[{det.spec}]", f"eval.ref={ref}",
+                             "eval.num=16", "eval.batch=8"])
+    Trainer(cfg, tmp_path / "run").run()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [2, 4]
+    name = f"eval/{det.name}"
+    assert all(r[name] > 0 for r in evals)
+    assert (tmp_path / "run" / "eval.png").exists() and any((tmp_path / "run" / "eval_ref").iterdir())

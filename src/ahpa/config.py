@@ -106,6 +106,16 @@ class SampleCfg:
 
 
 @dataclass
+class EvalCfg:
+    every: int = 0  # evaluate every N steps (0 = off); uses the `sample` section's sampler settings
+    detectors: list = field(default_factory=list)  # torchscript:FILE | inception:FILE | dinov2:DIR
+    ref: str = ""  # reference images (.npz / folder) or a statistics .npz
+    num: int = 10000  # class-balanced samples per evaluation
+    batch: int = 250
+    seed: int = 0
+
+
+@dataclass
 class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     transport: TransportCfg = field(default_factory=TransportCfg)
@@ -114,6 +124,7 @@ class Config:
     align: AlignCfg = field(default_factory=AlignCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,6 +152,7 @@ RESUMABLE_CHANGES = (
     "train.compile",
     "train.max_bad_steps",
     "sample.",
+    "eval.",
 )
 
 

@@ -258,6 +258,23 @@ class Trainer:
         plots.router_heatmap(t.numpy(), w.numpy(), al.levels, self.run_dir / "plots" / f"router_{self.step:09d}.png", title)
         return plots.router_heatmap(t.numpy(), w.numpy(), al.levels, self.run_dir / "router.png", title)
 
+    def evaluate(self) -> dict[str, float]:
+        """Fréchet distances of EMA samples for each configured detector (every process takes part)."""
+        from ahpa.metrics.detectors import load_detector
+        from ahpa.train.evaluate import evaluate_fd, load_reference
+
+        e = self.cfg.eval
+        if not e.ref:
+            raise ValueError("eval.every is set but eval.ref is empty: name the reference images or statistics")
+        if not hasattr(self, "_detectors"):
+            self._detectors = [load_detector(spec, self.parts.device) for spec in e.detectors]
+            self._refs = [load_reference(e.ref, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
+        results = {}
+        for det, ref in zip(self._detectors, self._refs):
+            results.update(evaluate_fd(self.sampler_bundle(), det, ref, e.num, e.seed, self.cfg.sample, e.batch,
+                                       rank=self.rank, world_size=self.world))
+        return results
+
     def save(self) -> Path:
         return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
 
@@ -337,6 +354,11 @@ class Trainer:
                     self.write_router_plot()
                 if main and c.train.sample_every and (self.step % c.train.sample_every == 0 or done):
                     self.write_samples()
+                if c.eval.every and c.eval.detectors and (self.step % c.eval.every == 0 or done):
+                    fd = self.evaluate()
+                    if logger is not None:
+                        logger.log(self.step, {"images": self.step * c.train.batch_size, **{f"eval/{k}": v for k, v in fd.items()}})
+                        plots.eval_curves(self.run_dir / "metrics.jsonl", self.run_dir / "eval.png")
                 if not done and self._stop_agreed(should_stop):
                     if main:
                         self.save()

@@ -79,3 +79,23 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
+    """Each eval/* metric against training images seen."""
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    names = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name in names:
+        pts = [(r["images"], r[name]) for r in rows if name in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name[len("eval/"):])
+    ax.set_xlabel("training images")
+    ax.set_ylabel("Fréchet distance")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +105,15 @@ def _torch_load(path: Path, allow_pickle: bool):
                 return torch.load(path, map_location="cpu", weights_only=True)
         torch.serialization.add_safe_globals([argparse.Namespace])  # torch 2.4
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError and friends: the file holds arbitrary Python objects
+    except pickle.UnpicklingError as e:  # the file holds Python objects beyond tensors and containers
         raise ValueError(
-            f"{str(path)!r} holds Python objects that weights-only loading refuses ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); if you trust the file, pass allow_pickle=True "
+            f"{str(path)!r} could not be loaded weights-only: it holds Python objects beyond tensors, or is not a torch "
+            f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); if it is a checkpoint "
+            "you trust, pass allow_pickle=True "
             "(`ahpa convert --trust-pickle`)"
         ) from e
+    except RuntimeError as e:  # torch's zip reader on a truncated or foreign file
+        raise ValueError(f"{str(path)!r} is not a readable torch checkpoint ({str(e).splitlines()[0]})") from e
 
 
 def unwrap(obj, *, use: str = "ema", where: str = "checkpoint") -> tuple[dict, dict]:

@@ -37,8 +37,8 @@ def taef2():
 
 
 def _opts(out: Path, **kw) -> PrepareOptions:
-    base = dict(images=str(CIFAR_TEST), vae=f"taef2:{TAEF2}", resolution=64, out=str(out), grid=8, limit=48,
-                shard_size=16, batch=16, workers=0, flips="generated")
+    base = dict(images=str(CIFAR_TEST), vae=f"taef2:{TAEF2}", resolution=64, out=str(out), grid=8, limit=24,
+                shard_size=8, batch=8, workers=0, flips="generated")
     return PrepareOptions(**(base | kw))
 
 
@@ -50,7 +50,7 @@ def _files(directory: Path) -> dict[str, bytes]:
 def stored_cache(taef2, tmp_path_factory) -> Path:
     """24 CIFAR test images with stored flips (exact mirror-image encodings), grid 8 (the study's patch 1)."""
     out = tmp_path_factory.mktemp("cifar") / "cache"
-    res = prepare(_opts(out, limit=24, flips="stored", shard_size=16), encoder=taef2)
+    res = prepare(_opts(out, flips="stored", shard_size=16, batch=16), encoder=taef2)
     assert res.complete and res.images == 24 and not res.skipped
     return out
 
@@ -180,12 +180,12 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(taef2, reference_cache):
     before = _files(reference_cache)
     t0 = time.perf_counter()
     res = prepare(_opts(reference_cache), encoder=taef2)
-    assert res.noop and res.images == 48 and time.perf_counter() - t0 < 5
+    assert res.noop and res.images == 24 and time.perf_counter() - t0 < 5
     assert _files(reference_cache) == before
     with pytest.raises(PrepareError, match="grid: cache has 8, this command gives 4"):
         prepare(_opts(reference_cache, grid=4), encoder=taef2)
-    with pytest.raises(PrepareError, match="source.count: cache has 48, this command gives 40"):
-        prepare(_opts(reference_cache, limit=40), encoder=taef2)
+    with pytest.raises(PrepareError, match="source.count: cache has 24, this command gives 16"):
+        prepare(_opts(reference_cache, limit=16), encoder=taef2)
     assert _files(reference_cache) == before
 
 
@@ -214,7 +214,7 @@ def test_two_processes_write_interleaved_shards(taef2, reference_cache, tmp_path
 def test_killed_process_resumes_to_identical_files(reference_cache, tmp_path):
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "ahpa.cli", "prepare", "--images", str(CIFAR_TEST), "--vae", f"taef2:{TAEF2}",
-           "--resolution", "64", "--out", str(out), "--grid", "8", "--limit", "48", "--shard-size", "16", "--batch", "16",
+           "--resolution", "64", "--out", str(out), "--grid", "8", "--limit", "24", "--shard-size", "8", "--batch", "8",
            "--workers", "0", "--flips", "generated"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -230,7 +230,7 @@ def test_killed_process_resumes_to_identical_files(reference_cache, tmp_path):
 
 def test_channel_reduction_stores_pca_coefficients_and_rebuilds_channels(taef2, reference_cache, tmp_path):
     out = tmp_path / "pca"
-    prepare(_opts(out, limit=24, reduce=16, reduce_images=16), encoder=taef2)
+    prepare(_opts(out, reduce=16, reduce_images=16), encoder=taef2)
     m = read_manifest(out)
     assert m["fields"]["level.stage1"]["shape"] == [64, 16] and m["fields"]["latent_mean"]["shape"] == [32, 8, 8]
     assert (out / "reduce.safetensors").is_file() and m["reduce"]["dim"] == 16
@@ -251,6 +251,6 @@ def test_channel_reduction_stores_pca_coefficients_and_rebuilds_channels(taef2, 
     for name in ("stage1", "stage4"):
         assert torch.allclose(stats.levels[name].mean, a.levels[name].mean((0, 1)), atol=1e-3)
         assert torch.allclose(stats.levels[name].std, a.levels[name].std((0, 1), unbiased=False), rtol=1e-3, atol=1e-4)
-    assert prepare(_opts(out, limit=24, reduce=16, reduce_images=16), encoder=taef2).noop
+    assert prepare(_opts(out, reduce=16, reduce_images=16), encoder=taef2).noop
     with pytest.raises(PrepareError, match="reduce: cache has"):
-        prepare(_opts(out, limit=24, reduce=8, reduce_images=16), encoder=taef2)
+        prepare(_opts(out, reduce=8, reduce_images=16), encoder=taef2)

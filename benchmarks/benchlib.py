@@ -1,0 +1,225 @@
+"""Shared parts of the benchmarks: environment record, stand-in encoders, a synthetic prepared cache.
+
+Nothing here is part of the library. The stand-ins exist so that the throughput benchmark runs with no
+files and no downloads (the GPU machine has neither pretrained weights nor diffusers):
+
+- `SyntheticSDVAE`: a PriorEncoder with SD-VAE's level names, channels and strides (down0 128@1/2,
+  down1 256@1/4, down2/down3/mid 512@1/8, latent 4@1/8 with posterior moments) whose maps are cheap fixed
+  random functions of the image. Only shapes and bytes matter to a throughput measurement; it writes the
+  synthetic cache through the library's own `prepare`, gives REPA runs their latents (REPA pre-extracts
+  them) and decodes samples for the sampling benchmark.
+- `ViTTokens`: a DINOv2-B/14-shaped ViT (patch 14, 768 wide, 12 blocks, LayerScale) with random weights,
+  built from torch.nn layers, returning patch tokens: REPA's external encoder at its real cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ahpa.priors.base import EncoderOutput, PriorEncoder, frozen
+from ahpa.priors.diffusers_vae import levels_from_config
+
+# stabilityai/sd-vae-ft-ema as diffusers AutoencoderKL arguments (shared/reference/sd-vae-ft-ema.config.json):
+# restated so that no file outside the repository is needed on the GPU machine.
+SD_VAE_CONFIG = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "norm_num_groups": 32, "out_channels": 3, "sample_size": 256, "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}  # fmt: skip
+
+# dense bf16 tensor-core peak, TFLOP/s, by the name torch reports (the MFU denominator)
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+
+
+def device_info(device: torch.device) -> dict:
+    """What every record carries about where it ran."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((p for key, p in PEAK_BF16_TFLOPS if key in name), None)
+    else:
+        name = f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+        peak = None  # no MFU on CPU: no meaningful dense peak to divide by
+    return {"device": name, "peak_bf16_tflops": peak, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(fn) -> float:
+    """FLOPs (2 x multiply-adds) of one call, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+class SyntheticSDVAE(PriorEncoder):
+    """SD-VAE-shaped levels and latent moments from fixed random per-pixel maps of the pooled image (cheap)."""
+
+    def __init__(self, block_out_channels=(128, 256, 512, 512), latent_channels: int = 4, seed: int = 0):
+        super().__init__()
+        self.levels = levels_from_config(list(block_out_channels), latent_channels)
+        self.factor = 2 ** (len(block_out_channels) - 1)
+        self.latent_channels = latent_channels
+        self.spec = "bench:synthetic-sd-vae"  # not a registry kind: the benchmark injects it (see injected_encoder)
+        self.weights_sha256 = None
+        g = torch.Generator().manual_seed(seed)
+        for lvl in self.levels:
+            if lvl.name != "latent":
+                setattr(self, f"w_{lvl.name}", nn.Parameter(torch.randn(lvl.channels, 3, generator=g) * 2.0))
+                setattr(self, f"b_{lvl.name}", nn.Parameter(torch.rand(lvl.channels, generator=g) * math.pi))
+        # parameters, not buffers: the library finds an encoder's device from its first parameter
+        self.w_moments = nn.Parameter(torch.randn(2 * latent_channels, 3, generator=g))
+        self.w_decode = nn.Parameter(torch.randn(3, latent_channels, generator=g) * 0.5)
+        frozen(self)
+
+    def _encode(self, x: torch.Tensor, levels: tuple[str, ...]) -> EncoderOutput:
+        x = x.float()
+        feats = {}
+        for name in levels:
+            if name == "latent":
+                continue
+            lvl = self.level(name)
+            pooled = F.avg_pool2d(x, lvl.stride)  # [B, 3, R/s, R/s]
+            w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
+            feats[name] = torch.sin(torch.einsum("bchw,kc->bkhw", pooled, w) + b[:, None, None])  # [B, C_k, R/s, R/s]
+        moments = torch.einsum("bchw,kc->bkhw", F.avg_pool2d(x, self.factor), self.w_moments)  # [B, 2C, h, w]
+        mean, logvar = moments.chunk(2, dim=1)
+        logvar = -4.0 + 0.5 * torch.tanh(logvar)  # small posterior spread, as a trained KL-VAE has
+        if "latent" in levels:
+            feats["latent"] = mean
+        return EncoderOutput(mean, logvar, feats)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(z.float(), scale_factor=self.factor, mode="nearest")  # [B, C, R, R]
+        return torch.tanh(torch.einsum("bchw,kc->bkhw", up, self.w_decode))  # [B, 3, R, R] in [-1, 1]
+
+
+@contextlib.contextmanager
+def injected_encoder(encoder: PriorEncoder):
+    """Make `build_parts` use `encoder` whatever prior.encoder says.
+
+    The library builds a run's encoder from its spec string only; a stand-in (the synthetic encoder, or an
+    SD-VAE with random weights) has no spec the registry can load. Restored on exit.
+    """
+    from ahpa.train import build
+
+    original = build.load_encoder
+    build.load_encoder = lambda spec, device="cpu": encoder.to(device)
+    try:
+        yield encoder
+    finally:
+        build.load_encoder = original
+
+
+def sd_vae_random(config: dict, device: torch.device, seed: int = 0) -> PriorEncoder:
+    """The library's DiffusersVAE around an AutoencoderKL with random weights (needs diffusers)."""
+    from ahpa.priors.diffusers_vae import DiffusersVAE
+
+    torch.manual_seed(seed)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    enc = DiffusersVAE.from_config(config, memory_format=fmt)
+    enc.spec = "diffusers:<random SD-VAE config>"
+    return enc.to(device)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ls1 = nn.Parameter(torch.full((dim,), 1e-5))  # DINOv2's LayerScale
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+        self.ls2 = nn.Parameter(torch.full((dim,), 1e-5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
+        a = F.scaled_dot_product_attention(*qkv.unbind(0))  # [B, H, N, Dh]
+        x = x + self.ls1 * self.proj(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.ls2 * self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViTTokens(nn.Module):
+    """A DINOv2-shaped ViT with random weights: images [B, 3, S, S] (normalised) -> patch tokens [B, (S/p)^2, C]."""
+
+    def __init__(self, image_size: int = 224, patch: int = 14, dim: int = 768, depth: int = 12, heads: int = 12):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        n = (image_size // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed  # [B, 1 + N, C]
+        for blk in self.blocks:
+            h = blk(h)
+        return self.norm(h)[:, 1:]  # drop CLS -> [B, N, C]
+
+
+class Autocast(nn.Module):
+    """Runs a frozen module under bf16 autocast (the Trainer calls the external encoder outside autocast)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.module(x).float()
+
+
+def write_synthetic_cache(out: Path, encoder: PriorEncoder, num: int, resolution: int, grid: int,
+                          device: torch.device, num_classes: int = 1000) -> dict:
+    """A real prepared cache (the library's `prepare`, stored flips, fp16) of `num` random images encoded by
+    `encoder`; reused when complete. Returns {path, images, bytes, bytes_per_image, seconds, reused}."""
+    import time
+
+    from ahpa.data.prepare import PrepareOptions, prepare
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = out.parent / f"{out.name}-images.npz"
+    if not src.exists():
+        rng = np.random.default_rng(0)
+        # 8x8 sources: prepare upsamples them on the device, so writing the cache costs little host work
+        np.savez(src, images=rng.integers(0, 256, (num, 8, 8, 3), dtype=np.uint8), labels=np.arange(num) % num_classes)
+    opts = PrepareOptions(images=str(src), vae=encoder.spec, resolution=resolution, out=str(out), grid=grid,
+                          dtype="fp16", flips="stored", batch=64, workers=0, device=str(device), shard_size=512)
+    t0 = time.perf_counter()
+    res = prepare(opts, encoder=encoder.to(device))
+    return {"path": str(res.path), "images": res.images, "bytes": res.bytes,
+            "bytes_per_image_read": res.bytes / max(res.images, 1) / 2,  # stored flips: a sample reads one of two rows
+            "seconds": round(time.perf_counter() - t0, 2), "reused": res.noop}
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

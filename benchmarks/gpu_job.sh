@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU job of the throughput benchmark (docs/benchmarks.md). Run from the repository root on the device
+# machine, which has torch but neither diffusers nor any of ../shared; this job needs none of them:
+#
+#     bash benchmarks/gpu_job.sh            # core: none, ahpa-cached, repa; compiled; B/2 (batch 256) and
+#                                           # XL/2 (batch 128); then sampling. Estimated 7-8 min, guard at 7.5.
+#     bash benchmarks/gpu_job.sh eager      # the same three methods, eager, no sampling (~3 min estimated)
+#     bash benchmarks/gpu_job.sh xl256      # XL/2 at batch 256, none and ahpa-cached, compiled (memory check)
+#     bash benchmarks/gpu_job.sh on-the-fly # none and ahpa-on-the-fly, eager and compiled, B/2 and XL/2: needs
+#                                           # the diffusers wheel carried in .whl/ (see below)
+#
+# For on-the-fly, here first (diffusers is pure Python; its other needs are on the machine already):
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
+# and name .whl in the run's carry.
+#
+# Every figure goes to $OUT (JSON + log); the command line, device, torch version, batch, precision and
+# compile flag are inside every record. The estimate behind the core job's guard is in docs/benchmarks.md.
+set -uo pipefail
+OUT=${OUT:-/tmp/ahpa-bench-out}
+mkdir -p "$OUT"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+job=${1:-core}
+if ls .whl/diffusers-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+start=$(date +%s)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
+  python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], torch.cuda.get_device_name())"; \
+} 2>&1 | tee "$OUT/env_$job.txt"
+bench() { python3 benchmarks/throughput.py --size gpu --work-dir /tmp/ahpa-bench --out "$OUT/throughput_$job.json" "$@" 2>&1 \
+          | tee "$OUT/throughput_$job.log"; }
+case "$job" in
+    # the guard: no measurement starts after 450 s; the slowest one (XL/2 compile + steps) was estimated at ~100 s
+    core) bench --models B/2,XL/2 --methods none,ahpa-cached,repa --compile compiled --budget-s 450 ;;
+    eager) bench --models B/2,XL/2 --methods none,ahpa-cached,repa --compile eager --sampling off --budget-s 450 ;;
+    xl256) bench --models XL/2 --batch 256 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 450 ;;
+    on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
+    *) echo "unknown job $job (core | eager | xl256 | on-the-fly)"; exit 2 ;;
+esac
+echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

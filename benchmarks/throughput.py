@@ -1,0 +1,320 @@
+"""Training and sampling throughput of ahpa's own Trainer, per method, model and compile mode; JSON out.
+
+    python benchmarks/throughput.py --size tiny --out /tmp/tp.json                 # CPU smoke, < 3 min on 2 cores
+    python benchmarks/throughput.py --size gpu --models B/2,XL/2 --methods none,ahpa-cached,repa \
+        --compile compiled --out $OUT/throughput.json                              # the core GPU comparison
+
+What runs is what users run: a `Trainer` built from a config, stepped with `train_step()` (its data source,
+draws, loss, clip, fused AdamW, EMA and all host syncs included). Per (model, compile, method) it records
+img/s over the timed steps after warm-up (torch.cuda.synchronize around them), MFU (model FLOPs = 3 x
+SiT.flops_per_image; the projector heads' FLOPs and frozen encoders' FLOPs reported separately) and peak
+memory (torch.cuda.max_memory_allocated). Methods:
+
+- none:            vanilla SiT; latents read from the synthetic cache (so it pays the same loader as ahpa).
+- ahpa-cached:     AHPA (soft router, all cached levels + latent) from a real prepared cache on disk, written by
+                   the library's `prepare` with a stand-in encoder of SD-VAE's level shapes (benchlib.SyntheticSDVAE):
+                   five levels 128/256/512/512/512 channels pooled to the token grid + latent mean/logvar, fp16,
+                   stored flips; memory-mapped by the library's CacheSource, so the loader is in the step.
+- ahpa-on-the-fly: AHPA with an SD-VAE-config AutoencoderKL (random weights, the library's DiffusersVAE) encoding
+                   in-memory images inside the step. Needs diffusers; recorded as skipped without it.
+- repa:            REPA with a DINOv2-B/14-shaped ViT (random weights) at 224 on in-memory images; latents from the
+                   cheap stand-in encoder (REPA pre-extracts latents, so its VAE costs nothing in the step).
+
+Sampling: an exported model (export_model -> load_export, a plain SiT) with CFG over every step, 50 Heun and 250
+Euler-Maruyama steps, bf16 autocast on GPU (fp32 on CPU); decoding uses the stand-in's trivial decoder.
+--size tiny shrinks every network (see SIZES) so that the CPU smoke finishes quickly: its figures are a smoke
+test of the code path and of the ratios' plumbing, not performance results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import benchlib
+from ahpa import config as config_mod
+from ahpa.config import SampleCfg
+from ahpa.data.cache import CacheSource
+from ahpa.data.shard_store import row_bytes
+from ahpa.models.sit import SiT, SiTConfig
+from ahpa.priors.external import ExternalEncoder
+from ahpa.priors.targets import ChannelStats
+from ahpa.sample import export_model, generate, load_export, per_sample_noise
+from ahpa.train.loop import Trainer
+
+METHODS = ("none", "ahpa-cached", "ahpa-on-the-fly", "repa")
+TINY_SIT = {"B/2": (96, 4, 4), "XL/2": (128, 6, 4)}  # tiny stand-ins: (hidden, depth, heads)
+SIZES = {
+    # resolution, batch per model, timed/warm-up steps, projector width, cache images, VAE config, ViT, sampling n
+    "tiny": dict(resolution=64, batch={"B/2": 16, "XL/2": 16}, steps=4, warmup=2, projector=256, cache_images=64,
+                 vae=dict(benchlib.SD_VAE_CONFIG, block_out_channels=[32, 64, 128, 128], layers_per_block=1),
+                 vit=dict(image_size=112, patch=14, dim=96, depth=2, heads=4), sample_n={"B/2": 8, "XL/2": 8},
+                 align_depth={"B/2": 2, "XL/2": 2}, stats_images=16),
+    "gpu": dict(resolution=256, batch={"B/2": 256, "XL/2": 128}, steps=20, warmup=5, projector=2048, cache_images=1024,
+                vae=benchlib.SD_VAE_CONFIG, vit=dict(image_size=224, patch=14, dim=768, depth=12, heads=12),
+                sample_n={"B/2": 128, "XL/2": 64}, align_depth={"B/2": 4, "XL/2": 8}, stats_images=64),
+}
+
+
+def run_config(size: dict, args, model: str, method: str, compiled: bool, cache: Path, device: torch.device) -> dict:
+    """The Trainer config of one measurement (plain dict -> Config, as a YAML file would give)."""
+    res = size["resolution"]
+    m = {"preset": model}
+    if args.size == "tiny":
+        m["hidden_size"], m["depth"], m["num_heads"] = TINY_SIT[model]
+    cached = method in ("none", "ahpa-cached")
+    data = ({"source": "cache", "path": str(cache)} if cached else
+            {"source": "procedural", "procedural_size": max(2 * size["batch"][model], 64)})
+    align_method = {"none": "none", "repa": "repa"}.get(method, "ahpa")
+    return config_mod.from_dict({
+        "model": m,
+        "data": {**data, "resolution": res, "hflip": True, "num_classes": 1000},
+        "prior": {"encoder": "bench:stand-in", "stats_images": size["stats_images"]},
+        "align": {"method": align_method, "depth": size["align_depth"][model], "weight": 0.5,
+                  "projector_dim": size["projector"], "router": "soft"},
+        "train": {"batch_size": args.batch or size["batch"][model], "compile": compiled, "device": str(device),
+                  "precision": "auto", "seed": 0, "steps": 10**9, "sample_every": 0, "log_every": 10**9,
+                  "ckpt_every": 10**9, "lr": 1e-4, "grad_clip": 1.0},
+    })
+
+
+def encoders_for(method: str, size: dict, device: torch.device, synthetic, repa_precision: str):
+    """(prior encoder, external encoder or None, note) of a method; raises ImportError where one is unavailable."""
+    if method == "ahpa-on-the-fly":
+        return benchlib.sd_vae_random(size["vae"], device), None, "SD-VAE-config AutoencoderKL, random weights, fp32 (as DiffusersVAE runs)"
+    if method == "repa":
+        vit = benchlib.ViTTokens(**size["vit"])
+        if repa_precision == "bf16":
+            vit = benchlib.Autocast(vit)
+        ext = ExternalEncoder(vit, size["vit"]["dim"], input_size=size["vit"]["image_size"])
+        return synthetic, ext, f"DINOv2-B/14-shaped ViT {size['vit']}, random weights, {repa_precision}"
+    return synthetic, None, ""
+
+
+def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch.device, run_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    with benchlib.injected_encoder(encoder):
+        trainer = Trainer(cfg, run_dir, external=external)
+    p = trainer.parts
+    build_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # compiles here when compiled
+        trainer.train_step()
+    benchlib.sync(device)
+    warm_s = time.perf_counter() - t0
+    windows, window, since = [], max(1, steps // 4), 0  # per-window rates show whether the timing is steady
+    t0 = last = time.perf_counter()
+    for i in range(1, steps + 1):
+        metrics = trainer.train_step()
+        since += 1
+        if i % window == 0 or i == steps:
+            benchlib.sync(device)
+            now = time.perf_counter()
+            windows.append(round(since * cfg.train.batch_size / (now - last), 2))
+            last, since = now, 0
+    dt = time.perf_counter() - t0
+    B = cfg.train.batch_size
+    sit_fwd = p.model.flops_per_image()
+    heads = 0.0
+    if p.aligner is not None:
+        heads = 3 * p.aligner.projector.flops_per_token() * p.model.cfg.num_tokens
+    rec = {
+        "img_per_s": round(steps * B / dt, 2), "step_ms": round(1000 * dt / steps, 2), "window_img_per_s": windows,
+        "sit_params_M": round(p.model.num_params() / 1e6, 2),
+        "model_gflop_per_img": round(3 * sit_fwd / 1e9, 3), "heads_gflop_per_img": round(heads / 1e9, 3),
+        "levels": p.levels, "build_s": round(build_s, 2), "warmup_s": round(warm_s, 2),
+        "loss_flow": float(metrics["loss/flow"]), "finite": bool(torch.isfinite(metrics["loss/flow"])),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+    if isinstance(p.source, CacheSource):  # what the loader reads per sample, the bytes that make it cost
+        rec["cache_bytes_per_sample"] = sum(row_bytes(p.source.specs[f]) for f in p.source.fields)
+    del trainer, p
+    return rec
+
+
+def frozen_encoder_gflops(method: str, encoder, external, size: dict, device: torch.device) -> float | None:
+    """Forward FLOPs per image of the frozen encoder a method runs inside the step (no backward)."""
+    res = size["resolution"]
+    img = torch.rand(1, 3, res, res, device=device)
+    if method == "ahpa-on-the-fly":
+        return benchlib.count_flops(lambda: encoder.encode(img, [n for n in encoder.level_names if n != "latent"])) / 1e9
+    if method == "repa":
+        return benchlib.count_flops(lambda: external(img, 1)) / 1e9
+    return None
+
+
+def measure_sampling(model: str, size: dict, args, encoder, device: torch.device, tmp: Path, info: dict) -> list[dict]:
+    side = size["resolution"] // encoder.factor
+    sc = SiTConfig.preset(model, input_size=side, in_channels=encoder.latent_channels, num_classes=1000)
+    if args.size == "tiny":
+        sc.hidden_size, sc.depth, sc.num_heads = TINY_SIT[model]
+    torch.manual_seed(0)
+    sit = SiT(sc)
+    path = export_model(tmp / "model.safetensors", sit, ChannelStats(torch.zeros(sc.in_channels), torch.ones(sc.in_channels)),
+                        encoder.spec, "linear", size["resolution"])
+    bundle = load_export(path, device, encoder=encoder)
+    bundle.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    n = args.sample_n or size["sample_n"][model]
+    labels = torch.arange(n) % sc.num_classes
+    out = []
+    for solver, steps in (("heun", 50), ("euler-maruyama", 250)):
+        scfg = SampleCfg(solver=solver, steps=steps, cfg_scale=1.5, guidance_low=0.0, guidance_high=1.0, micro_batch=2 * n)
+        generate(bundle, list(range(n)), labels, 0, SampleCfg(solver=solver, steps=2, cfg_scale=1.5, micro_batch=2 * n))
+        benchlib.sync(device)
+        t0 = time.perf_counter()
+        per_sample_noise(0, list(range(n)), bundle.latent_shape, steps - 1 if solver == "euler-maruyama" else 0)
+        noise_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        images = generate(bundle, list(range(n)), labels, 0, scfg)
+        benchlib.sync(device)
+        dt = time.perf_counter() - t0
+        nfe = 2 * steps - 1 if solver == "heun" else steps
+        flops = nfe * 2 * n * sit.flops_per_image()  # CFG: every evaluation runs 2n rows
+        peak = info["peak_bf16_tflops"]
+        out.append({
+            **info, "kind": "sample", "model": model, "solver": solver, "steps": steps, "nfe": nfe, "cfg_scale": 1.5,
+            "guidance_interval": [0.0, 1.0], "batch": n, "micro_batch": 2 * n, "compile": False,
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "img_per_s": round(n / dt, 3),
+            "seconds": round(dt, 3), "host_noise_s": round(noise_s, 3), "decode": "stand-in decoder (trivial)",
+            "mfu": round(flops / dt / (peak * 1e12), 4) if peak else None, "images_shape": list(images.shape),
+        })
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    ap.add_argument("--out", type=Path, required=True, help="JSON file (rewritten after every record)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--models", default="B/2,XL/2")
+    ap.add_argument("--compile", choices=("both", "eager", "compiled"), default=None,
+                    help="default: both at --size gpu, eager at --size tiny (inductor's CPU compile takes minutes)")
+    ap.add_argument("--steps", type=int, help="timed steps (default per size)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps before timing (default per size)")
+    ap.add_argument("--batch", type=int, help="global batch for every model (default per size and model)")
+    ap.add_argument("--sampling", choices=("on", "off"), default="on")
+    ap.add_argument("--sample-n", type=int, help="images per sampling measurement (default per size and model)")
+    ap.add_argument("--repa-encoder", choices=("fp32", "bf16"), default="fp32",
+                    help="fp32: as the Trainer runs an external encoder today (outside autocast); bf16: under autocast")
+    ap.add_argument("--cache-images", type=int, help="images in the synthetic cache (default per size)")
+    ap.add_argument("--work-dir", type=Path, help="where the synthetic cache and run dirs go (default: a temp dir)")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds (0 = no limit)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (CPU runs only): 1 by default, since OpenMP threads spinning on shared, busy cores "
+                         "made every op 10-50x slower here")
+    args = ap.parse_args()
+
+    size = SIZES[args.size]
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    compile_modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[args.compile or ("both" if args.size == "gpu" else "eager")]
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    models = [m for m in args.models.split(",") if m]
+    steps, warmup = args.steps or size["steps"], args.warmup if args.warmup is not None else size["warmup"]
+    info = benchlib.device_info(device)
+    info["command"] = benchlib.command_line()
+    started = time.perf_counter()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="ahpa-throughput-"))
+    result = {"meta": {**info, "size": args.size, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                       "cpu_threads": torch.get_num_threads(), "note": "tiny = smoke sizes, not performance results"
+                       if args.size == "tiny" else ""}, "cache": None, "records": []}
+
+    def save() -> None:
+        result["ratios"] = ratios(result["records"])
+        result["meta"]["elapsed_s"] = round(time.perf_counter() - started, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    synthetic = benchlib.SyntheticSDVAE().to(device)
+    grid = size["resolution"] // synthetic.factor // 2  # patch 2
+    cache = work / f"cache-sdvae-shaped-{size['resolution']}"
+    if any(m in ("none", "ahpa-cached") for m in methods):
+        result["cache"] = benchlib.write_synthetic_cache(cache, synthetic, args.cache_images or size["cache_images"],
+                                                          size["resolution"], grid, device)
+        print(f"cache: {result['cache']}", flush=True)
+        save()
+    for model in models:
+        for compiled in compile_modes:
+            for method in methods:
+                base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
+                        "batch": args.batch or size["batch"][model], "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                        "resolution": size["resolution"], "timed_steps": steps, "warmup_steps": warmup}
+                if args.budget_s and time.perf_counter() - started > args.budget_s:
+                    result["records"].append({**base, "skipped": f"time budget {args.budget_s:.0f} s spent"})
+                    save()
+                    continue
+                try:
+                    encoder, external, note = encoders_for(method, size, device, synthetic, args.repa_encoder)
+                except ImportError as e:
+                    result["records"].append({**base, "skipped": f"unavailable: {e}"})
+                    print(f"{model} {method} compile={compiled}: skipped ({e})", flush=True)
+                    save()
+                    continue
+                cfg = run_config(size, args, model, method, compiled, cache, device)
+                try:
+                    rec = measure_train(cfg, encoder, external, warmup, steps, device, work / "runs" / f"{len(result['records'])}")
+                    rec["frozen_encoder_gflop_per_img"] = frozen_encoder_gflops(method, encoder, external, size, device)
+                    peak = info["peak_bf16_tflops"]
+                    rec["mfu"] = round(rec["img_per_s"] * rec["model_gflop_per_img"] / (peak * 1e3), 4) if peak else None
+                    rec["mfu_with_heads"] = (round(rec["img_per_s"] * (rec["model_gflop_per_img"] + rec["heads_gflop_per_img"])
+                                                   / (peak * 1e3), 4) if peak else None)
+                    rec["note"] = note
+                except Exception as e:  # one failed configuration must not lose the others' figures
+                    traceback.print_exc()
+                    rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                result["records"].append({**base, **rec})
+                print(f"{model} {method} compile={compiled}: {rec.get('img_per_s', rec.get('error'))} img/s "
+                      f"(mem {rec.get('peak_mem_gb')} GB, mfu {rec.get('mfu')})", flush=True)
+                del encoder, external
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()  # fresh compile caches per configuration (inductor's on-disk cache stays)
+                save()
+    if args.sampling == "on":
+        for model in models:
+            if args.budget_s and time.perf_counter() - started > args.budget_s:
+                result["records"].append({**info, "kind": "sample", "model": model, "skipped": "time budget spent"})
+                continue
+            try:
+                recs = measure_sampling(model, size, args, synthetic, device, work, info)
+            except Exception as e:
+                traceback.print_exc()
+                recs = [{**info, "kind": "sample", "model": model, "error": f"{type(e).__name__}: {e}"}]
+            for r in recs:
+                print(f"sample {model} {r.get('solver')}: {r.get('img_per_s', r.get('error'))} img/s", flush=True)
+            result["records"] += recs
+            save()
+    save()
+    print(json.dumps(result["ratios"], indent=1))
+
+
+def ratios(records: list[dict]) -> dict:
+    """img/s of each method over `none` of the same model and compile mode (measured side by side)."""
+    base = {(r["model"], r["compile"]): r["img_per_s"] for r in records
+            if r.get("kind") == "train" and r.get("method") == "none" and "img_per_s" in r}
+    out = {}
+    for r in records:
+        key = (r.get("model"), r.get("compile"))
+        if r.get("kind") == "train" and r.get("method") != "none" and "img_per_s" in r and key in base:
+            out[f"{r['model']} {'compiled' if r['compile'] else 'eager'} {r['method']}/none"] = round(r["img_per_s"] / base[key], 3)
+    return out
+
+
+if __name__ == "__main__":
+    main()

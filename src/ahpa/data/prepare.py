@@ -26,10 +26,10 @@ from ahpa.data.manifest import (
 )  # fmt: skip
 from ahpa.data.reduce import REDUCE_FILE, fit_bases, load_bases, project, reconstruct
 from ahpa.data.shard_store import ShardPlan, check_output_dir, finalize_cache, sweep_shards
-from ahpa.data.shard_writer import AsyncShardWriter, MomentSums
+from ahpa.data.shard_writer import AsyncShardWriter, sum_arrays
 from ahpa.data.tokens import divisor_grids, pool_tokens
 from ahpa.priors.base import PriorEncoder
-from ahpa.priors.targets import pool_to_grid
+from ahpa.priors.targets import StatsAccumulator, pool_to_grid
 
 PRECISIONS = ("fp32", "bf16")
 TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -302,7 +302,7 @@ class _Run:
             lat = self.settings["latent"]
             g = generator(self.o.seed, index, stream=NOISE_STREAM)
             noise = torch.randn((hi - lo, lat["channels"], lat["side"], lat["side"]), generator=g)  # [items, C, h, w]
-        sums = {"latent": MomentSums()} | {f"g{g}": MomentSums() for g in self.grids}
+        sums = {"latent": StatsAccumulator()} | {f"g{g}": StatsAccumulator() for g in self.grids}
         return _Shard(index, lo, hi, noise, sums)
 
     def _fail_or_skip(self, shard: "_Shard", it: Item) -> None:
@@ -382,9 +382,9 @@ class _Run:
         names = ["latent", *self.levels]
         widths = [self.settings["latent"]["channels"]] + [self._channels(n) for n in self.levels]
         bounds = np.cumsum([0, *widths])
-        sums = {f"latent.{k}": v for k, v in shard.sums["latent"].arrays(widths[0]).items()}
+        sums = {f"latent.{k}": v for k, v in sum_arrays(shard.sums["latent"], widths[0]).items()}
         for g in self.grids:
-            arrays = shard.sums[f"g{g}"].arrays(int(bounds[-1]))
+            arrays = sum_arrays(shard.sums[f"g{g}"], int(bounds[-1]))
             for name, a, b in zip(names, bounds[:-1], bounds[1:]):  # split the concatenated channels per level
                 sums[f"g{g}.{name}.n"] = arrays["n"]
                 sums[f"g{g}.{name}.s1"], sums[f"g{g}.{name}.s2"] = arrays["s1"][a:b], arrays["s2"][a:b]
@@ -406,7 +406,7 @@ class _Shard:
     lo: int
     hi: int
     noise: torch.Tensor | None
-    sums: dict[str, MomentSums]
+    sums: dict[str, StatsAccumulator]
     rows: int = 0
     skipped: list[list[str]] = field(default_factory=list)
     conversions: Counter = field(default_factory=Counter)

@@ -117,33 +117,14 @@ class AsyncShardWriter:
             job[1].put(out)
 
 
-class MomentSums:
-    """Per-channel sums kept on the device in float64 (no host sync per batch); -> StatsAccumulator at the end."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.s1: torch.Tensor | None = None
-        self.s2: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor, channel_dim: int) -> None:
-        # reduce in place with float64 accumulators: no float64 copy of x, no movedim copy (this runs for
-        # every level at every grid on every batch, so it must stay small next to the encoder)
-        x = x.detach().float()
-        dims = [d for d in range(x.ndim) if d != channel_dim % x.ndim]
-        s1 = x.sum(dims, dtype=torch.float64)  # [C]
-        s2 = x.square().sum(dims, dtype=torch.float64)
-        self.s1 = s1 if self.s1 is None else self.s1 + s1
-        self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.n += x.numel() // x.shape[channel_dim]
-
-    def arrays(self, channels: int) -> dict[str, np.ndarray]:
-        """n, s1, s2 as float64 numpy (zeros for a shard without rows)."""
-        zero = np.zeros(channels, np.float64)
-        return {
-            "n": np.array([self.n], np.float64),
-            "s1": zero if self.s1 is None else self.s1.cpu().numpy(),
-            "s2": zero if self.s2 is None else self.s2.cpu().numpy(),
-        }
+def sum_arrays(acc: StatsAccumulator, channels: int) -> dict[str, np.ndarray]:
+    """A shard's (n, s1, s2) as float64 numpy (zeros for a shard without rows)."""
+    zero = np.zeros(channels, np.float64)
+    return {
+        "n": np.array([acc.n], np.float64),
+        "s1": zero if acc.s1 is None else acc.s1.cpu().numpy(),
+        "s2": zero if acc.s2 is None else acc.s2.cpu().numpy(),
+    }
 
 
 def merge_sums(parts: list[dict[str, np.ndarray]]) -> StatsAccumulator:

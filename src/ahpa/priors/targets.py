@@ -41,7 +41,7 @@ class ChannelStats:
 
 
 class StatsAccumulator:
-    """Streaming per-channel moments in float64 (channel dim given per update)."""
+    """Streaming per-channel moments: float64 sums kept on the input's device (no host sync per update)."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -49,15 +49,19 @@ class StatsAccumulator:
         self.s2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, channel_dim: int) -> None:
-        x = x.detach().double().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])  # [M, C]
-        s1, s2 = x.sum(0).cpu(), (x * x).sum(0).cpu()
+        # float64 accumulators without a float64 copy of x or a movedim copy: this runs for every level
+        # on every batch (prepare, statistics), so it must stay small next to the encoder
+        x = x.detach().float()
+        dims = [d for d in range(x.ndim) if d != channel_dim % x.ndim]
+        s1 = x.sum(dims, dtype=torch.float64)  # [C]
+        s2 = x.square().sum(dims, dtype=torch.float64)
         self.s1 = s1 if self.s1 is None else self.s1 + s1
         self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.n += x.shape[0]
+        self.n += x.numel() // x.shape[channel_dim]
 
     def result(self, min_std: float = 1e-4) -> ChannelStats:
-        mean = self.s1 / self.n
-        var = (self.s2 / self.n - mean * mean).clamp_min(0)
+        mean = self.s1.cpu() / self.n
+        var = (self.s2.cpu() / self.n - mean * mean).clamp_min(0)
         return ChannelStats(mean.float(), var.sqrt().clamp_min(min_std).float())
 
 

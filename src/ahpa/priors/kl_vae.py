@@ -124,7 +124,7 @@ def vae_loss(vae: KLVAE, x: torch.Tensor, noise: torch.Tensor, kl_weight: float)
     rec = vae._decode(z)
     mse = F.mse_loss(rec, x)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    return F.l1_loss(rec, x) + mse + kl_weight * kl, mse
+    return F.l1_loss(rec, x) + mse + kl_weight * kl, mse.detach()
 
 
 def train_vae(
@@ -155,5 +155,5 @@ def train_vae(
         opt.step()
         sched.step()
         if on_step is not None:
-            on_step(step, float(mse))
+            on_step(step, mse.item())
     return frozen(vae)

@@ -8,6 +8,7 @@ samples (the share assigned to their conditioning class).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -45,6 +46,10 @@ def run_demo(
     """Runs every stage into `out` and returns the report (also written to out/report.json)."""
     progress = progress or (lambda desc, total: _Silent())
     out = Path(out)
+    # a rerun starts afresh: a resumed SiT run over a retrained VAE would mix two latent spaces
+    for owned in ("data", "vae", "run", "samples.png", "report.json"):
+        target = out / owned
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     cfg = demo_config([f"train.seed={seed}", *sit_overrides])

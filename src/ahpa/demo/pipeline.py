@@ -41,7 +41,7 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> config_mod.Confi
 
 def run_demo(
     out: str | Path, progress: Progress | None = None, num_images: int = 4096, vae_steps: int = 400,
-    sit_overrides: list[str] | tuple[str, ...] = (), num_check: int = 400, seed: int = 0,
+    sit_overrides: list[str] | tuple[str, ...] = (), num_check: int = 400, seed: int = 0, judge_steps: int = 400,
 ) -> dict:
     """Runs every stage into `out` and returns the report (also written to out/report.json)."""
     progress = progress or (lambda desc, total: _Silent())
@@ -80,7 +80,6 @@ def run_demo(
 
     t0 = time.perf_counter()
     held_images, held_labels = make_shapes(800, res, seed=seed + 1)
-    judge_steps = 300
     bar = progress("judge", judge_steps)
     judge = train_classifier(images, labels, len(CLASS_NAMES), steps=judge_steps, seed=seed, on_step=lambda s: bar.update(1))
     bar.close()

@@ -48,7 +48,8 @@ def device_info(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
         peak = next((p for key, p in PEAK_BF16_TFLOPS if key in name), None)
     else:
-        name = f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        name = f"CPU {platform.machine()} ({n} thread{'s' if n > 1 else ''})"
         peak = None  # no MFU on CPU: no meaningful dense peak to divide by
     return {"device": name, "peak_bf16_tflops": peak, "torch": torch.__version__, "python": platform.python_version()}
 

@@ -1,0 +1,279 @@
+"""The convergence study (../shared/STUDY.md): every method, same seed, data order and steps; FD-r20/FD-r32 curves.
+
+    # CPU smoke (tiny SiT, 40 steps, 500 samples; a test of the plumbing, not results):
+    python benchmarks/study.py --size smoke --results docs/study/smoke/results.jsonl
+    # one GPU job (<= 10 minutes: pick --methods and --steps so that it fits; see docs/study.md):
+    python benchmarks/study.py --size gpu --methods none,ahpa-soft --steps 10000 --results $OUT/study.jsonl
+
+Per method it builds the library's `Trainer` over a prepared TAEF2 cache of train16k.npz (64x64, every TAEF2
+level, grid 8, stored flips; prepared once by the library's `prepare` and reused), steps it with `train_step()`
+and at every evaluation point measures Fréchet distances of class-balanced EMA samples (Euler ODE, 50 steps, no
+guidance) in the features of each detector against reference statistics of the full CIFAR-10 training set.
+The reference statistics are computed once (from --ref-images) and kept as small files in --ref-dir, which is
+committed, so GPU jobs need neither train.npz nor a recomputation. Each evaluation point appends one JSON line
+to --results keyed by (study key, method, seed): jobs that ran on different machines merge (study_report.py).
+
+Nothing carries over from one job to the next: a job trains complete runs from step 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import benchlib
+from ahpa import config as config_mod
+from ahpa.config import SampleCfg
+from ahpa.data.prepare import PrepareOptions, prepare
+from ahpa.metrics import FeatureStats, load_detector, reference_stats
+from ahpa.sample import iter_samples, generate
+from ahpa.train import plots
+from ahpa.train.loop import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STUDY_CONFIG = REPO / "src" / "ahpa" / "configs" / "cifar64-s1.yaml"
+# method label -> config overrides; vae-level's level comes from --level
+METHODS = {
+    "none": {"align.method": "none"},
+    "vae-latent": {"align.method": "vae-latent"},
+    "vae-level": {"align.method": "vae-level"},
+    "multi-uniform": {"align.method": "multi-uniform"},
+    "ahpa-soft": {"align.method": "ahpa", "align.router": "soft"},
+    "ahpa-snr": {"align.method": "ahpa", "align.router": "snr"},
+    "ahpa-topk": {"align.method": "ahpa", "align.router": "topk"},
+}
+DEFAULT_METHODS = ("none", "vae-latent", "vae-level", "multi-uniform", "ahpa-soft", "ahpa-snr")
+SIZES = {
+    # smoke: a tiny SiT on 256 cached images at CIFAR's own 32x32 (TAEF2 decodes dominate a CPU evaluation and cost
+    # 4x less there than at 64); every code path of the GPU study, none of its statistics
+    "smoke": {"limit": 256, "resolution": 32, "grid": 4, "steps": 40, "eval_every": 20, "eval_num": 500,
+              "eval_batch": 250, "grid_images": 20,
+              "overrides": {"data.resolution": 32, "model.hidden_size": 64, "model.depth": 4, "model.num_heads": 4, "align.depth": 2,
+                            "align.projector_dim": 256, "train.batch_size": 16, "train.lr": 1e-3, "train.warmup_steps": 5,
+                            "prior.stats_images": 256}},
+    "gpu": {"limit": 0, "resolution": 64, "grid": 8, "steps": 10000, "eval_every": 2500, "eval_num": 10000, "eval_batch": 1000, "grid_images": 100,
+            "overrides": {}},
+}
+
+
+def study_config(args, size: dict, method: str):
+    """The run's Config: the project's study config + the size's overrides + the method's; and the key parts."""
+    over = {**size["overrides"], **METHODS[method], "data.source": "cache", "data.path": str(args.cache),
+            "prior.encoder": args.encoder, "train.steps": args.steps, "train.seed": args.seed,
+            "train.compile": args.compile == "on", "train.device": args.device, "train.sample_every": 0,
+            "train.log_every": 10**9, "train.ckpt_every": 10**9}
+    for key, value in (("align.depth", args.align_depth), ("align.weight", args.align_weight), ("train.lr", args.lr)):
+        if value is not None:  # flags override the size's and the study config's values only when given
+            over[key] = value
+    if method == "vae-level":
+        over["align.levels"] = [args.level]
+    cfg = config_mod.load(STUDY_CONFIG, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in over.items()])
+    return cfg
+
+
+def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
+    """What makes two runs comparable: everything but the method's own switches, the device and cadences."""
+    flat = config_mod.flatten(cfg.to_dict())
+    skip = ("align.method", "align.router", "align.levels", "align.loss", "train.device", "train.compile",
+            "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path")
+    common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}
+    common.update({"study.size": size_name, "study.data": args.data.name, "study.limit": args.limit,
+                   "study.eval_every": args.eval_every, "study.eval_num": args.eval_num,
+                   "study.eval_sampler": "euler-50-cfg1", "study.eval_seed": 0})
+    return hashlib.sha256(json.dumps(common, sort_keys=True).encode()).hexdigest()[:12], common
+
+
+def ensure_cache(args, device: torch.device) -> dict:
+    t0 = time.perf_counter()
+    opts = PrepareOptions(images=str(args.data), vae=args.encoder, resolution=args.resolution, out=str(args.cache), grid=args.grid,
+                          dtype="fp16", flips="stored", batch=256, workers=args.workers, device=str(device), limit=args.limit)
+    res = prepare(opts)
+    return {"path": str(res.path), "images": res.images, "bytes": res.bytes, "reused": res.noop,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def reference(detector, args) -> FeatureStats:
+    """Reference statistics of the full training set for `detector`, computed once and kept in --ref-dir."""
+    path = args.ref_dir / f"cifar10-train-{detector.name}.npz"
+    if path.is_file():
+        stats = FeatureStats.load(path)
+        if stats.detector == detector.name:
+            return stats
+    if args.ref_images is None or not args.ref_images.is_file():
+        raise SystemExit(f"{path} is missing and --ref-images {args.ref_images} does not exist: compute the reference "
+                         f"statistics where train.npz is (python benchmarks/study.py --refs-only)")
+    t0 = time.perf_counter()
+    stats = reference_stats(args.ref_images, detector, 1000)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(path, detector=detector.name)
+    info = {"detector": detector.name, "detector_file": Path(detector.spec.partition(":")[2]).name,
+            "detector_sha256": benchlib_sha(Path(detector.spec.partition(":")[2])), "images": str(args.ref_images.name),
+            "images_sha256": benchlib_sha(args.ref_images), "count": stats.count, "seconds": round(time.perf_counter() - t0, 1),
+            "torch": torch.__version__}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+    stats.detector = detector.name
+    return stats
+
+
+def benchlib_sha(path: Path) -> str:
+    from ahpa.priors.base import sha256_file
+
+    return sha256_file(path)
+
+
+@torch.no_grad()
+def evaluate(bundle, detectors, refs, num: int, batch: int, scfg: SampleCfg) -> dict[str, float]:
+    """FD per detector from ONE pass of samples: `ahpa.train.evaluate.evaluate_fd` generates the samples again for
+    every detector; this feeds each batch to all detectors instead (same samples, same seeds, same statistics)."""
+    stats = [FeatureStats(dim=d.dim, device=d.device) for d in detectors]
+    for _, images, _ in iter_samples(bundle, 0, num, 0, batch, scfg):
+        x = images.permute(0, 3, 1, 2)  # uint8 NHWC -> NCHW view
+        for d, s in zip(detectors, stats):
+            s.update(d.features(x))
+    return {d.name: s.frechet_distance(r) for d, s, r in zip(detectors, stats, refs)}
+
+
+def window_means(sums: dict, count: int) -> dict:
+    good = max(float(sums.pop("good_steps")), 1e-9)
+    out = {}
+    for k, v in sums.items():
+        vals = (v / good).reshape(-1).tolist()
+        out[k] = vals if v.ndim else vals[0]
+    out["skipped_steps"] = count - round(good)
+    return out
+
+
+def train_one(args, size_name: str, size: dict, method: str, detectors, refs, device, env: dict, started: float) -> dict:
+    cfg = study_config(args, size, method)
+    key, common = study_key(cfg, args, size_name)
+    label = f"vae-level:{args.level}" if method == "vae-level" else method
+    ident = {"study": key, "method": label, "seed": args.seed}
+    scfg = SampleCfg(solver="euler", steps=50, cfg_scale=1.0, micro_batch=args.eval_batch)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"study-{label.replace(':', '-')}-"))
+    t_build = time.perf_counter()
+    trainer = Trainer(cfg, run_dir)
+    B = cfg.train.batch_size
+    build_s = time.perf_counter() - t_build
+    points = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
+    train_total, windows = 0.0, []
+    for point in points:
+        sums, count = {}, 0
+        benchlib.sync(device)
+        t0 = time.perf_counter()
+        while trainer.step < point:
+            for k, v in trainer.train_step().items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            count += 1
+        benchlib.sync(device)
+        dt = time.perf_counter() - t0
+        train_total += dt
+        windows.append(1000 * dt / max(count, 1))
+        t0 = time.perf_counter()
+        fd = evaluate(trainer.sampler_bundle(), detectors, refs, args.eval_num, args.eval_batch, scfg)
+        eval_s = time.perf_counter() - t0
+        al = trainer.parts.aligner
+        router = None
+        if al is not None:
+            t, w = al.router_table()
+            router = {"mode": al.router.mode, "t": [round(x, 4) for x in t.tolist()],
+                      "weights": [[round(x, 5) for x in row] for row in w.tolist()], "levels": al.levels}
+        row = {"kind": "eval", **ident, "step": trainer.step, "images": trainer.step * B, "fd": fd,
+               "ms_per_step": round(windows[-1], 3), "train_s": round(dt, 2), "eval_s": round(eval_s, 2),
+               "metrics": window_means(sums, count), "levels": trainer.parts.levels, "router": router,
+               "config": common, **env}
+        benchlib.append_jsonl(args.results, row)
+        print(f"{label} seed {args.seed} step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in fd.items())
+              + f" ({windows[-1]:.1f} ms/step, eval {eval_s:.1f} s, {time.perf_counter() - started:.0f} s in)", flush=True)
+    grid = None
+    if args.grid_images:
+        n = args.grid_images
+        labels = torch.arange(n) % trainer.parts.model.cfg.num_classes
+        images = generate(trainer.sampler_bundle(), list(range(n)), labels, 0, scfg)
+        grid = args.results.parent / f"samples-{key}-{label.replace(':', '-')}-seed{args.seed}-step{trainer.step}.png"
+        plots.save_grid(images.numpy(), grid, nrow=10)
+    steady = windows[1:] or windows  # the first window holds warm-up (and compilation)
+    summary = {"kind": "run", **ident, "steps": trainer.step, "images": trainer.step * B, "complete": True,
+               "train_s": round(train_total, 1), "build_s": round(build_s, 1), "ms_per_step_first_window": round(windows[0], 3),
+               "ms_per_step_steady": round(statistics.median(steady), 3), "sample_grid": grid.name if grid else None,
+               "config": common, **env}
+    benchlib.append_jsonl(args.results, summary)
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=tuple(SIZES), default="smoke")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--level", default="stage4", help="the level vae-level aligns (TAEF2: stage1..stage4, latent)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, help="training steps per method (default per size)")
+    ap.add_argument("--eval-every", type=int, help="evaluate every N steps, and at the end (default per size)")
+    ap.add_argument("--eval-num", type=int, help="samples per evaluation (default per size)")
+    ap.add_argument("--eval-batch", type=int, help="samples per generator call (default per size)")
+    ap.add_argument("--grid-images", type=int, help="final sample grid per method, PNG beside --results (0 = none)")
+    ap.add_argument("--align-depth", type=int, help="override align.depth (default: the study config's; smoke: 2)")
+    ap.add_argument("--align-weight", type=float, help="override align.weight (lambda)")
+    ap.add_argument("--lr", type=float, help="override train.lr")
+    ap.add_argument("--compile", choices=("on", "off"), default="off")
+    ap.add_argument("--results", type=Path, required=True, help="JSON-lines file results are appended to")
+    ap.add_argument("--data", type=Path, default=SHARED / "data/cifar10/train16k.npz")
+    ap.add_argument("--encoder", default=f"taef2:{SHARED / 'weights/taef2'}")
+    ap.add_argument("--detectors", default=",".join(f"torchscript:{SHARED / 'detectors' / f}" for f in
+                                                    ("cifar10-resnet20.pt", "cifar10-resnet32.pt")))
+    ap.add_argument("--ref-dir", type=Path, default=REPO / "benchmarks/results/study/ref",
+                    help="reference statistics per detector (cifar10-train-<metric>.npz), computed once")
+    ap.add_argument("--ref-images", type=Path, default=SHARED / "data/cifar10/train.npz")
+    ap.add_argument("--refs-only", action="store_true", help="compute the reference statistics and stop")
+    ap.add_argument("--cache", type=Path, help="TAEF2 cache directory (default: a per-size folder in the temp dir)")
+    ap.add_argument("--workers", type=int, default=2, help="prepare's decoding processes")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no method whose projected time would pass this")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; see throughput.py --threads)")
+    args = ap.parse_args()
+    size = SIZES[args.size]
+    for name in ("steps", "eval_every", "eval_num", "eval_batch", "grid_images", "limit", "resolution", "grid"):
+        if getattr(args, name, None) is None:
+            setattr(args, name, size[name])
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    args.cache = args.cache or Path(tempfile.gettempdir()) / f"ahpa-study-cache-taef2-{args.resolution}-limit{args.limit}"
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
+    started = time.perf_counter()
+    detectors = [load_detector(spec, device) for spec in args.detectors.split(",")]
+    refs = [reference(d, args) for d in detectors]
+    if args.refs_only:
+        return
+    env = {**benchlib.device_info(device), "command": benchlib.command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "compile": args.compile == "on"}
+    cache = ensure_cache(args, device)
+    print(f"cache: {cache}", flush=True)
+    last_cost = None
+    for method in methods:
+        elapsed = time.perf_counter() - started
+        if args.budget_s and last_cost is not None and elapsed + last_cost > args.budget_s:
+            print(f"{method}: skipped, {elapsed:.0f} s spent and the last method took {last_cost:.0f} s "
+                  f"(budget {args.budget_s:.0f} s)", flush=True)
+            benchlib.append_jsonl(args.results, {"kind": "skipped", "method": method, "seed": args.seed,
+                                                 "reason": "time budget", **env})
+            continue
+        t0 = time.perf_counter()
+        train_one(args, args.size, size, method, detectors, refs, device, env, started)
+        last_cost = time.perf_counter() - t0
+    print(f"study job done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

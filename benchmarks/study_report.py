@@ -1,0 +1,224 @@
+"""Merges study result files (benchmarks/study.py) into a markdown report with plots.
+
+    python benchmarks/study_report.py --results benchmarks/results/study --out docs/study
+    python benchmarks/study_report.py --results docs/study/smoke/results.jsonl --out docs/study/smoke --smoke
+
+Rows are keyed by (study key, method, seed, step); a later row with the same key replaces an earlier one (a rerun
+of a job). Runs are compared only within one study key (same config, steps, evaluation protocol), at equal steps.
+Writes README.md (tables), fd-<metric>-<key>.png (FD against training images, one line per method and seed),
+router-<key>-<method>-seed<s>.png (router weights against t, one panel per evaluation point), levels-<key>.png
+(per-level alignment losses), ms-per-step-<key>.png, and copies the sample grids found beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_rows(paths: list[Path]) -> tuple[list[Path], dict, dict]:
+    """(files, eval rows by (study, method, seed, step), run rows by (study, method, seed))."""
+    files = []
+    for p in paths:
+        files += sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+    evals, runs = {}, {}
+    for f in files:
+        for line in f.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r.get("kind") == "eval":
+                evals[(r["study"], r["method"], r["seed"], r["step"])] = r
+            elif r.get("kind") == "run":
+                runs[(r["study"], r["method"], r["seed"])] = r
+    return files, evals, runs
+
+
+def fmt(x: float | None, nd: int = 3) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def method_order(methods) -> list[str]:
+    order = ["none", "vae-latent", "vae-level", "multi-uniform", "ahpa-soft", "ahpa-snr", "ahpa-topk"]
+    return sorted(methods, key=lambda m: (next((i for i, o in enumerate(order) if m.split(":")[0] == o), 99), m))
+
+
+def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]) -> list[str]:
+    rows = {k: v for k, v in evals.items() if k[0] == key}
+    series = defaultdict(list)  # (method, seed) -> eval rows by step
+    for (_, m, s, _), r in sorted(rows.items(), key=lambda kv: kv[0][3]):
+        series[(m, s)].append(r)
+    any_row = next(iter(rows.values()))
+    cfg, metrics = any_row["config"], sorted(any_row["fd"])
+    steps = sorted({k[3] for k in rows})
+    methods = method_order({m for m, _ in series})
+    lines = [f"## Study `{key}`", ""]
+    lines += [f"SiT {cfg.get('model.preset')} (hidden {cfg.get('model.hidden_size') or 'preset'}, depth "
+              f"{cfg.get('model.depth') or 'preset'}), batch {cfg.get('train.batch_size')}, lr {cfg.get('train.lr')} "
+              f"(warm-up {cfg.get('train.warmup_steps')}), align depth {cfg.get('align.depth')}, lambda "
+              f"{cfg.get('align.weight')}, {cfg.get('study.limit') or 'all'} images of {cfg.get('study.data')} at "
+              f"{cfg.get('data.resolution')}x{cfg.get('data.resolution')}; "
+              f"evaluation: {cfg.get('study.eval_num')} class-balanced EMA samples, Euler 50 steps, no guidance. "
+              f"Device: {any_row.get('device')}, torch {any_row.get('torch')}, {any_row.get('precision')}.", ""]
+    lines += [f"Command (one job): `{any_row.get('command')}`", ""]
+    for metric in metrics:
+        lines += [f"**{metric}** (lower is better) at training step (images seen = step x batch):", ""]
+        lines += ["| method | seed | " + " | ".join(str(s) for s in steps) + " | steady ms/step | complete |",
+                  "|---|---|" + "---|" * len(steps) + "---|---|"]
+        for m in methods:
+            for (mm, seed), rs in sorted(series.items()):
+                if mm != m:
+                    continue
+                by_step = {r["step"]: r["fd"][metric] for r in rs}
+                run = runs.get((key, m, seed))
+                lines.append(f"| {m} | {seed} | " + " | ".join(fmt(by_step.get(s)) for s in steps)
+                             + f" | {fmt(run and run['ms_per_step_steady'], 1)} | {'yes' if run else 'no'} |")
+        lines.append("")
+    for metric in metrics:
+        name = f"fd-{metric}-{key}.png"
+        plot_fd(series, metric, cfg.get("train.batch_size"), out / name, methods)
+        lines += [f"![{metric} against images]({name})", ""]
+    name = f"levels-{key}.png"
+    if plot_levels(series, cfg.get("train.batch_size"), out / name, methods):
+        lines += ["Per-level alignment losses (mean over each window between evaluations; before lambda):", "",
+                  f"![per-level losses]({name})", ""]
+    name = f"ms-per-step-{key}.png"
+    plot_speed(runs, key, out / name, methods)
+    lines += [f"Wall-clock per training step (median over windows after the first; evaluation excluded):", "",
+              f"![ms per step]({name})", ""]
+    for (m, seed), rs in sorted(series.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
+        routed = [r for r in rs if r.get("router") and r["router"]["mode"] != "uniform"]  # a fixed 1/K says nothing
+        if routed:
+            name = f"router-{key}-{m.replace(':', '-')}-seed{seed}.png"
+            plot_router(routed, out / name, f"{m}, seed {seed}")
+            lines += [f"Router weights of {m} (seed {seed}) at each evaluation point:", "", f"![router {m}]({name})", ""]
+    grids = []
+    for f in files:
+        for g in sorted(f.parent.glob(f"samples-{key}-*.png")) if f.is_file() else []:
+            if g.parent.resolve() != out.resolve():
+                shutil.copy2(g, out / g.name)
+            grids.append(g.name)
+    if grids:
+        lines += ["Final EMA samples (class i % 10 in column order):", ""]
+        rank = {m.replace(":", "-"): i for i, m in enumerate(methods)}
+        grids = sorted(set(grids), key=lambda g: (rank.get(g.split(key + "-")[1].split("-seed")[0], 99), g))
+        lines += [f"- {g.split(key + '-')[1].rsplit('.', 1)[0]}: ![samples]({g})" for g in grids] + [""]
+    return lines
+
+
+def plot_fd(series, metric: str, batch: int, path: Path, methods: list[str]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in methods:
+        for (mm, seed), rs in sorted(series.items()):
+            if mm == m:
+                ax.plot([r["images"] for r in rs], [r["fd"][metric] for r in rs], marker="o", label=f"{m} (seed {seed})")
+    ax.set_xlabel("training images seen")
+    ax.set_ylabel(metric)
+    values = [r["fd"][metric] for rs in series.values() for r in rs]
+    if min(values) > 0 and max(values) / min(values) > 3:  # long curves span decades; short ones read better linear
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_levels(series, batch: int, path: Path, methods: list[str]) -> bool:
+    aligned = sorted(((k, rs) for k, rs in series.items() if rs[0]["levels"]), key=lambda kv: (methods.index(kv[0][0]), kv[0][1]))
+    if not aligned:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(aligned), figsize=(3.6 * len(aligned), 3.2), squeeze=False)
+    for ax, ((m, seed), rs) in zip(axes[0], aligned):
+        x = [r["images"] for r in rs]
+        losses = np.array([r["metrics"]["align/level_loss"] for r in rs]).reshape(len(rs), -1)  # [points, K]
+        for k, name in enumerate(rs[0]["levels"]):
+            ax.plot(x, losses[:, k], marker=".", label=name)
+        ax.set_title(f"{m} (seed {seed})", fontsize=9)
+        ax.set_xlabel("images")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("level loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_speed(runs: dict, key: str, path: Path, methods: list[str]) -> None:
+    plt = _pyplot()
+    per = defaultdict(list)
+    for (k, m, _), r in runs.items():
+        if k == key:
+            per[m].append(r["ms_per_step_steady"])
+    names = [m for m in methods if m in per]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(names, [statistics.median(per[m]) for m in names])
+    ax.set_ylabel("ms per step")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_router(rows: list[dict], path: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 0.35 * len(rows[0]["router"]["levels"]) + 1.8),
+                             squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        rt = r["router"]
+        t, w = np.array(rt["t"]), np.array(rt["weights"])  # [T], [T, K]
+        ax.imshow(w.T, aspect="auto", origin="lower", extent=(t[0], t[-1], -0.5, len(rt["levels"]) - 0.5),
+                  vmin=0, vmax=1, cmap="viridis")
+        ax.set_yticks(range(len(rt["levels"])), rt["levels"], fontsize=7)
+        ax.set_xlabel("t (0 data, 1 noise)", fontsize=8)
+        ax.set_title(f"step {r['step']} ({rt['mode']})", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, nargs="+", required=True, help="results files or folders of *.jsonl")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="label the report as a smoke test (not results)")
+    args = ap.parse_args()
+    files, evals, runs = load_rows(args.results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Convergence study: " + ("SMOKE TEST, not results" if args.smoke else "results"), ""]
+    if args.smoke:
+        lines += ["> **Smoke test of the study's code path, not a result.** A tiny SiT trained for a few dozen steps on a",
+                  "> few hundred images on a CPU, evaluated on 500 samples: every figure below exercises the plumbing",
+                  "> (cache, training, evaluation, merge, plots) and says nothing about which method is better.", ""]
+    lines += [f"Generated by `python benchmarks/study_report.py` from {len(files)} file(s): "
+              + ", ".join(f"`{f.name}`" for f in files) + ".", ""]
+    keys = sorted({k[0] for k in evals})
+    if not keys:
+        lines.append("No evaluation rows found.")
+    for key in keys:
+        lines += report_study(key, evals, runs, args.out, files)
+    (args.out / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'README.md'} ({len(keys)} study key(s), {len(evals)} evaluation rows)")
+
+
+if __name__ == "__main__":
+    main()

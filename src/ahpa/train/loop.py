@@ -26,7 +26,7 @@ from ahpa.sample import SamplerBundle, export_model, generate
 from ahpa.train import plots
 from ahpa.train.build import Parts, build_parts, compute_stats
 from ahpa.train.checkpoint import load_latest, save_checkpoint
-from ahpa.train.distributed import all_reduce_mean_, current
+from ahpa.train.distributed import all_reduce_mean_, barrier, current
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger
 from ahpa.train.rng import generator
@@ -268,7 +268,11 @@ class Trainer:
             raise ValueError("eval.every is set but eval.ref is empty: name the reference images or statistics")
         if not hasattr(self, "_detectors"):
             self._detectors = [load_detector(spec, self.parts.device) for spec in e.detectors]
-            self._refs = [load_reference(e.ref, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
+            # rank 0 fills the reference cache first; the others then read it instead of recomputing
+            for turn in ((0,), tuple(range(1, self.world))) if self.world > 1 else ((0,),):
+                if self.rank in turn:
+                    self._refs = [load_reference(e.ref, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
+                barrier()
         results = {}
         for det, ref in zip(self._detectors, self._refs):
             results.update(evaluate_fd(self.sampler_bundle(), det, ref, e.num, e.seed, self.cfg.sample, e.batch,

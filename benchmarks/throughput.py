@@ -63,15 +63,16 @@ SIZES = {
 }
 
 
-def run_config(size: dict, args, model: str, method: str, compiled: bool, cache: Path, device: torch.device) -> dict:
+def run_config(size: dict, args, model: str, method: str, compiled: bool, cache: Path, device: torch.device):
     """The Trainer config of one measurement (plain dict -> Config, as a YAML file would give)."""
     res = size["resolution"]
     m = {"preset": model}
     if args.size == "tiny":
         m["hidden_size"], m["depth"], m["num_heads"] = TINY_SIT[model]
+    batch = args.batch or size["batch"][model]
     cached = method in ("none", "ahpa-cached")
     data = ({"source": "cache", "path": str(cache)} if cached else
-            {"source": "procedural", "procedural_size": max(2 * size["batch"][model], 64)})
+            {"source": "procedural", "procedural_size": max(2 * batch, 64)})
     align_method = {"none": "none", "repa": "repa"}.get(method, "ahpa")
     return config_mod.from_dict({
         "model": m,
@@ -79,7 +80,7 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, cache:
         "prior": {"encoder": "bench:stand-in", "stats_images": size["stats_images"]},
         "align": {"method": align_method, "depth": size["align_depth"][model], "weight": 0.5,
                   "projector_dim": size["projector"], "router": "soft"},
-        "train": {"batch_size": args.batch or size["batch"][model], "compile": compiled, "device": str(device),
+        "train": {"batch_size": batch, "compile": compiled, "device": str(device),
                   "precision": "auto", "seed": 0, "steps": 10**9, "sample_every": 0, "log_every": 10**9,
                   "ckpt_every": 10**9, "lr": 1e-4, "grad_clip": 1.0},
     })

@@ -1,0 +1,57 @@
+"""The throughput benchmark and the study's tooling at their smallest sizes (CPU, a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def _run(args: list[str], timeout: int = 600) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_throughput_tiny_writes_complete_records(tmp_path):
+    out = tmp_path / "tp.json"
+    _run(["benchmarks/throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached,repa",
+          "--steps", "1", "--warmup", "1", "--sample-n", "2", "--work-dir", str(tmp_path), "--out", str(out)])
+    result = json.loads(out.read_text())
+    train = [r for r in result["records"] if r["kind"] == "train"]
+    assert [r["method"] for r in train] == ["none", "ahpa-cached", "repa"]
+    for r in result["records"]:
+        for key in ("device", "torch", "batch", "precision", "compile", "command", "img_per_s"):
+            assert key in r, (key, r)
+    cached = train[1]
+    # the SD-VAE level shapes: 5 levels (128/256/512/512/512 ch) on the 4x4 tiny grid + latent moments 2 x 4x8x8, fp16
+    assert cached["levels"] == ["down0", "down1", "down2", "down3", "mid", "latent"]
+    assert cached["cache_bytes_per_sample"] == 2 * (16 * 1920 + 2 * 4 * 8 * 8)
+    assert all(r["finite"] for r in train) and cached["heads_gflop_per_img"] > 0
+    assert set(result["ratios"]) == {"B/2 eager ahpa-cached/none", "B/2 eager repa/none"}
+    assert [r["solver"] for r in result["records"] if r["kind"] == "sample"] == ["heun", "euler-maruyama"]
+
+
+@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
+def test_study_smoke_merges_into_a_report(tmp_path):
+    results = tmp_path / "r.jsonl"
+    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none,ahpa-soft", "--steps", "4", "--eval-every", "2",
+          "--eval-num", "20", "--eval-batch", "10", "--grid-images", "4", "--cache", str(tmp_path / "cache"),
+          "--results", str(results)])
+    rows = [json.loads(l) for l in results.read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [(r["method"], r["step"]) for r in evals] == [("none", 2), ("none", 4), ("ahpa-soft", 2), ("ahpa-soft", 4)]
+    assert len({r["study"] for r in evals}) == 1  # methods share the study key: comparable
+    assert set(evals[0]["fd"]) == {"FD-r20", "FD-r32"} and evals[-1]["router"]["mode"] == "soft"
+    _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text
+    assert list((tmp_path / "report").glob("router-*-ahpa-soft-seed0.png"))

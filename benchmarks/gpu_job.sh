@@ -3,7 +3,8 @@
 # machine, which has torch but neither diffusers nor any of ../shared; this job needs none of them:
 #
 #     bash benchmarks/gpu_job.sh            # core: none, ahpa-cached, repa; compiled; B/2 (batch 256) and
-#                                           # XL/2 (batch 128); then sampling. Estimated 7-8 min, guard at 7.5.
+#                                           # XL/2 (batch 128); then sampling. Estimated 7-8 min; guards at
+#                                           # 7.5 min (training) and 8.5 min (sampling). Run with timeout_s 600.
 #     bash benchmarks/gpu_job.sh eager      # the same three methods, eager, no sampling (~3 min estimated)
 #     bash benchmarks/gpu_job.sh xl256      # XL/2 at batch 256, none and ahpa-cached, compiled (memory check)
 #     bash benchmarks/gpu_job.sh on-the-fly # none and ahpa-on-the-fly, eager and compiled, B/2 and XL/2: needs
@@ -32,8 +33,9 @@ start=$(date +%s)
 bench() { python3 benchmarks/throughput.py --size gpu --work-dir /tmp/ahpa-bench --out "$OUT/throughput_$job.json" "$@" 2>&1 \
           | tee "$OUT/throughput_$job.log"; }
 case "$job" in
-    # the guard: no measurement starts after 450 s; the slowest one (XL/2 compile + steps) was estimated at ~100 s
-    core) bench --models B/2,XL/2 --methods none,ahpa-cached,repa --compile compiled --budget-s 450 ;;
+    # the guards: no training measurement starts after 450 s (the slowest, XL/2 compile + steps, was estimated at
+    # ~100 s) and no sampling one after 510 s (XL/2's, export + 50 Heun + 250 Euler-Maruyama, estimated at ~50 s)
+    core) bench --models B/2,XL/2 --methods none,ahpa-cached,repa --compile compiled --budget-s 450 --sampling-budget-s 510 ;;
     eager) bench --models B/2,XL/2 --methods none,ahpa-cached,repa --compile eager --sampling off --budget-s 450 ;;
     xl256) bench --models XL/2 --batch 256 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 450 ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -205,6 +206,7 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
                "ms_per_step_steady": round(statistics.median(steady), 3), "sample_grid": grid.name if grid else None,
                "config": common, **env}
     benchlib.append_jsonl(args.results, summary)
+    shutil.rmtree(run_dir, ignore_errors=True)  # nothing in it is kept: the JSON lines hold the run
     return summary
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import tempfile
 import time
 import traceback
@@ -209,6 +210,8 @@ def main() -> None:
     ap.add_argument("--cache-images", type=int, help="images in the synthetic cache (default per size)")
     ap.add_argument("--work-dir", type=Path, help="where the synthetic cache and run dirs go (default: a temp dir)")
     ap.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds (0 = no limit)")
+    ap.add_argument("--sampling-budget-s", type=float, default=0,
+                    help="start no sampling measurement after this many seconds (default: --budget-s)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (CPU runs only): 1 by default, since OpenMP threads spinning on shared, busy cores "
@@ -282,15 +285,16 @@ def main() -> None:
                 print(f"{model} {method} compile={compiled}: {rec.get('img_per_s', rec.get('error'))} img/s "
                       f"(mem {rec.get('peak_mem_gb')} GB, mfu {rec.get('mfu')})", flush=True)
                 del encoder, external
+                torch._dynamo.reset()  # drop compiled graphs (and the weights they hold); inductor's disk cache stays
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                torch._dynamo.reset()  # fresh compile caches per configuration (inductor's on-disk cache stays)
                 save()
     if args.sampling == "on":
         for model in models:
-            if args.budget_s and time.perf_counter() - started > args.budget_s:
-                result["records"].append({**info, "kind": "sample", "model": model, "skipped": "time budget spent"})
+            limit = args.sampling_budget_s or args.budget_s
+            if limit and time.perf_counter() - started > limit:
+                result["records"].append({**info, "kind": "sample", "model": model, "skipped": f"time budget {limit:.0f} s spent"})
                 continue
             try:
                 recs = measure_sampling(model, size, args, synthetic, device, work, info)
@@ -302,6 +306,8 @@ def main() -> None:
             result["records"] += recs
             save()
     save()
+    if args.work_dir is None:  # a temp dir of our own: the synthetic cache is gigabytes at --size gpu
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result["ratios"], indent=1))
 
 

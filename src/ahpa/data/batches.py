@@ -39,8 +39,10 @@ def prepare_images(images_u8: torch.Tensor, resolution: int, flip: torch.Tensor 
 class OnTheFly:
     """Encodes in-memory images with the frozen encoder inside the training step."""
 
-    def __init__(self, data: ImageSet, encoder: PriorEncoder, levels: list[str], grid: int, resolution: int, device: torch.device):
+    def __init__(self, data: ImageSet, encoder: PriorEncoder, levels: list[str], grid: int, resolution: int,
+                 device: torch.device, amp: torch.dtype | None = None):
         self.data, self.encoder, self.grid, self.resolution, self.device = data, encoder, grid, resolution, device
+        self.amp = amp  # the frozen encoder runs under the training autocast (bf16 on CUDA)
         self.levels = [l for l in levels if l != "external"]
         self.num_classes = data.num_classes
 
@@ -49,11 +51,13 @@ class OnTheFly:
 
     @torch.no_grad()
     def fetch(self, idx: torch.Tensor, flip: torch.Tensor | None, posterior_noise: torch.Tensor | None) -> PriorBatch:
+        flip = None if flip is None else flip.to(self.device, non_blocking=True)
         images = prepare_images(self.data.images[idx].to(self.device, non_blocking=True), self.resolution, flip)
-        out = self.encoder.encode(images, [l for l in self.levels if l != "latent"])
-        latent = out.mean
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.encoder.encode(images, [l for l in self.levels if l != "latent"])
+        latent = out.mean.float()  # the flow loss is fp32 whatever the encoder ran in
         if out.logvar is not None and posterior_noise is not None:
-            latent = out.mean + torch.exp(0.5 * out.logvar) * posterior_noise
+            latent = latent + torch.exp(0.5 * out.logvar.float()) * posterior_noise
         maps = {name: pool_to_grid(latent if name == "latent" else out.features[name], self.grid) for name in self.levels}
         return PriorBatch(latent, maps, self.data.labels[idx].to(self.device, non_blocking=True), images)
 

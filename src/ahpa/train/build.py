@@ -81,13 +81,17 @@ def sit_config(cfg: Config, encoder: PriorEncoder, num_classes: int) -> SiTConfi
     return sc
 
 
-def build_parts(cfg: Config, device: torch.device | None = None, external: ExternalEncoder | None = None) -> Parts:
-    """All parts of a run. `external` supplies REPA's frozen encoder as a module (else prior.external)."""
+def build_parts(
+    cfg: Config, device: torch.device | None = None, external: ExternalEncoder | None = None,
+    encoder: PriorEncoder | None = None,
+) -> Parts:
+    """All parts of a run. `external` supplies REPA's frozen encoder as a module (else prior.external);
+    `encoder` a prior encoder object in place of loading `prior.encoder` (its spec is still recorded)."""
     device = device or resolve_device(cfg.train.device)
     method = get_method(cfg.align.method)
-    if not cfg.prior.encoder:
+    if not cfg.prior.encoder and encoder is None:
         raise ValueError("prior.encoder is not set: name the VAE, e.g. prior.encoder=taef2:PATH or ahpa-vae:PATH")
-    encoder = load_encoder(cfg.prior.encoder, device)
+    encoder = encoder.to(device) if encoder is not None else load_encoder(cfg.prior.encoder, device)
     if cfg.data.source == "cache":  # a prepared cache (ahpa prepare): the encoder stays for decoding samples
         from ahpa.data.cache import cache_overview, open_cache
 
@@ -125,7 +129,7 @@ def build_parts(cfg: Config, device: torch.device | None = None, external: Exter
     if cfg.data.source == "cache":
         source = open_cache(cfg, encoder, levels, sc.grid, device)
     else:
-        source = OnTheFly(data, encoder, levels, sc.grid, cfg.data.resolution, device)
+        source = OnTheFly(data, encoder, levels, sc.grid, cfg.data.resolution, device, autocast_dtype(cfg.train.precision, device))
     return Parts(cfg, device, autocast_dtype(cfg.train.precision, device), source, encoder, external, levels,
                  model, ema, aligner, optimizer)
 

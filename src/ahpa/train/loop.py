@@ -34,6 +34,7 @@ from ahpa.transport.path import get_path
 from ahpa.transport.timesteps import sample_t
 
 TRAIN_STREAM = 1
+FLIP_STREAM = 4
 GRID_SEED = 1234
 
 
@@ -49,7 +50,7 @@ class Trainer:
     """One training run. Under torchrun (process group initialised) it trains with DDP: each
     process takes its slice of the same global batch, so 2 processes x b equal 1 process x 2b."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, external=None):
+    def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
         d = current()
         self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), d.rank, d.world
         self.path = get_path(cfg.transport.path)
@@ -59,7 +60,7 @@ class Trainer:
                 f"train.batch_size={t.batch_size} is not divisible by grad_accum x processes = {t.grad_accum * self.world}"
             )
         self._check_resume_config()
-        self.parts: Parts = build_parts(cfg, external=external)
+        self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = []
@@ -149,8 +150,10 @@ class Trainer:
         """All random numbers of one global batch, from (seed, step): identical on every process."""
         c, dev = self.cfg, self.parts.device
         g = generator(c.train.seed, step, stream=TRAIN_STREAM, device=dev)
+        # flips on the host: a cache picks stored rows by them, and reading a device mask would sync
+        host = generator(c.train.seed, step, stream=FLIP_STREAM)
         return {
-            "flip": (torch.rand(n, generator=g, device=dev) < 0.5) & c.data.hflip,
+            "flip": (torch.rand(n, generator=host) < 0.5) & c.data.hflip,
             "t": sample_t(n, c.transport.time_sampler, g, dev, c.transport.time_mean, c.transport.time_std),
             "eps": torch.randn((n, *latent_shape), generator=g, device=dev),
             "drop": torch.rand(n, generator=g, device=dev) < c.train.label_dropout,
@@ -171,7 +174,8 @@ class Trainer:
         loss = flow
         if p.aligner is not None:
             if p.external is not None:
-                targets = [p.external(batch.images, p.grid)]
+                with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
+                    targets = [p.external(batch.images, p.grid)]
             else:
                 targets = standardise_levels(batch.levels, p.levels, p.stats)
             with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):

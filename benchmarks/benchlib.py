@@ -14,7 +14,6 @@ files and no downloads (the GPU machine has neither pretrained weights nor diffu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import platform
@@ -80,7 +79,7 @@ class SyntheticSDVAE(PriorEncoder):
         self.levels = levels_from_config(list(block_out_channels), latent_channels)
         self.factor = 2 ** (len(block_out_channels) - 1)
         self.latent_channels = latent_channels
-        self.spec = "bench:synthetic-sd-vae"  # not a registry kind: the benchmark injects it (see injected_encoder)
+        self.spec = "bench:synthetic-sd-vae"  # not a registry kind: handed to Trainer(encoder=...)
         self.weights_sha256 = None
         g = torch.Generator().manual_seed(seed)
         for lvl in self.levels:
@@ -112,23 +111,6 @@ class SyntheticSDVAE(PriorEncoder):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(z.float(), scale_factor=self.factor, mode="nearest")  # [B, C, R, R]
         return torch.tanh(torch.einsum("bchw,kc->bkhw", up, self.w_decode))  # [B, 3, R, R] in [-1, 1]
-
-
-@contextlib.contextmanager
-def injected_encoder(encoder: PriorEncoder):
-    """Make `build_parts` use `encoder` whatever prior.encoder says.
-
-    The library builds a run's encoder from its spec string only; a stand-in (the synthetic encoder, or an
-    SD-VAE with random weights) has no spec the registry can load. Restored on exit.
-    """
-    from ahpa.train import build
-
-    original = build.load_encoder
-    build.load_encoder = lambda spec, device="cpu": encoder.to(device)
-    try:
-        yield encoder
-    finally:
-        build.load_encoder = original
 
 
 def sd_vae_random(config: dict, device: torch.device, seed: int = 0) -> PriorEncoder:

@@ -102,8 +102,7 @@ def encoders_for(method: str, size: dict, device: torch.device, synthetic, repa_
 
 def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch.device, run_dir: Path) -> dict:
     t0 = time.perf_counter()
-    with benchlib.injected_encoder(encoder):
-        trainer = Trainer(cfg, run_dir, external=external)
+    trainer = Trainer(cfg, run_dir, external=external, encoder=encoder)
     p = trainer.parts
     build_s = time.perf_counter() - t0
     if device.type == "cuda":

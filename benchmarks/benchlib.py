@@ -166,18 +166,6 @@ class ViTTokens(nn.Module):
         return self.norm(h)[:, 1:]  # drop CLS -> [B, N, C]
 
 
-class Autocast(nn.Module):
-    """Runs a frozen module under bf16 autocast (the Trainer calls the external encoder outside autocast)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return self.module(x).float()
-
-
 def write_synthetic_cache(out: Path, encoder: PriorEncoder, num: int, resolution: int, grid: int,
                           device: torch.device, num_classes: int = 1000) -> dict:
     """A real prepared cache (the library's `prepare`, stored flips, fp16) of `num` random images encoded by

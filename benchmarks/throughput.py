@@ -87,16 +87,14 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, cache:
     })
 
 
-def encoders_for(method: str, size: dict, device: torch.device, synthetic, repa_precision: str):
+def encoders_for(method: str, size: dict, device: torch.device, synthetic):
     """(prior encoder, external encoder or None, note) of a method; raises ImportError where one is unavailable."""
     if method == "ahpa-on-the-fly":
-        return benchlib.sd_vae_random(size["vae"], device), None, "SD-VAE-config AutoencoderKL, random weights, fp32 (as DiffusersVAE runs)"
+        return benchlib.sd_vae_random(size["vae"], device), None, "SD-VAE-config AutoencoderKL, random weights, under the run's autocast"
     if method == "repa":
         vit = benchlib.ViTTokens(**size["vit"])
-        if repa_precision == "bf16":
-            vit = benchlib.Autocast(vit)
         ext = ExternalEncoder(vit, size["vit"]["dim"], input_size=size["vit"]["image_size"])
-        return synthetic, ext, f"DINOv2-B/14-shaped ViT {size['vit']}, random weights, {repa_precision}"
+        return synthetic, ext, f"DINOv2-B/14-shaped ViT {size['vit']}, random weights, under the run's autocast"
     return synthetic, None, ""
 
 
@@ -204,8 +202,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="global batch for every model (default per size and model)")
     ap.add_argument("--sampling", choices=("on", "off"), default="on")
     ap.add_argument("--sample-n", type=int, help="images per sampling measurement (default per size and model)")
-    ap.add_argument("--repa-encoder", choices=("fp32", "bf16"), default="fp32",
-                    help="fp32: as the Trainer runs an external encoder today (outside autocast); bf16: under autocast")
     ap.add_argument("--cache-images", type=int, help="images in the synthetic cache (default per size)")
     ap.add_argument("--work-dir", type=Path, help="where the synthetic cache and run dirs go (default: a temp dir)")
     ap.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds (0 = no limit)")
@@ -262,7 +258,7 @@ def main() -> None:
                     save()
                     continue
                 try:
-                    encoder, external, note = encoders_for(method, size, device, synthetic, args.repa_encoder)
+                    encoder, external, note = encoders_for(method, size, device, synthetic)
                 except ImportError as e:
                     result["records"].append({**base, "skipped": f"unavailable: {e}"})
                     print(f"{model} {method} compile={compiled}: skipped ({e})", flush=True)

@@ -52,7 +52,7 @@ def main() -> None:
     t0 = time.time()
     while kills < args.kills and not (out / "killed" / "DONE").exists():
         proc = subprocess.Popen(run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.5, 2.5 + straight_s / 4))  # ~2.5 s is start-up; then a random slice of the run
+        time.sleep(rng.uniform(2.5, 2.5 + straight_s / 10))  # ~2.5 s is start-up; then a random slice of the run
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -128,3 +128,11 @@ def test_evaluation_during_training_is_logged(setup, tmp_path):
     name = f"eval/{det.name}"
     assert all(r[name] > 0 for r in evals)
     assert (tmp_path / "run" / "eval.png").exists() and any((tmp_path / "run" / "eval_ref").iterdir())
+
+
+def test_several_detectors_share_one_set_of_samples(setup, tmp_path):
+    bundle, det, ref = setup
+    ref_stats = ev.load_reference(ref, det, tmp_path)
+    alone = ev.evaluate_fd(bundle, det, ref_stats, 16, 0, CFG, 8)
+    both = ev.evaluate_fd(bundle, [det, det], [ref_stats, ref_stats], 16, 0, CFG, 8)
+    assert both == alone  # same name twice: same figure, from samples generated once

@@ -29,42 +29,55 @@ from ahpa.sample import SamplerBundle, iter_samples
 
 
 def sample_stats(
-    bundle: SamplerBundle, detector: Detector, num: int, seed: int, cfg: SampleCfg, batch: int,
+    bundle: SamplerBundle, detectors: Detector | list[Detector], num: int, seed: int, cfg: SampleCfg, batch: int,
     *, rank: int = 0, world_size: int = 1,
-) -> FeatureStats:
-    """Detector statistics of this rank's share of samples [0, num) (batch b goes to rank b % world_size)."""
+) -> FeatureStats | list[FeatureStats]:
+    """Detector statistics of this rank's share of samples [0, num) (batch b goes to rank b % world_size).
+
+    Each sample batch is generated once and fed to every detector; a single detector gives a single result.
+    """
+    single = not isinstance(detectors, (list, tuple))
+    dets = [detectors] if single else list(detectors)
     if num < 2:
         raise ValueError(f"an evaluation needs at least 2 samples for a covariance, got eval.num={num}")
     if batch < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch >= 1 and 0 <= rank < world_size; got {batch}, {rank}, {world_size}")
-    stats = FeatureStats(dim=detector.dim, device=detector.device)
+    stats = [FeatureStats(dim=d.dim, device=d.device) for d in dets]
     for b, lo in enumerate(range(0, num, batch)):
         if b % world_size != rank:
             continue
         for _, images, _ in iter_samples(bundle, lo, min(lo + batch, num), seed, batch, cfg):
-            stats.update(detector.features(images.permute(0, 3, 1, 2)))  # uint8 NHWC -> NCHW view
-    stats.detector = detector.name
-    return stats
+            nchw = images.permute(0, 3, 1, 2)  # uint8 NHWC -> NCHW view
+            for d, st in zip(dets, stats):
+                st.update(d.features(nchw))
+    for d, st in zip(dets, stats):
+        st.detector = d.name
+    return stats[0] if single else stats
 
 
 def evaluate_fd(
-    bundle: SamplerBundle, detector: Detector, ref_stats: FeatureStats, num: int, seed: int, cfg: SampleCfg,
-    batch: int, *, rank: int = 0, world_size: int = 1,
+    bundle: SamplerBundle, detector: Detector | list[Detector], ref_stats: FeatureStats | list[FeatureStats],
+    num: int, seed: int, cfg: SampleCfg, batch: int, *, rank: int = 0, world_size: int = 1,
 ) -> dict[str, float]:
     """{detector.name: FD} of `num` class-balanced samples against `ref_stats`, e.g. {"FD-r20": 3.1}.
 
-    Call it on every rank with the same arguments when world_size > 1 (it all-reduces); every rank
-    returns the same figure.
+    Several detectors (with their references, in the same order) share one set of samples. Call it on
+    every rank with the same arguments when world_size > 1 (it all-reduces); every rank returns the same.
     """
-    if ref_stats.detector is not None and ref_stats.detector != detector.name:
-        raise ValueError(f"reference statistics were computed for {ref_stats.detector}, not {detector.name}: "
-                         "load them with load_reference(ref, detector, ...)")
-    stats = sample_stats(bundle, detector, num, seed, cfg, batch, rank=rank, world_size=world_size)
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        flat = stats.to_tensor()
-        torch.distributed.all_reduce(flat)
-        stats = FeatureStats.from_tensor(flat)
-    return {detector.name: stats.frechet_distance(ref_stats)}
+    dets = list(detector) if isinstance(detector, (list, tuple)) else [detector]
+    refs = list(ref_stats) if isinstance(ref_stats, (list, tuple)) else [ref_stats]
+    for det, ref in zip(dets, refs):
+        if ref.detector is not None and ref.detector != det.name:
+            raise ValueError(f"reference statistics were computed for {ref.detector}, not {det.name}: "
+                             "load them with load_reference(ref, detector, ...)")
+    results = {}
+    for det, ref, stats in zip(dets, refs, sample_stats(bundle, dets, num, seed, cfg, batch, rank=rank, world_size=world_size)):
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flat = stats.to_tensor()
+            torch.distributed.all_reduce(flat)
+            stats = FeatureStats.from_tensor(flat)
+        results[det.name] = stats.frechet_distance(ref)
+    return results
 
 
 # ---- reference statistics, cached ----

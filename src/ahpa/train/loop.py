@@ -277,11 +277,9 @@ class Trainer:
                 if self.rank in turn:
                     self._refs = [load_reference(e.ref, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
                 barrier()
-        results = {}
-        for det, ref in zip(self._detectors, self._refs):
-            results.update(evaluate_fd(self.sampler_bundle(), det, ref, e.num, e.seed, self.cfg.sample, e.batch,
-                                       rank=self.rank, world_size=self.world))
-        return results
+        # one set of samples feeds every detector
+        return evaluate_fd(self.sampler_bundle(), self._detectors, self._refs, e.num, e.seed, self.cfg.sample, e.batch,
+                           rank=self.rank, world_size=self.world)
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)

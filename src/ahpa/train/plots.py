@@ -33,6 +33,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def router_heatmap(t: np.ndarray, weights: np.ndarray, names: list[str], path: str | Path, title: str = "") -> Path:
     """weights [T, K] of the router for t [T] (0 = data, 1 = noise)."""
     plt = _pyplot()
@@ -42,12 +51,7 @@ def router_heatmap(t: np.ndarray, weights: np.ndarray, names: list[str], path: s
     ax.set_xlabel("t (0 = data, 1 = noise)")
     ax.set_title(title or "router weight per level")
     fig.colorbar(im, ax=ax, label="g_k(t)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[str] | None = None) -> Path:
@@ -73,12 +77,7 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
         axes[1].set_xlabel("training images")
     else:
         axes[1].axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
@@ -94,8 +93,4 @@ def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
     ax.set_xlabel("training images")
     ax.set_ylabel("Fréchet distance")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -6,6 +6,14 @@ import json
 from pathlib import Path
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    """On resume: drop rows logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"
@@ -31,11 +39,7 @@ class MetricsLogger:
                         self.writer.add_scalar(f"align/level_loss/{name}", x, step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint we resume from (they will be redone)."""
-        if not self.path.exists():
-            return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-        self.path.write_text("".join(l + "\n" for l in keep))
+        truncate_jsonl(self.path, step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ from ahpa.train.build import Parts, build_parts, compute_stats
 from ahpa.train.checkpoint import load_latest, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, barrier, current
 from ahpa.train.ema import ema_decay, ema_update
-from ahpa.train.logger import MetricsLogger
+from ahpa.train.logger import MetricsLogger, truncate_jsonl
 from ahpa.train.rng import generator
 from ahpa.transport.path import get_path
 from ahpa.transport.timesteps import sample_t
@@ -246,8 +247,8 @@ class Trainer:
         k = self.parts.model.cfg.num_classes
         labels = torch.arange(n) % k
         images = generate(self.sampler_bundle(), list(range(n)), labels, GRID_SEED, self.cfg.sample)
-        out = plots.save_grid(images.numpy(), self.run_dir / "samples" / f"step_{self.step:09d}.png", nrow=min(k, 16) if k <= 16 else None)
-        plots.save_grid(images.numpy(), self.run_dir / "samples.png", nrow=min(k, 16) if k <= 16 else None)
+        out = plots.save_grid(images.numpy(), self.run_dir / "samples" / f"step_{self.step:09d}.png", nrow=k if k <= 16 else None)
+        shutil.copyfile(out, self.run_dir / "samples.png")  # the latest grid, under a fixed name
         return out
 
     def write_router_plot(self) -> Path | None:
@@ -259,8 +260,8 @@ class Trainer:
         with open(self.run_dir / "router.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         title = f"router ({al.router.mode}) at step {self.step}"
-        plots.router_heatmap(t.numpy(), w.numpy(), al.levels, self.run_dir / "plots" / f"router_{self.step:09d}.png", title)
-        return plots.router_heatmap(t.numpy(), w.numpy(), al.levels, self.run_dir / "router.png", title)
+        out = plots.router_heatmap(t.numpy(), w.numpy(), al.levels, self.run_dir / "plots" / f"router_{self.step:09d}.png", title)
+        return Path(shutil.copyfile(out, self.run_dir / "router.png"))
 
     def evaluate(self) -> dict[str, float]:
         """Fréchet distances of EMA samples for each configured detector (every process takes part)."""
@@ -332,6 +333,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir) if main else None
         if logger is not None:
             logger.truncate_after(self.step)
+            truncate_jsonl(self.run_dir / "router.jsonl", self.step)
         sums: dict[str, torch.Tensor] = {}
         count, t0, last = 0, time.perf_counter(), {}
         try:

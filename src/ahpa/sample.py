@@ -7,7 +7,6 @@ a fixed micro-batch, so a file is identical whatever the batch size or number of
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ahpa.atomic import atomic_path
 from ahpa.config import SampleCfg
 from ahpa.models.sit import SiT, SiTConfig
 from ahpa.priors.base import PriorEncoder
@@ -117,10 +117,8 @@ def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"sample output {str(path)!r} must end in .npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{os.getpid()}.npz")
-    np.savez(tmp, arr_0=images, arr_1=labels.astype(np.int64))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, arr_0=images, arr_1=labels.astype(np.int64))
     return path
 
 
@@ -136,11 +134,9 @@ def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encod
         "resolution": resolution,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"ahpa": json.dumps(meta), "format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"ahpa": json.dumps(meta), "format": "pt"})
     return path
 
 

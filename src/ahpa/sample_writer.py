@@ -9,13 +9,13 @@ so a killed job loses at most one batch, and OUT never exists unless it is compl
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ahpa.atomic import atomic_path
 from ahpa.config import SampleCfg
 from ahpa.sample import SamplerBundle, iter_samples, write_npz
 from ahpa.train.distributed import barrier, current
@@ -30,11 +30,8 @@ def _chunk_path(parts: Path, lo: int) -> Path:
 
 
 def _save_chunk(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, images=images, labels=labels)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, images=images, labels=labels)
 
 
 def _chunk_ok(path: Path, n: int) -> bool:

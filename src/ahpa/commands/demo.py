@@ -20,7 +20,7 @@ def run(args) -> int:
     report = run_demo(args.out, progress=lambda desc, total: tqdm(total=total, desc=desc, dynamic_ncols=True),
                       sit_overrides=args.overrides, seed=args.seed)
     s = report["seconds"]
-    print(f"\nstages (s): " + ", ".join(f"{k} {v}" for k, v in s.items()) + f"; total {sum(s.values()):.0f}")
+    print("\nstages (s): " + ", ".join(f"{k} {v}" for k, v in s.items()) + f"; total {sum(s.values()):.0f}")
     print(f"judge accuracy on real images {report['judge_accuracy_real']:.1%}, "
           f"on VAE reconstructions {report['judge_accuracy_vae_reconstructions']:.1%}")
     verdict = "PASS" if report["passed"] else "FAIL"

@@ -7,37 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from ahpa.atomic import atomic_write_bytes
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:09d}.pt"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)  # never leave a torn file; the previous checkpoint stays intact
-        raise OSError(e.errno, f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
-                               f"Free disk space or fix permissions, then rerun to resume") from e
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
@@ -47,7 +28,11 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
     # layout: 64 hex chars of sha256, newline, torch.save payload
     digest = hashlib.sha256(payload).hexdigest().encode()
     path = checkpoint_path(directory, step)
-    atomic_write_bytes(path, digest + b"\n" + payload)
+    try:
+        atomic_write_bytes(path, digest + b"\n" + payload)
+    except OSError as e:  # the temporary file is gone; the previous checkpoint is untouched
+        raise OSError(e.errno, f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
+                               f"Free disk space or fix permissions, then rerun to resume") from e
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 
+from ahpa.atomic import atomic_path
 from ahpa.config import SampleCfg
 from ahpa.metrics.detectors import Detector, parse_spec
 from ahpa.metrics.frechet import FeatureStats
@@ -124,9 +124,7 @@ def load_reference(ref: str | Path, detector: Detector, cache_dir: str | Path | 
         if stats.detector == detector.name:
             return stats
     stats = reference_stats(ref, detector, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{os.getpid()}.npz")  # atomic: concurrent ranks never read half a file
-    stats.save(tmp, detector=detector.name)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # concurrent ranks never read half a file
+        stats.save(tmp, detector=detector.name)
     stats.detector = detector.name
     return stats

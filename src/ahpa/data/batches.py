@@ -55,9 +55,7 @@ class OnTheFly:
         images = prepare_images(self.data.images[idx].to(self.device, non_blocking=True), self.resolution, flip)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             out = self.encoder.encode(images, [l for l in self.levels if l != "latent"])
-        latent = out.mean.float()  # the flow loss is fp32 whatever the encoder ran in
-        if out.logvar is not None and posterior_noise is not None:
-            latent = latent + torch.exp(0.5 * out.logvar.float()) * posterior_noise
+        latent = out.sample(posterior_noise)  # fp32: the flow loss is fp32 whatever the encoder ran in
         maps = {name: pool_to_grid(latent if name == "latent" else out.features[name], self.grid) for name in self.levels}
         return PriorBatch(latent, maps, self.data.labels[idx].to(self.device, non_blocking=True), images)
 

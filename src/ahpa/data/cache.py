@@ -22,7 +22,7 @@ from ahpa.data.manifest import FORMAT, MANIFEST, NUMPY_DTYPE, SHARD_DIR, read_js
 from ahpa.data.reduce import load_bases, reconstruct
 from ahpa.data.shard_store import CacheError, stats_tensor
 from ahpa.data.tokens import flip_tokens, pool_tokens
-from ahpa.priors.base import PriorEncoder
+from ahpa.priors.base import PriorEncoder, posterior_sample
 from ahpa.priors.targets import ChannelStats, PriorStats, pool_to_grid
 
 TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "int64": torch.int64}
@@ -194,9 +194,8 @@ class CacheSource:
         rows = self._gather(idx_np, flip_np.astype(np.int64) if stored else np.zeros(len(idx_np), np.int64))
         t = {f: self._to_device(rows[f], self.specs[f]["dtype"]) for f in self.fields}
         flip_dev = torch.from_numpy(flip_np).to(self.device)
-        latent = t["latent_mean"]  # [B, C, h, w]
-        if self.has_logvar and posterior_noise is not None:
-            latent = latent + torch.exp(0.5 * t["latent_logvar"]) * posterior_noise.to(self.device)
+        noise = posterior_noise.to(self.device) if posterior_noise is not None else None
+        latent = posterior_sample(t["latent_mean"], t.get("latent_logvar") if self.has_logvar else None, noise)  # [B, C, h, w]
         if self.flips == "generated":
             latent = torch.where(flip_dev[:, None, None, None], latent.flip(-1), latent)
         maps = {}

@@ -28,7 +28,7 @@ from ahpa.data.reduce import REDUCE_FILE, fit_bases, load_bases, project, recons
 from ahpa.data.shard_store import ShardPlan, check_output_dir, finalize_cache, sweep_shards
 from ahpa.data.shard_writer import AsyncShardWriter, sum_arrays
 from ahpa.data.tokens import divisor_grids, pool_tokens
-from ahpa.priors.base import PriorEncoder
+from ahpa.priors.base import PriorEncoder, posterior_sample
 from ahpa.priors.targets import StatsAccumulator, pool_to_grid
 
 PRECISIONS = ("fp32", "bf16")
@@ -367,10 +367,8 @@ class _Run:
         Every level (and the pooled latent) is concatenated along channels so that each grid costs a few
         large reductions instead of a few small ones per level.
         """
-        latent = rows["latent_mean"].float()
-        if self.logvar:
-            noise = shard.noise[torch.tensor(index) - shard.lo].to(self.device)  # [n, C, h, w]
-            latent = latent + torch.exp(0.5 * rows["latent_logvar"].float()) * noise
+        noise = shard.noise[torch.tensor(index) - shard.lo].to(self.device) if self.logvar else None  # [n, C, h, w]
+        latent = posterior_sample(rows["latent_mean"], rows["latent_logvar"] if self.logvar else None, noise)
         shard.sums["latent"].update(latent, channel_dim=1)
         parts = [pool_to_grid(latent, self.grid)] + [read[n] for n in self.levels]
         tokens = torch.cat(parts, dim=2)  # [n, G*G, C_latent + sum C_k]

@@ -23,18 +23,24 @@ class Level:
     stride: int  # image side / feature-map side
 
 
+def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+    """mean + exp(logvar / 2) * noise in fp32 (the mean alone without a logvar or noise).
+
+    The caller draws `noise`, so every draw comes from its own seeded generator."""
+    if logvar is None or noise is None:
+        return mean.float()
+    return mean.float() + torch.exp(0.5 * logvar.float()) * noise
+
+
 @dataclass
 class EncoderOutput:
     mean: torch.Tensor  # [B, C_lat, H/f, W/f] latent (posterior mean for a KL-VAE)
     logvar: torch.Tensor | None  # [B, C_lat, H/f, W/f] or None for a deterministic encoder
     features: dict[str, torch.Tensor]  # level name -> [B, C_k, H/s_k, W/s_k]
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A latent drawn from the posterior (the mean itself for deterministic encoders)."""
-        if self.logvar is None:
-            return self.mean
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * noise
+    def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A latent from the posterior given standard-normal `noise` (the mean for deterministic encoders)."""
+        return posterior_sample(self.mean, self.logvar, noise)
 
 
 class PriorEncoder(nn.Module):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ahpa.priors.base import EncoderOutput, Level, PriorEncoder, frozen, sha256_file
+from ahpa.priors.base import EncoderOutput, Level, PriorEncoder, frozen, posterior_sample, sha256_file
 
 
 @dataclass
@@ -120,7 +120,7 @@ class KLVAE(PriorEncoder):
 def vae_loss(vae: KLVAE, x: torch.Tensor, noise: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x in [-1, 1]. Returns (loss, reconstruction MSE): L1 + MSE reconstruction plus a small KL."""
     mean, logvar, _ = vae.moments(x)
-    z = mean + torch.exp(0.5 * logvar) * noise
+    z = posterior_sample(mean, logvar, noise)
     rec = vae._decode(z)
     mse = F.mse_loss(rec, x)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()

@@ -87,7 +87,9 @@ def test_reference_statistics_are_cached(setup, tmp_path, monkeypatch):
     def no_recompute(*a, **k):
         raise AssertionError("reference statistics recomputed despite the cache")
 
-    monkeypatch.setattr(ev, "reference_stats", no_recompute)
+    from ahpa.metrics import reference as reference_mod
+
+    monkeypatch.setattr(reference_mod, "reference_stats", no_recompute)
     cached = ev.load_reference(ref, det, tmp_path / "cache")
     assert cached.count == 40 and cached.detector == "FD-r20"
     assert np.allclose(cached.mean, first.mean) and np.allclose(cached.cov, first.cov)

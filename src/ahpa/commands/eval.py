@@ -1,37 +1,68 @@
-"""ahpa eval SAMPLES --ref REF --detector D [--detector D ...]: Fréchet distances, last line JSON."""
+"""ahpa eval SAMPLES --ref REF --detector D [--detector D ...] [--metrics fd,is,pr]: last line JSON."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where reference measurements are kept between calls: $AHPA_CACHE, else the XDG cache."""
+    if os.environ.get("AHPA_CACHE"):
+        return Path(os.environ["AHPA_CACHE"]) / "reference"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ahpa" / "reference"
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="Fréchet distance of samples against a reference, per detector")
+    p = sub.add_parser("eval", help="FID / FD, Inception Score, precision/recall of samples against a reference")
     p.add_argument("samples", help="samples: ADM .npz (arr_0), images .npz, or an image folder")
     p.add_argument("--ref", required=True, help="reference: image source, or a statistics .npz (mu, sigma)")
     p.add_argument("--detector", action="append", required=True,
                    help="torchscript:FILE | inception:FILE | dinov2:DIR (repeatable)")
+    p.add_argument("--metrics", default="fd",
+                   help="comma-separated: fd (Fréchet distance), is (Inception Score; needs a classifier head), "
+                        "pr (precision/recall; needs reference images). Default: fd")
+    p.add_argument("--num", type=int, help="evaluate the first NUM samples (default: all)")
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
+    p.add_argument("--pr-num", type=int, default=10_000,
+                   help="precision/recall on the first PR_NUM samples and reference images (default 10000)")
+    p.add_argument("--pr-k", type=int, default=3, help="neighbourhood size k of precision/recall (default 3)")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--device", default="auto")
+    p.add_argument("--ref-cache", type=Path, default=None,
+                   help="directory for cached reference measurements (default: $AHPA_CACHE/reference or ~/.cache/ahpa/reference)")
+    p.add_argument("--no-ref-cache", action="store_true", help="measure the reference afresh and keep nothing")
     p.add_argument("--save-ref-stats", help="also write the reference statistics to this .npz (one detector only)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ahpa.metrics import compute_stats, load_detector, reference_stats
+    from ahpa.metrics import load_detector
+    from ahpa.metrics.evaluation import evaluate, parse_metrics
+    from ahpa.metrics.measurement import is_stats_file
+    from ahpa.metrics.reference import load_reference
     from ahpa.train.build import resolve_device
 
-    device = resolve_device(args.device)
+    metrics = parse_metrics(args.metrics)
     if args.save_ref_stats and len(args.detector) != 1:
         raise ValueError("--save-ref-stats needs exactly one --detector")
+    for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{what} {path!r} does not exist")
+    device = resolve_device(args.device)
+    # stored statistics are already the cheap form of a reference: nothing to cache
+    cache = None if args.no_ref_cache or is_stats_file(args.ref) else (args.ref_cache or default_cache_dir())
     results = {}
     for spec in args.detector:
         det = load_detector(spec, device)
-        ref = reference_stats(args.ref, det, args.batch)
+        values, counts = evaluate(args.samples, args.ref, det, metrics, num=args.num, batch_size=args.batch,
+                                  is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache)
         if args.save_ref_stats:
-            ref.save(args.save_ref_stats, detector=det.name)
-        sam = compute_stats(args.samples, det, args.batch)
-        results[det.name] = sam.frechet_distance(ref)
-        print(f"{det.name}: {results[det.name]:.6g}  ({sam.count} samples vs {ref.count or 'stored'} reference)")
+            load_reference(args.ref, det, cache, args.batch).save(args.save_ref_stats, detector=det.name)
+        shown = "  ".join(f"{k}: {v:.6g}" for k, v in values.items())
+        print(f"{shown}  ({counts['samples']} samples vs {counts['reference'] or 'stored'} reference)")
+        results.update(values)
     print(json.dumps(results))
     return 0

@@ -3,23 +3,34 @@
 A detector takes uint8 RGB images [N, 3, H, W] (0-255, the format samples are stored in) and returns
 float features [N, D]; any resizing or normalisation is the detector's own business, so that every caller
 measures the same thing. Its `name` is the metric it defines: a Fréchet distance in a CIFAR ResNet's
-feature space is not FID, and tables must say so (FD-r20, FD-r32, FID, FD-DINOv2).
+feature space is not FID, and tables must say so (FD-r20, FD-r32, FID, FD-DINOv2). Detectors with a
+classifier head also give class probabilities (for the Inception Score).
+
+- `torchscript:FILE`: any TorchScript module `forward(uint8 images) -> features`, optionally `logits(images)`
+  (the CIFAR-10 ResNets of ../shared/detectors).
+- `inception:FILE`: the TorchScript translation of TensorFlow's Inception-v3 (`inception-2015-12-05.pt`, the
+  network of StyleGAN2-ADA, EDM, EDM2 and clean-fid): pool_3 features for FID, softmax without the output
+  bias for the Inception Score, as the original TensorFlow code computes them. PyTorch runs it as it is, so
+  FID needs no torchvision and no hand-written copy of the network.
+- `dinov2:DIR`: DINOv2 from a local directory through `transformers` (FD-DINOv2, as in Stein et al. 2023):
+  images resized to 224 (bicubic, antialiased), ImageNet normalisation, the final normalised CLS token.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 KINDS = ("torchscript", "inception", "dinov2")
 
 
 class DetectorUnavailableError(ImportError):
-    """The detector kind needs an optional dependency (or code) that is not installed.
+    """The detector kind needs an optional dependency that is not installed.
 
     An ImportError, so that `except ImportError` around optional metrics keeps working.
     """
@@ -48,6 +59,20 @@ def metric_name(kind: str, path: str | Path) -> str:
     return f"FD-r{m.group(1)}" if m else f"FD-{stem}"
 
 
+def metric_tag(name: str) -> str:
+    """The detector part of a metric name, for the other metrics it defines: "" for FID (plain IS,
+    precision, recall, as the literature names them), "r20" for FD-r20, "DINOv2" for FD-DINOv2."""
+    return "" if name == "FID" else name.removeprefix("FD-")
+
+
+def _load_torchscript(path: Path, device: torch.device):
+    with warnings.catch_warnings():
+        # torch >= 2.10 deprecates TorchScript authoring and warns on load too; the detector files are
+        # TorchScript by design (portable, no Python class needed) and loading still works.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
+
+
 class Detector:
     """Base: `features(images)` and, where the network has a classifier head, `logits(images)`."""
 
@@ -58,6 +83,11 @@ class Detector:
     @property
     def has_logits(self) -> bool:
         return False
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether `class_probs` works (a classifier head: the Inception Score needs one)."""
+        return self.has_logits
 
     @property
     def dim(self) -> int:
@@ -72,6 +102,10 @@ class Detector:
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"detector {self.spec!r} has no classifier head (no `logits`)")
+
+    def class_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [N, K] (float32, rows sum to 1)."""
+        return torch.softmax(self.logits(images).float(), dim=1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r}, name={self.name!r}, device={str(self.device)!r})"
@@ -92,11 +126,7 @@ class TorchScriptDetector(Detector):
         self.spec = spec
         self.device = device
         self.name = metric_name("torchscript", path)
-        with warnings.catch_warnings():
-            # torch >= 2.10 deprecates TorchScript authoring and warns on load too; the detector files
-            # are TorchScript by design (portable, no Python class needed) and loading still works.
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
-            self.module = torch.jit.load(str(path), map_location=device).eval()
+        self.module = _load_torchscript(path, device)
         self._dim = None
 
     @property
@@ -116,17 +146,68 @@ class TorchScriptDetector(Detector):
         return self.module.logits(images.to(self.device, non_blocking=True)).float()
 
 
-def _unavailable(kind: str, spec: str, package: str) -> DetectorUnavailableError:
-    # Not implemented yet on purpose: these detectors come with the optional extra `ahpa[fid]`, and a
-    # silent fallback (or a download) would give numbers nobody can compare.
-    if importlib.util.find_spec(package) is None:
-        why = f"it needs the optional package {package!r}, which is not installed"
-    else:
-        why = f"{package!r} is installed, but this version of ahpa does not implement the {kind} detector yet"
-    return DetectorUnavailableError(
-        f"detector {spec!r}: {why}; install the optional extra with `pip install 'ahpa[fid]'` "
-        "or use a TorchScript detector (torchscript:FILE)"
-    )
+class InceptionDetector(Detector):
+    """TensorFlow's Inception-v3 as NVIDIA's TorchScript translation (`inception-2015-12-05.pt`).
+
+    Its forward takes uint8-range images of any size and resizes them to 299x299 inside, as the
+    TensorFlow graph did: `forward(img, return_features=True)` gives the 2048 pool_3 features FID uses,
+    `forward(img, no_output_bias=True)` the 1008 softmax probabilities of the original Inception Score
+    code (which left the output bias out).
+    """
+
+    name = "FID"
+
+    def __init__(self, path: Path, device: torch.device, spec: str):
+        self.spec, self.device = spec, device
+        self.module = _load_torchscript(path, device)
+        self._dim = 2048
+
+    @property
+    def has_classes(self) -> bool:
+        return True
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+        return self.module(images.to(self.device, non_blocking=True), return_features=True).float()
+
+    @torch.inference_mode()
+    def class_probs(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+        return self.module(images.to(self.device, non_blocking=True), no_output_bias=True).float()
+
+
+class Dinov2Detector(Detector):
+    """FD-DINOv2: the final layer-normed CLS token of DINOv2 (ViT-L/14 in the literature) at 224x224."""
+
+    name = "FD-DINOv2"
+    input_size = 224
+
+    def __init__(self, path: Path, device: torch.device, spec: str):
+        from ahpa.priors.external import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+
+        self.spec, self.device = spec, device
+        self.model = load_dinov2(path, spec).to(device).eval()
+        self._dim = int(self.model.config.hidden_size)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+        x = images.to(self.device, non_blocking=True).float() / 255.0
+        # antialiased bicubic: the reference pipeline resizes PIL images, which low-pass filters when shrinking
+        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False, antialias=True)
+        out = self.model(pixel_values=(x.clamp(0, 1) - self.mean) / self.std)
+        return out.pooler_output.float()  # [N, hidden]: the CLS token after the final LayerNorm
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    # torch.jit.save writes a zip with the model's code; a state dict (torch.save) has data.pkl and no code/
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
 
 
 def load_detector(spec: str, device: torch.device | str = "cpu") -> Detector:
@@ -136,10 +217,25 @@ def load_detector(spec: str, device: torch.device | str = "cpu") -> Detector:
     if not path.exists():
         raise FileNotFoundError(f"detector path {str(path)!r} (from {spec!r}) does not exist")
     device = torch.device(device)
+    if kind in ("torchscript", "inception") and not path.is_file():
+        raise FileNotFoundError(f"detector {spec!r}: {str(path)!r} is not a file")
     if kind == "torchscript":
-        if not path.is_file():
-            raise FileNotFoundError(f"detector {spec!r}: {str(path)!r} is not a file")
         return TorchScriptDetector(path, device, spec)
     if kind == "inception":
-        raise _unavailable(kind, spec, "pytorch_fid")  # FID Inception-v3 architecture for the weights FILE
-    raise _unavailable(kind, spec, "transformers")  # Dinov2Model.from_pretrained(DIR)
+        if not _is_torchscript_archive(path):
+            raise ValueError(
+                f"detector {spec!r}: {str(path)!r} is not a TorchScript file. FID uses the TorchScript translation of "
+                "TensorFlow's Inception-v3, inception-2015-12-05.pt (the file StyleGAN2-ADA, EDM and clean-fid "
+                "download from nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/). Weights-only "
+                "files (pytorch-fid's pt_inception-*.pth) and EDM's .pkl wrapper of the same network are not read"
+            )
+        return InceptionDetector(path, device, spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"detector {spec!r}: {str(path)!r} is not a directory (a DINOv2 save_pretrained folder)")
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise DetectorUnavailableError(
+            f"detector {spec!r} needs the optional package 'transformers'; install it with `pip install 'ahpa[dinov2]'`"
+        ) from e
+    return Dinov2Detector(path, device, spec)

@@ -1,9 +1,9 @@
-"""Image sources for metrics, and detector statistics over them.
+"""Image sources for metrics.
 
 A source is an `.npz` holding uint8 NHWC images under `arr_0` (ADM's sample format) or `images` (our
 CIFAR files), a folder of PNG/JPEG files, an in-memory uint8 NHWC array, or any iterable of uint8 NHWC
 batches (a sampler that feeds metrics without writing files, as in EDM2). Batches come out as uint8
-NHWC, the storage format; `compute_stats` turns them into the detector's NCHW on the way in.
+NHWC, the storage format; `ahpa.metrics.measurement` turns them into the detector's NCHW on the way in.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ahpa.metrics.detectors import Detector
-from ahpa.metrics.frechet import FeatureStats
 
 NPZ_IMAGE_KEYS = ("arr_0", "images")  # ADM samples, then our datasets
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -149,79 +147,3 @@ def _iter_batches(batches: Iterable, limit: int | None):
             batch = batch[: limit - seen]
         seen += len(batch)
         yield batch
-
-
-def _to_nchw(batch) -> torch.Tensor:
-    x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
-    return x.permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels-last strides; the detector copies as it needs)
-
-
-def compute_stats(
-    source,
-    detector: Detector,
-    batch_size: int = 250,
-    device: torch.device | str | None = None,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    max_images: int | None = None,
-) -> FeatureStats:
-    """Feature statistics of `source` under `detector`, accumulated on `device` (default: the detector's).
-
-    With world_size > 1 each rank reads its share and, when torch.distributed is initialised, the sums
-    are all-reduced so that every rank returns the statistics of the whole source.
-    """
-    stats = FeatureStats(dim=detector.dim, device=device if device is not None else detector.device)
-    for batch in iter_image_batches(source, batch_size, rank=rank, world_size=world_size, max_images=max_images):
-        stats.update(detector.features(_to_nchw(batch)))
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        flat = stats.to_tensor()
-        torch.distributed.all_reduce(flat)
-        stats = FeatureStats.from_tensor(flat)
-    stats.detector = detector.name
-    return stats
-
-
-def _stored_stats_usable(path: Path, detector: Detector) -> tuple[bool, str | None]:
-    """Whether a statistics .npz may stand for `detector`, and which metric it says it holds."""
-    with np.load(path) as f:
-        keys = set(f.keys())
-        tag = str(f["detector"]) if "detector" in keys else None
-    has_images = npz_image_key(path) is not None
-    if "mu" not in keys or "sigma" not in keys:
-        return False, tag
-    if tag is not None:
-        return tag == detector.name, tag
-    # Untagged mu/sigma beside images is an ADM reference batch: Inception statistics, FID only.
-    return (not has_images) or detector.name == "FID", tag
-
-
-def reference_stats(
-    ref,
-    detector: Detector,
-    batch_size: int = 250,
-    device: torch.device | str | None = None,
-    **kwargs,
-) -> FeatureStats:
-    """Statistics of a reference: an image source, or an .npz of stored `mu`/`sigma`.
-
-    Stored statistics are used when they were made with this detector (our files name it; an untagged
-    ADM reference batch counts as Inception); otherwise images in the same file are measured afresh,
-    and with no images the mismatch is an error rather than a wrong number.
-    """
-    if isinstance(ref, (str, Path)) and Path(ref).suffix == ".npz" and Path(ref).is_file():
-        usable, tag = _stored_stats_usable(Path(ref), detector)
-        if usable:
-            stats = FeatureStats.load(ref)
-            stats.detector = detector.name
-            return stats
-        if tag is not None and npz_image_key(ref) is None:
-            raise ValueError(f"statistics in {str(ref)!r} were computed for {tag}, not {detector.name}")
-    return compute_stats(ref, detector, batch_size, device, **kwargs)
-
-
-def fd_between(samples, ref, detector: Detector, batch_size: int = 250, device: torch.device | str | None = None) -> dict[str, float]:
-    """{detector.name: Fréchet distance} between a sample source and a reference (source or stats)."""
-    a = compute_stats(samples, detector, batch_size, device)
-    b = reference_stats(ref, detector, batch_size, device)
-    return {detector.name: a.frechet_distance(b)}

@@ -51,17 +51,22 @@ class _Dinov2Tokens(nn.Module):
         return self.model(pixel_values=x).last_hidden_state[:, 1:]  # drop the CLS token -> [B, N, C]
 
 
-def load_external(spec: str) -> ExternalEncoder:
-    kind, _, where = spec.partition(":")
-    if kind != "dinov2" or not where:
-        raise ValueError(f"external encoder spec {spec!r} is not dinov2:DIR")
-    path = Path(where).expanduser()
-    if not path.exists():
+def load_dinov2(path: str | Path, spec: str):
+    """transformers' Dinov2Model from a local save_pretrained directory (never a download)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
         raise FileNotFoundError(f"DINOv2 directory {str(path)!r} (from {spec!r}) does not exist")
     try:
         from transformers import Dinov2Model
     except ImportError as e:
-        raise ImportError("dinov2:DIR needs the `transformers` package (pip install transformers)") from e
-    model = Dinov2Model.from_pretrained(str(path), local_files_only=True)
+        raise ImportError(f"{spec!r} needs the `transformers` package: pip install 'ahpa[dinov2]'") from e
+    return Dinov2Model.from_pretrained(str(path), local_files_only=True)
+
+
+def load_external(spec: str) -> ExternalEncoder:
+    kind, _, where = spec.partition(":")
+    if kind != "dinov2" or not where:
+        raise ValueError(f"external encoder spec {spec!r} is not dinov2:DIR")
+    model = load_dinov2(where, spec)
     # register tokens (DINOv2 with registers) would also need dropping; plain DINOv2 has none
     return ExternalEncoder(_Dinov2Tokens(model), model.config.hidden_size, input_size=224)

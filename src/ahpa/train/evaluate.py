@@ -6,25 +6,18 @@ encoding. Samples are class-balanced (index i has class i % num_classes) and see
 (seed, i), so the figure does not depend on the batch size or on the number of processes; with several
 processes each takes every world_size-th batch and the sums are all-reduced.
 
-Reference statistics are the slow part (50k training images) and never change during a run: `load_reference`
-caches them as a small .npz (mean, covariance, count) named by the detector and a hash of the reference's
-identity, so every evaluation and every resumed run reuses them.
+Reference statistics are the slow part (50k training images) and never change during a run:
+`ahpa.metrics.reference.load_reference` caches them (the trainer keeps them in the run's eval_ref/).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from pathlib import Path
-
 import torch
 
-from ahpa.atomic import atomic_path
 from ahpa.config import SampleCfg
-from ahpa.metrics.detectors import Detector, parse_spec
+from ahpa.metrics.detectors import Detector
 from ahpa.metrics.frechet import FeatureStats
-from ahpa.metrics.images import image_files, reference_stats
+from ahpa.metrics.reference import load_reference, reference_key  # noqa: F401  (the trainer's entry points)
 from ahpa.sample import SamplerBundle, iter_samples
 
 
@@ -78,53 +71,3 @@ def evaluate_fd(
             stats = FeatureStats.from_tensor(flat)
         results[det.name] = stats.frechet_distance(ref)
     return results
-
-
-# ---- reference statistics, cached ----
-
-def _file_identity(path: Path) -> dict:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def reference_key(ref: str | Path, detector: Detector) -> str:
-    """16 hex digits identifying (reference, detector file).
-
-    The reference's resolved path, size and modification time: size alone cannot tell two uncompressed
-    .npz files of the same shape apart. The detector's file enters too, since two files can share a stem.
-    """
-    path = Path(ref).expanduser().resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"reference {str(path)!r} does not exist (eval.ref)")
-    if path.is_dir():
-        files = image_files(path)
-        ident = {"files": len(files), "size": sum(f.stat().st_size for f in files),
-                 "mtime_ns": max((f.stat().st_mtime_ns for f in files), default=0)}
-    else:
-        ident = _file_identity(path)
-    det: dict = {"name": detector.name, "spec": getattr(detector, "spec", None)}
-    try:
-        det_path = Path(parse_spec(detector.spec)[1]).expanduser().resolve()
-        det.update(path=str(det_path), **(_file_identity(det_path) if det_path.is_file() else {}))
-    except (AttributeError, ValueError):
-        pass  # a detector object without a spec: its name alone
-    blob = json.dumps({"ref": str(path), **ident, "detector": det}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def load_reference(ref: str | Path, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250) -> FeatureStats:
-    """Reference statistics for `detector`: an image source or stored mu/sigma (see metrics.reference_stats),
-    cached in `cache_dir` as `<metric>-<reference_key>.npz` (no caching when cache_dir is None)."""
-    if cache_dir is None:
-        return reference_stats(ref, detector, batch_size)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", detector.name)
-    path = Path(cache_dir) / f"{name}-{reference_key(ref, detector)}.npz"
-    if path.is_file():
-        stats = FeatureStats.load(path)
-        if stats.detector == detector.name:
-            return stats
-    stats = reference_stats(ref, detector, batch_size)
-    with atomic_path(path) as tmp:  # concurrent ranks never read half a file
-        stats.save(tmp, detector=detector.name)
-    stats.detector = detector.name
-    return stats

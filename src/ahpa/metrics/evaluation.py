@@ -1,0 +1,71 @@
+"""One evaluation of a sample source against a reference under one detector: the metrics asked for,
+from one pass over the samples.
+
+- `fd`: the Fréchet distance (FID for Inception-v3, FD-r20, FD-DINOv2, ...);
+- `is`: the Inception Score, or its analogue under another classifier (IS-r20 with a CIFAR ResNet);
+- `pr`: improved precision and recall (k-NN manifolds, k = 3) of the first `pr_num` samples against the
+  first `pr_num` reference images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ahpa.metrics.detectors import Detector, metric_tag
+from ahpa.metrics.inception_score import inception_score
+from ahpa.metrics.measurement import measure
+from ahpa.metrics.precision_recall import precision_recall
+from ahpa.metrics.reference import reference_measurement
+
+METRICS = ("fd", "is", "pr")
+
+
+def metric_names(detector: Detector) -> dict[str, str]:
+    """The names under which `evaluate` reports each metric of this detector."""
+    tag = metric_tag(detector.name)
+    suffix = f"-{tag}" if tag else ""
+    return {"fd": detector.name, "is": f"IS{suffix}", "is_std": f"IS{suffix}-std",
+            "precision": f"precision{suffix}", "recall": f"recall{suffix}"}
+
+
+def parse_metrics(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    items = [m.strip() for m in text.split(",")] if isinstance(text, str) else list(text)
+    bad = [m for m in items if m not in METRICS]
+    if bad or not items:
+        raise ValueError(f"unknown metric(s) {bad} in {text!r}; choose from {', '.join(METRICS)} (comma separated)")
+    return tuple(dict.fromkeys(items))
+
+
+def evaluate(
+    samples,
+    ref,
+    detector: Detector,
+    metrics=("fd",),
+    *,
+    num: int | None = None,
+    batch_size: int = 250,
+    is_splits: int = 10,
+    pr_num: int = 10_000,
+    pr_k: int = 3,
+    cache_dir: str | Path | None = None,
+) -> tuple[dict[str, float], dict]:
+    """({metric name: value}, {"samples": count, "reference": count or None}) for the first `num` samples."""
+    metrics = parse_metrics(metrics)
+    names = metric_names(detector)
+    if "is" in metrics and not detector.has_classes:
+        raise ValueError(f"the Inception Score needs a classifier head, which detector {detector.spec!r} lacks; "
+                         "drop `is` from the metrics or use a detector with one (inception:FILE, the CIFAR ResNets)")
+    keep = pr_num if "pr" in metrics else 0
+    got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, max_images=num)
+    out: dict[str, float] = {}
+    ref_count = None
+    if "fd" in metrics or "pr" in metrics:
+        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep)
+        ref_count = ref_m.stats.count
+        if "fd" in metrics:
+            out[names["fd"]] = got.stats.frechet_distance(ref_m.stats)
+        if "pr" in metrics:
+            out[names["precision"]], out[names["recall"]] = precision_recall(ref_m.features, got.features, k=pr_k)
+    if "is" in metrics:
+        out[names["is"]], out[names["is_std"]] = inception_score(got.probs, is_splits)
+    return out, {"samples": got.stats.count, "reference": ref_count}

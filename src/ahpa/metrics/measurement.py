@@ -1,0 +1,148 @@
+"""Detector measurements of image sources: feature statistics, and for the other metrics class
+probabilities and raw features, all in one pass over the images.
+
+`measure` reads a source (see `ahpa.metrics.images`) once: every batch goes through the detector into a
+float64 `FeatureStats`; on request it also keeps the class probabilities of every image (Inception Score)
+and the features of the first `keep` images (precision/recall needs the points, not just their moments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ahpa.metrics.detectors import Detector
+from ahpa.metrics.frechet import FeatureStats
+from ahpa.metrics.images import iter_image_batches, npz_image_key
+
+
+@dataclass
+class Measurement:
+    stats: FeatureStats
+    probs: torch.Tensor | None = None  # [N, K] float32 on the host, in source order
+    features: torch.Tensor | None = None  # [min(N, keep), D] float32 on the detector's device
+
+
+def _to_nchw(batch) -> torch.Tensor:
+    x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+    return x.permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels-last strides; the detector copies as it needs)
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def measure(
+    source,
+    detector: Detector,
+    batch_size: int = 250,
+    device: torch.device | str | None = None,
+    *,
+    probs: bool = False,
+    keep: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    max_images: int | None = None,
+) -> Measurement:
+    """Statistics of `source` under `detector` (sums on `device`, default the detector's), plus class
+    probabilities (`probs=True`) and the first `keep` features.
+
+    With world_size > 1 each rank reads its share and, when torch.distributed is initialised, the sums are
+    all-reduced so that every rank returns the statistics of the whole source; probabilities and kept
+    features are per-image lists in source order, which one process gathers (world_size 1 only).
+    """
+    if world_size > 1 and (probs or keep):
+        raise ValueError("class probabilities and kept features are measured by one process (world_size=1)")
+    if probs and not detector.has_classes:
+        raise ValueError(f"detector {detector.spec!r} ({detector.name}) has no classifier head: no class probabilities")
+    stats = FeatureStats(dim=detector.dim, device=device if device is not None else detector.device)
+    prob_parts, feat_parts, kept = [], [], 0
+    for batch in iter_image_batches(source, batch_size, rank=rank, world_size=world_size, max_images=max_images):
+        images = _to_nchw(batch)
+        feats = detector.features(images)
+        stats.update(feats)
+        if kept < keep:
+            feat_parts.append(feats[: keep - kept].float())
+            kept += len(feat_parts[-1])
+        if probs:
+            prob_parts.append(detector.class_probs(images).float().cpu())
+    if _distributed(world_size):
+        flat = stats.to_tensor()
+        torch.distributed.all_reduce(flat)
+        stats = FeatureStats.from_tensor(flat)
+    stats.detector = detector.name
+    return Measurement(
+        stats,
+        torch.cat(prob_parts) if prob_parts else None,
+        torch.cat(feat_parts) if feat_parts else None,
+    )
+
+
+def compute_stats(
+    source,
+    detector: Detector,
+    batch_size: int = 250,
+    device: torch.device | str | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_images: int | None = None,
+) -> FeatureStats:
+    """Feature statistics of `source` under `detector` (see `measure`)."""
+    return measure(source, detector, batch_size, device, rank=rank, world_size=world_size, max_images=max_images).stats
+
+
+def _stored_stats_usable(path: Path, detector: Detector) -> tuple[bool, str | None]:
+    """Whether a statistics .npz may stand for `detector`, and which metric it says it holds."""
+    with np.load(path) as f:
+        keys = set(f.keys())
+        tag = str(f["detector"]) if "detector" in keys else None
+    has_images = npz_image_key(path) is not None
+    if "mu" not in keys or "sigma" not in keys:
+        return False, tag
+    if tag is not None:
+        return tag == detector.name, tag
+    # Untagged mu/sigma beside images is an ADM reference batch: Inception statistics, FID only.
+    return (not has_images) or detector.name == "FID", tag
+
+
+def is_stats_file(ref) -> bool:
+    """Whether `ref` names an .npz of stored `mu`/`sigma` (with or without images beside them)."""
+    if not isinstance(ref, (str, Path)) or Path(ref).suffix != ".npz" or not Path(ref).is_file():
+        return False
+    with np.load(ref) as f:
+        return "mu" in f and "sigma" in f
+
+
+def reference_stats(
+    ref,
+    detector: Detector,
+    batch_size: int = 250,
+    device: torch.device | str | None = None,
+    **kwargs,
+) -> FeatureStats:
+    """Statistics of a reference: an image source, or an .npz of stored `mu`/`sigma`.
+
+    Stored statistics are used when they were made with this detector (our files name it; an untagged
+    ADM reference batch counts as Inception); otherwise images in the same file are measured afresh,
+    and with no images the mismatch is an error rather than a wrong number.
+    """
+    if isinstance(ref, (str, Path)) and Path(ref).suffix == ".npz" and Path(ref).is_file():
+        usable, tag = _stored_stats_usable(Path(ref), detector)
+        if usable:
+            stats = FeatureStats.load(ref)
+            stats.detector = detector.name
+            return stats
+        if tag is not None and npz_image_key(ref) is None:
+            raise ValueError(f"statistics in {str(ref)!r} were computed for {tag}, not {detector.name}")
+    return compute_stats(ref, detector, batch_size, device, **kwargs)
+
+
+def fd_between(samples, ref, detector: Detector, batch_size: int = 250, device: torch.device | str | None = None) -> dict[str, float]:
+    """{detector.name: Fréchet distance} between a sample source and a reference (source or stats)."""
+    a = compute_stats(samples, detector, batch_size, device)
+    b = reference_stats(ref, detector, batch_size, device)
+    return {detector.name: a.frechet_distance(b)}

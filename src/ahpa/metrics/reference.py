@@ -1,0 +1,95 @@
+"""Reference measurements, cached: they are the slow part of an evaluation and never change.
+
+50,000 training images through a detector cost minutes on a GPU and most of an hour on a laptop, for
+statistics that depend only on the images and the detector. `reference_measurement` keeps them as small
+files named by the metric and a hash of the reference's identity (path, size, modification time) and of
+the detector file, so every evaluation during training, every resumed run and every `ahpa eval` reuses
+them, and a changed reference gets a new key rather than stale numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ahpa.atomic import atomic_path
+from ahpa.metrics.detectors import Detector, parse_spec
+from ahpa.metrics.frechet import FeatureStats
+from ahpa.metrics.images import image_files
+from ahpa.metrics.measurement import Measurement, is_stats_file, measure, reference_stats
+
+
+def _file_identity(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def reference_key(ref: str | Path, detector: Detector) -> str:
+    """16 hex digits identifying (reference, detector file).
+
+    The reference's resolved path, size and modification time: size alone cannot tell two uncompressed
+    .npz files of the same shape apart. The detector's file enters too, since two files can share a stem.
+    """
+    path = Path(ref).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"reference {str(path)!r} does not exist (eval.ref / --ref)")
+    if path.is_dir():
+        files = image_files(path)
+        ident = {"files": len(files), "size": sum(f.stat().st_size for f in files),
+                 "mtime_ns": max((f.stat().st_mtime_ns for f in files), default=0)}
+    else:
+        ident = _file_identity(path)
+    det: dict = {"name": detector.name, "spec": getattr(detector, "spec", None)}
+    try:
+        det_path = Path(parse_spec(detector.spec)[1]).expanduser().resolve()
+        det.update(path=str(det_path), **(_file_identity(det_path) if det_path.is_file() else {}))
+    except (AttributeError, ValueError):
+        pass  # a detector object without a spec: its name alone
+    blob = json.dumps({"ref": str(path), **ident, "detector": det}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cache_stem(ref, detector: Detector, cache_dir) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", detector.name)
+    return Path(cache_dir) / f"{name}-{reference_key(ref, detector)}"
+
+
+def reference_measurement(
+    ref, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250, keep: int = 0,
+) -> Measurement:
+    """Statistics of the reference (an image source or stored mu/sigma, see `reference_stats`) and, with
+    `keep` > 0, the features of its first `keep` images, cached in `cache_dir` (None: no caching) as
+    `<metric>-<key>.npz` and `<metric>-<key>-first<keep>.npy`."""
+    if keep and is_stats_file(ref):
+        raise ValueError(f"precision/recall needs reference images, but {str(ref)!r} holds statistics (mu, sigma); "
+                         "give the image source (folder or images .npz) as the reference")
+    if cache_dir is None:
+        return measure(ref, detector, batch_size, keep=keep) if keep else Measurement(reference_stats(ref, detector, batch_size))
+    stem = _cache_stem(ref, detector, cache_dir)
+    stats_file, feat_file = stem.with_name(stem.name + ".npz"), stem.with_name(f"{stem.name}-first{keep}.npy")
+    if stats_file.is_file() and (not keep or feat_file.is_file()):
+        stats = FeatureStats.load(stats_file)
+        if stats.detector == detector.name:
+            feats = torch.from_numpy(np.load(feat_file)).to(detector.device) if keep else None
+            return Measurement(stats, None, feats)
+    if keep:
+        got = measure(ref, detector, batch_size, keep=keep)
+    else:
+        got = Measurement(reference_stats(ref, detector, batch_size))
+    with atomic_path(stats_file) as tmp:  # concurrent ranks never read half a file
+        got.stats.save(tmp, detector=detector.name)
+    if keep:
+        with atomic_path(feat_file) as tmp, open(tmp, "wb") as f:
+            np.save(f, got.features.cpu().numpy())
+    got.stats.detector = detector.name
+    return got
+
+
+def load_reference(ref: str | Path, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250) -> FeatureStats:
+    """Reference statistics for `detector`, cached in `cache_dir` (see `reference_measurement`)."""
+    return reference_measurement(ref, detector, cache_dir, batch_size).stats

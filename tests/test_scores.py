@@ -1,0 +1,224 @@
+"""Inception Score, precision/recall, the Inception and DINOv2 detectors, and `ahpa eval` with its cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ahpa.metrics import compute_stats, inception_score, load_detector, precision_recall
+from ahpa.metrics.precision_recall import knn_radii
+from tests.conftest import SHARED
+
+# --- Inception Score: closed forms ----------------------------------------------------------------
+
+
+def test_inception_score_closed_forms():
+    k = 8
+    confident = torch.eye(k).repeat(25, 1)  # every class equally often, each image certain: IS = K
+    mean, std = inception_score(confident, splits=5)
+    assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
+    undecided = torch.full((200, k), 1.0 / k)  # every image says "any class": IS = 1
+    assert inception_score(undecided, splits=4)[0] == pytest.approx(1.0, rel=1e-12)
+    # splits are contiguous parts in stored order: a confident half (IS 4) then an undecided half (IS 1)
+    half = torch.cat([torch.eye(4).repeat(10, 1), torch.full((40, 4), 0.25)])
+    mean, std = inception_score(half, splits=2)
+    assert mean == pytest.approx(2.5) and std == pytest.approx(1.5)
+    # one class collapsing onto another halves the score of a 2-class confident model
+    assert inception_score(torch.tensor([[1.0, 0.0]] * 10), splits=1)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(torch.eye(3), splits=10)
+
+
+# --- precision / recall ---------------------------------------------------------------------------
+
+
+def test_knn_radii_by_hand():
+    pts = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    assert knn_radii(pts, k=1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(pts, k=2, block=3).tolist() == [3.0, 2.0, 3.0, 6.0]
+    with pytest.raises(ValueError, match="k=4"):
+        knn_radii(pts, k=4)
+
+
+def test_precision_recall_modes():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 16, generator=g)
+    b = torch.randn(400, 16, generator=g) + 40.0  # a second, far-away mode
+    real = torch.cat([a, b])
+    assert precision_recall(real, real) == (1.0, 1.0)
+    # samples from one of the two modes only: all realistic, half the data covered
+    p, r = precision_recall(real, a + 0.01, block=128)
+    assert p == 1.0 and r == 0.5
+    # samples nowhere near the data: neither realistic nor covering
+    assert precision_recall(real, torch.randn(300, 16, generator=g) - 40.0) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="dimensions differ"):
+        precision_recall(real, torch.zeros(10, 8))
+
+
+# --- detectors ------------------------------------------------------------------------------------
+
+
+class FakeInception(nn.Module):
+    """The interface of NVIDIA's TorchScript Inception-v3: uint8-range images of any size in, pool
+    features (2048) with return_features, softmax probabilities (1008) otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.feat = nn.Linear(3, 2048)
+        self.out = nn.Linear(2048, 1008)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        x = F.interpolate(img.to(torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
+        f = torch.tanh(self.feat(x.mean(dim=(2, 3)) / 128.0 - 1.0))  # [N, 2048]
+        if return_features:
+            return f
+        logits = f @ self.out.weight.t()
+        if not no_output_bias:
+            logits = logits + self.out.bias
+        return torch.softmax(logits, dim=1)
+
+
+def _script(module: nn.Module, path: Path) -> Path:
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript authoring; the files stay valid
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(module.eval()).save(str(path))
+    return path
+
+
+def test_inception_detector_interface(tmp_path):
+    det = load_detector(f"inception:{_script(FakeInception(), tmp_path / 'inception-2015-12-05.pt')}")
+    assert det.name == "FID" and det.dim == 2048 and det.has_classes
+    imgs = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    feats, probs = det.features(imgs), det.class_probs(imgs)
+    assert feats.shape == (5, 2048) and probs.shape == (5, 1008)
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    # the probabilities are the ones without the output bias (as the original Inception Score code)
+    ref = FakeInception()
+    torch.testing.assert_close(probs, ref(imgs, no_output_bias=True))
+    assert not torch.allclose(probs, ref(imgs))
+    torch.save(ref.state_dict(), tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    with pytest.raises(ValueError, match="inception-2015-12-05.pt"):
+        load_detector(f"inception:{tmp_path / 'pt_inception-2015-12-05-6726825d.pth'}")
+
+
+def test_dinov2_detector(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="FD-DINOv2 needs the optional extra ahpa[dinov2]")
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    patch_size=14, image_size=224)
+    model = transformers.Dinov2Model(cfg).eval()
+    model.save_pretrained(tmp_path / "dino")
+    det = load_detector(f"dinov2:{tmp_path / 'dino'}")
+    assert det.name == "FD-DINOv2" and det.dim == 32 and not det.has_classes
+    imgs = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    x = F.interpolate(imgs.float() / 255, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model(pixel_values=(x.clamp(0, 1) - mean) / std)
+    # the CLS token of the final (layer-normed) sequence, as the DINOv2 hub model's forward returns it
+    torch.testing.assert_close(det.features(imgs), out.last_hidden_state[:, 0])
+    # the REPA encoder loads the same folder through the same loader
+    from ahpa.priors.external import load_external
+
+    tokens = load_external(f"dinov2:{tmp_path / 'dino'}")(imgs.float() / 255, grid=4)
+    assert tokens.shape == (3, 16, 32)
+
+
+INCEPTION = Path(os.environ.get("AHPA_INCEPTION", SHARED / "detectors" / "inception-2015-12-05.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INCEPTION.is_file(), reason=f"needs the Inception-v3 TorchScript file {INCEPTION} "
+                    "(set AHPA_INCEPTION); not available offline here")
+def test_inception_parity_with_tensorflow_numbers():
+    # The Inception Score of real CIFAR-10 images is 11.24 +- 0.12 in the original TensorFlow code
+    # (Salimans et al. 2016, 10 splits of 5,000); one split of 5,000 training images lands near it.
+    det = load_detector(f"inception:{INCEPTION}")
+    cifar = SHARED / "data" / "cifar10" / "train.npz"
+    from ahpa.metrics import measure
+
+    got = measure(cifar, det, 100, probs=True, max_images=5000)
+    mean, _ = inception_score(got.probs, splits=1)
+    assert got.stats.dim == 2048 and abs(mean - 11.24) < 0.5, f"IS {mean:.2f} of 5,000 CIFAR-10 images, expected ~11.24"
+
+
+# --- ahpa eval ------------------------------------------------------------------------------------
+
+
+class TinyClassifier(nn.Module):
+    """A CIFAR-detector-shaped TorchScript module: features [N, 6] and logits [N, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(images.float() / 255.0)).mean(dim=(2, 3))
+
+    @torch.jit.export
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward(images))
+
+
+def test_eval_command_all_metrics_and_reference_cache(tmp_path, monkeypatch, capsys):
+    from ahpa.cli import main
+    from ahpa.metrics import measurement as measure_mod
+    from ahpa.metrics import reference as reference_mod
+
+    det_file = _script(TinyClassifier(), tmp_path / "toy-resnet20.pt")
+    rng = np.random.default_rng(0)
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8), arr_1=np.arange(60) % 10)
+    np.savez(ref, images=rng.integers(0, 256, (80, 16, 16, 3), dtype=np.uint8))
+    argv = ["eval", str(samples), "--ref", str(ref), "--detector", f"torchscript:{det_file}", "--metrics", "fd,is,pr",
+            "--is-splits", "3", "--pr-num", "40", "--batch", "16", "--ref-cache", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(first) == {"FD-r20", "IS-r20", "IS-r20-std", "precision-r20", "recall-r20"}
+    det = load_detector(f"torchscript:{det_file}")
+    assert first["FD-r20"] == pytest.approx(compute_stats(samples, det).frechet_distance(compute_stats(ref, det)), rel=1e-9)
+    assert 1.0 <= first["IS-r20"] <= 4.0 and 0 <= first["precision-r20"] <= 1 and 0 <= first["recall-r20"] <= 1
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 2 and cached[0].endswith("-first40.npy") and cached[1].endswith(".npz")
+
+    # a second call reads the reference from the cache: measuring it again would fail here
+    real_measure = measure_mod.measure
+
+    def samples_only(source, *a, **k):
+        assert Path(source) == samples, "the reference was measured again despite the cache"
+        return real_measure(source, *a, **k)
+
+    monkeypatch.setattr(reference_mod, "measure", samples_only)
+    monkeypatch.setattr(reference_mod, "reference_stats", samples_only)
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
+    monkeypatch.undo()
+
+    # errors name what to change
+    assert main([*argv[:7], "fd,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    det_file_plain = tmp_path / "plain.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(nn.Flatten()).save(str(det_file_plain))
+    assert main(["eval", str(samples), "--ref", str(ref), "--detector", f"torchscript:{det_file_plain}", "--metrics", "is"]) == 2
+    assert "classifier head" in capsys.readouterr().err
+    stats = tmp_path / "stats.npz"
+    compute_stats(ref, det).save(stats)
+    assert main(["eval", str(samples), "--ref", str(stats), "--detector", f"torchscript:{det_file}", "--metrics", "pr"]) == 2
+    assert "needs reference images" in capsys.readouterr().err
+    assert math.isfinite(first["IS-r20-std"])

@@ -222,3 +222,19 @@ def test_eval_command_all_metrics_and_reference_cache(tmp_path, monkeypatch, cap
     assert main(["eval", str(samples), "--ref", str(stats), "--detector", f"torchscript:{det_file}", "--metrics", "pr"]) == 2
     assert "needs reference images" in capsys.readouterr().err
     assert math.isfinite(first["IS-r20-std"])
+
+
+def test_adm_reference_batch_gives_stored_fid_and_images_for_precision_recall(tmp_path):
+    from ahpa.metrics.evaluation import evaluate
+
+    det = load_detector(f"inception:{_script(FakeInception(), tmp_path / 'inception-2015-12-05.pt')}")
+    rng = np.random.default_rng(3)
+    imgs = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    stats = compute_stats(imgs[:20], det)
+    # ADM's reference batches: images under arr_0 and untagged statistics of the full dataset
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=imgs, mu=stats.mean, sigma=stats.cov)
+    np.savez(tmp_path / "samples.npz", arr_0=imgs[:20])
+    got, counts = evaluate(tmp_path / "samples.npz", tmp_path / "VIRTUAL_ref.npz", det, ("fd", "pr"), pr_num=10,
+                           cache_dir=tmp_path / "cache")
+    assert got["FID"] < 1e-6  # the stored statistics, not the 30 images
+    assert got["precision"] == 1.0 and not counts["reference"]  # samples 0..9 are reference images 0..9

@@ -41,6 +41,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ahpa.metrics import load_detector
     from ahpa.metrics.evaluation import evaluate, parse_metrics
+    from ahpa.metrics.images import npz_image_key
     from ahpa.metrics.measurement import is_stats_file
     from ahpa.metrics.reference import load_reference
     from ahpa.train.build import resolve_device
@@ -52,8 +53,9 @@ def run(args) -> int:
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
     device = resolve_device(args.device)
-    # stored statistics are already the cheap form of a reference: nothing to cache
-    cache = None if args.no_ref_cache or is_stats_file(args.ref) else (args.ref_cache or default_cache_dir())
+    # stored statistics alone are already the cheap form of a reference: nothing to cache
+    stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None
+    cache = None if args.no_ref_cache or stats_only else (args.ref_cache or default_cache_dir())
     results = {}
     for spec in args.detector:
         det = load_detector(spec, device)

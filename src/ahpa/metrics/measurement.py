@@ -95,7 +95,7 @@ def compute_stats(
     return measure(source, detector, batch_size, device, rank=rank, world_size=world_size, max_images=max_images).stats
 
 
-def _stored_stats_usable(path: Path, detector: Detector) -> tuple[bool, str | None]:
+def stored_stats_usable(path: Path, detector: Detector) -> tuple[bool, str | None]:
     """Whether a statistics .npz may stand for `detector`, and which metric it says it holds."""
     with np.load(path) as f:
         keys = set(f.keys())
@@ -131,7 +131,7 @@ def reference_stats(
     and with no images the mismatch is an error rather than a wrong number.
     """
     if isinstance(ref, (str, Path)) and Path(ref).suffix == ".npz" and Path(ref).is_file():
-        usable, tag = _stored_stats_usable(Path(ref), detector)
+        usable, tag = stored_stats_usable(Path(ref), detector)
         if usable:
             stats = FeatureStats.load(ref)
             stats.detector = detector.name

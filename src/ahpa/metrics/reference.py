@@ -20,8 +20,8 @@ import torch
 from ahpa.atomic import atomic_path
 from ahpa.metrics.detectors import Detector, parse_spec
 from ahpa.metrics.frechet import FeatureStats
-from ahpa.metrics.images import image_files
-from ahpa.metrics.measurement import Measurement, is_stats_file, measure, reference_stats
+from ahpa.metrics.images import image_files, npz_image_key
+from ahpa.metrics.measurement import Measurement, stored_stats_usable, is_stats_file, measure, reference_stats
 
 
 def _file_identity(path: Path) -> dict:
@@ -65,28 +65,35 @@ def reference_measurement(
     """Statistics of the reference (an image source or stored mu/sigma, see `reference_stats`) and, with
     `keep` > 0, the features of its first `keep` images, cached in `cache_dir` (None: no caching) as
     `<metric>-<key>.npz` and `<metric>-<key>-first<keep>.npy`."""
-    if keep and is_stats_file(ref):
-        raise ValueError(f"precision/recall needs reference images, but {str(ref)!r} holds statistics (mu, sigma); "
+    stored = is_stats_file(ref) and stored_stats_usable(Path(ref), detector)[0]
+    if keep and stored and npz_image_key(ref) is None:
+        raise ValueError(f"precision/recall needs reference images, but {str(ref)!r} holds statistics (mu, sigma) only; "
                          "give the image source (folder or images .npz) as the reference")
-    if cache_dir is None:
-        return measure(ref, detector, batch_size, keep=keep) if keep else Measurement(reference_stats(ref, detector, batch_size))
-    stem = _cache_stem(ref, detector, cache_dir)
-    stats_file, feat_file = stem.with_name(stem.name + ".npz"), stem.with_name(f"{stem.name}-first{keep}.npy")
-    if stats_file.is_file() and (not keep or feat_file.is_file()):
-        stats = FeatureStats.load(stats_file)
-        if stats.detector == detector.name:
-            feats = torch.from_numpy(np.load(feat_file)).to(detector.device) if keep else None
-            return Measurement(stats, None, feats)
-    if keep:
-        got = measure(ref, detector, batch_size, keep=keep)
-    else:
+    if cache_dir is not None:
+        stem = _cache_stem(ref, detector, cache_dir)
+        stats_file, feat_file = stem.with_name(stem.name + ".npz"), stem.with_name(f"{stem.name}-first{keep}.npy")
+        if stats_file.is_file() and (not keep or feat_file.is_file()):
+            stats = FeatureStats.load(stats_file)
+            if stats.detector == detector.name:
+                feats = torch.from_numpy(np.load(feat_file)).to(detector.device) if keep else None
+                return Measurement(stats, None, feats)
+    if not keep:
         got = Measurement(reference_stats(ref, detector, batch_size))
+    elif stored:
+        # an ADM reference batch: its stored statistics (of the full dataset) stand for the reference, and
+        # its images give the points precision/recall needs, as ADM's evaluator uses them
+        feats = measure(ref, detector, batch_size, keep=keep, max_images=keep).features
+        got = Measurement(reference_stats(ref, detector, batch_size), None, feats)
+    else:
+        got = measure(ref, detector, batch_size, keep=keep)
+    got.stats.detector = detector.name
+    if cache_dir is None:
+        return got
     with atomic_path(stats_file) as tmp:  # concurrent ranks never read half a file
         got.stats.save(tmp, detector=detector.name)
     if keep:
         with atomic_path(feat_file) as tmp, open(tmp, "wb") as f:
             np.save(f, got.features.cpu().numpy())
-    got.stats.detector = detector.name
     return got
 
 

@@ -56,11 +56,22 @@ def run(args) -> int:
     # stored statistics alone are already the cheap form of a reference: nothing to cache
     stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None
     cache = None if args.no_ref_cache or stats_only else (args.ref_cache or default_cache_dir())
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(label: str):
+        bars.append(tqdm(desc=label, unit="img", dynamic_ncols=True, leave=False))
+        return bars[-1].update
+
     results = {}
     for spec in args.detector:
         det = load_detector(spec, device)
         values, counts = evaluate(args.samples, args.ref, det, metrics, num=args.num, batch_size=args.batch,
-                                  is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache)
+                                  is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
+                                  progress=progress)
+        while bars:
+            bars.pop().close()
         if args.save_ref_stats:
             load_reference(args.ref, det, cache, args.batch).save(args.save_ref_stats, detector=det.name)
         shown = "  ".join(f"{k}: {v:.6g}" for k, v in values.items())

@@ -9,6 +9,7 @@ from one pass over the samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ahpa.metrics.detectors import Detector, metric_tag
@@ -48,19 +49,26 @@ def evaluate(
     pr_num: int = 10_000,
     pr_k: int = 3,
     cache_dir: str | Path | None = None,
+    progress: Callable[[str], Callable[[int], None]] | None = None,
 ) -> tuple[dict[str, float], dict]:
-    """({metric name: value}, {"samples": count, "reference": count or None}) for the first `num` samples."""
+    """({metric name: value}, {"samples": count, "reference": count or None}) for the first `num` samples.
+
+    `progress(label)` may return a callback that takes the number of images of each batch (a bar's update).
+    """
     metrics = parse_metrics(metrics)
     names = metric_names(detector)
     if "is" in metrics and not detector.has_classes:
         raise ValueError(f"the Inception Score needs a classifier head, which detector {detector.spec!r} lacks; "
                          "drop `is` from the metrics or use a detector with one (inception:FILE, the CIFAR ResNets)")
     keep = pr_num if "pr" in metrics else 0
-    got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, max_images=num)
+    def tick(label: str):
+        return progress(f"{label} [{detector.name}]") if progress is not None else None
+
+    got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, max_images=num, on_batch=tick("samples"))
     out: dict[str, float] = {}
     ref_count = None
     if "fd" in metrics or "pr" in metrics:
-        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep)
+        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, on_batch=tick("reference"))
         ref_count = ref_m.stats.count
         if "fd" in metrics:
             out[names["fd"]] = got.stats.frechet_distance(ref_m.stats)

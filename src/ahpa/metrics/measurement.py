@@ -8,6 +8,7 @@ and the features of the first `keep` images (precision/recall needs the points, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +47,11 @@ def measure(
     rank: int = 0,
     world_size: int = 1,
     max_images: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Measurement:
     """Statistics of `source` under `detector` (sums on `device`, default the detector's), plus class
-    probabilities (`probs=True`) and the first `keep` features.
+    probabilities (`probs=True`) and the first `keep` features; `on_batch(n)` after each batch of n images
+    (a progress bar's update).
 
     With world_size > 1 each rank reads its share and, when torch.distributed is initialised, the sums are
     all-reduced so that every rank returns the statistics of the whole source; probabilities and kept
@@ -69,6 +72,8 @@ def measure(
             kept += len(feat_parts[-1])
         if probs:
             prob_parts.append(detector.class_probs(images).float().cpu())
+        if on_batch is not None:
+            on_batch(len(images))
     if _distributed(world_size):
         flat = stats.to_tensor()
         torch.distributed.all_reduce(flat)
@@ -90,9 +95,11 @@ def compute_stats(
     rank: int = 0,
     world_size: int = 1,
     max_images: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> FeatureStats:
     """Feature statistics of `source` under `detector` (see `measure`)."""
-    return measure(source, detector, batch_size, device, rank=rank, world_size=world_size, max_images=max_images).stats
+    return measure(source, detector, batch_size, device, rank=rank, world_size=world_size, max_images=max_images,
+                   on_batch=on_batch).stats
 
 
 def stored_stats_usable(path: Path, detector: Detector) -> tuple[bool, str | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ def _cache_stem(ref, detector: Detector, cache_dir) -> Path:
 
 def reference_measurement(
     ref, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250, keep: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Measurement:
     """Statistics of the reference (an image source or stored mu/sigma, see `reference_stats`) and, with
     `keep` > 0, the features of its first `keep` images, cached in `cache_dir` (None: no caching) as
@@ -78,14 +80,14 @@ def reference_measurement(
                 feats = torch.from_numpy(np.load(feat_file)).to(detector.device) if keep else None
                 return Measurement(stats, None, feats)
     if not keep:
-        got = Measurement(reference_stats(ref, detector, batch_size))
+        got = Measurement(reference_stats(ref, detector, batch_size, on_batch=on_batch))
     elif stored:
         # an ADM reference batch: its stored statistics (of the full dataset) stand for the reference, and
         # its images give the points precision/recall needs, as ADM's evaluator uses them
-        feats = measure(ref, detector, batch_size, keep=keep, max_images=keep).features
+        feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, on_batch=on_batch).features
         got = Measurement(reference_stats(ref, detector, batch_size), None, feats)
     else:
-        got = measure(ref, detector, batch_size, keep=keep)
+        got = measure(ref, detector, batch_size, keep=keep, on_batch=on_batch)
     got.stats.detector = detector.name
     if cache_dir is None:
         return got

@@ -1,4 +1,4 @@
-"""The training loop: deterministic steps, checkpoints, logs, sample grids and router plots.
+"""The training loop: deterministic steps, checkpoints and logs (other outputs: ahpa.train.outputs).
 
 Rerunning the same command on the same run directory resumes exactly: the data position and all
 random draws are functions of (seed, step), and a checkpoint holds model, EMA, aligner (router
@@ -8,9 +8,7 @@ and running statistics), optimiser and prior statistics.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,8 +21,8 @@ from ahpa.config import Config
 from ahpa.data.order import batch_indices
 from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import PriorStats, standardise_levels
-from ahpa.sample import SamplerBundle, export_model, generate
-from ahpa.train import plots
+from ahpa.sample import SamplerBundle
+from ahpa.train import outputs
 from ahpa.train.build import Parts, build_parts, compute_stats
 from ahpa.train.checkpoint import load_latest, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, barrier, current
@@ -36,7 +34,6 @@ from ahpa.transport.timesteps import sample_t
 
 TRAIN_STREAM = 1
 FLIP_STREAM = 4
-GRID_SEED = 1234
 
 
 class RunConfigError(ValueError):
@@ -65,6 +62,7 @@ class Trainer:
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = []
+        self.evaluator: outputs.Evaluator | None = None  # built at the first evaluation
         self._load()
         p = self.parts
         # the fused AdamW skips a step whose gradients are not finite without a host sync (found_inf)
@@ -242,53 +240,12 @@ class Trainer:
         model = p.ema if use_ema else p.model
         return SamplerBundle(model.eval(), self.path, p.stats.latent, p.encoder, p.device, p.amp)
 
-    def write_samples(self) -> Path:
-        n = self.cfg.sample.grid_images
-        k = self.parts.model.cfg.num_classes
-        labels = torch.arange(n) % k
-        images = generate(self.sampler_bundle(), list(range(n)), labels, GRID_SEED, self.cfg.sample)
-        out = plots.save_grid(images.numpy(), self.run_dir / "samples" / f"step_{self.step:09d}.png", nrow=k if k <= 16 else None)
-        shutil.copyfile(out, self.run_dir / "samples.png")  # the latest grid, under a fixed name
-        return out
-
-    def write_router_plot(self) -> Path | None:
-        al = self.parts.aligner
-        if al is None:
-            return None
-        t, w = al.router_table()
-        row = {"step": self.step, "t": t.tolist(), "weights": w.tolist(), "levels": al.levels}
-        with open(self.run_dir / "router.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        title = f"router ({al.router.mode}) at step {self.step}"
-        out = plots.router_heatmap(t.numpy(), w.numpy(), al.levels, self.run_dir / "plots" / f"router_{self.step:09d}.png", title)
-        return Path(shutil.copyfile(out, self.run_dir / "router.png"))
-
-    def evaluate(self) -> dict[str, float]:
-        """Fréchet distances of EMA samples for each configured detector (every process takes part)."""
-        from ahpa.metrics.detectors import load_detector
-        from ahpa.train.evaluate import evaluate_fd, load_reference
-
-        e = self.cfg.eval
-        if not e.ref:
-            raise ValueError("eval.every is set but eval.ref is empty: name the reference images or statistics")
-        if not hasattr(self, "_detectors"):
-            self._detectors = [load_detector(spec, self.parts.device) for spec in e.detectors]
-            # rank 0 fills the reference cache first; the others then read it instead of recomputing
-            for turn in ((0,), tuple(range(1, self.world))) if self.world > 1 else ((0,),):
-                if self.rank in turn:
-                    self._refs = [load_reference(e.ref, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
-                barrier()
-        # one set of samples feeds every detector
-        return evaluate_fd(self.sampler_bundle(), self._detectors, self._refs, e.num, e.seed, self.cfg.sample, e.batch,
-                           rank=self.rank, world_size=self.world)
-
     def save(self) -> Path:
         return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
 
     def export(self, path: str | Path | None = None) -> Path:
         p = self.parts
-        return export_model(path or self.run_dir / "model.safetensors", p.ema, p.stats.latent, p.encoder.spec,
-                            self.cfg.transport.path, self.cfg.data.resolution)
+        return outputs.export(path or self.run_dir / "model.safetensors", p.ema, p.stats.latent, p.encoder.spec, self.cfg)
 
     # ---- the loop ----
     def _stop_agreed(self, should_stop: Callable[[], bool] | None) -> bool:
@@ -359,23 +316,23 @@ class Trainer:
                 # no checkpoint inside a streak of skipped steps: the last good one stays the newest
                 if main and (self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0:
                     self.save()
-                    self.write_router_plot()
+                    if self.parts.aligner is not None:
+                        outputs.write_router_plot(self.parts.aligner, self.run_dir, self.step)
                 if main and c.train.sample_every and (self.step % c.train.sample_every == 0 or done):
-                    self.write_samples()
+                    outputs.write_samples(self.sampler_bundle(), c.sample, self.run_dir, self.step)
                 if c.eval.every and c.eval.detectors and (self.step % c.eval.every == 0 or done):
-                    fd = self.evaluate()
+                    if self.evaluator is None:
+                        self.evaluator = outputs.Evaluator(c.eval, self.parts.device, self.run_dir, self.rank, self.world)
+                    fd = self.evaluator(self.sampler_bundle(), c.sample)
                     if logger is not None:
-                        logger.log(self.step, {"images": self.step * c.train.batch_size, **{f"eval/{k}": v for k, v in fd.items()}})
-                        plots.eval_curves(self.run_dir / "metrics.jsonl", self.run_dir / "eval.png")
+                        outputs.log_evaluation(logger, self.run_dir, self.step, self.step * c.train.batch_size, fd)
                 if not done and self._stop_agreed(should_stop):
                     if main:
                         self.save()
                     return {**last, "stopped": True, "step": self.step}
             if main:
-                if (self.run_dir / "metrics.jsonl").exists():
-                    plots.loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png", self.parts.levels)
                 self.export()
-                (self.run_dir / "DONE").write_text(json.dumps({"step": self.step}) + "\n")
+                outputs.finish(self.run_dir, self.parts.levels, self.step)
         finally:
             if logger is not None:
                 logger.close()

@@ -1,4 +1,5 @@
-"""DDP on CPU with gloo, through torchrun: 2 processes x b equal 1 process x 2b.
+"""DDP and FSDP2 on CPU with gloo, through torchrun: 2 processes x b equal 1 process x 2b, and
+checkpoints move between FSDP, DDP and one process.
 
 Tolerance: the gradient all-reduce sums in another order than one process does, so weights agree
 to float32 rounding (measured max |diff| ~3e-8 after 4 steps), not bitwise; we assert 1e-5.
@@ -17,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from ahpa import config
 from ahpa.train.checkpoint import list_checkpoints, read_checkpoint
+from ahpa.train.loop import Trainer
 from tests.conftest import TINY
 
 TINY = [*TINY, "align.router=snr"]
@@ -27,11 +31,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def ahpa(nproc: int, *args: str) -> None:
+def ahpa(nproc: int, *args: str) -> subprocess.CompletedProcess:
     cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", "-m", "ahpa.cli", *args] if nproc > 1 else [sys.executable, "-m", "ahpa.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def latest(run: Path) -> dict:
@@ -79,3 +84,64 @@ def test_sampling_on_two_processes_writes_the_same_file(one_process_run, tmp_pat
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     assert not (tmp_path / "two.npz.parts").exists()
+
+
+# ---- FSDP2 (train.fsdp): same tolerance and reasons as DDP above ----
+
+FSDP = "train.fsdp=true"
+SHARDED = "sharded over 2 processes (FSDP2)"
+
+
+def assert_same_run(a: dict, b: dict, tol: float = 1e-5) -> None:
+    """Two checkpoints of the same run at the same step: weights, EMA, aligner and optimiser state."""
+    assert a["step"] == b["step"]
+    for part in ("model", "ema", "aligner"):
+        assert max_diff(a[part], b[part]) < tol, part
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sorted(sa) == sorted(sb)
+    assert max(max_diff(sa[i], sb[i]) for i in sa) < tol
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fsdp") / "two"
+    res = ahpa(2, "train", "--out", str(run), *TINY, "train.steps=4", FSDP)
+    assert SHARDED in res.stderr  # it did shard, rather than fall back to DDP or one process
+    return run
+
+
+def test_fsdp_on_two_processes_matches_one_plain_process(one_process_run, fsdp_run):
+    assert_same_run(latest(one_process_run), latest(fsdp_run))
+
+
+def test_fsdp_checkpoints_resume_without_fsdp_and_back(one_process_run, tmp_path):
+    run = tmp_path / "switch"
+    ahpa(2, "train", "--out", str(run), *TINY, "train.steps=2", FSDP)  # saved by FSDP
+    ahpa(1, "train", "--out", str(run), *TINY, "train.steps=3")  # resumed by one plain process
+    res = ahpa(2, "train", "--out", str(run), *TINY, "train.steps=4", FSDP)  # and by FSDP again
+    assert "resumed from step 3" in res.stderr and SHARDED in res.stderr
+    assert_same_run(latest(one_process_run), latest(run))  # the same as the run without interruptions
+
+
+def test_fsdp_checkpoint_has_the_plain_layout_and_exports(one_process_run, fsdp_run, tmp_path):
+    a, b = latest(one_process_run), latest(fsdp_run)
+
+    def layout(sd: dict) -> dict:
+        return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+
+    for part in ("model", "ema", "aligner"):
+        assert layout(a[part]) == layout(b[part]), part
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]  # hyper-parameters and parameter indices
+    assert {i: layout(s) for i, s in oa["state"].items()} == {i: layout(s) for i, s in ob["state"].items()}
+    ahpa(1, "export", "--run", str(fsdp_run), "--out", str(tmp_path / "fsdp.safetensors"))
+    ahpa(1, "export", "--run", str(one_process_run), "--out", str(tmp_path / "plain.safetensors"))
+    fa, fb = load_file(str(tmp_path / "fsdp.safetensors")), load_file(str(tmp_path / "plain.safetensors"))
+    assert layout(fa) == layout(fb) and max_diff(fa, fb) < 1e-5
+
+
+def test_fsdp_in_one_process_trains_unsharded(tmp_path):
+    tr = Trainer(config.load(None, [*TINY, FSDP, "train.steps=1"]), tmp_path / "one")
+    assert tr.sharded is None and any("nothing to shard" in m for m in tr.messages)
+    tr.run()
+    assert (tmp_path / "one" / "DONE").exists()

@@ -85,6 +85,7 @@ class TrainCfg:
     ema_warmup: bool = True
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard model, EMA and aligner with FSDP2 instead of DDP (L, XL)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     log_every: int = 50
@@ -150,6 +151,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.device",
     "train.compile",
+    "train.fsdp",  # checkpoints are full state dicts either way
     "train.max_bad_steps",
     "sample.",
     "eval.",

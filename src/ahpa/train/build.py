@@ -81,6 +81,15 @@ def sit_config(cfg: Config, encoder: PriorEncoder, num_classes: int) -> SiTConfi
     return sc
 
 
+def build_optimizer(cfg: Config, model: SiT, aligner: Aligner | None) -> torch.optim.Optimizer:
+    """AdamW over the model's then the aligner's parameters (checkpoints key its state by this order)."""
+    params = list(model.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
+    return torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+        fused=True,  # also on CPU (torch >= 2.4): it honours found_inf, so bad steps skip without a sync
+    )
+
+
 def build_parts(
     cfg: Config, device: torch.device | None = None, external: ExternalEncoder | None = None,
     encoder: PriorEncoder | None = None,
@@ -121,11 +130,7 @@ def build_parts(
         router_mode = method.router or cfg.align.router
         loss = method.loss if cfg.align.loss == "default" else cfg.align.loss
         aligner = Aligner(sc.hidden_size, levels, dims, cfg.align, router_mode, loss).to(device)
-    params = list(model.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
-        fused=True,  # also on CPU (torch >= 2.4): it honours found_inf, so bad steps skip without a sync
-    )
+    optimizer = build_optimizer(cfg, model, aligner)
     if cfg.data.source == "cache":
         source = open_cache(cfg, encoder, levels, sc.grid, device)
     else:

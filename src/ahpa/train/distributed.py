@@ -1,4 +1,4 @@
-"""torch.distributed set-up from torchrun's environment, and the few collectives training needs.
+"""torch.distributed set-up from torchrun's environment, the few collectives training needs, and DTensor access.
 
 Launch with `torchrun --nproc_per_node N -m ahpa.cli train ...` (or the `ahpa` script). NCCL on
 CUDA, gloo on CPU. A single process without torchrun runs with world size 1 and no process group.
@@ -11,6 +11,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+try:  # public from torch 2.5; torch 2.4 has it under _tensor; absent where torch lacks distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,18 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(dist.get_world_size())
     return t
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (FSDP2's sharded parameters), a view: in-place updates reach
+    the parameter. A plain tensor as is."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value as a plain tensor (free when replicated, as FSDP's gradient norm is); a
+    plain tensor as is."""
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 def barrier() -> None:

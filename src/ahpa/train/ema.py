@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ahpa.train.distributed import local_shard
+
 
 def ema_decay(num_updates: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay
@@ -18,10 +20,11 @@ def ema_decay(num_updates: int, decay: float, warmup: bool) -> float:
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, keep: torch.Tensor | None = None) -> None:
     """ema <- ema + w * (model - ema) with w = 1 - decay, as foreach calls over all parameters.
 
-    `keep` (a 0-dim tensor, 1 = skipped step) zeroes w without a host sync.
+    `keep` (a 0-dim tensor, 1 = skipped step) zeroes w without a host sync. Under FSDP both modules
+    are sharded alike, so the update runs on each process's local shards with no communication.
     """
-    ema_params = list(ema.parameters())
-    diff = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
+    ema_params = [local_shard(p) for p in ema.parameters()]
+    diff = torch._foreach_sub([local_shard(p.detach()) for p in model.parameters()], ema_params)
     weight = torch.tensor(1.0 - decay, device=ema_params[0].device)
     if keep is not None:
         weight = weight * (1 - keep.to(weight.device, weight.dtype))

@@ -1,4 +1,4 @@
-"""The training loop: deterministic steps, checkpoints, logs, sample grids and router plots.
+"""The training loop: deterministic steps, checkpoints and logs (other outputs: ahpa.train.outputs).
 
 Rerunning the same command on the same run directory resumes exactly: the data position and all
 random draws are functions of (seed, step), and a checkpoint holds model, EMA, aligner (router
@@ -8,9 +8,7 @@ and running statistics), optimiser and prior statistics.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,11 +21,11 @@ from ahpa.config import Config
 from ahpa.data.order import batch_indices
 from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import PriorStats, standardise_levels
-from ahpa.sample import SamplerBundle, export_model, generate
-from ahpa.train import plots
+from ahpa.sample import SamplerBundle
+from ahpa.train import outputs
 from ahpa.train.build import Parts, build_parts, compute_stats
 from ahpa.train.checkpoint import load_latest, save_checkpoint
-from ahpa.train.distributed import all_reduce_mean_, barrier, current
+from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger, truncate_jsonl
 from ahpa.train.rng import generator
@@ -36,7 +34,6 @@ from ahpa.transport.timesteps import sample_t
 
 TRAIN_STREAM = 1
 FLIP_STREAM = 4
-GRID_SEED = 1234
 
 
 class RunConfigError(ValueError):
@@ -48,8 +45,9 @@ class TooManyBadSteps(FloatingPointError):
 
 
 class Trainer:
-    """One training run. Under torchrun (process group initialised) it trains with DDP: each
-    process takes its slice of the same global batch, so 2 processes x b equal 1 process x 2b."""
+    """One training run. Under torchrun (process group initialised) it trains with DDP, or with FSDP2
+    when train.fsdp is set: each process takes its slice of the same global batch, so 2 processes x b
+    equal 1 process x 2b. With one process, train.fsdp trains unsharded (nothing to shard over)."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
         d = current()
@@ -65,18 +63,33 @@ class Trainer:
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = []
-        self._load()
+        self.evaluator: outputs.Evaluator | None = None  # built at the first evaluation
+        optimizer_state = self._load()
         p = self.parts
+        self.sharded = None  # ahpa.train.fsdp.Sharded under FSDP
+        if t.fsdp and self.world > 1:
+            from ahpa.train.fsdp import Sharded
+
+            self.sharded = Sharded(p, self.world)  # after loading: sharding keeps the loaded weights
+            self.messages.append(f"train.fsdp: model, EMA and aligner sharded over {self.world} processes (FSDP2)")
+        elif t.fsdp:
+            self.messages.append("train.fsdp: one process has nothing to shard over; training unsharded")
+        if optimizer_state is not None:
+            with self._must_fit(self.step):
+                if self.sharded is not None:
+                    self.sharded.load_optimizer_state(optimizer_state)
+                else:
+                    p.optimizer.load_state_dict(optimizer_state)
         # the fused AdamW skips a step whose gradients are not finite without a host sync (found_inf)
         self.bad_total = torch.zeros((), device=p.device)
         self.bad_run = torch.zeros((), device=p.device)
         self.net, self.align_net = p.model, p.aligner
-        if self.world > 1:
+        if self.world > 1 and self.sharded is None:
             ids = [p.device.index] if p.device.type == "cuda" else None
             self.net = DDP(p.model, device_ids=ids)
             if p.aligner is not None and any(q.requires_grad for q in p.aligner.parameters()):
                 self.align_net = DDP(p.aligner, device_ids=ids)
-        if t.compile:
+        if t.compile:  # after DDP or sharding, as torch.compile expects
             self.net = torch.compile(self.net)
 
     # ---- set-up and resume ----
@@ -99,7 +112,9 @@ class Trainer:
                     f"change on resume. Differences:\n  " + "\n  ".join(conflicts) + "\nUse a new --out directory to start another run."
                 )
 
-    def _load(self) -> None:
+    def _load(self) -> dict | None:
+        """Loads the newest checkpoint into the (unsharded) modules; returns its optimiser state, which
+        is loaded once the optimiser's parameters are final (after sharding). None on a fresh run."""
         p = self.parts
         state, skipped = load_latest(self.run_dir / "checkpoints")
         self.messages += skipped
@@ -110,33 +125,49 @@ class Trainer:
             )
         if state is None:
             p.stats = compute_stats(p)
-            return
-        try:
+            return None
+        with self._must_fit(state.get("step")):
             p.model.load_state_dict(state["model"])
             p.ema.load_state_dict(state["ema"])
             if p.aligner is not None:
                 p.aligner.load_state_dict(state["aligner"])
-            p.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RunConfigError(
-                f"the newest checkpoint in {self.run_dir / 'checkpoints'} (step {state.get('step')}) does not fit this "
-                f"run's model/aligner: {str(e).splitlines()[0]} ... Is it from another run or model size? Move it away "
-                f"or use another --out."
-            ) from None
+            optimizer_state = state["optimizer"]
         p.stats = PriorStats.from_dict(state["stats"])
         self.step, self.ema_updates = state["step"], state["ema_updates"]
         self.messages.append(f"resumed from step {self.step}")
+        return optimizer_state
 
-    def state_dict(self) -> dict:
-        p = self.parts
+    @contextlib.contextmanager
+    def _must_fit(self, step):
+        try:
+            yield
+        except (RuntimeError, KeyError, ValueError, IndexError) as e:
+            raise RunConfigError(
+                f"the newest checkpoint in {self.run_dir / 'checkpoints'} (step {step}) does not fit this "
+                f"run's model/aligner: {str(e).splitlines()[0]} ... Is it from another run or model size? Move it away "
+                f"or use another --out."
+            ) from None
+
+    def state_dict(self) -> dict | None:
+        """The checkpoint: plain full state dicts, the same with or without FSDP. Under FSDP every process
+        calls it (it gathers) and only rank 0 gets the dict; the others get None."""
+        p, sh = self.parts, self.sharded
+        if sh is None:
+            model, ema, optimizer = p.model.state_dict(), p.ema.state_dict(), p.optimizer.state_dict()
+            aligner = p.aligner.state_dict() if p.aligner is not None else None
+        else:
+            model, ema, optimizer = sh.full_state("model"), sh.full_state("ema"), sh.optimizer_state()
+            aligner = sh.full_state("aligner") if p.aligner is not None else None
+            if self.rank != 0:
+                return None
         return {
             "step": self.step,
             "ema_updates": self.ema_updates,
             "config": self.cfg.to_dict(),
-            "model": p.model.state_dict(),
-            "ema": p.ema.state_dict(),
-            "aligner": p.aligner.state_dict() if p.aligner is not None else None,
-            "optimizer": p.optimizer.state_dict(),
+            "model": model,
+            "ema": ema,
+            "aligner": aligner,
+            "optimizer": optimizer,
             "stats": p.stats.to_dict(),
             "levels": p.levels,
             "encoder": p.encoder.identity(),
@@ -210,6 +241,7 @@ class Trainer:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(p.trainable(), c.train.grad_clip if c.train.grad_clip > 0 else float("inf"))
+        grad_norm = full_value(grad_norm)  # under FSDP a replicated DTensor: the global norm, no communication
         # a non-finite loss or gradient: skip the optimiser and EMA updates, count it (no host sync)
         found_inf = (~torch.isfinite(grad_norm)).float()
         p.optimizer.found_inf, p.optimizer.grad_scale = found_inf, None
@@ -227,7 +259,9 @@ class Trainer:
         return totals
 
     def _no_sync(self, last: bool):
-        """DDP reduces gradients on the last accumulation micro-step only."""
+        """DDP reduces gradients on the last accumulation micro-step only. FSDP reduce-scatters on every
+        micro-step: skipping it would keep a full unsharded gradient per process, which sharding is there
+        to avoid."""
         if last or self.world == 1:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
@@ -237,58 +271,36 @@ class Trainer:
         return stack
 
     # ---- outputs ----
-    def sampler_bundle(self, use_ema: bool = True) -> SamplerBundle:
+    def unsharded(self, name: str, on_all_ranks: bool = True) -> torch.nn.Module | None:
+        """parts.<name> ("model", "ema" or "aligner") with full weights: the module itself without FSDP;
+        under FSDP a frozen plain copy gathered onto every process, or onto rank 0 alone (None on the
+        others) when `on_all_ranks` is off. Under FSDP every process must call it."""
+        if self.sharded is None:
+            return getattr(self.parts, name)
+        return self.sharded.plain(name, everywhere=on_all_ranks)
+
+    def sampler_bundle(self, use_ema: bool = True, on_all_ranks: bool = True) -> SamplerBundle | None:
+        """What sampling needs, with the EMA (or the trained) backbone; see `unsharded` for FSDP."""
         p = self.parts
-        model = p.ema if use_ema else p.model
+        model = self.unsharded("ema" if use_ema else "model", on_all_ranks)
+        if model is None:
+            return None
         return SamplerBundle(model.eval(), self.path, p.stats.latent, p.encoder, p.device, p.amp)
 
-    def write_samples(self) -> Path:
-        n = self.cfg.sample.grid_images
-        k = self.parts.model.cfg.num_classes
-        labels = torch.arange(n) % k
-        images = generate(self.sampler_bundle(), list(range(n)), labels, GRID_SEED, self.cfg.sample)
-        out = plots.save_grid(images.numpy(), self.run_dir / "samples" / f"step_{self.step:09d}.png", nrow=k if k <= 16 else None)
-        shutil.copyfile(out, self.run_dir / "samples.png")  # the latest grid, under a fixed name
-        return out
-
-    def write_router_plot(self) -> Path | None:
-        al = self.parts.aligner
-        if al is None:
+    def save(self) -> Path | None:
+        """Writes a checkpoint from rank 0. Every process calls it (FSDP gathers the full state)."""
+        state = self.state_dict()
+        if self.rank != 0:
             return None
-        t, w = al.router_table()
-        row = {"step": self.step, "t": t.tolist(), "weights": w.tolist(), "levels": al.levels}
-        with open(self.run_dir / "router.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        title = f"router ({al.router.mode}) at step {self.step}"
-        out = plots.router_heatmap(t.numpy(), w.numpy(), al.levels, self.run_dir / "plots" / f"router_{self.step:09d}.png", title)
-        return Path(shutil.copyfile(out, self.run_dir / "router.png"))
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, state, self.cfg.train.keep_checkpoints)
 
-    def evaluate(self) -> dict[str, float]:
-        """Fréchet distances of EMA samples for each configured detector (every process takes part)."""
-        from ahpa.metrics.detectors import load_detector
-        from ahpa.train.evaluate import evaluate_fd, load_reference
-
-        e = self.cfg.eval
-        if not e.ref:
-            raise ValueError("eval.every is set but eval.ref is empty: name the reference images or statistics")
-        if not hasattr(self, "_detectors"):
-            self._detectors = [load_detector(spec, self.parts.device) for spec in e.detectors]
-            # rank 0 fills the reference cache first; the others then read it instead of recomputing
-            for turn in ((0,), tuple(range(1, self.world))) if self.world > 1 else ((0,),):
-                if self.rank in turn:
-                    self._refs = [load_reference(e.ref, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
-                barrier()
-        # one set of samples feeds every detector
-        return evaluate_fd(self.sampler_bundle(), self._detectors, self._refs, e.num, e.seed, self.cfg.sample, e.batch,
-                           rank=self.rank, world_size=self.world)
-
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
-
-    def export(self, path: str | Path | None = None) -> Path:
+    def export(self, path: str | Path | None = None) -> Path | None:
+        """Writes the EMA backbone as a plain SiT from rank 0. Every process calls it (FSDP gathers)."""
         p = self.parts
-        return export_model(path or self.run_dir / "model.safetensors", p.ema, p.stats.latent, p.encoder.spec,
-                            self.cfg.transport.path, self.cfg.data.resolution)
+        ema = self.unsharded("ema", on_all_ranks=False)
+        if self.rank != 0:
+            return None
+        return outputs.export(path or self.run_dir / "model.safetensors", ema, p.stats.latent, p.encoder.spec, self.cfg)
 
     # ---- the loop ----
     def _stop_agreed(self, should_stop: Callable[[], bool] | None) -> bool:
@@ -357,25 +369,28 @@ class Trainer:
                         on_log(self.step, last)
                     sums, count, t0 = {}, 0, time.perf_counter()
                 # no checkpoint inside a streak of skipped steps: the last good one stays the newest
-                if main and (self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0:
+                # every process takes part in saving and sampling (FSDP gathers); rank 0 writes
+                if (self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0:
                     self.save()
-                    self.write_router_plot()
-                if main and c.train.sample_every and (self.step % c.train.sample_every == 0 or done):
-                    self.write_samples()
-                if c.eval.every and c.eval.detectors and (self.step % c.eval.every == 0 or done):
-                    fd = self.evaluate()
-                    if logger is not None:
-                        logger.log(self.step, {"images": self.step * c.train.batch_size, **{f"eval/{k}": v for k, v in fd.items()}})
-                        plots.eval_curves(self.run_dir / "metrics.jsonl", self.run_dir / "eval.png")
-                if not done and self._stop_agreed(should_stop):
+                    aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None
+                    if main and aligner is not None:
+                        outputs.write_router_plot(aligner, self.run_dir, self.step)
+                if c.train.sample_every and (self.step % c.train.sample_every == 0 or done):
+                    bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:
-                        self.save()
+                        outputs.write_samples(bundle, c.sample, self.run_dir, self.step)
+                if c.eval.every and c.eval.detectors and (self.step % c.eval.every == 0 or done):
+                    if self.evaluator is None:
+                        self.evaluator = outputs.Evaluator(c.eval, self.parts.device, self.run_dir, self.rank, self.world)
+                    fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), c.sample)
+                    if logger is not None:
+                        outputs.log_evaluation(logger, self.run_dir, self.step, self.step * c.train.batch_size, fd)
+                if not done and self._stop_agreed(should_stop):
+                    self.save()
                     return {**last, "stopped": True, "step": self.step}
+            self.export()
             if main:
-                if (self.run_dir / "metrics.jsonl").exists():
-                    plots.loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png", self.parts.levels)
-                self.export()
-                (self.run_dir / "DONE").write_text(json.dumps({"step": self.step}) + "\n")
+                outputs.finish(self.run_dir, self.parts.levels, self.step)
         finally:
             if logger is not None:
                 logger.close()

@@ -1,0 +1,96 @@
+"""A run's outputs besides checkpoints: sample grids, router plots, Fréchet evaluations, the export and
+the closing plots and DONE marker.
+
+Each writer takes the full (unsharded) modules it needs; the loop decides which processes call it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ahpa.align import Aligner
+from ahpa.config import Config, EvalCfg, SampleCfg
+from ahpa.models.sit import SiT
+from ahpa.priors.targets import ChannelStats
+from ahpa.sample import SamplerBundle, export_model, generate
+from ahpa.train import plots
+from ahpa.train.distributed import barrier
+
+GRID_SEED = 1234
+
+
+def write_samples(bundle: SamplerBundle, cfg: SampleCfg, run_dir: Path, step: int) -> Path:
+    """A class-ordered grid of `cfg.grid_images` samples: samples/step_N.png, copied to samples.png."""
+    n, k = cfg.grid_images, bundle.num_classes
+    labels = torch.arange(n) % k
+    images = generate(bundle, list(range(n)), labels, GRID_SEED, cfg)
+    out = plots.save_grid(images.numpy(), run_dir / "samples" / f"step_{step:09d}.png", nrow=k if k <= 16 else None)
+    shutil.copyfile(out, run_dir / "samples.png")  # the latest grid, under a fixed name
+    return out
+
+
+def write_router_plot(aligner: Aligner, run_dir: Path, step: int) -> Path:
+    """The router's weights against t: a row of router.jsonl and plots/router_N.png, copied to router.png."""
+    t, w = aligner.router_table()
+    row = {"step": step, "t": t.tolist(), "weights": w.tolist(), "levels": aligner.levels}
+    with open(run_dir / "router.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    title = f"router ({aligner.router.mode}) at step {step}"
+    out = plots.router_heatmap(t.numpy(), w.numpy(), aligner.levels, run_dir / "plots" / f"router_{step:09d}.png", title)
+    return Path(shutil.copyfile(out, run_dir / "router.png"))
+
+
+class Evaluator:
+    """Fréchet distances of EMA samples for each configured detector. Every process calls it with the
+    same arguments: each generates its share of the samples and the statistics are all-reduced."""
+
+    def __init__(self, cfg: EvalCfg, device: torch.device, run_dir: Path, rank: int = 0, world: int = 1):
+        if not cfg.ref:
+            raise ValueError("eval.every is set but eval.ref is empty: name the reference images or statistics")
+        self.cfg, self.device, self.run_dir, self.rank, self.world = cfg, device, run_dir, rank, world
+        self._detectors = None
+        self._refs = None
+
+    def _load(self) -> None:
+        from ahpa.metrics.detectors import load_detector
+        from ahpa.train.evaluate import load_reference
+
+        e = self.cfg
+        self._detectors = [load_detector(spec, self.device) for spec in e.detectors]
+        # rank 0 fills the reference cache first; the others then read it instead of recomputing
+        for turn in ((0,), tuple(range(1, self.world))) if self.world > 1 else ((0,),):
+            if self.rank in turn:
+                self._refs = [load_reference(e.ref, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
+            barrier()
+
+    def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg) -> dict[str, float]:
+        from ahpa.train.evaluate import evaluate_fd
+
+        if self._detectors is None:  # detectors and reference statistics load once, at the first evaluation
+            self._load()
+        e = self.cfg
+        # one set of samples feeds every detector
+        return evaluate_fd(bundle, self._detectors, self._refs, e.num, e.seed, sample_cfg, e.batch,
+                           rank=self.rank, world_size=self.world)
+
+
+def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, float]) -> None:
+    """One metrics row of `eval/<detector>` values, and eval.png redrawn from metrics.jsonl."""
+    logger.log(step, {"images": images, **{f"eval/{k}": v for k, v in fd.items()}})
+    plots.eval_curves(run_dir / "metrics.jsonl", run_dir / "eval.png")
+
+
+def export(path: str | Path, ema: SiT, latent_stats: ChannelStats, encoder_spec: str, cfg: Config) -> Path:
+    """The EMA backbone alone as a plain SiT (.safetensors, with what sampling needs in its metadata)."""
+    return export_model(path, ema, latent_stats, encoder_spec, cfg.transport.path, cfg.data.resolution)
+
+
+def finish(run_dir: Path, levels: list[str], step: int) -> None:
+    """The closing loss curves, then DONE (written last: its presence means the run completed)."""
+    if (run_dir / "metrics.jsonl").exists():
+        plots.loss_curves(run_dir / "metrics.jsonl", run_dir / "losses.png", levels)
+    (run_dir / "DONE").write_text(json.dumps({"step": step}) + "\n")

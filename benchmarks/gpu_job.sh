@@ -6,7 +6,11 @@
 #                                           # XL/2 (batch 128); then sampling. Estimated 7-8 min; guards at
 #                                           # 7.5 min (training) and 8.5 min (sampling). Run with timeout_s 600.
 #     bash benchmarks/gpu_job.sh eager      # the same three methods, eager, no sampling (~3 min estimated)
-#     bash benchmarks/gpu_job.sh xl256      # XL/2 at batch 256, none and ahpa-cached, compiled (memory check)
+#     bash benchmarks/gpu_job.sh xl256      # XL/2 at batch 256, none and ahpa-cached, compiled, with activation
+#                                           # checkpointing of every block, then without (memory check: 80 GB;
+#                                           # an out-of-memory run is recorded as an error). ~7-8 min estimated
+#     bash benchmarks/gpu_job.sh prefetch   # B/2 batch 256, none and ahpa-cached, compiled, cache prefetch on
+#                                           # and off (~3 min estimated)
 #     bash benchmarks/gpu_job.sh on-the-fly # none and ahpa-on-the-fly, eager and compiled, B/2 and XL/2: needs
 #                                           # the diffusers wheel carried in .whl/ (see below)
 #
@@ -37,8 +41,10 @@ case "$job" in
     # ~100 s) and no sampling one after 510 s (XL/2's, export + 50 Heun + 250 Euler-Maruyama, estimated at ~50 s)
     core) bench --models B/2,XL/2 --methods none,ahpa-cached,repa --compile compiled --budget-s 450 --sampling-budget-s 510 ;;
     eager) bench --models B/2,XL/2 --methods none,ahpa-cached,repa --compile eager --sampling off --budget-s 450 ;;
-    xl256) bench --models XL/2 --batch 256 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 450 ;;
+    xl256) bench --models XL/2 --batch 256 --methods none,ahpa-cached --compile compiled --activation-checkpointing all,0 \
+                 --sampling off --budget-s 450 ;;
+    prefetch) bench --models B/2 --methods none,ahpa-cached --compile compiled --prefetch both --sampling off --budget-s 450 ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | on-the-fly)"; exit 2 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | on-the-fly)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

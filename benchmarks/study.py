@@ -84,7 +84,8 @@ def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
     """What makes two runs comparable: everything but the method's own switches, the device and cadences."""
     flat = config_mod.flatten(cfg.to_dict())
     skip = ("align.method", "align.router", "align.levels", "align.loss", "train.device", "train.compile",
-            "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path")
+            "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path",
+            "train.activation_checkpointing", "data.prefetch")  # the last two change no math
     common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}
     common.update({"study.size": size_name, "study.data": args.data.name, "study.limit": args.limit,
                    "study.eval_every": args.eval_every, "study.eval_num": args.eval_num,

@@ -20,6 +20,10 @@ memory (torch.cuda.max_memory_allocated). Methods:
 - repa:            REPA with a DINOv2-B/14-shaped ViT (random weights) at 224 on in-memory images; latents from the
                    cheap stand-in encoder (REPA pre-extracts latents, so its VAE costs nothing in the step).
 
+Options the GPU jobs compare: --activation-checkpointing (comma list of block counts, 'all' = every block; the
+memory target is XL/2 at batch 256 in 80 GB) and --prefetch on|off|both (the cache source gathering the next
+step's rows in a background thread; it applies to the cached methods none and ahpa-cached).
+
 Sampling: an exported model (export_model -> load_export, a plain SiT) with CFG over every step, 50 Heun and 250
 Euler-Maruyama steps, bf16 autocast on GPU (fp32 on CPU); decoding uses the stand-in's trivial decoder.
 --size tiny shrinks every network (see SIZES) so that the CPU smoke finishes quickly: its figures are a smoke
@@ -64,7 +68,8 @@ SIZES = {
 }
 
 
-def run_config(size: dict, args, model: str, method: str, compiled: bool, cache: Path, device: torch.device):
+def run_config(size: dict, args, model: str, method: str, compiled: bool, cache: Path, device: torch.device,
+               checkpointing: int = 0, prefetch: bool | None = None):
     """The Trainer config of one measurement (plain dict -> Config, as a YAML file would give)."""
     res = size["resolution"]
     m = {"preset": model}
@@ -72,7 +77,7 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, cache:
         m["hidden_size"], m["depth"], m["num_heads"] = TINY_SIT[model]
     batch = args.batch or size["batch"][model]
     cached = method in ("none", "ahpa-cached")
-    data = ({"source": "cache", "path": str(cache)} if cached else
+    data = ({"source": "cache", "path": str(cache), "prefetch": bool(prefetch)} if cached else
             {"source": "procedural", "procedural_size": max(2 * batch, 64)})
     align_method = {"none": "none", "repa": "repa"}.get(method, "ahpa")
     return config_mod.from_dict({
@@ -81,7 +86,7 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, cache:
         "prior": {"encoder": "bench:stand-in", "stats_images": size["stats_images"]},
         "align": {"method": align_method, "depth": size["align_depth"][model], "weight": 0.5,
                   "projector_dim": size["projector"], "router": "soft"},
-        "train": {"batch_size": batch, "compile": compiled, "device": str(device),
+        "train": {"batch_size": batch, "compile": compiled, "device": str(device), "activation_checkpointing": checkpointing,
                   "precision": "auto", "seed": 0, "steps": 10**9, "sample_every": 0, "log_every": 10**9,
                   "ckpt_every": 10**9, "lr": 1e-4, "grad_clip": 1.0},
     })
@@ -134,8 +139,12 @@ def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch
         "loss_flow": float(metrics["loss/flow"]), "finite": bool(torch.isfinite(metrics["loss/flow"])),
         "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
+    rec["checkpointed_blocks"] = p.model.checkpoint_blocks
     if isinstance(p.source, CacheSource):  # what the loader reads per sample, the bytes that make it cost
         rec["cache_bytes_per_sample"] = sum(row_bytes(p.source.specs[f]) for f in p.source.fields)
+        if p.source.prefetcher is not None:  # every fetch should have been prefetched: misses mean a plan mismatch
+            rec["prefetch_hits"], rec["prefetch_misses"] = p.source.prefetcher.hits, p.source.prefetcher.misses
+        p.source.close()  # no gather of this run may overlap the next measurement
     del trainer, p
     return rec
 
@@ -200,6 +209,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="timed steps (default per size)")
     ap.add_argument("--warmup", type=int, help="warm-up steps before timing (default per size)")
     ap.add_argument("--batch", type=int, help="global batch for every model (default per size and model)")
+    ap.add_argument("--activation-checkpointing", default="0",
+                    help="comma list of SiT blocks to checkpoint, one measurement each: N = the first N, all = every "
+                         "block, 0 = off (default 0)")
+    ap.add_argument("--prefetch", choices=("on", "off", "both"), default="on",
+                    help="cached methods (none, ahpa-cached): gather the next step's cache rows in a background thread")
     ap.add_argument("--sampling", choices=("on", "off"), default="on")
     ap.add_argument("--sample-n", type=int, help="images per sampling measurement (default per size and model)")
     ap.add_argument("--cache-images", type=int, help="images in the synthetic cache (default per size)")
@@ -224,6 +238,12 @@ def main() -> None:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
     models = [m for m in args.models.split(",") if m]
+    try:
+        checkpointing = [-1 if v == "all" else int(v) for v in args.activation_checkpointing.split(",") if v]
+    except ValueError:
+        raise SystemExit(f"--activation-checkpointing {args.activation_checkpointing!r}: give a comma list of block counts "
+                         f"or 'all', e.g. all,0") from None
+    prefetch_modes = {"on": (True,), "off": (False,), "both": (True, False)}[args.prefetch]
     steps, warmup = args.steps or size["steps"], args.warmup if args.warmup is not None else size["warmup"]
     info = benchlib.device_info(device)
     info["command"] = benchlib.command_line()
@@ -247,44 +267,48 @@ def main() -> None:
                                                           size["resolution"], grid, device)
         print(f"cache: {result['cache']}", flush=True)
         save()
-    for model in models:
-        for compiled in compile_modes:
-            for method in methods:
-                base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
-                        "batch": args.batch or size["batch"][model], "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-                        "resolution": size["resolution"], "timed_steps": steps, "warmup_steps": warmup}
-                if args.budget_s and time.perf_counter() - started > args.budget_s:
-                    result["records"].append({**base, "skipped": f"time budget {args.budget_s:.0f} s spent"})
-                    save()
-                    continue
-                try:
-                    encoder, external, note = encoders_for(method, size, device, synthetic)
-                except ImportError as e:
-                    result["records"].append({**base, "skipped": f"unavailable: {e}"})
-                    print(f"{model} {method} compile={compiled}: skipped ({e})", flush=True)
-                    save()
-                    continue
-                cfg = run_config(size, args, model, method, compiled, cache, device)
-                try:
-                    rec = measure_train(cfg, encoder, external, warmup, steps, device, work / "runs" / f"{len(result['records'])}")
-                    rec["frozen_encoder_gflop_per_img"] = frozen_encoder_gflops(method, encoder, external, size, device)
-                    peak = info["peak_bf16_tflops"]
-                    rec["mfu"] = round(rec["img_per_s"] * rec["model_gflop_per_img"] / (peak * 1e3), 4) if peak else None
-                    rec["mfu_with_heads"] = (round(rec["img_per_s"] * (rec["model_gflop_per_img"] + rec["heads_gflop_per_img"])
-                                                   / (peak * 1e3), 4) if peak else None)
-                    rec["note"] = note
-                except Exception as e:  # one failed configuration must not lose the others' figures
-                    traceback.print_exc()
-                    rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-                result["records"].append({**base, **rec})
-                print(f"{model} {method} compile={compiled}: {rec.get('img_per_s', rec.get('error'))} img/s "
-                      f"(mem {rec.get('peak_mem_gb')} GB, mfu {rec.get('mfu')})", flush=True)
-                del encoder, external
-                torch._dynamo.reset()  # drop compiled graphs (and the weights they hold); inductor's disk cache stays
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                save()
+    variants = [(model, compiled, ckpt, method, prefetch) for model in models for compiled in compile_modes
+                for ckpt in checkpointing for method in methods
+                for prefetch in (prefetch_modes if method in ("none", "ahpa-cached") else (None,))]
+    for model, compiled, ckpt, method, prefetch in variants:
+        base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
+                "batch": args.batch or size["batch"][model], "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                "resolution": size["resolution"], "timed_steps": steps, "warmup_steps": warmup,
+                "activation_checkpointing": ckpt, "prefetch": prefetch}
+        label = f"{model} {method} compile={compiled}" + (f" checkpointing={blocks_name(ckpt)}" if ckpt else "") + (
+            " prefetch=off" if prefetch is False else "")
+        if args.budget_s and time.perf_counter() - started > args.budget_s:
+            result["records"].append({**base, "skipped": f"time budget {args.budget_s:.0f} s spent"})
+            save()
+            continue
+        try:
+            encoder, external, note = encoders_for(method, size, device, synthetic)
+        except ImportError as e:
+            result["records"].append({**base, "skipped": f"unavailable: {e}"})
+            print(f"{label}: skipped ({e})", flush=True)
+            save()
+            continue
+        cfg = run_config(size, args, model, method, compiled, cache, device, ckpt, prefetch)
+        try:
+            rec = measure_train(cfg, encoder, external, warmup, steps, device, work / "runs" / f"{len(result['records'])}")
+            rec["frozen_encoder_gflop_per_img"] = frozen_encoder_gflops(method, encoder, external, size, device)
+            peak = info["peak_bf16_tflops"]
+            rec["mfu"] = round(rec["img_per_s"] * rec["model_gflop_per_img"] / (peak * 1e3), 4) if peak else None
+            rec["mfu_with_heads"] = (round(rec["img_per_s"] * (rec["model_gflop_per_img"] + rec["heads_gflop_per_img"])
+                                           / (peak * 1e3), 4) if peak else None)
+            rec["note"] = note
+        except Exception as e:  # one failed configuration (an out-of-memory one too) must not lose the others' figures
+            traceback.print_exc()
+            rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        result["records"].append({**base, **rec})
+        print(f"{label}: {rec.get('img_per_s', rec.get('error'))} img/s (mem {rec.get('peak_mem_gb')} GB, mfu {rec.get('mfu')})",
+              flush=True)
+        del encoder, external
+        torch._dynamo.reset()  # drop compiled graphs (and the weights they hold); inductor's disk cache stays
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
     if args.sampling == "on":
         for model in models:
             limit = args.sampling_budget_s or args.budget_s
@@ -306,15 +330,33 @@ def main() -> None:
     print(json.dumps(result["ratios"], indent=1))
 
 
+def blocks_name(ckpt: int) -> str:
+    return "all" if ckpt == -1 else str(ckpt)
+
+
 def ratios(records: list[dict]) -> dict:
-    """img/s of each method over `none` of the same model and compile mode (measured side by side)."""
-    base = {(r["model"], r["compile"]): r["img_per_s"] for r in records
-            if r.get("kind") == "train" and r.get("method") == "none" and "img_per_s" in r}
+    """img/s of each method over `none` of the same model, compile mode and activation checkpointing (measured side
+    by side; a cached method against `none` with the same prefetch setting, others against `none` with prefetch on),
+    and of each cached method with prefetch on over off."""
+    train = [r for r in records if r.get("kind") == "train" and "img_per_s" in r]
+    base = {(r["model"], r["compile"], r.get("activation_checkpointing", 0), r.get("prefetch")): r["img_per_s"]
+            for r in train if r["method"] == "none"}
     out = {}
-    for r in records:
-        key = (r.get("model"), r.get("compile"))
-        if r.get("kind") == "train" and r.get("method") != "none" and "img_per_s" in r and key in base:
-            out[f"{r['model']} {'compiled' if r['compile'] else 'eager'} {r['method']}/none"] = round(r["img_per_s"] / base[key], 3)
+    for r in train:
+        model, compiled, ckpt, prefetch = r["model"], r["compile"], r.get("activation_checkpointing", 0), r.get("prefetch")
+        mode = ("compiled" if compiled else "eager") + (f", checkpointing {blocks_name(ckpt)}" if ckpt else "")
+        if r["method"] != "none":
+            ref = base.get((model, compiled, ckpt, True if prefetch is None else prefetch))
+            if ref is None and prefetch is None:
+                ref = base.get((model, compiled, ckpt, False))
+            if ref is not None:
+                off = " (prefetch off)" if prefetch is False else ""
+                out[f"{model} {mode} {r['method']}/none{off}"] = round(r["img_per_s"] / ref, 3)
+        if prefetch is True:
+            twin = next((o for o in train if o["method"] == r["method"] and o.get("prefetch") is False
+                         and (o["model"], o["compile"], o.get("activation_checkpointing", 0)) == (model, compiled, ckpt)), None)
+            if twin is not None:
+                out[f"{model} {mode} {r['method']} prefetch on/off"] = round(r["img_per_s"] / twin["img_per_s"], 3)
     return out
 
 

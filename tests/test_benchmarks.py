@@ -55,3 +55,20 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     text = (tmp_path / "report" / "README.md").read_text()
     assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text
     assert list((tmp_path / "report").glob("router-*-ahpa-soft-seed0.png"))
+
+
+def test_throughput_tiny_records_checkpointing_and_prefetch(tmp_path):
+    out = tmp_path / "tp.json"
+    _run(["benchmarks/throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached,repa",
+          "--prefetch", "both", "--activation-checkpointing", "all", "--steps", "1", "--warmup", "1", "--sampling", "off",
+          "--work-dir", str(tmp_path), "--out", str(out)])
+    result = json.loads(out.read_text())
+    train = [(r["method"], r["prefetch"], r["checkpointed_blocks"], r.get("prefetch_hits"), r.get("prefetch_misses"))
+             for r in result["records"]]
+    # tiny B/2 has 4 blocks; 2 steps (1 warm-up + 1 timed), each fetched from the prefetch thread
+    assert train == [("none", True, 4, 2, 0), ("none", False, 4, None, None), ("ahpa-cached", True, 4, 2, 0),
+                     ("ahpa-cached", False, 4, None, None), ("repa", None, 4, None, None)]
+    assert all(r["finite"] and r["activation_checkpointing"] == -1 for r in result["records"])
+    mode = "B/2 eager, checkpointing all"
+    assert set(result["ratios"]) == {f"{mode} ahpa-cached/none", f"{mode} ahpa-cached/none (prefetch off)",
+                                     f"{mode} repa/none", f"{mode} none prefetch on/off", f"{mode} ahpa-cached prefetch on/off"}

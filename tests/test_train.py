@@ -103,3 +103,31 @@ def test_bad_sizes_and_paths(tmp_path, tiny):
     with pytest.raises(ValueError, match="valid kinds"):
         Trainer(tiny("prior.encoder=sdvae:/x"), tmp_path / "d")
     assert not (tmp_path / "a" / "DONE").exists()
+
+
+def test_activation_checkpointing_trains_identically_and_may_change_on_resume(tmp_path, tiny):
+    straight = Trainer(tiny("train.steps=4"), tmp_path / "a")
+    straight.run()
+    first = Trainer(tiny("train.steps=2"), tmp_path / "b")
+    first.run()
+    second = Trainer(tiny("train.steps=4", "train.activation_checkpointing=-1"), tmp_path / "b")
+    assert second.parts.model.checkpoint_blocks == 3 and second.parts.ema.checkpoint_blocks == 0
+    second.run()
+    for name in ("model", "ema", "aligner"):  # recomputation repeats the same kernels: bitwise on the CPU
+        a, b = getattr(straight.parts, name).state_dict(), getattr(second.parts, name).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}.{k} differs with activation checkpointing"
+    with pytest.raises(ValueError, match=r"train.activation_checkpointing=4: .*give 0 \(off\), 1..3"):
+        Trainer(tiny("train.activation_checkpointing=4"), tmp_path / "c")
+
+
+def test_no_posterior_noise_is_drawn_for_a_deterministic_latent(tmp_path, tiny):
+    tr = Trainer(tiny(), tmp_path / "run")
+    assert tr.parts.source.samples_posterior  # ahpa-vae has a posterior
+    shape = (tr.parts.model.cfg.in_channels, tr.parts.model.cfg.input_size, tr.parts.model.cfg.input_size)
+    with_noise = tr._draws(5, 8, shape)
+    tr.parts.source.samples_posterior = False  # as for TAEF2
+    without = tr._draws(5, 8, shape)
+    assert "posterior" in with_noise and "posterior" not in without
+    for k, v in without.items():  # the posterior is the stream's last draw: every other draw is unchanged
+        assert torch.equal(v, with_noise[k]), k

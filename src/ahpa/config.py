@@ -42,6 +42,9 @@ class DataCfg:
     num_classes: int = 0  # 0 = read from the data
     limit: int = 0  # use only the first N images (0 = all)
     procedural_size: int = 4096  # images in the procedural data set
+    # data.source=cache: gather the next step's rows in a background thread (into pinned buffers on CUDA) while
+    # this step computes; the batches are the same with it on or off (ahpa.data.prefetch)
+    prefetch: bool = True
 
 
 @dataclass
@@ -86,6 +89,11 @@ class TrainCfg:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
     compile: bool = False
     fsdp: bool = False  # under torchrun: shard model, EMA and aligner with FSDP2 instead of DDP (L, XL)
+    # SiT blocks (the first N; -1 = all, 0 = off) whose activations are recomputed in the backward pass instead
+    # of stored: less activation memory for about a third more compute in those blocks. The same computation
+    # (bitwise the same gradients in eager mode on the CPU, tested; a compiled graph may round differently).
+    # A training setting, not a model one: it is not part of the architecture and is not exported.
+    activation_checkpointing: int = 0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     log_every: int = 50
@@ -152,7 +160,9 @@ RESUMABLE_CHANGES = (
     "train.device",
     "train.compile",
     "train.fsdp",  # checkpoints are full state dicts either way
+    "train.activation_checkpointing",  # recomputation, not other math: the losses and gradients stay the same
     "train.max_bad_steps",
+    "data.prefetch",  # the same batches either way
     "sample.",
     "eval.",
 )

@@ -45,6 +45,9 @@ class OnTheFly:
         self.amp = amp  # the frozen encoder runs under the training autocast (bf16 on CUDA)
         self.levels = [l for l in levels if l != "external"]
         self.num_classes = data.num_classes
+        self.samples_posterior = encoder.stochastic  # whether fetch uses posterior noise
+        if device.type == "cuda":  # the encoder runs in every step: channels-last convolutions are faster there
+            encoder.use_memory_format(torch.channels_last)
 
     def __len__(self) -> int:
         return len(self.data)

@@ -1,9 +1,11 @@
 """Reading a prepared cache in training: `open_cache(cfg, encoder, levels, grid, device) -> CacheSource`.
 
 Shards are raw row files memory-mapped with numpy (no copy, no decode; the page cache does the rest).
-`fetch` groups a batch's indices by (shard, flip variant), gathers each group with one fancy index per
-field, ships the fp16/bf16 rows to the device and only there converts to float32, samples the posterior,
-mirrors (generated flips) and pools to the model's grid.
+`fetch` is `gather` then `finish`. `gather` (host only) groups a batch's indices by (shard, flip variant)
+and gathers each group with one fancy index per field, into pinned buffers on CUDA; `finish` ships the
+fp16/bf16 rows to the device, only there converts to float32, samples the posterior, mirrors (generated
+flips) and pools to the model's grid. With `start_prefetch` the gathers of the coming steps run in a
+background thread (ahpa.data.prefetch) while the current step computes.
 
 Why raw rows and not safetensors: numpy memmaps gather arbitrary row sets in one vectorised call, the
 writer can append rows as they come (the row count of a shard is not known until its bad files are
@@ -12,13 +14,16 @@ counted), and dtype and row shape live in the manifest, so nothing but the manif
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ahpa.data.batches import PriorBatch
 from ahpa.data.manifest import FORMAT, MANIFEST, NUMPY_DTYPE, SHARD_DIR, read_json
+from ahpa.data.prefetch import Prefetcher, Request
 from ahpa.data.reduce import load_bases, reconstruct
 from ahpa.data.shard_store import CacheError, stats_tensor
 from ahpa.data.tokens import flip_tokens, pool_tokens
@@ -109,6 +114,15 @@ def open_cache(cfg, encoder: PriorEncoder, levels: list[str], grid: int, device:
     return CacheSource(where, manifest, levels, grid, device, limit=cfg.data.limit, num_classes=cfg.data.num_classes)
 
 
+@dataclass
+class HostRows:
+    """A batch's rows on the host, as gathered (pinned on CUDA): everything that comes before the transfer."""
+
+    fields: dict[str, torch.Tensor]  # field -> [B, *row shape] in the stored dtype
+    labels: torch.Tensor  # int64 [B]
+    flip: torch.Tensor  # bool [B]
+
+
 class CacheSource:
     """Training batches from a prepared cache: the same interface as `ahpa.data.batches.OnTheFly`."""
 
@@ -121,6 +135,7 @@ class CacheSource:
         self.pool = self.cache_grid // grid
         self.flips = manifest["flips"]
         self.has_logvar = "logvar" in manifest["latent"]["moments"]
+        self.samples_posterior = self.has_logvar  # whether fetch uses posterior noise
         fields = manifest["fields"]
         wanted = ["latent_mean"] + (["latent_logvar"] if self.has_logvar else [])
         wanted += [f"level.{n}" for n in self.levels if n != "latent"]
@@ -142,6 +157,7 @@ class CacheSource:
         bases = load_bases(self.directory, reduce["sha256"], self.device) if reduce else {}
         self.bases = {n: b for n, b in bases.items() if n in self.levels}  # level -> (mean [C], basis [C, r])
         self.labels = torch.from_numpy(np.concatenate(labels)[: self.length].astype(np.int64))  # [N], small: in memory
+        self.prefetcher: Prefetcher[HostRows] | None = None
 
     @staticmethod
     def _map(shard_dir: Path, shard: dict, field: str, spec: dict) -> np.memmap:
@@ -157,7 +173,15 @@ class CacheSource:
     def __len__(self) -> int:
         return self.length
 
-    def _gather(self, idx: np.ndarray, variant: np.ndarray) -> dict[str, np.ndarray]:
+    def _host_buffer(self, rows: int, field: str) -> tuple[torch.Tensor, np.ndarray]:
+        """An empty [rows, *row shape] tensor in the stored dtype (pinned on CUDA) and a numpy view to fill it."""
+        spec = self.specs[field]
+        t = torch.empty((rows, *spec["shape"]), dtype=TORCH_DTYPE[spec["dtype"]], pin_memory=self.device.type == "cuda")
+        # numpy has no bfloat16: bf16 rows are filled through a view of their raw 16 bits, as they are stored
+        view = t.view(torch.int16).numpy().view(NUMPY_DTYPE["bf16"]) if spec["dtype"] == "bf16" else t.numpy()
+        return t, view
+
+    def _gather_rows(self, idx: np.ndarray, variant: np.ndarray) -> dict[str, torch.Tensor]:
         """Rows of every field for global indices `idx` (int64 [B]) from variant 0 (original) or 1 (stored flip)."""
         shard = np.searchsorted(self.starts, idx, side="right") - 1  # [B]
         local = idx - self.starts[shard]
@@ -165,25 +189,19 @@ class CacheSource:
         order = np.lexsort((local, key))  # grouped by (shard, variant), rows ascending within a group: sequential reads
         groups = np.flatnonzero(np.diff(key[order], prepend=-1))  # start of each group in `order`
         bounds = np.append(groups, len(order))
-        out = {f: np.empty((len(idx), *self.specs[f]["shape"]), NUMPY_DTYPE[self.specs[f]["dtype"]]) for f in self.fields}
+        out, views = {}, {}
+        for f in self.fields:
+            out[f], views[f] = self._host_buffer(len(idx), f)
         for a, b in zip(bounds[:-1], bounds[1:]):
             sel = order[a:b]
             s, v = int(shard[sel[0]]), int(variant[sel[0]])
             maps = self.maps["flip." if v else ""]
             for f in self.fields:
-                out[f][sel] = maps[f][s][local[sel]]
+                views[f][sel] = maps[f][s][local[sel]]
         return out
 
-    def _to_device(self, arr: np.ndarray, dtype: str) -> torch.Tensor:
-        t = torch.from_numpy(arr)
-        if dtype == "bf16":
-            t = t.view(torch.bfloat16)  # the stored bits are bfloat16
-        if self.device.type == "cuda":
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True).float()  # 16-bit over the bus, float32 on the device
-
-    @torch.no_grad()
-    def fetch(self, idx: torch.Tensor, flip: torch.Tensor | None, posterior_noise: torch.Tensor | None) -> PriorBatch:
+    def gather(self, idx: torch.Tensor, flip: torch.Tensor | None) -> HostRows:
+        """The host half of `fetch`: checks the request and gathers its rows (thread-safe: reads only)."""
         idx_np = idx.detach().cpu().numpy().astype(np.int64)
         if idx_np.size and (idx_np.min() < 0 or idx_np.max() >= self.length):
             raise IndexError(f"cache index out of range [0, {self.length}): {idx_np.min()}..{idx_np.max()}")
@@ -191,9 +209,34 @@ class CacheSource:
         if flip_np.any() and self.flips == "none":
             raise CacheError(f"{self.directory} was prepared with --flips none: it cannot serve flipped samples")
         stored = self.flips == "stored"
-        rows = self._gather(idx_np, flip_np.astype(np.int64) if stored else np.zeros(len(idx_np), np.int64))
-        t = {f: self._to_device(rows[f], self.specs[f]["dtype"]) for f in self.fields}
-        flip_dev = torch.from_numpy(flip_np).to(self.device)
+        rows = self._gather_rows(idx_np, flip_np.astype(np.int64) if stored else np.zeros(len(idx_np), np.int64))
+        labels, flips = self.labels[torch.from_numpy(idx_np)], torch.from_numpy(flip_np)
+        if self.device.type == "cuda":
+            labels, flips = labels.pin_memory(), flips.pin_memory()
+        return HostRows(rows, labels, flips)
+
+    def start_prefetch(self, plan: Callable[[int], list[Request]], step: int) -> None:
+        """Gather the requests `plan(s)` names for s = step, step + 1, ... in a background thread, one step ahead."""
+        self.close()
+        self.prefetcher = Prefetcher(self.gather, plan, step, self.device)
+
+    def close(self) -> None:
+        """Stops prefetching (waits for a gather in progress); fetch still works, synchronously."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+
+    @torch.no_grad()
+    def fetch(self, idx: torch.Tensor, flip: torch.Tensor | None, posterior_noise: torch.Tensor | None) -> PriorBatch:
+        rows = self.prefetcher.take(idx, flip) if self.prefetcher is not None else None
+        return self.finish(rows if rows is not None else self.gather(idx, flip), posterior_noise)
+
+    @torch.no_grad()
+    def finish(self, rows: HostRows, posterior_noise: torch.Tensor | None) -> PriorBatch:
+        """The device half of `fetch`: transfers (asynchronous from pinned buffers) and the arithmetic."""
+        # 16-bit over the bus, float32 on the device
+        t = {f: rows.fields[f].to(self.device, non_blocking=True).float() for f in self.fields}
+        flip_dev = rows.flip.to(self.device, non_blocking=True)
         noise = posterior_noise.to(self.device) if posterior_noise is not None else None
         latent = posterior_sample(t["latent_mean"], t.get("latent_logvar") if self.has_logvar else None, noise)  # [B, C, h, w]
         if self.flips == "generated":
@@ -208,7 +251,7 @@ class CacheSource:
                 tokens = reconstruct(tokens, *self.bases[name])  # [B, G*G, r] -> [B, G*G, C]
             tokens = pool_tokens(tokens, self.pool)  # [B, G*G, C] -> [B, g*g, C]
             maps[name] = flip_tokens(tokens, flip_dev) if self.flips == "generated" else tokens
-        return PriorBatch(latent, maps, self.labels[torch.from_numpy(idx_np)].to(self.device), None)
+        return PriorBatch(latent, maps, rows.labels.to(self.device, non_blocking=True), None)
 
     def measure_stats(self, num_images: int, generator: torch.Generator) -> PriorStats:
         """The statistics measured at prepare time (every image, originals) at the model's grid."""

@@ -1,8 +1,9 @@
-"""Deterministic data order: which samples form the global batch of a step.
+"""Deterministic data order: which samples form the global batch of a step, and which are mirrored.
 
 Position p of the endless stream is sample perm_e[p mod N] with e = p // N and perm_e a
 permutation drawn from (seed, e). Step s uses positions [s*B, (s+1)*B). Resume needs only the
-step; any number of processes slices the same global batch.
+step; any number of processes slices the same global batch. Because the order needs nothing but
+(seed, step), a loader may gather the rows of step s+1 while step s computes (ahpa.data.prefetch).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import functools
 
 import torch
 
-from ahpa.train.rng import derive_seed
+from ahpa.train.rng import derive_seed, generator
+
+FLIP_STREAM = 4
 
 
 @functools.lru_cache(maxsize=4)  # a step touches at most two epochs; randperm of 1.3M costs ~10 ms
@@ -29,3 +32,21 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
         sel = epochs == e
         out[sel] = epoch_permutation(n, seed, e)[pos[sel] % n]
     return out
+
+
+def flip_mask(step: int, batch_size: int, seed: int, hflip: bool) -> torch.Tensor:
+    """Which samples of the global batch of `step` are mirrored (bool [batch_size]).
+
+    Drawn on the host: a cache picks stored rows by it, and reading a device mask would sync."""
+    return (torch.rand(batch_size, generator=generator(seed, step, stream=FLIP_STREAM)) < 0.5) & hflip
+
+
+def process_requests(step: int, batch_size: int, n: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
+                     accum: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices, flips) of each fetch this process makes at `step`, in order: its slice of the global batch,
+    cut into `accum` micro-batches, as `Trainer.train_step` cuts it."""
+    idx, flip = batch_indices(step, batch_size, n, seed), flip_mask(step, batch_size, seed, hflip)
+    per_rank = batch_size // world
+    micro = per_rank // accum
+    lo = rank * per_rank
+    return [(idx[lo + a * micro : lo + (a + 1) * micro], flip[lo + a * micro : lo + (a + 1) * micro]) for a in range(accum)]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # name -> (hidden size, depth, heads)
 SIZES = {
@@ -191,6 +192,9 @@ class SiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(d, cfg.grid, cfg.pos_embed_order)[None], persistent=False)
         self.blocks = nn.ModuleList(SiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, p, cfg.in_channels)
+        # activation checkpointing of the first N blocks (set_activation_checkpointing): a training-time
+        # memory/compute trade, not architecture, so it lives here and not in SiTConfig (exports never carry it)
+        self.checkpoint_blocks = 0
         self.initialize_weights()
 
     @property
@@ -221,6 +225,13 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def set_activation_checkpointing(self, blocks: int) -> None:
+        """Recompute the activations of the first `blocks` SiT blocks in the backward pass (-1 = all, 0 = none)."""
+        if blocks < -1 or blocks > self.cfg.depth:
+            raise ValueError(f"activation checkpointing of {blocks} blocks: the model has {self.cfg.depth}; "
+                             f"give 0 (off), 1..{self.cfg.depth} (the first N blocks) or -1 (all)")
+        self.checkpoint_blocks = self.cfg.depth if blocks == -1 else blocks
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, c, g = x.shape[0], self.cfg.patch_size, self.cfg.in_channels, self.cfg.grid
         x = x.reshape(b, g, g, p, p, c)  # [B, gh, gw, ph, pw, C]
@@ -237,8 +248,14 @@ class SiT(nn.Module):
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
         hidden = []
+        recompute = self.checkpoint_blocks if torch.is_grad_enabled() else 0  # nothing to save without a backward
         for i, block in enumerate(self.blocks, start=1):
-            h = block(h, c)
+            if i <= recompute:
+                # non-reentrant: the variant DDP, FSDP and torch.compile support. A block draws no random numbers,
+                # so the RNG state need not be saved and restored around the recomputation.
+                h = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False)
+            else:
+                h = block(h, c)
             if i in taps:
                 hidden.append(h)
         return self.unpatchify(self.final_layer(h, c)), hidden

@@ -48,10 +48,7 @@ class DiffusersVAE(PriorEncoder):
         self.levels = levels_from_config(cfg.block_out_channels, self.latent_channels)
         self._taps: dict[str, nn.Module] = {f"down{i}": b for i, b in enumerate(vae.encoder.down_blocks)}
         self._taps["mid"] = vae.encoder.mid_block
-        # channels_last speeds up the convolutions on recent GPUs; inputs are converted to match in _encode.
-        self.memory_format = memory_format
-        if memory_format is not torch.contiguous_format:
-            self.vae.to(memory_format=memory_format)
+        self.use_memory_format(memory_format)  # channels_last: faster convolutions on recent GPUs
         frozen(self)
 
     @classmethod

@@ -123,6 +123,7 @@ class TAEF2Encoder(PriorEncoder):
     levels = LEVELS
     latent_channels = LATENT_CHANNELS
     factor = 8
+    stochastic = False  # a deterministic latent: no posterior noise is drawn for it
 
     def __init__(self, spec: str = "taef2"):
         super().__init__()

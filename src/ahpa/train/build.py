@@ -124,6 +124,10 @@ def build_parts(
     torch.manual_seed(cfg.train.seed)  # weight init is part of the run's identity
     model = SiT(sc).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    try:  # after the EMA copy: the EMA never runs a backward pass
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    except ValueError as e:
+        raise ValueError(f"train.activation_checkpointing={cfg.train.activation_checkpointing}: {e}") from None
     aligner = None
     if levels:
         dims = [external.channels] if external is not None else [encoder.level(n).channels for n in levels]

@@ -8,6 +8,7 @@ and running statistics), optimiser and prior statistics.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ahpa import config as config_mod
 from ahpa.config import Config
-from ahpa.data.order import batch_indices
+from ahpa.data.order import batch_indices, flip_mask, process_requests
 from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
@@ -33,7 +34,6 @@ from ahpa.transport.path import get_path
 from ahpa.transport.timesteps import sample_t
 
 TRAIN_STREAM = 1
-FLIP_STREAM = 4
 
 
 class RunConfigError(ValueError):
@@ -80,6 +80,11 @@ class Trainer:
                     self.sharded.load_optimizer_state(optimizer_state)
                 else:
                     p.optimizer.load_state_dict(optimizer_state)
+        # a prepared cache gathers the coming steps' rows in a background thread (ahpa.data.prefetch)
+        if cfg.data.prefetch and hasattr(p.source, "start_prefetch"):
+            plan = functools.partial(process_requests, batch_size=t.batch_size, n=len(p.source), seed=t.seed,
+                                     hflip=cfg.data.hflip, rank=self.rank, world=self.world, accum=t.grad_accum)
+            p.source.start_prefetch(plan, self.step)
         # the fused AdamW skips a step whose gradients are not finite without a host sync (found_inf)
         self.bad_total = torch.zeros((), device=p.device)
         self.bad_run = torch.zeros((), device=p.device)
@@ -182,15 +187,16 @@ class Trainer:
         """All random numbers of one global batch, from (seed, step): identical on every process."""
         c, dev = self.cfg, self.parts.device
         g = generator(c.train.seed, step, stream=TRAIN_STREAM, device=dev)
-        # flips on the host: a cache picks stored rows by them, and reading a device mask would sync
-        host = generator(c.train.seed, step, stream=FLIP_STREAM)
-        return {
-            "flip": (torch.rand(n, generator=host) < 0.5) & c.data.hflip,
+        draws = {
+            "flip": flip_mask(step, n, c.train.seed, c.data.hflip),
             "t": sample_t(n, c.transport.time_sampler, g, dev, c.transport.time_mean, c.transport.time_std),
             "eps": torch.randn((n, *latent_shape), generator=g, device=dev),
             "drop": torch.rand(n, generator=g, device=dev) < c.train.label_dropout,
-            "posterior": torch.randn((n, *latent_shape), generator=g, device=dev),
         }
+        # the last draw of the stream, so skipping it for a deterministic encoder (TAEF2) changes no other draw
+        if self.parts.source.samples_posterior:
+            draws["posterior"] = torch.randn((n, *latent_shape), generator=g, device=dev)
+        return draws
 
     def _loss(self, batch: PriorBatch, d: dict[str, torch.Tensor]):
         p, c = self.parts, self.cfg
@@ -236,7 +242,7 @@ class Trainer:
             sl = slice(lo + a * micro, lo + (a + 1) * micro)
             d = {k: v[sl] for k, v in draws.items()}
             with self._no_sync(last=a == accum - 1):
-                loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d["posterior"]), d)
+                loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d.get("posterior")), d)
                 (loss / accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v / accum

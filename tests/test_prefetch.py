@@ -1,0 +1,169 @@
+"""Prefetching a prepared cache's rows in a background thread: the same batches bitwise as without it (also
+after a resume and with gradient accumulation), worker errors surface with their message, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ahpa import config as config_mod
+from ahpa.data.cache import CacheSource, open_cache
+from ahpa.data.order import process_requests
+from ahpa.data.prefetch import Prefetcher
+from ahpa.data.prepare import PrepareOptions, prepare
+from ahpa.data.procedural import make_shapes
+from ahpa.train.loop import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """40 procedural 16x16 images through the seeded random ahpa-vae (a posterior to sample), stored flips,
+    shards of 16 (batches cross shards), grid 4."""
+    root = tmp_path_factory.mktemp("prefetch")
+    images, labels = make_shapes(40, 16, seed=0)
+    np.savez(root / "shapes.npz", images=images, labels=labels)
+    prepare(PrepareOptions(images=str(root / "shapes.npz"), vae="ahpa-vae:random", resolution=16, out=str(root / "cache"),
+                           grid=4, shard_size=16, batch=16, workers=0, device="cpu", flips="stored"))
+    return root / "cache"
+
+
+def _cfg(cache: Path, *extra: str) -> config_mod.Config:
+    return config_mod.load(None, [
+        "model.preset=S/1", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+        "data.source=cache", f"data.path={cache}", "data.resolution=16", "prior.encoder=ahpa-vae:random",
+        "align.depth=1", "align.projector_dim=32", "train.batch_size=12", "train.log_every=1", "train.ckpt_every=1000",
+        "train.sample_every=0", "train.device=cpu", *extra,
+    ])
+
+
+def _source(cache: Path, cfg: config_mod.Config) -> CacheSource:
+    from ahpa.priors.registry import load_encoder
+
+    return open_cache(cfg, load_encoder("ahpa-vae:random"), ["stage1", "stage2", "stage3", "latent"], 4, CPU)
+
+
+def _same_batch(a, b) -> bool:
+    return (torch.equal(a.latent, b.latent) and torch.equal(a.labels, b.labels) and a.levels.keys() == b.levels.keys()
+            and all(torch.equal(a.levels[k], b.levels[k]) for k in a.levels))
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_prefetched_batches_equal_synchronous_ones_also_after_a_resume(cache, accum):
+    cfg = _cfg(cache)
+    plain, ahead = _source(cache, cfg), _source(cache, cfg)
+    n = len(plain)
+
+    def plan(step):
+        return process_requests(step, 12, n, seed=0, hflip=True, accum=accum)
+
+    noise = torch.randn(12 // accum, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    flips = []
+    for start, stop in ((0, 5), (3, 6)):  # 5 steps from the start (an epoch boundary at 40 images), then a resume at 3
+        ahead.start_prefetch(plan, start)
+        for step in range(start, stop):
+            for idx, flip in plan(step):
+                flips.append(flip)
+                assert _same_batch(ahead.fetch(idx, flip, noise), plain.fetch(idx, flip, noise))
+        assert (ahead.prefetcher.hits, ahead.prefetcher.misses) == ((stop - start) * accum, 0)
+    assert 0 < torch.cat(flips).float().mean() < 1  # both stored variants were read
+    ahead.close()
+    assert ahead.prefetcher is None
+
+
+def test_an_unplanned_request_is_served_and_stops_prefetching(cache):
+    src, plain = _source(cache, _cfg(cache)), _source(cache, _cfg(cache))
+    src.start_prefetch(lambda s: process_requests(s, 12, len(src), seed=0, hflip=True), 0)
+    pf = src.prefetcher
+    idx, flip = torch.tensor([1, 30, 7]), torch.tensor([True, False, False])
+    assert _same_batch(src.fetch(idx, flip, None), plain.fetch(idx, flip, None))
+    assert (pf.hits, pf.misses, pf.active) == (0, 1, False)
+    assert not any(t.is_alive() for t in pf._pool._threads)
+
+
+def test_training_with_prefetch_equals_training_without_it_across_a_resume(cache, tmp_path):
+    straight = Trainer(_cfg(cache, "train.steps=4", "data.prefetch=false", "train.grad_accum=2"), tmp_path / "a")
+    assert straight.parts.source.prefetcher is None
+    straight.run()
+    first = Trainer(_cfg(cache, "train.steps=2", "train.grad_accum=2"), tmp_path / "b")
+    first.run()
+    assert (first.parts.source.prefetcher.hits, first.parts.source.prefetcher.misses) == (4, 0)  # 2 steps x 2 micro
+    second = Trainer(_cfg(cache, "train.steps=4", "train.grad_accum=2"), tmp_path / "b")  # prefetch may change on resume
+    assert second.step == 2
+    second.run()
+    assert (second.parts.source.prefetcher.hits, second.parts.source.prefetcher.misses) == (4, 0)
+    for name in ("model", "ema", "aligner"):
+        a, b = getattr(straight.parts, name).state_dict(), getattr(second.parts, name).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}.{k} differs"
+
+
+def test_a_worker_exception_is_raised_by_take_with_its_message():
+    def gather(idx, flip):
+        if int(idx[0]) == 2:
+            raise OSError(f"shard read failed at row {int(idx[0])}")
+        return int(idx[0])
+
+    pf = Prefetcher(gather, lambda s: [(torch.tensor([s]), torch.tensor([False]))], 0, CPU)
+    assert pf.take(torch.tensor([0]), torch.tensor([False])) == 0
+    assert pf.take(torch.tensor([1]), torch.tensor([False])) == 1
+    with pytest.raises(OSError, match="shard read failed at row 2"):
+        pf.take(torch.tensor([2]), torch.tensor([False]))
+    pf.close()
+    assert not any(t.is_alive() for t in pf._pool._threads)
+
+
+def test_close_waits_for_the_gather_in_progress_and_cancels_the_rest():
+    started = []
+
+    def slow(idx, flip):
+        started.append(int(idx[0]))
+        time.sleep(0.3)
+        return int(idx[0])
+
+    pf = Prefetcher(slow, lambda s: [(torch.tensor([s]), None), (torch.tensor([s + 100]), None)], 0, CPU)
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    pf.close()
+    assert time.perf_counter() - t0 < 0.3 + 0.2  # one gather finished, the other was cancelled
+    assert started == [0] and not any(t.is_alive() for t in pf._pool._threads)
+    assert pf.take(torch.tensor([100]), None) is None
+
+
+def test_a_process_exits_promptly_without_closing(cache):
+    """An unclosed prefetcher must not hold the interpreter at exit (it ends after at most the gathers queued)."""
+    script = textwrap.dedent(f"""
+        import torch
+        from ahpa.data.cache import open_cache
+        from ahpa.data.order import process_requests
+        from ahpa import config
+        from ahpa.priors.registry import load_encoder
+        cfg = config.load(None, ["data.source=cache", "data.path={cache}", "data.resolution=16", "prior.encoder=ahpa-vae:random"])
+        src = open_cache(cfg, load_encoder("ahpa-vae:random"), ["stage1", "latent"], 4, torch.device("cpu"))
+        src.start_prefetch(lambda s: process_requests(s, 12, len(src), seed=0, hflip=True, accum=3), 0)
+        print("started", src.prefetcher.active)
+    """)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and "started True" in out.stdout, out.stderr[-2000:]
+    assert time.perf_counter() - t0 < 30
+
+
+def test_process_requests_partition_the_global_batch_in_fetch_order():
+    from ahpa.data.order import batch_indices, flip_mask
+
+    idx, flip = batch_indices(7, 24, 50, 3), flip_mask(7, 24, 3, True)
+    parts = [r for rank in range(2) for r in process_requests(7, 24, 50, 3, True, rank=rank, world=2, accum=3)]
+    assert [len(i) for i, _ in parts] == [4] * 6
+    assert torch.equal(torch.cat([i for i, _ in parts]), idx) and torch.equal(torch.cat([f for _, f in parts]), flip)

@@ -5,6 +5,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from ahpa.train.distributed import all_reduce_mean_
+
+
+def window_means(sums: dict[str, torch.Tensor]) -> tuple[dict, float]:
+    """A log window's metric sums -> (their means over the window's good steps, the number of good steps),
+    averaged across processes. `sums["good_steps"]` counts the good steps; the others are sums of per-step
+    metrics that skipped steps left at zero. One collective, and the training loop's only host sync."""
+    sums = dict(sums)
+    good = sums.pop("good_steps")
+    flat = torch.cat([v.reshape(-1).float() for v in sums.values()] + [good.reshape(1).float()])
+    values = all_reduce_mean_(flat).tolist()
+    n_good, row, at = values[-1], {}, 0
+    for k, v in sums.items():
+        avg = [x / max(n_good, 1e-9) for x in values[at : at + v.numel()]]
+        row[k] = avg if v.ndim else avg[0]
+        at += v.numel()
+    return row, n_good
+
 
 def truncate_jsonl(path: Path, step: int) -> None:
     """On resume: drop rows logged after the checkpoint we resume from (they will be redone)."""

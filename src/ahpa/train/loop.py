@@ -28,7 +28,7 @@ from ahpa.train.build import Parts, build_parts, compute_stats
 from ahpa.train.checkpoint import load_latest, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.ema import ema_decay, ema_update
-from ahpa.train.logger import MetricsLogger, truncate_jsonl
+from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
 from ahpa.train.rng import generator
 from ahpa.transport.path import get_path
 from ahpa.transport.timesteps import sample_t
@@ -322,21 +322,11 @@ class Trainer:
 
     def _log_row(self, sums: dict[str, torch.Tensor], count: int, t0: float) -> dict:
         c = self.cfg
-        good = sums.pop("good_steps")
-        flat = torch.cat([v.reshape(-1).float() for v in sums.values()] + [good.reshape(1).float()])
-        all_reduce_mean_(flat)  # one collective per log line
-        values = flat.tolist()  # the only host sync of the loop: once per log line
-        row, at = {}, 0
-        n_good = max(values[-1], 1e-9)
-        for k, v in sums.items():
-            n = v.numel()
-            avg = [x / n_good for x in values[at : at + n]]
-            row[k] = avg if v.ndim else avg[0]
-            at += n
-        skipped = count - round(values[-1])
+        row, n_good = window_means(sums)
         row.update(images=self.step * c.train.batch_size, lr=self._lr(self.step - 1),
                    img_per_s=count * c.train.batch_size / max(time.perf_counter() - t0, 1e-9),
-                   level_names=self.parts.levels, bad_steps=int(self.bad_total.item()), skipped_in_window=skipped)
+                   level_names=self.parts.levels, bad_steps=int(self.bad_total.item()),
+                   skipped_in_window=count - round(n_good))
         return row
 
     def run(self, on_log: Callable[[int, dict], None] | None = None,

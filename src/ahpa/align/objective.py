@@ -56,7 +56,14 @@ class Aligner(nn.Module):
             self._update_running(all_reduce_mean_(losses.detach().mean(dim=0)))
         if self.router.learned:
             running = self.running_loss if self.normalize else None
-            loss = loss + router_objective(weights, losses, running, self.entropy_weight)
+            objective = router_objective(weights, losses, running, self.entropy_weight)
+            if self.normalize:
+                # On the first update the running means are this batch's means, so the router's bias gets a
+                # gradient of exactly zero, and Adam would turn its rounding noise into full-size steps (runs
+                # that differ only in summation order, e.g. 1 vs 2 processes, would part there). Nothing is
+                # learned from that step: zero it exactly, without a host sync.
+                objective = objective * (self.num_updates > 1).to(objective.dtype)
+            loss = loss + objective
         metrics = {
             "align/weighted": weighted,
             "align/level_loss": losses.detach().mean(dim=0),  # [K]

@@ -96,6 +96,8 @@ class Trainer:
                 self.align_net = DDP(p.aligner, device_ids=ids)
         if t.compile:  # after DDP or sharding, as torch.compile expects
             self.net = torch.compile(self.net)
+            if self.align_net is not None:  # its heads, losses and router: dozens of small kernels when eager
+                self.align_net = torch.compile(self.align_net)
 
     # ---- set-up and resume ----
     def _check_resume_config(self) -> None:

@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 
 import benchlib
+from study_report import file_label
 from ahpa import config as config_mod
 from ahpa.config import SampleCfg
 from ahpa.data.prepare import PrepareOptions, prepare
 from ahpa.metrics import FeatureStats, load_detector, reference_stats
 from ahpa.sample import iter_samples, generate
-from ahpa.train import plots
+from ahpa.train import logger, plots
 from ahpa.train.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,10 @@ METHODS = {
     "ahpa-topk": {"align.method": "ahpa", "align.router": "topk"},
 }
 DEFAULT_METHODS = ("none", "vae-latent", "vae-level", "multi-uniform", "ahpa-soft", "ahpa-snr")
+# a method's own switches (--variant): they name the run (its label) instead of entering the study key, so that
+# an ablation of the router or of the levels is compared with the baselines of the same study
+VARIANT_KEYS = ("align.levels", "align.shared_trunk", "align.router_tau", "align.router_topk", "align.router_normalize",
+                "align.router_entropy", "align.router_momentum", "align.snr_width")
 SIZES = {
     # smoke: a tiny SiT on 256 cached images at CIFAR's own 32x32 (TAEF2 decodes dominate a CPU evaluation and cost
     # 4x less there than at 64); every code path of the GPU study, none of its statistics
@@ -76,14 +81,32 @@ def study_config(args, size: dict, method: str):
             over[key] = value
     if method == "vae-level":
         over["align.levels"] = [args.level]
-    cfg = config_mod.load(STUDY_CONFIG, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in over.items()])
-    return cfg
+    items = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in over.items()]
+    return config_mod.load(STUDY_CONFIG, items + list(args.variant))
+
+
+def parse_variant(items: list[str]) -> list[str]:
+    """Check --variant KEY=VALUE items: only a method's own switches (VARIANT_KEYS)."""
+    for item in items:
+        key = item.partition("=")[0]
+        if "=" not in item or key not in VARIANT_KEYS:
+            raise SystemExit(f"--variant {item!r}: expected KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}; other "
+                             "settings (lambda, depth, lr) are flags of their own and make a separate study")
+    return items
+
+
+def method_label(method: str, args) -> str:
+    """The run's name in results and tables: the method, its level for vae-level, and any variant."""
+    label = f"vae-level:{args.level}" if method == "vae-level" else method
+    if args.variant:
+        label += "[" + ",".join(v.removeprefix("align.") for v in args.variant) + "]"
+    return label
 
 
 def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
     """What makes two runs comparable: everything but the method's own switches, the device and cadences."""
     flat = config_mod.flatten(cfg.to_dict())
-    skip = ("align.method", "align.router", "align.levels", "align.loss", "train.device", "train.compile",
+    skip = ("align.method", "align.router", "align.loss", *VARIANT_KEYS, "train.device", "train.compile",
             "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path",
             "train.activation_checkpointing", "data.prefetch")  # the last two change no math
     common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}
@@ -144,22 +167,19 @@ def evaluate(bundle, detectors, refs, num: int, batch: int, scfg: SampleCfg) -> 
 
 
 def window_means(sums: dict, count: int) -> dict:
-    good = max(float(sums.pop("good_steps")), 1e-9)
-    out = {}
-    for k, v in sums.items():
-        vals = (v / good).reshape(-1).tolist()
-        out[k] = vals if v.ndim else vals[0]
-    out["skipped_steps"] = count - round(good)
-    return out
+    row, good = logger.window_means(sums)
+    row["skipped_steps"] = count - round(good)
+    return row
 
 
 def train_one(args, size_name: str, size: dict, method: str, detectors, refs, device, env: dict, started: float) -> dict:
     cfg = study_config(args, size, method)
     key, common = study_key(cfg, args, size_name)
-    label = f"vae-level:{args.level}" if method == "vae-level" else method
+    label = method_label(method, args)
     ident = {"study": key, "method": label, "seed": args.seed}
     scfg = SampleCfg(solver="euler", steps=50, cfg_scale=1.0, micro_batch=args.eval_batch)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"study-{label.replace(':', '-')}-"))
+    safe = file_label(label)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"study-{safe}-"))
     t_build = time.perf_counter()
     trainer = Trainer(cfg, run_dir)
     B = cfg.train.batch_size
@@ -199,7 +219,7 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
         n = args.grid_images
         labels = torch.arange(n) % trainer.parts.model.cfg.num_classes
         images = generate(trainer.sampler_bundle(), list(range(n)), labels, 0, scfg)
-        grid = args.results.parent / f"samples-{key}-{label.replace(':', '-')}-seed{args.seed}-step{trainer.step}.png"
+        grid = args.results.parent / f"samples-{key}-{safe}-seed{args.seed}-step{trainer.step}.png"
         plots.save_grid(images.numpy(), grid, nrow=10)
     steady = windows[1:] or windows  # the first window holds warm-up (and compilation)
     summary = {"kind": "run", **ident, "steps": trainer.step, "images": trainer.step * B, "complete": True,
@@ -216,6 +236,10 @@ def main() -> None:
     ap.add_argument("--size", choices=tuple(SIZES), default="smoke")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--level", default="stage4", help="the level vae-level aligns (TAEF2: stage1..stage4, latent)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                    help="a method's own switch for an ablation, e.g. align.router_entropy=0 or align.levels=[latent,stage4]; "
+                         "it names the run (ahpa-soft[router_entropy=0]) and keeps the study key, so the ablation sits in "
+                         "the same table as the baselines. Repeatable")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, help="training steps per method (default per size)")
     ap.add_argument("--eval-every", type=int, help="evaluate every N steps, and at the end (default per size)")
@@ -241,6 +265,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; see throughput.py --threads)")
     args = ap.parse_args()
+    args.variant = parse_variant(args.variant)
     size = SIZES[args.size]
     for name in ("steps", "eval_every", "eval_num", "eval_batch", "grid_images", "limit", "resolution", "grid"):
         if getattr(args, name, None) is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 from collections import defaultdict
@@ -54,8 +55,14 @@ def fmt(x: float | None, nd: int = 3) -> str:
 
 
 def method_order(methods) -> list[str]:
+    """Baselines first, AHPA last; a vae-level's level (":stage4") and a variant ("[router_entropy=0]") follow their method."""
     order = ["none", "vae-latent", "vae-level", "multi-uniform", "ahpa-soft", "ahpa-snr", "ahpa-topk"]
-    return sorted(methods, key=lambda m: (next((i for i, o in enumerate(order) if m.split(":")[0] == o), 99), m))
+    return sorted(methods, key=lambda m: (next((i for i, o in enumerate(order) if re.split(r"[:\[]", m)[0] == o), 99), m))
+
+
+def file_label(label: str) -> str:
+    """A method label as it appears in file names: vae-level:stage4 -> vae-level-stage4."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
 
 
 def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]) -> list[str]:
@@ -104,7 +111,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
     for (m, seed), rs in sorted(series.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
         routed = [r for r in rs if r.get("router") and r["router"]["mode"] != "uniform"]  # a fixed 1/K says nothing
         if routed:
-            name = f"router-{key}-{m.replace(':', '-')}-seed{seed}.png"
+            name = f"router-{key}-{file_label(m)}-seed{seed}.png"
             plot_router(routed, out / name, f"{m}, seed {seed}")
             lines += [f"Router weights of {m} (seed {seed}) at each evaluation point:", "", f"![router {m}]({name})", ""]
     grids = []
@@ -115,7 +122,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
             grids.append(g.name)
     if grids:
         lines += ["Final EMA samples (class i % 10 in column order):", ""]
-        rank = {m.replace(":", "-"): i for i, m in enumerate(methods)}
+        rank = {file_label(m): i for i, m in enumerate(methods)}
         grids = sorted(set(grids), key=lambda g: (rank.get(g.split(key + "-")[1].split("-seed")[0], 99), g))
         lines += [f"- {g.split(key + '-')[1].rsplit('.', 1)[0]}: ![samples]({g})" for g in grids] + [""]
     return lines

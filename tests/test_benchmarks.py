@@ -51,9 +51,20 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     assert [(r["method"], r["step"]) for r in evals] == [("none", 2), ("none", 4), ("ahpa-soft", 2), ("ahpa-soft", 4)]
     assert len({r["study"] for r in evals}) == 1  # methods share the study key: comparable
     assert set(evals[0]["fd"]) == {"FD-r20", "FD-r32"} and evals[-1]["router"]["mode"] == "soft"
+    # an ablation of the router's own switches is named by them and stays in the same study (same key)
+    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "ahpa-soft", "--variant", "align.router_entropy=0",
+          "--steps", "4", "--eval-every", "2", "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0",
+          "--cache", str(tmp_path / "cache"), "--results", str(results)])
+    rows = [json.loads(l) for l in results.read_text().splitlines()]
+    ablation = [r for r in rows if r["kind"] == "eval" and r["method"] == "ahpa-soft[router_entropy=0]"]
+    assert len(ablation) == 2 and ablation[0]["study"] == evals[0]["study"]
+    bad = subprocess.run([sys.executable, "benchmarks/study.py", "--variant", "train.lr=1", "--results", str(results)],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert bad.returncode != 0 and "train.lr=1" in bad.stderr
     _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
     text = (tmp_path / "report" / "README.md").read_text()
-    assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text
+    assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[router_entropy=0] | 0 |" in text
     assert list((tmp_path / "report").glob("router-*-ahpa-soft-seed0.png"))
 
 

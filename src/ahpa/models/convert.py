@@ -31,31 +31,31 @@ Time and sign (our convention: t=0 data, t=1 noise, x_t = (1-t) x + t eps, v = d
   noise). No weight change makes that a velocity field on our path, so DiT converts with convention
   "native" only: forward(x, t=step index, y) returns DiT's epsilon (first C channels), t_scale = 1.
   Our samplers integrate velocities and would sample such a model wrongly.
+
+Reading the file (weights-only loading, unwrapping training dicts) is ahpa.models.public_checkpoint;
+the entry points load_public_checkpoint and convert_checkpoint here take a path or a state dict.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ahpa.models.public_checkpoint import read_checkpoint, strip_wrappers, unwrap
 from ahpa.models.sit import SIZES, SiT, SiTConfig, sincos_pos_embed
 
 LAYOUTS = ("dit", "sit", "repa", "auto")
 CONVENTIONS = ("ahpa", "native")
-ENTRIES = ("ema", "model")  # which weights of a training checkpoint dict to take
 _RENAMES = {
     "x_embedder.proj.weight": "x_embedder.weight",
     "x_embedder.proj.bias": "x_embedder.bias",
     "y_embedder.embedding_table.weight": "y_embedder.weight",
 }
 _DROPPED_PREFIXES = ("projectors.",)
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile prefixes
 
 
 @dataclass
@@ -73,76 +73,6 @@ class Conversion:
         model = SiT(self.config)
         model.load_state_dict(self.state, strict=True)
         return model.eval()
-
-
-# ---- reading files ----
-
-def read_checkpoint(path: str | Path, *, use: str = "ema", allow_pickle: bool = False) -> tuple[dict, dict]:
-    """(state dict, info) from a .pt/.pth/.safetensors file; info holds `entry` and the dict's `args`.
-
-    Training checkpoints (REPA: {"model", "ema", "opt", "args", "steps"}) are unwrapped to `use`
-    ("ema" falls back to "model" when there is no EMA). Loads with weights_only=True (argparse.Namespace
-    allowed, for REPA's `args`); `allow_pickle=True` lifts that for files you trust.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), {"entry": None, "args": None}
-    obj = _torch_load(path, allow_pickle)
-    return unwrap(obj, use=use, where=str(path))
-
-
-def _torch_load(path: Path, allow_pickle: bool):
-    if allow_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    safe = getattr(torch.serialization, "safe_globals", None)  # a context manager from torch 2.5
-    try:
-        if safe is not None:
-            with safe([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        torch.serialization.add_safe_globals([argparse.Namespace])  # torch 2.4
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # the file holds Python objects beyond tensors and containers
-        raise ValueError(
-            f"{str(path)!r} could not be loaded weights-only: it holds Python objects beyond tensors, or is not a torch "
-            f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); if it is a checkpoint "
-            "you trust, pass allow_pickle=True "
-            "(`ahpa convert --trust-pickle`)"
-        ) from e
-    except RuntimeError as e:  # torch's zip reader on a truncated or foreign file
-        raise ValueError(f"{str(path)!r} is not a readable torch checkpoint ({str(e).splitlines()[0]})") from e
-
-
-def unwrap(obj, *, use: str = "ema", where: str = "checkpoint") -> tuple[dict, dict]:
-    """A flat {name: tensor} dict out of a loaded checkpoint object, and {entry, args}."""
-    if use not in ENTRIES:
-        raise ValueError(f"unknown checkpoint entry {use!r}; valid entries: {', '.join(ENTRIES)}")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a state dict or a dict of them, got {type(obj).__name__}")
-    info = {"entry": None, "args": obj.get("args")}
-    if not _is_state(obj):
-        order = [use, "model"] if use == "ema" else [use]
-        entry = next((k for k in [*order, "state_dict"] if isinstance(obj.get(k), dict)), None)
-        if entry is None:
-            raise ValueError(f"{where}: no {' / '.join(repr(k) for k in order)} weights in it (top-level keys: {sorted(map(str, obj))[:12]})")
-        info["entry"], obj = entry, obj[entry]
-        if not _is_state(obj):
-            raise ValueError(f"{where}: entry {entry!r} is not a {{name: tensor}} state dict")
-    return _strip_wrappers(obj), info
-
-
-def _is_state(d: dict) -> bool:
-    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
-
-
-def _strip_wrappers(state: dict) -> dict:
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 # ---- layout detection and config inference ----
@@ -293,7 +223,7 @@ def convert_state_dict(state: dict, layout: str, *, convention: str = "ahpa", pr
         raise ValueError(f"unknown checkpoint layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; valid conventions: {', '.join(CONVENTIONS)}")
-    state = _strip_wrappers(state)
+    state = strip_wrappers(state)
     if layout == "auto":
         layout = detect_layout(state, hint, args)
     if layout == "dit" and convention == "ahpa":

@@ -65,6 +65,14 @@ SIZES = {
               "overrides": {"data.resolution": 32, "model.hidden_size": 64, "model.depth": 4, "model.num_heads": 4, "align.depth": 2,
                             "align.projector_dim": 256, "train.batch_size": 16, "train.lr": 1e-3, "train.warmup_steps": 5,
                             "prior.stats_images": 256}},
+    # pilot: the largest CPU size worth running (2 cores, ~5 min a run): a small SiT (hidden 96, 6 blocks, 16 tokens)
+    # on 4,096 images at 32x32 for 2,000 steps of batch 32, evaluated on 2,000 samples. Not the protocol (model, data,
+    # resolution, length and samples are all smaller): indicative of direction at best, never a result
+    "pilot": {"limit": 4096, "resolution": 32, "grid": 4, "steps": 2000, "eval_every": 1000, "eval_num": 2000,
+              "eval_batch": 500, "grid_images": 20,
+              "overrides": {"data.resolution": 32, "model.hidden_size": 96, "model.depth": 6, "model.num_heads": 4, "align.depth": 2,
+                            "align.projector_dim": 512, "train.batch_size": 32, "train.lr": 5e-4, "train.warmup_steps": 100,
+                            "prior.stats_images": 1024}},
     "gpu": {"limit": 0, "resolution": 64, "grid": 8, "steps": 10000, "eval_every": 2500, "eval_num": 10000, "eval_batch": 1000, "grid_images": 100,
             "overrides": {}},
 }

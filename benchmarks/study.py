@@ -114,7 +114,8 @@ def method_label(method: str, args) -> str:
 def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
     """What makes two runs comparable: everything but the method's own switches, the device and cadences."""
     flat = config_mod.flatten(cfg.to_dict())
-    skip = ("align.method", "align.router", "align.loss", *VARIANT_KEYS, "train.device", "train.compile",
+    # the seed is not in the key: runs differ in it by design, and the tables put the seeds side by side
+    skip = ("align.method", "align.router", "align.loss", *VARIANT_KEYS, "train.seed", "train.device", "train.compile",
             "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path",
             "train.activation_checkpointing", "data.prefetch")  # the last two change no math
     common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}

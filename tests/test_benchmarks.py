@@ -58,6 +58,12 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     rows = [json.loads(l) for l in results.read_text().splitlines()]
     ablation = [r for r in rows if r["kind"] == "eval" and r["method"] == "ahpa-soft[router_entropy=0]"]
     assert len(ablation) == 2 and ablation[0]["study"] == evals[0]["study"]
+    # a second seed joins the same study (the seed is not part of the key)
+    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none", "--seed", "1", "--steps", "4", "--eval-every", "2",
+          "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"),
+          "--results", str(results)])
+    seed1 = [json.loads(l) for l in results.read_text().splitlines()][-1]
+    assert seed1["seed"] == 1 and seed1["study"] == evals[0]["study"]
     bad = subprocess.run([sys.executable, "benchmarks/study.py", "--variant", "train.lr=1", "--results", str(results)],
                          capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})

@@ -152,17 +152,21 @@ def plot_levels(series, batch: int, path: Path, methods: list[str]) -> bool:
     if not aligned:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(aligned), figsize=(3.6 * len(aligned), 3.2), squeeze=False)
-    for ax, ((m, seed), rs) in zip(axes[0], aligned):
+    cols = min(4, len(aligned))
+    rows = -(-len(aligned) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(aligned):]:
+        ax.axis("off")
+    for ax, ((m, seed), rs) in zip(axes.flat, aligned):
         x = [r["images"] for r in rs]
         losses = np.array([r["metrics"]["align/level_loss"] for r in rs]).reshape(len(rs), -1)  # [points, K]
         for k, name in enumerate(rs[0]["levels"]):
             ax.plot(x, losses[:, k], marker=".", label=name)
-        ax.set_title(f"{m} (seed {seed})", fontsize=9)
+        ax.set_title(f"{m} (seed {seed})", fontsize=8)
         ax.set_xlabel("images")
+        ax.set_ylabel("level loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("level loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

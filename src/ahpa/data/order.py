@@ -41,12 +41,17 @@ def flip_mask(step: int, batch_size: int, seed: int, hflip: bool) -> torch.Tenso
     return (torch.rand(batch_size, generator=generator(seed, step, stream=FLIP_STREAM)) < 0.5) & hflip
 
 
-def process_requests(step: int, batch_size: int, n: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
-                     accum: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(indices, flips) of each fetch this process makes at `step`, in order: its slice of the global batch,
-    cut into `accum` micro-batches, as `Trainer.train_step` cuts it."""
-    idx, flip = batch_indices(step, batch_size, n, seed), flip_mask(step, batch_size, seed, hflip)
+def micro_batches(batch_size: int, rank: int = 0, world: int = 1, accum: int = 1) -> list[slice]:
+    """The positions in the global batch of each fetch this process makes, in order: its contiguous slice of
+    the global batch, cut into `accum` micro-batches. The training step and the prefetch plan both cut by it."""
     per_rank = batch_size // world
     micro = per_rank // accum
     lo = rank * per_rank
-    return [(idx[lo + a * micro : lo + (a + 1) * micro], flip[lo + a * micro : lo + (a + 1) * micro]) for a in range(accum)]
+    return [slice(lo + a * micro, lo + (a + 1) * micro) for a in range(accum)]
+
+
+def process_requests(step: int, batch_size: int, n: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
+                     accum: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices, flips) of each fetch this process makes at `step`, in order (see `micro_batches`)."""
+    idx, flip = batch_indices(step, batch_size, n, seed), flip_mask(step, batch_size, seed, hflip)
+    return [(idx[sl], flip[sl]) for sl in micro_batches(batch_size, rank, world, accum)]

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ahpa import config as config_mod
 from ahpa.config import Config
-from ahpa.data.order import batch_indices, flip_mask, process_requests
+from ahpa.data.order import batch_indices, flip_mask, micro_batches, process_requests
 from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
@@ -231,17 +231,13 @@ class Trainer:
         idx = batch_indices(step, B, len(p.source), c.train.seed)
         mc = p.model.cfg
         draws = self._draws(step, B, (mc.in_channels, mc.input_size, mc.input_size))
-        per_rank = B // self.world
-        lo = self.rank * per_rank
         for g in p.optimizer.param_groups:
             g["lr"] = self._lr(step)
         p.model.train()
         if p.aligner is not None:
             p.aligner.train()
         totals: dict[str, torch.Tensor] = {}
-        micro = per_rank // accum
-        for a in range(accum):
-            sl = slice(lo + a * micro, lo + (a + 1) * micro)
+        for a, sl in enumerate(micro_batches(B, self.rank, self.world, accum)):
             d = {k: v[sl] for k, v in draws.items()}
             with self._no_sync(last=a == accum - 1):
                 loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d.get("posterior")), d)

@@ -22,14 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ahpa.train.plots import pyplot, save_figure
 
 
 def load_rows(paths: list[Path]) -> tuple[list[Path], dict, dict]:
@@ -129,7 +122,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
 
 
 def plot_fd(series, metric: str, batch: int, path: Path, methods: list[str]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in methods:
         for (mm, seed), rs in sorted(series.items()):
@@ -142,16 +135,14 @@ def plot_fd(series, metric: str, batch: int, path: Path, methods: list[str]) -> 
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_levels(series, batch: int, path: Path, methods: list[str]) -> bool:
     aligned = sorted(((k, rs) for k, rs in series.items() if rs[0]["levels"]), key=lambda kv: (methods.index(kv[0][0]), kv[0][1]))
     if not aligned:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(4, len(aligned))
     rows = -(-len(aligned) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
@@ -167,14 +158,12 @@ def plot_levels(series, batch: int, path: Path, methods: list[str]) -> bool:
         ax.set_ylabel("level loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return True
 
 
 def plot_speed(runs: dict, key: str, path: Path, methods: list[str]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     per = defaultdict(list)
     for (k, m, _), r in runs.items():
         if k == key:
@@ -184,13 +173,11 @@ def plot_speed(runs: dict, key: str, path: Path, methods: list[str]) -> None:
     ax.bar(names, [statistics.median(per[m]) for m in names])
     ax.set_ylabel("ms per step")
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_router(rows: list[dict], path: Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 0.35 * len(rows[0]["router"]["levels"]) + 1.8),
                              squeeze=False)
     for ax, r in zip(axes[0], rows):
@@ -202,9 +189,7 @@ def plot_router(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("t (0 data, 1 noise)", fontsize=8)
         ax.set_title(f"step {r['step']} ({rt['mode']})", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main() -> None:

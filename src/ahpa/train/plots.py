@@ -24,7 +24,8 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad
     return path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported when first drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,32 +34,33 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure (closing frees it: long runs draw many)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 
 def router_heatmap(t: np.ndarray, weights: np.ndarray, names: list[str], path: str | Path, title: str = "") -> Path:
     """weights [T, K] of the router for t [T] (0 = data, 1 = noise)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.6))
     im = ax.imshow(weights.T, aspect="auto", origin="lower", extent=(t[0], t[-1], -0.5, len(names) - 0.5), vmin=0, vmax=1, cmap="viridis")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("t (0 = data, 1 = noise)")
     ax.set_title(title or "router weight per level")
     fig.colorbar(im, ax=ax, label="g_k(t)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[str] | None = None) -> Path:
     """Flow and alignment losses (and per-level losses) against images seen, from metrics.jsonl."""
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss/flow" in r]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     x = [r["images"] for r in rows]
     axes[0].plot(x, [r["loss/flow"] for r in rows], label="flow")
@@ -77,7 +79,7 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
         axes[1].set_xlabel("training images")
     else:
         axes[1].axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
@@ -85,7 +87,7 @@ def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
     names = sorted({k for r in rows for k in r if k.startswith("eval/")})
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name in names:
         pts = [(r["images"], r[name]) for r in rows if name in r]
@@ -93,4 +95,4 @@ def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
     ax.set_xlabel("training images")
     ax.set_ylabel("Fréchet distance")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

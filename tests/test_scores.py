@@ -208,6 +208,21 @@ def test_eval_command_all_metrics_and_reference_cache(tmp_path, monkeypatch, cap
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
     monkeypatch.undo()
 
+    # --save-ref-stats writes the statistics the evaluation measured: without a cache the reference is read once
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(a[0])
+        return real_reference_stats(*a, **k)
+
+    real_reference_stats = reference_mod.reference_stats
+    monkeypatch.setattr(reference_mod, "reference_stats", counted)
+    assert main(["eval", str(samples), "--ref", str(ref), "--detector", f"torchscript:{det_file}", "--no-ref-cache", "--batch", "16",
+                 "--save-ref-stats", str(tmp_path / "saved.npz")]) == 0
+    monkeypatch.undo()
+    assert len(calls) == 1 and (tmp_path / "saved.npz").is_file()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["FD-r20"] == first["FD-r20"]
+
     # errors name what to change
     assert main([*argv[:7], "fd,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
@@ -234,7 +249,7 @@ def test_adm_reference_batch_gives_stored_fid_and_images_for_precision_recall(tm
     # ADM's reference batches: images under arr_0 and untagged statistics of the full dataset
     np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=imgs, mu=stats.mean, sigma=stats.cov)
     np.savez(tmp_path / "samples.npz", arr_0=imgs[:20])
-    got, counts = evaluate(tmp_path / "samples.npz", tmp_path / "VIRTUAL_ref.npz", det, ("fd", "pr"), pr_num=10,
+    got, stats = evaluate(tmp_path / "samples.npz", tmp_path / "VIRTUAL_ref.npz", det, ("fd", "pr"), pr_num=10,
                            cache_dir=tmp_path / "cache")
     assert got["FID"] < 1e-6  # the stored statistics, not the 30 images
-    assert got["precision"] == 1.0 and not counts["reference"]  # samples 0..9 are reference images 0..9
+    assert got["precision"] == 1.0 and not stats["reference"].count  # samples 0..9 are reference images 0..9

@@ -67,15 +67,17 @@ def run(args) -> int:
     results = {}
     for spec in args.detector:
         det = load_detector(spec, device)
-        values, counts = evaluate(args.samples, args.ref, det, metrics, num=args.num, batch_size=args.batch,
+        values, stats = evaluate(args.samples, args.ref, det, metrics, num=args.num, batch_size=args.batch,
                                   is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
                                   progress=progress)
         while bars:
             bars.pop().close()
-        if args.save_ref_stats:
-            load_reference(args.ref, det, cache, args.batch).save(args.save_ref_stats, detector=det.name)
+        ref = stats["reference"]
+        if args.save_ref_stats:  # the statistics evaluate measured (or read), measured here only for `is` alone
+            ref = ref or load_reference(args.ref, det, cache, args.batch)
+            ref.save(args.save_ref_stats, detector=det.name)
         shown = "  ".join(f"{k}: {v:.6g}" for k, v in values.items())
-        print(f"{shown}  ({counts['samples']} samples vs {counts['reference'] or 'stored'} reference)")
+        print(f"{shown}  ({stats['samples'].count} samples vs {(ref.count if ref else 0) or 'stored'} reference)")
         results.update(values)
     print(json.dumps(results))
     return 0

@@ -51,7 +51,8 @@ def evaluate(
     cache_dir: str | Path | None = None,
     progress: Callable[[str], Callable[[int], None]] | None = None,
 ) -> tuple[dict[str, float], dict]:
-    """({metric name: value}, {"samples": count, "reference": count or None}) for the first `num` samples.
+    """({metric name: value}, {"samples": FeatureStats, "reference": FeatureStats or None}) for the first `num`
+    samples; the reference's statistics come back when a metric needed them (None for `is` alone).
 
     `progress(label)` may return a callback that takes the number of images of each batch (a bar's update).
     """
@@ -61,19 +62,20 @@ def evaluate(
         raise ValueError(f"the Inception Score needs a classifier head, which detector {detector.spec!r} lacks; "
                          "drop `is` from the metrics or use a detector with one (inception:FILE, the CIFAR ResNets)")
     keep = pr_num if "pr" in metrics else 0
+
     def tick(label: str):
         return progress(f"{label} [{detector.name}]") if progress is not None else None
 
     got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, max_images=num, on_batch=tick("samples"))
     out: dict[str, float] = {}
-    ref_count = None
+    ref_stats = None
     if "fd" in metrics or "pr" in metrics:
         ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, on_batch=tick("reference"))
-        ref_count = ref_m.stats.count
+        ref_stats = ref_m.stats
         if "fd" in metrics:
             out[names["fd"]] = got.stats.frechet_distance(ref_m.stats)
         if "pr" in metrics:
             out[names["precision"]], out[names["recall"]] = precision_recall(ref_m.features, got.features, k=pr_k)
     if "is" in metrics:
         out[names["is"]], out[names["is_std"]] = inception_score(got.probs, is_splits)
-    return out, {"samples": got.stats.count, "reference": ref_count}
+    return out, {"samples": got.stats, "reference": ref_stats}

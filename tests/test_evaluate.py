@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahpa.config import SampleCfg
-from ahpa.metrics import compute_stats, load_detector
+from ahpa.metrics import compute_stats, load_detector, load_reference
 from ahpa.sample import iter_samples, load_export
 from ahpa.train import evaluate as ev
 
@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
 def test_streamed_fd_matches_written_samples(setup):
     bundle, det, ref = setup
     assert det.name == "FD-r20"  # named from the file stem, as ahpa eval names it
-    ref_stats = ev.load_reference(ref, det, None)
+    ref_stats = load_reference(ref, det, None)
     got = ev.evaluate_fd(bundle, det, ref_stats, num=13, seed=5, cfg=CFG, batch=5)
     # the same samples written out and measured the way `ahpa eval` measures a file
     images = np.concatenate([imgs.numpy() for _, imgs, _ in iter_samples(bundle, 0, 13, 5, 13, CFG)])
@@ -80,7 +80,7 @@ def test_ranks_share_the_samples(setup):
 
 def test_reference_statistics_are_cached(setup, tmp_path, monkeypatch):
     bundle, det, ref = setup
-    first = ev.load_reference(ref, det, tmp_path / "cache")
+    first = load_reference(ref, det, tmp_path / "cache")
     files = list((tmp_path / "cache").glob("*.npz"))
     assert len(files) == 1 and files[0].name.startswith("FD-r20-") and first.count == 40
 
@@ -90,27 +90,27 @@ def test_reference_statistics_are_cached(setup, tmp_path, monkeypatch):
     from ahpa.metrics import reference as reference_mod
 
     monkeypatch.setattr(reference_mod, "reference_stats", no_recompute)
-    cached = ev.load_reference(ref, det, tmp_path / "cache")
+    cached = load_reference(ref, det, tmp_path / "cache")
     assert cached.count == 40 and cached.detector == "FD-r20"
     assert np.allclose(cached.mean, first.mean) and np.allclose(cached.cov, first.cov)
     monkeypatch.undo()
 
     with np.load(ref) as f:  # a changed reference gets a new key, not the stale statistics
         np.savez(ref, images=f["images"][:30], labels=f["labels"][:30])
-    assert ev.load_reference(ref, det, tmp_path / "cache").count == 30
+    assert load_reference(ref, det, tmp_path / "cache").count == 30
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
 
 def test_bad_evaluation_inputs(setup, tmp_path):
     bundle, det, ref = setup
-    stats = ev.load_reference(ref, det, None)
+    stats = load_reference(ref, det, None)
     stats.detector = "FID"
     with pytest.raises(ValueError, match="computed for FID, not FD-r20"):
         ev.evaluate_fd(bundle, det, stats, 4, 0, CFG, 4)
     with pytest.raises(ValueError, match="at least 2 samples"):
-        ev.evaluate_fd(bundle, det, ev.load_reference(ref, det, None), 1, 0, CFG, 4)
+        ev.evaluate_fd(bundle, det, load_reference(ref, det, None), 1, 0, CFG, 4)
     with pytest.raises(FileNotFoundError, match="eval.ref"):
-        ev.load_reference(tmp_path / "none.npz", det, tmp_path)
+        load_reference(tmp_path / "none.npz", det, tmp_path)
 
 
 def test_evaluation_during_training_is_logged(setup, tmp_path):
@@ -134,7 +134,7 @@ def test_evaluation_during_training_is_logged(setup, tmp_path):
 
 def test_several_detectors_share_one_set_of_samples(setup, tmp_path):
     bundle, det, ref = setup
-    ref_stats = ev.load_reference(ref, det, tmp_path)
+    ref_stats = load_reference(ref, det, tmp_path)
     alone = ev.evaluate_fd(bundle, det, ref_stats, 16, 0, CFG, 8)
     both = ev.evaluate_fd(bundle, [det, det], [ref_stats, ref_stats], 16, 0, CFG, 8)
     assert both == alone  # same name twice: same figure, from samples generated once

@@ -17,7 +17,6 @@ import torch
 from ahpa.config import SampleCfg
 from ahpa.metrics.detectors import Detector
 from ahpa.metrics.frechet import FeatureStats
-from ahpa.metrics.reference import load_reference, reference_key  # noqa: F401  (the trainer's entry points)
 from ahpa.sample import SamplerBundle, iter_samples
 
 

@@ -57,7 +57,7 @@ class Evaluator:
 
     def _load(self) -> None:
         from ahpa.metrics.detectors import load_detector
-        from ahpa.train.evaluate import load_reference
+        from ahpa.metrics.reference import load_reference
 
         e = self.cfg
         self._detectors = [load_detector(spec, self.device) for spec in e.detectors]

@@ -35,6 +35,7 @@ def run(args) -> int:
     if args.num <= 0:
         raise ValueError("--num must be positive")
     d = init_from_env(args.device)
+    completed = False
     try:
         device = resolve_device(device_for(args.device, d))
         if args.run:
@@ -51,8 +52,9 @@ def run(args) -> int:
         with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main) as bar:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
                                  on_progress=lambda n: bar.update(n * d.world))
+        completed = True
         if d.is_main:
             print(f"wrote {args.num} samples to {path}")
         return 0
     finally:
-        shutdown()
+        shutdown(completed)

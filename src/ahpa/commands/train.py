@@ -34,6 +34,7 @@ def run(args) -> int:
         received.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    completed = False
     try:
         trainer = Trainer(cfg, args.out)
         if d.is_main:
@@ -52,6 +53,7 @@ def run(args) -> int:
             bar.set_postfix(post)
 
         result = trainer.run(on_log, should_stop=lambda: bool(received))
+        completed = True
         bar.close()
         if result.get("stopped"):
             if d.is_main:
@@ -64,4 +66,4 @@ def run(args) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        shutdown()
+        shutdown(completed)

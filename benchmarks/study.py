@@ -57,6 +57,9 @@ DEFAULT_METHODS = ("none", "vae-latent", "vae-level", "multi-uniform", "ahpa-sof
 # an ablation of the router or of the levels is compared with the baselines of the same study
 VARIANT_KEYS = ("align.levels", "align.shared_trunk", "align.router_tau", "align.router_topk", "align.router_normalize",
                 "align.router_entropy", "align.router_momentum", "align.snr_width")
+# the alignment's strength and depth, as a variant of one run: vanilla SiT does not read them, so an ablation of
+# lambda or depth can sit beside the study's baselines; the study's own values (flags) stay in the key
+RUN_VARIANT_KEYS = (*VARIANT_KEYS, "align.weight", "align.depth", "align.projector_dim")
 SIZES = {
     # smoke: a tiny SiT on 256 cached images at CIFAR's own 32x32 (TAEF2 decodes dominate a CPU evaluation and cost
     # 4x less there than at 64); every code path of the GPU study, none of its statistics
@@ -78,8 +81,8 @@ SIZES = {
 }
 
 
-def study_config(args, size: dict, method: str):
-    """The run's Config: the project's study config + the size's overrides + the method's; and the key parts."""
+def study_config(args, size: dict, method: str, variants: bool = True):
+    """The run's Config: the project's study config + the size's overrides + the method's (+ the run's variants)."""
     over = {**size["overrides"], **METHODS[method], "data.source": "cache", "data.path": str(args.cache),
             "prior.encoder": args.encoder, "train.steps": args.steps, "train.seed": args.seed,
             "train.compile": args.compile == "on", "train.device": args.device, "train.sample_every": 0,
@@ -90,16 +93,16 @@ def study_config(args, size: dict, method: str):
     if method == "vae-level":
         over["align.levels"] = [args.level]
     items = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in over.items()]
-    return config_mod.load(STUDY_CONFIG, items + list(args.variant))
+    return config_mod.load(STUDY_CONFIG, items + (list(args.variant) if variants else []))
 
 
 def parse_variant(items: list[str]) -> list[str]:
-    """Check --variant KEY=VALUE items: only a method's own switches (VARIANT_KEYS)."""
+    """Check --variant KEY=VALUE items: only a method's own switches (RUN_VARIANT_KEYS)."""
     for item in items:
         key = item.partition("=")[0]
-        if "=" not in item or key not in VARIANT_KEYS:
-            raise SystemExit(f"--variant {item!r}: expected KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}; other "
-                             "settings (lambda, depth, lr) are flags of their own and make a separate study")
+        if "=" not in item or key not in RUN_VARIANT_KEYS:
+            raise SystemExit(f"--variant {item!r}: expected KEY=VALUE with KEY one of {', '.join(RUN_VARIANT_KEYS)}; "
+                             "other settings (lr, steps, model) change every method and make a separate study")
     return items
 
 
@@ -183,9 +186,10 @@ def window_means(sums: dict, count: int) -> dict:
 
 def train_one(args, size_name: str, size: dict, method: str, detectors, refs, device, env: dict, started: float) -> dict:
     cfg = study_config(args, size, method)
-    key, common = study_key(cfg, args, size_name)
+    # the key comes from the study's settings without this run's variants: an ablation joins its baselines' table
+    key, common = study_key(study_config(args, size, method, variants=False), args, size_name)
     label = method_label(method, args)
-    ident = {"study": key, "method": label, "seed": args.seed}
+    ident = {"study": key, "method": label, "seed": args.seed, "variant": list(args.variant)}
     scfg = SampleCfg(solver="euler", steps=50, cfg_scale=1.0, micro_batch=args.eval_batch)
     safe = file_label(label)
     run_dir = Path(tempfile.mkdtemp(prefix=f"study-{safe}-"))

@@ -51,13 +51,16 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     assert [(r["method"], r["step"]) for r in evals] == [("none", 2), ("none", 4), ("ahpa-soft", 2), ("ahpa-soft", 4)]
     assert len({r["study"] for r in evals}) == 1  # methods share the study key: comparable
     assert set(evals[0]["fd"]) == {"FD-r20", "FD-r32"} and evals[-1]["router"]["mode"] == "soft"
-    # an ablation of the router's own switches is named by them and stays in the same study (same key)
+    # an ablation of the router's own switches, or of lambda, is named by them and stays in the same study (same key)
     _run(["benchmarks/study.py", "--size", "smoke", "--methods", "ahpa-soft", "--variant", "align.router_entropy=0",
+          "--variant", "align.weight=1.5",
           "--steps", "4", "--eval-every", "2", "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0",
           "--cache", str(tmp_path / "cache"), "--results", str(results)])
     rows = [json.loads(l) for l in results.read_text().splitlines()]
-    ablation = [r for r in rows if r["kind"] == "eval" and r["method"] == "ahpa-soft[router_entropy=0]"]
+    ablation = [r for r in rows if r["kind"] == "eval" and r["method"] == "ahpa-soft[router_entropy=0,weight=1.5]"]
     assert len(ablation) == 2 and ablation[0]["study"] == evals[0]["study"]
+    assert ablation[0]["config"]["align.weight"] == evals[0]["config"]["align.weight"] != 1.5  # the study's lambda
+    assert ablation[0]["variant"] == ["align.router_entropy=0", "align.weight=1.5"]
     # a second seed joins the same study (the seed is not part of the key)
     _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none", "--seed", "1", "--steps", "4", "--eval-every", "2",
           "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"),
@@ -70,7 +73,7 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     assert bad.returncode != 0 and "train.lr=1" in bad.stderr
     _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
     text = (tmp_path / "report" / "README.md").read_text()
-    assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[router_entropy=0] | 0 |" in text
+    assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[router_entropy=0,weight=1.5] | 0 |" in text
     assert list((tmp_path / "report").glob("router-*-ahpa-soft-seed0.png"))
 
 

@@ -154,6 +154,33 @@ def test_broken_checkpoints_are_skipped_or_refused(tmp_path):
         Trainer(tiny_cfg("train.steps=6"), good)
 
 
+def test_checkpoints_stream_without_a_copy_in_memory(tmp_path):
+    """Saving or reading a checkpoint needs the state and not a serialised copy of it (XL/2 with Adam: ~11 GB,
+    read on every rank). Peak RSS in a fresh process, a 256 MB state; the former in-memory way needed 512 MB more."""
+    code = """
+import resource, sys, torch
+from pathlib import Path
+from ahpa.train import checkpoint as ckpt
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+d = Path(sys.argv[1])
+if sys.argv[2] == "save":
+    state = {"w": [torch.full((2**22,), float(i)) for i in range(16)]}  # 256 MB
+    held = peak()
+    ckpt.save_checkpoint(d, 1, state, keep=0)
+    print(peak() - held)
+else:
+    base = peak()
+    state = ckpt.read_checkpoint(ckpt.checkpoint_path(d, 1))
+    assert [float(w[-1]) for w in state["w"]] == [float(i) for i in range(16)]
+    print(peak() - base - 256)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    for mode in ("save", "read"):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path), mode], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        assert float(out.split()[-1]) < 64, f"{mode}: {out.split()[-1]} MB beyond the state"
+
+
 def test_unwritable_run_dir_and_full_disk(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="not writable"):

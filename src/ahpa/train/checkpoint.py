@@ -1,6 +1,8 @@
 """Checkpoints written atomically (temporary file, fsync, rename) with a checksum; keep the last N.
 
-Loading picks the newest checkpoint that reads back whole and reports the ones it skipped.
+Loading picks the newest checkpoint that reads back whole and reports the ones it skipped. Both ways stream
+through the file: an XL/2 state (model, EMA, Adam moments) is about 11 GB, and a serialised copy of it in
+memory, let alone two, would triple what saving and resuming need on every rank.
 """
 
 from __future__ import annotations
@@ -12,24 +14,63 @@ from pathlib import Path
 
 import torch
 
-from ahpa.atomic import atomic_write_bytes
+from ahpa.atomic import atomic_path
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
+# layout: 64 hex chars of the sha256 of the payload, newline, torch.save payload
+HEADER = 65
+CHUNK = 1 << 24
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:09d}.pt"
 
 
+class _HashingWriter(io.RawIOBase):
+    """The file torch.save writes to: the payload goes to `f` and through the hash on its way."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+
+class _Payload(io.RawIOBase):
+    """A read-only view of the payload after the header: torch's zip reader seeks to absolute offsets."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        return self.f.seek(pos + HEADER if whence == io.SEEK_SET else pos, whence) - HEADER
+
+    def tell(self) -> int:
+        return self.f.tell() - HEADER
+
+    def readinto(self, b) -> int:
+        return self.f.readinto(b)
+
+
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    # layout: 64 hex chars of sha256, newline, torch.save payload
-    digest = hashlib.sha256(payload).hexdigest().encode()
     path = checkpoint_path(directory, step)
     try:
-        atomic_write_bytes(path, digest + b"\n" + payload)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(b"0" * 64 + b"\n")  # the digest is known only at the end; the rename publishes the file
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
+            f.seek(0)
+            f.write(writer.sha.hexdigest().encode())
     except OSError as e:  # the temporary file is gone; the previous checkpoint is untouched
         raise OSError(e.errno, f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
                                f"Free disk space or fix permissions, then rerun to resume") from e
@@ -49,13 +90,19 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: Path) -> dict:
-    raw = Path(path).read_bytes()
-    digest, sep, payload = raw.partition(b"\n")
-    if not sep or len(digest) != 64:
-        raise CheckpointError(f"{path}: not an ahpa checkpoint (no checksum header); it may be a foreign or truncated file")
-    if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted); delete it to resume from an older one")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    with open(path, "rb") as f:
+        head = f.read(HEADER)
+        if len(head) != HEADER or head[-1:] != b"\n":
+            raise CheckpointError(f"{path}: not an ahpa checkpoint (no checksum header); it may be a foreign or "
+                                  "truncated file")
+        sha = hashlib.sha256()
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+        if sha.hexdigest().encode() != head[:64]:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted); delete it to resume from an "
+                                  "older one")
+        f.seek(HEADER)
+        return torch.load(io.BufferedReader(_Payload(f), CHUNK), map_location="cpu", weights_only=False)
 
 
 def load_latest(directory: Path) -> tuple[dict | None, list[str]]:

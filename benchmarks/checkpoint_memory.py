@@ -1,0 +1,89 @@
+"""Peak host memory of saving and reading a checkpoint: the library's streaming checkpoint against a copy in memory.
+
+Each measurement runs in a fresh process (peak RSS, `ru_maxrss`, only grows) that builds a state of --mb MB of
+fp32 tensors, then saves it, or reads back a file saved before. The baseline is how the project wrote
+checkpoints before streaming: torch.save into a BytesIO, the checksum header prepended (a second copy), and on
+reading the whole file read and split (two copies) before torch.load. Reports the peak above the state itself.
+
+    python benchmarks/checkpoint_memory.py --mb 1024 --out /tmp/ckpt-memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import benchlib
+
+
+def state_of(mb: int) -> dict:
+    n = mb * 2**20 // 4 // 8  # eight tensors of fp32
+    return {"model": {f"w{i}": torch.randn(n) for i in range(8)}, "step": 1}
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child(mode: str, how: str, path: Path, mb: int) -> dict:
+    from ahpa.train.checkpoint import read_checkpoint, save_checkpoint
+
+    torch.set_num_threads(1)
+    base = peak_mb()
+    if mode == "save":
+        state = state_of(mb)
+        held = peak_mb()
+        if how == "streaming":
+            save_checkpoint(path.parent, 1, state, keep=0)
+        else:  # the former layout written the former way: payload in memory, header + payload concatenated
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            payload = buf.getvalue()
+            path.write_bytes(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    else:
+        held = base
+        if how == "streaming":
+            read_checkpoint(path)
+        else:
+            raw = path.read_bytes()
+            digest, _, payload = raw.partition(b"\n")
+            assert hashlib.sha256(payload).hexdigest().encode() == digest
+            torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    return {"mode": mode, "how": how, "state_mb": mb, "peak_mb": round(peak_mb(), 1),
+            "peak_over_state_mb": round(peak_mb() - (held if mode == "save" else base) - (0 if mode == "save" else mb), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=1024, help="size of the state (fp32 tensors)")
+    ap.add_argument("--out", type=Path, help="JSON results")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "HOW", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], Path(args.child[2]), args.mb)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "step_000000001.pt"
+        for how in ("in-memory", "streaming"):
+            for mode in ("save", "read"):
+                out = subprocess.run([sys.executable, __file__, "--mb", str(args.mb), "--child", mode, how, str(path)],
+                                     check=True, capture_output=True, text=True).stdout
+                rows.append(json.loads(out.splitlines()[-1]))
+                print(rows[-1], flush=True)
+    result = {**benchlib.device_info(torch.device("cpu")), "command": benchlib.command_line(), "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -115,3 +115,24 @@ def test_local_dir_round_trip(tiny, tmp_path):
 def test_missing_dir_names_the_path():
     with pytest.raises(FileNotFoundError, match="/no/such/dir"):
         load_encoder("diffusers:/no/such/dir")
+
+
+def test_a_diffusers_that_does_not_import_beside_this_torch_names_the_fix(monkeypatch):
+    """Newer diffusers fail at import beside older torch (0.37+ with torch 2.4: torch.accelerator, custom-op
+    schemas); the user gets the versions and the release to install, not diffusers' internal traceback."""
+    import sys
+    import types
+
+    from ahpa.priors.diffusers_vae import autoencoder_kl
+
+    broken = types.ModuleType("diffusers")
+
+    def fail(name):
+        raise RuntimeError("Failed to import diffusers.models.autoencoders.autoencoder_kl because of the following error")
+
+    broken.__getattr__ = fail
+    monkeypatch.setitem(sys.modules, "diffusers", broken)
+    with pytest.raises(ImportError, match=r"beside torch .*diffusers<0\.37"):
+        autoencoder_kl()
+    with pytest.raises(ImportError, match="Failed to import diffusers.models"):
+        DiffusersVAE.from_config({"block_out_channels": [16, 32]})

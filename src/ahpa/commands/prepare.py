@@ -76,11 +76,17 @@ def run(args) -> int:
         bar.set_postfix(shards=f"{p.shards_done}/{p.shards_total}", skipped=p.skipped, refresh=False)
         bar.update(p.items_done - bar.n)  # redraws (rate-limited by tqdm) with the new postfix
 
+    completed = False
     try:
         result = prepare(opts, on_progress, barrier)
+        completed = True
     finally:
         if bar is not None:
             bar.close()
+        if world > 1:  # torchrun: leave the group as train and sample do (a barrier only after success)
+            from ahpa.train.distributed import shutdown
+
+            shutdown(completed)
     if rank != 0:
         return 0
     if result.noop:

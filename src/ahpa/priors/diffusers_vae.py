@@ -19,6 +19,24 @@ from ahpa.priors.base import EncoderOutput, Level, PriorEncoder, frozen, sha256_
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
+def autoencoder_kl() -> type:
+    """diffusers' AutoencoderKL class, or an error that names the diffusers release to install beside this torch.
+
+    Recent diffusers releases call torch APIs that older torch lacks and fail at import (seen: diffusers 0.37.1
+    to 0.42.1 beside torch 2.4.1, which imports 0.36.0).
+    """
+    try:
+        from diffusers import AutoencoderKL
+    except (AttributeError, RuntimeError, TypeError) as e:
+        from importlib.metadata import version
+
+        cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ImportError(f"diffusers {version('diffusers')} does not import beside torch {torch.__version__} ({cause}). "
+                          "Install a diffusers release made for this torch (torch 2.4: pip install 'diffusers<0.37'), "
+                          "or a newer torch") from e
+    return AutoencoderKL
+
+
 def levels_from_config(block_out_channels: list[int] | tuple[int, ...], latent_channels: int) -> tuple[Level, ...]:
     """Level names, channels and strides implied by an AutoencoderKL config.
 
@@ -54,7 +72,7 @@ class DiffusersVAE(PriorEncoder):
     @classmethod
     def from_pretrained(cls, where: str | Path, memory_format: torch.memory_format = torch.contiguous_format) -> "DiffusersVAE":
         """Load from a local directory (never touches the network) or a hub id (may download)."""
-        from diffusers import AutoencoderKL
+        AutoencoderKL = autoencoder_kl()
 
         local = Path(where).expanduser()
         if local.exists():
@@ -75,7 +93,7 @@ class DiffusersVAE(PriorEncoder):
 
         Seed torch beforehand for reproducible weights.
         """
-        from diffusers import AutoencoderKL
+        AutoencoderKL = autoencoder_kl()
 
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         return cls(AutoencoderKL(**kwargs), spec="diffusers:<config>", memory_format=memory_format)

@@ -92,3 +92,17 @@ def test_throughput_tiny_records_checkpointing_and_prefetch(tmp_path):
     mode = "B/2 eager, checkpointing all"
     assert set(result["ratios"]) == {f"{mode} ahpa-cached/none", f"{mode} ahpa-cached/none (prefetch off)",
                                      f"{mode} repa/none", f"{mode} none prefetch on/off", f"{mode} ahpa-cached prefetch on/off"}
+
+
+@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2)")
+def test_level_gradients_smoke(tmp_path):
+    _run(["benchmarks/level_gradients.py", "--size", "smoke", "--steps", "0,2", "--t", "0.2,0.8", "--batch", "8",
+          "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lg")])
+    result = json.loads((tmp_path / "lg" / "gradients.json").read_text())
+    first, trained = result["rows"][0]["by_t"]["0.2"], result["rows"][1]["by_t"]["0.8"]
+    assert first["names"] == ["flow", "stage1", "stage2", "stage3", "stage4", "latent"]
+    assert first["norm"][0] == 0 and min(first["norm"][1:]) > 0  # adaLN-Zero: at step 0 the flow loss reaches no block
+    cos = trained["cos"]
+    assert all(abs(cos[i][i] - 1) < 1e-5 for i in range(6)) and all(abs(cos[i][j] - cos[j][i]) < 1e-5
+                                                                  for i in range(6) for j in range(6))
+    assert trained["norm"][0] > 0 and (tmp_path / "lg" / "gradients.png").is_file()

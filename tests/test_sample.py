@@ -30,7 +30,10 @@ def test_samples_do_not_depend_on_batch_size(run_dir, solver):
     a, la = collect(bundle, 13, 7, cfg)
     b, lb = collect(bundle, 13, 16, cfg)
     assert a.dtype == np.uint8 and a.shape == (13, 16, 16, 3)
-    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    # the same noise and labels per index; the images bitwise equal where the kernels do not depend on the batch
+    # size (torch 2.13, CPU), else within their rounding (torch 2.4.1: one pixel of 9,984 off by one level)
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert np.array_equal(la, lb) and diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert np.array_equal(la, np.arange(13) % bundle.num_classes)  # class-balanced labels
     c, _ = collect(bundle, 13, 16, cfg, seed=1)
     assert not np.array_equal(a, c)

@@ -249,7 +249,7 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
         hidden = []
         recompute = self.checkpoint_blocks if torch.is_grad_enabled() else 0  # nothing to save without a backward
-        for i, block in enumerate(self.blocks, start=1):
+        for i, block in zip(range(1, len(self.blocks) + 1), self.blocks):  # dynamo of torch 2.4 breaks on enumerate(start=)
             if i <= recompute:
                 # non-reentrant: the variant DDP, FSDP and torch.compile support. A block draws no random numbers,
                 # so the RNG state need not be saved and restored around the recomputation.

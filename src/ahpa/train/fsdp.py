@@ -93,6 +93,11 @@ class Sharded:
     def __init__(self, parts, world: int):
         from ahpa.train.build import build_optimizer
 
+        if parts.device.type != "cuda" and torch.__version__ < "2.6":
+            # FSDP2 of torch 2.4 and 2.5 creates CUDA streams whatever the device (seen with torch 2.4.1 on the CPU:
+            # "CUDA driver version is insufficient"); torch 2.6 picks them by device
+            raise ValueError(f"train.fsdp=true on {parts.device.type} needs torch >= 2.6 (this is {torch.__version__}): "
+                             "set train.fsdp=false (DDP), or install a newer torch")
         self.parts, self.device = parts, parts.device
         sit = PlainCopy(parts.model)  # the EMA has the same structure
         self.copies = {"model": sit, "ema": sit, **({"aligner": PlainCopy(parts.aligner)} if parts.aligner is not None else {})}

@@ -55,7 +55,8 @@ def gradients(trainer: Trainer, batch_size: int, ts: list[float], seed: int) -> 
             grads.append(gs)
         # the weights alignment reaches: those with a gradient from the first level
         reached = [j for j, gj in enumerate(grads[1]) if gj is not None]
-        flat = torch.stack([torch.cat([gs[j].flatten() for j in reached]) for gs in grads])  # [1+K, P]
+        # [1+K, P]; float64, so that the cosines of ~1e5-long vectors carry no visible rounding
+        flat = torch.stack([torch.cat([gs[j].flatten() for j in reached]) for gs in grads]).double()
         norms = flat.norm(dim=1)
         # at initialisation the flow loss reaches no block (adaLN-Zero): its cosines are 0 there, its norm 0
         cos = (flat @ flat.T) / (norms[:, None] * norms[None, :]).clamp_min(1e-30)

@@ -89,6 +89,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
                 lines.append(f"| {m} | {seed} | " + " | ".join(fmt(by_step.get(s)) for s in steps)
                              + f" | {fmt(run and run['ms_per_step_steady'], 1)} | {'yes' if run else 'no'} |")
         lines.append("")
+    lines += paired_with_none(series, metrics, methods)
     for metric in metrics:
         name = f"fd-{metric}-{key}.png"
         plot_fd(series, metric, cfg.get("train.batch_size"), out / name, methods)
@@ -121,20 +122,51 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
     return lines
 
 
-def plot_fd(series, metric: str, batch: int, path: Path, methods: list[str]) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+def paired_with_none(series, metrics: list[str], methods: list[str]) -> list[str]:
+    """Each method minus vanilla SiT of the same seed, at the last step both reached: runs of one seed share the
+    initial weights, the batches and the noise, so the difference carries less of the seed-to-seed spread."""
+    if not any(m == "none" for m, _ in series):
+        return []
+    lines = ["**Paired with vanilla SiT**: a method's FD minus `none`'s FD of the same seed, at the last step both "
+             "reached (the seeds that reached it); mean over those seeds, then each seed (negative = better than vanilla SiT):", "",
+             "| method | step | seeds | " + " | ".join(f"{m} minus none" for m in metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
     for m in methods:
-        for (mm, seed), rs in sorted(series.items()):
-            if mm == m:
-                ax.plot([r["images"] for r in rs], [r["fd"][metric] for r in rs], marker="o", label=f"{m} (seed {seed})")
+        if m == "none":
+            continue
+        seeds = sorted(s for mm, s in series if mm == m and ("none", s) in series)
+        common = {s: {r["step"] for r in series[(m, s)]} & {r["step"] for r in series[("none", s)]} for s in seeds}
+        if not any(common.values()):
+            continue
+        step = max(max(c) for c in common.values() if c)  # the furthest step; the seeds that reached it
+        seeds = [s for s in seeds if step in common[s]]
+        at = {(mm, s): next(r for r in series[(mm, s)] if r["step"] == step) for s in seeds for mm in (m, "none")}
+        cells = []
+        for metric in metrics:
+            d = [at[(m, s)]["fd"][metric] - at[("none", s)]["fd"][metric] for s in seeds]
+            cells.append(f"{statistics.mean(d):+.3f} (" + " / ".join(f"{x:+.3f}" for x in d) + ")")
+        lines.append(f"| {m} | {step} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot_fd(series, metric: str, batch: int, path: Path, methods: list[str]) -> None:
+    """One line per method: the mean over its seeds at each step all of them reached."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, m in enumerate(methods):
+        runs = [rs for (mm, _), rs in sorted(series.items()) if mm == m]
+        steps = sorted(set.intersection(*({r["step"] for r in rs} for rs in runs)))
+        by = [{r["step"]: r for r in rs} for rs in runs]
+        ax.plot([by[0][s]["images"] for s in steps], [statistics.mean(b[s]["fd"][metric] for b in by) for s in steps],
+                marker="o", linestyle=("-", "--", ":", "-.")[i // 10 % 4],  # the colour cycle repeats after 10
+                label=f"{m} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
     ax.set_xlabel("training images seen")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(f"{metric}, mean over seeds")
     values = [r["fd"][metric] for rs in series.values() for r in rs]
     if min(values) > 0 and max(values) / min(values) > 3:  # long curves span decades; short ones read better linear
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(fig, path, dpi=110)
 
 

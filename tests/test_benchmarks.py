@@ -75,6 +75,9 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     text = (tmp_path / "report" / "README.md").read_text()
     assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[router_entropy=0,weight=1.5] | 0 |" in text
     assert list((tmp_path / "report").glob("router-*-ahpa-soft-seed0.png"))
+    # paired with vanilla SiT of the same seed (seed 0 only: ahpa-soft has no seed 1), at the last step
+    fd = {r["method"]: r["fd"]["FD-r20"] for r in evals if r["step"] == 4}
+    assert f"| ahpa-soft | 4 | 0 | {fd['ahpa-soft'] - fd['none']:+.3f} ({fd['ahpa-soft'] - fd['none']:+.3f}) |" in text
 
 
 def test_throughput_tiny_records_checkpointing_and_prefetch(tmp_path):

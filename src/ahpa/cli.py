@@ -35,13 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The process entry point (the `ahpa` script and `python -m ahpa.cli`, as torchrun starts it).
 
-    Under torchrun the process ends with os._exit once the command has returned: by then every file is written
-    and closed and the process group destroyed, but gloo's worker threads can still hold finished work whose
-    tensors are freed during interpreter finalisation; a thread that wants the GIL then is unwound and the
-    process aborts ("terminate called without an active exception", exit -6). It was seen in two CI runs of
-    the test suite on a loaded 2-core machine, each time in a 2-process FSDP run that had completed and saved
-    everything, once after the barrier in `shutdown` was added. Skipping finalisation keeps the command's own
-    exit code.
+    Under torchrun, train, sample and prepare end their process themselves once they completed
+    (ahpa.commands.exit: a barrier, then os._exit, never tearing gloo down). Any other command, or one that
+    failed, ends here with os._exit as well, so that interpreter finalisation cannot abort it on the way out
+    and the exit code stays the command's.
     """
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

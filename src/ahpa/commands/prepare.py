@@ -83,15 +83,23 @@ def run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-        if world > 1:  # torchrun: leave the group as train and sample do (a barrier only after success)
+        if world > 1 and not completed:  # an error: leave the group without a barrier
             from ahpa.train.distributed import shutdown
 
-            shutdown(completed)
-    if rank != 0:
-        return 0
+            shutdown(False)
+    if rank == 0:
+        _report(result)
+    if world > 1:  # torchrun: end here, see ahpa.commands.exit
+        from ahpa.commands.exit import leave
+
+        leave(0)
+    return 0
+
+
+def _report(result) -> None:
     if result.noop:
         print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); nothing to do")
-        return 0
+        return
     print(f"{result.path}: {result.images:,} images from {result.items:,} source items, {result.bytes / 1e9:.2f} GB "
           f"({result.bytes / max(result.images, 1) / 1e3:.1f} kB per image); shards written {result.shards_written}, "
           f"kept {result.shards_reused}")
@@ -103,4 +111,3 @@ def run(args) -> int:
             print(f"  {name}: {reason}", file=sys.stderr)
         if len(result.skipped) > 20:
             print(f"  ... and {len(result.skipped) - 20} more", file=sys.stderr)
-    return 0

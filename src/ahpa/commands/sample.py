@@ -57,4 +57,8 @@ def run(args) -> int:
             print(f"wrote {args.num} samples to {path}")
         return 0
     finally:
+        if completed and d.enabled:  # torchrun: end here, see ahpa.commands.exit
+            from ahpa.commands.exit import leave
+
+            leave(0)
         shutdown(completed)

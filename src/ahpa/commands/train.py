@@ -34,7 +34,7 @@ def run(args) -> int:
         received.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    completed = False
+    completed, code = False, 1
     try:
         trainer = Trainer(cfg, args.out)
         if d.is_main:
@@ -59,11 +59,17 @@ def run(args) -> int:
             if d.is_main:
                 print(f"stopped by signal at step {result['step']}; checkpoint saved in {args.out}. "
                       f"Rerun the same command to resume.", file=sys.stderr)
-            return 128 + received[0]
+            code = 128 + received[0]
+            return code
         if d.is_main:
             print(f"run complete: {args.out} (model.safetensors, samples.png, router.png, losses.png, metrics.jsonl, tb/)")
-        return 0
+        code = 0
+        return code
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if completed and d.enabled:  # torchrun: end here, before the trainer (and its DDP reducer) is freed
+            from ahpa.commands.exit import leave
+
+            leave(code)
         shutdown(completed)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def main() -> None:
     size = study.SIZES[args.size]
     steps = sorted(int(s) for s in args.steps.split(","))
     sargs = argparse.Namespace(
-        cache=args.cache or Path(tempfile.gettempdir()) / f"ahpa-study-cache-taef2-{size['resolution']}-limit{size['limit']}",
+        cache=args.cache or study.default_cache(size["resolution"], size["limit"]),
         encoder=f"taef2:{study.SHARED / 'weights/taef2'}", steps=steps[-1], seed=args.seed, compile="off",
         device="cpu", align_depth=None, align_weight=None, lr=None, level="stage4", variant=[],
         data=study.SHARED / "data/cifar10/train16k.npz", limit=size["limit"], resolution=size["resolution"],

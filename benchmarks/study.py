@@ -81,6 +81,11 @@ SIZES = {
 }
 
 
+def default_cache(resolution: int, limit: int) -> Path:
+    """The TAEF2 cache a study size uses unless --cache names one (shared by every job of that size)."""
+    return Path(tempfile.gettempdir()) / f"ahpa-study-cache-taef2-{resolution}-limit{limit}"
+
+
 def study_config(args, size: dict, method: str, variants: bool = True):
     """The run's Config: the project's study config + the size's overrides + the method's (+ the run's variants)."""
     over = {**size["overrides"], **METHODS[method], "data.source": "cache", "data.path": str(args.cache),
@@ -250,7 +255,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--level", default="stage4", help="the level vae-level aligns (TAEF2: stage1..stage4, latent)")
     ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
-                    help="a method's own switch for an ablation, e.g. align.router_entropy=0 or align.levels=[latent,stage4]; "
+                    help="a method's own switch for an ablation, e.g. align.router_entropy=0, align.levels=[latent,stage4] "
+                         "or align.weight=1.5 (lambda; also align.depth, align.projector_dim); "
                          "it names the run (ahpa-soft[router_entropy=0]) and keeps the study key, so the ablation sits in "
                          "the same table as the baselines. Repeatable")
     ap.add_argument("--seed", type=int, default=0)
@@ -287,7 +293,7 @@ def main() -> None:
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    args.cache = args.cache or Path(tempfile.gettempdir()) / f"ahpa-study-cache-taef2-{args.resolution}-limit{args.limit}"
+    args.cache = args.cache or default_cache(args.resolution, args.limit)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

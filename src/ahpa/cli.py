@@ -42,9 +42,9 @@ def run() -> None:
     """
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from ahpa.commands.exit import end_process
+
+        end_process(code)
     sys.exit(code)
 
 

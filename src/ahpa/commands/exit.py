@@ -1,4 +1,4 @@
-"""How a command run under torchrun ends after it completed: a barrier, then os._exit.
+"""How a command run under torchrun ends: after it completed, a barrier and os._exit; never by tearing gloo down.
 
 Tearing the process group down is where multi-process runs on gloo were seen to fail after all their work was
 done: a gloo worker thread that still holds its last finished work wants the GIL to free it, while
@@ -7,7 +7,7 @@ thread holding the GIL: a deadlock (a DDP rank of torch 2.4.1, stack in ~Process
 worker in gil_scoped_acquire); during interpreter finalisation the same thread is unwound instead and the process
 aborts ("terminate called without an active exception", exit -6; torch 2.13, 2-process FSDP, twice in CI runs).
 After the barrier every collective of this process has finished and every file is written and closed, so the
-process ends without destroying anything: os._exit, with the command's exit code.
+process ends without destroying anything, with the command's exit code.
 """
 
 from __future__ import annotations
@@ -17,11 +17,21 @@ import sys
 
 import torch.distributed as dist
 
+from ahpa.train.distributed import shutdown
 
-def leave(code: int) -> None:
-    """Barrier with the other processes, flush the standard streams, end this process with `code`."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+
+def end_process(code: int) -> None:
+    """Flush the standard streams and end this process with `code`, skipping interpreter finalisation."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def finish(completed: bool, code: int) -> None:
+    """The end of a command (call it last, where its objects are still alive). With a process group and a
+    completed command: a barrier, then end_process(code), before the trainer and its DDP reducer are freed.
+    Otherwise (no process group, or an error on the way to the caller) the usual shutdown."""
+    if completed and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        end_process(code)
+    shutdown(completed)

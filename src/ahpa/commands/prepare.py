@@ -89,10 +89,10 @@ def run(args) -> int:
             shutdown(False)
     if rank == 0:
         _report(result)
-    if world > 1:  # torchrun: end here, see ahpa.commands.exit
-        from ahpa.commands.exit import leave
+    if world > 1:  # torchrun: the process ends here
+        from ahpa.commands.exit import finish
 
-        leave(0)
+        finish(True, 0)
     return 0
 
 

@@ -30,7 +30,8 @@ def run(args) -> int:
     from ahpa.sample import load_export
     from ahpa.sample_writer import write_samples
     from ahpa.train.build import autocast_dtype, resolve_device
-    from ahpa.train.distributed import device_for, init_from_env, shutdown
+    from ahpa.commands.exit import finish
+    from ahpa.train.distributed import device_for, init_from_env
 
     if args.num <= 0:
         raise ValueError("--num must be positive")
@@ -57,8 +58,4 @@ def run(args) -> int:
             print(f"wrote {args.num} samples to {path}")
         return 0
     finally:
-        if completed and d.enabled:  # torchrun: end here, see ahpa.commands.exit
-            from ahpa.commands.exit import leave
-
-            leave(0)
-        shutdown(completed)
+        finish(completed, 0)  # under torchrun the process ends here

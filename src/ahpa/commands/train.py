@@ -22,7 +22,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ahpa import config
-    from ahpa.train.distributed import device_for, init_from_env, shutdown
+    from ahpa.commands.exit import finish
+    from ahpa.train.distributed import device_for, init_from_env
     from ahpa.train.loop import Trainer
 
     cfg = config.load(args.config, args.overrides)
@@ -68,8 +69,4 @@ def run(args) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        if completed and d.enabled:  # torchrun: end here, before the trainer (and its DDP reducer) is freed
-            from ahpa.commands.exit import leave
-
-            leave(code)
-        shutdown(completed)
+        finish(completed, code)  # under torchrun the process ends here, the trainer still alive

@@ -92,7 +92,8 @@ def shutdown(completed: bool = True) -> None:
     """Tear the process group down. After a command that completed, a barrier first, so that no process
     destroys the group while another's last collectives are still in flight (without it, a gloo process was
     seen to abort at exit, "terminate called without an active exception", about once in 12 FSDP runs).
-    Not after an error: the other processes may never reach the barrier."""
+    Not after an error: the other processes may never reach the barrier. The CLI's commands end a torchrun
+    process without tearing the group down at all (ahpa.commands.exit), which the race can still hit."""
     if dist.is_available() and dist.is_initialized():
         if completed:
             dist.barrier()

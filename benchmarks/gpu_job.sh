@@ -11,6 +11,7 @@
 #                                           # an out-of-memory run is recorded as an error). ~7-8 min estimated
 #     bash benchmarks/gpu_job.sh prefetch   # B/2 batch 256, none and ahpa-cached, compiled, cache prefetch on
 #                                           # and off (~3 min estimated)
+#     bash benchmarks/gpu_job.sh core --budget-s 360 --warmup 3   # any job, with throughput.py flags overridden
 #     bash benchmarks/gpu_job.sh on-the-fly # none and ahpa-on-the-fly, eager and compiled, B/2 and XL/2: needs
 #                                           # the diffusers wheel carried in .whl/ (see below)
 #
@@ -26,6 +27,7 @@ OUT=${OUT:-/tmp/ahpa-bench-out}
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 job=${1:-core}
+shift $(( $# > 0 ? 1 : 0 ))  # the rest overrides the job's flags (argparse keeps the last), e.g. --budget-s 360
 if ls .whl/diffusers-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -34,8 +36,9 @@ start=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
   python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], torch.cuda.get_device_name())"; \
 } 2>&1 | tee "$OUT/env_$job.txt"
-bench() { python3 benchmarks/throughput.py --size gpu --work-dir /tmp/ahpa-bench --out "$OUT/throughput_$job.json" "$@" 2>&1 \
+bench() { python3 benchmarks/throughput.py --size gpu --work-dir /tmp/ahpa-bench --out "$OUT/throughput_$job.json" "$@" "${EXTRA[@]}" 2>&1 \
           | tee "$OUT/throughput_$job.log"; }
+EXTRA=("$@")
 case "$job" in
     # the guards: no training measurement starts after 450 s (the slowest, XL/2 compile + steps, was estimated at
     # ~100 s) and no sampling one after 510 s (XL/2's, export + 50 Heun + 250 Euler-Maruyama, estimated at ~50 s)

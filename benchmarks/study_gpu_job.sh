@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU job of the convergence study (docs/study.md). Run from the repository root on the device machine:
 #
-#     bash benchmarks/study_gpu_job.sh METHODS STEPS [SEED] [EVAL_EVERY]
+#     bash benchmarks/study_gpu_job.sh METHODS STEPS [SEED] [EVAL_EVERY] [study.py flags...]
 #     bash benchmarks/study_gpu_job.sh none,ahpa-soft 8000 0 2000      # the first, calibrating job
 #
 # The machine has none of ../shared: copy the three inputs (54 MB) into an ignored folder first, here,
@@ -21,11 +21,12 @@ methods=${1:?methods, e.g. none,ahpa-soft}
 steps=${2:?steps per method}
 seed=${3:-0}
 every=${4:-2000}
+shift $(( $# < 4 ? $# : 4 ))  # the rest goes to study.py (argparse keeps the last), e.g. --eval-num 5000
 tag="${methods//,/_}-s${steps}-seed${seed}"
 start=$(date +%s)
 python3 benchmarks/study.py --size gpu --methods "$methods" --steps "$steps" --seed "$seed" --eval-every "$every" \
     --data "$SRC/train16k.npz" --encoder "taef2:$SRC/taef2" \
     --detectors "torchscript:$SRC/detectors/cifar10-resnet20.pt,torchscript:$SRC/detectors/cifar10-resnet32.pt" \
     --ref-images /nonexistent --cache /tmp/ahpa-study-cache --workers 8 --budget-s 540 \
-    --results "$OUT/study-$tag.jsonl" 2>&1 | tee "$OUT/study-$tag.log"
+    --results "$OUT/study-$tag.jsonl" "$@" 2>&1 | tee "$OUT/study-$tag.log"
 echo "study job took $(( $(date +%s) - start )) s" | tee -a "$OUT/study-$tag.log"

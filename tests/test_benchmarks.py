@@ -109,3 +109,19 @@ def test_level_gradients_smoke(tmp_path):
     assert all(abs(cos[i][i] - 1) < 1e-5 for i in range(6)) and all(abs(cos[i][j] - cos[j][i]) < 1e-5
                                                                   for i in range(6) for j in range(6))
     assert trained["norm"][0] > 0 and (tmp_path / "lg" / "gradients.png").is_file()
+
+
+def test_profile_step_smoke(tmp_path):
+    """The kernel-profile tool of the MFU analysis at tiny size on the CPU: its table adds up (the times themselves are
+    CPU operator times, not GPU figures)."""
+    out = tmp_path / "profile.json"
+    _run(["benchmarks/profile_step.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached",
+          "--steps", "2", "--warmup", "1", "--work-dir", str(tmp_path), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [p["method"] for p in result["profiles"]] == ["none", "ahpa-cached"]
+    for p in result["profiles"]:
+        assert p["wall_ms_per_step"] >= p["busy_ms_per_step"] > 0
+        assert sum(p["categories_ms_per_step"].values()) == pytest.approx(p["kernel_ms_per_step"], rel=1e-2)
+        assert p["top"] and p["launches_per_step"] > 0
+    # alignment adds operators to the step: more of them with ahpa-cached than without
+    assert result["profiles"][1]["launches_per_step"] > result["profiles"][0]["launches_per_step"]

@@ -47,10 +47,10 @@ def _cfg(cache: Path, *extra: str) -> config_mod.Config:
     ])
 
 
-def _source(cache: Path, cfg: config_mod.Config) -> CacheSource:
+def _source(cache: Path, cfg: config_mod.Config, device: torch.device = CPU) -> CacheSource:
     from ahpa.priors.registry import load_encoder
 
-    return open_cache(cfg, load_encoder("ahpa-vae:random"), ["stage1", "stage2", "stage3", "latent"], 4, CPU)
+    return open_cache(cfg, load_encoder("ahpa-vae:random"), ["stage1", "stage2", "stage3", "latent"], 4, device)
 
 
 def _same_batch(a, b) -> bool:
@@ -79,6 +79,33 @@ def test_prefetched_batches_equal_synchronous_ones_also_after_a_resume(cache, ac
     assert 0 < torch.cat(flips).float().mean() < 1  # both stored variants were read
     ahead.close()
     assert ahead.prefetcher is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the copy stream exists only there")
+def test_on_cuda_rows_copied_ahead_on_the_copy_stream_equal_synchronous_ones(cache):
+    """The prefetch thread's copies run on a stream of their own; a missing wait or record_stream would show as a
+    batch read before its copy finished (the copy stream is held back by a sleep kernel) or overwritten by a later
+    one (the compute stream is kept busy after each fetch)."""
+    cuda = torch.device("cuda")
+    cfg = _cfg(cache)
+    plain, ahead = _source(cache, cfg, cuda), _source(cache, cfg, cuda)
+    plan = lambda step: process_requests(step, 12, len(plain), seed=0, hflip=True)  # noqa: E731
+    ahead.copy_stream = torch.cuda.Stream(cuda)  # start_prefetch keeps it: the sleep below delays the first copies
+    with torch.cuda.stream(ahead.copy_stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time
+    ahead.start_prefetch(plan, 0)
+    busy = torch.randn(2048, 2048, device=cuda)
+    for step in range(12):
+        (idx, flip), = plan(step)
+        rows = ahead.prefetcher._queue[0][2].result()
+        assert rows.ready is not None and rows.fields["latent_mean"].is_cuda
+        got = ahead.fetch(idx, flip, None)
+        for _ in range(4):  # work queued on the compute stream after the fetch, while the next copies start
+            busy = (busy @ busy).tanh()
+        want = plain.fetch(idx, flip, None)
+        assert _same_batch(got, want)
+    assert (ahead.prefetcher.hits, ahead.prefetcher.misses) == (12, 0)
+    ahead.close()
 
 
 def test_an_unplanned_request_is_served_and_stops_prefetching(cache):

@@ -12,6 +12,8 @@
 #     bash benchmarks/gpu_job.sh prefetch   # B/2 batch 256, none and ahpa-cached, compiled, cache prefetch on
 #                                           # and off (~3 min estimated)
 #     bash benchmarks/gpu_job.sh core --budget-s 360 --warmup 3   # any job, with throughput.py flags overridden
+#     bash benchmarks/gpu_job.sh sampling   # sampling only, B/2 and XL/2, eager then compiled (sample.compile), side
+#                                           # by side (~3-4 min estimated: two compiles of the forward)
 #     bash benchmarks/gpu_job.sh on-the-fly # none and ahpa-on-the-fly, eager and compiled, B/2 and XL/2: needs
 #                                           # the diffusers wheel carried in .whl/ (see below)
 #
@@ -47,7 +49,8 @@ case "$job" in
     xl256) bench --models XL/2 --batch 256 --methods none,ahpa-cached --compile compiled --activation-checkpointing all,0 \
                  --sampling off --budget-s 450 ;;
     prefetch) bench --models B/2 --methods none,ahpa-cached --compile compiled --prefetch both --sampling off --budget-s 450 ;;
+    sampling) bench --models B/2,XL/2 --methods "" --sampling-compile both ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | on-the-fly)"; exit 2 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | sampling | on-the-fly)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

@@ -160,7 +160,8 @@ def frozen_encoder_gflops(method: str, encoder, external, size: dict, device: to
     return None
 
 
-def measure_sampling(model: str, size: dict, args, encoder, device: torch.device, tmp: Path, info: dict) -> list[dict]:
+def measure_sampling(model: str, size: dict, args, encoder, device: torch.device, tmp: Path, info: dict,
+                     compile_modes: tuple[bool, ...] = (False,)) -> list[dict]:
     side = size["resolution"] // encoder.factor
     sc = SiTConfig.preset(model, input_size=side, in_channels=encoder.latent_channels, num_classes=1000)
     if args.size == "tiny":
@@ -174,10 +175,14 @@ def measure_sampling(model: str, size: dict, args, encoder, device: torch.device
     n = args.sample_n or size["sample_n"][model]
     labels = torch.arange(n) % sc.num_classes
     out = []
-    for solver, steps in (("heun", 50), ("euler-maruyama", 250)):
-        scfg = SampleCfg(solver=solver, steps=steps, cfg_scale=1.5, guidance_low=0.0, guidance_high=1.0, micro_batch=2 * n)
-        generate(bundle, list(range(n)), labels, 0, SampleCfg(solver=solver, steps=2, cfg_scale=1.5, micro_batch=2 * n))
+    for compiled, (solver, steps) in ((c, s) for c in compile_modes for s in (("heun", 50), ("euler-maruyama", 250))):
+        scfg = SampleCfg(solver=solver, steps=steps, cfg_scale=1.5, guidance_low=0.0, guidance_high=1.0, micro_batch=2 * n,
+                         compile=compiled)
+        t0 = time.perf_counter()
+        generate(bundle, list(range(n)), labels, 0, SampleCfg(solver=solver, steps=2, cfg_scale=1.5, micro_batch=2 * n,
+                                                              compile=compiled))  # warm-up: compiles when compiled
         benchlib.sync(device)
+        warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         per_sample_noise(0, list(range(n)), bundle.latent_shape, steps - 1 if solver == "euler-maruyama" else 0)
         noise_s = time.perf_counter() - t0
@@ -190,7 +195,7 @@ def measure_sampling(model: str, size: dict, args, encoder, device: torch.device
         peak = info["peak_bf16_tflops"]
         out.append({
             **info, "kind": "sample", "model": model, "solver": solver, "steps": steps, "nfe": nfe, "cfg_scale": 1.5,
-            "guidance_interval": [0.0, 1.0], "batch": n, "micro_batch": 2 * n, "compile": False,
+            "guidance_interval": [0.0, 1.0], "batch": n, "micro_batch": 2 * n, "compile": compiled, "warmup_s": round(warm_s, 2),
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "img_per_s": round(n / dt, 3),
             "seconds": round(dt, 3), "host_noise_s": round(noise_s, 3), "decode": "stand-in decoder (trivial)",
             "mfu": round(flops / dt / (peak * 1e12), 4) if peak else None, "images_shape": list(images.shape),
@@ -215,6 +220,8 @@ def main() -> None:
     ap.add_argument("--prefetch", choices=("on", "off", "both"), default="on",
                     help="cached methods (none, ahpa-cached): gather the next step's cache rows in a background thread")
     ap.add_argument("--sampling", choices=("on", "off"), default="on")
+    ap.add_argument("--sampling-compile", choices=("off", "on", "both"), default="off",
+                    help="sample.compile for the sampling measurements (both: eager, then compiled, side by side)")
     ap.add_argument("--sample-n", type=int, help="images per sampling measurement (default per size and model)")
     ap.add_argument("--cache-images", type=int, help="images in the synthetic cache (default per size)")
     ap.add_argument("--work-dir", type=Path, help="where the synthetic cache and run dirs go (default: a temp dir)")
@@ -316,12 +323,14 @@ def main() -> None:
                 result["records"].append({**info, "kind": "sample", "model": model, "skipped": f"time budget {limit:.0f} s spent"})
                 continue
             try:
-                recs = measure_sampling(model, size, args, synthetic, device, work, info)
+                recs = measure_sampling(model, size, args, synthetic, device, work, info,
+                                        {"off": (False,), "on": (True,), "both": (False, True)}[args.sampling_compile])
             except Exception as e:
                 traceback.print_exc()
                 recs = [{**info, "kind": "sample", "model": model, "error": f"{type(e).__name__}: {e}"}]
             for r in recs:
-                print(f"sample {model} {r.get('solver')}: {r.get('img_per_s', r.get('error'))} img/s", flush=True)
+                print(f"sample {model} {r.get('solver')} compile={r.get('compile')}: {r.get('img_per_s', r.get('error'))} img/s",
+                      flush=True)
             result["records"] += recs
             save()
     save()

@@ -112,6 +112,10 @@ class SampleCfg:
     guidance_high: float = 1.0
     micro_batch: int = 64
     grid_images: int = 64
+    # torch.compile the network for sampling: one graph, since every call has the fixed micro-batch's shape.
+    # Faster on a GPU (eager sampling ran at 20-27% MFU on an H200); outputs differ from eager at rounding level,
+    # so it is part of a sample file's identity
+    compile: bool = False
 
 
 @dataclass

@@ -7,7 +7,7 @@ a fixed micro-batch, so a file is identical whatever the batch size or number of
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,6 +40,15 @@ class SamplerBundle:
     encoder: PriorEncoder
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    compiled: Callable | None = field(default=None, repr=False)  # torch.compile(model), made on first use
+
+    def network(self, compile: bool) -> Callable:
+        """The backbone to call: the model itself, or its compiled form (made once, then reused)."""
+        if not compile:
+            return self.model
+        if self.compiled is None:
+            self.compiled = torch.compile(self.model)
+        return self.compiled
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -67,10 +76,12 @@ def per_sample_noise(seed: int, indices: list[int], shape: tuple[int, ...], sde_
     return torch.stack(x0), sde
 
 
-def _velocity_fn(bundle: SamplerBundle) -> Callable:
+def _velocity_fn(bundle: SamplerBundle, compile: bool) -> Callable:
+    net = bundle.network(compile)
+
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(bundle.device.type, dtype=bundle.autocast_dtype, enabled=bundle.autocast_dtype is not None):
-            return bundle.model(x, t, y)[0].float()
+            return net(x, t, y)[0].float()
 
     return fn
 
@@ -88,7 +99,7 @@ def generate(bundle: SamplerBundle, indices: list[int], labels: torch.Tensor, se
     sde_steps = cfg.steps - 1 if cfg.solver == "euler-maruyama" else 0
     x, sde = per_sample_noise(seed, indices, bundle.latent_shape, sde_steps)
     x, y = x.to(bundle.device), labels.to(bundle.device)
-    fn = _velocity_fn(bundle)
+    fn = _velocity_fn(bundle, cfg.compile)
     interval = (cfg.guidance_low, cfg.guidance_high)
 
     def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:

@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
     p.add_argument("--micro-batch", type=int, default=64, help="fixed network batch (part of the file's identity)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (faster on a GPU; numerics differ from eager at rounding level)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
 
@@ -49,7 +51,7 @@ def run(args) -> int:
             bundle.autocast_dtype = autocast_dtype("auto", device)
             identity = {"model": str(args.model)}
         cfg = SampleCfg(solver=args.solver, steps=args.steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                        guidance_high=args.guidance_high, micro_batch=args.micro_batch)
+                        guidance_high=args.guidance_high, micro_batch=args.micro_batch, compile=args.compile)
         with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main) as bar:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
                                  on_progress=lambda n: bar.update(n * d.world))

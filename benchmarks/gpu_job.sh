@@ -12,6 +12,9 @@
 #     bash benchmarks/gpu_job.sh prefetch   # B/2 batch 256, none and ahpa-cached, compiled, cache prefetch on
 #                                           # and off (~3 min estimated)
 #     bash benchmarks/gpu_job.sh core --budget-s 360 --warmup 3   # any job, with throughput.py flags overridden
+#     bash benchmarks/gpu_job.sh diagnose   # the CUDA-only test of the copy stream; B/2 none vs ahpa-cached again
+#                                           # (the B/2 gap after the copy-stream change); a kernel profile of XL/2 and
+#                                           # B/2 vanilla steps with GEMM and attention rates (~6 min estimated)
 #     bash benchmarks/gpu_job.sh sampling   # sampling only, B/2 and XL/2, eager then compiled (sample.compile), side
 #                                           # by side (~3-4 min estimated: two compiles of the forward)
 #     bash benchmarks/gpu_job.sh on-the-fly # none and ahpa-on-the-fly, eager and compiled, B/2 and XL/2: needs
@@ -49,8 +52,12 @@ case "$job" in
     xl256) bench --models XL/2 --batch 256 --methods none,ahpa-cached --compile compiled --activation-checkpointing all,0 \
                  --sampling off --budget-s 450 ;;
     prefetch) bench --models B/2 --methods none,ahpa-cached --compile compiled --prefetch both --sampling off --budget-s 450 ;;
+    diagnose) python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py -k cuda 2>&1 | tee "$OUT/pytest_cuda.log"
+              bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --warmup 3 --steps 15
+              python3 benchmarks/profile_step.py --size gpu --models XL/2,B/2 --methods none --work-dir /tmp/ahpa-bench \
+                  --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.log" ;;
     sampling) bench --models B/2,XL/2 --methods "" --sampling-compile both ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | sampling | on-the-fly)"; exit 2 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | sampling | on-the-fly)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

@@ -101,7 +101,7 @@ def main() -> None:
     steps = sorted(int(s) for s in args.steps.split(","))
     sargs = argparse.Namespace(
         cache=args.cache or study.default_cache(size["resolution"], size["limit"]),
-        encoder=f"taef2:{study.SHARED / 'weights/taef2'}", steps=steps[-1], seed=args.seed, compile="off",
+        encoder=f"taef2:{study.SHARED / 'weights/taef2'}", steps=steps[-1], seed=args.seed, compile="off", compile_mode="default",
         device="cpu", align_depth=None, align_weight=None, lr=None, level="stage4", variant=[],
         data=study.SHARED / "data/cifar10/train16k.npz", limit=size["limit"], resolution=size["resolution"],
         grid=size["grid"], workers=2)

@@ -90,7 +90,7 @@ def study_config(args, size: dict, method: str, variants: bool = True):
     """The run's Config: the project's study config + the size's overrides + the method's (+ the run's variants)."""
     over = {**size["overrides"], **METHODS[method], "data.source": "cache", "data.path": str(args.cache),
             "prior.encoder": args.encoder, "train.steps": args.steps, "train.seed": args.seed,
-            "train.compile": args.compile == "on", "train.device": args.device, "train.sample_every": 0,
+            "train.compile": args.compile == "on", "train.compile_mode": args.compile_mode, "train.device": args.device, "train.sample_every": 0,
             "train.log_every": 10**9, "train.ckpt_every": 10**9}
     for key, value in (("align.depth", args.align_depth), ("align.weight", args.align_weight), ("train.lr", args.lr)):
         if value is not None:  # flags override the size's and the study config's values only when given
@@ -125,7 +125,7 @@ def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
     # the seed is not in the key: runs differ in it by design, and the tables put the seeds side by side
     skip = ("align.method", "align.router", "align.loss", *VARIANT_KEYS, "train.seed", "train.device", "train.compile",
             "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path",
-            "train.activation_checkpointing", "data.prefetch")  # the last two change no math
+            "train.activation_checkpointing", "data.prefetch", "train.compile_mode", "sample.compile")  # these change no math
     common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}
     common.update({"study.size": size_name, "study.data": args.data.name, "study.limit": args.limit,
                    "study.eval_every": args.eval_every, "study.eval_num": args.eval_num,
@@ -249,7 +249,8 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     return summary
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with each size's defaults filled in and the cache path resolved."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=tuple(SIZES), default="smoke")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
@@ -269,6 +270,8 @@ def main() -> None:
     ap.add_argument("--align-weight", type=float, help="override align.weight (lambda)")
     ap.add_argument("--lr", type=float, help="override train.lr")
     ap.add_argument("--compile", choices=("on", "off"), default="off")
+    ap.add_argument("--compile-mode", default="default",
+                    help="train.compile_mode (e.g. reduce-overhead: CUDA graphs for the host-bound SiT-S/1 step)")
     ap.add_argument("--results", type=Path, required=True, help="JSON-lines file results are appended to")
     ap.add_argument("--data", type=Path, default=SHARED / "data/cifar10/train16k.npz")
     ap.add_argument("--encoder", default=f"taef2:{SHARED / 'weights/taef2'}")
@@ -283,17 +286,23 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0, help="start no method whose projected time would pass this")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; see throughput.py --threads)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.variant = parse_variant(args.variant)
     size = SIZES[args.size]
     for name in ("steps", "eval_every", "eval_num", "eval_batch", "grid_images", "limit", "resolution", "grid"):
         if getattr(args, name, None) is None:
             setattr(args, name, size[name])
+    args.cache = args.cache or default_cache(args.resolution, args.limit)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    size = SIZES[args.size]
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    args.cache = args.cache or default_cache(args.resolution, args.limit)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

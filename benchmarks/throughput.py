@@ -86,7 +86,7 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, cache:
         "prior": {"encoder": "bench:stand-in", "stats_images": size["stats_images"]},
         "align": {"method": align_method, "depth": size["align_depth"][model], "weight": 0.5,
                   "projector_dim": size["projector"], "router": "soft"},
-        "train": {"batch_size": batch, "compile": compiled, "device": str(device), "activation_checkpointing": checkpointing,
+        "train": {"batch_size": batch, "compile": compiled, "compile_mode": args.compile_mode, "device": str(device), "activation_checkpointing": checkpointing,
                   "precision": "auto", "seed": 0, "steps": 10**9, "sample_every": 0, "log_every": 10**9,
                   "ckpt_every": 10**9, "lr": 1e-4, "grad_clip": 1.0},
     })
@@ -211,6 +211,8 @@ def main() -> None:
     ap.add_argument("--models", default="B/2,XL/2")
     ap.add_argument("--compile", choices=("both", "eager", "compiled"), default=None,
                     help="default: both at --size gpu, eager at --size tiny (inductor's CPU compile takes minutes)")
+    ap.add_argument("--compile-mode", default="default",
+                    help="train.compile_mode for compiled runs (default | max-autotune-no-cudagraphs | reduce-overhead | ...)")
     ap.add_argument("--steps", type=int, help="timed steps (default per size)")
     ap.add_argument("--warmup", type=int, help="warm-up steps before timing (default per size)")
     ap.add_argument("--batch", type=int, help="global batch for every model (default per size and model)")
@@ -279,6 +281,7 @@ def main() -> None:
                 for prefetch in (prefetch_modes if method in ("none", "ahpa-cached") else (None,))]
     for model, compiled, ckpt, method, prefetch in variants:
         base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
+                "compile_mode": args.compile_mode if compiled else None,
                 "batch": args.batch or size["batch"][model], "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
                 "resolution": size["resolution"], "timed_steps": steps, "warmup_steps": warmup,
                 "activation_checkpointing": ckpt, "prefetch": prefetch}

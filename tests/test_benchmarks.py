@@ -125,3 +125,19 @@ def test_profile_step_smoke(tmp_path):
         assert p["top"] and p["launches_per_step"] > 0
     # alignment adds operators to the step: more of them with ahpa-cached than without
     assert result["profiles"][1]["launches_per_step"] > result["profiles"][0]["launches_per_step"]
+
+
+def test_study_keys_of_recorded_results_stay_the_same(monkeypatch):
+    """Results already recorded (docs/study/*/results.jsonl) are merged with new runs by study key: a new config
+    field that changes no method's math (a compile switch, a cadence) must be in study_key's skip list, or every
+    later run lands in a new table. A change of the math itself should change the key: then update these."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study
+
+    for size, extra, key in (("pilot", [], "cc01f306a94d"),  # the CPU pilot (docs/study/pilot)
+                             ("gpu", ["--steps", "500", "--eval-every", "500", "--encoder", "taef2:.carry/taef2",
+                                      "--data", ".carry/train16k.npz"], "a578ed5ef878")):  # the GPU calibration
+        args = study.parse_args(["--size", size, "--results", "unused.jsonl", *extra])
+        for method in ("none", "ahpa-soft"):
+            cfg = study.study_config(args, study.SIZES[size], method, variants=False)
+            assert study.study_key(cfg, args, size)[0] == key, (size, method)

@@ -88,6 +88,10 @@ class TrainCfg:
     ema_warmup: bool = True
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
     compile: bool = False
+    # torch.compile's mode: default | max-autotune-no-cudagraphs (tries Triton GEMM templates against cuBLAS:
+    # minutes more compilation, for long runs) | reduce-overhead / max-autotune (CUDA graphs: for small,
+    # host-bound models such as the study's SiT-S/1)
+    compile_mode: str = "default"
     fsdp: bool = False  # under torchrun: shard model, EMA and aligner with FSDP2 instead of DDP (L, XL)
     # SiT blocks (the first N; -1 = all, 0 = off) whose activations are recomputed in the backward pass instead
     # of stored: less activation memory for about a third more compute in those blocks. The same computation
@@ -151,6 +155,7 @@ CHOICES = {
     "align.loss": ("default", "cosine", "smooth-l1"),
     "align.router": ("soft", "topk", "snr", "uniform"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.solver": ("euler", "heun", "euler-maruyama"),
 }
 
@@ -163,6 +168,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.device",
     "train.compile",
+    "train.compile_mode",
     "train.fsdp",  # checkpoints are full state dicts either way
     "train.activation_checkpointing",  # recomputation, not other math: the losses and gradients stay the same
     "train.max_bad_steps",

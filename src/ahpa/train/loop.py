@@ -95,9 +95,9 @@ class Trainer:
             if p.aligner is not None and any(q.requires_grad for q in p.aligner.parameters()):
                 self.align_net = DDP(p.aligner, device_ids=ids)
         if t.compile:  # after DDP or sharding, as torch.compile expects
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=t.compile_mode)
             if self.align_net is not None:  # its heads, losses and router: dozens of small kernels when eager
-                self.align_net = torch.compile(self.align_net)
+                self.align_net = torch.compile(self.align_net, mode=t.compile_mode)
 
     # ---- set-up and resume ----
     def _check_resume_config(self) -> None:

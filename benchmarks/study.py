@@ -19,6 +19,7 @@ Nothing carries over from one job to the next: a job trains complete runs from s
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -35,6 +36,7 @@ from ahpa import config as config_mod
 from ahpa.config import SampleCfg
 from ahpa.data.prepare import PrepareOptions, prepare
 from ahpa.metrics import FeatureStats, load_detector, reference_stats
+from ahpa.priors.registry import load_encoder
 from ahpa.sample import iter_samples, generate
 from ahpa.train import logger, plots
 from ahpa.train.loop import Trainer
@@ -119,6 +121,14 @@ def method_label(method: str, args) -> str:
     return label
 
 
+@functools.lru_cache(maxsize=None)
+def encoder_identity(spec: str) -> str:
+    """The prior encoder as a study key knows it: its kind and the sha256 of its weights (what a prepared cache
+    records), not the path it was read from, so that runs from any checkout or machine share their key."""
+    sha = load_encoder(spec, "cpu").identity()["weights_sha256"]
+    return f"{spec.partition(':')[0]}:sha256:{sha}" if sha else spec
+
+
 def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
     """What makes two runs comparable: everything but the method's own switches, the device and cadences."""
     flat = config_mod.flatten(cfg.to_dict())
@@ -127,6 +137,7 @@ def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
             "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path",
             "train.activation_checkpointing", "data.prefetch", "train.compile_mode", "sample.compile")  # these change no math
     common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}
+    common["prior.encoder"] = encoder_identity(cfg.prior.encoder)
     common.update({"study.size": size_name, "study.data": args.data.name, "study.limit": args.limit,
                    "study.eval_every": args.eval_every, "study.eval_num": args.eval_num,
                    "study.eval_sampler": "euler-50-cfg1", "study.eval_seed": 0})

@@ -85,3 +85,43 @@ def test_aligner_loss_falls_on_a_fixed_batch():
     assert m["align/weighted"].item() < 0.5 * first
     assert m["align/level_loss"].shape == (2,)
     assert al.num_updates.item() == 30 and torch.all(al.running_loss > 0)
+
+
+def test_running_means_per_bin_of_t():
+    """align.router_t_bins: each bin of t keeps its own running mean per level; a bin without samples keeps its value,
+    and a bin's first batch is taken as it is (later ones through the momentum)."""
+    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=4, router_momentum=0.5), "soft", "cosine")
+    assert al.running_loss.shape == (4, 2)
+    losses = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
+    al._update_running_bins(losses, torch.tensor([0, 0, 2]))  # bins 0 and 2 only
+    assert torch.equal(al.running_loss, torch.tensor([[2.0, 20.0], [1.0, 1.0], [5.0, 50.0], [1.0, 1.0]]))
+    assert al.bin_updates.tolist() == [1, 0, 1, 0]
+    al._update_running_bins(torch.tensor([[4.0, 40.0], [7.0, 70.0]]), torch.tensor([0, 1]))
+    # bin 0: 0.5 * 2 + 0.5 * 4 = 3; bin 1's first batch as it is; bins 2 and 3 unchanged
+    assert torch.equal(al.running_loss, torch.tensor([[3.0, 30.0], [7.0, 70.0], [5.0, 50.0], [1.0, 1.0]]))
+    assert al.bin_updates.tolist() == [2, 1, 1, 0] and al.num_updates.item() == 2
+
+
+def test_per_bin_normalisation_removes_the_pull_of_an_easy_level_near_the_data():
+    """With one running mean per level, a level whose loss is small at small t (the latent near the data) looks far
+    better than usual there and the router's objective pulls its weight up; with per-bin means both levels look
+    usual in every bin, and the pull is gone."""
+    def weight_gradient(t_bins: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        al = Aligner(16, ["easy", "hard"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=t_bins, router_entropy=0.0),
+                     "soft", "cosine")
+        t = torch.linspace(0, 0.99, 64)
+        losses = torch.stack([0.05 + t, torch.full_like(t, 0.5)], dim=1)  # [B, 2]: "easy" is easy near t = 0
+        for _ in range(3):  # the running means settle on these stationary losses
+            if t_bins == 1:
+                al._update_running(losses.mean(0))
+            else:
+                al._update_running_bins(losses, (t * t_bins).long())
+        weights = al.router(t[:8]).detach().requires_grad_()  # the eight samples nearest the data
+        running = al.running_loss if t_bins == 1 else al.running_loss[(t[:8] * t_bins).long()]
+        router_objective(weights, losses[:8], running, 0.0).backward()
+        return weights.grad.mean(0).tolist()  # d objective / d weight, per level
+
+    one, per_bin = weight_gradient(1), weight_gradient(8)
+    assert one[0] < 0.3 * one[1]  # one mean per level: "easy" costs the router far less near the data
+    assert per_bin[0] == pytest.approx(per_bin[1], rel=0.1)  # per bin: both at their usual level

@@ -70,6 +70,10 @@ class AlignCfg:
     router_normalize: bool = True  # router sees each level's loss / its running mean
     router_entropy: float = 0.05  # entropy bonus on the router's weights
     router_momentum: float = 0.99  # running-mean momentum for the normalisation
+    # running means per level and per bin of t (1 = one per level over all t). With 1, a level whose loss is small
+    # near the data (the latent) looks better than usual there and takes the weight; with several bins the router
+    # sees each level against its own usual loss at that t, i.e. which level is improving
+    router_t_bins: int = 1
     snr_width: float = 0.25  # width of each level's window on t in the fixed snr schedule
 
 

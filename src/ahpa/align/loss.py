@@ -31,7 +31,8 @@ def router_objective(
     """What the router minimises: sum_k g_k(t) * r_k - beta * H(g), r_k = l_k (/ running mean_k).
 
     weights [B, K] (carry the router's gradient), losses [B, K] (detached here, so the router
-    cannot lower the objective by changing the backbone), running_mean [K] or None.
+    cannot lower the objective by changing the backbone), running_mean [K], or [B, K] (each sample's bin of t),
+    or None.
     """
     r = losses.detach()
     if running_mean is not None:

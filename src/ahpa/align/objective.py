@@ -24,11 +24,15 @@ class Aligner(nn.Module):
         self.normalize = cfg.router_normalize
         self.entropy_weight = cfg.router_entropy
         self.momentum = cfg.router_momentum
+        self.t_bins = cfg.router_t_bins
         self.projector = Projector(hidden, dims, cfg.projector_dim, cfg.shared_trunk)
         self.router = Router(len(levels), router_mode, cfg.router_tau, cfg.router_topk, cfg.snr_width)
         k = len(levels)
-        self.register_buffer("running_loss", torch.ones(k))
+        # [K] with one bin (the layout checkpoints have always had), [bins, K] with several
+        self.register_buffer("running_loss", torch.ones(k) if self.t_bins == 1 else torch.ones(self.t_bins, k))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        if self.t_bins > 1:  # updates per bin: a bin's first batch is taken as it is
+            self.register_buffer("bin_updates", torch.zeros(self.t_bins, dtype=torch.long))
 
     def level_losses(self, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """Per-sample, per-level losses [B, K] (fp32)."""
@@ -51,11 +55,17 @@ class Aligner(nn.Module):
         weights = self.router(t)  # [B, K]
         loss = (weights.detach() * losses).sum(dim=1).mean()
         weighted = loss.detach()
+        bins = None if self.t_bins == 1 else (t.detach() * self.t_bins).long().clamp_(0, self.t_bins - 1)  # [B]
         if self.training:
             # every process keeps the same running statistics: the mean over the global batch
-            self._update_running(all_reduce_mean_(losses.detach().mean(dim=0)))
+            if bins is None:
+                self._update_running(all_reduce_mean_(losses.detach().mean(dim=0)))
+            else:
+                self._update_running_bins(losses.detach(), bins)
         if self.router.learned:
-            running = self.running_loss if self.normalize else None
+            running = None
+            if self.normalize:
+                running = self.running_loss if bins is None else self.running_loss[bins]  # [K] or [B, K]
             objective = router_objective(weights, losses, running, self.entropy_weight)
             if self.normalize:
                 # On the first update the running means are this batch's means, so the router's bias gets a
@@ -70,6 +80,20 @@ class Aligner(nn.Module):
             "align/router_entropy": entropy(weights.detach()).mean(),
         }
         return loss, metrics
+
+    @torch.no_grad()
+    def _update_running_bins(self, losses: torch.Tensor, bins: torch.Tensor) -> None:
+        """Per-bin running means from losses [B, K] and bins [B]; a bin without samples keeps its value."""
+        sums = torch.zeros_like(self.running_loss).index_add_(0, bins, losses)  # [bins, K]
+        counts = torch.zeros(self.t_bins, device=losses.device, dtype=losses.dtype).index_add_(0, bins, torch.ones_like(bins, dtype=losses.dtype))
+        sums, counts = all_reduce_mean_(sums), all_reduce_mean_(counts)  # global sums / global counts, as a ratio
+        mean = sums / counts.clamp_min(1e-12)[:, None]
+        ema = self.momentum * self.running_loss + (1 - self.momentum) * mean
+        seen = counts > 0
+        new = torch.where((self.bin_updates == 0)[:, None], mean, ema)
+        self.running_loss.copy_(torch.where(seen[:, None], new, self.running_loss))
+        self.bin_updates.add_(seen.long())
+        self.num_updates.add_(1)
 
     @torch.no_grad()
     def _update_running(self, batch_mean: torch.Tensor) -> None:

@@ -85,7 +85,8 @@ class Aligner(nn.Module):
     def _update_running_bins(self, losses: torch.Tensor, bins: torch.Tensor) -> None:
         """Per-bin running means from losses [B, K] and bins [B]; a bin without samples keeps its value."""
         sums = torch.zeros_like(self.running_loss).index_add_(0, bins, losses)  # [bins, K]
-        counts = torch.zeros(self.t_bins, device=losses.device, dtype=losses.dtype).index_add_(0, bins, torch.ones_like(bins, dtype=losses.dtype))
+        ones = torch.ones_like(bins, dtype=losses.dtype)
+        counts = torch.zeros(self.t_bins, device=losses.device, dtype=losses.dtype).index_add_(0, bins, ones)  # [bins]
         sums, counts = all_reduce_mean_(sums), all_reduce_mean_(counts)  # global sums / global counts, as a ratio
         mean = sums / counts.clamp_min(1e-12)[:, None]
         ema = self.momentum * self.running_loss + (1 - self.momentum) * mean

@@ -72,3 +72,24 @@ def test_compiled_sampling_matches_eager_with_one_graph(run_dir):
     assert np.array_equal(la, lb) and diff.max() <= 2 and (diff > 0).mean() < 0.02
     assert counters["stats"]["unique_graphs"] == 1
     assert bundle.compiled is not None and bundle.network(True) is bundle.compiled
+
+
+def test_a_partial_run_from_before_a_new_sampler_setting_resumes_with_its_default(run_dir, tmp_path):
+    """settings.json of a partial run written before `compile` existed lacks the key: it ran eager (the default), so
+    an eager command resumes it and a compiled one is refused, naming the setting."""
+    import json
+
+    from ahpa.sample_writer import SampleSettingsError, write_samples
+
+    bundle = load_export(run_dir / "model.safetensors", torch.device("cpu"))
+    cfg = SampleCfg(steps=2, micro_batch=4)
+    out = tmp_path / "s.npz"
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir()
+    settings = {"num": 6, "seed": 0, "batch": 3, **vars(cfg), "model": "m"}
+    for k in ("compile", "grid_images"):
+        settings.pop(k)
+    (parts / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(SampleSettingsError, match="compile: partial has False, command gives True"):
+        write_samples(bundle, out, 6, 0, 3, SampleCfg(steps=2, micro_batch=4, compile=True), {"model": "m"})
+    assert write_samples(bundle, out, 6, 0, 3, cfg, {"model": "m"}) == out and out.exists()

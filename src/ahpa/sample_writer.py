@@ -63,7 +63,10 @@ def write_samples(
         saved_file = parts / "settings.json"
         if saved_file.exists():
             saved = json.loads(saved_file.read_text())
-            diff = [f"{k}: partial has {saved.get(k)!r}, command gives {v!r}" for k, v in settings.items() if saved.get(k) != v]
+            # a partial run written before a sampler setting existed ran with that setting's default
+            defaults = vars(SampleCfg())
+            diff = [f"{k}: partial has {saved.get(k, defaults.get(k))!r}, command gives {v!r}" for k, v in settings.items()
+                    if saved.get(k, defaults.get(k)) != v]
             if diff:
                 raise SampleSettingsError(
                     f"{parts} holds a partial sampling run with other settings ({'; '.join(diff)}); "

@@ -90,6 +90,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
                              + f" | {fmt(run and run['ms_per_step_steady'], 1)} | {'yes' if run else 'no'} |")
         lines.append("")
     lines += paired_with_none(series, metrics, methods)
+    lines += steps_to_match_none(series, metrics, methods)
     for metric in metrics:
         name = f"fd-{metric}-{key}.png"
         plot_fd(series, metric, cfg.get("train.batch_size"), out / name, methods)
@@ -146,6 +147,52 @@ def paired_with_none(series, metrics: list[str], methods: list[str]) -> list[str
             d = [at[(m, s)]["fd"][metric] - at[("none", s)]["fd"][metric] for s in seeds]
             cells.append(f"{statistics.mean(d):+.3f} (" + " / ".join(f"{x:+.3f}" for x in d) + ")")
         lines.append(f"| {m} | {step} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def step_reaching(points: list[tuple[int, float]], target: float) -> tuple[str, float]:
+    """When a run's FD curve (eval points, ascending steps) first reaches `target`: ("at", step) interpolated linearly
+    between the evaluations around it; ("before", first step) if its first evaluation already had; ("after", last
+    step) if none did."""
+    if points[0][1] <= target:
+        return "before", points[0][0]
+    for (a, fa), (b, fb) in zip(points, points[1:]):
+        if fa > target >= fb:
+            return "at", a + (fa - target) / (fa - fb) * (b - a)
+    return "after", points[-1][0]
+
+
+def steps_to_match_none(series, metrics: list[str], methods: list[str]) -> list[str]:
+    """The speed-up the study asks about: for each evaluation step s of vanilla SiT (same seed), the step at which a
+    method first reached none's FD at s, as s / that step (2.0x = the same FD in half the images)."""
+    if not any(m == "none" for m, _ in series):
+        return []
+    metric = metrics[0]
+    steps = sorted({r["step"] for (m, _), rs in series.items() if m == "none" for r in rs})
+    lines = [f"**Training speed-up over vanilla SiT** ({metric}): for each of `none`'s evaluation steps s, s divided by the "
+             "step at which the method first reached `none`'s FD at s (same seed; linear between evaluations). Mean over "
+             "seeds, then each seed; `>x`: reached before the method's first evaluation; `<x`: not reached by its last "
+             "(no mean then):", "",
+             "| method | " + " | ".join(f"s = {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for m in methods:
+        seeds = sorted(s for mm, s in series if mm == m and ("none", s) in series)
+        if m == "none" or not seeds:
+            continue
+        cells = []
+        for st in steps:
+            found = []
+            for seed in seeds:
+                target = next((r["fd"][metric] for r in series[("none", seed)] if r["step"] == st), None)
+                if target is not None:
+                    kind, step = step_reaching(sorted((r["step"], r["fd"][metric]) for r in series[(m, seed)]), target)
+                    found.append((kind, st / step))
+            if not found:
+                cells.append("")
+                continue
+            each = " / ".join({"at": "", "before": ">", "after": "<"}[k] + f"{x:.2f}" for k, x in found)
+            exact = all(k == "at" for k, _ in found)
+            cells.append(f"{statistics.mean(x for _, x in found):.2f}x ({each})" if exact else f"({each})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -149,3 +149,24 @@ def test_study_keys_of_recorded_results_stay_the_same(monkeypatch):
                                   "--encoder", f"taef2:{SHARED / 'weights' / '..' / 'weights' / 'taef2'}"])
         cfg = study.study_config(moved, study.SIZES[size], "none", variants=False)
         assert study.study_key(cfg, moved, size)[0] == key
+
+
+def test_speed_up_over_vanilla_is_read_off_the_fd_curves(monkeypatch):
+    """The study's headline: at which step a method reaches vanilla SiT's FD at step s (linear between evaluations),
+    with bounds where the curves do not bracket it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import step_reaching, steps_to_match_none
+
+    curve = [(1000, 10.0), (2000, 9.0), (3000, 8.5)]
+    assert step_reaching(curve, 9.5) == ("at", 1500.0)
+    assert step_reaching(curve, 10.5) == ("before", 1000) and step_reaching(curve, 8.0) == ("after", 3000)
+
+    def rows(fds):
+        return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
+
+    series = {("none", 0): rows([10.0, 9.0, 8.5]), ("fast", 0): rows([9.0, 8.5, 8.4]),
+              ("fast", 1): rows([9.0, 8.0, 7.0]), ("none", 1): rows([10.0, 9.5, 9.0])}
+    table = "\n".join(steps_to_match_none(series, ["FD-r20"], ["none", "fast"]))
+    # seed 0: none's 9.0 at 2000 reached at step 1000 (before: >2.00); none's 8.5 at 3000 reached at 2000 (1.50)
+    # seed 1: none's 9.5 at 2000 before 1000 (>2.00); none's 9.0 at 3000 at step 1000 (>3.00)
+    assert "| fast | (>1.00 / >1.00) | (>2.00 / >2.00) | (1.50 / >3.00) |" in table

@@ -53,6 +53,13 @@ def device_info(device: torch.device) -> dict:
     return {"device": name, "peak_bf16_tflops": peak, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def resolve_device(spec: str) -> torch.device:
+    """--device of the benchmarks: auto = CUDA if present, else the CPU (never MPS: the figures are CPU or CUDA ones)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
 def command_line() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
 

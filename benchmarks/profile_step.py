@@ -68,17 +68,17 @@ def profile_steps(trainer: Trainer, steps: int, device: torch.device) -> dict:
     if device.type == "cuda":
         # kernels and copies the device ran (their own records, not the CPU-side launches)
         events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        spans = [(e.time_range.start, e.time_range.end) for e in events]
         # CUPTI may be unavailable (e.g. under gVisor): then no device record exists, and the table says so
         kind = "cuda kernels" if events else "no CUDA kernel records (CUPTI unavailable?)"
     else:
         events = [e for e in prof.events() if not e.cpu_children and e.name.startswith("aten::")]  # leaf operators
-        spans = [(e.time_range.start, e.time_range.end) for e in events]
         kind = "cpu leaf operators (smoke only)"
+    spans = [(e.time_range.start, e.time_range.end) for e in events]
     by_cat: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}
     for e, (a, b) in zip(events, spans):
-        by_cat[category(e.name)] = by_cat.get(category(e.name), 0.0) + (b - a)
+        cat = category(e.name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + (b - a)
         slot = by_name.setdefault(e.name, [0.0, 0])
         slot[0] += b - a
         slot[1] += 1
@@ -169,8 +169,7 @@ def main() -> None:
     args = ap.parse_args()
 
     size = SIZES[args.size]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = benchlib.resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
     compiled = (args.compile or ("on" if args.size == "gpu" else "off")) == "on"

@@ -310,8 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     size = SIZES[args.size]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = benchlib.resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]

@@ -237,8 +237,7 @@ def main() -> None:
     args = ap.parse_args()
 
     size = SIZES[args.size]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = benchlib.resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     compile_modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[args.compile or ("both" if args.size == "gpu" else "eager")]

@@ -58,7 +58,8 @@ DEFAULT_METHODS = ("none", "vae-latent", "vae-level", "multi-uniform", "ahpa-sof
 # a method's own switches (--variant): they name the run (its label) instead of entering the study key, so that
 # an ablation of the router or of the levels is compared with the baselines of the same study
 VARIANT_KEYS = ("align.levels", "align.shared_trunk", "align.router_tau", "align.router_topk", "align.router_normalize",
-                "align.router_entropy", "align.router_momentum", "align.router_t_bins", "align.snr_width")
+                "align.router_entropy", "align.router_momentum", "align.router_t_bins", "align.snr_width",
+                "align.stop_step")
 # the alignment's strength and depth, as a variant of one run: vanilla SiT does not read them, so an ablation of
 # lambda or depth can sit beside the study's baselines; the study's own values (flags) stay in the key
 RUN_VARIANT_KEYS = (*VARIANT_KEYS, "align.weight", "align.depth", "align.projector_dim")
@@ -194,8 +195,13 @@ def evaluate(bundle, detectors, refs, num: int, batch: int, scfg: SampleCfg) -> 
     return {d.name: s.frechet_distance(r) for d, s, r in zip(detectors, stats, refs)}
 
 
-def window_means(sums: dict, count: int) -> dict:
+def window_means(sums: dict, count: int, seen: dict) -> dict:
+    """A window's metric means; a metric that only some of its steps had (the alignment's, in the window where
+    align.stop_step ends it) is averaged over those steps."""
     row, good = logger.window_means(sums)
+    for k, n in seen.items():
+        if 0 < n < count:
+            row[k] = [x * count / n for x in row[k]] if isinstance(row[k], list) else row[k] * count / n
     row["skipped_steps"] = count - round(good)
     return row
 
@@ -216,12 +222,13 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     points = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
     train_total, windows = 0.0, []
     for point in points:
-        sums, count = {}, 0
+        sums, seen, count = {}, {}, 0
         benchlib.sync(device)
         t0 = time.perf_counter()
         while trainer.step < point:
             for k, v in trainer.train_step().items():
                 sums[k] = sums.get(k, 0) + v.detach()
+                seen[k] = seen.get(k, 0) + 1
             count += 1
         benchlib.sync(device)
         dt = time.perf_counter() - t0
@@ -238,7 +245,7 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
                       "weights": [[round(x, 5) for x in row] for row in w.tolist()], "levels": al.levels}
         row = {"kind": "eval", **ident, "step": trainer.step, "images": trainer.step * B, "fd": fd,
                "ms_per_step": round(windows[-1], 3), "train_s": round(dt, 2), "eval_s": round(eval_s, 2),
-               "metrics": window_means(sums, count), "levels": trainer.parts.levels, "router": router,
+               "metrics": window_means(sums, count, seen), "levels": trainer.parts.levels, "router": router,
                "config": common, **env}
         benchlib.append_jsonl(args.results, row)
         print(f"{label} seed {args.seed} step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in fd.items())

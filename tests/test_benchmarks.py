@@ -170,3 +170,22 @@ def test_speed_up_over_vanilla_is_read_off_the_fd_curves(monkeypatch):
     # seed 0: none's 9.0 at 2000 reached at step 1000 (before: >2.00); none's 8.5 at 3000 reached at 2000 (1.50)
     # seed 1: none's 9.5 at 2000 before 1000 (>2.00); none's 9.0 at 3000 at step 1000 (>3.00)
     assert "| fast | (>1.00 / >1.00) | (>2.00 / >2.00) | (1.50 / >3.00) |" in table
+
+
+def test_study_window_means_average_a_stopped_metric_over_its_own_steps(monkeypatch):
+    """With align.stop_step inside an evaluation window, the alignment's metrics exist for only some of its steps:
+    their mean is over those steps, not diluted by the steps after the stop."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study
+
+    steps = [{"loss/flow": 1.0, "loss/align": 0.4, "align/level_loss": [0.2, 0.6]}] * 2 + [{"loss/flow": 3.0}] * 2
+    sums, seen = {}, {}
+    for m in steps:
+        for k, v in {**m, "good_steps": 1.0}.items():
+            sums[k] = sums.get(k, 0) + torch.tensor(v)
+            seen[k] = seen.get(k, 0) + 1
+    row = study.window_means(sums, 4, seen)
+    assert row["loss/flow"] == pytest.approx(2.0) and row["loss/align"] == pytest.approx(0.4)
+    assert row["align/level_loss"] == pytest.approx([0.2, 0.6]) and row["skipped_steps"] == 0

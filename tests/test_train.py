@@ -36,7 +36,7 @@ def test_each_method_loss_is_finite_and_falls_on_a_fixed_batch(tmp_path, tiny, m
     key = "loss/flow" if method == "none" else "loss/align"
     history = []
     for _ in range(25):
-        loss, metrics = tr._loss(p.source.fetch(idx, draws["flip"], draws["posterior"]), draws)
+        loss, metrics = tr._loss(p.source.fetch(idx, draws["flip"], draws["posterior"]), draws, tr.aligning(0))
         assert torch.isfinite(loss)
         history.append(metrics[key].item())
         p.optimizer.zero_grad()
@@ -66,6 +66,39 @@ def test_resume_refuses_other_settings_but_allows_run_length(tmp_path, tiny):
     with pytest.raises(RunConfigError, match="train.lr"):
         Trainer(tiny("train.steps=4", "train.lr=0.5"), tmp_path / "r")
     Trainer(tiny("train.steps=3", "train.log_every=2"), tmp_path / "r").run()
+
+
+def test_alignment_stops_at_align_stop_step(tmp_path, tiny):
+    """HASTE-style termination: identical to the aligned run before align.stop_step; from it on the flow loss
+    alone trains the backbone, the aligner (heads, router, running means) is left as it was, and the logs say so."""
+    stopped = Trainer(tiny("train.steps=5", "train.log_every=4", "align.stop_step=3"), tmp_path / "s")
+    aligned = Trainer(tiny("train.steps=5", "train.log_every=4"), tmp_path / "a")
+    for _ in range(3):
+        m_s, m_a = stopped.train_step(), aligned.train_step()
+        assert "loss/align" in m_s and torch.equal(m_s["loss/align"], m_a["loss/align"])
+    for k, v in aligned.parts.model.state_dict().items():
+        assert torch.equal(v, stopped.parts.model.state_dict()[k]), k
+    frozen = {k: v.clone() for k, v in stopped.parts.aligner.state_dict().items()}
+    before = {k: v.clone() for k, v in stopped.parts.model.state_dict().items()}
+    for _ in range(2):
+        metrics = stopped.train_step()
+        assert not any(k.startswith(("loss/align", "align/")) for k in metrics), sorted(metrics)
+    assert all(torch.equal(v, stopped.parts.aligner.state_dict()[k]) for k, v in frozen.items())
+    assert any(not torch.equal(v, stopped.parts.model.state_dict()[k]) for k, v in before.items())
+
+    # through run(): a log row ends at the stop (log_every 4 alone would mix steps 1-4), resuming across it is exact,
+    # and the loss plot takes alignment rows that end
+    Trainer(tiny("train.steps=2", "train.log_every=4", "align.stop_step=3"), tmp_path / "r").run()
+    resumed = Trainer(tiny("train.steps=5", "train.log_every=4", "align.stop_step=3"), tmp_path / "r")
+    resumed.run()
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "loss/align" in r) for r in rows] == [(2, True), (3, True), (4, False), (5, False)]
+    assert (tmp_path / "r" / "losses.png").exists()
+    for name in ("model", "aligner"):
+        for k, v in getattr(stopped.parts, name).state_dict().items():
+            assert torch.equal(v, getattr(resumed.parts, name).state_dict()[k]), f"{name}.{k} differs after resume"
+    with pytest.raises(ValueError, match="align.stop_step=-1"):
+        Trainer(tiny("align.stop_step=-1"), tmp_path / "bad")
 
 
 def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):

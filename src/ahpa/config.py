@@ -75,6 +75,9 @@ class AlignCfg:
     # sees each level against its own usual loss at that t, i.e. which level is improving
     router_t_bins: int = 1
     snr_width: float = 0.25  # width of each level's window on t in the fixed snr schedule
+    # 0: align for the whole run. N > 0: from step N on, train on the flow loss alone (HASTE's "termination",
+    # Wang et al. 2025: REPA speeds up early training and can hold it back later); the aligner is no longer run
+    stop_step: int = 0
 
 
 @dataclass

@@ -200,19 +200,24 @@ class Trainer:
             draws["posterior"] = torch.randn((n, *latent_shape), generator=g, device=dev)
         return draws
 
-    def _loss(self, batch: PriorBatch, d: dict[str, torch.Tensor]):
+    def aligning(self, step: int) -> bool:
+        """Whether step `step` has the alignment loss (align.stop_step ends it; the aligner is then not run)."""
+        stop = self.cfg.align.stop_step
+        return self.parts.aligner is not None and (stop == 0 or step < stop)
+
+    def _loss(self, batch: PriorBatch, d: dict[str, torch.Tensor], align_on: bool):
         p, c = self.parts, self.cfg
         x = p.stats.latent.apply(batch.latent, channel_dim=1)
         y = torch.where(d["drop"], torch.full_like(batch.labels, p.model.null_class), batch.labels)
         x_t = self.path.interpolate(x, d["eps"], d["t"])
         target = self.path.velocity(x, d["eps"], d["t"])
-        taps = (c.align.depth,) if p.aligner is not None else ()
+        taps = (c.align.depth,) if align_on else ()
         with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
             pred, hidden = self.net(x_t, d["t"], y, taps)
         flow = (pred.float() - target).pow(2).mean()
         metrics = {"loss/flow": flow.detach()}
         loss = flow
-        if p.aligner is not None:
+        if align_on:
             if p.external is not None:
                 with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
                     targets = [p.external(batch.images, p.grid)]
@@ -234,13 +239,14 @@ class Trainer:
         for g in p.optimizer.param_groups:
             g["lr"] = self._lr(step)
         p.model.train()
-        if p.aligner is not None:
+        align_on = self.aligning(step)
+        if align_on:
             p.aligner.train()
         totals: dict[str, torch.Tensor] = {}
         for a, sl in enumerate(micro_batches(B, self.rank, self.world, accum)):
             d = {k: v[sl] for k, v in draws.items()}
             with self._no_sync(last=a == accum - 1):
-                loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d.get("posterior")), d)
+                loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d.get("posterior")), d, align_on)
                 (loss / accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v / accum
@@ -349,7 +355,8 @@ class Trainer:
                     sums[k] = sums.get(k, 0) + v
                 count += 1
                 done = self.step == c.train.steps
-                if self.step % c.train.log_every == 0 or done:
+                # a window ends where alignment stops, so no logged mean mixes steps with and without it
+                if self.step % c.train.log_every == 0 or done or self.step == c.align.stop_step:
                     last = self._log_row(sums, count, t0)
                     if self.bad_run.item() >= c.train.max_bad_steps:
                         raise TooManyBadSteps(

@@ -64,16 +64,19 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     x = [r["images"] for r in rows]
     axes[0].plot(x, [r["loss/flow"] for r in rows], label="flow")
-    if rows and "loss/align" in rows[0]:
-        axes[0].plot(x, [r["loss/align"] for r in rows], label="align (weighted)")
+    # alignment rows end where align.stop_step ends alignment
+    aligned = [r for r in rows if "loss/align" in r]
+    if aligned:
+        axes[0].plot([r["images"] for r in aligned], [r["loss/align"] for r in aligned], label="align (weighted)")
     axes[0].set_xlabel("training images")
     axes[0].set_yscale("log")
     axes[0].legend()
     axes[0].set_title("losses")
-    if rows and "align/level_loss" in rows[0]:
-        per = np.array([r["align/level_loss"] for r in rows])  # [T, K]
+    leveled = [r for r in rows if "align/level_loss" in r]
+    if leveled:
+        per = np.array([r["align/level_loss"] for r in leveled])  # [T, K]
         for k in range(per.shape[1]):
-            axes[1].plot(x, per[:, k], label=(level_names or [str(i) for i in range(per.shape[1])])[k])
+            axes[1].plot([r["images"] for r in leveled], per[:, k], label=(level_names or [str(i) for i in range(per.shape[1])])[k])
         axes[1].legend(fontsize=8)
         axes[1].set_title("per-level alignment loss")
         axes[1].set_xlabel("training images")

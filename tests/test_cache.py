@@ -123,6 +123,21 @@ def test_training_round_trip_from_cache(stored_cache, tmp_path):
     assert torch.equal(a.latent, b.latent) and all(torch.equal(a.levels[n], b.levels[n]) for n in LEVELS)
 
 
+def test_cache_stops_reading_levels_when_alignment_stops(stored_cache, tmp_path):
+    """align.stop_step: from the stop on, the cache (prefetching in its thread) gathers the latent alone, and
+    the latent it serves is the same as before."""
+    from ahpa.train.loop import Trainer
+
+    trainer = Trainer(_cfg(stored_cache, **{"align.stop_step": 2, "train.steps": 4}), tmp_path / "run")
+    src, idx, flip = trainer.parts.source, torch.tensor([7, 2, 19]), torch.tensor([True, False, True])
+    before = src.fetch(idx, flip, None)
+    trainer.run()
+    assert src.levels == [] and src.fields == ["latent_mean"]
+    after = src.fetch(idx, flip, None)
+    assert after.levels == {} and torch.equal(after.latent, before.latent)
+    assert trainer.parts.levels == LEVELS  # the run's levels (logs, router plots) are unchanged
+
+
 def test_open_cache_refuses_mismatches_naming_the_field(stored_cache, taef2):
     from ahpa.align import get_method
     from ahpa.data.cache import cache_overview

@@ -142,8 +142,7 @@ class CacheSource:
         self.has_logvar = "logvar" in manifest["latent"]["moments"]
         self.samples_posterior = self.has_logvar  # whether fetch uses posterior noise
         fields = manifest["fields"]
-        wanted = ["latent_mean"] + (["latent_logvar"] if self.has_logvar else [])
-        wanted += [f"level.{n}" for n in self.levels if n != "latent"]
+        wanted = self._fields(self.levels)
         variants = [""] + (["flip."] if self.flips == "stored" else [])
         self.fields = wanted
         self.specs = {f: fields[f] for f in wanted}
@@ -164,6 +163,17 @@ class CacheSource:
         self.labels = torch.from_numpy(np.concatenate(labels)[: self.length].astype(np.int64))  # [N], small: in memory
         self.prefetcher: Prefetcher[HostRows] | None = None
         self.copy_stream: torch.cuda.Stream | None = None  # the prefetch thread's transfers (CUDA only)
+
+    def _fields(self, levels: list[str]) -> list[str]:
+        """The stored fields a batch with these levels reads."""
+        return (["latent_mean"] + (["latent_logvar"] if self.has_logvar else [])
+                + [f"level.{n}" for n in levels if n != "latent"])
+
+    def keep_levels(self, levels: list[str]) -> None:
+        """From now on read and return only these of the levels (align.stop_step: none, only the latent is read).
+        A batch the prefetch thread gathered before still holds the others; they are ignored."""
+        self.levels = [l for l in self.levels if l in levels]
+        self.fields = self._fields(self.levels)  # one assignment: the prefetch thread sees the old list or the new
 
     @staticmethod
     def _map(shard_dir: Path, shard: dict, field: str, spec: dict) -> np.memmap:

@@ -111,8 +111,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     real = Trainer._loss
     poisoned = {1}
 
-    def loss(self, batch, d):
-        value, metrics = real(self, batch, d)
+    def loss(self, batch, d, align_on):
+        value, metrics = real(self, batch, d, align_on)
         return (value * float("nan"), metrics) if self.step in poisoned else (value, metrics)
 
     monkeypatch.setattr(Trainer, "_loss", loss)

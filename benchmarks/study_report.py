@@ -228,6 +228,7 @@ def plot_levels(series, batch: int, path: Path, methods: list[str]) -> bool:
     for ax in axes.flat[len(aligned):]:
         ax.axis("off")
     for ax, ((m, seed), rs) in zip(axes.flat, aligned):
+        rs = [r for r in rs if "align/level_loss" in r["metrics"]]  # a run with align.stop_step has none after it
         x = [r["images"] for r in rs]
         losses = np.array([r["metrics"]["align/level_loss"] for r in rs]).reshape(len(rs), -1)  # [points, K]
         for k, name in enumerate(rs[0]["levels"]):

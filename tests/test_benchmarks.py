@@ -189,3 +189,17 @@ def test_study_window_means_average_a_stopped_metric_over_its_own_steps(monkeypa
     row = study.window_means(sums, 4, seen)
     assert row["loss/flow"] == pytest.approx(2.0) and row["loss/align"] == pytest.approx(0.4)
     assert row["align/level_loss"] == pytest.approx([0.2, 0.6]) and row["skipped_steps"] == 0
+
+
+def test_study_report_plots_level_losses_of_a_run_whose_alignment_stopped(monkeypatch, tmp_path):
+    """Evaluation rows after align.stop_step carry no per-level losses: the plot draws the rows that have them."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import plot_levels
+
+    def row(step, metrics):
+        return {"step": step, "images": 32 * step, "levels": ["latent", "stage2"], "metrics": metrics}
+
+    series = {("ahpa-soft[stop_step=2]", 0): [row(1, {"align/level_loss": [0.3, 0.5]}), row(2, {"align/level_loss": [0.2, 0.4]}),
+                                               row(3, {"loss/flow": 1.0})]}
+    assert plot_levels(series, 32, tmp_path / "levels.png", ["ahpa-soft[stop_step=2]"])
+    assert (tmp_path / "levels.png").stat().st_size > 0

@@ -90,6 +90,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
                              + f" | {fmt(run and run['ms_per_step_steady'], 1)} | {'yes' if run else 'no'} |")
         lines.append("")
     lines += paired_with_none(series, metrics, methods)
+    lines += paired_with_base(series, metrics, methods)
     lines += steps_to_match_none(series, metrics, methods)
     for metric in metrics:
         name = f"fd-{metric}-{key}.png"
@@ -126,28 +127,39 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
 def paired_with_none(series, metrics: list[str], methods: list[str]) -> list[str]:
     """Each method minus vanilla SiT of the same seed, at the last step both reached: runs of one seed share the
     initial weights, the batches and the noise, so the difference carries less of the seed-to-seed spread."""
-    if not any(m == "none" for m, _ in series):
-        return []
-    lines = ["**Paired with vanilla SiT**: a method's FD minus `none`'s FD of the same seed, at the last step both "
-             "reached (the seeds that reached it); mean over those seeds, then each seed (negative = better than vanilla SiT):", "",
-             "| method | step | seeds | " + " | ".join(f"{m} minus none" for m in metrics) + " |",
+    pairs = [(m, "none") for m in methods if m != "none"]
+    return paired(series, metrics, pairs, "**Paired with vanilla SiT**: a method's FD minus `none`'s FD of the same "
+                  "seed, at the last step both reached (the seeds that reached it); mean over those seeds, then each "
+                  "seed (negative = better than vanilla SiT):", "none")
+
+
+def paired_with_base(series, metrics: list[str], methods: list[str]) -> list[str]:
+    """Each ablation (`method[variant]`) minus its own method without the variant, same seed: what the variant
+    alone changed."""
+    pairs = [(m, m.partition("[")[0]) for m in methods if "[" in m and m.partition("[")[0] in methods]
+    return paired(series, metrics, pairs, "**Ablations paired with their method**: `method[variant]` minus `method` of "
+                  "the same seed, at the last step both reached; mean over seeds, then each seed (negative = the "
+                  "variant did better):", "method")
+
+
+def paired(series, metrics: list[str], pairs: list[tuple[str, str]], title: str, base_name: str) -> list[str]:
+    """A table of FD differences (method minus base) per pair, same seed, at the furthest step both reached."""
+    lines = [title, "", "| method | step | seeds | " + " | ".join(f"{m} minus {base_name}" for m in metrics) + " |",
              "|---|---|---|" + "---|" * len(metrics)]
-    for m in methods:
-        if m == "none":
-            continue
-        seeds = sorted(s for mm, s in series if mm == m and ("none", s) in series)
-        common = {s: {r["step"] for r in series[(m, s)]} & {r["step"] for r in series[("none", s)]} for s in seeds}
+    for m, base in pairs:
+        seeds = sorted(s for mm, s in series if mm == m and (base, s) in series)
+        common = {s: {r["step"] for r in series[(m, s)]} & {r["step"] for r in series[(base, s)]} for s in seeds}
         if not any(common.values()):
             continue
         step = max(max(c) for c in common.values() if c)  # the furthest step; the seeds that reached it
         seeds = [s for s in seeds if step in common[s]]
-        at = {(mm, s): next(r for r in series[(mm, s)] if r["step"] == step) for s in seeds for mm in (m, "none")}
+        at = {(mm, s): next(r for r in series[(mm, s)] if r["step"] == step) for s in seeds for mm in (m, base)}
         cells = []
         for metric in metrics:
-            d = [at[(m, s)]["fd"][metric] - at[("none", s)]["fd"][metric] for s in seeds]
+            d = [at[(m, s)]["fd"][metric] - at[(base, s)]["fd"][metric] for s in seeds]
             cells.append(f"{statistics.mean(d):+.3f} (" + " / ".join(f"{x:+.3f}" for x in d) + ")")
         lines.append(f"| {m} | {step} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + [""] if len(lines) > 4 else []
 
 
 def step_reaching(points: list[tuple[int, float]], target: float) -> tuple[str, float]:

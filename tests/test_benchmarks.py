@@ -203,3 +203,21 @@ def test_study_report_plots_level_losses_of_a_run_whose_alignment_stopped(monkey
                                                row(3, {"loss/flow": 1.0})]}
     assert plot_levels(series, 32, tmp_path / "levels.png", ["ahpa-soft[stop_step=2]"])
     assert (tmp_path / "levels.png").stat().st_size > 0
+
+
+def test_study_report_pairs_each_ablation_with_its_own_method(monkeypatch):
+    """`method[variant]` is compared with `method` of the same seed (what the variant alone changed), at the
+    furthest step both reached; a variant without its method in the results has no row."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import paired_with_base
+
+    def rows(fds):
+        return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
+
+    series = {("ahpa-soft", 0): rows([10.0, 9.0]), ("ahpa-soft[stop_step=1000]", 0): rows([10.0, 9.25]),
+              ("ahpa-soft", 1): rows([10.0, 9.5]), ("ahpa-soft[stop_step=1000]", 1): rows([10.0, 9.55]),
+              ("stage2[weight=1.5]", 0): rows([9.0, 8.0])}
+    methods = ["ahpa-soft", "ahpa-soft[stop_step=1000]", "stage2[weight=1.5]"]
+    table = "\n".join(paired_with_base(series, ["FD-r20"], methods))
+    assert "| ahpa-soft[stop_step=1000] | 2000 | 0, 1 | +0.150 (+0.250 / +0.050) |" in table
+    assert "stage2[weight=1.5]" not in table

@@ -206,13 +206,14 @@ class CacheSource:
         groups = np.flatnonzero(np.diff(key[order], prepend=-1))  # start of each group in `order`
         bounds = np.append(groups, len(order))
         out, views = {}, {}
-        for f in self.fields:
+        fields = self.fields  # once: keep_levels may shorten the list while the prefetch thread is here
+        for f in fields:
             out[f], views[f] = self._host_buffer(len(idx), f)
         for a, b in zip(bounds[:-1], bounds[1:]):
             sel = order[a:b]
             s, v = int(shard[sel[0]]), int(variant[sel[0]])
             maps = self.maps["flip." if v else ""]
-            for f in self.fields:
+            for f in fields:
                 views[f][sel] = maps[f][s][local[sel]]
         return out
 

@@ -324,6 +324,9 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
+    if args.variant and "none" in methods:  # vanilla SiT reads no alignment switch: it would be a mislabelled copy
+        raise SystemExit(f"--variant {' '.join(args.variant)} changes the alignment, which 'none' does not have: run "
+                         f"'none' in a job of its own (its rows serve every variant of the same study key)")
     started = time.perf_counter()
     detectors = [load_detector(spec, device) for spec in args.detectors.split(",")]
     refs = [reference(d, args) for d in detectors]

@@ -71,6 +71,10 @@ def test_study_smoke_merges_into_a_report(tmp_path):
                          capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert bad.returncode != 0 and "train.lr=1" in bad.stderr
+    with_none = subprocess.run([sys.executable, "benchmarks/study.py", "--methods", "none,ahpa-soft", "--variant",
+                                "align.weight=1.5", "--results", str(results)], capture_output=True, text=True, cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert with_none.returncode != 0 and "'none' does not have" in with_none.stderr  # nothing written for it
     _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
     text = (tmp_path / "report" / "README.md").read_text()
     assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[router_entropy=0,weight=1.5] | 0 |" in text

@@ -144,8 +144,7 @@ def paired_with_base(series, metrics: list[str], methods: list[str]) -> list[str
 
 def paired(series, metrics: list[str], pairs: list[tuple[str, str]], title: str, base_name: str) -> list[str]:
     """A table of FD differences (method minus base) per pair, same seed, at the furthest step both reached."""
-    lines = [title, "", "| method | step | seeds | " + " | ".join(f"{m} minus {base_name}" for m in metrics) + " |",
-             "|---|---|---|" + "---|" * len(metrics)]
+    rows = []
     for m, base in pairs:
         seeds = sorted(s for mm, s in series if mm == m and (base, s) in series)
         common = {s: {r["step"] for r in series[(m, s)]} & {r["step"] for r in series[(base, s)]} for s in seeds}
@@ -158,8 +157,11 @@ def paired(series, metrics: list[str], pairs: list[tuple[str, str]], title: str,
         for metric in metrics:
             d = [at[(m, s)]["fd"][metric] - at[(base, s)]["fd"][metric] for s in seeds]
             cells.append(f"{statistics.mean(d):+.3f} (" + " / ".join(f"{x:+.3f}" for x in d) + ")")
-        lines.append(f"| {m} | {step} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
-    return lines + [""] if len(lines) > 4 else []
+        rows.append(f"| {m} | {step} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [title, "", "| method | step | seeds | " + " | ".join(f"{m} minus {base_name}" for m in metrics) + " |",
+            "|---|---|---|" + "---|" * len(metrics), *rows, ""]
 
 
 def step_reaching(points: list[tuple[int, float]], target: float) -> tuple[str, float]:

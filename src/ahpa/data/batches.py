@@ -52,9 +52,9 @@ class OnTheFly:
     def __len__(self) -> int:
         return len(self.data)
 
-    def keep_levels(self, levels: list[str]) -> None:
-        """From now on encode and return only these of the levels (align.stop_step: none)."""
-        self.levels = [l for l in self.levels if l in levels]
+    def drop_levels(self) -> None:
+        """From now on encode and return the latent alone (align.stop_step)."""
+        self.levels = []
 
     @torch.no_grad()
     def fetch(self, idx: torch.Tensor, flip: torch.Tensor | None, posterior_noise: torch.Tensor | None) -> PriorBatch:

@@ -169,10 +169,10 @@ class CacheSource:
         return (["latent_mean"] + (["latent_logvar"] if self.has_logvar else [])
                 + [f"level.{n}" for n in levels if n != "latent"])
 
-    def keep_levels(self, levels: list[str]) -> None:
-        """From now on read and return only these of the levels (align.stop_step: none, only the latent is read).
-        A batch the prefetch thread gathered before still holds the others; they are ignored."""
-        self.levels = [l for l in self.levels if l in levels]
+    def drop_levels(self) -> None:
+        """From now on read and return the latent alone (align.stop_step). A batch the prefetch thread gathered
+        before still holds the levels; they are ignored."""
+        self.levels = []
         self.fields = self._fields(self.levels)  # one assignment: the prefetch thread sees the old list or the new
 
     @staticmethod
@@ -206,7 +206,7 @@ class CacheSource:
         groups = np.flatnonzero(np.diff(key[order], prepend=-1))  # start of each group in `order`
         bounds = np.append(groups, len(order))
         out, views = {}, {}
-        fields = self.fields  # once: keep_levels may shorten the list while the prefetch thread is here
+        fields = self.fields  # once: drop_levels may shorten the list while the prefetch thread is here
         for f in fields:
             out[f], views[f] = self._host_buffer(len(idx), f)
         for a, b in zip(bounds[:-1], bounds[1:]):

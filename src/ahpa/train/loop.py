@@ -243,7 +243,7 @@ class Trainer:
         if align_on:
             p.aligner.train()
         elif p.source.levels:  # alignment has stopped (align.stop_step): the priors are no longer read
-            p.source.keep_levels([])
+            p.source.drop_levels()
         totals: dict[str, torch.Tensor] = {}
         for a, sl in enumerate(micro_batches(B, self.rank, self.world, accum)):
             d = {k: v[sl] for k, v in draws.items()}

@@ -302,6 +302,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cache", type=Path, help="TAEF2 cache directory (default: a per-size folder in the temp dir)")
     ap.add_argument("--workers", type=int, default=2, help="prepare's decoding processes")
     ap.add_argument("--budget-s", type=float, default=0, help="start no method whose projected time would pass this")
+    ap.add_argument("--lanes", type=int, default=1,
+                    help="how many study processes share the device (recorded with every row: ms/step is measured under "
+                         "that contention; benchmarks/study_gpu_job.sh runs several)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; see throughput.py --threads)")
     args = ap.parse_args(argv)
@@ -333,7 +336,8 @@ def main() -> None:
     if args.refs_only:
         return
     env = {**benchlib.device_info(device), "command": benchlib.command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "compile": args.compile == "on"}
+           "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "compile": args.compile == "on",
+           "lanes": args.lanes}
     cache = ensure_cache(args, device)
     print(f"cache: {cache}", flush=True)
     last_cost = None

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # One GPU job of the convergence study (docs/study.md). Run from the repository root on the device machine:
 #
-#     bash benchmarks/study_gpu_job.sh METHODS STEPS [SEED] [EVAL_EVERY] [study.py flags...]
-#     bash benchmarks/study_gpu_job.sh none,ahpa-soft 8000 0 2000      # the first comparison (docs/study.md)
+#     bash benchmarks/study_gpu_job.sh STEPS SEED EVAL_EVERY LANE [LANE ...]
+#     bash benchmarks/study_gpu_job.sh 8000 0 2000 "--methods none" "--methods ahpa-soft" \
+#         "--methods ahpa-soft --variant align.weight=1.5"
 #
-# Runs are compiled (--compile on): eager, SiT-S/1's step was bound by the host (45.9 ms on an H200 for ~2.2 TFLOP).
+# Each LANE is the study.py flags of one process (its --methods run one after another); the lanes run at the same
+# time on the one GPU. SiT-S/1 at batch 256 leaves most of an H200 idle (eager, its step was bound by the host:
+# 45.9 ms for ~2.2 TFLOP), so lanes side by side finish more runs in a job than one process would. Every row
+# records how many lanes shared the device: a lane's ms/step is measured under that contention.
+# Runs are compiled (--compile on). A lane whose compiled run fails before its first evaluation is run again
+# eager in the time left (and says so in the log), so that one compiler failure does not cost the whole job.
 #
 # The machine has none of ../shared: copy the three inputs (54 MB) into an ignored folder first, here,
 # and name it in the run's carry (the working tree that travels is limited to 64 MiB):
@@ -12,23 +18,64 @@
 #     mkdir -p .carry/detectors && cp ../shared/data/cifar10/train16k.npz .carry/ && cp -r ../shared/weights/taef2 .carry/ \
 #         && cp ../shared/detectors/cifar10-resnet2*.pt ../shared/detectors/cifar10-resnet3*.pt .carry/detectors/
 # The reference statistics of the full training set are committed (benchmarks/results/study/ref), so train.npz
-# does not travel. Results (one JSON line per evaluation point, a sample grid per method, the log) go to $OUT;
-# commit the .jsonl under benchmarks/results/study/ and rerun benchmarks/study_report.py.
+# does not travel. What comes back in $OUT (at most 8 files): study.jsonl (every lane's rows: one per evaluation
+# point, one per finished run), study.log (every lane's log, in lane order), env.txt and one sample grid per
+# finished run. Append study.jsonl to docs/study/gpu/results.jsonl and rerun benchmarks/study_report.py.
+#
+# STUDY_LIMIT_S (default 530) is when every lane is stopped, counted from the job's start: keep it under the
+# device call's timeout_s, with ~30 s for the merge. STUDY_FLAGS adds flags to every lane (argparse keeps the
+# last), e.g. STUDY_FLAGS="--size smoke --device cpu --compile off" for a rehearsal on a CPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/ahpa-study-out}
 SRC=${STUDY_INPUTS:-.carry}
+LIMIT_S=${STUDY_LIMIT_S:-530}
+WORK=$(mktemp -d /tmp/ahpa-study-lanes.XXXX)
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-methods=${1:?methods, e.g. none,ahpa-soft}
-steps=${2:?steps per method}
-seed=${3:-0}
-every=${4:-2000}
-shift $(( $# < 4 ? $# : 4 ))  # the rest goes to study.py (argparse keeps the last), e.g. --eval-num 5000
-tag="${methods//,/_}-s${steps}-seed${seed}"
+steps=${1:?steps per run}
+seed=${2:?seed}
+every=${3:?evaluate every N steps}
+shift 3
+lanes=$#
+(( lanes > 0 )) || { echo "no lane: give each process's study.py flags as one argument, e.g. \"--methods none\""; exit 2; }
+read -ra extra <<< "${STUDY_FLAGS:-}"
+common=(--size gpu --steps "$steps" --seed "$seed" --eval-every "$every"
+        --data "$SRC/train16k.npz" --encoder "taef2:$SRC/taef2"
+        --detectors "torchscript:$SRC/detectors/cifar10-resnet20.pt,torchscript:$SRC/detectors/cifar10-resnet32.pt"
+        --ref-images /nonexistent --cache /tmp/ahpa-study-cache --workers 8 --compile on --lanes "$lanes")
 start=$(date +%s)
-python3 benchmarks/study.py --size gpu --methods "$methods" --steps "$steps" --seed "$seed" --eval-every "$every" \
-    --data "$SRC/train16k.npz" --encoder "taef2:$SRC/taef2" \
-    --detectors "torchscript:$SRC/detectors/cifar10-resnet20.pt,torchscript:$SRC/detectors/cifar10-resnet32.pt" \
-    --ref-images /nonexistent --cache /tmp/ahpa-study-cache --workers 8 --budget-s 540 --compile on \
-    --results "$OUT/study-$tag.jsonl" "$@" 2>&1 | tee "$OUT/study-$tag.log"
-echo "study job took $(( $(date +%s) - start )) s" | tee -a "$OUT/study-$tag.log"
+left() { echo $(( LIMIT_S - ($(date +%s) - start) )); }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; nproc; \
+  python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } > "$OUT/env.txt" 2>&1
+# the cache first, in one process: lanes started together would each prepare it
+python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --methods "" --results "$WORK/prep.jsonl" > "$WORK/lane0.log" 2>&1 \
+    || { cat "$WORK/lane0.log"; cp "$WORK/lane0.log" "$OUT/study.log"; exit 1; }
+threads=$(( $(nproc) / lanes ))
+lane() {  # lane() INDEX FLAGS: one process, and its eager rerun if the compiled one fails before any evaluation
+    local i=$1 log="$WORK/lane$1.log" rows="$WORK/lane$1/study.jsonl" flags rc
+    read -ra flags <<< "$2"
+    mkdir -p "$WORK/lane$i"
+    echo "lane $i: $2" > "$log"
+    (( $(left) > 0 )) || { echo "lane $i: no time left" >> "$log"; return; }  # (timeout 0 would mean no limit)
+    OMP_NUM_THREADS=$threads timeout "$(left)" python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --budget-s "$(left)" \
+        "${flags[@]}" --results "$rows" >> "$log" 2>&1
+    rc=$?
+    if (( rc != 0 && rc != 124 && $(left) > 0 )) && ! grep -q '"kind": "eval"' "$rows" 2>/dev/null; then
+        echo "lane $i: the compiled run failed (exit $rc) before its first evaluation; again eager, $(left) s left" >> "$log"
+        OMP_NUM_THREADS=$threads timeout "$(left)" python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --budget-s "$(left)" \
+            "${flags[@]}" --compile off --results "$rows" >> "$log" 2>&1
+        rc=$?
+    fi
+    echo "lane $i: exit $rc after $(( $(date +%s) - start )) s" >> "$log"
+}
+i=0
+for flags in "$@"; do
+    i=$(( i + 1 ))
+    lane "$i" "$flags" &
+done
+wait
+cat "$WORK"/lane*/study.jsonl > "$OUT/study.jsonl" 2>/dev/null
+cat "$WORK"/lane*.log > "$OUT/study.log"
+cp "$WORK"/lane*/samples-*.png "$OUT/" 2>/dev/null
+echo "study job: $lanes lanes, $(( $(date +%s) - start )) s" | tee -a "$OUT/study.log"
+grep -h "step\|exit\|failed\|Error" "$WORK"/lane*.log | tail -40

@@ -6,11 +6,15 @@
 #         "--methods ahpa-soft --variant align.weight=1.5"
 #
 # Each LANE is the study.py flags of one process (its --methods run one after another); the lanes run at the same
-# time on the one GPU. SiT-S/1 at batch 256 leaves most of an H200 idle (eager, its step was bound by the host:
-# 45.9 ms for ~2.2 TFLOP), so lanes side by side finish more runs in a job than one process would. Every row
-# records how many lanes shared the device: a lane's ms/step is measured under that contention.
-# Runs are compiled (--compile on). A lane whose compiled run fails before its first evaluation is run again
-# eager in the time left (and says so in the log), so that one compiler failure does not cost the whole job.
+# time on the one GPU. SiT-S/1 at batch 256 leaves much of an H200 idle (its step is bound by the host), so lanes
+# side by side finish more steps in a job than one process would: three lanes compiled without CUDA graphs made
+# ~1.6x the training steps per second of the same runs one after another (sixth
+# session, docs/study.md). Every row records how many lanes shared the device: a lane's ms/step is measured
+# under that contention.
+# Runs are compiled with CUDA graphs (--compile on --compile-mode reduce-overhead): alone on an H200, SiT-S/1's
+# step took 15.0 ms (ahpa-soft 19.3) against 27.9 (32.1) compiled without them (docs/study.md, sixth session).
+# A lane whose run fails before its first evaluation is run again in the time left with torch.compile's default
+# mode (and says so in the log), so that one CUDA-graph failure does not cost the whole job.
 #
 # The machine has none of ../shared: copy the three inputs (54 MB) into an ignored folder first, here,
 # and name it in the run's carry (the working tree that travels is limited to 64 MiB):
@@ -23,7 +27,7 @@
 # finished run. Append study.jsonl to docs/study/gpu/results.jsonl and rerun benchmarks/study_report.py.
 #
 # STUDY_LIMIT_S (default 530) is when every lane is stopped, counted from the job's start: keep it under the
-# device call's timeout_s, with ~30 s for the merge. STUDY_FLAGS adds flags to every lane (argparse keeps the
+# device call's timeout_s, with a few seconds for the merge. STUDY_FLAGS adds flags to every lane (argparse keeps the
 # last), e.g. STUDY_FLAGS="--size smoke --device cpu --compile off" for a rehearsal on a CPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/ahpa-study-out}
@@ -42,7 +46,7 @@ read -ra extra <<< "${STUDY_FLAGS:-}"
 common=(--size gpu --steps "$steps" --seed "$seed" --eval-every "$every"
         --data "$SRC/train16k.npz" --encoder "taef2:$SRC/taef2"
         --detectors "torchscript:$SRC/detectors/cifar10-resnet20.pt,torchscript:$SRC/detectors/cifar10-resnet32.pt"
-        --ref-images /nonexistent --cache /tmp/ahpa-study-cache --workers 8 --compile on --lanes "$lanes")
+        --ref-images /nonexistent --cache /tmp/ahpa-study-cache --workers 8 --compile on --compile-mode reduce-overhead --lanes "$lanes")
 start=$(date +%s)
 left() { echo $(( LIMIT_S - ($(date +%s) - start) )); }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; nproc; \
@@ -51,7 +55,7 @@ left() { echo $(( LIMIT_S - ($(date +%s) - start) )); }
 python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --methods "" --results "$WORK/prep.jsonl" > "$WORK/lane0.log" 2>&1 \
     || { cat "$WORK/lane0.log"; cp "$WORK/lane0.log" "$OUT/study.log"; exit 1; }
 threads=$(( $(nproc) / lanes ))
-lane() {  # lane() INDEX FLAGS: one process, and its eager rerun if the compiled one fails before any evaluation
+lane() {  # lane() INDEX FLAGS: one process, and its rerun without CUDA graphs if it fails before any evaluation
     local i=$1 log="$WORK/lane$1.log" rows="$WORK/lane$1/study.jsonl" flags rc
     read -ra flags <<< "$2"
     mkdir -p "$WORK/lane$i"
@@ -61,9 +65,9 @@ lane() {  # lane() INDEX FLAGS: one process, and its eager rerun if the compiled
         "${flags[@]}" --results "$rows" >> "$log" 2>&1
     rc=$?
     if (( rc != 0 && rc != 124 && $(left) > 0 )) && ! grep -q '"kind": "eval"' "$rows" 2>/dev/null; then
-        echo "lane $i: the compiled run failed (exit $rc) before its first evaluation; again eager, $(left) s left" >> "$log"
+        echo "lane $i: the run failed (exit $rc) before its first evaluation; again without CUDA graphs, $(left) s left" >> "$log"
         OMP_NUM_THREADS=$threads timeout "$(left)" python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --budget-s "$(left)" \
-            "${flags[@]}" --compile off --results "$rows" >> "$log" 2>&1
+            "${flags[@]}" --compile-mode default --results "$rows" >> "$log" 2>&1
         rc=$?
     fi
     echo "lane $i: exit $rc after $(( $(date +%s) - start )) s" >> "$log"

@@ -76,6 +76,10 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
               f"evaluation: {cfg.get('study.eval_num')} class-balanced EMA samples, Euler 50 steps, no guidance. "
               f"Device: {any_row.get('device')}, torch {any_row.get('torch')}, {any_row.get('precision')}.", ""]
     lines += [f"Command (one job): `{any_row.get('command')}`", ""]
+    lanes = sorted({r.get("lanes", 1) for r in rows.values()})
+    if lanes != [1]:  # benchmarks/study_gpu_job.sh runs several study processes on one device at once
+        lines += [f"Timings: {' or '.join(map(str, lanes))} study processes (lanes) shared the device, so ms/step and "
+                  "evaluation times are measured under that contention: compare them within one job only.", ""]
     for metric in metrics:
         lines += [f"**{metric}** (lower is better) at training step (images seen = step x batch):", ""]
         lines += ["| method | seed | " + " | ".join(str(s) for s in steps) + " | steady ms/step | complete |",

@@ -84,6 +84,37 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     assert f"| ahpa-soft | 4 | 0 | {fd['ahpa-soft'] - fd['none']:+.3f} ({fd['ahpa-soft'] - fd['none']:+.3f}) |" in text
 
 
+@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
+def test_study_gpu_job_runs_lanes_side_by_side_and_merges_them(tmp_path):
+    """The device job script, rehearsed on the CPU at the smoke size: lanes run at once, every row knows how many
+    shared the device, one merged study.jsonl/log comes back, and a lane that fails before its first evaluation is
+    run again without CUDA graphs instead of costing the job."""
+    inputs = tmp_path / "inputs"  # the layout the job expects in .carry/
+    (inputs / "detectors").mkdir(parents=True)
+    (inputs / "train16k.npz").symlink_to(SHARED / "data/cifar10/train16k.npz")
+    (inputs / "taef2").symlink_to(SHARED / "weights/taef2")
+    for name in ("cifar10-resnet20.pt", "cifar10-resnet32.pt"):
+        (inputs / "detectors" / name).symlink_to(SHARED / "detectors" / name)
+    out = tmp_path / "out"
+    flags = (f"--size smoke --device cpu --compile off --cache {tmp_path / 'cache'} --workers 1 --eval-num 20 "
+             "--eval-batch 10 --grid-images 4")
+    env = {**os.environ, "OUT": str(out), "STUDY_INPUTS": str(inputs), "STUDY_LIMIT_S": "400", "STUDY_FLAGS": flags,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # lane 2's first try fails before any evaluation (the config refuses the mode); its rerun without CUDA graphs
+    # (--compile-mode default; argparse keeps the last) trains, eagerly here
+    job = subprocess.run(["bash", "benchmarks/study_gpu_job.sh", "4", "0", "2", "--methods none",
+                          "--methods vae-level --level stage2 --variant align.weight=1.5 --compile-mode bogus"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "study.jsonl").read_text().splitlines()]
+    evals = [(r["method"], r["step"]) for r in rows if r["kind"] == "eval"]
+    assert sorted(evals) == [("none", 2), ("none", 4), ("vae-level:stage2[weight=1.5]", 2), ("vae-level:stage2[weight=1.5]", 4)]
+    assert {r["lanes"] for r in rows} == {2} and len({r["study"] for r in rows if r["kind"] == "eval"}) == 1
+    log = (out / "study.log").read_text()
+    assert "lane 2: the run failed" in log and "lane 1: exit 0" in log and "lane 2: exit 0" in log
+    assert len(list(out.glob("samples-*.png"))) == 2 and (out / "env.txt").is_file()
+
+
 def test_throughput_tiny_records_checkpointing_and_prefetch(tmp_path):
     out = tmp_path / "tp.json"
     _run(["benchmarks/throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached,repa",

@@ -19,6 +19,9 @@
 #                                           # by side (~3-4 min estimated: two compiles of the forward)
 #     bash benchmarks/gpu_job.sh on-the-fly # none and ahpa-on-the-fly, eager and compiled, B/2 and XL/2: needs
 #                                           # the diffusers wheel carried in .whl/ (see below)
+#     bash benchmarks/gpu_job.sh cudagraphs # B/2 none and ahpa-cached compiled in the default mode, then with CUDA
+#                                           # graphs (reduce-overhead), side by side; SiT-S/1 gained 1.7-1.9x from them
+#                                           # (docs/study.md), B/2 is the size whose targets are unmet (~4 min estimated)
 #
 # For on-the-fly, here first (diffusers is pure Python; its other needs are on the machine already):
 #     echo /.whl/ >> .git/info/exclude
@@ -41,8 +44,8 @@ start=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
   python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], torch.cuda.get_device_name())"; \
 } 2>&1 | tee "$OUT/env_$job.txt"
-bench() { python3 benchmarks/throughput.py --size gpu --work-dir /tmp/ahpa-bench --out "$OUT/throughput_$job.json" "$@" "${EXTRA[@]}" 2>&1 \
-          | tee "$OUT/throughput_$job.log"; }
+bench() { python3 benchmarks/throughput.py --size gpu --work-dir /tmp/ahpa-bench --out "$OUT/throughput_$job${TAG:+_$TAG}.json" \
+              "$@" "${EXTRA[@]}" 2>&1 | tee -a "$OUT/throughput_$job.log"; }
 EXTRA=("$@")
 case "$job" in
     # the guards: no training measurement starts after 450 s (the slowest, XL/2 compile + steps, was estimated at
@@ -57,7 +60,10 @@ case "$job" in
               python3 benchmarks/profile_step.py --size gpu --models XL/2,B/2 --methods none --work-dir /tmp/ahpa-bench \
                   --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.log" ;;
     sampling) bench --models B/2,XL/2 --methods "" --sampling-compile both ;;
+    cudagraphs) TAG=default bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150
+                TAG=reduce-overhead bench --models B/2 --methods none,ahpa-cached --compile compiled --compile-mode reduce-overhead \
+                    --sampling off --budget-s 150 ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | sampling | on-the-fly)"; exit 2 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | sampling | on-the-fly | cudagraphs)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

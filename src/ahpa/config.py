@@ -97,7 +97,7 @@ class TrainCfg:
     compile: bool = False
     # torch.compile's mode: default | max-autotune-no-cudagraphs (tries Triton GEMM templates against cuBLAS:
     # minutes more compilation, for long runs) | reduce-overhead / max-autotune (CUDA graphs: for small,
-    # host-bound models such as the study's SiT-S/1)
+    # host-bound models; the study's SiT-S/1 stepped 1.7-1.9x faster with reduce-overhead, docs/benchmarks.md)
     compile_mode: str = "default"
     fsdp: bool = False  # under torchrun: shard model, EMA and aligner with FSDP2 instead of DDP (L, XL)
     # SiT blocks (the first N; -1 = all, 0 = off) whose activations are recomputed in the backward pass instead

@@ -7,7 +7,8 @@ Rows are keyed by (study key, method, seed, step); a later row with the same key
 of a job). Runs are compared only within one study key (same config, steps, evaluation protocol), at equal steps.
 Writes README.md (tables), fd-<metric>-<key>.png (FD against training images, one line per method and seed),
 router-<key>-<method>-seed<s>.png (router weights against t, one panel per evaluation point), levels-<key>.png
-(per-level alignment losses), ms-per-step-<key>.png, and copies the sample grids found beside the results.
+(per-level alignment losses), ms-per-step-<key>.png, and copies the sample grids found beside the results;
+every PNG in --out is stored with a 256-colour palette (`compact_png`: the docs travel with each device call).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ahpa.train.plots import pyplot, save_figure
 
@@ -290,6 +292,18 @@ def plot_router(rows: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path, dpi=100)
 
 
+def compact_png(path: Path) -> bool:
+    """Rewrite a full-colour PNG with a 256-colour palette (about 3x smaller for these plots and sample grids).
+    The docs travel with every device call, whose payload is limited to 64 MiB with the study's 54 MB of inputs
+    (docs/study.md). Already-paletted files are left as they are, so a rerun rewrites nothing it compacted."""
+    with Image.open(path) as im:
+        if im.mode == "P":
+            return False
+        small = im.convert("RGB").quantize(256)
+    small.save(path, optimize=True)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, nargs="+", required=True, help="results files or folders of *.jsonl")
@@ -318,6 +332,8 @@ def main() -> None:
     for key in keys:
         lines += report_study(key, evals, runs, args.out, files)
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
+    for png in sorted(args.out.glob("*.png")):
+        compact_png(png)
     print(f"wrote {args.out / 'README.md'} ({len(keys)} study key(s), {len(evals)} evaluation rows)")
 
 

@@ -256,3 +256,31 @@ def test_study_report_pairs_each_ablation_with_its_own_method(monkeypatch):
     table = "\n".join(paired_with_base(series, ["FD-r20"], methods))
     assert "| ahpa-soft[stop_step=1000] | 2000 | 0, 1 | +0.150 (+0.250 / +0.050) |" in table
     assert "stage2[weight=1.5]" not in table
+
+
+def test_study_report_stores_pngs_with_a_palette_once(monkeypatch, tmp_path):
+    """The report's PNGs travel with every device call (64 MiB with the study's inputs): compact_png rewrites a
+    full-colour file with a 256-colour palette, keeps its size in pixels and its colours close, and leaves a file
+    it already compacted alone."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import compact_png
+
+    rng = np.random.default_rng(0)
+    # a smooth image with noise, like a sample grid: many distinct colours
+    ramp = np.linspace(0, 255, 96)
+    rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (96, 1)), np.tile(ramp[:, None], (1, 96))], -1)
+    img = np.clip(rgb + rng.normal(0, 4, rgb.shape), 0, 255).astype(np.uint8)
+    path = tmp_path / "grid.png"
+    Image.fromarray(img).save(path)
+    before = path.stat().st_size
+    assert compact_png(path)
+    with Image.open(path) as im:
+        assert im.mode == "P" and im.size == (96, 96)
+        back = np.asarray(im.convert("RGB")).astype(float)
+    assert path.stat().st_size < before
+    assert np.abs(back - img).mean() < 7  # 256 colours: ~4.5 levels of 255 on average here (32 colours: ~11)
+    again = path.read_bytes()
+    assert not compact_png(path) and path.read_bytes() == again

@@ -295,7 +295,7 @@ def plot_router(rows: list[dict], path: Path, title: str) -> None:
 def compact_png(path: Path) -> bool:
     """Rewrite a full-colour PNG with a 256-colour palette (about 3x smaller for these plots and sample grids).
     The docs travel with every device call, whose payload is limited to 64 MiB with the study's 54 MB of inputs
-    (docs/study.md). Already-paletted files are left as they are, so a rerun rewrites nothing it compacted."""
+    (benchmarks/study_gpu_job.sh). Already-paletted files are left as they are."""
     with Image.open(path) as im:
         if im.mode == "P":
             return False

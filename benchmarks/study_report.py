@@ -98,6 +98,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
     lines += paired_with_none(series, metrics, methods)
     lines += paired_with_base(series, metrics, methods)
     lines += steps_to_match_none(series, metrics, methods)
+    lines += steps_to_match_none(series, metrics, methods, per_flop=True)
     for metric in metrics:
         name = f"fd-{metric}-{key}.png"
         plot_fd(series, metric, cfg.get("train.batch_size"), out / name, methods)
@@ -182,18 +183,35 @@ def step_reaching(points: list[tuple[int, float]], target: float) -> tuple[str, 
     return "after", points[-1][0]
 
 
-def steps_to_match_none(series, metrics: list[str], methods: list[str]) -> list[str]:
+def tflop_to(cost: dict, step: float) -> float:
+    """A run's model TFLOPs over its first `step` steps (`tflop_per_step` of study.py: the heads until stop_step)."""
+    aligned = min(step, cost["stop_step"]) if cost["stop_step"] else step
+    return aligned * cost["aligned"] + (step - aligned) * cost["flow"]
+
+
+def steps_to_match_none(series, metrics: list[str], methods: list[str], per_flop: bool = False) -> list[str]:
     """The speed-up the study asks about: for each evaluation step s of vanilla SiT (same seed), the step at which a
-    method first reached none's FD at s, as s / that step (2.0x = the same FD in half the images)."""
+    method first reached none's FD at s, as s / that step (2.0x = the same FD in half the images). `per_flop`: the
+    same in training FLOPs (none's to s over the method's to that step), for runs whose rows record them."""
     if not any(m == "none" for m, _ in series):
         return []
     metric = metrics[0]
+    cost = {k: next((r["tflop_per_step"] for r in rs if r.get("tflop_per_step")), None) for k, rs in series.items()}
+    if per_flop:
+        series = {k: rs for k, rs in series.items() if cost[k]}
+        if not any(m != "none" for m, _ in series) or not any(m == "none" for m, _ in series):
+            return []
     steps = sorted({r["step"] for (m, _), rs in series.items() if m == "none" for r in rs})
-    lines = [f"**Training speed-up over vanilla SiT** ({metric}): for each of `none`'s evaluation steps s, s divided by the "
-             "step at which the method first reached `none`'s FD at s (same seed; linear between evaluations). Mean over "
-             "seeds, then each seed; `>x`: reached before the method's first evaluation; `<x`: not reached by its last "
-             "(no mean then):", "",
-             "| method | " + " | ".join(f"s = {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    if per_flop:
+        lines = [f"**Training speed-up per FLOP** ({metric}): the same, in model FLOPs (3 x the forward's, the "
+                 "alignment heads included until `align.stop_step`): `none`'s FLOPs to s divided by the method's to the "
+                 "step where it reached `none`'s FD at s. What the speed-up is worth in compute:", ""]
+    else:
+        lines = [f"**Training speed-up over vanilla SiT** ({metric}): for each of `none`'s evaluation steps s, s divided "
+                 "by the step at which the method first reached `none`'s FD at s (same seed; linear between evaluations). "
+                 "Mean over seeds, then each seed; `>x`: reached before the method's first evaluation; `<x`: not reached "
+                 "by its last (no mean then):", ""]
+    lines += ["| method | " + " | ".join(f"s = {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for m in methods:
         seeds = sorted(s for mm, s in series if mm == m and ("none", s) in series)
         if m == "none" or not seeds:
@@ -205,7 +223,9 @@ def steps_to_match_none(series, metrics: list[str], methods: list[str]) -> list[
                 target = next((r["fd"][metric] for r in series[("none", seed)] if r["step"] == st), None)
                 if target is not None:
                     kind, step = step_reaching(sorted((r["step"], r["fd"][metric]) for r in series[(m, seed)]), target)
-                    found.append((kind, st / step))
+                    ratio = (tflop_to(cost[("none", seed)], st) / tflop_to(cost[(m, seed)], step) if per_flop
+                             else st / step)
+                    found.append((kind, ratio))
             if not found:
                 cells.append("")
                 continue

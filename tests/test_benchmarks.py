@@ -51,6 +51,8 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     assert [(r["method"], r["step"]) for r in evals] == [("none", 2), ("none", 4), ("ahpa-soft", 2), ("ahpa-soft", 4)]
     assert len({r["study"] for r in evals}) == 1  # methods share the study key: comparable
     assert set(evals[0]["fd"]) == {"FD-r20", "FD-r32"} and evals[-1]["router"]["mode"] == "soft"
+    cost = {r["method"]: r["tflop_per_step"] for r in evals}  # the heads add FLOPs to the aligned steps only
+    assert cost["none"]["aligned"] == cost["none"]["flow"] == cost["ahpa-soft"]["flow"] < cost["ahpa-soft"]["aligned"]
     # an ablation of the router's own switches, or of lambda, is named by them and stays in the same study (same key)
     _run(["benchmarks/study.py", "--size", "smoke", "--methods", "ahpa-soft", "--variant", "align.router_entropy=0",
           "--variant", "align.weight=1.5",
@@ -78,6 +80,7 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
     text = (tmp_path / "report" / "README.md").read_text()
     assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[router_entropy=0,weight=1.5] | 0 |" in text
+    assert "**Training speed-up per FLOP**" in text
     assert list((tmp_path / "report").glob("router-*-ahpa-soft-seed0.png"))
     # paired with vanilla SiT of the same seed (seed 0 only: ahpa-soft has no seed 1), at the last step
     fd = {r["method"]: r["fd"]["FD-r20"] for r in evals if r["step"] == 4}
@@ -205,6 +208,32 @@ def test_speed_up_over_vanilla_is_read_off_the_fd_curves(monkeypatch):
     # seed 0: none's 9.0 at 2000 reached at step 1000 (before: >2.00); none's 8.5 at 3000 reached at 2000 (1.50)
     # seed 1: none's 9.5 at 2000 before 1000 (>2.00); none's 9.0 at 3000 at step 1000 (>3.00)
     assert "| fast | (>1.00 / >1.00) | (>2.00 / >2.00) | (1.50 / >3.00) |" in table
+    assert steps_to_match_none(series, ["FD-r20"], ["none", "fast"], per_flop=True) == []  # no FLOPs recorded
+
+
+def test_speed_up_per_flop_charges_the_heads_until_the_alignment_stops(monkeypatch):
+    """Per FLOP, a method that needs half the steps but twice the FLOPs per step is no faster; after align.stop_step
+    its steps cost what vanilla SiT's do."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import steps_to_match_none, tflop_to
+
+    assert tflop_to({"aligned": 2.0, "flow": 1.0, "stop_step": 0}, 1500) == 3000
+    assert tflop_to({"aligned": 2.0, "flow": 1.0, "stop_step": 1000}, 1500) == 2500
+
+    def rows(fds, aligned, stop=0):
+        cost = {"aligned": aligned, "flow": 1.0, "stop_step": stop}
+        return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}, "tflop_per_step": cost} for i, f in enumerate(fds)]
+
+    series = {("none", 0): rows([10.0, 9.0, 8.0, 7.0], 1.0), ("heavy", 0): rows([9.0, 7.0, 6.0, 5.0], 2.0),
+              ("stopped", 0): rows([9.0, 7.0, 6.0, 5.0], 2.0, stop=1000)}
+    steps = "\n".join(steps_to_match_none(series, ["FD-r20"], ["none", "heavy", "stopped"]))
+    flops = "\n".join(steps_to_match_none(series, ["FD-r20"], ["none", "heavy", "stopped"], per_flop=True))
+    # none's 8.0 at 3000 is reached at step 1500 and its 7.0 at 4000 at step 2000: 2x in steps. Per FLOP that is
+    # 3000 / (2 x 1500) = 4000 / (2 x 2000) = 1x for heavy; with the heads stopped at 1000,
+    # 3000 / (2 x 1000 + 500) = 1.2x and 4000 / (2 x 1000 + 1000) = 1.33x
+    assert "| heavy | (>1.00) | (>2.00) | 2.00x (2.00) | 2.00x (2.00) |" in steps
+    assert "| heavy | (>0.50) | (>1.00) | 1.00x (1.00) | 1.00x (1.00) |" in flops
+    assert "| stopped | (>0.50) | (>1.00) | 1.20x (1.20) | 1.33x (1.33) |" in flops
 
 
 def test_study_window_means_average_a_stopped_metric_over_its_own_steps(monkeypatch):

@@ -206,14 +206,13 @@ def window_means(sums: dict, count: int, seen: dict) -> dict:
     return row
 
 
-def train_tflop_per_step(trainer, cfg) -> dict:
+def tflop_per_step(model, projector, batch: int, stop_step: int) -> dict:
     """Model TFLOPs of one training step (3 x the forward's, the MFU convention), with the alignment heads
     ("aligned") and without ("flow", after align.stop_step), so that a speed-up in steps can be read per FLOP:
     at SiT-S/1 the 2048-wide projector adds a quarter to the backbone's arithmetic."""
-    model, aligner, B = trainer.parts.model, trainer.parts.aligner, cfg.train.batch_size
-    flow = 3 * model.flops_per_image() * B / 1e12
-    heads = 3 * aligner.projector.flops_per_token() * model.cfg.num_tokens * B / 1e12 if aligner is not None else 0.0
-    return {"aligned": round(flow + heads, 6), "flow": round(flow, 6), "stop_step": cfg.align.stop_step}
+    flow = 3 * model.flops_per_image() * batch / 1e12
+    heads = 3 * projector.flops_per_token() * model.cfg.num_tokens * batch / 1e12 if projector is not None else 0.0
+    return {"aligned": round(flow + heads, 6), "flow": round(flow, 6), "stop_step": stop_step}
 
 
 def train_one(args, size_name: str, size: dict, method: str, detectors, refs, device, env: dict, started: float) -> dict:
@@ -229,7 +228,8 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     trainer = Trainer(cfg, run_dir)
     B = cfg.train.batch_size
     build_s = time.perf_counter() - t_build
-    cost = train_tflop_per_step(trainer, cfg)
+    al = trainer.parts.aligner
+    cost = tflop_per_step(trainer.parts.model, al.projector if al is not None else None, B, cfg.align.stop_step)
     points = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
     train_total, windows = 0.0, []
     for point in points:
@@ -248,7 +248,6 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
         t0 = time.perf_counter()
         fd = evaluate(trainer.sampler_bundle(), detectors, refs, args.eval_num, args.eval_batch, scfg)
         eval_s = time.perf_counter() - t0
-        al = trainer.parts.aligner
         router = None
         if al is not None:
             t, w = al.router_table()

@@ -41,7 +41,7 @@ def test_throughput_tiny_writes_complete_records(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
-def test_study_smoke_merges_into_a_report(tmp_path):
+def test_study_smoke_merges_into_a_report(tmp_path, monkeypatch):
     results = tmp_path / "r.jsonl"
     _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none,ahpa-soft", "--steps", "4", "--eval-every", "2",
           "--eval-num", "20", "--eval-batch", "10", "--grid-images", "4", "--cache", str(tmp_path / "cache"),
@@ -53,6 +53,11 @@ def test_study_smoke_merges_into_a_report(tmp_path):
     assert set(evals[0]["fd"]) == {"FD-r20", "FD-r32"} and evals[-1]["router"]["mode"] == "soft"
     cost = {r["method"]: r["tflop_per_step"] for r in evals}  # the heads add FLOPs to the aligned steps only
     assert cost["none"]["aligned"] == cost["none"]["flow"] == cost["ahpa-soft"]["flow"] < cost["ahpa-soft"]["aligned"]
+    # rows recorded before the field existed get the same figure from their config (study_fill_flops.py)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_fill_flops import cost_of
+
+    assert [cost_of({k: v for k, v in r.items() if k != "tflop_per_step"}) for r in evals] == [r["tflop_per_step"] for r in evals]
     # an ablation of the router's own switches, or of lambda, is named by them and stays in the same study (same key)
     _run(["benchmarks/study.py", "--size", "smoke", "--methods", "ahpa-soft", "--variant", "align.router_entropy=0",
           "--variant", "align.weight=1.5",

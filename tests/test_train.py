@@ -181,3 +181,23 @@ def test_compiled_training_matches_eager(tmp_path, tiny):
         eager, compiled = getattr(runs["false"].parts, name).state_dict(), getattr(runs["true"].parts, name).state_dict()
         for key in eager:
             torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_says_when_its_alignment_heads_are_a_large_part_of_the_arithmetic(tmp_path, tiny):
+    """A projector wide for its SiT (REPA's 2048 on the study's S/1 adds 25%) is named with the fix; a narrow one and
+    vanilla SiT say nothing."""
+    from ahpa.train.build import HEADS_NOTE_SHARE
+
+    def note(*extra):
+        tr = Trainer(tiny(*extra), tmp_path / "-".join(extra).replace("=", "_"))
+        p = tr.parts
+        share = (p.aligner.projector.flops_per_token() * p.model.cfg.num_tokens / p.model.flops_per_image()
+                 if p.aligner is not None else 0.0)
+        return share, [m for m in tr.messages if "alignment heads" in m]
+
+    share, msgs = note("align.projector_dim=256")
+    assert share > HEADS_NOTE_SHARE and len(msgs) == 1
+    assert f"{share:.0%}" in msgs[0] and "align.projector_dim=256" in msgs[0] and "32-wide" in msgs[0]
+    share, msgs = note("align.projector_dim=8")
+    assert share <= HEADS_NOTE_SHARE and msgs == []
+    assert note("align.method=none") == (0.0, [])

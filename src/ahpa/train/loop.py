@@ -24,7 +24,7 @@ from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
 from ahpa.train import outputs
-from ahpa.train.build import Parts, build_parts, compute_stats
+from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note
 from ahpa.train.checkpoint import load_latest, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.ema import ema_decay, ema_update
@@ -62,7 +62,7 @@ class Trainer:
         self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
         self.step = 0
         self.ema_updates = 0
-        self.messages: list[str] = []
+        self.messages: list[str] = heads_cost_note(self.parts)
         self.evaluator: outputs.Evaluator | None = None  # built at the first evaluation
         optimizer_state = self._load()
         p = self.parts

@@ -59,20 +59,18 @@ python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --methods "" --results 
     || { cat "$WORK/lane0.log"; cp "$WORK/lane0.log" "$OUT/study.log"; exit 1; }
 threads=$(( $(nproc) / lanes ))
 lane() {  # lane() INDEX FLAGS: one process, and its rerun without CUDA graphs if it fails before any evaluation
-    local i=$1 log="$WORK/lane$1.log" rows="$WORK/lane$1/study.jsonl" flags rc
+    local i=$1 log="$WORK/lane$1.log" rows="$WORK/lane$1/study.jsonl" flags retry rc=0
     read -ra flags <<< "$2"
     mkdir -p "$WORK/lane$i"
     echo "lane $i: $2" > "$log"
-    (( $(left) > 0 )) || { echo "lane $i: no time left" >> "$log"; return; }  # (timeout 0 would mean no limit)
-    OMP_NUM_THREADS=$threads timeout "$(left)" python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --budget-s "$(left)" \
-        "${flags[@]}" --results "$rows" >> "$log" 2>&1
-    rc=$?
-    if (( rc != 0 && rc != 124 && $(left) > 0 )) && ! grep -q '"kind": "eval"' "$rows" 2>/dev/null; then
-        echo "lane $i: the run failed (exit $rc) before its first evaluation; again without CUDA graphs, $(left) s left" >> "$log"
-        OMP_NUM_THREADS=$threads timeout "$(left)" python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --budget-s "$(left)" \
-            "${flags[@]}" --compile-mode default --results "$rows" >> "$log" 2>&1
+    for retry in "" "--compile-mode default"; do  # the rerun's flag comes last: argparse keeps it
+        (( $(left) > 0 )) || { echo "lane $i: no time left" >> "$log"; break; }  # (timeout 0 would mean no limit)
+        OMP_NUM_THREADS=$threads timeout "$(left)" python3 benchmarks/study.py "${common[@]}" "${extra[@]}" \
+            --budget-s "$(left)" "${flags[@]}" $retry --results "$rows" >> "$log" 2>&1
         rc=$?
-    fi
+        (( rc != 0 && rc != 124 )) && ! grep -q '"kind": "eval"' "$rows" 2>/dev/null || break
+        [ -z "$retry" ] && echo "lane $i: the run failed (exit $rc) before its first evaluation; again without CUDA graphs, $(left) s left" >> "$log"
+    done
     echo "lane $i: exit $rc after $(( $(date +%s) - start )) s" >> "$log"
 }
 i=0

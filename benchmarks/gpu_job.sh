@@ -22,6 +22,9 @@
 #     bash benchmarks/gpu_job.sh cudagraphs # B/2 none and ahpa-cached compiled in the default mode, then with CUDA
 #                                           # graphs (reduce-overhead), side by side; SiT-S/1 gained 1.7-1.9x from them
 #                                           # (docs/study.md), B/2 is the size whose targets are unmet (~4 min estimated)
+#     bash benchmarks/gpu_job.sh tokens     # B/2 and XL/2, none and ahpa-cached compiled, the heads on every token
+#                                           # and on a quarter of them (align.token_fraction=0.25), side by side
+#                                           # (~6 min estimated: six compiled measurements)
 #
 # For on-the-fly, here first (diffusers is pure Python; its other needs are on the machine already):
 #     echo /.whl/ >> .git/info/exclude
@@ -63,7 +66,9 @@ case "$job" in
     cudagraphs) TAG=default bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150
                 TAG=reduce-overhead bench --models B/2 --methods none,ahpa-cached --compile compiled --compile-mode reduce-overhead \
                     --sampling off --budget-s 150 ;;
+    tokens) bench --models B/2,XL/2 --methods none,ahpa-cached --compile compiled --token-fractions 1,0.25 --sampling off \
+                --warmup 3 --steps 15 --budget-s 450 ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | sampling | on-the-fly | cudagraphs)"; exit 2 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | sampling | on-the-fly | cudagraphs | tokens)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

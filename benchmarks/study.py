@@ -59,7 +59,7 @@ DEFAULT_METHODS = ("none", "vae-latent", "vae-level", "multi-uniform", "ahpa-sof
 # an ablation of the router or of the levels is compared with the baselines of the same study
 VARIANT_KEYS = ("align.levels", "align.shared_trunk", "align.router_tau", "align.router_topk", "align.router_normalize",
                 "align.router_entropy", "align.router_momentum", "align.router_t_bins", "align.snr_width",
-                "align.stop_step")
+                "align.stop_step", "align.token_fraction")
 # the alignment's strength and depth, as a variant of one run: vanilla SiT does not read them, so an ablation of
 # lambda or depth can sit beside the study's baselines; the study's own values (flags) stay in the key
 RUN_VARIANT_KEYS = (*VARIANT_KEYS, "align.weight", "align.depth", "align.projector_dim")
@@ -206,12 +206,12 @@ def window_means(sums: dict, count: int, seen: dict) -> dict:
     return row
 
 
-def tflop_per_step(model, projector, batch: int, stop_step: int) -> dict:
+def tflop_per_step(model, aligner, batch: int, stop_step: int) -> dict:
     """Model TFLOPs of one training step (3 x the forward's, the MFU convention), with the alignment heads
     ("aligned") and without ("flow", after align.stop_step), so that a speed-up in steps can be read per FLOP:
     at SiT-S/1 the 2048-wide projector adds a quarter to the backbone's arithmetic."""
     flow = 3 * model.flops_per_image() * batch / 1e12
-    heads = 3 * projector.flops_per_token() * model.cfg.num_tokens * batch / 1e12 if projector is not None else 0.0
+    heads = 3 * aligner.flops_per_image(model.cfg.num_tokens) * batch / 1e12 if aligner is not None else 0.0
     return {"aligned": round(flow + heads, 6), "flow": round(flow, 6), "stop_step": stop_step}
 
 
@@ -229,7 +229,7 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     B = cfg.train.batch_size
     build_s = time.perf_counter() - t_build
     al = trainer.parts.aligner
-    cost = tflop_per_step(trainer.parts.model, al.projector if al is not None else None, B, cfg.align.stop_step)
+    cost = tflop_per_step(trainer.parts.model, al, B, cfg.align.stop_step)
     points = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
     train_total, windows = 0.0, []
     for point in points:

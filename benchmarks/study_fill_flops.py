@@ -2,8 +2,8 @@
 
     python benchmarks/study_fill_flops.py docs/study/gpu/results.jsonl docs/study/pilot-long/results.jsonl
 
-The figure is derived, not measured: the same `study.tflop_per_step` that study.py now calls, on a SiT and a
-projector built from each row's config and variants (model FLOPs of the backbone and of the alignment heads, per
+The figure is derived, not measured: the same `study.tflop_per_step` that study.py now calls, on a SiT and an
+aligner built from each row's config and variants (model FLOPs of the backbone and of the alignment heads, per
 training step). Rows that already have it are left as they are. Only TAEF2 caches are known (their level
 channels are not in the rows); a row of another encoder is an error.
 """
@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from study import tflop_per_step
-from ahpa.align.projector import Projector
+from ahpa.align.objective import Aligner
+from ahpa.config import AlignCfg
 from ahpa.models.sit import SiT, SiTConfig
 
 TAEF2_CHANNELS = {"stage1": 64, "stage2": 64, "stage3": 64, "stage4": 64, "latent": 32}  # the study cache's levels
@@ -32,12 +33,14 @@ def cost_of(row: dict) -> dict:
     sizes = {k: int(cfg.get(f"model.{k}") or 0) or getattr(preset, k) for k in ("hidden_size", "depth", "num_heads")}
     model = SiT(SiTConfig(**sizes, patch_size=preset.patch_size, mlp_ratio=float(cfg["model.mlp_ratio"]),
                           input_size=int(cfg["data.resolution"]) // 8, in_channels=32, num_classes=10))
-    projector = None
+    aligner = None
     if row.get("levels"):
         shared = str(cfg.get("align.shared_trunk", True)).lower() not in ("false", "0")
-        projector = Projector(sizes["hidden_size"], [TAEF2_CHANNELS[name] for name in row["levels"]],
-                              int(cfg["align.projector_dim"]), shared)
-    return tflop_per_step(model, projector, int(cfg["train.batch_size"]), int(cfg.get("align.stop_step") or 0))
+        heads = AlignCfg(projector_dim=int(cfg["align.projector_dim"]), shared_trunk=shared,
+                         token_fraction=float(cfg.get("align.token_fraction", 1.0)))
+        aligner = Aligner(sizes["hidden_size"], row["levels"], [TAEF2_CHANNELS[name] for name in row["levels"]],
+                          heads, "uniform", "cosine")
+    return tflop_per_step(model, aligner, int(cfg["train.batch_size"]), int(cfg.get("align.stop_step") or 0))
 
 
 def main() -> None:

@@ -21,8 +21,9 @@ memory (torch.cuda.max_memory_allocated). Methods:
                    cheap stand-in encoder (REPA pre-extracts latents, so its VAE costs nothing in the step).
 
 Options the GPU jobs compare: --activation-checkpointing (comma list of block counts, 'all' = every block; the
-memory target is XL/2 at batch 256 in 80 GB) and --prefetch on|off|both (the cache source gathering the next
-step's rows in a background thread; it applies to the cached methods none and ahpa-cached).
+memory target is XL/2 at batch 256 in 80 GB), --prefetch on|off|both (the cache source gathering the next
+step's rows in a background thread; it applies to the cached methods none and ahpa-cached) and --token-fractions
+(comma list of align.token_fraction values for the aligned methods: the heads run on that share of the tokens).
 
 Sampling: an exported model (export_model -> load_export, a plain SiT) with CFG over every step, 50 Heun and 250
 Euler-Maruyama steps, bf16 autocast on GPU (fp32 on CPU); decoding uses the stand-in's trivial decoder.
@@ -69,7 +70,7 @@ SIZES = {
 
 
 def run_config(size: dict, args, model: str, method: str, compiled: bool, cache: Path, device: torch.device,
-               checkpointing: int = 0, prefetch: bool | None = None):
+               checkpointing: int = 0, prefetch: bool | None = None, token_fraction: float = 1.0):
     """The Trainer config of one measurement (plain dict -> Config, as a YAML file would give)."""
     res = size["resolution"]
     m = {"preset": model}
@@ -85,7 +86,7 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, cache:
         "data": {**data, "resolution": res, "hflip": True, "num_classes": 1000},
         "prior": {"encoder": "bench:stand-in", "stats_images": size["stats_images"]},
         "align": {"method": align_method, "depth": size["align_depth"][model], "weight": 0.5,
-                  "projector_dim": size["projector"], "router": "soft"},
+                  "projector_dim": size["projector"], "router": "soft", "token_fraction": token_fraction},
         "train": {"batch_size": batch, "compile": compiled, "compile_mode": args.compile_mode, "device": str(device), "activation_checkpointing": checkpointing,
                   "precision": "auto", "seed": 0, "steps": 10**9, "sample_every": 0, "log_every": 10**9,
                   "ckpt_every": 10**9, "lr": 1e-4, "grad_clip": 1.0},
@@ -130,7 +131,7 @@ def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch
     sit_fwd = p.model.flops_per_image()
     heads = 0.0
     if p.aligner is not None:
-        heads = 3 * p.aligner.projector.flops_per_token() * p.model.cfg.num_tokens
+        heads = 3 * p.aligner.flops_per_image(p.model.cfg.num_tokens)
     rec = {
         "img_per_s": round(steps * B / dt, 2), "step_ms": round(1000 * dt / steps, 2), "window_img_per_s": windows,
         "sit_params_M": round(p.model.num_params() / 1e6, 2),
@@ -221,6 +222,9 @@ def main() -> None:
                          "block, 0 = off (default 0)")
     ap.add_argument("--prefetch", choices=("on", "off", "both"), default="on",
                     help="cached methods (none, ahpa-cached): gather the next step's cache rows in a background thread")
+    ap.add_argument("--token-fractions", default="1",
+                    help="comma list of align.token_fraction values, one measurement each for the aligned methods "
+                         "(the share of tokens the heads align; default 1 = all)")
     ap.add_argument("--sampling", choices=("on", "off"), default="on")
     ap.add_argument("--sampling-compile", choices=("off", "on", "both"), default="off",
                     help="sample.compile for the sampling measurements (both: eager, then compiled, side by side)")
@@ -252,6 +256,10 @@ def main() -> None:
         raise SystemExit(f"--activation-checkpointing {args.activation_checkpointing!r}: give a comma list of block counts "
                          f"or 'all', e.g. all,0") from None
     prefetch_modes = {"on": (True,), "off": (False,), "both": (True, False)}[args.prefetch]
+    try:
+        fractions = [float(v) for v in args.token_fractions.split(",") if v]
+    except ValueError:
+        raise SystemExit(f"--token-fractions {args.token_fractions!r}: give a comma list of numbers in (0, 1], e.g. 1,0.25") from None
     steps, warmup = args.steps or size["steps"], args.warmup if args.warmup is not None else size["warmup"]
     info = benchlib.device_info(device)
     info["command"] = benchlib.command_line()
@@ -275,17 +283,18 @@ def main() -> None:
                                                           size["resolution"], grid, device)
         print(f"cache: {result['cache']}", flush=True)
         save()
-    variants = [(model, compiled, ckpt, method, prefetch) for model in models for compiled in compile_modes
+    variants = [(model, compiled, ckpt, method, prefetch, fraction) for model in models for compiled in compile_modes
                 for ckpt in checkpointing for method in methods
-                for prefetch in (prefetch_modes if method in ("none", "ahpa-cached") else (None,))]
-    for model, compiled, ckpt, method, prefetch in variants:
+                for prefetch in (prefetch_modes if method in ("none", "ahpa-cached") else (None,))
+                for fraction in (fractions if method != "none" else (1.0,))]
+    for model, compiled, ckpt, method, prefetch, fraction in variants:
         base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
                 "compile_mode": args.compile_mode if compiled else None,
                 "batch": args.batch or size["batch"][model], "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
                 "resolution": size["resolution"], "timed_steps": steps, "warmup_steps": warmup,
-                "activation_checkpointing": ckpt, "prefetch": prefetch}
+                "activation_checkpointing": ckpt, "prefetch": prefetch, "token_fraction": fraction}
         label = f"{model} {method} compile={compiled}" + (f" checkpointing={blocks_name(ckpt)}" if ckpt else "") + (
-            " prefetch=off" if prefetch is False else "")
+            " prefetch=off" if prefetch is False else "") + (f" token_fraction={fraction:g}" if fraction != 1 else "")
         if args.budget_s and time.perf_counter() - started > args.budget_s:
             result["records"].append({**base, "skipped": f"time budget {args.budget_s:.0f} s spent"})
             save()
@@ -297,7 +306,7 @@ def main() -> None:
             print(f"{label}: skipped ({e})", flush=True)
             save()
             continue
-        cfg = run_config(size, args, model, method, compiled, cache, device, ckpt, prefetch)
+        cfg = run_config(size, args, model, method, compiled, cache, device, ckpt, prefetch, fraction)
         try:
             rec = measure_train(cfg, encoder, external, warmup, steps, device, work / "runs" / f"{len(result['records'])}")
             rec["frozen_encoder_gflop_per_img"] = frozen_encoder_gflops(method, encoder, external, size, device)
@@ -356,18 +365,20 @@ def ratios(records: list[dict]) -> dict:
     for r in train:
         model, compiled, ckpt, prefetch = r["model"], r["compile"], r.get("activation_checkpointing", 0), r.get("prefetch")
         mode = ("compiled" if compiled else "eager") + (f", checkpointing {blocks_name(ckpt)}" if ckpt else "")
+        share = f" (token_fraction {r['token_fraction']:g})" if r.get("token_fraction", 1) != 1 else ""
         if r["method"] != "none":
             ref = base.get((model, compiled, ckpt, True if prefetch is None else prefetch))
             if ref is None and prefetch is None:
                 ref = base.get((model, compiled, ckpt, False))
             if ref is not None:
                 off = " (prefetch off)" if prefetch is False else ""
-                out[f"{model} {mode} {r['method']}/none{off}"] = round(r["img_per_s"] / ref, 3)
+                out[f"{model} {mode} {r['method']}/none{share}{off}"] = round(r["img_per_s"] / ref, 3)
         if prefetch is True:
             twin = next((o for o in train if o["method"] == r["method"] and o.get("prefetch") is False
+                         and o.get("token_fraction", 1) == r.get("token_fraction", 1)
                          and (o["model"], o["compile"], o.get("activation_checkpointing", 0)) == (model, compiled, ckpt)), None)
             if twin is not None:
-                out[f"{model} {mode} {r['method']} prefetch on/off"] = round(r["img_per_s"] / twin["img_per_s"], 3)
+                out[f"{model} {mode} {r['method']}{share} prefetch on/off"] = round(r["img_per_s"] / twin["img_per_s"], 3)
     return out
 
 

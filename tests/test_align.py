@@ -78,6 +78,7 @@ def test_aligner_loss_falls_on_a_fixed_batch():
     first = None
     for _ in range(30):
         loss, m = al(hidden, targets, t)
+        al.update_running(m["running/sums"], m["running/counts"])
         first = first if first is not None else m["align/weighted"].item()
         opt.zero_grad()
         loss.backward()
@@ -93,13 +94,16 @@ def test_running_means_per_bin_of_t():
     al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=4, router_momentum=0.5), "soft", "cosine")
     assert al.running_loss.shape == (4, 2)
     losses = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
-    al._update_running_bins(losses, torch.tensor([0, 0, 2]))  # bins 0 and 2 only
+    al.update_running(*al.running_terms(losses, torch.tensor([0, 0, 2])))  # bins 0 and 2 only
     assert torch.equal(al.running_loss, torch.tensor([[2.0, 20.0], [1.0, 1.0], [5.0, 50.0], [1.0, 1.0]]))
     assert al.bin_updates.tolist() == [1, 0, 1, 0]
-    al._update_running_bins(torch.tensor([[4.0, 40.0], [7.0, 70.0]]), torch.tensor([0, 1]))
+    al.update_running(*al.running_terms(torch.tensor([[4.0, 40.0], [7.0, 70.0]]), torch.tensor([0, 1])))
     # bin 0: 0.5 * 2 + 0.5 * 4 = 3; bin 1's first batch as it is; bins 2 and 3 unchanged
     assert torch.equal(al.running_loss, torch.tensor([[3.0, 30.0], [7.0, 70.0], [5.0, 50.0], [1.0, 1.0]]))
     assert al.bin_updates.tolist() == [2, 1, 1, 0] and al.num_updates.item() == 2
+    before = al.running_loss.clone()
+    al.update_running(*al.running_terms(losses, torch.tensor([1, 1, 3])), skip=torch.tensor(1.0))  # a bad step
+    assert torch.equal(al.running_loss, before) and al.bin_updates.tolist() == [2, 1, 1, 0] and al.num_updates.item() == 2
 
 
 def test_per_bin_normalisation_removes_the_pull_of_an_easy_level_near_the_data():
@@ -114,9 +118,9 @@ def test_per_bin_normalisation_removes_the_pull_of_an_easy_level_near_the_data()
         losses = torch.stack([0.05 + t, torch.full_like(t, 0.5)], dim=1)  # [B, 2]: "easy" is easy near t = 0
         for _ in range(3):  # the running means settle on these stationary losses
             if t_bins == 1:
-                al._update_running(losses.mean(0))
+                al.update_running(*al.running_terms(losses, None))
             else:
-                al._update_running_bins(losses, (t * t_bins).long())
+                al.update_running(*al.running_terms(losses, (t * t_bins).long()))
         weights = al.router(t[:8]).detach().requires_grad_()  # the eight samples nearest the data
         running = al.running_loss if t_bins == 1 else al.running_loss[(t[:8] * t_bins).long()]
         router_objective(weights, losses[:8], running, 0.0).backward()
@@ -125,3 +129,35 @@ def test_per_bin_normalisation_removes_the_pull_of_an_easy_level_near_the_data()
     one, per_bin = weight_gradient(1), weight_gradient(8)
     assert one[0] < 0.3 * one[1]  # one mean per level: "easy" costs the router far less near the data
     assert per_bin[0] == pytest.approx(per_bin[1], rel=0.1)  # per bin: both at their usual level
+
+
+def test_aligning_a_share_of_the_tokens_is_an_unbiased_estimate_of_aligning_all():
+    """align.token_fraction: the loss over a random k of N tokens averages to the loss over all N, only the kept
+    tokens get a gradient, and the heads' FLOPs shrink to k/N."""
+    from ahpa.align.tokens import draw_kept, kept_tokens
+
+    torch.manual_seed(0)
+    cfg = AlignCfg(projector_dim=32, token_fraction=0.25)
+    al = Aligner(16, ["a", "b"], [3, 4], cfg, "uniform", "cosine").eval()
+    hidden = torch.randn(2, 16, 16)
+    targets = [torch.randn(2, 16, 3), torch.randn(2, 16, 4)]
+    t = torch.rand(2)
+    with torch.no_grad():
+        full = al(hidden, targets, t)[0].item()
+        g = torch.Generator().manual_seed(1)
+        draws = [al(hidden, targets, t, draw_kept(2, 16, 0.25, g, "cpu"))[0].item() for _ in range(3000)]
+    est = torch.tensor(draws)
+    spread = est.std().item()
+    assert spread > 1e-3  # the subsets differ, so the estimates do
+    assert abs(est.mean().item() - full) < 4 * spread / len(draws) ** 0.5, (est.mean().item(), full)
+
+    kept = draw_kept(2, 16, 0.25, torch.Generator().manual_seed(2), "cpu")
+    assert kept.shape == (2, 4) and all(len(set(row.tolist())) == 4 for row in kept)  # distinct, per sample
+    h = hidden.clone().requires_grad_(True)
+    al(h, targets, t, kept)[0].backward()
+    touched = h.grad.abs().sum(dim=-1) > 0  # [B, N]
+    mask = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, kept, True)
+    assert torch.equal(touched, mask)
+    everything = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32), "uniform", "cosine")
+    assert al.flops_per_image(16) == everything.flops_per_image(16) / 4
+    assert kept_tokens(16, 0.01) == 1 and kept_tokens(16, 1.0) == 16

@@ -24,10 +24,14 @@ def _run(args: list[str], timeout: int = 600) -> str:
 def test_throughput_tiny_writes_complete_records(tmp_path):
     out = tmp_path / "tp.json"
     _run(["benchmarks/throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached,repa",
-          "--steps", "1", "--warmup", "1", "--sample-n", "2", "--work-dir", str(tmp_path), "--out", str(out)])
+          "--token-fractions", "1,0.25", "--steps", "1", "--warmup", "1", "--sample-n", "2", "--work-dir", str(tmp_path),
+          "--out", str(out)])
     result = json.loads(out.read_text())
     train = [r for r in result["records"] if r["kind"] == "train"]
-    assert [r["method"] for r in train] == ["none", "ahpa-cached", "repa"]
+    assert [(r["method"], r["token_fraction"]) for r in train] == [
+        ("none", 1), ("ahpa-cached", 1), ("ahpa-cached", 0.25), ("repa", 1), ("repa", 0.25)]
+    # the heads see a quarter of the 16 tokens of the tiny grid: a quarter of their FLOPs
+    assert train[2]["heads_gflop_per_img"] == pytest.approx(train[1]["heads_gflop_per_img"] / 4, rel=1e-3)
     for r in result["records"]:
         for key in ("device", "torch", "batch", "precision", "compile", "command", "img_per_s"):
             assert key in r, (key, r)
@@ -36,7 +40,8 @@ def test_throughput_tiny_writes_complete_records(tmp_path):
     assert cached["levels"] == ["down0", "down1", "down2", "down3", "mid", "latent"]
     assert cached["cache_bytes_per_sample"] == 2 * (16 * 1920 + 2 * 4 * 8 * 8)
     assert all(r["finite"] for r in train) and cached["heads_gflop_per_img"] > 0
-    assert set(result["ratios"]) == {"B/2 eager ahpa-cached/none", "B/2 eager repa/none"}
+    assert set(result["ratios"]) == {"B/2 eager ahpa-cached/none", "B/2 eager repa/none",
+                                     "B/2 eager ahpa-cached/none (token_fraction 0.25)", "B/2 eager repa/none (token_fraction 0.25)"}
     assert [r["solver"] for r in result["records"] if r["kind"] == "sample"] == ["heun", "euler-maruyama"]
 
 

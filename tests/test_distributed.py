@@ -4,10 +4,8 @@ checkpoints move between FSDP, DDP and one process.
 Tolerance: the gradient all-reduce sums in another order than one process does, so weights agree
 to float32 rounding (measured max |diff| ~3e-8 after 4 steps), not bitwise; we assert 1e-5.
 
-The runs use the learned (soft) router. Its first update has a gradient of exactly zero in exact
-arithmetic (the running loss means start at the batch means), which the aligner zeroes exactly: before
-that, Adam divided the gradient's rounding noise by its own magnitude and two summation orders parted
-by 5e-4 after 4 steps.
+The runs use the learned (soft) router, whose running loss means are the global batch's: one update
+per step from every process's micro-batches (Aligner.update_running).
 """
 
 import os

@@ -201,3 +201,23 @@ def test_a_run_says_when_its_alignment_heads_are_a_large_part_of_the_arithmetic(
     share, msgs = note("align.projector_dim=8")
     assert share <= HEADS_NOTE_SHARE and msgs == []
     assert note("align.method=none") == (0.0, [])
+
+
+def test_a_share_of_the_tokens_changes_no_other_draw_and_splits_across_micro_batches(tmp_path, tiny):
+    """align.token_fraction draws the kept tokens from a stream of their own, for the global batch: every other draw
+    is unchanged, and 2 micro-batches of 4 train as one batch of 8 (what 2 processes do)."""
+    share = Trainer(tiny("align.token_fraction=0.5", "train.steps=3"), tmp_path / "a")
+    whole = Trainer(tiny(), tmp_path / "w")
+    shape = (share.parts.model.cfg.in_channels, share.parts.model.cfg.input_size, share.parts.model.cfg.input_size)
+    a, b = share._draws(7, 8, shape), whole._draws(7, 8, shape)
+    assert set(a) - set(b) == {"kept"} and a["kept"].shape == (8, share.parts.model.cfg.num_tokens // 2)
+    for k, v in b.items():
+        assert torch.equal(v, a[k]), k
+    share.run()
+    accum = Trainer(tiny("align.token_fraction=0.5", "train.steps=3", "train.grad_accum=2"), tmp_path / "b")
+    accum.run()
+    for name in ("model", "aligner"):
+        x, y = getattr(share.parts, name).state_dict(), getattr(accum.parts, name).state_dict()
+        assert max((x[k].float() - y[k].float()).abs().max().item() for k in x) < 1e-5, name
+    with pytest.raises(ValueError, match=r"align.token_fraction=0.0 must lie in \(0, 1\]"):
+        Trainer(tiny("align.token_fraction=0"), tmp_path / "c")

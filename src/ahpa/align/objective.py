@@ -11,6 +11,7 @@ from torch import nn
 from ahpa.align.loss import cosine_loss, entropy, router_objective, smooth_l1_loss
 from ahpa.align.projector import Projector
 from ahpa.align.router import Router
+from ahpa.align.tokens import gather_tokens, kept_tokens
 from ahpa.config import AlignCfg
 from ahpa.train.distributed import all_reduce_mean_
 
@@ -25,6 +26,7 @@ class Aligner(nn.Module):
         self.entropy_weight = cfg.router_entropy
         self.momentum = cfg.router_momentum
         self.t_bins = cfg.router_t_bins
+        self.token_fraction = cfg.token_fraction
         self.projector = Projector(hidden, dims, cfg.projector_dim, cfg.shared_trunk)
         self.router = Router(len(levels), router_mode, cfg.router_tau, cfg.router_topk, cfg.snr_width)
         k = len(levels)
@@ -42,66 +44,80 @@ class Aligner(nn.Module):
             cols = [cosine_loss(p, q) for p, q in zip(preds, targets)]
         return torch.stack(cols, dim=1)
 
+    def flops_per_image(self, num_tokens: int) -> float:
+        """Model FLOPs (2 x multiply-adds) of the heads' forward for one image: they see only the aligned tokens."""
+        return self.projector.flops_per_token() * kept_tokens(num_tokens, self.token_fraction)
+
     def forward(
-        self, hidden: torch.Tensor, targets: list[torch.Tensor], t: torch.Tensor
+        self, hidden: torch.Tensor, targets: list[torch.Tensor], t: torch.Tensor, kept: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """hidden [B, N, D], targets K x [B, N, C_k], t [B] -> (loss, detached metrics).
+        """hidden [B, N, D], targets K x [B, N, C_k], t [B], kept [B, k] token indices or None (all)
+        -> (loss, detached metrics).
 
         The backbone and projectors get sum_k g_k(t) l_k with g detached; a learned router gets
         its own objective (router_objective), so the router's anti-collapse terms never push the
         backbone.
         """
+        if kept is not None:  # align.token_fraction < 1: the heads and losses see each sample's kept tokens only
+            hidden, targets = gather_tokens(hidden, kept), [gather_tokens(x, kept) for x in targets]
         losses = self.level_losses(self.projector(hidden), targets)  # [B, K]
         weights = self.router(t)  # [B, K]
         loss = (weights.detach() * losses).sum(dim=1).mean()
         weighted = loss.detach()
         bins = None if self.t_bins == 1 else (t.detach() * self.t_bins).long().clamp_(0, self.t_bins - 1)  # [B]
-        if self.training:
-            # every process keeps the same running statistics: the mean over the global batch
-            if bins is None:
-                self._update_running(all_reduce_mean_(losses.detach().mean(dim=0)))
-            else:
-                self._update_running_bins(losses.detach(), bins)
         if self.router.learned:
             running = None
             if self.normalize:
                 running = self.running_loss if bins is None else self.running_loss[bins]  # [K] or [B, K]
             objective = router_objective(weights, losses, running, self.entropy_weight)
             if self.normalize:
-                # On the first update the running means are this batch's means, so the router's bias gets a
-                # gradient of exactly zero, and Adam would turn its rounding noise into full-size steps (runs
-                # that differ only in summation order, e.g. 1 vs 2 processes, would part there). Nothing is
-                # learned from that step: zero it exactly, without a host sync.
-                objective = objective * (self.num_updates > 1).to(objective.dtype)
+                # The running means are the previous steps' (update_running comes after the step), so the first
+                # step has none yet: nothing is learned from it (zeroed without a host sync)
+                objective = objective * (self.num_updates > 0).to(objective.dtype)
             loss = loss + objective
         metrics = {
             "align/weighted": weighted,
             "align/level_loss": losses.detach().mean(dim=0),  # [K]
             "align/router_entropy": entropy(weights.detach()).mean(),
         }
+        if self.training:  # the caller sums these over a step's micro-batches and calls update_running once
+            metrics["running/sums"], metrics["running/counts"] = self.running_terms(losses.detach(), bins)
         return loss, metrics
 
-    @torch.no_grad()
-    def _update_running_bins(self, losses: torch.Tensor, bins: torch.Tensor) -> None:
-        """Per-bin running means from losses [B, K] and bins [B]; a bin without samples keeps its value."""
+    def running_terms(self, losses: torch.Tensor, bins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What one batch adds to the running means: (the batch mean [K], 1) with one bin; with several, the
+        per-bin sums [bins, K] and counts [bins]."""
+        if bins is None:
+            return losses.mean(dim=0), torch.ones((), device=losses.device, dtype=losses.dtype)
         sums = torch.zeros_like(self.running_loss).index_add_(0, bins, losses)  # [bins, K]
         ones = torch.ones_like(bins, dtype=losses.dtype)
-        counts = torch.zeros(self.t_bins, device=losses.device, dtype=losses.dtype).index_add_(0, bins, ones)  # [bins]
-        sums, counts = all_reduce_mean_(sums), all_reduce_mean_(counts)  # global sums / global counts, as a ratio
-        mean = sums / counts.clamp_min(1e-12)[:, None]
-        ema = self.momentum * self.running_loss + (1 - self.momentum) * mean
-        seen = counts > 0
-        new = torch.where((self.bin_updates == 0)[:, None], mean, ema)
-        self.running_loss.copy_(torch.where(seen[:, None], new, self.running_loss))
-        self.bin_updates.add_(seen.long())
-        self.num_updates.add_(1)
+        counts = torch.zeros(self.t_bins, device=losses.device, dtype=losses.dtype).index_add_(0, bins, ones)
+        return sums, counts
 
     @torch.no_grad()
-    def _update_running(self, batch_mean: torch.Tensor) -> None:
-        # the first update takes the batch mean as it is; no host sync (torch.where, not `if`)
-        ema = self.momentum * self.running_loss + (1 - self.momentum) * batch_mean
-        self.running_loss.copy_(torch.where(self.num_updates == 0, batch_mean, ema))
-        self.num_updates.add_(1)
+    def update_running(self, sums: torch.Tensor, counts: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """One update of the running loss means per optimiser step, from the `running/*` terms of forward summed
+        (or averaged) over the step's micro-batches, so that accumulating gradients over micro-batches trains as
+        the whole batch does. Every process keeps the same statistics: the global batch's. A step whose loss was
+        not finite (`skip` > 0, a 0-dim tensor) changes nothing. No host sync."""
+        sums = all_reduce_mean_(sums.clone())
+        if self.t_bins > 1:  # global sums / global counts, as a ratio
+            counts = all_reduce_mean_(counts.clone())
+            mean = sums / counts.clamp_min(1e-12)[:, None]
+            seen = counts > 0
+            if skip is not None:
+                seen = seen & (skip == 0)
+            ema = self.momentum * self.running_loss + (1 - self.momentum) * mean
+            new = torch.where((self.bin_updates == 0)[:, None], mean, ema)
+            self.running_loss.copy_(torch.where(seen[:, None], new, self.running_loss))
+            self.bin_updates.add_(seen.long())
+        else:
+            mean = sums / counts
+            # the first update takes the batch mean as it is; (torch.where, not `if`: no host sync)
+            ema = self.momentum * self.running_loss + (1 - self.momentum) * mean
+            new = torch.where(self.num_updates == 0, mean, ema)
+            self.running_loss.copy_(new if skip is None else torch.where(skip > 0, self.running_loss, new))
+        self.num_updates.add_(1 if skip is None else (skip == 0).long())
 
     @torch.no_grad()
     def router_table(self, num_t: int = 51) -> tuple[torch.Tensor, torch.Tensor]:

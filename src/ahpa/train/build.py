@@ -114,6 +114,8 @@ def build_parts(
         raise ValueError(f"align.depth={cfg.align.depth} must lie in [1, {sc.depth}] (the model's depth)")
     if cfg.align.stop_step < 0:
         raise ValueError(f"align.stop_step={cfg.align.stop_step} must be >= 0 (0 aligns for the whole run)")
+    if not 0 < cfg.align.token_fraction <= 1:
+        raise ValueError(f"align.token_fraction={cfg.align.token_fraction} must lie in (0, 1] (1 aligns every token)")
     if method.levels != "external":
         external = None
     elif external is not None:
@@ -153,13 +155,13 @@ def heads_cost_note(parts: Parts) -> list[str]:
     ~2% to XL/2 and ~11% to B/2, but 25% to the study's SiT-S/1 (measured: its step took 1.29x vanilla's)."""
     if parts.aligner is None:
         return []
-    model, projector = parts.model, parts.aligner.projector
-    share = projector.flops_per_token() * model.cfg.num_tokens / model.flops_per_image()
+    model = parts.model
+    share = parts.aligner.flops_per_image(model.cfg.num_tokens) / model.flops_per_image()
     if share <= HEADS_NOTE_SHARE:
         return []
     return [f"the alignment heads add {share:.0%} to the SiT's training FLOPs (align.projector_dim="
-            f"{parts.cfg.align.projector_dim} on a {model.cfg.hidden_size}-wide SiT); a narrower projector costs "
-            f"less (docs/method.md, 'Projector cost')"]
+            f"{parts.cfg.align.projector_dim} on a {model.cfg.hidden_size}-wide SiT); a narrower projector, or "
+            f"aligning a share of the tokens (align.token_fraction), costs less (docs/method.md, 'Projector cost')"]
 
 
 def compute_stats(parts: Parts) -> PriorStats:

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ahpa import config as config_mod
 from ahpa.config import Config
-from ahpa.data.order import batch_indices, flip_mask, micro_batches, process_requests
+from ahpa.data.order import batch_indices, micro_batches, process_requests
 from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
@@ -27,13 +27,10 @@ from ahpa.train import outputs
 from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note
 from ahpa.train.checkpoint import load_latest, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
+from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
-from ahpa.train.rng import generator
 from ahpa.transport.path import get_path
-from ahpa.transport.timesteps import sample_t
-
-TRAIN_STREAM = 1
 
 
 class RunConfigError(ValueError):
@@ -186,19 +183,8 @@ class Trainer:
         return t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
 
     def _draws(self, step: int, n: int, latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """All random numbers of one global batch, from (seed, step): identical on every process."""
-        c, dev = self.cfg, self.parts.device
-        g = generator(c.train.seed, step, stream=TRAIN_STREAM, device=dev)
-        draws = {
-            "flip": flip_mask(step, n, c.train.seed, c.data.hflip),
-            "t": sample_t(n, c.transport.time_sampler, g, dev, c.transport.time_mean, c.transport.time_std),
-            "eps": torch.randn((n, *latent_shape), generator=g, device=dev),
-            "drop": torch.rand(n, generator=g, device=dev) < c.train.label_dropout,
-        }
-        # the last draw of the stream, so skipping it for a deterministic encoder (TAEF2) changes no other draw
-        if self.parts.source.samples_posterior:
-            draws["posterior"] = torch.randn((n, *latent_shape), generator=g, device=dev)
-        return draws
+        p = self.parts
+        return step_draws(self.cfg, step, n, latent_shape, p.device, p.source.samples_posterior, p.model.cfg.num_tokens)
 
     def aligning(self, step: int) -> bool:
         """Whether step `step` has the alignment loss (align.stop_step ends it; the aligner is then not run)."""
@@ -224,7 +210,7 @@ class Trainer:
             else:
                 targets = standardise_levels(batch.levels, p.levels, p.stats)
             with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
-                align, extra = self.align_net(hidden[0], targets, d["t"])
+                align, extra = self.align_net(hidden[0], targets, d["t"], d.get("kept"))
             loss = loss + c.align.weight * align
             metrics["loss/align"] = c.align.weight * extra.pop("align/weighted")
             metrics.update(extra)
@@ -260,6 +246,8 @@ class Trainer:
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
         ema_update(p.ema, p.model, ema_decay(self.ema_updates, c.train.ema_decay, c.train.ema_warmup), keep=found_inf)
+        if align_on:  # once per step, from all micro-batches: accumulating gradients trains as the whole batch does
+            p.aligner.update_running(totals.pop("running/sums"), totals.pop("running/counts"), skip=found_inf)
         self.bad_total += found_inf
         self.bad_run = (self.bad_run + found_inf) * found_inf
         totals["grad_norm"] = grad_norm.detach()

@@ -113,7 +113,7 @@ class Aligner(nn.Module):
             self.bin_updates.add_(seen.long())
         else:
             mean = sums / counts
-            # the first update takes the batch mean as it is; (torch.where, not `if`: no host sync)
+            # the first update takes the batch mean as it is (torch.where, not `if`: no host sync)
             ema = self.momentum * self.running_loss + (1 - self.momentum) * mean
             new = torch.where(self.num_updates == 0, mean, ema)
             self.running_loss.copy_(new if skip is None else torch.where(skip > 0, self.running_loss, new))

@@ -17,20 +17,20 @@ import yaml
 @dataclass
 class ModelCfg:
     preset: str = "S/2"  # SiT size/patch: S, B, L, XL x 1, 2, 4
-    qk_norm: bool = False
+    qk_norm: bool = False  # LayerNorm of queries and keys in attention (off in DiT, SiT and REPA)
     # overrides of the preset, for tiny test models (0 = take the preset's value)
-    hidden_size: int = 0
-    depth: int = 0
-    num_heads: int = 0
-    mlp_ratio: float = 4.0
+    hidden_size: int = 0  # width
+    depth: int = 0  # blocks
+    num_heads: int = 0  # attention heads
+    mlp_ratio: float = 4.0  # MLP width / hidden size
 
 
 @dataclass
 class TransportCfg:
     path: str = "linear"  # linear | cosine
     time_sampler: str = "uniform"  # uniform | logit-normal
-    time_mean: float = 0.0
-    time_std: float = 1.0
+    time_mean: float = 0.0  # time_sampler=logit-normal: mean of the logit of t (SD3: 0)
+    time_std: float = 1.0  # time_sampler=logit-normal: std of the logit of t (SD3: 1)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class DataCfg:
     source: str = "procedural"  # procedural | npz | cache
     path: str = ""  # npz file or cache directory
     resolution: int = 32  # image side fed to the encoder
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flips (a function of seed and step)
     num_classes: int = 0  # 0 = read from the data
     limit: int = 0  # use only the first N images (0 = all)
     procedural_size: int = 4096  # images in the procedural data set
@@ -61,12 +61,12 @@ class AlignCfg:
     weight: float = 0.5  # lambda
     levels: list = field(default_factory=list)  # [] = the method's default levels
     loss: str = "default"  # default | cosine | smooth-l1
-    smooth_l1_beta: float = 0.05
-    projector_dim: int = 2048
+    smooth_l1_beta: float = 0.05  # loss=smooth-l1 (vae-latent's default): its beta, SRA2's 0.05
+    projector_dim: int = 2048  # width of the projector trunk (REPA: 2048; docs/method.md, 'Projector cost')
     shared_trunk: bool = True  # one projector trunk, a light linear head per level
     router: str = "soft"  # soft | topk | snr | uniform  (ahpa only)
-    router_tau: float = 1.0
-    router_topk: int = 2
+    router_tau: float = 1.0  # softmax temperature of the learned router
+    router_topk: int = 2  # router=topk: levels kept at each t
     router_normalize: bool = True  # router sees each level's loss / its running mean
     router_entropy: float = 0.05  # entropy bonus on the router's weights
     router_momentum: float = 0.99  # running-mean momentum for the normalisation
@@ -85,19 +85,19 @@ class AlignCfg:
 
 @dataclass
 class TrainCfg:
-    steps: int = 1000
+    steps: int = 1000  # optimiser steps of the whole run (may change on resume)
     batch_size: int = 256  # global batch, all processes and accumulation steps together
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    label_dropout: float = 0.1
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True
+    grad_accum: int = 1  # micro-batches per step; the same run as one batch of batch_size
+    lr: float = 1e-4  # AdamW's learning rate, constant after the warm-up
+    warmup_steps: int = 0  # linear learning-rate warm-up (0 = none)
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW's betas
+    weight_decay: float = 0.0  # AdamW's weight decay
+    grad_clip: float = 1.0  # largest global gradient norm (0 = no clipping)
+    label_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    ema_decay: float = 0.9999  # EMA of the backbone: the weights that are sampled and exported
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
-    compile: bool = False
+    compile: bool = False  # torch.compile the backbone and the aligner (for GPUs)
     # torch.compile's mode: default | max-autotune-no-cudagraphs (tries Triton GEMM templates against cuBLAS:
     # minutes more compilation, for long runs) | reduce-overhead / max-autotune (CUDA graphs: for small,
     # host-bound models; the study's SiT-S/1 stepped 1.7-1.9x faster with reduce-overhead, docs/benchmarks.md)
@@ -108,24 +108,26 @@ class TrainCfg:
     # (bitwise the same gradients in eager mode on the CPU, tested; a compiled graph may round differently).
     # A training setting, not a model one: it is not part of the architecture and is not exported.
     activation_checkpointing: int = 0
-    seed: int = 0
+    seed: int = 0  # weights, data order and every random draw are functions of it (and of the step)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    log_every: int = 50
-    ckpt_every: int = 1000
-    sample_every: int = 1000
-    keep_checkpoints: int = 3
+    log_every: int = 50  # steps per metrics row (metrics.jsonl, TensorBoard, progress bar)
+    ckpt_every: int = 1000  # steps per checkpoint (a stopped run resumes from the newest)
+    sample_every: int = 1000  # steps per sample grid of the EMA model, and one at the end (0 = none)
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops
 
 
 @dataclass
 class SampleCfg:
     solver: str = "euler"  # euler | heun | euler-maruyama
-    steps: int = 50
-    cfg_scale: float = 1.0
-    guidance_low: float = 0.0
-    guidance_high: float = 1.0
-    micro_batch: int = 64
-    grid_images: int = 64
+    steps: int = 50  # solver steps
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = no guidance)
+    # guidance runs for t in [guidance_low, guidance_high] only; t = 1 is noise, and REPA's samples use
+    # guidance_high=0.7 (no guidance near pure noise), which carries over since the conventions are the same
+    guidance_low: float = 0.0  # guidance from this t ...
+    guidance_high: float = 1.0  # ... up to this t
+    micro_batch: int = 64  # images per network call (twice as many rows with guidance)
+    grid_images: int = 64  # images in a run's sample grid
     # torch.compile the network for sampling: one graph, since every call has the fixed micro-batch's shape.
     # Faster on a GPU (eager sampling ran at 20-27% MFU on an H200); outputs differ from eager at rounding level,
     # so it is part of a sample file's identity
@@ -138,8 +140,8 @@ class EvalCfg:
     detectors: list = field(default_factory=list)  # torchscript:FILE | inception:FILE | dinov2:DIR
     ref: str = ""  # reference images (.npz / folder) or a statistics .npz
     num: int = 10000  # class-balanced samples per evaluation
-    batch: int = 250
-    seed: int = 0
+    batch: int = 250  # images per sampling and detector call
+    seed: int = 0  # seed of the evaluation's noise: the same samples at every evaluation
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """ahpa train --config FILE.yaml --out RUN_DIR [section.key=value ...]
+ahpa train [--config FILE.yaml] [section.key=value ...] --show-config   (every setting, documented; writes nothing)
 
 Rerunning the same command resumes. Under torchrun every process runs this command (DDP).
 SIGTERM / SIGINT save a checkpoint and exit cleanly (exit code 143 / 130); rerun to resume.
@@ -15,7 +16,10 @@ from tqdm import tqdm
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a SiT (rerun the same command to resume; torchrun for several GPUs)")
     p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--out", required=True, help="run directory (config, checkpoints, logs, plots)")
+    p.add_argument("--out", help="run directory (config, checkpoints, logs, plots); required to train")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved configuration, every key with its documentation, as YAML (a config file "
+                        "to edit and pass to --config) and exit without training")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=1000")
     p.set_defaults(func=run)
 
@@ -27,6 +31,13 @@ def run(args) -> int:
     from ahpa.train.loop import Trainer
 
     cfg = config.load(args.config, args.overrides)
+    if args.show_config:
+        from ahpa.config_doc import documented_yaml
+
+        print(documented_yaml(cfg), end="")
+        return 0
+    if not args.out:
+        raise ValueError("--out is required: the run directory (rerun the same command to resume)")
     d = init_from_env(cfg.train.device)
     cfg.train.device = device_for(cfg.train.device, d)
     received: list[int] = []

@@ -1,0 +1,51 @@
+"""A configuration as YAML with every key's documentation: the comments written beside the fields in
+ahpa.config, so that `ahpa train --show-config` is the reference of every setting, and its output a config file."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import yaml
+
+from ahpa.config import CHOICES, Config
+
+
+def field_comments(section_type: type) -> dict[str, list[str]]:
+    """{field: comment lines} from a config dataclass's source: the comment block above a field and the comment
+    after it, in that order."""
+    out: dict[str, list[str]] = {}
+    above: list[str] = []
+    names = {f.name for f in dataclasses.fields(section_type)}
+    for line in inspect.getsource(section_type).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text[1:].strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        if name in names:
+            code, _, after = text.partition("  # ")
+            out[name] = above + ([after.strip()] if after else [])
+        above = []
+    return out
+
+
+def documented_yaml(cfg: Config) -> str:
+    """`cfg` as YAML (every key, defaults filled in), each key preceded by its documentation; loadable by
+    ahpa.config.load like any config file."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        comments = field_comments(type(sub))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(sub):
+            doc = list(comments.get(f.name, []))
+            choices = CHOICES.get(f"{section.name}.{f.name}")
+            if choices and not any("|" in c for c in doc):
+                doc.append(" | ".join(choices))
+            lines += [f"  # {c}" for c in doc]
+            # a one-item flow list, brackets dropped: any value on one line ('' quoted, lists as [a, b])
+            value = yaml.safe_dump([getattr(sub, f.name)], default_flow_style=True, width=10**6).strip()[1:-1]
+            lines.append(f"  {f.name}: {value}")
+        lines.append("")
+    return "\n".join(lines)

@@ -45,12 +45,13 @@ def test_each_method_loss_is_finite_and_falls_on_a_fixed_batch(tmp_path, tiny, m
     assert history[-1] < 0.9 * history[0], history
 
 
-def test_resume_three_plus_three_equals_six_bitwise(tmp_path, tiny):
-    straight = Trainer(tiny("train.steps=6"), tmp_path / "a")
+@pytest.mark.parametrize("extra", [(), ("align.token_fraction=0.5", "align.router_t_bins=3")])
+def test_resume_three_plus_three_equals_six_bitwise(tmp_path, tiny, extra):
+    straight = Trainer(tiny("train.steps=6", *extra), tmp_path / "a")
     straight.run()
-    first = Trainer(tiny("train.steps=3"), tmp_path / "b")
+    first = Trainer(tiny("train.steps=3", *extra), tmp_path / "b")
     first.run()
-    second = Trainer(tiny("train.steps=6"), tmp_path / "b")
+    second = Trainer(tiny("train.steps=6", *extra), tmp_path / "b")
     assert second.step == 3 and "resumed from step 3" in second.messages
     second.run()
     for name in ("model", "ema", "aligner"):

@@ -24,7 +24,7 @@ def field_comments(section_type: type) -> dict[str, list[str]]:
             continue
         name = text.split(":", 1)[0].strip()
         if name in names:
-            code, _, after = text.partition("  # ")
+            after = text.partition("  # ")[2]
             out[name] = above + ([after.strip()] if after else [])
         above = []
     return out

@@ -119,9 +119,12 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     tr.train_step()
     before = {k: v.clone() for k, v in tr.parts.model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in tr.parts.ema.state_dict().items()}
+    aligner_before = {k: v.clone() for k, v in tr.parts.aligner.state_dict().items()}
     tr.train_step()  # step index 1: non-finite -> skipped
     assert all(torch.equal(before[k], v) for k, v in tr.parts.model.state_dict().items())
     assert all(torch.equal(ema_before[k], v) for k, v in tr.parts.ema.state_dict().items())
+    # the aligner too: heads and router (no optimiser step) and the router's running loss means (no update)
+    assert all(torch.equal(aligner_before[k], v) for k, v in tr.parts.aligner.state_dict().items())
     assert tr.bad_total.item() == 1
     row = tr.run()
     assert row["bad_steps"] == 1 and np.isfinite(row["loss/flow"])

@@ -30,7 +30,7 @@ from ahpa.train.loop import Trainer
 
 def gradients(trainer: Trainer, batch_size: int, ts: list[float], seed: int) -> dict:
     """Per t: the cosine matrix of [flow, level_1..level_K] gradients and their norms (lambda not applied)."""
-    p, c = trainer.parts, trainer.cfg
+    p = trainer.parts
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(p.source), generator=g)[:batch_size]
     batch = p.source.fetch(idx, None, None)
@@ -43,9 +43,9 @@ def gradients(trainer: Trainer, batch_size: int, ts: list[float], seed: int) -> 
     for t_value in ts:
         t = torch.full((x.shape[0],), t_value)
         x_t, velocity = trainer.path.interpolate(x, eps, t), trainer.path.velocity(x, eps, t)
-        pred, hidden = p.model(x_t, t, batch.labels, (c.align.depth,))
+        pred, hidden = p.model(x_t, t, batch.labels, p.aligner.taps)
         losses = [(pred - velocity).pow(2).mean()]
-        level = p.aligner.level_losses(p.aligner.projector(hidden[0]), targets).mean(dim=0)  # [K]
+        level = p.aligner.level_losses(p.aligner.predictions(hidden), targets).mean(dim=0)  # [K]
         losses += list(level)
         params = [w for w in p.model.parameters() if w.requires_grad]
         grads = []

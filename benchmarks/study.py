@@ -59,7 +59,7 @@ DEFAULT_METHODS = ("none", "vae-latent", "vae-level", "multi-uniform", "ahpa-sof
 # an ablation of the router or of the levels is compared with the baselines of the same study
 VARIANT_KEYS = ("align.levels", "align.shared_trunk", "align.router_tau", "align.router_topk", "align.router_normalize",
                 "align.router_entropy", "align.router_momentum", "align.router_t_bins", "align.snr_width",
-                "align.stop_step", "align.token_fraction")
+                "align.stop_step", "align.token_fraction", "align.level_depths")
 # the alignment's strength and depth, as a variant of one run: vanilla SiT does not read them, so an ablation of
 # lambda or depth can sit beside the study's baselines; the study's own values (flags) stay in the key
 RUN_VARIANT_KEYS = (*VARIANT_KEYS, "align.weight", "align.depth", "align.projector_dim")

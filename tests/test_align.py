@@ -161,3 +161,34 @@ def test_aligning_a_share_of_the_tokens_is_an_unbiased_estimate_of_aligning_all(
     everything = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32), "uniform", "cosine")
     assert al.flops_per_image(16) == everything.flops_per_image(16) / 4
     assert kept_tokens(16, 0.01) == 1 and kept_tokens(16, 1.0) == 16
+
+
+def test_levels_at_their_own_blocks_see_only_their_blocks_tokens():
+    """align.level_depths: each level's trunk reads the hidden tokens of its own block, so its loss reaches that
+    block's tokens and no other; config errors name the item and the fix."""
+    from ahpa.align.methods import resolve_depths
+
+    depths = resolve_depths(["a", "b", "c"], 2, ["a:1", "c:3"], 4, shared_trunk=False)
+    assert depths == [1, 2, 3]
+    al = Aligner(16, ["a", "b", "c"], [3, 4, 5], AlignCfg(projector_dim=32, shared_trunk=False), "uniform", "cosine",
+                 depths)
+    assert al.taps == (1, 2, 3)
+    hidden = [torch.randn(2, 6, 16, requires_grad=True) for _ in al.taps]
+    targets = [torch.randn(2, 6, c) for c in (3, 4, 5)]
+    preds = al.predictions(hidden)
+    for k, pred in enumerate(preds):  # level k's output depends on tap k only
+        grads = torch.autograd.grad(pred.sum(), hidden, allow_unused=True, retain_graph=True)
+        assert [g is not None and g.abs().sum() > 0 for g in grads] == [i == k for i in range(3)]
+    loss, _ = al(hidden, targets, torch.rand(2))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"blocks \(1, 2, 3\); got 1"):
+        al(hidden[0], targets, torch.rand(2))
+    for items, shared, message in [
+        (["a2"], False, r"item 'a2' is not NAME:BLOCK"),
+        (["z:1"], False, r"names 'z', which this run does not align"),
+        (["a:9"], False, r"gives a block 9; it must lie in \[1, 4\]"),
+        (["a:1"], True, r"needs align.shared_trunk=false"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            resolve_depths(["a", "b", "c"], 2, items, 4, shared_trunk=shared)
+    assert resolve_depths(["a", "b"], 2, ["a:2"], 4, shared_trunk=True) == [2, 2]  # one block: a shared trunk is fine

@@ -26,6 +26,7 @@ def tiny_external():
 @pytest.mark.parametrize("method,extra", [
     ("none", []), ("vae-latent", []), ("vae-level", ["align.levels=[stage2]"]), ("multi-uniform", []),
     ("ahpa", []), ("ahpa", ["align.router=snr"]), ("ahpa", ["align.router=topk"]), ("repa", []),
+    ("ahpa", ["align.shared_trunk=false", "align.level_depths=[stage1:1,latent:3]"]),
 ])
 def test_each_method_loss_is_finite_and_falls_on_a_fixed_batch(tmp_path, tiny, method, extra):
     cfg = tiny(f"align.method={method}", "train.lr=0.003", *extra)

@@ -78,6 +78,9 @@ class AlignCfg:
     # 0: align for the whole run. N > 0: from step N on, train on the flow loss alone (HASTE's "termination",
     # Wang et al. 2025: REPA speeds up early training and can hold it back later); the aligner is no longer run
     stop_step: int = 0
+    # a depth of its own for some levels, NAME:BLOCK items, e.g. [stage1:2,stage4:6] (the others stay at align.depth):
+    # a hierarchy of the encoder mapped onto the SiT's blocks. Needs shared_trunk=false (one trunk per level)
+    level_depths: list = field(default_factory=list)
     # the share of each image's tokens that the heads align, drawn anew every step (ahpa.align.tokens): an unbiased
     # estimate of the full alignment loss at that share of the heads' cost. 1 aligns every token (REPA, the paper)
     token_fraction: float = 1.0

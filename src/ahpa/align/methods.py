@@ -51,3 +51,24 @@ def resolve_levels(method: MethodSpec, available: list[str], requested: list[str
     if method.levels in ("latent", "one") and len(chosen) != 1:
         raise ValueError(f"method {method.name!r} aligns exactly one level: set align.levels=[NAME] with NAME one of {available}")
     return chosen
+
+
+def resolve_depths(levels: list[str], depth: int, items: list[str], model_depth: int, shared_trunk: bool) -> list[int]:
+    """The block whose hidden tokens each level is aligned to: align.depth, or its NAME:BLOCK item of
+    align.level_depths."""
+    chosen = dict.fromkeys(levels, depth)
+    for item in items:
+        name, sep, block = str(item).partition(":")
+        if not sep or not block.strip().isdigit():
+            raise ValueError(f"align.level_depths item {item!r} is not NAME:BLOCK, e.g. stage1:2")
+        if name not in chosen:
+            raise ValueError(f"align.level_depths names {name!r}, which this run does not align; its levels are {levels}")
+        chosen[name] = int(block)
+    for name, block in chosen.items():
+        if not 1 <= block <= model_depth:
+            raise ValueError(f"align.level_depths gives {name} block {block}; it must lie in [1, {model_depth}] (the model's depth)")
+    depths = [chosen[name] for name in levels]
+    if shared_trunk and len(set(depths)) > 1:
+        raise ValueError("align.level_depths puts levels at different blocks, which needs align.shared_trunk=false: "
+                         "one projector trunk per level, since a shared trunk would see hidden states of different blocks")
+    return depths

@@ -17,9 +17,14 @@ from ahpa.train.distributed import all_reduce_mean_
 
 
 class Aligner(nn.Module):
-    def __init__(self, hidden: int, levels: list[str], dims: list[int], cfg: AlignCfg, router_mode: str, loss: str):
+    def __init__(self, hidden: int, levels: list[str], dims: list[int], cfg: AlignCfg, router_mode: str, loss: str,
+                 depths: list[int] | None = None):
         super().__init__()
         self.levels = list(levels)
+        # the SiT block each level is aligned to (align.depth, or align.level_depths); the hidden tokens the
+        # forward takes are those after each of `taps`, in block order
+        self.depths = list(depths) if depths is not None else [cfg.depth] * len(levels)
+        self.taps = tuple(sorted(set(self.depths)))
         self.loss_kind = loss
         self.beta = cfg.smooth_l1_beta
         self.normalize = cfg.router_normalize
@@ -48,19 +53,33 @@ class Aligner(nn.Module):
         """Model FLOPs (2 x multiply-adds) of the heads' forward for one image: they see only the aligned tokens."""
         return self.projector.flops_per_token() * kept_tokens(num_tokens, self.token_fraction)
 
+    def predictions(self, hidden: torch.Tensor | list[torch.Tensor], kept: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The heads' outputs, one [B, N, C_k] per level ([B, k, C_k] with `kept`), from the hidden tokens after
+        each of `taps` (a list in `taps` order, or one tensor when there is one tap)."""
+        hs = [hidden] if isinstance(hidden, torch.Tensor) else list(hidden)
+        if len(hs) != len(self.taps):
+            raise ValueError(f"the aligner takes the hidden tokens after blocks {self.taps}; got {len(hs)} tensors")
+        if kept is not None:
+            hs = [gather_tokens(h, kept) for h in hs]
+        if len(hs) == 1:
+            return self.projector(hs[0])
+        # align.level_depths: each level's own trunk on its own block's tokens
+        return self.projector.per_level([hs[self.taps.index(d)] for d in self.depths])
+
     def forward(
-        self, hidden: torch.Tensor, targets: list[torch.Tensor], t: torch.Tensor, kept: torch.Tensor | None = None
+        self, hidden: torch.Tensor | list[torch.Tensor], targets: list[torch.Tensor], t: torch.Tensor,
+        kept: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """hidden [B, N, D], targets K x [B, N, C_k], t [B], kept [B, k] token indices or None (all)
-        -> (loss, detached metrics).
+        """hidden [B, N, D] (one per tap, in `taps` order, or one tensor when there is one tap), targets
+        K x [B, N, C_k], t [B], kept [B, k] token indices or None (all) -> (loss, detached metrics).
 
         The backbone and projectors get sum_k g_k(t) l_k with g detached; a learned router gets
         its own objective (router_objective), so the router's anti-collapse terms never push the
         backbone.
         """
         if kept is not None:  # align.token_fraction < 1: the heads and losses see each sample's kept tokens only
-            hidden, targets = gather_tokens(hidden, kept), [gather_tokens(x, kept) for x in targets]
-        losses = self.level_losses(self.projector(hidden), targets)  # [B, K]
+            targets = [gather_tokens(x, kept) for x in targets]
+        losses = self.level_losses(self.predictions(hidden, kept), targets)  # [B, K]
         weights = self.router(t)  # [B, K]
         loss = (weights.detach() * losses).sum(dim=1).mean()
         weighted = loss.detach()

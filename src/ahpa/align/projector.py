@@ -32,6 +32,12 @@ class Projector(nn.Module):
             return list(self.head(self.trunk(h)).split(self.dims, dim=-1))
         return [trunk(h) for trunk in self.trunks]
 
+    def per_level(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One hidden [B, N, D] per level (levels aligned to different blocks) -> one [B, N, C_k] per level."""
+        if self.shared:
+            raise ValueError("levels aligned to different blocks need a trunk per level (align.shared_trunk=false)")
+        return [trunk(h) for trunk, h in zip(self.trunks, hs)]
+
     def flops_per_token(self) -> float:
         """2 x multiply-adds of one forward per token (what the heads add to a training step, x3)."""
         return 2.0 * sum(p.numel() for n, p in self.named_parameters() if n.endswith("weight"))

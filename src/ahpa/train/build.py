@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ahpa.align import Aligner, get_method, resolve_levels
+from ahpa.align.methods import resolve_depths
 from ahpa.config import Config
 from ahpa.data.batches import OnTheFly
 from ahpa.data.sources import load_image_set
@@ -137,7 +138,8 @@ def build_parts(
         dims = [external.channels] if external is not None else [encoder.level(n).channels for n in levels]
         router_mode = method.router or cfg.align.router
         loss = method.loss if cfg.align.loss == "default" else cfg.align.loss
-        aligner = Aligner(sc.hidden_size, levels, dims, cfg.align, router_mode, loss).to(device)
+        depths = resolve_depths(levels, cfg.align.depth, list(cfg.align.level_depths), sc.depth, cfg.align.shared_trunk)
+        aligner = Aligner(sc.hidden_size, levels, dims, cfg.align, router_mode, loss, depths).to(device)
     optimizer = build_optimizer(cfg, model, aligner)
     if cfg.data.source == "cache":
         source = open_cache(cfg, encoder, levels, sc.grid, device)

@@ -197,7 +197,7 @@ class Trainer:
         y = torch.where(d["drop"], torch.full_like(batch.labels, p.model.null_class), batch.labels)
         x_t = self.path.interpolate(x, d["eps"], d["t"])
         target = self.path.velocity(x, d["eps"], d["t"])
-        taps = (c.align.depth,) if align_on else ()
+        taps = p.aligner.taps if align_on else ()
         with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
             pred, hidden = self.net(x_t, d["t"], y, taps)
         flow = (pred.float() - target).pow(2).mean()
@@ -210,7 +210,7 @@ class Trainer:
             else:
                 targets = standardise_levels(batch.levels, p.levels, p.stats)
             with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
-                align, extra = self.align_net(hidden[0], targets, d["t"], d.get("kept"))
+                align, extra = self.align_net(hidden, targets, d["t"], d.get("kept"))
             loss = loss + c.align.weight * align
             metrics["loss/align"] = c.align.weight * extra.pop("align/weighted")
             metrics.update(extra)

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ahpa.align import Aligner, get_method, resolve_levels
-from ahpa.align.methods import resolve_depths
+from ahpa.align import Aligner, get_method, resolve_depths, resolve_levels
 from ahpa.config import Config
 from ahpa.data.batches import OnTheFly
 from ahpa.data.sources import load_image_set

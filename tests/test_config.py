@@ -32,6 +32,27 @@ def test_yaml_errors_name_the_file(tmp_path):
         config.load(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("item", ["train.log_every=0", "train.ckpt_every=0", "train.grad_accum=0", "train.batch_size=-1",
+                                  "train.batch_size=0", "train.steps=-5", "train.ema_decay=2", "sample.steps=0",
+                                  "align.router_momentum=1", "eval.num=1", "sample.guidance_high=1.5"])
+def test_values_out_of_range_fail_as_they_are_set(item, tmp_path):
+    key = item.partition("=")[0]
+    with pytest.raises(config.ConfigError, match=rf"command line: {key}=\S+ is out of range; it must be "):
+        config.load(None, [item])
+    section, _, name = key.partition(".")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"{section}:\n  {name}: {item.partition('=')[2]}\n")
+    with pytest.raises(config.ConfigError, match=rf"bad\.yaml: {key}="):
+        config.load(bad)
+
+
+def test_every_range_is_checked_against_a_key_that_exists():
+    keys = set(config.flatten(config.Config().to_dict()))
+    assert set(config.RANGES) <= keys
+    defaults = config.flatten(config.Config().to_dict())
+    assert all(config.RANGES[k][0](defaults[k]) for k in config.RANGES), "a default lies outside its own range"
+
+
 def test_resume_conflicts_allow_only_run_length_and_cadence():
     a = config.load(None, [])
     b = config.load(None, ["train.steps=5", "train.log_every=3", "sample.steps=9"])

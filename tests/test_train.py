@@ -68,6 +68,11 @@ def test_resume_refuses_other_settings_but_allows_run_length(tmp_path, tiny):
     with pytest.raises(RunConfigError, match="train.lr"):
         Trainer(tiny("train.steps=4", "train.lr=0.5"), tmp_path / "r")
     Trainer(tiny("train.steps=3", "train.log_every=2"), tmp_path / "r").run()
+    # a start that failed before its first checkpoint leaves config.yaml but binds nothing
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "config.yaml").write_text(config.dump(tiny("train.lr=0.5")))
+    Trainer(tiny("train.steps=2"), tmp_path / "f").run()
+    assert config.load(tmp_path / "f" / "config.yaml").train.lr == tiny().train.lr
 
 
 def test_alignment_stops_at_align_stop_step(tmp_path, tiny):
@@ -221,5 +226,5 @@ def test_a_share_of_the_tokens_changes_no_other_draw_and_splits_across_micro_bat
     for name in ("model", "aligner"):
         x, y = getattr(share.parts, name).state_dict(), getattr(accum.parts, name).state_dict()
         assert max((x[k].float() - y[k].float()).abs().max().item() for k in x) < 1e-5, name
-    with pytest.raises(ValueError, match=r"align.token_fraction=0.0 must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"align.token_fraction=0.0 is out of range; it must be in \(0, 1\]"):
         Trainer(tiny("align.token_fraction=0"), tmp_path / "c")

@@ -116,7 +116,7 @@ class TrainCfg:
     log_every: int = 50  # steps per metrics row (metrics.jsonl, TensorBoard, progress bar)
     ckpt_every: int = 1000  # steps per checkpoint (a stopped run resumes from the newest)
     sample_every: int = 1000  # steps per sample grid of the EMA model, and one at the end (0 = none)
-    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk (0 = keep every one)
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops
 
 
@@ -130,7 +130,7 @@ class SampleCfg:
     guidance_low: float = 0.0  # guidance from this t ...
     guidance_high: float = 1.0  # ... up to this t
     micro_batch: int = 64  # images per network call (twice as many rows with guidance)
-    grid_images: int = 64  # images in a run's sample grid
+    grid_images: int = 64  # images in a run's sample grid (0 = no grids)
     # torch.compile the network for sampling: one graph, since every call has the fixed micro-batch's shape.
     # Faster on a GPU (eager sampling ran at 20-27% MFU on an H200); outputs differ from eager at rounding level,
     # so it is part of a sample file's identity
@@ -172,6 +172,34 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.solver": ("euler", "heun", "euler-maruyama"),
+}
+
+# the values a key may take, checked as soon as it is set (so a bad value fails before any file is written);
+# limits that depend on other keys (align.depth against the model's depth) are checked where both are known
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "0 or more")
+_POSITIVE = (lambda v: v > 0, "positive")
+_IN_0_1 = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES = {
+    "model.hidden_size": _AT_LEAST_0, "model.depth": _AT_LEAST_0, "model.num_heads": _AT_LEAST_0,
+    "model.mlp_ratio": _POSITIVE, "transport.time_std": _POSITIVE,
+    "data.resolution": _AT_LEAST_1, "data.num_classes": _AT_LEAST_0, "data.limit": _AT_LEAST_0,
+    "data.procedural_size": _AT_LEAST_1, "prior.stats_images": _AT_LEAST_1,
+    "align.depth": _AT_LEAST_1, "align.weight": _AT_LEAST_0, "align.smooth_l1_beta": _POSITIVE,
+    "align.projector_dim": _AT_LEAST_1, "align.router_tau": _POSITIVE, "align.router_topk": _AT_LEAST_1,
+    "align.router_entropy": _AT_LEAST_0, "align.router_momentum": _BELOW_1, "align.router_t_bins": _AT_LEAST_1,
+    "align.snr_width": _POSITIVE, "align.stop_step": (lambda v: v >= 0, "0 or more (0 aligns for the whole run)"),
+    "align.token_fraction": (lambda v: 0 < v <= 1, "in (0, 1] (1 aligns every token)"),
+    "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1,
+    "train.lr": _POSITIVE, "train.warmup_steps": _AT_LEAST_0, "train.weight_decay": _AT_LEAST_0,
+    "train.grad_clip": _AT_LEAST_0, "train.label_dropout": _BELOW_1, "train.ema_decay": _BELOW_1,
+    "train.activation_checkpointing": (lambda v: v >= -1, "-1 (all blocks), 0 (off) or a number of blocks"),
+    "train.log_every": _AT_LEAST_1, "train.ckpt_every": _AT_LEAST_1, "train.sample_every": _AT_LEAST_0,
+    "train.keep_checkpoints": _AT_LEAST_0, "train.max_bad_steps": _AT_LEAST_1,
+    "sample.steps": _AT_LEAST_1, "sample.cfg_scale": _AT_LEAST_0, "sample.guidance_low": _IN_0_1,
+    "sample.guidance_high": _IN_0_1, "sample.micro_batch": _AT_LEAST_1, "sample.grid_images": _AT_LEAST_0,
+    "eval.every": _AT_LEAST_0, "eval.num": (lambda v: v >= 2, "at least 2 (a covariance)"), "eval.batch": _AT_LEAST_1,
 }
 
 # keys that may change when a run is resumed (run length, cadences); everything else must match
@@ -236,6 +264,9 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
     choices = CHOICES.get(key)
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}")
+    allowed, text = RANGES.get(key, (None, ""))
+    if allowed is not None and not allowed(value):
+        raise ConfigError(f"{where}: {key}={value!r} is out of range; it must be {text}")
     return value
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="procedural data -> small VAE -> SiT with AHPA -> samples, router plot and a check")
-    p.add_argument("--out", default="runs/demo", help="where everything is written (default: runs/demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="a new or empty directory, or one an earlier demo made (a rerun "
+                   "there deletes that demo's outputs and starts afresh); default: runs/demo")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, VAE, judge and SiT (default 0)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo's SiT config")
     p.set_defaults(func=run)
 

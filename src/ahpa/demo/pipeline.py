@@ -39,6 +39,26 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> config_mod.Confi
         return config_mod.load(path, overrides)
 
 
+MARKER = ".ahpa-demo"  # in a directory the demo made, so that a rerun may clear what it wrote there
+OWNED = ("data", "vae", "run", "samples.png", "report.json")
+
+
+def claim_output_dir(out: Path) -> None:
+    """Makes `out` the demo's: new or empty, or made by an earlier demo (its marker), whose outputs are removed.
+    A rerun starts afresh because a resumed SiT run over a retrained VAE would mix two latent spaces. Any
+    other non-empty directory is refused: the demo never deletes what it did not write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"demo output {out} is a file; choose a directory with --out")
+    if out.is_dir() and not (out / MARKER).exists() and any(out.iterdir()):
+        raise ValueError(f"demo output {out} is not empty and was not made by `ahpa demo`; the demo writes (and, "
+                         f"on a rerun, deletes) {', '.join(OWNED)} there. Choose a new or empty directory with --out")
+    for owned in OWNED:
+        target = out / owned
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `ahpa demo`: a rerun here deletes " + " ".join(OWNED) + "\n")
+
+
 def run_demo(
     out: str | Path, progress: Progress | None = None, num_images: int = 4096, vae_steps: int = 400,
     sit_overrides: list[str] | tuple[str, ...] = (), num_check: int = 400, seed: int = 0, judge_steps: int = 400,
@@ -46,13 +66,9 @@ def run_demo(
     """Runs every stage into `out` and returns the report (also written to out/report.json)."""
     progress = progress or (lambda desc, total: _Silent())
     out = Path(out)
-    # a rerun starts afresh: a resumed SiT run over a retrained VAE would mix two latent spaces
-    for owned in ("data", "vae", "run", "samples.png", "report.json"):
-        target = out / owned
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config([f"train.seed={seed}", *sit_overrides])  # a bad override fails before anything is touched
+    claim_output_dir(out)
     timings: dict[str, float] = {}
-    cfg = demo_config([f"train.seed={seed}", *sit_overrides])
     res = cfg.data.resolution
     torch.manual_seed(seed)
 
@@ -133,6 +149,8 @@ def run_demo(
             "samples": str(grid),
             "router": str(out / "run" / "router.png"),
             "losses": str(out / "run" / "losses.png"),
+            "metrics": str(out / "run" / "metrics.jsonl"),
+            "tb": str(out / "run" / "tb"),
             "run": str(out / "run"),
             "vae": str(vae_dir),
             "model": str(out / "run" / "model.safetensors"),

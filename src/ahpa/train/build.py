@@ -112,10 +112,6 @@ def build_parts(
     levels = resolve_levels(method, available, list(cfg.align.levels))
     if method.levels != "none" and not 1 <= cfg.align.depth <= sc.depth:
         raise ValueError(f"align.depth={cfg.align.depth} must lie in [1, {sc.depth}] (the model's depth)")
-    if cfg.align.stop_step < 0:
-        raise ValueError(f"align.stop_step={cfg.align.stop_step} must be >= 0 (0 aligns for the whole run)")
-    if not 0 < cfg.align.token_fraction <= 1:
-        raise ValueError(f"align.token_fraction={cfg.align.token_fraction} must lie in (0, 1] (1 aligns every token)")
     if method.levels != "external":
         external = None
     elif external is not None:

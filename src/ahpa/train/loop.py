@@ -25,7 +25,7 @@ from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
 from ahpa.train import outputs
 from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note
-from ahpa.train.checkpoint import load_latest, save_checkpoint
+from ahpa.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_update
@@ -107,7 +107,9 @@ class Trainer:
             except OSError as e:
                 raise OSError(e.errno, f"run directory {self.run_dir} is not writable ({e.strerror}); choose another --out") from None
         saved_file = self.run_dir / "config.yaml"
-        if saved_file.exists():
+        # a run that ended before its first checkpoint (a failed start) has nothing to resume: a new command,
+        # with other settings, starts it afresh rather than being held to the settings that failed
+        if saved_file.exists() and list_checkpoints(self.run_dir / "checkpoints"):
             saved = config_mod.load(saved_file)
             conflicts = config_mod.resume_conflicts(saved, self.cfg)
             if conflicts:
@@ -366,7 +368,7 @@ class Trainer:
                     aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None
                     if main and aligner is not None:
                         outputs.write_router_plot(aligner, self.run_dir, self.step)
-                if c.train.sample_every and (self.step % c.train.sample_every == 0 or done):
+                if c.train.sample_every and c.sample.grid_images and (self.step % c.train.sample_every == 0 or done):
                     bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:
                         outputs.write_samples(bundle, c.sample, self.run_dir, self.step)

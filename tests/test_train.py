@@ -1,5 +1,7 @@
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -115,6 +117,12 @@ def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     for name in ("config.yaml", "metrics.jsonl", "router.png", "losses.png", "samples.png", "model.safetensors", "DONE"):
         assert (run / name).exists(), name
     assert any((run / "tb").iterdir())
+    # every output is readable by others as the umask allows (safetensors' writer used to leave exports at 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.yaml", "model.safetensors", "samples.png"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert next((run / "checkpoints").iterdir()).stat().st_mode & 0o777 == 0o666 & ~umask
     exported = load_file(str(run / "model.safetensors"))
     vanilla = SiT(tr.parts.model.cfg)
     assert sum(v.numel() for v in exported.values()) == vanilla.num_params()
@@ -228,3 +236,26 @@ def test_a_share_of_the_tokens_changes_no_other_draw_and_splits_across_micro_bat
         assert max((x[k].float() - y[k].float()).abs().max().item() for k in x) < 1e-5, name
     with pytest.raises(ValueError, match=r"align.token_fraction=0.0 is out of range; it must be in \(0, 1\]"):
         Trainer(tiny("align.token_fraction=0"), tmp_path / "c")
+
+
+def test_a_run_names_its_files_absolutely_and_resumes_from_any_directory(tmp_path, tiny, monkeypatch):
+    """Relative paths are taken from the working directory once, at the start: config.yaml and the export then
+    name the same files wherever a later command runs (resume, `ahpa sample --model`)."""
+    from ahpa.data.procedural import make_shapes
+    from ahpa.priors.kl_vae import KLVAE
+    from ahpa.sample import load_export
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    images, labels = make_shapes(32, 16, seed=0)
+    np.savez(work / "data" / "set.npz", images=images, labels=labels)
+    KLVAE.random().save(work / "vae")
+    monkeypatch.chdir(work)
+    Trainer(tiny("data.source=npz", "data.path=data/set.npz", "prior.encoder=ahpa-vae:vae", "train.steps=2"), "run").run()
+    saved = config.load(work / "run" / "config.yaml")
+    assert saved.data.path == str(work / "data" / "set.npz") and saved.prior.encoder == f"ahpa-vae:{work / 'vae'}"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the absolute form of the same files resumes the run
+    again = Trainer(tiny("data.source=npz", f"data.path={work}/data/set.npz", f"prior.encoder=ahpa-vae:{work}/vae",
+                         "train.steps=3"), work / "run")
+    assert again.step == 2
+    assert load_export(work / "run" / "model.safetensors", torch.device("cpu")).encoder.spec == f"ahpa-vae:{work / 'vae'}"

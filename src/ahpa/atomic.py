@@ -23,8 +23,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any other file
         yield tmp
+        # mkstemp makes 0600; outputs are shared like any other file. After the write, not before: some writers
+        # (safetensors' save_file) replace the file and would take the mode back to 0600
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -6,6 +6,7 @@ Strings become checked choices here, once: an unknown key or value fails with th
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,35 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _apply(cfg, key.strip(), value.strip(), where="command line")
     return cfg
+
+
+# keys naming files: a path, or a KIND:PATH spec of a pretrained part (a list of specs for detectors)
+PATH_KEYS = ("data.path", "eval.ref")
+SPEC_KEYS = ("prior.encoder", "prior.external", "eval.detectors")
+
+
+def _absolute(path: str) -> str:
+    # only a path that exists here: a hub id (diffusers:org/name) or `ahpa-vae:random` stays as written, and a
+    # missing file keeps its name for the error that reports it. abspath, not resolve: symlinks stay as given
+    local = os.path.expanduser(path)
+    return os.path.abspath(local) if path and os.path.exists(local) else path
+
+
+def _absolute_spec(spec: str) -> str:
+    kind, sep, where = spec.partition(":")
+    return f"{kind}:{_absolute(where)}" if sep else spec
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy whose file paths are absolute, relative ones taken from the working directory: a run's config.yaml
+    and its export then name the same files from any directory, and resuming from elsewhere compares equal."""
+    out = from_dict(cfg.to_dict())
+    for key in PATH_KEYS + SPEC_KEYS:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(out, section), name)
+        fix = _absolute if key in PATH_KEYS else _absolute_spec
+        setattr(getattr(out, section), name, [fix(v) for v in value] if isinstance(value, list) else fix(value))
+    return out
 
 
 def dump(cfg: Config) -> str:

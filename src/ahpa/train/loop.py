@@ -48,6 +48,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
         d = current()
+        cfg = config_mod.with_absolute_paths(cfg)  # the run's files, named the same from any directory
         self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), d.rank, d.world
         self.path = get_path(cfg.transport.path)
         t = cfg.train
@@ -110,7 +111,7 @@ class Trainer:
         # a run that ended before its first checkpoint (a failed start) has nothing to resume: a new command,
         # with other settings, starts it afresh rather than being held to the settings that failed
         if saved_file.exists() and list_checkpoints(self.run_dir / "checkpoints"):
-            saved = config_mod.load(saved_file)
+            saved = config_mod.with_absolute_paths(config_mod.load(saved_file))  # runs that stored relative paths
             conflicts = config_mod.resume_conflicts(saved, self.cfg)
             if conflicts:
                 raise RunConfigError(

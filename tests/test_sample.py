@@ -48,9 +48,41 @@ def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path):
         assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
-def test_bad_sample_inputs(tmp_path, capsys):
+def test_sample_from_a_run_takes_its_sampler_settings(run_dir, tmp_path):
+    """--run without sampler options samples as the run's config.yaml says (TINY: 4 steps, micro-batch 8), as its
+    grids did; --model has no run, so the same file needs the options spelled out."""
+    assert main(["sample", "--run", str(run_dir), "--num", "5", "--out", str(tmp_path / "a.npz")]) == 0
+    assert main(["sample", "--model", str(run_dir / "model.safetensors"), "--num", "5", "--steps", "4",
+                 "--micro-batch", "8", "--out", str(tmp_path / "b.npz")]) == 0
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_bad_sample_inputs(tmp_path, capsys, run_dir):
     assert main(["sample", "--model", str(tmp_path / "none.safetensors"), "--num", "2", "--out", str(tmp_path / "x.npz")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    checkpoint = next((run_dir / "checkpoints").iterdir())
+    assert main(["sample", "--model", str(checkpoint), "--num", "2", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "not a safetensors file" in (err := capsys.readouterr().err) and "--run RUN_DIR" in err
+    assert main(["sample", "--model", str(run_dir), "--num", "2", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "is a directory; a run directory is sampled with --run" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--steps", "0", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "sample.steps=0 is out of range" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "must end in .npz" in capsys.readouterr().err
+    # an export whose VAE moved: the error names the recorded VAE and the option that names its new place
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(run_dir / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    meta["ahpa"] = meta["ahpa"].replace('"ahpa-vae:random"', '"ahpa-vae:/moved/vae"')
+    save_file(load_file(str(run_dir / "model.safetensors")), str(tmp_path / "moved.safetensors"), metadata=meta)
+    args = ["sample", "--model", str(tmp_path / "moved.safetensors"), "--num", "2", "--steps", "2", "--micro-batch", "8"]
+    assert main([*args, "--out", str(tmp_path / "y.npz")]) == 2
+    assert "'ahpa-vae:/moved/vae', which is not here" in (err := capsys.readouterr().err) and "--encoder" in err
+    assert main([*args, "--encoder", "ahpa-vae:random", "--out", str(tmp_path / "y.npz")]) == 0
+    assert not (tmp_path / "x.npz").exists()
     with pytest.raises(ValueError, match=r"\.npz"):
         write_npz(tmp_path / "x.png", np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1))
     assert not (tmp_path / "x.npz").exists()

@@ -159,13 +159,21 @@ def load_export(path: str | Path, device: torch.device, encoder: PriorEncoder | 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("ahpa")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("ahpa")
+    except Exception as e:  # safetensors raises its own error type for a file that is not one of its own
+        raise ValueError(f"{path}: not a safetensors file ({e}). A training checkpoint is sampled through its run "
+                         f"(--run RUN_DIR) or exported first with `ahpa export --run RUN_DIR`") from None
     if meta is None:
         raise ValueError(f"{path}: not an ahpa export (no 'ahpa' metadata); export one with `ahpa export`")
     meta = json.loads(meta)
     model = SiT(SiTConfig(**meta["sit"]))
     model.load_state_dict(load_file(str(path)), strict=True)
-    enc = encoder if encoder is not None else load_encoder(meta["encoder"], device)
+    try:
+        enc = encoder if encoder is not None else load_encoder(meta["encoder"], device)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} decodes with {meta['encoder']!r}, which is not here ({e}); name where that "
+                                f"VAE is on this machine (`ahpa sample --encoder KIND:PATH`)") from None
     stats = ChannelStats(torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]))
     return SamplerBundle(model.to(device).eval(), get_path(meta["transport_path"]), stats, enc, device)

@@ -5,38 +5,60 @@ from __future__ import annotations
 from tqdm import tqdm
 
 
+# sampler options that default to the run's `sample` section (with --run) or to SampleCfg's defaults (--model)
+SAMPLER_OPTIONS = ("solver", "steps", "cfg_scale", "guidance_low", "guidance_high", "micro_batch")
+
+
 def register(sub) -> None:
-    p = sub.add_parser("sample", help="generate images into an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    p = sub.add_parser("sample", help="generate images into an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels)",
+                       description="Sampler options left out take the run's `sample` settings with --run (those of "
+                                   "its config.yaml, as its sample grids used) and the defaults shown with --model.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (uses the EMA weights of its latest checkpoint)")
-    src.add_argument("--model", help="exported model file (.safetensors)")
+    src.add_argument("--model", help="exported model file (.safetensors, from `ahpa export` or a run's model.safetensors)")
     # --num-samples: the same; under torchrun `--num` collides with its own --numa-binding option
-    p.add_argument("--num", "--num-samples", dest="num", type=int, required=True)
-    p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", "--num-samples", dest="num", type=int, required=True, help="number of images")
+    p.add_argument("--out", required=True, help="output .npz (written once complete; a rerun resumes from OUT.parts/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and labels (default 0)")
     p.add_argument("--batch", type=int, default=64, help="samples per iteration (the file does not depend on it)")
-    p.add_argument("--solver", default="euler", help="euler | heun | euler-maruyama")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--guidance-low", type=float, default=0.0)
-    p.add_argument("--guidance-high", type=float, default=1.0)
-    p.add_argument("--micro-batch", type=int, default=64, help="fixed network batch (part of the file's identity)")
+    p.add_argument("--solver", choices=("euler", "heun", "euler-maruyama"), help="ODE (euler, heun) or SDE solver (euler)")
+    p.add_argument("--steps", type=int, help="solver steps (50)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = no guidance (1.0)")
+    p.add_argument("--guidance-low", type=float, help="guide only for t >= this (0.0; t = 1 is noise)")
+    p.add_argument("--guidance-high", type=float, help="guide only for t <= this (1.0; REPA uses 0.7)")
+    p.add_argument("--micro-batch", type=int, help="fixed network batch, part of the file's identity (64)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (faster on a GPU; numerics differ from eager at rounding level)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--encoder", help="--model only: the VAE that decodes (KIND:PATH), when the one the export "
+                                     "names is not at its recorded path on this machine")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ahpa.config import SampleCfg
+    from pathlib import Path
+
+    from ahpa import config as config_mod
     from ahpa.sample import load_export
     from ahpa.sample_writer import write_samples
     from ahpa.train.build import autocast_dtype, resolve_device
     from ahpa.commands.exit import finish
     from ahpa.train.distributed import device_for, init_from_env
 
+    # everything that can be checked without loading a model is checked first
     if args.num <= 0:
         raise ValueError("--num must be positive")
+    if Path(args.out).suffix != ".npz":
+        raise ValueError(f"--out {args.out!r} must end in .npz (the ADM sample format)")
+    if args.run and not Path(args.run).is_dir():
+        hint = "; it is a file: an export is sampled with --model" if Path(args.run).is_file() else ""
+        raise FileNotFoundError(f"run directory {args.run!r} does not exist{hint}")
+    if args.model and Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model!r} is a directory; a run directory is sampled with --run")
+    if args.run and args.encoder:
+        raise ValueError("--encoder applies to --model only: a run loads the VAE its config names")
+    given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
+    config_mod.from_dict({"sample": given}, where="ahpa sample")  # ranges: e.g. --steps 0 fails here
     d = init_from_env(args.device)
     completed = False
     try:
@@ -46,18 +68,23 @@ def run(args) -> int:
 
             trainer = trainer_from_run(args.run, device=str(device))
             bundle, identity = trainer.sampler_bundle(), {"run": str(args.run), "step": trainer.step}
+            base = trainer.cfg.sample
         else:
-            bundle = load_export(args.model, device)
+            from ahpa.priors.registry import load_encoder
+
+            encoder = load_encoder(args.encoder, device) if args.encoder else None
+            bundle = load_export(args.model, device, encoder=encoder)
             bundle.autocast_dtype = autocast_dtype("auto", device)
             identity = {"model": str(args.model)}
-        cfg = SampleCfg(solver=args.solver, steps=args.steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                        guidance_high=args.guidance_high, micro_batch=args.micro_batch, compile=args.compile)
+            base = config_mod.SampleCfg()
+        cfg = config_mod.from_dict({"sample": {**base.__dict__, "compile": args.compile, **given}},
+                                   where="ahpa sample").sample
         with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main) as bar:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
                                  on_progress=lambda n: bar.update(n * d.world))
         completed = True
         if d.is_main:
-            print(f"wrote {args.num} samples to {path}")
+            print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale})")
         return 0
     finally:
         finish(completed, 0)  # under torchrun the process ends here

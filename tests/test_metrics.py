@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -246,6 +247,67 @@ def test_sharded_stats_merge_to_whole(tmp_path, tiny_detector_file):
     merged = parts[0].merge(parts[1]).merge(parts[2])
     assert merged.count == whole.count == 50
     np.testing.assert_allclose(merged.cov, whole.cov, rtol=1e-10)
+
+
+def test_unreadable_npz_and_wrong_layouts_say_what_to_fix(tmp_path):
+    from ahpa.metrics.measurement import is_stats_file
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_text("notanpz\n")
+    for call in (lambda: iter_image_batches(garbage, 2), lambda: is_stats_file(garbage)):
+        with pytest.raises(ValueError, match=r"garbage.npz' is not a readable .npz \(zip\) archive.*arr_0 or images"):
+            call()
+    # the array's real shape (N included) and the usual fix
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((20, 3, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"uint8 \(20, 3, 8, 8\); channels come first \(NCHW\): transpose to \[N, H, W, 3\]"):
+        list(iter_image_batches(tmp_path / "nchw.npz", 4))
+    np.savez(tmp_path / "float.npz", images=np.zeros((20, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"float32 \(20, 8, 8, 3\); floats: scale to 0-255, round and cast to uint8"):
+        list(iter_image_batches(tmp_path / "float.npz", 4))
+    with pytest.raises(ValueError, match="scale to 0-255"):
+        list(iter_image_batches(torch.zeros(4, 8, 8, 3), 4))
+
+
+def test_folder_reads_what_prepare_reads_and_names_a_corrupt_file(tmp_path):
+    from PIL import Image
+
+    imgs = np.random.default_rng(8).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    for im, name in zip(imgs, ("a.bmp", "b.tiff", "c.webp", "d.png")):
+        Image.fromarray(im).save(tmp_path / name, **({"lossless": True} if name.endswith(".webp") else {}))
+    np.testing.assert_array_equal(np.concatenate(list(iter_image_batches(tmp_path, 4))), imgs)
+    jpeg = io.BytesIO()
+    Image.fromarray(imgs[0]).save(jpeg, "JPEG")
+    (tmp_path / "e.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    with pytest.raises(ValueError, match=r"e.jpg' cannot be decoded .*: remove it from the folder or re-encode it"):
+        list(iter_image_batches(tmp_path, 8))
+
+
+def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, capsys):
+    from ahpa.cli import main
+
+    rng = np.random.default_rng(9)
+    small, big, garbage = tmp_path / "small.npz", tmp_path / "big.npz", tmp_path / "garbage.npz"
+    np.savez(small, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+    np.savez(big, images=rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8))
+    garbage.write_text("notanpz\n")
+    det = ["--detector", f"torchscript:{tiny_detector_file}", "--batch", "8"]
+    # an unreadable .npz, as samples or as reference: one line naming it, not a traceback
+    for samples, ref in ((garbage, big), (small, garbage)):
+        assert main(["eval", str(samples), "--ref", str(ref), *det, "--no-ref-cache"]) == 2
+        assert "garbage.npz' is not a readable .npz (zip) archive" in capsys.readouterr().err
+    # the progress bar is closed before the error is printed, so that the error starts a line of its own
+    np.savez(tmp_path / "nokey.npz", x=np.zeros(3))
+    assert main(["eval", str(tmp_path / "nokey.npz"), "--ref", str(big), *det, "--no-ref-cache"]) == 2
+    err = capsys.readouterr().err
+    at = err.index("ahpa eval: error:")
+    assert at == 0 or err[at - 1] in "\r\n", repr(err)
+    # different sizes: one warning, also when the reference's statistics come from the cache
+    argv = ["eval", str(small), "--ref", str(big), *det, "--ref-cache", str(tmp_path / "cache")]
+    for _ in range(2):
+        assert main(argv) == 0
+        assert capsys.readouterr().err.count("warning: samples are 8x8 but the reference is 16x16") == 1
+    assert main(["eval", str(small), "--ref", str(small), *det, "--no-ref-cache"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 @needs_shared

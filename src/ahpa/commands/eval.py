@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -64,15 +65,22 @@ def run(args) -> int:
         bars.append(tqdm(desc=label, unit="img", dynamic_ncols=True, leave=False))
         return bars[-1].update
 
-    results = {}
+    results, warned = {}, False
     for spec in args.detector:
         det = load_detector(spec, device)
-        values, stats = evaluate(args.samples, args.ref, det, metrics, num=args.num, batch_size=args.batch,
-                                  is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
-                                  progress=progress)
-        while bars:
-            bars.pop().close()
+        try:
+            values, stats = evaluate(args.samples, args.ref, det, metrics, num=args.num, batch_size=args.batch,
+                                      is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
+                                      progress=progress)
+        finally:  # also on an error: an open bar would leave its line for the error message to continue
+            while bars:
+                bars.pop().close()
         ref = stats["reference"]
+        sizes = (stats["samples"].image_size, ref.image_size if ref else None)
+        if not warned and None not in sizes and sizes[0] != sizes[1]:
+            (h, w), (rh, rw), warned = *sizes, True
+            print(f"ahpa eval: warning: samples are {h}x{w} but the reference is {rh}x{rw}; detectors resize images to "
+                  "their input size, so the FD mixes the resolution gap with sample quality", file=sys.stderr)
         if args.save_ref_stats:  # the statistics evaluate measured (or read), measured here only for `is` alone
             ref = ref or load_reference(args.ref, det, cache, args.batch)
             ref.save(args.save_ref_stats, detector=det.name)

@@ -77,6 +77,7 @@ class FeatureStats:
     """
 
     detector: str | None = None  # metric name the statistics were computed with, when known
+    image_size: tuple[int, int] | None = None  # (H, W) of the images measured, when known
 
     def __init__(self, dim: int | None = None, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -197,9 +198,11 @@ class FeatureStats:
         return out
 
     def save(self, path: str | Path, detector: str | None = None) -> None:
-        """Write an .npz with `mu`, `sigma`, `count` (and the detector's metric name, when given)."""
+        """Write an .npz with `mu`, `sigma`, `count` (and the detector's metric name and the image size, when known)."""
         detector = detector if detector is not None else self.detector
         extra = {} if detector is None else {"detector": np.array(detector)}
+        if self.image_size is not None:  # kept so that a cached reference can still be compared with samples' size
+            extra["image_size"] = np.array(self.image_size, dtype=np.int64)
         count = -1 if self._moments is not None else self.count  # -1: unknown
         np.savez(Path(path), mu=self.mean, sigma=self.cov, count=np.array(count, dtype=np.int64), **extra)
 
@@ -215,4 +218,5 @@ class FeatureStats:
             count = int(f["count"]) if "count" in f else None
             out = cls.from_moments(f["mu"], f["sigma"], None if count is None or count < 0 else count)
             out.detector = str(f["detector"]) if "detector" in f else None
+            out.image_size = tuple(int(x) for x in f["image_size"]) if "image_size" in f else None
         return out

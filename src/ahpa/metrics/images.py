@@ -1,9 +1,10 @@
 """Image sources for metrics.
 
 A source is an `.npz` holding uint8 NHWC images under `arr_0` (ADM's sample format) or `images` (our
-CIFAR files), a folder of PNG/JPEG files, an in-memory uint8 NHWC array, or any iterable of uint8 NHWC
-batches (a sampler that feeds metrics without writing files, as in EDM2). Batches come out as uint8
-NHWC, the storage format; `ahpa.metrics.measurement` turns them into the detector's NCHW on the way in.
+CIFAR files), a folder of image files (the extensions `ahpa prepare` reads), an in-memory uint8 NHWC
+array, or any iterable of uint8 NHWC batches (a sampler that feeds metrics without writing files, as in
+EDM2). Batches come out as uint8 NHWC, the storage format; `ahpa.metrics.measurement` turns them into the
+detector's NCHW on the way in.
 """
 
 from __future__ import annotations
@@ -15,21 +16,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# one list of extensions for eval and prepare, so that a folder prepare trains on can also be evaluated
+from ahpa.data.decode import IMAGE_EXTENSIONS
 
 NPZ_IMAGE_KEYS = ("arr_0", "images")  # ADM samples, then our datasets
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def npz_names(path: str | Path) -> set[str]:
+    """The names of the arrays an .npz holds; a file that is no zip archive is a ValueError saying what to give."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+    except zipfile.BadZipFile:
+        # raised here because np.load takes such a file for a pickle and complains about allow_pickle instead
+        raise ValueError(f"{str(path)!r} is not a readable .npz (zip) archive: an image .npz holds uint8 [N, H, W, 3] "
+                         "images under arr_0 or images (np.savez(path, images=x)), a statistics .npz holds mu and sigma") from None
 
 
 def npz_image_key(path: str | Path) -> str | None:
     """The key under which an .npz stores images, or None when it holds none."""
-    with zipfile.ZipFile(path) as z:
-        names = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+    names = npz_names(path)
     return next((k for k in NPZ_IMAGE_KEYS if k in names), None)
 
 
+def _check_layout(dtype, shape, where: str) -> None:
+    if dtype in (np.uint8, torch.uint8) and len(shape) == 4 and shape[-1] == 3:
+        return
+    hints = []  # the two usual mistakes: a model's NCHW output, and its floats not yet quantised
+    if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
+        hints.append("channels come first (NCHW): transpose to [N, H, W, 3]")
+    if "float" in str(dtype):  # numpy float32 and torch.float32 alike
+        hints.append("floats: scale to 0-255, round and cast to uint8")
+    raise ValueError(f"{where}: expected uint8 RGB images [N, H, W, 3], got {dtype} {tuple(shape)}"
+                     + "".join(f"; {h}" for h in hints))
+
+
 def _check_batch(batch, where: str):
-    if batch.dtype not in (np.uint8, torch.uint8) or batch.ndim != 4 or batch.shape[-1] != 3:
-        raise ValueError(f"{where}: expected uint8 RGB images [N, H, W, 3], got {batch.dtype} {tuple(batch.shape)}")
+    _check_layout(batch.dtype, batch.shape, where)
     return batch
 
 
@@ -64,7 +87,7 @@ def _iter_npz(path: Path, key: str, batch_size: int, rank: int, world_size: int,
                 arr = data[key]
             yield from _iter_array(arr, batch_size, rank, world_size, limit, str(path))
             return
-        _check_batch(np.empty((0, *shape[1:]), dtype), str(path))
+        _check_layout(dtype, shape, str(path))
         n = shape[0] if limit is None else min(shape[0], limit)
         pos = 0
         for start, stop in _batch_ranges(n, batch_size, rank, world_size):
@@ -84,9 +107,9 @@ def _iter_array(arr, batch_size: int, rank: int, world_size: int, limit: int | N
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """PNG/JPEG files under `folder` (recursively), in sorted order so that every process agrees."""
+    """Image files under `folder` (recursively), in sorted order so that every process agrees."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def _iter_folder(folder: Path, batch_size: int, rank: int, world_size: int, limit: int | None):
@@ -94,13 +117,16 @@ def _iter_folder(folder: Path, batch_size: int, rank: int, world_size: int, limi
 
     files = image_files(folder)
     if not files:
-        raise ValueError(f"folder {str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        raise ValueError(f"folder {str(folder)!r} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
     n = len(files) if limit is None else min(len(files), limit)
     for start, stop in _batch_ranges(n, batch_size, rank, world_size):
         imgs = []
         for p in files[start:stop]:
-            with Image.open(p) as im:
-                imgs.append(np.asarray(im.convert("RGB")))
+            try:
+                with Image.open(p) as im:
+                    imgs.append(np.asarray(im.convert("RGB")))
+            except (OSError, SyntaxError, ValueError, EOFError) as e:  # how PIL reports corrupt data (see data.decode)
+                raise ValueError(f"{str(p)!r} cannot be decoded ({e}): remove it from the folder or re-encode it") from None
             if imgs[-1].shape != imgs[0].shape:
                 raise ValueError(f"{str(p)!r} is {imgs[-1].shape[:2]}, but {str(files[start])!r} is {imgs[0].shape[:2]}: one size per folder")
         yield np.stack(imgs)
@@ -126,8 +152,7 @@ def iter_image_batches(
             raise ValueError(f"image source {str(path)!r} is neither a folder nor an .npz file")
         key = npz_image_key(path)
         if key is None:
-            with np.load(path) as f:
-                keys = sorted(f.keys())
+            keys = sorted(npz_names(path))
             raise ValueError(f"{str(path)!r} holds no images under {' or '.join(NPZ_IMAGE_KEYS)} (keys: {keys})")
         return _iter_npz(path, key, batch_size, rank, world_size, max_images)
     if isinstance(source, (np.ndarray, torch.Tensor)):

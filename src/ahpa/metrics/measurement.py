@@ -17,7 +17,7 @@ import torch
 
 from ahpa.metrics.detectors import Detector
 from ahpa.metrics.frechet import FeatureStats
-from ahpa.metrics.images import iter_image_batches, npz_image_key
+from ahpa.metrics.images import iter_image_batches, npz_image_key, npz_names
 
 
 @dataclass
@@ -49,9 +49,9 @@ def measure(
     max_images: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Measurement:
-    """Statistics of `source` under `detector` (sums on `device`, default the detector's), plus class
-    probabilities (`probs=True`) and the first `keep` features; `on_batch(n)` after each batch of n images
-    (a progress bar's update).
+    """Statistics of `source` under `detector` (sums on `device`, default the detector's; with the (H, W) of
+    its first image as `stats.image_size`), plus class probabilities (`probs=True`) and the first `keep`
+    features; `on_batch(n)` after each batch of n images (a progress bar's update).
 
     With world_size > 1 each rank reads its share and, when torch.distributed is initialised, the sums are
     all-reduced so that every rank returns the statistics of the whole source; probabilities and kept
@@ -62,8 +62,9 @@ def measure(
     if probs and not detector.has_classes:
         raise ValueError(f"detector {detector.spec!r} ({detector.name}) has no classifier head: no class probabilities")
     stats = FeatureStats(dim=detector.dim, device=device if device is not None else detector.device)
-    prob_parts, feat_parts, kept = [], [], 0
+    prob_parts, feat_parts, kept, size = [], [], 0, None
     for batch in iter_image_batches(source, batch_size, rank=rank, world_size=world_size, max_images=max_images):
+        size = size or (int(batch.shape[1]), int(batch.shape[2]))
         images = _to_nchw(batch)
         feats = detector.features(images)
         stats.update(feats)
@@ -79,6 +80,7 @@ def measure(
         torch.distributed.all_reduce(flat)
         stats = FeatureStats.from_tensor(flat)
     stats.detector = detector.name
+    stats.image_size = size
     return Measurement(
         stats,
         torch.cat(prob_parts) if prob_parts else None,
@@ -104,8 +106,8 @@ def compute_stats(
 
 def stored_stats_usable(path: Path, detector: Detector) -> tuple[bool, str | None]:
     """Whether a statistics .npz may stand for `detector`, and which metric it says it holds."""
+    keys = npz_names(path)  # before np.load: its error for a file that is no .npz misleads
     with np.load(path) as f:
-        keys = set(f.keys())
         tag = str(f["detector"]) if "detector" in keys else None
     has_images = npz_image_key(path) is not None
     if "mu" not in keys or "sigma" not in keys:
@@ -120,8 +122,7 @@ def is_stats_file(ref) -> bool:
     """Whether `ref` names an .npz of stored `mu`/`sigma` (with or without images beside them)."""
     if not isinstance(ref, (str, Path)) or Path(ref).suffix != ".npz" or not Path(ref).is_file():
         return False
-    with np.load(ref) as f:
-        return "mu" in f and "sigma" in f
+    return {"mu", "sigma"} <= npz_names(ref)
 
 
 def reference_stats(

@@ -151,6 +151,11 @@ def test_bad_sizes_and_paths(tmp_path, tiny):
     with pytest.raises(ValueError, match="valid kinds"):
         Trainer(tiny("prior.encoder=sdvae:/x"), tmp_path / "d")
     assert not (tmp_path / "a" / "DONE").exists()
+    (tmp_path / "garbage.npz").write_text("not an npz")
+    with pytest.raises(ValueError, match=r"garbage.npz' is not a readable .npz of images .*np.savez"):
+        Trainer(tiny("data.source=npz", f"data.path={tmp_path / 'garbage.npz'}"), tmp_path / "e")
+    with pytest.raises(ValueError, match="is a folder.*ahpa prepare --images FOLDER"):
+        Trainer(tiny("data.source=npz", f"data.path={tmp_path}"), tmp_path / "f")
 
 
 def test_activation_checkpointing_trains_identically_and_may_change_on_resume(tmp_path, tiny):

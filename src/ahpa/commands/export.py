@@ -5,8 +5,9 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export the EMA backbone of a run's latest checkpoint")
-    p.add_argument("--run", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--run", required=True, help="run directory (its newest readable checkpoint's EMA weights)")
+    p.add_argument("--out", required=True, help="output .safetensors: the SiT's weights, with what sampling needs "
+                                                "(VAE spec, latent statistics, path) in its metadata")
     p.set_defaults(func=run)
 
 

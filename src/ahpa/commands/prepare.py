@@ -14,7 +14,8 @@ import sys
 def register(sub) -> None:
     p = sub.add_parser("prepare", help="encode images once into a sharded cache of latents and prior levels")
     p.add_argument("--images", required=True, help="image folder (class sub-folders give labels), .npz (images, labels) or .txt file list")
-    p.add_argument("--vae", required=True, help="encoder spec: taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR")
+    p.add_argument("--vae", required=True, help="encoder spec: taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR | "
+                   "ahpa-vae:random (an untrained small VAE, for smoke tests)")
     p.add_argument("--resolution", type=int, required=True, help="image side R after the ADM centre crop")
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--levels", default="", help="comma-separated levels to store (default: all; the latent is always kept)")

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("vae-train", help="train the small KL-VAE of ahpa on a uint8 image .npz")
-    p.add_argument("--images", required=True, help=".npz with images (uint8 NHWC) or arr_0")
-    p.add_argument("--out", required=True)
+    p.add_argument("--images", required=True, help=".npz of uint8 [N, H, W, 3] images under `images` or `arr_0` "
+                                                   "(np.savez(path, images=x)); one image size")
+    p.add_argument("--out", required=True, help="output directory; use it as prior.encoder=ahpa-vae:DIR")
     p.add_argument("--channels", default="32,64,64", help="channels per stage; factor = 2^(stages-1)")
-    p.add_argument("--latent-channels", type=int, default=4)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--latent-channels", type=int, default=4, help="channels of the latent (default 4)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.set_defaults(func=run)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +26,22 @@ class ImageSet:
 def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """`images`/`labels` (our layout) or `arr_0`/`arr_1` (ADM layout), uint8 NHWC RGB."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; here an .npz of uint8 [N, H, W, 3] images is read. A folder of "
+                         "images is encoded by `ahpa prepare --images FOLDER` and trained on as data.source=cache")
     if not path.is_file():
         raise FileNotFoundError(f"image file {str(path)!r} does not exist")
-    with np.load(path) as f:
-        key = "images" if "images" in f else "arr_0" if "arr_0" in f else None
-        if key is None:
-            raise ValueError(f"{path}: no 'images' or 'arr_0' array (found {list(f.keys())})")
-        images = f[key]
-        labels = f["labels"] if "labels" in f else f["arr_1"] if "arr_1" in f else None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            key = "images" if "images" in f else "arr_0" if "arr_0" in f else None
+            images = f[key] if key else None
+            labels = f["labels"] if "labels" in f else f["arr_1"] if "arr_1" in f else None
+            found = list(f.keys())
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # np.load takes a non-zip for a pickle
+        raise ValueError(f"{str(path)!r} is not a readable .npz of images ({type(e).__name__}); write one with "
+                         "np.savez(path, images=uint8 [N, H, W, 3], labels=int [N])") from None
+    if key is None:
+        raise ValueError(f"{path}: no 'images' or 'arr_0' array (found {found})")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: {key} must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     return images, labels

@@ -99,8 +99,7 @@ def read_checkpoint(path: Path) -> dict:
         while chunk := f.read(CHUNK):
             sha.update(chunk)
         if sha.hexdigest().encode() != head[:64]:
-            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted); delete it to resume from an "
-                                  "older one")
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
         f.seek(HEADER)
         return torch.load(io.BufferedReader(_Payload(f), CHUNK), map_location="cpu", weights_only=False)
 

@@ -116,7 +116,8 @@ class Trainer:
             if conflicts:
                 raise RunConfigError(
                     f"{self.run_dir} holds a run with another configuration; only the run length and cadences may "
-                    f"change on resume. Differences:\n  " + "\n  ".join(conflicts) + "\nUse a new --out directory to start another run."
+                    f"change on resume. Differences:\n  " + "\n  ".join(conflicts) + f"\nThe run's settings are in "
+                    f"{saved_file} (`--config {saved_file}` resumes it as it was); a new --out directory starts another run."
                 )
 
     def _load(self) -> dict | None:

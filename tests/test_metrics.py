@@ -280,6 +280,30 @@ def test_folder_reads_what_prepare_reads_and_names_a_corrupt_file(tmp_path):
     (tmp_path / "e.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     with pytest.raises(ValueError, match=r"e.jpg' cannot be decoded .*: remove it from the folder or re-encode it"):
         list(iter_image_batches(tmp_path, 8))
+    (tmp_path / "e.jpg").unlink()
+    (tmp_path / "._d.png").write_bytes(b"macOS resource fork")  # hidden files are no images, as in prepare
+    (tmp_path / ".cache").mkdir()
+    Image.fromarray(imgs[0]).save(tmp_path / ".cache" / "x.png")
+    assert len(np.concatenate(list(iter_image_batches(tmp_path, 8)))) == 4
+
+
+def test_a_damaged_npz_is_named(tmp_path):
+    import zipfile
+
+    # an array shorter than its header says (a writer that died mid-way, with the zip closed properly)
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (64, 8, 8, 3)})
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as z:
+        z.writestr("arr_0.npy", member.getvalue() + bytes(32 * 8 * 8 * 3))
+    with pytest.raises(ValueError, match=r"short.npz': the array is shorter than its header says"):
+        list(iter_image_batches(tmp_path / "short.npz", 16))
+    # damaged bytes inside a stored member: the zip's CRC check fails at the end of the member
+    np.savez(tmp_path / "full.npz", arr_0=np.zeros((64, 8, 8, 3), np.uint8))
+    data = bytearray((tmp_path / "full.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flipped.npz' is damaged .*CRC"):
+        list(iter_image_batches(tmp_path / "flipped.npz", 16))
 
 
 def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, capsys):

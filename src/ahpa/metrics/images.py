@@ -10,6 +10,7 @@ detector's NCHW on the way in.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -63,13 +64,16 @@ def _batch_ranges(n: int, batch_size: int, rank: int, world_size: int) -> Iterat
             yield start, min(start + batch_size, n)
 
 
-def _read_exact(f, out: np.ndarray) -> None:
+def _read_exact(f, out: np.ndarray, path: Path) -> None:
     view = memoryview(out.reshape(-1).view(np.uint8))
     pos = 0
     while pos < len(view):
-        got = f.readinto(view[pos:])
+        try:
+            got = f.readinto(view[pos:])
+        except (zlib.error, zipfile.BadZipFile, EOFError) as e:  # damaged compressed data (CRC, stream)
+            raise ValueError(f"{str(path)!r} is damaged ({e}); write it again") from None
         if not got:
-            raise EOFError("truncated .npy member in .npz")
+            raise ValueError(f"{str(path)!r}: the array is shorter than its header says (a truncated file); write it again")
         pos += got
 
 
@@ -92,9 +96,9 @@ def _iter_npz(path: Path, key: str, batch_size: int, rank: int, world_size: int,
         pos = 0
         for start, stop in _batch_ranges(n, batch_size, rank, world_size):
             if start > pos:  # another rank's batches: read past them
-                _read_exact(f, np.empty((start - pos, *shape[1:]), dtype))
+                _read_exact(f, np.empty((start - pos, *shape[1:]), dtype), path)
             batch = np.empty((stop - start, *shape[1:]), dtype)
-            _read_exact(f, batch)
+            _read_exact(f, batch, path)
             pos = stop
             yield batch
 
@@ -107,9 +111,11 @@ def _iter_array(arr, batch_size: int, rank: int, world_size: int, limit: int | N
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursively), in sorted order so that every process agrees."""
+    """Image files under `folder` (recursively), in sorted order so that every process agrees. Hidden files and
+    folders are left out, as `ahpa prepare` leaves them out (macOS's `._x.jpg` are no images)."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _iter_folder(folder: Path, batch_size: int, rank: int, world_size: int, limit: int | None):

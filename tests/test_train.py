@@ -156,6 +156,8 @@ def test_bad_sizes_and_paths(tmp_path, tiny):
         Trainer(tiny("data.source=npz", f"data.path={tmp_path / 'garbage.npz'}"), tmp_path / "e")
     with pytest.raises(ValueError, match="is a folder.*ahpa prepare --images FOLDER"):
         Trainer(tiny("data.source=npz", f"data.path={tmp_path}"), tmp_path / "f")
+    with pytest.raises(ValueError, match="garbage.npz is a file; --out names a directory"):
+        Trainer(tiny(), tmp_path / "garbage.npz")
 
 
 def test_activation_checkpointing_trains_identically_and_may_change_on_resume(tmp_path, tiny):

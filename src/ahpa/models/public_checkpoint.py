@@ -32,6 +32,11 @@ def read_checkpoint(path: str | Path, *, use: str = "ema", allow_pickle: bool = 
         from safetensors.torch import load_file
 
         return load_file(str(path)), {"entry": None, "args": None}
+    from ahpa.train.checkpoint import is_ahpa_checkpoint
+
+    if is_ahpa_checkpoint(path):
+        raise ValueError(f"{str(path)!r} is a training checkpoint of ahpa, not a public one: `ahpa export --run RUN_DIR "
+                         "--out FILE.safetensors` writes its run's EMA model (or sample it with `ahpa sample --run RUN_DIR`)")
     obj = _torch_load(path, allow_pickle)
     return unwrap(obj, use=use, where=str(path))
 

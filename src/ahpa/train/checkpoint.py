@@ -89,6 +89,13 @@ class CheckpointError(ValueError):
     pass
 
 
+def is_ahpa_checkpoint(path: Path) -> bool:
+    """Whether `path` starts with this module's checksum header (for tools that meet one where they expect others)."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER)
+    return len(head) == HEADER and head[-1:] == b"\n" and all(c in b"0123456789abcdef" for c in head[:-1])
+
+
 def read_checkpoint(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(HEADER)

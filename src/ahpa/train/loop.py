@@ -99,6 +99,8 @@ class Trainer:
 
     # ---- set-up and resume ----
     def _check_resume_config(self) -> None:
+        if self.run_dir.is_file():
+            raise ValueError(f"run directory {self.run_dir} is a file; --out names a directory (new, or a run to resume)")
         if self.rank == 0:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)

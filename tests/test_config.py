@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ahpa import config
 
@@ -55,7 +56,7 @@ def test_every_range_is_checked_against_a_key_that_exists():
 
 def test_resume_conflicts_allow_only_run_length_and_cadence():
     a = config.load(None, [])
-    b = config.load(None, ["train.steps=5", "train.log_every=3", "sample.steps=9"])
+    b = config.load(None, ["train.steps=5", "train.log_every=3", "sample.steps=9", "train.grad_accum=4"])
     assert config.resume_conflicts(a, b) == []
     c = config.load(None, ["align.weight=1.0"])
     assert config.resume_conflicts(a, c) == ["align.weight: run has 0.5, command gives 1.0"]
@@ -86,3 +87,15 @@ def test_show_config_documents_every_key_and_is_a_config_file(tmp_path):
     assert config.load(tmp_path / "shown.yaml") == config.load(
         None, ["align.token_fraction=0.5", "prior.encoder=taef2:/a b", "eval.detectors=[x:1,y:2]"])
     assert [p.name for p in tmp_path.iterdir()] == ["shown.yaml"]  # no run directory
+
+
+def test_overrides_may_come_before_and_after_options(capsys):
+    """`ahpa train --config F a=1 --out X b=2`: both overrides count, in order; anything else is still refused."""
+    from ahpa.cli import main
+
+    assert main(["train", "train.steps=7", "--show-config", "train.lr=0.01", "train.steps=9"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["steps"] == 9 and shown["train"]["lr"] == 0.01
+    with pytest.raises(SystemExit):
+        main(["train", "--show-config", "--bogus", "train.lr=0.01"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

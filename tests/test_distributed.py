@@ -82,6 +82,10 @@ def test_sampling_on_two_processes_writes_the_same_file(one_process_run, tmp_pat
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     assert not (tmp_path / "two.npz.parts").exists()
+    # from the run itself: `--run` would be an ambiguous abbreviation of torchrun's --run-path, `--run-dir` is not
+    ahpa(2, "sample", "--run-dir", str(one_process_run), *common[3:], "--out", str(tmp_path / "run.npz"))
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "run.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
 # ---- FSDP2 (train.fsdp): same tolerance and reasons as DDP above ----

@@ -136,3 +136,18 @@ def test_a_diffusers_that_does_not_import_beside_this_torch_names_the_fix(monkey
         autoencoder_kl()
     with pytest.raises(ImportError, match="Failed to import diffusers.models"):
         DiffusersVAE.from_config({"block_out_channels": [16, 32]})
+
+
+def test_a_hub_id_that_cannot_load_says_to_name_a_local_copy(monkeypatch):
+    """Offline, diffusers reports a hub id as a repository without config.json; the error says what to do instead.
+    (No network: the loader is replaced by one that fails as diffusers does offline.)"""
+    import ahpa.priors.diffusers_vae as module
+
+    class Offline:
+        @staticmethod
+        def from_pretrained(where, **kwargs):
+            raise OSError(f"{where} does not appear to have a file named config.json.")
+
+    monkeypatch.setattr(module, "autoencoder_kl", lambda: Offline)
+    with pytest.raises(OSError, match=r"'org/some-vae' is not a local directory.*name a local copy"):
+        load_encoder("diffusers:org/some-vae")

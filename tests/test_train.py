@@ -266,3 +266,14 @@ def test_a_run_names_its_files_absolutely_and_resumes_from_any_directory(tmp_pat
                          "train.steps=3"), work / "run")
     assert again.step == 2
     assert load_export(work / "run" / "model.safetensors", torch.device("cpu")).encoder.spec == f"ahpa-vae:{work / 'vae'}"
+
+
+def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
+    notes = lambda *extra: [m for m in Trainer(tiny(*extra), tmp_path / str(len(extra))).messages if "read" in m or "keeps" in m]  # noqa: E731
+    assert notes("align.method=multi-uniform", "align.router=snr") == [
+        "align.method=multi-uniform does not read align.router: ignored"]
+    assert notes("align.method=none", "align.weight=1.5", "align.token_fraction=0.5") == [
+        "align.method=none does not read align.depth, align.weight, align.projector_dim, align.token_fraction: ignored"]
+    assert notes("align.router=topk", "align.router_topk=9") == [
+        "align.router_topk=9 keeps all 4 levels: the same as router=soft"]
+    assert notes() == []

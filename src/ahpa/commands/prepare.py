@@ -89,7 +89,7 @@ def run(args) -> int:
 
             shutdown(False)
     if rank == 0:
-        _report(result)
+        _report(result, world)
     if world > 1:  # torchrun: the process ends here
         from ahpa.commands.exit import finish
 
@@ -97,13 +97,14 @@ def run(args) -> int:
     return 0
 
 
-def _report(result) -> None:
+def _report(result, world: int = 1) -> None:
     if result.noop:
         print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); nothing to do")
         return
     print(f"{result.path}: {result.images:,} images from {result.items:,} source items, {result.bytes / 1e9:.2f} GB "
-          f"({result.bytes / max(result.images, 1) / 1e3:.1f} kB per image); shards written {result.shards_written}, "
-          f"kept {result.shards_reused}")
+          f"({result.bytes / max(result.images, 1) / 1e3:.1f} kB per image); "
+          + ("" if world == 1 else f"process 0 of {world}: ")  # each process counts its own shards
+          + f"shards written {result.shards_written}, kept {result.shards_reused}")
     if result.conversions:
         print("converted: " + ", ".join(f"{k} x{v}" for k, v in result.conversions.items()))
     if result.skipped:

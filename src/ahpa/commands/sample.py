@@ -14,14 +14,15 @@ def register(sub) -> None:
                        description="Sampler options left out take the run's `sample` settings with --run (those of "
                                    "its config.yaml, as its sample grids used) and the defaults shown with --model.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory (uses the EMA weights of its latest checkpoint)")
+    # --run-dir: the same; under torchrun `--run` is an ambiguous abbreviation of its --run-path
+    src.add_argument("--run", "--run-dir", dest="run", help="run directory (uses the EMA weights of its latest checkpoint)")
     src.add_argument("--model", help="exported model file (.safetensors, from `ahpa export` or a run's model.safetensors)")
     # --num-samples: the same; under torchrun `--num` collides with its own --numa-binding option
     p.add_argument("--num", "--num-samples", dest="num", type=int, required=True, help="number of images")
     p.add_argument("--out", required=True, help="output .npz (written once complete; a rerun resumes from OUT.parts/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and labels (default 0)")
     p.add_argument("--batch", type=int, default=64, help="samples per iteration (the file does not depend on it)")
-    p.add_argument("--solver", choices=("euler", "heun", "euler-maruyama"), help="ODE (euler, heun) or SDE solver (euler)")
+    p.add_argument("--solver", choices=("euler", "heun", "euler-maruyama"), help="ODE solvers euler, heun; SDE solver euler-maruyama (euler)")
     p.add_argument("--steps", type=int, help="solver steps (50)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = no guidance (1.0)")
     p.add_argument("--guidance-low", type=float, help="guide only for t >= this (0.0; t = 1 is noise)")
@@ -81,7 +82,8 @@ def run(args) -> int:
                                    where="ahpa sample").sample
         with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main) as bar:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
-                                 on_progress=lambda n: bar.update(n * d.world))
+                                 # the main process counts its batches for every process: the last round may be short
+                                 on_progress=lambda n: bar.update(min(n * d.world, bar.total - bar.n)))
         completed = True
         if d.is_main:
             print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale})")

@@ -74,7 +74,11 @@ def run(args) -> int:
             code = 128 + received[0]
             return code
         if d.is_main:
-            print(f"run complete: {args.out} (model.safetensors, samples.png, router.png, losses.png, metrics.jsonl, tb/)")
+            from pathlib import Path
+
+            made = [n for n in ("model.safetensors", "samples.png", "router.png", "losses.png", "eval.png", "metrics.jsonl",
+                                "tb") if (Path(args.out) / n).exists()]
+            print(f"run complete: {args.out} ({', '.join(made)})")
         code = 0
         return code
     finally:

@@ -84,7 +84,12 @@ class DiffusersVAE(PriorEncoder):
             weights = next((local / f for f in WEIGHTS_FILES if (local / f).is_file()), None)
             enc.weights_sha256 = sha256_file(weights) if weights is not None else None
             return enc
-        vae = AutoencoderKL.from_pretrained(str(where))
+        try:
+            vae = AutoencoderKL.from_pretrained(str(where))
+        except OSError as e:  # offline, diffusers says the repository lacks config.json, which misleads
+            raise OSError(f"VAE {where!r} is not a local directory, and loading it as a Hugging Face hub id failed "
+                          f"({str(e).splitlines()[0]}). Offline, name a local copy (diffusers:/path/to/sd-vae-ft-ema, "
+                          "a folder with config.json and the weights)") from None
         return cls(vae, spec=f"diffusers:{where}", memory_format=memory_format)
 
     @classmethod

@@ -161,6 +161,26 @@ def heads_cost_note(parts: Parts) -> list[str]:
             f"aligning a share of the tokens (align.token_fraction), costs less (docs/method.md, 'Projector cost')"]
 
 
+def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
+    """Notes for align settings that the chosen method does not read: set on purpose or not, they change nothing."""
+    from dataclasses import asdict
+
+    from ahpa.config import AlignCfg
+
+    changed = [k for k, v in asdict(cfg.align).items() if k != "method" and v != getattr(AlignCfg(), k)]
+    method = cfg.align.method
+    if method == "none":
+        ignored = changed
+    elif method != "ahpa":
+        ignored = [k for k in changed if k.startswith("router") or k == "snr_width"]
+    else:
+        ignored = []
+    notes = [f"align.method={method} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
+    if method == "ahpa" and cfg.align.router == "topk" and cfg.align.router_topk >= len(levels):
+        notes.append(f"align.router_topk={cfg.align.router_topk} keeps all {len(levels)} levels: the same as router=soft")
+    return notes
+
+
 def compute_stats(parts: Parts) -> PriorStats:
     """Latent and level statistics of the run's data, from a generator of their own."""
     g = generator(parts.cfg.train.seed, stream=STATS_STREAM, device=parts.device)

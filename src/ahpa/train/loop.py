@@ -24,7 +24,7 @@ from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
 from ahpa.train import outputs
-from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note
+from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note, ignored_settings_note
 from ahpa.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
@@ -60,7 +60,7 @@ class Trainer:
         self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
         self.step = 0
         self.ema_updates = 0
-        self.messages: list[str] = heads_cost_note(self.parts)
+        self.messages: list[str] = ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
         self.evaluator: outputs.Evaluator | None = None  # built at the first evaluation
         optimizer_state = self._load()
         p = self.parts
@@ -117,8 +117,8 @@ class Trainer:
             conflicts = config_mod.resume_conflicts(saved, self.cfg)
             if conflicts:
                 raise RunConfigError(
-                    f"{self.run_dir} holds a run with another configuration; only the run length and cadences may "
-                    f"change on resume. Differences:\n  " + "\n  ".join(conflicts) + f"\nThe run's settings are in "
+                    f"{self.run_dir} holds a run with another configuration; on resume only these may change: "
+                    f"{', '.join(r + '*' if r.endswith('.') else r for r in config_mod.RESUMABLE_CHANGES)}. Differences:\n  " + "\n  ".join(conflicts) + f"\nThe run's settings are in "
                     f"{saved_file} (`--config {saved_file}` resumes it as it was); a new --out directory starts another run."
                 )
 

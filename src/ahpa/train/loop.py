@@ -116,9 +116,10 @@ class Trainer:
             saved = config_mod.with_absolute_paths(config_mod.load(saved_file))  # runs that stored relative paths
             conflicts = config_mod.resume_conflicts(saved, self.cfg)
             if conflicts:
+                may_change = ", ".join(r + "*" if r.endswith(".") else r for r in config_mod.RESUMABLE_CHANGES)
                 raise RunConfigError(
                     f"{self.run_dir} holds a run with another configuration; on resume only these may change: "
-                    f"{', '.join(r + '*' if r.endswith('.') else r for r in config_mod.RESUMABLE_CHANGES)}. Differences:\n  " + "\n  ".join(conflicts) + f"\nThe run's settings are in "
+                    f"{may_change}. Differences:\n  " + "\n  ".join(conflicts) + f"\nThe run's settings are in "
                     f"{saved_file} (`--config {saved_file}` resumes it as it was); a new --out directory starts another run."
                 )
 

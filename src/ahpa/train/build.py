@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from ahpa.align import Aligner, get_method, resolve_depths, resolve_levels
-from ahpa.config import Config
+from ahpa.config import AlignCfg, Config
 from ahpa.data.batches import OnTheFly
 from ahpa.data.sources import load_image_set
 from ahpa.models.sit import SiT, SiTConfig
@@ -163,11 +163,8 @@ def heads_cost_note(parts: Parts) -> list[str]:
 
 def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
     """Notes for align settings that the chosen method does not read: set on purpose or not, they change nothing."""
-    from dataclasses import asdict
-
-    from ahpa.config import AlignCfg
-
-    changed = [k for k, v in asdict(cfg.align).items() if k != "method" and v != getattr(AlignCfg(), k)]
+    defaults = asdict(AlignCfg())
+    changed = [k for k, v in asdict(cfg.align).items() if k != "method" and v != defaults[k]]
     method = cfg.align.method
     if method == "none":
         ignored = changed

@@ -123,6 +123,21 @@ def test_training_round_trip_from_cache(stored_cache, tmp_path):
     assert torch.equal(a.latent, b.latent) and all(torch.equal(a.levels[n], b.levels[n]) for n in LEVELS)
 
 
+def test_a_run_resumes_from_its_cache_staged_to_another_path(stored_cache, tmp_path):
+    """The cluster case: a run's cache copied to node-local scratch is the same cache (its manifest, byte for byte)."""
+    import shutil
+
+    from ahpa.train.loop import Trainer
+
+    shutil.copytree(stored_cache, tmp_path / "shared-fs")
+    Trainer(_cfg(tmp_path / "shared-fs", **{"train.steps": 2, "train.ckpt_every": 2}), tmp_path / "run").run()
+    shutil.move(tmp_path / "shared-fs", tmp_path / "scratch")
+    again = Trainer(_cfg(tmp_path / "scratch"), tmp_path / "run")
+    assert again.step == 2 and any(m.startswith("data.path moved") for m in again.messages)
+    again.run()
+    assert again.step == 3
+
+
 def test_cache_stops_reading_levels_when_alignment_stops(stored_cache, tmp_path):
     """align.stop_step: from the stop on, the cache (prefetching in its thread) gathers the latent alone, and
     the latent it serves is the same as before."""

@@ -359,12 +359,16 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_conflicts(saved: Config, new: Config) -> list[str]:
-    """Keys whose values differ between a saved run and a new command, except those allowed to change."""
+def resume_differences(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """{key: (run's value, command's value)} for the keys that differ, except those allowed to change."""
     a, b = flatten(saved.to_dict()), flatten(new.to_dict())
-    return [
-        f"{k}: run has {a[k]!r}, command gives {b[k]!r}"
+    return {
+        k: (a[k], b.get(k))
         for k in a
         if a[k] != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
-    ]
+    }
 
+
+def resume_conflicts(saved: Config, new: Config) -> list[str]:
+    """The differences of resume_differences, one line each."""
+    return [f"{k}: run has {a!r}, command gives {b!r}" for k, (a, b) in resume_differences(saved, new).items()]

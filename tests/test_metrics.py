@@ -287,6 +287,18 @@ def test_folder_reads_what_prepare_reads_and_names_a_corrupt_file(tmp_path):
     assert len(np.concatenate(list(iter_image_batches(tmp_path, 8)))) == 4
 
 
+def test_folder_images_decode_as_prepare_decodes_them(tmp_path):
+    """A 16-bit PNG is rescaled, not clipped to white, and transparency lies on white, as in the training data."""
+    from PIL import Image
+
+    grey16 = np.full((8, 8), 32896, dtype=np.uint16)  # 32896 / 257 = 128
+    Image.fromarray(grey16).save(tmp_path / "a.png")
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # black, fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "b.png")
+    a, b = np.concatenate(list(iter_image_batches(tmp_path, 2)))
+    assert (a == 128).all() and (b == 255).all()
+
+
 def test_a_damaged_npz_is_named(tmp_path):
     import zipfile
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 # one list of extensions for eval and prepare, so that a folder prepare trains on can also be evaluated
-from ahpa.data.decode import IMAGE_EXTENSIONS
+from ahpa.data.decode import IMAGE_EXTENSIONS, BadImage, load_rgb
 
 NPZ_IMAGE_KEYS = ("arr_0", "images")  # ADM samples, then our datasets
 
@@ -119,8 +119,6 @@ def image_files(folder: str | Path) -> list[Path]:
 
 
 def _iter_folder(folder: Path, batch_size: int, rank: int, world_size: int, limit: int | None):
-    from PIL import Image
-
     files = image_files(folder)
     if not files:
         raise ValueError(f"folder {str(folder)!r} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -128,11 +126,10 @@ def _iter_folder(folder: Path, batch_size: int, rank: int, world_size: int, limi
     for start, stop in _batch_ranges(n, batch_size, rank, world_size):
         imgs = []
         for p in files[start:stop]:
-            try:
-                with Image.open(p) as im:
-                    imgs.append(np.asarray(im.convert("RGB")))
-            except (OSError, SyntaxError, ValueError, EOFError) as e:  # how PIL reports corrupt data (see data.decode)
-                raise ValueError(f"{str(p)!r} cannot be decoded ({e}): remove it from the folder or re-encode it") from None
+            try:  # decoded as `ahpa prepare` decodes training images: upright, alpha on white, 16-bit rescaled
+                imgs.append(load_rgb(p)[0])
+            except BadImage as e:
+                raise ValueError(f"{str(p)!r} cannot be decoded ({e.reason}): remove it from the folder or re-encode it") from None
             if imgs[-1].shape != imgs[0].shape:
                 raise ValueError(f"{str(p)!r} is {imgs[-1].shape[:2]}, but {str(files[start])!r} is {imgs[0].shape[:2]}: one size per folder")
         yield np.stack(imgs)

@@ -200,6 +200,31 @@ def test_interrupted_run_resumes_to_identical_files(taef2, reference_cache, tmp_
     assert _files(out) == _files(reference_cache)
 
 
+def test_repair_encodes_only_the_damaged_shards_again(taef2, reference_cache, tmp_path):
+    """A bit flipped in one shard (same size: only a checksum sees it) and another shard truncated: --repair finds
+    both, encodes them again and keeps the third; the cache ends byte for byte as it was."""
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(reference_cache, out)
+    flipped = out / "shards" / "shard-00000.latent_mean.bin"
+    data = bytearray(flipped.read_bytes())
+    data[100] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    truncated = out / "shards" / "shard-00002.level.stage3.bin"
+    truncated.write_bytes(truncated.read_bytes()[:-2])
+    with pytest.raises(CacheError, match="shard-00002.level.stage3.bin is missing or of the wrong size; rerun the "
+                       "ahpa prepare command with --repair"):
+        prepare(_opts(out), encoder=taef2)
+    res = prepare(_opts(out, repair=True), encoder=taef2)
+    assert res.complete and not res.noop and res.shards_written == 2 and res.shards_reused == 1
+    assert res.repaired == {"shard-00000": "shard-00000.latent_mean.bin fails its sha256 checksum",
+                            "shard-00002": "shard-00002.level.stage3.bin missing or of the wrong size"}
+    assert _files(out) == _files(reference_cache)
+    again = prepare(_opts(out, repair=True), encoder=taef2)
+    assert again.noop and again.checked and _files(out) == _files(reference_cache)
+
+
 def read_manifest_raises(out: Path) -> bool:
     with pytest.raises(CacheError, match="incomplete"):
         read_manifest(out)
@@ -222,21 +247,31 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(taef2, reference_cache):
 def test_two_processes_write_interleaved_shards(taef2, reference_cache, tmp_path):
     """rank r writes shards r, r+2, ...; rank 0 merges after the barrier: the same bytes as one process."""
     out = tmp_path / "cache"
-    barrier = threading.Barrier(2, timeout=120)
-    results, errors = {}, []
 
-    def run(rank):
-        try:
-            results[rank] = prepare(_opts(out, rank=rank, world=2), barrier=barrier.wait, encoder=taef2)
-        except BaseException as e:  # pragma: no cover - surfaced below
-            errors.append(e)
-            barrier.abort()
+    def two_ranks(**kw):
+        barrier = threading.Barrier(2, timeout=120)
+        results, errors = {}, []
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert not errors, errors
+        def run(rank):
+            try:
+                results[rank] = prepare(_opts(out, rank=rank, world=2, **kw), barrier=barrier.wait, encoder=taef2)
+            except BaseException as e:  # pragma: no cover - surfaced below
+                errors.append(e)
+                barrier.abort()
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors, errors
+        return results
+
+    results = two_ranks()
     assert results[0].complete and results[0].shards_written == 2 and results[1].shards_written == 1
+    assert _files(out) == _files(reference_cache)
+    (out / "shards" / "shard-00001.labels.bin").unlink()  # rank 1's shard: rank 0 finds it, rank 1 encodes it
+    results = two_ranks(repair=True)
+    assert list(results[0].repaired) == ["shard-00001"] and results[1].shards_written == 1
+    assert results[0].shards_written == 0 and results[0].complete
     assert _files(out) == _files(reference_cache)
 
 

@@ -1,6 +1,7 @@
 """ahpa prepare --images SRC --vae SPEC --resolution R --out CACHE_DIR: a sharded cache of latents and priors.
 
-Rerun the same command to resume an interrupted run; on a complete cache it returns at once. Under
+Rerun the same command to resume an interrupted run; on a complete cache it returns at once, or with --repair
+checks every file's sha256 and encodes the damaged shards again. Under
 torchrun (`torchrun --nproc-per-node N -m ahpa.cli prepare ...`) each process encodes every N-th shard
 and rank 0 writes the manifest.
 """
@@ -33,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--reduce", type=int, default=0,
                    help="store levels wider than N channels as N PCA coefficients (basis fitted and kept with the cache)")
     p.add_argument("--reduce-images", type=int, default=1024, help="first source items the PCA bases are fitted on")
+    p.add_argument("--repair", action="store_true",
+                   help="on a complete cache: check every file against its sha256 (reads the whole cache) and encode "
+                   "the damaged shards again, keeping the rest; not while a run reads the cache")
     p.set_defaults(func=run)
 
 
@@ -65,7 +69,8 @@ def run(args) -> int:
         images=args.images, vae=args.vae, resolution=args.resolution, out=args.out, levels=levels, grid=args.grid,
         dtype=args.dtype, flips=args.flips, batch=args.batch, workers=args.workers, strict=args.strict,
         device=args.device, precision=args.precision, shard_size=args.shard_size, labels=args.labels,
-        limit=args.limit, reduce=args.reduce, reduce_images=args.reduce_images, rank=rank, world=world,
+        limit=args.limit, reduce=args.reduce, reduce_images=args.reduce_images, repair=args.repair, rank=rank,
+        world=world,
     )
     bar = None
 
@@ -99,8 +104,11 @@ def run(args) -> int:
 
 def _report(result, world: int = 1) -> None:
     if result.noop:
-        print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); nothing to do")
+        checked = "every file matches its sha256" if result.checked else "nothing to do"
+        print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); {checked}")
         return
+    for shard, why in result.repaired.items():
+        print(f"repaired {shard}: {why}")
     print(f"{result.path}: {result.images:,} images from {result.items:,} source items, {result.bytes / 1e9:.2f} GB "
           f"({result.bytes / max(result.images, 1) / 1e3:.1f} kB per image); "
           + ("" if world == 1 else f"process 0 of {world}: ")  # each process counts its own shards

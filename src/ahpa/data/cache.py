@@ -183,7 +183,7 @@ class CacheSource:
         expected = NUMPY_DTYPE[spec["dtype"]].itemsize * int(np.prod(shape))
         if not path.is_file() or path.stat().st_size != expected:
             raise CacheError(f"{path} is missing or has the wrong size (expected {expected} bytes); the cache is damaged: "
-                             f"delete it and prepare it again")
+                             f"rerun its ahpa prepare command with --repair to encode the damaged shards again")
         return np.memmap(path, dtype=NUMPY_DTYPE[spec["dtype"]], mode="r", shape=shape)
 
     def __len__(self) -> int:

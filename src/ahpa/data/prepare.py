@@ -22,11 +22,13 @@ import torch
 from ahpa.data.listing import Listing, list_source, make_loader
 from ahpa.data.manifest import (
     DTYPES, FLIPS, FORMAT, MANIFEST, SHARD_DIR, atomic_write_bytes, atomic_write_json, identity_view, read_json,
-    settings_differences,
+    settings_differences, shard_stem,
 )  # fmt: skip
 from ahpa.data.reduce import REDUCE_FILE, fit_bases
 from ahpa.data.shard_encoder import PrepareError, Progress, ShardEncoder
-from ahpa.data.shard_store import ShardPlan, check_output_dir, finalize_cache, sweep_shards
+from ahpa.data.shard_store import (
+    ShardPlan, check_output_dir, damaged_shards, delete_shards, finalize_cache, sweep_shards,
+)  # fmt: skip
 from ahpa.data.tokens import divisor_grids
 from ahpa.priors.base import PriorEncoder
 
@@ -54,6 +56,7 @@ class PrepareOptions:
     reduce: int = 0  # store levels with more channels as this many PCA coefficients (0 = store every channel)
     reduce_images: int = 1024  # first source items the PCA bases are fitted on
     seed: int = 0  # posterior draws for the statistics
+    repair: bool = False  # a complete cache: check every file's sha256 and encode the damaged shards again
     rank: int = 0
     world: int = 1
 
@@ -70,6 +73,8 @@ class PrepareResult:
     shards_written: int = 0
     shards_reused: int = 0
     bytes: int = 0
+    repaired: dict[str, str] = field(default_factory=dict)  # --repair: {shard: what was wrong}, found by rank 0
+    checked: bool = False  # --repair found a complete cache intact, every file hashed
 
 
 def _check_options(o: PrepareOptions) -> None:
@@ -175,12 +180,27 @@ def prepare(
                            + "\nUse another --out, or delete the directory to prepare it again.")
     settings["reduce"] = saved.get("reduce")  # with the checksum of the basis file fitted by the first run
     plan = ShardPlan(out, len(listing), o.shard_size, _digest(settings))
+    repaired: dict[str, str] = {}
+    hashed = saved.get("complete") and o.repair
+    if hashed:
+        # rank 0 checks every file; damaged shards are deleted and the cache reopened, so that the resume below
+        # encodes just them (its own check can then be by size: the rest were hashed a moment ago)
+        if o.rank == 0:
+            damaged = damaged_shards(plan, range(plan.num_shards))
+            repaired = {shard_stem(i): why for i, why in damaged.items()}
+            if damaged:
+                delete_shards(plan, damaged)
+                atomic_write_json(out / MANIFEST, {**settings, "complete": False})
+        if barrier is not None:
+            barrier()
+        saved = read_json(out / MANIFEST)
     if saved.get("complete"):
         plan.check_complete(saved)
-        return PrepareResult(out, True, True, saved["count"], len(listing), bytes=plan.total_bytes(saved))
+        return PrepareResult(out, True, True, saved["count"], len(listing), bytes=plan.total_bytes(saved),
+                             checked=bool(hashed))
 
     mine = [i for i in range(plan.num_shards) if i % o.world == o.rank]
-    reused, todo = sweep_shards(plan, mine)
+    reused, todo = sweep_shards(plan, mine, full=not hashed)
     state = ShardEncoder(o, listing, encoder, settings, plan, device, on_progress)
     state.items_done = sum(plan.items(i)[1] - plan.items(i)[0] for i in reused)
     state.items_total = sum(plan.items(i)[1] - plan.items(i)[0] for i in mine)
@@ -198,7 +218,7 @@ def prepare(
     if barrier is not None:
         barrier()
     return PrepareResult(out, False, True, manifest["count"], len(listing), report["skipped"], report["conversions"],
-                         len(todo), len(reused), plan.total_bytes(manifest))
+                         len(todo), len(reused), plan.total_bytes(manifest), repaired)
 
 
 def _digest(settings: dict) -> str:

@@ -125,7 +125,7 @@ class ShardPlan:
                 p = self.shard_dir / f["file"]
                 if not p.is_file() or p.stat().st_size != f["bytes"]:
                     raise CacheError(f"{self.directory} is marked complete but {p} is missing or of the wrong size; "
-                                     f"delete the directory and prepare it again")
+                                     f"rerun the ahpa prepare command with --repair to encode the damaged shards again")
 
     def total_bytes(self, manifest: dict) -> int:
         return sum(f["bytes"] for s in manifest["shards"] for f in s["files"].values())
@@ -137,17 +137,27 @@ def _sha_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sweep_shards(plan: ShardPlan, mine: list[int]) -> tuple[list[int], list[int]]:
-    """Split this process's shards into (kept: verified by checksum, todo: their leftovers deleted)."""
+def damaged_shards(plan: ShardPlan, shards, full: bool = True) -> dict[int, str]:
+    """{shard: why it is not intact} among `shards` (sizes always; every file's sha256 when `full`)."""
+    shards = list(shards)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
-        problems = list(pool.map(lambda i: plan.verify(i, full=True), mine))
-    kept = [i for i, p in zip(mine, problems) if p is None]
-    todo = [i for i, p in zip(mine, problems) if p is not None]
-    for i in todo:
+        problems = list(pool.map(lambda i: plan.verify(i, full=full), shards))
+    return {i: p for i, p in zip(shards, problems) if p is not None}
+
+
+def delete_shards(plan: ShardPlan, shards) -> None:
+    """Remove every file of these shards (record, data, statistics, temporaries): they are encoded again."""
+    for i in shards:
         stem = shard_stem(i)
         for p in list(plan.shard_dir.glob(f"{stem}.*")) + list(plan.shard_dir.glob(f".{stem}.*")):
             p.unlink(missing_ok=True)
-    return kept, todo
+
+
+def sweep_shards(plan: ShardPlan, mine: list[int], full: bool = True) -> tuple[list[int], list[int]]:
+    """Split this process's shards into (kept: verified, by checksum when `full`; todo: their leftovers deleted)."""
+    damaged = damaged_shards(plan, mine, full)
+    delete_shards(plan, damaged)
+    return [i for i in mine if i not in damaged], [i for i in mine if i in damaged]
 
 
 def finalize_cache(plan: ShardPlan, settings: dict, listing) -> tuple[dict, dict]:

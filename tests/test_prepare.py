@@ -268,3 +268,24 @@ def test_cli_prepare_reports_and_is_a_noop_on_rerun(folder, tmp_path, capsys):
     assert main(["prepare", "--images", str(tmp_path / "nope"), "--vae", "ahpa-vae:random", "--resolution", "16",
                  "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_vae_train_reads_a_folder_as_prepare_does(folder, tmp_path, capsys):
+    from ahpa.cli import main
+    from ahpa.data.listing import decode_all
+    from ahpa.priors.kl_vae import KLVAE
+
+    images, skipped = decode_all(list_source(folder), 16)
+    assert images.dtype == np.uint8 and images.shape[1:] == (16, 16, 3)
+    assert sorted(name for name, _ in skipped) == ["cats/bad_empty.png", "cats/bad_notes.jpg", "cats/bad_truncated.jpg"]
+    listing = list_source(folder)
+    first = next(listing.paths[i] for i in range(len(listing)) if listing.name(i) not in dict(skipped))
+    np.testing.assert_array_equal(images[0], adm_center_crop(load_rgb(first)[0], 16))  # the pixels prepare encodes
+    out = tmp_path / "vae"
+    assert main(["vae-train", "--images", str(folder), "--resolution", "16", "--out", str(out), "--steps", "2",
+                 "--batch", "4", "--channels", "8,8", "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert f"trained on {len(images)} images of 16x16" in captured.out and "skipped cats/bad_empty.png" in captured.err
+    assert KLVAE.from_dir(out).factor == 2
+    assert main(["vae-train", "--images", str(folder), "--out", str(out)]) == 2
+    assert "add --resolution R" in capsys.readouterr().err

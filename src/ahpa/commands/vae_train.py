@@ -1,12 +1,17 @@
-"""ahpa vae-train --images FILE.npz --out DIR: train the small KL-VAE (`ahpa-vae:DIR`) on your images."""
+"""ahpa vae-train --images SRC --out DIR: train the small KL-VAE (`ahpa-vae:DIR`) on your images."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 def register(sub) -> None:
-    p = sub.add_parser("vae-train", help="train the small KL-VAE of ahpa on a uint8 image .npz")
-    p.add_argument("--images", required=True, help=".npz of uint8 [N, H, W, 3] images under `images` or `arr_0` "
-                                                   "(np.savez(path, images=x)); one image size")
+    p = sub.add_parser("vae-train", help="train the small KL-VAE of ahpa on your images (.npz, folder or file list)")
+    p.add_argument("--images", required=True, help="a uint8 [N, H, W, 3] .npz (`images` or `arr_0`), or, with "
+                   "--resolution, an image folder or .txt file list as `ahpa prepare` reads them")
+    p.add_argument("--resolution", type=int, default=0, help="decode and ADM-centre-crop to R x R, as `ahpa prepare` "
+                   "does (needed for folders and lists; default: an .npz as it is)")
     p.add_argument("--out", required=True, help="output directory; use it as prior.encoder=ahpa-vae:DIR")
     p.add_argument("--channels", default="32,64,64", help="channels per stage; factor = 2^(stages-1)")
     p.add_argument("--latent-channels", type=int, default=4, help="channels of the latent (default 4)")
@@ -15,17 +20,36 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (default all)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images")
     p.set_defaults(func=run)
+
+
+def _images(args):
+    from pathlib import Path
+
+    from ahpa.data.listing import decode_all, list_source
+    from ahpa.data.sources import load_npz_images
+
+    src = Path(args.images).expanduser()
+    if not args.resolution:
+        if src.suffix.lower() != ".npz":
+            raise ValueError(f"--images {args.images}: a folder or file list is decoded at a size: add --resolution R")
+        images, _ = load_npz_images(src)
+        return images[: args.limit or None]
+    images, skipped = decode_all(list_source(src, "none", args.limit), args.resolution, args.workers)
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return images
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ahpa.data.sources import load_npz_images
     from ahpa.priors.kl_vae import KLVAEConfig, train_vae
     from ahpa.train.build import resolve_device
 
-    images, _ = load_npz_images(args.images)
+    images = _images(args)
     channels = [int(c) for c in args.channels.split(",")]
     bar = tqdm(total=args.steps, desc="vae", dynamic_ncols=True)
     vae = train_vae(images, KLVAEConfig(channels=channels, latent_channels=args.latent_channels), steps=args.steps,
@@ -33,5 +57,5 @@ def run(args) -> int:
                     on_step=lambda s, mse: (bar.update(1), bar.set_postfix({"mse": f"{mse:.4f}"}) if s % 20 == 0 else None))
     bar.close()
     vae.cpu().save(args.out)
-    print(f"saved ahpa-vae:{args.out}")
+    print(f"saved ahpa-vae:{args.out} (trained on {len(images):,} images of {images.shape[1]}x{images.shape[2]})")
     return 0

@@ -242,3 +242,19 @@ def assemble(items: list[Item], size: int, device: torch.device) -> torch.Tensor
         top, left = (H - size) // 2, (W - size) // 2
         x[torch.tensor(pos, device=device)] = img[:, :, top : top + size, left : left + size]
     return x
+
+
+def decode_all(listing: Listing, resolution: int, workers: int = 0, batch: int = 256) -> tuple[np.ndarray, list[list[str]]]:
+    """Every item of a listing, decoded and ADM-cropped as `ahpa prepare` does, in memory: (uint8 [N, R, R, 3],
+    skipped [name, reason]). For small sets (training the small VAE); a cache is the way for large ones."""
+    batches = [list(range(s, min(s + batch, len(listing)))) for s in range(0, len(listing), batch)]
+    kept, skipped = [], []
+    for items in make_loader(listing, resolution, batches, workers):
+        good = [it for it in items if it.image is not None]
+        skipped += [[listing.name(it.index), it.reason] for it in items if it.image is None]
+        if good:
+            x = assemble(good, resolution, torch.device("cpu"))  # [b, 3, R, R] in [0, 1]
+            kept.append(x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy())  # exact for cropped uint8
+    if not kept:
+        raise ValueError(f"none of the {len(listing)} items of {listing.location} could be decoded")
+    return np.concatenate(kept), skipped

@@ -64,7 +64,7 @@ def test_method_registry_and_levels():
         resolve_levels(get_method("ahpa"), avail, ["mid"])
     with pytest.raises(ValueError, match="valid methods"):
         get_method("sra")
-    assert set(METHODS) == {"none", "repa", "vae-latent", "vae-level", "multi-uniform", "ahpa"}
+    assert set(METHODS) >= {"none", "repa", "vae-latent", "vae-level", "multi-uniform", "ahpa"}  # the study's methods
 
 
 def test_aligner_loss_falls_on_a_fixed_batch():
@@ -104,6 +104,23 @@ def test_running_means_per_bin_of_t():
     before = al.running_loss.clone()
     al.update_running(*al.running_terms(losses, torch.tensor([1, 1, 3])), skip=torch.tensor(1.0))  # a bad step
     assert torch.equal(al.running_loss, before) and al.bin_updates.tolist() == [2, 1, 1, 0] and al.num_updates.item() == 2
+
+
+def test_a_bin_of_t_without_a_running_mean_yet_teaches_the_router_nothing():
+    """Before a bin of t has seen a batch its running mean is the initial 1.0, not a loss scale: its samples must not
+    move the router (the first step's rule, per bin)."""
+    torch.manual_seed(0)
+    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=4, router_entropy=0.0), "soft", "cosine")
+    al.update_running(*al.running_terms(torch.tensor([[0.2, 0.4]]), torch.tensor([0])))  # bin 0 only
+
+    def router_grad(t):
+        al.zero_grad()
+        hidden, targets = torch.randn(len(t), 4, 16), [torch.randn(len(t), 4, 3), torch.randn(len(t), 4, 4)]
+        al(hidden, targets, t)[0].backward()
+        return al.router.mlp[-1].bias.grad.abs().sum().item()
+
+    assert router_grad(torch.tensor([0.1, 0.2])) > 0  # bin 0: its mean is known
+    assert router_grad(torch.tensor([0.6, 0.7])) == 0  # bin 2: nothing yet
 
 
 def test_per_bin_normalisation_removes_the_pull_of_an_easy_level_near_the_data():
@@ -192,3 +209,21 @@ def test_levels_at_their_own_blocks_see_only_their_blocks_tokens():
         with pytest.raises(ValueError, match=message):
             resolve_depths(["a", "b", "c"], 2, items, 4, shared_trunk=shared)
     assert resolve_depths(["a", "b"], 2, ["a:2"], 4, shared_trunk=True) == [2, 2]  # one block: a shared trunk is fine
+
+
+def test_a_method_added_to_the_registry_is_valid_everywhere(monkeypatch, tmp_path, tiny):
+    """A new entry of METHODS is a valid align.method at once (the config reads the registry), trains, and the
+    settings note judges it by its spec: a method taking align.router reads the router's settings."""
+    from ahpa import config
+    from ahpa.align.methods import METHODS, MethodSpec
+    from ahpa.train.loop import Trainer
+
+    with pytest.raises(config.ConfigError, match="align.method='stages-routed' is not valid"):
+        tiny("align.method=stages-routed")
+    spec = MethodSpec("stages-routed", "all", "", "cosine", "every level, routed: a copy of ahpa")
+    monkeypatch.setitem(METHODS, spec.name, spec)
+    trainer = Trainer(tiny("align.method=stages-routed", "align.router_entropy=0.1", "train.steps=1"), tmp_path)
+    assert not [m for m in trainer.messages if "read" in m] and trainer.parts.aligner.router.learned
+    trainer.run()
+    with pytest.raises(ValueError, match="loss 'mse' is not one of cosine, smooth-l1"):
+        MethodSpec("x", "all", "", "mse", "")

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
+
 
 @dataclass
 class ModelCfg:
@@ -50,22 +52,22 @@ class DataCfg:
 
 @dataclass
 class PriorCfg:
-    encoder: str = ""  # taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR
+    encoder: str = ""  # taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR | a kind of register_encoder
     stats_images: int = 1024  # images used to measure latent/level statistics
     external: str = ""  # repa only: dinov2:DIR (an external frozen encoder)
 
 
 @dataclass
 class AlignCfg:
-    method: str = "ahpa"  # none | repa | vae-latent | vae-level | multi-uniform | ahpa
+    method: str = "ahpa"  # a method of ahpa.align.methods.METHODS
     depth: int = 4  # hidden tokens after this block (1-based) are aligned
     weight: float = 0.5  # lambda
     levels: list = field(default_factory=list)  # [] = the method's default levels
-    loss: str = "default"  # default | cosine | smooth-l1
+    loss: str = "default"  # default (the method's own) or one of ahpa.align.methods.LOSSES
     smooth_l1_beta: float = 0.05  # loss=smooth-l1 (vae-latent's default): its beta, SRA2's 0.05
     projector_dim: int = 2048  # width of the projector trunk (REPA: 2048; docs/method.md, 'Projector cost')
     shared_trunk: bool = True  # one projector trunk, a light linear head per level
-    router: str = "soft"  # soft | topk | snr | uniform  (ahpa only)
+    router: str = "soft"  # ahpa only: a mode of ahpa.align.methods.ROUTER_MODES
     router_tau: float = 1.0  # softmax temperature of the learned router
     router_topk: int = 2  # router=topk: levels kept at each t
     router_normalize: bool = True  # router sees each level's loss / its running mean
@@ -167,9 +169,9 @@ CHOICES = {
     "transport.path": ("linear", "cosine"),
     "transport.time_sampler": ("uniform", "logit-normal"),
     "data.source": ("procedural", "npz", "cache"),
-    "align.method": ("none", "repa", "vae-latent", "vae-level", "multi-uniform", "ahpa"),
-    "align.loss": ("default", "cosine", "smooth-l1"),
-    "align.router": ("soft", "topk", "snr", "uniform"),
+    "align.method": METHODS,  # the registries themselves (ahpa.align.methods): an entry added is valid at once
+    "align.loss": ("default", *LOSSES),
+    "align.router": ROUTER_MODES,
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.solver": ("euler", "heun", "euler-maruyama"),

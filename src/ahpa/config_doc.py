@@ -41,6 +41,8 @@ def documented_yaml(cfg: Config) -> str:
         for f in dataclasses.fields(sub):
             doc = list(comments.get(f.name, []))
             choices = CHOICES.get(f"{section.name}.{f.name}")
+            # the registries' keys (align.method, .router, .loss) have no list in their comments: theirs comes
+            # from CHOICES, so that a new method or router mode shows here at once
             if choices and not any("|" in c for c in doc):
                 doc.append(" | ".join(choices))
             lines += [f"  # {c}" for c in doc]

@@ -1,6 +1,9 @@
-"""Alignment objectives: projectors, the Dynamic Router, losses and the method registry."""
+"""Alignment objectives: projectors, the Dynamic Router, losses and the method registry.
 
-from ahpa.align.methods import METHODS, MethodSpec, get_method, resolve_depths, resolve_levels
-from ahpa.align.objective import Aligner
+The registry (ahpa.align.methods) imports no torch: the config checks its names against it. The module with
+parameters is ahpa.align.objective.Aligner.
+"""
 
-__all__ = ["METHODS", "MethodSpec", "get_method", "resolve_depths", "resolve_levels", "Aligner"]
+from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES, MethodSpec, get_method, resolve_depths, resolve_levels
+
+__all__ = ["LOSSES", "METHODS", "ROUTER_MODES", "MethodSpec", "get_method", "resolve_depths", "resolve_levels"]

@@ -1,17 +1,34 @@
-"""The registry of alignment methods: which levels they align and how they weight them."""
+"""The registries of alignment: methods (which levels they align and how they weight them), router modes and
+losses. The config takes its valid names from here, so a new entry is valid everywhere at once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 
+# router mode -> whether it is learned (has parameters and gets the router objective); ahpa.align.router
+ROUTER_MODES: dict[str, bool] = {"soft": True, "topk": True, "snr": False, "uniform": False}
+# per-level losses (ahpa.align.loss.LEVEL_LOSSES holds the functions)
+LOSSES = ("cosine", "smooth-l1")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    levels: str  # none | latent | one | all | external
-    router: str  # the router mode the method fixes ("" = taken from align.router)
-    loss: str  # default loss for this method
+    # which levels it aligns: none | latent (the VAE latent) | one (the single level of align.levels) |
+    # all (align.levels, or every level the encoder gives) | external (REPA's encoder, aligned as level "external")
+    levels: str
+    router: str  # the router mode the method fixes; "" = the mode named by align.router (ahpa)
+    loss: str  # the method's loss when align.loss=default: one of LOSSES
     about: str
+
+    def __post_init__(self):
+        if self.levels not in ("none", "latent", "one", "all", "external"):
+            raise ValueError(f"method {self.name!r}: levels {self.levels!r} is not none|latent|one|all|external")
+        if self.router and self.router not in ROUTER_MODES:
+            raise ValueError(f"method {self.name!r}: router {self.router!r} is not one of {', '.join(ROUTER_MODES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"method {self.name!r}: loss {self.loss!r} is not one of {', '.join(LOSSES)}")
 
 
 METHODS: dict[str, MethodSpec] = {

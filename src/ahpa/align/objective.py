@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ahpa.align.loss import cosine_loss, entropy, router_objective, smooth_l1_loss
+from ahpa.align.loss import LEVEL_LOSSES, entropy, router_objective
 from ahpa.align.projector import Projector
 from ahpa.align.router import Router
 from ahpa.align.tokens import gather_tokens, kept_tokens
@@ -25,6 +25,8 @@ class Aligner(nn.Module):
         # forward takes are those after each of `taps`, in block order
         self.depths = list(depths) if depths is not None else [cfg.depth] * len(levels)
         self.taps = tuple(sorted(set(self.depths)))
+        if loss not in LEVEL_LOSSES:
+            raise ValueError(f"unknown alignment loss {loss!r}; valid losses: {', '.join(LEVEL_LOSSES)}")
         self.loss_kind = loss
         self.beta = cfg.smooth_l1_beta
         self.normalize = cfg.router_normalize
@@ -43,11 +45,8 @@ class Aligner(nn.Module):
 
     def level_losses(self, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """Per-sample, per-level losses [B, K] (fp32)."""
-        if self.loss_kind == "smooth-l1":
-            cols = [smooth_l1_loss(p, q, self.beta) for p, q in zip(preds, targets)]
-        else:
-            cols = [cosine_loss(p, q) for p, q in zip(preds, targets)]
-        return torch.stack(cols, dim=1)
+        fn = LEVEL_LOSSES[self.loss_kind]
+        return torch.stack([fn(p, q, self.beta) for p, q in zip(preds, targets)], dim=1)
 
     def flops_per_image(self, num_tokens: int) -> float:
         """Model FLOPs (2 x multiply-adds) of the heads' forward for one image: they see only the aligned tokens."""
@@ -85,15 +84,14 @@ class Aligner(nn.Module):
         weighted = loss.detach()
         bins = None if self.t_bins == 1 else (t.detach() * self.t_bins).long().clamp_(0, self.t_bins - 1)  # [B]
         if self.router.learned:
-            running = None
+            running, active = None, None
             if self.normalize:
                 running = self.running_loss if bins is None else self.running_loss[bins]  # [K] or [B, K]
-            objective = router_objective(weights, losses, running, self.entropy_weight)
-            if self.normalize:
-                # The running means are the previous steps' (update_running comes after the step), so the first
-                # step has none yet: nothing is learned from it (zeroed without a host sync)
-                objective = objective * (self.num_updates > 0).to(objective.dtype)
-            loss = loss + objective
+                # The running means are the previous steps' (update_running comes after the step): a sample whose
+                # bin has none yet (every sample on the first step) adds nothing (a mask: no host sync)
+                seen = self.num_updates > 0 if bins is None else self.bin_updates[bins] > 0  # [] or [B]
+                active = seen.to(losses.dtype)
+            loss = loss + router_objective(weights, losses, running, self.entropy_weight, active)
         metrics = {
             "align/weighted": weighted,
             "align/level_loss": losses.detach().mean(dim=0),  # [K]

@@ -3,8 +3,9 @@
 Modes:
 - soft:    g(t) = softmax(MLP(sinusoidal(t)) / tau), learned, initialised uniform.
 - topk:    as soft, then only the k largest weights are kept and renormalised.
-- snr:     fixed schedule, no parameters: level k (ordered fine -> coarse) gets a Gaussian window
-           centred at t = k / (K - 1), so coarse levels dominate at high noise (the paper's story).
+- snr:     fixed schedule, no parameters: level k gets a Gaussian window centred at t = k / (K - 1), in the
+           order the levels come (the encoder's: stages fine -> coarse, then the latent; or align.levels'), so
+           coarse levels dominate at high noise (the paper's story).
 - uniform: 1/K everywhere (the multi-uniform baseline; a single level gets weight 1).
 """
 
@@ -13,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ahpa.align.methods import ROUTER_MODES
 from ahpa.models.sit import timestep_embedding
-
-ROUTER_MODES = ("soft", "topk", "snr", "uniform")
 
 
 def snr_schedule(t: torch.Tensor, num_levels: int, width: float) -> torch.Tensor:
@@ -56,7 +56,7 @@ class Router(nn.Module):
 
     @property
     def learned(self) -> bool:
-        return self.mode in ("soft", "topk") and self.num_levels > 1
+        return ROUTER_MODES[self.mode] and self.num_levels > 1
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t [B] in [0, 1] -> weights [B, K] (fp32, rows sum to 1)."""

@@ -245,7 +245,9 @@ class SiT(nn.Module):
 
         Returns (velocity [B, C, H, W], [hidden tokens [B, N, D] after block d for d in taps]).
         """
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
+        # [B, D, g, g] -> [B, N = g*g, D], row-major over the grid: the order of the alignment targets
+        # (ahpa.priors.targets.pool_to_grid, the cache's token maps), so token i of both is the same patch
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
         hidden = []
         recompute = self.checkpoint_blocks if torch.is_grad_enabled() else 0  # nothing to save without a backward

@@ -17,7 +17,9 @@ def pool_to_grid(feat: torch.Tensor, grid: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, grid*grid, C] by average pooling (H, W multiples of grid, or adaptive)."""
     if feat.shape[-1] != grid or feat.shape[-2] != grid:
         feat = F.adaptive_avg_pool2d(feat.float(), grid)
-    return feat.flatten(2).transpose(1, 2)  # [B, N, C]
+    # [B, C, g, g] -> [B, N = g*g, C], row-major over the grid as the SiT's tokens (SiT.forward): token i of a
+    # target and of the hidden states is the same patch
+    return feat.flatten(2).transpose(1, 2)
 
 
 @dataclass

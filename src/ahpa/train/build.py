@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ahpa.align import Aligner, get_method, resolve_depths, resolve_levels
+from ahpa.align import ROUTER_MODES, get_method, resolve_depths, resolve_levels
+from ahpa.align.objective import Aligner
 from ahpa.config import AlignCfg, Config
 from ahpa.data.batches import OnTheFly
 from ahpa.data.sources import load_image_set
@@ -165,16 +166,22 @@ def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
     """Notes for align settings that the chosen method does not read: set on purpose or not, they change nothing."""
     defaults = asdict(AlignCfg())
     changed = [k for k, v in asdict(cfg.align).items() if k != "method" and v != defaults[k]]
-    method = cfg.align.method
-    if method == "none":
-        ignored = changed
-    elif method != "ahpa":
-        ignored = [k for k in changed if k.startswith("router") or k == "snr_width"]
-    else:
-        ignored = []
-    notes = [f"align.method={method} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
-    if method == "ahpa" and cfg.align.router == "topk" and cfg.align.router_topk >= len(levels):
-        notes.append(f"align.router_topk={cfg.align.router_topk} keeps all {len(levels)} levels: the same as router=soft")
+    a = cfg.align
+    spec = get_method(a.method)
+    routing = [k for k in changed if k.startswith("router") or k == "snr_width"]
+    if spec.levels == "none":
+        return [f"align.method={a.method} does not read align.{', align.'.join(changed)}: ignored"] if changed else []
+    if spec.router:  # the method fixes its weighting
+        return [f"align.method={a.method} does not read align.{', align.'.join(routing)}: ignored"] if routing else []
+    # the router named by align.router: a fixed schedule reads none of the learned router's settings
+    reads = {"router"} | ({"snr_width"} if a.router == "snr" else set())
+    if ROUTER_MODES[a.router]:
+        reads |= {k for k in routing if k.startswith("router_") and k != "router_topk"} | (
+            {"router_topk"} if a.router == "topk" else set())
+    ignored = [k for k in routing if k not in reads]
+    notes = [f"align.router={a.router} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
+    if a.router == "topk" and a.router_topk >= len(levels):
+        notes.append(f"align.router_topk={a.router_topk} keeps all {len(levels)} levels: the same as router=soft")
     return notes
 
 

@@ -48,6 +48,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
         d = current()
+        if encoder is not None and not cfg.prior.encoder and getattr(encoder, "spec", ""):
+            cfg = config_mod.from_dict(cfg.to_dict())  # a copy that names the encoder: resume, export and sample need it
+            cfg.prior.encoder = encoder.spec
         cfg = config_mod.with_absolute_paths(cfg)  # the run's files, named the same from any directory
         self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), d.rank, d.world
         self.path = get_path(cfg.transport.path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ahpa.align import Aligner
+from ahpa.align.objective import Aligner
 from ahpa.config import Config, EvalCfg, SampleCfg
 from ahpa.models.sit import SiT
 from ahpa.priors.targets import ChannelStats

@@ -1,8 +1,9 @@
 """Samplers from t=1 (noise) to t=0 (data): Euler and Heun ODE, Euler-Maruyama SDE.
 
 `velocity(x, t)` is any callable returning the (guided) velocity at scalar time t.
-The SDE uses diffusion w(t) = 2 sigma(t) (REPA's choice, w = 2t on the linear path): it keeps the
-marginals of the ODE because the drift is v - (w/2) * score in reverse time.
+The SDE uses diffusion w(t) = 2 sigma(t) (REPA's choice, w = 2t on the linear path). The forward SDE
+dx = (v + (w/2) score) dt + sqrt(w) dW has the ODE's marginals; the sampler runs its reverse in tau = 1 - t,
+dx = (-v + (w/2) score) dtau + sqrt(w) dW.
 """
 
 from __future__ import annotations

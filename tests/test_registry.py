@@ -1,0 +1,53 @@
+"""Extension points: an encoder kind added by a user (register_encoder) or by an installed package (entry point)
+is a valid spec everywhere a spec is read."""
+
+import numpy as np
+import pytest
+
+from ahpa.data.procedural import make_shapes
+from ahpa.priors import registry
+from ahpa.priors.kl_vae import KLVAE
+
+
+@pytest.fixture
+def toy_kind(monkeypatch):
+    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))  # the test's kinds go with it
+    registry.register_encoder("toy", lambda where, spec: KLVAE.random(seed=int(where)))
+    return "toy"
+
+
+def test_a_registered_encoder_kind_prepares_trains_and_is_recorded(toy_kind, tmp_path, tiny):
+    from ahpa import config
+    from ahpa.data.prepare import PrepareOptions, prepare
+    from ahpa.train.loop import Trainer
+
+    enc = registry.load_encoder("toy:3")
+    assert enc.spec == "toy:3" and "toy" in registry.kinds()
+    images, labels = make_shapes(16, 16, seed=0)
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    res = prepare(PrepareOptions(images=str(tmp_path / "set.npz"), vae="toy:3", resolution=16, out=str(tmp_path / "c"),
+                                 workers=0, shard_size=8, flips="generated", grid=4))
+    assert res.complete and res.images == 16
+    Trainer(tiny("data.source=cache", f"data.path={tmp_path / 'c'}", "prior.encoder=toy:3", "train.steps=1"),
+            tmp_path / "run").run()
+    # an encoder object passed from Python is named in config.yaml, so that resume, export and sample find it
+    Trainer(tiny("prior.encoder=", "train.steps=1"), tmp_path / "obj", encoder=registry.load_encoder("toy:4")).run()
+    assert config.load(tmp_path / "obj" / "config.yaml").prior.encoder == "toy:4"
+    with pytest.raises(ValueError, match=r"unknown encoder kind 'toi' in 'toi:3'; valid kinds: .*toy"):
+        registry.load_encoder("toi:3")
+
+
+def test_an_installed_package_adds_a_kind_by_entry_point(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
+
+    class EntryPoint:
+        name = "pkg-vae"
+
+        def load(self):
+            return lambda where, spec: KLVAE.random(seed=int(where))
+
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [EntryPoint()] if group == registry.ENTRY_POINT_GROUP else [])
+    assert registry.load_encoder("pkg-vae:1").spec == "pkg-vae:1"

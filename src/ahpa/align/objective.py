@@ -84,14 +84,7 @@ class Aligner(nn.Module):
         weighted = loss.detach()
         bins = None if self.t_bins == 1 else (t.detach() * self.t_bins).long().clamp_(0, self.t_bins - 1)  # [B]
         if self.router.learned:
-            running, active = None, None
-            if self.normalize:
-                running = self.running_loss if bins is None else self.running_loss[bins]  # [K] or [B, K]
-                # The running means are the previous steps' (update_running comes after the step): a sample whose
-                # bin has none yet (every sample on the first step) adds nothing (a mask: no host sync)
-                seen = self.num_updates > 0 if bins is None else self.bin_updates[bins] > 0  # [] or [B]
-                active = seen.to(losses.dtype)
-            loss = loss + router_objective(weights, losses, running, self.entropy_weight, active)
+            loss = loss + self._router_objective(weights, losses, bins)
         metrics = {
             "align/weighted": weighted,
             "align/level_loss": losses.detach().mean(dim=0),  # [K]
@@ -100,6 +93,16 @@ class Aligner(nn.Module):
         if self.training:  # the caller sums these over a step's micro-batches and calls update_running once
             metrics["running/sums"], metrics["running/counts"] = self.running_terms(losses.detach(), bins)
         return loss, metrics
+
+    def _router_objective(self, weights: torch.Tensor, losses: torch.Tensor, bins: torch.Tensor | None) -> torch.Tensor:
+        """The learned router's own objective (router_objective) with this aligner's running means and settings."""
+        if not self.normalize:
+            return router_objective(weights, losses, None, self.entropy_weight)
+        running = self.running_loss if bins is None else self.running_loss[bins]  # [K] or [B, K]
+        # The running means are the previous steps' (update_running comes after the step): a sample whose bin has
+        # none yet (every sample on the first step) adds nothing (a mask: no host sync)
+        seen = self.num_updates > 0 if bins is None else self.bin_updates[bins] > 0  # [] or [B]
+        return router_objective(weights, losses, running, self.entropy_weight, seen.to(losses.dtype))
 
     def running_terms(self, losses: torch.Tensor, bins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """What one batch adds to the running means: (the batch mean [K], 1) with one bin; with several, the

@@ -116,7 +116,11 @@ def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     run = tmp_path / "r"
     for name in ("config.yaml", "metrics.jsonl", "router.png", "losses.png", "samples.png", "model.safetensors", "DONE"):
         assert (run / name).exists(), name
-    assert any((run / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tb"))
+    tb.Reload()
+    assert set(tb.Tags()["images"]) == {"samples", "router"} and "loss/flow" in tb.Tags()["scalars"]
     # every output is readable by others as the umask allows (safetensors' writer used to leave exports at 0600)
     umask = os.umask(0)
     os.umask(umask)

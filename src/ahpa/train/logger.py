@@ -58,6 +58,15 @@ class MetricsLogger:
                     for name, x in zip(row["level_names"], v):
                         self.writer.add_scalar(f"align/level_loss/{name}", x, step)
 
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A written plot or sample grid, also in TensorBoard's images tab."""
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(png) as im:
+                self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
     def truncate_after(self, step: int) -> None:
         truncate_jsonl(self.path, step)
 

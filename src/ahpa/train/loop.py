@@ -397,11 +397,11 @@ class Trainer:
                     self.save()
                     aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None
                     if main and aligner is not None:
-                        outputs.write_router_plot(aligner, self.run_dir, self.step)
+                        logger.image("router", outputs.write_router_plot(aligner, self.run_dir, self.step), self.step)
                 if c.train.sample_every and c.sample.grid_images and (self.step % c.train.sample_every == 0 or done):
                     bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:
-                        outputs.write_samples(bundle, c.sample, self.run_dir, self.step)
+                        logger.image("samples", outputs.write_samples(bundle, c.sample, self.run_dir, self.step), self.step)
                 if c.eval.every and c.eval.detectors and (self.step % c.eval.every == 0 or done):
                     if self.evaluator is None:
                         self.evaluator = outputs.Evaluator(c.eval, self.parts.device, self.run_dir, self.rank, self.world)

@@ -280,6 +280,8 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
         "align.router=snr does not read align.router_entropy: ignored"]
     assert notes("align.router_topk=3", "align.snr_width=0.5", "align.router_tau=2") == [
         "align.router=soft does not read align.router_topk, align.snr_width: ignored"]
+    assert notes("align.router_normalize=false", "align.router_t_bins=4") == [
+        "align.router=soft does not read align.router_t_bins: ignored"]
     assert notes("align.method=none", "align.weight=1.5", "align.token_fraction=0.5") == [
         "align.method=none does not read align.depth, align.weight, align.projector_dim, align.token_fraction: ignored"]
     assert notes("align.router=topk", "align.router_topk=9") == [

@@ -173,11 +173,12 @@ def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
         return [f"align.method={a.method} does not read align.{', align.'.join(changed)}: ignored"] if changed else []
     if spec.router:  # the method fixes its weighting
         return [f"align.method={a.method} does not read align.{', align.'.join(routing)}: ignored"] if routing else []
-    # the router named by align.router: a fixed schedule reads none of the learned router's settings
-    reads = {"router"} | ({"snr_width"} if a.router == "snr" else set())
+    # the router named by align.router: a fixed schedule reads none of the learned router's settings, and the
+    # running means' settings matter only when the router normalises by them
+    reads = {"router"} | ({"snr_width"} if a.router == "snr" else set()) | ({"router_topk"} if a.router == "topk" else set())
     if ROUTER_MODES[a.router]:
-        reads |= {k for k in routing if k.startswith("router_") and k != "router_topk"} | (
-            {"router_topk"} if a.router == "topk" else set())
+        reads |= {"router_tau", "router_entropy", "router_normalize"}
+        reads |= {"router_momentum", "router_t_bins"} if a.router_normalize else set()
     ignored = [k for k in routing if k not in reads]
     notes = [f"align.router={a.router} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
     if a.router == "topk" and a.router_topk >= len(levels):

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("train", "sample", "export", "eval", "prepare", "convert", "demo", "vae-train")
+COMMANDS = ("train", "sample", "export", "eval", "compare", "prepare", "convert", "demo", "vae-train")
 
 
 def build_parser() -> argparse.ArgumentParser:

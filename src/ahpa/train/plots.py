@@ -99,3 +99,21 @@ def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
     ax.set_ylabel("Fréchet distance")
     ax.legend()
     return save_figure(fig, path)
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str,
+              title: str = "", logy: bool = False, markers: bool = True) -> Path:
+    """One line per named series of (x, y) points (e.g. one per run, `ahpa compare`)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in series.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if markers else None, markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

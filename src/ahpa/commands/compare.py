@@ -1,0 +1,57 @@
+"""ahpa compare RUN RUN ... --out DIR: runs side by side (Fréchet distances and flow loss against images seen, the
+speed-up over a baseline, the settings that differ), as a markdown table and plots."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="compare training runs: FD curves, speed-up over a baseline, differing settings")
+    p.add_argument("runs", nargs="+", help="run directories (as `ahpa train --out` wrote them)")
+    p.add_argument("--out", default="", help="directory for compare.md and the plots (default: print only)")
+    p.add_argument("--baseline", default="", help="the run the speed-ups are measured against (default: the first "
+                   "with align.method=none, else the first given)")
+    p.add_argument("--metric", default="", help="the evaluation to rank by, e.g. FD-r20 or FID (default: the first "
+                   "one the baseline has)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ahpa import compare
+    from ahpa.train import plots
+
+    runs = [compare.read_run(p) for p in args.runs]
+    compare.name_runs(runs)
+    baseline = compare.pick_baseline(runs, args.baseline or None)
+    metrics = sorted({m for r in runs for m in r.evals})
+    metric = args.metric or next(iter(sorted(baseline.evals)), metrics[0] if metrics else "")
+    if args.metric and args.metric not in metrics:
+        raise ValueError(f"--metric {args.metric!r}: the runs' evaluations are {', '.join(metrics) or 'none'}")
+    parts = [f"# {len(runs)} runs; baseline {baseline.name}", ""]
+    if metric:
+        parts += [compare.table(runs, baseline, metric), "",
+                  f"Speed-up: the baseline's training images at its last {metric} over the images a run needed to reach "
+                  "that value (linear between evaluations); img/s: the median of the logged windows, for the cost "
+                  "per image.", ""]
+    else:
+        parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances).", ""]
+    differing = compare.differing_settings(runs)
+    parts.append("Settings that differ:" + ("" if differing else " none (besides run length and cadences)"))
+    for key, values in differing.items():
+        parts.append(f"- `{key}`: " + ", ".join(f"{r.name}={v!r}" for r, v in zip(runs, values)))
+    unfinished = [r.name for r in runs if not r.done]
+    if unfinished:
+        parts += ["", "Not finished (no DONE): " + ", ".join(unfinished)]
+    text = "\n".join(parts) + "\n"
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(text)
+        for m in metrics:
+            plots.line_plot({r.name: r.evals.get(m, []) for r in runs}, out / f"{m}.png", "training images", m, m)
+        plots.line_plot({r.name: r.flow for r in runs}, out / "flow-loss.png", "training images", "flow loss",
+                        "flow-matching loss", logy=True, markers=False)
+        print(f"wrote {out / 'compare.md'} and {len(metrics) + 1} plots")
+    return 0

@@ -1,0 +1,141 @@
+"""Side-by-side comparison of training runs (e.g. AHPA against REPA and vanilla SiT on your data): their
+evaluations against images seen, how many images each needs to reach a baseline's Fréchet distance, and which
+settings differ between them, so that a reader sees at once whether the comparison is fair.
+
+Pure functions over run directories (config.yaml, metrics.jsonl); `ahpa compare` draws and prints them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ahpa.config import flatten
+
+# settings that differ between comparable runs without changing what is compared
+NOT_COMPARED = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints",
+                "train.device", "train.max_bad_steps", "data.prefetch")
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    settings: dict  # flattened config.yaml
+    evals: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(images, value)]
+    flow: list[tuple[int, float]] = field(default_factory=list)  # [(images, flow loss)]
+    img_per_s: float | None = None  # median of the logged windows
+    done: bool = False
+
+    @property
+    def method(self) -> str:
+        return str(self.settings.get("align.method", "?"))
+
+
+def read_run(path: str | Path) -> Run:
+    """A run directory's settings and curves; a clear error when it is not one."""
+    path = Path(path)
+    cfg_file, metrics_file = path / "config.yaml", path / "metrics.jsonl"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no config.yaml); give directories that `ahpa train --out` wrote")
+    settings = flatten(yaml.safe_load(cfg_file.read_text()) or {})
+    run = Run(path.name, path, settings, done=(path / "DONE").exists())
+    if not metrics_file.is_file():
+        return run
+    rates = []
+    for n, line in enumerate(metrics_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{metrics_file}, line {n}: not JSON; the file is damaged") from None
+        images = row.get("images", 0)
+        if "loss/flow" in row:
+            run.flow.append((images, row["loss/flow"]))
+        if "img_per_s" in row:
+            rates.append(row["img_per_s"])
+        for key, value in row.items():
+            if key.startswith("eval/"):
+                run.evals.setdefault(key[len("eval/"):], []).append((images, value))
+    if rates:
+        run.img_per_s = sorted(rates)[len(rates) // 2]
+    return run
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Unique display names: the directory's name, with its parent's where two share one."""
+    names = [r.path.name for r in runs]
+    for r in runs:
+        if names.count(r.path.name) > 1:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
+
+
+def differing_settings(runs: list[Run]) -> dict[str, list]:
+    """{key: each run's value} for the keys whose values are not all equal (run length and cadences left out)."""
+    keys = sorted({k for r in runs for k in r.settings} - set(NOT_COMPARED))
+    out = {}
+    for k in keys:
+        values = [r.settings.get(k) for r in runs]
+        if any(v != values[0] for v in values):
+            out[k] = values
+    return out
+
+
+def images_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first number of images at which a curve reaches `target` (linear between evaluations), or None."""
+    for i, (x, y) in enumerate(curve):
+        if y <= target:
+            if i == 0:
+                return float(x)
+            x0, y0 = curve[i - 1]
+            return x0 + (x - x0) * (y0 - target) / (y0 - y)
+    return None
+
+
+def value_at(curve: list[tuple[int, float]], images: float) -> float | None:
+    """A curve's value at `images` (linear between evaluations), or None outside the evaluated range."""
+    for x, y in curve:
+        if x == images:
+            return y
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 < images < x1:
+            return y0 + (y1 - y0) * (images - x0) / (x1 - x0)
+    return None
+
+
+def pick_baseline(runs: list[Run], name: str | None) -> Run:
+    if name:
+        for r in runs:
+            if name in (r.name, str(r.path), r.path.name):
+                return r
+        raise ValueError(f"--baseline {name!r} is none of the runs: {', '.join(r.name for r in runs)}")
+    return next((r for r in runs if r.method == "none"), runs[0])
+
+
+def table(runs: list[Run], baseline: Run, metric: str) -> str:
+    """Markdown: each run's last and best `metric`, its value where the baseline ended, and the speed-up in images
+    to reach the baseline's last value."""
+    lines = [f"| run | method | images | last {metric} | best | at the baseline's last images | images to reach "
+             f"the baseline's last | speed-up | img/s |", "|---|---|---|---|---|---|---|---|---|"]
+    base = baseline.evals.get(metric, [])
+    for r in runs:
+        curve = r.evals.get(metric, [])
+        if not curve:
+            lines.append(f"| {r.name} | {r.method} | {r.flow[-1][0] if r.flow else 0:,} | no evaluations | | | | | "
+                         f"{_num(r.img_per_s, '.0f')} |")
+            continue
+        at = value_at(curve, base[-1][0]) if base else None
+        reach = images_to_reach(curve, base[-1][1]) if base else None
+        speed = f"{base[-1][0] / reach:.2f}x" if reach else ("—" if not base else "not reached")
+        lines.append(f"| {r.name}{' (baseline)' if r is baseline else ''} | {r.method} | {curve[-1][0]:,} | "
+                     f"{curve[-1][1]:.3f} | {min(v for _, v in curve):.3f} | {_num(at, '.3f')} | "
+                     f"{_num(reach, ',.0f')} | {speed} | {_num(r.img_per_s, '.0f')} |")
+    return "\n".join(lines)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from ahpa import compare, config
+from ahpa.cli import main
+
+
+def _run(root, name, method, fds, weight=0.5):
+    """A run directory as the trainer writes one: config.yaml, metrics.jsonl with log and eval rows, DONE."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(config.dump(config.load(None, [f"align.method={method}", f"align.weight={weight}"])))
+    rows = []
+    for i, fd in enumerate(fds, 1):
+        rows.append({"step": i, "images": 100 * i, "loss/flow": 1.0 / i, "img_per_s": 50.0 + i})
+        rows.append({"step": i, "images": 100 * i, "eval/FD-r20": fd})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "DONE").write_text("{}\n")
+    return d
+
+
+def test_images_to_reach_and_value_at_interpolate_between_evaluations():
+    curve = [(100, 9.0), (200, 7.0), (300, 5.0)]
+    assert compare.images_to_reach(curve, 6.0) == 250.0
+    assert compare.images_to_reach(curve, 9.5) == 100.0 and compare.images_to_reach(curve, 4.0) is None
+    assert compare.value_at(curve, 250) == 6.0 and compare.value_at(curve, 300) == 5.0
+    assert compare.value_at(curve, 400) is None
+
+
+def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, capsys):
+    base = _run(tmp_path, "sit", "none", [10.0, 8.0, 6.0])
+    ahpa = _run(tmp_path, "ahpa", "ahpa", [9.0, 7.0, 5.0], weight=1.5)
+    slow = _run(tmp_path, "repa", "multi-uniform", [11.0, 9.0, 7.0])
+    out = tmp_path / "cmp"
+    assert main(["compare", str(ahpa), str(base), str(slow), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 5.000 | 5.000 | 5.000 | 250 | 1.20x | 52 |" in rows["ahpa"]  # reaches 6.0 at 250 of the baseline's 300
+    assert "1.00x" in rows["sit (baseline)"] and "not reached" in rows["repa"]
+    assert "- `align.weight`: ahpa=1.5, sit=0.5, repa=0.5" in text and "- `align.method`:" in text
+    assert (out / "compare.md").read_text() in text and (out / "FD-r20.png").is_file() and (out / "flow-loss.png").is_file()
+    assert main(["compare", str(ahpa), str(base), "--baseline", "nope"]) == 2
+    assert "--baseline 'nope' is none of the runs: ahpa, sit" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
+
+
+def test_compare_reads_a_real_run_without_evaluations(tmp_path, tiny, capsys):
+    from ahpa.train.loop import Trainer
+
+    Trainer(tiny("train.steps=2"), tmp_path / "a").run()
+    Trainer(tiny("train.steps=2", "align.method=none"), tmp_path / "b").run()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    assert "No run has evaluations" in text and "baseline b" in text
+    assert "`align.method`: a='ahpa', b='none'" in text
+
+
+def test_a_damaged_metrics_file_is_named(tmp_path):
+    d = _run(tmp_path, "x", "none", [1.0])
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 3: not JSON"):
+        compare.read_run(d)

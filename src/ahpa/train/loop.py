@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,16 +24,13 @@ from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
 from ahpa.train import inputs, outputs
 from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note, ignored_settings_note
-from ahpa.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from ahpa.train.checkpoint import load_latest, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
+from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir
 from ahpa.transport.path import get_path
-
-
-class RunConfigError(ValueError):
-    pass
 
 
 class TooManyBadSteps(FloatingPointError):
@@ -59,13 +55,12 @@ class Trainer:
             raise ValueError(
                 f"train.batch_size={t.batch_size} is not divisible by grad_accum x processes = {t.grad_accum * self.world}"
             )
-        self._moved: dict[str, tuple] = {}  # input paths changed on resume: {key: (run's, command's)}
-        self._check_resume_config()
+        self._moved = check_run_dir(self.run_dir, cfg, self.rank)  # input paths changed on resume: {key: (run's, new)}
         self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
-        self._check_moved_inputs()
+        self.messages += check_moved_inputs(self.run_dir, cfg, self.parts.encoder, self._moved)
         self.evaluator: outputs.Evaluator | None = None  # built at the first evaluation
         optimizer_state = self._load()
         p = self.parts
@@ -103,49 +98,6 @@ class Trainer:
                 self.align_net = torch.compile(self.align_net, mode=t.compile_mode)
 
     # ---- set-up and resume ----
-    def _check_resume_config(self) -> None:
-        if self.run_dir.is_file():
-            raise ValueError(f"run directory {self.run_dir} is a file; --out names a directory (new, or a run to resume)")
-        if self.rank == 0:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.run_dir / f".write_probe{os.getpid()}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as e:
-                raise OSError(e.errno, f"run directory {self.run_dir} is not writable ({e.strerror}); choose another --out") from None
-        saved_file = self.run_dir / "config.yaml"
-        # a run that ended before its first checkpoint (a failed start) has nothing to resume: a new command,
-        # with other settings, starts it afresh rather than being held to the settings that failed
-        if saved_file.exists() and list_checkpoints(self.run_dir / "checkpoints"):
-            saved = config_mod.with_absolute_paths(config_mod.load(saved_file))  # runs that stored relative paths
-            differences = config_mod.resume_differences(saved, self.cfg)
-            # a cache or VAE under a new path may carry on: checked against the run's record once they are open
-            self._moved = {k: v for k, v in differences.items() if k in inputs.MOVABLE}
-            conflicts = config_mod.resume_conflicts(saved, self.cfg)
-            if len(conflicts) > len(self._moved):
-                may_change = ", ".join(r + "*" if r.endswith(".") else r for r in config_mod.RESUMABLE_CHANGES)
-                raise RunConfigError(
-                    f"{self.run_dir} holds a run with another configuration; on resume only these may change: "
-                    f"{may_change}. Differences:\n  " + "\n  ".join(conflicts) + f"\nThe run's settings are in "
-                    f"{saved_file} (`--config {saved_file}` resumes it as it was); a new --out directory starts another run."
-                    + (f"\n({' and '.join(self._moved)} may name the same files under a new path.)" if self._moved else "")
-                )
-
-    def _check_moved_inputs(self) -> None:
-        if not self._moved:
-            return
-        wrong = inputs.moved_mismatches(inputs.read(self.run_dir), inputs.current(self.cfg, self.parts.encoder), self._moved)
-        if wrong:
-            raise RunConfigError(
-                f"{self.run_dir} holds a run whose input files moved, and the new ones cannot be taken for them:\n  "
-                + "\n  ".join(wrong) + f"\nName the run's own files (see {self.run_dir / 'config.yaml'}), or link "
-                "the old path to the new one."
-            )
-        for key, (old, new) in self._moved.items():
-            self.messages.append(f"{key} moved: {old} -> {new}, the same content as recorded in {inputs.FILE}; "
-                                 "config.yaml now names the new path")
-
     def _load(self) -> dict | None:
         """Loads the newest checkpoint into the (unsharded) modules; returns its optimiser state, which
         is loaded once the optimiser's parameters are final (after sharding). None on a fresh run."""

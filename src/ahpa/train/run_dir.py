@@ -1,0 +1,66 @@
+"""What a run directory binds a rerun to: once it holds a checkpoint, the settings of its config.yaml (only run
+length, cadences and the like may change, config.RESUMABLE_CHANGES) and the content of its input files
+(inputs.json: a cache or VAE may be named under a new path if its content is the same)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ahpa import config as config_mod
+from ahpa.config import Config
+from ahpa.train import inputs
+from ahpa.train.checkpoint import list_checkpoints
+
+
+class RunConfigError(ValueError):
+    pass
+
+
+def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
+    """Refuses a run directory that cannot take this command: a file, unwritable, or a run with other settings.
+    Returns the input paths that differ from the run's, {key: (run's, command's)}, for check_moved_inputs."""
+    if run_dir.is_file():
+        raise ValueError(f"run directory {run_dir} is a file; --out names a directory (new, or a run to resume)")
+    if rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write_probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(e.errno, f"run directory {run_dir} is not writable ({e.strerror}); choose another --out") from None
+    saved_file = run_dir / "config.yaml"
+    # a run that ended before its first checkpoint (a failed start) has nothing to resume: a new command,
+    # with other settings, starts it afresh rather than being held to the settings that failed
+    if not (saved_file.exists() and list_checkpoints(run_dir / "checkpoints")):
+        return {}
+    saved = config_mod.with_absolute_paths(config_mod.load(saved_file))  # runs that stored relative paths
+    differences = config_mod.resume_differences(saved, cfg)
+    # a cache or VAE under a new path may carry on: checked against the run's record once they are open
+    moved = {k: v for k, v in differences.items() if k in inputs.MOVABLE}
+    if len(differences) > len(moved):
+        may_change = ", ".join(r + "*" if r.endswith(".") else r for r in config_mod.RESUMABLE_CHANGES)
+        raise RunConfigError(
+            f"{run_dir} holds a run with another configuration; on resume only these may change: "
+            f"{may_change}. Differences:\n  " + "\n  ".join(config_mod.resume_conflicts(saved, cfg))
+            + f"\nThe run's settings are in {saved_file} (`--config {saved_file}` resumes it as it was); a new --out "
+            "directory starts another run."
+            + (f"\n({' and '.join(moved)} may name the same files under a new path.)" if moved else "")
+        )
+    return moved
+
+
+def check_moved_inputs(run_dir: Path, cfg: Config, encoder, moved: dict[str, tuple]) -> list[str]:
+    """Refuses moved inputs whose content is not the run's; returns a message for each one accepted."""
+    if not moved:
+        return []
+    wrong = inputs.moved_mismatches(inputs.read(run_dir), inputs.current(cfg, encoder), moved)
+    if wrong:
+        raise RunConfigError(
+            f"{run_dir} holds a run whose input files moved, and the new ones cannot be taken for them:\n  "
+            + "\n  ".join(wrong) + f"\nName the run's own files (see {run_dir / 'config.yaml'}), or link "
+            "the old path to the new one."
+        )
+    return [f"{key} moved: {old} -> {new}, the same content as recorded in {inputs.FILE}; config.yaml now names the "
+            "new path" for key, (old, new) in moved.items()]

@@ -234,12 +234,13 @@ def test_convert_command_writes_a_sampling_export(tmp_path, capsys):
     expected = -out(ref, x, 1 - t, y)
     assert torch.allclose(out(bundle.model, x, t, y), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
-    dit = parser.parse_args(["convert", "--checkpoint", str(src), "--layout", "dit", "--out", str(dst)])
+    dit = parser.parse_args(["convert", "--checkpoint", str(src), "--layout", "dit", "--out", str(dst), "--encoder", "taef2:x"])
     with pytest.raises(ValueError, match="noise"):
         dit.func(dit)
     no_res = parser.parse_args(["convert", "--checkpoint", str(src), "--out", str(dst), "--encoder", "taef2:x", "--num-heads", "2"])
     with pytest.raises(ValueError, match="--resolution"):
         no_res.func(no_res)
-    sd_res = parser.parse_args(["convert", "--checkpoint", str(src), "--out", str(dst), "--resolution", "48", "--num-heads", "2"])
+    sd_res = parser.parse_args(["convert", "--checkpoint", str(src), "--out", str(dst), "--resolution", "48", "--num-heads", "2",
+                                "--encoder", "diffusers:stabilityai/sd-vae-ft-ema"])
     with pytest.raises(ValueError, match=r"--resolution 48 does not match .* = 64"):
         sd_res.func(sd_res)

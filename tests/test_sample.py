@@ -56,6 +56,13 @@ def test_sample_from_a_run_takes_its_sampler_settings(run_dir, tmp_path):
                  "--micro-batch", "8", "--out", str(tmp_path / "b.npz")]) == 0
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+    # --compile too: left out, the run's sample.compile holds (a run compiled for speed samples compiled)
+    from ahpa.cli import build_parser
+    from ahpa.commands.sample import SAMPLER_OPTIONS
+
+    parse = lambda *extra: build_parser().parse_args(["sample", "--run", "r", "--num", "1", "--out", "a.npz", *extra])  # noqa: E731
+    assert "compile" in SAMPLER_OPTIONS and parse().compile is None
+    assert parse("--compile").compile is True and parse("--no-compile").compile is False
 
 
 def test_bad_sample_inputs(tmp_path, capsys, run_dir):

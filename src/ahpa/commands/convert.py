@@ -19,14 +19,16 @@ def register(sub) -> None:
     p.add_argument("--preset", help="size/patch, e.g. XL/2: checks the checkpoint's shapes (default: read from them)")
     p.add_argument("--num-heads", type=int, help="attention heads, for non-standard sizes without --preset")
     p.add_argument("--out", required=True, help="output .safetensors (ahpa export format)")
-    p.add_argument("--encoder", default="diffusers:stabilityai/sd-vae-ft-ema",
-                   help="VAE spec stored in the export (taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR); not loaded here")
+    p.add_argument("--encoder", required=True,
+                   help="VAE spec stored in the export, not loaded here: the models of DiT, SiT and REPA decode with "
+                   "SD-VAE, e.g. diffusers:weights/sd-vae-ft-ema (a local copy) or diffusers:stabilityai/sd-vae-ft-ema "
+                   "(a hub id: sampling the export downloads it)")
     p.add_argument("--resolution", type=int, help="image side (default: latent side x 8, the SD-VAE factor)")
     p.add_argument("--latent-scale", type=float, default=SD_VAE_SCALE,
-                   help="the model saw latent * scale (zero mean): stored as per-channel std 1/scale")
+                   help="the model saw latent * scale (zero mean): stored as per-channel std 1/scale (default: SD-VAE's 0.18215)")
     p.add_argument("--path", default="linear", choices=("linear", "cosine"),
-                   help="interpolant the model was trained on (SiT GVP = cosine after conversion)")
-    p.add_argument("--use", default="ema", choices=("ema", "model"), help="which weights of a training checkpoint")
+                   help="interpolant the model was trained on (SiT GVP = cosine after conversion; default linear)")
+    p.add_argument("--use", default="ema", choices=("ema", "model"), help="which weights of a training checkpoint (default ema)")
     p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects (only files you trust)")
     p.set_defaults(func=run)
 

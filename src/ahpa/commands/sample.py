@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 from tqdm import tqdm
 
 
 # sampler options that default to the run's `sample` section (with --run) or to SampleCfg's defaults (--model)
-SAMPLER_OPTIONS = ("solver", "steps", "cfg_scale", "guidance_low", "guidance_high", "micro_batch")
+SAMPLER_OPTIONS = ("solver", "steps", "cfg_scale", "guidance_low", "guidance_high", "micro_batch", "compile")
 
 
 def register(sub) -> None:
@@ -28,8 +30,9 @@ def register(sub) -> None:
     p.add_argument("--guidance-low", type=float, help="guide only for t >= this (0.0; t = 1 is noise)")
     p.add_argument("--guidance-high", type=float, help="guide only for t <= this (1.0; REPA uses 0.7)")
     p.add_argument("--micro-batch", type=int, help="fixed network batch, part of the file's identity (64)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (faster on a GPU; numerics differ from eager at rounding level)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network (faster on a GPU; numerics differ from eager at rounding level; "
+                   "default: the run's sample.compile, off for an export)")
     p.add_argument("--encoder", help="--model only: the VAE that decodes (KIND:PATH), when the one the export "
                                      "names is not at its recorded path on this machine")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
@@ -78,7 +81,7 @@ def run(args) -> int:
             bundle.autocast_dtype = autocast_dtype("auto", device)
             identity = {"model": str(args.model)}
             base = config_mod.SampleCfg()
-        cfg = config_mod.from_dict({"sample": {**base.__dict__, "compile": args.compile, **given}},
+        cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}},
                                    where="ahpa sample").sample
         with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main) as bar:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,

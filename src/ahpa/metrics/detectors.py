@@ -236,6 +236,7 @@ def load_detector(spec: str, device: torch.device | str = "cpu") -> Detector:
         import transformers  # noqa: F401
     except ImportError as e:
         raise DetectorUnavailableError(
-            f"detector {spec!r} needs the optional package 'transformers'; install it with `pip install 'ahpa[dinov2]'`"
+            f"detector {spec!r} needs the optional package 'transformers'; install it with `pip install transformers` "
+            "(the dinov2 extra: `pip install -e '.[dinov2]'` in a checkout)"
         ) from e
     return Dinov2Detector(path, device, spec)

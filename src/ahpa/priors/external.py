@@ -59,7 +59,8 @@ def load_dinov2(path: str | Path, spec: str):
     try:
         from transformers import Dinov2Model
     except ImportError as e:
-        raise ImportError(f"{spec!r} needs the `transformers` package: pip install 'ahpa[dinov2]'") from e
+        raise ImportError(f"{spec!r} needs the `transformers` package: pip install transformers (the dinov2 extra: "
+                          "pip install -e '.[dinov2]' in a checkout)") from e
     return Dinov2Model.from_pretrained(str(path), local_files_only=True)
 
 

@@ -75,4 +75,4 @@ def test_a_prepared_cache_is_known_by_its_manifest(tmp_path):
     assert inputs.data_identity(str(tmp_path / "a")).startswith("manifest-sha256:")
     (tmp_path / "b" / "manifest.json").write_text('{"complete": true, "count": 2}\n')
     assert inputs.data_identity(str(tmp_path / "a")) != inputs.data_identity(str(tmp_path / "b"))
-    assert inputs.data_identity(str(tmp_path / "missing")) is None
+    assert inputs.data_identity(str(tmp_path / "missing")) is None and inputs.data_identity("") is None

@@ -23,6 +23,8 @@ MOVABLE = ("data.path", "prior.encoder")
 
 
 def data_identity(path: str) -> str | None:
+    if not path:  # procedural data: nothing on disk
+        return None
     p = Path(path).expanduser()
     if p.is_file():
         return "sha256:" + sha256_file(p)

@@ -97,6 +97,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
         lines.append("")
     lines += paired_with_none(series, metrics, methods)
     lines += paired_with_base(series, metrics, methods)
+    lines += ahpa_against_baselines(series, metrics[0], methods)
     lines += steps_to_match_none(series, metrics, methods)
     lines += steps_to_match_none(series, metrics, methods, per_flop=True)
     for metric in metrics:
@@ -147,6 +148,33 @@ def paired_with_base(series, metrics: list[str], methods: list[str]) -> list[str
     return paired(series, metrics, pairs, "**Ablations paired with their method**: `method[variant]` minus `method` of "
                   "the same seed, at the last step both reached; mean over seeds, then each seed (negative = the "
                   "variant did better):", "method")
+
+
+def ahpa_against_baselines(series, metric: str, methods: list[str]) -> list[str]:
+    """The study's question in one table: each AHPA run (`ahpa-*`) minus each alignment baseline trained with the same
+    variant (`multi-uniform[weight=1.5]` for `ahpa-soft[weight=1.5]`), same seed, at every step both reached."""
+    def split(m):
+        name, sep, variant = m.partition("[")
+        return name.partition(":")[0], sep + variant
+    rows = []
+    for a in (m for m in methods if m.startswith("ahpa")):
+        for b in (m for m in methods if m != "none" and not m.startswith("ahpa") and split(m)[1] == split(a)[1]):
+            seeds = sorted(s for mm, s in series if mm == a and (b, s) in series)
+            by_step: dict[int, list[float]] = {}
+            for s in seeds:
+                fa = {r["step"]: r["fd"][metric] for r in series[(a, s)]}
+                fb = {r["step"]: r["fd"][metric] for r in series[(b, s)]}
+                for step in sorted(fa.keys() & fb.keys()):
+                    by_step.setdefault(step, []).append(fa[step] - fb[step])
+            if by_step:
+                cells = [f"{step}: {statistics.mean(d):+.3f} ({sum(x < 0 for x in d)}/{len(d)})" for step, d in sorted(by_step.items())]
+                rows.append(f"| {a} | {b} | {', '.join(map(str, seeds))} | " + "; ".join(cells) + " |")
+    if not rows:
+        return []
+    return [f"**AHPA against the alignment baselines** ({metric}): an AHPA run minus a baseline trained with the same "
+            "variant, same seed, at each step both reached: mean over seeds (AHPA ahead in k of n seeds); negative = "
+            "AHPA better:", "", "| AHPA run | baseline | seeds | step: minus baseline (ahead) |", "|---|---|---|---|",
+            *rows, ""]
 
 
 def paired(series, metrics: list[str], pairs: list[tuple[str, str]], title: str, base_name: str) -> list[str]:

@@ -297,6 +297,24 @@ def test_study_report_pairs_each_ablation_with_its_own_method(monkeypatch):
     assert "stage2[weight=1.5]" not in table
 
 
+def test_study_report_sets_each_ahpa_run_against_the_baselines_of_its_variant(monkeypatch):
+    """The study's question: AHPA minus each alignment baseline trained with the same variant, same seed, at every
+    step; vanilla SiT and runs of another variant are not its baselines."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import ahpa_against_baselines
+
+    def rows(fds):
+        return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
+
+    series = {("ahpa-soft[weight=1.5]", 0): rows([9.0, 8.0]), ("ahpa-soft[weight=1.5]", 1): rows([9.0, 8.2]),
+              ("multi-uniform[weight=1.5]", 0): rows([8.8, 8.1]), ("multi-uniform[weight=1.5]", 1): rows([8.9, 8.0]),
+              ("vae-level:stage2", 0): rows([9.5, 8.5]), ("none", 0): rows([10.0, 9.0])}
+    table = "\n".join(ahpa_against_baselines(series, "FD-r20", list(dict.fromkeys(m for m, _ in series))))
+    assert ("| ahpa-soft[weight=1.5] | multi-uniform[weight=1.5] | 0, 1 | 1000: +0.150 (0/2); 2000: +0.050 (1/2) |"
+            in table)
+    assert "vae-level:stage2" not in table and "| none" not in table
+
+
 def test_study_report_stores_pngs_with_a_palette_once(monkeypatch, tmp_path):
     """The report's PNGs travel with every device call (64 MiB with the study's inputs): compact_png rewrites a
     full-colour file with a 256-colour palette, keeps its size in pixels and its colours close, and leaves a file

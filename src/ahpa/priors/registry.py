@@ -13,18 +13,7 @@ import torch
 
 from ahpa.priors.base import PriorEncoder
 
-# kind -> loader(where, spec) -> PriorEncoder; more come from register_encoder or, for every process (the CLI,
-# torchrun workers), from packages that declare an entry point in the group "ahpa.encoders" (name = kind,
-# object = the loader)
-_LOADERS: dict[str, Callable[[str, str], PriorEncoder]] = {}
 ENTRY_POINT_GROUP = "ahpa.encoders"
-
-
-def register_encoder(kind: str, loader: Callable[[str, str], PriorEncoder]) -> None:
-    """Make `KIND:WHERE` specs load with `loader(where, spec)`: in configs, `ahpa prepare --vae`, exports."""
-    if not kind or ":" in kind:
-        raise ValueError(f"encoder kind {kind!r} must be a non-empty name without ':'")
-    _LOADERS[kind] = loader
 
 
 def _taef2(where: str, spec: str) -> PriorEncoder:
@@ -48,8 +37,17 @@ def _diffusers(where: str, spec: str) -> PriorEncoder:
     return DiffusersVAE.from_pretrained(where)
 
 
-for _kind, _loader in (("taef2", _taef2), ("diffusers", _diffusers), ("ahpa-vae", _ahpa_vae)):
-    register_encoder(_kind, _loader)
+# kind -> loader(where, spec) -> PriorEncoder; more come from register_encoder or, for every process (the CLI,
+# torchrun workers), from packages that declare an entry point in the group "ahpa.encoders" (name = kind,
+# object = the loader)
+_LOADERS: dict[str, Callable[[str, str], PriorEncoder]] = {"taef2": _taef2, "diffusers": _diffusers, "ahpa-vae": _ahpa_vae}
+
+
+def register_encoder(kind: str, loader: Callable[[str, str], PriorEncoder]) -> None:
+    """Make `KIND:WHERE` specs load with `loader(where, spec)`: in configs, `ahpa prepare --vae`, exports."""
+    if not kind or ":" in kind:
+        raise ValueError(f"encoder kind {kind!r} must be a non-empty name without ':'")
+    _LOADERS[kind] = loader
 
 
 def kinds() -> list[str]:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ahpa.atomic import atomic_write_bytes
-from ahpa.data.manifest import MANIFEST
+from ahpa.data.manifest import MANIFEST, atomic_write_json
 from ahpa.priors.base import sha256_file
 
 FILE = "inputs.json"
@@ -54,7 +53,7 @@ def read(run_dir: Path) -> dict | None:
 
 
 def write(run_dir: Path, record: dict) -> None:
-    atomic_write_bytes(run_dir / FILE, (json.dumps(record, indent=1) + "\n").encode())
+    atomic_write_json(run_dir / FILE, record)
 
 
 def moved_mismatches(recorded: dict | None, now: dict, moved: dict[str, tuple]) -> list[str]:

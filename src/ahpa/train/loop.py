@@ -55,12 +55,13 @@ class Trainer:
             raise ValueError(
                 f"train.batch_size={t.batch_size} is not divisible by grad_accum x processes = {t.grad_accum * self.world}"
             )
-        self._moved = check_run_dir(self.run_dir, cfg, self.rank)  # input paths changed on resume: {key: (run's, new)}
+        moved = check_run_dir(self.run_dir, cfg, self.rank)  # input paths changed on resume: {key: (run's, new)}
         self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
-        self.messages += check_moved_inputs(self.run_dir, cfg, self.parts.encoder, self._moved)
+        notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
+        self.messages += notes
         self.evaluator: outputs.Evaluator | None = None  # built at the first evaluation
         optimizer_state = self._load()
         p = self.parts
@@ -314,7 +315,9 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_mod.dump(c))
-            if self._moved or inputs.read(self.run_dir) is None:  # a new run, an older one, or moved files
+            if self._moved_inputs is not None:  # moved files, identified by check_moved_inputs
+                inputs.write(self.run_dir, self._moved_inputs)
+            elif inputs.read(self.run_dir) is None:  # a new run, or one from before inputs.json
                 inputs.write(self.run_dir, inputs.current(c, self.parts.encoder))
         logger = MetricsLogger(self.run_dir) if main else None
         if logger is not None:

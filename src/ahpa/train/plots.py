@@ -88,24 +88,16 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
 def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
     """Each eval/* metric against training images seen."""
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
     names = sorted({k for r in rows for k in r if k.startswith("eval/")})
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name in names:
-        pts = [(r["images"], r[name]) for r in rows if name in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name[len("eval/"):])
-    ax.set_xlabel("training images")
-    ax.set_ylabel("Fréchet distance")
-    ax.legend()
-    return save_figure(fig, path)
+    series = {name[len("eval/"):]: [(r["images"], r[name]) for r in rows if name in r] for name in names}
+    return line_plot(series, path, "training images", "Fréchet distance", figsize=(6, 3.6))
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str,
-              title: str = "", logy: bool = False, markers: bool = True) -> Path:
-    """One line per named series of (x, y) points (e.g. one per run, `ahpa compare`)."""
+              title: str = "", logy: bool = False, markers: bool = True, figsize: tuple[float, float] = (7, 4)) -> Path:
+    """One line per named series of (x, y) points (a run's evaluations; one per run in `ahpa compare`)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=figsize)
     for name, pts in series.items():
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if markers else None, markersize=3, label=name)

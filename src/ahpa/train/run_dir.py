@@ -51,11 +51,13 @@ def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
     return moved
 
 
-def check_moved_inputs(run_dir: Path, cfg: Config, encoder, moved: dict[str, tuple]) -> list[str]:
-    """Refuses moved inputs whose content is not the run's; returns a message for each one accepted."""
+def check_moved_inputs(run_dir: Path, cfg: Config, encoder, moved: dict[str, tuple]) -> tuple[list[str], dict | None]:
+    """Refuses moved inputs whose content is not the run's. Returns a message for each one accepted and the inputs'
+    record as it is now, to be written in place of the old one (None when nothing moved)."""
     if not moved:
-        return []
-    wrong = inputs.moved_mismatches(inputs.read(run_dir), inputs.current(cfg, encoder), moved)
+        return [], None
+    now = inputs.current(cfg, encoder)  # hashes the files once: the same record is written when the run starts
+    wrong = inputs.moved_mismatches(inputs.read(run_dir), now, moved)
     if wrong:
         raise RunConfigError(
             f"{run_dir} holds a run whose input files moved, and the new ones cannot be taken for them:\n  "
@@ -63,4 +65,4 @@ def check_moved_inputs(run_dir: Path, cfg: Config, encoder, moved: dict[str, tup
             "the old path to the new one."
         )
     return [f"{key} moved: {old} -> {new}, the same content as recorded in {inputs.FILE}; config.yaml now names the "
-            "new path" for key, (old, new) in moved.items()]
+            "new path" for key, (old, new) in moved.items()], now

@@ -200,9 +200,12 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         load_public_checkpoint(tmp_path / "missing.pt")
     from ahpa.train.checkpoint import save_checkpoint
 
-    ours = save_checkpoint(tmp_path / "run", 5, {"model": sd}, keep=1)
+    ours = save_checkpoint(tmp_path / "run", 5, {"model": sd, "ema": sd, "optimizer": {}, "ema_updates": 5}, keep=1)
     with pytest.raises(ValueError, match="training checkpoint of ahpa.*ahpa export --run RUN_DIR"):
         load_public_checkpoint(ours)
+    (tmp_path / "copied.pt").write_bytes(ours.read_bytes())  # without its digest file: known by its content
+    with pytest.raises(ValueError, match="training checkpoint of ahpa"):
+        load_public_checkpoint(tmp_path / "copied.pt")
     torch.save({"ema": sd, "extra": object.__new__(Unpicklable)}, tmp_path / "SiT-odd.pt")
     with pytest.raises(ValueError, match="allow_pickle=True"):
         load_public_checkpoint(tmp_path / "SiT-odd.pt")

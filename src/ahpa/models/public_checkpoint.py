@@ -34,10 +34,13 @@ def read_checkpoint(path: str | Path, *, use: str = "ema", allow_pickle: bool = 
         return load_file(str(path)), {"entry": None, "args": None}
     from ahpa.train.checkpoint import is_ahpa_checkpoint
 
+    training = ValueError(f"{str(path)!r} is a training checkpoint of ahpa, not a public one: `ahpa export --run RUN_DIR "
+                          "--out FILE.safetensors` writes its run's EMA model (or sample it with `ahpa sample --run RUN_DIR`)")
     if is_ahpa_checkpoint(path):
-        raise ValueError(f"{str(path)!r} is a training checkpoint of ahpa, not a public one: `ahpa export --run RUN_DIR "
-                         "--out FILE.safetensors` writes its run's EMA model (or sample it with `ahpa sample --run RUN_DIR`)")
+        raise training
     obj = _torch_load(path, allow_pickle)
+    if isinstance(obj, dict) and {"optimizer", "ema_updates"} <= obj.keys():  # one copied without its digest file
+        raise training
     return unwrap(obj, use=use, where=str(path))
 
 

@@ -1,8 +1,13 @@
 """Checkpoints written atomically (temporary file, fsync, rename) with a checksum; keep the last N.
 
-Loading picks the newest checkpoint that reads back whole and reports the ones it skipped. Both ways stream
-through the file: an XL/2 state (model, EMA, Adam moments) is about 11 GB, and a serialised copy of it in
-memory, let alone two, would triple what saving and resuming need on every rank.
+Loading picks the newest checkpoint that reads back whole and reports the ones it skipped. An XL/2 state
+(model, EMA, Adam moments) is about 11 GB and every rank of a run reads it, so neither way holds a serialised
+copy in memory: saving streams through the hash into the file, and reading memory-maps the file (copy-on-write),
+so the ranks of a node share one copy in the page cache instead of holding one each.
+
+Layout: `step_N.pt` is a plain torch.save file (the zip at offset 0, which mapping needs) and `step_N.pt.sha256`
+beside it holds its digest in `sha256sum` format (`sha256sum -c step_N.pt.sha256` checks it). Checkpoints of
+the earlier layout, the digest as a 65-byte header before the payload, still read back (streamed, not mapped).
 """
 
 from __future__ import annotations
@@ -14,16 +19,20 @@ from pathlib import Path
 
 import torch
 
-from ahpa.atomic import atomic_path
+from ahpa.atomic import atomic_path, atomic_write_bytes
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
-# layout: 64 hex chars of the sha256 of the payload, newline, torch.save payload
+# the earlier layout: 64 hex chars of the sha256 of the payload, newline, torch.save payload
 HEADER = 65
 CHUNK = 1 << 24
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:09d}.pt"
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 class _HashingWriter(io.RawIOBase):
@@ -65,17 +74,19 @@ class _Payload(io.RawIOBase):
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
     path = checkpoint_path(directory, step)
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            f.write(b"0" * 64 + b"\n")  # the digest is known only at the end; the rename publishes the file
-            writer = _HashingWriter(f)
-            torch.save(state, writer)
-            f.seek(0)
-            f.write(writer.sha.hexdigest().encode())
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                writer = _HashingWriter(f)
+                torch.save(state, writer)
+            # the digest is published first, the checkpoint by the rename after it: a crash in between leaves a
+            # digest without its file, which nothing reads and the next save of that step replaces
+            atomic_write_bytes(digest_path(path), f"{writer.sha.hexdigest()}  {path.name}\n".encode())
     except OSError as e:  # the temporary file is gone; the previous checkpoint is untouched
         raise OSError(e.errno, f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
                                f"Free disk space or fix permissions, then rerun to resume") from e
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
+        digest_path(old).unlink(missing_ok=True)
     return path
 
 
@@ -89,23 +100,52 @@ class CheckpointError(ValueError):
     pass
 
 
-def is_ahpa_checkpoint(path: Path) -> bool:
-    """Whether `path` starts with this module's checksum header (for tools that meet one where they expect others)."""
+def _is_digest(b: bytes) -> bool:
+    return len(b) == 64 and all(c in b"0123456789abcdef" for c in b)
+
+
+def _has_header(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(HEADER)
-    return len(head) == HEADER and head[-1:] == b"\n" and all(c in b"0123456789abcdef" for c in head[:-1])
+    return len(head) == HEADER and head[-1:] == b"\n" and _is_digest(head[:64])
+
+
+def is_ahpa_checkpoint(path: Path) -> bool:
+    """Whether `path` is a training checkpoint of this module (for tools that meet one where they expect others)."""
+    return digest_path(path).is_file() or _has_header(path)
+
+
+def _sha256(f, start: int) -> bytes:
+    f.seek(start)
+    sha = hashlib.sha256()
+    while chunk := f.read(CHUNK):
+        sha.update(chunk)
+    return sha.hexdigest().encode()
 
 
 def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's state, its tensors on the CPU; mapped from the file where the layout allows."""
+    digest = digest_path(path)
+    if not digest.is_file():
+        if _has_header(path):
+            return _read_with_header(path)
+        raise CheckpointError(f"{path}: its checksum file {digest.name} is missing (copy it beside the checkpoint), "
+                              "or this is a foreign file")
+    expected = digest.read_bytes()[:64]
+    if not _is_digest(expected):
+        raise CheckpointError(f"{digest}: not a sha256 digest")
     with open(path, "rb") as f:
-        head = f.read(HEADER)
-        if len(head) != HEADER or head[-1:] != b"\n":
-            raise CheckpointError(f"{path}: not an ahpa checkpoint (no checksum header); it may be a foreign or "
-                                  "truncated file")
-        sha = hashlib.sha256()
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-        if sha.hexdigest().encode() != head[:64]:
+        if _sha256(f, 0) != expected:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
+    # mapped privately: pages are read when touched and shared by every process mapping the file; a write
+    # (e.g. to Adam's moments when training on the CPU) copies the page and never reaches the file
+    return torch.load(path, mmap=True, map_location="cpu", weights_only=False)
+
+
+def _read_with_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        expected = f.read(HEADER)[:64]
+        if _sha256(f, HEADER) != expected:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
         f.seek(HEADER)
         return torch.load(io.BufferedReader(_Payload(f), CHUNK), map_location="cpu", weights_only=False)

@@ -216,6 +216,24 @@ def test_checkpoints_of_the_earlier_layout_read_back(tmp_path):
     assert Trainer(tiny_cfg("train.steps=3"), run).step == 1
 
 
+def test_a_directory_that_is_not_a_run_is_not_written_over(tmp_path):
+    theirs = tmp_path / "project"
+    theirs.mkdir()
+    (theirs / "config.yaml").write_text("learning_rate: 0.1\n")  # another tool's config
+    with pytest.raises(RunConfigError, match="not a run directory of ahpa: its config.yaml.*learning_rate"):
+        Trainer(tiny_cfg("train.steps=1"), theirs)
+    assert (theirs / "config.yaml").read_text() == "learning_rate: 0.1\n" and len(list(theirs.iterdir())) == 1
+    (theirs / "config.yaml").unlink()
+    (theirs / "samples").mkdir()
+    with pytest.raises(RunConfigError, match=r"\(no config.yaml\) but holds samples"):
+        Trainer(tiny_cfg("train.steps=1"), theirs)
+    logs = tmp_path / "job"  # a scheduler's log in --out is no reason to refuse
+    logs.mkdir()
+    (logs / "slurm-1.out").write_text("")
+    Trainer(tiny_cfg("train.steps=1"), logs).run()
+    assert (logs / "DONE").exists()
+
+
 def test_unwritable_run_dir_and_full_disk(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="not writable"):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ahpa import config as config_mod
-from ahpa.config import Config
+from ahpa.config import Config, ConfigError
 from ahpa.train import inputs
 from ahpa.train.checkpoint import list_checkpoints
 
@@ -17,11 +17,39 @@ class RunConfigError(ValueError):
     pass
 
 
+# what a run writes at the top of its directory: a directory holding any of them that is not a run would be written over
+RUN_FILES = ("config.yaml", "metrics.jsonl", "router.jsonl", "inputs.json", "checkpoints", "samples", "plots", "tb",
+             "model.safetensors", "DONE")
+
+
+def _refuse_foreign(run_dir: Path) -> None:
+    """A directory that is not a run but holds files of the names a run writes (a run's own config.yaml written over
+    is harmless; someone else's, or their samples/, is not). Other files, e.g. a scheduler's logs, may be there."""
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        try:
+            config_mod.load(config_file)
+            return
+        except ConfigError as e:
+            raise RunConfigError(
+                f"{run_dir} is not a run directory of ahpa: its config.yaml is not a run's config ({str(e).splitlines()[0]}), "
+                "and a run would write over it. Choose a new --out (or an existing run to resume)."
+            ) from None
+    clash = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if clash:
+        raise RunConfigError(
+            f"{run_dir} is not a run directory of ahpa (no config.yaml) but holds {', '.join(clash)}, which a run "
+            "would write over. Choose a new --out, or move them away."
+        )
+
+
 def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
     """Refuses a run directory that cannot take this command: a file, unwritable, or a run with other settings.
     Returns the input paths that differ from the run's, {key: (run's, command's)}, for check_moved_inputs."""
     if run_dir.is_file():
         raise ValueError(f"run directory {run_dir} is a file; --out names a directory (new, or a run to resume)")
+    if run_dir.is_dir():
+        _refuse_foreign(run_dir)
     if rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,9 @@
 What runs is what users run: a `Trainer` built from a config, stepped with `train_step()` (its data source,
 draws, loss, clip, fused AdamW, EMA and all host syncs included). Per (model, compile, method) it records
 img/s over the timed steps after warm-up (torch.cuda.synchronize around them), MFU (model FLOPs = 3 x
-SiT.flops_per_image; the projector heads' FLOPs and frozen encoders' FLOPs reported separately) and peak
-memory (torch.cuda.max_memory_allocated). Methods:
+SiT.flops_per_image; the projector heads' FLOPs and frozen encoders' FLOPs reported separately), peak
+memory (torch.cuda.max_memory_allocated) and, on a GPU, the host syncs per step with the lines that cause them
+(CUDA's sync debug mode over 3 more steps; the step should have none). Methods:
 
 - none:            vanilla SiT; latents read from the synthetic cache (so it pays the same loader as ahpa).
 - ahpa-cached:     AHPA (soft router, all cached levels + latent) from a real prepared cache on disk, written by
@@ -34,12 +35,14 @@ test of the code path and of the ratios' plumbing, not performance results.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import shutil
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,6 +144,8 @@ def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch
         "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
     rec["checkpointed_blocks"] = p.model.checkpoint_blocks
+    if device.type == "cuda":
+        rec.update(host_syncs(trainer, 3))
     if isinstance(p.source, CacheSource):  # what the loader reads per sample, the bytes that make it cost
         rec["cache_bytes_per_sample"] = sum(row_bytes(p.source.specs[f]) for f in p.source.fields)
         if p.source.prefetcher is not None:  # every fetch should have been prefetched: misses mean a plan mismatch
@@ -148,6 +153,22 @@ def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch
         p.source.close()  # no gather of this run may overlap the next measurement
     del trainer, p
     return rec
+
+
+def host_syncs(trainer: Trainer, steps: int) -> dict:
+    """Host syncs in `steps` more training steps (the step should have none: the CPU queues work ahead of the GPU),
+    counted by CUDA's sync debug mode, which warns at each one, with the lines that cause them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                trainer.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return {"host_syncs_per_step": round(len(syncs) / steps, 2), "host_sync_sites": dict(sites.most_common(8))}
 
 
 def frozen_encoder_gflops(method: str, encoder, external, size: dict, device: torch.device) -> float | None:

@@ -227,3 +227,20 @@ def test_a_method_added_to_the_registry_is_valid_everywhere(monkeypatch, tmp_pat
     trainer.run()
     with pytest.raises(ValueError, match="loss 'mse' is not one of cosine, smooth-l1"):
         MethodSpec("x", "all", "", "mse", "")
+
+
+def test_channel_stats_standardise_and_invert_with_one_copy_per_device():
+    """Statistics stay on the CPU (checkpoints record them) and are copied to a device once: a copy from host
+    memory at every call would wait for the GPU's queued work, a host sync in every training step."""
+    from ahpa.priors.targets import ChannelStats
+
+    stats = ChannelStats(torch.tensor([1.0, -2.0]), torch.tensor([2.0, 0.5]))
+    x = torch.randn(4, 2, 3, 3)
+    z = stats.apply(x, channel_dim=1)
+    assert torch.allclose(z[:, 1], (x[:, 1] + 2.0) / 0.5) and torch.allclose(stats.invert(z, channel_dim=1), x, atol=1e-6)
+    on_meta = torch.empty(4, 5, 2, device="meta")  # a device other than the statistics'
+    for _ in range(3):
+        stats.apply(on_meta, channel_dim=2)
+        stats.invert(on_meta, channel_dim=2)
+    assert set(stats._copies) == {torch.device("cpu"), torch.device("meta")}
+    assert stats.mean.device.type == "cpu"

@@ -181,3 +181,27 @@ def test_prepare_on_two_processes_writes_the_same_cache(tmp_path):
     for f in files:
         if f.suffix != ".json":  # the manifest and report hold timings
             assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def test_gradient_accumulation_skips_the_all_reduce_of_a_compiled_ddp_model():
+    """torch.compile wraps the DDP module, which then is no DDP instance: the micro-steps before the last must
+    still skip DDP's gradient all-reduce (grad_accum times the traffic otherwise). A one-process gloo group in a
+    subprocess, so this test's process never holds a process group."""
+    code = """
+import types, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from ahpa.train.loop import Trainer
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+ddp = DDP(torch.nn.Linear(2, 2))
+fake = types.SimpleNamespace(world=2, net=torch.compile(ddp), align_net=None)
+with Trainer._no_sync(fake, last=False):
+    inside = ddp.require_backward_grad_sync
+with Trainer._no_sync(fake, last=True):
+    last = ddp.require_backward_grad_sync
+print(inside, last)
+dist.destroy_process_group()
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"]

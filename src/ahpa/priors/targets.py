@@ -24,22 +24,31 @@ def pool_to_grid(feat: torch.Tensor, grid: int) -> torch.Tensor:
 
 @dataclass
 class ChannelStats:
-    """Per-channel mean and std of one level (or the latent), measured on the data."""
+    """Per-channel mean and std of one level (or the latent), measured on the data. They stay on the CPU (what
+    checkpoints and exports record); each device they are used on gets one float32 copy, made at the first use:
+    copying them from host memory at every call would make the training step wait for the GPU (a host sync),
+    2 + 2 x levels times per micro-batch."""
 
     mean: torch.Tensor  # [C]
     std: torch.Tensor  # [C]
+    _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._copies:
+            self._copies[device] = (self.mean.to(device, torch.float32), self.std.to(device, torch.float32))
+        return self._copies[device]
 
     def apply(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shape = [1] * x.ndim
         shape[channel_dim] = -1
-        mean = self.mean.to(x.device, torch.float32).reshape(shape)
-        std = self.std.to(x.device, torch.float32).reshape(shape)
-        return (x.float() - mean) / std
+        mean, std = self._on(x.device)
+        return (x.float() - mean.reshape(shape)) / std.reshape(shape)
 
     def invert(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shape = [1] * x.ndim
         shape[channel_dim] = -1
-        return x.float() * self.std.to(x.device).reshape(shape) + self.mean.to(x.device).reshape(shape)
+        mean, std = self._on(x.device)
+        return x.float() * std.reshape(shape) + mean.reshape(shape)
 
 
 class StatsAccumulator:

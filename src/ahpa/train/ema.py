@@ -25,8 +25,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, keep: torch.Tenso
     """
     ema_params = [local_shard(p) for p in ema.parameters()]
     diff = torch._foreach_sub([local_shard(p.detach()) for p in model.parameters()], ema_params)
-    weight = torch.tensor(1.0 - decay, device=ema_params[0].device)
-    if keep is not None:
-        weight = weight * (1 - keep.to(weight.device, weight.dtype))
+    # a Python float, or a device tensor computed on the device: torch.tensor(w, device=...) would copy from host
+    # memory, which waits for the GPU's queued work (a host sync in every step)
+    weight = 1.0 - decay if keep is None else (1 - keep.to(ema_params[0].dtype)) * (1.0 - decay)
     torch._foreach_mul_(diff, weight)
     torch._foreach_add_(ema_params, diff)

@@ -249,6 +249,7 @@ class Trainer:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for net in (self.net, self.align_net):
+            net = getattr(net, "_orig_mod", net)  # torch.compile wraps the DDP module: no_sync is the DDP's
             if isinstance(net, DDP):
                 stack.enter_context(net.no_sync())
         return stack

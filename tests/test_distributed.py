@@ -205,3 +205,40 @@ dist.destroy_process_group()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["False", "True"]
+
+
+def test_every_process_loads_the_checkpoint_rank_0_chose_or_all_fail(tmp_path):
+    """Rank 0 chooses the newest readable checkpoint and the others read that file, so no process resumes or
+    samples from another one (a newer file appearing between them, a transient read error). A process that
+    cannot read it fails, and every other with it, instead of waiting in its next collective."""
+    script = tmp_path / "load.py"
+    script.write_text("""
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from ahpa.train import checkpoint as ckpt
+dist.init_process_group("gloo")
+rank, d = dist.get_rank(), Path(sys.argv[1])
+if rank == 0:
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(d, step, {"w": torch.full((3,), float(step))}, keep=0)
+dist.barrier()
+if rank == 0:  # it lists the directory as it was before step 3 appeared
+    listed = ckpt.list_checkpoints
+    ckpt.list_checkpoints = lambda d: [p for p in listed(d) if p.name != "step_000000003.pt"]
+if rank == 1 and sys.argv[2] == "fail":
+    def read(path):
+        raise OSError(5, "Input/output error")
+    ckpt.read_checkpoint = read
+state, path, _ = ckpt.load_latest_everywhere(d, torch.device("cpu"))
+print(f"rank {rank}: {path.name} {float(state['w'][0])}", flush=True)
+""")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    run = lambda mode, d: subprocess.run([*TORCHRUN, "--nproc_per_node=2", str(script), str(d), mode],  # noqa: E731
+                                         capture_output=True, text=True, env=env, timeout=180)
+    ok = run("ok", tmp_path / "a")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert sorted(ok.stdout.split()) == sorted("rank 0: step_000000002.pt 2.0 rank 1: step_000000002.pt 2.0".split())
+    failed = run("fail", tmp_path / "b")
+    assert failed.returncode != 0
+    assert failed.stderr.count("rank 0 read this checkpoint and another process could not") >= 2, failed.stderr[-3000:]
+    assert "Input/output error" in failed.stderr

@@ -132,3 +132,34 @@ def test_a_partial_run_from_before_a_new_sampler_setting_resumes_with_its_defaul
     with pytest.raises(SampleSettingsError, match="compile: partial has False, command gives True"):
         write_samples(bundle, out, 6, 0, 3, SampleCfg(steps=2, micro_batch=4, compile=True), {"model": "m"})
     assert write_samples(bundle, out, 6, 0, 3, cfg, {"model": "m"}) == out and out.exists()
+
+
+def test_a_run_samples_and_exports_with_its_directory_and_vae_alone(tmp_path, capsys):
+    """Sampling or exporting a run reads its checkpoint's EMA, not its training: its data may be gone (a cache
+    deleted, the run copied to another machine). A VAE no longer where config.yaml says is named with --encoder,
+    and must have the run's weights."""
+    from ahpa import config
+    from ahpa.data.procedural import make_shapes
+    from ahpa.priors.kl_vae import KLVAE
+    from tests.conftest import TINY
+
+    images, labels = make_shapes(32, 16, seed=0)
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    KLVAE.random().save(tmp_path / "vae")
+    run = tmp_path / "run"
+    Trainer(config.load(None, [*TINY, "data.source=npz", f"data.path={tmp_path / 'set.npz'}",
+                               f"prior.encoder=ahpa-vae:{tmp_path / 'vae'}", "train.steps=2"]), run).run()
+    (tmp_path / "set.npz").unlink()
+    (tmp_path / "vae").rename(tmp_path / "vae-here")
+    KLVAE.random(seed=1).save(tmp_path / "other-vae")
+    args = ["sample", "--run", str(run), "--num", "3", "--steps", "2", "--micro-batch", "8"]
+    assert main([*args, "--out", str(tmp_path / "a.npz")]) == 2
+    assert "which is not here" in (err := capsys.readouterr().err) and "--encoder" in err
+    assert main([*args, "--encoder", f"ahpa-vae:{tmp_path / 'other-vae'}", "--out", str(tmp_path / "a.npz")]) == 2
+    assert "is not the VAE" in capsys.readouterr().err
+    assert main([*args, "--encoder", f"ahpa-vae:{tmp_path / 'vae-here'}", "--out", str(tmp_path / "a.npz")]) == 0
+    assert main(["export", "--run", str(run), "--encoder", f"ahpa-vae:{tmp_path / 'vae-here'}",
+                 "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["sample", "--model", str(tmp_path / "m.safetensors"), *args[3:], "--out", str(tmp_path / "b.npz")]) == 0
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert a["arr_0"].shape == (3, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])

@@ -8,13 +8,19 @@ def register(sub) -> None:
     p.add_argument("--run", required=True, help="run directory (its newest readable checkpoint's EMA weights)")
     p.add_argument("--out", required=True, help="output .safetensors: the SiT's weights, with what sampling needs "
                                                 "(VAE spec, latent statistics, path) in its metadata")
+    p.add_argument("--encoder", help="the run's VAE (KIND:PATH) when it is no longer where its config.yaml says (the "
+                                     "same weights); the export names it")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ahpa.train.resume import trainer_from_run
+    import torch
 
-    trainer = trainer_from_run(args.run, device="cpu")
-    path = trainer.export(args.out)
-    print(f"exported {trainer.parts.ema.num_params():,} parameters (step {trainer.step}) to {path}")
+    from ahpa.sample import export_model
+    from ahpa.train.resume import run_sampler
+
+    bundle, step, cfg = run_sampler(args.run, torch.device("cpu"), encoder=args.encoder)
+    path = export_model(args.out, bundle.model, bundle.latent_stats, bundle.encoder.spec, cfg.transport.path,
+                        cfg.data.resolution)
+    print(f"exported {bundle.model.num_params():,} parameters (step {step}) to {path}")
     return 0

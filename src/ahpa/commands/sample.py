@@ -33,8 +33,8 @@ def register(sub) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network (faster on a GPU; numerics differ from eager at rounding level; "
                    "default: the run's sample.compile, off for an export)")
-    p.add_argument("--encoder", help="--model only: the VAE that decodes (KIND:PATH), when the one the export "
-                                     "names is not at its recorded path on this machine")
+    p.add_argument("--encoder", help="the VAE that decodes (KIND:PATH), when the one the run's config or the export "
+                                     "names is not at its recorded path on this machine (a run's: the same weights)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.set_defaults(func=run)
 
@@ -59,8 +59,6 @@ def run(args) -> int:
         raise FileNotFoundError(f"run directory {args.run!r} does not exist{hint}")
     if args.model and Path(args.model).is_dir():
         raise ValueError(f"--model {args.model!r} is a directory; a run directory is sampled with --run")
-    if args.run and args.encoder:
-        raise ValueError("--encoder applies to --model only: a run loads the VAE its config names")
     given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
     config_mod.from_dict({"sample": given}, where="ahpa sample")  # ranges: e.g. --steps 0 fails here
     d = init_from_env(args.device)
@@ -68,11 +66,10 @@ def run(args) -> int:
     try:
         device = resolve_device(device_for(args.device, d))
         if args.run:
-            from ahpa.train.resume import trainer_from_run
+            from ahpa.train.resume import run_sampler
 
-            trainer = trainer_from_run(args.run, device=str(device))
-            bundle, identity = trainer.sampler_bundle(), {"run": str(args.run), "step": trainer.step}
-            base = trainer.cfg.sample
+            bundle, step, run_cfg = run_sampler(args.run, device, encoder=args.encoder)
+            identity, base = {"run": str(args.run), "step": step}, run_cfg.sample
         else:
             from ahpa.priors.registry import load_encoder
 

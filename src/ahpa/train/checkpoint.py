@@ -18,8 +18,10 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ahpa.atomic import atomic_path, atomic_write_bytes
+from ahpa.train.distributed import all_true, from_main
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
 # the earlier layout: 64 hex chars of the sha256 of the payload, newline, torch.save payload
@@ -151,12 +153,33 @@ def _read_with_header(path: Path) -> dict:
         return torch.load(io.BufferedReader(_Payload(f), CHUNK), map_location="cpu", weights_only=False)
 
 
-def load_latest(directory: Path) -> tuple[dict | None, list[str]]:
-    """(newest valid checkpoint state or None, messages about skipped broken ones)."""
+def load_latest(directory: Path) -> tuple[dict | None, Path | None, list[str]]:
+    """(newest valid checkpoint's state or None, its path, messages about skipped broken ones)."""
     skipped = []
     for path in reversed(list_checkpoints(directory)):
         try:
-            return read_checkpoint(path), skipped
+            return read_checkpoint(path), path, skipped
         except (CheckpointError, EOFError, RuntimeError, OSError) as e:
             skipped.append(f"skipped broken checkpoint {path.name}: {e}")
-    return None, skipped
+    return None, None, skipped
+
+
+def load_latest_everywhere(directory: Path, device: torch.device) -> tuple[dict | None, Path | None, list[str]]:
+    """load_latest, the same checkpoint on every process: rank 0 chooses, the others read the file it chose.
+    Each choosing for itself, a process could take an older one (a transient read error, or a save landing
+    between them while a running run is sampled) and train or sample from other weights. A process that cannot
+    read the chosen file fails, and every process with it."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return load_latest(directory)
+    state, path, skipped = load_latest(directory) if dist.get_rank() == 0 else (None, None, [])
+    path, skipped = from_main((path, skipped))
+    error = None
+    if dist.get_rank() != 0 and path is not None:
+        try:
+            state = read_checkpoint(path)
+        except (CheckpointError, EOFError, RuntimeError, OSError) as e:
+            error = e
+    if not all_true(error is None, device):
+        raise CheckpointError(f"{path}: rank 0 read this checkpoint and another process could not"
+                              + (f" ({error})" if error else "") + "; is the run directory on storage every node sees?")
+    return state, path, skipped

@@ -83,6 +83,25 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def from_main(obj):
+    """Rank 0's `obj` on every process (the object itself in a single process). Picklable objects only."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def all_true(ok: bool, device: torch.device) -> bool:
+    """Whether `ok` holds on every process: each raises the same way, instead of one failing alone while the
+    others wait in their next collective. A host sync: for set-up, not the step."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        failed = torch.tensor(0.0 if ok else 1.0, device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+        return failed.item() == 0
+    return ok
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

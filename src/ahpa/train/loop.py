@@ -24,7 +24,7 @@ from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
 from ahpa.train import inputs, outputs
 from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note, ignored_settings_note
-from ahpa.train.checkpoint import load_latest, save_checkpoint
+from ahpa.train.checkpoint import load_latest_everywhere, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_update
@@ -103,7 +103,7 @@ class Trainer:
         """Loads the newest checkpoint into the (unsharded) modules; returns its optimiser state, which
         is loaded once the optimiser's parameters are final (after sharding). None on a fresh run."""
         p = self.parts
-        state, skipped = load_latest(self.run_dir / "checkpoints")
+        state, _, skipped = load_latest_everywhere(self.run_dir / "checkpoints", p.device)
         self.messages += skipped
         if state is None and skipped:
             raise RunConfigError(

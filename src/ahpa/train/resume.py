@@ -1,20 +1,52 @@
-"""Reopen a finished or running run directory (for export and sampling)."""
+"""A run's EMA backbone from its newest checkpoint, for sampling and export, without rebuilding its training.
+
+Neither needs the run's data, cache, aligner or optimiser, nor its number of processes: a run sampled or exported
+on another machine, after its cache was deleted, or on any number of GPUs, needs only its directory and its VAE.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ahpa import config as config_mod
-from ahpa.train.loop import Trainer
+from ahpa.config import Config
+from ahpa.models.sit import SiT
+from ahpa.priors.registry import load_encoder
+from ahpa.priors.targets import PriorStats
+from ahpa.sample import SamplerBundle
+from ahpa.train.build import autocast_dtype, sit_config
+from ahpa.train.checkpoint import load_latest_everywhere
+from ahpa.transport.path import get_path
 
 
-def trainer_from_run(run_dir: str | Path, device: str = "auto") -> Trainer:
+def run_sampler(run_dir: str | Path, device: torch.device, encoder: str | None = None) -> tuple[SamplerBundle, int, Config]:
+    """(what sampling needs, the checkpoint's step, the run's config). `encoder` names where the run's VAE is on
+    this machine when its config.yaml names a path that is not here; its weights must be the run's."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = config_mod.load(cfg_file, [f"train.device={device}"])
-    trainer = Trainer(cfg, run_dir)
-    if trainer.step == 0:
-        raise FileNotFoundError(f"{run_dir} has no valid checkpoint yet")
-    return trainer
+    cfg = config_mod.load(cfg_file)
+    state, _, skipped = load_latest_everywhere(run_dir / "checkpoints", device)
+    if state is None:
+        raise FileNotFoundError(f"{run_dir} has no valid checkpoint yet" + "".join(f"\n  {m}" for m in skipped))
+    spec = encoder or cfg.prior.encoder
+    try:
+        vae = load_encoder(spec, device)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{run_dir} decodes with {spec!r}, which is not here ({e}); name where that VAE is on "
+                                "this machine with --encoder KIND:PATH") from None
+    recorded = (state.get("encoder") or {}).get("weights_sha256")
+    found = getattr(vae, "weights_sha256", None)
+    if encoder and recorded and found and found != recorded:
+        raise ValueError(f"--encoder {encoder!r} is not the VAE {run_dir} was trained with: its weights' sha256 is "
+                         f"{found[:12]}..., the run's {recorded[:12]}... (the run's config names {cfg.prior.encoder!r})")
+    num_classes = state["ema"]["y_embedder.weight"].shape[0] - 1  # the label table's last row is the null class
+    model = SiT(sit_config(cfg, vae, num_classes))
+    model.load_state_dict(state["ema"])
+    latent_stats = PriorStats.from_dict(state["stats"]).latent
+    bundle = SamplerBundle(model.to(device).eval(), get_path(cfg.transport.path), latent_stats, vae, device,
+                           autocast_dtype(cfg.train.precision, device))
+    return bundle, state["step"], cfg

@@ -242,3 +242,19 @@ print(f"rank {rank}: {path.name} {float(state['w'][0])}", flush=True)
     assert failed.returncode != 0
     assert failed.stderr.count("rank 0 read this checkpoint and another process could not") >= 2, failed.stderr[-3000:]
     assert "Input/output error" in failed.stderr
+
+
+def test_the_collective_timeout_and_device_checks(monkeypatch):
+    from ahpa.train import distributed
+
+    assert distributed.timeout().total_seconds() == 30 * 60  # not NCCL's 10 minutes: rank 0 may write 11 GB alone
+    monkeypatch.setenv("AHPA_DIST_TIMEOUT_MIN", "90")
+    assert distributed.timeout().total_seconds() == 90 * 60
+    monkeypatch.setenv("AHPA_DIST_TIMEOUT_MIN", "ten")
+    with pytest.raises(ValueError, match="AHPA_DIST_TIMEOUT_MIN='ten'"):
+        distributed.timeout()
+    # one GPU named for every process of a torchrun job is refused before any process group forms
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="each process takes its own GPU"):
+        distributed.init_from_env("cuda:1")

@@ -6,6 +6,7 @@ CUDA, gloo on CPU. A single process without torchrun runs with world size 1 and 
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -36,17 +37,37 @@ class Dist:
         return self.rank == 0
 
 
+# how long a process waits in a collective for the others. NCCL's own default (10 min) is shorter than what rank 0
+# may do alone while the others wait: write an XL/2 checkpoint (~11 GB) to slow shared storage, measure the
+# evaluation's reference images at the first evaluation. AHPA_DIST_TIMEOUT_MIN sets it (minutes).
+TIMEOUT_MIN = 30
+
+
+def timeout() -> datetime.timedelta:
+    value = os.environ.get("AHPA_DIST_TIMEOUT_MIN", str(TIMEOUT_MIN))
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if minutes <= 0:
+        raise ValueError(f"AHPA_DIST_TIMEOUT_MIN={value!r}: expected a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_from_env(device_kind: str = "auto") -> Dist:
     """Joins the process group when torchrun set WORLD_SIZE > 1; returns this process's place."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind.startswith("cuda:"):  # every process would take that one GPU, over gloo
+        raise ValueError(f"device {device_kind!r} under torchrun: each process takes its own GPU (cuda:LOCAL_RANK); "
+                         "use cuda or auto, and CUDA_VISIBLE_DEVICES to choose the GPUs")
     use_cuda = torch.cuda.is_available() and device_kind in ("auto", "cuda")
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout())
     return Dist(rank, world, local)
 
 

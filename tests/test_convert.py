@@ -206,6 +206,10 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     (tmp_path / "copied.pt").write_bytes(ours.read_bytes())  # without its digest file: known by its content
     with pytest.raises(ValueError, match="training checkpoint of ahpa"):
         load_public_checkpoint(tmp_path / "copied.pt")
+    # a public checkpoint with a downloaded sha256sum file beside it is not taken for one of ours
+    torch.save({"ema": sd}, tmp_path / "SiT-XL-2-256.pt")
+    (tmp_path / "SiT-XL-2-256.pt.sha256").write_text("0" * 64 + "  SiT-XL-2-256.pt\n")
+    assert load_public_checkpoint(tmp_path / "SiT-XL-2-256.pt").cfg.depth == 3
     torch.save({"ema": sd, "extra": object.__new__(Unpicklable)}, tmp_path / "SiT-odd.pt")
     with pytest.raises(ValueError, match="allow_pickle=True"):
         load_public_checkpoint(tmp_path / "SiT-odd.pt")

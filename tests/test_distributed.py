@@ -229,6 +229,10 @@ if rank == 1 and sys.argv[2] == "fail":
     def read(path):
         raise OSError(5, "Input/output error")
     ckpt.read_checkpoint = read
+if rank == 0 and sys.argv[2] == "fail0":  # an error load_latest does not take for a broken file
+    def read(path):
+        raise MemoryError("cannot allocate")
+    ckpt.read_checkpoint = read
 state, path, _ = ckpt.load_latest_everywhere(d, torch.device("cpu"))
 print(f"rank {rank}: {path.name} {float(state['w'][0])}", flush=True)
 """)
@@ -242,6 +246,9 @@ print(f"rank {rank}: {path.name} {float(state['w'][0])}", flush=True)
     assert failed.returncode != 0
     assert failed.stderr.count("rank 0 read this checkpoint and another process could not") >= 2, failed.stderr[-3000:]
     assert "Input/output error" in failed.stderr
+    failed = run("fail0", tmp_path / "c")  # rank 0 fails before choosing: the other hears of it, does not wait
+    assert failed.returncode != 0 and "rank 0 could not load a checkpoint" in failed.stderr, failed.stderr[-3000:]
+    assert "MemoryError: cannot allocate" in failed.stderr
 
 
 def test_the_collective_timeout_and_device_checks(monkeypatch):

@@ -330,7 +330,8 @@ def _absolute(path: str) -> str:
     return os.path.abspath(local) if path and os.path.exists(local) else path
 
 
-def _absolute_spec(spec: str) -> str:
+def absolute_spec(spec: str) -> str:
+    """KIND:PATH with PATH made absolute where it exists here (a hub id or KIND:random stays as written)."""
     kind, sep, where = spec.partition(":")
     return f"{kind}:{_absolute(where)}" if sep else spec
 
@@ -342,7 +343,7 @@ def with_absolute_paths(cfg: Config) -> Config:
     for key in PATH_KEYS + SPEC_KEYS:
         section, _, name = key.partition(".")
         value = getattr(getattr(out, section), name)
-        fix = _absolute if key in PATH_KEYS else _absolute_spec
+        fix = _absolute if key in PATH_KEYS else absolute_spec
         setattr(getattr(out, section), name, [fix(v) for v in value] if isinstance(value, list) else fix(value))
     return out
 

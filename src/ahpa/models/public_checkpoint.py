@@ -32,14 +32,14 @@ def read_checkpoint(path: str | Path, *, use: str = "ema", allow_pickle: bool = 
         from safetensors.torch import load_file
 
         return load_file(str(path)), {"entry": None, "args": None}
-    from ahpa.train.checkpoint import is_ahpa_checkpoint
+    from ahpa.train.checkpoint import has_earlier_layout, is_training_state
 
     training = ValueError(f"{str(path)!r} is a training checkpoint of ahpa, not a public one: `ahpa export --run RUN_DIR "
                           "--out FILE.safetensors` writes its run's EMA model (or sample it with `ahpa sample --run RUN_DIR`)")
-    if is_ahpa_checkpoint(path):
+    if has_earlier_layout(path):
         raise training
     obj = _torch_load(path, allow_pickle)
-    if isinstance(obj, dict) and {"optimizer", "ema_updates"} <= obj.keys():  # one copied without its digest file
+    if is_training_state(obj):
         raise training
     return unwrap(obj, use=use, where=str(path))
 

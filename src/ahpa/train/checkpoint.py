@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from pathlib import Path
 
@@ -80,8 +81,11 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
             with open(tmp, "wb") as f:
                 writer = _HashingWriter(f)
                 torch.save(state, writer)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before its digest is published (a full disk fails here, not after)
             # the digest is published first, the checkpoint by the rename after it: a crash in between leaves a
-            # digest without its file, which nothing reads and the next save of that step replaces
+            # digest without its file (removed below by the next save), or, where this step was saved before, the
+            # old file with the new digest, which is then skipped as broken
             atomic_write_bytes(digest_path(path), f"{writer.sha.hexdigest()}  {path.name}\n".encode())
     except OSError as e:  # the temporary file is gone; the previous checkpoint is untouched
         raise OSError(e.errno, f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
@@ -89,6 +93,9 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         digest_path(old).unlink(missing_ok=True)
+    for digest in directory.glob("step_*.pt.sha256"):  # of a save that crashed before its rename
+        if not digest.with_suffix("").exists():
+            digest.unlink(missing_ok=True)
     return path
 
 
@@ -112,9 +119,16 @@ def _has_header(path: Path) -> bool:
     return len(head) == HEADER and head[-1:] == b"\n" and _is_digest(head[:64])
 
 
-def is_ahpa_checkpoint(path: Path) -> bool:
-    """Whether `path` is a training checkpoint of this module (for tools that meet one where they expect others)."""
-    return digest_path(path).is_file() or _has_header(path)
+def has_earlier_layout(path: Path) -> bool:
+    """Whether `path` is a training checkpoint of the earlier layout (its header: torch.load cannot read it). Those
+    of the current layout are plain torch files, told by what they hold (`is_training_state`), not by a digest file
+    beside them: public checkpoints come with `sha256sum` files too."""
+    return _has_header(path)
+
+
+def is_training_state(obj) -> bool:
+    """Whether a loaded object is a training checkpoint's state (for tools that meet one where they expect others)."""
+    return isinstance(obj, dict) and {"optimizer", "ema_updates"} <= obj.keys()
 
 
 def _sha256(f, start: int) -> bytes:
@@ -144,6 +158,19 @@ def read_checkpoint(path: Path) -> dict:
     return torch.load(path, mmap=True, map_location="cpu", weights_only=False)
 
 
+def owned(obj):
+    """`obj` with every tensor copied into memory of its own: what is kept for the whole run from a mapped checkpoint
+    (its statistics; the optimiser's state on the CPU, where loading moves nothing) would otherwise keep the file
+    mapped, and its disk space in use once it is deleted. Not a deepcopy, which would copy the whole mapping."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: owned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(owned(v) for v in obj)
+    return obj
+
+
 def _read_with_header(path: Path) -> dict:
     with open(path, "rb") as f:
         expected = f.read(HEADER)[:64]
@@ -171,8 +198,17 @@ def load_latest_everywhere(directory: Path, device: torch.device) -> tuple[dict 
     read the chosen file fails, and every process with it."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return load_latest(directory)
-    state, path, skipped = load_latest(directory) if dist.get_rank() == 0 else (None, None, [])
-    path, skipped = from_main((path, skipped))
+    state, path, skipped, failed = None, None, [], None
+    if dist.get_rank() == 0:
+        try:
+            state, path, skipped = load_latest(directory)
+        except Exception as e:  # whatever it is, the others hear of it instead of waiting for rank 0's choice
+            failed = e
+    path, skipped, reason = from_main((path, skipped, f"{type(failed).__name__}: {failed}" if failed else None))
+    if failed is not None:
+        raise failed
+    if reason is not None:
+        raise CheckpointError(f"rank 0 could not load a checkpoint from {directory} ({reason})")
     error = None
     if dist.get_rank() != 0 and path is not None:
         try:

@@ -24,7 +24,7 @@ from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
 from ahpa.train import inputs, outputs
 from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note, ignored_settings_note
-from ahpa.train.checkpoint import load_latest_everywhere, save_checkpoint
+from ahpa.train.checkpoint import load_latest_everywhere, owned, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_update
@@ -119,7 +119,11 @@ class Trainer:
             if p.aligner is not None:
                 p.aligner.load_state_dict(state["aligner"])
             optimizer_state = state["optimizer"]
-        p.stats = PriorStats.from_dict(state["stats"])
+        # what the run keeps of the mapped checkpoint gets memory of its own (checkpoint.owned); on a GPU, loading
+        # the optimiser's state copies it there
+        if p.device.type == "cpu":
+            optimizer_state = owned(optimizer_state)
+        p.stats = PriorStats.from_dict(owned(state["stats"]))
         self.step, self.ema_updates = state["step"], state["ema_updates"]
         self.messages.append(f"resumed from step {self.step}")
         return optimizer_state

@@ -17,7 +17,7 @@ from ahpa.priors.registry import load_encoder
 from ahpa.priors.targets import PriorStats
 from ahpa.sample import SamplerBundle
 from ahpa.train.build import autocast_dtype, sit_config
-from ahpa.train.checkpoint import load_latest_everywhere
+from ahpa.train.checkpoint import load_latest_everywhere, owned
 from ahpa.transport.path import get_path
 
 
@@ -32,21 +32,23 @@ def run_sampler(run_dir: str | Path, device: torch.device, encoder: str | None =
     state, _, skipped = load_latest_everywhere(run_dir / "checkpoints", device)
     if state is None:
         raise FileNotFoundError(f"{run_dir} has no valid checkpoint yet" + "".join(f"\n  {m}" for m in skipped))
-    spec = encoder or cfg.prior.encoder
+    spec = config_mod.absolute_spec(encoder) if encoder else cfg.prior.encoder  # an export names it from anywhere
     try:
         vae = load_encoder(spec, device)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{run_dir} decodes with {spec!r}, which is not here ({e}); name where that VAE is on "
                                 "this machine with --encoder KIND:PATH") from None
+    # checked wherever both hashes are known (a file's weights; not a hub id's or a random VAE's)
     recorded = (state.get("encoder") or {}).get("weights_sha256")
     found = getattr(vae, "weights_sha256", None)
-    if encoder and recorded and found and found != recorded:
-        raise ValueError(f"--encoder {encoder!r} is not the VAE {run_dir} was trained with: its weights' sha256 is "
-                         f"{found[:12]}..., the run's {recorded[:12]}... (the run's config names {cfg.prior.encoder!r})")
+    if recorded and found and found != recorded:
+        raise ValueError(f"{spec!r} is not the VAE {run_dir} was trained with: its weights' sha256 is {found[:12]}..., "
+                         f"the run's {recorded[:12]}... (the run's config names {cfg.prior.encoder!r}; --encoder names "
+                         "where the run's VAE is now)")
     num_classes = state["ema"]["y_embedder.weight"].shape[0] - 1  # the label table's last row is the null class
     model = SiT(sit_config(cfg, vae, num_classes))
     model.load_state_dict(state["ema"])
-    latent_stats = PriorStats.from_dict(state["stats"]).latent
+    latent_stats = PriorStats.from_dict(owned(state["stats"])).latent
     bundle = SamplerBundle(model.to(device).eval(), get_path(cfg.transport.path), latent_stats, vae, device,
                            autocast_dtype(cfg.train.precision, device))
     return bundle, state["step"], cfg

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ahpa import config as config_mod
-from ahpa.config import Config, ConfigError
+from ahpa.config import Config
 from ahpa.train import inputs
 from ahpa.train.checkpoint import list_checkpoints
 
@@ -30,10 +30,10 @@ def _refuse_foreign(run_dir: Path) -> None:
         try:
             config_mod.load(config_file)
             return
-        except ConfigError as e:
+        except ValueError as e:  # ConfigError, or bytes that are not text
             raise RunConfigError(
-                f"{run_dir} is not a run directory of ahpa: its config.yaml is not a run's config ({str(e).splitlines()[0]}), "
-                "and a run would write over it. Choose a new --out (or an existing run to resume)."
+                f"{run_dir} holds a config.yaml that cannot be read as a run's config ({str(e).splitlines()[0]}), and "
+                "a run would write over it. Choose a new --out; or, for a run of an older ahpa, fix the key named."
             ) from None
     clash = [name for name in RUN_FILES if (run_dir / name).exists()]
     if clash:

@@ -145,7 +145,10 @@ def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch
     }
     rec["checkpointed_blocks"] = p.model.checkpoint_blocks
     if device.type == "cuda":
-        rec.update(host_syncs(trainer, 3))
+        try:  # a diagnostic: its failure must not cost the measurement above
+            rec.update(host_syncs(trainer, 3))
+        except Exception as e:  # noqa: BLE001
+            rec["host_syncs_error"] = f"{type(e).__name__}: {e}"
     if isinstance(p.source, CacheSource):  # what the loader reads per sample, the bytes that make it cost
         rec["cache_bytes_per_sample"] = sum(row_bytes(p.source.specs[f]) for f in p.source.fields)
         if p.source.prefetcher is not None:  # every fetch should have been prefetched: misses mean a plan mismatch

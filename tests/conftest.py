@@ -36,3 +36,32 @@ def tiny():
     from ahpa import config
 
     return lambda *extra: config.load(None, [*TINY, *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A prepared cache: 40 procedural 16x16 images through the seeded random ahpa-vae (a posterior to sample),
+    stored flips, shards of 16 (batches cross shards), grid 4."""
+    import numpy as np
+
+    from ahpa.data.prepare import PrepareOptions, prepare
+    from ahpa.data.procedural import make_shapes
+
+    root = tmp_path_factory.mktemp("tiny-cache")
+    images, labels = make_shapes(40, 16, seed=0)
+    np.savez(root / "shapes.npz", images=images, labels=labels)
+    prepare(PrepareOptions(images=str(root / "shapes.npz"), vae="ahpa-vae:random", resolution=16, out=str(root / "cache"),
+                           grid=4, shard_size=16, batch=16, workers=0, device="cpu", flips="stored"))
+    return root / "cache"
+
+
+def cache_cfg(cache: Path, *extra: str):
+    """A tiny run on `tiny_cache`."""
+    from ahpa import config
+
+    return config.load(None, [
+        "model.preset=S/1", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+        "data.source=cache", f"data.path={cache}", "data.resolution=16", "prior.encoder=ahpa-vae:random",
+        "align.depth=1", "align.projector_dim=32", "train.batch_size=12", "train.log_every=1", "train.ckpt_every=1000",
+        "train.sample_every=0", "train.device=cpu", *extra,
+    ])

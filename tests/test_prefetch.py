@@ -10,7 +10,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,33 +17,16 @@ from ahpa import config as config_mod
 from ahpa.data.cache import CacheSource, open_cache
 from ahpa.data.order import process_requests
 from ahpa.data.prefetch import Prefetcher
-from ahpa.data.prepare import PrepareOptions, prepare
-from ahpa.data.procedural import make_shapes
 from ahpa.train.loop import Trainer
+from tests.conftest import cache_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """40 procedural 16x16 images through the seeded random ahpa-vae (a posterior to sample), stored flips,
-    shards of 16 (batches cross shards), grid 4."""
-    root = tmp_path_factory.mktemp("prefetch")
-    images, labels = make_shapes(40, 16, seed=0)
-    np.savez(root / "shapes.npz", images=images, labels=labels)
-    prepare(PrepareOptions(images=str(root / "shapes.npz"), vae="ahpa-vae:random", resolution=16, out=str(root / "cache"),
-                           grid=4, shard_size=16, batch=16, workers=0, device="cpu", flips="stored"))
-    return root / "cache"
-
-
-def _cfg(cache: Path, *extra: str) -> config_mod.Config:
-    return config_mod.load(None, [
-        "model.preset=S/1", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
-        "data.source=cache", f"data.path={cache}", "data.resolution=16", "prior.encoder=ahpa-vae:random",
-        "align.depth=1", "align.projector_dim=32", "train.batch_size=12", "train.log_every=1", "train.ckpt_every=1000",
-        "train.sample_every=0", "train.device=cpu", *extra,
-    ])
+def cache(tiny_cache) -> Path:
+    return tiny_cache
 
 
 def _source(cache: Path, cfg: config_mod.Config, device: torch.device = CPU) -> CacheSource:
@@ -60,7 +42,7 @@ def _same_batch(a, b) -> bool:
 
 @pytest.mark.parametrize("accum", [1, 3])
 def test_prefetched_batches_equal_synchronous_ones_also_after_a_resume(cache, accum):
-    cfg = _cfg(cache)
+    cfg = cache_cfg(cache)
     plain, ahead = _source(cache, cfg), _source(cache, cfg)
     n = len(plain)
 
@@ -87,7 +69,7 @@ def test_on_cuda_rows_copied_ahead_on_the_copy_stream_equal_synchronous_ones(cac
     batch read before its copy finished (the copy stream is held back by a sleep kernel) or overwritten by a later
     one (the compute stream is kept busy after each fetch)."""
     cuda = torch.device("cuda")
-    cfg = _cfg(cache)
+    cfg = cache_cfg(cache)
     plain, ahead = _source(cache, cfg, cuda), _source(cache, cfg, cuda)
     plan = lambda step: process_requests(step, 12, len(plain), seed=0, hflip=True)  # noqa: E731
     ahead.copy_stream = torch.cuda.Stream(cuda)  # start_prefetch keeps it: the sleep below delays the first copies
@@ -109,7 +91,7 @@ def test_on_cuda_rows_copied_ahead_on_the_copy_stream_equal_synchronous_ones(cac
 
 
 def test_an_unplanned_request_is_served_and_stops_prefetching(cache):
-    src, plain = _source(cache, _cfg(cache)), _source(cache, _cfg(cache))
+    src, plain = _source(cache, cache_cfg(cache)), _source(cache, cache_cfg(cache))
     src.start_prefetch(lambda s: process_requests(s, 12, len(src), seed=0, hflip=True), 0)
     pf = src.prefetcher
     idx, flip = torch.tensor([1, 30, 7]), torch.tensor([True, False, False])
@@ -119,13 +101,13 @@ def test_an_unplanned_request_is_served_and_stops_prefetching(cache):
 
 
 def test_training_with_prefetch_equals_training_without_it_across_a_resume(cache, tmp_path):
-    straight = Trainer(_cfg(cache, "train.steps=4", "data.prefetch=false", "train.grad_accum=2"), tmp_path / "a")
+    straight = Trainer(cache_cfg(cache, "train.steps=4", "data.prefetch=false", "train.grad_accum=2"), tmp_path / "a")
     assert straight.parts.source.prefetcher is None
     straight.run()
-    first = Trainer(_cfg(cache, "train.steps=2", "train.grad_accum=2"), tmp_path / "b")
+    first = Trainer(cache_cfg(cache, "train.steps=2", "train.grad_accum=2"), tmp_path / "b")
     first.run()
     assert (first.parts.source.prefetcher.hits, first.parts.source.prefetcher.misses) == (4, 0)  # 2 steps x 2 micro
-    second = Trainer(_cfg(cache, "train.steps=4", "train.grad_accum=2"), tmp_path / "b")  # prefetch may change on resume
+    second = Trainer(cache_cfg(cache, "train.steps=4", "train.grad_accum=2"), tmp_path / "b")  # prefetch may change on resume
     assert second.step == 2
     second.run()
     assert (second.parts.source.prefetcher.hits, second.parts.source.prefetcher.misses) == (4, 0)
@@ -217,3 +199,4 @@ def test_two_processes_with_prefetch_match_one(cache, tmp_path):
     for part in ("model", "ema", "aligner"):
         a, b = states[0][part], states[1][part]
         assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5, part
+

@@ -17,14 +17,15 @@ def ema_decay(num_updates: int, decay: float, warmup: bool) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, keep: torch.Tensor | None = None) -> None:
-    """ema <- ema + w * (model - ema) with w = 1 - decay, as foreach calls over all parameters.
+def ema_update(ema: list[nn.Parameter], model: list[nn.Parameter], decay: float, keep: torch.Tensor | None = None) -> None:
+    """ema <- ema + w * (model - ema) with w = 1 - decay, as foreach calls over all parameters (the two modules'
+    `parameters()`, listed once by the caller: walking the module tree every step is host time).
 
     `keep` (a 0-dim tensor, 1 = skipped step) zeroes w without a host sync. Under FSDP both modules
     are sharded alike, so the update runs on each process's local shards with no communication.
     """
-    ema_params = [local_shard(p) for p in ema.parameters()]
-    diff = torch._foreach_sub([local_shard(p.detach()) for p in model.parameters()], ema_params)
+    ema_params = [local_shard(p) for p in ema]
+    diff = torch._foreach_sub([local_shard(p.detach()) for p in model], ema_params)
     # a Python float, or a device tensor computed on the device: torch.tensor(w, device=...) would copy from host
     # memory, which waits for the GPU's queued work (a host sync in every step)
     weight = 1.0 - decay if keep is None else (1 - keep.to(ema_params[0].dtype)) * (1.0 - decay)

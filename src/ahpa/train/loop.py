@@ -93,6 +93,10 @@ class Trainer:
             self.net = DDP(p.model, device_ids=ids)
             if p.aligner is not None and any(q.requires_grad for q in p.aligner.parameters()):
                 self.align_net = DDP(p.aligner, device_ids=ids)
+        # the parameters the step's clipping and EMA walk, listed once: after sharding, which replaces them (a small
+        # model's step is host-bound on a GPU, and walking the module tree every step costs that time)
+        self._trainable = p.trainable()
+        self._ema_pairs = (list(p.ema.parameters()), list(p.model.parameters()))
         if t.compile:  # after DDP or sharding, as torch.compile expects
             self.net = torch.compile(self.net, mode=t.compile_mode)
             if self.align_net is not None:  # its heads, losses and router: dozens of small kernels when eager
@@ -211,10 +215,12 @@ class Trainer:
         draws = self._draws(step, B, (mc.in_channels, mc.input_size, mc.input_size))
         for g in p.optimizer.param_groups:
             g["lr"] = self._lr(step)
-        p.model.train()
+        if not p.model.training:  # sampling with the trained weights set it to eval; .train() walks every module
+            p.model.train()
         align_on = self.aligning(step)
         if align_on:
-            p.aligner.train()
+            if not p.aligner.training:
+                p.aligner.train()
         elif p.source.levels:  # alignment has stopped (align.stop_step): the priors are no longer read
             p.source.drop_levels()
         totals: dict[str, torch.Tensor] = {}
@@ -225,14 +231,14 @@ class Trainer:
                 (loss / accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(p.trainable(), c.train.grad_clip if c.train.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, c.train.grad_clip if c.train.grad_clip > 0 else float("inf"))
         grad_norm = full_value(grad_norm)  # under FSDP a replicated DTensor: the global norm, no communication
         # a non-finite loss or gradient: skip the optimiser and EMA updates, count it (no host sync)
         found_inf = (~torch.isfinite(grad_norm)).float()
         p.optimizer.found_inf, p.optimizer.grad_scale = found_inf, None
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
-        ema_update(p.ema, p.model, ema_decay(self.ema_updates, c.train.ema_decay, c.train.ema_warmup), keep=found_inf)
+        ema_update(*self._ema_pairs, ema_decay(self.ema_updates, c.train.ema_decay, c.train.ema_warmup), keep=found_inf)
         if align_on:  # once per step, from all micro-batches: accumulating gradients trains as the whole batch does
             p.aligner.update_running(totals.pop("running/sums"), totals.pop("running/counts"), skip=found_inf)
         self.bad_total += found_inf

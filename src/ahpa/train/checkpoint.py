@@ -113,17 +113,13 @@ def _is_digest(b: bytes) -> bool:
     return len(b) == 64 and all(c in b"0123456789abcdef" for c in b)
 
 
-def _has_header(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(HEADER)
-    return len(head) == HEADER and head[-1:] == b"\n" and _is_digest(head[:64])
-
-
 def has_earlier_layout(path: Path) -> bool:
     """Whether `path` is a training checkpoint of the earlier layout (its header: torch.load cannot read it). Those
     of the current layout are plain torch files, told by what they hold (`is_training_state`), not by a digest file
     beside them: public checkpoints come with `sha256sum` files too."""
-    return _has_header(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER)
+    return len(head) == HEADER and head[-1:] == b"\n" and _is_digest(head[:64])
 
 
 def is_training_state(obj) -> bool:
@@ -143,7 +139,7 @@ def read_checkpoint(path: Path) -> dict:
     """The checkpoint's state, its tensors on the CPU; mapped from the file where the layout allows."""
     digest = digest_path(path)
     if not digest.is_file():
-        if _has_header(path):
+        if has_earlier_layout(path):
             return _read_with_header(path)
         raise CheckpointError(f"{path}: its checksum file {digest.name} is missing (copy it beside the checkpoint), "
                               "or this is a foreign file")

@@ -22,14 +22,14 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "router.jsonl", "inputs.json", "che
              "model.safetensors", "DONE")
 
 
-def _refuse_foreign(run_dir: Path) -> None:
-    """A directory that is not a run but holds files of the names a run writes (a run's own config.yaml written over
-    is harmless; someone else's, or their samples/, is not). Other files, e.g. a scheduler's logs, may be there."""
+def _saved_config(run_dir: Path) -> Config | None:
+    """The run's config.yaml, or None where there is none. Refuses a directory that is not a run but holds files of
+    the names a run writes (a run's own config.yaml written over is harmless; someone else's, or their samples/, is
+    not). Other files, e.g. a scheduler's logs, may be there."""
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
         try:
-            config_mod.load(config_file)
-            return
+            return config_mod.load(config_file)
         except ValueError as e:  # ConfigError, or bytes that are not text
             raise RunConfigError(
                 f"{run_dir} holds a config.yaml that cannot be read as a run's config ({str(e).splitlines()[0]}), and "
@@ -41,6 +41,7 @@ def _refuse_foreign(run_dir: Path) -> None:
             f"{run_dir} is not a run directory of ahpa (no config.yaml) but holds {', '.join(clash)}, which a run "
             "would write over. Choose a new --out, or move them away."
         )
+    return None
 
 
 def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
@@ -48,8 +49,7 @@ def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
     Returns the input paths that differ from the run's, {key: (run's, command's)}, for check_moved_inputs."""
     if run_dir.is_file():
         raise ValueError(f"run directory {run_dir} is a file; --out names a directory (new, or a run to resume)")
-    if run_dir.is_dir():
-        _refuse_foreign(run_dir)
+    saved = _saved_config(run_dir) if run_dir.is_dir() else None
     if rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,9 +61,9 @@ def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
     saved_file = run_dir / "config.yaml"
     # a run that ended before its first checkpoint (a failed start) has nothing to resume: a new command,
     # with other settings, starts it afresh rather than being held to the settings that failed
-    if not (saved_file.exists() and list_checkpoints(run_dir / "checkpoints")):
+    if saved is None or not list_checkpoints(run_dir / "checkpoints"):
         return {}
-    saved = config_mod.with_absolute_paths(config_mod.load(saved_file))  # runs that stored relative paths
+    saved = config_mod.with_absolute_paths(saved)  # runs that stored relative paths
     differences = config_mod.resume_differences(saved, cfg)
     # a cache or VAE under a new path may carry on: checked against the run's record once they are open
     moved = {k: v for k, v in differences.items() if k in inputs.MOVABLE}

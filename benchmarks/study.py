@@ -39,11 +39,12 @@ from ahpa.metrics import FeatureStats, load_detector, reference_stats
 from ahpa.priors.registry import load_encoder
 from ahpa.sample import iter_samples, generate
 from ahpa.train import logger, plots
-from ahpa.train.loop import Trainer
+from ahpa.train.loop import Trainer, bad_steps_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 STUDY_CONFIG = REPO / "src" / "ahpa" / "configs" / "cifar64-s1.yaml"
+DIVERGENCE_CHECK_EVERY = 200  # steps between checks of a run's skipped (non-finite) steps
 # method label -> config overrides; vae-level's level comes from --level
 METHODS = {
     "none": {"align.method": "none"},
@@ -231,20 +232,27 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     al = trainer.parts.aligner
     cost = tflop_per_step(trainer.parts.model, al, B, cfg.align.stop_step)
     points = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
-    train_total, windows = 0.0, []
+    train_total, windows, diverged = 0.0, [], None
     for point in points:
         sums, seen, count = {}, {}, 0
         benchlib.sync(device)
         t0 = time.perf_counter()
-        while trainer.step < point:
+        while trainer.step < point and not diverged:
             for k, v in trainer.train_step().items():
                 sums[k] = sums.get(k, 0) + v.detach()
                 seen[k] = seen.get(k, 0) + 1
             count += 1
+            if count % DIVERGENCE_CHECK_EVERY == 0:  # one host read per check; the library's rule (Trainer.run)
+                skipped = count - round(float(sums["good_steps"]))
+                diverged = bad_steps_verdict(skipped, count, int(trainer.bad_run.item()), cfg.train.max_bad_steps)
         benchlib.sync(device)
         dt = time.perf_counter() - t0
         train_total += dt
         windows.append(1000 * dt / max(count, 1))
+        if diverged:  # the last evaluation stands; later ones would measure an EMA frozen by skipped steps
+            diverged = f"stopped at step {trainer.step}: {diverged} (since step {trainer.step - count})"
+            print(f"{label} seed {args.seed} {diverged}", flush=True)
+            break
         t0 = time.perf_counter()
         fd = evaluate(trainer.sampler_bundle(), detectors, refs, args.eval_num, args.eval_batch, scfg)
         eval_s = time.perf_counter() - t0
@@ -269,7 +277,8 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
         grid = args.results.parent / f"samples-{key}-{safe}-seed{args.seed}-step{trainer.step}.png"
         plots.save_grid(images.numpy(), grid, nrow=10)
     steady = windows[1:] or windows  # the first window holds warm-up (and compilation)
-    summary = {"kind": "run", **ident, "steps": trainer.step, "images": trainer.step * B, "complete": True,
+    summary = {"kind": "run", **ident, "steps": trainer.step, "images": trainer.step * B, "complete": not diverged,
+               **({"diverged": diverged} if diverged else {}),
                "train_s": round(train_total, 1), "build_s": round(build_s, 1), "ms_per_step_first_window": round(windows[0], 3),
                "ms_per_step_steady": round(statistics.median(steady), 3), "sample_grid": grid.name if grid else None,
                "config": common, **env}
@@ -328,8 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     size = SIZES[args.size]
     device = benchlib.resolve_device(args.device)
     if device.type == "cpu":

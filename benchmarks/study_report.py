@@ -21,10 +21,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from ahpa.train.plots import pyplot, save_figure
+from study_plots import compact_png, plot_fd, plot_levels, plot_router, plot_speed, plot_sweep
 
 
 def load_rows(paths: list[Path]) -> tuple[list[Path], dict, dict]:
@@ -90,11 +87,13 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
             for (mm, seed), rs in sorted(series.items()):
                 if mm != m:
                     continue
-                by_step = {r["step"]: r["fd"][metric] for r in rs}
+                by_step = {r["step"]: fmt(r["fd"][metric]) + ("†" if skipped_before(rs, r) else "") for r in rs}
                 run = runs.get((key, m, seed))
-                lines.append(f"| {m} | {seed} | " + " | ".join(fmt(by_step.get(s)) for s in steps)
-                             + f" | {fmt(run and run['ms_per_step_steady'], 1)} | {'yes' if run else 'no'} |")
+                done = "no (diverged)" if run and run.get("diverged") else ("yes" if run else "no")
+                lines.append(f"| {m} | {seed} | " + " | ".join(by_step.get(s, "—") for s in steps)
+                             + f" | {fmt(run and run['ms_per_step_steady'], 1)} | {done} |")
         lines.append("")
+    lines += skipped_notes(series, runs, {key})
     lines += paired_with_none(series, metrics, methods)
     lines += paired_with_base(series, metrics, methods)
     lines += ahpa_against_baselines(series, metrics[0], methods)
@@ -130,6 +129,51 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
         grids = sorted(set(grids), key=lambda g: (rank.get(g.split(key + "-")[1].split("-seed")[0], 99), g))
         lines += [f"- {g.split(key + '-')[1].rsplit('.', 1)[0]}: ![samples]({g})" for g in grids] + [""]
     return lines
+
+
+def lr_sweeps(evals: dict, runs: dict, out: Path) -> list[str]:
+    """Vanilla SiT across study keys whose settings differ in train.lr alone (the key includes the lr, so each rate is
+    a study of its own): one table and one plot per such group, to choose the rate the other methods then use."""
+    groups = defaultdict(dict)  # the config without train.lr -> {lr: {step: eval row}}
+    for (key, m, seed, step), r in sorted(evals.items(), key=lambda kv: kv[0][3]):
+        if m == "none" and seed == 0:
+            rest = json.dumps({k: v for k, v in r["config"].items() if k != "train.lr"}, sort_keys=True)
+            groups[rest].setdefault(r["config"]["train.lr"], {})[step] = r
+    lines = []
+    for n, curves in enumerate(g for g in groups.values() if len(g) > 1):
+        metrics = sorted(next(iter(next(iter(curves.values())).values()))["fd"])
+        steps = sorted({s for c in curves.values() for s in c})
+        lines += ["## Learning-rate sweep (vanilla SiT, seed 0)", "",
+                  "Study keys that differ only in `train.lr`; " + " / ".join(metrics) + " at each step (lower is better):", "",
+                  "| lr | study key | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+        for lr, c in sorted(curves.items()):
+            key = next(iter(c.values()))["study"]
+            cells = [" / ".join(fmt(c[s]["fd"][k]) for k in metrics) + ("†" if skipped_before(list(c.values()), c[s]) else "")
+                     if s in c else "—" for s in steps]
+            lines.append(f"| {lr:g} | `{key}` | " + " | ".join(cells) + " |")
+        series = {(f"none at lr {lr:g}", 0): list(c.values()) for lr, c in curves.items()}
+        lines += [""] + skipped_notes(series, runs, {r["study"] for c in curves.values() for r in c.values()})
+        name = f"lr-sweep-{n}.png"
+        plot_sweep(curves, metrics[0], out / name)
+        lines += [f"![{metrics[0]} by learning rate]({name})", ""]
+    return lines
+
+
+def skipped_before(rs: list[dict], r: dict) -> str:
+    """'skipped S of the N steps before it' when the optimiser skipped non-finite steps in r's window, else ''."""
+    n = r["step"] - max((q["step"] for q in rs if q["step"] < r["step"]), default=0)
+    skipped = r["metrics"].get("skipped_steps", 0)
+    return f"skipped {skipped} of the {n} steps before it" if skipped else ""
+
+
+def skipped_notes(series, runs: dict, keys: set[str]) -> list[str]:
+    """Footnotes for †: windows with skipped (non-finite) steps, whose FD comes from an EMA those steps froze, and
+    runs of these study keys stopped as diverged (benchmarks/study.py applies the library's `bad_steps_verdict`)."""
+    notes = [f"- † {m}, seed {seed}, step {r['step']}: {skipped_before(rs, r)} (a non-finite loss or gradient)"
+             for (m, seed), rs in sorted(series.items()) for r in rs if skipped_before(rs, r)]
+    notes += [f"- {m}, seed {seed}{f' (study `{k}`)' if len(keys) > 1 else ''}, diverged: {r['diverged']}"
+              for (k, m, seed), r in sorted(runs.items()) if k in keys and r.get("diverged")]
+    return notes + [""] if notes else []
 
 
 def paired_with_none(series, metrics: list[str], methods: list[str]) -> list[str]:
@@ -264,94 +308,6 @@ def steps_to_match_none(series, metrics: list[str], methods: list[str], per_flop
     return lines + [""]
 
 
-def plot_fd(series, metric: str, batch: int, path: Path, methods: list[str]) -> None:
-    """One line per method: the mean over its seeds at each step all of them reached."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, m in enumerate(methods):
-        runs = [rs for (mm, _), rs in sorted(series.items()) if mm == m]
-        steps = sorted(set.intersection(*({r["step"] for r in rs} for rs in runs)))
-        by = [{r["step"]: r for r in rs} for rs in runs]
-        ax.plot([by[0][s]["images"] for s in steps], [statistics.mean(b[s]["fd"][metric] for b in by) for s in steps],
-                marker="o", linestyle=("-", "--", ":", "-.")[i // 10 % 4],  # the colour cycle repeats after 10
-                label=f"{m} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-    ax.set_xlabel("training images seen")
-    ax.set_ylabel(f"{metric}, mean over seeds")
-    values = [r["fd"][metric] for rs in series.values() for r in rs]
-    if min(values) > 0 and max(values) / min(values) > 3:  # long curves span decades; short ones read better linear
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    save_figure(fig, path, dpi=110)
-
-
-def plot_levels(series, batch: int, path: Path, methods: list[str]) -> bool:
-    aligned = sorted(((k, rs) for k, rs in series.items() if rs[0]["levels"]), key=lambda kv: (methods.index(kv[0][0]), kv[0][1]))
-    if not aligned:
-        return False
-    plt = pyplot()
-    cols = min(4, len(aligned))
-    rows = -(-len(aligned) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(aligned):]:
-        ax.axis("off")
-    for ax, ((m, seed), rs) in zip(axes.flat, aligned):
-        rs = [r for r in rs if "align/level_loss" in r["metrics"]]  # a run with align.stop_step has none after it
-        x = [r["images"] for r in rs]
-        losses = np.array([r["metrics"]["align/level_loss"] for r in rs]).reshape(len(rs), -1)  # [points, K]
-        for k, name in enumerate(rs[0]["levels"]):
-            ax.plot(x, losses[:, k], marker=".", label=name)
-        ax.set_title(f"{m} (seed {seed})", fontsize=8)
-        ax.set_xlabel("images")
-        ax.set_ylabel("level loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    save_figure(fig, path, dpi=100)
-    return True
-
-
-def plot_speed(runs: dict, key: str, path: Path, methods: list[str]) -> None:
-    plt = pyplot()
-    per = defaultdict(list)
-    for (k, m, _), r in runs.items():
-        if k == key:
-            per[m].append(r["ms_per_step_steady"])
-    names = [m for m in methods if m in per]
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.bar(names, [statistics.median(per[m]) for m in names])
-    ax.set_ylabel("ms per step")
-    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    save_figure(fig, path, dpi=100)
-
-
-def plot_router(rows: list[dict], path: Path, title: str) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 0.35 * len(rows[0]["router"]["levels"]) + 1.8),
-                             squeeze=False)
-    for ax, r in zip(axes[0], rows):
-        rt = r["router"]
-        t, w = np.array(rt["t"]), np.array(rt["weights"])  # [T], [T, K]
-        ax.imshow(w.T, aspect="auto", origin="lower", extent=(t[0], t[-1], -0.5, len(rt["levels"]) - 0.5),
-                  vmin=0, vmax=1, cmap="viridis")
-        ax.set_yticks(range(len(rt["levels"])), rt["levels"], fontsize=7)
-        ax.set_xlabel("t (0 data, 1 noise)", fontsize=8)
-        ax.set_title(f"step {r['step']} ({rt['mode']})", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path, dpi=100)
-
-
-def compact_png(path: Path) -> bool:
-    """Rewrite a full-colour PNG with a 256-colour palette (about 3x smaller for these plots and sample grids).
-    The docs travel with every device call, whose payload is limited to 64 MiB with the study's 54 MB of inputs
-    (benchmarks/study_gpu_job.sh). Already-paletted files are left as they are."""
-    with Image.open(path) as im:
-        if im.mode == "P":
-            return False
-        small = im.convert("RGB").quantize(256)
-    small.save(path, optimize=True)
-    return True
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, nargs="+", required=True, help="results files or folders of *.jsonl")
@@ -377,6 +333,7 @@ def main() -> None:
     keys = sorted({k[0] for k in evals})
     if not keys:
         lines.append("No evaluation rows found.")
+    lines += lr_sweeps(evals, runs, args.out)
     for key in keys:
         lines += report_study(key, evals, runs, args.out, files)
     (args.out / "README.md").write_text("\n".join(lines) + "\n")

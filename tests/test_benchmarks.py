@@ -98,6 +98,38 @@ def test_study_smoke_merges_into_a_report(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
+def test_study_stops_a_diverged_run_and_the_report_says_so(tmp_path, monkeypatch):
+    """A run whose steps turn non-finite stops at the next check (the library's rule) instead of training on and
+    being evaluated with an EMA that the skipped steps froze; its rows say why, and the report flags them."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study
+
+    from ahpa.train.loop import Trainer
+
+    real = Trainer._loss
+
+    def loss(self, batch, d, align_on):  # from step 12 on, every loss is NaN
+        value, metrics = real(self, batch, d, align_on)
+        return (value * float("nan"), metrics) if self.step >= 12 else (value, metrics)
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    monkeypatch.setattr(study, "DIVERGENCE_CHECK_EVERY", 2)
+    results = tmp_path / "r.jsonl"
+    study.main(["--size", "smoke", "--methods", "none", "--steps", "40", "--eval-every", "10", "--eval-num", "20",
+                "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"), "--results", str(results)])
+    rows = [json.loads(l) for l in results.read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [10, 20, 30]  # none after the run diverged
+    assert [r["metrics"]["skipped_steps"] for r in rows if r["kind"] == "eval"] == [0, 8, 10]
+    run = rows[-1]
+    assert run["kind"] == "run" and run["complete"] is False and run["steps"] == 32
+    assert run["diverged"] == "stopped at step 32: 20 steps in a row had a non-finite loss or gradient (since step 30)"
+    _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "| none | 0 | " in text and "diverged: stopped at step 32" in text
+    assert "skipped 8 of the 10 steps before it" in text
+
+
+@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
 def test_study_gpu_job_runs_lanes_side_by_side_and_merges_them(tmp_path):
     """The device job script, rehearsed on the CPU at the smoke size: lanes run at once, every row knows how many
     shared the device, one merged study.jsonl/log comes back, and a lane that fails before its first evaluation is
@@ -268,7 +300,7 @@ def test_study_window_means_average_a_stopped_metric_over_its_own_steps(monkeypa
 def test_study_report_plots_level_losses_of_a_run_whose_alignment_stopped(monkeypatch, tmp_path):
     """Evaluation rows after align.stop_step carry no per-level losses: the plot draws the rows that have them."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import plot_levels
+    from study_plots import plot_levels
 
     def row(step, metrics):
         return {"step": step, "images": 32 * step, "levels": ["latent", "stage2"], "metrics": metrics}
@@ -323,7 +355,7 @@ def test_study_report_stores_pngs_with_a_palette_once(monkeypatch, tmp_path):
     from PIL import Image
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import compact_png
+    from study_plots import compact_png
 
     rng = np.random.default_rng(0)
     # a smooth image with noise, like a sample grid: many distinct colours
@@ -341,3 +373,24 @@ def test_study_report_stores_pngs_with_a_palette_once(monkeypatch, tmp_path):
     assert np.abs(back - img).mean() < 7  # 256 colours: ~4.5 levels of 255 on average here (32 colours: ~11)
     again = path.read_bytes()
     assert not compact_png(path) and path.read_bytes() == again
+
+
+def test_study_report_sweeps_the_learning_rate_across_keys_that_differ_in_it_alone(monkeypatch, tmp_path):
+    """Each lr is a study key of its own; the sweep table sets vanilla SiT's curves side by side, flags a window of
+    skipped steps, and leaves out a key that differs in anything else (its curve would not be the lr's effect)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import lr_sweeps
+
+    def row(key, lr, step, fd, skipped=0, steps=8000):
+        cfg = {"train.lr": lr, "train.steps": steps, "model.preset": "S/1"}
+        return (key, "none", 0, step), {"study": key, "step": step, "fd": {"FD-r20": fd, "FD-r32": fd - 0.3},
+                                        "metrics": {"skipped_steps": skipped}, "config": cfg}
+
+    evals = dict([row("a", 2e-4, 2000, 7.2), row("a", 2e-4, 4000, 5.7), row("b", 8e-4, 2000, 5.4),
+                  row("b", 8e-4, 4000, 4.3, skipped=1500), row("c", 8e-4, 2000, 9.9, steps=500)])
+    text = "\n".join(lr_sweeps(evals, {}, tmp_path))
+    assert "| 0.0002 | `a` | 7.200 / 6.900 | 5.700 / 5.400 |" in text
+    assert "| 0.0008 | `b` | 5.400 / 5.100 | 4.300 / 4.000† |" in text
+    assert "skipped 1500 of the 2000 steps before it" in text and "`c`" not in text
+    assert (tmp_path / "lr-sweep-0.png").is_file()
+    assert lr_sweeps(dict([row("a", 2e-4, 2000, 7.2)]), {}, tmp_path) == []  # one lr is no sweep

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ahpa import config
 from ahpa.train import checkpoint as ckpt
-from ahpa.train.loop import RunConfigError, TooManyBadSteps, Trainer
+from ahpa.train.loop import RunConfigError, TooManyBadSteps, Trainer, bad_steps_verdict
 from tests.conftest import TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -135,6 +135,29 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     with pytest.raises(TooManyBadSteps, match="lower train.lr"):
         tr2.run()
     assert not ckpt.list_checkpoints(tmp_path / "r2" / "checkpoints")  # nothing written over a good state
+
+
+def test_a_run_that_skips_most_steps_stops_though_never_enough_in_a_row(tmp_path, monkeypatch):
+    """A diverging run can stay finite on a few batches: three steps of every four skipped, never four in a row."""
+    real = Trainer._loss
+
+    def loss(self, batch, d, align_on):
+        value, metrics = real(self, batch, d, align_on)
+        return (value * float("nan"), metrics) if self.step % 4 else (value, metrics)
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    tr = Trainer(tiny_cfg("train.steps=16", "train.max_bad_steps=4", "train.log_every=8"), tmp_path / "r")
+    with pytest.raises(TooManyBadSteps, match="6 of the last 8 steps had a non-finite"):
+        tr.run()
+    assert tr.step == 8 and tr.bad_total.item() == 6
+
+
+def test_bad_steps_verdict():
+    assert bad_steps_verdict(0, 100, 0, 20) is None
+    assert bad_steps_verdict(50, 100, 3, 20) is None  # half is not more than half
+    assert "51 of the last 100" in bad_steps_verdict(51, 100, 3, 20)
+    assert bad_steps_verdict(10, 10, 10, 20) is None  # a window shorter than max_bad_steps: only the streak counts
+    assert "20 steps in a row" in bad_steps_verdict(20, 100, 20, 20)
 
 
 def test_broken_checkpoints_are_skipped_or_refused(tmp_path):

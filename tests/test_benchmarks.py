@@ -219,7 +219,8 @@ def test_study_keys_of_recorded_results_stay_the_same(monkeypatch):
 
     for size, extra, key in (("smoke", [], "adedc4dc64e8"),  # docs/study/smoke
                              ("pilot", [], "a7174156e906"),  # the CPU pilot (docs/study/pilot)
-                             ("gpu", ["--steps", "500", "--eval-every", "500"], "aff84c87544a")):  # the GPU calibration
+                             ("gpu", ["--steps", "500", "--eval-every", "500", "--lr", "2e-4"], "aff84c87544a"),  # calibration
+                             ("gpu", ["--steps", "8000", "--eval-every", "2000"], "e5becbe478cd")):  # GPU job 2's lr, now the default
         args = study.parse_args(["--size", size, "--results", "unused.jsonl", *extra])
         for method in ("none", "ahpa-soft"):
             cfg = study.study_config(args, study.SIZES[size], method, variants=False)

@@ -395,3 +395,33 @@ def test_study_report_sweeps_the_learning_rate_across_keys_that_differ_in_it_alo
     assert "skipped 1500 of the 2000 steps before it" in text and "`c`" not in text
     assert (tmp_path / "lr-sweep-0.png").is_file()
     assert lr_sweeps(dict([row("a", 2e-4, 2000, 7.2)]), {}, tmp_path) == []  # one lr is no sweep
+
+
+def test_host_syncs_names_the_python_stack_of_each_sync(monkeypatch):
+    """On a GPU, CUDA's sync debug mode warns at each host sync; the count keeps the stack at each warning, so a
+    sync inside a library function (torch's `synchronize`, say) is traced to the line of ours that called it."""
+    import warnings
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import throughput
+
+    modes = []
+    monkeypatch.setattr(throughput.torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def library_sync():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    class Step:
+        n = 0
+
+        def train_step(self):
+            self.n += 1
+            if self.n % 2:
+                library_sync()
+            warnings.warn("something else", UserWarning)  # not a sync: not counted
+
+    result = throughput.host_syncs(Step(), 4)
+    assert modes == ["warn", "default"] and result["host_syncs_per_step"] == 0.5
+    [(site, count)] = result["host_sync_sites"].items()
+    assert count == 2 and site.startswith("test_benchmarks.py:") and "library_sync <- test_benchmarks.py:" in site
+    assert " train_step <- throughput.py:" in site

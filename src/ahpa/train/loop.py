@@ -361,9 +361,9 @@ class Trainer:
                     verdict = bad_steps_verdict(last["skipped_in_window"], count, int(self.bad_run.item()), c.train.max_bad_steps)
                     if verdict:
                         raise TooManyBadSteps(
-                            f"{verdict} (step {self.step}); they were skipped and no checkpoint was written over the "
-                            f"last good one. Try a lower train.lr, a smaller train.grad_clip, model.qk_norm=true, "
-                            f"train.precision=fp32, or check the data."
+                            f"{verdict} (step {self.step}); they were skipped, and no checkpoint is written inside a "
+                            f"streak of them. Start a new run with a lower train.lr, a smaller train.grad_clip, "
+                            f"model.qk_norm=true or train.precision=fp32, or check the data."
                         )
                     if logger is not None:
                         logger.log(self.step, last)

@@ -14,10 +14,14 @@ files and no downloads (the GPU machine has neither pretrained weights nor diffu
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import platform
 import sys
+import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +71,34 @@ def command_line() -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+SYNC_STACK_FRAMES = 6  # Python frames kept per host-sync site
+
+
+def host_syncs(step: Callable[[], object], steps: int) -> dict:
+    """Host syncs in `steps` calls of `step`, a training step (which should have none: the CPU queues work ahead of the GPU),
+    counted by CUDA's sync debug mode, which warns at each one. Each site is the Python stack at the warning,
+    innermost first (a warning names one frame only: the eleventh session's B/2 vanilla step reported a sync at
+    `__init__.py:1270`, which did not say whose); the prefetch thread's syncs are counted too."""
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            # the stack up to the warning: without this function's frame and the warnings module's own
+            stack = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"][-SYNC_STACK_FRAMES:]
+            sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))] += 1
+
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return {"host_syncs_per_step": round(sum(sites.values()) / steps, 2), "host_sync_sites": dict(sites.most_common(8))}
 
 
 def count_flops(fn) -> float:

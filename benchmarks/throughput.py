@@ -35,14 +35,12 @@ test of the code path and of the ratios' plumbing, not performance results.
 from __future__ import annotations
 
 import argparse
-import collections
 import gc
 import json
 import shutil
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
@@ -146,7 +144,7 @@ def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch
     rec["checkpointed_blocks"] = p.model.checkpoint_blocks
     if device.type == "cuda":
         try:  # a diagnostic: its failure must not cost the measurement above
-            rec.update(host_syncs(trainer, 3))
+            rec.update(benchlib.host_syncs(trainer.train_step, 3))
         except Exception as e:  # noqa: BLE001
             rec["host_syncs_error"] = f"{type(e).__name__}: {e}"
     if isinstance(p.source, CacheSource):  # what the loader reads per sample, the bytes that make it cost
@@ -156,34 +154,6 @@ def measure_train(cfg, encoder, external, warmup: int, steps: int, device: torch
         p.source.close()  # no gather of this run may overlap the next measurement
     del trainer, p
     return rec
-
-
-SYNC_STACK_FRAMES = 6  # Python frames kept per host-sync site
-
-
-def host_syncs(trainer: Trainer, steps: int) -> dict:
-    """Host syncs in `steps` more training steps (the step should have none: the CPU queues work ahead of the GPU),
-    counted by CUDA's sync debug mode, which warns at each one. Each site is the Python stack at the warning,
-    innermost first (a warning names one frame only: the eleventh session's B/2 vanilla step reported a sync at
-    `__init__.py:1270`, which did not say whose); the prefetch thread's syncs are counted too."""
-    sites: collections.Counter = collections.Counter()
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
-            # the stack up to the warning: without this function's frame and the warnings module's own
-            stack = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"][-SYNC_STACK_FRAMES:]
-            sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))] += 1
-
-    with warnings.catch_warnings():  # restores warnings.showwarning on exit
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(steps):
-                trainer.train_step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return {"host_syncs_per_step": round(sum(sites.values()) / steps, 2), "host_sync_sites": dict(sites.most_common(8))}
 
 
 def frozen_encoder_gflops(method: str, encoder, external, size: dict, device: torch.device) -> float | None:

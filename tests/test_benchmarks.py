@@ -1,24 +1,16 @@
-"""The throughput benchmark and the study's tooling at their smallest sizes (CPU, a few seconds each)."""
+"""The throughput, profiling and gradient benchmarks at their smallest sizes (CPU, a few seconds each)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_script as _run
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-
-
-def _run(args: list[str], timeout: int = 600) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
 
 
 def test_throughput_tiny_writes_complete_records(tmp_path):
@@ -43,121 +35,6 @@ def test_throughput_tiny_writes_complete_records(tmp_path):
     assert set(result["ratios"]) == {"B/2 eager ahpa-cached/none", "B/2 eager repa/none",
                                      "B/2 eager ahpa-cached/none (token_fraction 0.25)", "B/2 eager repa/none (token_fraction 0.25)"}
     assert [r["solver"] for r in result["records"] if r["kind"] == "sample"] == ["heun", "euler-maruyama"]
-
-
-@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
-def test_study_smoke_merges_into_a_report(tmp_path, monkeypatch):
-    results = tmp_path / "r.jsonl"
-    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none,ahpa-soft", "--steps", "4", "--eval-every", "2",
-          "--eval-num", "20", "--eval-batch", "10", "--grid-images", "4", "--cache", str(tmp_path / "cache"),
-          "--results", str(results)])
-    rows = [json.loads(l) for l in results.read_text().splitlines()]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    assert [(r["method"], r["step"]) for r in evals] == [("none", 2), ("none", 4), ("ahpa-soft", 2), ("ahpa-soft", 4)]
-    assert len({r["study"] for r in evals}) == 1  # methods share the study key: comparable
-    assert set(evals[0]["fd"]) == {"FD-r20", "FD-r32"} and evals[-1]["router"]["mode"] == "soft"
-    cost = {r["method"]: r["tflop_per_step"] for r in evals}  # the heads add FLOPs to the aligned steps only
-    assert cost["none"]["aligned"] == cost["none"]["flow"] == cost["ahpa-soft"]["flow"] < cost["ahpa-soft"]["aligned"]
-    # rows recorded before the field existed get the same figure from their config (study_fill_flops.py)
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_fill_flops import cost_of
-
-    assert [cost_of({k: v for k, v in r.items() if k != "tflop_per_step"}) for r in evals] == [r["tflop_per_step"] for r in evals]
-    # an ablation of the router's own switches, or of lambda, is named by them and stays in the same study (same key)
-    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "ahpa-soft", "--variant", "align.router_entropy=0",
-          "--variant", "align.weight=1.5",
-          "--steps", "4", "--eval-every", "2", "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0",
-          "--cache", str(tmp_path / "cache"), "--results", str(results)])
-    rows = [json.loads(l) for l in results.read_text().splitlines()]
-    ablation = [r for r in rows if r["kind"] == "eval" and r["method"] == "ahpa-soft[router_entropy=0,weight=1.5]"]
-    assert len(ablation) == 2 and ablation[0]["study"] == evals[0]["study"]
-    assert ablation[0]["config"]["align.weight"] == evals[0]["config"]["align.weight"] != 1.5  # the study's lambda
-    assert ablation[0]["variant"] == ["align.router_entropy=0", "align.weight=1.5"]
-    # a second seed joins the same study (the seed is not part of the key)
-    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none", "--seed", "1", "--steps", "4", "--eval-every", "2",
-          "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"),
-          "--results", str(results)])
-    seed1 = [json.loads(l) for l in results.read_text().splitlines()][-1]
-    assert seed1["seed"] == 1 and seed1["study"] == evals[0]["study"]
-    bad = subprocess.run([sys.executable, "benchmarks/study.py", "--variant", "train.lr=1", "--results", str(results)],
-                         capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert bad.returncode != 0 and "train.lr=1" in bad.stderr
-    with_none = subprocess.run([sys.executable, "benchmarks/study.py", "--methods", "none,ahpa-soft", "--variant",
-                                "align.weight=1.5", "--results", str(results)], capture_output=True, text=True, cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert with_none.returncode != 0 and "'none' does not have" in with_none.stderr  # nothing written for it
-    _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
-    text = (tmp_path / "report" / "README.md").read_text()
-    assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[router_entropy=0,weight=1.5] | 0 |" in text
-    assert "**Training speed-up per FLOP**" in text
-    assert list((tmp_path / "report").glob("router-*-ahpa-soft-seed0.png"))
-    # paired with vanilla SiT of the same seed (seed 0 only: ahpa-soft has no seed 1), at the last step
-    fd = {r["method"]: r["fd"]["FD-r20"] for r in evals if r["step"] == 4}
-    assert f"| ahpa-soft | 4 | 0 | {fd['ahpa-soft'] - fd['none']:+.3f} ({fd['ahpa-soft'] - fd['none']:+.3f}) |" in text
-
-
-@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
-def test_study_stops_a_diverged_run_and_the_report_says_so(tmp_path, monkeypatch):
-    """A run whose steps turn non-finite stops at the next check (the library's rule) instead of training on and
-    being evaluated with an EMA that the skipped steps froze; its rows say why, and the report flags them."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import study
-
-    from ahpa.train.loop import Trainer
-
-    real = Trainer._loss
-
-    def loss(self, batch, d, align_on):  # from step 12 on, every loss is NaN
-        value, metrics = real(self, batch, d, align_on)
-        return (value * float("nan"), metrics) if self.step >= 12 else (value, metrics)
-
-    monkeypatch.setattr(Trainer, "_loss", loss)
-    monkeypatch.setattr(study, "DIVERGENCE_CHECK_EVERY", 2)
-    results = tmp_path / "r.jsonl"
-    study.main(["--size", "smoke", "--methods", "none", "--steps", "40", "--eval-every", "10", "--eval-num", "20",
-                "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"), "--results", str(results)])
-    rows = [json.loads(l) for l in results.read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [10, 20, 30]  # none after the run diverged
-    assert [r["metrics"]["skipped_steps"] for r in rows if r["kind"] == "eval"] == [0, 8, 10]
-    run = rows[-1]
-    assert run["kind"] == "run" and run["complete"] is False and run["steps"] == 32
-    assert run["diverged"] == "stopped at step 32: 20 steps in a row had a non-finite loss or gradient (since step 30)"
-    _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
-    text = (tmp_path / "report" / "README.md").read_text()
-    assert "| none | 0 | " in text and "diverged: stopped at step 32" in text
-    assert "skipped 8 of the 10 steps before it" in text
-
-
-@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
-def test_study_gpu_job_runs_lanes_side_by_side_and_merges_them(tmp_path):
-    """The device job script, rehearsed on the CPU at the smoke size: lanes run at once, every row knows how many
-    shared the device, one merged study.jsonl/log comes back, and a lane that fails before its first evaluation is
-    run again without CUDA graphs instead of costing the job."""
-    inputs = tmp_path / "inputs"  # the layout the job expects in .carry/
-    (inputs / "detectors").mkdir(parents=True)
-    (inputs / "train16k.npz").symlink_to(SHARED / "data/cifar10/train16k.npz")
-    (inputs / "taef2").symlink_to(SHARED / "weights/taef2")
-    for name in ("cifar10-resnet20.pt", "cifar10-resnet32.pt"):
-        (inputs / "detectors" / name).symlink_to(SHARED / "detectors" / name)
-    out = tmp_path / "out"
-    flags = (f"--size smoke --device cpu --compile off --cache {tmp_path / 'cache'} --workers 1 --eval-num 20 "
-             "--eval-batch 10 --grid-images 4")
-    env = {**os.environ, "OUT": str(out), "STUDY_INPUTS": str(inputs), "STUDY_LIMIT_S": "400", "STUDY_FLAGS": flags,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    # lane 2's first try fails before any evaluation (the config refuses the mode); its rerun without CUDA graphs
-    # (--compile-mode default; argparse keeps the last) trains, eagerly here
-    job = subprocess.run(["bash", "benchmarks/study_gpu_job.sh", "4", "0", "2", "--methods none",
-                          "--methods vae-level --level stage2 --variant align.weight=1.5 --compile-mode bogus"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    rows = [json.loads(l) for l in (out / "study.jsonl").read_text().splitlines()]
-    evals = [(r["method"], r["step"]) for r in rows if r["kind"] == "eval"]
-    assert sorted(evals) == [("none", 2), ("none", 4), ("vae-level:stage2[weight=1.5]", 2), ("vae-level:stage2[weight=1.5]", 4)]
-    assert {r["lanes"] for r in rows} == {2} and len({r["study"] for r in rows if r["kind"] == "eval"}) == 1
-    log = (out / "study.log").read_text()
-    assert "lane 2: the run failed" in log and "lane 1: exit 0" in log and "lane 2: exit 0" in log
-    assert len(list(out.glob("samples-*.png"))) == 2 and (out / "env.txt").is_file()
 
 
 def test_throughput_tiny_records_checkpointing_and_prefetch(tmp_path):
@@ -207,206 +84,16 @@ def test_profile_step_smoke(tmp_path):
     assert result["profiles"][1]["launches_per_step"] > result["profiles"][0]["launches_per_step"]
 
 
-def test_study_keys_of_recorded_results_stay_the_same(monkeypatch):
-    """Results already recorded (docs/study/*/results.jsonl) are merged with new runs by study key. The key must not
-    depend on where the checkout or the weights lie (the encoder enters as its kind and weights' sha256), and a new
-    config field that changes no method's math (a compile switch, a cadence) must be in study_key's skip list, or
-    every later run lands in a new table. A change of the math itself should change the key: then update these."""
-    if not (SHARED / "weights/taef2").is_dir():
-        pytest.skip(f"needs the TAEF2 weights in {SHARED / 'weights/taef2'} (../shared beside the checkout)")
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import study
-
-    for size, extra, key in (("smoke", [], "adedc4dc64e8"),  # docs/study/smoke
-                             ("pilot", [], "a7174156e906"),  # the CPU pilot (docs/study/pilot)
-                             ("gpu", ["--steps", "500", "--eval-every", "500", "--lr", "2e-4"], "aff84c87544a"),  # calibration
-                             ("gpu", ["--steps", "8000", "--eval-every", "2000"], "e5becbe478cd")):  # GPU job 2's lr, now the default
-        args = study.parse_args(["--size", size, "--results", "unused.jsonl", *extra])
-        for method in ("none", "ahpa-soft"):
-            cfg = study.study_config(args, study.SIZES[size], method, variants=False)
-            assert study.study_key(cfg, args, size)[0] == key, (size, method)
-        # the same weights elsewhere give the same key (the GPU jobs read them from .carry/)
-        moved = study.parse_args(["--size", size, "--results", "unused.jsonl", *extra,
-                                  "--encoder", f"taef2:{SHARED / 'weights' / '..' / 'weights' / 'taef2'}"])
-        cfg = study.study_config(moved, study.SIZES[size], "none", variants=False)
-        assert study.study_key(cfg, moved, size)[0] == key
-
-
-def test_speed_up_over_vanilla_is_read_off_the_fd_curves(monkeypatch):
-    """The study's headline: at which step a method reaches vanilla SiT's FD at step s (linear between evaluations),
-    with bounds where the curves do not bracket it."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import step_reaching, steps_to_match_none
-
-    curve = [(1000, 10.0), (2000, 9.0), (3000, 8.5)]
-    assert step_reaching(curve, 9.5) == ("at", 1500.0)
-    assert step_reaching(curve, 10.5) == ("before", 1000) and step_reaching(curve, 8.0) == ("after", 3000)
-
-    def rows(fds):
-        return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
-
-    series = {("none", 0): rows([10.0, 9.0, 8.5]), ("fast", 0): rows([9.0, 8.5, 8.4]),
-              ("fast", 1): rows([9.0, 8.0, 7.0]), ("none", 1): rows([10.0, 9.5, 9.0])}
-    table = "\n".join(steps_to_match_none(series, ["FD-r20"], ["none", "fast"]))
-    # seed 0: none's 9.0 at 2000 reached at step 1000 (before: >2.00); none's 8.5 at 3000 reached at 2000 (1.50)
-    # seed 1: none's 9.5 at 2000 before 1000 (>2.00); none's 9.0 at 3000 at step 1000 (>3.00)
-    assert "| fast | (>1.00 / >1.00) | (>2.00 / >2.00) | (1.50 / >3.00) |" in table
-    assert steps_to_match_none(series, ["FD-r20"], ["none", "fast"], per_flop=True) == []  # no FLOPs recorded
-
-
-def test_speed_up_per_flop_charges_the_heads_until_the_alignment_stops(monkeypatch):
-    """Per FLOP, a method that needs half the steps but twice the FLOPs per step is no faster; after align.stop_step
-    its steps cost what vanilla SiT's do."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import steps_to_match_none, tflop_to
-
-    assert tflop_to({"aligned": 2.0, "flow": 1.0, "stop_step": 0}, 1500) == 3000
-    assert tflop_to({"aligned": 2.0, "flow": 1.0, "stop_step": 1000}, 1500) == 2500
-
-    def rows(fds, aligned, stop=0):
-        cost = {"aligned": aligned, "flow": 1.0, "stop_step": stop}
-        return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}, "tflop_per_step": cost} for i, f in enumerate(fds)]
-
-    series = {("none", 0): rows([10.0, 9.0, 8.0, 7.0], 1.0), ("heavy", 0): rows([9.0, 7.0, 6.0, 5.0], 2.0),
-              ("stopped", 0): rows([9.0, 7.0, 6.0, 5.0], 2.0, stop=1000)}
-    steps = "\n".join(steps_to_match_none(series, ["FD-r20"], ["none", "heavy", "stopped"]))
-    flops = "\n".join(steps_to_match_none(series, ["FD-r20"], ["none", "heavy", "stopped"], per_flop=True))
-    # none's 8.0 at 3000 is reached at step 1500 and its 7.0 at 4000 at step 2000: 2x in steps. Per FLOP that is
-    # 3000 / (2 x 1500) = 4000 / (2 x 2000) = 1x for heavy; with the heads stopped at 1000,
-    # 3000 / (2 x 1000 + 500) = 1.2x and 4000 / (2 x 1000 + 1000) = 1.33x
-    assert "| heavy | (>1.00) | (>2.00) | 2.00x (2.00) | 2.00x (2.00) |" in steps
-    assert "| heavy | (>0.50) | (>1.00) | 1.00x (1.00) | 1.00x (1.00) |" in flops
-    assert "| stopped | (>0.50) | (>1.00) | 1.20x (1.20) | 1.33x (1.33) |" in flops
-
-
-def test_study_window_means_average_a_stopped_metric_over_its_own_steps(monkeypatch):
-    """With align.stop_step inside an evaluation window, the alignment's metrics exist for only some of its steps:
-    their mean is over those steps, not diluted by the steps after the stop."""
-    import torch
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import study
-
-    steps = [{"loss/flow": 1.0, "loss/align": 0.4, "align/level_loss": [0.2, 0.6]}] * 2 + [{"loss/flow": 3.0}] * 2
-    sums, seen = {}, {}
-    for m in steps:
-        for k, v in {**m, "good_steps": 1.0}.items():
-            sums[k] = sums.get(k, 0) + torch.tensor(v)
-            seen[k] = seen.get(k, 0) + 1
-    row = study.window_means(sums, 4, seen)
-    assert row["loss/flow"] == pytest.approx(2.0) and row["loss/align"] == pytest.approx(0.4)
-    assert row["align/level_loss"] == pytest.approx([0.2, 0.6]) and row["skipped_steps"] == 0
-
-
-def test_study_report_plots_level_losses_of_a_run_whose_alignment_stopped(monkeypatch, tmp_path):
-    """Evaluation rows after align.stop_step carry no per-level losses: the plot draws the rows that have them."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_plots import plot_levels
-
-    def row(step, metrics):
-        return {"step": step, "images": 32 * step, "levels": ["latent", "stage2"], "metrics": metrics}
-
-    series = {("ahpa-soft[stop_step=2]", 0): [row(1, {"align/level_loss": [0.3, 0.5]}), row(2, {"align/level_loss": [0.2, 0.4]}),
-                                               row(3, {"loss/flow": 1.0})]}
-    assert plot_levels(series, 32, tmp_path / "levels.png", ["ahpa-soft[stop_step=2]"])
-    assert (tmp_path / "levels.png").stat().st_size > 0
-
-
-def test_study_report_pairs_each_ablation_with_its_own_method(monkeypatch):
-    """`method[variant]` is compared with `method` of the same seed (what the variant alone changed), at the
-    furthest step both reached; a variant without its method in the results has no row."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import paired_with_base
-
-    def rows(fds):
-        return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
-
-    series = {("ahpa-soft", 0): rows([10.0, 9.0]), ("ahpa-soft[stop_step=1000]", 0): rows([10.0, 9.25]),
-              ("ahpa-soft", 1): rows([10.0, 9.5]), ("ahpa-soft[stop_step=1000]", 1): rows([10.0, 9.55]),
-              ("stage2[weight=1.5]", 0): rows([9.0, 8.0])}
-    methods = ["ahpa-soft", "ahpa-soft[stop_step=1000]", "stage2[weight=1.5]"]
-    table = "\n".join(paired_with_base(series, ["FD-r20"], methods))
-    assert "| ahpa-soft[stop_step=1000] | 2000 | 0, 1 | +0.150 (+0.250 / +0.050) |" in table
-    assert "stage2[weight=1.5]" not in table
-
-
-def test_study_report_sets_each_ahpa_run_against_the_baselines_of_its_variant(monkeypatch):
-    """The study's question: AHPA minus each alignment baseline trained with the same variant, same seed, at every
-    step; vanilla SiT and runs of another variant are not its baselines."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import ahpa_against_baselines
-
-    def rows(fds):
-        return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
-
-    series = {("ahpa-soft[weight=1.5]", 0): rows([9.0, 8.0]), ("ahpa-soft[weight=1.5]", 1): rows([9.0, 8.2]),
-              ("multi-uniform[weight=1.5]", 0): rows([8.8, 8.1]), ("multi-uniform[weight=1.5]", 1): rows([8.9, 8.0]),
-              ("vae-level:stage2", 0): rows([9.5, 8.5]), ("none", 0): rows([10.0, 9.0])}
-    table = "\n".join(ahpa_against_baselines(series, "FD-r20", list(dict.fromkeys(m for m, _ in series))))
-    assert ("| ahpa-soft[weight=1.5] | multi-uniform[weight=1.5] | 0, 1 | 1000: +0.150 (0/2); 2000: +0.050 (1/2) |"
-            in table)
-    assert "vae-level:stage2" not in table and "| none" not in table
-
-
-def test_study_report_stores_pngs_with_a_palette_once(monkeypatch, tmp_path):
-    """The report's PNGs travel with every device call (64 MiB with the study's inputs): compact_png rewrites a
-    full-colour file with a 256-colour palette, keeps its size in pixels and its colours close, and leaves a file
-    it already compacted alone."""
-    import numpy as np
-    from PIL import Image
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_plots import compact_png
-
-    rng = np.random.default_rng(0)
-    # a smooth image with noise, like a sample grid: many distinct colours
-    ramp = np.linspace(0, 255, 96)
-    rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (96, 1)), np.tile(ramp[:, None], (1, 96))], -1)
-    img = np.clip(rgb + rng.normal(0, 4, rgb.shape), 0, 255).astype(np.uint8)
-    path = tmp_path / "grid.png"
-    Image.fromarray(img).save(path)
-    before = path.stat().st_size
-    assert compact_png(path)
-    with Image.open(path) as im:
-        assert im.mode == "P" and im.size == (96, 96)
-        back = np.asarray(im.convert("RGB")).astype(float)
-    assert path.stat().st_size < before
-    assert np.abs(back - img).mean() < 7  # 256 colours: ~4.5 levels of 255 on average here (32 colours: ~11)
-    again = path.read_bytes()
-    assert not compact_png(path) and path.read_bytes() == again
-
-
-def test_study_report_sweeps_the_learning_rate_across_keys_that_differ_in_it_alone(monkeypatch, tmp_path):
-    """Each lr is a study key of its own; the sweep table sets vanilla SiT's curves side by side, flags a window of
-    skipped steps, and leaves out a key that differs in anything else (its curve would not be the lr's effect)."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import lr_sweeps
-
-    def row(key, lr, step, fd, skipped=0, steps=8000):
-        cfg = {"train.lr": lr, "train.steps": steps, "model.preset": "S/1"}
-        return (key, "none", 0, step), {"study": key, "step": step, "fd": {"FD-r20": fd, "FD-r32": fd - 0.3},
-                                        "metrics": {"skipped_steps": skipped}, "config": cfg}
-
-    evals = dict([row("a", 2e-4, 2000, 7.2), row("a", 2e-4, 4000, 5.7), row("b", 8e-4, 2000, 5.4),
-                  row("b", 8e-4, 4000, 4.3, skipped=1500), row("c", 8e-4, 2000, 9.9, steps=500)])
-    text = "\n".join(lr_sweeps(evals, {}, tmp_path))
-    assert "| 0.0002 | `a` | 7.200 / 6.900 | 5.700 / 5.400 |" in text
-    assert "| 0.0008 | `b` | 5.400 / 5.100 | 4.300 / 4.000† |" in text
-    assert "skipped 1500 of the 2000 steps before it" in text and "`c`" not in text
-    assert (tmp_path / "lr-sweep-0.png").is_file()
-    assert lr_sweeps(dict([row("a", 2e-4, 2000, 7.2)]), {}, tmp_path) == []  # one lr is no sweep
-
-
 def test_host_syncs_names_the_python_stack_of_each_sync(monkeypatch):
     """On a GPU, CUDA's sync debug mode warns at each host sync; the count keeps the stack at each warning, so a
     sync inside a library function (torch's `synchronize`, say) is traced to the line of ours that called it."""
     import warnings
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import throughput
+    import benchlib
 
     modes = []
-    monkeypatch.setattr(throughput.torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(benchlib.torch.cuda, "set_sync_debug_mode", modes.append)
 
     def library_sync():
         warnings.warn("called a synchronizing CUDA operation", UserWarning)
@@ -420,8 +107,8 @@ def test_host_syncs_names_the_python_stack_of_each_sync(monkeypatch):
                 library_sync()
             warnings.warn("something else", UserWarning)  # not a sync: not counted
 
-    result = throughput.host_syncs(Step(), 4)
+    result = benchlib.host_syncs(Step().train_step, 4)
     assert modes == ["warn", "default"] and result["host_syncs_per_step"] == 0.5
     [(site, count)] = result["host_sync_sites"].items()
     assert count == 2 and site.startswith("test_benchmarks.py:") and "library_sync <- test_benchmarks.py:" in site
-    assert " train_step <- throughput.py:" in site
+    assert " train_step <- benchlib.py:" in site

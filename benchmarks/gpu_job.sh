@@ -15,6 +15,8 @@
 #     bash benchmarks/gpu_job.sh diagnose   # the CUDA-only test of the copy stream; B/2 none vs ahpa-cached again
 #                                           # (the B/2 gap after the copy-stream change); a kernel profile of XL/2 and
 #                                           # B/2 vanilla steps with GEMM and attention rates (~6 min estimated)
+#     bash benchmarks/gpu_job.sh profile    # the kernel profile of XL/2 and B/2 vanilla steps alone (diagnose's last part;
+#                                           # ~3 min estimated: two compiles, then a few profiled steps and shape rates)
 #     bash benchmarks/gpu_job.sh sampling   # sampling only, B/2 and XL/2, eager then compiled (sample.compile), side
 #                                           # by side (~3-4 min estimated: two compiles of the forward)
 #     bash benchmarks/gpu_job.sh on-the-fly # none and ahpa-on-the-fly, eager and compiled, B/2 and XL/2: needs
@@ -62,6 +64,8 @@ case "$job" in
               bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --warmup 3 --steps 15
               python3 benchmarks/profile_step.py --size gpu --models XL/2,B/2 --methods none --work-dir /tmp/ahpa-bench \
                   --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.log" ;;
+    profile) python3 benchmarks/profile_step.py --size gpu --models XL/2,B/2 --methods none --work-dir /tmp/ahpa-bench \
+                 --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.log" ;;
     sampling) bench --models B/2,XL/2 --methods "" --sampling-compile both ;;
     cudagraphs) TAG=default bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150
                 TAG=reduce-overhead bench --models B/2 --methods none,ahpa-cached --compile compiled --compile-mode reduce-overhead \
@@ -69,6 +73,6 @@ case "$job" in
     tokens) bench --models B/2,XL/2 --methods none,ahpa-cached --compile compiled --token-fractions 1,0.25 --sampling off \
                 --warmup 3 --steps 15 --budget-s 450 ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | sampling | on-the-fly | cudagraphs | tokens)"; exit 2 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tokens)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from study_plots import compact_png, plot_fd, plot_levels, plot_router, plot_speed, plot_sweep
 
+from ahpa.compare import images_to_reach
+
 
 def load_rows(paths: list[Path]) -> tuple[list[Path], dict, dict]:
     """(files, eval rows by (study, method, seed, step), run rows by (study, method, seed))."""
@@ -245,14 +247,12 @@ def paired(series, metrics: list[str], pairs: list[tuple[str, str]], title: str,
 
 def step_reaching(points: list[tuple[int, float]], target: float) -> tuple[str, float]:
     """When a run's FD curve (eval points, ascending steps) first reaches `target`: ("at", step) interpolated linearly
-    between the evaluations around it; ("before", first step) if its first evaluation already had; ("after", last
-    step) if none did."""
+    between the evaluations around it (`ahpa.compare.images_to_reach`, which `ahpa compare` uses on images);
+    ("before", first step) if its first evaluation already had; ("after", last step) if none did."""
     if points[0][1] <= target:
         return "before", points[0][0]
-    for (a, fa), (b, fb) in zip(points, points[1:]):
-        if fa > target >= fb:
-            return "at", a + (fa - target) / (fa - fb) * (b - a)
-    return "after", points[-1][0]
+    step = images_to_reach(points, target)
+    return ("after", points[-1][0]) if step is None else ("at", step)
 
 
 def tflop_to(cost: dict, step: float) -> float:

@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable
@@ -80,14 +81,24 @@ def host_syncs(step: Callable[[], object], steps: int) -> dict:
     """Host syncs in `steps` calls of `step`, a training step (which should have none: the CPU queues work ahead of the GPU),
     counted by CUDA's sync debug mode, which warns at each one. Each site is the Python stack at the warning,
     innermost first (a warning names one frame only: the eleventh session's B/2 vanilla step reported a sync at
-    `__init__.py:1270`, which did not say whose); the prefetch thread's syncs are counted too."""
-    sites: collections.Counter = collections.Counter()
+    `__init__.py:1270`, which did not say whose). `host_syncs_per_step` counts the calling thread's syncs (the
+    step's); other threads' (the cache's prefetch thread) are counted apart and their sites named by thread.
+    Other warnings are shown as usual."""
+    here = threading.get_ident()
+    counts, sites, lock = collections.Counter(), collections.Counter(), threading.Lock()
+    show = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
-            # the stack up to the warning: without this function's frame and the warnings module's own
-            stack = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"][-SYNC_STACK_FRAMES:]
-            sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))] += 1
+        if "synchroniz" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        # the stack up to the warning: without this function's frame and the warnings module's own
+        stack = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"][-SYNC_STACK_FRAMES:]
+        mine = threading.get_ident() == here
+        site = ("" if mine else f"[{threading.current_thread().name}] ") + " <- ".join(
+            f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))
+        with lock:  # the prefetch thread warns too
+            counts[mine] += 1
+            sites[site] += 1
 
     with warnings.catch_warnings():  # restores warnings.showwarning on exit
         warnings.simplefilter("always")
@@ -98,7 +109,9 @@ def host_syncs(step: Callable[[], object], steps: int) -> dict:
                 step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return {"host_syncs_per_step": round(sum(sites.values()) / steps, 2), "host_sync_sites": dict(sites.most_common(8))}
+    return {"host_syncs_per_step": round(counts[True] / steps, 2),
+            "host_syncs_other_threads_per_step": round(counts[False] / steps, 2),
+            "host_sync_sites": dict(sites.most_common(8))}
 
 
 def count_flops(fn) -> float:

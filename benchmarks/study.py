@@ -39,7 +39,8 @@ from ahpa.metrics import FeatureStats, load_detector, reference_stats
 from ahpa.priors.registry import load_encoder
 from ahpa.sample import iter_samples, generate
 from ahpa.train import logger, plots
-from ahpa.train.loop import Trainer, bad_steps_verdict
+from ahpa.train.divergence import DivergenceWatch
+from ahpa.train.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -233,24 +234,27 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     cost = tflop_per_step(trainer.parts.model, al, B, cfg.align.stop_step)
     points = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
     train_total, windows, diverged = 0.0, [], None
+    watch, good, checked = DivergenceWatch(cfg.train.max_bad_steps), 0, 0  # the library's rule (Trainer.run)
     for point in points:
         sums, seen, count = {}, {}, 0
         benchlib.sync(device)
         t0 = time.perf_counter()
         while trainer.step < point and not diverged:
-            for k, v in trainer.train_step().items():
+            step = trainer.train_step()
+            for k, v in step.items():
                 sums[k] = sums.get(k, 0) + v.detach()
                 seen[k] = seen.get(k, 0) + 1
             count += 1
-            if count % DIVERGENCE_CHECK_EVERY == 0:  # one host read per check; the library's rule (Trainer.run)
-                skipped = count - round(float(sums["good_steps"]))
-                diverged = bad_steps_verdict(skipped, count, int(trainer.bad_run.item()), cfg.train.max_bad_steps)
+            good, checked = good + step["good_steps"], checked + 1  # a device tensor: no host read until the check
+            if trainer.step % DIVERGENCE_CHECK_EVERY == 0:  # one host read per check
+                diverged = watch.update(checked, checked - round(float(good)), int(trainer.bad_run.item()))
+                good, checked = 0, 0
         benchlib.sync(device)
         dt = time.perf_counter() - t0
         train_total += dt
         windows.append(1000 * dt / max(count, 1))
         if diverged:  # the last evaluation stands; later ones would measure an EMA frozen by skipped steps
-            diverged = f"stopped at step {trainer.step}: {diverged} (since step {trainer.step - count})"
+            diverged = f"stopped at step {trainer.step}: {diverged}"
             print(f"{label} seed {args.seed} {diverged}", flush=True)
             break
         t0 = time.perf_counter()
@@ -262,7 +266,7 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
             router = {"mode": al.router.mode, "t": [round(x, 4) for x in t.tolist()],
                       "weights": [[round(x, 5) for x in row] for row in w.tolist()], "levels": al.levels}
         row = {"kind": "eval", **ident, "step": trainer.step, "images": trainer.step * B, "fd": fd,
-               "ms_per_step": round(windows[-1], 3), "train_s": round(dt, 2), "eval_s": round(eval_s, 2),
+               "ms_per_step": round(windows[-1], 3), "window_steps": count, "train_s": round(dt, 2), "eval_s": round(eval_s, 2),
                "metrics": window_means(sums, count, seen), "levels": trainer.parts.levels, "router": router,
                "tflop_per_step": cost,
                "config": common, **env}

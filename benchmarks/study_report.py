@@ -135,26 +135,32 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
 
 def lr_sweeps(evals: dict, runs: dict, out: Path) -> list[str]:
     """Vanilla SiT across study keys whose settings differ in train.lr alone (the key includes the lr, so each rate is
-    a study of its own): one table and one plot per such group, to choose the rate the other methods then use."""
-    groups = defaultdict(dict)  # the config without train.lr -> {lr: {step: eval row}}
-    for (key, m, seed, step), r in sorted(evals.items(), key=lambda kv: kv[0][3]):
-        if m == "none" and seed == 0:
-            rest = json.dumps({k: v for k, v in r["config"].items() if k != "train.lr"}, sort_keys=True)
-            groups[rest].setdefault(r["config"]["train.lr"], {})[step] = r
+    a study of its own): one table and one plot per such group, to choose the rate the other methods then use. A
+    rate whose run diverged before its first evaluation has a row too: that is the sweep's upper edge."""
+    groups = defaultdict(dict)  # the config without train.lr -> {lr: (study key, {step: eval row})}
+    evaluated = [(r, True) for (_, m, seed, _), r in sorted(evals.items(), key=lambda kv: kv[0][3]) if m == "none" and seed == 0]
+    stopped = [(r, False) for (_, m, seed), r in runs.items() if m == "none" and seed == 0 and r.get("diverged")]
+    for r, is_eval in evaluated + stopped:
+        rest = json.dumps({k: v for k, v in r["config"].items() if k != "train.lr"}, sort_keys=True)
+        _, curve = groups[rest].setdefault(r["config"]["train.lr"], (r["study"], {}))
+        if is_eval:
+            curve[r["step"]] = r
     lines = []
-    for n, curves in enumerate(g for g in groups.values() if len(g) > 1):
+    for n, by_lr in enumerate(g for g in groups.values() if len(g) > 1):
+        curves = {lr: c for lr, (_, c) in by_lr.items() if c}
+        if not curves:
+            continue
         metrics = sorted(next(iter(next(iter(curves.values())).values()))["fd"])
         steps = sorted({s for c in curves.values() for s in c})
         lines += ["## Learning-rate sweep (vanilla SiT, seed 0)", "",
                   "Study keys that differ only in `train.lr`; " + " / ".join(metrics) + " at each step (lower is better):", "",
                   "| lr | study key | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
-        for lr, c in sorted(curves.items()):
-            key = next(iter(c.values()))["study"]
+        for lr, (key, c) in sorted(by_lr.items()):
             cells = [" / ".join(fmt(c[s]["fd"][k]) for k in metrics) + ("†" if skipped_before(list(c.values()), c[s]) else "")
                      if s in c else "—" for s in steps]
             lines.append(f"| {lr:g} | `{key}` | " + " | ".join(cells) + " |")
         series = {(f"none at lr {lr:g}", 0): list(c.values()) for lr, c in curves.items()}
-        lines += [""] + skipped_notes(series, runs, {r["study"] for c in curves.values() for r in c.values()})
+        lines += [""] + skipped_notes(series, runs, {key for key, _ in by_lr.values()})
         name = f"lr-sweep-{n}.png"
         plot_sweep(curves, metrics[0], out / name)
         lines += [f"![{metrics[0]} by learning rate]({name})", ""]
@@ -163,7 +169,8 @@ def lr_sweeps(evals: dict, runs: dict, out: Path) -> list[str]:
 
 def skipped_before(rs: list[dict], r: dict) -> str:
     """'skipped S of the N steps before it' when the optimiser skipped non-finite steps in r's window, else ''."""
-    n = r["step"] - max((q["step"] for q in rs if q["step"] < r["step"]), default=0)
+    # the window's length as recorded (rows before the field: the gap to the previous row, right unless one is missing)
+    n = r.get("window_steps") or r["step"] - max((q["step"] for q in rs if q["step"] < r["step"]), default=0)
     skipped = r["metrics"].get("skipped_steps", 0)
     return f"skipped {skipped} of the {n} steps before it" if skipped else ""
 
@@ -336,6 +343,11 @@ def main() -> None:
     lines += lr_sweeps(evals, runs, args.out)
     for key in keys:
         lines += report_study(key, evals, runs, args.out, files)
+    unevaluated = sorted((k, m, seed) for k, m, seed in runs if k not in keys)
+    if unevaluated:  # runs that ended before their first evaluation (a diverged one, say): listed, not lost
+        lines += ["## Runs without an evaluation", ""]
+        lines += [f"- study `{k}`, {m}, seed {seed}: {runs[(k, m, seed)].get('diverged') or 'no evaluation row'}"
+                  for k, m, seed in unevaluated] + [""]
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
     for png in sorted(args.out.glob("*.png")):
         compact_png(png)

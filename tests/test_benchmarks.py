@@ -86,7 +86,9 @@ def test_profile_step_smoke(tmp_path):
 
 def test_host_syncs_names_the_python_stack_of_each_sync(monkeypatch):
     """On a GPU, CUDA's sync debug mode warns at each host sync; the count keeps the stack at each warning, so a
-    sync inside a library function (torch's `synchronize`, say) is traced to the line of ours that called it."""
+    sync inside a library function (torch's `synchronize`, say) is traced to the line of ours that called it, and
+    counts another thread's syncs apart from the step's."""
+    import threading
     import warnings
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -107,8 +109,21 @@ def test_host_syncs_names_the_python_stack_of_each_sync(monkeypatch):
                 library_sync()
             warnings.warn("something else", UserWarning)  # not a sync: not counted
 
-    result = benchlib.host_syncs(Step().train_step, 4)
+    class Prefetching(Step):  # a background thread that syncs once per step, as a loader thread might
+        def train_step(self):
+            t = threading.Thread(target=library_sync, name="prefetch")
+            t.start()
+            t.join()
+            super().train_step()
+
+    with pytest.warns(UserWarning, match="something else"):  # other warnings still reach the user
+        result = benchlib.host_syncs(Step().train_step, 4)
     assert modes == ["warn", "default"] and result["host_syncs_per_step"] == 0.5
+    assert result["host_syncs_other_threads_per_step"] == 0
     [(site, count)] = result["host_sync_sites"].items()
     assert count == 2 and site.startswith("test_benchmarks.py:") and "library_sync <- test_benchmarks.py:" in site
     assert " train_step <- benchlib.py:" in site
+    with pytest.warns(UserWarning):
+        result = benchlib.host_syncs(Prefetching().train_step, 4)
+    assert result["host_syncs_per_step"] == 0.5 and result["host_syncs_other_threads_per_step"] == 1.0
+    assert sum(1 for site in result["host_sync_sites"] if site.startswith("[prefetch] ")) == 1

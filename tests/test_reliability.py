@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL at random moments, SIGTERM, non-finite steps, broken checkpoints, bad disks."""
 
 import errno
+import json
 import os
 import random
 import re
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 
 from ahpa import config
 from ahpa.train import checkpoint as ckpt
-from ahpa.train.loop import RunConfigError, TooManyBadSteps, Trainer, bad_steps_verdict
+from ahpa.train.divergence import DivergenceWatch, bad_steps_verdict
+from ahpa.train.loop import RunConfigError, TooManyBadSteps, Trainer
 from tests.conftest import TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -150,6 +152,13 @@ def test_a_run_that_skips_most_steps_stops_though_never_enough_in_a_row(tmp_path
     with pytest.raises(TooManyBadSteps, match="6 of the last 8 steps had a non-finite"):
         tr.run()
     assert tr.step == 8 and tr.bad_total.item() == 6
+    # log windows shorter than max_bad_steps are pooled until the stretch is long enough to judge
+    tr = Trainer(tiny_cfg("train.steps=16", "train.max_bad_steps=4", "train.log_every=2"), tmp_path / "r2")
+    with pytest.raises(TooManyBadSteps, match="3 of the last 4 steps"):
+        tr.run()
+    assert tr.step == 4
+    rows = [json.loads(line) for line in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["skipped_in_window"] == 2  # the window that stopped it is logged
 
 
 def test_bad_steps_verdict():
@@ -158,6 +167,9 @@ def test_bad_steps_verdict():
     assert "51 of the last 100" in bad_steps_verdict(51, 100, 3, 20)
     assert bad_steps_verdict(10, 10, 10, 20) is None  # a window shorter than max_bad_steps: only the streak counts
     assert "20 steps in a row" in bad_steps_verdict(20, 100, 20, 20)
+    watch = DivergenceWatch(max_bad_steps=20)
+    assert [watch.update(10, 8, 2), watch.update(10, 4, 0)] == [None, "12 of the last 20 steps had a non-finite loss or gradient"]
+    assert watch.update(10, 10, 10) is None  # a new stretch after the judged one: 10 steps are too few to judge
 
 
 def test_broken_checkpoints_are_skipped_or_refused(tmp_path):

@@ -94,7 +94,7 @@ def test_study_stops_a_diverged_run_and_the_report_says_so(tmp_path, monkeypatch
     assert [r["metrics"]["skipped_steps"] for r in rows if r["kind"] == "eval"] == [0, 8, 10]
     run = rows[-1]
     assert run["kind"] == "run" and run["complete"] is False and run["steps"] == 32
-    assert run["diverged"] == "stopped at step 32: 20 steps in a row had a non-finite loss or gradient (since step 30)"
+    assert run["diverged"] == "stopped at step 32: 20 steps in a row had a non-finite loss or gradient"
     _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
     text = (tmp_path / "report" / "README.md").read_text()
     assert "| none | 0 | " in text and "diverged: stopped at step 32" in text
@@ -314,9 +314,25 @@ def test_study_report_sweeps_the_learning_rate_across_keys_that_differ_in_it_alo
 
     evals = dict([row("a", 2e-4, 2000, 7.2), row("a", 2e-4, 4000, 5.7), row("b", 8e-4, 2000, 5.4),
                   row("b", 8e-4, 4000, 4.3, skipped=1500), row("c", 8e-4, 2000, 9.9, steps=500)])
-    text = "\n".join(lr_sweeps(evals, {}, tmp_path))
+    # a rate that diverged before its first evaluation has only its run row: it still shows, as the sweep's edge
+    diverged = {("d", "none", 0): {"kind": "run", "study": "d", "config": {**evals[("a", "none", 0, 2000)]["config"], "train.lr": 3.2e-3},
+                                   "diverged": "stopped at step 400: 150 of the last 200 steps had a non-finite loss or gradient"}}
+    evals[("b", "none", 0, 4000)]["window_steps"] = 1800  # recorded: the footnote says it, not the gap between rows
+    text = "\n".join(lr_sweeps(evals, diverged, tmp_path))
     assert "| 0.0002 | `a` | 7.200 / 6.900 | 5.700 / 5.400 |" in text
     assert "| 0.0008 | `b` | 5.400 / 5.100 | 4.300 / 4.000† |" in text
-    assert "skipped 1500 of the 2000 steps before it" in text and "`c`" not in text
+    assert "skipped 1500 of the 1800 steps before it" in text and "`c`" not in text
+    assert "| 0.0032 | `d` | — | — |" in text and "diverged: stopped at step 400" in text
     assert (tmp_path / "lr-sweep-0.png").is_file()
     assert lr_sweeps(dict([row("a", 2e-4, 2000, 7.2)]), {}, tmp_path) == []  # one lr is no sweep
+
+
+def test_study_report_lists_a_run_that_stopped_before_its_first_evaluation(tmp_path):
+    """A run that diverged before its first evaluation writes only its run row; the report lists it."""
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps({"kind": "run", "study": "k1", "method": "ahpa-soft", "seed": 1, "config": {},
+                                   "diverged": "stopped at step 200: 20 steps in a row had a non-finite loss or gradient"}) + "\n")
+    _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "## Runs without an evaluation" in text
+    assert "- study `k1`, ahpa-soft, seed 1: stopped at step 200: 20 steps in a row" in text

@@ -27,26 +27,11 @@ from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note,
 from ahpa.train.checkpoint import load_latest_everywhere, owned, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
+from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
 from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir
 from ahpa.transport.path import get_path
-
-
-class TooManyBadSteps(FloatingPointError):
-    pass
-
-
-def bad_steps_verdict(skipped_in_window: int, window: int, in_a_row: int, max_bad_steps: int) -> str | None:
-    """Why a run should stop for its non-finite steps, or None. Two signs of divergence: `max_bad_steps` skipped
-    in a row, or more than half of a log window of at least `max_bad_steps` steps skipped. The second catches a run
-    that blows up on most batches but not all: a GPU study run at lr 1.6e-3 skipped 1,827 of 2,000 steps with
-    never 20 in a row at a check, training on the few batches that stayed finite (docs/study.md, GPU job 2)."""
-    if in_a_row >= max_bad_steps:
-        return f"{in_a_row} steps in a row had a non-finite loss or gradient"
-    if window >= max_bad_steps and 2 * skipped_in_window > window:
-        return f"{skipped_in_window} of the last {window} steps had a non-finite loss or gradient"
-    return None
 
 
 class Trainer:
@@ -348,6 +333,7 @@ class Trainer:
             truncate_jsonl(self.run_dir / "router.jsonl", self.step)
         sums: dict[str, torch.Tensor] = {}
         count, t0, last = 0, time.perf_counter(), {}
+        watch = DivergenceWatch(c.train.max_bad_steps)
         try:
             while self.step < c.train.steps:
                 metrics = self.train_step()
@@ -358,17 +344,17 @@ class Trainer:
                 # a window ends where alignment stops, so no logged mean mixes steps with and without it
                 if self.step % c.train.log_every == 0 or done or self.step == c.align.stop_step:
                     last = self._log_row(sums, count, t0)
-                    verdict = bad_steps_verdict(last["skipped_in_window"], count, int(self.bad_run.item()), c.train.max_bad_steps)
+                    if logger is not None:  # the window that stops a run is logged first
+                        logger.log(self.step, last)
+                    if on_log is not None:
+                        on_log(self.step, last)
+                    verdict = watch.update(count, last["skipped_in_window"], int(self.bad_run.item()))
                     if verdict:
                         raise TooManyBadSteps(
                             f"{verdict} (step {self.step}); they were skipped, and no checkpoint is written inside a "
                             f"streak of them. Start a new run with a lower train.lr, a smaller train.grad_clip, "
                             f"model.qk_norm=true or train.precision=fp32, or check the data."
                         )
-                    if logger is not None:
-                        logger.log(self.step, last)
-                    if on_log is not None:
-                        on_log(self.step, last)
                     sums, count, t0 = {}, 0, time.perf_counter()
                 # no checkpoint inside a streak of skipped steps: the last good one stays the newest
                 # every process takes part in saving and sampling (FSDP gathers); rank 0 writes

@@ -52,6 +52,8 @@ start=$(date +%s)
 bench() { python3 benchmarks/throughput.py --size gpu --work-dir /tmp/ahpa-bench --out "$OUT/throughput_$job${TAG:+_$TAG}.json" \
               "$@" "${EXTRA[@]}" 2>&1 | tee -a "$OUT/throughput_$job.log"; }
 EXTRA=("$@")
+profile() { python3 benchmarks/profile_step.py --size gpu --models XL/2,B/2 --methods none --work-dir /tmp/ahpa-bench \
+                --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.log"; }
 case "$job" in
     # the guards: no training measurement starts after 450 s (the slowest, XL/2 compile + steps, was estimated at
     # ~100 s) and no sampling one after 510 s (XL/2's, export + 50 Heun + 250 Euler-Maruyama, estimated at ~50 s)
@@ -62,10 +64,8 @@ case "$job" in
     prefetch) bench --models B/2 --methods none,ahpa-cached --compile compiled --prefetch both --sampling off --budget-s 450 ;;
     diagnose) python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py -k cuda 2>&1 | tee "$OUT/pytest_cuda.log"
               bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --warmup 3 --steps 15
-              python3 benchmarks/profile_step.py --size gpu --models XL/2,B/2 --methods none --work-dir /tmp/ahpa-bench \
-                  --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.log" ;;
-    profile) python3 benchmarks/profile_step.py --size gpu --models XL/2,B/2 --methods none --work-dir /tmp/ahpa-bench \
-                 --out "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.log" ;;
+              profile ;;
+    profile) profile ;;
     sampling) bench --models B/2,XL/2 --methods "" --sampling-compile both ;;
     cudagraphs) TAG=default bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150
                 TAG=reduce-overhead bench --models B/2 --methods none,ahpa-cached --compile compiled --compile-mode reduce-overhead \

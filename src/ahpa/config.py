@@ -120,7 +120,7 @@ class TrainCfg:
     ckpt_every: int = 1000  # steps per checkpoint (a stopped run resumes from the newest)
     sample_every: int = 1000  # steps per sample grid of the EMA model, and one at the end (0 = none)
     keep_checkpoints: int = 3  # newest checkpoints kept on disk (0 = keep every one)
-    max_bad_steps: int = 20  # non-finite steps in a row (or over half of a log window this long) before the run stops
+    max_bad_steps: int = 20  # non-finite steps in a row (or over half of any stretch this long) before the run stops
 
 
 @dataclass

@@ -41,7 +41,25 @@ def load_rows(paths: list[Path]) -> tuple[list[Path], dict, dict]:
                 evals[(r["study"], r["method"], r["seed"], r["step"])] = r
             elif r.get("kind") == "run":
                 runs[(r["study"], r["method"], r["seed"])] = r
-    return files, evals, runs
+    return files, *merge_cadences(evals, runs)
+
+
+def merge_cadences(evals: dict, runs: dict) -> tuple[dict, dict]:
+    """Study keys whose settings differ in `study.eval_every` alone are one study: evaluating draws none of training's
+    random numbers (every draw is a function of (seed, step), ahpa/train/draws.py), so a run evaluated every 4,000
+    steps trained exactly as one evaluated every 2,000. Their rows move to the key of the finest cadence, each keeping
+    its own key as `evaluated_as`."""
+    families = defaultdict(list)  # the settings without the cadence -> [(cadence, key)]
+    for r in [*evals.values(), *runs.values()]:
+        if "config" in r:
+            rest = json.dumps({k: v for k, v in r["config"].items() if k != "study.eval_every"}, sort_keys=True)
+            families[rest].append((r["config"].get("study.eval_every") or 0, r["study"]))
+    home = {key: min(members)[1] for members in families.values() for _, key in members}
+
+    def moved(r: dict) -> dict:
+        return r if home.get(r["study"], r["study"]) == r["study"] else {**r, "study": home[r["study"]], "evaluated_as": r["study"]}
+    return ({(home.get(k, k), *rest): moved(r) for (k, *rest), r in evals.items()},
+            {(home.get(k, k), *rest): moved(r) for (k, *rest), r in runs.items()})
 
 
 def fmt(x: float | None, nd: int = 3) -> str:
@@ -64,7 +82,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
     series = defaultdict(list)  # (method, seed) -> eval rows by step
     for (_, m, s, _), r in sorted(rows.items(), key=lambda kv: kv[0][3]):
         series[(m, s)].append(r)
-    any_row = next(iter(rows.values()))
+    any_row = next((r for r in rows.values() if "evaluated_as" not in r), next(iter(rows.values())))
     cfg, metrics = any_row["config"], sorted(any_row["fd"])
     steps = sorted({k[3] for k in rows})
     methods = method_order({m for m, _ in series})
@@ -77,6 +95,11 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
               f"evaluation: {cfg.get('study.eval_num')} class-balanced EMA samples, Euler 50 steps, no guidance. "
               f"Device: {any_row.get('device')}, torch {any_row.get('torch')}, {any_row.get('precision')}.", ""]
     lines += [f"Command (one job): `{any_row.get('command')}`", ""]
+    merged = sorted({(r["evaluated_as"], r["config"].get("study.eval_every")) for r in rows.values() if "evaluated_as" in r})
+    if merged:  # merge_cadences: the same training, evaluated at other steps
+        lines += [f"Evaluated every {cfg.get('study.eval_every')} steps; this table also holds "
+                  + ", ".join(f"study `{k}` (the same settings, evaluated every {e} steps)" for k, e in merged)
+                  + ": evaluating draws none of training's random numbers, so those runs trained exactly as these.", ""]
     lanes = sorted({r.get("lanes", 1) for r in rows.values()})
     if lanes != [1]:  # benchmarks/study_gpu_job.sh runs several study processes on one device at once
         lines += [f"Timings: {' or '.join(map(str, lanes))} study processes (lanes) shared the device, so ms/step and "
@@ -119,17 +142,18 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
             name = f"router-{key}-{file_label(m)}-seed{seed}.png"
             plot_router(routed, out / name, f"{m}, seed {seed}")
             lines += [f"Router weights of {m} (seed {seed}) at each evaluation point:", "", f"![router {m}]({name})", ""]
-    grids = []
-    for f in files:
-        for g in sorted(f.parent.glob(f"samples-{key}-*.png")) if f.is_file() else []:
-            if g.parent.resolve() != out.resolve():
-                shutil.copy2(g, out / g.name)
-            grids.append(g.name)
+    grids = {}  # file name -> its label (the name without "samples-<key>-" and ".png")
+    for k in [key, *(k for k, _ in merged)]:
+        for f in files:
+            for g in sorted(f.parent.glob(f"samples-{k}-*.png")) if f.is_file() else []:
+                if g.parent.resolve() != out.resolve():
+                    shutil.copy2(g, out / g.name)
+                grids[g.name] = g.name.split(k + "-", 1)[1].rsplit(".", 1)[0]
     if grids:
         lines += ["Final EMA samples (class i % 10 in column order):", ""]
         rank = {file_label(m): i for i, m in enumerate(methods)}
-        grids = sorted(set(grids), key=lambda g: (rank.get(g.split(key + "-")[1].split("-seed")[0], 99), g))
-        lines += [f"- {g.split(key + '-')[1].rsplit('.', 1)[0]}: ![samples]({g})" for g in grids] + [""]
+        order = sorted(grids, key=lambda g: (rank.get(grids[g].split("-seed")[0], 99), grids[g]))
+        lines += [f"- {grids[g]}: ![samples]({g})" for g in order] + [""]
     return lines
 
 

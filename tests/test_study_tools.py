@@ -336,3 +336,32 @@ def test_study_report_lists_a_run_that_stopped_before_its_first_evaluation(tmp_p
     text = (tmp_path / "report" / "README.md").read_text()
     assert "## Runs without an evaluation" in text
     assert "- study `k1`, ahpa-soft, seed 1: stopped at step 200: 20 steps in a row" in text
+
+
+def test_report_merges_keys_that_differ_only_in_the_evaluation_cadence(tmp_path):
+    """Evaluating draws none of training's random numbers, so runs evaluated every 4,000 steps join the table of the
+    same settings evaluated every 2,000 (under the finer cadence's key), with their sample grids; a key that differs
+    in anything else stays a study of its own."""
+    def row(key, method, step, fd, every, lr=8e-4):
+        cfg = {"train.lr": lr, "train.batch_size": 4, "model.preset": "S/1", "study.eval_every": every}
+        return {"kind": "eval", "study": key, "method": method, "seed": 0, "variant": [], "step": step, "images": 4 * step,
+                "fd": {"FD-r20": fd}, "ms_per_step": 1.0, "metrics": {}, "levels": [], "router": None, "config": cfg}
+
+    def run(key, method, every, lr=8e-4):
+        return {"kind": "run", "study": key, "method": method, "seed": 0, "ms_per_step_steady": 1.0, "complete": True,
+                "config": row(key, method, 0, 0, every, lr)["config"]}
+    rows = [row("fine", "none", 2000, 5.4, 2000), row("fine", "none", 4000, 4.3, 2000), run("fine", "none", 2000),
+            row("coarse", "ahpa-soft", 4000, 4.0, 4000), run("coarse", "ahpa-soft", 4000),
+            row("other", "ahpa-soft", 4000, 9.9, 4000, lr=2e-4)]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "samples-coarse-ahpa-soft-seed0-step4000.png")  # beside the results, as a job leaves it
+    _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "README.md").read_text()
+    fine = text.split("## Study `fine`")[1].split("## Study")[0]
+    assert "| none | 0 | 5.400 | 4.300 |" in fine and "| ahpa-soft | 0 | — | 4.000 |" in fine
+    assert "study `coarse` (the same settings, evaluated every 4000 steps)" in fine
+    assert "ahpa-soft-seed0-step4000: ![samples](samples-coarse-ahpa-soft-seed0-step4000.png)" in fine
+    assert (tmp_path / "report" / "samples-coarse-ahpa-soft-seed0-step4000.png").is_file()
+    assert "## Study `coarse`" not in text and "## Study `other`" in text  # moved, and not merged

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import platform
 import sys
 import threading
@@ -55,7 +56,10 @@ def device_info(device: torch.device) -> dict:
         n = torch.get_num_threads()
         name = f"CPU {platform.machine()} ({n} thread{'s' if n > 1 else ''})"
         peak = None  # no MFU on CPU: no meaningful dense peak to divide by
-    return {"device": name, "peak_bf16_tflops": peak, "torch": torch.__version__, "python": platform.python_version()}
+    info = {"device": name, "peak_bf16_tflops": peak, "torch": torch.__version__, "python": platform.python_version()}
+    # the compiler's settings given by environment (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1, say) change the kernels
+    inductor = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")}
+    return {**info, "inductor_env": inductor} if inductor else info
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -24,6 +24,10 @@
 #     bash benchmarks/gpu_job.sh cudagraphs # B/2 none and ahpa-cached compiled in the default mode, then with CUDA
 #                                           # graphs (reduce-overhead), side by side; SiT-S/1 gained 1.7-1.9x from them
 #                                           # (docs/study.md), B/2 is the size whose targets are unmet (~4 min estimated)
+#     bash benchmarks/gpu_job.sh tuning     # XL/2 and B/2 none compiled, then the same with inductor's coordinate-descent
+#                                           # tuning of its Triton kernels (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1), side
+#                                           # by side: the profile put 28% (XL/2) and 39% (B/2) of the step in those
+#                                           # kernels (~5 min estimated: four compiles, two of them tuning)
 #     bash benchmarks/gpu_job.sh tokens     # B/2 and XL/2, none and ahpa-cached compiled, the heads on every token
 #                                           # and on a quarter of them (align.token_fraction=0.25), side by side
 #                                           # (~6 min estimated: six compiled measurements)
@@ -70,9 +74,12 @@ case "$job" in
     cudagraphs) TAG=default bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150
                 TAG=reduce-overhead bench --models B/2 --methods none,ahpa-cached --compile compiled --compile-mode reduce-overhead \
                     --sampling off --budget-s 150 ;;
+    tuning) TAG=default bench --models XL/2,B/2 --methods none --compile compiled --sampling off --budget-s 200
+            TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TAG=coordinate-descent bench --models XL/2,B/2 --methods none \
+                --compile compiled --sampling off --budget-s 250 ;;
     tokens) bench --models B/2,XL/2 --methods none,ahpa-cached --compile compiled --token-fractions 1,0.25 --sampling off \
                 --warmup 3 --steps 15 --budget-s 450 ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tokens)"; exit 2 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | tokens)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

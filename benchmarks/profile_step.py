@@ -33,17 +33,26 @@ from ahpa.models.sit import SiTConfig
 from ahpa.train.loop import Trainer
 
 # first match wins: kernel names of cuBLAS/CUTLASS GEMMs, flash/cuDNN/efficient attention, inductor's Triton kernels
+# (before the optimizer's: their names read "triton_red_fused_..."), the foreach/fused multi-tensor kernels of the
+# optimizer, the EMA and the gradient clipping, then copies
 CATEGORIES = (
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn.*(mha|sdp)", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|sm90_|sm80_|matmul|aten::(mm|addmm|bmm|linear)$", re.I)),
-    ("optimizer", re.compile(r"multi_tensor|adam|foreach|_fused_", re.I)),
-    ("copy", re.compile(r"memcpy|memset|copy_|aten::to$|_to_copy", re.I)),
     ("triton", re.compile(r"^triton_", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam|foreach", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy_|aten::to$|_to_copy", re.I)),
 )
 
 
 def category(name: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if pattern.search(name)), "other")
+
+
+def is_annotation(event) -> bool:
+    """A range the profiler draws on the GPU's timeline around the kernels of a CPU region ("Optimizer.step#AdamW.step"):
+    not a kernel, and counting it would count its kernels twice. (`is_user_annotation` is missing from older torch.)"""
+    flag = getattr(event, "is_user_annotation", None)
+    return bool(flag) if flag is not None else "#" in event.name
 
 
 def busy_us(intervals: list[tuple[float, float]]) -> float:
@@ -67,7 +76,7 @@ def profile_steps(trainer: Trainer, steps: int, device: torch.device) -> dict:
         wall_us = (time.perf_counter() - t0) * 1e6
     if device.type == "cuda":
         # kernels and copies the device ran (their own records, not the CPU-side launches)
-        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e)]
         # CUPTI may be unavailable (e.g. under gVisor): then no device record exists, and the table says so
         kind = "cuda kernels" if events else "no CUDA kernel records (CUPTI unavailable?)"
     else:

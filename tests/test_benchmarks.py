@@ -84,6 +84,31 @@ def test_profile_step_smoke(tmp_path):
     assert result["profiles"][1]["launches_per_step"] > result["profiles"][0]["launches_per_step"]
 
 
+def test_profile_step_sorts_the_kernel_names_of_an_h200_profile(monkeypatch):
+    """Names as the twelfth session's H200 profile recorded them. Inductor's fused kernels ("triton_red_fused_...")
+    are not the optimizer's, though their names hold "_fused_" (that run counted them as such), and the profiler's
+    range around the optimizer's kernels is no kernel: counted, it counted those kernels twice."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from types import SimpleNamespace
+
+    from profile_step import category, is_annotation
+    names = {
+        "triton_red_fused__to_copy_add_mul_native_layer_norm_backward_split_unsqueeze_view_14": "triton",
+        "triton_poi_fused_gelu_gelu_backward_view_10": "triton",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+        "FusedOptimizerTensorListMetadata<4>, at::native::(anonymous": "optimizer",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+        "TensorListMetadata<3>, at::native::(anonymous namespace)::B": "optimizer",
+        "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN": "gemm",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128_1x4x1_cga1x1x1_kernel0_0": "attention",
+        "Memcpy HtoD (Pinned -> Device)": "copy",
+    }
+    assert {n: category(n) for n in names} == names
+    assert is_annotation(SimpleNamespace(name="Optimizer.step#AdamW.step", is_user_annotation=True))
+    assert not is_annotation(SimpleNamespace(name="triton_poi_fused_gelu_view_17", is_user_annotation=False))
+    assert is_annotation(SimpleNamespace(name="Optimizer.step#AdamW.step"))  # a torch without the flag
+
+
 def test_host_syncs_names_the_python_stack_of_each_sync(monkeypatch):
     """On a GPU, CUDA's sync debug mode warns at each host sync; the count keeps the stack at each warning, so a
     sync inside a library function (torch's `synchronize`, say) is traced to the line of ours that called it, and
@@ -127,3 +152,15 @@ def test_host_syncs_names_the_python_stack_of_each_sync(monkeypatch):
         result = benchlib.host_syncs(Prefetching().train_step, 4)
     assert result["host_syncs_per_step"] == 0.5 and result["host_syncs_other_threads_per_step"] == 1.0
     assert sum(1 for site in result["host_sync_sites"] if site.startswith("[prefetch] ")) == 1
+
+
+def test_records_name_the_compiler_settings_given_by_environment(monkeypatch):
+    """`gpu_job.sh tuning` sets TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 for its second measurement: the records say
+    so, or the two would read alike."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import benchlib
+    import torch
+    monkeypatch.delenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", raising=False)
+    assert "inductor_env" not in benchlib.device_info(torch.device("cpu"))
+    monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1")
+    assert benchlib.device_info(torch.device("cpu"))["inductor_env"] == {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}

@@ -1,6 +1,8 @@
 """Adds `tflop_per_step` to study result rows recorded before study.py wrote it (sixth session), in place.
 
-    python benchmarks/study_fill_flops.py docs/study/gpu/results.jsonl docs/study/pilot-long/results.jsonl
+    python benchmarks/study_fill_flops.py docs/study/gpu/results.jsonl
+
+(Plain .jsonl only; the pilots' gzipped rows were filled before they were compressed.)
 
 The figure is derived, not measured: the same `study.tflop_per_step` that study.py now calls, on a SiT and an
 aligner built from each row's config and variants (model FLOPs of the backbone and of the alignment heads, per

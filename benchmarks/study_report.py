@@ -14,6 +14,7 @@ every PNG in --out is stored with a 256-colour palette (`compact_png`: the docs 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import shutil
@@ -30,10 +31,13 @@ def load_rows(paths: list[Path]) -> tuple[list[Path], dict, dict]:
     """(files, eval rows by (study, method, seed, step), run rows by (study, method, seed))."""
     files = []
     for p in paths:
-        files += sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+        files += sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")]) if p.is_dir() else [p]
     evals, runs = {}, {}
     for f in files:
-        for line in f.read_text().splitlines():
+        # a finished pilot's rows are stored gzipped (they travel with every device call); appending a gzip member
+        # (`gzip -nc new.jsonl >> results.jsonl.gz`) keeps the file one valid stream
+        text = gzip.decompress(f.read_bytes()).decode() if f.suffix == ".gz" else f.read_text()
+        for line in text.splitlines():
             if not line.strip():
                 continue
             r = json.loads(line)

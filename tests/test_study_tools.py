@@ -365,3 +365,19 @@ def test_report_merges_keys_that_differ_only_in_the_evaluation_cadence(tmp_path)
     assert "ahpa-soft-seed0-step4000: ![samples](samples-coarse-ahpa-soft-seed0-step4000.png)" in fine
     assert (tmp_path / "report" / "samples-coarse-ahpa-soft-seed0-step4000.png").is_file()
     assert "## Study `coarse`" not in text and "## Study `other`" in text  # moved, and not merged
+
+
+def test_report_reads_gzipped_rows_with_appended_members(monkeypatch, tmp_path):
+    """The pilots' rows are stored gzipped; a later run's rows are appended as another gzip member
+    (`gzip -nc R.jsonl >> results.jsonl.gz`), and the report reads both, from the file or its folder."""
+    import gzip
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import load_rows
+
+    def row(step):
+        return json.dumps({"kind": "eval", "study": "k", "method": "none", "seed": 0, "step": step, "config": {}}) + "\n"
+    f = tmp_path / "results.jsonl.gz"
+    f.write_bytes(gzip.compress(row(1000).encode()) + gzip.compress(row(2000).encode()))
+    for where in (f, tmp_path):
+        files, evals, _ = load_rows([where])
+        assert files == [f] and sorted(k[3] for k in evals) == [1000, 2000]

@@ -19,6 +19,7 @@ Nothing carries over from one job to the next: a job trains complete runs from s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -233,7 +234,7 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     al = trainer.parts.aligner
     cost = tflop_per_step(trainer.parts.model, al, B, cfg.align.stop_step)
     points = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
-    train_total, windows, diverged = 0.0, [], None
+    train_total, windows, diverged, compiled_bundle = 0.0, [], None, None
     watch, good, checked = DivergenceWatch(cfg.train.max_bad_steps), 0, 0  # the library's rule (Trainer.run)
     for point in points:
         sums, seen, count = {}, {}, 0
@@ -260,6 +261,13 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
         t0 = time.perf_counter()
         fd = evaluate(trainer.sampler_bundle(), detectors, refs, args.eval_num, args.eval_batch, scfg)
         eval_s = time.perf_counter() - t0
+        compiled = {}
+        if args.eval_compiled_too:  # the same samples (seeded per index) from the compiled network, timed apart
+            t0 = time.perf_counter()
+            compiled_bundle = compiled_bundle or trainer.sampler_bundle()  # one compiled network per run: the EMA module is the same object
+            compiled["fd_compiled"] = evaluate(compiled_bundle, detectors, refs, args.eval_num, args.eval_batch,
+                                               dataclasses.replace(scfg, compile=True))
+            compiled["eval_s_compiled"] = round(time.perf_counter() - t0, 2)
         router = None
         if al is not None:
             t, w = al.router_table()
@@ -267,6 +275,7 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
                       "weights": [[round(x, 5) for x in row] for row in w.tolist()], "levels": al.levels}
         row = {"kind": "eval", **ident, "step": trainer.step, "images": trainer.step * B, "fd": fd,
                "ms_per_step": round(windows[-1], 3), "window_steps": count, "train_s": round(dt, 2), "eval_s": round(eval_s, 2),
+               **compiled,
                "metrics": window_means(sums, count, seen), "levels": trainer.parts.levels, "router": router,
                "tflop_per_step": cost,
                "config": common, **env}
@@ -312,6 +321,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--align-weight", type=float, help="override align.weight (lambda)")
     ap.add_argument("--lr", type=float, help="override train.lr")
     ap.add_argument("--compile", choices=("on", "off"), default="off")
+    ap.add_argument("--eval-compiled-too", action="store_true",
+                    help="evaluate each point a second time with the sampler compiled (sample.compile), recording "
+                         "fd_compiled and eval_s_compiled beside the eager protocol's fd and eval_s: the side-by-side "
+                         "check before the study's evaluation may be compiled")
     ap.add_argument("--compile-mode", default="default",
                     help="train.compile_mode (e.g. reduce-overhead: CUDA graphs for the host-bound SiT-S/1 step)")
     ap.add_argument("--results", type=Path, required=True, help="JSON-lines file results are appended to")

@@ -123,6 +123,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
                              + f" | {fmt(run and run['ms_per_step_steady'], 1)} | {done} |")
         lines.append("")
     lines += skipped_notes(series, runs, {key})
+    lines += compiled_evaluation(series, metrics, methods)
     lines += paired_with_none(series, metrics, methods)
     lines += paired_with_base(series, metrics, methods)
     lines += ahpa_against_baselines(series, metrics[0], methods)
@@ -201,6 +202,28 @@ def skipped_before(rs: list[dict], r: dict) -> str:
     n = r.get("window_steps") or r["step"] - max((q["step"] for q in rs if q["step"] < r["step"]), default=0)
     skipped = r["metrics"].get("skipped_steps", 0)
     return f"skipped {skipped} of the {n} steps before it" if skipped else ""
+
+
+def compiled_evaluation(series, metrics: list[str], methods: list[str]) -> list[str]:
+    """The check of `study.py --eval-compiled-too`: each point's FD from the compiled sampler against the eager
+    protocol's (the same samples' seeds), and the two evaluations' times."""
+    rows = [(m, seed, r) for m in methods for (mm, seed), rs in sorted(series.items()) if mm == m for r in rs
+            if "fd_compiled" in r]
+    if not rows:
+        return []
+    diffs = {k: [r["fd_compiled"][k] - r["fd"][k] for _, _, r in rows] for k in metrics}
+    speed = statistics.median(r["eval_s"] / r["eval_s_compiled"] for _, _, r in rows)
+    lines = ["**Compiled evaluation against the eager protocol** (`--eval-compiled-too`): the largest |compiled − eager| "
+             "is " + ", ".join(f"{max(map(abs, d)):.4f} ({k})" for k, d in diffs.items())
+             + f" over {len(rows)} points; the compiled evaluation took 1/{speed:.2f} of the eager one's time (median; "
+             "its first point includes compiling).", "",
+             "| method | seed | step | " + " | ".join(f"{k} eager / compiled" for k in metrics) + " | eval s eager / compiled |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+    for m, seed, r in rows:
+        lines.append(f"| {m} | {seed} | {r['step']} | " + " | ".join(f"{fmt(r['fd'][k], 4)} / {fmt(r['fd_compiled'][k], 4)}"
+                                                                    for k in metrics)
+                     + f" | {r['eval_s']:.1f} / {r['eval_s_compiled']:.1f} |")
+    return lines + [""]
 
 
 def skipped_notes(series, runs: dict, keys: set[str]) -> list[str]:

@@ -381,3 +381,19 @@ def test_report_reads_gzipped_rows_with_appended_members(monkeypatch, tmp_path):
     for where in (f, tmp_path):
         files, evals, _ = load_rows([where])
         assert files == [f] and sorted(k[3] for k in evals) == [1000, 2000]
+
+
+@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
+def test_study_checks_a_compiled_evaluation_against_the_eager_one(tmp_path):
+    """--eval-compiled-too evaluates each point again with the sampler compiled: the row keeps the eager protocol's
+    fd and adds fd_compiled (the same samples' seeds, so only rounding differs), and the report sets them side by side."""
+    results = tmp_path / "r.jsonl"
+    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none", "--steps", "2", "--eval-every", "2",
+          "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"),
+          "--eval-compiled-too", "--results", str(results)])
+    row = next(json.loads(l) for l in results.read_text().splitlines() if '"kind": "eval"' in l)
+    assert set(row["fd_compiled"]) == set(row["fd"]) and row["eval_s_compiled"] > 0
+    assert all(abs(row["fd_compiled"][k] - row["fd"][k]) < 0.01 * row["fd"][k] for k in row["fd"])
+    _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "**Compiled evaluation against the eager protocol**" in text and "| none | 0 | 2 |" in text

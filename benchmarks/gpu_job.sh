@@ -27,7 +27,8 @@
 #     bash benchmarks/gpu_job.sh tuning     # XL/2 and B/2 none compiled, then the same with inductor's coordinate-descent
 #                                           # tuning of its Triton kernels (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1), side
 #                                           # by side: the profile put 28% (XL/2) and 39% (B/2) of the step in those
-#                                           # kernels (~5 min estimated: four compiles, two of them tuning)
+#                                           # kernels (~6-7 min estimated: four compiles, two of them tuning; B/2 alone,
+#                                           # `tuning --models B/2`, ~4 min)
 #     bash benchmarks/gpu_job.sh tokens     # B/2 and XL/2, none and ahpa-cached compiled, the heads on every token
 #                                           # and on a quarter of them (align.token_fraction=0.25), side by side
 #                                           # (~6 min estimated: six compiled measurements)

@@ -57,8 +57,9 @@ def device_info(device: torch.device) -> dict:
         name = f"CPU {platform.machine()} ({n} thread{'s' if n > 1 else ''})"
         peak = None  # no MFU on CPU: no meaningful dense peak to divide by
     info = {"device": name, "peak_bf16_tflops": peak, "torch": torch.__version__, "python": platform.python_version()}
-    # the compiler's settings given by environment (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1, say) change the kernels
-    inductor = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")}
+    # the compiler's settings given by environment (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1, say) change the kernels;
+    # its cache directory does not (and inductor sets that variable itself once it has compiled)
+    inductor = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR"}
     return {**info, "inductor_env": inductor} if inductor else info
 
 

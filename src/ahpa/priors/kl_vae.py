@@ -142,7 +142,9 @@ def train_vae(
     torch.manual_seed(seed)
     vae = KLVAE(cfg or KLVAEConfig()).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by its warm-up's length minus one step, so a warm-up of exactly one step (10% of 10 steps)
+    # divides by zero: that run warms up for two
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2 if steps == 10 else 0.1)
     gen = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(images)
     for step in range(steps):

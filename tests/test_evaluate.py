@@ -138,3 +138,28 @@ def test_several_detectors_share_one_set_of_samples(setup, tmp_path):
     alone = ev.evaluate_fd(bundle, det, ref_stats, 16, 0, CFG, 8)
     both = ev.evaluate_fd(bundle, [det, det], [ref_stats, ref_stats], 16, 0, CFG, 8)
     assert both == alone  # same name twice: same figure, from samples generated once
+
+
+def test_evaluation_settings_fail_before_the_first_training_step(setup, tmp_path):
+    """What would fail the first evaluation fails when the run is built, naming the setting: otherwise the study
+    config's eval.every=2000 would report it after 2,000 steps of training. A file of the wrong kind is named too."""
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, ref = setup
+    base = [*TINY, "train.steps=4", "eval.every=2"]
+    cases = [([f"eval.ref={ref}"], ValueError, "eval.detectors is empty"),
+             ([f"eval.detectors=[{det.spec}]"], ValueError, "eval.ref is empty"),
+             ([f"eval.detectors=[{det.spec}]", f"eval.ref={tmp_path / 'none.npz'}"], FileNotFoundError, "eval.ref"),
+             ([f"eval.detectors=[torchscript:{tmp_path / 'none.pt'}]", f"eval.ref={ref}"], FileNotFoundError, "none.pt"),
+             ([f"eval.detectors=[inception:{det.spec.partition(':')[2]}]", f"eval.ref={ref}"], ValueError,
+              "does not run as a `inception:` detector .*`torchscript:` file")]
+    for extra, error, message in cases:
+        with pytest.raises(error, match=message):
+            Trainer(config.load(None, [*base, *extra]), tmp_path / "run")
+        assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+    not_torchscript = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, not_torchscript)
+    with pytest.raises(ValueError, match="is not a TorchScript file"):
+        load_detector(f"torchscript:{not_torchscript}")

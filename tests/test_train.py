@@ -143,6 +143,8 @@ def test_config_errors_name_the_valid_choices(tiny):
         tiny("train.steps=many")
     with pytest.raises(config.ConfigError, match="valid values: euler, heun"):
         tiny("sample.solver=ddim")
+    with pytest.raises(config.ConfigError, match=r"align.levels='\[stage1' is not a valid value .*written \[a,b\]"):
+        tiny("align.levels=[stage1")
 
 
 def test_bad_sizes_and_paths(tmp_path, tiny):
@@ -162,6 +164,22 @@ def test_bad_sizes_and_paths(tmp_path, tiny):
         Trainer(tiny("data.source=npz", f"data.path={tmp_path}"), tmp_path / "f")
     with pytest.raises(ValueError, match="garbage.npz is a file; --out names a directory"):
         Trainer(tiny(), tmp_path / "garbage.npz")
+
+
+def test_a_device_this_machine_lacks_is_refused_by_name(tmp_path, tiny, monkeypatch):
+    """A typo or a CUDA device on a CPU build fails with the setting's name and the fix, not inside torch."""
+    from ahpa.train.build import resolve_device
+
+    with pytest.raises(ValueError, match=r"train.device='gpu' is not a device; valid: auto, cpu, cuda"):
+        Trainer(tiny("train.device=gpu"), tmp_path / "a")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--device='cuda:1': this torch .* use --device=auto or cpu"):
+        resolve_device("cuda:1", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"has 1 CUDA device\(s\), cuda:0..cuda:0"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_activation_checkpointing_trains_identically_and_may_change_on_resume(tmp_path, tiny):

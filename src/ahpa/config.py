@@ -236,8 +236,13 @@ def _section_types(obj: Any) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
     """Check/convert one value to the declared type; strings from the command line are parsed as YAML."""
-    if isinstance(value, str) and typ is not str:
-        value = yaml.safe_load(value) if value != "" else value
+    if isinstance(value, str) and typ is not str and value != "":
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:  # an unclosed [ or {, say: the value, not YAML's parser state, is the news
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            hint = "; a list is written [a,b] or a,b" if typ is list or typing.get_origin(typ) is list else ""
+            raise ConfigError(f"{where}: {key}={value!r} is not a valid value ({problem}){hint}") from None
     origin = typing.get_origin(typ)
     if typ is bool:
         if not isinstance(value, bool):

@@ -53,7 +53,7 @@ def run(args) -> int:
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     # stored statistics alone are already the cheap form of a reference: nothing to cache
     stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None
     cache = None if args.no_ref_cache or stats_only else (args.ref_cache or default_cache_dir())

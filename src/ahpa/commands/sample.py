@@ -64,7 +64,7 @@ def run(args) -> int:
     d = init_from_env(args.device)
     completed = False
     try:
-        device = resolve_device(device_for(args.device, d))
+        device = resolve_device(device_for(args.device, d), "--device")
         if args.run:
             from ahpa.train.resume import run_sampler
 

@@ -53,7 +53,7 @@ def run(args) -> int:
     channels = [int(c) for c in args.channels.split(",")]
     bar = tqdm(total=args.steps, desc="vae", dynamic_ncols=True)
     vae = train_vae(images, KLVAEConfig(channels=channels, latent_channels=args.latent_channels), steps=args.steps,
-                    batch_size=args.batch, lr=args.lr, seed=args.seed, device=resolve_device(args.device),
+                    batch_size=args.batch, lr=args.lr, seed=args.seed, device=resolve_device(args.device, "--device"),
                     on_step=lambda s, mse: (bar.update(1), bar.set_postfix({"mse": f"{mse:.4f}"}) if s % 20 == 0 else None))
     bar.close()
     vae.cpu().save(args.out)

@@ -157,7 +157,7 @@ def prepare(
     from ahpa.priors.registry import load_encoder
     from ahpa.train.build import resolve_device
 
-    device = resolve_device(o.device)
+    device = resolve_device(o.device, "--device")
     if o.device == "auto" and device.type == "cuda" and o.world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     encoder = encoder if encoder is not None else load_encoder(o.vae, device)

@@ -202,6 +202,18 @@ class Dinov2Detector(Detector):
         return out.pooler_output.float()  # [N, hidden]: the CLS token after the final LayerNorm
 
 
+def probed(det: Detector) -> Detector:
+    """The detector, once a blank image has gone through it: a file of the wrong kind (a CIFAR ResNet given as
+    `inception:`, say) fails here, with its spec, instead of at the first evaluation after training."""
+    try:
+        det.features(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    except RuntimeError as e:
+        other = "torchscript" if isinstance(det, InceptionDetector) else "inception"
+        raise ValueError(f"detector {det.spec!r}: the network does not run as a `{det.spec.partition(':')[0]}:` "
+                         f"detector ({str(e).strip().splitlines()[0]}); is it a `{other}:` file?") from None
+    return det
+
+
 def _is_torchscript_archive(path: Path) -> bool:
     # torch.jit.save writes a zip with the model's code; a state dict (torch.save) has data.pkl and no code/
     if not zipfile.is_zipfile(path):
@@ -220,7 +232,10 @@ def load_detector(spec: str, device: torch.device | str = "cpu") -> Detector:
     if kind in ("torchscript", "inception") and not path.is_file():
         raise FileNotFoundError(f"detector {spec!r}: {str(path)!r} is not a file")
     if kind == "torchscript":
-        return TorchScriptDetector(path, device, spec)
+        if not _is_torchscript_archive(path):
+            raise ValueError(f"detector {spec!r}: {str(path)!r} is not a TorchScript file (one torch.jit.save wrote); "
+                             "a state dict or a training checkpoint of the network is not read")
+        return probed(TorchScriptDetector(path, device, spec))
     if kind == "inception":
         if not _is_torchscript_archive(path):
             raise ValueError(
@@ -229,7 +244,7 @@ def load_detector(spec: str, device: torch.device | str = "cpu") -> Detector:
                 "download from nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/). Weights-only "
                 "files (pytorch-fid's pt_inception-*.pth) and EDM's .pkl wrapper of the same network are not read"
             )
-        return InceptionDetector(path, device, spec)
+        return probed(InceptionDetector(path, device, spec))
     if not path.is_dir():
         raise FileNotFoundError(f"detector {spec!r}: {str(path)!r} is not a directory (a DINOv2 save_pretrained folder)")
     try:

@@ -22,14 +22,27 @@ from ahpa.train.rng import generator
 STATS_STREAM = 2
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
+    """auto (CUDA, else MPS, else CPU) or the device named; one this torch or machine lacks is refused here, naming
+    `setting` (the config key or the command's flag), instead of failing inside torch at the first tensor."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(spec)
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"{setting}={spec!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "was built without CUDA (a CPU build)" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise ValueError(f"{setting}={spec!r}: this torch ({torch.__version__}) {why}; use {setting}=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{setting}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0.."
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not mps:
+        raise ValueError(f"{setting}={spec!r}: MPS is not available here; use {setting}=auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{setting}={spec!r}: ahpa runs on auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -59,7 +59,9 @@ class Trainer:
         self.messages: list[str] = ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
-        self.evaluator: outputs.Evaluator | None = None  # built at the first evaluation
+        # before any training: a missing detector or reference fails now, not at the first evaluation
+        self.evaluator = (outputs.Evaluator(cfg.eval, self.parts.device, self.run_dir, self.rank, self.world)
+                          if cfg.eval.every else None)
         optimizer_state = self._load()
         p = self.parts
         self.sharded = None  # ahpa.train.fsdp.Sharded under FSDP
@@ -367,9 +369,7 @@ class Trainer:
                     bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:
                         logger.image("samples", outputs.write_samples(bundle, c.sample, self.run_dir, self.step), self.step)
-                if c.eval.every and c.eval.detectors and (self.step % c.eval.every == 0 or done):
-                    if self.evaluator is None:
-                        self.evaluator = outputs.Evaluator(c.eval, self.parts.device, self.run_dir, self.rank, self.world)
+                if self.evaluator is not None and (self.step % c.eval.every == 0 or done):
                     fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), c.sample)
                     if logger is not None:
                         outputs.log_evaluation(logger, self.run_dir, self.step, self.step * c.train.batch_size, fd)

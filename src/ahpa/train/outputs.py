@@ -49,18 +49,28 @@ class Evaluator:
     same arguments: each generates its share of the samples and the statistics are all-reduced."""
 
     def __init__(self, cfg: EvalCfg, device: torch.device, run_dir: Path, rank: int = 0, world: int = 1):
+        """Built before the first training step, so that what would fail the first evaluation (no detector, no
+        reference, a missing or wrong file) fails then, not after hours of training."""
+        from ahpa.metrics.detectors import load_detector
+
+        fix = "or set eval.every=0 to train without evaluating"
+        if not cfg.detectors:
+            raise ValueError(f"eval.every={cfg.every} but eval.detectors is empty: name at least one "
+                             f"(eval.detectors=[torchscript:FILE], inception:FILE or dinov2:DIR), {fix}")
         if not cfg.ref:
-            raise ValueError("eval.every is set but eval.ref is empty: name the reference images or statistics")
+            raise ValueError(f"eval.every={cfg.every} but eval.ref is empty: name the reference images (.npz or a "
+                             f"folder) or their statistics (.npz), {fix}")
+        if not Path(cfg.ref).expanduser().exists():
+            raise FileNotFoundError(f"eval.ref {cfg.ref!r} does not exist: name the reference images (.npz or a "
+                                    f"folder) or their statistics (.npz), {fix}")
         self.cfg, self.device, self.run_dir, self.rank, self.world = cfg, device, run_dir, rank, world
-        self._detectors = None
+        self._detectors = [load_detector(spec, device) for spec in cfg.detectors]
         self._refs = None
 
     def _load(self) -> None:
-        from ahpa.metrics.detectors import load_detector
         from ahpa.metrics.reference import load_reference
 
         e = self.cfg
-        self._detectors = [load_detector(spec, self.device) for spec in e.detectors]
         # rank 0 fills the reference cache first; the others then read it instead of recomputing
         for turn in ((0,), tuple(range(1, self.world))) if self.world > 1 else ((0,),):
             if self.rank in turn:
@@ -70,7 +80,7 @@ class Evaluator:
     def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg) -> dict[str, float]:
         from ahpa.train.evaluate import evaluate_fd
 
-        if self._detectors is None:  # detectors and reference statistics load once, at the first evaluation
+        if self._refs is None:  # reference statistics load once, at the first evaluation (rank 0 may compute them)
             self._load()
         e = self.cfg
         # one set of samples feeds every detector

@@ -154,6 +154,9 @@ def test_bad_sizes_and_paths(tmp_path, tiny):
         Trainer(tiny("data.resolution=12", "model.preset=S/2"), tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="/no/such/vae"):
         Trainer(tiny("prior.encoder=ahpa-vae:/no/such/vae"), tmp_path / "c")
+    # a relative path is read from the current directory, not the config file's: the message says which
+    with pytest.raises(FileNotFoundError, match=f"'no/such/vae' \\(relative to {os.getcwd()}\\)"):
+        Trainer(tiny("prior.encoder=ahpa-vae:no/such/vae"), tmp_path / "c")
     with pytest.raises(ValueError, match="valid kinds"):
         Trainer(tiny("prior.encoder=sdvae:/x"), tmp_path / "d")
     assert not (tmp_path / "a" / "DONE").exists()

@@ -328,6 +328,13 @@ PATH_KEYS = ("data.path", "eval.ref")
 SPEC_KEYS = ("prior.encoder", "prior.external", "eval.detectors")
 
 
+def shown(path: str | Path) -> str:
+    """A path for an error message: a relative one says what it is relative to (the directory `ahpa` runs from,
+    which is not where the config file lies)."""
+    p = Path(path).expanduser()
+    return repr(str(path)) + ("" if p.is_absolute() else f" (relative to {os.getcwd()})")
+
+
 def _absolute(path: str) -> str:
     # only a path that exists here: a hub id (diffusers:org/name) or `ahpa-vae:random` stays as written, and a
     # missing file keeps its name for the error that reports it. abspath, not resolve: symlinks stay as given

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ahpa.config import DataCfg
+from ahpa.config import DataCfg, shown
 from ahpa.data.procedural import make_shapes
 
 
@@ -30,7 +30,7 @@ def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise ValueError(f"{str(path)!r} is a folder; here an .npz of uint8 [N, H, W, 3] images is read. A folder of "
                          "images is encoded by `ahpa prepare --images FOLDER` and trained on as data.source=cache")
     if not path.is_file():
-        raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"image file {shown(path)} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
             key = "images" if "images" in f else "arr_0" if "arr_0" in f else None

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ahpa.config import shown
+
 KINDS = ("torchscript", "inception", "dinov2")
 
 
@@ -227,7 +229,7 @@ def load_detector(spec: str, device: torch.device | str = "cpu") -> Detector:
     kind, where = parse_spec(spec)
     path = Path(where).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"detector path {str(path)!r} (from {spec!r}) does not exist")
+        raise FileNotFoundError(f"detector path {shown(path)} (from {spec!r}) does not exist")
     device = torch.device(device)
     if kind in ("torchscript", "inception") and not path.is_file():
         raise FileNotFoundError(f"detector {spec!r}: {str(path)!r} is not a file")

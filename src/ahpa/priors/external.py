@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ahpa.config import shown
 from ahpa.priors.base import frozen
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,7 +56,7 @@ def load_dinov2(path: str | Path, spec: str):
     """transformers' Dinov2Model from a local save_pretrained directory (never a download)."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"DINOv2 directory {str(path)!r} (from {spec!r}) does not exist")
+        raise FileNotFoundError(f"DINOv2 directory {shown(path)} (from {spec!r}) does not exist")
     try:
         from transformers import Dinov2Model
     except ImportError as e:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ahpa.config import shown
 from ahpa.priors.base import PriorEncoder
 
 ENTRY_POINT_GROUP = "ahpa.encoders"
@@ -33,7 +34,7 @@ def _diffusers(where: str, spec: str) -> PriorEncoder:
     from ahpa.priors.diffusers_vae import DiffusersVAE
 
     if not Path(where).expanduser().exists() and not _looks_like_hub_id(where):
-        raise FileNotFoundError(f"VAE path {where!r} (from {spec!r}) does not exist and is not a hub id like 'stabilityai/sd-vae-ft-ema'")
+        raise FileNotFoundError(f"VAE path {shown(where)} (from {spec!r}) does not exist and is not a hub id like 'stabilityai/sd-vae-ft-ema'")
     return DiffusersVAE.from_pretrained(where)
 
 
@@ -80,7 +81,7 @@ def load_encoder(spec: str, device: torch.device | str = "cpu") -> PriorEncoder:
 
 def _existing(path: Path, spec: str) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"VAE path {str(path)!r} (from {spec!r}) does not exist")
+        raise FileNotFoundError(f"VAE path {shown(path)} (from {spec!r}) does not exist")
     return path
 
 

@@ -46,6 +46,10 @@ def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path):
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert a["arr_0"].shape == (9, 16, 16, 3) and a["arr_1"].dtype == np.int64
         assert np.array_equal(a["arr_0"], b["arr_0"])
+    # a finished file is not written over, by another sampler's settings or the same
+    before = (tmp_path / "a.npz").read_bytes()
+    assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common[:-2], "--batch", "3"]) != 0
+    assert (tmp_path / "a.npz").read_bytes() == before
 
 
 def test_sample_from_a_run_takes_its_sampler_settings(run_dir, tmp_path):

@@ -71,6 +71,10 @@ def test_resume_refuses_other_settings_but_allows_run_length(tmp_path, tiny):
     with pytest.raises(RunConfigError, match="train.lr"):
         Trainer(tiny("train.steps=4", "train.lr=0.5"), tmp_path / "r")
     Trainer(tiny("train.steps=3", "train.log_every=2"), tmp_path / "r").run()
+    # a shorter length than the run has trained is refused, and the run's config.yaml keeps its own
+    with pytest.raises(RunConfigError, match="train.steps=1, but .* is at step 3 .* Give train.steps=3 or more"):
+        Trainer(tiny("train.steps=1"), tmp_path / "r")
+    assert config.load(tmp_path / "r" / "config.yaml").train.steps == 3
     # a start that failed before its first checkpoint leaves config.yaml but binds nothing
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "config.yaml").write_text(config.dump(tiny("train.lr=0.5")))

@@ -58,6 +58,11 @@ def write_samples(
     parts = out.with_name(out.name + ".parts")
     settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
     settings.pop("grid_images", None)
+    # checked on every process (before any barrier): a finished file keeps no record of its settings, so writing
+    # over it could silently replace 50K samples of another model or sampler
+    if out.exists() and not parts.exists():
+        raise FileExistsError(f"sample output {str(out)!r} exists; a finished sample file is not written over: choose "
+                              "another --out, or delete it to sample again")
     if d.is_main:
         parts.mkdir(parents=True, exist_ok=True)
         saved_file = parts / "settings.json"

@@ -128,6 +128,12 @@ class Trainer:
             optimizer_state = owned(optimizer_state)
         p.stats = PriorStats.from_dict(owned(state["stats"]))
         self.step, self.ema_updates = state["step"], state["ema_updates"]
+        if self.cfg.train.steps < self.step:  # before config.yaml is written: the run's record keeps its length
+            raise RunConfigError(
+                f"train.steps={self.cfg.train.steps}, but {self.run_dir} is at step {self.step} (its newest checkpoint): "
+                f"a run is not shortened. Give train.steps={self.step} or more to resume it; `ahpa sample --run` and "
+                "`ahpa export --run` read its EMA without training"
+            )
         self.messages.append(f"resumed from step {self.step}")
         return optimizer_state
 

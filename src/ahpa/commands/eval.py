@@ -30,8 +30,8 @@ def register(sub) -> None:
     p.add_argument("--pr-num", type=int, default=10_000,
                    help="precision/recall on the first PR_NUM samples and reference images (default 10000)")
     p.add_argument("--pr-k", type=int, default=3, help="neighbourhood size k of precision/recall (default 3)")
-    p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=250, help="images per detector call (default 250)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--ref-cache", type=Path, default=None,
                    help="directory for cached reference measurements (default: $AHPA_CACHE/reference or ~/.cache/ahpa/reference)")
     p.add_argument("--no-ref-cache", action="store_true", help="measure the reference afresh and keep nothing")

@@ -13,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("--resolution", type=int, default=0, help="decode and ADM-centre-crop to R x R, as `ahpa prepare` "
                    "does (needed for folders and lists; default: an .npz as it is)")
     p.add_argument("--out", required=True, help="output directory; use it as prior.encoder=ahpa-vae:DIR")
-    p.add_argument("--channels", default="32,64,64", help="channels per stage; factor = 2^(stages-1)")
+    p.add_argument("--channels", default="32,64,64", help="channels per stage; factor = 2^(stages-1) (default 32,64,64)")
     p.add_argument("--latent-channels", type=int, default=4, help="channels of the latent (default 4)")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (default all)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images (default: the CPUs, at most 8)")
     p.set_defaults(func=run)
 
 

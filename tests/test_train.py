@@ -142,6 +142,8 @@ def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
 def test_config_errors_name_the_valid_choices(tiny):
     with pytest.raises(config.ConfigError, match="valid keys in train"):
         tiny("train.stpes=3")
+    with pytest.raises(config.ConfigError, match=r"'train.hflip' \(did you mean data.hflip\?\)"):
+        tiny("train.hflip=true")
     with pytest.raises(config.ConfigError, match="valid values: none, repa"):
         tiny("align.method=sra")
     with pytest.raises(config.ConfigError, match="must be an integer"):

@@ -287,7 +287,9 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     sub = getattr(cfg, section)
     types_ = _section_types(sub)
     if name not in types_:
-        raise ConfigError(f"{where}: unknown config key {key!r}; valid keys in {section}: {', '.join(types_)}")
+        elsewhere = [f"{other}.{name}" for other in sorted(sections) if name in _section_types(getattr(cfg, other))]
+        hint = f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere else ""
+        raise ConfigError(f"{where}: unknown config key {key!r}{hint}; valid keys in {section}: {', '.join(types_)}")
     setattr(sub, name, _coerce(key, value, types_[name], where))
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ahpa.config import shown
 from ahpa.data.batches import PriorBatch
 from ahpa.data.manifest import FORMAT, MANIFEST, NUMPY_DTYPE, SHARD_DIR, read_json
 from ahpa.data.prefetch import Prefetcher, Request
@@ -40,7 +41,9 @@ def read_manifest(path: str | Path) -> dict:
     """The manifest of a complete cache, or a CacheError saying what is wrong and what to do."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise FileNotFoundError(f"cache directory {str(directory)!r} does not exist (create it with `ahpa prepare ... --out DIR`)")
+        raise FileNotFoundError(f"cache directory {shown(directory)} does not exist: create it with `ahpa prepare ... --out "
+                                "DIR`, or, if it moved, name its new place (data.path=NEW; a run resumes from a moved cache "
+                                "of the same content)")
     file = directory / MANIFEST
     if not file.is_file():
         raise CacheError(f"{directory} has no {MANIFEST}: not a prepared cache (create it with `ahpa prepare ... --out {directory}`)")

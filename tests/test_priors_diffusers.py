@@ -112,9 +112,12 @@ def test_local_dir_round_trip(tiny, tmp_path):
         assert torch.equal(enc.encode(x).mean, tiny.encode(x).mean)
 
 
-def test_missing_dir_names_the_path():
+def test_missing_dir_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="/no/such/dir"):
         load_encoder("diffusers:/no/such/dir")
+    # a folder that holds no VAE: the spec and what a VAE folder holds, not diffusers' bare message
+    with pytest.raises(ValueError, match=r"VAE 'diffusers:.*' is not a diffusers AutoencoderKL folder .*config.json"):
+        load_encoder(f"diffusers:{tmp_path}")
 
 
 def test_a_diffusers_that_does_not_import_beside_this_torch_names_the_fix(monkeypatch):

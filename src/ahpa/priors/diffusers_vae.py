@@ -79,7 +79,12 @@ class DiffusersVAE(PriorEncoder):
             # A full pipeline directory keeps its VAE in vae/; accept both layouts.
             if not (local / "config.json").is_file() and (local / "vae" / "config.json").is_file():
                 local = local / "vae"
-            vae = AutoencoderKL.from_pretrained(str(local), local_files_only=True)
+            try:
+                vae = AutoencoderKL.from_pretrained(str(local), local_files_only=True)
+            except (OSError, ValueError) as e:  # diffusers' own "no file named config.json in directory ..."
+                raise ValueError(f"VAE 'diffusers:{where}': {str(local)!r} is not a diffusers AutoencoderKL folder "
+                                 f"(config.json and its weights, or a pipeline folder with vae/): "
+                                 f"{str(e).strip().splitlines()[0]}") from None
             enc = cls(vae, spec=f"diffusers:{where}", memory_format=memory_format)
             weights = next((local / f for f in WEIGHTS_FILES if (local / f).is_file()), None)
             enc.weights_sha256 = sha256_file(weights) if weights is not None else None

@@ -36,6 +36,8 @@ def run_sampler(run_dir: str | Path, device: torch.device, encoder: str | None =
     try:
         vae = load_encoder(spec, device)
     except FileNotFoundError as e:
+        if encoder:  # the user's own --encoder is what is missing
+            raise FileNotFoundError(f"--encoder {encoder!r}: {e}") from None
         raise FileNotFoundError(f"{run_dir} decodes with {spec!r}, which is not here ({e}); name where that VAE is on "
                                 "this machine with --encoder KIND:PATH") from None
     # checked wherever both hashes are known (a file's weights; not a hub id's or a random VAE's)

@@ -149,16 +149,24 @@ def test_evaluation_settings_fail_before_the_first_training_step(setup, tmp_path
 
     _, det, ref = setup
     base = [*TINY, "train.steps=4", "eval.every=2"]
+    listing, fid_stats = tmp_path / "ref.txt", tmp_path / "fid-stats.npz"
     cases = [([f"eval.ref={ref}"], ValueError, "eval.detectors is empty"),
              ([f"eval.detectors=[{det.spec}]"], ValueError, "eval.ref is empty"),
              ([f"eval.detectors=[{det.spec}]", f"eval.ref={tmp_path / 'none.npz'}"], FileNotFoundError, "eval.ref"),
              ([f"eval.detectors=[torchscript:{tmp_path / 'none.pt'}]", f"eval.ref={ref}"], FileNotFoundError, "none.pt"),
              ([f"eval.detectors=[inception:{det.spec.partition(':')[2]}]", f"eval.ref={ref}"], ValueError,
-              "does not run as a `inception:` detector .*`torchscript:` file")]
+              r"does not take Inception-v3's forward\(img, return_features=True\) .* torchscript:FILE"),
+             ([f"eval.detectors=[{det.spec}]", f"eval.ref={listing}"], ValueError, "neither a folder of images nor an .npz"),
+             ([f"eval.detectors=[{det.spec}]", f"eval.ref={fid_stats}"], ValueError, "holds statistics of FID, not of FD-")]
+    listing.write_text("a.png\n")
+    np.savez(fid_stats, mu=np.zeros(9), sigma=np.eye(9), detector="FID")
     for extra, error, message in cases:
         with pytest.raises(error, match=message):
             Trainer(config.load(None, [*base, *extra]), tmp_path / "run")
-        assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+    # a finished run, rerun to export or sample, evaluates nothing: its evaluation settings are not held against it
+    done = [*TINY, "train.steps=2", "eval.every=2", f"eval.ref={ref}", "eval.detectors=[torchscript:/moved/away.pt]"]
+    Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "done").run()
+    assert Trainer(config.load(None, done), tmp_path / "done").evaluator is None
     not_torchscript = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, not_torchscript)
     with pytest.raises(ValueError, match="is not a TorchScript file"):

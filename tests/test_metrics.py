@@ -331,11 +331,12 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
     for samples, ref in ((garbage, big), (small, garbage)):
         assert main(["eval", str(samples), "--ref", str(ref), *det, "--no-ref-cache"]) == 2
         assert "garbage.npz' is not a readable .npz (zip) archive" in capsys.readouterr().err
-    # a reference that is no image source (a model file, say) is refused before the samples are measured
-    (tmp_path / "model.safetensors").write_bytes(b"x")
-    assert main(["eval", str(small), "--ref", str(tmp_path / "model.safetensors"), *det, "--no-ref-cache"]) == 2
-    err = capsys.readouterr().err
-    assert "--ref " in err and "is neither a folder, an .npz" in err and "img" not in err  # no progress bar began
+    # a reference that is no image source (a model file, a file list) is refused before the samples are measured
+    for name in ("model.safetensors", "list.txt"):
+        (tmp_path / name).write_bytes(b"x")
+        assert main(["eval", str(small), "--ref", str(tmp_path / name), *det, "--no-ref-cache"]) == 2
+        err = capsys.readouterr().err
+        assert "--ref " in err and "is neither a folder of images nor an .npz" in err and "img" not in err  # no bar began
     # the progress bar is closed before the error is printed, so that the error starts a line of its own
     np.savez(tmp_path / "nokey.npz", x=np.zeros(3))
     assert main(["eval", str(tmp_path / "nokey.npz"), "--ref", str(big), *det, "--no-ref-cache"]) == 2

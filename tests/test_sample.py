@@ -39,7 +39,7 @@ def test_samples_do_not_depend_on_batch_size(run_dir, solver):
     assert not np.array_equal(a, c)
 
 
-def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path):
+def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path, capsys):
     common = ["--num", "9", "--steps", "3", "--micro-batch", "8", "--batch", "5"]
     assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common]) == 0
     assert main(["sample", "--model", str(run_dir / "model.safetensors"), "--out", str(tmp_path / "b.npz"), *common]) == 0
@@ -48,7 +48,9 @@ def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path):
         assert np.array_equal(a["arr_0"], b["arr_0"])
     # a finished file is not written over, by another sampler's settings or the same
     before = (tmp_path / "a.npz").read_bytes()
-    assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common[:-2], "--batch", "3"]) != 0
+    for batch in (["--batch", "3"], ["--batch", "5"]):
+        assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common[:-2], *batch]) == 2
+        assert "a.npz' exists; a finished sample file is not written over" in capsys.readouterr().err
     assert (tmp_path / "a.npz").read_bytes() == before
 
 

@@ -352,7 +352,8 @@ def test_report_merges_keys_that_differ_only_in_the_evaluation_cadence(tmp_path)
                 "config": row(key, method, 0, 0, every, lr)["config"]}
     rows = [row("fine", "none", 2000, 5.4, 2000), row("fine", "none", 4000, 4.3, 2000), run("fine", "none", 2000),
             row("coarse", "ahpa-soft", 4000, 4.0, 4000), run("coarse", "ahpa-soft", 4000),
-            row("other", "ahpa-soft", 4000, 9.9, 4000, lr=2e-4)]
+            row("other", "ahpa-soft", 4000, 9.9, 4000, lr=2e-4),
+            row("coarse", "none", 4000, 7.7, 4000)]  # a rerun of none under the coarse cadence: the home rows win
     results = tmp_path / "r.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from PIL import Image

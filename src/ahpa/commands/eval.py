@@ -50,16 +50,13 @@ def run(args) -> int:
     metrics = parse_metrics(args.metrics)
     if args.save_ref_stats and len(args.detector) != 1:
         raise ValueError("--save-ref-stats needs exactly one --detector")
-    from ahpa.data.listing import LIST_SUFFIXES
-
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
-        # checked before any sample is measured (the samples' features come first)
-        if p.is_file() and p.suffix.lower() not in (".npz", *LIST_SUFFIXES):
-            raise ValueError(f"{what} {path!r} is neither a folder, an .npz (images, samples or statistics) nor a "
-                             f"{'/'.join(LIST_SUFFIXES)} file list")
+        # checked before any sample is measured (the samples' features come first); what iter_image_batches reads
+        if not p.is_dir() and p.suffix != ".npz":
+            raise ValueError(f"{what} {path!r} is neither a folder of images nor an .npz (images, samples or statistics)")
     device = resolve_device(args.device, "--device")
     # stored statistics alone are already the cheap form of a reference: nothing to cache
     stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None

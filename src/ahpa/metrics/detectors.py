@@ -204,15 +204,20 @@ class Dinov2Detector(Detector):
         return out.pooler_output.float()  # [N, hidden]: the CLS token after the final LayerNorm
 
 
-def probed(det: Detector) -> Detector:
-    """The detector, once a blank image has gone through it: a file of the wrong kind (a CIFAR ResNet given as
-    `inception:`, say) fails here, with its spec, instead of at the first evaluation after training."""
+def probed(det: InceptionDetector) -> InceptionDetector:
+    """The Inception detector, once a blank image has gone through it with Inception's own keyword: another
+    TorchScript network given as `inception:` (a CIFAR ResNet, say) fails here, with its spec, instead of at the first
+    evaluation after training. (It resizes inside, so any probe size does; a `torchscript:` network may take one size
+    only, and is not probed.)"""
     try:
         det.features(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     except RuntimeError as e:
-        other = "torchscript" if isinstance(det, InceptionDetector) else "inception"
-        raise ValueError(f"detector {det.spec!r}: the network does not run as a `{det.spec.partition(':')[0]}:` "
-                         f"detector ({str(e).strip().splitlines()[0]}); is it a `{other}:` file?") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if not any("argument" in line for line in lines):  # not the calling convention: out of memory, say
+            raise
+        raise ValueError(f"detector {det.spec!r}: the network does not take Inception-v3's forward(img, "
+                         f"return_features=True) ({lines[-1]}); another TorchScript detector is named "
+                         "torchscript:FILE") from None
     return det
 
 
@@ -237,7 +242,7 @@ def load_detector(spec: str, device: torch.device | str = "cpu") -> Detector:
         if not _is_torchscript_archive(path):
             raise ValueError(f"detector {spec!r}: {str(path)!r} is not a TorchScript file (one torch.jit.save wrote); "
                              "a state dict or a training checkpoint of the network is not read")
-        return probed(TorchScriptDetector(path, device, spec))
+        return TorchScriptDetector(path, device, spec)
     if kind == "inception":
         if not _is_torchscript_archive(path):
             raise ValueError(

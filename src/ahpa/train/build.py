@@ -33,7 +33,8 @@ def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
     except RuntimeError:
         raise ValueError(f"{setting}={spec!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        why = "was built without CUDA (a CPU build)" if torch.version.cuda is None else "sees no CUDA GPU"
+        built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None  # ROCm answers to cuda
+        why = "sees no CUDA GPU" if built else "was built without CUDA (a CPU build)"
         raise ValueError(f"{setting}={spec!r}: this torch ({torch.__version__}) {why}; use {setting}=auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{setting}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0.."

@@ -59,10 +59,11 @@ class Trainer:
         self.messages: list[str] = ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
-        # before any training: a missing detector or reference fails now, not at the first evaluation
-        self.evaluator = (outputs.Evaluator(cfg.eval, self.parts.device, self.run_dir, self.rank, self.world)
-                          if cfg.eval.every else None)
         optimizer_state = self._load()
+        # before any training: a missing detector or reference fails now, not at the first evaluation (a finished
+        # run, rerun to export or sample, evaluates nothing and needs neither)
+        self.evaluator = (outputs.Evaluator(cfg.eval, self.parts.device, self.run_dir, self.rank, self.world)
+                          if cfg.eval.every and self.step < t.steps else None)
         p = self.parts
         self.sharded = None  # ahpa.train.fsdp.Sharded under FSDP
         if t.fsdp and self.world > 1:

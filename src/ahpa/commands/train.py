@@ -27,7 +27,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ahpa import config
     from ahpa.commands.exit import finish
-    from ahpa.train.distributed import device_for, init_from_env
+    from ahpa.train.distributed import init_from_env
     from ahpa.train.loop import Trainer
 
     cfg = config.load(args.config, args.overrides)
@@ -38,8 +38,9 @@ def run(args) -> int:
         return 0
     if not args.out:
         raise ValueError("--out is required: the run directory (rerun the same command to resume)")
+    # each process's GPU (cuda:LOCAL_RANK) is chosen where the run is built; config.yaml keeps the device as given,
+    # so that `--config RUN/config.yaml` resumes under torchrun too
     d = init_from_env(cfg.train.device)
-    cfg.train.device = device_for(cfg.train.device, d)
     received: list[int] = []
 
     def on_signal(signum, _frame):  # finish the step, save, exit: schedulers send SIGTERM before a kill

@@ -17,6 +17,7 @@ from ahpa.priors.base import PriorEncoder
 from ahpa.priors.external import ExternalEncoder, load_external
 from ahpa.priors.registry import load_encoder
 from ahpa.priors.targets import PriorStats
+from ahpa.train.distributed import current, device_for
 from ahpa.train.rng import generator
 
 STATS_STREAM = 2
@@ -111,7 +112,7 @@ def build_parts(
 ) -> Parts:
     """All parts of a run. `external` supplies REPA's frozen encoder as a module (else prior.external);
     `encoder` a prior encoder object in place of loading `prior.encoder` (its spec is still recorded)."""
-    device = device or resolve_device(cfg.train.device)
+    device = device or resolve_device(device_for(cfg.train.device, current()))  # under torchrun: cuda:LOCAL_RANK
     method = get_method(cfg.align.method)
     if not cfg.prior.encoder and encoder is None:
         raise ValueError("prior.encoder is not set: name the VAE, e.g. prior.encoder=taef2:PATH or ahpa-vae:PATH")

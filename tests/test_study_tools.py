@@ -161,7 +161,7 @@ def test_speed_up_over_vanilla_is_read_off_the_fd_curves(monkeypatch):
     """The study's headline: at which step a method reaches vanilla SiT's FD at step s (linear between evaluations),
     with bounds where the curves do not bracket it."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import step_reaching, steps_to_match_none
+    from study_tables import step_reaching, steps_to_match_none
 
     curve = [(1000, 10.0), (2000, 9.0), (3000, 8.5)]
     assert step_reaching(curve, 9.5) == ("at", 1500.0)
@@ -183,7 +183,7 @@ def test_speed_up_per_flop_charges_the_heads_until_the_alignment_stops(monkeypat
     """Per FLOP, a method that needs half the steps but twice the FLOPs per step is no faster; after align.stop_step
     its steps cost what vanilla SiT's do."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import steps_to_match_none, tflop_to
+    from study_tables import steps_to_match_none, tflop_to
 
     assert tflop_to({"aligned": 2.0, "flow": 1.0, "stop_step": 0}, 1500) == 3000
     assert tflop_to({"aligned": 2.0, "flow": 1.0, "stop_step": 1000}, 1500) == 2500
@@ -241,7 +241,7 @@ def test_study_report_pairs_each_ablation_with_its_own_method(monkeypatch):
     """`method[variant]` is compared with `method` of the same seed (what the variant alone changed), at the
     furthest step both reached; a variant without its method in the results has no row."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import paired_with_base
+    from study_tables import paired_with_base
 
     def rows(fds):
         return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
@@ -259,7 +259,7 @@ def test_study_report_sets_each_ahpa_run_against_the_baselines_of_its_variant(mo
     """The study's question: AHPA minus each alignment baseline trained with the same variant, same seed, at every
     step; vanilla SiT and runs of another variant are not its baselines."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from study_report import ahpa_against_baselines
+    from study_tables import ahpa_against_baselines
 
     def rows(fds):
         return [{"step": 1000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]

@@ -42,7 +42,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ahpa.metrics import load_detector
     from ahpa.metrics.evaluation import evaluate, parse_metrics
-    from ahpa.metrics.images import npz_image_key
+    from ahpa.metrics.images import check_image_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
     from ahpa.metrics.reference import load_reference
     from ahpa.train.build import resolve_device
@@ -51,12 +51,7 @@ def run(args) -> int:
     if args.save_ref_stats and len(args.detector) != 1:
         raise ValueError("--save-ref-stats needs exactly one --detector")
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"{what} {path!r} does not exist")
-        # checked before any sample is measured (the samples' features come first); what iter_image_batches reads
-        if not p.is_dir() and p.suffix != ".npz":
-            raise ValueError(f"{what} {path!r} is neither a folder of images nor an .npz (images, samples or statistics)")
+        check_image_source(path, what)  # the reference too, before any sample is measured (the samples come first)
     device = resolve_device(args.device, "--device")
     # stored statistics alone are already the cheap form of a reference: nothing to cache
     stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None

@@ -135,6 +135,17 @@ def _iter_folder(folder: Path, batch_size: int, rank: int, world_size: int, limi
         yield np.stack(imgs)
 
 
+def check_image_source(source: str | Path, what: str = "image source") -> Path:
+    """The path of a folder or an .npz (images, samples or statistics), the two a source path may be; a caller that
+    measures something else first (`ahpa eval`, a run's evaluation) checks its inputs here before that work."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(source)!r} does not exist")
+    if not path.is_dir() and path.suffix != ".npz":
+        raise ValueError(f"{what} {str(source)!r} is neither a folder of images nor an .npz (images, samples or statistics)")
+    return path
+
+
 def iter_image_batches(
     source, batch_size: int = 250, *, rank: int = 0, world_size: int = 1, max_images: int | None = None
 ) -> Iterator[np.ndarray | torch.Tensor]:
@@ -146,13 +157,9 @@ def iter_image_batches(
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}")
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
+        path = check_image_source(source)
         if path.is_dir():
             return _iter_folder(path, batch_size, rank, world_size, max_images)
-        if not path.exists():
-            raise FileNotFoundError(f"image source {str(path)!r} does not exist")
-        if path.suffix != ".npz":
-            raise ValueError(f"image source {str(path)!r} is neither a folder nor an .npz file")
         key = npz_image_key(path)
         if key is None:
             keys = sorted(npz_names(path))

@@ -52,7 +52,7 @@ class Evaluator:
         """Built before the first training step, so that what would fail the first evaluation (no detector, no
         reference, a missing or wrong file) fails then, not after hours of training."""
         from ahpa.metrics.detectors import load_detector
-        from ahpa.metrics.images import npz_image_key
+        from ahpa.metrics.images import check_image_source, npz_image_key
         from ahpa.metrics.measurement import is_stats_file, stored_stats_usable
 
         fix = "or set eval.every=0 to train without evaluating"
@@ -62,12 +62,7 @@ class Evaluator:
         if not cfg.ref:
             raise ValueError(f"eval.every={cfg.every} but eval.ref is empty: name the reference images (.npz or a "
                              f"folder) or their statistics (.npz), {fix}")
-        ref = Path(cfg.ref).expanduser()
-        if not ref.exists():
-            raise FileNotFoundError(f"eval.ref {cfg.ref!r} does not exist: name the reference images (.npz or a "
-                                    f"folder) or their statistics (.npz), {fix}")
-        if not ref.is_dir() and ref.suffix != ".npz":
-            raise ValueError(f"eval.ref {cfg.ref!r} is neither a folder of images nor an .npz (images or statistics)")
+        ref = check_image_source(cfg.ref, "eval.ref")
         self.cfg, self.device, self.run_dir, self.rank, self.world = cfg, device, run_dir, rank, world
         self._detectors = [load_detector(spec, device) for spec in cfg.detectors]
         if is_stats_file(ref) and npz_image_key(ref) is None:  # statistics alone: they must be the detectors' own

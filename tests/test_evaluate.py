@@ -152,7 +152,7 @@ def test_evaluation_settings_fail_before_the_first_training_step(setup, tmp_path
     listing, fid_stats = tmp_path / "ref.txt", tmp_path / "fid-stats.npz"
     cases = [([f"eval.ref={ref}"], ValueError, "eval.detectors is empty"),
              ([f"eval.detectors=[{det.spec}]"], ValueError, "eval.ref is empty"),
-             ([f"eval.detectors=[{det.spec}]", f"eval.ref={tmp_path / 'none.npz'}"], FileNotFoundError, "eval.ref"),
+             ([f"eval.detectors=[{det.spec}]", f"eval.ref={tmp_path / 'none.npz'}"], FileNotFoundError, "eval.ref .* does not exist: .* eval.every=0"),
              ([f"eval.detectors=[torchscript:{tmp_path / 'none.pt'}]", f"eval.ref={ref}"], FileNotFoundError, "none.pt"),
              ([f"eval.detectors=[inception:{det.spec.partition(':')[2]}]", f"eval.ref={ref}"], ValueError,
               r"does not take Inception-v3's forward\(img, return_features=True\) .* torchscript:FILE"),

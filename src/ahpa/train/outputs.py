@@ -62,7 +62,10 @@ class Evaluator:
         if not cfg.ref:
             raise ValueError(f"eval.every={cfg.every} but eval.ref is empty: name the reference images (.npz or a "
                              f"folder) or their statistics (.npz), {fix}")
-        ref = check_image_source(cfg.ref, "eval.ref")
+        try:
+            ref = check_image_source(cfg.ref, "eval.ref")
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{e}: name another, {fix}") from None
         self.cfg, self.device, self.run_dir, self.rank, self.world = cfg, device, run_dir, rank, world
         self._detectors = [load_detector(spec, device) for spec in cfg.detectors]
         if is_stats_file(ref) and npz_image_key(ref) is None:  # statistics alone: they must be the detectors' own

@@ -132,6 +132,30 @@ def test_evaluation_during_training_is_logged(setup, tmp_path):
     assert (tmp_path / "run" / "eval.png").exists() and any((tmp_path / "run" / "eval_ref").iterdir())
 
 
+def test_a_reference_folder_of_photos_is_read_at_the_run_resolution(setup, tmp_path):
+    """eval.ref may be the user's own image folder, photos of any size: it is read at data.resolution as
+    prepare reads training images, so the first evaluation does not fail on the sizes after hours of training."""
+    import json
+
+    from PIL import Image
+
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, _ = setup
+    photos = tmp_path / "photos" / "cats"
+    photos.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(20, 30), (40, 17), (9, 12), (16, 16)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
+    cfg = config.load(None, [*TINY, "train.steps=2", "eval.every=2", f"eval.detectors=[{det.spec}]",
+                             f"eval.ref={tmp_path / 'photos'}", "eval.num=8", "eval.batch=8"])
+    Trainer(cfg, tmp_path / "run").run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r[f"eval/{det.name}"] > 0 for r in rows if f"eval/{det.name}" in r] == [True]
+
+
 def test_several_detectors_share_one_set_of_samples(setup, tmp_path):
     bundle, det, ref = setup
     ref_stats = load_reference(ref, det, tmp_path)

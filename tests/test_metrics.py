@@ -232,7 +232,7 @@ def test_image_sources_agree(tmp_path):
     shards = [list(iter_image_batches(tmp_path / "ours.npz", 2, rank=r, world_size=2, max_images=5)) for r in (0, 1)]
     assert [len(b) for b in shards[0]] == [2, 1] and [len(b) for b in shards[1]] == [2]
     Image.fromarray(imgs[0][:4]).convert("L").save(folder / "zz-small-gray.png")
-    with pytest.raises(ValueError, match="one size per folder"):
+    with pytest.raises(ValueError, match=r"pngs: 'zz-small-gray.png' is \(4, 8\), but '000.png' is \(8, 8\): .*\(ahpa eval --resolution R"):
         list(iter_image_batches(folder, 10))
     with pytest.raises(ValueError, match="arr_0 or images"):
         np.savez(tmp_path / "none.npz", x=np.zeros(3))
@@ -278,13 +278,39 @@ def test_folder_reads_what_prepare_reads_and_names_a_corrupt_file(tmp_path):
     jpeg = io.BytesIO()
     Image.fromarray(imgs[0]).save(jpeg, "JPEG")
     (tmp_path / "e.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    with pytest.raises(ValueError, match=r"e.jpg' cannot be decoded .*: remove it from the folder or re-encode it"):
-        list(iter_image_batches(tmp_path, 8))
+    # skipped and named, as prepare skips it: failing there would lose the measurement of every image before it
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that cannot be decoded \(e.jpg: corrupt or truncated"):
+        np.testing.assert_array_equal(np.concatenate(list(iter_image_batches(tmp_path, 3))), imgs)
     (tmp_path / "e.jpg").unlink()
     (tmp_path / "._d.png").write_bytes(b"macOS resource fork")  # hidden files are no images, as in prepare
     (tmp_path / ".cache").mkdir()
     Image.fromarray(imgs[0]).save(tmp_path / ".cache" / "x.png")
     assert len(np.concatenate(list(iter_image_batches(tmp_path, 8)))) == 4
+
+
+def test_a_folder_at_a_resolution_reads_the_pixels_prepare_trains_on(tmp_path):
+    """Photos of several sizes (a user's own reference folder) are read at R as `ahpa prepare` crops them, and the
+    reference cache keys them apart from the folder read as it is."""
+    from PIL import Image
+
+    from ahpa.data.listing import decode_all, list_source
+    from ahpa.metrics.images import ImageFolder
+    from ahpa.metrics.reference import reference_key
+
+    rng = np.random.default_rng(9)
+    for name, (h, w) in {"a/wide.png": (12, 20), "a/tall.jpg": (24, 10), "b/small.png": (5, 7), "b/square.png": (8, 8)}.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.warns(UserWarning, match="broken.png"):
+        got = np.concatenate(list(iter_image_batches(ImageFolder(tmp_path, 8), 2)))
+    want, skipped = decode_all(list_source(tmp_path, "none"), 8)
+    assert got.shape == (4, 8, 8, 3) and [name for name, _ in skipped] == ["b/broken.png"]
+    np.testing.assert_array_equal(got, want)
+    (tmp_path / "b" / "broken.png").unlink()
+    det = type("D", (), {"name": "FD-x", "spec": None})()
+    keys = {reference_key(src, det) for src in (tmp_path, ImageFolder(tmp_path), ImageFolder(tmp_path, 8), ImageFolder(tmp_path, 16))}
+    assert len(keys) == 3  # a plain path and ImageFolder(path) are one source
 
 
 def test_folder_images_decode_as_prepare_decodes_them(tmp_path):
@@ -350,6 +376,18 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
         assert capsys.readouterr().err.count("warning: samples are 8x8 but the reference is 16x16") == 1
     assert main(["eval", str(small), "--ref", str(small), *det, "--no-ref-cache"]) == 0
     assert "warning" not in capsys.readouterr().err
+    # a reference folder of photos of several sizes: read at --resolution as prepare reads it, and no size warning
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (h, w) in enumerate([(10, 14), (16, 9), (8, 8), (30, 20)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache"]) == 2
+    assert "need a resolution to be read at (ahpa eval --resolution R" in capsys.readouterr().err
+    assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache", "--resolution", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert "(20 samples vs 4 reference)" in out and "warning" not in err
 
 
 @needs_shared

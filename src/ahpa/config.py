@@ -144,7 +144,7 @@ class SampleCfg:
 class EvalCfg:
     every: int = 0  # evaluate every N steps (0 = off); uses the `sample` section's sampler settings
     detectors: list = field(default_factory=list)  # torchscript:FILE | inception:FILE | dinov2:DIR
-    ref: str = ""  # reference images (.npz / folder) or a statistics .npz
+    ref: str = ""  # reference images (.npz, or a folder: read at data.resolution as prepare reads it) or statistics .npz
     num: int = 10000  # class-balanced samples per evaluation
     batch: int = 250  # images per sampling and detector call
     seed: int = 0  # seed of the evaluation's noise: the same samples at every evaluation

@@ -1,4 +1,4 @@
-"""ahpa eval SAMPLES --ref REF --detector D [--detector D ...] [--metrics fd,is,pr]: last line JSON."""
+"""ahpa eval SAMPLES --ref REF --detector D [--detector D ...] [--metrics fd,is,pr] [--resolution R]: last line JSON."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def register(sub) -> None:
     p.add_argument("--pr-num", type=int, default=10_000,
                    help="precision/recall on the first PR_NUM samples and reference images (default 10000)")
     p.add_argument("--pr-k", type=int, default=3, help="neighbourhood size k of precision/recall (default 3)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="read image folders at RxR as `ahpa prepare` reads them (ADM centre crop, smaller images "
+                        "upsampled): for a reference folder of photos of many sizes. .npz files are taken as they are. "
+                        "Default: folder images as decoded, all of one size")
     p.add_argument("--batch", type=int, default=250, help="images per detector call (default 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--ref-cache", type=Path, default=None,
@@ -42,7 +46,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ahpa.metrics import load_detector
     from ahpa.metrics.evaluation import evaluate, parse_metrics
-    from ahpa.metrics.images import check_image_source, npz_image_key
+    from ahpa.metrics.images import check_image_source, folder_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
     from ahpa.metrics.reference import load_reference
     from ahpa.train.build import resolve_device
@@ -52,6 +56,7 @@ def run(args) -> int:
         raise ValueError("--save-ref-stats needs exactly one --detector")
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):
         check_image_source(path, what)  # the reference too, before any sample is measured (the samples come first)
+    samples, ref_source = (folder_source(p, args.resolution) for p in (args.samples, args.ref))
     device = resolve_device(args.device, "--device")
     # stored statistics alone are already the cheap form of a reference: nothing to cache
     stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None
@@ -68,7 +73,7 @@ def run(args) -> int:
     for spec in args.detector:
         det = load_detector(spec, device)
         try:
-            values, stats = evaluate(args.samples, args.ref, det, metrics, num=args.num, batch_size=args.batch,
+            values, stats = evaluate(samples, ref_source, det, metrics, num=args.num, batch_size=args.batch,
                                       is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
                                       progress=progress)
         finally:  # also on an error: an open bar would leave its line for the error message to continue
@@ -81,7 +86,7 @@ def run(args) -> int:
             print(f"ahpa eval: warning: samples are {h}x{w} but the reference is {rh}x{rw}; detectors resize images to "
                   "their input size, so the FD mixes the resolution gap with sample quality", file=sys.stderr)
         if args.save_ref_stats:  # the statistics evaluate measured (or read), measured here only for `is` alone
-            ref = ref or load_reference(args.ref, det, cache, args.batch)
+            ref = ref or load_reference(ref_source, det, cache, args.batch)
             ref.save(args.save_ref_stats, detector=det.name)
         shown = "  ".join(f"{k}: {v:.6g}" for k, v in values.items())
         print(f"{shown}  ({stats['samples'].count} samples vs {(ref.count if ref else 0) or 'stored'} reference)")

@@ -244,6 +244,13 @@ def assemble(items: list[Item], size: int, device: torch.device) -> torch.Tensor
     return x
 
 
+def crop_items(items: list[Item], size: int) -> np.ndarray:
+    """Decoded items -> uint8 [n, R, R, 3] as `assemble` makes them (exact for cropped items; small ones upsampled
+    in float, then rounded once)."""
+    x = assemble(items, size, torch.device("cpu"))  # [n, 3, R, R] in [0, 1]
+    return x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def decode_all(listing: Listing, resolution: int, workers: int = 0, batch: int = 256) -> tuple[np.ndarray, list[list[str]]]:
     """Every item of a listing, decoded and ADM-cropped as `ahpa prepare` does, in memory: (uint8 [N, R, R, 3],
     skipped [name, reason]). For small sets (training the small VAE); a cache is the way for large ones."""
@@ -253,8 +260,7 @@ def decode_all(listing: Listing, resolution: int, workers: int = 0, batch: int =
         good = [it for it in items if it.image is not None]
         skipped += [[listing.name(it.index), it.reason] for it in items if it.image is None]
         if good:
-            x = assemble(good, resolution, torch.device("cpu"))  # [b, 3, R, R] in [0, 1]
-            kept.append(x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy())  # exact for cropped uint8
+            kept.append(crop_items(good, resolution))
     if not kept:
         raise ValueError(f"none of the {len(listing)} items of {listing.location} could be decoded")
     return np.concatenate(kept), skipped

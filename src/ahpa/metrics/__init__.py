@@ -3,7 +3,7 @@ Score and precision/recall, and cached reference measurements."""
 
 from ahpa.metrics.detectors import KINDS, Detector, DetectorUnavailableError, load_detector, metric_name, metric_tag, parse_spec
 from ahpa.metrics.frechet import FeatureStats, frechet_distance, trace_sqrt_product
-from ahpa.metrics.images import iter_image_batches
+from ahpa.metrics.images import ImageFolder, iter_image_batches
 from ahpa.metrics.inception_score import inception_score
 from ahpa.metrics.measurement import Measurement, compute_stats, fd_between, measure, reference_stats
 from ahpa.metrics.precision_recall import precision_recall
@@ -14,6 +14,7 @@ __all__ = [
     "Detector",
     "DetectorUnavailableError",
     "FeatureStats",
+    "ImageFolder",
     "Measurement",
     "compute_stats",
     "fd_between",

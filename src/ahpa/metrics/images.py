@@ -1,24 +1,27 @@
 """Image sources for metrics.
 
 A source is an `.npz` holding uint8 NHWC images under `arr_0` (ADM's sample format) or `images` (our
-CIFAR files), a folder of image files (the extensions `ahpa prepare` reads), an in-memory uint8 NHWC
-array, or any iterable of uint8 NHWC batches (a sampler that feeds metrics without writing files, as in
-EDM2). Batches come out as uint8 NHWC, the storage format; `ahpa.metrics.measurement` turns them into the
+CIFAR files), a folder of image files (the files `ahpa prepare` lists, in its order; an `ImageFolder` to read
+them at one resolution as prepare crops them), an in-memory uint8 NHWC array, or any iterable of uint8 NHWC
+batches (a sampler that feeds metrics without writing files, as in EDM2). Batches come out as uint8 NHWC, the storage format; `ahpa.metrics.measurement` turns them into the
 detector's NCHW on the way in.
 """
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# one list of extensions for eval and prepare, so that a folder prepare trains on can also be evaluated
-from ahpa.data.decode import IMAGE_EXTENSIONS, BadImage, load_rgb
+# prepare's listing and decoding, so that a folder prepare trains on is evaluated as the same images
+from ahpa.data.decode import BadImage, load_rgb
+from ahpa.data.listing import ItemDataset, crop_items, list_source
 
 NPZ_IMAGE_KEYS = ("arr_0", "images")  # ADM samples, then our datasets
 
@@ -110,39 +113,80 @@ def _iter_array(arr, batch_size: int, rank: int, world_size: int, limit: int | N
         yield arr[start:stop]
 
 
+@dataclass(frozen=True)
+class ImageFolder:
+    """A folder of image files as a metric source. With `resolution` R every image is read as `ahpa prepare` reads
+    it for training at R (ADM centre crop, smaller images upsampled), so a folder of photos of many sizes can be
+    a reference; without it images are taken as decoded, all of one size. A plain path to a folder is
+    `ImageFolder(path)`."""
+
+    path: Path
+    resolution: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path).expanduser())
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}")
+
+
+def folder_source(source, resolution: int | None):
+    """`source` as read at `resolution`: an `ImageFolder` for a folder, anything else as it is (.npz files hold
+    images of one size already, which no resolution changes)."""
+    if isinstance(source, (str, Path)) and Path(source).expanduser().is_dir():
+        return ImageFolder(Path(source), resolution)
+    return source
+
+
 def image_files(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursively), in sorted order so that every process agrees. Hidden files and
-    folders are left out, as `ahpa prepare` leaves them out (macOS's `._x.jpg` are no images)."""
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """The image files of `folder` that `ahpa prepare` lists, in its order (sorted, recursive; hidden files and
+    folders left out: macOS's `._x.jpg` are no images)."""
+    return list_source(folder, labels="none").paths
 
 
-def _iter_folder(folder: Path, batch_size: int, rank: int, world_size: int, limit: int | None):
-    files = image_files(folder)
-    if not files:
-        raise ValueError(f"folder {str(folder)!r} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
-    n = len(files) if limit is None else min(len(files), limit)
+def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: int, limit: int | None):
+    # Undecodable files are skipped and named in one warning at the end, as `ahpa prepare` skips and reports them:
+    # failing at file 900,000 of a reference would throw away the measurement of the ones before it.
+    listing = list_source(folder.path, labels="none")
+    items = ItemDataset(listing, folder.resolution) if folder.resolution else None
+    n = len(listing) if limit is None else min(len(listing), limit)
+    skipped, first = [], None
     for start, stop in _batch_ranges(n, batch_size, rank, world_size):
+        if items is not None:
+            got = [items[i] for i in range(start, stop)]
+            skipped += [(listing.name(it.index), it.reason) for it in got if it.image is None]
+            good = [it for it in got if it.image is not None]
+            if good:
+                yield crop_items(good, folder.resolution)  # uint8 [n, R, R, 3]
+            continue
         imgs = []
-        for p in files[start:stop]:
+        for i in range(start, stop):
             try:  # decoded as `ahpa prepare` decodes training images: upright, alpha on white, 16-bit rescaled
-                imgs.append(load_rgb(p)[0])
+                imgs.append(load_rgb(listing.paths[i])[0])
             except BadImage as e:
-                raise ValueError(f"{str(p)!r} cannot be decoded ({e.reason}): remove it from the folder or re-encode it") from None
-            if imgs[-1].shape != imgs[0].shape:
-                raise ValueError(f"{str(p)!r} is {imgs[-1].shape[:2]}, but {str(files[start])!r} is {imgs[0].shape[:2]}: one size per folder")
-        yield np.stack(imgs)
+                skipped.append((listing.name(i), e.reason))
+                continue
+            first = first or (listing.name(i), imgs[-1].shape[:2])
+            if imgs[-1].shape[:2] != first[1]:
+                raise ValueError(f"{folder.path}: {listing.name(i)!r} is {imgs[-1].shape[:2]}, but {first[0]!r} is "
+                                 f"{first[1]}: images of several sizes need a resolution to be read at (ahpa eval "
+                                 "--resolution R, or ImageFolder(path, R): centre-cropped as ahpa prepare crops them)")
+        if imgs:
+            yield np.stack(imgs)
+    if skipped:
+        shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
+        warnings.warn(f"{folder.path}: skipped {len(skipped)} file(s) that cannot be decoded ({shown}"
+                      f"{'; ...' if len(skipped) > 3 else ''}); remove or re-encode them", stacklevel=2)
 
 
-def check_image_source(source: str | Path, what: str = "image source") -> Path:
+def check_image_source(source: "str | Path | ImageFolder", what: str = "image source") -> Path:
     """The path of a folder or an .npz (images, samples or statistics), the two a source path may be; a caller that
     measures something else first (`ahpa eval`, a run's evaluation) checks its inputs here before that work."""
-    path = Path(source).expanduser()
+    path = source.path if isinstance(source, ImageFolder) else Path(source).expanduser()
+    shown = str(path if isinstance(source, ImageFolder) else source)
     if not path.exists():
-        raise FileNotFoundError(f"{what} {str(source)!r} does not exist")
+        raise FileNotFoundError(f"{what} {shown!r} does not exist")
     if not path.is_dir() and path.suffix != ".npz":
-        raise ValueError(f"{what} {str(source)!r} is neither a folder of images nor an .npz (images, samples or statistics)")
+        raise ValueError(f"{what} {shown!r} is neither a folder of images nor an .npz (images, samples or statistics)")
     return path
 
 
@@ -156,10 +200,11 @@ def iter_image_batches(
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}")
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, Path, ImageFolder)):
         path = check_image_source(source)
         if path.is_dir():
-            return _iter_folder(path, batch_size, rank, world_size, max_images)
+            folder = source if isinstance(source, ImageFolder) else ImageFolder(path)
+            return _iter_folder(folder, batch_size, rank, world_size, max_images)
         key = npz_image_key(path)
         if key is None:
             keys = sorted(npz_names(path))

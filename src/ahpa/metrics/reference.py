@@ -21,7 +21,7 @@ import torch
 from ahpa.atomic import atomic_path
 from ahpa.metrics.detectors import Detector, parse_spec
 from ahpa.metrics.frechet import FeatureStats
-from ahpa.metrics.images import image_files, npz_image_key
+from ahpa.metrics.images import ImageFolder, image_files, npz_image_key
 from ahpa.metrics.measurement import Measurement, stored_stats_usable, is_stats_file, measure, reference_stats
 
 
@@ -36,13 +36,16 @@ def reference_key(ref: str | Path, detector: Detector) -> str:
     The reference's resolved path, size and modification time: size alone cannot tell two uncompressed
     .npz files of the same shape apart. The detector's file enters too, since two files can share a stem.
     """
-    path = Path(ref).expanduser().resolve()
+    folder = ref if isinstance(ref, ImageFolder) else None
+    path = (folder.path if folder else Path(ref).expanduser()).resolve()
     if not path.exists():
         raise FileNotFoundError(f"reference {str(path)!r} does not exist (eval.ref / --ref)")
     if path.is_dir():
         files = image_files(path)
         ident = {"files": len(files), "size": sum(f.stat().st_size for f in files),
                  "mtime_ns": max((f.stat().st_mtime_ns for f in files), default=0)}
+        if folder and folder.resolution:  # only then: keys of folders read as they are stay what they were
+            ident["resolution"] = folder.resolution
     else:
         ident = _file_identity(path)
     det: dict = {"name": detector.name, "spec": getattr(detector, "spec", None)}

@@ -62,7 +62,8 @@ class Trainer:
         optimizer_state = self._load()
         # before any training: a missing detector or reference fails now, not at the first evaluation (a finished
         # run, rerun to export or sample, evaluates nothing and needs neither)
-        self.evaluator = (outputs.Evaluator(cfg.eval, self.parts.device, self.run_dir, self.rank, self.world)
+        self.evaluator = (outputs.Evaluator(cfg.eval, self.parts.device, self.run_dir, self.rank, self.world,
+                                            cfg.data.resolution)
                           if cfg.eval.every and self.step < t.steps else None)
         p = self.parts
         self.sharded = None  # ahpa.train.fsdp.Sharded under FSDP

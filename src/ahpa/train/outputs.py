@@ -48,11 +48,14 @@ class Evaluator:
     """Fréchet distances of EMA samples for each configured detector. Every process calls it with the
     same arguments: each generates its share of the samples and the statistics are all-reduced."""
 
-    def __init__(self, cfg: EvalCfg, device: torch.device, run_dir: Path, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: EvalCfg, device: torch.device, run_dir: Path, rank: int = 0, world: int = 1,
+                 resolution: int | None = None):
         """Built before the first training step, so that what would fail the first evaluation (no detector, no
-        reference, a missing or wrong file) fails then, not after hours of training."""
+        reference, a missing or wrong file) fails then, not after hours of training. A reference folder is read at
+        `resolution` (the run's data.resolution) as `ahpa prepare` reads training images: its photos may be of
+        any size, and it is measured as the training data was made."""
         from ahpa.metrics.detectors import load_detector
-        from ahpa.metrics.images import check_image_source, npz_image_key
+        from ahpa.metrics.images import check_image_source, folder_source, npz_image_key
         from ahpa.metrics.measurement import is_stats_file, stored_stats_usable
 
         fix = "or set eval.every=0 to train without evaluating"
@@ -67,6 +70,7 @@ class Evaluator:
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{e}: name another, {fix}") from None
         self.cfg, self.device, self.run_dir, self.rank, self.world = cfg, device, run_dir, rank, world
+        self._ref_source = folder_source(ref, resolution)
         self._detectors = [load_detector(spec, device) for spec in cfg.detectors]
         if is_stats_file(ref) and npz_image_key(ref) is None:  # statistics alone: they must be the detectors' own
             for det in self._detectors:
@@ -84,7 +88,7 @@ class Evaluator:
         # rank 0 fills the reference cache first; the others then read it instead of recomputing
         for turn in ((0,), tuple(range(1, self.world))) if self.world > 1 else ((0,),):
             if self.rank in turn:
-                self._refs = [load_reference(e.ref, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
+                self._refs = [load_reference(self._ref_source, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
             barrier()
 
     def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg) -> dict[str, float]:

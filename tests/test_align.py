@@ -37,6 +37,35 @@ def test_fixed_and_topk_modes():
         Router(3, "hard")
 
 
+def test_a_fixed_mode_registered_without_its_branch_is_named(monkeypatch):
+    from ahpa.align.methods import ROUTER_MODES
+
+    monkeypatch.setitem(ROUTER_MODES, "ramp", False)
+    with pytest.raises(NotImplementedError, match="router mode 'ramp' is fixed .* no branch in Router.route"):
+        Router(3, "ramp")(torch.zeros(2))
+
+
+def test_a_level_topk_leaves_out_still_learns_and_comes_in():
+    """At initialisation every weight ties and top-k keeps the tie-break's k levels; after the cut a left-out level
+    has no gradient. The router's objective therefore trains the weights before the cut: a left-out level whose
+    relative loss is lowest gains weight and enters the top k."""
+    torch.manual_seed(0)
+    al = Aligner(16, ["a", "b", "c", "d"], [3, 3, 3, 3], AlignCfg(projector_dim=32, router_topk=2, router_entropy=0.0,
+                                                                router_normalize=False), "topk", "cosine")
+    t = torch.linspace(0, 1, 32)
+    kept = al.router(t)[0] > 0
+    left_out = int((~kept).nonzero()[0])
+    losses = torch.full((32, 4), 0.5)
+    losses[:, left_out] = 0.1  # the left-out level is the easiest everywhere
+    al.level_losses = lambda preds, targets: losses  # the wiring under test is the router's, not the heads'
+    opt = torch.optim.SGD(al.router.parameters(), lr=1.0)
+    for _ in range(30):
+        opt.zero_grad()
+        al(torch.randn(32, 4, 16), [torch.randn(32, 4, 3)] * 4, t)[0].backward()
+        opt.step()
+    assert (al.router(t)[:, left_out] > 0).all()
+
+
 def test_cosine_loss_is_vectorised_and_fp32():
     p, q = torch.randn(3, 5, 7, dtype=torch.bfloat16), torch.randn(3, 5, 7, dtype=torch.bfloat16)
     out = cosine_loss(p, q)

@@ -79,12 +79,12 @@ class Aligner(nn.Module):
         if kept is not None:  # align.token_fraction < 1: the heads and losses see each sample's kept tokens only
             targets = [gather_tokens(x, kept) for x in targets]
         losses = self.level_losses(self.predictions(hidden, kept), targets)  # [B, K]
-        weights = self.router(t)  # [B, K]
+        weights, probs = self.router.route(t)  # [B, K] each: applied, and trained by the router's objective
         loss = (weights.detach() * losses).sum(dim=1).mean()
         weighted = loss.detach()
         bins = None if self.t_bins == 1 else (t.detach() * self.t_bins).long().clamp_(0, self.t_bins - 1)  # [B]
         if self.router.learned:
-            loss = loss + self._router_objective(weights, losses, bins)
+            loss = loss + self._router_objective(probs, losses, bins)
         metrics = {
             "align/weighted": weighted,
             "align/level_loss": losses.detach().mean(dim=0),  # [K]

@@ -1,8 +1,10 @@
 """The Dynamic Router: weights over K prior levels as a function of the noise level t.
 
 Modes:
-- soft:    g(t) = softmax(MLP(sinusoidal(t)) / tau), learned, initialised uniform.
-- topk:    as soft, then only the k largest weights are kept and renormalised.
+- soft:    g(t) = softmax(MLP(sinusoidal(1000 t)) / tau), learned, initialised uniform.
+- topk:    as soft, then only the k largest weights are kept and renormalised. The router's objective sees the
+           weights before the cut (`route`): after it, a level left out has no gradient and could never come back,
+           and at initialisation, where all weights tie, which k levels are kept is the tie-break's choice.
 - snr:     fixed schedule, no parameters: level k gets a Gaussian window centred at t = k / (K - 1), in the
            order the levels come (the encoder's: stages fine -> coarse, then the latent; or align.levels'), so
            coarse levels dominate at high noise (the paper's story).
@@ -50,7 +52,7 @@ class Router(nn.Module):
         self.mlp = None
         if self.learned:
             self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, num_levels))
-            # zero last layer: softmax of zeros is uniform, so training starts from multi-uniform
+            # zero last layer: softmax of zeros is uniform, so soft training starts from multi-uniform
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
 
@@ -60,10 +62,20 @@ class Router(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t [B] in [0, 1] -> weights [B, K] (fp32, rows sum to 1)."""
+        return self.route(t)[0]
+
+    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] -> (weights the levels' losses get [B, K], what a learned router's objective trains [B, K]): the
+        same tensor but for `topk`, whose objective takes the softmax before the cut, so that every level learns."""
         if self.mode == "uniform" or self.num_levels == 1:
-            return torch.full((t.shape[0], self.num_levels), 1.0 / self.num_levels, device=t.device)
+            weights = torch.full((t.shape[0], self.num_levels), 1.0 / self.num_levels, device=t.device)
+            return weights, weights
         if self.mode == "snr":
-            return snr_schedule(t, self.num_levels, self.width)
+            weights = snr_schedule(t, self.num_levels, self.width)
+            return weights, weights
+        if not self.learned:
+            raise NotImplementedError(f"router mode {self.mode!r} is fixed (ROUTER_MODES) but has no branch in "
+                                      "Router.route: add one before the learned path")
         emb = timestep_embedding(t * 1000.0, self.freq_dim)
-        weights = torch.softmax(self.mlp(emb.to(self.mlp[0].weight.dtype)).float() / self.tau, dim=-1)
-        return keep_topk(weights, self.topk) if self.mode == "topk" else weights
+        probs = torch.softmax(self.mlp(emb.to(self.mlp[0].weight.dtype)).float() / self.tau, dim=-1)
+        return (keep_topk(probs, self.topk) if self.mode == "topk" else probs), probs

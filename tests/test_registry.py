@@ -33,6 +33,26 @@ def test_a_registered_encoder_kind_prepares_trains_and_is_recorded(toy_kind, tmp
     # an encoder object passed from Python is named in config.yaml, so that resume, export and sample find it
     Trainer(tiny("prior.encoder=", "train.steps=1"), tmp_path / "obj", encoder=registry.load_encoder("toy:4")).run()
     assert config.load(tmp_path / "obj" / "config.yaml").prior.encoder == "toy:4"
+    # an object the run could not load again, or another encoder than the config names, is refused before training
+    # (before, the run trained on the object and recorded the config's encoder: sampling then failed or used the wrong VAE)
+    other = KLVAE.random(seed=5)
+    for spec, overrides, message in [("", [], "has no spec: set its `spec` to KIND:WHERE"),
+                                     ("nokind:5", [], "spec 'nokind:5', whose kind no loader is registered for"),
+                                     ("toy:5", ["prior.encoder=toy:4"], "prior.encoder='toy:4' is not the encoder given")]:
+        other.spec = spec
+        with pytest.raises(ValueError, match=message):
+            Trainer(tiny("prior.encoder=", *overrides, "train.steps=1"), tmp_path / "bad", encoder=other)
+    other.spec = "toy:4"
+    Trainer(tiny("prior.encoder=toy:4", "train.steps=1"), tmp_path / "same", encoder=other)  # the same one: fine
+    # sampling a run with --encoder naming a VAE of another latent shape: both named, not torch's list of keys
+    import torch
+
+    from ahpa.priors.kl_vae import KLVAEConfig
+    from ahpa.train.resume import run_sampler
+
+    registry.register_encoder("wide", lambda where, spec: KLVAE(KLVAEConfig(latent_channels=8)))
+    with pytest.raises(ValueError, match=r"obj's model does not fit a SiT on 'wide:1' \(size mismatch .*trained with 'toy:4'"):
+        run_sampler(tmp_path / "obj", torch.device("cpu"), encoder="wide:1")
     with pytest.raises(ValueError, match=r"unknown encoder kind 'toi' in 'toi:3'; valid kinds: .*toy"):
         registry.load_encoder("toi:3")
 

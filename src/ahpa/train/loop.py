@@ -34,6 +34,24 @@ from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir
 from ahpa.transport.path import get_path
 
 
+def given_encoder_spec(encoder, configured: str) -> str:
+    """The spec of an encoder object given to `Trainer`, checked: the run records it (config.yaml, the export), so
+    resuming, exporting and `ahpa sample --run` load the encoder again by it, in any process."""
+    from ahpa.priors.registry import kinds
+
+    spec = getattr(encoder, "spec", "") or ""
+    fix = ("set its `spec` to KIND:WHERE with KIND registered (ahpa.priors.register_encoder in this process, or an "
+           "`ahpa.encoders` entry point for every process; docs/extending.md), so that the run can load it again")
+    if not spec:
+        raise ValueError(f"the encoder given to Trainer ({type(encoder).__name__}) has no spec: {fix}")
+    if spec.partition(":")[0] not in kinds():
+        raise ValueError(f"the encoder given to Trainer has spec {spec!r}, whose kind no loader is registered for: {fix}")
+    if configured and config_mod.absolute_spec(configured) != config_mod.absolute_spec(spec):
+        raise ValueError(f"prior.encoder={configured!r} is not the encoder given to Trainer ({spec!r}): the run would "
+                         "train with one and record the other; leave prior.encoder empty or name the same encoder")
+    return spec
+
+
 class Trainer:
     """One training run. Under torchrun (process group initialised) it trains with DDP, or with FSDP2
     when train.fsdp is set: each process takes its slice of the same global batch, so 2 processes x b
@@ -41,9 +59,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
         d = current()
-        if encoder is not None and not cfg.prior.encoder and getattr(encoder, "spec", ""):
+        if encoder is not None and not cfg.prior.encoder:
             cfg = config_mod.from_dict(cfg.to_dict())  # a copy that names the encoder: resume, export and sample need it
-            cfg.prior.encoder = encoder.spec
+            cfg.prior.encoder = given_encoder_spec(encoder, cfg.prior.encoder)
+        elif encoder is not None:
+            given_encoder_spec(encoder, cfg.prior.encoder)
         cfg = config_mod.with_absolute_paths(cfg)  # the run's files, named the same from any directory
         self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), d.rank, d.world
         self.path = get_path(cfg.transport.path)

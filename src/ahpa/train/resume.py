@@ -21,6 +21,11 @@ from ahpa.train.checkpoint import load_latest_everywhere, owned
 from ahpa.transport.path import get_path
 
 
+def _first_mismatch(e: RuntimeError) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else lines[0]  # torch's first line is a heading
+
+
 def run_sampler(run_dir: str | Path, device: torch.device, encoder: str | None = None) -> tuple[SamplerBundle, int, Config]:
     """(what sampling needs, the checkpoint's step, the run's config). `encoder` names where the run's VAE is on
     this machine when its config.yaml names a path that is not here; its weights must be the run's."""
@@ -49,7 +54,12 @@ def run_sampler(run_dir: str | Path, device: torch.device, encoder: str | None =
                          "where the run's VAE is now)")
     num_classes = state["ema"]["y_embedder.weight"].shape[0] - 1  # the label table's last row is the null class
     model = SiT(sit_config(cfg, vae, num_classes))
-    model.load_state_dict(state["ema"])
+    try:
+        model.load_state_dict(state["ema"])
+    except RuntimeError as e:  # a VAE of another latent shape than the run's: name both, not torch's key list
+        trained = (state.get("encoder") or {}).get("spec") or cfg.prior.encoder
+        raise ValueError(f"{run_dir}'s model does not fit a SiT on {spec!r} ({_first_mismatch(e)}): the run "
+                         f"was trained with {trained!r}") from None
     latent_stats = PriorStats.from_dict(owned(state["stats"])).latent
     bundle = SamplerBundle(model.to(device).eval(), get_path(cfg.transport.path), latent_stats, vae, device,
                            autocast_dtype(cfg.train.precision, device))

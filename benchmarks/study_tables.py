@@ -122,13 +122,13 @@ def paired(series, metrics: list[str], pairs: list[tuple[str, str]], title: str,
 
 
 def step_reaching(points: list[tuple[int, float]], target: float) -> tuple[str, float]:
-    """When a run's FD curve (eval points, ascending steps) first reaches `target`: ("at", step) interpolated linearly
-    between the evaluations around it (`ahpa.compare.images_to_reach`, which `ahpa compare` uses on images);
-    ("before", first step) if its first evaluation already had; ("after", last step) if none did."""
-    if points[0][1] <= target:
-        return "before", points[0][0]
+    """From when a run's FD curve (eval points, ascending steps) stays at or below `target`: ("at", step) interpolated
+    linearly at its last crossing (`ahpa.compare.images_to_reach`, which `ahpa compare` uses on images); ("before",
+    first step) if every evaluation was; ("after", last step) if its last was above."""
     step = images_to_reach(points, target)
-    return ("after", points[-1][0]) if step is None else ("at", step)
+    if step is None:
+        return "after", points[-1][0]
+    return ("before", points[0][0]) if all(y <= target for _, y in points) else ("at", step)
 
 
 def tflop_to(cost: dict, step: float) -> float:

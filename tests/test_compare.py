@@ -25,6 +25,9 @@ def test_images_to_reach_and_value_at_interpolate_between_evaluations():
     assert compare.images_to_reach(curve, 6.0) == 250.0
     assert compare.images_to_reach(curve, 9.5) == 100.0 and compare.images_to_reach(curve, 4.0) is None
     assert compare.value_at(curve, 250) == 6.0 and compare.value_at(curve, 300) == 5.0
+    # noisy evaluations: a dip below the target that does not last is not reaching it
+    noisy = [(100, 5.5), (200, 7.0), (300, 5.0)]
+    assert compare.images_to_reach(noisy, 6.0) == 250.0 and compare.images_to_reach(noisy, 5.5) == 275.0
     assert compare.value_at(curve, 400) is None
 
 
@@ -40,6 +43,11 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
     assert "1.00x" in rows["sit (baseline)"] and "not reached" in rows["repa"]
     assert "- `align.weight`: ahpa=1.5, sit=0.5, repa=0.5" in text and "- `align.method`:" in text
     assert (out / "compare.md").read_text() in text and (out / "FD-r20.png").is_file() and (out / "flow-loss.png").is_file()
+    # a baseline whose first evaluation was already below its last: still 1.00x, not 3.00x
+    wobbly = _run(tmp_path, "wobbly", "none", [6.5, 8.0, 7.0])
+    assert main(["compare", str(wobbly), str(ahpa), "--baseline", "wobbly"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "| 300 | 1.00x |" in rows["wobbly (baseline)"] and "| 200 | 1.50x |" in rows["ahpa"]
     assert main(["compare", str(ahpa), str(base), "--baseline", "nope"]) == 2
     assert "--baseline 'nope' is none of the runs: ahpa, sit" in capsys.readouterr().err
     assert main(["compare", str(tmp_path)]) == 2

@@ -132,6 +132,37 @@ def test_evaluation_during_training_is_logged(setup, tmp_path):
     assert (tmp_path / "run" / "eval.png").exists() and any((tmp_path / "run" / "eval_ref").iterdir())
 
 
+def test_a_stop_saves_once_before_evaluating_and_the_resume_evaluates_that_step(setup, tmp_path):
+    """Asked to stop (SIGTERM) at a step due a checkpoint and an evaluation, the run saves once and goes: a
+    scheduler's grace period has no room for 10,000 samples. The resume evaluates that step first, as it does after
+    a process died between its checkpoint and its evaluation; and a finished run trained further is not DONE."""
+    import json
+
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, ref = setup
+    base = [*TINY, "train.ckpt_every=2", "eval.every=2", f"eval.detectors=[{det.spec}]", f"eval.ref={ref}",
+            "eval.num=16", "eval.batch=8"]
+    run = tmp_path / "run"
+    trainer = Trainer(config.load(None, [*base, "train.steps=4"]), run)
+    saves = []
+    trainer.save = lambda save=trainer.save: saves.append(trainer.step) or save()
+    assert trainer.run(should_stop=lambda: trainer.step >= 2)["stopped"] and saves == [2]
+
+    def eval_steps():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in rows if f"eval/{det.name}" in r]
+
+    assert eval_steps() == []
+    Trainer(config.load(None, [*base, "train.steps=4"]), run).run()
+    assert eval_steps() == [2, 4] and (run / "DONE").exists()
+    trainer = Trainer(config.load(None, [*base, "train.steps=8"]), run)
+    trainer.run(should_stop=lambda: True)
+    assert not (run / "DONE").exists()  # a SLURM script that requeues until DONE exists goes on requeueing
+
+
 def test_a_reference_folder_of_photos_is_read_at_the_run_resolution(setup, tmp_path):
     """eval.ref may be the user's own image folder, photos of any size: it is read at data.resolution as
     prepare reads training images, so the first evaluation does not fail on the sizes after hours of training."""

@@ -86,14 +86,16 @@ def differing_settings(runs: list[Run]) -> dict[str, list]:
 
 
 def images_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """The first number of images at which a curve reaches `target` (linear between evaluations), or None."""
-    for i, (x, y) in enumerate(curve):
-        if y <= target:
-            if i == 0:
-                return float(x)
-            x0, y0 = curve[i - 1]
-            return x0 + (x - x0) * (y0 - target) / (y0 - y)
-    return None
+    """The number of images from which a curve stays at or below `target`: where it crosses it for the last time
+    (linear between evaluations), so that a noisy early dip below does not count as reaching it; None when its last
+    value is above."""
+    if not curve or curve[-1][1] > target:
+        return None
+    above = [i for i, (_, y) in enumerate(curve) if y > target]
+    if not above:
+        return float(curve[0][0])
+    (x0, y0), (x1, y1) = curve[above[-1]], curve[above[-1] + 1]
+    return x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
 
 
 def value_at(curve: list[tuple[int, float]], images: float) -> float | None:
@@ -129,7 +131,9 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
                          f"{_num(r.img_per_s, '.0f')} |")
             continue
         at = value_at(curve, base[-1][0]) if base else None
-        reach = images_to_reach(curve, base[-1][1]) if base else None
+        # the baseline reaches its own last value at its last images, by definition (its curve may have dipped below
+        # it before: evaluations are noisy)
+        reach = base[-1][0] if r is baseline and base else images_to_reach(curve, base[-1][1]) if base else None
         speed = f"{base[-1][0] / reach:.2f}x" if reach else ("—" if not base else "not reached")
         lines.append(f"| {r.name}{' (baseline)' if r is baseline else ''} | {r.method} | {curve[-1][0]:,} | "
                      f"{curve[-1][1]:.3f} | {min(v for _, v in curve):.3f} | {_num(at, '.3f')} | "

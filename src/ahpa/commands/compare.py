@@ -31,8 +31,8 @@ def run(args) -> int:
     parts = [f"# {len(runs)} runs; baseline {baseline.name}", ""]
     if metric:
         parts += [compare.table(runs, baseline, metric), "",
-                  f"Speed-up: the baseline's training images at its last {metric} over the images a run needed to reach "
-                  "that value (linear between evaluations); img/s: the median of the logged windows, for the cost "
+                  f"Speed-up: the baseline's training images at its last {metric} over the images from which a run "
+                  "stays at or below that value (its last crossing, linear between evaluations); img/s: the median of the logged windows, for the cost "
                   "per image.", ""]
     else:
         parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances).", ""]

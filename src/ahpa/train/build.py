@@ -9,13 +9,13 @@ import torch
 
 from ahpa.align import ROUTER_MODES, get_method, resolve_depths, resolve_levels
 from ahpa.align.objective import Aligner
-from ahpa.config import AlignCfg, Config
+from ahpa.config import AlignCfg, Config, absolute_spec
 from ahpa.data.batches import OnTheFly
 from ahpa.data.sources import load_image_set
 from ahpa.models.sit import SiT, SiTConfig
 from ahpa.priors.base import PriorEncoder
 from ahpa.priors.external import ExternalEncoder, load_external
-from ahpa.priors.registry import load_encoder
+from ahpa.priors.registry import kinds, load_encoder
 from ahpa.priors.targets import PriorStats
 from ahpa.train.distributed import current, device_for
 from ahpa.train.rng import generator
@@ -158,6 +158,22 @@ def build_parts(
         source = OnTheFly(data, encoder, levels, sc.grid, cfg.data.resolution, device, autocast_dtype(cfg.train.precision, device))
     return Parts(cfg, device, autocast_dtype(cfg.train.precision, device), source, encoder, external, levels,
                  model, ema, aligner, optimizer)
+
+
+def given_encoder_spec(encoder, configured: str) -> str:
+    """The spec of an encoder object given to `Trainer`, checked: the run records it (config.yaml, the export), so
+    resuming, exporting and `ahpa sample --run` load the encoder again by it, in any process."""
+    spec = getattr(encoder, "spec", "") or ""
+    fix = ("set its `spec` to KIND:WHERE with KIND registered (ahpa.priors.register_encoder in this process, or an "
+           "`ahpa.encoders` entry point for every process; docs/extending.md), so that the run can load it again")
+    if not spec:
+        raise ValueError(f"the encoder given to Trainer ({type(encoder).__name__}) has no spec: {fix}")
+    if spec.partition(":")[0] not in kinds():
+        raise ValueError(f"the encoder given to Trainer has spec {spec!r}, whose kind no loader is registered for: {fix}")
+    if configured and absolute_spec(configured) != absolute_spec(spec):
+        raise ValueError(f"prior.encoder={configured!r} is not the encoder given to Trainer ({spec!r}): the run would "
+                         "train with one and record the other; leave prior.encoder empty or name the same encoder")
+    return spec
 
 
 HEADS_NOTE_SHARE = 0.15  # above this, a run says what its alignment heads cost

@@ -34,6 +34,14 @@ def truncate_jsonl(path: Path, step: int) -> None:
     path.write_text("".join(l + "\n" for l in keep))
 
 
+def logged_at(path: Path, step: int, prefix: str) -> bool:
+    """Whether a row of `step` holds a metric whose name starts with `prefix` (e.g. an evaluation's "eval/")."""
+    if not path.exists():
+        return False
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return any(r.get("step") == step and any(k.startswith(prefix) for k in r) for r in rows)
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"

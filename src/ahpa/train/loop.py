@@ -23,7 +23,8 @@ from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import PriorStats, standardise_levels
 from ahpa.sample import SamplerBundle
 from ahpa.train import inputs, outputs
-from ahpa.train.build import Parts, build_parts, compute_stats, heads_cost_note, ignored_settings_note
+from ahpa.train.build import (Parts, build_parts, compute_stats, given_encoder_spec, heads_cost_note,
+                              ignored_settings_note)
 from ahpa.train.checkpoint import load_latest_everywhere, owned, save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
@@ -34,24 +35,6 @@ from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir
 from ahpa.transport.path import get_path
 
 
-def given_encoder_spec(encoder, configured: str) -> str:
-    """The spec of an encoder object given to `Trainer`, checked: the run records it (config.yaml, the export), so
-    resuming, exporting and `ahpa sample --run` load the encoder again by it, in any process."""
-    from ahpa.priors.registry import kinds
-
-    spec = getattr(encoder, "spec", "") or ""
-    fix = ("set its `spec` to KIND:WHERE with KIND registered (ahpa.priors.register_encoder in this process, or an "
-           "`ahpa.encoders` entry point for every process; docs/extending.md), so that the run can load it again")
-    if not spec:
-        raise ValueError(f"the encoder given to Trainer ({type(encoder).__name__}) has no spec: {fix}")
-    if spec.partition(":")[0] not in kinds():
-        raise ValueError(f"the encoder given to Trainer has spec {spec!r}, whose kind no loader is registered for: {fix}")
-    if configured and config_mod.absolute_spec(configured) != config_mod.absolute_spec(spec):
-        raise ValueError(f"prior.encoder={configured!r} is not the encoder given to Trainer ({spec!r}): the run would "
-                         "train with one and record the other; leave prior.encoder empty or name the same encoder")
-    return spec
-
-
 class Trainer:
     """One training run. Under torchrun (process group initialised) it trains with DDP, or with FSDP2
     when train.fsdp is set: each process takes its slice of the same global batch, so 2 processes x b
@@ -59,11 +42,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
         d = current()
-        if encoder is not None and not cfg.prior.encoder:
+        spec = given_encoder_spec(encoder, cfg.prior.encoder) if encoder is not None else ""
+        if spec and not cfg.prior.encoder:
             cfg = config_mod.from_dict(cfg.to_dict())  # a copy that names the encoder: resume, export and sample need it
-            cfg.prior.encoder = given_encoder_spec(encoder, cfg.prior.encoder)
-        elif encoder is not None:
-            given_encoder_spec(encoder, cfg.prior.encoder)
+            cfg.prior.encoder = spec
         cfg = config_mod.with_absolute_paths(cfg)  # the run's files, named the same from any directory
         self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), d.rank, d.world
         self.path = get_path(cfg.transport.path)
@@ -344,6 +326,11 @@ class Trainer:
                    skipped_in_window=count - round(n_good))
         return row
 
+    def _evaluate(self, logger: MetricsLogger | None) -> None:
+        fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), self.cfg.sample)
+        if logger is not None:
+            outputs.log_evaluation(logger, self.run_dir, self.step, self.step * self.cfg.train.batch_size, fd)
+
     def run(self, on_log: Callable[[int, dict], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> dict:
         """Trains to train.steps. Returns the last log row, with "stopped": True when `should_stop`
@@ -357,10 +344,14 @@ class Trainer:
                 inputs.write(self.run_dir, self._moved_inputs)
             elif inputs.read(self.run_dir) is None:  # a new run, or one from before inputs.json
                 inputs.write(self.run_dir, inputs.current(c, self.parts.encoder))
+        if main and self.step < c.train.steps:  # a finished run trained further is unfinished until it ends again
+            (self.run_dir / "DONE").unlink(missing_ok=True)
         logger = MetricsLogger(self.run_dir) if main else None
         if logger is not None:
             logger.truncate_after(self.step)
             truncate_jsonl(self.run_dir / "router.jsonl", self.step)
+        if self.evaluator is not None and self.evaluator.missing(self.step):  # died between checkpoint and evaluation
+            self._evaluate(logger)
         sums: dict[str, torch.Tensor] = {}
         count, t0, last = 0, time.perf_counter(), {}
         watch = DivergenceWatch(c.train.max_bad_steps)
@@ -386,24 +377,24 @@ class Trainer:
                             f"model.qk_norm=true or train.precision=fp32, or check the data."
                         )
                     sums, count, t0 = {}, 0, time.perf_counter()
+                # asked to stop: save and go, before any sample grid or evaluation (a scheduler's grace period is
+                # short); an evaluation due at this step is done on resume (Evaluator.missing)
+                stop = not done and self._stop_agreed(should_stop)
                 # no checkpoint inside a streak of skipped steps: the last good one stays the newest
                 # every process takes part in saving and sampling (FSDP gathers); rank 0 writes
-                if (self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0:
+                if stop or ((self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0):
                     self.save()
                     aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None
                     if main and aligner is not None:
                         logger.image("router", outputs.write_router_plot(aligner, self.run_dir, self.step), self.step)
+                if stop:
+                    return {**last, "stopped": True, "step": self.step}
                 if c.train.sample_every and c.sample.grid_images and (self.step % c.train.sample_every == 0 or done):
                     bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:
                         logger.image("samples", outputs.write_samples(bundle, c.sample, self.run_dir, self.step), self.step)
                 if self.evaluator is not None and (self.step % c.eval.every == 0 or done):
-                    fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), c.sample)
-                    if logger is not None:
-                        outputs.log_evaluation(logger, self.run_dir, self.step, self.step * c.train.batch_size, fd)
-                if not done and self._stop_agreed(should_stop):
-                    self.save()
-                    return {**last, "stopped": True, "step": self.step}
+                    self._evaluate(logger)
             self.export()
             if main:
                 outputs.finish(self.run_dir, self.parts.levels, self.step)

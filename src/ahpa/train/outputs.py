@@ -18,7 +18,8 @@ from ahpa.models.sit import SiT
 from ahpa.priors.targets import ChannelStats
 from ahpa.sample import SamplerBundle, export_model, generate
 from ahpa.train import plots
-from ahpa.train.distributed import barrier
+from ahpa.train.distributed import all_reduce_mean_, barrier
+from ahpa.train.logger import logged_at
 
 GRID_SEED = 1234
 
@@ -90,6 +91,16 @@ class Evaluator:
             if self.rank in turn:
                 self._refs = [load_reference(self._ref_source, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
             barrier()
+
+    def missing(self, step: int) -> bool:
+        """Whether `step` (a resumed run's) was due an evaluation that metrics.jsonl lacks: the process stopped or
+        died after its checkpoint. Rank 0 reads the file; every process gets its answer."""
+        if step == 0 or step % self.cfg.every:
+            return False
+        missing = self.rank == 0 and not logged_at(self.run_dir / "metrics.jsonl", step, "eval/")
+        if self.world == 1:
+            return missing
+        return all_reduce_mean_(torch.tensor(float(missing), device=self.device)).item() > 0
 
     def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg) -> dict[str, float]:
         from ahpa.train.evaluate import evaluate_fd

@@ -258,6 +258,29 @@ def test_a_method_added_to_the_registry_is_valid_everywhere(monkeypatch, tmp_pat
         MethodSpec("x", "all", "", "mse", "")
 
 
+def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path, tiny):
+    """register_loss (a notebook, a script) makes align.loss=NAME valid in the config at once, and the loss gets the
+    run's align settings, where a parameter of its own lives."""
+    from ahpa import config
+    from ahpa.align.loss import LEVEL_LOSSES, register_loss
+    from ahpa.align.methods import LOSSES
+    from ahpa.train.loop import Trainer
+
+    with pytest.raises(config.ConfigError, match="align.loss='mse-ln' is not valid; valid values: default, cosine"):
+        tiny("align.loss=mse-ln")
+    for registry in (LOSSES, LEVEL_LOSSES):
+        monkeypatch.setitem(registry, "mse-ln", None)  # removed again after the test
+    seen = []
+
+    def mse_ln(pred, target, cfg):
+        seen.append(cfg.smooth_l1_beta)
+        return (pred.float() - torch.nn.functional.layer_norm(target.float(), target.shape[-1:])).pow(2).flatten(1).mean(1)
+
+    register_loss("mse-ln", mse_ln, "MSE to layer-normed targets")
+    Trainer(tiny("align.loss=mse-ln", "align.smooth_l1_beta=0.2", "train.steps=1"), tmp_path).run()
+    assert seen and set(seen) == {0.2} and "mse-ln" in config.CHOICES["align.loss"]
+
+
 def test_channel_stats_standardise_and_invert_with_one_copy_per_device():
     """Statistics stay on the CPU (checkpoints record them) and are copied to a device once: a copy from host
     memory at every call would wait for the GPU's queued work, a host sync in every training step."""

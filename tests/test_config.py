@@ -82,7 +82,9 @@ def test_show_config_documents_every_key_and_is_a_config_file(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "# the share of each image's tokens that the heads align" in out.stdout
-    assert "  # none | repa | vae-latent | vae-level | multi-uniform | ahpa\n  method: ahpa\n" in out.stdout
+    from ahpa.align.methods import METHODS  # the registry: a method added in source is listed too
+
+    assert f"  # {' | '.join(METHODS)}\n  method: ahpa\n" in out.stdout
     (tmp_path / "shown.yaml").write_text(out.stdout)
     assert config.load(tmp_path / "shown.yaml") == config.load(
         None, ["align.token_fraction=0.5", "prior.encoder=taef2:/a b", "eval.detectors=[x:1,y:2]"])
@@ -99,3 +101,26 @@ def test_overrides_may_come_before_and_after_options(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--show-config", "--bogus", "train.lr=0.01"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_cli_names_where_another_librarys_error_came_from(monkeypatch, capsys):
+    """A ValueError raised inside torch or diffusers reads like ours without its place ("Expected more than 1 value
+    per channel"); the CLI names the file and line, and AHPA_TRACEBACK=1 prints the traceback."""
+    from ahpa.cli import main
+    from ahpa.commands import compare
+
+    namespace = {}
+    exec(compile("def fail(args):\n    raise ValueError('Expected more than 1 value per channel')\n", "/lib/torch/nn/fake.py", "exec"),
+         namespace)
+    ours = compare.run
+    monkeypatch.setattr(compare, "run", namespace["fail"])
+    assert main(["compare", "x"]) == 2
+    assert capsys.readouterr().err.strip() == ("ahpa compare: error: Expected more than 1 value per channel (raised in "
+                                               "/lib/torch/nn/fake.py:2; AHPA_TRACEBACK=1 prints the traceback)")
+    monkeypatch.setenv("AHPA_TRACEBACK", "1")
+    assert main(["compare", "x"]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.delenv("AHPA_TRACEBACK")
+    monkeypatch.setattr(compare, "run", ours)
+    assert main(["compare", "/no/such/run"]) == 2  # ours: the message alone
+    assert capsys.readouterr().err.strip().endswith("give directories that `ahpa train --out` wrote")

@@ -289,3 +289,18 @@ def test_vae_train_reads_a_folder_as_prepare_does(folder, tmp_path, capsys):
     assert KLVAE.from_dir(out).factor == 2
     assert main(["vae-train", "--images", str(folder), "--out", str(out)]) == 2
     assert "add --resolution R" in capsys.readouterr().err
+
+
+def test_a_small_diffusers_vae_prepares(tmp_path):
+    """The manifest's probe of the encoder runs at the real resolution: at the VAE factor's side (2x2 for a
+    two-block VAE) a GroupNorm of 32 channels in 32 groups saw one value each and failed."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1).save_pretrained(tmp_path / "vae")
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "set.npz", images=images, labels=np.arange(8) % 2)
+    res = prepare(PrepareOptions(images=str(tmp_path / "set.npz"), vae=f"diffusers:{tmp_path / 'vae'}", resolution=16,
+                                 out=str(tmp_path / "cache"), workers=0, shard_size=8, flips="none"))
+    assert res.complete and res.images == 8

@@ -314,4 +314,16 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
         "align.method=none does not read align.depth, align.weight, align.projector_dim, align.token_fraction: ignored"]
     assert notes("align.router=topk", "align.router_topk=9") == [
         "align.router_topk=9 keeps all 4 levels: the same as router=soft"]
+    assert notes("align.smooth_l1_beta=0.1") == ["the cosine loss does not read align.smooth_l1_beta: ignored"]
+    assert notes("align.method=vae-latent", "align.smooth_l1_beta=0.1") == []  # its loss is smooth-L1
     assert notes() == []
+
+
+def test_a_method_that_fixes_a_router_is_judged_by_that_router(monkeypatch, tmp_path, tiny):
+    """A method with a fixed SNR schedule reads align.snr_width (the router uses it), not align.router."""
+    from ahpa.align.methods import METHODS, MethodSpec
+
+    monkeypatch.setitem(METHODS, "all-snr", MethodSpec("all-snr", "all", "snr", "cosine", "every level, SNR schedule"))
+    trainer = Trainer(tiny("align.method=all-snr", "align.snr_width=0.05", "align.router_tau=2"), tmp_path)
+    assert [m for m in trainer.messages if "read" in m] == ["align.method=all-snr does not read align.router_tau: ignored"]
+    assert trainer.parts.aligner.router.width == 0.05

@@ -2,6 +2,39 @@
 
 Time convention (stated once, used everywhere): t=0 is data, t=1 is noise,
 x_t = alpha(t) * x + sigma(t) * eps, and the network predicts the velocity d/dt x_t.
+
+The Python API (docs/extending.md, "From Python") is importable from here; each name loads its module on first
+use, so that `import ahpa` (and the CLI's start) stays free of torch until it is needed.
 """
 
 __version__ = "0.1.0"
+
+# name -> (module, attribute)
+_API = {
+    "Config": ("ahpa.config", "Config"),
+    "load_config": ("ahpa.config", "load"),
+    "Trainer": ("ahpa.train.loop", "Trainer"),
+    "generate": ("ahpa.sample", "generate"),
+    "load_export": ("ahpa.sample", "load_export"),
+    "run_sampler": ("ahpa.train.resume", "run_sampler"),
+    "load_encoder": ("ahpa.priors.registry", "load_encoder"),
+    "register_encoder": ("ahpa.priors.registry", "register_encoder"),
+    "register_loss": ("ahpa.align.loss", "register_loss"),
+    "METHODS": ("ahpa.align.methods", "METHODS"),
+    "MethodSpec": ("ahpa.align.methods", "MethodSpec"),
+    "ROUTER_MODES": ("ahpa.align.methods", "ROUTER_MODES"),
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'ahpa' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _API[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

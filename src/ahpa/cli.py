@@ -34,9 +34,27 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, FloatingPointError, ImportError) as e:
-        # expected user-facing errors: one clear message, no traceback
-        print(f"ahpa {args.command}: error: {e}", file=sys.stderr)
+        # expected user-facing errors: one clear message, no traceback (AHPA_TRACEBACK=1 prints it)
+        if os.environ.get("AHPA_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"ahpa {args.command}: error: {e}{_raised_outside(e)}", file=sys.stderr)
         return 2
+
+
+def _raised_outside(e: BaseException) -> str:
+    """Where an error raised by another library (torch, diffusers) came from: its message alone may not say which
+    part of the work failed, and the traceback is not printed."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    where = tb.tb_frame.f_code.co_filename
+    if os.path.dirname(os.path.abspath(__file__)) in os.path.abspath(where):
+        return ""
+    return f" (raised in {where}:{tb.tb_lineno}; AHPA_TRACEBACK=1 prints the traceback)"
 
 
 def run() -> None:

@@ -67,7 +67,7 @@ class AlignCfg:
     smooth_l1_beta: float = 0.05  # loss=smooth-l1 (vae-latent's default): its beta, SRA2's 0.05
     projector_dim: int = 2048  # width of the projector trunk (REPA: 2048; docs/method.md, 'Projector cost')
     shared_trunk: bool = True  # one projector trunk, a light linear head per level
-    router: str = "soft"  # ahpa only: a mode of ahpa.align.methods.ROUTER_MODES
+    router: str = "soft"  # a mode of ahpa.align.methods.ROUTER_MODES, for methods that take it (ahpa)
     router_tau: float = 1.0  # softmax temperature of the learned router
     router_topk: int = 2  # router=topk: levels kept at each t
     router_normalize: bool = True  # router sees each level's loss / its running mean
@@ -165,12 +165,25 @@ class Config:
         return dataclasses.asdict(self)
 
 
+class _OrDefault:
+    """"default" and a registry's names, read when asked: a loss registered at run time is valid at once."""
+
+    def __init__(self, registry: dict):
+        self.registry = registry
+
+    def __contains__(self, value) -> bool:
+        return value == "default" or value in self.registry
+
+    def __iter__(self):
+        return iter(("default", *self.registry))
+
+
 CHOICES = {
     "transport.path": ("linear", "cosine"),
     "transport.time_sampler": ("uniform", "logit-normal"),
     "data.source": ("procedural", "npz", "cache"),
     "align.method": METHODS,  # the registries themselves (ahpa.align.methods): an entry added is valid at once
-    "align.loss": ("default", *LOSSES),
+    "align.loss": _OrDefault(LOSSES),
     "align.router": ROUTER_MODES,
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),

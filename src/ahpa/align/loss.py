@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from ahpa.align.methods import LOSSES
+from ahpa.config import AlignCfg
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -17,8 +22,19 @@ def smooth_l1_loss(pred: torch.Tensor, target: torch.Tensor, beta: float) -> tor
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta, reduction="none").flatten(1).mean(dim=1)
 
 
-# name -> per-sample loss [B, N, C] x2 -> [B]; the names are ahpa.align.methods.LOSSES
-LEVEL_LOSSES = {"cosine": lambda p, q, beta: cosine_loss(p, q), "smooth-l1": smooth_l1_loss}
+# name -> per-sample loss (prediction [B, N, C], target [B, N, C], the run's align settings) -> [B]; the names are
+# ahpa.align.methods.LOSSES
+LEVEL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.Tensor]] = {
+    "cosine": lambda p, q, cfg: cosine_loss(p, q),
+    "smooth-l1": lambda p, q, cfg: smooth_l1_loss(p, q, cfg.smooth_l1_beta),
+}
+
+
+def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.Tensor], about: str = "") -> None:
+    """Make `align.loss=NAME` (and a MethodSpec's loss) valid, computed by fn(prediction, target, align settings) ->
+    loss per sample [B] in fp32. A parameter of its own is a field of AlignCfg, read from the settings."""
+    LOSSES[name] = about
+    LEVEL_LOSSES[name] = fn
 
 
 def entropy(weights: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,13 @@ from dataclasses import dataclass
 
 # router mode -> whether it is learned (has parameters and gets the router objective); ahpa.align.router
 ROUTER_MODES: dict[str, bool] = {"soft": True, "topk": True, "snr": False, "uniform": False}
-# per-level losses (ahpa.align.loss.LEVEL_LOSSES holds the functions)
-LOSSES = ("cosine", "smooth-l1")
+# per-level loss -> what it is; ahpa.align.loss.LEVEL_LOSSES holds the functions (register_loss adds to both)
+LOSSES: dict[str, str] = {"cosine": "1 - cos(prediction, target), mean over tokens (REPA's)",
+                          "smooth-l1": "smooth-L1 with beta align.smooth_l1_beta, mean over tokens and channels (SRA2's)"}
+
+
+# which levels a method aligns (MethodSpec.levels); each value is a branch of resolve_levels
+LEVEL_CHOICES = ("none", "latent", "one", "all", "external")
 
 
 @dataclass(frozen=True)
@@ -23,8 +28,9 @@ class MethodSpec:
     about: str
 
     def __post_init__(self):
-        if self.levels not in ("none", "latent", "one", "all", "external"):
-            raise ValueError(f"method {self.name!r}: levels {self.levels!r} is not none|latent|one|all|external")
+        if self.levels not in LEVEL_CHOICES:
+            raise ValueError(f"method {self.name!r}: levels {self.levels!r} is not {'|'.join(LEVEL_CHOICES)} (a new kind "
+                             "is an entry of LEVEL_CHOICES and a branch of resolve_levels)")
         if self.router and self.router not in ROUTER_MODES:
             raise ValueError(f"method {self.name!r}: router {self.router!r} is not one of {', '.join(ROUTER_MODES)}")
         if self.loss not in LOSSES:

@@ -26,9 +26,9 @@ class Aligner(nn.Module):
         self.depths = list(depths) if depths is not None else [cfg.depth] * len(levels)
         self.taps = tuple(sorted(set(self.depths)))
         if loss not in LEVEL_LOSSES:
-            raise ValueError(f"unknown alignment loss {loss!r}; valid losses: {', '.join(LEVEL_LOSSES)}")
-        self.loss_kind = loss
-        self.beta = cfg.smooth_l1_beta
+            raise ValueError(f"alignment loss {loss!r} has no function in ahpa.align.loss.LEVEL_LOSSES (register_loss adds "
+                             f"the name and the function); losses: {', '.join(LEVEL_LOSSES)}")
+        self.loss_kind, self.cfg = loss, cfg
         self.normalize = cfg.router_normalize
         self.entropy_weight = cfg.router_entropy
         self.momentum = cfg.router_momentum
@@ -46,7 +46,7 @@ class Aligner(nn.Module):
     def level_losses(self, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """Per-sample, per-level losses [B, K] (fp32)."""
         fn = LEVEL_LOSSES[self.loss_kind]
-        return torch.stack([fn(p, q, self.beta) for p, q in zip(preds, targets)], dim=1)
+        return torch.stack([fn(p, q, self.cfg) for p, q in zip(preds, targets)], dim=1)
 
     def flops_per_image(self, num_tokens: int) -> float:
         """Model FLOPs (2 x multiply-adds) of the heads' forward for one image: they see only the aligned tokens."""

@@ -115,7 +115,8 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
     for lvl in stored:
         if (R // lvl.stride) % grid:
             raise PrepareError(f"level {lvl.name!r} ({R // lvl.stride}x{R // lvl.stride}) is not divisible by --grid {grid}")
-    has_logvar = encoder.encode(torch.zeros(1, 3, f, f, device=_device_of(encoder))).logvar is not None
+    # one blank image at the real size: a smaller one can fail in the encoder (a GroupNorm over a 1x1 map)
+    has_logvar = encoder.encode(torch.zeros(1, 3, R, R, device=_device_of(encoder))).logvar is not None
     return {
         "format": FORMAT,
         "encoder": encoder.identity(),

@@ -202,17 +202,20 @@ def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
     routing = [k for k in changed if k.startswith("router") or k == "snr_width"]
     if spec.levels == "none":
         return [f"align.method={a.method} does not read align.{', align.'.join(changed)}: ignored"] if changed else []
-    if spec.router:  # the method fixes its weighting
-        return [f"align.method={a.method} does not read align.{', align.'.join(routing)}: ignored"] if routing else []
-    # the router named by align.router: a fixed schedule reads none of the learned router's settings, and the
-    # running means' settings matter only when the router normalises by them
-    reads = {"router"} | ({"snr_width"} if a.router == "snr" else set()) | ({"router_topk"} if a.router == "topk" else set())
-    if ROUTER_MODES[a.router]:
+    # the router mode in force: the method's own, or align.router's; a fixed schedule reads none of the learned
+    # router's settings, and the running means' settings matter only when the router normalises by them
+    mode = spec.router or a.router
+    reads = ({"router"} if not spec.router else set()) | ({"snr_width"} if mode == "snr" else set())
+    reads |= {"router_topk"} if mode == "topk" else set()
+    if ROUTER_MODES[mode]:
         reads |= {"router_tau", "router_entropy", "router_normalize"}
         reads |= {"router_momentum", "router_t_bins"} if a.router_normalize else set()
     ignored = [k for k in routing if k not in reads]
-    notes = [f"align.router={a.router} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
-    if a.router == "topk" and a.router_topk >= len(levels):
+    who = f"align.method={a.method}" if spec.router else f"align.router={a.router}"
+    notes = [f"{who} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
+    if "smooth_l1_beta" in changed and (spec.loss if a.loss == "default" else a.loss) == "cosine":
+        notes.append("the cosine loss does not read align.smooth_l1_beta: ignored")
+    if mode == "topk" and a.router_topk >= len(levels):
         notes.append(f"align.router_topk={a.router_topk} keeps all {len(levels)} levels: the same as router=soft")
     return notes
 

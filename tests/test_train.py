@@ -298,6 +298,12 @@ def test_a_run_names_its_files_absolutely_and_resumes_from_any_directory(tmp_pat
                          "train.steps=3"), work / "run")
     assert again.step == 2
     assert load_export(work / "run" / "model.safetensors", torch.device("cpu")).encoder.spec == f"ahpa-vae:{work / 'vae'}"
+    # the export records its VAE's weights: another VAE of the same shape is refused, as for a run
+    from ahpa.priors.registry import load_encoder
+
+    KLVAE.random(seed=1).save(work / "other-vae")
+    with pytest.raises(ValueError, match=r"other-vae' is not the VAE .*model.safetensors was trained with: its weights' sha256"):
+        load_export(work / "run" / "model.safetensors", torch.device("cpu"), load_encoder(f"ahpa-vae:{work / 'other-vae'}"))
 
 
 def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):

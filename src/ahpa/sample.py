@@ -135,10 +135,14 @@ def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
 
 # ---- export: the EMA backbone alone, with what sampling needs in the metadata ----
 
-def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encoder_spec: str, path_name: str, resolution: int) -> Path:
+def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encoder_spec: str, path_name: str, resolution: int,
+                 encoder_sha256: str | None = None) -> Path:
+    """The model as a safetensors file whose metadata names what sampling needs: the VAE (its spec, and the sha256
+    of its weights when they come from a file, checked when the export is sampled), latent statistics, the path."""
     meta = {
         "sit": model.cfg.to_dict(),
         "encoder": encoder_spec,
+        "encoder_sha256": encoder_sha256,
         "latent_mean": latent_stats.mean.tolist(),
         "latent_std": latent_stats.std.tolist(),
         "transport_path": path_name,
@@ -175,5 +179,9 @@ def load_export(path: str | Path, device: torch.device, encoder: PriorEncoder | 
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path} decodes with {meta['encoder']!r}, which is not here ({e}); name where that "
                                 f"VAE is on this machine (`ahpa sample --encoder KIND:PATH`)") from None
+    recorded, found = meta.get("encoder_sha256"), getattr(enc, "weights_sha256", None)
+    if recorded and found and recorded != found:  # exports from before this field have none, and pass
+        raise ValueError(f"{getattr(enc, 'spec', 'the encoder')!r} is not the VAE {path} was trained with: its weights' "
+                         f"sha256 is {found[:12]}..., the export's {recorded[:12]}... ({meta['encoder']!r})")
     stats = ChannelStats(torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]))
     return SamplerBundle(model.to(device).eval(), get_path(meta["transport_path"]), stats, enc, device)

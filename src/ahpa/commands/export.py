@@ -21,6 +21,6 @@ def run(args) -> int:
 
     bundle, step, cfg = run_sampler(args.run, torch.device("cpu"), encoder=args.encoder)
     path = export_model(args.out, bundle.model, bundle.latent_stats, bundle.encoder.spec, cfg.transport.path,
-                        cfg.data.resolution)
+                        cfg.data.resolution, getattr(bundle.encoder, "weights_sha256", None))
     print(f"exported {bundle.model.num_params():,} parameters (step {step}) to {path}")
     return 0

@@ -65,9 +65,11 @@ def run(args) -> int:
                 post["skipped"] = row["bad_steps"]
             bar.set_postfix(post)
 
-        result = trainer.run(on_log, should_stop=lambda: bool(received))
+        try:
+            result = trainer.run(on_log, should_stop=lambda: bool(received))
+        finally:  # also on an error, which then starts a line of its own
+            bar.close()
         completed = True
-        bar.close()
         if result.get("stopped"):
             if d.is_main:
                 print(f"stopped by signal at step {result['step']}; checkpoint saved in {args.out}. "

@@ -138,7 +138,8 @@ class Trainer:
                 f"a run is not shortened. Give train.steps={self.step} or more to resume it; `ahpa sample --run` and "
                 "`ahpa export --run` read its EMA without training"
             )
-        self.messages.append(f"resumed from step {self.step}")
+        self.messages.append(f"resumed from step {self.step}" if self.step < self.cfg.train.steps else
+                             f"the run is complete (step {self.step}): writing its export and closing plots again")
         return optimizer_state
 
     @contextlib.contextmanager
@@ -303,7 +304,7 @@ class Trainer:
         ema = self.unsharded("ema", on_all_ranks=False)
         if self.rank != 0:
             return None
-        return outputs.export(path or self.run_dir / "model.safetensors", ema, p.stats.latent, p.encoder.spec, self.cfg)
+        return outputs.export(path or self.run_dir / "model.safetensors", ema, p.stats.latent, p.encoder, self.cfg)
 
     # ---- the loop ----
     def _stop_agreed(self, should_stop: Callable[[], bool] | None) -> bool:

@@ -80,7 +80,9 @@ class Evaluator:
                     raise ValueError(f"eval.ref {cfg.ref!r} holds statistics of {tag or 'an unnamed detector'}, not of "
                                      f"{det.name} ({det.spec}): name the reference images, or statistics that detector "
                                      "measured (`ahpa eval ... --save-ref-stats`)")
-        self._refs = None
+        # measured (or read from the run's cache) now, not at the first evaluation: a reference that cannot be read
+        # fails before training
+        self._load()
 
     def _load(self) -> None:
         from ahpa.metrics.reference import load_reference
@@ -105,8 +107,6 @@ class Evaluator:
     def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg) -> dict[str, float]:
         from ahpa.train.evaluate import evaluate_fd
 
-        if self._refs is None:  # reference statistics load once, at the first evaluation (rank 0 may compute them)
-            self._load()
         e = self.cfg
         # one set of samples feeds every detector
         return evaluate_fd(bundle, self._detectors, self._refs, e.num, e.seed, sample_cfg, e.batch,
@@ -119,9 +119,10 @@ def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, 
     plots.eval_curves(run_dir / "metrics.jsonl", run_dir / "eval.png")
 
 
-def export(path: str | Path, ema: SiT, latent_stats: ChannelStats, encoder_spec: str, cfg: Config) -> Path:
+def export(path: str | Path, ema: SiT, latent_stats: ChannelStats, encoder, cfg: Config) -> Path:
     """The EMA backbone alone as a plain SiT (.safetensors, with what sampling needs in its metadata)."""
-    return export_model(path, ema, latent_stats, encoder_spec, cfg.transport.path, cfg.data.resolution)
+    return export_model(path, ema, latent_stats, encoder.spec, cfg.transport.path, cfg.data.resolution,
+                        getattr(encoder, "weights_sha256", None))
 
 
 def finish(run_dir: Path, levels: list[str], step: int) -> None:

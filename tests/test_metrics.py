@@ -363,6 +363,18 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
         assert main(["eval", str(small), "--ref", str(tmp_path / name), *det, "--no-ref-cache"]) == 2
         err = capsys.readouterr().err
         assert "--ref " in err and "is neither a folder of images nor an .npz" in err and "img" not in err  # no bar began
+    # folders that are no images, named before any sample is measured: a run, a prepared cache, no image files
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    (tmp_path / "cache" / "shards").mkdir(parents=True)
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    for folder, message in (("run", "is a training run, not images: sample it first (ahpa sample --run"),
+                            ("cache", "is a prepared cache (latents), not images"), ("notes", "no images found under")):
+        assert main(["eval", str(small), "--ref", str(tmp_path / folder), *det, "--no-ref-cache"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "img" not in err.replace("images", ""), err
     # the progress bar is closed before the error is printed, so that the error starts a line of its own
     np.savez(tmp_path / "nokey.npz", x=np.zeros(3))
     assert main(["eval", str(tmp_path / "nokey.npz"), "--ref", str(big), *det, "--no-ref-cache"]) == 2
@@ -376,6 +388,8 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
         assert capsys.readouterr().err.count("warning: samples are 8x8 but the reference is 16x16") == 1
     assert main(["eval", str(small), "--ref", str(small), *det, "--no-ref-cache"]) == 0
     assert "warning" not in capsys.readouterr().err
+    assert main(["eval", str(small), "--ref", str(small), *det, "--no-ref-cache", "--num", "50"]) == 0
+    assert "warning: --num 50, but " in capsys.readouterr().err
     # a reference folder of photos of several sizes: read at --resolution as prepare reads it, and no size warning
     from PIL import Image
 

@@ -321,6 +321,8 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
     assert notes("align.router=topk", "align.router_topk=9") == [
         "align.router_topk=9 keeps all 4 levels: the same as router=soft"]
     assert notes("align.smooth_l1_beta=0.1") == ["the cosine loss does not read align.smooth_l1_beta: ignored"]
+    assert notes("eval.ref=/r.npz", "eval.detectors=[torchscript:/d.pt]") == [
+        "eval.every=0 does not read eval.detectors, eval.ref: ignored (eval.every=N evaluates every N steps)"]
     assert notes("align.method=vae-latent", "align.smooth_l1_beta=0.1") == []  # its loss is smooth-L1
     assert notes() == []
 

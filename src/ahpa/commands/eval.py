@@ -80,6 +80,9 @@ def run(args) -> int:
             while bars:
                 bars.pop().close()
         ref = stats["reference"]
+        if spec == args.detector[0] and args.num and stats["samples"].count < args.num:  # once, not per detector
+            print(f"ahpa eval: warning: --num {args.num}, but {args.samples} gave {stats['samples'].count} images: "
+                  "the metrics are of those", file=sys.stderr)
         sizes = (stats["samples"].image_size, ref.image_size if ref else None)
         if not warned and None not in sizes and sizes[0] != sizes[1]:
             (h, w), (rh, rw), warned = *sizes, True

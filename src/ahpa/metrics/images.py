@@ -187,6 +187,14 @@ def check_image_source(source: "str | Path | ImageFolder", what: str = "image so
         raise FileNotFoundError(f"{what} {shown!r} does not exist")
     if not path.is_dir() and path.suffix != ".npz":
         raise ValueError(f"{what} {shown!r} is neither a folder of images nor an .npz (images, samples or statistics)")
+    if path.is_dir():  # the folders people give by mistake, named; and a folder without images, before any work
+        if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+            raise ValueError(f"{what} {shown!r} is a training run, not images: sample it first "
+                             f"(ahpa sample --run {shown} --num 10000 --out samples.npz)")
+        if (path / "manifest.json").is_file() and (path / "shards").is_dir():
+            raise ValueError(f"{what} {shown!r} is a prepared cache (latents), not images: give the images it was "
+                             "prepared from")
+        image_files(path)  # raises, naming the extensions, when there are none
     return path
 
 

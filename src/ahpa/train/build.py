@@ -9,7 +9,7 @@ import torch
 
 from ahpa.align import ROUTER_MODES, get_method, resolve_depths, resolve_levels
 from ahpa.align.objective import Aligner
-from ahpa.config import AlignCfg, Config, absolute_spec
+from ahpa.config import AlignCfg, Config, EvalCfg, absolute_spec
 from ahpa.data.batches import OnTheFly
 from ahpa.data.sources import load_image_set
 from ahpa.models.sit import SiT, SiTConfig
@@ -194,7 +194,15 @@ def heads_cost_note(parts: Parts) -> list[str]:
 
 
 def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
-    """Notes for align settings that the chosen method does not read: set on purpose or not, they change nothing."""
+    """Notes for settings that change nothing: align settings the chosen method does not read, and evaluation
+    settings while evaluation is off. Set on purpose or not, the user learns it before the run, not after."""
+    off = [k for k, v in asdict(cfg.eval).items() if k != "every" and v != asdict(EvalCfg())[k]]
+    notes = [f"eval.every=0 does not read eval.{', eval.'.join(off)}: ignored (eval.every=N evaluates every N "
+             "steps)"] if off and not cfg.eval.every else []
+    return notes + _align_notes(cfg, levels)
+
+
+def _align_notes(cfg: Config, levels: list[str]) -> list[str]:
     defaults = asdict(AlignCfg())
     changed = [k for k, v in asdict(cfg.align).items() if k != "method" and v != defaults[k]]
     a = cfg.align

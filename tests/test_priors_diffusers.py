@@ -118,6 +118,22 @@ def test_missing_dir_names_the_path(tmp_path):
     # a folder that holds no VAE: the spec and what a VAE folder holds, not diffusers' bare message
     with pytest.raises(ValueError, match=r"VAE 'diffusers:.*' is not a diffusers AutoencoderKL folder .*config.json"):
         load_encoder(f"diffusers:{tmp_path}")
+    # another model's folder (a DINOv2 saved by transformers) is named by what it holds, before diffusers loads it
+    (tmp_path / "config.json").write_text('{"architectures": ["Dinov2Model"], "model_type": "dinov2"}')
+    with pytest.raises(ValueError, match=r"is not a diffusers AutoencoderKL folder .*: its config.json describes a Dinov2Model"):
+        load_encoder(f"diffusers:{tmp_path}")
+
+
+def test_loading_says_nothing_of_its_own(tiny, tmp_path):
+    """Without accelerate, diffusers printed six lines about low_cpu_mem_usage on every load of a VAE (in a fresh
+    process: diffusers' log handler keeps the stream it found at import)."""
+    import subprocess
+    import sys
+
+    tiny.vae.save_pretrained(tmp_path / "vae")
+    code = f"from ahpa.priors.registry import load_encoder; load_encoder('diffusers:{tmp_path / 'vae'}')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
 
 
 def test_a_diffusers_that_does_not_import_beside_this_torch_names_the_fix(monkeypatch):

@@ -126,6 +126,9 @@ def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     tb = EventAccumulator(str(run / "tb"))
     tb.Reload()
     assert set(tb.Tags()["images"]) == {"samples", "router"} and "loss/flow" in tb.Tags()["scalars"]
+    # weights that do not change with t (multi-uniform, one level, REPA's external one) draw no router plot
+    Trainer(tiny("train.steps=2", "align.method=multi-uniform"), tmp_path / "u").run()
+    assert not (tmp_path / "u" / "router.png").exists() and not (tmp_path / "u" / "router.jsonl").exists()
     # every output is readable by others as the umask allows (safetensors' writer used to leave exports at 0600)
     umask = os.umask(0)
     os.umask(umask)

@@ -57,6 +57,11 @@ class Router(nn.Module):
             nn.init.zeros_(self.mlp[-1].bias)
 
     @property
+    def varies(self) -> bool:
+        """Whether the weights change with t: a plot of them says something (not uniform weights, nor one level)."""
+        return self.mode != "uniform" and self.num_levels > 1
+
+    @property
     def learned(self) -> bool:
         return ROUTER_MODES[self.mode] and self.num_levels > 1
 

@@ -52,6 +52,26 @@ def levels_from_config(block_out_channels: list[int] | tuple[int, ...], latent_c
     return tuple(levels)
 
 
+def _have_accelerate() -> bool:
+    # diffusers loads with low_cpu_mem_usage through accelerate; without it, it says so in six lines on every load
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def _config_class(path: Path) -> str | None:
+    """The model class a config.json describes: diffusers writes `_class_name`, transformers `architectures`."""
+    import json
+
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    return cfg.get("_class_name") or next(iter(cfg.get("architectures") or []), None) or cfg.get("model_type")
+
+
 class DiffusersVAE(PriorEncoder):
     """Frozen diffusers AutoencoderKL with levels down0..down{N-1}, mid, latent. Images in [-1, 1]."""
 
@@ -79,18 +99,21 @@ class DiffusersVAE(PriorEncoder):
             # A full pipeline directory keeps its VAE in vae/; accept both layouts.
             if not (local / "config.json").is_file() and (local / "vae" / "config.json").is_file():
                 local = local / "vae"
+            not_vae = (f"VAE 'diffusers:{where}': {str(local)!r} is not a diffusers AutoencoderKL folder (config.json "
+                       "and its weights, or a pipeline folder with vae/)")
+            kind = _config_class(local / "config.json")
+            if kind != "AutoencoderKL":  # checked before diffusers logs its own guesses about the folder
+                raise ValueError(f"{not_vae}: " + (f"its config.json describes a {kind}" if kind else "no AutoencoderKL config.json"))
             try:
-                vae = AutoencoderKL.from_pretrained(str(local), local_files_only=True)
-            except (OSError, ValueError) as e:  # diffusers' own "no file named config.json in directory ..."
-                raise ValueError(f"VAE 'diffusers:{where}': {str(local)!r} is not a diffusers AutoencoderKL folder "
-                                 f"(config.json and its weights, or a pipeline folder with vae/): "
-                                 f"{str(e).strip().splitlines()[0]}") from None
+                vae = AutoencoderKL.from_pretrained(str(local), local_files_only=True, low_cpu_mem_usage=_have_accelerate())
+            except (OSError, ValueError) as e:  # diffusers' own "no file named ... in directory ..."
+                raise ValueError(f"{not_vae}: {str(e).strip().splitlines()[0]}") from None
             enc = cls(vae, spec=f"diffusers:{where}", memory_format=memory_format)
             weights = next((local / f for f in WEIGHTS_FILES if (local / f).is_file()), None)
             enc.weights_sha256 = sha256_file(weights) if weights is not None else None
             return enc
         try:
-            vae = AutoencoderKL.from_pretrained(str(where))
+            vae = AutoencoderKL.from_pretrained(str(where), low_cpu_mem_usage=_have_accelerate())
         except OSError as e:  # offline, diffusers says the repository lacks config.json, which misleads
             raise OSError(f"VAE {where!r} is not a local directory, and loading it as a Hugging Face hub id failed "
                           f"({str(e).splitlines()[0]}). Offline, name a local copy (diffusers:/path/to/sd-vae-ft-ema, "

@@ -386,7 +386,7 @@ class Trainer:
                 if stop or ((self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0):
                     self.save()
                     aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None
-                    if main and aligner is not None:
+                    if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
                         logger.image("router", outputs.write_router_plot(aligner, self.run_dir, self.step), self.step)
                 if stop:
                     return {**last, "stopped": True, "step": self.step}

@@ -78,5 +78,5 @@ def test_fixed_batch_pads_and_drops():
     calls = []
     fn = lambda x, t, y: (calls.append(x.shape[0]), x * 2)[1]
     x = torch.randn(10, 2)
-    assert torch.equal(fixed_batch(fn, x, torch.zeros(10), torch.zeros(10, dtype=torch.long), 4), x * 2)
+    assert torch.equal(fixed_batch(fn, 4, x, torch.zeros(10), torch.zeros(10, dtype=torch.long)), x * 2)
     assert calls == [4, 4, 4]

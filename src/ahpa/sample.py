@@ -107,7 +107,7 @@ def generate(bundle: SamplerBundle, indices: list[int], labels: torch.Tensor, se
 
     latents = solve(cfg.solver, velocity, x, cfg.steps, bundle.path, None if sde is None else sde.to(bundle.device))
     raw = bundle.latent_stats.invert(latents, channel_dim=1)
-    images = fixed_batch(lambda z, _t, _y: bundle.encoder.decode(z), raw, y.float(), y, cfg.micro_batch)
+    images = fixed_batch(bundle.encoder.decode, cfg.micro_batch, raw)
     return to_uint8(images).cpu()
 
 

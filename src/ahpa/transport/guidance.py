@@ -14,18 +14,15 @@ import torch
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fixed_batch(fn: VelocityFn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, micro_batch: int) -> torch.Tensor:
-    """fn(x, t, y) evaluated on chunks of exactly `micro_batch` rows."""
+def fixed_batch(fn: Callable[..., torch.Tensor], micro_batch: int, *inputs: torch.Tensor) -> torch.Tensor:
+    """fn(*inputs) evaluated on chunks of exactly `micro_batch` rows (why: the module's docstring)."""
     outs = []
-    for start in range(0, x.shape[0], micro_batch):
-        xs, ts, ys = x[start : start + micro_batch], t[start : start + micro_batch], y[start : start + micro_batch]
-        n = xs.shape[0]
+    for start in range(0, inputs[0].shape[0], micro_batch):
+        chunk = [v[start : start + micro_batch] for v in inputs]
+        n = chunk[0].shape[0]
         if n < micro_batch:  # pad with copies of the first row; padded outputs are dropped
-            pad = micro_batch - n
-            xs = torch.cat([xs, xs[:1].expand(pad, *xs.shape[1:])])
-            ts = torch.cat([ts, ts[:1].expand(pad)])
-            ys = torch.cat([ys, ys[:1].expand(pad)])
-        outs.append(fn(xs, ts, ys)[:n])
+            chunk = [torch.cat([v, v[:1].expand(micro_batch - n, *v.shape[1:])]) for v in chunk]
+        outs.append(fn(*chunk)[:n])
     return torch.cat(outs)
 
 
@@ -45,7 +42,7 @@ def guided_velocity(
     """
     tt = torch.full((x.shape[0],), float(t), device=x.device)
     if scale == 1.0 or not (interval[0] <= t <= interval[1]):
-        return fixed_batch(fn, x, tt, y, micro_batch)
-    both = fixed_batch(fn, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)]), micro_batch)
+        return fixed_batch(fn, micro_batch, x, tt, y)
+    both = fixed_batch(fn, micro_batch, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)]))
     cond, uncond = both.chunk(2)
     return uncond + scale * (cond - uncond)

@@ -18,8 +18,9 @@ SOLVERS = ("euler", "heun", "euler-maruyama")
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
 
-def time_grid(steps: int, t_end: float = 0.0) -> list[float]:
-    return torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64).tolist()
+def time_grid(steps: int) -> list[float]:
+    """steps + 1 times from noise (1) to data (0), evenly spaced, in float64."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
 
 
 def euler(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:

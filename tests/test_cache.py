@@ -165,7 +165,7 @@ def test_open_cache_refuses_mismatches_naming_the_field(stored_cache, taef2):
         open_cache(_cfg(stored_cache), taef2, LEVELS, 3, cpu)
     with pytest.raises(CacheError, match="encoder.spec"):
         open_cache(_cfg(stored_cache, **{"prior.encoder": "ahpa-vae:random"}), KLVAE.random(), ["latent"], 8, cpu)
-    with pytest.raises(CacheError, match="repa.*needs the images"):
+    with pytest.raises(CacheError, match="repa aligns to an external encoder that reads the images.*--store-images"):
         cache_overview(_cfg(stored_cache, **{"align.method": "repa"}), taef2, get_method("repa"))
 
 
@@ -319,3 +319,35 @@ def test_channel_reduction_stores_pca_coefficients_and_rebuilds_channels(taef2, 
     assert prepare(_opts(out, reduce=16, reduce_images=16), encoder=taef2).noop
     with pytest.raises(PrepareError, match="reduce: cache has"):
         prepare(_opts(out, reduce=8, reduce_images=16), encoder=taef2)
+
+
+@pytest.mark.parametrize("flips", ["stored", "generated"])
+def test_repa_trains_from_a_cache_that_stores_the_images(tmp_path, flips):
+    """REPA's external encoder reads pixels: with --store-images the cache holds the crops (never flipped, mirrored
+    exactly when read), the batches carry the same images as on-the-fly training from the .npz, and a run trains."""
+    import numpy as np
+
+    from ahpa.data.procedural import make_shapes
+    from ahpa.priors.kl_vae import KLVAE
+    from ahpa.train.loop import Trainer
+    from tests.conftest import cache_cfg
+    from tests.test_train import tiny_external
+
+    images, labels = make_shapes(24, 16, seed=1)
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    kw = dict(images=str(tmp_path / "set.npz"), vae="ahpa-vae:random", resolution=16, grid=4, shard_size=16, batch=16,
+              workers=0, device="cpu", flips=flips)
+    prepare(PrepareOptions(**kw, out=str(tmp_path / "plain")))
+    with pytest.raises(CacheError, match="holds latents and VAE levels only: prepare a cache with --store-images"):
+        Trainer(cache_cfg(tmp_path / "plain", "align.method=repa"), tmp_path / "r0", external=tiny_external())
+    res = prepare(PrepareOptions(**kw, out=str(tmp_path / "cache"), store_images=True, levels=["latent"]))  # REPA's own
+    assert res.complete and read_manifest(tmp_path / "cache")["fields"]["image"] == {"dtype": "uint8", "shape": [16, 16, 3]}
+    source = open_cache(cache_cfg(tmp_path / "cache", "align.method=repa"), KLVAE.random(), ["external"], 4, torch.device("cpu"))
+    idx, flip = torch.tensor([0, 17, 5, 23]), torch.tensor([False, True, True, False])
+    got = source.fetch(idx, flip, None).images  # [4, 3, 16, 16]
+    want = torch.from_numpy(images[idx.numpy()]).permute(0, 3, 1, 2).float() / 255  # the npz at R: what OnTheFly gives
+    want = torch.where(flip[:, None, None, None], want.flip(-1), want)
+    assert torch.equal(got, want)
+    trainer = Trainer(cache_cfg(tmp_path / "cache", "align.method=repa", "train.steps=2"), tmp_path / "run",
+                      external=tiny_external())
+    assert np.isfinite(trainer.run()["loss/align"])

@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--reduce", type=int, default=0,
                    help="store levels wider than N channels as N PCA coefficients (basis fitted and kept with the cache)")
     p.add_argument("--reduce-images", type=int, default=1024, help="first source items the PCA bases are fitted on (default 1024)")
+    p.add_argument("--store-images", action="store_true",
+                   help="keep the uint8 crops as well (R*R*3 bytes per image: ~196 KB at 256), so that REPA's external "
+                        "encoder can train from the cache (align.method=repa)")
     p.add_argument("--repair", action="store_true",
                    help="on a complete cache: check every file against its sha256 (reads the whole cache) and encode "
                    "the damaged shards again, keeping the rest; not while a run reads the cache")
@@ -69,7 +72,8 @@ def run(args) -> int:
         images=args.images, vae=args.vae, resolution=args.resolution, out=args.out, levels=levels, grid=args.grid,
         dtype=args.dtype, flips=args.flips, batch=args.batch, workers=args.workers, strict=args.strict,
         device=args.device, precision=args.precision, shard_size=args.shard_size, labels=args.labels,
-        limit=args.limit, reduce=args.reduce, reduce_images=args.reduce_images, repair=args.repair, rank=rank,
+        limit=args.limit, reduce=args.reduce, reduce_images=args.reduce_images, store_images=args.store_images,
+        repair=args.repair, rank=rank,
         world=world,
     )
     bar = None

@@ -34,7 +34,7 @@ from ahpa.data.tokens import flip_tokens, pool_tokens
 from ahpa.priors.base import PriorEncoder, posterior_sample
 from ahpa.priors.targets import ChannelStats, PriorStats, pool_to_grid
 
-TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "int64": torch.int64}
+TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "int64": torch.int64, "uint8": torch.uint8}
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -76,13 +76,14 @@ def cache_overview(cfg, encoder: PriorEncoder, method) -> tuple[int, list[str]]:
     With no align.levels given, a method's default is the cache's levels; levels named explicitly are
     checked by `open_cache`, which says which are missing from the cache.
     """
-    if method.levels == "external":
-        raise CacheError(f"align.method={method.name} aligns to an external encoder that needs the images; a prepared "
-                         f"cache holds latents and VAE levels only: train it with data.source=npz (on the fly)")
     if not cfg.data.path:
         raise CacheError("data.source=cache needs data.path=CACHE_DIR (made by `ahpa prepare`)")
     manifest = read_manifest(cfg.data.path)
     check_encoder(manifest, encoder, Path(cfg.data.path))
+    if method.levels == "external" and not manifest.get("images"):
+        raise CacheError(f"align.method={method.name} aligns to an external encoder that reads the images, and "
+                         f"{cfg.data.path} holds latents and VAE levels only: prepare a cache with --store-images (the "
+                         "same command, another --out), or train on an .npz of the images (data.source=npz)")
     num_classes = max(manifest["num_classes"], cfg.data.num_classes)
     if cfg.align.levels:
         return num_classes, encoder.level_names
@@ -99,7 +100,7 @@ def open_cache(cfg, encoder: PriorEncoder, levels: list[str], grid: int, device:
         raise CacheError(f"{where}: field resolution differs: cache {manifest['resolution']}, data.resolution "
                          f"{cfg.data.resolution}; set data.resolution={manifest['resolution']} or prepare at {cfg.data.resolution}")
     stored = [l["name"] for l in manifest["levels"]]
-    missing = [n for n in levels if n not in stored and n != "latent"]
+    missing = [n for n in levels if n not in stored and n not in ("latent", "external")]
     if missing:
         raise CacheError(f"{where}: field levels: the cache stores {stored} (+ latent), the run aligns {levels}; "
                          f"missing {missing}: set align.levels or prepare with --levels {','.join(stored + missing)}")
@@ -138,6 +139,7 @@ class CacheSource:
                  limit: int = 0, num_classes: int = 0):
         self.directory, self.manifest, self.grid, self.device = Path(directory), manifest, grid, torch.device(device)
         self.levels = [l for l in levels if l != "external"]
+        self.images = "external" in levels  # REPA's encoder reads the stored crops (ahpa prepare --store-images)
         self.num_classes = max(manifest["num_classes"], num_classes)
         self.cache_grid = manifest["grid"]
         self.pool = self.cache_grid // grid
@@ -158,7 +160,9 @@ class CacheSource:
         # maps[variant][field][shard] -> memmap [rows, *row_shape]
         self.maps: dict[str, dict[str, list[np.memmap]]] = {}
         for v in variants:
-            self.maps[v] = {f: [self._map(shard_dir, s, v + f, fields[v + f]) for s in shards] for f in wanted}
+            self.maps[v] = {f: [self._map(shard_dir, s, v + f, fields[v + f]) for s in shards] for f in wanted if f != "image"}
+        if self.images:  # one copy, never flipped: mirrored exactly when read
+            self.maps[""]["image"] = [self._map(shard_dir, s, "image", fields["image"]) for s in shards]
         labels = [np.asarray(self._map(shard_dir, s, "labels", fields["labels"])) for s in shards]
         reduce = manifest.get("reduce")
         bases = load_bases(self.directory, reduce["sha256"], self.device) if reduce else {}
@@ -168,14 +172,14 @@ class CacheSource:
         self.copy_stream: torch.cuda.Stream | None = None  # the prefetch thread's transfers (CUDA only)
 
     def _fields(self, levels: list[str]) -> list[str]:
-        """The stored fields a batch with these levels reads."""
+        """The stored fields a batch with these levels (and the images, when an external encoder reads them) reads."""
         return (["latent_mean"] + (["latent_logvar"] if self.has_logvar else [])
-                + [f"level.{n}" for n in levels if n != "latent"])
+                + [f"level.{n}" for n in levels if n != "latent"] + (["image"] if self.images else []))
 
     def drop_levels(self) -> None:
         """From now on read and return the latent alone (align.stop_step). A batch the prefetch thread gathered
         before still holds the levels; they are ignored."""
-        self.levels = []
+        self.levels, self.images = [], False
         self.fields = self._fields(self.levels)  # one assignment: the prefetch thread sees the old list or the new
 
     @staticmethod
@@ -217,7 +221,7 @@ class CacheSource:
             s, v = int(shard[sel[0]]), int(variant[sel[0]])
             maps = self.maps["flip." if v else ""]
             for f in fields:
-                views[f][sel] = maps[f][s][local[sel]]
+                views[f][sel] = (self.maps[""] if f == "image" else maps)[f][s][local[sel]]
         return out
 
     def gather(self, idx: torch.Tensor, flip: torch.Tensor | None) -> HostRows:
@@ -277,6 +281,10 @@ class CacheSource:
         # 16-bit over the bus, float32 on the device (`.to` is a no-op for rows already there)
         t = {f: rows.fields[f].to(self.device, non_blocking=True).float() for f in self.fields}
         flip_dev = rows.flip.to(self.device, non_blocking=True)
+        images = None
+        if "image" in t:  # stored unflipped (both flip modes): mirrored here, exactly
+            images = t["image"].permute(0, 3, 1, 2).div_(255.0)  # [B, R, R, 3] -> [B, 3, R, R] in [0, 1]
+            images = torch.where(flip_dev[:, None, None, None], images.flip(-1), images)
         noise = posterior_noise.to(self.device) if posterior_noise is not None else None
         latent = posterior_sample(t["latent_mean"], t.get("latent_logvar") if self.has_logvar else None, noise)  # [B, C, h, w]
         if self.flips == "generated":
@@ -291,7 +299,7 @@ class CacheSource:
                 tokens = reconstruct(tokens, *self.bases[name])  # [B, G*G, r] -> [B, G*G, C]
             tokens = pool_tokens(tokens, self.pool)  # [B, G*G, C] -> [B, g*g, C]
             maps[name] = flip_tokens(tokens, flip_dev) if self.flips == "generated" else tokens
-        return PriorBatch(latent, maps, rows.labels.to(self.device, non_blocking=True), None)
+        return PriorBatch(latent, maps, rows.labels.to(self.device, non_blocking=True), images)
 
     def measure_stats(self, num_images: int, generator: torch.Generator) -> PriorStats:
         """The statistics measured at prepare time (every image, originals) at the model's grid."""

@@ -6,7 +6,8 @@ A cache directory:
     report.json                   skipped files with reasons, conversion counts
     reduce.safetensors            with --reduce: PCA mean/projection/rebuild per level (ahpa.data.reduce)
     shards/shard-00007.json       commit record of shard 7 (written after its data files are renamed in place)
-    shards/shard-00007.<field>.bin   raw little-endian rows of one field, shape and dtype in the manifest
+    shards/shard-00007.<field>.bin   raw little-endian rows of one field, shape and dtype in the manifest (with
+                                  --store-images, field `image`: the crops as uint8 [R, R, 3], never flipped)
     shards/shard-00007.stats.safetensors   float64 moment sums of shard 7 (merged in shard order at the end)
 
 Shard i holds source items [i*S, (i+1)*S) minus skipped files; under torchrun it is written by rank i % world,
@@ -30,13 +31,13 @@ SHARD_DIR = "shards"
 DTYPES = ("fp16", "bf16")
 FLIPS = ("none", "stored", "generated")
 # numpy has no bfloat16: bf16 rows are stored as their raw 16 bits and viewed as torch.bfloat16 when read
-NUMPY_DTYPE = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "int64": np.dtype("<i8")}
+NUMPY_DTYPE = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "int64": np.dtype("<i8"), "uint8": np.dtype("u1")}
 
 # settings fields that identify a cache; everything else in the manifest is a result of preparing it
 IDENTITY_KEYS = (
     "format", "encoder.kind", "encoder.weights_sha256", "encoder.spec_if_unhashed", "resolution", "grid",
     "dtype", "flips", "levels", "latent", "source.kind", "source.count", "source.fingerprint", "labels",
-    "shard_size", "seed", "crop", "precision", "reduce",
+    "shard_size", "seed", "crop", "precision", "reduce", "images",
 )  # fmt: skip
 
 

@@ -55,6 +55,7 @@ class PrepareOptions:
     limit: int = 0  # only the first N source items (0 = all)
     reduce: int = 0  # store levels with more channels as this many PCA coefficients (0 = store every channel)
     reduce_images: int = 1024  # first source items the PCA bases are fitted on
+    store_images: bool = False  # keep the uint8 crops too: REPA's external encoder reads them (R*R*3 bytes each)
     seed: int = 0  # posterior draws for the statistics
     repair: bool = False  # a complete cache: check every file's sha256 and encode the damaged shards again
     rank: int = 0
@@ -137,6 +138,7 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
         "crop": "adm-center (BOX halving, BICUBIC, centre crop); smaller than R: torch bicubic upsample, centre crop",
         "reduce": {"dim": o.reduce, "images": min(o.reduce_images, len(listing))}
         if o.reduce and any(l.channels > o.reduce for l in stored) else None,
+        "images": True if o.store_images else None,  # None, not False: caches from before the option compare equal
     }
 
 

@@ -91,7 +91,8 @@ class ShardEncoder:
 
     def fields(self) -> list[str]:
         names = ["latent_mean"] + (["latent_logvar"] if self.logvar else []) + [f"level.{n}" for n in self.levels]
-        return names + [f"flip.{n}" for n in names] * (self.o.flips == "stored") + ["labels", "source_index"]
+        images = ["image"] if self.settings.get("images") else []
+        return names + [f"flip.{n}" for n in names] * (self.o.flips == "stored") + images + ["labels", "source_index"]
 
     def _open(self, index: int, writer: AsyncShardWriter) -> "_Shard":
         lo, hi = self.plan.items(index)
@@ -129,6 +130,8 @@ class ShardEncoder:
             return
         n = len(good)
         x = assemble(good, self.o.resolution, self.device)  # [n, 3, R, R] in [0, 1]
+        # exact for crops of images at least R wide; upsampled smaller ones are rounded to 8 bits here
+        image = x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1) if self.settings.get("images") else None  # [n, R, R, 3]
         if self.o.flips == "stored":
             x = torch.cat([x, x.flip(-1)])  # [2n, 3, R, R]: originals, then their mirror images
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.o.precision == "bf16"):
@@ -150,6 +153,8 @@ class ShardEncoder:
             rows = {k: v[:n] for k, v in rows.items()} | {f"flip.{k}": v[n:] for k, v in rows.items()}
         self._measure(rows, {k: v[:n] for k, v in read.items()}, shard, [it.index for it in good])
         on_gpu = self.device.type == "cuda"
+        if image is not None:
+            rows["image"] = image
         host = {k: v.contiguous().to("cpu", non_blocking=on_gpu) for k, v in rows.items()}
         ready = None
         if on_gpu:

@@ -59,6 +59,9 @@ def field_spec(settings: dict) -> dict[str, dict]:
         spec[f"level.{lvl['name']}"] = {"dtype": dtype, "shape": [G * G, lvl.get("stored_channels", lvl["channels"])]}
     if settings["flips"] == "stored":
         spec |= {f"flip.{k}": dict(v) for k, v in spec.items()}
+    if settings.get("images"):  # the crops the encoder saw (REPA's encoder reads them); mirrored exactly when read
+        R = settings["resolution"]
+        spec["image"] = {"dtype": "uint8", "shape": [R, R, 3]}
     spec["labels"] = {"dtype": "int64", "shape": []}
     spec["source_index"] = {"dtype": "int64", "shape": []}
     return spec

@@ -28,7 +28,8 @@ def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a folder; here an .npz of uint8 [N, H, W, 3] images is read. A folder of "
-                         "images is encoded by `ahpa prepare --images FOLDER` and trained on as data.source=cache")
+                         "images is encoded by `ahpa prepare --images FOLDER` and trained on as data.source=cache (for REPA, "
+                         "prepare it with --store-images)")
     if not path.is_file():
         raise FileNotFoundError(f"image file {shown(path)} does not exist")
     try:

@@ -85,7 +85,7 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, cache:
     return config_mod.from_dict({
         "model": m,
         "data": {**data, "resolution": res, "hflip": True, "num_classes": 1000},
-        "prior": {"encoder": "bench:stand-in", "stats_images": size["stats_images"]},
+        "prior": {"encoder": "", "stats_images": size["stats_images"]},  # the encoder object's spec is recorded
         "align": {"method": align_method, "depth": size["align_depth"][model], "weight": 0.5,
                   "projector_dim": size["projector"], "router": "soft", "token_fraction": token_fraction},
         "train": {"batch_size": batch, "compile": compiled, "compile_mode": args.compile_mode, "device": str(device), "activation_checkpointing": checkpointing,

@@ -160,20 +160,24 @@ def build_parts(
                  model, ema, aligner, optimizer)
 
 
-def given_encoder_spec(encoder, configured: str) -> str:
-    """The spec of an encoder object given to `Trainer`, checked: the run records it (config.yaml, the export), so
-    resuming, exporting and `ahpa sample --run` load the encoder again by it, in any process."""
+def given_encoder_spec(encoder, configured: str) -> tuple[str, list[str]]:
+    """(the spec of an encoder object given to `Trainer`, notes), checked: the run records the spec (config.yaml, the
+    export), and resuming, exporting and `ahpa sample --run` load the encoder again by it. A kind no loader is
+    registered for is a note, not an error: a benchmark or a notebook may train in this process only."""
     spec = getattr(encoder, "spec", "") or ""
     fix = ("set its `spec` to KIND:WHERE with KIND registered (ahpa.priors.register_encoder in this process, or an "
-           "`ahpa.encoders` entry point for every process; docs/extending.md), so that the run can load it again")
+           "`ahpa.encoders` entry point for every process; docs/extending.md)")
     if not spec:
-        raise ValueError(f"the encoder given to Trainer ({type(encoder).__name__}) has no spec: {fix}")
-    if spec.partition(":")[0] not in kinds():
-        raise ValueError(f"the encoder given to Trainer has spec {spec!r}, whose kind no loader is registered for: {fix}")
+        raise ValueError(f"the encoder given to Trainer ({type(encoder).__name__}) has no spec, which the run records "
+                         f"to load it again: {fix}")
     if configured and absolute_spec(configured) != absolute_spec(spec):
         raise ValueError(f"prior.encoder={configured!r} is not the encoder given to Trainer ({spec!r}): the run would "
                          "train with one and record the other; leave prior.encoder empty or name the same encoder")
-    return spec
+    if spec.partition(":")[0] not in kinds():
+        return spec, [f"the encoder given to Trainer has spec {spec!r}, whose kind no loader is registered for: this "
+                      f"process trains with it, but a resume, an export's sampling or `ahpa sample --run` will not find "
+                      f"it; {fix}"]
+    return spec, []
 
 
 HEADS_NOTE_SHARE = 0.15  # above this, a run says what its alignment heads cost

@@ -42,7 +42,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
         d = current()
-        spec = given_encoder_spec(encoder, cfg.prior.encoder) if encoder is not None else ""
+        spec, encoder_notes = given_encoder_spec(encoder, cfg.prior.encoder) if encoder is not None else ("", [])
         if spec and not cfg.prior.encoder:
             cfg = config_mod.from_dict(cfg.to_dict())  # a copy that names the encoder: resume, export and sample need it
             cfg.prior.encoder = spec
@@ -58,7 +58,7 @@ class Trainer:
         self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
         self.step = 0
         self.ema_updates = 0
-        self.messages: list[str] = ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
+        self.messages: list[str] = encoder_notes + ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
         optimizer_state = self._load()

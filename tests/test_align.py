@@ -46,9 +46,10 @@ def test_a_fixed_mode_registered_without_its_branch_is_named(monkeypatch):
 
 
 def test_a_level_topk_leaves_out_still_learns_and_comes_in():
-    """At initialisation every weight ties and top-k keeps the tie-break's k levels; after the cut a left-out level
-    has no gradient. The router's objective therefore trains the weights before the cut: a left-out level whose
-    relative loss is lowest gains weight and enters the top k."""
+    """At initialisation every weight ties and top-k keeps the tie-break's k levels; after the cut a left-out level's
+    weight has no gradient. The router's objective therefore takes the weights before the cut: a left-out level whose
+    relative loss is the lowest (set by hand here; in training its head is frozen while it is out) gains weight and
+    enters the top k."""
     torch.manual_seed(0)
     al = Aligner(16, ["a", "b", "c", "d"], [3, 3, 3, 3], AlignCfg(projector_dim=32, router_topk=2, router_entropy=0.0,
                                                                 router_normalize=False), "topk", "cosine")
@@ -276,6 +277,9 @@ def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path
         seen.append(cfg.smooth_l1_beta)
         return (pred.float() - torch.nn.functional.layer_norm(target.float(), target.shape[-1:])).pow(2).flatten(1).mean(1)
 
+    for name, fn in (("default", mse_ln), ("", mse_ln), ("mse-ln", "not a function")):
+        with pytest.raises(ValueError, match="register_loss needs a name other than"):
+            register_loss(name, fn)
     register_loss("mse-ln", mse_ln, "MSE to layer-normed targets")
     Trainer(tiny("align.loss=mse-ln", "align.smooth_l1_beta=0.2", "train.steps=1"), tmp_path).run()
     assert seen and set(seen) == {0.2} and "mse-ln" in config.CHOICES["align.loss"]

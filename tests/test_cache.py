@@ -351,3 +351,8 @@ def test_repa_trains_from_a_cache_that_stores_the_images(tmp_path, flips):
     trainer = Trainer(cache_cfg(tmp_path / "cache", "align.method=repa", "train.steps=2"), tmp_path / "run",
                       external=tiny_external())
     assert np.isfinite(trainer.run()["loss/align"])
+    # once alignment stops, the images are no longer read (196 KB a sample at 256)
+    trainer = Trainer(cache_cfg(tmp_path / "cache", "align.method=repa", "align.stop_step=1", "train.steps=2"),
+                      tmp_path / "stops", external=tiny_external())
+    trainer.run()
+    assert "image" not in trainer.parts.source.fields and not trainer.parts.source.reads_priors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -158,7 +159,16 @@ def test_a_stop_saves_once_before_evaluating_and_the_resume_evaluates_that_step(
     assert eval_steps() == []
     Trainer(config.load(None, [*base, "train.steps=4"]), run).run()
     assert eval_steps() == [2, 4] and (run / "DONE").exists()
+    # died after the last checkpoint, before the last evaluation and DONE: the rerun evaluates, then completes
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if not ('"step": 4' in r and "eval/" in r)))
+    (run / "DONE").unlink()
+    Trainer(config.load(None, [*base, "train.steps=4"]), run).run()
+    assert eval_steps() == [2, 4] and (run / "DONE").exists()
+    # a reference that changed since the earlier evaluations is measured afresh, and the run says so
+    os.utime(ref, ns=(ref.stat().st_atime_ns, ref.stat().st_mtime_ns + 10**9))
     trainer = Trainer(config.load(None, [*base, "train.steps=8"]), run)
+    assert any(m.startswith(f"eval.ref is measured afresh for {det.name}") for m in trainer.messages)
     trainer.run(should_stop=lambda: True)
     assert not (run / "DONE").exists()  # a SLURM script that requeues until DONE exists goes on requeueing
 

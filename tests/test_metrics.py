@@ -307,6 +307,8 @@ def test_a_folder_at_a_resolution_reads_the_pixels_prepare_trains_on(tmp_path):
     want, skipped = decode_all(list_source(tmp_path, "none"), 8)
     assert got.shape == (4, 8, 8, 3) and [name for name, _ in skipped] == ["b/broken.png"]
     np.testing.assert_array_equal(got, want)
+    with pytest.warns(UserWarning, match="broken.png"):  # decoded by two worker processes: the same batches
+        np.testing.assert_array_equal(np.concatenate(list(iter_image_batches(ImageFolder(tmp_path, 8, workers=2), 2))), got)
     (tmp_path / "b" / "broken.png").unlink()
     det = type("D", (), {"name": "FD-x", "spec": None})()
     keys = {reference_key(src, det) for src in (tmp_path, ImageFolder(tmp_path), ImageFolder(tmp_path, 8), ImageFolder(tmp_path, 16))}

@@ -124,6 +124,16 @@ def test_missing_dir_names_the_path(tmp_path):
         load_encoder(f"diffusers:{tmp_path}")
 
 
+def test_a_config_that_names_no_class_is_for_diffusers_to_judge(tiny, tmp_path):
+    import json
+
+    tiny.vae.save_pretrained(tmp_path / "vae")
+    cfg = json.loads((tmp_path / "vae" / "config.json").read_text())
+    cfg.pop("_class_name")
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(cfg))
+    assert load_encoder(f"diffusers:{tmp_path / 'vae'}").latent_channels == tiny.latent_channels
+
+
 def test_loading_says_nothing_of_its_own(tiny, tmp_path):
     """Without accelerate, diffusers printed six lines about low_cpu_mem_usage on every load of a VAE (in a fresh
     process: diffusers' log handler keeps the stream it found at import)."""

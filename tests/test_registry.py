@@ -53,7 +53,8 @@ def test_a_registered_encoder_kind_prepares_trains_and_is_recorded(toy_kind, tmp
     from ahpa.train.resume import run_sampler
 
     registry.register_encoder("wide", lambda where, spec: KLVAE(KLVAEConfig(latent_channels=8)))
-    with pytest.raises(ValueError, match=r"obj's model does not fit a SiT on 'wide:1' \(size mismatch .*trained with 'toy:4'"):
+    with pytest.raises(ValueError, match=r"obj's checkpoint does not fit the SiT its config describes \(size mismatch .*"
+                                         r"--encoder 'wide:1' is not shaped like the VAE the run was trained with \('toy:4'\)"):
         run_sampler(tmp_path / "obj", torch.device("cpu"), encoder="wide:1")
     with pytest.raises(ValueError, match=r"unknown encoder kind 'toi' in 'toi:3'; valid kinds: .*toy"):
         registry.load_encoder("toi:3")

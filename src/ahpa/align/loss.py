@@ -33,6 +33,9 @@ LEVEL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.T
 def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.Tensor], about: str = "") -> None:
     """Make `align.loss=NAME` (and a MethodSpec's loss) valid, computed by fn(prediction, target, align settings) ->
     loss per sample [B] in fp32. A parameter of its own is a field of AlignCfg, read from the settings."""
+    if not name or name == "default" or not callable(fn):
+        raise ValueError(f"register_loss needs a name other than '' and 'default' (align.loss=default is the method's "
+                         f"own loss) and a function; got {name!r} and {type(fn).__name__}")
     LOSSES[name] = about
     LEVEL_LOSSES[name] = fn
 

@@ -2,9 +2,11 @@
 
 Modes:
 - soft:    g(t) = softmax(MLP(sinusoidal(1000 t)) / tau), learned, initialised uniform.
-- topk:    as soft, then only the k largest weights are kept and renormalised. The router's objective sees the
-           weights before the cut (`route`): after it, a level left out has no gradient and could never come back,
-           and at initialisation, where all weights tie, which k levels are kept is the tie-break's choice.
+- topk:    as soft, then only the k largest weights are kept and renormalised. The router's objective takes the
+           weights before the cut (`route`): after it, a level left out has no gradient and its weight could never
+           rise again (at initialisation, where all weights tie, the tie-break chooses the k). Its head does not
+           train while it is left out, so its relative loss stays where it was; the entropy bonus, or the kept
+           levels' relative losses rising above it, bring it back.
 - snr:     fixed schedule, no parameters: level k gets a Gaussian window centred at t = k / (K - 1), in the
            order the levels come (the encoder's: stages fine -> coarse, then the latent; or align.levels'), so
            coarse levels dominate at high noise (the paper's story).
@@ -71,7 +73,8 @@ class Router(nn.Module):
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] -> (weights the levels' losses get [B, K], what a learned router's objective trains [B, K]): the
-        same tensor but for `topk`, whose objective takes the softmax before the cut, so that every level learns."""
+        same tensor but for `topk`, whose objective takes the softmax before the cut, so that every level's weight
+        keeps learning."""
         if self.mode == "uniform" or self.num_levels == 1:
             weights = torch.full((t.shape[0], self.num_levels), 1.0 / self.num_levels, device=t.device)
             return weights, weights

@@ -34,6 +34,8 @@ def register(sub) -> None:
                    help="read image folders at RxR as `ahpa prepare` reads them (ADM centre crop, smaller images "
                         "upsampled): for a reference folder of photos of many sizes. .npz files are taken as they are. "
                         "Default: folder images as decoded, all of one size")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding an image folder (default: the CPUs, at most 8; 0 = this process)")
     p.add_argument("--batch", type=int, default=250, help="images per detector call (default 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--ref-cache", type=Path, default=None,
@@ -46,7 +48,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ahpa.metrics import load_detector
     from ahpa.metrics.evaluation import evaluate, parse_metrics
-    from ahpa.metrics.images import check_image_source, folder_source, npz_image_key
+    from ahpa.metrics.images import check_image_source, default_workers, folder_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
     from ahpa.metrics.reference import load_reference
     from ahpa.train.build import resolve_device
@@ -56,7 +58,8 @@ def run(args) -> int:
         raise ValueError("--save-ref-stats needs exactly one --detector")
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):
         check_image_source(path, what)  # the reference too, before any sample is measured (the samples come first)
-    samples, ref_source = (folder_source(p, args.resolution) for p in (args.samples, args.ref))
+    workers = default_workers() if args.workers is None else args.workers
+    samples, ref_source = (folder_source(p, args.resolution, workers) for p in (args.samples, args.ref))
     device = resolve_device(args.device, "--device")
     # stored statistics alone are already the cheap form of a reference: nothing to cache
     stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None

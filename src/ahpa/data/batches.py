@@ -23,7 +23,7 @@ class PriorBatch:
     latent: torch.Tensor  # [B, C, h, w] raw latent (sampled from the posterior where there is one)
     levels: dict[str, torch.Tensor]  # name -> [B, N, C_k] pooled to the token grid, raw
     labels: torch.Tensor  # int64 [B]
-    images: torch.Tensor | None = None  # [B, 3, R, R] in [0, 1] (on-the-fly only: REPA needs pixels)
+    images: torch.Tensor | None = None  # [B, 3, R, R] in [0, 1]: on the fly, or a cache's stored crops (REPA reads pixels)
 
 
 def prepare_images(images_u8: torch.Tensor, resolution: int, flip: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,6 +51,11 @@ class OnTheFly:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    @property
+    def reads_priors(self) -> bool:
+        """Whether a batch reads more than the latent (the images are decoded for the latent anyway)."""
+        return bool(self.levels)
 
     def drop_levels(self) -> None:
         """From now on encode and return the latent alone (align.stop_step)."""

@@ -176,6 +176,11 @@ class CacheSource:
         return (["latent_mean"] + (["latent_logvar"] if self.has_logvar else [])
                 + [f"level.{n}" for n in levels if n != "latent"] + (["image"] if self.images else []))
 
+    @property
+    def reads_priors(self) -> bool:
+        """Whether a batch reads more than the latent: levels, or the images an external encoder reads."""
+        return bool(self.levels) or self.images
+
     def drop_levels(self) -> None:
         """From now on read and return the latent alone (align.stop_step). A batch the prefetch thread gathered
         before still holds the levels; they are ignored."""
@@ -279,12 +284,14 @@ class CacheSource:
             for t in (*rows.fields.values(), rows.labels, rows.flip):
                 t.record_stream(stream)  # allocated on the copy stream, used here: not reused before this stream is done
         # 16-bit over the bus, float32 on the device (`.to` is a no-op for rows already there)
-        t = {f: rows.fields[f].to(self.device, non_blocking=True).float() for f in self.fields}
+        t = {f: rows.fields[f].to(self.device, non_blocking=True) for f in self.fields}
         flip_dev = rows.flip.to(self.device, non_blocking=True)
         images = None
-        if "image" in t:  # stored unflipped (both flip modes): mirrored here, exactly
-            images = t["image"].permute(0, 3, 1, 2).div_(255.0)  # [B, R, R, 3] -> [B, 3, R, R] in [0, 1]
-            images = torch.where(flip_dev[:, None, None, None], images.flip(-1), images)
+        if "image" in t:  # stored unflipped (both flip modes): mirrored here, exactly, in uint8
+            u8 = t.pop("image")  # [B, R, R, 3]
+            u8 = torch.where(flip_dev[:, None, None, None], u8.flip(2), u8)
+            images = u8.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, R, R] in [0, 1]
+        t = {f: v.float() for f, v in t.items()}
         noise = posterior_noise.to(self.device) if posterior_noise is not None else None
         latent = posterior_sample(t["latent_mean"], t.get("latent_logvar") if self.has_logvar else None, noise)  # [B, C, h, w]
         if self.flips == "generated":

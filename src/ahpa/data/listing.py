@@ -178,9 +178,10 @@ class Item:
 
 
 class ItemDataset(torch.utils.data.Dataset):
-    """Item i -> `Item`, decoded and ADM-cropped in a DataLoader worker; bad files become skip records."""
+    """Item i -> `Item`, decoded and ADM-cropped in a DataLoader worker (resolution None: decoded only, as it is);
+    bad files become skip records."""
 
-    def __init__(self, listing: Listing, resolution: int):
+    def __init__(self, listing: Listing, resolution: int | None):
         self.listing, self.resolution = listing, resolution
 
     def __len__(self) -> int:
@@ -194,6 +195,8 @@ class ItemDataset(torch.utils.data.Dataset):
                 arr, conversions = load_rgb(self.listing.paths[i])
             except BadImage as e:
                 return Item(i, None, reason=e.reason)
+        if self.resolution is None:
+            return Item(i, arr, conversions=tuple(conversions))
         if min(arr.shape[:2]) < self.resolution:
             return Item(i, np.ascontiguousarray(arr), small=True, conversions=tuple(conversions) + ("upsampled (smaller than R)",))
         return Item(i, adm_center_crop(arr, self.resolution), conversions=tuple(conversions))
@@ -207,7 +210,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is per-process; intra-op threads would only fight over cores
 
 
-def make_loader(listing: Listing, resolution: int, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
+def make_loader(listing: Listing, resolution: int | None, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
     """Decode the given batches of item indices in `workers` processes (0: in this process), in order."""
     return torch.utils.data.DataLoader(
         ItemDataset(listing, resolution), batch_sampler=batches, num_workers=workers, collate_fn=collate_items,
@@ -244,11 +247,15 @@ def assemble(items: list[Item], size: int, device: torch.device) -> torch.Tensor
     return x
 
 
+def to_uint8_hwc(x: torch.Tensor) -> torch.Tensor:
+    """float [n, 3, R, R] in [0, 1] -> uint8 [n, R, R, 3] (exact for values that came from uint8)."""
+    return x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def crop_items(items: list[Item], size: int) -> np.ndarray:
     """Decoded items -> uint8 [n, R, R, 3] as `assemble` makes them (exact for cropped items; small ones upsampled
     in float, then rounded once)."""
-    x = assemble(items, size, torch.device("cpu"))  # [n, 3, R, R] in [0, 1]
-    return x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return to_uint8_hwc(assemble(items, size, torch.device("cpu"))).numpy()
 
 
 def decode_all(listing: Listing, resolution: int, workers: int = 0, batch: int = 256) -> tuple[np.ndarray, list[list[str]]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ahpa.data.listing import Item, assemble, make_loader
+from ahpa.data.listing import Item, assemble, make_loader, to_uint8_hwc
 from ahpa.data.reduce import load_bases, project, reconstruct
 from ahpa.data.shard_writer import AsyncShardWriter, sum_arrays
 from ahpa.data.tokens import divisor_grids, pool_tokens
@@ -131,7 +131,7 @@ class ShardEncoder:
         n = len(good)
         x = assemble(good, self.o.resolution, self.device)  # [n, 3, R, R] in [0, 1]
         # exact for crops of images at least R wide; upsampled smaller ones are rounded to 8 bits here
-        image = x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1) if self.settings.get("images") else None  # [n, R, R, 3]
+        image = to_uint8_hwc(x) if self.settings.get("images") else None  # [n, R, R, 3]
         if self.o.flips == "stored":
             x = torch.cat([x, x.flip(-1)])  # [2n, 3, R, R]: originals, then their mirror images
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.o.precision == "bf16"):

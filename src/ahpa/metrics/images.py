@@ -9,6 +9,7 @@ detector's NCHW on the way in.
 
 from __future__ import annotations
 
+import os
 import warnings
 import zipfile
 import zlib
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 # prepare's listing and decoding, so that a folder prepare trains on is evaluated as the same images
-from ahpa.data.decode import BadImage, load_rgb
-from ahpa.data.listing import ItemDataset, crop_items, list_source
+from ahpa.data.decode import IMAGE_EXTENSIONS
+from ahpa.data.listing import crop_items, list_source, make_loader
 
 NPZ_IMAGE_KEYS = ("arr_0", "images")  # ADM samples, then our datasets
 
@@ -117,11 +118,12 @@ def _iter_array(arr, batch_size: int, rank: int, world_size: int, limit: int | N
 class ImageFolder:
     """A folder of image files as a metric source. With `resolution` R every image is read as `ahpa prepare` reads
     it for training at R (ADM centre crop, smaller images upsampled), so a folder of photos of many sizes can be
-    a reference; without it images are taken as decoded, all of one size. A plain path to a folder is
-    `ImageFolder(path)`."""
+    a reference; without it images are taken as decoded, all of one size. `workers` DataLoader processes decode
+    (0: this process). A plain path to a folder is `ImageFolder(path)`."""
 
     path: Path
     resolution: int | None = None
+    workers: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path).expanduser())
@@ -129,12 +131,17 @@ class ImageFolder:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}")
 
 
-def folder_source(source, resolution: int | None):
-    """`source` as read at `resolution`: an `ImageFolder` for a folder, anything else as it is (.npz files hold
-    images of one size already, which no resolution changes)."""
+def folder_source(source, resolution: int | None, workers: int = 0):
+    """`source` as read at `resolution` by `workers` decoding processes: an `ImageFolder` for a folder, anything else
+    as it is (.npz files hold images of one size already, which no resolution changes)."""
     if isinstance(source, (str, Path)) and Path(source).expanduser().is_dir():
-        return ImageFolder(Path(source), resolution)
+        return ImageFolder(Path(source), resolution, workers)
     return source
+
+
+def default_workers() -> int:
+    """Decoding processes for a folder: the CPUs, at most 8 (as `ahpa prepare`)."""
+    return min(8, os.cpu_count() or 1)
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -147,35 +154,39 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
     # Undecodable files are skipped and named in one warning at the end, as `ahpa prepare` skips and reports them:
     # failing at file 900,000 of a reference would throw away the measurement of the ones before it.
     listing = list_source(folder.path, labels="none")
-    items = ItemDataset(listing, folder.resolution) if folder.resolution else None
     n = len(listing) if limit is None else min(len(listing), limit)
+    batches = [list(range(start, stop)) for start, stop in _batch_ranges(n, batch_size, rank, world_size)]
     skipped, first = [], None
-    for start, stop in _batch_ranges(n, batch_size, rank, world_size):
-        if items is not None:
-            got = [items[i] for i in range(start, stop)]
-            skipped += [(listing.name(it.index), it.reason) for it in got if it.image is None]
-            good = [it for it in got if it.image is not None]
-            if good:
-                yield crop_items(good, folder.resolution)  # uint8 [n, R, R, 3]
+    # decoded (and cropped at a resolution) as `ahpa prepare` decodes training images: upright, alpha on white,
+    # 16-bit rescaled; in `workers` processes, in order
+    for items in make_loader(listing, folder.resolution, batches, folder.workers):
+        skipped += [(listing.name(it.index), it.reason) for it in items if it.image is None]
+        good = [it for it in items if it.image is not None]
+        if not good:
             continue
-        imgs = []
-        for i in range(start, stop):
-            try:  # decoded as `ahpa prepare` decodes training images: upright, alpha on white, 16-bit rescaled
-                imgs.append(load_rgb(listing.paths[i])[0])
-            except BadImage as e:
-                skipped.append((listing.name(i), e.reason))
-                continue
-            first = first or (listing.name(i), imgs[-1].shape[:2])
-            if imgs[-1].shape[:2] != first[1]:
-                raise ValueError(f"{folder.path}: {listing.name(i)!r} is {imgs[-1].shape[:2]}, but {first[0]!r} is "
+        if folder.resolution:
+            yield crop_items(good, folder.resolution)  # uint8 [n, R, R, 3]
+            continue
+        for it in good:
+            first = first or (listing.name(it.index), it.image.shape[:2])
+            if it.image.shape[:2] != first[1]:
+                raise ValueError(f"{folder.path}: {listing.name(it.index)!r} is {it.image.shape[:2]}, but {first[0]!r} is "
                                  f"{first[1]}: images of several sizes need a resolution to be read at (ahpa eval "
                                  "--resolution R, or ImageFolder(path, R): centre-cropped as ahpa prepare crops them)")
-        if imgs:
-            yield np.stack(imgs)
+        yield np.stack([it.image for it in good])
     if skipped:
         shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
         warnings.warn(f"{folder.path}: skipped {len(skipped)} file(s) that cannot be decoded ({shown}"
                       f"{'; ...' if len(skipped) > 3 else ''}); remove or re-encode them", stacklevel=2)
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Whether a folder holds an image file that prepare would list: the walk stops at the first one."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith(".") for f in files):
+            return True
+    return False
 
 
 def check_image_source(source: "str | Path | ImageFolder", what: str = "image source") -> Path:
@@ -194,7 +205,8 @@ def check_image_source(source: "str | Path | ImageFolder", what: str = "image so
         if (path / "manifest.json").is_file() and (path / "shards").is_dir():
             raise ValueError(f"{what} {shown!r} is a prepared cache (latents), not images: give the images it was "
                              "prepared from")
-        image_files(path)  # raises, naming the extensions, when there are none
+        if not _holds_an_image(path):
+            image_files(path)  # raises, naming the extensions and what the folder holds instead
     return path
 
 

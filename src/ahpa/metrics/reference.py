@@ -44,7 +44,10 @@ def reference_key(ref: str | Path, detector: Detector) -> str:
         files = image_files(path)
         ident = {"files": len(files), "size": sum(f.stat().st_size for f in files),
                  "mtime_ns": max((f.stat().st_mtime_ns for f in files), default=0)}
-        if folder and folder.resolution:  # only then: keys of folders read as they are stay what they were
+        # in prepare's order (its first N images are the reference's first N: precision/recall's points), and at a
+        # resolution when one is given
+        ident["listing"] = "prepare"
+        if folder and folder.resolution:
             ident["resolution"] = folder.resolution
     else:
         ident = _file_identity(path)
@@ -61,6 +64,12 @@ def reference_key(ref: str | Path, detector: Detector) -> str:
 def _cache_stem(ref, detector: Detector, cache_dir) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", detector.name)
     return Path(cache_dir) / f"{name}-{reference_key(ref, detector)}"
+
+
+def is_cached(ref, detector: Detector, cache_dir: str | Path) -> bool:
+    """Whether `cache_dir` holds the statistics of (this reference as it is now, this detector)."""
+    stem = _cache_stem(ref, detector, cache_dir)
+    return stem.with_name(stem.name + ".npz").is_file()
 
 
 def reference_measurement(

@@ -101,9 +101,11 @@ class DiffusersVAE(PriorEncoder):
                 local = local / "vae"
             not_vae = (f"VAE 'diffusers:{where}': {str(local)!r} is not a diffusers AutoencoderKL folder (config.json "
                        "and its weights, or a pipeline folder with vae/)")
+            if not (local / "config.json").is_file():  # refused before diffusers logs its own guesses about the folder
+                raise ValueError(f"{not_vae}: no config.json in it")
             kind = _config_class(local / "config.json")
-            if kind != "AutoencoderKL":  # checked before diffusers logs its own guesses about the folder
-                raise ValueError(f"{not_vae}: " + (f"its config.json describes a {kind}" if kind else "no AutoencoderKL config.json"))
+            if kind not in (None, "AutoencoderKL"):  # a config naming no class is for diffusers to judge
+                raise ValueError(f"{not_vae}: its config.json describes a {kind}")
             try:
                 vae = AutoencoderKL.from_pretrained(str(local), local_files_only=True, low_cpu_mem_usage=_have_accelerate())
             except (OSError, ValueError) as e:  # diffusers' own "no file named ... in directory ..."

@@ -39,7 +39,7 @@ class Dist:
 
 # how long a process waits in a collective for the others. NCCL's own default (10 min) is shorter than what rank 0
 # may do alone while the others wait: write an XL/2 checkpoint (~11 GB) to slow shared storage, measure the
-# evaluation's reference images at the first evaluation. AHPA_DIST_TIMEOUT_MIN sets it (minutes).
+# evaluation's reference images when the run is built. AHPA_DIST_TIMEOUT_MIN sets it (minutes).
 TIMEOUT_MIN = 30
 
 

@@ -63,10 +63,13 @@ class Trainer:
         self.messages += notes
         optimizer_state = self._load()
         # before any training: a missing detector or reference fails now, not at the first evaluation (a finished
-        # run, rerun to export or sample, evaluates nothing and needs neither)
+        # run, rerun to export or sample, evaluates nothing and needs neither, unless it stopped before its last one)
+        last_missing = bool(cfg.eval.every) and self.step >= t.steps and outputs.last_evaluation_missing(
+            self.run_dir, self.step, self.rank, self.world, self.parts.device)
         self.evaluator = (outputs.Evaluator(cfg.eval, self.parts.device, self.run_dir, self.rank, self.world,
                                             cfg.data.resolution)
-                          if cfg.eval.every and self.step < t.steps else None)
+                          if cfg.eval.every and (self.step < t.steps or last_missing) else None)
+        self.messages += self.evaluator.notes if self.evaluator is not None else []
         p = self.parts
         self.sharded = None  # ahpa.train.fsdp.Sharded under FSDP
         if t.fsdp and self.world > 1:
@@ -231,7 +234,7 @@ class Trainer:
         if align_on:
             if not p.aligner.training:
                 p.aligner.train()
-        elif p.source.levels:  # alignment has stopped (align.stop_step): the priors are no longer read
+        elif p.source.reads_priors:  # alignment has stopped (align.stop_step): the priors are no longer read
             p.source.drop_levels()
         totals: dict[str, torch.Tensor] = {}
         for a, sl in enumerate(micro_batches(B, self.rank, self.world, accum)):
@@ -351,12 +354,13 @@ class Trainer:
         if logger is not None:
             logger.truncate_after(self.step)
             truncate_jsonl(self.run_dir / "router.jsonl", self.step)
-        if self.evaluator is not None and self.evaluator.missing(self.step):  # died between checkpoint and evaluation
-            self._evaluate(logger)
         sums: dict[str, torch.Tensor] = {}
         count, t0, last = 0, time.perf_counter(), {}
         watch = DivergenceWatch(c.train.max_bad_steps)
         try:
+            # the step resumed from was due an evaluation that was not logged: stopped, or died, after its checkpoint
+            if self.evaluator is not None and self.evaluator.missing(self.step, c.train.steps):
+                self._evaluate(logger)
             while self.step < c.train.steps:
                 metrics = self.train_step()
                 for k, v in metrics.items():
@@ -383,13 +387,14 @@ class Trainer:
                 stop = not done and self._stop_agreed(should_stop)
                 # no checkpoint inside a streak of skipped steps: the last good one stays the newest
                 # every process takes part in saving and sampling (FSDP gathers); rank 0 writes
-                if stop or ((self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0):
+                if stop:  # saved also inside a streak of skipped steps: they left the weights as they were
+                    self.save()
+                    return {**last, "stopped": True, "step": self.step}
+                if (self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0:
                     self.save()
                     aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None
                     if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
                         logger.image("router", outputs.write_router_plot(aligner, self.run_dir, self.step), self.step)
-                if stop:
-                    return {**last, "stopped": True, "step": self.step}
                 if c.train.sample_every and c.sample.grid_images and (self.step % c.train.sample_every == 0 or done):
                     bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:

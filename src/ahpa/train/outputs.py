@@ -45,6 +45,21 @@ def write_router_plot(aligner: Aligner, run_dir: Path, step: int) -> Path:
     return Path(shutil.copyfile(out, run_dir / "router.png"))
 
 
+def rank0_says(value: bool, rank: int, world: int, device: torch.device) -> bool:
+    """Rank 0's `value` on every process (one all-reduce; the others' values are ignored), so that all take the
+    branch that rank 0, which reads the run's files, chose."""
+    if world == 1:
+        return value
+    return all_reduce_mean_(torch.tensor(float(value and rank == 0), device=device)).item() > 0
+
+
+def last_evaluation_missing(run_dir: Path, step: int, rank: int, world: int, device: torch.device) -> bool:
+    """Whether a run at its last step lacks that step's evaluation and was not completed (no DONE): it stopped or
+    died between its last checkpoint and its last evaluation. A completed run is not evaluated again."""
+    lacks = rank == 0 and not (run_dir / "DONE").exists() and not logged_at(run_dir / "metrics.jsonl", step, "eval/")
+    return rank0_says(lacks, rank, world, device)
+
+
 class Evaluator:
     """Fréchet distances of EMA samples for each configured detector. Every process calls it with the
     same arguments: each generates its share of the samples and the statistics are all-reduced."""
@@ -56,7 +71,7 @@ class Evaluator:
         `resolution` (the run's data.resolution) as `ahpa prepare` reads training images: its photos may be of
         any size, and it is measured as the training data was made."""
         from ahpa.metrics.detectors import load_detector
-        from ahpa.metrics.images import check_image_source, folder_source, npz_image_key
+        from ahpa.metrics.images import check_image_source, default_workers, folder_source, npz_image_key
         from ahpa.metrics.measurement import is_stats_file, stored_stats_usable
 
         fix = "or set eval.every=0 to train without evaluating"
@@ -71,7 +86,7 @@ class Evaluator:
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{e}: name another, {fix}") from None
         self.cfg, self.device, self.run_dir, self.rank, self.world = cfg, device, run_dir, rank, world
-        self._ref_source = folder_source(ref, resolution)
+        self._ref_source = folder_source(ref, resolution, default_workers())
         self._detectors = [load_detector(spec, device) for spec in cfg.detectors]
         if is_stats_file(ref) and npz_image_key(ref) is None:  # statistics alone: they must be the detectors' own
             for det in self._detectors:
@@ -80,9 +95,23 @@ class Evaluator:
                     raise ValueError(f"eval.ref {cfg.ref!r} holds statistics of {tag or 'an unnamed detector'}, not of "
                                      f"{det.name} ({det.spec}): name the reference images, or statistics that detector "
                                      "measured (`ahpa eval ... --save-ref-stats`)")
+        self.notes = self._remeasure_notes()
         # measured (or read from the run's cache) now, not at the first evaluation: a reference that cannot be read
         # fails before training
         self._load()
+
+    def _remeasure_notes(self) -> list[str]:
+        """A resumed run whose reference statistics will be measured afresh says so: its earlier evaluations used
+        other statistics (the reference changed, or how it is read: a folder at data.resolution since 0.1.0)."""
+        from ahpa.metrics.reference import is_cached
+
+        cache = self.run_dir / "eval_ref"
+        if self.rank != 0 or not cache.is_dir() or not any(cache.glob("*.npz")):
+            return []
+        fresh = [d.name for d in self._detectors if not is_cached(self._ref_source, d, cache)]
+        return [f"eval.ref is measured afresh for {', '.join(fresh)}: the reference changed since the run's earlier "
+                "evaluations, or how it is read (a folder, at data.resolution as prepare reads it); metrics.jsonl's "
+                "earlier eval rows used the earlier statistics"] if fresh else []
 
     def _load(self) -> None:
         from ahpa.metrics.reference import load_reference
@@ -94,15 +123,12 @@ class Evaluator:
                 self._refs = [load_reference(self._ref_source, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
             barrier()
 
-    def missing(self, step: int) -> bool:
-        """Whether `step` (a resumed run's) was due an evaluation that metrics.jsonl lacks: the process stopped or
-        died after its checkpoint. Rank 0 reads the file; every process gets its answer."""
-        if step == 0 or step % self.cfg.every:
-            return False
-        missing = self.rank == 0 and not logged_at(self.run_dir / "metrics.jsonl", step, "eval/")
-        if self.world == 1:
-            return missing
-        return all_reduce_mean_(torch.tensor(float(missing), device=self.device)).item() > 0
+    def missing(self, step: int, last_step: int) -> bool:
+        """Whether `step` (a resumed run's) was due an evaluation (every `eval.every` steps, and the last step) that
+        metrics.jsonl lacks: the process stopped or died after its checkpoint."""
+        due = step > 0 and (step % self.cfg.every == 0 or step == last_step)
+        lacks = self.rank == 0 and not logged_at(self.run_dir / "metrics.jsonl", step, "eval/")
+        return due and rank0_says(lacks, self.rank, self.world, self.device)
 
     def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg) -> dict[str, float]:
         from ahpa.train.evaluate import evaluate_fd

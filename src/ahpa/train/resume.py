@@ -56,10 +56,12 @@ def run_sampler(run_dir: str | Path, device: torch.device, encoder: str | None =
     model = SiT(sit_config(cfg, vae, num_classes))
     try:
         model.load_state_dict(state["ema"])
-    except RuntimeError as e:  # a VAE of another latent shape than the run's: name both, not torch's key list
+    except RuntimeError as e:  # named: a VAE of another latent shape (--encoder), or a config.yaml edited since
         trained = (state.get("encoder") or {}).get("spec") or cfg.prior.encoder
-        raise ValueError(f"{run_dir}'s model does not fit a SiT on {spec!r} ({_first_mismatch(e)}): the run "
-                         f"was trained with {trained!r}") from None
+        why = (f"--encoder {encoder!r} is not shaped like the VAE the run was trained with ({trained!r})" if encoder
+               else f"was {cfg_file}'s model section edited after training?")
+        raise ValueError(f"{run_dir}'s checkpoint does not fit the SiT its config describes ({_first_mismatch(e)}): "
+                         f"{why}") from None
     latent_stats = PriorStats.from_dict(owned(state["stats"])).latent
     bundle = SamplerBundle(model.to(device).eval(), get_path(cfg.transport.path), latent_stats, vae, device,
                            autocast_dtype(cfg.train.precision, device))

@@ -62,13 +62,8 @@ class Trainer:
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
         optimizer_state = self._load()
-        # before any training: a missing detector or reference fails now, not at the first evaluation (a finished
-        # run, rerun to export or sample, evaluates nothing and needs neither, unless it stopped before its last one)
-        last_missing = bool(cfg.eval.every) and self.step >= t.steps and outputs.last_evaluation_missing(
-            self.run_dir, self.step, self.rank, self.world, self.parts.device)
-        self.evaluator = (outputs.Evaluator(cfg.eval, self.parts.device, self.run_dir, self.rank, self.world,
-                                            cfg.data.resolution)
-                          if cfg.eval.every and (self.step < t.steps or last_missing) else None)
+        # before any training: a missing detector or reference fails now, not at the first evaluation
+        self.evaluator = outputs.Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world)
         self.messages += self.evaluator.notes if self.evaluator is not None else []
         p = self.parts
         self.sharded = None  # ahpa.train.fsdp.Sharded under FSDP

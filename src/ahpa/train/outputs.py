@@ -100,6 +100,17 @@ class Evaluator:
         # fails before training
         self._load()
 
+    @classmethod
+    def for_run(cls, cfg: Config, step: int, device: torch.device, run_dir: Path, rank: int, world: int) -> "Evaluator | None":
+        """The evaluator of a run at `step`, or None when it evaluates nothing: eval.every=0, or a finished run rerun
+        to export or sample (its evaluation settings are not held against it), unless it stopped before its last
+        evaluation."""
+        if not cfg.eval.every:
+            return None
+        if step >= cfg.train.steps and not last_evaluation_missing(run_dir, step, rank, world, device):
+            return None
+        return cls(cfg.eval, device, run_dir, rank, world, cfg.data.resolution)
+
     def _remeasure_notes(self) -> list[str]:
         """A resumed run whose reference statistics will be measured afresh says so: its earlier evaluations used
         other statistics (the reference changed, or how it is read: a folder at data.resolution since 0.1.0)."""

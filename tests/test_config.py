@@ -124,3 +124,12 @@ def test_cli_names_where_another_librarys_error_came_from(monkeypatch, capsys):
     monkeypatch.setattr(compare, "run", ours)
     assert main(["compare", "/no/such/run"]) == 2  # ours: the message alone
     assert capsys.readouterr().err.strip().endswith("give directories that `ahpa train --out` wrote")
+
+
+def test_a_preset_is_checked_when_it_is_set():
+    """--show-config (which builds no model) refused no preset; the config now checks it against the model's sizes."""
+    from ahpa import config
+
+    with pytest.raises(config.ConfigError, match=r"model.preset='Q/3' is not valid; valid values: S/1, S/2, S/4, B/1"):
+        config.load(None, ["model.preset=Q/3"])
+    assert config.load(None, ["model.preset=XL/2"]).model.preset == "XL/2"

@@ -1,0 +1,77 @@
+"""The values each setting may take: choices (some read from the registries when asked, so that an entry added is
+valid at once) and ranges, checked by ahpa.config as soon as a key is set."""
+
+from __future__ import annotations
+
+from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
+
+
+class _OrDefault:
+    """"default" and a registry's names, read when asked: a loss registered at run time is valid at once."""
+
+    def __init__(self, registry: dict):
+        self.registry = registry
+
+    def __contains__(self, value) -> bool:
+        return value == "default" or value in self.registry
+
+    def __iter__(self):
+        return iter(("default", *self.registry))
+
+
+class _Presets:
+    """The SiT presets of ahpa.models.sit (SIZES x PATCHES), read when asked: that module needs torch."""
+
+    @staticmethod
+    def _all() -> list[str]:
+        from ahpa.models.sit import PATCHES, SIZES
+
+        return [f"{s}/{p}" for s in SIZES for p in PATCHES]
+
+    def __contains__(self, value) -> bool:
+        return value in self._all()
+
+    def __iter__(self):
+        return iter(self._all())
+
+
+CHOICES = {
+    "model.preset": _Presets(),
+    "transport.path": ("linear", "cosine"),
+    "transport.time_sampler": ("uniform", "logit-normal"),
+    "data.source": ("procedural", "npz", "cache"),
+    "align.method": METHODS,  # the registries themselves (ahpa.align.methods): an entry added is valid at once
+    "align.loss": _OrDefault(LOSSES),
+    "align.router": ROUTER_MODES,
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "sample.solver": ("euler", "heun", "euler-maruyama"),
+}
+
+# the values a key may take, checked as soon as it is set (so a bad value fails before any file is written);
+# limits that depend on other keys (align.depth against the model's depth) are checked where both are known
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "0 or more")
+_POSITIVE = (lambda v: v > 0, "positive")
+_IN_0_1 = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES = {
+    "model.hidden_size": _AT_LEAST_0, "model.depth": _AT_LEAST_0, "model.num_heads": _AT_LEAST_0,
+    "model.mlp_ratio": _POSITIVE, "transport.time_std": _POSITIVE,
+    "data.resolution": _AT_LEAST_1, "data.num_classes": _AT_LEAST_0, "data.limit": _AT_LEAST_0,
+    "data.procedural_size": _AT_LEAST_1, "prior.stats_images": _AT_LEAST_1,
+    "align.depth": _AT_LEAST_1, "align.weight": _AT_LEAST_0, "align.smooth_l1_beta": _POSITIVE,
+    "align.projector_dim": _AT_LEAST_1, "align.router_tau": _POSITIVE, "align.router_topk": _AT_LEAST_1,
+    "align.router_entropy": _AT_LEAST_0, "align.router_momentum": _BELOW_1, "align.router_t_bins": _AT_LEAST_1,
+    "align.snr_width": _POSITIVE, "align.stop_step": (lambda v: v >= 0, "0 or more (0 aligns for the whole run)"),
+    "align.token_fraction": (lambda v: 0 < v <= 1, "in (0, 1] (1 aligns every token)"),
+    "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1,
+    "train.lr": _POSITIVE, "train.warmup_steps": _AT_LEAST_0, "train.weight_decay": _AT_LEAST_0,
+    "train.grad_clip": _AT_LEAST_0, "train.label_dropout": _BELOW_1, "train.ema_decay": _BELOW_1,
+    "train.activation_checkpointing": (lambda v: v >= -1, "-1 (all blocks), 0 (off) or a number of blocks"),
+    "train.log_every": _AT_LEAST_1, "train.ckpt_every": _AT_LEAST_1, "train.sample_every": _AT_LEAST_0,
+    "train.keep_checkpoints": _AT_LEAST_0, "train.max_bad_steps": _AT_LEAST_1,
+    "sample.steps": _AT_LEAST_1, "sample.cfg_scale": _AT_LEAST_0, "sample.guidance_low": _IN_0_1,
+    "sample.guidance_high": _IN_0_1, "sample.micro_batch": _AT_LEAST_1, "sample.grid_images": _AT_LEAST_0,
+    "eval.every": _AT_LEAST_0, "eval.num": (lambda v: v >= 2, "at least 2 (a covariance)"), "eval.batch": _AT_LEAST_1,
+}

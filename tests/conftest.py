@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ import torch
 
 # the test models are tiny: one thread avoids OpenMP spin-waiting, which dominates on 2 shared cores
 torch.set_num_threads(1)
+
+# reference statistics that `ahpa eval` and runs share go to a directory of the test session's, not the user's cache
+# (subprocesses inherit it)
+os.environ["AHPA_CACHE"] = tempfile.mkdtemp(prefix="ahpa-test-cache-")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

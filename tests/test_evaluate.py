@@ -114,7 +114,7 @@ def test_bad_evaluation_inputs(setup, tmp_path):
         load_reference(tmp_path / "none.npz", det, tmp_path)
 
 
-def test_evaluation_during_training_is_logged(setup, tmp_path):
+def test_evaluation_during_training_is_logged(setup, tmp_path, monkeypatch):
     import json
 
     from ahpa import config
@@ -131,6 +131,16 @@ def test_evaluation_during_training_is_logged(setup, tmp_path):
     name = f"eval/{det.name}"
     assert all(r[name] > 0 for r in evals)
     assert (tmp_path / "run" / "eval.png").exists() and any((tmp_path / "run" / "eval_ref").iterdir())
+    # the reference is measured once per machine: a second run takes the statistics from the shared cache
+    import ahpa.metrics.reference as reference
+
+    measured = []
+    real = reference.measure
+    monkeypatch.setattr(reference, "measure", lambda *a, **k: measured.append(1) or real(*a, **k))
+    monkeypatch.setattr(reference, "reference_stats", lambda *a, **k: measured.append(1) or pytest.fail("re-measured"))
+    Trainer(cfg, tmp_path / "run2").run()
+    assert not measured and sorted(p.name for p in (tmp_path / "run2" / "eval_ref").iterdir()) == sorted(
+        p.name for p in (tmp_path / "run" / "eval_ref").iterdir())
 
 
 def test_a_stop_saves_once_before_evaluating_and_the_resume_evaluates_that_step(setup, tmp_path):

@@ -404,6 +404,14 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
     assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache", "--resolution", "8"]) == 0
     out, err = capsys.readouterr()
     assert "(20 samples vs 4 reference)" in out and "warning" not in err
+    # a file that cannot be decoded: skipped, and said in the command's own words (not a Python warning)
+    (photos / "broken.png").write_bytes(b"not a png")
+    assert main(["eval", str(photos), "--ref", str(small), *det, "--no-ref-cache", "--resolution", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "ahpa eval: warning: " in err and "skipped 1 file(s) that cannot be decoded (broken.png" in err
+    assert "UserWarning" not in err
+    # as many samples as features or fewer: the covariance is rank-deficient, and the command says so
+    assert "4 samples for 12 features (FD-r32): the covariance is rank-deficient" in err
 
 
 @needs_shared

@@ -48,9 +48,12 @@ def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path, capsys):
         assert np.array_equal(a["arr_0"], b["arr_0"])
     # a finished file is not written over, by another sampler's settings or the same
     before = (tmp_path / "a.npz").read_bytes()
+    capsys.readouterr()
     for batch in (["--batch", "3"], ["--batch", "5"]):
         assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common[:-2], *batch]) == 2
-        assert "a.npz' exists; a finished sample file is not written over" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "a.npz' exists; a finished sample file is not written over" in err
+        assert "img/s" not in err  # refused before the model loads: no progress bar began
     assert (tmp_path / "a.npz").read_bytes() == before
 
 

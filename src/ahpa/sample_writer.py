@@ -42,6 +42,15 @@ def _chunk_ok(path: Path, n: int) -> bool:
         return False
 
 
+def check_not_finished(out: str | Path) -> None:
+    """Refuse an output that is a finished sample file: it keeps no record of its settings, so writing over it could
+    silently replace 50K samples of another model or sampler. (A partial one, with OUT.parts, is resumed.)"""
+    out = Path(out)
+    if out.exists() and not out.with_name(out.name + ".parts").exists():
+        raise FileExistsError(f"sample output {str(out)!r} exists; a finished sample file is not written over: choose "
+                              "another --out, or delete it to sample again")
+
+
 def write_samples(
     bundle: SamplerBundle, out: str | Path, num: int, seed: int, batch: int, cfg: SampleCfg,
     identity: dict, on_progress: Callable[[int], None] | None = None,
@@ -58,11 +67,7 @@ def write_samples(
     parts = out.with_name(out.name + ".parts")
     settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
     settings.pop("grid_images", None)
-    # checked on every process (before any barrier): a finished file keeps no record of its settings, so writing
-    # over it could silently replace 50K samples of another model or sampler
-    if out.exists() and not parts.exists():
-        raise FileExistsError(f"sample output {str(out)!r} exists; a finished sample file is not written over: choose "
-                              "another --out, or delete it to sample again")
+    check_not_finished(out)  # on every process, before any barrier
     if d.is_main:
         parts.mkdir(parents=True, exist_ok=True)
         saved_file = parts / "settings.json"

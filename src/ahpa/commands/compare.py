@@ -37,7 +37,8 @@ def run(args) -> int:
     else:
         parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances).", ""]
     differing = compare.differing_settings(runs)
-    parts.append("Settings that differ:" + ("" if differing else " none (besides run length and cadences)"))
+    parts.append("Settings that differ (run length and cadences are not compared; the images column shows the "
+                 "length):" + ("" if differing else " none"))
     for key, values in differing.items():
         parts.append(f"- `{key}`: " + ", ".join(f"{r.name}={v!r}" for r, v in zip(runs, values)))
     unfinished = [r.name for r in runs if not r.done]

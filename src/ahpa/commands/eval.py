@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+import warnings
 from pathlib import Path
-
-
-def default_cache_dir() -> Path:
-    """Where reference measurements are kept between calls: $AHPA_CACHE, else the XDG cache."""
-    if os.environ.get("AHPA_CACHE"):
-        return Path(os.environ["AHPA_CACHE"]) / "reference"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ahpa" / "reference"
 
 
 def register(sub) -> None:
@@ -50,7 +42,7 @@ def run(args) -> int:
     from ahpa.metrics.evaluation import evaluate, parse_metrics
     from ahpa.metrics.images import check_image_source, default_workers, folder_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
-    from ahpa.metrics.reference import load_reference
+    from ahpa.metrics.reference import default_cache_dir, load_reference
     from ahpa.train.build import resolve_device
 
     metrics = parse_metrics(args.metrics)
@@ -69,23 +61,35 @@ def run(args) -> int:
     bars = []
 
     def progress(label: str):
-        bars.append(tqdm(desc=label, unit="img", dynamic_ncols=True, leave=False))
-        return bars[-1].update
+        def update(n: int) -> None:  # the bar opens with the first batch: a reference read from the cache shows none
+            if not bars or bars[-1].desc != label:
+                bars.append(tqdm(desc=label, unit="img", dynamic_ncols=True, leave=False))
+            bars[-1].update(n)
+
+        return update
 
     results, warned = {}, False
     for spec in args.detector:
         det = load_detector(spec, device)
         try:
-            values, stats = evaluate(samples, ref_source, det, metrics, num=args.num, batch_size=args.batch,
-                                      is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
-                                      progress=progress)
+            with warnings.catch_warnings(record=True) as caught:  # the library's (skipped files): printed below, once
+                warnings.simplefilter("always", UserWarning)
+                values, stats = evaluate(samples, ref_source, det, metrics, num=args.num, batch_size=args.batch,
+                                          is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
+                                          progress=progress)
         finally:  # also on an error: an open bar would leave its line for the error message to continue
             while bars:
                 bars.pop().close()
+        for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+            print(f"ahpa eval: warning: {message}", file=sys.stderr)
         ref = stats["reference"]
         if spec == args.detector[0] and args.num and stats["samples"].count < args.num:  # once, not per detector
             print(f"ahpa eval: warning: --num {args.num}, but {args.samples} gave {stats['samples'].count} images: "
                   "the metrics are of those", file=sys.stderr)
+        if stats["samples"].count <= det.dim:
+            print(f"ahpa eval: warning: {stats['samples'].count} samples for {det.dim} features ({det.name}): the "
+                  "covariance is rank-deficient and the Fréchet distance biased upward; compare only figures of the same "
+                  "number of samples", file=sys.stderr)
         sizes = (stats["samples"].image_size, ref.image_size if ref else None)
         if not warned and None not in sizes and sizes[0] != sizes[1]:
             (h, w), (rh, rw), warned = *sizes, True

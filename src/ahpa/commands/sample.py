@@ -44,7 +44,7 @@ def run(args) -> int:
 
     from ahpa import config as config_mod
     from ahpa.sample import load_export
-    from ahpa.sample_writer import write_samples
+    from ahpa.sample_writer import check_not_finished, write_samples
     from ahpa.train.build import autocast_dtype, resolve_device
     from ahpa.commands.exit import finish
     from ahpa.train.distributed import device_for, init_from_env
@@ -54,6 +54,7 @@ def run(args) -> int:
         raise ValueError("--num must be positive")
     if Path(args.out).suffix != ".npz":
         raise ValueError(f"--out {args.out!r} must end in .npz (the ADM sample format)")
+    check_not_finished(args.out)
     if args.run and not Path(args.run).is_dir():
         hint = "; it is a file: an export is sampled with --model" if Path(args.run).is_file() else ""
         raise FileNotFoundError(f"run directory {args.run!r} does not exist{hint}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,10 +68,39 @@ def _cache_stem(ref, detector: Detector, cache_dir) -> Path:
     return Path(cache_dir) / f"{name}-{reference_key(ref, detector)}"
 
 
+def default_cache_dir() -> Path:
+    """Where reference measurements are kept between calls and runs: $AHPA_CACHE/reference, else the XDG cache."""
+    if os.environ.get("AHPA_CACHE"):
+        return Path(os.environ["AHPA_CACHE"]) / "reference"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ahpa" / "reference"
+
+
+def _stats_file(ref, detector: Detector, cache_dir: str | Path) -> Path:
+    stem = _cache_stem(ref, detector, cache_dir)
+    return stem.with_name(stem.name + ".npz")
+
+
 def is_cached(ref, detector: Detector, cache_dir: str | Path) -> bool:
     """Whether `cache_dir` holds the statistics of (this reference as it is now, this detector)."""
-    stem = _cache_stem(ref, detector, cache_dir)
-    return stem.with_name(stem.name + ".npz").is_file()
+    return _stats_file(ref, detector, cache_dir).is_file()
+
+
+def share_cached(ref, detector: Detector, run_cache: str | Path, shared: str | Path) -> None:
+    """Keep a run's and the shared cache's statistics of (reference, detector) the same file: copied into the run's
+    when only the shared one has them (measured by `ahpa eval` or another run), and into the shared one when only the
+    run's has them. Best effort: a shared cache that cannot be written is left alone."""
+    mine, theirs = _stats_file(ref, detector, run_cache), _stats_file(ref, detector, shared)
+    src, dst = (theirs, mine) if theirs.is_file() and not mine.is_file() else (mine, theirs)
+    if not src.is_file() or dst.is_file():
+        return
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    except OSError:
+        if dst == mine:
+            raise
 
 
 def reference_measurement(

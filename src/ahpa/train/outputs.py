@@ -125,13 +125,20 @@ class Evaluator:
                 "earlier eval rows used the earlier statistics"] if fresh else []
 
     def _load(self) -> None:
-        from ahpa.metrics.reference import load_reference
+        from ahpa.metrics.reference import default_cache_dir, load_reference, share_cached
 
-        e = self.cfg
-        # rank 0 fills the reference cache first; the others then read it instead of recomputing
+        e, cache, shared = self.cfg, self.run_dir / "eval_ref", default_cache_dir()
+        # rank 0 fills the reference cache first (from the shared one that `ahpa eval` and other runs fill, when it
+        # has them: 50,000 images are measured once per machine, not once per run); the others then read it
         for turn in ((0,), tuple(range(1, self.world))) if self.world > 1 else ((0,),):
             if self.rank in turn:
-                self._refs = [load_reference(self._ref_source, det, self.run_dir / "eval_ref", e.batch) for det in self._detectors]
+                self._refs = []
+                for det in self._detectors:
+                    if self.rank == 0:
+                        share_cached(self._ref_source, det, cache, shared)
+                    self._refs.append(load_reference(self._ref_source, det, cache, e.batch))
+                    if self.rank == 0:
+                        share_cached(self._ref_source, det, cache, shared)
             barrier()
 
     def missing(self, step: int, last_step: int) -> bool:

@@ -224,12 +224,15 @@ class ViTTokens(nn.Module):
 
 
 def write_synthetic_cache(out: Path, encoder: PriorEncoder, num: int, resolution: int, grid: int,
-                          device: torch.device, num_classes: int = 1000) -> dict:
+                          device: torch.device, num_classes: int = 1000, store_images: bool = False) -> dict:
     """A real prepared cache (the library's `prepare`, stored flips, fp16) of `num` random images encoded by
-    `encoder`; reused when complete. Returns {path, images, bytes, bytes_per_image, seconds, reused}."""
+    `encoder`; reused when complete. With `store_images`, REPA's: the latent and the uint8 crops, no levels.
+    Returns {path, images, bytes, bytes_per_image, seconds, reused}."""
     import time
 
+    from ahpa.data.cache import read_manifest
     from ahpa.data.prepare import PrepareOptions, prepare
+    from ahpa.data.shard_store import row_bytes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,11 +242,14 @@ def write_synthetic_cache(out: Path, encoder: PriorEncoder, num: int, resolution
         # 8x8 sources: prepare upsamples them on the device, so writing the cache costs little host work
         np.savez(src, images=rng.integers(0, 256, (num, 8, 8, 3), dtype=np.uint8), labels=np.arange(num) % num_classes)
     opts = PrepareOptions(images=str(src), vae=encoder.spec, resolution=resolution, out=str(out), grid=grid,
-                          dtype="fp16", flips="stored", batch=64, workers=0, device=str(device), shard_size=512)
+                          dtype="fp16", flips="stored", batch=64, workers=0, device=str(device), shard_size=512,
+                          store_images=store_images, levels=["latent"] if store_images else None)
     t0 = time.perf_counter()
     res = prepare(opts, encoder=encoder.to(device))
     return {"path": str(res.path), "images": res.images, "bytes": res.bytes,
-            "bytes_per_image_read": res.bytes / max(res.images, 1) / 2,  # stored flips: a sample reads one of two rows
+            # a sample reads one variant of each field (the original or its stored flip; the image once)
+            "bytes_per_image_read": sum(row_bytes(spec) for name, spec in read_manifest(res.path)["fields"].items()
+                                        if not name.startswith("flip.")),
             "seconds": round(time.perf_counter() - t0, 2), "reused": res.noop}
 
 

@@ -20,6 +20,9 @@ memory (torch.cuda.max_memory_allocated) and, on a GPU, the host syncs per step 
                    in-memory images inside the step. Needs diffusers; recorded as skipped without it.
 - repa:            REPA with a DINOv2-B/14-shaped ViT (random weights) at 224 on in-memory images; latents from the
                    cheap stand-in encoder (REPA pre-extracts latents, so its VAE costs nothing in the step).
+- repa-cached:     the same REPA reading its images from a prepared cache, as REPA trains at ImageNet scale with ahpa
+                   (`ahpa prepare --levels latent --store-images`: latent moments + uint8 crops, R*R*3 bytes a
+                   sample, stored flips of the latent), so the loader of the images is in the step.
 
 Options the GPU jobs compare: --activation-checkpointing (comma list of block counts, 'all' = every block; the
 memory target is XL/2 at batch 256 in 80 GB), --prefetch on|off|both (the cache source gathering the next
@@ -56,7 +59,8 @@ from ahpa.priors.targets import ChannelStats
 from ahpa.sample import export_model, generate, load_export, per_sample_noise
 from ahpa.train.loop import Trainer
 
-METHODS = ("none", "ahpa-cached", "ahpa-on-the-fly", "repa")
+METHODS = ("none", "ahpa-cached", "ahpa-on-the-fly", "repa", "repa-cached")
+CACHED = ("none", "ahpa-cached", "repa-cached")  # read a prepared cache: they pay its loader, and prefetch applies
 TINY_SIT = {"B/2": (96, 4, 4), "XL/2": (128, 6, 4)}  # tiny stand-ins: (hidden, depth, heads)
 SIZES = {
     # resolution, batch per model, timed/warm-up steps, projector width, cache images, VAE config, ViT, sampling n
@@ -70,7 +74,7 @@ SIZES = {
 }
 
 
-def run_config(size: dict, args, model: str, method: str, compiled: bool, cache: Path, device: torch.device,
+def run_config(size: dict, args, model: str, method: str, compiled: bool, caches: dict[str, Path], device: torch.device,
                checkpointing: int = 0, prefetch: bool | None = None, token_fraction: float = 1.0):
     """The Trainer config of one measurement (plain dict -> Config, as a YAML file would give)."""
     res = size["resolution"]
@@ -78,10 +82,10 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, cache:
     if args.size == "tiny":
         m["hidden_size"], m["depth"], m["num_heads"] = TINY_SIT[model]
     batch = args.batch or size["batch"][model]
-    cached = method in ("none", "ahpa-cached")
-    data = ({"source": "cache", "path": str(cache), "prefetch": bool(prefetch)} if cached else
+    cache = caches["images" if method == "repa-cached" else "levels"]
+    data = ({"source": "cache", "path": str(cache), "prefetch": bool(prefetch)} if method in CACHED else
             {"source": "procedural", "procedural_size": max(2 * batch, 64)})
-    align_method = {"none": "none", "repa": "repa"}.get(method, "ahpa")
+    align_method = {"none": "none", "repa": "repa", "repa-cached": "repa"}.get(method, "ahpa")
     return config_mod.from_dict({
         "model": m,
         "data": {**data, "resolution": res, "hflip": True, "num_classes": 1000},
@@ -98,7 +102,7 @@ def encoders_for(method: str, size: dict, device: torch.device, synthetic):
     """(prior encoder, external encoder or None, note) of a method; raises ImportError where one is unavailable."""
     if method == "ahpa-on-the-fly":
         return benchlib.sd_vae_random(size["vae"], device), None, "SD-VAE-config AutoencoderKL, random weights, under the run's autocast"
-    if method == "repa":
+    if method in ("repa", "repa-cached"):
         vit = benchlib.ViTTokens(**size["vit"])
         ext = ExternalEncoder(vit, size["vit"]["dim"], input_size=size["vit"]["image_size"])
         return synthetic, ext, f"DINOv2-B/14-shaped ViT {size['vit']}, random weights, under the run's autocast"
@@ -162,7 +166,7 @@ def frozen_encoder_gflops(method: str, encoder, external, size: dict, device: to
     img = torch.rand(1, 3, res, res, device=device)
     if method == "ahpa-on-the-fly":
         return benchlib.count_flops(lambda: encoder.encode(img, [n for n in encoder.level_names if n != "latent"])) / 1e9
-    if method == "repa":
+    if method in ("repa", "repa-cached"):
         return benchlib.count_flops(lambda: external(img, 1)) / 1e9
     return None
 
@@ -283,15 +287,21 @@ def main() -> None:
 
     synthetic = benchlib.SyntheticSDVAE().to(device)
     grid = size["resolution"] // synthetic.factor // 2  # patch 2
-    cache = work / f"cache-sdvae-shaped-{size['resolution']}"
+    caches = {"levels": work / f"cache-sdvae-shaped-{size['resolution']}",
+              "images": work / f"cache-latent-images-{size['resolution']}"}
+    num = args.cache_images or size["cache_images"]
     if any(m in ("none", "ahpa-cached") for m in methods):
-        result["cache"] = benchlib.write_synthetic_cache(cache, synthetic, args.cache_images or size["cache_images"],
-                                                          size["resolution"], grid, device)
+        result["cache"] = benchlib.write_synthetic_cache(caches["levels"], synthetic, num, size["resolution"], grid, device)
         print(f"cache: {result['cache']}", flush=True)
+        save()
+    if "repa-cached" in methods:  # REPA's own cache: the latent and the crops
+        result["cache_images"] = benchlib.write_synthetic_cache(caches["images"], synthetic, num, size["resolution"], grid,
+                                                                 device, store_images=True)
+        print(f"cache with images: {result['cache_images']}", flush=True)
         save()
     variants = [(model, compiled, ckpt, method, prefetch, fraction) for model in models for compiled in compile_modes
                 for ckpt in checkpointing for method in methods
-                for prefetch in (prefetch_modes if method in ("none", "ahpa-cached") else (None,))
+                for prefetch in (prefetch_modes if method in CACHED else (None,))
                 for fraction in (fractions if method != "none" else (1.0,))]
     for model, compiled, ckpt, method, prefetch, fraction in variants:
         base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
@@ -312,7 +322,7 @@ def main() -> None:
             print(f"{label}: skipped ({e})", flush=True)
             save()
             continue
-        cfg = run_config(size, args, model, method, compiled, cache, device, ckpt, prefetch, fraction)
+        cfg = run_config(size, args, model, method, compiled, caches, device, ckpt, prefetch, fraction)
         try:
             rec = measure_train(cfg, encoder, external, warmup, steps, device, work / "runs" / f"{len(result['records'])}")
             rec["frozen_encoder_gflop_per_img"] = frozen_encoder_gflops(method, encoder, external, size, device)

@@ -38,6 +38,20 @@ def test_throughput_tiny_writes_complete_records(tmp_path):
     assert [r["solver"] for r in result["records"] if r["kind"] == "sample"] == ["heun", "euler-maruyama"]
 
 
+def test_throughput_measures_repa_reading_its_images_from_a_cache(tmp_path):
+    """repa-cached: REPA's own cache (latent moments + uint8 crops): the loader reads the image once and the latent
+    variant, and the external encoder runs in the step as for in-memory images."""
+    out = tmp_path / "tp.json"
+    _run(["benchmarks/throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,repa-cached", "--steps", "1",
+          "--warmup", "1", "--sampling", "off", "--work-dir", str(tmp_path), "--out", str(out)])
+    result = json.loads(out.read_text())
+    rec = next(r for r in result["records"] if r["method"] == "repa-cached")
+    # 64x64x3 uint8 image + latent mean and logvar 2 x 4x8x8 fp16 (labels excluded, as for the other methods)
+    assert rec["finite"] and rec["levels"] == ["external"] and rec["cache_bytes_per_sample"] == 64 * 64 * 3 + 2 * 4 * 8 * 8 * 2
+    assert result["cache_images"]["bytes_per_image_read"] == 64 * 64 * 3 + 2 * 4 * 8 * 8 * 2 + 16
+    assert "B/2 eager repa-cached/none" in result["ratios"]
+
+
 def test_throughput_tiny_records_checkpointing_and_prefetch(tmp_path):
     out = tmp_path / "tp.json"
     _run(["benchmarks/throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached,repa",

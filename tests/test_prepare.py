@@ -268,6 +268,15 @@ def test_cli_prepare_reports_and_is_a_noop_on_rerun(folder, tmp_path, capsys):
     assert main(["prepare", "--images", str(tmp_path / "nope"), "--vae", "ahpa-vae:random", "--resolution", "16",
                  "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # files that are not images by their extension are named on the console too, not only in report.json
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(loose / f"{i}.png")
+    (loose / "notes.txt").write_text("not an image")
+    assert main(["prepare", "--images", str(loose), "--vae", "ahpa-vae:random", "--resolution", "16", "--out",
+                 str(tmp_path / "c2"), "--workers", "0", "--flips", "none"]) == 0
+    assert "ignored 1 file(s) without an image extension (notes.txt;" in capsys.readouterr().err
 
 
 def test_vae_train_reads_a_folder_as_prepare_does(folder, tmp_path, capsys):

@@ -119,6 +119,10 @@ def _report(result, world: int = 1) -> None:
           + f"shards written {result.shards_written}, kept {result.shards_reused}")
     if result.conversions:
         print("converted: " + ", ".join(f"{k} x{v}" for k, v in result.conversions.items()))
+    if result.ignored:  # not images by their extension: said here too, in case images are among them
+        shown = ", ".join(result.ignored[:3]) + (", ..." if len(result.ignored) > 3 else "")
+        print(f"ignored {len(result.ignored)} file(s) without an image extension ({shown}; listed in "
+              f"{result.path / 'report.json'})", file=sys.stderr)
     if result.skipped:
         print(f"skipped {len(result.skipped)} file(s) (listed in {result.path / 'report.json'}):", file=sys.stderr)
         for name, reason in result.skipped[:20]:

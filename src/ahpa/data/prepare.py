@@ -76,6 +76,7 @@ class PrepareResult:
     bytes: int = 0
     repaired: dict[str, str] = field(default_factory=dict)  # --repair: {shard: what was wrong}, found by rank 0
     checked: bool = False  # --repair found a complete cache intact, every file hashed
+    ignored: list[str] = field(default_factory=list)  # files of a folder without an image extension (not read)
 
 
 def _check_options(o: PrepareOptions) -> None:
@@ -221,7 +222,7 @@ def prepare(
     if barrier is not None:
         barrier()
     return PrepareResult(out, False, True, manifest["count"], len(listing), report["skipped"], report["conversions"],
-                         len(todo), len(reused), plan.total_bytes(manifest), repaired)
+                         len(todo), len(reused), plan.total_bytes(manifest), repaired, ignored=list(listing.ignored))
 
 
 def _digest(settings: dict) -> str:

@@ -191,14 +191,18 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
     synthetic = benchlib.SyntheticSDVAE().to(device)
-    cache = args.work_dir / f"cache-sdvae-shaped-{size['resolution']}"
+    caches = {"levels": args.work_dir / f"cache-sdvae-shaped-{size['resolution']}",
+              "images": args.work_dir / f"cache-latent-images-{size['resolution']}"}
     grid = size["resolution"] // synthetic.factor // 2
-    benchlib.write_synthetic_cache(cache, synthetic, size["cache_images"], size["resolution"], grid, device)
+    benchlib.write_synthetic_cache(caches["levels"], synthetic, size["cache_images"], size["resolution"], grid, device)
+    if "repa-cached" in args.methods.split(","):  # REPA's own cache: the latent and the crops
+        benchlib.write_synthetic_cache(caches["images"], synthetic, size["cache_images"], size["resolution"], grid, device,
+                                       store_images=True)
     for model in args.models.split(","):
         batch = args.batch or size["batch"][model]
         for method in args.methods.split(","):
             encoder, external, _ = encoders_for(method, size, device, synthetic)
-            cfg = run_config(size, args, model, method, compiled, cache, device, prefetch=True)
+            cfg = run_config(size, args, model, method, compiled, caches, device, prefetch=True)
             trainer = Trainer(cfg, args.work_dir / "runs" / f"{model.replace('/', '')}-{method}", external=external, encoder=encoder)
             for _ in range(args.warmup):
                 trainer.train_step()

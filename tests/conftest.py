@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,7 @@ torch.set_num_threads(1)
 # reference statistics that `ahpa eval` and runs share go to a directory of the test session's, not the user's cache
 # (subprocesses inherit it)
 os.environ["AHPA_CACHE"] = tempfile.mkdtemp(prefix="ahpa-test-cache-")
+atexit.register(shutil.rmtree, os.environ["AHPA_CACHE"], ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -274,3 +274,34 @@ def test_the_collective_timeout_and_device_checks(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="each process takes its own GPU"):
         distributed.init_from_env("cuda:1")
+
+
+def test_evaluation_on_two_processes_and_the_redo_of_a_missing_last_one(tmp_path):
+    """Under torchrun the reference is measured by rank 0 when the run is built (the others wait, then read it), the
+    samples are shared out, and a run that lost its last evaluation (and DONE) evaluates it on every rank alike."""
+    import json
+    import warnings
+
+    from tests.test_evaluate import TinyDetector
+
+    det = tmp_path / "tiny-resnet20.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(TinyDetector().eval()).save(str(det))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images=np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8))
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), *TINY, "train.steps=2", "eval.every=2", f"eval.detectors=[torchscript:{det}]",
+            f"eval.ref={ref}", "eval.num=16", "eval.batch=8"]
+
+    def evals() -> list[int]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in rows if "eval/FD-r20" in r]
+
+    ahpa(2, *args)
+    assert evals() == [2] and (run / "DONE").exists() and any((run / "eval_ref").iterdir())
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if "eval/" not in r))
+    (run / "DONE").unlink()
+    ahpa(2, *args)
+    assert evals() == [2] and (run / "DONE").exists()

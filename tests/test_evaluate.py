@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,6 +182,33 @@ def test_a_stop_saves_once_before_evaluating_and_the_resume_evaluates_that_step(
     assert any(m.startswith(f"eval.ref is measured afresh for {det.name}") for m in trainer.messages)
     trainer.run(should_stop=lambda: True)
     assert not (run / "DONE").exists()  # a SLURM script that requeues until DONE exists goes on requeueing
+
+
+def test_ahpa_eval_and_runs_share_reference_statistics_and_a_broken_shared_cache_stops_nothing(setup, tmp_path, monkeypatch):
+    """`ahpa eval` with the detector's relative path measures the reference once; a run naming the same file (its
+    config holds the absolute path) takes those statistics. A shared cache that cannot be used costs a measurement,
+    never the run."""
+    import ahpa.metrics.reference as reference
+    from ahpa import config
+    from ahpa.cli import main
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, ref = setup
+    det_file = Path(det.spec.partition(":")[2])
+    monkeypatch.setenv("AHPA_CACHE", str(tmp_path / "shared"))
+    monkeypatch.chdir(det_file.parent)
+    assert main(["eval", str(ref), "--ref", str(ref), "--detector", f"torchscript:{det_file.name}", "--batch", "8"]) == 0
+    monkeypatch.setattr(reference, "reference_stats", lambda *a, **k: pytest.fail("measured again"))
+    base = [*TINY, "train.steps=1", "eval.every=1", f"eval.detectors=[torchscript:{det_file.name}]", f"eval.ref={ref}",
+            "eval.num=8", "eval.batch=8"]
+    Trainer(config.load(None, base), tmp_path / "run").run()
+    monkeypatch.undo()
+    monkeypatch.chdir(det_file.parent)
+    monkeypatch.setenv("AHPA_CACHE", "/tmp/" + "x" * 300)  # a name too long for the file system: every call fails
+    Trainer(config.load(None, base), tmp_path / "run2").run()
+    monkeypatch.setenv("AHPA_CACHE", "off")
+    assert reference.default_cache_dir() is None
 
 
 def test_a_reference_folder_of_photos_is_read_at_the_run_resolution(setup, tmp_path):

@@ -409,9 +409,14 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
     assert main(["eval", str(photos), "--ref", str(small), *det, "--no-ref-cache", "--resolution", "8"]) == 0
     err = capsys.readouterr().err
     assert "ahpa eval: warning: " in err and "skipped 1 file(s) that cannot be decoded (broken.png" in err
-    assert "UserWarning" not in err
     # as many samples as features or fewer: the covariance is rank-deficient, and the command says so
     assert "4 samples for 12 features (FD-r32): the covariance is rank-deficient" in err
+    # when nothing could be decoded the command fails, and the warning that explains why is still said, first
+    (tmp_path / "all-broken").mkdir()
+    (tmp_path / "all-broken" / "1.png").write_bytes(b"not a png")
+    assert main(["eval", str(tmp_path / "all-broken"), "--ref", str(small), *det, "--no-ref-cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.index("skipped 1 file(s) that cannot be decoded (1.png") < err.index("ahpa eval: error:")
 
 
 @needs_shared

@@ -31,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=250, help="images per detector call (default 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--ref-cache", type=Path, default=None,
-                   help="directory for cached reference measurements (default: $AHPA_CACHE/reference or ~/.cache/ahpa/reference)")
+                   help="directory for cached reference measurements (default: $AHPA_CACHE/reference, else "
+                        "$XDG_CACHE_HOME/ahpa/reference or ~/.cache/ahpa/reference; AHPA_CACHE=off: none)")
     p.add_argument("--no-ref-cache", action="store_true", help="measure the reference afresh and keep nothing")
     p.add_argument("--save-ref-stats", help="also write the reference statistics to this .npz (one detector only)")
     p.set_defaults(func=run)
@@ -40,7 +41,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ahpa.metrics import load_detector
     from ahpa.metrics.evaluation import evaluate, parse_metrics
-    from ahpa.metrics.images import check_image_source, default_workers, folder_source, npz_image_key
+    from ahpa.metrics.images import SkippedFilesWarning, check_image_source, default_workers, folder_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
     from ahpa.metrics.reference import default_cache_dir, load_reference
     from ahpa.train.build import resolve_device
@@ -71,22 +72,27 @@ def run(args) -> int:
     results, warned = {}, False
     for spec in args.detector:
         det = load_detector(spec, device)
+        caught = []
         try:
-            with warnings.catch_warnings(record=True) as caught:  # the library's (skipped files): printed below, once
-                warnings.simplefilter("always", UserWarning)
+            with warnings.catch_warnings(record=True) as caught:  # said after the bars close, also before an error
+                warnings.simplefilter("always", SkippedFilesWarning)
                 values, stats = evaluate(samples, ref_source, det, metrics, num=args.num, batch_size=args.batch,
                                           is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
                                           progress=progress)
         finally:  # also on an error: an open bar would leave its line for the error message to continue
             while bars:
                 bars.pop().close()
-        for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
-            print(f"ahpa eval: warning: {message}", file=sys.stderr)
+            ours = dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SkippedFilesWarning))
+            for message in ours:
+                print(f"ahpa eval: warning: {message}", file=sys.stderr)
+            for w in caught:  # anything else (numpy, torch) as Python shows it
+                if not issubclass(w.category, SkippedFilesWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         ref = stats["reference"]
         if spec == args.detector[0] and args.num and stats["samples"].count < args.num:  # once, not per detector
             print(f"ahpa eval: warning: --num {args.num}, but {args.samples} gave {stats['samples'].count} images: "
                   "the metrics are of those", file=sys.stderr)
-        if stats["samples"].count <= det.dim:
+        if "fd" in metrics and stats["samples"].count <= det.dim:
             print(f"ahpa eval: warning: {stats['samples'].count} samples for {det.dim} features ({det.name}): the "
                   "covariance is rank-deficient and the Fréchet distance biased upward; compare only figures of the same "
                   "number of samples", file=sys.stderr)

@@ -114,6 +114,10 @@ def _iter_array(arr, batch_size: int, rank: int, world_size: int, limit: int | N
         yield arr[start:stop]
 
 
+class SkippedFilesWarning(UserWarning):
+    """Files of a folder that could not be decoded and were left out of a measurement (named in the message)."""
+
+
 @dataclass(frozen=True)
 class ImageFolder:
     """A folder of image files as a metric source. With `resolution` R every image is read as `ahpa prepare` reads
@@ -177,7 +181,7 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
     if skipped:
         shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
         warnings.warn(f"{folder.path}: skipped {len(skipped)} file(s) that cannot be decoded ({shown}"
-                      f"{'; ...' if len(skipped) > 3 else ''}); remove or re-encode them", stacklevel=2)
+                      f"{'; ...' if len(skipped) > 3 else ''}); remove or re-encode them", SkippedFilesWarning, stacklevel=2)
 
 
 def _holds_an_image(folder: Path) -> bool:

@@ -27,25 +27,33 @@ from ahpa.metrics.images import ImageFolder, image_files, npz_image_key
 from ahpa.metrics.measurement import Measurement, stored_stats_usable, is_stats_file, measure, reference_stats
 
 
+KEY_VERSION = 2  # raised when how a reference is measured changes: older entries are then measured afresh
+
+
 def _file_identity(path: Path) -> dict:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def reference_key(ref: str | Path, detector: Detector) -> str:
-    """16 hex digits identifying (reference, detector file).
+def _files_identity(files: list[Path]) -> dict:
+    stats = [f.stat() for f in files]  # one stat a file: a reference folder may hold a million
+    return {"files": len(files), "size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
 
-    The reference's resolved path, size and modification time: size alone cannot tell two uncompressed
-    .npz files of the same shape apart. The detector's file enters too, since two files can share a stem.
+
+def reference_key(ref: str | Path, detector: Detector) -> str:
+    """16 hex digits identifying (reference, detector file), the same from any working directory.
+
+    The reference's resolved path, size and modification time (size alone cannot tell two uncompressed .npz files
+    of the same shape apart); for a folder, its files' count, total size and newest modification, prepare's order
+    and the resolution it is read at. The detector's kind and file (or folder: a DINOv2's files) enter too, since
+    two files can share a stem; and KEY_VERSION, the measurement's.
     """
     folder = ref if isinstance(ref, ImageFolder) else None
     path = (folder.path if folder else Path(ref).expanduser()).resolve()
     if not path.exists():
         raise FileNotFoundError(f"reference {str(path)!r} does not exist (eval.ref / --ref)")
     if path.is_dir():
-        files = image_files(path)
-        ident = {"files": len(files), "size": sum(f.stat().st_size for f in files),
-                 "mtime_ns": max((f.stat().st_mtime_ns for f in files), default=0)}
+        ident = _files_identity(image_files(path))
         # in prepare's order (its first N images are the reference's first N: precision/recall's points), and at a
         # resolution when one is given
         ident["listing"] = "prepare"
@@ -53,13 +61,18 @@ def reference_key(ref: str | Path, detector: Detector) -> str:
             ident["resolution"] = folder.resolution
     else:
         ident = _file_identity(path)
-    det: dict = {"name": detector.name, "spec": getattr(detector, "spec", None)}
+    det: dict = {"name": detector.name}
     try:
-        det_path = Path(parse_spec(detector.spec)[1]).expanduser().resolve()
-        det.update(path=str(det_path), **(_file_identity(det_path) if det_path.is_file() else {}))
+        kind, where = parse_spec(detector.spec)
+        det_path = Path(where).expanduser().resolve()  # resolved: `ahpa eval`'s relative spec and a run's absolute one
+        det.update(kind=kind, path=str(det_path))
+        if det_path.is_file():
+            det.update(_file_identity(det_path))
+        elif det_path.is_dir():  # a DINOv2 folder: its files, so that weights replaced in place are noticed
+            det.update(_files_identity(sorted(p for p in det_path.rglob("*") if p.is_file())))
     except (AttributeError, ValueError):
         pass  # a detector object without a spec: its name alone
-    blob = json.dumps({"ref": str(path), **ident, "detector": det}, sort_keys=True)
+    blob = json.dumps({"v": KEY_VERSION, "ref": str(path), **ident, "detector": det}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -68,38 +81,45 @@ def _cache_stem(ref, detector: Detector, cache_dir) -> Path:
     return Path(cache_dir) / f"{name}-{reference_key(ref, detector)}"
 
 
-def default_cache_dir() -> Path:
-    """Where reference measurements are kept between calls and runs: $AHPA_CACHE/reference, else the XDG cache."""
+def default_cache_dir() -> Path | None:
+    """Where reference measurements are kept between calls and runs: $AHPA_CACHE/reference, else
+    $XDG_CACHE_HOME/ahpa/reference, else ~/.cache/ahpa/reference; None with AHPA_CACHE=off (or no home)."""
+    if os.environ.get("AHPA_CACHE") == "off":
+        return None
     if os.environ.get("AHPA_CACHE"):
         return Path(os.environ["AHPA_CACHE"]) / "reference"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no HOME and no passwd entry (some containers)
+        return None
     return Path(base) / "ahpa" / "reference"
 
 
-def _stats_file(ref, detector: Detector, cache_dir: str | Path) -> Path:
+def stats_file(ref, detector: Detector, cache_dir: str | Path) -> Path:
+    """The file in `cache_dir` that holds the statistics of (this reference as it is now, this detector)."""
     stem = _cache_stem(ref, detector, cache_dir)
     return stem.with_name(stem.name + ".npz")
 
 
-def is_cached(ref, detector: Detector, cache_dir: str | Path) -> bool:
-    """Whether `cache_dir` holds the statistics of (this reference as it is now, this detector)."""
-    return _stats_file(ref, detector, cache_dir).is_file()
-
-
-def share_cached(ref, detector: Detector, run_cache: str | Path, shared: str | Path) -> None:
-    """Keep a run's and the shared cache's statistics of (reference, detector) the same file: copied into the run's
-    when only the shared one has them (measured by `ahpa eval` or another run), and into the shared one when only the
-    run's has them. Best effort: a shared cache that cannot be written is left alone."""
-    mine, theirs = _stats_file(ref, detector, run_cache), _stats_file(ref, detector, shared)
-    src, dst = (theirs, mine) if theirs.is_file() and not mine.is_file() else (mine, theirs)
-    if not src.is_file() or dst.is_file():
+def share_cached(mine: Path, theirs: Path | None) -> None:
+    """Keep a run's statistics file (`mine`, see `stats_file`) and the shared cache's (`theirs`) the same: copied into
+    the run's when only the shared one has them (measured by `ahpa eval` or another run), into the shared one when
+    only the run's has them. Best effort on the shared side: one that cannot be read or written is left alone."""
+    if theirs is None:
         return
+    try:
+        pull = theirs.is_file() and not mine.is_file()
+        if not pull and (not mine.is_file() or theirs.is_file()):
+            return
+    except OSError:  # an unreadable shared cache (permissions, a stale network mount): the run goes on without it
+        return
+    src, dst = (theirs, mine) if pull else (mine, theirs)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
     except OSError:
-        if dst == mine:
+        if pull:  # the run's own directory must take it; the shared one need not
             raise
 
 

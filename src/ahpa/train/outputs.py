@@ -88,14 +88,20 @@ class Evaluator:
         self.cfg, self.device, self.run_dir, self.rank, self.world = cfg, device, run_dir, rank, world
         self._ref_source = folder_source(ref, resolution, default_workers())
         self._detectors = [load_detector(spec, device) for spec in cfg.detectors]
-        if is_stats_file(ref) and npz_image_key(ref) is None:  # statistics alone: they must be the detectors' own
+        self._stats_only = is_stats_file(ref) and npz_image_key(ref) is None
+        if self._stats_only:  # statistics alone: they must be the detectors' own
             for det in self._detectors:
                 usable, tag = stored_stats_usable(ref, det)
                 if not usable:
                     raise ValueError(f"eval.ref {cfg.ref!r} holds statistics of {tag or 'an unnamed detector'}, not of "
                                      f"{det.name} ({det.spec}): name the reference images, or statistics that detector "
                                      "measured (`ahpa eval ... --save-ref-stats`)")
-        self.notes = self._remeasure_notes()
+        # where rank 0 keeps each detector's statistics in the run (one key each: a folder's key lists and stats it)
+        from ahpa.metrics.reference import stats_file
+
+        cache = run_dir / "eval_ref"
+        self._files = [stats_file(self._ref_source, det, cache) for det in self._detectors] if rank == 0 else []
+        self.notes = self._remeasure_notes(cache)
         # measured (or read from the run's cache) now, not at the first evaluation: a reference that cannot be read
         # fails before training
         self._load()
@@ -111,34 +117,33 @@ class Evaluator:
             return None
         return cls(cfg.eval, device, run_dir, rank, world, cfg.data.resolution)
 
-    def _remeasure_notes(self) -> list[str]:
+    def _remeasure_notes(self, cache: Path) -> list[str]:
         """A resumed run whose reference statistics will be measured afresh says so: its earlier evaluations used
         other statistics (the reference changed, or how it is read: a folder at data.resolution since 0.1.0)."""
-        from ahpa.metrics.reference import is_cached
-
-        cache = self.run_dir / "eval_ref"
         if self.rank != 0 or not cache.is_dir() or not any(cache.glob("*.npz")):
             return []
-        fresh = [d.name for d in self._detectors if not is_cached(self._ref_source, d, cache)]
-        return [f"eval.ref is measured afresh for {', '.join(fresh)}: the reference changed since the run's earlier "
-                "evaluations, or how it is read (a folder, at data.resolution as prepare reads it); metrics.jsonl's "
-                "earlier eval rows used the earlier statistics"] if fresh else []
+        fresh = [d.name for d, f in zip(self._detectors, self._files) if not f.is_file()]
+        return [f"eval.ref is measured afresh for {', '.join(fresh)}: the reference or detector changed since the run's "
+                "earlier evaluations, or how this version of ahpa reads them (a folder at data.resolution, as prepare "
+                "reads it); metrics.jsonl's earlier eval rows used the earlier statistics"] if fresh else []
 
     def _load(self) -> None:
         from ahpa.metrics.reference import default_cache_dir, load_reference, share_cached
 
-        e, cache, shared = self.cfg, self.run_dir / "eval_ref", default_cache_dir()
+        # statistics given alone are already the cheap form: not copied into the shared cache
+        e, cache, shared = self.cfg, self.run_dir / "eval_ref", None if self._stats_only else default_cache_dir()
         # rank 0 fills the reference cache first (from the shared one that `ahpa eval` and other runs fill, when it
         # has them: 50,000 images are measured once per machine, not once per run); the others then read it
         for turn in ((0,), tuple(range(1, self.world))) if self.world > 1 else ((0,),):
             if self.rank in turn:
                 self._refs = []
-                for det in self._detectors:
+                for i, det in enumerate(self._detectors):
+                    theirs = shared / self._files[i].name if self.rank == 0 and shared is not None else None
                     if self.rank == 0:
-                        share_cached(self._ref_source, det, cache, shared)
+                        share_cached(self._files[i], theirs)  # theirs -> the run's, when only the shared one has them
                     self._refs.append(load_reference(self._ref_source, det, cache, e.batch))
                     if self.rank == 0:
-                        share_cached(self._ref_source, det, cache, shared)
+                        share_cached(self._files[i], theirs)  # the run's -> theirs, when it was measured here
             barrier()
 
     def missing(self, step: int, last_step: int) -> bool:

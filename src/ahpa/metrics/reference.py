@@ -76,9 +76,10 @@ def reference_key(ref: str | Path, detector: Detector) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _cache_stem(ref, detector: Detector, cache_dir) -> Path:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", detector.name)
-    return Path(cache_dir) / f"{name}-{reference_key(ref, detector)}"
+def _cache_files(ref, detector: Detector, cache_dir: str | Path, keep: int = 0) -> tuple[Path, Path]:
+    """(statistics `<metric>-<key>.npz`, first features `<metric>-<key>-first<keep>.npy`) of a reference in a cache."""
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', detector.name)}-{reference_key(ref, detector)}"
+    return Path(cache_dir) / f"{stem}.npz", Path(cache_dir) / f"{stem}-first{keep}.npy"
 
 
 def default_cache_dir() -> Path | None:
@@ -97,8 +98,7 @@ def default_cache_dir() -> Path | None:
 
 def stats_file(ref, detector: Detector, cache_dir: str | Path) -> Path:
     """The file in `cache_dir` that holds the statistics of (this reference as it is now, this detector)."""
-    stem = _cache_stem(ref, detector, cache_dir)
-    return stem.with_name(stem.name + ".npz")
+    return _cache_files(ref, detector, cache_dir)[0]
 
 
 def share_cached(mine: Path, theirs: Path | None) -> None:
@@ -135,12 +135,11 @@ def reference_measurement(
         raise ValueError(f"precision/recall needs reference images, but {str(ref)!r} holds statistics (mu, sigma) only; "
                          "give the image source (folder or images .npz) as the reference")
     if cache_dir is not None:
-        stem = _cache_stem(ref, detector, cache_dir)
-        stats_file, feat_file = stem.with_name(stem.name + ".npz"), stem.with_name(f"{stem.name}-first{keep}.npy")
-        if stats_file.is_file() and (not keep or feat_file.is_file()):
-            stats = FeatureStats.load(stats_file)
+        stats_path, feat_path = _cache_files(ref, detector, cache_dir, keep)
+        if stats_path.is_file() and (not keep or feat_path.is_file()):
+            stats = FeatureStats.load(stats_path)
             if stats.detector == detector.name:
-                feats = torch.from_numpy(np.load(feat_file)).to(detector.device) if keep else None
+                feats = torch.from_numpy(np.load(feat_path)).to(detector.device) if keep else None
                 return Measurement(stats, None, feats)
     if not keep:
         got = Measurement(reference_stats(ref, detector, batch_size, on_batch=on_batch))
@@ -154,10 +153,10 @@ def reference_measurement(
     got.stats.detector = detector.name
     if cache_dir is None:
         return got
-    with atomic_path(stats_file) as tmp:  # concurrent ranks never read half a file
+    with atomic_path(stats_path) as tmp:  # concurrent ranks never read half a file
         got.stats.save(tmp, detector=detector.name)
     if keep:
-        with atomic_path(feat_file) as tmp, open(tmp, "wb") as f:
+        with atomic_path(feat_path) as tmp, open(tmp, "wb") as f:
             np.save(f, got.features.cpu().numpy())
     return got
 

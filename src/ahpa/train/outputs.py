@@ -18,7 +18,7 @@ from ahpa.models.sit import SiT
 from ahpa.priors.targets import ChannelStats
 from ahpa.sample import SamplerBundle, export_model, generate
 from ahpa.train import plots
-from ahpa.train.distributed import all_reduce_mean_, barrier
+from ahpa.train.distributed import barrier, from_main
 from ahpa.train.logger import logged_at
 
 GRID_SEED = 1234
@@ -45,19 +45,12 @@ def write_router_plot(aligner: Aligner, run_dir: Path, step: int) -> Path:
     return Path(shutil.copyfile(out, run_dir / "router.png"))
 
 
-def rank0_says(value: bool, rank: int, world: int, device: torch.device) -> bool:
-    """Rank 0's `value` on every process (one all-reduce; the others' values are ignored), so that all take the
-    branch that rank 0, which reads the run's files, chose."""
-    if world == 1:
-        return value
-    return all_reduce_mean_(torch.tensor(float(value and rank == 0), device=device)).item() > 0
-
-
-def last_evaluation_missing(run_dir: Path, step: int, rank: int, world: int, device: torch.device) -> bool:
+def last_evaluation_missing(run_dir: Path, step: int, rank: int) -> bool:
     """Whether a run at its last step lacks that step's evaluation and was not completed (no DONE): it stopped or
-    died between its last checkpoint and its last evaluation. A completed run is not evaluated again."""
-    lacks = rank == 0 and not (run_dir / "DONE").exists() and not logged_at(run_dir / "metrics.jsonl", step, "eval/")
-    return rank0_says(lacks, rank, world, device)
+    died between its last checkpoint and its last evaluation. A completed run is not evaluated again. Rank 0 reads
+    the run's files; every process takes its answer."""
+    return from_main(rank == 0 and not (run_dir / "DONE").exists()
+                     and not logged_at(run_dir / "metrics.jsonl", step, "eval/"))
 
 
 class Evaluator:
@@ -113,7 +106,7 @@ class Evaluator:
         evaluation."""
         if not cfg.eval.every:
             return None
-        if step >= cfg.train.steps and not last_evaluation_missing(run_dir, step, rank, world, device):
+        if step >= cfg.train.steps and not last_evaluation_missing(run_dir, step, rank):
             return None
         return cls(cfg.eval, device, run_dir, rank, world, cfg.data.resolution)
 
@@ -150,8 +143,7 @@ class Evaluator:
         """Whether `step` (a resumed run's) was due an evaluation (every `eval.every` steps, and the last step) that
         metrics.jsonl lacks: the process stopped or died after its checkpoint."""
         due = step > 0 and (step % self.cfg.every == 0 or step == last_step)
-        lacks = self.rank == 0 and not logged_at(self.run_dir / "metrics.jsonl", step, "eval/")
-        return due and rank0_says(lacks, self.rank, self.world, self.device)
+        return due and from_main(self.rank == 0 and not logged_at(self.run_dir / "metrics.jsonl", step, "eval/"))
 
     def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg) -> dict[str, float]:
         from ahpa.train.evaluate import evaluate_fd

@@ -380,11 +380,11 @@ class Trainer:
                 # asked to stop: save and go, before any sample grid or evaluation (a scheduler's grace period is
                 # short); an evaluation due at this step is done on resume (Evaluator.missing)
                 stop = not done and self._stop_agreed(should_stop)
-                # no checkpoint inside a streak of skipped steps: the last good one stays the newest
                 # every process takes part in saving and sampling (FSDP gathers); rank 0 writes
                 if stop:  # saved also inside a streak of skipped steps: they left the weights as they were
                     self.save()
                     return {**last, "stopped": True, "step": self.step}
+                # no checkpoint inside a streak of skipped steps: the last good one stays the newest
                 if (self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0:
                     self.save()
                     aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None

@@ -41,7 +41,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from ahpa.metrics import load_detector
     from ahpa.metrics.evaluation import evaluate, parse_metrics
-    from ahpa.metrics.images import SkippedFilesWarning, check_image_source, default_workers, folder_source, npz_image_key
+    from ahpa.data.listing import default_workers
+    from ahpa.metrics.images import SkippedFilesWarning, check_image_source, folder_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
     from ahpa.metrics.reference import default_cache_dir, load_reference
     from ahpa.train.build import resolve_device

@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="fp16", help="fp16 | bf16 (storage of moments and levels; default fp16)")
     p.add_argument("--flips", default="stored", help="stored (encode a mirrored copy too; the default) | generated (mirror at read time) | none")
     p.add_argument("--batch", type=int, default=64, help="images per encoder call (default 64)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding images (default: the CPUs, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader processes decoding images (default: the CPUs, at most 8)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad file instead of skipping and reporting it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--precision", default="fp32", help="encoder arithmetic: fp32 | bf16 (part of the cache's identity; default fp32)")
@@ -64,13 +64,15 @@ def _distributed():
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ahpa.data.listing import default_workers
     from ahpa.data.prepare import PrepareOptions, prepare
 
     rank, world, barrier = _distributed()
     levels = [s.strip() for s in args.levels.split(",") if s.strip()] or None
     opts = PrepareOptions(
         images=args.images, vae=args.vae, resolution=args.resolution, out=args.out, levels=levels, grid=args.grid,
-        dtype=args.dtype, flips=args.flips, batch=args.batch, workers=args.workers, strict=args.strict,
+        dtype=args.dtype, flips=args.flips, batch=args.batch, strict=args.strict,
+        workers=default_workers() if args.workers is None else args.workers,
         device=args.device, precision=args.precision, shard_size=args.shard_size, labels=args.labels,
         limit=args.limit, reduce=args.reduce, reduce_images=args.reduce_images, store_images=args.store_images,
         repair=args.repair, rank=rank,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -21,14 +20,14 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (default all)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images (default: the CPUs, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: the CPUs, at most 8)")
     p.set_defaults(func=run)
 
 
 def _images(args):
     from pathlib import Path
 
-    from ahpa.data.listing import decode_all, list_source
+    from ahpa.data.listing import decode_all, default_workers, list_source
     from ahpa.data.sources import load_npz_images
 
     src = Path(args.images).expanduser()
@@ -37,7 +36,8 @@ def _images(args):
             raise ValueError(f"--images {args.images}: a folder or file list is decoded at a size: add --resolution R")
         images, _ = load_npz_images(src)
         return images[: args.limit or None]
-    images, skipped = decode_all(list_source(src, "none", args.limit), args.resolution, args.workers)
+    workers = default_workers() if args.workers is None else args.workers
+    images, skipped = decode_all(list_source(src, "none", args.limit), args.resolution, workers)
     for name, reason in skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return images

@@ -210,6 +210,12 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is per-process; intra-op threads would only fight over cores
 
 
+def default_workers() -> int:
+    """Processes decoding images when the user names none (prepare, vae-train, eval, a run's reference): the CPUs,
+    at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
 def make_loader(listing: Listing, resolution: int | None, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
     """Decode the given batches of item indices in `workers` processes (0: in this process), in order."""
     return torch.utils.data.DataLoader(

@@ -143,11 +143,6 @@ def folder_source(source, resolution: int | None, workers: int = 0):
     return source
 
 
-def default_workers() -> int:
-    """Decoding processes for a folder: the CPUs, at most 8 (as `ahpa prepare`)."""
-    return min(8, os.cpu_count() or 1)
-
-
 def image_files(folder: str | Path) -> list[Path]:
     """The image files of `folder` that `ahpa prepare` lists, in its order (sorted, recursive; hidden files and
     folders left out: macOS's `._x.jpg` are no images)."""

@@ -64,7 +64,8 @@ class Evaluator:
         `resolution` (the run's data.resolution) as `ahpa prepare` reads training images: its photos may be of
         any size, and it is measured as the training data was made."""
         from ahpa.metrics.detectors import load_detector
-        from ahpa.metrics.images import check_image_source, default_workers, folder_source, npz_image_key
+        from ahpa.data.listing import default_workers
+        from ahpa.metrics.images import check_image_source, folder_source, npz_image_key
         from ahpa.metrics.measurement import is_stats_file, stored_stats_usable
 
         fix = "or set eval.every=0 to train without evaluating"

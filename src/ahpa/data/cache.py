@@ -161,8 +161,10 @@ class CacheSource:
         self.maps: dict[str, dict[str, list[np.memmap]]] = {}
         for v in variants:
             self.maps[v] = {f: [self._map(shard_dir, s, v + f, fields[v + f]) for s in shards] for f in wanted if f != "image"}
-        if self.images:  # one copy, never flipped: mirrored exactly when read
-            self.maps[""]["image"] = [self._map(shard_dir, s, "image", fields["image"]) for s in shards]
+        if self.images:  # one copy, never flipped, for either variant: mirrored exactly when read
+            images = [self._map(shard_dir, s, "image", fields["image"]) for s in shards]
+            for v in variants:
+                self.maps[v]["image"] = images
         labels = [np.asarray(self._map(shard_dir, s, "labels", fields["labels"])) for s in shards]
         reduce = manifest.get("reduce")
         bases = load_bases(self.directory, reduce["sha256"], self.device) if reduce else {}
@@ -226,7 +228,7 @@ class CacheSource:
             s, v = int(shard[sel[0]]), int(variant[sel[0]])
             maps = self.maps["flip." if v else ""]
             for f in fields:
-                views[f][sel] = (self.maps[""] if f == "image" else maps)[f][s][local[sel]]
+                views[f][sel] = maps[f][s][local[sel]]
         return out
 
     def gather(self, idx: torch.Tensor, flip: torch.Tensor | None) -> HostRows:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from throughput import SIZES, TINY_SIT, encoders_for, run_config
+from throughput import SIZES, TINY_SIT, encoders_for, run_config, write_caches
 
 from ahpa.models.sit import SiTConfig
 from ahpa.train.loop import Trainer
@@ -191,13 +191,7 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
     synthetic = benchlib.SyntheticSDVAE().to(device)
-    caches = {"levels": args.work_dir / f"cache-sdvae-shaped-{size['resolution']}",
-              "images": args.work_dir / f"cache-latent-images-{size['resolution']}"}
-    grid = size["resolution"] // synthetic.factor // 2
-    benchlib.write_synthetic_cache(caches["levels"], synthetic, size["cache_images"], size["resolution"], grid, device)
-    if "repa-cached" in args.methods.split(","):  # REPA's own cache: the latent and the crops
-        benchlib.write_synthetic_cache(caches["images"], synthetic, size["cache_images"], size["resolution"], grid, device,
-                                       store_images=True)
+    caches, _ = write_caches(args.work_dir, size, synthetic, args.methods.split(","), size["cache_images"], device)
     for model in args.models.split(","):
         batch = args.batch or size["batch"][model]
         for method in args.methods.split(","):

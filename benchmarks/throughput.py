@@ -74,6 +74,21 @@ SIZES = {
 }
 
 
+def write_caches(work: Path, size: dict, synthetic, methods: list[str], num: int, device: torch.device
+                 ) -> tuple[dict[str, Path], dict[str, dict]]:
+    """The synthetic caches the methods read, written (or reused) where one of them needs it: `levels` (SD-VAE-shaped
+    levels and the latent, for none and ahpa-cached) and `images` (REPA's own: the latent and the crops, for
+    repa-cached). Returns (their paths, what each write reported)."""
+    grid = size["resolution"] // synthetic.factor // 2  # patch 2
+    caches = {"levels": work / f"cache-sdvae-shaped-{size['resolution']}",
+              "images": work / f"cache-latent-images-{size['resolution']}"}
+    needed = {"levels": any(m in ("none", "ahpa-cached") for m in methods), "images": "repa-cached" in methods}
+    written = {name: benchlib.write_synthetic_cache(path, synthetic, num, size["resolution"], grid, device,
+                                                    store_images=name == "images")
+               for name, path in caches.items() if needed[name]}
+    return caches, written
+
+
 def run_config(size: dict, args, model: str, method: str, compiled: bool, caches: dict[str, Path], device: torch.device,
                checkpointing: int = 0, prefetch: bool | None = None, token_fraction: float = 1.0):
     """The Trainer config of one measurement (plain dict -> Config, as a YAML file would give)."""
@@ -286,19 +301,12 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
     synthetic = benchlib.SyntheticSDVAE().to(device)
-    grid = size["resolution"] // synthetic.factor // 2  # patch 2
-    caches = {"levels": work / f"cache-sdvae-shaped-{size['resolution']}",
-              "images": work / f"cache-latent-images-{size['resolution']}"}
-    num = args.cache_images or size["cache_images"]
-    if any(m in ("none", "ahpa-cached") for m in methods):
-        result["cache"] = benchlib.write_synthetic_cache(caches["levels"], synthetic, num, size["resolution"], grid, device)
-        print(f"cache: {result['cache']}", flush=True)
-        save()
-    if "repa-cached" in methods:  # REPA's own cache: the latent and the crops
-        result["cache_images"] = benchlib.write_synthetic_cache(caches["images"], synthetic, num, size["resolution"], grid,
-                                                                 device, store_images=True)
-        print(f"cache with images: {result['cache_images']}", flush=True)
-        save()
+    caches, written = write_caches(work, size, synthetic, methods, args.cache_images or size["cache_images"], device)
+    for name, key in (("levels", "cache"), ("images", "cache_images")):
+        if name in written:
+            result[key] = written[name]
+            print(f"{key}: {written[name]}", flush=True)
+    save()
     variants = [(model, compiled, ckpt, method, prefetch, fraction) for model in models for compiled in compile_modes
                 for ckpt in checkpointing for method in methods
                 for prefetch in (prefetch_modes if method in CACHED else (None,))

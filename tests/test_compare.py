@@ -65,9 +65,13 @@ def test_compare_reads_a_real_run_without_evaluations(tmp_path, tiny, capsys):
     assert "`align.method`: a='ahpa', b='none'" in text
 
 
-def test_a_damaged_metrics_file_is_named(tmp_path):
+def test_a_damaged_metrics_file_is_named_and_a_torn_last_line_is_dropped(tmp_path):
     d = _run(tmp_path, "x", "none", [1.0])
+    rows = len(compare.read_run(d).flow)
     with open(d / "metrics.jsonl", "a") as f:
-        f.write("{not json\n")
+        f.write('{"step": 9, "loss/fl')  # a kill during the append
+    assert len(compare.read_run(d).flow) == rows
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 10, "loss/flow": 1.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 3: not JSON"):
         compare.read_run(d)

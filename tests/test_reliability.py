@@ -273,6 +273,17 @@ def test_checkpoints_of_the_earlier_layout_read_back(tmp_path):
     assert Trainer(tiny_cfg("train.steps=3"), run).step == 1
 
 
+def test_a_resume_drops_a_metrics_row_torn_by_a_kill(tmp_path):
+    """A process killed while appending leaves half a line: the resume drops it, so the file stays valid JSONL
+    (appending after the torn text would have glued the next row to it)."""
+    Trainer(tiny_cfg("train.steps=2", "train.log_every=1", "train.ckpt_every=2"), tmp_path).run()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss/fl')
+    Trainer(tiny_cfg("train.steps=4", "train.log_every=1", "train.ckpt_every=2"), tmp_path).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/flow" in r] == [1, 2, 3, 4]
+
+
 def test_a_directory_that_is_not_a_run_is_not_written_over(tmp_path):
     theirs = tmp_path / "project"
     theirs.mkdir()
@@ -283,6 +294,10 @@ def test_a_directory_that_is_not_a_run_is_not_written_over(tmp_path):
     (theirs / "config.yaml").unlink()
     (theirs / "samples").mkdir()
     with pytest.raises(RunConfigError, match=r"\(no config.yaml\) but holds samples"):
+        Trainer(tiny_cfg("train.steps=1"), theirs)
+    (theirs / "samples").rmdir()
+    (theirs / "losses.png").write_bytes(b"their plot")  # a run writes its plots at the top too
+    with pytest.raises(RunConfigError, match=r"\(no config.yaml\) but holds losses.png"):
         Trainer(tiny_cfg("train.steps=1"), theirs)
     logs = tmp_path / "job"  # a scheduler's log in --out is no reason to refuse
     logs.mkdir()

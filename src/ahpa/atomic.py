@@ -2,7 +2,8 @@
 
 A temporary file in the same directory is written, fsynced and renamed over the target, then the
 directory is fsynced; on any error the temporary file is removed. Every file the project writes
-that someone might read back (checkpoints, exports, sample files, caches, statistics) goes through here.
+that someone might read back (checkpoints, exports, sample files, caches, statistics, a run's config.yaml and
+metrics.jsonl, a partial sampling run's settings) goes through here.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def fsync_dir(directory: Path) -> None:

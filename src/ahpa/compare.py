@@ -7,13 +7,13 @@ Pure functions over run directories (config.yaml, metrics.jsonl); `ahpa compare`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ahpa.config import flatten
+from ahpa.jsonl import read_rows
 
 # settings that differ between comparable runs without changing what is compared
 NOT_COMPARED = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints",
@@ -46,13 +46,7 @@ def read_run(path: str | Path) -> Run:
     if not metrics_file.is_file():
         return run
     rates = []
-    for n, line in enumerate(metrics_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise ValueError(f"{metrics_file}, line {n}: not JSON; the file is damaged") from None
+    for row in read_rows(metrics_file):
         images = row.get("images", 0)
         if "loss/flow" in row:
             run.flow.append((images, row["loss/flow"]))

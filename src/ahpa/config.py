@@ -53,7 +53,7 @@ class DataCfg:
 @dataclass
 class PriorCfg:
     encoder: str = ""  # taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR | a kind of register_encoder
-    stats_images: int = 1024  # images used to measure latent/level statistics
+    stats_images: int = 1024  # images used to measure latent/level statistics (a cache brings its own: ignored)
     external: str = ""  # repa only: dinov2:DIR (an external frozen encoder)
 
 
@@ -132,7 +132,7 @@ class SampleCfg:
     # guidance_high=0.7 (no guidance near pure noise), which carries over since the conventions are the same
     guidance_low: float = 0.0  # guidance from this t ...
     guidance_high: float = 1.0  # ... up to this t
-    micro_batch: int = 64  # images per network call (twice as many rows with guidance)
+    micro_batch: int = 64  # rows per network call; with guidance a row pair per image, so micro_batch/2 images
     grid_images: int = 64  # images in a run's sample grid (0 = no grids)
     # torch.compile the network for sampling: one graph, since every call has the fixed micro-batch's shape.
     # Faster on a GPU (eager sampling ran at 20-27% MFU on an H200); outputs differ from eager at rounding level,

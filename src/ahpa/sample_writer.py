@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ahpa.atomic import atomic_path
+from ahpa.atomic import atomic_path, atomic_write_text
 from ahpa.config import SampleCfg
 from ahpa.sample import SamplerBundle, iter_samples, write_npz
 from ahpa.train.distributed import barrier, current
@@ -83,7 +83,7 @@ def write_samples(
                     f"delete it or rerun with the same settings"
                 )
         else:
-            saved_file.write_text(json.dumps(settings, indent=1))
+            atomic_write_text(saved_file, json.dumps(settings, indent=1))
     barrier()
     starts = list(range(0, num, batch))
     mine = [lo for i, lo in enumerate(starts) if i % d.world == d.rank]

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--num", "--num-samples", dest="num", type=int, required=True, help="number of images")
     p.add_argument("--out", required=True, help="output .npz (written once complete; a rerun resumes from OUT.parts/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and labels (default 0)")
-    p.add_argument("--batch", type=int, default=64, help="samples per iteration (the file does not depend on it)")
+    p.add_argument("--batch", type=int, default=64, help="samples per iteration and per resumable chunk (the file does not depend on it; a resume must keep it)")
     p.add_argument("--solver", choices=("euler", "heun", "euler-maruyama"), help="ODE solvers euler, heun; SDE solver euler-maruyama (euler)")
     p.add_argument("--steps", type=int, help="solver steps (50)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = no guidance (1.0)")

@@ -7,8 +7,8 @@ fp16/bf16 rows to the device, only there converts to float32, samples the poster
 flips) and pools to the model's grid. With `start_prefetch` the gathers of the coming steps run in a
 background thread (ahpa.data.prefetch) while the current step computes; on CUDA that thread also starts their
 copies to the device, on a stream of their own, so the transfer runs beside the step's kernels rather than
-between them (on an H200, B/2's unexplained ~6.6 ms per step matched 256 MB of priors copied on the compute
-stream; what the copy stream gains is not measured yet).
+between them (on an H200, B/2's then unexplained ~6.6 ms per step matched 256 MB of priors copied on the compute
+stream; a later measurement found it gone, with this change and the step's host syncs' removal both in between).
 
 Why raw rows and not safetensors: numpy memmaps gather arbitrary row sets in one vectorised call, the
 writer can append rows as they come (the row count of a shard is not known until its bad files are

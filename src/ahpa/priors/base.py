@@ -48,7 +48,7 @@ class PriorEncoder(nn.Module):
 
     Subclasses set `spec` (the grammar string that built them), `levels` (ordered fine to coarse,
     the latent last, named "latent"), `latent_channels` and `factor` (image side / latent side),
-    and implement `_encode(x)` on images already in their own range and `_decode(z)`.
+    and implement `_encode(x, levels)` on images already in their own range and `_decode(z)`.
     """
 
     spec: str

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ahpa.atomic import atomic_path, atomic_write_text
 from ahpa.priors.base import EncoderOutput, Level, PriorEncoder, frozen, posterior_sample, sha256_file
 
 
@@ -89,8 +90,9 @@ class KLVAE(PriorEncoder):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        atomic_write_text(directory / "config.json", json.dumps(asdict(self.cfg), indent=2))
 
     @classmethod
     def random(cls, seed: int = 0) -> "KLVAE":

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ahpa.atomic import atomic_write_text
+from ahpa.jsonl import read_rows
 from ahpa.train.distributed import all_reduce_mean_
 
 
@@ -30,16 +32,15 @@ def truncate_jsonl(path: Path, step: int) -> None:
     """On resume: drop rows logged after the checkpoint we resume from (they will be redone)."""
     if not path.exists():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    path.write_text("".join(l + "\n" for l in keep))
+    keep = [row for row in read_rows(path) if row.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def logged_at(path: Path, step: int, prefix: str) -> bool:
     """Whether a row of `step` holds a metric whose name starts with `prefix` (e.g. an evaluation's "eval/")."""
     if not path.exists():
         return False
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return any(r.get("step") == step and any(k.startswith(prefix) for k in r) for r in rows)
+    return any(r.get("step") == step and any(k.startswith(prefix) for k in r) for r in read_rows(path))
 
 
 class MetricsLogger:

@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ahpa import config as config_mod
+from ahpa.atomic import atomic_write_text
 from ahpa.config import Config
 from ahpa.data.order import batch_indices, micro_batches, process_requests
 from ahpa.data.batches import PriorBatch
@@ -338,7 +339,7 @@ class Trainer:
         main = self.rank == 0
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_mod.dump(c))
+            atomic_write_text(self.run_dir / "config.yaml", config_mod.dump(c))  # a resume reads it back
             if self._moved_inputs is not None:  # moved files, identified by check_moved_inputs
                 inputs.write(self.run_dir, self._moved_inputs)
             elif inputs.read(self.run_dir) is None:  # a new run, or one from before inputs.json

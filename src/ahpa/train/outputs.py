@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ahpa.align.objective import Aligner
+from ahpa.atomic import atomic_write_text
 from ahpa.config import Config, EvalCfg, SampleCfg
 from ahpa.models.sit import SiT
 from ahpa.priors.targets import ChannelStats
@@ -171,4 +172,4 @@ def finish(run_dir: Path, levels: list[str], step: int) -> None:
     """The closing loss curves, then DONE (written last: its presence means the run completed)."""
     if (run_dir / "metrics.jsonl").exists():
         plots.loss_curves(run_dir / "metrics.jsonl", run_dir / "losses.png", levels)
-    (run_dir / "DONE").write_text(json.dumps({"step": step}) + "\n")
+    atomic_write_text(run_dir / "DONE", json.dumps({"step": step}) + "\n")

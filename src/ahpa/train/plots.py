@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ahpa.jsonl import read_rows
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
@@ -58,7 +59,7 @@ def router_heatmap(t: np.ndarray, weights: np.ndarray, names: list[str], path: s
 
 def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[str] | None = None) -> Path:
     """Flow and alignment losses (and per-level losses) against images seen, from metrics.jsonl."""
-    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    rows = read_rows(metrics_file)
     rows = [r for r in rows if "loss/flow" in r]
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -87,7 +88,7 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
 
 def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
     """Each eval/* metric against training images seen."""
-    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    rows = read_rows(metrics_file)
     names = sorted({k for r in rows for k in r if k.startswith("eval/")})
     series = {name[len("eval/"):]: [(r["images"], r[name]) for r in rows if name in r] for name in names}
     return line_plot(series, path, "training images", "Fréchet distance", figsize=(6, 3.6))

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ahpa import config
 from ahpa.train import checkpoint as ckpt
@@ -75,6 +77,9 @@ def test_sampling_survives_sigkill(tmp_path):
     kill_randomly([*common, "--out", str(tmp_path / "killed.npz")], times=3, seed=1,
                   progress=lambda: len(list(parts.glob("chunk_*.npz"))) if parts.exists() else 0)
     assert not (tmp_path / "killed.npz").exists()  # a killed job leaves parts, never a final file
+    # resumed with the model copied elsewhere (its content is what counts) and another --batch (the chunks keep 4)
+    shutil.copy(model, tmp_path / "copy.safetensors")
+    common[2], common[6] = str(tmp_path / "copy.safetensors"), "8"
     finish(*common, "--out", str(tmp_path / "killed.npz"))
     with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "killed.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
@@ -90,6 +95,16 @@ def test_sampling_refuses_a_partial_run_with_other_settings(tmp_path):
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "steps: partial has 99, command gives 3" in res.stderr
     assert not (tmp_path / "m.npz").exists()
+    # the same file name holding another model (an export written over after more training) is another model
+    model = tmp_path / "run" / "model.safetensors"
+    args = ["sample", "--model", str(model), "--num", "64", "--batch", "4", "--steps", "20", "--out", str(tmp_path / "o.npz")]
+    parts = tmp_path / "o.npz.parts"
+    kill_randomly(args, times=1, seed=0, progress=lambda: len(list(parts.glob("chunk_*.npz"))) if parts.exists() else 0)
+    with safe_open(str(model), "pt") as f:
+        weights, metadata = {k: f.get_tensor(k) + 1 for k in f.keys()}, f.metadata()
+    save_file(weights, str(model), metadata=metadata)
+    res = subprocess.run([sys.executable, "-m", "ahpa.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "model_sha256: partial has" in res.stderr, res.stderr[-2000:]
 
 
 def test_sigterm_saves_and_exits(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 from ahpa.atomic import atomic_path, atomic_write_text
 from ahpa.config import SampleCfg
 from ahpa.sample import SamplerBundle, iter_samples, write_npz
-from ahpa.train.distributed import barrier, current
+from ahpa.train.distributed import barrier, current, from_main
 
 
 class SampleSettingsError(ValueError):
@@ -57,8 +57,9 @@ def write_samples(
 ) -> Path | None:
     """Generate samples [0, num) into `out`. Returns the path on the main process (None elsewhere).
 
-    `identity` names what produced the samples (model file or run and step); with the sampler
-    settings it must match a previous partial attempt, else the error names the differing field.
+    `identity` names what produced the samples (the model's or checkpoint's sha256); with the sampler
+    settings it must match a previous partial attempt, else the error names the differing field. `batch` is the
+    chunk size: a resume keeps the partial attempt's (the samples do not depend on it).
     """
     d = current()
     out = Path(out)
@@ -67,24 +68,27 @@ def write_samples(
     parts = out.with_name(out.name + ".parts")
     settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
     settings.pop("grid_images", None)
-    check_not_finished(out)  # on every process, before any barrier
+    check_not_finished(out)  # on every process, before any collective
+    error = None
     if d.is_main:
         parts.mkdir(parents=True, exist_ok=True)
         saved_file = parts / "settings.json"
         if saved_file.exists():
             saved = json.loads(saved_file.read_text())
+            batch = settings["batch"] = saved.get("batch", batch)  # the chunks already written set the chunk size
             # a partial run written before a sampler setting existed ran with that setting's default
             defaults = vars(SampleCfg())
             diff = [f"{k}: partial has {saved.get(k, defaults.get(k))!r}, command gives {v!r}" for k, v in settings.items()
                     if saved.get(k, defaults.get(k)) != v]
             if diff:
-                raise SampleSettingsError(
-                    f"{parts} holds a partial sampling run with other settings ({'; '.join(diff)}); "
-                    f"delete it or rerun with the same settings"
-                )
+                error = (f"{parts} holds a partial sampling run with other settings ({'; '.join(diff)}); "
+                         "delete it or rerun with the same settings")
         else:
             atomic_write_text(saved_file, json.dumps(settings, indent=1))
-    barrier()
+    # every process raises rank 0's verdict, rather than the others failing in the next collective without a word
+    error, batch = from_main((error, batch))
+    if error is not None:
+        raise SampleSettingsError(error)
     starts = list(range(0, num, batch))
     mine = [lo for i, lo in enumerate(starts) if i % d.world == d.rank]
     for lo in mine:

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--num", "--num-samples", dest="num", type=int, required=True, help="number of images")
     p.add_argument("--out", required=True, help="output .npz (written once complete; a rerun resumes from OUT.parts/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and labels (default 0)")
-    p.add_argument("--batch", type=int, default=64, help="samples per iteration and per resumable chunk (the file does not depend on it; a resume must keep it)")
+    p.add_argument("--batch", type=int, default=64, help="samples per iteration and per resumable chunk (the file does not depend on it; a resume keeps the first attempt's)")
     p.add_argument("--solver", choices=("euler", "heun", "euler-maruyama"), help="ODE solvers euler, heun; SDE solver euler-maruyama (euler)")
     p.add_argument("--steps", type=int, help="solver steps (50)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = no guidance (1.0)")
@@ -69,15 +69,23 @@ def run(args) -> int:
         if args.run:
             from ahpa.train.resume import run_sampler
 
+            from ahpa.train.checkpoint import checkpoint_path, recorded_digest
+
             bundle, step, run_cfg = run_sampler(args.run, device, encoder=args.encoder)
-            identity, base = {"run": str(args.run), "step": step}, run_cfg.sample
+            # the weights, not the path: the same run named another way resumes; a run trained on since does not
+            ckpt = checkpoint_path(Path(args.run) / "checkpoints", step)
+            identity, base = {"step": step, "checkpoint_sha256": recorded_digest(ckpt)}, run_cfg.sample
         else:
             from ahpa.priors.registry import load_encoder
 
             encoder = load_encoder(args.encoder, device) if args.encoder else None
             bundle = load_export(args.model, device, encoder=encoder)
             bundle.autocast_dtype = autocast_dtype("auto", device)
-            identity = {"model": str(args.model)}
+            from ahpa.priors.base import sha256_file
+
+            # the file's content, not its name: an export written over with another model is another model.
+            # Only the main process compares settings (write_samples), so only it reads the file through the hash
+            identity = {"model_sha256": sha256_file(args.model) if d.is_main else None}
             base = config_mod.SampleCfg()
         cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}},
                                    where="ahpa sample").sample

@@ -122,6 +122,16 @@ def has_earlier_layout(path: Path) -> bool:
     return len(head) == HEADER and head[-1:] == b"\n" and _is_digest(head[:64])
 
 
+def recorded_digest(path: Path) -> str:
+    """The sha256 a checkpoint was saved with (its digest file, or the earlier layout's header), unverified: what
+    identifies the weights a partial sampling run came from, read without hashing the file again."""
+    digest = digest_path(path)
+    if digest.is_file():
+        return digest.read_bytes()[:64].decode()
+    with open(path, "rb") as f:
+        return f.read(HEADER)[:64].decode()
+
+
 def is_training_state(obj) -> bool:
     """Whether a loaded object is a training checkpoint's state (for tools that meet one where they expect others)."""
     return isinstance(obj, dict) and {"optimizer", "ema_updates"} <= obj.keys()

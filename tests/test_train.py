@@ -115,6 +115,25 @@ def test_alignment_stops_at_align_stop_step(tmp_path, tiny):
         Trainer(tiny("align.stop_step=-1"), tmp_path / "bad")
 
 
+def test_steps_logged_after_the_checkpoint_a_crash_fell_back_to_appear_once(tmp_path, tiny):
+    """In metrics.jsonl and in TensorBoard: the resumed run logs steps 3 and 4 again, and TensorBoard hides the
+    first attempt's (purge_step) instead of drawing them twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny("train.steps=4", "train.log_every=1", "train.ckpt_every=2", "train.sample_every=0")
+    Trainer(cfg, tmp_path).run()
+    for f in (tmp_path / "checkpoints").glob("step_000000004.pt*"):  # as if killed before the last save
+        f.unlink()
+    (tmp_path / "DONE").unlink()
+    Trainer(cfg, tmp_path).run()
+    assert len(list((tmp_path / "tb").glob("events.*"))) == 2
+    tb = EventAccumulator(str(tmp_path / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("loss/flow")] == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/flow" in r] == [1, 2, 3, 4]
+
+
 def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     tr = Trainer(tiny("train.steps=2", "train.sample_every=2"), tmp_path / "r")
     tr.run()

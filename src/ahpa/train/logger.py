@@ -44,14 +44,18 @@ def logged_at(path: Path, step: int, prefix: str) -> bool:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True):
+        """`resume_step`: the checkpoint the run resumes from. What was logged after it will be logged again, so it
+        is dropped from metrics.jsonl and hidden from TensorBoard (purge_step), which would otherwise draw those
+        steps twice."""
         self.path = run_dir / "metrics.jsonl"
+        truncate_jsonl(self.path, resume_step)
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tb"))
+                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
             except ImportError:  # tensorboard is a dependency, but keep the JSONL working without it
                 self.writer = None
 
@@ -75,9 +79,6 @@ class MetricsLogger:
 
             with Image.open(png) as im:
                 self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
-
-    def truncate_after(self, step: int) -> None:
-        truncate_jsonl(self.path, step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -346,9 +346,8 @@ class Trainer:
                 inputs.write(self.run_dir, inputs.current(c, self.parts.encoder))
         if main and self.step < c.train.steps:  # a finished run trained further is unfinished until it ends again
             (self.run_dir / "DONE").unlink(missing_ok=True)
-        logger = MetricsLogger(self.run_dir) if main else None
-        if logger is not None:
-            logger.truncate_after(self.step)
+        logger = MetricsLogger(self.run_dir, self.step) if main else None
+        if main:
             truncate_jsonl(self.run_dir / "router.jsonl", self.step)
         sums: dict[str, torch.Tensor] = {}
         count, t0, last = 0, time.perf_counter(), {}

@@ -111,6 +111,7 @@ def fsdp_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("fsdp") / "two"
     res = ahpa(2, "train", "--out", str(run), *TINY, "train.steps=4", FSDP)
     assert SHARDED in res.stderr  # it did shard, rather than fall back to DDP or one process
+    assert "returned a view tensor" not in res.stderr  # torch >= 2.12 warns on every step of a root returning a view
     return run
 
 

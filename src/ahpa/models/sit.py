@@ -236,7 +236,9 @@ class SiT(nn.Module):
         b, p, c, g = x.shape[0], self.cfg.patch_size, self.cfg.in_channels, self.cfg.grid
         x = x.reshape(b, g, g, p, p, c)  # [B, gh, gw, ph, pw, C]
         x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(b, c, g * p, g * p)  # [B, C, H, W]
+        # [B, C, H, W]; contiguous: with p = 1 the reshape would return a view of the permuted tokens (p > 1 copies
+        # anyway), and FSDP2 warns on every step about a root module returning a view
+        return x.reshape(b, c, g * p, g * p).contiguous()
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, taps: tuple[int, ...] = ()

@@ -5,7 +5,7 @@ What is sharded:
 - the SiT: each block is one FSDP unit (all-gathered just before it runs, freed after); the root unit
   holds the embedders and the final layer;
 - the EMA: sharded exactly like the SiT (same mesh, same Shard(0) placement of every parameter), so its
-  update is the usual foreach lerp on each process's local shards and no process holds a full copy
+  update is the usual foreach arithmetic on each process's local shards and no process holds a full copy
   while training;
 - the aligner (projector heads + router): one FSDP unit. It is small (about 10M parameters at XL with
   all SD-VAE levels), but replicating it with DDP would put plain tensors and DTensors into the same

@@ -9,6 +9,7 @@ per step from every process's micro-batches (Aligner.update_running).
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def test_two_processes_match_one(one_process_run, tmp_path):
 def test_save_on_two_resume_on_one(one_process_run, tmp_path):
     run = tmp_path / "switch"
     ahpa(2, "train", "--out", str(run), *TINY, "train.steps=2")
-    ahpa(1, "train", "--out", str(run), *TINY, "train.steps=4")
+    res = ahpa(1, "train", "--out", str(run), *TINY, "train.steps=4")
+    assert re.search(r"resumed from step 2 \(saved by 2 processes, now 1: \d+ samples per process", res.stderr)
     a, b = latest(one_process_run), latest(run)
     assert b["step"] == 4
     for part in ("model", "ema", "aligner", "optimizer"):

@@ -137,7 +137,10 @@ class Trainer:
                 f"a run is not shortened. Give train.steps={self.step} or more to resume it; `ahpa sample --run` and "
                 "`ahpa export --run` read its EMA without training"
             )
-        self.messages.append(f"resumed from step {self.step}" if self.step < self.cfg.train.steps else
+        saved_world, t = state.get("processes"), self.cfg.train  # None in checkpoints from before it was recorded
+        moved = (f" (saved by {saved_world} processes, now {self.world}: {t.batch_size // (self.world * t.grad_accum)} "
+                 "samples per process per micro-step)") if saved_world not in (None, self.world) else ""
+        self.messages.append(f"resumed from step {self.step}{moved}" if self.step < self.cfg.train.steps else
                              f"the run is complete (step {self.step}): writing its export and closing plots again")
         return optimizer_state
 
@@ -167,6 +170,7 @@ class Trainer:
         return {
             "step": self.step,
             "ema_updates": self.ema_updates,
+            "processes": self.world,
             "config": self.cfg.to_dict(),
             "model": model,
             "ema": ema,

@@ -134,6 +134,18 @@ def test_steps_logged_after_the_checkpoint_a_crash_fell_back_to_appear_once(tmp_
     assert [r["step"] for r in rows if "loss/flow" in r] == [1, 2, 3, 4]
 
 
+def test_a_stop_between_log_steps_logs_its_window_and_records_the_router(tmp_path, tiny):
+    """Stopped at step 3 with log_every=2 and ckpt_every=4: step 3 is logged (else it never would be; the resumed
+    run's row 4 holds step 4 alone) and the stop's checkpoint has its router record, as every checkpoint does."""
+    cfg = tiny("train.steps=4", "train.log_every=2", "train.ckpt_every=4", "train.sample_every=0", "align.router=soft")
+    tr = Trainer(cfg, tmp_path)
+    assert tr.run(should_stop=lambda: tr.step >= 3)["stopped"]
+    Trainer(cfg, tmp_path).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/flow" in r] == [2, 3, 4]
+    assert [json.loads(line)["step"] for line in (tmp_path / "router.jsonl").read_text().splitlines()] == [3, 4]
+
+
 def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     tr = Trainer(tiny("train.steps=2", "train.sample_every=2"), tmp_path / "r")
     tr.run()

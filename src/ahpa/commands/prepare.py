@@ -83,8 +83,10 @@ def run(args) -> int:
     def on_progress(p) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=p.items_total, desc=f"prepare{f' [rank {rank}]' if world > 1 else ''}", unit="img",
-                       dynamic_ncols=True, position=rank, smoothing=0.05)
+            # one bar, rank 0's: one per rank interleaves their cursor codes in a job's log. Shards go round the
+            # ranks, so rank 0's share of the work stands for the whole
+            bar = tqdm(total=p.items_total, desc=f"prepare{f' [rank 0 of {world}]' if world > 1 else ''}", unit="img",
+                       dynamic_ncols=True, smoothing=0.05, disable=rank != 0)
         bar.set_postfix(shards=f"{p.shards_done}/{p.shards_total}", skipped=p.skipped, refresh=False)
         bar.update(p.items_done - bar.n)  # redraws (rate-limited by tqdm) with the new postfix
 

@@ -21,18 +21,18 @@ from ahpa.atomic import atomic_write_text
 from ahpa.config import Config
 from ahpa.data.order import batch_indices, micro_batches, process_requests
 from ahpa.data.batches import PriorBatch
-from ahpa.priors.targets import PriorStats, standardise_levels
+from ahpa.priors.targets import standardise_levels
 from ahpa.sample import SamplerBundle
 from ahpa.train import inputs, outputs
-from ahpa.train.build import (Parts, build_parts, compute_stats, given_encoder_spec, heads_cost_note,
-                              ignored_settings_note)
-from ahpa.train.checkpoint import load_latest_everywhere, owned, save_checkpoint
+from ahpa.train.build import Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note
+from ahpa.train.checkpoint import save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
-from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir
+from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir  # noqa: F401 (RunConfigError: API)
+from ahpa.train.run_state import checkpoint_state, must_fit, restore
 from ahpa.transport.path import get_path
 
 
@@ -62,7 +62,10 @@ class Trainer:
         self.messages: list[str] = encoder_notes + ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
-        optimizer_state = self._load()
+        resumed, skipped = restore(self.run_dir, self.parts, cfg, self.world)
+        self.messages += skipped + ([resumed.message] if resumed else [])
+        if resumed is not None:
+            self.step, self.ema_updates = resumed.step, resumed.ema_updates
         # before any training: a missing detector or reference fails now, not at the first evaluation
         self.evaluator = outputs.Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world)
         self.messages += self.evaluator.notes if self.evaluator is not None else []
@@ -75,12 +78,12 @@ class Trainer:
             self.messages.append(f"train.fsdp: model, EMA and aligner sharded over {self.world} processes (FSDP2)")
         elif t.fsdp:
             self.messages.append("train.fsdp: one process has nothing to shard over; training unsharded")
-        if optimizer_state is not None:
-            with self._must_fit(self.step):
+        if resumed is not None:
+            with must_fit(self.run_dir, self.step):
                 if self.sharded is not None:
-                    self.sharded.load_optimizer_state(optimizer_state)
+                    self.sharded.load_optimizer_state(resumed.optimizer_state)
                 else:
-                    p.optimizer.load_state_dict(optimizer_state)
+                    p.optimizer.load_state_dict(resumed.optimizer_state)
         # a prepared cache gathers the coming steps' rows in a background thread (ahpa.data.prefetch)
         if cfg.data.prefetch and hasattr(p.source, "start_prefetch"):
             plan = functools.partial(process_requests, batch_size=t.batch_size, n=len(p.source), seed=t.seed,
@@ -105,81 +108,9 @@ class Trainer:
                 self.align_net = torch.compile(self.align_net, mode=t.compile_mode)
 
     # ---- set-up and resume ----
-    def _load(self) -> dict | None:
-        """Loads the newest checkpoint into the (unsharded) modules; returns its optimiser state, which
-        is loaded once the optimiser's parameters are final (after sharding). None on a fresh run."""
-        p = self.parts
-        state, _, skipped = load_latest_everywhere(self.run_dir / "checkpoints", p.device)
-        self.messages += skipped
-        if state is None and skipped:
-            raise RunConfigError(
-                f"{self.run_dir / 'checkpoints'} holds checkpoints but none is readable:\n  " + "\n  ".join(skipped)
-                + "\nMove them away to start afresh, or restore a good copy."
-            )
-        if state is None:
-            p.stats = compute_stats(p)
-            return None
-        with self._must_fit(state.get("step")):
-            p.model.load_state_dict(state["model"])
-            p.ema.load_state_dict(state["ema"])
-            if p.aligner is not None:
-                p.aligner.load_state_dict(state["aligner"])
-            optimizer_state = state["optimizer"]
-        # what the run keeps of the mapped checkpoint gets memory of its own (checkpoint.owned); on a GPU, loading
-        # the optimiser's state copies it there
-        if p.device.type == "cpu":
-            optimizer_state = owned(optimizer_state)
-        p.stats = PriorStats.from_dict(owned(state["stats"]))
-        self.step, self.ema_updates = state["step"], state["ema_updates"]
-        if self.cfg.train.steps < self.step:  # before config.yaml is written: the run's record keeps its length
-            raise RunConfigError(
-                f"train.steps={self.cfg.train.steps}, but {self.run_dir} is at step {self.step} (its newest checkpoint): "
-                f"a run is not shortened. Give train.steps={self.step} or more to resume it; `ahpa sample --run` and "
-                "`ahpa export --run` read its EMA without training"
-            )
-        saved_world, t = state.get("processes"), self.cfg.train  # None in checkpoints from before it was recorded
-        moved = (f" (saved by {saved_world} processes, now {self.world}: {t.batch_size // (self.world * t.grad_accum)} "
-                 "samples per process per micro-step)") if saved_world not in (None, self.world) else ""
-        self.messages.append(f"resumed from step {self.step}{moved}" if self.step < self.cfg.train.steps else
-                             f"the run is complete (step {self.step}): writing its export and closing plots again")
-        return optimizer_state
-
-    @contextlib.contextmanager
-    def _must_fit(self, step):
-        try:
-            yield
-        except (RuntimeError, KeyError, ValueError, IndexError) as e:
-            raise RunConfigError(
-                f"the newest checkpoint in {self.run_dir / 'checkpoints'} (step {step}) does not fit this "
-                f"run's model/aligner: {str(e).splitlines()[0]} ... Is it from another run or model size? Move it away "
-                f"or use another --out."
-            ) from None
-
     def state_dict(self) -> dict | None:
-        """The checkpoint: plain full state dicts, the same with or without FSDP. Under FSDP every process
-        calls it (it gathers) and only rank 0 gets the dict; the others get None."""
-        p, sh = self.parts, self.sharded
-        if sh is None:
-            model, ema, optimizer = p.model.state_dict(), p.ema.state_dict(), p.optimizer.state_dict()
-            aligner = p.aligner.state_dict() if p.aligner is not None else None
-        else:
-            model, ema, optimizer = sh.full_state("model"), sh.full_state("ema"), sh.optimizer_state()
-            aligner = sh.full_state("aligner") if p.aligner is not None else None
-            if self.rank != 0:
-                return None
-        return {
-            "step": self.step,
-            "ema_updates": self.ema_updates,
-            "processes": self.world,
-            "config": self.cfg.to_dict(),
-            "model": model,
-            "ema": ema,
-            "aligner": aligner,
-            "optimizer": optimizer,
-            "stats": p.stats.to_dict(),
-            "levels": p.levels,
-            "encoder": p.encoder.identity(),
-        }
+        """The checkpoint (ahpa.train.run_state). Under FSDP every process calls it; only rank 0 gets the dict."""
+        return checkpoint_state(self.parts, self.sharded, self.rank, self.step, self.ema_updates, self.world, self.cfg)
 
     # ---- one step ----
     def _lr(self, step: int) -> float:
@@ -381,19 +312,24 @@ class Trainer:
                             f"model.qk_norm=true or train.precision=fp32, or check the data."
                         )
                     sums, count, t0 = {}, 0, time.perf_counter()
-                # asked to stop: save and go, before any sample grid or evaluation (a scheduler's grace period is
-                # short); an evaluation due at this step is done on resume (Evaluator.missing)
+                # asked to stop: log the window so far (its steps would never be logged), save with the router's
+                # record and go, before any sample grid or evaluation (a scheduler's grace period is short); an
+                # evaluation due at this step is done on resume (Evaluator.missing)
                 stop = not done and self._stop_agreed(should_stop)
-                # every process takes part in saving and sampling (FSDP gathers); rank 0 writes
-                if stop:  # saved also inside a streak of skipped steps: they left the weights as they were
-                    self.save()
-                    return {**last, "stopped": True, "step": self.step}
-                # no checkpoint inside a streak of skipped steps: the last good one stays the newest
-                if (self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0:
+                if stop and count:
+                    last = self._log_row(sums, count, t0)
+                    if logger is not None:
+                        logger.log(self.step, last)
+                # every process takes part in saving and sampling (FSDP gathers); rank 0 writes. No checkpoint
+                # inside a streak of skipped steps (the last good one stays the newest), except on a stop: the
+                # skipped steps left the weights as they were
+                if stop or ((self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0):
                     self.save()
                     aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None
                     if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
                         logger.image("router", outputs.write_router_plot(aligner, self.run_dir, self.step), self.step)
+                if stop:
+                    return {**last, "stopped": True, "step": self.step}
                 if c.train.sample_every and c.sample.grid_images and (self.step % c.train.sample_every == 0 or done):
                     bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:

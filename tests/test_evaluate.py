@@ -230,9 +230,16 @@ def test_a_reference_folder_of_photos_is_read_at_the_run_resolution(setup, tmp_p
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
     cfg = config.load(None, [*TINY, "train.steps=2", "eval.every=2", f"eval.detectors=[{det.spec}]",
                              f"eval.ref={tmp_path / 'photos'}", "eval.num=8", "eval.batch=8"])
-    Trainer(cfg, tmp_path / "run").run()
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert not [m for m in trainer.messages if "resolution gap" in m]  # read at the samples' size
+    trainer.run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r[f"eval/{det.name}"] > 0 for r in rows if f"eval/{det.name}" in r] == [True]
+    # an .npz of another size is measured as it is, and the run says what that does to its FD (as `ahpa eval` does)
+    small = tmp_path / "small.npz"
+    np.savez(small, images=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), labels=np.arange(8) % 2)
+    cfg = config.load(None, [*TINY, "train.steps=2", "eval.every=2", f"eval.detectors=[{det.spec}]", f"eval.ref={small}"])
+    assert [m for m in Trainer(cfg, tmp_path / "run8").messages if "holds 8x8 images and the samples are 16x16" in m]
 
 
 def test_several_detectors_share_one_set_of_samples(setup, tmp_path):

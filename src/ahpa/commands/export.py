@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export the EMA backbone of a run's latest checkpoint")
-    p.add_argument("--run", required=True, help="run directory (its newest readable checkpoint's EMA weights)")
+    # --run-dir: the same; under torchrun `--run` is an ambiguous abbreviation of its --run-path
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (its newest readable checkpoint's EMA weights)")
     p.add_argument("--out", required=True, help="output .safetensors: the SiT's weights, with what sampling needs "
                                                 "(VAE spec, latent statistics, path) in its metadata")
     p.add_argument("--encoder", help="the run's VAE (KIND:PATH) when it is no longer where its config.yaml says (the "

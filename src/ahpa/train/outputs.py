@@ -100,6 +100,12 @@ class Evaluator:
         # measured (or read from the run's cache) now, not at the first evaluation: a reference that cannot be read
         # fails before training
         self._load()
+        sizes = sorted({r.image_size for r in self._refs if r.image_size is not None})
+        if rank == 0 and resolution and sizes and sizes != [(resolution, resolution)]:
+            (h, w), side = sizes[0], resolution
+            self.notes.append(f"eval.ref holds {h}x{w} images and the samples are {side}x{side}: detectors resize both to "
+                              "their input size, so the FD mixes the resolution gap with sample quality (the same gap "
+                              "for every run compared)")
 
     @classmethod
     def for_run(cls, cfg: Config, step: int, device: torch.device, run_dir: Path, rank: int, world: int) -> "Evaluator | None":

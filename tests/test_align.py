@@ -74,6 +74,37 @@ def test_cosine_loss_is_vectorised_and_fp32():
     assert torch.allclose(cosine_loss(q, q), torch.zeros(3), atol=1e-2)
 
 
+def test_cosine_loss_is_per_token_over_channels_and_averaged_over_tokens():
+    """Rescaling each target token by its own positive factor changes nothing; flipping 2 of 5 tokens costs
+    2 x 2/5 (a cosine of -1 is a loss of 2)."""
+    p = torch.randn(3, 5, 7)
+    assert torch.allclose(cosine_loss(p, p * (torch.rand(3, 5, 1) + 0.1)), torch.zeros(3), atol=1e-6)
+    sign = torch.ones(3, 5, 1)
+    sign[:, :2] = -1
+    assert torch.allclose(cosine_loss(p, p * sign), torch.full((3,), 2 * 2 / 5), atol=1e-6)
+
+
+def test_the_router_objective_sends_no_gradient_to_the_heads_or_the_backbone():
+    """The hidden tokens (and the heads) get the gradient of sum_k g_k(t) l_k with the weights held fixed: the
+    router's own objective trains the router alone."""
+    torch.manual_seed(0)
+    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_normalize=False, router_entropy=0.0),
+                 "soft", "cosine")
+    hidden = torch.randn(4, 6, 16, requires_grad=True)
+    targets, t = [torch.randn(4, 6, 3), torch.randn(4, 6, 4)], torch.rand(4)
+    loss, _ = al(hidden, targets, t)
+    fixed = (al.router(t).detach() * al.level_losses(al.predictions(hidden), targets)).sum(1).mean()
+    assert torch.allclose(torch.autograd.grad(loss, hidden)[0], torch.autograd.grad(fixed, hidden)[0], atol=1e-7)
+
+
+def test_the_running_loss_mean_of_one_bin_follows_its_momentum():
+    """The default one bin of t: the first batch as it is, then momentum * old + (1 - momentum) * new."""
+    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_momentum=0.9), "soft", "cosine")
+    al.update_running(*al.running_terms(torch.tensor([[1.0, 2.0]]), None))
+    al.update_running(*al.running_terms(torch.tensor([[11.0, 12.0]]), None))
+    assert torch.allclose(al.running_loss, torch.tensor([2.0, 3.0]))
+
+
 def test_shared_trunk_projector_splits_heads():
     proj = Projector(16, [3, 5, 2], proj_dim=32, shared_trunk=True)
     outs = proj(torch.randn(2, 4, 16))

@@ -80,3 +80,16 @@ def test_fixed_batch_pads_and_drops():
     x = torch.randn(10, 2)
     assert torch.equal(fixed_batch(fn, 4, x, torch.zeros(10), torch.zeros(10, dtype=torch.long)), x * 2)
     assert calls == [4, 4, 4]
+
+
+def test_heun_is_second_order_with_2n_minus_1_evaluations():
+    """dx/dt = x from t = 1 to 0 ends at x(1)/e. The point mass above is solved exactly by Euler too, so it cannot
+    tell a Heun that lost its correction from Euler; this can."""
+    x1 = torch.ones(3, dtype=torch.float64)
+    calls = []
+    exact = x1 / torch.e
+    heun10 = (heun(lambda x, t: (calls.append(t), x)[1], x1, 10) - exact).abs().max().item()
+    assert len(calls) == 19  # the last step is an Euler step (no evaluation at t = 0)
+    assert heun10 < 0.15 * (euler(lambda x, t: x, x1, 10) - exact).abs().max().item()
+    heun20 = (heun(lambda x, t: x, x1, 20) - exact).abs().max().item()
+    assert 3.0 < heun10 / heun20 < 5.0  # half the step, a quarter of the error

@@ -1,0 +1,101 @@
+"""The conventions that tie training to sampling and to the objective as documented, which smoke tests (the loss
+falls, two runs agree bitwise) cannot see: the flow target and the direction of t, λ, label dropout, the EMA's
+weight, what guidance is given, and the latents the VAE decodes. Each was a surviving hand-made mutation."""
+
+import pytest
+import torch
+
+from ahpa.config import SampleCfg
+from ahpa.train.ema import ema_decay, ema_update
+from ahpa.train.loop import Trainer
+
+
+def _step_inputs(tr: Trainer, n: int = 8, step: int = 0):
+    """One step's batch and random draws, as train_step makes them."""
+    mc = tr.parts.model.cfg
+    d = tr._draws(step, n, (mc.in_channels, mc.input_size, mc.input_size))
+    return tr.parts.source.fetch(torch.arange(n), d["flip"], d.get("posterior")), d
+
+
+def test_the_flow_loss_is_zero_for_the_exact_velocity(tmp_path, tiny):
+    """A network that knows the step's noise recovers x from (x_t, t) by the path's own convention (t = 1 is noise,
+    the one the sampler integrates from) and returns the path's velocity: the loss is then 0. A negated target or
+    a flipped t in training would leave it large."""
+    tr = Trainer(tiny("align.method=none"), tmp_path / "r")
+    batch, d = _step_inputs(tr)
+    path = tr.path
+
+    def oracle(x_t, t, y, taps=()):
+        a, s = (f(t.double())[:, None, None, None] for f in (path.alpha, path.sigma))
+        x = (x_t.double() - s * d["eps"].double()) / a
+        return path.velocity(x, d["eps"].double(), t.double()).float(), []
+
+    tr.net = oracle
+    _, metrics = tr._loss(batch, d, False)
+    assert metrics["loss/flow"].item() < 1e-6
+
+
+def test_the_alignment_loss_enters_with_weight_lambda(tmp_path, tiny):
+    """loss = flow + λ · alignment, where the logged loss/align is already weighted (uniform weights: no router
+    objective adds to it)."""
+    tr = Trainer(tiny("align.method=multi-uniform", "align.weight=0.25"), tmp_path / "r")
+    batch, d = _step_inputs(tr)
+    loss, m = tr._loss(batch, d, True)
+    assert torch.allclose(loss, m["loss/flow"] + m["loss/align"], rtol=1e-6) and m["loss/align"].item() > 0.01
+    tr.cfg.align.weight = 0.5
+    assert torch.allclose(tr._loss(batch, d, True)[1]["loss/align"], 2 * m["loss/align"], rtol=1e-5)
+
+
+def test_label_dropout_feeds_the_null_class(tmp_path, tiny):
+    """The labels the network sees are the null class exactly where the step's draws drop them."""
+    tr = Trainer(tiny("align.method=none", "train.label_dropout=0.5"), tmp_path / "r")
+    batch, d = _step_inputs(tr, n=16)
+    assert d["drop"].any() and not d["drop"].all()
+    seen, net = [], tr.net
+    tr.net = lambda x, t, y, taps=(): (seen.append(y.clone()), net(x, t, y, taps))[1]
+    tr._loss(batch, d, False)
+    null = tr.parts.model.null_class
+    assert (batch.labels != null).all()
+    assert torch.equal(seen[0], torch.where(d["drop"], torch.full_like(batch.labels, null), batch.labels))
+
+
+def test_the_ema_moves_by_one_minus_decay_and_not_on_a_skipped_step():
+    ema, model = [torch.nn.Parameter(torch.zeros(3))], [torch.nn.Parameter(torch.ones(3))]
+    ema_update(ema, model, 0.9)
+    assert torch.allclose(ema[0], torch.full((3,), 0.1))
+    ema_update(ema, model, 0.9, keep=torch.tensor(1.0))
+    assert torch.allclose(ema[0], torch.full((3,), 0.1))
+    assert ema_decay(0, 0.9999, True) == pytest.approx(0.1) and ema_decay(10**6, 0.9999, True) == 0.9999
+
+
+def test_sampling_guides_with_the_settings_and_the_null_class(tmp_path, tiny, monkeypatch):
+    import ahpa.sample as sample
+
+    bundle = Trainer(tiny("train.steps=1"), tmp_path / "r").sampler_bundle()
+    seen, real = [], sample.guided_velocity
+
+    def spy(fn, x, t, y, null_class, scale, interval, micro_batch):
+        seen.append((null_class, scale, tuple(interval)))
+        return real(fn, x, t, y, null_class, scale, interval, micro_batch)
+
+    monkeypatch.setattr(sample, "guided_velocity", spy)
+    cfg = SampleCfg(solver="euler", steps=2, cfg_scale=2.5, guidance_low=0.1, guidance_high=0.7, micro_batch=8)
+    sample.generate(bundle, [0, 1], torch.tensor([0, 1]), 0, cfg)
+    assert seen and set(seen) == {(bundle.model.null_class, 2.5, (0.1, 0.7))}
+
+
+def test_samples_are_decoded_from_unstandardised_latents(tmp_path, tiny, monkeypatch):
+    """The solver works in standardised latents; the VAE decodes mean + std · z."""
+    import ahpa.sample as sample
+    from ahpa.priors.targets import ChannelStats
+
+    bundle = Trainer(tiny("train.steps=1"), tmp_path / "r").sampler_bundle()
+    c = bundle.latent_shape[0]
+    mean = torch.arange(c).float() + 1.0
+    bundle.latent_stats = ChannelStats(mean, torch.full((c,), 3.0))
+    z = torch.randn(2, *bundle.latent_shape)
+    monkeypatch.setattr(sample, "solve", lambda *a, **k: z)
+    got, decode = [], bundle.encoder.decode
+    monkeypatch.setattr(bundle.encoder, "decode", lambda x: (got.append(x.clone()), decode(x))[1])
+    sample.generate(bundle, [0, 1], torch.tensor([0, 1]), 0, SampleCfg(solver="euler", steps=2, micro_batch=2))
+    assert torch.allclose(torch.cat(got), z * 3.0 + mean[None, :, None, None])

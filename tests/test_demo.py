@@ -13,6 +13,7 @@ def test_demo_pipeline_small(tmp_path):
     for key in ("samples", "router", "losses", "metrics", "tb", "model"):
         assert (tmp_path / "demo" / report["files"][key].split("demo/", 1)[1]).exists(), key
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    # the plumbing at a size too small to judge the samples: .ci/run runs the full demo, which checks them
     assert saved["num_samples"] == 16 and 0.0 <= saved["class_consistency"] <= 1.0
     assert set(saved["seconds"]) == {"data", "vae", "judge", "sit", "sample"}
     # a rerun starts afresh rather than resuming the SiT over a new VAE

@@ -38,6 +38,7 @@ OUT=${OUT:-/tmp/ahpa-study-out}
 SRC=${STUDY_INPUTS:-.carry}
 LIMIT_S=${STUDY_LIMIT_S:-530}
 WORK=$(mktemp -d /tmp/ahpa-study-lanes.XXXX)
+trap 'rm -rf "$WORK"' EXIT  # what comes back is copied to $OUT
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=${1:?steps per run}
@@ -58,7 +59,7 @@ left() { echo $(( LIMIT_S - ($(date +%s) - start) )); }
 # the cache first, in one process: lanes started together would each prepare it
 python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --methods "" --results "$WORK/prep.jsonl" > "$WORK/lane0.log" 2>&1 \
     || { cat "$WORK/lane0.log"; cp "$WORK/lane0.log" "$OUT/study.log"; exit 1; }
-threads=$(( $(nproc) / lanes ))
+threads=$(( $(nproc) / lanes )); (( threads > 0 )) || threads=1  # OMP_NUM_THREADS=0 is invalid
 lane() {  # lane() INDEX FLAGS: one process, and its rerun without CUDA graphs if it fails before any evaluation
     local i=$1 log="$WORK/lane$1.log" rows="$WORK/lane$1/study.jsonl" flags retry rc=0
     read -ra flags <<< "$2"

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -356,3 +357,66 @@ def test_repa_trains_from_a_cache_that_stores_the_images(tmp_path, flips):
                       tmp_path / "stops", external=tiny_external())
     trainer.run()
     assert "image" not in trainer.parts.source.fields and not trainer.parts.source.reads_priors
+
+
+def test_posterior_sample_has_std_exp_half_logvar():
+    """mean + exp(logvar / 2) * noise (logvar = log 4: std 2)."""
+    from ahpa.priors.base import posterior_sample
+
+    mean, logvar, noise = torch.full((2, 3), 1.0), torch.full((2, 3), float(np.log(4.0))), torch.full((2, 3), 1.5)
+    assert torch.allclose(posterior_sample(mean, logvar, noise), torch.full((2, 3), 4.0))
+    assert torch.equal(posterior_sample(mean, logvar, None), mean)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_stochastic_cache_serves_what_on_the_fly_encoding_gives_with_the_same_noise(tiny_cache, tmp_path, dtype):
+    """the cache of a KL-VAE (a posterior) against encoding the same images on the fly, with the same
+    posterior noise and flips: the sampled latent, the "latent" level pooled from that sample, the other levels, and
+    the labels. test_cache's parity test uses TAEF2 (no posterior) and noise None, so none of that is checked there;
+    and a bf16 cache was only checked for shapes and dtype."""
+    from ahpa.data.cache import CacheSource, read_manifest
+    from ahpa.data.batches import OnTheFly
+    from ahpa.data.prepare import PrepareOptions, prepare
+    from ahpa.data.sources import ImageSet, load_npz_images
+    from ahpa.priors.kl_vae import KLVAE
+
+    cache = tiny_cache
+    if dtype == "bf16":  # the same 40 images, stored in bf16
+        cache = tmp_path / "bf16"
+        prepare(PrepareOptions(images=str(tiny_cache.parent / "shapes.npz"), vae="ahpa-vae:random", resolution=16,
+                               out=str(cache), grid=4, shard_size=16, batch=16, workers=0, device="cpu", flips="stored",
+                               dtype="bf16"))
+    images, labels = load_npz_images(tiny_cache.parent / "shapes.npz")
+    vae = KLVAE.random()
+    levels = ["stage1", "stage3", "latent"]
+    src = CacheSource(cache, read_manifest(cache), levels, 2, torch.device("cpu"))  # cache grid 4 pooled to 2
+    fly = OnTheFly(ImageSet(torch.from_numpy(images), torch.from_numpy(labels), 8), vae, levels, 2, 16, torch.device("cpu"))
+    idx, flip = torch.tensor([3, 39, 0, 17, 16, 5]), torch.tensor([False, True, True, False, True, False])
+    noise = torch.randn(6, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    a, b = src.fetch(idx, flip, noise), fly.fetch(idx, flip, noise)
+    tol = 2e-2 if dtype == "bf16" else 3e-3  # the stored rounding only
+    assert torch.equal(a.labels, b.labels)
+    assert not torch.allclose(a.latent, src.fetch(idx, flip, None).latent)  # the noise is used at all
+    assert torch.allclose(a.latent, b.latent, atol=tol * b.latent.abs().max()), (a.latent - b.latent).abs().max()
+    for name in levels:
+        assert torch.allclose(a.levels[name], b.levels[name], atol=tol * b.levels[name].abs().max()), name
+
+
+def test_pca_basis_is_the_correlation_pca_of_centred_tokens():
+    """the kept share is that of the correlation matrix of the centred data (np.corrcoef), and with all
+    directions kept, project -> reconstruct is the identity, whatever the data's offset."""
+    from ahpa.data.reduce import CovarianceSums, project, reconstruct
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    x = (torch.randn(4000, 6, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 0.5, 0.2, 0.1]) @ mix) + 50
+    sums = CovarianceSums()
+    for part in x.split(1000):
+        sums.update(part[None])  # [1, M, C] tokens
+    mean, p, q, kept = sums.basis(2)
+    vals = np.sort(np.linalg.eigvalsh(np.corrcoef(x.numpy(), rowvar=False)))[::-1]
+    assert kept == pytest.approx(vals[:2].sum() / vals.sum(), abs=1e-5)
+    full = sums.basis(6)
+    tokens = x[:100].float()[None]
+    back = reconstruct(project(tokens, *map(torch.from_numpy, full[:3])), *map(torch.from_numpy, full[:3]))
+    assert torch.allclose(back, tokens, atol=1e-3)

@@ -133,3 +133,12 @@ def test_a_preset_is_checked_when_it_is_set():
     with pytest.raises(config.ConfigError, match=r"model.preset='Q/3' is not valid; valid values: S/1, S/2, S/4, B/1"):
         config.load(None, ["model.preset=Q/3"])
     assert config.load(None, ["model.preset=XL/2"]).model.preset == "XL/2"
+
+
+@pytest.mark.parametrize("change", ["train.batch_size=16", "train.seed=1", "data.hflip=false", "train.lr=0.5",
+                                    "model.depth=3", "prior.encoder=taef2:x", "align.method=repa"])
+def test_settings_that_change_the_run_are_never_resumable(change):
+    """batch size and seed fix the data order (ahpa.data.order), the rest the model or its objective."""
+    from ahpa import config
+
+    assert config.resume_conflicts(config.load(None, []), config.load(None, [change])), change

@@ -251,3 +251,46 @@ def test_convert_command_writes_a_sampling_export(tmp_path, capsys):
                                 "--encoder", "diffusers:stabilityai/sd-vae-ft-ema"])
     with pytest.raises(ValueError, match=r"--resolution 48 does not match .* = 64"):
         sd_res.func(sd_res)
+
+
+def _public(**kw):
+    ref = public_like(**kw)
+    return ref, to_public(ref)
+
+
+def test_a_checkpoint_without_pos_embed_gets_the_public_order():
+    """a state dict saved without its pos_embed buffer (input_size given) computes what the public model does."""
+
+    ref, sd = _public()
+    del sd["pos_embed"]
+    model = load_public_checkpoint(sd, "repa", input_size=8)
+    assert model.cfg.pos_embed_order == "wh"
+    x, t, y = inputs()
+    assert torch.equal(out(model, x, t, y), out(ref, x, t, y))
+
+
+def test_a_pos_embed_in_our_order_is_recognised_as_such():
+    """a stored embedding in the "hw" order is read as "hw" (and the model computes the same)."""
+    import dataclasses
+
+    from ahpa.models.sit import sincos_pos_embed
+
+    ours = public_like()
+    ref_hw = SiT(dataclasses.replace(ours.cfg, pos_embed_order="hw")).eval()
+    ref_hw.load_state_dict(ours.state_dict())
+    sd = to_public(ref_hw)
+    sd["pos_embed"] = sincos_pos_embed(D, G, "hw")[None]
+    model = load_public_checkpoint(sd, "repa")
+    assert model.cfg.pos_embed_order == "hw"
+    x, t, y = inputs()
+    assert torch.equal(out(model, x, t, y), out(ref_hw, x, t, y))
+
+
+def test_compiled_and_ddp_prefixes_are_stripped():
+    """torch.compile's _orig_mod. (and DDP's module. around it) name prefixes are removed."""
+
+    ref, sd = _public()
+    x, t, y = inputs()
+    for prefix in ("_orig_mod.", "module._orig_mod.", "module."):
+        model = load_public_checkpoint({prefix + k: v for k, v in sd.items()}, "repa")
+        assert torch.equal(out(model, x, t, y), out(ref, x, t, y)), prefix

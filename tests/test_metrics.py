@@ -448,3 +448,23 @@ def test_fd_between_and_reference_stats(tmp_path):
     FeatureStats.load(tmp_path / "stats.npz").save(tmp_path / "other.npz", detector="FD-r32")
     with pytest.raises(ValueError, match="FD-r32, not FD-r20"):
         reference_stats(tmp_path / "other.npz", det)
+
+
+def test_a_detector_file_replaced_in_place_gets_a_new_reference_key(tmp_path):
+    """the key holds the detector file's identity (size, mtime), not only its path: new weights under the
+    same name must not reuse statistics measured with the old ones."""
+    import os
+
+    from ahpa.metrics.reference import reference_key
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images=np.zeros((2, 8, 8, 3), np.uint8))
+    det_file = tmp_path / "net-resnet20.pt"
+    det_file.write_bytes(b"old weights")
+    det = type("D", (), {"name": "FD-r20", "spec": f"torchscript:{det_file}"})()
+    first = reference_key(ref, det)
+    assert reference_key(ref, det) == first
+    st = det_file.stat()
+    det_file.write_bytes(b"new weights")  # same size
+    os.utime(det_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert reference_key(ref, det) != first

@@ -124,3 +124,30 @@ def test_activation_checkpointing_composes_with_compile():
     assert torch.allclose(loss_a, loss_b, rtol=1e-6)
     for (name, _), a, b in zip(ref.named_parameters(), grads_a, grads_b):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+def test_pooled_targets_are_row_major_like_the_sits_tokens():
+    """pool_to_grid's token r*g + c is grid cell (row r, column c), as SiT.forward orders its patch tokens: a
+    patch-2 SiT whose embedder averages each 2x2 patch of channel k into hidden channel k gives, as the tokens its
+    first block reads (less the position embedding), exactly the pooled targets."""
+    import torch.nn.functional as F
+
+    from ahpa.models.sit import SiT, SiTConfig
+    from ahpa.priors.targets import pool_to_grid
+
+    feat = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    tokens = pool_to_grid(feat, 4)  # [2, 16, 3]
+    cells = F.avg_pool2d(feat, 2)  # [2, 3, 4, 4]
+    assert all(torch.equal(tokens[:, r * 4 + c], cells[:, :, r, c]) for r in range(4) for c in range(4))
+    model = SiT(SiTConfig(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                          num_classes=2)).eval()
+    with torch.no_grad():
+        model.x_embedder.weight.zero_()
+        model.x_embedder.bias.zero_()
+        for k in range(3):
+            model.x_embedder.weight[k, k] = 0.25
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(feat, torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    assert torch.allclose((seen[0] - model.pos_embed)[..., :3], tokens, atol=1e-6)

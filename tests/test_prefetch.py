@@ -200,3 +200,25 @@ def test_two_processes_with_prefetch_match_one(cache, tmp_path):
         a, b = states[0][part], states[1][part]
         assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5, part
 
+
+def test_each_epoch_is_a_fresh_permutation_and_a_step_may_straddle_two():
+    """every epoch visits each sample once, in an order of its own (not epoch 0's again)."""
+    from ahpa.data.order import batch_indices, epoch_permutation
+
+    n, B, seed = 50, 10, 3
+    epoch0 = torch.cat([batch_indices(s, B, n, seed) for s in range(5)])
+    epoch1 = torch.cat([batch_indices(s, B, n, seed) for s in range(5, 10)])
+    assert torch.equal(epoch0.sort().values, torch.arange(n)) and torch.equal(epoch1.sort().values, torch.arange(n))
+    assert not torch.equal(epoch0, epoch1)
+    # positions 40..59 with B=20: the last 10 of epoch 0, then the first 10 of epoch 1
+    mixed = batch_indices(2, 20, n, seed)
+    assert torch.equal(mixed, torch.cat([epoch_permutation(n, seed, 0)[40:], epoch_permutation(n, seed, 1)[:10]]))
+
+
+def test_half_the_samples_are_mirrored_and_none_without_hflip():
+    """the flip probability is 1/2 (binomial: 51,200 draws, sd of the share 0.0022)."""
+    from ahpa.data.order import flip_mask
+
+    share = torch.cat([flip_mask(s, 256, 0, True) for s in range(200)]).float().mean().item()
+    assert abs(share - 0.5) < 0.015, share
+    assert not torch.cat([flip_mask(s, 256, 0, False) for s in range(4)]).any()

@@ -313,3 +313,26 @@ def test_a_small_diffusers_vae_prepares(tmp_path):
     res = prepare(PrepareOptions(images=str(tmp_path / "set.npz"), vae=f"diffusers:{tmp_path / 'vae'}", resolution=16,
                                  out=str(tmp_path / "cache"), workers=0, shard_size=8, flips="none"))
     assert res.complete and res.images == 8
+
+
+def test_labels_follow_their_images_past_skipped_files(tmp_path):
+    """with bad files skipped, every stored row keeps the label of the file it came from (shards of 4 and
+    batches of 2, so that skips fall inside and at the ends of batches and shards)."""
+    from PIL import Image
+
+    from ahpa.data.cache import CacheSource, read_manifest
+    from ahpa.data.prepare import PrepareOptions, prepare
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "photos"
+    for cls, n in (("a", 5), ("b", 4), ("c", 3)):
+        (root / cls).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / cls / f"{k}.png")
+    (root / "a" / "0_bad.png").write_bytes(b"")  # sorted first in a/: a skip at a shard's start
+    (root / "b" / "2_bad.png").write_text("no image")
+    res = prepare(PrepareOptions(images=str(root), vae="ahpa-vae:random", resolution=16, out=str(tmp_path / "c"),
+                                 grid=2, shard_size=4, batch=2, workers=0, device="cpu", flips="none"))
+    assert res.images == 12 and len(res.skipped) == 2
+    src = CacheSource(tmp_path / "c", read_manifest(tmp_path / "c"), ["latent"], 2, torch.device("cpu"))
+    assert src.labels.tolist() == [0] * 5 + [1] * 4 + [2] * 3

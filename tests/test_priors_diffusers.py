@@ -180,3 +180,23 @@ def test_a_hub_id_that_cannot_load_says_to_name_a_local_copy(monkeypatch):
     monkeypatch.setattr(module, "autoencoder_kl", lambda: Offline)
     with pytest.raises(OSError, match=r"'org/some-vae' is not a local directory.*name a local copy"):
         load_encoder("diffusers:org/some-vae")
+
+
+def test_diffusers_levels_are_the_down_blocks_and_the_mid_block():
+    """down{i} is the output of encoder.down_blocks[i], mid that of encoder.mid_block (in the tiny config
+    mid and down1 have the same shape, so shapes cannot tell them apart)."""
+    from ahpa.priors.diffusers_vae import DiffusersVAE
+
+    torch.manual_seed(0)
+    enc = DiffusersVAE.from_config({"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+                                    "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1,
+                                    "norm_num_groups": 8, "latent_channels": 4})
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = enc.encode(x, ("down0", "down1", "mid"))
+    e = enc.vae.encoder
+    with torch.no_grad():
+        h = e.conv_in(x * 2 - 1)
+        for i, block in enumerate(e.down_blocks):
+            h = block(h)
+            assert torch.equal(out.features[f"down{i}"], h), i
+        assert torch.equal(out.features["mid"], e.mid_block(h))

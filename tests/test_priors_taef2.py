@@ -93,3 +93,17 @@ def test_missing_paths_name_the_path(tmp_path):
     _save_half(build_encoder(), tmp_path / ENCODER_FILE)
     with pytest.raises(FileNotFoundError, match=DECODER_FILE):
         TAEF2Encoder.from_dir(tmp_path)
+
+
+def test_taef2_levels_are_the_documented_module_outputs():
+    """ARCHITECTURE.md: the levels are the outputs of encoder modules 1, 5, 9, 13 and the latent that of 14
+    (random weights: the wiring, not the file, is under test; shapes alone cannot tell 4 from 5)."""
+    from ahpa.priors.taef2 import TAEF2Encoder
+
+    torch.manual_seed(0)
+    enc = TAEF2Encoder().eval()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = enc.encode(x, enc.level_names)
+    with torch.no_grad():
+        for name, last in (("stage1", 1), ("stage2", 5), ("stage3", 9), ("stage4", 13), ("latent", 14)):
+            assert torch.equal(out.features[name], enc.encoder[: last + 1](x)), name

@@ -253,3 +253,95 @@ def test_adm_reference_batch_gives_stored_fid_and_images_for_precision_recall(tm
                            cache_dir=tmp_path / "cache")
     assert got["FID"] < 1e-6  # the stored statistics, not the 30 images
     assert got["precision"] == 1.0 and not stats["reference"].count  # samples 0..9 are reference images 0..9
+
+
+def test_inception_score_is_the_exp_of_the_mean_kl_with_each_splits_own_marginal():
+    """exp(mean KL), not mean(exp KL): half the images certain of one of 2 classes, half undecided, gives
+    exp(log(2) / 2) = sqrt 2 (1.5 the other way). each split's own marginal: split 1 all class 0, split 2 all
+    class 1 scores 1 in each (a global marginal gives 2)."""
+    from ahpa.metrics import inception_score
+
+    certain = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(10, 1)
+    mixed = torch.cat([certain, torch.full((20, 2), 0.5)])
+    assert inception_score(mixed, splits=1)[0] == pytest.approx(2 ** 0.5, rel=1e-12)
+    one_class_each = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(10, 1), torch.tensor([[0.0, 1.0]]).repeat(10, 1)])
+    assert inception_score(one_class_each, splits=2) == pytest.approx((1.0, 0.0))
+
+
+def test_precision_recall_default_k_is_3_everywhere(tmp_path, monkeypatch):
+    """k = 3 (Kynkaenniemi et al., ADM's evaluator) by default in precision_recall, evaluate and `ahpa eval`.
+    Reals on a line spaced 1: an inner point's 3rd neighbour is at 2, its 5th at 3; fakes 2.5 off the line lie outside
+    every 3-NN ball and inside the 5-NN ones."""
+    import inspect
+
+    from ahpa.metrics import evaluation, precision_recall
+
+    real = torch.arange(10.0)[:, None] * torch.tensor([[1.0, 0.0]])
+    fake = torch.tensor([[4.0 + 0.5 * i, 2.5] for i in range(6)])
+    assert precision_recall(real, fake)[0] == 0.0 and precision_recall(real, fake, k=5)[0] == 1.0
+    assert inspect.signature(evaluation.evaluate).parameters["pr_k"].default == 3
+
+
+def test_dinov2_shrinks_with_antialiasing(tmp_path):
+    """ImageNet-sized images (256) shrink to 224 with an antialiased bicubic, as the PIL reference pipeline
+    does; test_dinov2_detector upsamples 64 -> 224, where antialiasing changes nothing."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from ahpa.metrics import load_detector
+
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    patch_size=14, image_size=224)
+    model = transformers.Dinov2Model(cfg).eval()
+    model.save_pretrained(tmp_path / "dino")
+    det = load_detector(f"dinov2:{tmp_path / 'dino'}")
+    imgs = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = F.interpolate(imgs.float() / 255, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = model(pixel_values=(x.clamp(0, 1) - mean) / std).last_hidden_state[:, 0]
+    torch.testing.assert_close(det.features(imgs), want)
+
+
+class _ColourClassifier(torch.nn.Module):
+    """A TorchScript detector whose classes are the dominant colour (confident): features are the mean brightness and
+    the three channel means."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        return torch.cat([x.mean(dim=(1, 2, 3))[:, None], x.mean(dim=(2, 3))], dim=1)
+
+    @torch.jit.export
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return 100.0 * self.forward(images)[:, 1:]
+
+
+def test_evaluate_passes_its_sets_and_splits_to_the_metrics(tmp_path):
+    """evaluate's precision is the share of samples on the reference manifold (not the other way round),
+    and its Inception Score uses is_splits. Half the samples are darkened (off the reference manifold), so precision !=
+    recall; the samples come red, then green, then blue, so 3 splits score ~1 and one split ~3. test_scores only
+    checks that these values lie in [0, 1] and [1, K]."""
+    from ahpa.metrics import inception_score, load_detector, precision_recall
+    from ahpa.metrics.evaluation import evaluate
+
+    det = load_detector(f"torchscript:{_script(_ColourClassifier(), tmp_path / 'toy-resnet20.pt')}")
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 100, (80, 16, 16, 3), dtype=np.uint8)
+    for i in range(80):
+        ref[i, :, :, i % 3] = 200
+    samples = rng.integers(0, 100, (60, 16, 16, 3), dtype=np.uint8)
+    for i in range(60):
+        samples[i, :, :, i // 20] = 200  # red, green, blue thirds
+    samples[::2] //= 2
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    np.savez(tmp_path / "ref.npz", images=ref)
+    got, _ = evaluate(tmp_path / "samples.npz", tmp_path / "ref.npz", det, ("is", "pr"), is_splits=3, pr_num=40,
+                      batch_size=16)
+    as_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    p, r = precision_recall(det.features(as_t(ref[:40])), det.features(as_t(samples[:40])))
+    assert p != r and (got["precision-r20"], got["recall-r20"]) == pytest.approx((p, r))
+    probs = det.class_probs(as_t(samples))
+    assert inception_score(probs, 3)[0] < 1.1 and inception_score(probs, 1)[0] > 2.5
+    assert got["IS-r20"] == pytest.approx(inception_score(probs, 3)[0], rel=1e-6)

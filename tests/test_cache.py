@@ -420,3 +420,25 @@ def test_pca_basis_is_the_correlation_pca_of_centred_tokens():
     tokens = x[:100].float()[None]
     back = reconstruct(project(tokens, *map(torch.from_numpy, full[:3])), *map(torch.from_numpy, full[:3]))
     assert torch.allclose(back, tokens, atol=1e-3)
+
+
+def test_a_cache_of_many_shards_opens_under_a_low_open_file_limit(tiny_cache, tmp_path):
+    """Every mapped field of every shard holds a file descriptor: an ImageNet cache maps thousands, past the soft
+    limit of 1,024 common on Linux. Here 40 images in shards of 2 (20 shards, ~200 maps) under a soft limit of 64:
+    the limit is raised within the hard one; with a hard limit of 64 the error names the fixes."""
+    pytest.importorskip("resource")
+    prepare(PrepareOptions(images=str(tiny_cache.parent / "shapes.npz"), vae="ahpa-vae:random", resolution=16,
+                           out=str(tmp_path / "c"), grid=4, shard_size=2, batch=16, workers=0, device="cpu", flips="stored"))
+    code = f"""
+import resource, sys, torch
+from ahpa.data.cache import CacheSource, read_manifest
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64 if sys.argv[1] == "hard" else hard))
+src = CacheSource({str(tmp_path / "c")!r}, read_manifest({str(tmp_path / "c")!r}), ["stage1", "stage3", "latent"], 2, "cpu")
+print(len(src), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, "-c", code, "soft"], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and int(ok.stdout.split()[0]) == 40 and int(ok.stdout.split()[1]) > 64, ok.stderr[-2000:]
+    low = subprocess.run([sys.executable, "-c", code, "hard"], capture_output=True, text=True, env=env, timeout=120)
+    assert low.returncode != 0 and "may open at most 64" in low.stderr and "--shard-size" in low.stderr, low.stderr[-2000:]

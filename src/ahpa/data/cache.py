@@ -132,6 +132,26 @@ class HostRows:
     ready: torch.cuda.Event | None = None
 
 
+def ensure_open_files(needed: int, where: Path) -> None:
+    """Each memory-mapped field of each shard holds a file descriptor (CPython's mmap keeps one): an ImageNet cache of
+    ~300 shards with five levels and stored flips maps ~4,400 files, past the soft limit of 1,024 that many Linux
+    machines and schedulers set. The soft limit is raised as far as needed, within the hard limit; beyond that the
+    error names the fixes, rather than numpy's "Too many open files" from deep inside the first memmap."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 256  # the process's other files: libraries, sockets, DataLoader pipes
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    if hard != resource.RLIM_INFINITY and hard < want:
+        raise CacheError(f"{where}: reading this cache maps {needed} files (shards x fields), and this process may open "
+                         f"at most {hard} (`ulimit -Hn`): raise the limit (`ulimit -n {want}` where allowed, or ask the "
+                         "cluster's admins), read fewer levels (align.levels), or prepare with a larger --shard-size")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 class CacheSource:
     """Training batches from a prepared cache: the same interface as `ahpa.data.batches.OnTheFly`."""
 
@@ -157,6 +177,8 @@ class CacheSource:
         total = int(self.starts[-1])
         self.length = min(limit, total) if limit else total
         shard_dir = self.directory / SHARD_DIR
+        per_shard = len([f for f in wanted if f != "image"]) * len(variants) + self.images + 1  # + labels, briefly
+        ensure_open_files(len(shards) * per_shard, self.directory)
         # maps[variant][field][shard] -> memmap [rows, *row_shape]
         self.maps: dict[str, dict[str, list[np.memmap]]] = {}
         for v in variants:

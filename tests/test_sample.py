@@ -104,6 +104,33 @@ def test_bad_sample_inputs(tmp_path, capsys, run_dir):
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_the_sample_file_is_written_a_piece_at_a_time_in_the_adm_layout(tmp_path):
+    """50,000 samples at 256 are 9.8 GB: the final file is written from the chunks one at a time (here 16 pieces of
+    1 MB with under 3 MB allocated at the peak), and reads back as np.savez's file does."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(0, 256, (16, 128, 128, 3), dtype=np.uint8) for _ in range(2)]
+    labels = np.arange(32 * 8) % 10
+
+    def stream():
+        for i in range(16):
+            yield pieces[i % 2].copy()  # a fresh megabyte each time, as a chunk read from disk is
+
+    tracemalloc.start()
+    write_npz(tmp_path / "s.npz", stream(), labels, (256, 128, 128, 3))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * 2**20, peak
+    with np.load(tmp_path / "s.npz") as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"] and f["arr_0"].dtype == np.uint8 and f["arr_1"].dtype == np.int64
+        assert np.array_equal(f["arr_0"], np.concatenate([pieces[i % 2] for i in range(16)]))
+        assert np.array_equal(f["arr_1"], labels)
+    with pytest.raises(ValueError, match="255 rows written for an array of 256"):
+        write_npz(tmp_path / "t.npz", [pieces[0]] * 15 + [pieces[0][:15]], labels, (256, 128, 128, 3))
+    assert not (tmp_path / "t.npz").exists()
+
+
 def test_compiled_sampling_matches_eager_with_one_graph(run_dir):
     """sample.compile: the same images as eager up to rounding, and one compiled graph for every batch size (each
     network call has the fixed micro-batch's shape), so a 50K run compiles once."""

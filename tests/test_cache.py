@@ -195,9 +195,21 @@ def test_interrupted_run_resumes_to_identical_files(taef2, reference_cache, tmp_
         prepare(_opts(out), on_progress=stop_after_one_shard, encoder=taef2)
     assert read_manifest_raises(out)  # a partial cache never looks complete
     assert any(p.name.endswith(".tmp") for p in (out / "shards").iterdir())  # the unfinished shard's temp files
+    # the finished shard's record means whole files: a resume checks sizes (a bit flipped on the disk since goes
+    # unseen, and costs no hashing of the finished shards), --repair hashes them and encodes the damaged one again
+    flipped = out / "shards" / "shard-00000.latent_mean.bin"
+    good = flipped.read_bytes()
+    flipped.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    def stop_after_two_shards(p):
+        if p.shards_done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_opts(out), on_progress=stop_after_two_shards, encoder=taef2)  # one more shard, the flip kept
+    assert flipped.read_bytes() != good
     kept = []
-    res = prepare(_opts(out), on_progress=lambda p: kept.append(p.shards_done), encoder=taef2)
-    assert res.shards_reused == 1 and res.shards_written == 2 and kept[0] == 1
+    res = prepare(_opts(out, repair=True), on_progress=lambda p: kept.append(p.shards_done), encoder=taef2)
+    assert res.shards_reused == 1 and res.shards_written == 2 and kept[0] == 1  # shard 1 kept, shards 0 and 2 encoded
     assert _files(out) == _files(reference_cache)
 
 

@@ -38,8 +38,8 @@ def register(sub) -> None:
                    help="keep the uint8 crops as well (R*R*3 bytes per image: ~196 KB at 256), so that REPA's external "
                         "encoder can train from the cache (align.method=repa)")
     p.add_argument("--repair", action="store_true",
-                   help="on a complete cache: check every file against its sha256 (reads the whole cache) and encode "
-                   "the damaged shards again, keeping the rest; not while a run reads the cache")
+                   help="check every finished shard's files against their sha256 (reads them whole; a plain rerun "
+                   "checks sizes) and encode the damaged shards again, keeping the rest; not while a run reads the cache")
     p.set_defaults(func=run)
 
 

@@ -468,3 +468,26 @@ def test_a_detector_file_replaced_in_place_gets_a_new_reference_key(tmp_path):
     det_file.write_bytes(b"new weights")  # same size
     os.utime(det_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert reference_key(ref, det) != first
+
+
+def test_a_reference_folder_is_listed_once_per_process_until_files_come_or_go(tmp_path, monkeypatch):
+    """Keying a folder lists and stats every file (19 s for ImageNet's 1.28M): a run keys its reference twice per
+    detector when it starts, so the listing is kept while the folder's and its sub-folders' times stay the same."""
+    import os
+
+    from PIL import Image
+
+    from ahpa.metrics import reference
+
+    (tmp_path / "ref" / "cats").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(tmp_path / "ref" / "cats" / f"{k}.png")
+    listed = []
+    monkeypatch.setattr(reference, "image_files", lambda p, real=reference.image_files: listed.append(p) or real(p))
+    det = type("D", (), {"name": "FD-x", "spec": None})()
+    first = reference.reference_key(tmp_path / "ref", det)
+    assert reference.reference_key(tmp_path / "ref", det) == first and len(listed) == 1
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ref" / "cats" / "3.png")
+    st = os.stat(tmp_path / "ref" / "cats")  # a coarse clock could leave the folder's time as it was
+    os.utime(tmp_path / "ref" / "cats", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert reference.reference_key(tmp_path / "ref", det) != first and len(listed) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +337,42 @@ def test_labels_follow_their_images_past_skipped_files(tmp_path):
     assert res.images == 12 and len(res.skipped) == 2
     src = CacheSource(tmp_path / "c", read_manifest(tmp_path / "c"), ["latent"], 2, torch.device("cpu"))
     assert src.labels.tolist() == [0] * 5 + [1] * 4 + [2] * 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_decoding_worker_dies_with_its_killed_parent():
+    """A DataLoader worker blocked on a full result pipe outlived a SIGKILLed ImageNet prepare for good (786 MB
+    each). Here the worker is a child that sleeps: it must be gone soon after its parent is killed."""
+    import subprocess
+    import time
+
+    code = """
+import os, sys, time
+from ahpa.data.listing import _die_with_parent
+pid = os.fork()
+if pid == 0:
+    _die_with_parent()
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(0.5)  # the child has made its call
+    parent.kill()
+    parent.wait()
+
+    def alive(pid: int) -> bool:  # a zombie (no init to reap it in a container) is dead
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 5
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    dead = not alive(child)
+    if not dead:
+        os.kill(child, 9)
+    assert dead

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +210,23 @@ def collate_items(items: list[Item]) -> list[Item]:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is per-process; intra-op threads would only fight over cores
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """A worker whose parent was killed (SIGKILL: a scheduler's kill, an OOM) can block for good on a full result
+    pipe, which DataLoader's own check of the parent never reaches: seen holding 786 MB each, ten minutes after a
+    killed ImageNet prepare. On Linux the kernel now kills it with its parent."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call above: nobody will read this worker's results
+        os._exit(1)
 
 
 def default_workers() -> int:

@@ -140,7 +140,7 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
                   f"![per-level losses]({name})", ""]
     name = f"ms-per-step-{key}.png"
     plot_speed(runs, key, out / name, methods)
-    lines += ["Wall-clock per training step (median over windows after the first; evaluation excluded):", "",
+    lines += ["Wall-clock per training step (median over the windows after the first; a run of one window: that window, warm-up included; evaluation excluded):", "",
               f"![ms per step]({name})", ""]
     for (m, seed), rs in sorted(series.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
         routed = [r for r in rs if r.get("router") and r["router"]["mode"] != "uniform"]  # a fixed 1/K says nothing

@@ -139,7 +139,8 @@ def tflop_to(cost: dict, step: float) -> float:
 
 def steps_to_match_none(series, metrics: list[str], methods: list[str], per_flop: bool = False) -> list[str]:
     """The speed-up the study asks about: for each evaluation step s of vanilla SiT (same seed), the step at which a
-    method first reached none's FD at s, as s / that step (2.0x = the same FD in half the images). `per_flop`: the
+    method reached none's FD at s for good (the last crossing: from there on its curve stays at or below), as s /
+    that step (2.0x = the same FD in half the images). `per_flop`: the
     same in training FLOPs (none's to s over the method's to that step), for runs whose rows record them."""
     if not any(m == "none" for m, _ in series):
         return []
@@ -156,7 +157,8 @@ def steps_to_match_none(series, metrics: list[str], methods: list[str], per_flop
                  "step where it reached `none`'s FD at s. What the speed-up is worth in compute:", ""]
     else:
         lines = [f"**Training speed-up over vanilla SiT** ({metric}): for each of `none`'s evaluation steps s, s divided "
-                 "by the step at which the method first reached `none`'s FD at s (same seed; linear between evaluations). "
+                 "by the step from which the method stays at or below `none`'s FD at s (its last crossing; same seed; linear "
+                 "between evaluations). "
                  "Mean over seeds, then each seed; `>x`: reached before the method's first evaluation; `<x`: not reached "
                  "by its last (no mean then):", ""]
     lines += ["| method | " + " | ".join(f"s = {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]

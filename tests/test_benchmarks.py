@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.conftest import run_script as _run
 
@@ -181,3 +185,104 @@ def test_records_name_the_compiler_settings_given_by_environment(monkeypatch):
     assert "inductor_env" not in benchlib.device_info(torch.device("cpu"))
     monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1")
     assert benchlib.device_info(torch.device("cpu"))["inductor_env"] == {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}
+
+
+def test_throughput_times_synced_windows_after_warmup_and_computes_mfu(monkeypatch, tmp_path):
+    """img/s = timed steps x batch / their time (warm-up excluded: it agrees with the per-window rates),
+    every window ends with a device sync, model FLOPs = 3 x an independent forward count, MFU = img/s x model
+    FLOPs / peak (heads only in mfu_with_heads)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import benchlib
+    import throughput
+    from ahpa.train.loop import Trainer
+
+    events = []
+    real_step, real_sync, real_info = Trainer.train_step, benchlib.sync, benchlib.device_info
+    flops = {}
+
+    def step(self):
+        events.append("step")
+        if "fwd" not in flops:
+            m, B = self.parts.model, 2
+            s = m.cfg.input_size
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.MATH):  # counted as matmuls (the CPU's fused kernel is not counted)
+                flops["fwd"] = benchlib.count_flops(lambda: m(torch.randn(B, m.cfg.in_channels, s, s), torch.rand(B),
+                                                              torch.zeros(B, dtype=torch.long))) / B
+        if len([e for e in events if e == "step"]) <= 2:
+            time.sleep(0.5)  # slow warm-up steps (compilation)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(benchlib, "sync", lambda device: (events.append("sync"), real_sync(device)))
+    monkeypatch.setattr(benchlib, "device_info", lambda device: {**real_info(device), "peak_bf16_tflops": 1e-3})
+    out = tmp_path / "tp.json"
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "ahpa-cached",
+                                      "--steps", "4", "--warmup", "2", "--sampling", "off", "--work-dir", str(tmp_path),
+                                      "--out", str(out)])
+    throughput.main()
+    rec = json.loads(out.read_text())["records"][0]
+    assert events == ["step", "step", "sync"] + ["step", "sync"] * 4  # window = steps // 4 = 1 step
+    # the timed rate agrees with its windows' (a warm-up inside it would halve it here)
+    per_window_s = sum(rec["batch"] / w for w in rec["window_img_per_s"])
+    assert rec["img_per_s"] == pytest.approx(4 * rec["batch"] / per_window_s, rel=0.05)
+    assert rec["model_gflop_per_img"] == pytest.approx(3 * flops["fwd"] / 1e9, rel=0.05)  # adaLN, embedders left out
+    assert rec["mfu"] == pytest.approx(rec["img_per_s"] * rec["model_gflop_per_img"] / 1.0, rel=1e-3)
+    assert rec["mfu_with_heads"] == pytest.approx(
+        rec["img_per_s"] * (rec["model_gflop_per_img"] + rec["heads_gflop_per_img"]), rel=1e-3)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0)])
+def test_mfu_peak_by_device_name(monkeypatch, name, peak):
+    """the MFU denominator by the name torch reports (the PCIe H100 is not an SXM one)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import benchlib
+
+    monkeypatch.setattr(benchlib.torch.cuda, "get_device_name", lambda device=None: name)
+    assert benchlib.device_info(torch.device("cuda", 0))["peak_bf16_tflops"] == peak
+
+
+def test_sampling_mfu_counts_the_solvers_network_evaluations(monkeypatch, tmp_path):
+    """the sampling record's NFE (MFU's numerator) is the number of network calls the solver makes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import benchlib
+    import throughput
+    from ahpa.models.sit import SiT
+
+    calls = []
+    real_fwd = SiT.forward
+    monkeypatch.setattr(SiT, "forward", lambda self, *a, **k: (calls.append(1), real_fwd(self, *a, **k))[1])
+    args = SimpleNamespace(size="tiny", sample_n=2)
+    size = dict(throughput.SIZES["tiny"])
+    synthetic = benchlib.SyntheticSDVAE()
+    info = {"peak_bf16_tflops": None, "device": "cpu"}
+    counted = []
+    real_generate = throughput.generate
+
+    def generate(bundle, idx, labels, seed, cfg):
+        calls.clear()
+        out = real_generate(bundle, idx, labels, seed, cfg)
+        counted.append((cfg.solver, cfg.steps, len(calls)))
+        return out
+
+    monkeypatch.setattr(throughput, "generate", generate)
+    recs = throughput.measure_sampling("B/2", size, args, synthetic, torch.device("cpu"), tmp_path, info)
+    timed = {(s, n): c for s, n, c in counted if n > 2}  # not the 2-step warm-ups
+    for r in recs:
+        assert r["nfe"] == timed[(r["solver"], r["steps"])], r
+
+
+def test_head_flops_table_is_three_times_the_heads_forward(capsys, monkeypatch):
+    """benchmarks/head_flops.py's 'shared trunk + heads' column (docs/method.md) is 3 x the heads' forward FLOPs."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import head_flops
+    from benchlib import count_flops
+    from ahpa.align.projector import Projector
+
+    head_flops.main()
+    line = next(l for l in capsys.readouterr().out.splitlines() if "| S/1 |" in l)
+    shared = float(line.split("|")[4])
+    proj = Projector(384, [64, 64, 64, 64, 32], 2048, shared_trunk=True)
+    fwd_per_token = count_flops(lambda: proj(torch.randn(1, 1, 384)))
+    assert shared == pytest.approx(3 * fwd_per_token * 64 / 1e9, abs=0.05)

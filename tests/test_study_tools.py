@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.conftest import run_script as _run
 
@@ -398,3 +401,180 @@ def test_study_checks_a_compiled_evaluation_against_the_eager_one(tmp_path):
     _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
     text = (tmp_path / "report" / "README.md").read_text()
     assert "**Compiled evaluation against the eager protocol**" in text and "| none | 0 | 2 |" in text
+
+
+def rows(fds, first=1000):
+    return [{"step": first * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
+
+
+def test_load_rows_keeps_the_last_row_of_a_key(tmp_path, monkeypatch):
+    """a rerun's row replaces the earlier one of the same (study, method, seed, step), also across files."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import load_rows
+
+    def row(fd, kind="eval"):
+        return json.dumps({"kind": kind, "study": "k", "method": "none", "seed": 0, "step": 1000, "fd": {"FD-r20": fd},
+                           "config": {}}) + "\n"
+    (tmp_path / "a.jsonl").write_text(row(9.0) + row(8.0))
+    (tmp_path / "b.jsonl").write_text(row(7.0))
+    _, evals, _ = load_rows([tmp_path / "a.jsonl"])
+    assert evals[("k", "none", 0, 1000)]["fd"]["FD-r20"] == 8.0
+    _, evals, _ = load_rows([tmp_path])  # files in name order: b after a
+    assert evals[("k", "none", 0, 1000)]["fd"]["FD-r20"] == 7.0
+
+
+def test_paired_with_none_uses_the_furthest_step_and_the_seeds_that_reached_it(monkeypatch):
+    """method minus none (sign), at the furthest step any seed pair reached, with only those seeds."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_tables import paired_with_none
+
+    series = {("none", 0): rows([10.0, 9.0, 8.0]), ("m", 0): rows([9.5, 8.5, 7.0]),
+              ("none", 1): rows([10.0, 9.0]), ("m", 1): rows([9.0, 8.0])}  # seed 1 stopped at 2000
+    table = "\n".join(paired_with_none(series, ["FD-r20"], ["none", "m"]))
+    assert "| m | 3000 | 0 | -1.000 (-1.000) |" in table
+
+
+def test_speed_up_is_the_mean_over_seeds_each_against_its_own_none(monkeypatch):
+    """seed s is compared with none of seed s, and the headline is the mean of the seeds' ratios."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_tables import steps_to_match_none
+
+    series = {("none", 0): rows([10.0, 9.0, 8.0, 7.0]), ("m", 0): rows([9.0, 7.0, 6.0, 5.0]),   # 2x
+              ("none", 1): rows([10.0, 9.5, 9.0, 8.0]), ("m", 1): rows([10.0, 9.5, 9.0, 8.0])}  # 1x
+    table = "\n".join(steps_to_match_none(series, ["FD-r20"], ["none", "m"]))
+    # s = 4000: seed 0 reaches none's 7.0 at 2000 (2.00x), seed 1 reaches its own none's 8.0 at 4000 (1.00x)
+    assert table.splitlines()[-1].endswith("| 1.50x (2.00 / 1.00) |")
+
+
+def test_reaching_a_target_is_the_last_crossing_of_a_noisy_curve(monkeypatch):
+    """a curve that dips below the target and comes back above has reached it only at its last crossing
+    (ahpa.compare.images_to_reach, shared by `ahpa compare` and the study's speed-up), interpolated from the right end."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_tables import step_reaching
+
+    from ahpa.compare import images_to_reach
+
+    noisy = [(1000, 10.0), (2000, 9.0), (3000, 10.0), (4000, 8.0)]
+    assert images_to_reach(noisy, 9.5) == 3250.0  # not 1500 (the first crossing)
+    assert images_to_reach([(1000, 10.0), (2000, 9.0)], 9.75) == 1250.0  # asymmetric: the interpolation's direction
+    dip = [(1000, 9.0), (2000, 10.0), (3000, 8.0)]
+    assert step_reaching(dip, 9.5) == ("at", 2250.0)  # not ("before", 1000): its first point was below, then above
+
+
+def test_report_marks_diverged_and_unfinished_runs(tmp_path, monkeypatch):
+    """the 'complete' column: yes (run row), no (diverged) (run row that stopped), no (no run row)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import report_study
+
+    cfg = {"train.batch_size": 4, "study.eval_every": 1000}
+    evals = {("k", m, 0, 1000): {"kind": "eval", "study": "k", "method": m, "seed": 0, "step": 1000, "images": 4000,
+                                  "fd": {"FD-r20": 5.0}, "metrics": {}, "levels": [], "router": None, "config": cfg}
+             for m in ("none", "ahpa-soft", "ahpa-snr")}
+    runs = {("k", "none", 0): {"ms_per_step_steady": 1.0, "complete": True},
+            ("k", "ahpa-soft", 0): {"ms_per_step_steady": 1.0, "complete": False, "diverged": "stopped at step 1200: x"}}
+    text = "\n".join(report_study("k", evals, runs, tmp_path, []))
+    assert "| none | 0 | 5.000 | 1.0 | yes |" in text
+    assert "| ahpa-soft | 0 | 5.000 | 1.0 | no (diverged) |" in text
+    assert "| ahpa-snr | 0 | 5.000 | — | no |" in text
+
+
+def test_study_evaluation_feeds_one_class_balanced_seed0_sample_set_to_every_detector(monkeypatch):
+    """every evaluation of every method draws samples 0..num-1 with labels i % 10 and noise seed 0, once,
+    and both detectors see the very same images."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ahpa.sample
+    import study
+    from ahpa.config import SampleCfg
+    from ahpa.metrics import FeatureStats
+
+    calls = []
+
+    def generate(bundle, indices, labels, seed, cfg):
+        calls.append((list(indices), labels.tolist(), seed))
+        idx = torch.tensor(indices)
+        return ((idx[:, None, None, None] * 37 + seed * 101 + torch.arange(48).view(1, 4, 4, 3)) % 256).to(torch.uint8)
+
+    monkeypatch.setattr(ahpa.sample, "generate", generate)
+    seen = {}
+
+    class Det:
+        def __init__(self, name):
+            self.name, self.dim, self.device = name, 6, torch.device("cpu")
+
+        def features(self, x):
+            seen.setdefault(self.name, []).append(x.clone())
+            return x.flatten(1)[:, :6].double() + torch.arange(6.0)
+
+    refs = [FeatureStats(dim=6).update(torch.randn(64, 6, generator=torch.Generator().manual_seed(i)) * 50) for i in (0, 1)]
+    fd = study.evaluate(SimpleNamespace(num_classes=10), [Det("A"), Det("B")], refs, 30, 10, SampleCfg(steps=2))
+    assert set(fd) == {"A", "B"}
+    assert [i for c in calls for i in c[0]] == list(range(30))  # each sample once: one set for both detectors
+    assert all(c[2] == 0 for c in calls)  # the same noise for every method and evaluation (study.eval_seed 0)
+    assert all(lab == [i % 10 for i in idx] for idx, lab, _ in calls)  # class-balanced
+    assert all(torch.equal(a, b) for a, b in zip(seen["A"], seen["B"], strict=True))
+
+
+@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
+def test_study_run_evaluates_the_ema_times_synced_windows_and_reports_the_steady_rate(monkeypatch, tmp_path):
+    """each evaluation samples the EMA backbone; each timed window is closed by a device sync before its
+    clock is read; the run's steady ms/step is the median of the windows after the first (warm-up excluded)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import benchlib
+    import study
+    from ahpa.train.loop import Trainer
+
+    events, trainers = [], []
+    real_init, real_step, real_sync = Trainer.__init__, Trainer.train_step, benchlib.sync
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        trainers.append(self)
+
+    def step(self):
+        events.append("step")
+        if self.step == 0:
+            time.sleep(0.3)  # a slow first step, as compilation makes it
+        return real_step(self)
+
+    def evaluate(bundle, detectors, refs, num, batch, scfg):
+        events.append("eval")
+        assert bundle.model is trainers[-1].parts.ema  # the EMA weights, not the trained ones
+        return {d.name: 1.0 for d in detectors}
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(benchlib, "sync", lambda device: (events.append("sync"), real_sync(device)))
+    monkeypatch.setattr(study, "evaluate", evaluate)
+    results = tmp_path / "r.jsonl"
+    study.main(["--size", "smoke", "--methods", "ahpa-soft", "--steps", "4", "--eval-every", "2", "--eval-num", "20",
+                "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"), "--results", str(results)])
+    assert events == ["sync", "step", "step", "sync", "eval"] * 2
+    out = [json.loads(line) for line in results.read_text().splitlines()]
+    ev, run = [r for r in out if r["kind"] == "eval"], out[-1]
+    assert run["ms_per_step_first_window"] == ev[0]["ms_per_step"] > 100  # the slow step is in the first window
+    assert run["ms_per_step_steady"] == ev[1]["ms_per_step"] < 100  # the median of the windows after the first
+
+
+def test_study_flops_per_step_are_three_times_an_independent_forward_count(monkeypatch):
+    """`tflop_per_step` against torch's FlopCounterMode on the
+    backbone's and the heads' forward (the SiT formula leaves out adaLN and the embedders: within 2%)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study
+    from benchlib import count_flops
+    from ahpa.align.objective import Aligner
+    from ahpa.config import AlignCfg
+    from ahpa.models.sit import SiT, SiTConfig
+
+    torch.manual_seed(0)
+    model = SiT(SiTConfig(hidden_size=64, depth=2, num_heads=4, patch_size=1, input_size=8, in_channels=8, num_classes=10))
+    aligner = Aligner(64, ["a", "b"], [16, 8], AlignCfg(projector_dim=128), "uniform", "cosine")
+    B, n = 4, model.cfg.num_tokens
+    x, t, y = torch.randn(B, 8, 8, 8), torch.rand(B), torch.randint(0, 10, (B,))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):  # the CPU's fused SDPA kernel is not in FlopCounterMode's table; its matmuls are
+        fwd = count_flops(lambda: model(x, t, y))
+    heads = count_flops(lambda: aligner.projector(torch.randn(B, n, 64)))
+    batch = 4096  # the record is rounded to 1e-6 TFLOP: a batch large enough for these tiny networks
+    cost = study.tflop_per_step(model, aligner, batch, 0)
+    assert cost["flow"] * 1e12 / batch == pytest.approx(3 * fwd / B, rel=0.03)
+    assert (cost["aligned"] - cost["flow"]) * 1e12 / batch == pytest.approx(3 * heads / B, rel=1e-3)

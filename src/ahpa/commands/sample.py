@@ -67,9 +67,8 @@ def run(args) -> int:
     try:
         device = resolve_device(device_for(args.device, d), "--device")
         if args.run:
-            from ahpa.train.resume import run_sampler
-
             from ahpa.train.checkpoint import checkpoint_path, recorded_digest
+            from ahpa.train.resume import run_sampler
 
             bundle, step, run_cfg = run_sampler(args.run, device, encoder=args.encoder)
             # the weights, not the path: the same run named another way resumes; a run trained on since does not

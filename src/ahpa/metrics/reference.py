@@ -10,7 +10,6 @@ them, and a changed reference gets a new key rather than stale numbers.
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 import os

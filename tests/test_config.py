@@ -138,7 +138,62 @@ def test_a_preset_is_checked_when_it_is_set():
 @pytest.mark.parametrize("change", ["train.batch_size=16", "train.seed=1", "data.hflip=false", "train.lr=0.5",
                                     "model.depth=3", "prior.encoder=taef2:x", "align.method=repa"])
 def test_settings_that_change_the_run_are_never_resumable(change):
-    """batch size and seed fix the data order (ahpa.data.order), the rest the model or its objective."""
+    """Batch size and seed fix the data order (ahpa.data.order), the rest the model or its objective."""
     from ahpa import config
 
     assert config.resume_conflicts(config.load(None, []), config.load(None, [change])), change
+
+
+@pytest.mark.parametrize("item", ["train.steps=true", "train.batch_size=false", "data.resolution=true"])
+def test_a_boolean_is_not_an_integer(item, tmp_path):
+    """YAML's true is a Python bool, an int subclass; train.steps=true must not become 1 step."""
+    key = item.partition("=")[0]
+    with pytest.raises(config.ConfigError, match=rf"{key} must be an integer, got True|{key} must be an integer, got False"):
+        config.load(None, [item])
+    section, _, name = key.partition(".")
+    (tmp_path / "c.yaml").write_text(f"{section}:\n  {name}: {item.partition('=')[2]}\n")
+    with pytest.raises(config.ConfigError, match="must be an integer"):
+        config.load(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("item", ["train.lr=0", "transport.time_std=0", "align.router_tau=0", "align.smooth_l1_beta=0",
+                                  "model.mlp_ratio=0", "align.snr_width=0", "align.token_fraction=0"])
+def test_positive_settings_refuse_zero(item):
+    """The boundary of the strictly positive ranges."""
+    key = item.partition("=")[0]
+    with pytest.raises(config.ConfigError, match=rf"{key}=0(\.0)? is out of range"):
+        config.load(None, [item])
+    config.load(None, [f"{key}=0.5"])  # and the smallest ordinary value is fine
+
+
+@pytest.mark.parametrize("change", ["train.ema_decay=0.999", "train.ema_warmup=false", "train.warmup_steps=10",
+                                    "train.label_dropout=0.2", "train.grad_clip=0.5", "train.betas=[0.9,0.95]",
+                                    "train.weight_decay=0.01", "train.precision=bf16", "transport.path=cosine",
+                                    "align.weight=1.0", "align.stop_step=5", "data.limit=10"])
+def test_optimisation_settings_are_not_resumable(change):
+    """RESUMABLE_CHANGES grown by a key that changes the trained weights."""
+    assert config.resume_conflicts(config.load(None, []), config.load(None, [change])), change
+
+
+def test_unknown_options_are_refused_even_beside_overrides_left_over(capsys):
+    """Overrides after an option are appended only when every left-over argument is one; an unknown option
+    next to a left-over override is still argparse's usage error (exit 2 via SystemExit), not taken for an
+    override."""
+    from ahpa.cli import main
+
+    for stray in ("--bogus", "stray"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "train.steps=7", "--show-config", stray, "train.lr=0.01"])
+        assert e.value.code == 2
+        assert f"unrecognized arguments: {stray} train.lr=0.01" in capsys.readouterr().err
+
+
+def test_show_config_keeps_the_comment_above_a_key_and_the_one_beside_it():
+    """A key documented both above and beside (sample.guidance_low) shows both, in that order."""
+    from ahpa.config_doc import documented_yaml
+
+    text = documented_yaml(config.Config())
+    block = text.split("sample:\n", 1)[1].split("  guidance_low:", 1)[0].splitlines()
+    assert block[-3].startswith("  # guidance runs for t in [guidance_low, guidance_high] only")
+    assert block[-2].startswith("  # guidance_high=0.7 (no guidance near pure noise)")
+    assert block[-1] == "  # guidance from this t ..."

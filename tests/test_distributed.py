@@ -308,3 +308,13 @@ def test_evaluation_on_two_processes_and_the_redo_of_a_missing_last_one(tmp_path
     (run / "DONE").unlink()
     ahpa(2, *args)
     assert evals() == [2] and (run / "DONE").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "0.0"])
+def test_a_zero_or_negative_collective_timeout_is_refused(monkeypatch, value):
+    """A timeout of 0 would make every collective fail at once."""
+    from ahpa.train import distributed
+
+    monkeypatch.setenv("AHPA_DIST_TIMEOUT_MIN", value)
+    with pytest.raises(ValueError, match="expected a positive number of minutes"):
+        distributed.timeout()

@@ -339,3 +339,28 @@ def test_unwritable_run_dir_and_full_disk(tmp_path, monkeypatch):
         tr.save()
     assert ckpt.list_checkpoints(run / "checkpoints") == before
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_a_checkpoint_corrupted_inside_its_data_is_refused_by_its_digest(tmp_path):
+    """torch.load reads a file whose tensor bytes changed without complaint; only the sha256 file tells. Truncated or
+    replaced files, which torch.load rejects by itself, are tested elsewhere."""
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.full((64,), 1.0)}, keep=0)
+    ckpt.save_checkpoint(tmp_path, 2, {"w": torch.full((64,), 1.5)}, keep=0)
+    newest = ckpt.checkpoint_path(tmp_path, 2)
+    data = newest.read_bytes()
+    needle = torch.tensor([1.5] * 4).numpy().tobytes()
+    assert data.count(needle) >= 1
+    newest.write_bytes(data.replace(needle, torch.tensor([2.5] * 4).numpy().tobytes(), 1))  # a bit-rotted value
+    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
+        ckpt.read_checkpoint(newest)
+    state, path, skipped = ckpt.load_latest(tmp_path)
+    assert path.name == "step_000000001.pt" and float(state["w"][0]) == 1.0
+    assert any("step_000000002.pt" in m and "checksum mismatch" in m for m in skipped)
+
+
+def test_a_judged_stretch_leaves_nothing_to_the_next():
+    """After a stretch is judged, its skipped steps must not count against the next one."""
+    watch = DivergenceWatch(max_bad_steps=20)
+    assert watch.update(20, 10, 0) is None  # exactly half: not diverged; judged, starts afresh
+    assert watch.update(20, 1, 0) is None  # a clean stretch: 1 of 20
+    assert watch.steps == 0 and watch.skipped == 0

@@ -199,3 +199,51 @@ def test_a_run_samples_and_exports_with_its_directory_and_vae_alone(tmp_path, ca
     assert main(["sample", "--model", str(tmp_path / "m.safetensors"), *args[3:], "--out", str(tmp_path / "b.npz")]) == 0
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert a["arr_0"].shape == (3, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_a_resume_with_another_batch_keeps_the_partial_runs_chunks(tmp_path, monkeypatch):
+    """The chunks already written set the chunk size; a rerun with another --batch must reuse them, not
+    regenerate from sample 0 (the module promises a killed job loses at most one batch)."""
+    import numpy as np
+
+    from ahpa import sample_writer
+    from ahpa.config import SampleCfg
+
+    calls = []
+
+    def fake_iter(bundle, lo, hi, seed, n, cfg):  # sample i is an image filled with i: cheap and checkable
+        calls.append((lo, hi))
+        idx = np.arange(lo, hi)
+        images = np.broadcast_to((idx % 256).astype(np.uint8)[:, None, None, None], (hi - lo, 2, 2, 3)).copy()
+        yield lo, torch.from_numpy(images), torch.from_numpy(idx)
+
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter)
+    out, ident = tmp_path / "s.npz", {"model_sha256": "x"}
+
+    def killed_after_first_chunk(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_writer.write_samples(None, out, 10, 0, 4, SampleCfg(), ident, on_progress=killed_after_first_chunk)
+    assert calls == [(0, 4)]
+    calls.clear()
+    sample_writer.write_samples(None, out, 10, 0, 8, SampleCfg(), ident)  # rerun with another --batch
+    assert calls == [(4, 8), (8, 10)]  # chunk 0 reused, chunks of the partial run's size 4
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_1"], np.arange(10)) and np.array_equal(f["arr_0"][:, 0, 0, 0], np.arange(10))
+
+
+def test_write_samples_never_writes_over_a_finished_file(tmp_path, monkeypatch):
+    """write_samples itself (the library path, every process before any collective) refuses a finished sample
+    file. Nothing is generated and the file is untouched."""
+    from ahpa import sample_writer
+    from ahpa.config import SampleCfg
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", lambda *a: calls.append(a) or iter(()))
+    out = tmp_path / "done.npz"
+    out.write_bytes(b"50K samples of another model")
+    with pytest.raises(FileExistsError, match="a finished sample file is not written over"):
+        sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), {"model_sha256": "x"})
+    assert calls == [] and out.read_bytes() == b"50K samples of another model"
+    assert not (tmp_path / "done.npz.parts").exists()

@@ -36,19 +36,19 @@ def _file_identity(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _folder_identity(path: Path) -> tuple[int, int, int]:
-    """(files, total size, newest mtime) of an image folder: a listing and a stat a file, 19 s for ImageNet's 1.28M
-    files, so measured once per process (a run keys its reference twice per detector when it starts) while the
-    modification times of the folder and of its sub-folders, which files added or removed there change, stay the
-    same. Within one process a file rewritten in place under its own name is not noticed; a new process notices it."""
+def _folder_identity(path: Path) -> dict:
+    """{files, size, mtime_ns} of an image folder (a copy of the kept measurement): a listing and a stat a file, 19 s
+    for ImageNet's 1.28M files, so measured once per process (a run keys its reference twice per detector when it
+    starts) while the modification times of the folder and of its sub-folders, which files added or removed there
+    change, stay the same. Within one process a file rewritten in place under its own name is not noticed; a new
+    process notices it."""
     subfolders = sorted(e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
-    return _measured_folder_identity(path, tuple(os.stat(p).st_mtime_ns for p in [path, *subfolders]))
+    return dict(_measured_folder_identity(path, tuple(os.stat(p).st_mtime_ns for p in [path, *subfolders])))
 
 
 @functools.lru_cache(maxsize=8)
-def _measured_folder_identity(path: Path, _signature: tuple[int, ...]) -> tuple[int, int, int]:
-    ident = _files_identity(image_files(path))
-    return ident["files"], ident["size"], ident["mtime_ns"]
+def _measured_folder_identity(path: Path, _signature: tuple[int, ...]) -> dict:
+    return _files_identity(image_files(path))
 
 
 def _files_identity(files: list[Path]) -> dict:
@@ -69,8 +69,7 @@ def reference_key(ref: str | Path, detector: Detector) -> str:
     if not path.exists():
         raise FileNotFoundError(f"reference {str(path)!r} does not exist (eval.ref / --ref)")
     if path.is_dir():
-        files, size, newest = _folder_identity(path)
-        ident = {"files": files, "size": size, "mtime_ns": newest}
+        ident = _folder_identity(path)
         # in prepare's order (its first N images are the reference's first N: precision/recall's points), and at a
         # resolution when one is given
         ident["listing"] = "prepare"

@@ -35,19 +35,24 @@ def _save_chunk(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         np.savez(tmp, images=images, labels=labels)
 
 
+def _chunk_shapes(path: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(images, labels) shapes of a chunk, from the arrays' headers: a resume of 50,000 samples at 256 would otherwise
+    read 9.8 GB to look at them. The archive's directory, read first, is at its end: a truncated file fails here."""
+    shapes = []
+    with zipfile.ZipFile(path) as z:
+        for name in ("images.npy", "labels.npy"):
+            with z.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shapes.append(read(f)[0])
+    return shapes[0], shapes[1]
+
+
 def _chunk_ok(path: Path, n: int) -> bool:
-    """Whether a chunk holds n images and labels, from the arrays' headers (a resume of 50,000 samples at 256 would
-    otherwise read 9.8 GB to look at shapes). Chunks are written atomically, and the archive's directory, read
-    first, is at its end: a truncated file fails here."""
+    """Whether a chunk (written atomically) holds n images and labels."""
     try:
-        with zipfile.ZipFile(path) as z:
-            for name in ("images.npy", "labels.npy"):
-                with z.open(name) as f:
-                    version = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                    if read(f)[0][0] != n:
-                        return False
-        return True
+        images, labels = _chunk_shapes(path)
+        return images[0] == n and labels[0] == n
     except Exception:  # a torn or foreign file is simply redone
         return False
 
@@ -119,11 +124,11 @@ def write_samples(
     barrier()
     if not d.is_main:
         return None
-    labels, shape = [], None  # the labels are small (8 bytes a sample); the images are copied a chunk at a time
+    labels = []  # small (8 bytes a sample); the images are copied a chunk at a time
     for lo in starts:
         with np.load(_chunk_path(parts, lo)) as f:
             labels.append(f["labels"])
-            shape = shape or (num, *f["images"].shape[1:])
+    shape = (num, *_chunk_shapes(_chunk_path(parts, 0))[0][1:])
     path = write_npz(out, _chunk_images(parts, starts), np.concatenate(labels), shape)
     shutil.rmtree(parts)
     return path

@@ -38,7 +38,7 @@ def _file_identity(path: Path) -> dict:
 
 def _folder_identity(path: Path) -> dict:
     """{files, size, mtime_ns} of an image folder (a copy of the kept measurement): a listing and a stat a file, 19 s
-    for ImageNet's 1.28M files, so measured once per process (a run keys its reference twice per detector when it
+    for 1.28M files (measured on a local disk, warm cache), so measured once per process (a run keys its reference twice per detector when it
     starts) while the modification times of the folder and of its sub-folders, which files added or removed there
     change, stay the same. Within one process a file rewritten in place under its own name is not noticed; a new
     process notices it."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ahpa.data.decode import IMAGE_EXTENSIONS, BadImage, adm_center_crop, load_rgb, upsample_size
+from ahpa.data.path_table import PathTable
 
 LABEL_MODES = ("auto", "folders", "none")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -32,7 +33,7 @@ class Listing:
     location: Path
     labels: np.ndarray  # int64 [N]
     class_names: list[str] | None  # None when the source has no labels (every label is 0)
-    paths: list[Path] | None = None
+    paths: PathTable | None = None  # folder: relative to `location`; list: as the list names them
     array: np.ndarray | None = None  # uint8 [N, H, W, 3] for npz
     ignored: list[str] = field(default_factory=list)  # files of a folder without an image extension
 
@@ -45,10 +46,7 @@ class Listing:
 
     def name(self, i: int) -> str:
         """How the report names item i: the path relative to a folder, the path from a list, or npz[i]."""
-        if self.paths is None:
-            return f"{self.location.name}[{i}]"
-        p = self.paths[i]
-        return str(p.relative_to(self.location)) if self.kind == "folder" else str(p)
+        return f"{self.location.name}[{i}]" if self.paths is None else self.paths.name(i)
 
     def fingerprint(self) -> str:
         """A hash of what the items are (names and byte sizes, or the array's bytes), to notice a changed source."""
@@ -60,41 +58,42 @@ class Listing:
             h.update(repr(self.array.shape).encode())
             h.update(memoryview(np.ascontiguousarray(self.array)).cast("B"))
         else:
-            for i, p in enumerate(self.paths):
+            for name, file in zip(self.paths.names(), self.paths.files()):
                 try:
-                    size = p.stat().st_size
+                    size = os.stat(file).st_size
                 except OSError:
                     size = -1
-                h.update(f"{self.name(i)}\0{size}\n".encode())
+                # a name that is not UTF-8 (a Latin-1 file name) as its bytes: what the file system holds
+                h.update(f"{name}\0{size}\n".encode(errors="surrogateescape"))
         return h.hexdigest()
 
 
 def _folder(root: Path, labels: str) -> Listing:
-    files: list[Path] = []
+    names: list[str] = []  # relative to root
     ignored: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted walk: a stable order
+        rel = os.path.relpath(dirpath, root)
+        prefix = "" if rel == "." else rel + os.sep
         for f in sorted(filenames):
-            p = Path(dirpath) / f
             if f.startswith("."):
                 continue  # .DS_Store and friends
-            (files.append(p) if p.suffix.lower() in IMAGE_EXTENSIONS else ignored.append(str(p.relative_to(root))))
-    if not files:
+            (names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS else ignored).append(prefix + f)
+    if not names:
         raise ValueError(
             f"no images found under {root} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}"
             + (f"; found only {len(ignored)} other files, e.g. {ignored[0]!r})" if ignored else ")")
         )
-    rel = [p.relative_to(root) for p in files]
-    in_subfolders = all(len(r.parts) > 1 for r in rel)
-    if labels == "folders" and not in_subfolders:
-        loose = next(r for r in rel if len(r.parts) == 1)
+    loose = next((n for n in names if os.sep not in n), None)
+    if labels == "folders" and loose is not None:
         raise ValueError(f"--labels folders needs every image inside a class sub-folder of {root}, but {loose} is not")
-    if labels == "none" or (labels == "auto" and not in_subfolders):
-        return Listing("folder", root, np.zeros(len(files), np.int64), None, paths=files, ignored=ignored)
-    names = sorted({r.parts[0] for r in rel})
-    index = {n: k for k, n in enumerate(names)}
-    y = np.array([index[r.parts[0]] for r in rel], np.int64)
-    return Listing("folder", root, y, names, paths=files, ignored=ignored)
+    paths = PathTable(names, root)
+    if labels == "none" or (labels == "auto" and loose is not None):
+        return Listing("folder", root, np.zeros(len(names), np.int64), None, paths=paths, ignored=ignored)
+    classes = sorted({n.split(os.sep, 1)[0] for n in names})
+    index = {c: k for k, c in enumerate(classes)}
+    y = np.fromiter((index[n.split(os.sep, 1)[0]] for n in names), np.int64, len(names))
+    return Listing("folder", root, y, classes, paths=paths, ignored=ignored)
 
 
 def _file_list(path: Path, labels: str) -> Listing:
@@ -116,7 +115,7 @@ def _file_list(path: Path, labels: str) -> Listing:
         else:
             name, first_unlabelled = line, first_unlabelled or n
         p = Path(name.strip()).expanduser()
-        paths.append(p if p.is_absolute() else path.parent / p)
+        paths.append(str(p if p.is_absolute() else path.parent / p))
     if ys and first_unlabelled is not None:
         raise ValueError(f"{path}:{first_unlabelled}: this line has no TAB and label, others do: label every line or none")
     if not paths:
@@ -127,8 +126,8 @@ def _file_list(path: Path, labels: str) -> Listing:
         y = np.array(ys, np.int64)
         if y.min() < 0:
             raise ValueError(f"{path}: labels must be >= 0, found {y.min()}")
-        return Listing("list", path, y, None, paths=paths)
-    return Listing("list", path, np.zeros(len(paths), np.int64), None, paths=paths)
+        return Listing("list", path, y, None, paths=PathTable(paths))
+    return Listing("list", path, np.zeros(len(paths), np.int64), None, paths=PathTable(paths))
 
 
 def _npz(path: Path, labels: str) -> Listing:

@@ -23,6 +23,7 @@ import torch
 # prepare's listing and decoding, so that a folder prepare trains on is evaluated as the same images
 from ahpa.data.decode import IMAGE_EXTENSIONS
 from ahpa.data.listing import crop_items, list_source, make_loader
+from ahpa.data.path_table import PathTable
 
 NPZ_IMAGE_KEYS = ("arr_0", "images")  # ADM samples, then our datasets
 
@@ -143,7 +144,7 @@ def folder_source(source, resolution: int | None, workers: int = 0):
     return source
 
 
-def image_files(folder: str | Path) -> list[Path]:
+def image_files(folder: str | Path) -> PathTable:
     """The image files of `folder` that `ahpa prepare` lists, in its order (sorted, recursive; hidden files and
     folders left out: macOS's `._x.jpg` are no images)."""
     return list_source(folder, labels="none").paths

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ahpa.atomic import atomic_path
+from ahpa.data.path_table import PathTable
 from ahpa.metrics.detectors import Detector, parse_spec
 from ahpa.metrics.frechet import FeatureStats
 from ahpa.metrics.images import ImageFolder, image_files, npz_image_key
@@ -37,8 +38,8 @@ def _file_identity(path: Path) -> dict:
 
 
 def _folder_identity(path: Path) -> dict:
-    """{files, size, mtime_ns} of an image folder (a copy of the kept measurement): a listing and a stat a file, 19 s
-    for 1.28M files (measured on a local disk, warm cache), so measured once per process (a run keys its reference twice per detector when it
+    """{files, size, mtime_ns} of an image folder (a copy of the kept measurement): a listing and a stat a file, 9 s
+    for 1.28M files (measured on a local disk, warm cache: benchmarks/listing_memory.py's tree), so measured once per process (a run keys its reference twice per detector when it
     starts) while the modification times of the folder and of its sub-folders, which files added or removed there
     change, stay the same. Within one process a file rewritten in place under its own name is not noticed; a new
     process notices it."""
@@ -51,9 +52,12 @@ def _measured_folder_identity(path: Path, _signature: tuple[int, ...]) -> dict:
     return _files_identity(image_files(path))
 
 
-def _files_identity(files: list[Path]) -> dict:
-    stats = [f.stat() for f in files]  # one stat a file: a reference folder may hold a million
-    return {"files": len(files), "size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+def _files_identity(files: PathTable) -> dict:
+    size = mtime_ns = 0
+    for f in files.files():  # one stat a file: a reference folder may hold a million
+        st = os.stat(f)
+        size, mtime_ns = size + st.st_size, max(mtime_ns, st.st_mtime_ns)
+    return {"files": len(files), "size": size, "mtime_ns": mtime_ns}
 
 
 def reference_key(ref: str | Path, detector: Detector) -> str:

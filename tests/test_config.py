@@ -197,3 +197,16 @@ def test_show_config_keeps_the_comment_above_a_key_and_the_one_beside_it():
     assert block[-3].startswith("  # guidance runs for t in [guidance_low, guidance_high] only")
     assert block[-2].startswith("  # guidance_high=0.7 (no guidance near pure noise)")
     assert block[-1] == "  # guidance from this t ..."
+
+
+def test_version_names_ahpa_torch_and_the_model_libraries(capsys):
+    import torch
+
+    from ahpa import __version__
+    from ahpa.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith(f"ahpa {__version__}\n")
+    assert f"torch {torch.__version__} (" in out and "diffusers" in out and "safetensors" in out

@@ -12,11 +12,43 @@ COMMANDS = ("train", "sample", "export", "eval", "compare", "prepare", "convert"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ahpa", description="Adaptive Hierarchical Prior Alignment for Diffusion Transformers")
+    parser.add_argument("--version", action=_Versions, help="the versions of ahpa, Python, torch (and its CUDA) and "
+                        "the libraries it loads models with, for a bug report")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"ahpa.commands.{name.replace('-', '_')}")
         module.register(sub)
     return parser
+
+
+def versions() -> str:
+    """One line per component: what a bug report needs to reproduce a run's numerics."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    from ahpa import __version__
+
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA build"
+    gpus = torch.cuda.device_count() if torch.version.cuda else 0
+    lines = [f"ahpa {__version__}", f"Python {platform.python_version()} ({platform.platform()})",
+             f"torch {torch.__version__} ({cuda}, {gpus} GPU(s) visible)"]
+    for name in ("numpy", "safetensors", "diffusers", "transformers", "tensorboard"):
+        try:
+            lines.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{name}: not installed")
+    return "\n".join(lines)
+
+
+class _Versions(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(versions() + "\n")  # on stdout, as argparse's own version action prints
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

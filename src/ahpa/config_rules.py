@@ -4,19 +4,28 @@ valid at once) and ranges, checked by ahpa.config as soon as a key is set."""
 from __future__ import annotations
 
 from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
+from ahpa.plugins import load_plugins
 
 
-class _OrDefault:
-    """"default" and a registry's names, read when asked: a loss registered at run time is valid at once."""
+class _Registry:
+    """A registry's names, read when asked (an entry registered at run time is valid at once); a name not found
+    first imports the installed packages' "ahpa.plugins" entry points (ahpa.plugins), which register theirs, and
+    is named with any of them that failed to import."""
 
-    def __init__(self, registry: dict):
-        self.registry = registry
+    def __init__(self, registry: dict, extra: tuple = ()):
+        self.registry, self.extra = registry, extra
 
     def __contains__(self, value) -> bool:
-        return value == "default" or value in self.registry
+        if value in self.extra or value in self.registry:
+            return True
+        failed = load_plugins()
+        if value not in self.registry and failed:  # the name may be the broken package's: say why it is missing
+            raise ImportError(f"{value!r} is no built-in name, and {'; '.join(failed)}")
+        return value in self.registry
 
-    def __iter__(self):
-        return iter(("default", *self.registry))
+    def __iter__(self):  # listing the valid names (an error message, --show-config): a broken package lists none
+        load_plugins()
+        return iter((*self.extra, *self.registry))
 
 
 class _Presets:
@@ -40,9 +49,9 @@ CHOICES = {
     "transport.path": ("linear", "cosine"),
     "transport.time_sampler": ("uniform", "logit-normal"),
     "data.source": ("procedural", "npz", "cache"),
-    "align.method": METHODS,  # the registries themselves (ahpa.align.methods): an entry added is valid at once
-    "align.loss": _OrDefault(LOSSES),
-    "align.router": ROUTER_MODES,
+    "align.method": _Registry(METHODS),  # the registries (ahpa.align.methods), read when asked
+    "align.loss": _Registry(LOSSES, ("default",)),
+    "align.router": _Registry(ROUTER_MODES),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.solver": ("euler", "heun", "euler-maruyama"),

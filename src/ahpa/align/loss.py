@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ahpa.align.methods import LOSSES
 from ahpa.config import AlignCfg
+from ahpa.plugins import check_call
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -30,12 +31,33 @@ LEVEL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.T
 }
 
 
+_BUILT_IN = frozenset(LEVEL_LOSSES)
+LOSS_CONTRACT = "fn(prediction [B, N, C], target [B, N, C], the run's AlignCfg) -> [B] (docs/extending.md, 'A loss')"
+
+
+def check_loss(name: str, cfg: AlignCfg) -> None:
+    """Call a registered loss once on a small input: a loss returning a scalar, [B, N] or [B, 1] fails here, named,
+    and not as a shape error somewhere in the objective at the first step. Built-in losses are not probed."""
+    if name in _BUILT_IN:
+        return
+    pred = torch.linspace(-1.0, 1.0, 24).reshape(2, 3, 4)  # [B=2, N=3, C=4]; no random draw: the run's seed stays as it is
+    out = LEVEL_LOSSES[name](pred, pred.flip(-1), cfg)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2,):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"align.loss={name!r} returned {got} for [B=2, N=3, C=4] inputs; a loss returns one value per "
+                         "sample, [B] (docs/extending.md, 'A loss')")
+
+
 def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.Tensor], about: str = "") -> None:
     """Make `align.loss=NAME` (and a MethodSpec's loss) valid, computed by fn(prediction, target, align settings) ->
     loss per sample [B] in fp32. A parameter of its own is a field of AlignCfg, read from the settings."""
     if not name or name == "default" or not callable(fn):
         raise ValueError(f"register_loss needs a name other than '' and 'default' (align.loss=default is the method's "
                          f"own loss) and a function; got {name!r} and {type(fn).__name__}")
+    if name in _BUILT_IN:
+        raise ValueError(f"loss {name!r} is built in (every method that uses it would change); register yours "
+                         "under another name")
+    check_call(fn, (None, None, None), f"loss {name!r}", LOSS_CONTRACT)
     LOSSES[name] = about
     LEVEL_LOSSES[name] = fn
 

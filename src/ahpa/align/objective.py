@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ahpa.align.loss import LEVEL_LOSSES, entropy, router_objective
+from ahpa.align.loss import LEVEL_LOSSES, check_loss, entropy, router_objective
 from ahpa.align.projector import Projector
 from ahpa.align.router import Router
 from ahpa.align.tokens import gather_tokens, kept_tokens
@@ -28,6 +28,7 @@ class Aligner(nn.Module):
         if loss not in LEVEL_LOSSES:
             raise ValueError(f"alignment loss {loss!r} has no function in ahpa.align.loss.LEVEL_LOSSES (register_loss adds "
                              f"the name and the function); losses: {', '.join(LEVEL_LOSSES)}")
+        check_loss(loss, cfg)
         self.loss_kind, self.cfg = loss, cfg
         self.normalize = cfg.router_normalize
         self.entropy_weight = cfg.router_entropy

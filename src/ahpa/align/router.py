@@ -57,6 +57,23 @@ class Router(nn.Module):
             # zero last layer: softmax of zeros is uniform, so soft training starts from multi-uniform
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
+        self._check_route()
+
+    def _check_route(self) -> None:
+        """Route a few t once, so that a mode whose branch is missing or returns the wrong thing fails when it is built
+        (docs/extending.md, "A router mode"), not at the first training step."""
+        with torch.no_grad():
+            out = self.route(torch.linspace(0.0, 1.0, 5))
+        want = (5, self.num_levels)
+        shapes = [tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__ for w in out] \
+            if isinstance(out, tuple) else (tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__)
+        if shapes != [want, want]:
+            raise ValueError(f"router mode {self.mode!r}: Router.route(t [5]) returned {shapes}; it returns a pair "
+                             f"(weights, objective's weights), each [B, K] = {list(want)}")
+        sums = out[0].float().sum(dim=1)
+        if (out[0] < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+            raise ValueError(f"router mode {self.mode!r}: its weights' rows sum to {[round(s, 4) for s in sums.tolist()]} "
+                             "(or hold negative weights); each row is a distribution over the levels and sums to 1")
 
     @property
     def varies(self) -> bool:

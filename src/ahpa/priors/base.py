@@ -93,7 +93,24 @@ class PriorEncoder(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by the VAE factor {self.factor} of {self.spec!r}")
         for name in levels:
             self.level(name)  # fails with the list of valid names
-        return self._encode(self._in_memory_format(self.to_input_range(images)), tuple(levels))
+        out = self._encode(self._in_memory_format(self.to_input_range(images)), tuple(levels))
+        self._check_output(out, levels)
+        return out
+
+    def _check_output(self, out: EncoderOutput, levels) -> None:
+        """What _encode returned against what `levels` declares: a wrong map fails here, naming the encoder and level."""
+        where = f"{type(self).__name__}._encode ({self.spec!r})"
+        if out.mean.shape[1] != self.latent_channels:
+            raise ValueError(f"{where} returned a latent of {out.mean.shape[1]} channels; latent_channels is {self.latent_channels}")
+        for name in levels:
+            if name == "latent":
+                continue
+            if name not in out.features:
+                raise ValueError(f"{where} was asked for level {name!r} and returned features {sorted(out.features)}; "
+                                 "features holds every requested level other than the latent")
+            lvl, got = self.level(name), out.features[name].shape
+            if got[1] != lvl.channels:
+                raise ValueError(f"{where} returned level {name!r} with {got[1]} channels; its Level declares {lvl.channels}")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

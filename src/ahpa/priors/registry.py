@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from ahpa.config import shown
-from ahpa.priors.base import PriorEncoder
+from ahpa.plugins import check_call, entry_point_error
+from ahpa.priors.base import PriorEncoder, frozen
 
 ENTRY_POINT_GROUP = "ahpa.encoders"
 
@@ -42,23 +43,41 @@ def _diffusers(where: str, spec: str) -> PriorEncoder:
 # torchrun workers), from packages that declare an entry point in the group "ahpa.encoders" (name = kind,
 # object = the loader)
 _LOADERS: dict[str, Callable[[str, str], PriorEncoder]] = {"taef2": _taef2, "diffusers": _diffusers, "ahpa-vae": _ahpa_vae}
+_BUILT_IN = frozenset(_LOADERS)
 
 
 def register_encoder(kind: str, loader: Callable[[str, str], PriorEncoder]) -> None:
     """Make `KIND:WHERE` specs load with `loader(where, spec)`: in configs, `ahpa prepare --vae`, exports."""
     if not kind or ":" in kind:
         raise ValueError(f"encoder kind {kind!r} must be a non-empty name without ':'")
+    if not callable(loader):
+        raise ValueError(f"register_encoder({kind!r}, ...) needs a function loader(where, spec) -> PriorEncoder; "
+                         f"got {type(loader).__name__}")
+    if kind in _BUILT_IN:
+        raise ValueError(f"encoder kind {kind!r} is built in; register yours under another name")
     _LOADERS[kind] = loader
+
+
+def _entry_points() -> dict:
+    """Installed packages' loaders by kind, not loaded yet: a package that fails to import breaks its own kind only."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in _LOADERS}
 
 
 def kinds() -> list[str]:
     """Every encoder kind: the built-in ones, those registered, and those of installed packages' entry points."""
-    from importlib.metadata import entry_points
+    return list(_LOADERS) + list(_entry_points())
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _LOADERS:
-            _LOADERS[ep.name] = ep.load()
-    return list(_LOADERS)
+
+def _loader(kind: str) -> Callable[[str, str], PriorEncoder]:
+    if kind not in _LOADERS:
+        ep = _entry_points()[kind]
+        try:
+            _LOADERS[kind] = ep.load()
+        except Exception as e:  # the user's package: any error, named with where it comes from
+            raise entry_point_error(ep, f"encoder kind {kind!r} ({ENTRY_POINT_GROUP!r})", e) from e
+    return _LOADERS[kind]
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -74,9 +93,13 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def load_encoder(spec: str, device: torch.device | str = "cpu") -> PriorEncoder:
     """Build a frozen encoder from its spec. Only `diffusers:` with a hub id may download."""
     kind, where = parse_spec(spec)
-    enc = _LOADERS[kind](where, spec)
+    loader = _loader(kind)
+    check_call(loader, (where, spec), f"the loader of encoder kind {kind!r}", "loader(where: str, spec: str) -> PriorEncoder")
+    enc = loader(where, spec)
+    if not isinstance(enc, PriorEncoder):
+        raise ValueError(f"the loader of encoder kind {kind!r} returned {type(enc).__name__}, not a PriorEncoder")
     enc.spec = spec
-    return enc.to(device)
+    return frozen(enc.to(device))  # eval mode, no gradients: whatever the loader left
 
 
 def _existing(path: Path, spec: str) -> Path:

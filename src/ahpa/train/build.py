@@ -13,7 +13,7 @@ from ahpa.config import AlignCfg, Config, EvalCfg, absolute_spec
 from ahpa.data.batches import OnTheFly
 from ahpa.data.sources import load_image_set
 from ahpa.models.sit import SiT, SiTConfig
-from ahpa.priors.base import PriorEncoder
+from ahpa.priors.base import PriorEncoder, frozen
 from ahpa.priors.external import ExternalEncoder, load_external
 from ahpa.priors.registry import kinds, load_encoder
 from ahpa.priors.targets import PriorStats
@@ -116,7 +116,7 @@ def build_parts(
     method = get_method(cfg.align.method)
     if not cfg.prior.encoder and encoder is None:
         raise ValueError("prior.encoder is not set: name the VAE, e.g. prior.encoder=taef2:PATH or ahpa-vae:PATH")
-    encoder = encoder.to(device) if encoder is not None else load_encoder(cfg.prior.encoder, device)
+    encoder = frozen(encoder.to(device)) if encoder is not None else load_encoder(cfg.prior.encoder, device)
     if cfg.data.source == "cache":  # a prepared cache (ahpa prepare): the encoder stays for decoding samples
         from ahpa.data.cache import cache_overview, open_cache
 

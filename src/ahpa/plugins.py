@@ -1,0 +1,55 @@
+"""Extensions from installed packages, and the checks that name an extension when it is called wrongly.
+
+A package that adds methods, router modes or losses declares a module in the entry-point group "ahpa.plugins"
+(docs/extending.md). It is imported the first time a name is not found in a registry, in every process that
+reads one: the CLI, torchrun's workers, `ahpa sample --run` and a fresh Python session reading a run's
+config.yaml. Entries registered by a call at run time exist in that process only.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+GROUP = "ahpa.plugins"
+_loaded = False
+_failures: list[str] = []
+
+
+def load_plugins() -> list[str]:
+    """Import every installed "ahpa.plugins" entry point, once per process; returns what failed to import, each
+    named with its package. One that fails leaves the others, and the built-in names, usable."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=GROUP):
+            try:
+                ep.load()
+            except Exception as e:  # the user's package: any error, named with where it comes from
+                _failures.append(f"the {GROUP!r} entry point {ep.name} = {ep.value!r}{_package(ep)} failed to load: "
+                                 f"{type(e).__name__}: {e}")
+    return _failures
+
+
+def _package(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return f" of package {dist.name!r}" if dist is not None else ""
+
+
+def entry_point_error(ep, what: str, e: Exception) -> ImportError:
+    """An entry point that failed to import, named with its package (the error alone names a module only)."""
+    return ImportError(f"{what}: the entry point {ep.name} = {ep.value!r}{_package(ep)} failed to load: "
+                       f"{type(e).__name__}: {e}")
+
+
+def check_call(fn, args: tuple, what: str, contract: str) -> None:
+    """Whether `fn` accepts `args`, checked without calling it: a wrong signature is named with the contract, while a
+    TypeError raised inside `fn` stays its own."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except ValueError:  # no signature to read (a builtin): the call itself will tell
+        return
+    except TypeError as e:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        raise ValueError(f"{what} ({name}) cannot be called as {contract}: {e}") from None

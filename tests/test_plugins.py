@@ -1,0 +1,178 @@
+"""Extensions from outside the repository: a package's "ahpa.plugins" module is found by every process that
+reads a registry name (the CLI, a fresh session reading a run's config.yaml), a broken extension is named with its
+package, and a method, loss, router mode or encoder that breaks the contract fails when it is built, naming it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PLUGIN = '''
+import torch.nn.functional as F
+from ahpa.align.loss import register_loss
+from ahpa.align.methods import METHODS, MethodSpec
+
+register_loss("plug-mse", lambda p, q, cfg: F.mse_loss(p.float(), q.float(), reduction="none").flatten(1).mean(1))
+METHODS["plug-uniform"] = MethodSpec(name="plug-uniform", levels="all", router="uniform", loss="plug-mse",
+                                      about="every level, uniform weights, MSE")
+'''
+
+
+def _install(site: Path, dist: str, module: str, source: str | None, group: str = "ahpa.plugins") -> None:
+    """A package as pip leaves it: the module and its dist-info with the entry point (what importlib.metadata reads)."""
+    if source is not None:
+        (site / f"{module}.py").write_text(source)
+    info = site / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{dist} = {module}\n")
+
+
+def _ahpa(site: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT / 'src'}"}
+    return subprocess.run([sys.executable, "-m", "ahpa", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_plugin_package_is_found_by_a_fresh_cli_process(tmp_path):
+    _install(tmp_path, "myplug", "myplug_ahpa", PLUGIN)
+    out = _ahpa(tmp_path, "train", "--config", "configs/tiny.yaml", "--show-config", "align.method=plug-uniform",
+                "align.loss=plug-mse")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "method: plug-uniform" in out.stdout and "loss: plug-mse" in out.stdout
+    # without the package the same names are refused, listing what is valid
+    bare = _ahpa(tmp_path / "none", "train", "--config", "configs/tiny.yaml", "--show-config", "align.method=plug-uniform")
+    assert bare.returncode == 2 and "align.method='plug-uniform' is not valid" in bare.stderr
+
+
+def test_a_broken_plugin_is_named_with_its_package(tmp_path):
+    _install(tmp_path, "brokenplug", "brokenplug_ahpa", "import no_such_module_here\n")
+    out = _ahpa(tmp_path, "train", "--config", "configs/tiny.yaml", "--show-config", "align.method=plug-uniform")
+    assert out.returncode == 2
+    assert ("'plug-uniform' is no built-in name, and the 'ahpa.plugins' entry point brokenplug = 'brokenplug_ahpa' of "
+            "package 'brokenplug' failed to load: ModuleNotFoundError" in out.stderr), out.stderr
+    # a broken package cannot stop runs that do not use it
+    ok = _ahpa(tmp_path, "train", "--config", "configs/tiny.yaml", "--show-config", "align.method=ahpa")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_an_encoder_entry_point_that_fails_breaks_its_kind_only(monkeypatch):
+    import importlib.metadata
+
+    from ahpa.priors import registry
+
+    class Dist:
+        name = "badvae-pkg"
+
+    class Broken:
+        name, value, dist = "badvae", "badvae_pkg.vae:load", Dist()
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'badvae_pkg'")
+
+    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [Broken()] if group == registry.ENTRY_POINT_GROUP else [])
+    assert "badvae" in registry.kinds()
+    assert registry.load_encoder("ahpa-vae:random").spec == "ahpa-vae:random"  # before: every kind failed
+    with pytest.raises(ImportError, match=r"encoder kind 'badvae' .* entry point badvae = 'badvae_pkg.vae:load' of "
+                                          r"package 'badvae-pkg' failed to load: ModuleNotFoundError"):
+        registry.load_encoder("badvae:x")
+
+
+def test_encoder_registrations_and_loaders_that_break_the_contract(monkeypatch):
+    from ahpa.priors import registry
+    from ahpa.priors.kl_vae import KLVAE
+
+    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
+    with pytest.raises(ValueError, match="encoder kind 'taef2' is built in"):
+        registry.register_encoder("taef2", lambda where, spec: KLVAE.random())
+    with pytest.raises(ValueError, match="needs a function loader"):
+        registry.register_encoder("x", "not callable")
+    registry.register_encoder("onearg", lambda where: KLVAE.random())
+    with pytest.raises(ValueError, match=r"the loader of encoder kind 'onearg' .* cannot be called as loader\(where: str, spec: str\)"):
+        registry.load_encoder("onearg:1")
+    registry.register_encoder("loose", lambda where, spec: KLVAE.random().train().requires_grad_(True))
+    enc = registry.load_encoder("loose:1")  # frozen, whatever the loader left: no dropout, no gradients
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    registry.register_encoder("notenc", lambda where, spec: torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="returned Linear, not a PriorEncoder"):
+        registry.load_encoder("notenc:1")
+
+
+def test_an_encoder_returning_other_levels_than_it_declares_is_named():
+    from ahpa.priors.kl_vae import KLVAE
+
+    class Dropping(KLVAE):
+        def _encode(self, x, levels):
+            out = super()._encode(x, levels)
+            out.features.pop(next(iter(out.features)))
+            return out
+
+    enc = Dropping.random()
+    name = next(lv.name for lv in enc.levels if lv.name != "latent")
+    with pytest.raises(ValueError, match=rf"Dropping._encode .* was asked for level '{name}' and returned features"):
+        enc.encode(torch.rand(2, 3, 16, 16), [lv.name for lv in enc.levels])
+
+
+@pytest.fixture
+def losses():
+    """The loss registries as they were, restored in place after the test (the config's choices read them)."""
+    from ahpa.align import loss as loss_mod
+    from ahpa.align.methods import LOSSES
+
+    saved = dict(LOSSES), dict(loss_mod.LEVEL_LOSSES)
+    yield loss_mod
+    for registry, before in zip((LOSSES, loss_mod.LEVEL_LOSSES), saved):
+        registry.clear()
+        registry.update(before)
+
+
+def test_losses_that_break_the_contract_fail_when_registered_or_built(losses):
+    from ahpa.align.objective import Aligner
+    from ahpa.config import AlignCfg
+
+    with pytest.raises(ValueError, match="loss 'cosine' is built in"):
+        losses.register_loss("cosine", lambda p, q, cfg: (p - q).pow(2).mean((1, 2)))
+    with pytest.raises(ValueError, match=r"loss 'twoargs' .* cannot be called as fn\(prediction \[B, N, C\]"):
+        losses.register_loss("twoargs", lambda p, q: (p - q).pow(2).mean((1, 2)))
+    losses.register_loss("scalar", lambda p, q, cfg: (p - q).pow(2).mean())
+    losses.register_loss("per-token", lambda p, q, cfg: (p - q).pow(2).mean(-1))
+    for name, shape in [("scalar", r"\(\)"), ("per-token", r"\(2, 3\)")]:
+        with pytest.raises(ValueError, match=rf"align.loss='{name}' returned {shape} for \[B=2, N=3, C=4\] inputs"):
+            Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", name)
+
+    def stream_after(loss: str) -> torch.Tensor:  # the probe draws nothing: a run's seed gives the same weights
+        torch.manual_seed(0)
+        Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", loss)
+        return torch.rand(3)
+
+    losses.register_loss("ok-mse", lambda p, q, cfg: (p - q).pow(2).mean((1, 2)))
+    assert torch.equal(stream_after("ok-mse"), stream_after("cosine"))
+
+
+def test_a_router_mode_whose_branch_returns_the_wrong_thing_fails_when_built(monkeypatch):
+    from ahpa.align.methods import ROUTER_MODES
+    from ahpa.align.router import Router
+
+    monkeypatch.setitem(ROUTER_MODES, "ramp", False)
+    original = Router.route
+
+    def route(self, t):
+        if self.mode != "ramp":
+            return original(self, t)
+        return self.bad(t)
+
+    monkeypatch.setattr(Router, "route", route)
+    for bad, message in [(lambda t: torch.full((len(t), 3), 1 / 3), r"returned \(5, 3\); it returns a pair"),
+                         (lambda t: (torch.ones(len(t), 3),) * 2, r"rows sum to \[3.0, 3.0, 3.0, 3.0, 3.0\]")]:
+        monkeypatch.setattr(Router, "bad", staticmethod(bad), raising=False)
+        with pytest.raises(ValueError, match=rf"router mode 'ramp': .*{message}"):
+            Router(3, "ramp")

@@ -194,7 +194,7 @@ def test_gradient_accumulation_skips_the_all_reduce_of_a_compiled_ddp_model():
 import os, types, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from ahpa.train.loop import Trainer
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # torch 2.4 refuses tcp://...:0 ("port number missing")
 ddp = DDP(torch.nn.Linear(2, 2))
 fake = types.SimpleNamespace(world=2, net=torch.compile(ddp), align_net=None)
 with Trainer._no_sync(fake, last=False):

@@ -7,6 +7,7 @@ posterior moments: one pass gives the latent and every requested level.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +27,11 @@ def autoencoder_kl() -> type:
     to 0.42.1 beside torch 2.4.1, which imports 0.36.0).
     """
     try:
-        from diffusers import AutoencoderKL
+        with warnings.catch_warnings():
+            # diffusers 0.36 (the release for torch 2.4) decorates a Kandinsky-5 method with
+            # torch.autocast("cuda") at import, which warns on a machine without CUDA
+            warnings.filterwarnings("ignore", message=r".*CUDA is not available.*Disabling", category=UserWarning)
+            from diffusers import AutoencoderKL
     except (AttributeError, RuntimeError, TypeError) as e:
         from importlib.metadata import version
 

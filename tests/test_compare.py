@@ -63,6 +63,29 @@ def test_compare_reads_a_real_run_without_evaluations(tmp_path, tiny, capsys):
     text = capsys.readouterr().out
     assert "No run has evaluations" in text and "baseline b" in text
     assert "`align.method`: a='ahpa', b='none'" in text
+    assert "Trained in different environments" not in text  # the same machine and code
+
+
+def test_a_run_records_each_start_and_compare_names_other_environments(tmp_path, tiny, capsys):
+    import torch
+
+    from ahpa.provenance import environment, last_start, source_revision
+    from ahpa.train.loop import Trainer
+
+    Trainer(tiny("train.steps=1"), tmp_path / "a").run()
+    Trainer(tiny("train.steps=2"), tmp_path / "a").run()  # resumed: a second start, from step 1
+    rows = [json.loads(line) for line in (tmp_path / "a" / "starts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and last_start(tmp_path / "a") == rows[1]
+    assert rows[0]["torch"] == torch.__version__ and rows[0]["processes"] == 1 and rows[0]["device"].startswith("cpu")
+    assert rows[0]["source"] == source_revision() and set(environment()) <= set(rows[0])
+    # runs measured on other hardware: their img/s is no comparison, and compare says so
+    b = _run(tmp_path, "b", "none", [1.0])
+    (b / "starts.jsonl").write_text(json.dumps({**rows[1], "device": "NVIDIA H200", "processes": 8}) + "\n")
+    assert main(["compare", str(tmp_path / "a"), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert "Trained in different environments" in text
+    assert f"- device: a={rows[1]['device']}, b=NVIDIA H200" in text and "- processes: a=1, b=8" in text
+    assert "- torch:" not in text  # the same torch: not listed
 
 
 def test_a_damaged_metrics_file_is_named_and_a_torn_last_line_is_dropped(tmp_path):
@@ -75,3 +98,25 @@ def test_a_damaged_metrics_file_is_named_and_a_torn_last_line_is_dropped(tmp_pat
         f.write('\n{"step": 10, "loss/flow": 1.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 3: not JSON"):
         compare.read_run(d)
+
+
+def test_the_source_revision_is_this_checkouts_commit_and_none_for_an_installed_copy(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ahpa.provenance import source_revision
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not run from a git checkout")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert source_revision() in (head, head + "+dirty")
+    # the package copied elsewhere (as pip installs it): no checkout of its own, even inside another repository
+    site = tmp_path / "site"
+    shutil.copytree(root / "src" / "ahpa", site / "ahpa", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    out = subprocess.run([sys.executable, "-c", "from ahpa.provenance import source_revision; print(source_revision())"],
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert out.stdout.strip() == "None", out.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import platform
 import sys
 
 COMMANDS = ("train", "sample", "export", "eval", "compare", "prepare", "convert", "demo", "vae-train")
@@ -23,17 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def versions() -> str:
     """One line per component: what a bug report needs to reproduce a run's numerics."""
-    import platform
     from importlib import metadata
 
     import torch
 
-    from ahpa import __version__
+    from ahpa.provenance import environment
 
-    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA build"
-    gpus = torch.cuda.device_count() if torch.version.cuda else 0
-    lines = [f"ahpa {__version__}", f"Python {platform.python_version()} ({platform.platform()})",
-             f"torch {torch.__version__} ({cuda}, {gpus} GPU(s) visible)"]
+    env = environment()
+    cuda = f"CUDA {env['cuda']}" if env["cuda"] else "no CUDA build"
+    gpus = torch.cuda.device_count() if env["cuda"] else 0
+    lines = [f"ahpa {env['ahpa']}" + (f" (checkout at {env['source']})" if env["source"] else ""),
+             f"Python {env['python']} ({platform.platform()})", f"torch {env['torch']} ({cuda}, {gpus} GPU(s) visible)"]
     for name in ("numpy", "safetensors", "diffusers", "transformers", "tensorboard"):
         try:
             lines.append(f"{name} {metadata.version(name)}")

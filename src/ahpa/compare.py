@@ -2,7 +2,8 @@
 evaluations against images seen, how many images each needs to reach a baseline's Fréchet distance, and which
 settings differ between them, so that a reader sees at once whether the comparison is fair.
 
-Pure functions over run directories (config.yaml, metrics.jsonl); `ahpa compare` draws and prints them.
+Pure functions over run directories (config.yaml, metrics.jsonl, starts.jsonl); `ahpa compare` draws and prints
+them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import yaml
 
 from ahpa.config import flatten
 from ahpa.jsonl import read_rows
+from ahpa.provenance import last_start
 
+# the facts of a run's newest start (ahpa.provenance) that are compared; its host and time are not
+ENV_COMPARED = ("device", "processes", "torch", "cuda", "ahpa", "source")
 # settings that differ between comparable runs without changing what is compared
 NOT_COMPARED = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints",
                 "train.device", "train.max_bad_steps", "data.prefetch")
@@ -29,6 +33,7 @@ class Run:
     flow: list[tuple[int, float]] = field(default_factory=list)  # [(images, flow loss)]
     img_per_s: float | None = None  # median of the logged windows
     done: bool = False
+    env: dict = field(default_factory=dict)  # its newest start's versions, commit and device (starts.jsonl)
 
     @property
     def method(self) -> str:
@@ -42,7 +47,9 @@ def read_run(path: str | Path) -> Run:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a run directory (no config.yaml); give directories that `ahpa train --out` wrote")
     settings = flatten(yaml.safe_load(cfg_file.read_text()) or {})
-    run = Run(path.name, path, settings, done=(path / "DONE").exists())
+    start = last_start(path) or {}
+    env = {k: start[k] for k in ENV_COMPARED if k in start}
+    run = Run(path.name, path, settings, done=(path / "DONE").exists(), env=env)
     if not metrics_file.is_file():
         return run
     rates = []
@@ -77,6 +84,16 @@ def differing_settings(runs: list[Run]) -> dict[str, list]:
         if any(v != values[0] for v in values):
             out[k] = values
     return out
+
+
+def differing_environment(runs: list[Run]) -> dict[str, list]:
+    """{fact: each run's value} for the environment facts (device, processes, versions, commit) that differ between
+    runs that recorded them: img/s compares only on the same device and process count."""
+    recorded = [r for r in runs if r.env]
+    if len(recorded) < 2:
+        return {}
+    return {k: [r.env.get(k) for r in runs] for k in ENV_COMPARED
+            if any(r.env.get(k) != recorded[0].env.get(k) for r in recorded)}
 
 
 def images_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:

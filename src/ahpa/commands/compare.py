@@ -41,6 +41,13 @@ def run(args) -> int:
                  "length):" + ("" if differing else " none"))
     for key, values in differing.items():
         parts.append(f"- `{key}`: " + ", ".join(f"{r.name}={v!r}" for r, v in zip(runs, values)))
+    environment = compare.differing_environment(runs)
+    if environment:  # speeds from other GPUs or process counts are no comparison; other code may train otherwise
+        parts += ["", "Trained in different environments (their newest start; img/s compares only on the same device "
+                  "and process count):"]
+        for key, values in environment.items():
+            parts.append(f"- {key}: " + ", ".join(f"{r.name}={v if v is not None else 'unrecorded'}"
+                                                   for r, v in zip(runs, values)))
     unfinished = [r.name for r in runs if not r.done]
     if unfinished:
         parts += ["", "Not finished (no DONE): " + ", ".join(unfinished)]

@@ -29,6 +29,7 @@ from ahpa.train.checkpoint import save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
+from ahpa.provenance import environment, record_start
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
 from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir  # noqa: F401 (RunConfigError: API)
@@ -275,6 +276,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_mod.dump(c))  # a resume reads it back
+            record_start(self.run_dir, self.step, environment(self.parts.device, self.world))  # versions, commit, GPUs
             if self._moved_inputs is not None:  # moved files, identified by check_moved_inputs
                 inputs.write(self.run_dir, self._moved_inputs)
             elif inputs.read(self.run_dir) is None:  # a new run, or one from before inputs.json

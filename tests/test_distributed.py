@@ -8,6 +8,7 @@ The runs use the learned (soft) router, whose running loss means are the global 
 per step from every process's micro-batches (Aligner.update_running).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -54,7 +55,10 @@ def one_process_run(tmp_path_factory):
 
 
 def test_two_processes_match_one(one_process_run, tmp_path):
-    ahpa(2, "train", "--out", str(tmp_path / "two"), *TINY, "train.steps=4")
+    res = ahpa(2, "train", "--out", str(tmp_path / "two"), *TINY, "train.steps=4")
+    assert re.search(r"training on 2 x cpu \(.*\) \(DDP\), fp32, eager: 4 steps of global batch 8 \(4 per process\)", res.stderr)
+    starts = [json.loads(line) for line in (tmp_path / "two" / "starts.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["processes"]) for s in starts] == [(0, 2)]  # rank 0 alone records the start
     a, b = latest(one_process_run), latest(tmp_path / "two")
     assert a["step"] == b["step"] == 4
     for part in ("model", "ema", "aligner"):
@@ -113,6 +117,7 @@ def fsdp_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("fsdp") / "two"
     res = ahpa(2, "train", "--out", str(run), *TINY, "train.steps=4", FSDP)
     assert SHARDED in res.stderr  # it did shard, rather than fall back to DDP or one process
+    assert "(FSDP2), fp32, eager" in res.stderr
     assert "returned a view tensor" not in res.stderr  # torch >= 2.12 warns on every step of a root returning a view
     return run
 

@@ -57,6 +57,8 @@ def test_resume_three_plus_three_equals_six_bitwise(tmp_path, tiny, extra):
     first.run()
     second = Trainer(tiny("train.steps=6", *extra), tmp_path / "b")
     assert second.step == 3 and "resumed from step 3" in second.messages
+    # the first line says what the run trains on (device, precision, compilation, batch per process)
+    assert second.messages[0].startswith("training on cpu (") and "fp32, eager: 6 steps of global batch 8 (8 per process)" in second.messages[0]
     second.run()
     for name in ("model", "ema", "aligner"):
         a, b = getattr(straight.parts, name).state_dict(), getattr(second.parts, name).state_dict()

@@ -42,14 +42,16 @@ def environment(device: torch.device | None = None, processes: int = 1) -> dict:
     """Versions, commit, device and process count: the facts a numerics or speed difference may come from."""
     from ahpa import __version__
 
-    device = device or torch.device("cpu")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{device.type} ({platform.processor() or platform.machine()})"
     return {"ahpa": __version__, "source": source_revision(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "device": name, "processes": processes,
-            "host": platform.node()}
+            "torch": torch.__version__, "cuda": torch.version.cuda, "device": device_name(device or torch.device("cpu")),
+            "processes": processes, "host": platform.node()}
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's model (NVIDIA H200), or the CPU's architecture."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
 def record_start(run_dir: Path, step: int, env: dict) -> None:

@@ -197,6 +197,19 @@ def heads_cost_note(parts: Parts) -> list[str]:
             f"aligning a share of the tokens (align.token_fraction), costs less (docs/method.md, 'Projector cost')"]
 
 
+def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_name: str) -> str:
+    """What the run trains on, in one line: the first thing to check when a cluster run is slower than expected
+    (the wrong GPU, fp32 where bf16 was meant, an eager step, a per-process batch that is not the one planned)."""
+    t = cfg.train
+    how = "FSDP2" if sharding else "DDP"
+    precision = "bf16 autocast" if parts.amp == torch.bfloat16 else "fp32"
+    compiled = f"compiled ({t.compile_mode})" if t.compile else "eager"
+    micro = f" in {t.grad_accum} micro-batches" if t.grad_accum > 1 else ""
+    where = device_name if world == 1 else f"{world} x {device_name} ({how})"
+    return (f"training on {where}, {precision}, {compiled}: {t.steps:,} steps of global batch {t.batch_size} "
+            f"({t.batch_size // world} per process{micro}), align.method={cfg.align.method}")
+
+
 def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
     """Notes for settings that change nothing: align settings the chosen method does not read, and evaluation
     settings while evaluation is off. Set on purpose or not, the user learns it before the run, not after."""

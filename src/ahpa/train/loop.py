@@ -22,14 +22,14 @@ from ahpa.config import Config
 from ahpa.data.order import batch_indices, micro_batches, process_requests
 from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import standardise_levels
+from ahpa.provenance import device_name, environment, record_start
 from ahpa.sample import SamplerBundle
 from ahpa.train import inputs, outputs
-from ahpa.train.build import Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note
+from ahpa.train.build import Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note, setup_note
 from ahpa.train.checkpoint import save_checkpoint
 from ahpa.train.distributed import all_reduce_mean_, current, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
-from ahpa.provenance import environment, record_start
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
 from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir  # noqa: F401 (RunConfigError: API)
@@ -103,6 +103,7 @@ class Trainer:
         # model's step is host-bound on a GPU, and walking the module tree every step costs that time)
         self._trainable = p.trainable()
         self._ema_pairs = (list(p.ema.parameters()), list(p.model.parameters()))
+        self.messages.insert(0, setup_note(cfg, p, self.world, self.sharded is not None, device_name(p.device)))
         if t.compile:  # after DDP or sharding, as torch.compile expects
             self.net = torch.compile(self.net, mode=t.compile_mode)
             if self.align_net is not None:  # its heads, losses and router: dozens of small kernels when eager

@@ -62,6 +62,11 @@ def test_file_list_names_as_the_list_resolves_them(tree, tmp_path):
     want = [tmp_path / "imgs/a/y.png", tmp_path / "imgs/b/x 1.png", tree / "a/z.png"]
     assert [listing.name(i) for i in range(3)] == [str(p) for p in want] and list(listing.paths) == want
     assert listing.fingerprint() == _fingerprint("list", [str(p) for p in want], want, listing.labels)
+    # a list naming a file whose name is not UTF-8, in the file system's bytes: found, not a decoding error
+    lst2 = tmp_path / "latin1.txt"
+    lst2.write_bytes(b"imgs/a/" + os.fsencode(ODD) + b"\t5\n")
+    odd = list_source(lst2)
+    assert list(odd.paths) == [tree / "a" / ODD] and odd.paths[0].is_file() and odd.labels.tolist() == [5]
     short = list_source(lst, limit=2)
     assert list(short.paths) == want[:2] and short.labels.tolist() == [1, 0]
 

@@ -102,7 +102,8 @@ def _file_list(path: Path, labels: str) -> Listing:
     Relative paths are relative to the list file's directory.
     """
     paths, ys, first_unlabelled = [], [], None
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
+    # a name that is not UTF-8 (a Latin-1 file name) kept as its bytes, as a folder listing keeps it
+    for n, raw in enumerate(path.read_text(errors="surrogateescape").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -120,3 +120,96 @@ def test_the_source_revision_is_this_checkouts_commit_and_none_for_an_installed_
     out = subprocess.run([sys.executable, "-c", "from ahpa.provenance import source_revision; print(source_revision())"],
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert out.stdout.strip() == "None", out.stderr
+
+
+def test_differing_environment_compares_only_recorded_facts_that_matter():
+    from pathlib import Path
+
+    from ahpa.compare import Run, differing_environment
+
+    env = {"device": "NVIDIA H200", "processes": 8, "torch": "2.4.1", "cuda": "12.4", "ahpa": "0.1.0", "source": "abc"}
+
+    def run(name, **changed):
+        return Run(name, Path(name), {}, env={**env, **changed} if changed.get("recorded", True) else {})
+
+    old = Run("old", Path("old"), {})  # a run from before starts.jsonl: nothing recorded, nothing to compare
+    assert differing_environment([old, run("a"), run("b")]) == {}
+    assert differing_environment([run("a"), run("b", source="def+dirty")]) == {"source": ["abc", "def+dirty"]}
+    # where it ran and when are no difference in what trained it (starts.jsonl's host and time are not compared)
+    a, b = run("a"), run("b")
+    a.env["host"], b.env["host"] = "node1", "node2"
+    assert differing_environment([a, b]) == {}
+    assert differing_environment([old, run("a"), run("b", device="NVIDIA H100")]) == {
+        "device": [None, "NVIDIA H200", "NVIDIA H100"]}
+
+
+def test_compare_names_a_run_without_a_start_record_unrecorded(tmp_path, capsys):
+    env = {"device": "NVIDIA H200", "processes": 8, "torch": "2.4.1", "cuda": "12.4", "ahpa": "0.1.0", "source": "abc"}
+    runs = [_run(tmp_path, name, "ahpa", [1.0]) for name in ("a", "b", "c")]
+    (runs[0] / "starts.jsonl").write_text(json.dumps({"step": 0, **env}) + "\n")
+    (runs[1] / "starts.jsonl").write_text(json.dumps({"step": 0, **env, "processes": 1, "source": None}) + "\n")
+    assert main(["compare", *map(str, runs)]) == 0
+    text = capsys.readouterr().out
+    # a run without starts.jsonl is "unrecorded"; a fact recorded as absent (an installed copy: no commit) is "none"
+    assert "- processes: a=8, b=1, c=unrecorded" in text and "- source: a=abc, b=none, c=unrecorded" in text
+
+
+def test_the_source_revision_is_marked_dirty_by_changed_tracked_files_only(tmp_path, monkeypatch):
+    """A checkout's commit, "+dirty" once a tracked file differs from it (untracked files do not count); a copy of
+    the package inside another repository (one with a commit) is no checkout of ahpa's."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from ahpa import provenance
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    root = Path(__file__).resolve().parents[1]
+
+    def git(repo, *args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def revision_of(package: Path) -> str | None:
+        monkeypatch.setattr(provenance, "__file__", str(package / "provenance.py"))
+        return provenance.source_revision()
+
+    repo = tmp_path / "repo"
+    shutil.copytree(root / "src" / "ahpa", repo / "src" / "ahpa", ignore=shutil.ignore_patterns("__pycache__"))
+    git(tmp_path, "init", "-q", str(repo))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "x")
+    head = git(repo, "rev-parse", "HEAD")
+    assert revision_of(repo / "src" / "ahpa") == head
+    (repo / "notes.txt").write_text("untracked\n")
+    assert revision_of(repo / "src" / "ahpa") == head
+    with open(repo / "src" / "ahpa" / "provenance.py", "a") as f:
+        f.write("# changed\n")
+    assert revision_of(repo / "src" / "ahpa") == head + "+dirty"
+    # the package copied into another repository's folder (as a vendored copy): that repository's commit is not ahpa's
+    other = tmp_path / "other"
+    shutil.copytree(root / "src" / "ahpa", other / "lib" / "ahpa", ignore=shutil.ignore_patterns("__pycache__"))
+    git(tmp_path, "init", "-q", str(other))
+    git(other, "add", "-A")
+    git(other, "commit", "-qm", "x")
+    assert revision_of(other / "lib" / "ahpa") is None
+
+
+def test_the_environment_names_the_gpu_it_is_given_and_the_setup_note_the_per_process_batch(monkeypatch, tiny):
+    import types
+
+    import torch
+
+    from ahpa.provenance import environment
+    from ahpa.train.build import setup_note
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    env = environment(torch.device("cuda", 0), 8)
+    assert env["device"] == "NVIDIA H200" and env["processes"] == 8
+    parts = types.SimpleNamespace(amp=torch.bfloat16)
+    cfg = tiny("train.batch_size=256", "train.steps=1000", "train.grad_accum=2")
+    assert setup_note(cfg, parts, 8, True, "NVIDIA H200") == (
+        "training on 8 x NVIDIA H200 (FSDP2), bf16 autocast, eager: 1,000 steps of global batch 256 "
+        f"(32 per process in 2 micro-batches), align.method={cfg.align.method}")
+    assert "8 x NVIDIA H200 (DDP)" in setup_note(cfg, parts, 8, False, "NVIDIA H200")

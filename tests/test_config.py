@@ -208,5 +208,10 @@ def test_version_names_ahpa_torch_and_the_model_libraries(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     out = capsys.readouterr().out
-    assert stop.value.code == 0 and out.startswith(f"ahpa {__version__}\n")
+    # in a git checkout the first line names its commit (ahpa.provenance.source_revision); installed, the version alone
+    from ahpa.provenance import source_revision
+
+    source = source_revision()
+    first = f"ahpa {__version__}" + (f" (checkout at {source})" if source else "")
+    assert stop.value.code == 0 and out.startswith(first + "\n")
     assert f"torch {torch.__version__} (" in out and "diffusers" in out and "safetensors" in out

@@ -31,9 +31,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def ahpa(nproc: int, *args: str) -> subprocess.CompletedProcess:
+def ahpa(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", "-m", "ahpa.cli", *args] if nproc > 1 else [sys.executable, "-m", "ahpa.cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -55,10 +55,23 @@ def one_process_run(tmp_path_factory):
 
 
 def test_two_processes_match_one(one_process_run, tmp_path):
-    res = ahpa(2, "train", "--out", str(tmp_path / "two"), *TINY, "train.steps=4")
+    # which ranks record a start: two ranks rewriting starts.jsonl at once can leave one row, so the file cannot tell
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\nimport ahpa.provenance as p\n_record = p.record_start\n"
+        "def record_start(*args, **kwargs):\n"
+        "    with open(os.environ['AHPA_TEST_STARTS'], 'a') as f:\n"
+        "        f.write(os.environ.get('RANK', '-') + '\\n')\n"
+        "    return _record(*args, **kwargs)\n"
+        "p.record_start = record_start\n")
+    path = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
+    res = ahpa(2, "train", "--out", str(tmp_path / "two"), *TINY, "train.steps=4",
+               env={"PYTHONPATH": path, "AHPA_TEST_STARTS": str(tmp_path / "recorded-by")})
     assert re.search(r"training on 2 x cpu \(.*\) \(DDP\), fp32, eager: 4 steps of global batch 8 \(4 per process\)", res.stderr)
     starts = [json.loads(line) for line in (tmp_path / "two" / "starts.jsonl").read_text().splitlines()]
-    assert [(s["step"], s["processes"]) for s in starts] == [(0, 2)]  # rank 0 alone records the start
+    assert [(s["step"], s["processes"]) for s in starts] == [(0, 2)]
+    assert (tmp_path / "recorded-by").read_text().split() == ["0"]  # rank 0 alone records the start
     a, b = latest(one_process_run), latest(tmp_path / "two")
     assert a["step"] == b["step"] == 4
     for part in ("model", "ema", "aligner"):

@@ -90,3 +90,19 @@ def test_table_indexing_slicing_and_errors():
     assert len(PathTable([])) == 0 and list(PathTable([])) == []
     back = pickle.loads(pickle.dumps(table[1:]))  # DataLoader workers started by spawn get the listing pickled
     assert [back.name(i) for i in range(3)] == names[1:]
+
+
+def test_a_reference_folders_identity_is_every_files_total_size_and_newest_time(tree):
+    """The reference cache's key of a folder (count, total size, newest modification) read through the table: a
+    file rewritten anywhere in the listing, not only the last one, must change it."""
+    from ahpa.metrics.images import image_files
+    from ahpa.metrics.reference import _files_identity
+
+    names = _old_folder_names(tree)
+    first = tree / names[0]  # the newest file is not the last one listed
+    st = first.stat()
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    stats = [(tree / n).stat() for n in names]
+    assert len({s.st_size for s in stats}) > 1 and stats[0].st_mtime_ns > stats[-1].st_mtime_ns
+    assert _files_identity(image_files(tree)) == {"files": len(names), "size": sum(s.st_size for s in stats),
+                                                  "mtime_ns": max(s.st_mtime_ns for s in stats)}

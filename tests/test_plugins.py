@@ -176,3 +176,119 @@ def test_a_router_mode_whose_branch_returns_the_wrong_thing_fails_when_built(mon
         monkeypatch.setattr(Router, "bad", staticmethod(bad), raising=False)
         with pytest.raises(ValueError, match=rf"router mode 'ramp': .*{message}"):
             Router(3, "ramp")
+
+
+def test_plugins_load_once_when_a_name_is_missing_and_a_broken_one_blames_only_its_own_names(monkeypatch):
+    """In-process, with two installed packages (one registers a method, one fails to import): built-in names import
+    neither; the first unknown name imports both, once; the working package's names are valid although the other
+    failed; a name nobody registers is refused naming the broken package once; listing the names imports them."""
+    import importlib.metadata
+
+    from ahpa import plugins
+    from ahpa.align.methods import METHODS, MethodSpec
+    from ahpa.config_rules import CHOICES
+
+    calls = []
+
+    class Dist:
+        name = "pkg"
+
+    class Good:
+        name, value, dist = "good", "good_mod", Dist()
+
+        def load(self):
+            calls.append("good")
+            monkeypatch.setitem(METHODS, "plug-good", MethodSpec(name="plug-good", levels="all", router="uniform",
+                                                                 loss="cosine", about="test"))
+
+    class Bad:
+        name, value, dist = "bad", "bad_mod", Dist()
+
+        def load(self):
+            calls.append("bad")
+            raise ModuleNotFoundError("No module named 'bad_mod'")
+
+    def entry_points(group):
+        calls.append("scan")
+        return [Good(), Bad()] if group == plugins.GROUP else []
+
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_failures", [])
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    methods = CHOICES["align.method"]
+    assert "ahpa" in methods and calls == []  # a built-in name imports no package
+    assert "plug-good" in methods  # the first name not found imports them: valid, whatever the other one did
+    assert calls == ["scan", "good", "bad"]
+    for _ in range(2):
+        with pytest.raises(ImportError) as err:
+            "plug-none" in methods
+        assert str(err.value).count("entry point bad = 'bad_mod'") == 1
+    assert calls == ["scan", "good", "bad"]  # imported once per process
+    # in a fresh process, listing the valid names (--show-config, an error message) lists the packages' too
+    METHODS.pop("plug-good")
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_failures", [])
+    assert "plug-good" in list(methods)
+
+
+def test_a_loss_or_router_mode_with_the_wrong_shape_in_another_place_fails_when_built(losses, monkeypatch):
+    from ahpa.align.methods import ROUTER_MODES
+    from ahpa.align.objective import Aligner
+    from ahpa.align.router import Router
+    from ahpa.config import AlignCfg
+
+    # a mean over the batch instead of the tokens: one value per token, [N], not per sample
+    losses.register_loss("batch-mean", lambda p, q, cfg: (p - q).pow(2).mean((0, 2)))
+    with pytest.raises(ValueError, match=r"align.loss='batch-mean' returned \(3,\) for \[B=2, N=3, C=4\] inputs"):
+        Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", "batch-mean")
+
+    monkeypatch.setitem(ROUTER_MODES, "ramp", False)
+    original = Router.route
+    monkeypatch.setattr(Router, "route", lambda self, t: original(self, t) if self.mode != "ramp" else self.bad(t))
+    third = torch.full((5, 3), 1 / 3)
+    for bad, message in [(lambda t: (third, torch.full((len(t), 2), 0.5)), r"returned \[\(5, 3\), \(5, 2\)\]"),
+                         (lambda t: (torch.tensor([[1.5, -0.5, 0.0]]).expand(len(t), 3),) * 2,
+                          r"rows sum to \[1.0, 1.0, 1.0, 1.0, 1.0\] \(or hold negative weights\)")]:
+        monkeypatch.setattr(Router, "bad", staticmethod(bad), raising=False)
+        with pytest.raises(ValueError, match=rf"router mode 'ramp': .*{message}"):
+            Router(3, "ramp")
+
+
+def test_an_encoder_returning_maps_of_other_channels_than_it_declares_is_named():
+    from ahpa.priors.kl_vae import KLVAE
+
+    class Widened(KLVAE):
+        part = "latent"
+
+        def _encode(self, x, levels):
+            out = super()._encode(x, levels)
+            if self.part == "latent":
+                out.mean = torch.cat([out.mean, out.mean[:, :1]], 1)
+            else:
+                out.features[self.part] = torch.cat([out.features[self.part]] * 2, 1)
+            return out
+
+    enc = Widened.random()
+    every = [lv.name for lv in enc.levels]
+    with pytest.raises(ValueError, match=rf"Widened._encode .* returned a latent of {enc.latent_channels + 1} channels"):
+        enc.encode(torch.rand(2, 3, 16, 16), every)
+    enc.part = level = next(lv for lv in enc.levels if lv.name != "latent").name
+    with pytest.raises(ValueError, match=rf"returned level '{level}' with {2 * enc.level(level).channels} channels"):
+        enc.encode(torch.rand(2, 3, 16, 16), every)
+
+
+def test_an_encoder_entry_point_named_as_a_built_in_kind_is_listed_once_and_never_loaded(monkeypatch):
+    import importlib.metadata
+
+    from ahpa.priors import registry
+
+    class Shadow:
+        name, value, dist = "taef2", "shadow_pkg:load", None
+
+        def load(self):
+            raise AssertionError("a built-in kind must not load a package's loader")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [Shadow()] if group == registry.ENTRY_POINT_GROUP else [])
+    kinds = registry.kinds()
+    assert kinds.count("taef2") == 1 and registry._loader("taef2") is registry._LOADERS["taef2"]

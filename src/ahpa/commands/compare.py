@@ -46,7 +46,8 @@ def run(args) -> int:
         parts += ["", "Trained in different environments (their newest start; img/s compares only on the same device "
                   "and process count):"]
         for key, values in environment.items():
-            parts.append(f"- {key}: " + ", ".join(f"{r.name}={v if v is not None else 'unrecorded'}"
+            # "unrecorded": a run from before starts.jsonl; "none": recorded as absent (no CUDA build, no checkout)
+            parts.append(f"- {key}: " + ", ".join(f"{r.name}={v if v is not None else 'none' if r.env else 'unrecorded'}"
                                                    for r, v in zip(runs, values)))
     unfinished = [r.name for r in runs if not r.done]
     if unfinished:

@@ -65,8 +65,8 @@ class Router(nn.Module):
         with torch.no_grad():
             out = self.route(torch.linspace(0.0, 1.0, 5))
         want = (5, self.num_levels)
-        shapes = [tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__ for w in out] \
-            if isinstance(out, tuple) else (tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__)
+        shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
+        shapes = [shape(w) for w in out] if isinstance(out, tuple) else shape(out)
         if shapes != [want, want]:
             raise ValueError(f"router mode {self.mode!r}: Router.route(t [5]) returned {shapes}; it returns a pair "
                              f"(weights, objective's weights), each [B, K] = {list(want)}")

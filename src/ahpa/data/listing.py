@@ -58,7 +58,7 @@ class Listing:
             h.update(repr(self.array.shape).encode())
             h.update(memoryview(np.ascontiguousarray(self.array)).cast("B"))
         else:
-            for name, file in zip(self.paths.names(), self.paths.files()):
+            for name, file in self.paths.named_files():
                 try:
                     size = os.stat(file).st_size
                 except OSError:

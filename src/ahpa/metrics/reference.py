@@ -39,10 +39,10 @@ def _file_identity(path: Path) -> dict:
 
 def _folder_identity(path: Path) -> dict:
     """{files, size, mtime_ns} of an image folder (a copy of the kept measurement): a listing and a stat a file, 9 s
-    for 1.28M files (measured on a local disk, warm cache: benchmarks/listing_memory.py's tree), so measured once per process (a run keys its reference twice per detector when it
-    starts) while the modification times of the folder and of its sub-folders, which files added or removed there
-    change, stay the same. Within one process a file rewritten in place under its own name is not noticed; a new
-    process notices it."""
+    for 1.28M files (measured on a local disk, warm cache: benchmarks/listing_memory.py's tree), so measured once per
+    process (a run keys its reference twice per detector when it starts) while the modification times of the folder
+    and of its sub-folders, which files added or removed there change, stay the same. Within one process a file
+    rewritten in place under its own name is not noticed; a new process notices it."""
     subfolders = sorted(e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     return dict(_measured_folder_identity(path, tuple(os.stat(p).st_mtime_ns for p in [path, *subfolders])))
 

@@ -27,20 +27,15 @@ def load_plugins() -> list[str]:
             try:
                 ep.load()
             except Exception as e:  # the user's package: any error, named with where it comes from
-                _failures.append(f"the {GROUP!r} entry point {ep.name} = {ep.value!r}{_package(ep)} failed to load: "
-                                 f"{type(e).__name__}: {e}")
+                _failures.append(entry_point_failure(ep, GROUP, e))
     return _failures
 
 
-def _package(ep) -> str:
-    dist = getattr(ep, "dist", None)
-    return f" of package {dist.name!r}" if dist is not None else ""
-
-
-def entry_point_error(ep, what: str, e: Exception) -> ImportError:
+def entry_point_failure(ep, group: str, e: Exception) -> str:
     """An entry point that failed to import, named with its package (the error alone names a module only)."""
-    return ImportError(f"{what}: the entry point {ep.name} = {ep.value!r}{_package(ep)} failed to load: "
-                       f"{type(e).__name__}: {e}")
+    dist = getattr(ep, "dist", None)
+    package = f" of package {dist.name!r}" if dist is not None else ""
+    return f"the {group!r} entry point {ep.name} = {ep.value!r}{package} failed to load: {type(e).__name__}: {e}"
 
 
 def check_call(fn, args: tuple, what: str, contract: str) -> None:

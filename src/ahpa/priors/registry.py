@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ahpa.config import shown
-from ahpa.plugins import check_call, entry_point_error
+from ahpa.plugins import check_call, entry_point_failure
 from ahpa.priors.base import PriorEncoder, frozen
 
 ENTRY_POINT_GROUP = "ahpa.encoders"
@@ -76,7 +76,7 @@ def _loader(kind: str) -> Callable[[str, str], PriorEncoder]:
         try:
             _LOADERS[kind] = ep.load()
         except Exception as e:  # the user's package: any error, named with where it comes from
-            raise entry_point_error(ep, f"encoder kind {kind!r} ({ENTRY_POINT_GROUP!r})", e) from e
+            raise ImportError(f"encoder kind {kind!r} cannot load: {entry_point_failure(ep, ENTRY_POINT_GROUP, e)}") from e
     return _LOADERS[kind]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from ahpa.atomic import atomic_path, atomic_write_text
 from ahpa.config import SampleCfg
+from ahpa.metrics.images import npy_header
 from ahpa.sample import SamplerBundle, iter_samples, write_npz
 from ahpa.train.distributed import barrier, current, from_main
 
@@ -42,9 +43,10 @@ def _chunk_shapes(path: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
     with zipfile.ZipFile(path) as z:
         for name in ("images.npy", "labels.npy"):
             with z.open(name) as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shapes.append(read(f)[0])
+                header = npy_header(f)
+            if header is None:
+                raise ValueError(f"{path}: {name} is in an .npy format version np.savez does not write")
+            shapes.append(header[0])
     return shapes[0], shapes[1]
 
 

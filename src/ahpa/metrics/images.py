@@ -45,6 +45,14 @@ def npz_image_key(path: str | Path) -> str | None:
     return next((k for k in NPZ_IMAGE_KEYS if k in names), None)
 
 
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, fortran_order, dtype) of the .npy file `f` is open at the start of, from its header alone (the data
+    follows); None for a format version other than 1.0 and 2.0, which np.save writes."""
+    reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    read = reader.get(np.lib.format.read_magic(f))
+    return read(f) if read is not None else None
+
+
 def _check_layout(dtype, shape, where: str) -> None:
     if dtype in (np.uint8, torch.uint8) and len(shape) == 4 and shape[-1] == 3:
         return
@@ -86,16 +94,14 @@ def _iter_npz(path: Path, key: str, batch_size: int, rank: int, world_size: int,
     # Stream the member out of the zip (deflated or stored alike) instead of np.load-ing it whole: an
     # ADM sample file of 50k 256x256 images is ~10 GB.
     with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
-        version = np.lib.format.read_magic(f)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if reader is not None:
-            shape, fortran_order, dtype = reader(f)
-        if reader is None or fortran_order or dtype.hasobject or len(shape) != 4:
+        header = npy_header(f)
+        if header is None or header[1] or header[2].hasobject or len(header[0]) != 4:
             f.close()
             with np.load(path) as data:  # unusual layout: load whole, slice below
                 arr = data[key]
             yield from _iter_array(arr, batch_size, rank, world_size, limit, str(path))
             return
+        shape, _, dtype = header
         _check_layout(dtype, shape, str(path))
         n = shape[0] if limit is None else min(shape[0], limit)
         pos = 0

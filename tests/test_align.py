@@ -290,6 +290,74 @@ def test_a_method_added_to_the_registry_is_valid_everywhere(monkeypatch, tmp_pat
         MethodSpec("x", "all", "", "mse", "")
 
 
+def test_register_method_refuses_a_built_in_name(monkeypatch):
+    from ahpa.align.methods import MethodSpec, register_method
+
+    with pytest.raises(ValueError, match="method 'ahpa' is built in"):
+        register_method(MethodSpec("ahpa", "all", "uniform", "cosine", "a look-alike"))
+    assert METHODS["ahpa"].router == ""  # untouched
+    with pytest.raises(ValueError, match="takes a MethodSpec"):
+        register_method({"name": "x"})
+    monkeypatch.setitem(METHODS, "all-snr", None)  # removed again after the test
+    register_method(MethodSpec("all-snr", "all", "snr", "cosine", "every level, the SNR schedule"))
+    assert get_method("all-snr").router == "snr"
+
+
+def test_router_modes_registered_at_run_time_train_and_are_checked(monkeypatch, tmp_path, tiny):
+    """register_router_mode: a fixed schedule of t is the weights; a learned mode post-processes the soft weights
+    while its objective trains the soft ones; both train a run; built-in names, wrong signatures and outputs that are
+    not [B, K] distributions are refused, naming the mode."""
+    from ahpa import config
+    from ahpa.align import router as router_mod
+    from ahpa.align.methods import ROUTER_MODES
+    from ahpa.train.loop import Trainer
+
+    with pytest.raises(config.ConfigError, match="align.router='ramp' is not valid; valid values: soft, topk"):
+        tiny("align.router=ramp")
+    for name in ("ramp", "sharp", "bad"):
+        for registry in (ROUTER_MODES, router_mod.ROUTE_FNS):
+            monkeypatch.setitem(registry, name, None)  # removed again after the test
+
+    def ramp(t, num_levels):
+        centres = torch.linspace(0.0, 1.0, num_levels)
+        return (1 - (t[:, None] - centres[None]).abs() * (num_levels - 1)).clamp_min(0)
+
+    def sharpen(soft):
+        return soft.pow(2) / soft.pow(2).sum(dim=-1, keepdim=True)
+
+    router_mod.register_router_mode("ramp", ramp)
+    router_mod.register_router_mode("sharp", sharpen, learned=True)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    fixed = Router(3, "ramp")
+    assert not fixed.learned and not list(fixed.parameters())
+    assert torch.allclose(fixed(t), torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
+    learned = Router(3, "sharp")
+    assert learned.learned
+    torch.nn.init.normal_(learned.mlp[-1].weight)  # away from the uniform start, where squaring changes nothing
+    weights, trained = learned.route(t)
+    assert not torch.allclose(weights, trained) and torch.allclose(weights, sharpen(trained))
+
+    for mode in ("ramp", "sharp"):
+        trainer = Trainer(tiny(f"align.router={mode}", "train.steps=2"), tmp_path / mode)
+        before = [p.detach().clone() for p in trainer.parts.aligner.router.parameters()]
+        trainer.run()
+        after = list(trainer.parts.aligner.router.parameters())
+        assert len(before) == (4 if mode == "sharp" else 0)  # the learned mode's MLP, and it trained
+        assert all(not torch.equal(b, a) for b, a in zip(before[-2:], after[-2:]))
+
+    with pytest.raises(ValueError, match="router mode 'soft' is built in"):
+        router_mod.register_router_mode("soft", ramp)
+    with pytest.raises(ValueError, match=r"router mode 'bad' \(.*\) cannot be called as fn\(t \[B\]"):
+        router_mod.register_router_mode("bad", lambda t: t)
+    router_mod.register_router_mode("bad", lambda t, k: torch.full((len(t), 2), 0.5))
+    with pytest.raises(ValueError, match=r"router mode 'bad' \(register_router_mode\): its function returned \(5, 2\) "
+                                         r"for 5 values of t and K=3"):
+        Router(3, "bad")
+    router_mod.register_router_mode("bad", lambda t, k: torch.ones(len(t), k))
+    with pytest.raises(ValueError, match=r"router mode 'bad': its weights' rows sum to \[3.0"):
+        Router(3, "bad")
+
+
 def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path, tiny):
     """register_loss (a notebook, a script) makes align.loss=NAME valid in the config at once, and the loss gets the
     run's align settings, where a parameter of its own lives."""

@@ -15,13 +15,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 PLUGIN = '''
+import torch
 import torch.nn.functional as F
 from ahpa.align.loss import register_loss
-from ahpa.align.methods import METHODS, MethodSpec
+from ahpa.align.methods import MethodSpec, register_method
+from ahpa.align.router import register_router_mode
 
 register_loss("plug-mse", lambda p, q, cfg: F.mse_loss(p.float(), q.float(), reduction="none").flatten(1).mean(1))
-METHODS["plug-uniform"] = MethodSpec(name="plug-uniform", levels="all", router="uniform", loss="plug-mse",
-                                      about="every level, uniform weights, MSE")
+register_method(MethodSpec(name="plug-uniform", levels="all", router="uniform", loss="plug-mse",
+                           about="every level, uniform weights, MSE"))
+register_router_mode("plug-first", lambda t, k: torch.nn.functional.one_hot(torch.zeros_like(t).long(), k).float())
 '''
 
 
@@ -47,6 +50,11 @@ def test_a_plugin_package_is_found_by_a_fresh_cli_process(tmp_path):
                 "align.loss=plug-mse")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "method: plug-uniform" in out.stdout and "loss: plug-mse" in out.stdout
+    # a router mode of the package trains a run started from the CLI
+    run = _ahpa(tmp_path, "train", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "run"), "train.steps=2",
+                "align.router=plug-first")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "router: plug-first" in (tmp_path / "run" / "config.yaml").read_text()
     # without the package the same names are refused, listing what is valid
     bare = _ahpa(tmp_path / "none", "train", "--config", "configs/tiny.yaml", "--show-config", "align.method=plug-uniform")
     assert bare.returncode == 2 and "align.method='plug-uniform' is not valid" in bare.stderr

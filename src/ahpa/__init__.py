@@ -20,6 +20,8 @@ _API = {
     "load_encoder": ("ahpa.priors.registry", "load_encoder"),
     "register_encoder": ("ahpa.priors.registry", "register_encoder"),
     "register_loss": ("ahpa.align.loss", "register_loss"),
+    "register_method": ("ahpa.align.methods", "register_method"),
+    "register_router_mode": ("ahpa.align.router", "register_router_mode"),
     "METHODS": ("ahpa.align.methods", "METHODS"),
     "MethodSpec": ("ahpa.align.methods", "MethodSpec"),
     "ROUTER_MODES": ("ahpa.align.methods", "ROUTER_MODES"),

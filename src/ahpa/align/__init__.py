@@ -4,6 +4,8 @@ The registry (ahpa.align.methods) imports no torch: the config checks its names 
 parameters is ahpa.align.objective.Aligner.
 """
 
-from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES, MethodSpec, get_method, resolve_depths, resolve_levels
+from ahpa.align.methods import (LOSSES, METHODS, ROUTER_MODES, MethodSpec, get_method, register_method, resolve_depths,
+                                resolve_levels)
 
-__all__ = ["LOSSES", "METHODS", "ROUTER_MODES", "MethodSpec", "get_method", "resolve_depths", "resolve_levels"]
+__all__ = ["LOSSES", "METHODS", "ROUTER_MODES", "MethodSpec", "get_method", "register_method", "resolve_depths",
+           "resolve_levels"]

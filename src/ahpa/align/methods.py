@@ -50,6 +50,21 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+_BUILT_IN_METHODS = frozenset(METHODS)
+_BUILT_IN_ROUTER_MODES = frozenset(ROUTER_MODES)
+
+
+def register_method(spec: MethodSpec) -> None:
+    """Make `align.method=spec.name` valid (configs, overrides, --show-config, tables). A built-in name is refused:
+    every run, table and study result that names it would silently mean something else."""
+    if not isinstance(spec, MethodSpec):
+        raise ValueError(f"register_method takes a MethodSpec (ahpa.align.methods), not {type(spec).__name__}")
+    if spec.name in _BUILT_IN_METHODS:
+        raise ValueError(f"method {spec.name!r} is built in (every run and table naming it would change); register "
+                         "yours under another name")
+    METHODS[spec.name] = spec
+
+
 def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ValueError(f"unknown alignment method {name!r}; valid methods: {', '.join(METHODS)}")

@@ -11,15 +11,43 @@ Modes:
            order the levels come (the encoder's: stages fine -> coarse, then the latent; or align.levels'), so
            coarse levels dominate at high noise (the paper's story).
 - uniform: 1/K everywhere (the multi-uniform baseline; a single level gets weight 1).
+
+More modes come from register_router_mode: a fixed schedule of t, or a learned mode that post-processes the soft
+path's weights (docs/extending.md, "A router mode").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from ahpa.align.methods import ROUTER_MODES
+from ahpa.align.methods import _BUILT_IN_ROUTER_MODES, ROUTER_MODES
 from ahpa.models.sit import timestep_embedding
+from ahpa.plugins import check_call
+
+# registered modes (register_router_mode): a fixed one maps (t [B] fp32, K) -> weights [B, K]; a learned one maps the
+# soft path's weights [B, K] to the weights the levels' losses get [B, K] (its objective trains the soft weights)
+ROUTE_FNS: dict[str, Callable[..., torch.Tensor]] = {}
+FIXED_CONTRACT = "fn(t [B] in [0, 1], num_levels K) -> weights [B, K], rows summing to 1"
+LEARNED_CONTRACT = "fn(soft weights [B, K]) -> weights [B, K], rows summing to 1"
+
+
+def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bool = False) -> None:
+    """Make `align.router=NAME` valid. Fixed (learned=False): fn(t, num_levels) -> [B, K], a schedule with no
+    parameters. Learned: the router's MLP and objective as for `soft`, and fn(soft weights) -> [B, K] the weights the
+    levels' losses get (as `topk` cuts them); the objective keeps training the soft weights, so a level fn leaves out
+    can come back. The router checks fn's output when it is built."""
+    if not name or not callable(fn):
+        raise ValueError(f"register_router_mode needs a name and a function; got {name!r} and {type(fn).__name__}")
+    if name in _BUILT_IN_ROUTER_MODES:
+        raise ValueError(f"router mode {name!r} is built in (every run naming it would change); register yours under "
+                         "another name")
+    check_call(fn, (None,) if learned else (None, None), f"router mode {name!r}",
+               LEARNED_CONTRACT if learned else FIXED_CONTRACT)
+    ROUTER_MODES[name] = bool(learned)
+    ROUTE_FNS[name] = fn
 
 
 def snr_schedule(t: torch.Tensor, num_levels: int, width: float) -> torch.Tensor:
@@ -67,6 +95,10 @@ class Router(nn.Module):
         want = (5, self.num_levels)
         shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
         shapes = [shape(w) for w in out] if isinstance(out, tuple) else shape(out)
+        if self.mode in ROUTE_FNS and self.num_levels > 1 and shapes[0] != want:
+            contract = LEARNED_CONTRACT if self.learned else FIXED_CONTRACT
+            raise ValueError(f"router mode {self.mode!r} (register_router_mode): its function returned {shapes[0]} for "
+                             f"5 values of t and K={self.num_levels}; it is {contract}")
         if shapes != [want, want]:
             raise ValueError(f"router mode {self.mode!r}: Router.route(t [5]) returned {shapes}; it returns a pair "
                              f"(weights, objective's weights), each [B, K] = {list(want)}")
@@ -98,9 +130,15 @@ class Router(nn.Module):
         if self.mode == "snr":
             weights = snr_schedule(t, self.num_levels, self.width)
             return weights, weights
+        registered = ROUTE_FNS.get(self.mode)
         if not self.learned:
-            raise NotImplementedError(f"router mode {self.mode!r} is fixed (ROUTER_MODES) but has no branch in "
-                                      "Router.route: add one before the learned path")
+            if registered is None:
+                raise NotImplementedError(f"router mode {self.mode!r} is fixed (ROUTER_MODES) but has no branch in "
+                                          "Router.route and no function of register_router_mode")
+            weights = registered(t.float(), self.num_levels)
+            return weights, weights
         emb = timestep_embedding(t * 1000.0, self.freq_dim)
         probs = torch.softmax(self.mlp(emb.to(self.mlp[0].weight.dtype)).float() / self.tau, dim=-1)
+        if registered is not None:
+            return registered(probs), probs
         return (keep_topk(probs, self.topk) if self.mode == "topk" else probs), probs

@@ -182,6 +182,33 @@ def test_a_hub_id_that_cannot_load_says_to_name_a_local_copy(monkeypatch):
         load_encoder("diffusers:org/some-vae")
 
 
+def test_a_hub_id_loaded_from_the_local_hub_cache_is_identified_by_its_weights(tiny, tmp_path):
+    """A VAE named by hub id (the ImageNet configs' stabilityai/sd-vae-ft-ema) records the sha256 of the weights it
+    loaded from the Hugging Face cache, so a cache prepared with the hub id trains with a local copy of the same VAE
+    (an offline compute node). Offline: a hub cache laid out as huggingface_hub writes it, HF_HUB_OFFLINE=1."""
+    import subprocess
+    import sys
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--test-org--tiny-vae"
+    tiny.vae.save_pretrained(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    tiny.vae.save_pretrained(tmp_path / "local")
+    code = (
+        "import sys; from ahpa.priors import load_encoder; from ahpa.data.cache import check_encoder\n"
+        "hub, local = load_encoder('diffusers:test-org/tiny-vae'), load_encoder(sys.argv[1])\n"
+        "check_encoder({'encoder': hub.identity()}, local, 'cache')\n"
+        "print(hub.weights_sha256)"
+    )
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code, f"diffusers:{tmp_path / 'local'}"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == sha256_file(tmp_path / "local" / "diffusion_pytorch_model.safetensors")
+
+
 def test_diffusers_levels_are_the_down_blocks_and_the_mid_block():
     """down{i} is the output of encoder.down_blocks[i], mid that of encoder.mid_block (in the tiny config
     mid and down1 have the same shape, so shapes cannot tell them apart)."""

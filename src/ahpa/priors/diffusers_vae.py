@@ -77,6 +77,20 @@ def _config_class(path: Path) -> str | None:
     return cfg.get("_class_name") or next(iter(cfg.get("architectures") or []), None) or cfg.get("model_type")
 
 
+def _hub_weights_sha256(repo_id: str) -> str | None:
+    """The sha256 of the weights a hub id just loaded, found in the local Hugging Face cache it was loaded into (no
+    network): a cache or run made with the hub id then recognises a local copy of the same VAE, and the other way."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in WEIGHTS_FILES:  # diffusers' order of preference
+        path = try_to_load_from_cache(repo_id, name)
+        if isinstance(path, str):  # else None (not cached) or a marker that the hub has no such file
+            return sha256_file(path)
+    return None
+
+
 class DiffusersVAE(PriorEncoder):
     """Frozen diffusers AutoencoderKL with levels down0..down{N-1}, mid, latent. Images in [-1, 1]."""
 
@@ -125,7 +139,9 @@ class DiffusersVAE(PriorEncoder):
             raise OSError(f"VAE {where!r} is not a local directory, and loading it as a Hugging Face hub id failed "
                           f"({str(e).splitlines()[0]}). Offline, name a local copy (diffusers:/path/to/sd-vae-ft-ema, "
                           "a folder with config.json and the weights)") from None
-        return cls(vae, spec=f"diffusers:{where}", memory_format=memory_format)
+        enc = cls(vae, spec=f"diffusers:{where}", memory_format=memory_format)
+        enc.weights_sha256 = _hub_weights_sha256(str(where))
+        return enc
 
     @classmethod
     def from_config(cls, config: dict, memory_format: torch.memory_format = torch.contiguous_format) -> "DiffusersVAE":

@@ -45,7 +45,7 @@ def run_sampler(run_dir: str | Path, device: torch.device, encoder: str | None =
             raise FileNotFoundError(f"--encoder {encoder!r}: {e}") from None
         raise FileNotFoundError(f"{run_dir} decodes with {spec!r}, which is not here ({e}); name where that VAE is on "
                                 "this machine with --encoder KIND:PATH") from None
-    # checked wherever both hashes are known (a file's weights; not a hub id's or a random VAE's)
+    # checked wherever both hashes are known (a file's weights, also a hub id's in the local hub cache; not a random VAE's)
     recorded = (state.get("encoder") or {}).get("weights_sha256")
     found = getattr(vae, "weights_sha256", None)
     if recorded and found and found != recorded:

@@ -78,6 +78,35 @@ def test_two_processes_match_one(one_process_run, tmp_path):
         assert max_diff(a[part], b[part]) < 1e-5, part
 
 
+def test_a_signal_that_reaches_one_process_stops_every_process_with_its_exit_code(tmp_path):
+    """A scheduler's SIGTERM may reach some processes only (one node's, or late): the processes agree to stop at the
+    next multiple of 10 steps, save once, and every one exits 128 + that signal (the one not signalled exited 1, with
+    no message, before)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\nimport ahpa.commands.exit as ex\nimport ahpa.train.loop as loop\n"
+        "_step, _end = loop.Trainer.train_step, ex.end_process\n"
+        "def train_step(self):\n"
+        "    out = _step(self)\n"
+        "    if self.step == 3 and os.environ.get('RANK') == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return out\n"
+        "def end_process(code):\n"
+        "    with open(os.environ['AHPA_TEST_CODES'], 'a') as f:\n"
+        "        f.write(os.environ['RANK'] + ' ' + str(code) + '\\n')\n"
+        "    _end(code)\n"
+        "loop.Trainer.train_step, ex.end_process = train_step, end_process\n")
+    path = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "AHPA_TEST_CODES": str(tmp_path / "codes")}
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "ahpa.cli", "train", "--out", str(tmp_path / "run"),
+                          *TINY, "train.steps=40"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0
+    assert sorted((tmp_path / "codes").read_text().split("\n")[:-1]) == ["0 143", "1 143"], res.stderr[-3000:]
+    assert res.stderr.count("stopped by signal at step 10; checkpoint saved") == 1
+    assert latest(tmp_path / "run")["step"] == 10
+
+
 def test_save_on_two_resume_on_one(one_process_run, tmp_path):
     run = tmp_path / "switch"
     ahpa(2, "train", "--out", str(run), *TINY, "train.steps=2")

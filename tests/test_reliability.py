@@ -107,15 +107,16 @@ def test_sampling_refuses_a_partial_run_with_other_settings(tmp_path):
     assert res.returncode == 2 and "model_sha256: partial has" in res.stderr, res.stderr[-2000:]
 
 
-def test_sigterm_saves_and_exits(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a scheduler; a closed terminal or ssh session
+def test_sigterm_saves_and_exits(tmp_path, signum):
     out = tmp_path / "run"
     proc = start("train", "--out", str(out), *TINY, "train.steps=100000", "train.ckpt_every=100000")
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert proc.returncode == 128 + signum, err.decode()[-2000:]
     assert "checkpoint saved" in err.decode()
     assert ckpt.list_checkpoints(out / "checkpoints") and not (out / "DONE").exists()
 

@@ -2,7 +2,8 @@
 ahpa train [--config FILE.yaml] [section.key=value ...] --show-config   (every setting, documented; writes nothing)
 
 Rerunning the same command resumes. Under torchrun every process runs this command (DDP).
-SIGTERM / SIGINT save a checkpoint and exit cleanly (exit code 143 / 130); rerun to resume.
+SIGTERM / SIGINT / SIGHUP save a checkpoint and exit cleanly (exit code 143 / 130 / 129); rerun to resume. Under
+torchrun a signal that reaches one process stops them all, each with that code.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def run(args) -> int:
     def on_signal(signum, _frame):  # finish the step, save, exit: schedulers send SIGTERM before a kill
         received.append(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP: a closed terminal or ssh session (torchrun forwards it too) stops the run as cleanly as a scheduler
+    stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    previous = {s: signal.signal(s, on_signal) for s in stops}
     completed, code = False, 1
     try:
         trainer = Trainer(cfg, args.out)
@@ -66,7 +69,7 @@ def run(args) -> int:
             bar.set_postfix(post)
 
         try:
-            result = trainer.run(on_log, should_stop=lambda: bool(received))
+            result = trainer.run(on_log, should_stop=lambda: received[0] if received else 0)
         finally:  # also on an error, which then starts a line of its own
             bar.close()
         completed = True
@@ -74,7 +77,7 @@ def run(args) -> int:
             if d.is_main:
                 print(f"stopped by signal at step {result['step']}; checkpoint saved in {args.out}. "
                       f"Rerun the same command to resume.", file=sys.stderr)
-            code = 128 + received[0]
+            code = 128 + int(result["stopped"])  # the signal this process or another received
             return code
         if d.is_main:
             from pathlib import Path

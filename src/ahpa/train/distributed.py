@@ -92,6 +92,14 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def agreed_max(value: float, device: torch.device) -> float:
+    """The largest of every process's `value` (itself in a single process). A host sync: not for every step."""
+    t = torch.tensor(float(value), device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This process's part of a DTensor (FSDP2's sharded parameters), a view: in-place updates reach
     the parameter. A plain tensor as is."""

@@ -27,7 +27,7 @@ from ahpa.sample import SamplerBundle
 from ahpa.train import inputs, outputs
 from ahpa.train.build import Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note, setup_note
 from ahpa.train.checkpoint import save_checkpoint
-from ahpa.train.distributed import all_reduce_mean_, current, full_value
+from ahpa.train.distributed import agreed_max, current, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.ema import ema_decay, ema_update
@@ -243,16 +243,17 @@ class Trainer:
         return outputs.export(path or self.run_dir / "model.safetensors", ema, p.stats.latent, p.encoder, self.cfg)
 
     # ---- the loop ----
-    def _stop_agreed(self, should_stop: Callable[[], bool] | None) -> bool:
-        """Whether to stop now; under DDP all processes must agree (checked every 10 steps)."""
+    def _stop_agreed(self, should_stop: Callable[[], int] | None) -> int:
+        """Whether to stop now: 0, or the reason (a signal number) any process has; under torchrun every process
+        agrees, checked every 10 steps, and a process that was not signalled stops with the others' reason (a
+        scheduler's signal may reach the processes of some nodes only, or late)."""
         if should_stop is None:
-            return False
+            return 0
         if self.world == 1:
-            return should_stop()
+            return int(should_stop())
         if self.step % 10:
-            return False
-        flag = torch.tensor(float(should_stop()), device=self.parts.device)
-        return all_reduce_mean_(flag).item() > 0
+            return 0
+        return int(agreed_max(int(should_stop()), self.parts.device))
 
     def _log_row(self, sums: dict[str, torch.Tensor], count: int, t0: float) -> dict:
         c = self.cfg
@@ -269,9 +270,10 @@ class Trainer:
             outputs.log_evaluation(logger, self.run_dir, self.step, self.step * self.cfg.train.batch_size, fd)
 
     def run(self, on_log: Callable[[int, dict], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> dict:
-        """Trains to train.steps. Returns the last log row, with "stopped": True when `should_stop`
-        asked for an early, clean exit (a checkpoint is saved first: rerun to resume)."""
+            should_stop: Callable[[], int] | None = None) -> dict:
+        """Trains to train.steps. Returns the last log row, with "stopped": the reason when `should_stop` asked for
+        an early, clean exit (a checkpoint is saved first: rerun to resume). `should_stop` returns 0 to go on, or a
+        reason to stop: a signal number, or True."""
         c = self.cfg
         main = self.rank == 0
         if main:
@@ -332,7 +334,7 @@ class Trainer:
                     if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
                         logger.image("router", outputs.write_router_plot(aligner, self.run_dir, self.step), self.step)
                 if stop:
-                    return {**last, "stopped": True, "step": self.step}
+                    return {**last, "stopped": stop, "step": self.step}
                 if c.train.sample_every and c.sample.grid_images and (self.step % c.train.sample_every == 0 or done):
                     bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:

@@ -107,6 +107,37 @@ def test_a_signal_that_reaches_one_process_stops_every_process_with_its_exit_cod
     assert latest(tmp_path / "run")["step"] == 10
 
 
+def test_an_error_under_torchrun_is_printed_once_and_named_in_torchruns_summary(one_process_run, tmp_path):
+    """Every process fails alike (here: the run directory is in use by another launch, which rank 0 alone checks;
+    rank 1 used to fail in its next collective with a raw gloo traceback): the message is printed once, each process
+    exits 2, and torchrun's summary of the failed processes shows the message instead of "To enable traceback see".
+    Commands that do not share their work refuse to run under torchrun, once."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from ahpa import lock; "
+                               "lock.hold(Path(sys.argv[1]), 'x'); print('held', flush=True); time.sleep(600)",
+                               str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "ahpa.cli", "train", "--out", str(run), *TINY,
+                              "train.steps=2"], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    message = f"ahpa train: error: run directory {run} is in use by another launch (pid {holder.pid}"
+    printed = [line for line in res.stderr.splitlines() if line.startswith(message)]
+    in_summary = [line for line in res.stderr.splitlines() if line.strip().startswith(f"traceback : {message}")]
+    assert res.returncode != 0 and len(printed) == 1 and len(in_summary) == 2, res.stderr[-3000:]
+    assert res.stderr.count("exitcode  : 2") == 2 and "gloo" not in res.stderr.lower()
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "ahpa.cli", "export", "--run-dir", str(one_process_run),
+                          "--out", str(tmp_path / "m.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0 and not (tmp_path / "m.safetensors").exists()
+    assert [line for line in res.stderr.splitlines() if line.startswith("ahpa export: error:")] == [
+        "ahpa export: error: ahpa export runs in one process: run it without torchrun (only train, sample, prepare "
+        "share their work between processes)"]
+
+
 def test_save_on_two_resume_on_one(one_process_run, tmp_path):
     run = tmp_path / "switch"
     ahpa(2, "train", "--out", str(run), *TINY, "train.steps=2")

@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,9 +32,10 @@ def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ahpa.cli", *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def finish(*args: str) -> None:
+def finish(*args: str) -> str:
     res = subprocess.run([sys.executable, "-m", "ahpa.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    return res.stderr
 
 
 def kill_randomly(args: list[str], times: int, seed: int, progress) -> None:
@@ -80,7 +82,10 @@ def test_sampling_survives_sigkill(tmp_path):
     # resumed with the model copied elsewhere (its content is what counts) and another --batch (the chunks keep 4)
     shutil.copy(model, tmp_path / "copy.safetensors")
     common[2], common[6] = str(tmp_path / "copy.safetensors"), "8"
-    finish(*common, "--out", str(tmp_path / "killed.npz"))
+    done = 4 * len(list(parts.glob("chunk_*.npz")))
+    err = finish(*common, "--out", str(tmp_path / "killed.npz"))
+    assert (f"resuming {tmp_path / 'killed.npz'}.parts: {done} of 64 images are there; chunks of 4 (the first "
+            "attempt's; --batch 8 is not used)") in err
     with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "killed.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
@@ -105,6 +110,46 @@ def test_sampling_refuses_a_partial_run_with_other_settings(tmp_path):
     save_file(weights, str(model), metadata=metadata)
     res = subprocess.run([sys.executable, "-m", "ahpa.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "model_sha256: partial has" in res.stderr, res.stderr[-2000:]
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another launch holding the lock file `path` (what a running `ahpa train` or `ahpa sample` holds)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from ahpa import lock; "
+                             "lock.hold(Path(sys.argv[1]), 'x'); print('held', flush=True); time.sleep(600)", str(path)],
+                            env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_launch_on_a_run_or_sample_file_in_use_is_refused(tmp_path):
+    """Two launches on one --out would resume the same checkpoint and write the same files (metrics rows doubled,
+    checkpoints mixed; a sample file's chunks deleted under the other): the second is refused, naming the first; the
+    lock dies with its holder, so a killed run leaves nothing that refuses the rerun."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = hold_lock(run / ".lock")
+    try:
+        res = subprocess.run([sys.executable, "-m", "ahpa.cli", "train", "--out", str(run), *TINY, "train.steps=1"],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2
+        assert (f"ahpa train: error: run directory {run} is in use by another launch (pid {holder.pid} on "
+                f"{socket.gethostname()}, since ") in res.stderr, res.stderr
+        assert not (run / "config.yaml").exists() and not (run / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    finish("train", "--out", str(run), *TINY, "train.steps=1")  # the holder was killed: nothing stale refuses this
+    parts = tmp_path / "s.npz.parts"
+    parts.mkdir()
+    holder = hold_lock(parts / ".lock")
+    try:
+        res = subprocess.run([sys.executable, "-m", "ahpa.cli", "sample", "--model", str(run / "model.safetensors"),
+                              "--num", "4", "--steps", "2", "--out", str(tmp_path / "s.npz")],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and f"sample output '{tmp_path / 's.npz'}' is in use by another launch" in res.stderr
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a scheduler; a closed terminal or ssh session

@@ -148,6 +148,33 @@ def test_a_stop_between_log_steps_logs_its_window_and_records_the_router(tmp_pat
     assert [json.loads(line)["step"] for line in (tmp_path / "router.jsonl").read_text().splitlines()] == [3, 4]
 
 
+def test_img_per_s_counts_the_training_steps_only(tmp_path, tiny, monkeypatch):
+    """Checkpoints, sample grids and evaluations happen between log windows; a window's img/s is its steps' images
+    over their time, not over the checkpoint's too (after one, a window read 4-20x slower; `ahpa compare` took a
+    median of such windows). A clock that advances 1 s per step and 100 s per checkpoint."""
+    import types
+
+    from ahpa.train import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    step, save = Trainer.train_step, Trainer.save
+
+    def timed_step(self):
+        clock[0] += 1.0
+        return step(self)
+
+    def slow_save(self, *args, **kwargs):
+        clock[0] += 100.0
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    monkeypatch.setattr(Trainer, "save", slow_save)
+    Trainer(tiny("train.steps=6", "train.log_every=2", "train.ckpt_every=2"), tmp_path).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["img_per_s"]) for r in rows if "img_per_s" in r] == [(2, 8.0), (4, 8.0), (6, 8.0)]
+
+
 def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     tr = Trainer(tiny("train.steps=2", "train.sample_every=2"), tmp_path / "r")
     tr.run()

@@ -9,6 +9,7 @@ import platform
 import sys
 
 COMMANDS = ("train", "sample", "export", "eval", "compare", "prepare", "convert", "demo", "vae-train")
+DISTRIBUTED = ("train", "sample", "prepare")  # the commands whose processes share the work under torchrun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED:
+            # each process would do all the work and write the same files
+            raise ValueError(f"ahpa {args.command} runs in one process: run it without torchrun (only "
+                             f"{', '.join(DISTRIBUTED)} share their work between processes)")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("interrupted")
         return 130
     except (ValueError, OSError, FloatingPointError, ImportError) as e:
         # expected user-facing errors: one clear message, no traceback (AHPA_TRACEBACK=1 prints it)
@@ -72,8 +77,30 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"ahpa {args.command}: error: {e}{_raised_outside(e)}", file=sys.stderr)
+        _report(f"ahpa {args.command}: error: {e}{_raised_outside(e)}")
         return 2
+
+
+def _report(message: str) -> None:
+    """Print a failed command's message on stderr once per launch, not once per process. Under torchrun every
+    process writes it to its error file (TORCHELASTIC_ERROR_FILE), which torchrun's summary of the failed processes
+    shows for each of them (in place of "To enable traceback see ..."), and rank 0 alone prints it: the processes
+    of a launch mostly fail alike (a setting, a path), and a message of one process only is in the summary too.
+    Other launchers (no error file): every process prints, naming its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+
+        try:  # the format of torch.distributed.elastic's own error files (ErrorHandler.record_exception)
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": message, "extraInfo": {
+                    "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            error_file = None
+    if rank == 0 or not error_file:
+        print(f"[rank {rank}] {message}" if rank else message, file=sys.stderr)
 
 
 def _raised_outside(e: BaseException) -> str:

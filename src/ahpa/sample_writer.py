@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from ahpa import lock
 from ahpa.atomic import atomic_path, atomic_write_text
 from ahpa.config import SampleCfg
 from ahpa.metrics.images import npy_header
@@ -75,15 +76,48 @@ def check_not_finished(out: str | Path) -> None:
                               "another --out, or delete it to sample again")
 
 
+def _open_parts(out: Path, parts: Path, settings: dict, num: int) -> tuple[Exception | None, int]:
+    """The main process's side of a start: OUT.parts made and locked, a partial attempt's settings compared (its
+    chunk size replaces settings["batch"]) or this one's written. Returns (the error every process raises, or None;
+    the images a partial attempt already holds)."""
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        lock.hold(parts / lock.LOCK_FILE, f"sample output {str(out)!r}")  # released when done, or when the process ends
+    except lock.InUseError as e:  # another launch writes it
+        return e, 0
+    except OSError as e:
+        return OSError(e.errno, f"cannot write the sample output's parts {str(parts)!r} ({e.strerror}); choose "
+                                "another --out"), 0
+    if out.exists():  # finished by the launch that held the lock until now
+        return FileExistsError(f"sample output {str(out)!r} was finished by another launch meanwhile"), 0
+    saved_file = parts / "settings.json"
+    if not saved_file.exists():
+        atomic_write_text(saved_file, json.dumps(settings, indent=1))
+        return None, 0
+    saved = json.loads(saved_file.read_text())
+    batch = settings["batch"] = saved.get("batch", settings["batch"])  # the chunks already written set the chunk size
+    # a partial run written before a sampler setting existed ran with that setting's default
+    defaults = vars(SampleCfg())
+    diff = [f"{k}: partial has {saved.get(k, defaults.get(k))!r}, command gives {v!r}" for k, v in settings.items()
+            if saved.get(k, defaults.get(k)) != v]
+    if diff:
+        return SampleSettingsError(f"{parts} holds a partial sampling run with other settings ({'; '.join(diff)}); "
+                                   "delete it or rerun with the same settings"), 0
+    sizes = [(lo, min(batch, num - lo)) for lo in range(0, num, batch)]
+    return None, sum(n for lo, n in sizes if _chunk_ok(_chunk_path(parts, lo), n))
+
+
 def write_samples(
     bundle: SamplerBundle, out: str | Path, num: int, seed: int, batch: int, cfg: SampleCfg,
     identity: dict, on_progress: Callable[[int], None] | None = None,
+    on_resume: Callable[[int, int], None] | None = None,
 ) -> Path | None:
     """Generate samples [0, num) into `out`. Returns the path on the main process (None elsewhere).
 
     `identity` names what produced the samples (the model's or checkpoint's sha256); with the sampler
     settings it must match a previous partial attempt, else the error names the differing field. `batch` is the
-    chunk size: a resume keeps the partial attempt's (the samples do not depend on it).
+    chunk size: a resume keeps the partial attempt's (the samples do not depend on it). On the main process,
+    `on_resume(images already there, the chunk size kept)` is called when a partial attempt is resumed.
     """
     d = current()
     out = Path(out)
@@ -93,26 +127,13 @@ def write_samples(
     settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
     settings.pop("grid_images", None)
     check_not_finished(out)  # on every process, before any collective
-    error = None
-    if d.is_main:
-        parts.mkdir(parents=True, exist_ok=True)
-        saved_file = parts / "settings.json"
-        if saved_file.exists():
-            saved = json.loads(saved_file.read_text())
-            batch = settings["batch"] = saved.get("batch", batch)  # the chunks already written set the chunk size
-            # a partial run written before a sampler setting existed ran with that setting's default
-            defaults = vars(SampleCfg())
-            diff = [f"{k}: partial has {saved.get(k, defaults.get(k))!r}, command gives {v!r}" for k, v in settings.items()
-                    if saved.get(k, defaults.get(k)) != v]
-            if diff:
-                error = (f"{parts} holds a partial sampling run with other settings ({'; '.join(diff)}); "
-                         "delete it or rerun with the same settings")
-        else:
-            atomic_write_text(saved_file, json.dumps(settings, indent=1))
+    error, done = (_open_parts(out, parts, settings, num) if d.is_main else (None, 0))
     # every process raises rank 0's verdict, rather than the others failing in the next collective without a word
-    error, batch = from_main((error, batch))
+    error, batch = from_main((error, settings["batch"]))
     if error is not None:
-        raise SampleSettingsError(error)
+        raise error
+    if done and on_resume is not None:
+        on_resume(done, batch)
     starts = list(range(0, num, batch))
     mine = [lo for i, lo in enumerate(starts) if i % d.world == d.rank]
     for lo in mine:
@@ -133,4 +154,5 @@ def write_samples(
     shape = (num, *_chunk_shapes(_chunk_path(parts, 0))[0][1:])
     path = write_npz(out, _chunk_images(parts, starts), np.concatenate(labels), shape)
     shutil.rmtree(parts)
+    lock.release(parts / lock.LOCK_FILE)
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tqdm import tqdm
 
@@ -88,10 +89,16 @@ def run(args) -> int:
             base = config_mod.SampleCfg()
         cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}},
                                    where="ahpa sample").sample
+        def on_resume(done: int, batch: int) -> None:
+            kept = f" (the first attempt's; --batch {args.batch} is not used)" if batch != args.batch else ""
+            tqdm.write(f"resuming {args.out}.parts: {done} of {args.num} images are there; chunks of {batch}{kept}",
+                       file=sys.stderr)
+
         with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main) as bar:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
                                  # the main process counts its batches for every process: the last round may be short
-                                 on_progress=lambda n: bar.update(min(n * d.world, bar.total - bar.n)))
+                                 on_progress=lambda n: bar.update(min(n * d.world, bar.total - bar.n)),
+                                 on_resume=on_resume)
         completed = True
         if d.is_main:
             print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale})")

@@ -8,6 +8,7 @@ torchrun a signal that reaches one process stops them all, each with that code.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -35,7 +36,8 @@ def run(args) -> int:
     if args.show_config:
         from ahpa.config_doc import documented_yaml
 
-        print(documented_yaml(cfg), end="")
+        if os.environ.get("RANK", "0") == "0":  # once, also under torchrun
+            print(documented_yaml(cfg), end="")
         return 0
     if not args.out:
         raise ValueError("--out is required: the run directory (rerun the same command to resume)")

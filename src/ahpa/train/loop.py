@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ahpa import config as config_mod
+from ahpa import lock
 from ahpa.atomic import atomic_write_text
 from ahpa.config import Config
 from ahpa.data.order import batch_indices, micro_batches, process_requests
@@ -296,6 +297,7 @@ class Trainer:
             # the step resumed from was due an evaluation that was not logged: stopped, or died, after its checkpoint
             if self.evaluator is not None and self.evaluator.missing(self.step, c.train.steps):
                 self._evaluate(logger)
+                t0 = time.perf_counter()
             while self.step < c.train.steps:
                 metrics = self.train_step()
                 for k, v in metrics.items():
@@ -325,6 +327,7 @@ class Trainer:
                     last = self._log_row(sums, count, t0)
                     if logger is not None:
                         logger.log(self.step, last)
+                paused = time.perf_counter()  # checkpoints, grids and evaluations are not training: not in img/s
                 # every process takes part in saving and sampling (FSDP gathers); rank 0 writes. No checkpoint
                 # inside a streak of skipped steps (the last good one stays the newest), except on a stop: the
                 # skipped steps left the weights as they were
@@ -341,10 +344,13 @@ class Trainer:
                         logger.image("samples", outputs.write_samples(bundle, c.sample, self.run_dir, self.step), self.step)
                 if self.evaluator is not None and (self.step % c.eval.every == 0 or done):
                     self._evaluate(logger)
+                t0 += time.perf_counter() - paused
             self.export()
             if main:
                 outputs.finish(self.run_dir, self.parts.levels, self.step)
         finally:
             if logger is not None:
                 logger.close()
+            if main:
+                lock.release(self.run_dir / lock.LOCK_FILE)  # taken by check_run_dir
         return last

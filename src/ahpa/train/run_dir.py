@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 
 from ahpa import config as config_mod
+from ahpa import lock
 from ahpa.config import Config
 from ahpa.train import inputs
 from ahpa.train.checkpoint import list_checkpoints
+from ahpa.train.distributed import from_main
 
 
 class RunConfigError(ValueError):
@@ -50,6 +52,7 @@ def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
     if run_dir.is_file():
         raise ValueError(f"run directory {run_dir} is a file; --out names a directory (new, or a run to resume)")
     saved = _saved_config(run_dir) if run_dir.is_dir() else None
+    error = None
     if rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +60,16 @@ def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise OSError(e.errno, f"run directory {run_dir} is not writable ({e.strerror}); choose another --out") from None
+            error = OSError(e.errno, f"run directory {run_dir} is not writable ({e.strerror}); choose another --out")
+        else:
+            try:  # released by Trainer.run, or when the process ends
+                lock.hold(run_dir / lock.LOCK_FILE, f"run directory {run_dir}")
+            except OSError as e:
+                error = e
+    # every process raises rank 0's verdict, rather than the others failing in their next collective
+    error = from_main(error)
+    if error is not None:
+        raise error
     saved_file = run_dir / "config.yaml"
     # a run that ended before its first checkpoint (a failed start) has nothing to resume: a new command,
     # with other settings, starts it afresh rather than being held to the settings that failed

@@ -1,0 +1,58 @@
+"""One launch at a time on a run directory or a sample file: an advisory lock (flock) on a file inside it.
+
+Two launches on the same `--out` (a job requeued while the first still runs, a command typed twice) would resume
+the same checkpoint and write the same files: metrics rows doubled, checkpoints of both mixed, chunks of a sample
+file deleted under the other. The main process of a launch takes the lock; the kernel releases it when that
+process ends, however it ends, so a killed run leaves nothing stale behind. The file holds who took it, for the
+message. A file system without flock (some network mounts) gives no lock, and then nothing is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks
+    fcntl = None
+
+LOCK_FILE = ".lock"
+_held: dict[str, int] = {}  # lock file -> its open descriptor: the lock lives as long as it stays open
+_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class InUseError(OSError):
+    """Another process holds the lock."""
+
+
+def hold(path: Path, what: str) -> None:
+    """Take the lock file `path` for this process (again: nothing happens), or refuse naming its holder."""
+    key = os.path.abspath(path)
+    if fcntl is None or key in _held:
+        return
+    fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if e.errno in (errno.EAGAIN, errno.EACCES) else ""
+        os.close(fd)
+        if e.errno in _UNSUPPORTED:
+            return
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise InUseError(f"{what} is in use by another launch ({holder or 'a process that holds ' + key}): two at "
+                         "once would write the same files. Wait for it to end or stop it, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    _held[key] = fd
+
+
+def release(path: Path) -> None:
+    """Give the lock back (a no-op where this process does not hold it)."""
+    fd = _held.pop(os.path.abspath(path), None)
+    if fd is not None:
+        os.close(fd)

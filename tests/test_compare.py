@@ -48,6 +48,19 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
     assert main(["compare", str(wobbly), str(ahpa), "--baseline", "wobbly"]) == 0
     rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert "| 300 | 1.00x |" in rows["wobbly (baseline)"] and "| 200 | 1.50x |" in rows["ahpa"]
+    # a baseline whose FD rose after its first evaluation: a copy of it is not faster, and no speed-up is read
+    rising = _run(tmp_path, "rising", "none", [7.0, 8.5, 8.835])
+    copy = _run(tmp_path, "copy", "none", [7.0, 8.5, 8.835])
+    assert main(["compare", str(rising), str(copy), str(ahpa)]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 100 | — |" in rows["copy"] and "| 108 | — |" in rows["ahpa"] and "3.00x" not in text
+    assert "No speed-up is read from these curves: the baseline's FD-r20 was at or below its last value (8.835)" in text
+    # a run at the baseline's last value by its first evaluation may have been there before: a lower bound
+    early = _run(tmp_path, "early", "ahpa", [5.5, 5.8, 5.0])
+    assert main(["compare", str(base), str(early)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "| 100 | >= 3.00x |" in rows["early"] and "| 300 | 1.00x |" in rows["sit (baseline)"]
     assert main(["compare", str(ahpa), str(base), "--baseline", "nope"]) == 2
     assert "--baseline 'nope' is none of the runs: ahpa, sit" in capsys.readouterr().err
     assert main(["compare", str(tmp_path)]) == 2

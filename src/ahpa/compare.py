@@ -131,7 +131,9 @@ def pick_baseline(runs: list[Run], name: str | None) -> Run:
 
 def table(runs: list[Run], baseline: Run, metric: str) -> str:
     """Markdown: each run's last and best `metric`, its value where the baseline ended, and the speed-up in images
-    to reach the baseline's last value."""
+    to reach the baseline's last value (the baseline's images to reach it, by the same rule, over the run's). A run
+    that reached it by its first evaluation may have reached it earlier: its speed-up is a lower bound (">= x"). A
+    baseline that did so did not improve after its first evaluation, and no speed-up is read from it (a note)."""
     lines = [f"| run | method | images | last {metric} | best | at the baseline's last images | images to reach "
              f"the baseline's last | speed-up | img/s |", "|---|---|---|---|---|---|---|---|---|"]
     base = baseline.evals.get(metric, [])
@@ -142,13 +144,24 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
                          f"{_num(r.img_per_s, '.0f')} |")
             continue
         at = value_at(curve, base[-1][0]) if base else None
-        # the baseline reaches its own last value at its last images, by definition (its curve may have dipped below
-        # it before: evaluations are noisy)
-        reach = base[-1][0] if r is baseline and base else images_to_reach(curve, base[-1][1]) if base else None
-        speed = f"{base[-1][0] / reach:.2f}x" if reach else ("—" if not base else "not reached")
+        # the baseline's own images to reach its last value by the same rule as every run's: where its curve rose
+        # again at the end (noise, overfitting), that is before its last images, and a copy of it is 1.00x, not faster
+        reach = images_to_reach(curve, base[-1][1]) if base else None
+        base_reach = images_to_reach(base, base[-1][1]) if base else None
+        if not base or (base_reach == base[0][0] and len(base) > 1):
+            speed = "—"
+        elif reach is None:
+            speed = "not reached"
+        else:
+            speed = f"{'>= ' if reach == curve[0][0] and r is not baseline else ''}{base_reach / reach:.2f}x"
         lines.append(f"| {r.name}{' (baseline)' if r is baseline else ''} | {r.method} | {curve[-1][0]:,} | "
                      f"{curve[-1][1]:.3f} | {min(v for _, v in curve):.3f} | {_num(at, '.3f')} | "
                      f"{_num(reach, ',.0f')} | {speed} | {_num(r.img_per_s, '.0f')} |")
+    if len(base) > 1 and images_to_reach(base, base[-1][1]) == base[0][0]:
+        lines += ["", f"No speed-up is read from these curves: the baseline's {metric} was at or below its last value "
+                  f"({base[-1][1]:.3f}) from its first evaluation on, so it did not improve after {base[0][0]:,} images "
+                  "(noise, or training too short or too long for the evaluations' spacing). Evaluate earlier and more "
+                  "often, or train longer."]
     return "\n".join(lines)
 
 

@@ -31,14 +31,15 @@ def run(args) -> int:
     parts = [f"# {len(runs)} runs; baseline {baseline.name}", ""]
     if metric:
         parts += [compare.table(runs, baseline, metric), "",
-                  f"Speed-up: the baseline's training images at its last {metric} over the images from which a run "
-                  "stays at or below that value (its last crossing, linear between evaluations); img/s: the median of the logged windows, for the cost "
-                  "per image.", ""]
+                  f"Speed-up: the images from which the baseline stays at or below its last {metric} over the images "
+                  "from which a run does (the last crossing, linear between evaluations; `>=`: reached by the run's "
+                  "first evaluation, maybe before); img/s: the median of the logged windows, for the cost per image.",
+                  ""]
     else:
         parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances).", ""]
     differing = compare.differing_settings(runs)
-    parts.append("Settings that differ (run length and cadences are not compared; the images column shows the "
-                 "length):" + ("" if differing else " none"))
+    parts.append("Settings that differ (run length and the log, checkpoint and grid cadences are not compared; the "
+                 "images column shows the length):" + ("" if differing else " none"))
     for key, values in differing.items():
         parts.append(f"- `{key}`: " + ", ".join(f"{r.name}={v!r}" for r, v in zip(runs, values)))
     environment = compare.differing_environment(runs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -159,6 +160,67 @@ def test_sources_list_labels(folder, tmp_path):
     lst.write_text(f"{folder}/dogs/img_001.jpg\t3\n{folder}/cats/odd_tiny.png\n")
     with pytest.raises(ValueError, match="files.txt:2"):
         list_source(lst)
+
+
+def test_linked_class_folders_are_listed_and_a_link_back_up_is_not_followed(folder, tmp_path):
+    """Class folders linked from elsewhere were silently dropped (os.walk does not follow links by default): 3 of 4
+    classes lost without a word. A link to a folder above would make the walk endless: it is not followed."""
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "cats").symlink_to(folder / "cats", target_is_directory=True)
+    (root / "dogs").symlink_to(folder / "dogs", target_is_directory=True)
+    (root / "dogs-again").symlink_to(folder / "dogs", target_is_directory=True)  # one folder under two names: both
+    (root / "real").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "real" / "a.png")
+    (root / "real" / "loop").symlink_to(root, target_is_directory=True)  # back up to the top: not followed
+    listing = list_source(root)
+    assert listing.class_names == ["cats", "dogs", "dogs-again", "real"]
+    assert len(listing) == 30 + 19 + 19 + 1 and listing.labels_text().startswith("4 class(es) from the sub-folder")
+
+
+def test_a_stray_image_beside_class_folders_is_said_to_turn_the_labels_off(folder, tmp_path, capsys):
+    """One image at the top level beside the class folders makes the source unlabelled (the documented rule): said
+    on the console with the fix, not only visible in the manifest."""
+    from ahpa.cli import main
+
+    root = tmp_path / "stray"
+    shutil.copytree(folder / "dogs", root / "dogs")
+    shutil.copytree(folder / "cats", root / "cats")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "IMG_stray.png")
+    listing = list_source(root)
+    assert listing.class_names is None and "1 image(s) lie at the top level" in listing.labels_text()
+    args = ["prepare", "--images", str(root), "--vae", "ahpa-vae:random", "--resolution", "16", "--workers", "0",
+            "--flips", "none", "--limit", "4"]
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: labels: none: 1 image(s) lie at the top level of {root} (e.g. 'IMG_stray.png') beside 2 "
+            "sub-folder(s) of images, so the sub-folders are not read as classes; move the top-level images") in err
+    (root / "IMG_stray.png").unlink()
+    assert main([*args, "--out", str(tmp_path / "c2")]) == 0
+    assert "labels: 2 class(es) from the sub-folder names (cats, dogs)" in capsys.readouterr().out
+
+
+def test_a_cache_is_not_written_among_other_files(folder, tmp_path, capsys):
+    """--out naming the image folder itself (or a folder inside it), or a non-empty directory that is no cache (a
+    run directory), is refused before any work; a cache's own files without a manifest (a first attempt that
+    stopped early) are resumed."""
+    from ahpa.cli import main
+
+    args = ["prepare", "--images", str(folder / "dogs"), "--vae", "ahpa-vae:random", "--resolution", "16",
+            "--workers", "0", "--flips", "none", "--limit", "2", "--out"]
+    for out, message in [(folder / "dogs", "lies inside the image folder --images"),
+                         (folder / "dogs" / "cache", "lies inside the image folder --images")]:
+        assert main([*args, str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not (folder / "dogs" / "manifest.json").exists() and not (folder / "dogs" / "cache").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("x: 1\n")
+    assert main([*args, str(run)]) == 2
+    assert (f"--out {run} holds other files (config.yaml) and no cache of `ahpa prepare`" in capsys.readouterr().err)
+    stopped = tmp_path / "stopped"
+    (stopped / "shards").mkdir(parents=True)
+    assert main([*args, str(stopped)]) == 0
 
 
 def test_bad_paths_fail_before_any_work(tmp_path, folder):

@@ -113,6 +113,8 @@ def run(args) -> int:
 
 
 def _report(result, world: int = 1) -> None:
+    if result.label_doubt:  # said first and on stderr: a class-conditional run may be about to train without labels
+        print(f"warning: labels: {result.labels}; {result.label_doubt}", file=sys.stderr)
     if result.noop:
         checked = "every file matches its sha256" if result.checked else "nothing to do"
         print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); {checked}")
@@ -123,6 +125,8 @@ def _report(result, world: int = 1) -> None:
           f"({result.bytes / max(result.images, 1) / 1e3:.1f} kB per image); "
           + ("" if world == 1 else f"process 0 of {world}: ")  # each process counts its own shards
           + f"shards written {result.shards_written}, kept {result.shards_reused}")
+    if result.labels and not result.label_doubt:
+        print(f"labels: {result.labels}")
     if result.conversions:
         print("converted: " + ", ".join(f"{k} x{v}" for k, v in result.conversions.items()))
     if result.ignored:  # not images by their extension: said here too, in case images are among them

@@ -36,6 +36,14 @@ class Listing:
     paths: PathTable | None = None  # folder: relative to `location`; list: as the list names them
     array: np.ndarray | None = None  # uint8 [N, H, W, 3] for npz
     ignored: list[str] = field(default_factory=list)  # files of a folder without an image extension
+    label_note: str = ""  # where the labels come from, for the report ("" = the labels array says it: labels_text)
+    label_doubt: str = ""  # what to do when the labels are likely not what was meant ("" = nothing)
+
+    def labels_text(self) -> str:
+        if self.label_note:
+            return self.label_note
+        k = self.num_classes
+        return f"{k} class(es), from the {self.kind}'s labels" if k > 1 else "none (the source gives no labels)"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -68,16 +76,25 @@ class Listing:
         return h.hexdigest()
 
 
+def walk_folder(root: Path):
+    """os.walk of `root` in sorted order, hidden entries left out, into linked folders too (class folders linked from
+    elsewhere are common), but never into a link back to a folder above it, which would never end."""
+    above: dict[str, frozenset[str]] = {str(root): frozenset()}  # a folder walked -> the real paths above it
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        chain = above.pop(dirpath) | {os.path.realpath(dirpath)}
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")  # sorted walk: a stable order
+                       and os.path.realpath(os.path.join(dirpath, d)) not in chain]
+        above.update((os.path.join(dirpath, d), chain) for d in dirnames)
+        yield dirpath, [f for f in sorted(filenames) if not f.startswith(".")]  # .DS_Store and friends
+
+
 def _folder(root: Path, labels: str) -> Listing:
     names: list[str] = []  # relative to root
     ignored: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted walk: a stable order
+    for dirpath, filenames in walk_folder(root):
         rel = os.path.relpath(dirpath, root)
         prefix = "" if rel == "." else rel + os.sep
-        for f in sorted(filenames):
-            if f.startswith("."):
-                continue  # .DS_Store and friends
+        for f in filenames:
             (names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS else ignored).append(prefix + f)
     if not names:
         raise ValueError(
@@ -88,12 +105,23 @@ def _folder(root: Path, labels: str) -> Listing:
     if labels == "folders" and loose is not None:
         raise ValueError(f"--labels folders needs every image inside a class sub-folder of {root}, but {loose} is not")
     paths = PathTable(names, root)
+    classes = sorted({n.split(os.sep, 1)[0] for n in names if os.sep in n})
     if labels == "none" or (labels == "auto" and loose is not None):
-        return Listing("folder", root, np.zeros(len(names), np.int64), None, paths=paths, ignored=ignored)
-    classes = sorted({n.split(os.sep, 1)[0] for n in names})
+        note = "none (--labels none)" if labels == "none" else "none (every image lies at the top level)"
+        doubt = ""
+        if labels == "auto" and classes:  # one stray file turns a class-conditional run into an unconditional one
+            top = sum(os.sep not in n for n in names)
+            note = (f"none: {top} image(s) lie at the top level of {root} (e.g. {loose!r}) beside {len(classes)} "
+                    "sub-folder(s) of images, so the sub-folders are not read as classes")
+            doubt = ("move the top-level images into a class folder (--labels folders names every one in the way), "
+                     "or pass --labels none to say that no labels are meant")
+        return Listing("folder", root, np.zeros(len(names), np.int64), None, paths=paths, ignored=ignored,
+                       label_note=note, label_doubt=doubt)
     index = {c: k for k, c in enumerate(classes)}
     y = np.fromiter((index[n.split(os.sep, 1)[0]] for n in names), np.int64, len(names))
-    return Listing("folder", root, y, classes, paths=paths, ignored=ignored)
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    return Listing("folder", root, y, classes, paths=paths, ignored=ignored,
+                   label_note=f"{len(classes)} class(es) from the sub-folder names ({shown})")
 
 
 def _file_list(path: Path, labels: str) -> Listing:

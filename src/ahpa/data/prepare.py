@@ -21,7 +21,7 @@ import torch
 
 from ahpa.data.listing import Listing, list_source, make_loader
 from ahpa.data.manifest import (
-    DTYPES, FLIPS, FORMAT, MANIFEST, SHARD_DIR, atomic_write_bytes, atomic_write_json, identity_view, read_json,
+    DTYPES, FLIPS, FORMAT, MANIFEST, REPORT, SHARD_DIR, atomic_write_bytes, atomic_write_json, identity_view, read_json,
     settings_differences, shard_stem,
 )  # fmt: skip
 from ahpa.data.reduce import REDUCE_FILE, fit_bases
@@ -77,6 +77,27 @@ class PrepareResult:
     repaired: dict[str, str] = field(default_factory=dict)  # --repair: {shard: what was wrong}, found by rank 0
     checked: bool = False  # --repair found a complete cache intact, every file hashed
     ignored: list[str] = field(default_factory=list)  # files of a folder without an image extension (not read)
+    labels: str = ""  # where the labels come from (Listing.labels_text)
+    label_doubt: str = ""  # what to do when they are likely not what was meant (Listing.label_doubt)
+
+
+CACHE_ENTRIES = (MANIFEST, REPORT, SHARD_DIR, REDUCE_FILE)  # what a cache directory holds
+
+
+def _check_not_foreign(out: Path, listing: Listing) -> None:
+    """Refuse an --out that would put the cache's files among other files: a folder of the source images, or a
+    non-empty directory that is not a cache (a run directory, a photo folder). A cache's own files, even without its
+    manifest (a first attempt that stopped early), are a cache to resume."""
+    if listing.kind == "folder" and out.resolve().is_relative_to(listing.location.resolve()):
+        raise PrepareError(f"--out {out} lies inside the image folder --images {listing.location}: the cache's files "
+                           "would sit among the images. Choose a directory outside it")
+    if out.is_dir() and not (out / MANIFEST).exists():
+        foreign = sorted(e.name for e in out.iterdir() if e.name not in CACHE_ENTRIES and not e.name.startswith("."))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise PrepareError(f"--out {out} holds other files ({shown}) and no cache of `ahpa prepare` (no "
+                               f"{MANIFEST}); a cache writes {', '.join(CACHE_ENTRIES[:3])} there. Choose a new or "
+                               "empty directory")
 
 
 def _check_options(o: PrepareOptions) -> None:
@@ -158,6 +179,7 @@ def prepare(
     listing = list_source(o.images, o.labels, o.limit)  # missing path / empty folder: fail before any work
     out = Path(o.out).expanduser()
     check_output_dir(out)
+    _check_not_foreign(out, listing)
     from ahpa.priors.registry import load_encoder
     from ahpa.train.build import resolve_device
 
@@ -201,7 +223,7 @@ def prepare(
     if saved.get("complete"):
         plan.check_complete(saved)
         return PrepareResult(out, True, True, saved["count"], len(listing), bytes=plan.total_bytes(saved),
-                             checked=bool(hashed))
+                             checked=bool(hashed), labels=listing.labels_text(), label_doubt=listing.label_doubt)
 
     mine = [i for i in range(plan.num_shards) if i % o.world == o.rank]
     # a record is written after its shard's files are fsynced and renamed into place: a plain resume checks sizes
@@ -224,7 +246,8 @@ def prepare(
     if barrier is not None:
         barrier()
     return PrepareResult(out, False, True, manifest["count"], len(listing), report["skipped"], report["conversions"],
-                         len(todo), len(reused), plan.total_bytes(manifest), repaired, ignored=list(listing.ignored))
+                         len(todo), len(reused), plan.total_bytes(manifest), repaired, ignored=list(listing.ignored),
+                         labels=listing.labels_text(), label_doubt=listing.label_doubt)
 
 
 def _digest(settings: dict) -> str:

@@ -9,7 +9,6 @@ detector's NCHW on the way in.
 
 from __future__ import annotations
 
-import os
 import warnings
 import zipfile
 import zlib
@@ -22,7 +21,7 @@ import torch
 
 # prepare's listing and decoding, so that a folder prepare trains on is evaluated as the same images
 from ahpa.data.decode import IMAGE_EXTENSIONS
-from ahpa.data.listing import crop_items, list_source, make_loader
+from ahpa.data.listing import crop_items, list_source, make_loader, walk_folder
 from ahpa.data.path_table import PathTable
 
 NPZ_IMAGE_KEYS = ("arr_0", "images")  # ADM samples, then our datasets
@@ -188,9 +187,8 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
 
 def _holds_an_image(folder: Path) -> bool:
     """Whether a folder holds an image file that prepare would list: the walk stops at the first one."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith(".") for f in files):
+    for _, files in walk_folder(folder):
+        if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files):
             return True
     return False
 

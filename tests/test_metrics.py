@@ -491,3 +491,19 @@ def test_a_reference_folder_is_listed_once_per_process_until_files_come_or_go(tm
     st = os.stat(tmp_path / "ref" / "cats")  # a coarse clock could leave the folder's time as it was
     os.utime(tmp_path / "ref" / "cats", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert reference.reference_key(tmp_path / "ref", det) != first and len(listed) == 2
+
+
+def test_ahpas_own_warnings_are_one_line_under_the_cli(capsys, monkeypatch):
+    """Under the CLI a warning of ahpa's (a skipped file in a run's evaluation reference) is `ahpa: warning: ...`,
+    not Python's file:line: Category: message plus a line of source; other libraries' keep Python's format."""
+    import warnings
+
+    from ahpa.cli import main
+    from ahpa.metrics.images import SkippedFilesWarning
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    main(["compare", "/nonexistent"])  # any command sets the format
+    capsys.readouterr()
+    ours = warnings.formatwarning(SkippedFilesWarning("ref: skipped 1 file(s)"), SkippedFilesWarning, "m.py", 66)
+    theirs = warnings.formatwarning(RuntimeWarning("from elsewhere"), RuntimeWarning, "x.py", 3, "")
+    assert ours == "ahpa: warning: ref: skipped 1 file(s)\n" and theirs == "x.py:3: RuntimeWarning: from elsewhere\n"

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides, extra = [*args.overrides, *extra], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _show_own_warnings_plainly()
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED:
             # each process would do all the work and write the same files
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{', '.join(DISTRIBUTED)} share their work between processes)")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        _report("interrupted")
+        # train saves on SIGINT itself; sample and prepare keep their finished chunks and shards
+        _report("interrupted" + ("; rerun the same command to resume" if args.command in DISTRIBUTED else ""))
         return 130
     except (ValueError, OSError, FloatingPointError, ImportError) as e:
         # expected user-facing errors: one clear message, no traceback (AHPA_TRACEBACK=1 prints it)
@@ -79,6 +81,24 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _report(f"ahpa {args.command}: error: {e}{_raised_outside(e)}")
         return 2
+
+
+def _show_own_warnings_plainly() -> None:
+    """ahpa's own warnings (a skipped file in an evaluation's reference folder) as one line, `ahpa: warning: ...`,
+    not as Python shows a warning (file, line number and a line of source); other libraries' as Python shows them."""
+    import warnings
+
+    default = warnings.formatwarning
+    if getattr(default, "ahpa", False):  # main() called again in this process
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if category.__module__.split(".")[0] == "ahpa":
+            return f"ahpa: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning.ahpa = True
+    warnings.formatwarning = formatwarning
 
 
 def _report(message: str) -> None:

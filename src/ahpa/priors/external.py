@@ -56,7 +56,13 @@ def load_dinov2(path: str | Path, spec: str):
     """transformers' Dinov2Model from a local save_pretrained directory (never a download)."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"DINOv2 directory {shown(path)} (from {spec!r}) does not exist")
+        hub = "" if path.is_absolute() or str(path).count("/") != 1 else (
+            f"; a hub id is not read here (nothing downloads during training), so if {str(path)!r} is one, ")
+        raise FileNotFoundError(
+            f"DINOv2 directory {shown(path)} (from {spec!r}) does not exist{hub or '; '}"
+            "make the folder once where the hub is reachable: python -c \"from transformers import Dinov2Model as M; "
+            f"M.from_pretrained('facebook/dinov2-base').save_pretrained('{path}')\" (REPA's B/2 and XL/2 use "
+            "ViT-B/14, dinov2-base)")
     try:
         from transformers import Dinov2Model
     except ImportError as e:

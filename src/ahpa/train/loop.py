@@ -77,7 +77,8 @@ class Trainer:
             from ahpa.train.fsdp import Sharded
 
             self.sharded = Sharded(p, self.world)  # after loading: sharding keeps the loaded weights
-            self.messages.append(f"train.fsdp: model, EMA and aligner sharded over {self.world} processes (FSDP2)")
+            sharded = "model, EMA and aligner" if self.parts.aligner is not None else "model and EMA"
+            self.messages.append(f"train.fsdp: {sharded} sharded over {self.world} processes (FSDP2)")
         elif t.fsdp:
             self.messages.append("train.fsdp: one process has nothing to shard over; training unsharded")
         if resumed is not None:

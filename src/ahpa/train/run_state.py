@@ -98,8 +98,9 @@ def restore(run_dir: Path, parts: Parts, cfg: Config, world: int) -> tuple[Resum
             "read its EMA without training"
         )
     saved_world = state.get("processes")  # None in checkpoints from before it was recorded
-    moved = (f" (saved by {saved_world} processes, now {world}: {t.batch_size // (world * t.grad_accum)} samples per "
-             "process per micro-step)") if saved_world not in (None, world) else ""
+    saved_by = f"{saved_world} process{'es' if saved_world != 1 else ''}"
+    moved = (f" (saved by {saved_by}, now {world}: {t.batch_size // (world * t.grad_accum)} samples per process per "
+             "micro-step)") if saved_world not in (None, world) else ""
     message = (f"resumed from step {step}{moved}" if step < t.steps else
                f"the run is complete (step {step}): writing its export and closing plots again")
     return Resumed(step, state["ema_updates"], optimizer_state, message), skipped

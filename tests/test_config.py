@@ -148,7 +148,7 @@ def test_settings_that_change_the_run_are_never_resumable(change):
 def test_a_boolean_is_not_an_integer(item, tmp_path):
     """YAML's true is a Python bool, an int subclass; train.steps=true must not become 1 step."""
     key = item.partition("=")[0]
-    with pytest.raises(config.ConfigError, match=rf"{key} must be an integer, got True|{key} must be an integer, got False"):
+    with pytest.raises(config.ConfigError, match=rf"{key} must be an integer \(at least 1\), got (True|False)"):
         config.load(None, [item])
     section, _, name = key.partition(".")
     (tmp_path / "c.yaml").write_text(f"{section}:\n  {name}: {item.partition('=')[2]}\n")

@@ -67,6 +67,24 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
     assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
 
 
+def test_a_run_whose_evaluations_changed_on_a_resume_is_named(tmp_path, capsys):
+    """eval.* and sample.* may change on a resume; each evaluation row records what it used, and compare names a run
+    whose curve mixes two ways of measuring (one curve against two references, or 500 samples then 200)."""
+    base = _run(tmp_path, "sit", "none", [10.0, 8.0, 6.0])
+    mixed = _run(tmp_path, "ahpa", "ahpa", [9.0, 7.0, 5.0])
+    rows = [json.loads(line) for line in (mixed / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        if "eval/FD-r20" in r:
+            r["eval_setup"] = "eval.num=500 eval.ref=a.npz" if r["images"] < 300 else "eval.num=200 eval.ref=a.npz"
+    (mixed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["compare", str(base), str(mixed)]) == 0
+    text = capsys.readouterr().out
+    assert "**Evaluations made differently within a run**" in text
+    assert "- ahpa: eval.num=500 eval.ref=a.npz (images 100-200); then eval.num=200 eval.ref=a.npz (images 300-300)" in text
+    assert main(["compare", str(base), str(_run(tmp_path, "same", "ahpa", [9.0, 7.0, 5.0]))]) == 0
+    assert "made differently" not in capsys.readouterr().out
+
+
 def test_compare_reads_a_real_run_without_evaluations(tmp_path, tiny, capsys):
     from ahpa.train.loop import Trainer
 

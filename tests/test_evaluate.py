@@ -131,6 +131,8 @@ def test_evaluation_during_training_is_logged(setup, tmp_path, monkeypatch):
     assert [r["step"] for r in evals] == [2, 4]
     name = f"eval/{det.name}"
     assert all(r[name] > 0 for r in evals)
+    assert {r["eval_setup"] for r in evals} == {f"eval.num=16 eval.ref={ref} eval.seed=0 sampler=euler-4 cfg-scale=1.0 "
+                                                "guidance=[0.0, 1.0]"}  # what compare tells a curve measured two ways by
     assert (tmp_path / "run" / "eval.png").exists() and any((tmp_path / "run" / "eval_ref").iterdir())
     # the reference is measured once per machine: a second run takes the statistics from the shared cache
     import ahpa.metrics.reference as reference

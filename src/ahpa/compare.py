@@ -34,6 +34,7 @@ class Run:
     img_per_s: float | None = None  # median of the logged windows
     done: bool = False
     env: dict = field(default_factory=dict)  # its newest start's versions, commit and device (starts.jsonl)
+    eval_setups: list[tuple[int, str]] = field(default_factory=list)  # [(images, what each evaluation used)]
 
     @property
     def method(self) -> str:
@@ -62,6 +63,8 @@ def read_run(path: str | Path) -> Run:
         for key, value in row.items():
             if key.startswith("eval/"):
                 run.evals.setdefault(key[len("eval/"):], []).append((images, value))
+        if "eval_setup" in row:  # runs from before it was recorded have none
+            run.eval_setups.append((images, row["eval_setup"]))
     if rates:
         run.img_per_s = sorted(rates)[len(rates) // 2]
     return run
@@ -94,6 +97,22 @@ def differing_environment(runs: list[Run]) -> dict[str, list]:
         return {}
     return {k: [r.env.get(k) for r in runs] for k in ENV_COMPARED
             if any(r.env.get(k) != recorded[0].env.get(k) for r in recorded)}
+
+
+def mixed_evaluations(runs: list[Run]) -> list[str]:
+    """A line for each run whose evaluations were not all made alike (eval.* or sample.* changed on a resume): the
+    points of its curve before and after the change are not comparable."""
+    lines = []
+    for r in runs:
+        spans: list[list] = []  # [setup, first images, last images]
+        for images, setup in r.eval_setups:
+            if spans and spans[-1][0] == setup:
+                spans[-1][2] = images
+            else:
+                spans.append([setup, images, images])
+        if len({setup for setup, _, _ in spans}) > 1:
+            lines.append(f"- {r.name}: " + "; then ".join(f"{setup} (images {a:,}-{b:,})" for setup, a, b in spans))
+    return lines
 
 
 def images_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:

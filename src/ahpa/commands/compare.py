@@ -37,6 +37,10 @@ def run(args) -> int:
                   ""]
     else:
         parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances).", ""]
+    mixed = compare.mixed_evaluations(runs)
+    if mixed:
+        parts += ["**Evaluations made differently within a run** (eval.* or sample.* changed on a resume; the points "
+                  "on either side of a change are not comparable, nor speed-ups across it):", *mixed, ""]
     differing = compare.differing_settings(runs)
     parts.append("Settings that differ (run length and the log, checkpoint and grid cadences are not compared; the "
                  "images column shows the length):" + ("" if differing else " none"))

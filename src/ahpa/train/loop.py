@@ -269,7 +269,8 @@ class Trainer:
     def _evaluate(self, logger: MetricsLogger | None) -> None:
         fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), self.cfg.sample)
         if logger is not None:
-            outputs.log_evaluation(logger, self.run_dir, self.step, self.step * self.cfg.train.batch_size, fd)
+            outputs.log_evaluation(logger, self.run_dir, self.step, self.step * self.cfg.train.batch_size, fd,
+                                   outputs.evaluation_setup(self.cfg))
 
     def run(self, on_log: Callable[[int, dict], None] | None = None,
             should_stop: Callable[[], int] | None = None) -> dict:

@@ -162,9 +162,18 @@ class Evaluator:
                            rank=self.rank, world_size=self.world)
 
 
-def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, float]) -> None:
-    """One metrics row of `eval/<detector>` values, and eval.png redrawn from metrics.jsonl."""
-    logger.log(step, {"images": images, **{f"eval/{k}": v for k, v in fd.items()}})
+def evaluation_setup(cfg: Config) -> str:
+    """What an evaluation's numbers depend on besides the weights and the detector (eval.* and sample.* may change
+    on resume): recorded in each evaluation's row, so that `ahpa compare` can tell a curve measured two ways."""
+    e, s = cfg.eval, cfg.sample
+    return (f"eval.num={e.num} eval.ref={e.ref} eval.seed={e.seed} sampler={s.solver}-{s.steps} "
+            f"cfg-scale={s.cfg_scale} guidance=[{s.guidance_low}, {s.guidance_high}]")
+
+
+def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, float], setup: str = "") -> None:
+    """One metrics row of `eval/<detector>` values (and `eval_setup`, evaluation_setup), and eval.png redrawn from
+    metrics.jsonl."""
+    logger.log(step, {"images": images, **{f"eval/{k}": v for k, v in fd.items()}, **({"eval_setup": setup} if setup else {})})
     plots.eval_curves(run_dir / "metrics.jsonl", run_dir / "eval.png")
 
 

@@ -399,8 +399,14 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
     photos.mkdir()
     for i, (h, w) in enumerate([(10, 14), (16, 9), (8, 8), (30, 20)]):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"{i}.png")
-    assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache"]) == 2
+    from unittest import mock
+
+    import ahpa.metrics.evaluation as evaluation
+
+    with mock.patch.object(evaluation, "measure", side_effect=evaluation.measure) as samples_read:
+        assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache"]) == 2
     assert "need a resolution to be read at (ahpa eval --resolution R" in capsys.readouterr().err
+    assert not samples_read.called  # refused before the samples' work (minutes for 50K in a real evaluation)
     assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache", "--resolution", "8"]) == 0
     out, err = capsys.readouterr()
     assert "(20 samples vs 4 reference)" in out and "warning" not in err

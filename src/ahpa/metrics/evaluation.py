@@ -66,11 +66,15 @@ def evaluate(
     def tick(label: str):
         return progress(f"{label} [{detector.name}]") if progress is not None else None
 
+    # the reference first: its statistics are cached for the next evaluation, so a reference that cannot be read
+    # (images of several sizes without a resolution, a missing file) fails before the samples' work, not after it
+    ref_m = None
+    if "fd" in metrics or "pr" in metrics:
+        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, on_batch=tick("reference"))
     got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, max_images=num, on_batch=tick("samples"))
     out: dict[str, float] = {}
     ref_stats = None
-    if "fd" in metrics or "pr" in metrics:
-        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, on_batch=tick("reference"))
+    if ref_m is not None:
         ref_stats = ref_m.stats
         if "fd" in metrics:
             out[names["fd"]] = got.stats.frechet_distance(ref_m.stats)

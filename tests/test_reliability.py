@@ -152,6 +152,30 @@ def test_a_second_launch_on_a_run_or_sample_file_in_use_is_refused(tmp_path):
         holder.wait()
 
 
+def test_the_lock_is_given_back_though_a_forked_worker_lives_on(tmp_path):
+    """The data loader forks workers that may outlive a run in the same process (persistent workers, a Trainer still
+    referenced): the lock is the process's, so giving it back frees it though the fork still has the file open."""
+    from ahpa import lock
+
+    path = tmp_path / ".lock"
+    probe = [sys.executable, "-c", "import sys; from pathlib import Path; from ahpa import lock; lock.hold(Path(sys.argv[1]), 'x')",
+             str(path)]
+    lock.hold(path, "x")
+    pid = os.fork()
+    if pid == 0:  # the worker: holds the inherited descriptor open, does nothing else
+        time.sleep(60)
+        os._exit(0)
+    try:
+        held = subprocess.run(probe, env=ENV, capture_output=True, text=True, timeout=120)
+        assert held.returncode != 0 and "InUseError" in held.stderr
+        lock.release(path)
+        assert subprocess.run(probe, env=ENV, capture_output=True, text=True, timeout=120).returncode == 0
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        lock.release(path)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a scheduler; a closed terminal or ssh session
 def test_sigterm_saves_and_exits(tmp_path, signum):
     out = tmp_path / "run"

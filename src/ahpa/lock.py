@@ -1,10 +1,14 @@
-"""One launch at a time on a run directory or a sample file: an advisory lock (flock) on a file inside it.
+"""One launch at a time on a run directory or a sample file: an advisory lock on a file inside it.
 
 Two launches on the same `--out` (a job requeued while the first still runs, a command typed twice) would resume
 the same checkpoint and write the same files: metrics rows doubled, checkpoints of both mixed, chunks of a sample
 file deleted under the other. The main process of a launch takes the lock; the kernel releases it when that
 process ends, however it ends, so a killed run leaves nothing stale behind. The file holds who took it, for the
-message. A file system without flock (some network mounts) gives no lock, and then nothing is refused.
+message.
+
+A POSIX record lock (fcntl.lockf), not flock: it belongs to the process, so the data loader's forked workers do not
+keep holding it after the run gave it back, and NFS implements it. A file system without locks gives none, and then
+nothing is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ except ImportError:  # not POSIX: no locks
     fcntl = None
 
 LOCK_FILE = ".lock"
-_held: dict[str, int] = {}  # lock file -> its open descriptor: the lock lives as long as it stays open
+_held: dict[str, int] = {}  # lock file -> its one open descriptor (closing any descriptor of it drops the lock)
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -36,7 +40,7 @@ def hold(path: Path, what: str) -> None:
         return
     fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if e.errno in (errno.EAGAIN, errno.EACCES) else ""
         os.close(fd)

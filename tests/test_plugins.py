@@ -166,6 +166,31 @@ def test_losses_that_break_the_contract_fail_when_registered_or_built(losses):
     assert torch.equal(stream_after("ok-mse"), stream_after("cosine"))
 
 
+def test_a_negative_detached_or_low_precision_loss_fails_when_built(losses):
+    """-cos (REPA's form, 1 - cos less the constant) is negative on average: the router divides each level's loss by
+    its running mean, and its gradient blew up to ~1e6 while clipping stalled the backbone, silently. A loss without
+    a gradient trains no head; a bf16 one loses the small differences the router compares."""
+    import torch.nn.functional as F
+
+    from ahpa.align.objective import Aligner
+    from ahpa.config import AlignCfg
+
+    cases = {
+        "negcos": (lambda p, q, cfg: -F.cosine_similarity(p.float(), q.float(), dim=-1).mean(1),
+                   r"align.loss='negcos' returned \[-?[0-9.]+, -?[0-9.]+\]: a loss is >= 0 .* 1 - cos, not -cos"),
+        "detached": (lambda p, q, cfg: (p.detach() - q).pow(2).mean((1, 2)),
+                     r"align.loss='detached' returned a torch.float32 tensor without a gradient to the prediction"),
+        "half": (lambda p, q, cfg: (p - q).pow(2).mean((1, 2)).bfloat16(),
+                 r"align.loss='half' returned a torch.bfloat16 tensor with a gradient"),
+    }
+    for name, (fn, message) in cases.items():
+        losses.register_loss(name, fn)
+        with pytest.raises(ValueError, match=message):
+            Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", name)
+    losses.register_loss("one-minus-cos", lambda p, q, cfg: 1 - F.cosine_similarity(p.float(), q.float(), dim=-1).mean(1))
+    Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", "one-minus-cos")
+
+
 def test_a_router_mode_whose_branch_returns_the_wrong_thing_fails_when_built(monkeypatch):
     from ahpa.align.methods import ROUTER_MODES
     from ahpa.align.router import Router

@@ -36,16 +36,30 @@ LOSS_CONTRACT = "fn(prediction [B, N, C], target [B, N, C], the run's AlignCfg) 
 
 
 def check_loss(name: str, cfg: AlignCfg) -> None:
-    """Call a registered loss once on a small input: a loss returning a scalar, [B, N] or [B, 1] fails here, named,
-    and not as a shape error somewhere in the objective at the first step. Built-in losses are not probed."""
+    """Call a registered loss on a small input, a target unlike the prediction and one equal to it: a loss returning
+    a scalar, [B, N] or [B, 1], no gradient, or a negative value fails here, named, and not as a shape error at the
+    first step or a run that silently does not learn (the router divides each level's loss by its running mean: a
+    negative mean, -cos for 1 - cos, blew its gradient up to ~1e6 and clipping then stalled the backbone). Built-in
+    losses are not probed."""
     if name in _BUILT_IN:
         return
-    pred = torch.linspace(-1.0, 1.0, 24).reshape(2, 3, 4)  # [B=2, N=3, C=4]; no random draw: the run's seed stays as it is
-    out = LEVEL_LOSSES[name](pred, pred.flip(-1), cfg)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2,):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"align.loss={name!r} returned {got} for [B=2, N=3, C=4] inputs; a loss returns one value per "
-                         "sample, [B] (docs/extending.md, 'A loss')")
+    # [B=2, N=3, C=4]; no random draw: the run's seed stays as it is
+    pred = torch.linspace(-1.0, 1.0, 24).reshape(2, 3, 4).requires_grad_()
+    for target in (pred.detach().flip(-1), pred.detach()):
+        out = LEVEL_LOSSES[name](pred, target, cfg)
+        where = f"align.loss={name!r} returned"
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2,):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{where} {got} for [B=2, N=3, C=4] inputs; a loss returns one value per sample, [B] "
+                             "(docs/extending.md, 'A loss')")
+        if out.dtype != torch.float32 or not out.requires_grad:
+            raise ValueError(f"{where} a {out.dtype} tensor {'with' if out.requires_grad else 'without'} a gradient "
+                             "to the prediction; a loss is fp32 (compute in pred.float()) and differentiable in the "
+                             "prediction, or its head learns nothing (docs/extending.md, 'A loss')")
+        if (out.detach() < -1e-5).any():  # rounding: 1 - cos(x, x) may be -1e-7
+            raise ValueError(f"{where} {[round(v, 4) for v in out.tolist()]}: a loss is >= 0 (0 at a perfect match), "
+                             "as the router divides each level's loss by its running mean; e.g. 1 - cos, not -cos "
+                             "(docs/extending.md, 'A loss')")
 
 
 def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.Tensor], about: str = "") -> None:

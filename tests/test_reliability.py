@@ -152,6 +152,31 @@ def test_a_second_launch_on_a_run_or_sample_file_in_use_is_refused(tmp_path):
         holder.wait()
 
 
+def test_a_trainer_does_not_train_a_run_that_went_on_without_it(tmp_path):
+    """Two Trainers of one process on one directory (a notebook cell run twice), or a Trainer run again after a stop
+    while another launch trained the run: the stale one refuses, instead of redoing the steps and logging each twice;
+    while another launch holds the directory, a second run() of a Trainer that gave it back is refused."""
+    out = tmp_path / "run"
+    first = Trainer(tiny_cfg("train.steps=4", "train.ckpt_every=2"), out)
+    stale = Trainer(tiny_cfg("train.steps=4", "train.ckpt_every=2"), out)  # built at step 0 as well
+    first.run()
+    with pytest.raises(RunConfigError, match=rf"{out} was trained to step 4 after this Trainer was built at step 0"):
+        stale.run()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # nothing logged twice
+    stopped = Trainer(tiny_cfg("train.steps=8", "train.ckpt_every=2"), out)
+    stopped.run(should_stop=lambda: stopped.step >= 6)  # gives the directory back on its way out
+    holder = hold_lock(out / ".lock")  # another launch takes it
+    try:
+        with pytest.raises(OSError, match=f"run directory {out} is in use by another launch"):
+            stopped.run()
+    finally:
+        holder.kill()
+        holder.wait()
+    stopped.run()  # the other launch ended without training: it goes on from its own step
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
 def test_the_lock_is_given_back_though_a_forked_worker_lives_on(tmp_path):
     """The data loader forks workers that may outlive a run in the same process (persistent workers, a Trainer still
     referenced): the lock is the process's, so giving it back frees it though the fork still has the file open."""

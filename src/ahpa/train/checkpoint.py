@@ -99,6 +99,11 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
     return path
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint file holds, from its name (step_000001000.pt -> 1000)."""
+    return int(PATTERN.search(path.name).group(1))
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []

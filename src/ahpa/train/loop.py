@@ -27,8 +27,8 @@ from ahpa.provenance import device_name, environment, record_start
 from ahpa.sample import SamplerBundle
 from ahpa.train import inputs, outputs
 from ahpa.train.build import Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note, setup_note
-from ahpa.train.checkpoint import save_checkpoint
-from ahpa.train.distributed import agreed_max, current, full_value
+from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
+from ahpa.train.distributed import agreed_max, current, from_main, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.ema import ema_decay, ema_update
@@ -244,6 +244,24 @@ class Trainer:
             return None
         return outputs.export(path or self.run_dir / "model.safetensors", ema, p.stats.latent, p.encoder, self.cfg)
 
+    def _check_still_current(self) -> None:
+        """Before training: this process holds the run directory (again, after an earlier run() gave it back), and
+        no one trained it past the step this Trainer was built at (another Trainer of this process, or a launch in
+        between): training on would redo those steps and log every one of them twice. Rank 0 decides for all."""
+        error = None
+        if self.rank == 0:
+            try:
+                lock.hold(self.run_dir / lock.LOCK_FILE, f"run directory {self.run_dir}")
+            except OSError as e:
+                error = e
+            newest = max((checkpoint_step(p) for p in list_checkpoints(self.run_dir / "checkpoints")), default=0)
+            if error is None and newest > self.step:
+                error = RunConfigError(f"{self.run_dir} was trained to step {newest} after this Trainer was built at step "
+                                       f"{self.step} (by another Trainer or launch): build a new Trainer to resume it")
+        error = from_main(error)
+        if error is not None:
+            raise error
+
     # ---- the loop ----
     def _stop_agreed(self, should_stop: Callable[[], int] | None) -> int:
         """Whether to stop now: 0, or the reason (a signal number) any process has; under torchrun every process
@@ -279,6 +297,7 @@ class Trainer:
         reason to stop: a signal number, or True."""
         c = self.cfg
         main = self.rank == 0
+        self._check_still_current()
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_mod.dump(c))  # a resume reads it back

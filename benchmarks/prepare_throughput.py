@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     if not Path(args.images).exists():
         print(f"images {args.images} not found (pass --images)", file=sys.stderr)
         return 2
-    from ahpa.train.build import resolve_device
+    from ahpa.device import resolve_device
 
     device = resolve_device(args.device)
     encoder = build_encoder(args, device)

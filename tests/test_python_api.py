@@ -19,6 +19,8 @@ def test_the_documented_python_session_runs(tmp_path, monkeypatch):
     assert scope["images"].shape == (8, 16, 16, 3) and str(scope["images"].dtype) == "torch.uint8"
     assert scope["weights"].shape == (51, len(scope["levels"])) and np.allclose(scope["weights"].sum(1).numpy(), 1.0)
     assert "loss/flow" in scope["last"] and scope["again"].num_classes == scope["bundle"].num_classes
+    assert scope["step"] == 20 and scope["bundle2"].device == scope["again"].device == scope["bundle"].device
+    assert isinstance(scope["notes"], list) and any(n.startswith("training on") for n in scope["notes"])
     assert os.path.isfile("runs/notebook/DONE")
 
 
@@ -30,3 +32,23 @@ def test_import_ahpa_stays_light_and_names_its_api():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "'Trainer'" in out.stdout and out.stdout.strip().endswith("True")
+
+
+def test_the_api_takes_device_names_and_names_one_this_machine_lacks():
+    """load_encoder, load_detector, load_export and run_sampler take "cpu", "cuda:1", "auto" or a torch.device, and a
+    device this machine lacks is named with the fix (it was a bare AssertionError from torch, or 'str' object has no
+    attribute 'type')."""
+    import pytest
+    import torch
+
+    import ahpa
+    from ahpa.metrics.detectors import load_detector
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing to refuse")
+    calls = [lambda: ahpa.load_encoder("ahpa-vae:random", "cuda"), lambda: ahpa.run_sampler(".", "cuda:0"),
+             lambda: ahpa.load_export("x.safetensors", "cuda"), lambda: load_detector("torchscript:.", "cuda")]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"device='cuda(:0)?': this torch .* use device=auto or cpu"):
+            call()
+    assert next(ahpa.load_encoder("ahpa-vae:random", "auto").parameters()).device.type == "cpu"

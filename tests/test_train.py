@@ -241,7 +241,7 @@ def test_bad_sizes_and_paths(tmp_path, tiny):
 
 def test_a_device_this_machine_lacks_is_refused_by_name(tmp_path, tiny, monkeypatch):
     """A typo or a CUDA device on a CPU build fails with the setting's name and the fix, not inside torch."""
-    from ahpa.train.build import resolve_device
+    from ahpa.device import resolve_device
 
     with pytest.raises(ValueError, match=r"train.device='gpu' is not a device; valid: auto, cpu, cuda"):
         Trainer(tiny("train.device=gpu"), tmp_path / "a")

@@ -180,12 +180,13 @@ def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encod
     return path
 
 
-def load_export(path: str | Path, device: torch.device, encoder: PriorEncoder | None = None) -> SamplerBundle:
+def load_export(path: str | Path, device: str | torch.device, encoder: PriorEncoder | None = None) -> SamplerBundle:
     from safetensors.torch import load_file
 
+    from ahpa.device import as_device
     from ahpa.priors.registry import load_encoder
 
-    path = Path(path)
+    path, device = Path(path), as_device(device)
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist")
     try:

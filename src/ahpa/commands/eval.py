@@ -45,7 +45,7 @@ def run(args) -> int:
     from ahpa.metrics.images import SkippedFilesWarning, check_image_source, folder_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
     from ahpa.metrics.reference import default_cache_dir, load_reference
-    from ahpa.train.build import resolve_device
+    from ahpa.device import resolve_device
 
     metrics = parse_metrics(args.metrics)
     if args.save_ref_stats and len(args.detector) != 1:

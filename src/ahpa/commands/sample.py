@@ -46,7 +46,8 @@ def run(args) -> int:
     from ahpa import config as config_mod
     from ahpa.sample import load_export
     from ahpa.sample_writer import check_not_finished, write_samples
-    from ahpa.train.build import autocast_dtype, resolve_device
+    from ahpa.device import resolve_device
+    from ahpa.train.build import autocast_dtype
     from ahpa.commands.exit import finish
     from ahpa.train.distributed import device_for, init_from_env
 

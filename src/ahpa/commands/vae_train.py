@@ -47,7 +47,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ahpa.priors.kl_vae import KLVAEConfig, train_vae
-    from ahpa.train.build import resolve_device
+    from ahpa.device import resolve_device
 
     images = _images(args)
     channels = [int(c) for c in args.channels.split(",")]

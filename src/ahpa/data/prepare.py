@@ -181,7 +181,7 @@ def prepare(
     check_output_dir(out)
     _check_not_foreign(out, listing)
     from ahpa.priors.registry import load_encoder
-    from ahpa.train.build import resolve_device
+    from ahpa.device import resolve_device
 
     device = resolve_device(o.device, "--device")
     if o.device == "auto" and device.type == "cuda" and o.world > 1:

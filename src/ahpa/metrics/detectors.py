@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ahpa.config import shown
+from ahpa.device import as_device
 
 KINDS = ("torchscript", "inception", "dinov2")
 
@@ -235,7 +236,7 @@ def load_detector(spec: str, device: torch.device | str = "cpu") -> Detector:
     path = Path(where).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"detector path {shown(path)} (from {spec!r}) does not exist")
-    device = torch.device(device)
+    device = as_device(device)
     if kind in ("torchscript", "inception") and not path.is_file():
         raise FileNotFoundError(f"detector {spec!r}: {str(path)!r} is not a file")
     if kind == "torchscript":

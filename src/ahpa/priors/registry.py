@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ahpa.config import shown
+from ahpa.device import as_device
 from ahpa.plugins import check_call, entry_point_failure
 from ahpa.priors.base import PriorEncoder, frozen
 
@@ -92,6 +93,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def load_encoder(spec: str, device: torch.device | str = "cpu") -> PriorEncoder:
     """Build a frozen encoder from its spec. Only `diffusers:` with a hub id may download."""
+    device = as_device(device)  # a device this machine lacks is named before anything loads
     kind, where = parse_spec(spec)
     loader = _loader(kind)
     check_call(loader, (where, spec), f"the loader of encoder kind {kind!r}", "loader(where: str, spec: str) -> PriorEncoder")

@@ -12,6 +12,7 @@ from ahpa.align.objective import Aligner
 from ahpa.config import AlignCfg, Config, EvalCfg, absolute_spec
 from ahpa.data.batches import OnTheFly
 from ahpa.data.sources import load_image_set
+from ahpa.device import resolve_device
 from ahpa.models.sit import SiT, SiTConfig
 from ahpa.priors.base import PriorEncoder, frozen
 from ahpa.priors.external import ExternalEncoder, load_external
@@ -21,30 +22,6 @@ from ahpa.train.distributed import current, device_for
 from ahpa.train.rng import generator
 
 STATS_STREAM = 2
-
-
-def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
-    """auto (CUDA, else MPS, else CPU) or the device named; one this torch or machine lacks is refused here, naming
-    `setting` (the config key or the command's flag), instead of failing inside torch at the first tensor."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"{setting}={spec!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None  # ROCm answers to cuda
-        why = "sees no CUDA GPU" if built else "was built without CUDA (a CPU build)"
-        raise ValueError(f"{setting}={spec!r}: this torch ({torch.__version__}) {why}; use {setting}=auto or cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{setting}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0.."
-                         f"cuda:{torch.cuda.device_count() - 1}")
-    if device.type == "mps" and not mps:
-        raise ValueError(f"{setting}={spec!r}: MPS is not available here; use {setting}=auto or cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{setting}={spec!r}: ahpa runs on auto, cpu, cuda, cuda:N or mps")
-    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -12,6 +12,7 @@ import torch
 
 from ahpa import config as config_mod
 from ahpa.config import Config
+from ahpa.device import as_device
 from ahpa.models.sit import SiT
 from ahpa.priors.registry import load_encoder
 from ahpa.priors.targets import PriorStats
@@ -26,10 +27,10 @@ def _first_mismatch(e: RuntimeError) -> str:
     return lines[1] if len(lines) > 1 else lines[0]  # torch's first line is a heading
 
 
-def run_sampler(run_dir: str | Path, device: torch.device, encoder: str | None = None) -> tuple[SamplerBundle, int, Config]:
+def run_sampler(run_dir: str | Path, device: str | torch.device, encoder: str | None = None) -> tuple[SamplerBundle, int, Config]:
     """(what sampling needs, the checkpoint's step, the run's config). `encoder` names where the run's VAE is on
     this machine when its config.yaml names a path that is not here; its weights must be the run's."""
-    run_dir = Path(run_dir)
+    run_dir, device = Path(run_dir), as_device(device)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")

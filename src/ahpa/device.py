@@ -1,0 +1,36 @@
+"""Which device a setting names: checked here, so that a device this torch or machine lacks is named with the
+setting and the fix, instead of failing inside torch at the first tensor."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
+    """auto (CUDA, else MPS, else CPU) or the device named; one this torch or machine lacks is refused here, naming
+    `setting` (the config key or the command's flag), instead of failing inside torch at the first tensor."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"{setting}={spec!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None  # ROCm answers to cuda
+        why = "sees no CUDA GPU" if built else "was built without CUDA (a CPU build)"
+        raise ValueError(f"{setting}={spec!r}: this torch ({torch.__version__}) {why}; use {setting}=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{setting}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0.."
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not mps:
+        raise ValueError(f"{setting}={spec!r}: MPS is not available here; use {setting}=auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{setting}={spec!r}: ahpa runs on auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def as_device(device: "str | torch.device", setting: str = "device") -> torch.device:
+    """What the Python API takes: a torch.device or its name ("cpu", "cuda:1", "auto"), checked as resolve_device
+    checks a setting."""
+    return resolve_device(str(device), setting)

@@ -175,6 +175,30 @@ def test_img_per_s_counts_the_training_steps_only(tmp_path, tiny, monkeypatch):
     assert [(r["step"], r["img_per_s"]) for r in rows if "img_per_s" in r] == [(2, 8.0), (4, 8.0), (6, 8.0)]
 
 
+def test_repa_takes_a_plain_module_and_freezes_it(tmp_path, tiny):
+    """Trainer(external=any module mapping images to tokens [B, N, C]), as docs/method.md says: wrapped with its channels
+    read from one forward, and frozen, a module left in train mode too (its BatchNorm statistics moved with every
+    batch, so REPA's targets drifted); a module that returns no [B, N, C] is named."""
+
+    class WithNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm2d(3)
+            self.tokens = PatchTokens()
+
+        def forward(self, x):
+            return self.tokens(self.norm(x))
+
+    module = WithNorm().train()
+    before = module.norm.running_mean.clone()
+    tr = Trainer(tiny("align.method=repa", "train.steps=3"), tmp_path / "run", external=module)
+    tr.run()
+    assert tr.parts.external.channels == 12 and not module.training
+    assert torch.equal(module.norm.running_mean, before) and not any(p.requires_grad for p in module.parameters())
+    with pytest.raises(ValueError, match=r"the external encoder returned \(1, 3, 224, 224\) .* returns tokens \[B, N, C\]"):
+        Trainer(tiny("align.method=repa", "train.steps=1"), tmp_path / "bad", external=nn.Identity())
+
+
 def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     tr = Trainer(tiny("train.steps=2", "train.sample_every=2"), tmp_path / "r")
     tr.run()

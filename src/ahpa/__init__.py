@@ -19,6 +19,7 @@ _API = {
     "run_sampler": ("ahpa.train.resume", "run_sampler"),
     "load_encoder": ("ahpa.priors.registry", "load_encoder"),
     "register_encoder": ("ahpa.priors.registry", "register_encoder"),
+    "ExternalEncoder": ("ahpa.priors.external", "ExternalEncoder"),
     "register_loss": ("ahpa.align.loss", "register_loss"),
     "register_method": ("ahpa.align.methods", "register_method"),
     "register_router_mode": ("ahpa.align.router", "register_router_mode"),

@@ -30,6 +30,25 @@ class ExternalEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
+    @classmethod
+    def wrap(cls, module: nn.Module, input_size: int = 224) -> "ExternalEncoder":
+        """A module that maps normalised images [B, 3, S, S] (S = input_size, ImageNet's mean and std) to tokens
+        [B, N, C], its channels C read from one forward of a blank batch."""
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"the external encoder is a {type(module).__name__}; give an nn.Module that maps images "
+                             "[B, 3, S, S] to tokens [B, N, C], or an ExternalEncoder")
+        frozen(module)
+        with torch.no_grad():
+            param = next(module.parameters(), None)
+            blank = torch.zeros(1, 3, input_size, input_size, device=param.device if param is not None else "cpu")
+            tokens = module(blank)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"the external encoder returned {got} for images [1, 3, {input_size}, {input_size}]; it "
+                             "returns tokens [B, N, C] (patch tokens only: drop a CLS token). For another input size "
+                             "or normalisation, pass ExternalEncoder(module, channels, input_size, mean, std)")
+        return cls(module, int(tokens.shape[-1]), input_size)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid: int) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> tokens [B, grid*grid, C]."""

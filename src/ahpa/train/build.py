@@ -108,7 +108,9 @@ def build_parts(
     if method.levels != "external":
         external = None
     elif external is not None:
-        external = external.to(device)
+        if not isinstance(external, ExternalEncoder):  # any module mapping images to tokens [B, N, C], as docs say
+            external = ExternalEncoder.wrap(external)
+        external = frozen(external.to(device))  # eval mode, no gradients: whatever the caller left (BatchNorm drifts)
     else:
         if not cfg.prior.external:
             raise ValueError("align.method=repa needs prior.external=dinov2:DIR (an external frozen encoder)")

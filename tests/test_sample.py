@@ -39,6 +39,23 @@ def test_samples_do_not_depend_on_batch_size(run_dir, solver):
     assert not np.array_equal(a, c)
 
 
+def test_generate_takes_labels_as_a_list_and_names_wrong_ones(run_dir):
+    """Labels as a list or an array sample as a tensor does; one label too few or a class the model lacks is named
+    (an IndexError from the embedding, or a size mismatch of 16 against 14, before); the null class samples without
+    a class."""
+    from ahpa.sample import generate
+
+    bundle = load_export(run_dir / "model.safetensors", "cpu")
+    cfg = SampleCfg(steps=2, micro_batch=4)
+    k = bundle.num_classes
+    assert torch.equal(generate(bundle, [0, 1], [0, k - 1], 0, cfg), generate(bundle, [0, 1], torch.tensor([0, k - 1]), 0, cfg))
+    generate(bundle, [0], [k], 0, cfg)  # the null class
+    with pytest.raises(ValueError, match="3 sample indices but 1 labels"):
+        generate(bundle, [0, 1, 2], [0], 0, cfg)
+    with pytest.raises(ValueError, match=rf"labels 0..{k + 1} lie outside this model's classes 0..{k - 1}"):
+        generate(bundle, [0, 1], [0, k + 1], 0, cfg)
+
+
 def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path, capsys):
     common = ["--num", "9", "--steps", "3", "--micro-batch", "8", "--batch", "5"]
     assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common]) == 0

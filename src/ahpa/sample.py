@@ -93,10 +93,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(bundle: SamplerBundle, indices: list[int], labels: torch.Tensor, seed: int, cfg: SampleCfg) -> torch.Tensor:
-    """uint8 [n, H, W, 3] images for sample indices `indices` with class `labels`."""
+def generate(bundle: SamplerBundle, indices: list[int], labels, seed: int, cfg: SampleCfg) -> torch.Tensor:
+    """uint8 [n, H, W, 3] images for sample indices `indices` with class `labels` (a tensor, array or list of n
+    ints in [0, num_classes); num_classes itself, the null class, samples without a class)."""
     if cfg.solver not in SOLVERS:
         raise ValueError(f"unknown sampler {cfg.solver!r}; valid samplers: {', '.join(SOLVERS)}")
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(labels) != len(indices):
+        raise ValueError(f"generate: {len(indices)} sample indices but {len(labels)} labels; give one label per sample")
+    if len(labels) and (labels.min() < 0 or labels.max() > bundle.num_classes):
+        raise ValueError(f"generate: labels {labels.min().item()}..{labels.max().item()} lie outside this model's "
+                         f"classes 0..{bundle.num_classes - 1} ({bundle.num_classes}, the null class, samples without a class)")
     sde_steps = cfg.steps - 1 if cfg.solver == "euler-maruyama" else 0
     x, sde = per_sample_noise(seed, indices, bundle.latent_shape, sde_steps)
     x, y = x.to(bundle.device), labels.to(bundle.device)

@@ -298,6 +298,9 @@ def test_register_method_refuses_a_built_in_name(monkeypatch):
     assert METHODS["ahpa"].router == ""  # untouched
     with pytest.raises(ValueError, match="takes a MethodSpec"):
         register_method({"name": "x"})
+    for bad in ("", "all snr", "a=b"):  # written as align.method=NAME: no spaces, no =
+        with pytest.raises(ValueError, match=r"method name .*: give a name without spaces"):
+            register_method(MethodSpec(bad, "all", "snr", "cosine", ""))
     monkeypatch.setitem(METHODS, "all-snr", None)  # removed again after the test
     register_method(MethodSpec("all-snr", "all", "snr", "cosine", "every level, the SNR schedule"))
     assert get_method("all-snr").router == "snr"

@@ -215,3 +215,15 @@ def test_version_names_ahpa_torch_and_the_model_libraries(capsys):
     first = f"ahpa {__version__}" + (f" (checkout at {source})" if source else "")
     assert stop.value.code == 0 and out.startswith(first + "\n")
     assert f"torch {torch.__version__} (" in out and "diffusers" in out and "safetensors" in out
+
+
+def test_python_callers_get_named_mistakes(tmp_path):
+    """One override given as a string (not a list) is one override, not its characters; a Trainer given a path where
+    a Config goes, and a name registered in another Python process, are named with the fix."""
+    from ahpa.train.loop import Trainer
+
+    assert config.load(None, "train.steps=5").train.steps == 5
+    with pytest.raises(TypeError, match="Trainer takes a Config .*load_config.*not a str"):
+        Trainer("configs/tiny.yaml", tmp_path)
+    with pytest.raises(config.ConfigError, match="registered from Python exists only in the process that registered it"):
+        config.load(None, ["align.method=all-snr"])

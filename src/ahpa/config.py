@@ -233,7 +233,11 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
         value = list(value)
     choices = CHOICES.get(key)
     if choices is not None and value not in choices:
-        raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}")
+        hint = ""
+        if key in ("align.method", "align.loss", "align.router"):  # registered at run time in another process
+            hint = (" (a name registered from Python exists only in the process that registered it: register it "
+                    "again before loading, or install it as an ahpa.plugins entry point, docs/extending.md)")
+        raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}{hint}")
     allowed, text = RANGES.get(key, (None, ""))
     if allowed is not None and not allowed(value):
         raise ConfigError(f"{where}: {key}={value!r} is out of range; it must be {text}")
@@ -268,6 +272,8 @@ def from_dict(data: dict, where: str = "config", base: Config | None = None) -> 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A config from an optional YAML file plus `section.key=value` overrides (later wins)."""
+    if isinstance(overrides, str):  # one override given bare: its characters would be read as overrides
+        overrides = [overrides]
     cfg = Config()
     if path is not None:
         path = Path(path)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ahpa.align.methods import LOSSES
+from ahpa.align.methods import LOSSES, check_name
 from ahpa.config import AlignCfg
 from ahpa.plugins import check_call
 
@@ -71,6 +71,7 @@ def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg]
     if name in _BUILT_IN:
         raise ValueError(f"loss {name!r} is built in (every method that uses it would change); register yours "
                          "under another name")
+    check_name(name, "loss", "align.loss")
     check_call(fn, (None, None, None), f"loss {name!r}", LOSS_CONTRACT)
     LOSSES[name] = about
     LEVEL_LOSSES[name] = fn

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ahpa.align.methods import _BUILT_IN_ROUTER_MODES, ROUTER_MODES
+from ahpa.align.methods import _BUILT_IN_ROUTER_MODES, ROUTER_MODES, check_name
 from ahpa.models.sit import timestep_embedding
 from ahpa.plugins import check_call
 
@@ -39,8 +39,9 @@ def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bo
     parameters. Learned: the router's MLP and objective as for `soft`, and fn(soft weights) -> [B, K] the weights the
     levels' losses get (as `topk` cuts them); the objective keeps training the soft weights, so a level fn leaves out
     can come back. The router checks fn's output when it is built."""
-    if not name or not callable(fn):
-        raise ValueError(f"register_router_mode needs a name and a function; got {name!r} and {type(fn).__name__}")
+    check_name(name, "router mode", "align.router")
+    if not callable(fn):
+        raise ValueError(f"register_router_mode needs a function; got {type(fn).__name__}")
     if name in _BUILT_IN_ROUTER_MODES:
         raise ValueError(f"router mode {name!r} is built in (every run naming it would change); register yours under "
                          "another name")

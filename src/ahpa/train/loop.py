@@ -44,6 +44,8 @@ class Trainer:
     equal 1 process x 2b. With one process, train.fsdp trains unsharded (nothing to shard over)."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
+        if not isinstance(cfg, Config):
+            raise TypeError(f"Trainer takes a Config (ahpa.load_config(path, overrides)), not a {type(cfg).__name__}")
         d = current()
         spec, encoder_notes = given_encoder_spec(encoder, cfg.prior.encoder) if encoder is not None else ("", [])
         if spec and not cfg.prior.encoder:

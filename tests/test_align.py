@@ -360,6 +360,14 @@ def test_router_modes_registered_at_run_time_train_and_are_checked(monkeypatch, 
     with pytest.raises(ValueError, match=r"router mode 'bad': its weights' rows sum to \[3.0"):
         Router(3, "bad")
 
+    def wavy(t, k):  # uniform at t = 0, .25, .5, .75, 1 (sin(4 pi t) = 0 there), negative in between
+        return 1 / k + torch.sin(4 * torch.pi * t)[:, None] * torch.linspace(-1.0, 1.0, k)[None]
+
+    router_mod.register_router_mode("bad", wavy)
+    with pytest.raises(ValueError, match=r"router mode 'bad': its weights at t = 0.03, 0.04, 0.05, 0.06, ... are no "
+                                         r"distribution over the levels \(smallest weight -0.6"):
+        Router(3, "bad")
+
 
 def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path, tiny):
     """register_loss (a notebook, a script) makes align.loss=NAME valid in the config at once, and the loss gets the

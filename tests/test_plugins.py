@@ -309,6 +309,18 @@ def test_an_encoder_returning_maps_of_other_channels_than_it_declares_is_named()
     with pytest.raises(ValueError, match=rf"returned level '{level}' with {2 * enc.level(level).channels} channels"):
         enc.encode(torch.rand(2, 3, 16, 16), every)
 
+    class Pooled(KLVAE):  # every level pooled to 1x1: the channels agree, and it used to train without a word
+        def _encode(self, x, levels):
+            out = super()._encode(x, levels)
+            out.features = {k: v.mean((2, 3), keepdim=True) for k, v in out.features.items()}
+            return out
+
+    pooled = Pooled.random()
+    first = pooled.levels[0]
+    with pytest.raises(ValueError, match=rf"returned level '{first.name}' at \(1, 1\) for images \(16, 16\); its Level "
+                                         rf"declares stride {first.stride}, so \({16 // first.stride}, {16 // first.stride}\)"):
+        pooled.encode(torch.rand(2, 3, 16, 16), [first.name])
+
 
 def test_an_encoder_entry_point_named_as_a_built_in_kind_is_listed_once_and_never_loaded(monkeypatch):
     import importlib.metadata

@@ -107,6 +107,17 @@ class Router(nn.Module):
         if (out[0] < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
             raise ValueError(f"router mode {self.mode!r}: its weights' rows sum to {[round(s, 4) for s in sums.tolist()]} "
                              "(or hold negative weights); each row is a distribution over the levels and sums to 1")
+        # and between those five: a schedule may go negative in between (a learned mode is seen at its uniform start
+        # only: a post-processing that forgets to renormalise shows once the soft weights move)
+        t = torch.linspace(0.0, 1.0, 101)
+        with torch.no_grad():
+            dense = self.route(t)[0].float()
+        bad = (dense < 0).any(dim=1) | ((dense.sum(dim=1) - 1).abs() > 1e-4)
+        if bad.any():
+            at = ", ".join(f"{x:.2f}" for x in t[bad][:4].tolist()) + (", ..." if int(bad.sum()) > 4 else "")
+            raise ValueError(f"router mode {self.mode!r}: its weights at t = {at} are no distribution over the levels "
+                             f"(smallest weight {dense[bad].min().item():.4f}, row sums {dense[bad].sum(1).min().item():.4f}"
+                             f"..{dense[bad].sum(1).max().item():.4f}); each row is non-negative and sums to 1")
 
     @property
     def varies(self) -> bool:

@@ -94,14 +94,19 @@ class PriorEncoder(nn.Module):
         for name in levels:
             self.level(name)  # fails with the list of valid names
         out = self._encode(self._in_memory_format(self.to_input_range(images)), tuple(levels))
-        self._check_output(out, levels)
+        self._check_output(out, levels, (h, w))
         return out
 
-    def _check_output(self, out: EncoderOutput, levels) -> None:
-        """What _encode returned against what `levels` declares: a wrong map fails here, naming the encoder and level."""
+    def _check_output(self, out: EncoderOutput, levels, size: tuple[int, int]) -> None:
+        """What _encode returned against what `levels` declares (channels, and the side: image side / stride): a wrong
+        map fails here, naming the encoder and level. Shapes only: no host sync."""
         where = f"{type(self).__name__}._encode ({self.spec!r})"
         if out.mean.shape[1] != self.latent_channels:
             raise ValueError(f"{where} returned a latent of {out.mean.shape[1]} channels; latent_channels is {self.latent_channels}")
+        latent_side = (size[0] // self.factor, size[1] // self.factor)
+        if tuple(out.mean.shape[2:]) != latent_side:
+            raise ValueError(f"{where} returned a latent of {tuple(out.mean.shape[2:])} for images {size}; the factor "
+                             f"{self.factor} makes it {latent_side}")
         for name in levels:
             if name == "latent":
                 continue
@@ -111,6 +116,10 @@ class PriorEncoder(nn.Module):
             lvl, got = self.level(name), out.features[name].shape
             if got[1] != lvl.channels:
                 raise ValueError(f"{where} returned level {name!r} with {got[1]} channels; its Level declares {lvl.channels}")
+            side = (size[0] // lvl.stride, size[1] // lvl.stride)
+            if tuple(got[2:]) != side:
+                raise ValueError(f"{where} returned level {name!r} at {tuple(got[2:])} for images {size}; its Level "
+                                 f"declares stride {lvl.stride}, so {side} (a map pooled or from another level?)")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,20 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
     assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
 
 
+def test_a_baseline_evaluated_once_gives_speed_ups(tmp_path, capsys):
+    """A baseline evaluated once (eval.every = its length) is at its last value from that evaluation on by
+    definition, not a baseline that never improved: speed-ups are read from it (itself 1.00x, exact), and no note."""
+    base = _run(tmp_path, "sit", "none", [6.0])
+    slower = _run(tmp_path, "ahpa", "ahpa", [7.0, 5.0])  # crosses 6.0 at 150 images: 100 / 150
+    early = _run(tmp_path, "early", "ahpa", [5.5])  # at or below 6.0 by its first evaluation: a lower bound
+    assert main(["compare", str(base), str(slower), str(early)]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 100 | 1.00x |" in rows["sit (baseline)"]
+    assert "| 150 | 0.67x |" in rows["ahpa"] and "| 100 | >= 1.00x |" in rows["early"]
+    assert "No speed-up is read" not in text and "—" not in text
+
+
 def test_a_run_whose_evaluations_changed_on_a_resume_is_named(tmp_path, capsys):
     """eval.* and sample.* may change on a resume; each evaluation row records what it used, and compare names a run
     whose curve mixes two ways of measuring (one curve against two references, or 500 samples then 200)."""
@@ -81,6 +95,8 @@ def test_a_run_whose_evaluations_changed_on_a_resume_is_named(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "**Evaluations made differently within a run**" in text
     assert "- ahpa: eval.num=500 eval.ref=a.npz (images 100-200); then eval.num=200 eval.ref=a.npz (images 300-300)" in text
+    assert main(["compare", str(mixed), str(base)]) == 0  # named wherever it comes in the list
+    assert "- ahpa: eval.num=500 eval.ref=a.npz (images 100-200); then" in capsys.readouterr().out
     assert main(["compare", str(base), str(_run(tmp_path, "same", "ahpa", [9.0, 7.0, 5.0]))]) == 0
     assert "made differently" not in capsys.readouterr().out
 

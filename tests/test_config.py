@@ -227,3 +227,53 @@ def test_python_callers_get_named_mistakes(tmp_path):
         Trainer("configs/tiny.yaml", tmp_path)
     with pytest.raises(config.ConfigError, match="registered from Python exists only in the process that registered it"):
         config.load(None, ["align.method=all-snr"])
+
+
+def test_a_failed_or_interrupted_command_is_reported_once_per_launch(tmp_path, monkeypatch, capsys):
+    """A failed command's message: on stderr in one process; under torchrun in each process's error file (torchrun's
+    summary shows it) and printed by rank 0 alone; under another launcher (no error file) by every process, naming
+    its rank. Ctrl-C says that a rerun resumes where the command keeps its work (train, sample, prepare) only."""
+    import json
+
+    from ahpa.cli import main
+    from ahpa.commands import compare as compare_cmd, train as train_cmd
+
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_ERROR_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    message = f"ahpa compare: error: {tmp_path} is not a run directory (no config.yaml); give directories that `ahpa train --out` wrote"
+    assert main(["compare", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    for rank, printed in (("1", ""), ("0", message + "\n")):
+        error_file.unlink(missing_ok=True)
+        monkeypatch.setenv("RANK", rank)
+        assert main(["compare", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == printed
+        assert json.loads(error_file.read_text())["message"]["message"] == message
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["compare", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"[rank 1] {message}\n"
+    monkeypatch.delenv("RANK")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "run", interrupted)
+    monkeypatch.setattr(compare_cmd, "run", interrupted)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+    assert main(["compare", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_show_config_is_printed_once_under_torchrun(monkeypatch, capsys):
+    from ahpa.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--config", tiny, "--show-config"]) == 0
+        assert ("train:" in capsys.readouterr().out) is shown

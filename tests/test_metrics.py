@@ -513,3 +513,7 @@ def test_ahpas_own_warnings_are_one_line_under_the_cli(capsys, monkeypatch):
     ours = warnings.formatwarning(SkippedFilesWarning("ref: skipped 1 file(s)"), SkippedFilesWarning, "m.py", 66)
     theirs = warnings.formatwarning(RuntimeWarning("from elsewhere"), RuntimeWarning, "x.py", 3, "")
     assert ours == "ahpa: warning: ref: skipped 1 file(s)\n" and theirs == "x.py:3: RuntimeWarning: from elsewhere\n"
+    installed = warnings.formatwarning
+    main(["compare", "/nonexistent"])  # again in this process (a notebook, a test suite): not wrapped once more per
+    capsys.readouterr()  # call, which would nest without end and overflow the stack after ~1000 commands
+    assert warnings.formatwarning is installed

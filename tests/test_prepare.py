@@ -162,6 +162,29 @@ def test_sources_list_labels(folder, tmp_path):
         list_source(lst)
 
 
+def test_hidden_entries_are_left_out_and_the_labels_source_is_said(folder, tmp_path):
+    """Hidden folders and files (.ipynb_checkpoints, .DS_Store) are no classes or images; the labels line says where
+    the labels come from: the sub-folders (the first five named), a list's or an npz's labels, or none; --labels none
+    is what was asked for, so no doubt is raised over a stray image."""
+    root = tmp_path / "hidden"
+    for name in ("a", "b", "c", "d", "e", "f", ".ipynb_checkpoints"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / name / "x.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "a" / ".x-copy.png")
+    listing = list_source(root)
+    assert listing.class_names == ["a", "b", "c", "d", "e", "f"] and len(listing) == 6 and not listing.ignored
+    assert listing.labels_text() == "6 class(es) from the sub-folder names (a, b, c, d, e, ...)"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "stray.png")
+    asked = list_source(root, "none")
+    assert asked.labels_text() == "none (--labels none)" and asked.label_doubt == ""
+    assert list_source(root).label_doubt  # the same folder with labels left to `auto`: a doubt, with the fix
+    lst = tmp_path / "files.txt"
+    lst.write_text(f"{folder}/dogs/img_001.jpg\t3\n{folder}/cats/odd_tiny.png\t0\n")
+    assert list_source(lst).labels_text() == "4 class(es), from the list's labels"
+    lst.write_text(f"{folder}/dogs/img_001.jpg\n{folder}/cats/odd_tiny.png\n")
+    assert list_source(lst).labels_text() == "none (the source gives no labels)"
+
+
 def test_linked_class_folders_are_listed_and_a_link_back_up_is_not_followed(folder, tmp_path):
     """Class folders linked from elsewhere were silently dropped (os.walk does not follow links by default): 3 of 4
     classes lost without a word. A link to a folder above would make the walk endless: it is not followed."""
@@ -191,10 +214,14 @@ def test_a_stray_image_beside_class_folders_is_said_to_turn_the_labels_off(folde
     assert listing.class_names is None and "1 image(s) lie at the top level" in listing.labels_text()
     args = ["prepare", "--images", str(root), "--vae", "ahpa-vae:random", "--resolution", "16", "--workers", "0",
             "--flips", "none", "--limit", "4"]
+    warning = (f"warning: labels: none: 1 image(s) lie at the top level of {root} (e.g. 'IMG_stray.png') beside 2 "
+               "sub-folder(s) of images, so the sub-folders are not read as classes; move the top-level images")
     assert main([*args, "--out", str(tmp_path / "c")]) == 0
-    err = capsys.readouterr().err
-    assert (f"warning: labels: none: 1 image(s) lie at the top level of {root} (e.g. 'IMG_stray.png') beside 2 "
-            "sub-folder(s) of images, so the sub-folders are not read as classes; move the top-level images") in err
+    out, err = capsys.readouterr()
+    assert warning in err and "labels:" not in out  # said once, as the warning
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0  # the rerun, a no-op, says it again
+    out, err = capsys.readouterr()
+    assert "already complete" in out and warning in err
     (root / "IMG_stray.png").unlink()
     assert main([*args, "--out", str(tmp_path / "c2")]) == 0
     assert "labels: 2 class(es) from the sub-folder names (cats, dogs)" in capsys.readouterr().out
@@ -218,9 +245,20 @@ def test_a_cache_is_not_written_among_other_files(folder, tmp_path, capsys):
     (run / "config.yaml").write_text("x: 1\n")
     assert main([*args, str(run)]) == 2
     assert (f"--out {run} holds other files (config.yaml) and no cache of `ahpa prepare`" in capsys.readouterr().err)
+    for name in ("metrics.jsonl", "checkpoints", "model.safetensors"):
+        (run / name).write_text("")
+    assert main([*args, str(run)]) == 2
+    assert f"--out {run} holds other files (checkpoints, config.yaml, metrics.jsonl, ...)" in capsys.readouterr().err
     stopped = tmp_path / "stopped"
     (stopped / "shards").mkdir(parents=True)
     assert main([*args, str(stopped)]) == 0
+    (stopped / "NOTES.txt").write_text("prepared for the study\n")  # a cache, with its manifest: a rerun is no-op
+    assert main([*args, str(stopped)]) == 0
+    assert "already complete" in capsys.readouterr().out
+    hidden = tmp_path / "hidden-only"
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_bytes(b"")  # what a file browser leaves: not the files of something else
+    assert main([*args, str(hidden)]) == 0
 
 
 def test_bad_paths_fail_before_any_work(tmp_path, folder):

@@ -209,6 +209,40 @@ def test_a_hub_id_loaded_from_the_local_hub_cache_is_identified_by_its_weights(t
     assert out.stdout.split()[-1] == sha256_file(tmp_path / "local" / "diffusion_pytorch_model.safetensors")
 
 
+def test_a_hub_id_is_identified_by_the_weights_file_diffusers_loaded(tiny, tmp_path):
+    """The hub's sd-vae-ft-ema holds both weight files: a cache with both is identified by the safetensors (what
+    diffusers loads, and what a local copy is identified by); a repository without safetensors leaves huggingface_hub's
+    marker of a missing file in the cache, and the .bin it loaded instead is what identifies it."""
+    import shutil
+    import subprocess
+    import sys
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    tiny.vae.save_pretrained(tmp_path / "st")
+    tiny.vae.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    safetensors, bin_file = tmp_path / "st" / "diffusion_pytorch_model.safetensors", tmp_path / "bin" / "diffusion_pytorch_model.bin"
+    for name, files in (("both", [safetensors, bin_file]), ("bin-only", [bin_file])):
+        repo = tmp_path / "hub" / f"models--test-org--{name}"
+        snapshot = repo / "snapshots" / revision
+        snapshot.mkdir(parents=True)
+        shutil.copy(tmp_path / "st" / "config.json", snapshot)
+        for f in files:
+            shutil.copy(f, snapshot)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+    no_exist = tmp_path / "hub" / "models--test-org--bin-only" / ".no_exist" / revision
+    no_exist.mkdir(parents=True)
+    (no_exist / "diffusion_pytorch_model.safetensors").write_text("")  # how huggingface_hub records a 404
+    code = ("from ahpa.priors import load_encoder\n"
+            "for name in ('both', 'bin-only'):\n"
+            "    print(load_encoder(f'diffusers:test-org/{name}').weights_sha256)")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == [sha256_file(safetensors), sha256_file(bin_file)]
+
+
 def test_diffusers_levels_are_the_down_blocks_and_the_mid_block():
     """down{i} is the output of encoder.down_blocks[i], mid that of encoder.mid_block (in the tiny config
     mid and down1 have the same shape, so shapes cannot tell them apart)."""

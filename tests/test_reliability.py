@@ -201,6 +201,82 @@ def test_the_lock_is_given_back_though_a_forked_worker_lives_on(tmp_path):
         lock.release(path)
 
 
+def test_a_run_from_python_holds_the_directory_while_it_trains_only(tmp_path, monkeypatch):
+    """Trainer.run in a session that lives on (a notebook) holds the run directory while it trains; a Trainer built
+    and not run (sampler_bundle only), refused (other settings), or ended, holds nothing: another launch may resume
+    it (a refused Trainer kept it locked for the life of the notebook)."""
+    probe = [sys.executable, "-c", "import sys; from pathlib import Path; from ahpa import lock; lock.hold(Path(sys.argv[1]), 'x')",
+             str(tmp_path / "run" / ".lock")]
+
+    def free() -> bool:
+        return subprocess.run(probe, env=ENV, capture_output=True, text=True, timeout=120).returncode == 0
+
+    trainer = Trainer(tiny_cfg("train.steps=1"), tmp_path / "run")
+    assert free()  # built, not running
+    seen = []
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self: seen.append(free()) or step(self))
+    trainer.run()
+    assert seen == [False] and free()  # held while training, given back at the end
+    with pytest.raises(RunConfigError):
+        Trainer(tiny_cfg("train.steps=2", "train.lr=0.5"), tmp_path / "run")  # other settings: refused
+    assert free()
+
+
+def test_the_holder_named_is_the_one_that_holds_it_now(tmp_path):
+    """The lock file keeps its text after its holder ends; the next holder's text replaces it whole, so the message
+    names the launch that holds it now, not a mix with an earlier one's longer text."""
+    from ahpa import lock
+
+    path = tmp_path / ".lock"
+    path.write_text("pid 4194303 on a-much-longer-host-name.cluster.example.org, since 2020-01-01 00:00:00")
+    holder = hold_lock(path)
+    try:
+        with pytest.raises(lock.InUseError) as e:
+            lock.hold(path, "run directory r")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert re.search(rf"\(pid {holder.pid} on {re.escape(socket.gethostname())}, since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\): two",
+                     str(e.value)), str(e.value)
+    # a holder that wrote nothing (another program's lock, or the moment before the holder writes): the file is named
+    path.write_text("")
+    other = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                              "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)", str(path)],
+                             env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(lock.InUseError, match=rf"in use by another launch \(a process that holds {re.escape(str(path))}\)"):
+            lock.hold(path, "run directory r")
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_file_system_without_locks_refuses_nothing(tmp_path, monkeypatch):
+    """A file system that implements no locks (some network file systems): nothing is held and nothing refused, as
+    before there were locks, and a run on it trains; an error of another kind is not taken for that."""
+    import fcntl
+
+    from ahpa import lock
+
+    def failing(code):
+        def lockf(fd, op, *args):
+            raise OSError(code, os.strerror(code))
+        return lockf
+
+    for code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOLCK):
+        monkeypatch.setattr(fcntl, "lockf", failing(code))
+        lock.hold(tmp_path / ".lock", "run directory r")
+        lock.hold(tmp_path / ".lock", "run directory r")
+        lock.release(tmp_path / ".lock")
+    Trainer(tiny_cfg("train.steps=1"), tmp_path / "run").run()
+    monkeypatch.setattr(fcntl, "lockf", failing(errno.EIO))
+    with pytest.raises(OSError) as e:
+        lock.hold(tmp_path / "other.lock", "run directory r")
+    assert e.value.errno == errno.EIO and not isinstance(e.value, lock.InUseError)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a scheduler; a closed terminal or ssh session
 def test_sigterm_saves_and_exits(tmp_path, signum):
     out = tmp_path / "run"

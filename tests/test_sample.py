@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -240,14 +243,80 @@ def test_a_resume_with_another_batch_keeps_the_partial_runs_chunks(tmp_path, mon
     def killed_after_first_chunk(n):
         raise KeyboardInterrupt
 
+    resumed = []
     with pytest.raises(KeyboardInterrupt):
-        sample_writer.write_samples(None, out, 10, 0, 4, SampleCfg(), ident, on_progress=killed_after_first_chunk)
-    assert calls == [(0, 4)]
+        sample_writer.write_samples(None, out, 10, 0, 4, SampleCfg(), ident, on_progress=killed_after_first_chunk,
+                                    on_resume=lambda *a: resumed.append(a))
+    assert calls == [(0, 4)] and resumed == []  # a first start resumes nothing, and says nothing of it
     calls.clear()
-    sample_writer.write_samples(None, out, 10, 0, 8, SampleCfg(), ident)  # rerun with another --batch
+    sample_writer.write_samples(None, out, 10, 0, 8, SampleCfg(), ident,  # rerun with another --batch
+                                on_resume=lambda *a: resumed.append(a))
     assert calls == [(4, 8), (8, 10)]  # chunk 0 reused, chunks of the partial run's size 4
+    assert resumed == [(4, 4)]  # 4 images there, chunks of 4
+    # stopped after its last chunk, a short one, before the file was put together: all of them are there
+    out, resumed = tmp_path / "t.npz", []
+    with pytest.raises(KeyboardInterrupt):
+        sample_writer.write_samples(None, out, 10, 0, 4, SampleCfg(), ident,
+                                    on_progress=lambda n: calls[-1] == (8, 10) and killed_after_first_chunk(n))
+    calls.clear()
+    sample_writer.write_samples(None, out, 10, 0, 4, SampleCfg(), ident, on_resume=lambda *a: resumed.append(a))
+    assert calls == [] and resumed == [(10, 4)]
     with np.load(out) as f:
         assert np.array_equal(f["arr_1"], np.arange(10)) and np.array_equal(f["arr_0"][:, 0, 0, 0], np.arange(10))
+    # killed before its first chunk: a rerun with another --batch still hears that the first attempt's size is kept
+    out, resumed = tmp_path / "u.npz", []
+
+    def fails(*args):
+        raise RuntimeError("out of memory")
+        yield
+
+    monkeypatch.setattr(sample_writer, "iter_samples", fails)
+    with pytest.raises(RuntimeError):
+        sample_writer.write_samples(None, out, 10, 0, 4, SampleCfg(), ident)
+    probe = [sys.executable, "-c", "import sys; from pathlib import Path; from ahpa import lock; lock.hold(Path(sys.argv[1]), 'x')",
+             str(tmp_path / "u.npz.parts" / ".lock")]
+    assert subprocess.run(probe, capture_output=True, timeout=120).returncode == 0  # the error gave the output back
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter)
+    sample_writer.write_samples(None, out, 10, 0, 8, SampleCfg(), ident, on_resume=lambda *a: resumed.append(a))
+    assert resumed == [(0, 4)]
+
+
+def test_a_sample_file_finished_by_the_launch_that_held_it_is_not_written_over(tmp_path, monkeypatch):
+    """Two launches on one --out: the second checks that the file is not finished, then takes the lock the first
+    gave back when it finished the file. It is refused, and the finished file is untouched."""
+    from ahpa import lock, sample_writer
+    from ahpa.config import SampleCfg
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", lambda *a: calls.append(a) or iter(()))
+    out = tmp_path / "s.npz"
+    hold = lock.hold
+
+    def the_other_launch_finishes_first(path, what):
+        out.write_bytes(b"the other launch's samples")
+        return hold(path, what)
+
+    monkeypatch.setattr(lock, "hold", the_other_launch_finishes_first)
+    with pytest.raises(FileExistsError, match="was finished by another launch meanwhile"):
+        sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), {"model_sha256": "x"})
+    assert calls == [] and out.read_bytes() == b"the other launch's samples"
+    lock.release(tmp_path / "s.npz.parts" / lock.LOCK_FILE)
+
+
+def test_a_sample_output_whose_parts_cannot_be_made_is_named_with_the_fix(tmp_path, monkeypatch):
+    """The main process cannot make OUT.parts (here: a file where a folder is named): the error every process raises
+    names the parts folder and says to choose another --out, and nothing is generated."""
+    from ahpa import sample_writer
+    from ahpa.config import SampleCfg
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", lambda *a: calls.append(a) or iter(()))
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "s.npz"
+    with pytest.raises(OSError, match=r"cannot write the sample output's parts '.*a-file/s\.npz\.parts' \(.*\); choose "
+                                      "another --out"):
+        sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), {"model_sha256": "x"})
+    assert calls == []
 
 
 def test_write_samples_never_writes_over_a_finished_file(tmp_path, monkeypatch):

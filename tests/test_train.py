@@ -199,6 +199,39 @@ def test_repa_takes_a_plain_module_and_freezes_it(tmp_path, tiny):
         Trainer(tiny("align.method=repa", "train.steps=1"), tmp_path / "bad", external=nn.Identity())
 
 
+def test_img_per_s_leaves_out_the_evaluation_a_resume_redoes_first(tmp_path, tiny, monkeypatch):
+    """A run stopped after its checkpoint but before the evaluation due at that step redoes it when resumed, before
+    its first step: the first window's img/s is its steps' images over their time, not over that evaluation's
+    too. A clock that advances 1 s per step and 100 s per evaluation; the evaluator a stand-in."""
+    import types
+
+    from ahpa.train import loop, outputs
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    step = Trainer.train_step
+
+    def timed_step(self):
+        clock[0] += 1.0
+        return step(self)
+
+    evaluated = []
+
+    def slow_evaluate(self, logger):
+        clock[0] += 100.0
+        evaluated.append(self.step)
+
+    stand_in = types.SimpleNamespace(notes=[], missing=lambda step, last_step: step == 2)
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    monkeypatch.setattr(Trainer, "_evaluate", slow_evaluate)
+    Trainer(tiny("train.steps=2", "train.log_every=2"), tmp_path).run()
+    monkeypatch.setattr(outputs.Evaluator, "for_run", classmethod(lambda cls, *args: stand_in))
+    Trainer(tiny("train.steps=4", "train.log_every=2", "eval.every=2"), tmp_path).run()
+    assert evaluated == [2, 4]  # the missing one first, then the last step's
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["img_per_s"]) for r in rows if "img_per_s" in r] == [(2, 8.0), (4, 8.0)]
+
+
 def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     tr = Trainer(tiny("train.steps=2", "train.sample_every=2"), tmp_path / "r")
     tr.run()

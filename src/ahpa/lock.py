@@ -55,6 +55,15 @@ def hold(path: Path, what: str) -> None:
     _held[key] = fd
 
 
+def check_free(path: Path, what: str) -> None:
+    """Refuse, as hold() does, while another process holds the lock; hold nothing (a check before the work that
+    takes it: a Trainer built but refused, or never run, keeps no one out)."""
+    if os.path.abspath(path) in _held:
+        return
+    hold(path, what)
+    release(path)
+
+
 def release(path: Path) -> None:
     """Give the lock back (a no-op where this process does not hold it)."""
     fd = _held.pop(os.path.abspath(path), None)

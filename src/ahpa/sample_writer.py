@@ -76,10 +76,10 @@ def check_not_finished(out: str | Path) -> None:
                               "another --out, or delete it to sample again")
 
 
-def _open_parts(out: Path, parts: Path, settings: dict, num: int) -> tuple[Exception | None, int]:
+def _open_parts(out: Path, parts: Path, settings: dict, num: int) -> tuple[Exception | None, int | None]:
     """The main process's side of a start: OUT.parts made and locked, a partial attempt's settings compared (its
     chunk size replaces settings["batch"]) or this one's written. Returns (the error every process raises, or None;
-    the images a partial attempt already holds)."""
+    the images a partial attempt already holds, None on a fresh start)."""
     try:
         parts.mkdir(parents=True, exist_ok=True)
         lock.hold(parts / lock.LOCK_FILE, f"sample output {str(out)!r}")  # released when done, or when the process ends
@@ -93,7 +93,7 @@ def _open_parts(out: Path, parts: Path, settings: dict, num: int) -> tuple[Excep
     saved_file = parts / "settings.json"
     if not saved_file.exists():
         atomic_write_text(saved_file, json.dumps(settings, indent=1))
-        return None, 0
+        return None, None
     saved = json.loads(saved_file.read_text())
     batch = settings["batch"] = saved.get("batch", settings["batch"])  # the chunks already written set the chunk size
     # a partial run written before a sampler setting existed ran with that setting's default
@@ -127,13 +127,26 @@ def write_samples(
     settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
     settings.pop("grid_images", None)
     check_not_finished(out)  # on every process, before any collective
-    error, done = (_open_parts(out, parts, settings, num) if d.is_main else (None, 0))
+    error, done = (_open_parts(out, parts, settings, num) if d.is_main else (None, None))
     # every process raises rank 0's verdict, rather than the others failing in the next collective without a word
     error, batch = from_main((error, settings["batch"]))
     if error is not None:
+        if d.is_main:
+            lock.release(parts / lock.LOCK_FILE)
         raise error
-    if done and on_resume is not None:
-        on_resume(done, batch)
+    try:
+        if done is not None and on_resume is not None:  # a partial attempt, also one killed before its first chunk
+            on_resume(done, batch)
+        return _sample_chunks(bundle, out, parts, num, seed, batch, cfg, on_progress)
+    finally:
+        if d.is_main:  # also on an error: a notebook that goes on holds no one out
+            lock.release(parts / lock.LOCK_FILE)
+
+
+def _sample_chunks(bundle: SamplerBundle, out: Path, parts: Path, num: int, seed: int, batch: int, cfg: SampleCfg,
+                   on_progress: Callable[[int], None] | None) -> Path | None:
+    """This process's chunks of [0, num), then, on the main process, OUT from all of them (OUT.parts removed)."""
+    d = current()
     starts = list(range(0, num, batch))
     mine = [lo for i, lo in enumerate(starts) if i % d.world == d.rank]
     for lo in mine:
@@ -154,5 +167,4 @@ def write_samples(
     shape = (num, *_chunk_shapes(_chunk_path(parts, 0))[0][1:])
     path = write_npz(out, _chunk_images(parts, starts), np.concatenate(labels), shape)
     shutil.rmtree(parts)
-    lock.release(parts / lock.LOCK_FILE)
     return path

@@ -247,9 +247,9 @@ class Trainer:
         return outputs.export(path or self.run_dir / "model.safetensors", ema, p.stats.latent, p.encoder, self.cfg)
 
     def _check_still_current(self) -> None:
-        """Before training: this process holds the run directory (again, after an earlier run() gave it back), and
-        no one trained it past the step this Trainer was built at (another Trainer of this process, or a launch in
-        between): training on would redo those steps and log every one of them twice. Rank 0 decides for all."""
+        """Before training: this process holds the run directory (until run() ends), and no one trained it past the
+        step this Trainer was built at (another Trainer of this process, or a launch in between): training on would
+        redo those steps and log every one of them twice. Rank 0 decides for all."""
         error = None
         if self.rank == 0:
             try:
@@ -297,9 +297,16 @@ class Trainer:
         """Trains to train.steps. Returns the last log row, with "stopped": the reason when `should_stop` asked for
         an early, clean exit (a checkpoint is saved first: rerun to resume). `should_stop` returns 0 to go on, or a
         reason to stop: a signal number, or True."""
+        self._check_still_current()
+        try:
+            return self._train(on_log, should_stop)
+        finally:
+            if self.rank == 0:
+                lock.release(self.run_dir / lock.LOCK_FILE)  # taken by _check_still_current
+
+    def _train(self, on_log: Callable[[int, dict], None] | None, should_stop: Callable[[], int] | None) -> dict:
         c = self.cfg
         main = self.rank == 0
-        self._check_still_current()
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_mod.dump(c))  # a resume reads it back
@@ -374,6 +381,4 @@ class Trainer:
         finally:
             if logger is not None:
                 logger.close()
-            if main:
-                lock.release(self.run_dir / lock.LOCK_FILE)  # taken by check_run_dir
         return last

@@ -62,8 +62,8 @@ def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
         except OSError as e:
             error = OSError(e.errno, f"run directory {run_dir} is not writable ({e.strerror}); choose another --out")
         else:
-            try:  # released by Trainer.run, or when the process ends
-                lock.hold(run_dir / lock.LOCK_FILE, f"run directory {run_dir}")
+            try:  # refused early, held by Trainer.run while it trains
+                lock.check_free(run_dir / lock.LOCK_FILE, f"run directory {run_dir}")
             except OSError as e:
                 error = e
     # every process raises rank 0's verdict, rather than the others failing in their next collective

@@ -162,6 +162,9 @@ def test_a_trainer_does_not_train_a_run_that_went_on_without_it(tmp_path):
     first.run()
     with pytest.raises(RunConfigError, match=rf"{out} was trained to step 4 after this Trainer was built at step 0"):
         stale.run()
+    probe = [sys.executable, "-c", "import sys; from pathlib import Path; from ahpa import lock; lock.hold(Path(sys.argv[1]), 'x')",
+             str(out / ".lock")]
+    assert subprocess.run(probe, env=ENV, capture_output=True, timeout=120).returncode == 0  # the refusal holds nothing
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # nothing logged twice
     stopped = Trainer(tiny_cfg("train.steps=8", "train.ckpt_every=2"), out)

@@ -297,8 +297,8 @@ class Trainer:
         """Trains to train.steps. Returns the last log row, with "stopped": the reason when `should_stop` asked for
         an early, clean exit (a checkpoint is saved first: rerun to resume). `should_stop` returns 0 to go on, or a
         reason to stop: a signal number, or True."""
-        self._check_still_current()
         try:
+            self._check_still_current()
             return self._train(on_log, should_stop)
         finally:
             if self.rank == 0:

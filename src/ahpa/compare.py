@@ -156,6 +156,10 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
     lines = [f"| run | method | images | last {metric} | best | at the baseline's last images | images to reach "
              f"the baseline's last | speed-up | img/s |", "|---|---|---|---|---|---|---|---|---|"]
     base = baseline.evals.get(metric, [])
+    # the baseline's own images to reach its last value by the same rule as every run's: where its curve rose again
+    # at the end (noise, overfitting), that is before its last images, and a copy of it is 1.00x, not faster
+    base_reach = images_to_reach(base, base[-1][1]) if base else None
+    flat = len(base) > 1 and base_reach == base[0][0]  # no better after its first evaluation: no speed-up to read
     for r in runs:
         curve = r.evals.get(metric, [])
         if not curve:
@@ -163,11 +167,8 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
                          f"{_num(r.img_per_s, '.0f')} |")
             continue
         at = value_at(curve, base[-1][0]) if base else None
-        # the baseline's own images to reach its last value by the same rule as every run's: where its curve rose
-        # again at the end (noise, overfitting), that is before its last images, and a copy of it is 1.00x, not faster
         reach = images_to_reach(curve, base[-1][1]) if base else None
-        base_reach = images_to_reach(base, base[-1][1]) if base else None
-        if not base or (base_reach == base[0][0] and len(base) > 1):
+        if not base or flat:
             speed = "—"
         elif reach is None:
             speed = "not reached"
@@ -176,7 +177,7 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
         lines.append(f"| {r.name}{' (baseline)' if r is baseline else ''} | {r.method} | {curve[-1][0]:,} | "
                      f"{curve[-1][1]:.3f} | {min(v for _, v in curve):.3f} | {_num(at, '.3f')} | "
                      f"{_num(reach, ',.0f')} | {speed} | {_num(r.img_per_s, '.0f')} |")
-    if len(base) > 1 and images_to_reach(base, base[-1][1]) == base[0][0]:
+    if flat:
         lines += ["", f"No speed-up is read from these curves: the baseline's {metric} was at or below its last value "
                   f"({base[-1][1]:.3f}) from its first evaluation on, so it did not improve after {base[0][0]:,} images "
                   "(noise, or training too short or too long for the evaluations' spacing). Evaluate earlier and more "

@@ -333,3 +333,16 @@ def test_write_samples_never_writes_over_a_finished_file(tmp_path, monkeypatch):
         sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), {"model_sha256": "x"})
     assert calls == [] and out.read_bytes() == b"50K samples of another model"
     assert not (tmp_path / "done.npz.parts").exists()
+
+
+def test_an_export_refuses_a_vae_of_other_latent_channels(run_dir):
+    """`ahpa sample --encoder` naming a VAE whose latents have other channels ended in a convolution's raw error after
+    sampling had started; it is refused when the export loads, naming both."""
+    from ahpa.priors.diffusers_vae import DiffusersVAE
+
+    wide = DiffusersVAE.from_config({"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+                                     "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1,
+                                     "norm_num_groups": 8, "latent_channels": 8})
+    channels = load_export(run_dir / "model.safetensors", "cpu").model.cfg.in_channels
+    with pytest.raises(ValueError, match=rf"has latents of 8 channels, but .* was trained on latents of {channels}"):
+        load_export(run_dir / "model.safetensors", "cpu", encoder=wide)

@@ -212,6 +212,9 @@ def load_export(path: str | Path, device: str | torch.device, encoder: PriorEnco
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path} decodes with {meta['encoder']!r}, which is not here ({e}); name where that "
                                 f"VAE is on this machine (`ahpa sample --encoder KIND:PATH`)") from None
+    if enc.latent_channels != model.cfg.in_channels:  # would fail inside the decoder's first convolution
+        raise ValueError(f"{getattr(enc, 'spec', 'the encoder')!r} has latents of {enc.latent_channels} channels, but "
+                         f"{path} was trained on latents of {model.cfg.in_channels} ({meta['encoder']!r}): name that VAE")
     recorded, found = meta.get("encoder_sha256"), getattr(enc, "weights_sha256", None)
     if recorded and found and recorded != found:  # exports from before this field have none, and pass
         raise ValueError(f"{getattr(enc, 'spec', 'the encoder')!r} is not the VAE {path} was trained with: its weights' "

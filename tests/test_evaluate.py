@@ -286,3 +286,17 @@ def test_evaluation_settings_fail_before_the_first_training_step(setup, tmp_path
     torch.save({"w": torch.zeros(2)}, not_torchscript)
     with pytest.raises(ValueError, match="is not a TorchScript file"):
         load_detector(f"torchscript:{not_torchscript}")
+
+
+def test_a_complete_run_given_evaluation_settings_says_it_is_not_evaluated_again(setup, tmp_path):
+    """Following a README that trains a run, then adds eval.every to the same --out: the complete run is not evaluated
+    again (by design), and now says so instead of doing nothing silently."""
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, ref = setup
+    Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "run").run()
+    again = Trainer(config.load(None, [*TINY, "train.steps=2", "eval.every=1", f"eval.detectors=[{det.spec}]",
+                                       f"eval.ref={ref}", "eval.num=16", "eval.batch=8"]), tmp_path / "run")
+    assert any(m.startswith("eval.every=1: the run is complete and is not evaluated again") for m in again.messages)

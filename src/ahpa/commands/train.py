@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -54,6 +55,10 @@ def run(args) -> int:
     previous = {s: signal.signal(s, on_signal) for s in stops}
     completed, code = False, 1
     try:
+        # minutes on a CPU before the first line of the run: say what it does (a cache holds its statistics)
+        if d.is_main and cfg.data.source != "cache" and not any(Path(args.out).glob("checkpoints/step_*.pt")):
+            print(f"setting up a new run in {args.out}: measuring latent and level statistics over "
+                  f"prior.stats_images={cfg.prior.stats_images} images ...", file=sys.stderr, flush=True)
         trainer = Trainer(cfg, args.out)
         if d.is_main:
             for msg in trainer.messages:
@@ -82,8 +87,6 @@ def run(args) -> int:
             code = 128 + int(result["stopped"])  # the signal this process or another received
             return code
         if d.is_main:
-            from pathlib import Path
-
             made = [n for n in ("model.safetensors", "samples.png", "router.png", "losses.png", "eval.png", "metrics.jsonl",
                                 "tb") if (Path(args.out) / n).exists()]
             print(f"run complete: {args.out} ({', '.join(made)})")

@@ -73,6 +73,10 @@ class Trainer:
         # before any training: a missing detector or reference fails now, not at the first evaluation
         self.evaluator = outputs.Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world)
         self.messages += self.evaluator.notes if self.evaluator is not None else []
+        if self.evaluator is None and cfg.eval.every and self.step >= t.steps:  # said, not done silently
+            self.messages.append(f"eval.every={cfg.eval.every}: the run is complete and is not evaluated again; "
+                                 "measure its samples with `ahpa sample` and `ahpa eval`, or train on (a larger "
+                                 "train.steps) to evaluate as it goes")
         p = self.parts
         self.sharded = None  # ahpa.train.fsdp.Sharded under FSDP
         if t.fsdp and self.world > 1:

@@ -209,8 +209,8 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     elif typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            allowed = f" ({RANGES[key][1]})" if key in RANGES else ""  # e.g. -1 (all blocks), 0 (off) or ...
-            raise ConfigError(f"{where}: {key} must be an integer{allowed}, got {value!r}")
+            span = f" ({RANGES[key][1]})" if key in RANGES else ""  # e.g. -1 (all blocks), 0 (off) or ...
+            raise ConfigError(f"{where}: {key} must be an integer{span}, got {value!r}")
     elif typ is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:

@@ -42,11 +42,12 @@ def hold(path: Path, what: str) -> None:
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if e.errno in (errno.EAGAIN, errno.EACCES) else ""
+        busy = e.errno in (errno.EAGAIN, errno.EACCES)  # another process holds it
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if busy else ""
         os.close(fd)
         if e.errno in _UNSUPPORTED:
             return
-        if e.errno not in (errno.EAGAIN, errno.EACCES):
+        if not busy:
             raise
         raise InUseError(f"{what} is in use by another launch ({holder or 'a process that holds ' + key}): two at "
                          "once would write the same files. Wait for it to end or stop it, or choose another --out") from None

@@ -130,11 +130,9 @@ def write_samples(
     error, done = (_open_parts(out, parts, settings, num) if d.is_main else (None, None))
     # every process raises rank 0's verdict, rather than the others failing in the next collective without a word
     error, batch = from_main((error, settings["batch"]))
-    if error is not None:
-        if d.is_main:
-            lock.release(parts / lock.LOCK_FILE)
-        raise error
     try:
+        if error is not None:
+            raise error
         if done is not None and on_resume is not None:  # a partial attempt, also one killed before its first chunk
             on_resume(done, batch)
         return _sample_chunks(bundle, out, parts, num, seed, batch, cfg, on_progress)

@@ -173,7 +173,8 @@ def evaluation_setup(cfg: Config) -> str:
 def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, float], setup: str = "") -> None:
     """One metrics row of `eval/<detector>` values (and `eval_setup`, evaluation_setup), and eval.png redrawn from
     metrics.jsonl."""
-    logger.log(step, {"images": images, **{f"eval/{k}": v for k, v in fd.items()}, **({"eval_setup": setup} if setup else {})})
+    row = {"images": images, **{f"eval/{k}": v for k, v in fd.items()}}
+    logger.log(step, {**row, "eval_setup": setup} if setup else row)
     plots.eval_curves(run_dir / "metrics.jsonl", run_dir / "eval.png")
 
 

@@ -124,11 +124,7 @@ def from_main(obj):
 def all_true(ok: bool, device: torch.device) -> bool:
     """Whether `ok` holds on every process: each raises the same way, instead of one failing alone while the
     others wait in their next collective. A host sync: for set-up, not the step."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        failed = torch.tensor(0.0 if ok else 1.0, device=device)
-        dist.all_reduce(failed, op=dist.ReduceOp.SUM)
-        return failed.item() == 0
-    return ok
+    return agreed_max(0.0 if ok else 1.0, device) == 0
 
 
 def barrier() -> None:

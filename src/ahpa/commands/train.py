@@ -31,6 +31,7 @@ def run(args) -> int:
     from ahpa import config
     from ahpa.commands.exit import finish
     from ahpa.train.distributed import init_from_env
+    from ahpa.train.checkpoint import list_checkpoints
     from ahpa.train.loop import Trainer
 
     cfg = config.load(args.config, args.overrides)
@@ -56,7 +57,7 @@ def run(args) -> int:
     completed, code = False, 1
     try:
         # minutes on a CPU before the first line of the run: say what it does (a cache holds its statistics)
-        if d.is_main and cfg.data.source != "cache" and not any(Path(args.out).glob("checkpoints/step_*.pt")):
+        if d.is_main and cfg.data.source != "cache" and not list_checkpoints(Path(args.out) / "checkpoints"):
             print(f"setting up a new run in {args.out}: measuring latent and level statistics over "
                   f"prior.stats_images={cfg.prior.stats_images} images ...", file=sys.stderr, flush=True)
         trainer = Trainer(cfg, args.out)

@@ -150,7 +150,7 @@ def test_a_stop_between_log_steps_logs_its_window_and_records_the_router(tmp_pat
 
 def test_img_per_s_counts_the_training_steps_only(tmp_path, tiny, monkeypatch):
     """Checkpoints, sample grids and evaluations happen between log windows; a window's img/s is its steps' images
-    over their time, not over the checkpoint's too (after one, a window read 4-20x slower; `ahpa compare` took a
+    over their time, not over the checkpoint's too (after one, a window read many times slower; `ahpa compare` took a
     median of such windows). A clock that advances 1 s per step and 100 s per checkpoint."""
     import types
 

@@ -39,7 +39,7 @@ def check_loss(name: str, cfg: AlignCfg) -> None:
     """Call a registered loss on a small input, a target unlike the prediction and one equal to it: a loss returning
     a scalar, [B, N] or [B, 1], no gradient, or a negative value fails here, named, and not as a shape error at the
     first step or a run that silently does not learn (the router divides each level's loss by its running mean: a
-    negative mean, -cos for 1 - cos, blew its gradient up to ~1e6 and clipping then stalled the backbone). Built-in
+    negative mean, -cos for 1 - cos, blew its gradient up by orders of magnitude and clipping then stalled the backbone). Built-in
     losses are not probed."""
     if name in _BUILT_IN:
         return

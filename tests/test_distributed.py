@@ -379,8 +379,11 @@ def test_evaluation_on_two_processes_and_the_redo_of_a_missing_last_one(tmp_path
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [r["step"] for r in rows if "eval/FD-r20" in r]
 
-    ahpa(2, *args)
+    told = ahpa(2, *args).stderr
     assert evals() == [2] and (run / "DONE").exists() and any((run / "eval_ref").iterdir())
+    fd = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["eval/FD-r20"]
+    # the FD on the console, once (rank 0), as the CLI rounds it
+    assert told.count(f"step 2 (16 images): FD-r20 {fd:.4f} (16 EMA samples)") == 1, told[-2000:]
     rows = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if "eval/" not in r))
     (run / "DONE").unlink()

@@ -74,6 +74,10 @@ def test_ranks_share_the_samples(setup):
     whole = ev.sample_stats(bundle, det, 11, 0, CFG, 4)
     parts = [ev.sample_stats(bundle, det, 11, 0, CFG, 4, rank=r, world_size=2) for r in range(2)]
     assert [p.count for p in parts] == [7, 4]  # batches 0, 2 and 1
+    assert [ev.rank_share(11, 4, r, 2) for r in range(2)] == [7, 4] and ev.rank_share(11, 4) == 11
+    seen = []  # a progress bar's updates: this rank's batches, summing to its share
+    ev.sample_stats(bundle, det, 11, 0, CFG, 4, rank=0, world_size=2, on_batch=seen.append)
+    assert seen == [4, 3]
     merged = parts[0].merge(parts[1])
     assert merged.count == 11
     assert np.allclose(merged.mean, whole.mean, rtol=1e-6, atol=1e-9)
@@ -125,12 +129,23 @@ def test_evaluation_during_training_is_logged(setup, tmp_path, monkeypatch):
     _, det, ref = setup
     cfg = config.load(None, [*TINY, "train.steps=4", "eval.every=2", f"eval.detectors=[{det.spec}]", f"eval.ref={ref}",
                              "eval.num=16", "eval.batch=8"])
-    Trainer(cfg, tmp_path / "run").run()
+    told, shown = [], []  # what a CLI shows: each evaluation's FD, and a bar for each grid and evaluation
+
+    def progress(label, total):
+        shown.append([label, total, 0])
+        return lambda n: shown[-1].__setitem__(2, shown[-1][2] + n)
+
+    with_grid = config.load(None, [*TINY, "train.steps=4", "eval.every=2", f"eval.detectors=[{det.spec}]",
+                                   f"eval.ref={ref}", "eval.num=16", "eval.batch=8", "train.sample_every=4"])
+    Trainer(with_grid, tmp_path / "run").run(
+        on_eval=lambda step, fd: told.append((step, fd)), progress=progress)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     assert [r["step"] for r in evals] == [2, 4]
     name = f"eval/{det.name}"
     assert all(r[name] > 0 for r in evals)
+    assert told == [(r["step"], {det.name: r[name]}) for r in evals]
+    assert shown == [["eval", 16, 16], ["grid", 8, 8], ["eval", 16, 16]]  # the grid at step 4, then its evaluation
     assert {r["eval_setup"] for r in evals} == {f"eval.num=16 eval.ref={ref} eval.seed=0 sampler=euler-4 cfg-scale=1.0 "
                                                 "guidance=[0.0, 1.0]"}  # what compare tells a curve measured two ways by
     assert (tmp_path / "run" / "eval.png").exists() and any((tmp_path / "run" / "eval_ref").iterdir())

@@ -217,7 +217,7 @@ def test_img_per_s_leaves_out_the_evaluation_a_resume_redoes_first(tmp_path, tin
 
     evaluated = []
 
-    def slow_evaluate(self, logger):
+    def slow_evaluate(self, logger, hooks):
         clock[0] += 100.0
         evaluated.append(self.step)
 
@@ -230,6 +230,28 @@ def test_img_per_s_leaves_out_the_evaluation_a_resume_redoes_first(tmp_path, tin
     assert evaluated == [2, 4]  # the missing one first, then the last step's
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["img_per_s"]) for r in rows if "img_per_s" in r] == [(2, 8.0), (4, 8.0)]
+
+
+def test_a_sample_grid_made_in_pieces_for_its_progress_bar_is_the_grid_made_at_once(tmp_path, tiny):
+    """The grid is generated sample.micro_batch images at a time (a progress bar's updates); every image keeps its
+    own noise and class, so the PNG is the one a single call makes (to rounding; bitwise on this CPU)."""
+    from PIL import Image
+
+    from ahpa.config import SampleCfg
+    from ahpa.sample import generate
+    from ahpa.train import outputs
+
+    tr = Trainer(tiny("train.steps=1"), tmp_path / "r")
+    tr.run()
+    bundle, k = tr.sampler_bundle(), tr.parts.model.cfg.num_classes
+    cfg = SampleCfg(steps=3, micro_batch=3, grid_images=8, cfg_scale=1.5)
+    seen = []
+    grid = outputs.write_samples(bundle, cfg, tmp_path, 7, on_batch=seen.append)
+    assert seen == [3, 3, 2]
+    whole = generate(bundle, list(range(8)), torch.arange(8) % k, outputs.GRID_SEED, cfg)
+    at_once = outputs.plots.save_grid(whole.numpy(), tmp_path / "at_once.png", nrow=k if k <= 16 else None)
+    a, b = (np.asarray(Image.open(p)).astype(int) for p in (grid, at_once))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
 
 
 def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):

@@ -76,9 +76,33 @@ def run(args) -> int:
                 post["skipped"] = row["bad_steps"]
             bar.set_postfix(post)
 
+        def on_eval(step: int, fd: dict[str, float]) -> None:  # above the bar, so the run's FD curve stays on screen
+            if d.is_main:
+                values = ", ".join(f"{k} {v:.4f}" for k, v in fd.items())
+                bar.write(f"step {step} ({step * cfg.train.batch_size:,} images): {values} "
+                          f"({cfg.eval.num:,} EMA samples)", file=sys.stderr)
+
+        inner = []  # the grid's or evaluation's bar, below the training bar, gone when it ends
+
+        def progress(label: str, total: int):
+            if not d.is_main:
+                return None
+            names = {"grid": "sample grid", "eval": "evaluation"}
+            inner.append(tqdm(total=total, desc=names.get(label, label), unit="img", dynamic_ncols=True, leave=False))
+
+            def update(n: int) -> None:
+                inner[-1].update(n)
+                if inner[-1].n >= total:
+                    inner.pop().close()
+
+            return update
+
         try:
-            result = trainer.run(on_log, should_stop=lambda: received[0] if received else 0)
+            result = trainer.run(on_log, should_stop=lambda: received[0] if received else 0, on_eval=on_eval,
+                                 progress=progress)
         finally:  # also on an error, which then starts a line of its own
+            while inner:
+                inner.pop().close()
             bar.close()
         completed = True
         if result.get("stopped"):

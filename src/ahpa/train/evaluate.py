@@ -12,6 +12,8 @@ Reference statistics are the slow part (50k training images) and never change du
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ahpa.config import SampleCfg
@@ -22,11 +24,12 @@ from ahpa.sample import SamplerBundle, iter_samples
 
 def sample_stats(
     bundle: SamplerBundle, detectors: Detector | list[Detector], num: int, seed: int, cfg: SampleCfg, batch: int,
-    *, rank: int = 0, world_size: int = 1,
+    *, rank: int = 0, world_size: int = 1, on_batch: Callable[[int], None] | None = None,
 ) -> FeatureStats | list[FeatureStats]:
     """Detector statistics of this rank's share of samples [0, num) (batch b goes to rank b % world_size).
 
     Each sample batch is generated once and fed to every detector; a single detector gives a single result.
+    `on_batch(n)` after each of this rank's batches of n samples (a progress bar's update; `rank_share` is its total).
     """
     single = not isinstance(detectors, (list, tuple))
     dets = [detectors] if single else list(detectors)
@@ -42,14 +45,22 @@ def sample_stats(
             nchw = images.permute(0, 3, 1, 2)  # uint8 NHWC -> NCHW view
             for d, st in zip(dets, stats):
                 st.update(d.features(nchw))
+            if on_batch is not None:
+                on_batch(len(images))
     for d, st in zip(dets, stats):
         st.detector = d.name
     return stats[0] if single else stats
 
 
+def rank_share(num: int, batch: int, rank: int = 0, world_size: int = 1) -> int:
+    """How many of samples [0, num) `sample_stats` generates on `rank`: its batches are b = rank, rank + world, ..."""
+    return sum(min(batch, num - lo) for b, lo in enumerate(range(0, num, batch)) if b % world_size == rank)
+
+
 def evaluate_fd(
     bundle: SamplerBundle, detector: Detector | list[Detector], ref_stats: FeatureStats | list[FeatureStats],
     num: int, seed: int, cfg: SampleCfg, batch: int, *, rank: int = 0, world_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """{detector.name: FD} of `num` class-balanced samples against `ref_stats`, e.g. {"FD-r20": 3.1}.
 
@@ -63,7 +74,8 @@ def evaluate_fd(
             raise ValueError(f"reference statistics were computed for {ref.detector}, not {det.name}: "
                              "load them with load_reference(ref, detector, ...)")
     results = {}
-    for det, ref, stats in zip(dets, refs, sample_stats(bundle, dets, num, seed, cfg, batch, rank=rank, world_size=world_size)):
+    shares = sample_stats(bundle, dets, num, seed, cfg, batch, rank=rank, world_size=world_size, on_batch=on_batch)
+    for det, ref, stats in zip(dets, refs, shares):
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             flat = stats.to_tensor()
             torch.distributed.all_reduce(flat)

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -36,6 +36,14 @@ from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
 from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir  # noqa: F401 (RunConfigError: API)
 from ahpa.train.run_state import checkpoint_state, must_fit, restore
 from ahpa.transport.path import get_path
+
+
+class RunHooks(NamedTuple):
+    """Trainer.run's callbacks (documented there)."""
+    on_log: Callable[[int, dict], None] | None
+    should_stop: Callable[[], int] | None
+    on_eval: Callable[[int, dict[str, float]], None] | None
+    progress: Callable[[str, int], Callable[[int], None] | None] | None
 
 
 class Trainer:
@@ -290,25 +298,38 @@ class Trainer:
                    skipped_in_window=count - round(n_good))
         return row
 
-    def _evaluate(self, logger: MetricsLogger | None) -> None:
-        fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), self.cfg.sample)
+    def _evaluate(self, logger: MetricsLogger | None, hooks: RunHooks) -> None:
+        on_batch = hooks.progress("eval", self.evaluator.share()) if hooks.progress is not None else None
+        fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), self.cfg.sample, on_batch)
         if logger is not None:
             outputs.log_evaluation(logger, self.run_dir, self.step, self.step * self.cfg.train.batch_size, fd,
                                    outputs.evaluation_setup(self.cfg))
+        if hooks.on_eval is not None:
+            hooks.on_eval(self.step, fd)
 
     def run(self, on_log: Callable[[int, dict], None] | None = None,
-            should_stop: Callable[[], int] | None = None) -> dict:
+            should_stop: Callable[[], int] | None = None,
+            on_eval: Callable[[int, dict[str, float]], None] | None = None,
+            progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
         """Trains to train.steps. Returns the last log row, with "stopped": the reason when `should_stop` asked for
-        an early, clean exit (a checkpoint is saved first: rerun to resume). `should_stop` returns 0 to go on, or a
-        reason to stop: a signal number, or True."""
+        an early, clean exit (a checkpoint is saved first: rerun to resume).
+
+        Every callback is optional and runs on every process (a CLI shows them on rank 0):
+        - `on_log(step, row)` with each logged window's row (losses, img/s);
+        - `should_stop()` returns 0 to go on, or a reason to stop: a signal number, or True;
+        - `on_eval(step, {"FD-r20": ...})` after each evaluation;
+        - `progress(label, total)` when a sample grid ("grid") or an evaluation ("eval") starts generating `total`
+          images on this process; it may return a callback that takes the number of images of each batch.
+        """
+        hooks = RunHooks(on_log, should_stop, on_eval, progress)
         try:
             self._check_still_current()
-            return self._train(on_log, should_stop)
+            return self._train(hooks)
         finally:
             if self.rank == 0:
                 lock.release(self.run_dir / lock.LOCK_FILE)  # taken by _check_still_current
 
-    def _train(self, on_log: Callable[[int, dict], None] | None, should_stop: Callable[[], int] | None) -> dict:
+    def _train(self, hooks: RunHooks) -> dict:
         c = self.cfg
         main = self.rank == 0
         if main:
@@ -330,7 +351,7 @@ class Trainer:
         try:
             # the step resumed from was due an evaluation that was not logged: stopped, or died, after its checkpoint
             if self.evaluator is not None and self.evaluator.missing(self.step, c.train.steps):
-                self._evaluate(logger)
+                self._evaluate(logger, hooks)
                 t0 = time.perf_counter()
             while self.step < c.train.steps:
                 metrics = self.train_step()
@@ -343,8 +364,8 @@ class Trainer:
                     last = self._log_row(sums, count, t0)
                     if logger is not None:  # the window that stops a run is logged first
                         logger.log(self.step, last)
-                    if on_log is not None:
-                        on_log(self.step, last)
+                    if hooks.on_log is not None:
+                        hooks.on_log(self.step, last)
                     verdict = watch.update(count, last["skipped_in_window"], int(self.bad_run.item()))
                     if verdict:
                         raise TooManyBadSteps(
@@ -356,7 +377,7 @@ class Trainer:
                 # asked to stop: log the window so far (its steps would never be logged), save with the router's
                 # record and go, before any sample grid or evaluation (a scheduler's grace period is short); an
                 # evaluation due at this step is done on resume (Evaluator.missing)
-                stop = not done and self._stop_agreed(should_stop)
+                stop = not done and self._stop_agreed(hooks.should_stop)
                 if stop and count:
                     last = self._log_row(sums, count, t0)
                     if logger is not None:
@@ -375,9 +396,11 @@ class Trainer:
                 if c.train.sample_every and c.sample.grid_images and (self.step % c.train.sample_every == 0 or done):
                     bundle = self.sampler_bundle(on_all_ranks=False)
                     if main:
-                        logger.image("samples", outputs.write_samples(bundle, c.sample, self.run_dir, self.step), self.step)
+                        on_batch = hooks.progress("grid", c.sample.grid_images) if hooks.progress is not None else None
+                        grid = outputs.write_samples(bundle, c.sample, self.run_dir, self.step, on_batch)
+                        logger.image("samples", grid, self.step)
                 if self.evaluator is not None and (self.step % c.eval.every == 0 or done):
-                    self._evaluate(logger)
+                    self._evaluate(logger, hooks)
                 t0 += time.perf_counter() - paused
             self.export()
             if main:

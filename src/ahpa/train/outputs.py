@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,11 +26,22 @@ from ahpa.train.logger import logged_at
 GRID_SEED = 1234
 
 
-def write_samples(bundle: SamplerBundle, cfg: SampleCfg, run_dir: Path, step: int) -> Path:
-    """A class-ordered grid of `cfg.grid_images` samples: samples/step_N.png, copied to samples.png."""
+def write_samples(bundle: SamplerBundle, cfg: SampleCfg, run_dir: Path, step: int,
+                  on_batch: Callable[[int], None] | None = None) -> Path:
+    """A class-ordered grid of `cfg.grid_images` samples: samples/step_N.png, copied to samples.png.
+
+    Generated sample.micro_batch images at a time, so that `on_batch(n)` can show progress (a grid is minutes on a
+    CPU); each image's noise is its own (seed, index), and every network call has the micro-batch's shape either way.
+    """
     n, k = cfg.grid_images, bundle.num_classes
     labels = torch.arange(n) % k
-    images = generate(bundle, list(range(n)), labels, GRID_SEED, cfg)
+    chunks = []
+    for lo in range(0, n, cfg.micro_batch):
+        hi = min(lo + cfg.micro_batch, n)
+        chunks.append(generate(bundle, list(range(lo, hi)), labels[lo:hi], GRID_SEED, cfg))
+        if on_batch is not None:
+            on_batch(hi - lo)
+    images = torch.cat(chunks)  # uint8 [n, H, W, 3]
     out = plots.save_grid(images.numpy(), run_dir / "samples" / f"step_{step:09d}.png", nrow=k if k <= 16 else None)
     shutil.copyfile(out, run_dir / "samples.png")  # the latest grid, under a fixed name
     return out
@@ -153,13 +165,20 @@ class Evaluator:
         due = step > 0 and (step % self.cfg.every == 0 or step == last_step)
         return due and from_main(self.rank == 0 and not logged_at(self.run_dir / "metrics.jsonl", step, "eval/"))
 
-    def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg) -> dict[str, float]:
+    def share(self) -> int:
+        """How many of the evaluation's samples this process generates (a progress bar's total)."""
+        from ahpa.train.evaluate import rank_share
+
+        return rank_share(self.cfg.num, self.cfg.batch, self.rank, self.world)
+
+    def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg,
+                 on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
         from ahpa.train.evaluate import evaluate_fd
 
         e = self.cfg
         # one set of samples feeds every detector
         return evaluate_fd(bundle, self._detectors, self._refs, e.num, e.seed, sample_cfg, e.batch,
-                           rank=self.rank, world_size=self.world)
+                           rank=self.rank, world_size=self.world, on_batch=on_batch)
 
 
 def evaluation_setup(cfg: Config) -> str:

@@ -337,3 +337,33 @@ def test_an_encoder_entry_point_named_as_a_built_in_kind_is_listed_once_and_neve
                         lambda group: [Shadow()] if group == registry.ENTRY_POINT_GROUP else [])
     kinds = registry.kinds()
     assert kinds.count("taef2") == 1 and registry._loader("taef2") is registry._LOADERS["taef2"]
+
+
+def test_a_name_registered_in_the_session_is_not_replaced_by_a_package_imported_later(monkeypatch):
+    """A package registering "plug-same" is imported lazily (the first name not found). Registering the same name in
+    the session imports the packages first, so the session's entry stays, also after a later lookup of a missing name."""
+    import importlib.metadata
+
+    from ahpa import plugins
+    from ahpa.align.methods import METHODS, MethodSpec, register_method
+    from ahpa.config_rules import CHOICES
+
+    def spec(about):
+        return MethodSpec(name="plug-same", levels="all", router="uniform", loss="cosine", about=about)
+
+    class Package:
+        name, value, dist = "pkg", "pkg_mod", None
+
+        def load(self):
+            METHODS["plug-same"] = spec("the package's")
+
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_failures", [])
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Package()] if group == plugins.GROUP else [])
+    monkeypatch.delitem(METHODS, "plug-same", raising=False)
+    register_method(spec("the session's"))
+    try:
+        assert "plug-missing" not in CHOICES["align.method"]  # a lookup that would import the packages
+        assert METHODS["plug-same"].about == "the session's"
+    finally:
+        METHODS.pop("plug-same", None)

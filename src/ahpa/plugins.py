@@ -3,7 +3,8 @@
 A package that adds methods, router modes or losses declares a module in the entry-point group "ahpa.plugins"
 (docs/extending.md). It is imported the first time a name is not found in a registry, in every process that
 reads one: the CLI, torchrun's workers, `ahpa sample --run` and a fresh Python session reading a run's
-config.yaml. Entries registered by a call at run time exist in that process only.
+config.yaml. Entries registered by a call at run time exist in that process only; such a call imports the
+packages first, so that a package's entry of the same name never replaces the session's own afterwards.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ahpa.align.methods import LOSSES, check_name
 from ahpa.config import AlignCfg
-from ahpa.plugins import check_call
+from ahpa.plugins import check_call, load_plugins
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,7 @@ def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg]
                          "under another name")
     check_name(name, "loss", "align.loss")
     check_call(fn, (None, None, None), f"loss {name!r}", LOSS_CONTRACT)
+    load_plugins()  # first: a package's entry imported later would replace this one, the session's own
     LOSSES[name] = about
     LEVEL_LOSSES[name] = fn
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ahpa.plugins import load_plugins
 
 # router mode -> whether it is learned (has parameters and gets the router objective); ahpa.align.router
 ROUTER_MODES: dict[str, bool] = {"soft": True, "topk": True, "snr": False, "uniform": False}
@@ -69,6 +70,7 @@ def register_method(spec: MethodSpec) -> None:
     if spec.name in _BUILT_IN_METHODS:
         raise ValueError(f"method {spec.name!r} is built in (every run and table naming it would change); register "
                          "yours under another name")
+    load_plugins()  # first: a package's entry imported later would replace this one, the session's own
     METHODS[spec.name] = spec
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ahpa.align.methods import _BUILT_IN_ROUTER_MODES, ROUTER_MODES, check_name
 from ahpa.models.sit import timestep_embedding
-from ahpa.plugins import check_call
+from ahpa.plugins import check_call, load_plugins
 
 # registered modes (register_router_mode): a fixed one maps (t [B] fp32, K) -> weights [B, K]; a learned one maps the
 # soft path's weights [B, K] to the weights the levels' losses get [B, K] (its objective trains the soft weights)
@@ -47,6 +47,7 @@ def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bo
                          "another name")
     check_call(fn, (None,) if learned else (None, None), f"router mode {name!r}",
                LEARNED_CONTRACT if learned else FIXED_CONTRACT)
+    load_plugins()  # first: a package's entry imported later would replace this one, the session's own
     ROUTER_MODES[name] = bool(learned)
     ROUTE_FNS[name] = fn
 

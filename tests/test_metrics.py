@@ -346,6 +346,31 @@ def test_a_damaged_npz_is_named(tmp_path):
         list(iter_image_batches(tmp_path / "flipped.npz", 16))
 
 
+def test_evaluate_from_python_warns_what_the_command_says(tmp_path, tiny_detector_file):
+    """ahpa.metrics.evaluate (a notebook) gives the command's caveats as EvaluationWarning: fewer images than asked
+    for, a resolution gap, and a rank-deficient covariance on either side; none for a fair evaluation."""
+    import warnings
+
+    from ahpa.metrics import load_detector
+    from ahpa.metrics.evaluation import EvaluationWarning, evaluate
+
+    rng = np.random.default_rng(3)
+    small, big = tmp_path / "small.npz", tmp_path / "big.npz"
+    np.savez(small, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+    np.savez(big, arr_0=rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
+    det = load_detector(f"torchscript:{tiny_detector_file}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(small, big, det, num=50, batch_size=8)
+    said = [str(w.message) for w in caught if w.category is EvaluationWarning]
+    assert len(said) == 3 and said[0].startswith("50 samples asked for, but the samples gave 20 images")
+    assert said[1].startswith(f"10 reference images for {det.dim} features") and "samples are 8x8 but" in said[2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(small, small, det, batch_size=8)
+    assert not [w for w in caught if w.category is EvaluationWarning]
+
+
 def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, capsys):
     from ahpa.cli import main
 
@@ -391,7 +416,7 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
     assert main(["eval", str(small), "--ref", str(small), *det, "--no-ref-cache"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert main(["eval", str(small), "--ref", str(small), *det, "--no-ref-cache", "--num", "50"]) == 0
-    assert "warning: --num 50, but " in capsys.readouterr().err
+    assert "warning: 50 samples asked for, but the samples gave " in capsys.readouterr().err
     # a reference folder of photos of several sizes: read at --resolution as prepare reads it, and no size warning
     from PIL import Image
 
@@ -409,7 +434,9 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
     assert not samples_read.called  # refused before the samples' work (minutes for 50K in a real evaluation)
     assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache", "--resolution", "8"]) == 0
     out, err = capsys.readouterr()
-    assert "(20 samples vs 4 reference)" in out and "warning" not in err
+    # 4 reference photos for 12 features: a rank-deficient reference covariance is said as the samples' is
+    assert "(20 samples vs 4 reference)" in out and err.count("warning") == 1
+    assert "warning: 4 reference images for 12 features (FD-r32): the covariance is rank-deficient" in err
     # a file that cannot be decoded: skipped, and said in the command's own words (not a Python warning)
     (photos / "broken.png").write_bytes(b"not a png")
     assert main(["eval", str(photos), "--ref", str(small), *det, "--no-ref-cache", "--resolution", "8"]) == 0

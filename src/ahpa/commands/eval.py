@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ahpa.metrics import load_detector
-    from ahpa.metrics.evaluation import evaluate, parse_metrics
+    from ahpa.metrics.evaluation import EvaluationWarning, evaluate, parse_metrics
     from ahpa.data.listing import default_workers
     from ahpa.metrics.images import SkippedFilesWarning, check_image_source, folder_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
@@ -70,38 +70,28 @@ def run(args) -> int:
 
         return update
 
-    results, warned = {}, False
+    results, said = {}, set()  # a warning of every detector alike (fewer images, a size gap) is said once
+    ours = (SkippedFilesWarning, EvaluationWarning)
     for spec in args.detector:
         det = load_detector(spec, device)
         caught = []
         try:
             with warnings.catch_warnings(record=True) as caught:  # said after the bars close, also before an error
-                warnings.simplefilter("always", SkippedFilesWarning)
+                for category in ours:
+                    warnings.simplefilter("always", category)
                 values, stats = evaluate(samples, ref_source, det, metrics, num=args.num, batch_size=args.batch,
                                           is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
                                           progress=progress)
         finally:  # also on an error: an open bar would leave its line for the error message to continue
             while bars:
                 bars.pop().close()
-            ours = dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SkippedFilesWarning))
-            for message in ours:
-                print(f"ahpa eval: warning: {message}", file=sys.stderr)
-            for w in caught:  # anything else (numpy, torch) as Python shows it
-                if not issubclass(w.category, SkippedFilesWarning):
+            for w in caught:
+                if not issubclass(w.category, ours):  # anything else (numpy, torch) as Python shows it
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                elif str(w.message) not in said:
+                    said.add(str(w.message))
+                    print(f"ahpa eval: warning: {w.message}", file=sys.stderr)
         ref = stats["reference"]
-        if spec == args.detector[0] and args.num and stats["samples"].count < args.num:  # once, not per detector
-            print(f"ahpa eval: warning: --num {args.num}, but {args.samples} gave {stats['samples'].count} images: "
-                  "the metrics are of those", file=sys.stderr)
-        if "fd" in metrics and stats["samples"].count <= det.dim:
-            print(f"ahpa eval: warning: {stats['samples'].count} samples for {det.dim} features ({det.name}): the "
-                  "covariance is rank-deficient and the Fréchet distance biased upward; compare only figures of the same "
-                  "number of samples", file=sys.stderr)
-        sizes = (stats["samples"].image_size, ref.image_size if ref else None)
-        if not warned and None not in sizes and sizes[0] != sizes[1]:
-            (h, w), (rh, rw), warned = *sizes, True
-            print(f"ahpa eval: warning: samples are {h}x{w} but the reference is {rh}x{rw}; detectors resize images to "
-                  "their input size, so the FD mixes the resolution gap with sample quality", file=sys.stderr)
         if args.save_ref_stats:  # the statistics evaluate measured (or read), measured here only for `is` alone
             ref = ref or load_reference(ref_source, det, cache, args.batch)
             ref.save(args.save_ref_stats, detector=det.name)

@@ -9,6 +9,7 @@ from one pass over the samples.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from ahpa.metrics.precision_recall import precision_recall
 from ahpa.metrics.reference import reference_measurement
 
 METRICS = ("fd", "is", "pr")
+
+
+class EvaluationWarning(UserWarning):
+    """What makes an evaluation's figures less comparable than they look: fewer samples than asked for, fewer than
+    the detector's features (a biased FD), samples and reference at different sizes."""
 
 
 def metric_names(detector: Detector) -> dict[str, str]:
@@ -82,4 +88,24 @@ def evaluate(
             out[names["precision"]], out[names["recall"]] = precision_recall(ref_m.features, got.features, k=pr_k)
     if "is" in metrics:
         out[names["is"]], out[names["is_std"]] = inception_score(got.probs, is_splits)
+    for message in caveats(got.stats, ref_stats, detector, num, "fd" in metrics):
+        warnings.warn(message, EvaluationWarning, stacklevel=2)
     return out, {"samples": got.stats, "reference": ref_stats}
+
+
+def caveats(samples, reference, detector: Detector, num: int | None, fd: bool) -> list[str]:
+    """Why the figures of this evaluation may not compare with others (EvaluationWarning's messages)."""
+    out = []
+    if num and samples.count < num:
+        out.append(f"{num} samples asked for, but the samples gave {samples.count} images: the metrics are of those")
+    for name, stats in (("samples", samples), ("reference images", reference)):
+        if fd and stats is not None and stats.count and stats.count <= detector.dim:
+            out.append(f"{stats.count} {name} for {detector.dim} features ({detector.name}): the covariance is "
+                       "rank-deficient and the Fréchet distance biased upward; compare only figures of the same number "
+                       f"of {name}")
+    sizes = (samples.image_size, reference.image_size if reference is not None else None)
+    if None not in sizes and sizes[0] != sizes[1]:
+        (h, w), (rh, rw) = sizes
+        out.append(f"samples are {h}x{w} but the reference is {rh}x{rw}; detectors resize images to their input size, "
+                   "so the FD mixes the resolution gap with sample quality")
+    return out

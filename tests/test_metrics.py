@@ -352,7 +352,7 @@ def test_evaluate_from_python_warns_what_the_command_says(tmp_path, tiny_detecto
     import warnings
 
     from ahpa.metrics import load_detector
-    from ahpa.metrics.evaluation import EvaluationWarning, evaluate
+    from ahpa.metrics import EvaluationWarning, evaluate
 
     rng = np.random.default_rng(3)
     small, big = tmp_path / "small.npz", tmp_path / "big.npz"

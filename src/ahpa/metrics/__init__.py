@@ -2,6 +2,7 @@
 Score and precision/recall, and cached reference measurements."""
 
 from ahpa.metrics.detectors import KINDS, Detector, DetectorUnavailableError, load_detector, metric_name, metric_tag, parse_spec
+from ahpa.metrics.evaluation import EvaluationWarning, evaluate
 from ahpa.metrics.frechet import FeatureStats, frechet_distance, trace_sqrt_product
 from ahpa.metrics.images import ImageFolder, iter_image_batches
 from ahpa.metrics.inception_score import inception_score
@@ -13,10 +14,12 @@ __all__ = [
     "KINDS",
     "Detector",
     "DetectorUnavailableError",
+    "EvaluationWarning",
     "FeatureStats",
     "ImageFolder",
     "Measurement",
     "compute_stats",
+    "evaluate",
     "fd_between",
     "frechet_distance",
     "inception_score",

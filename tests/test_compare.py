@@ -41,7 +41,8 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| 5.000 | 5.000 | 5.000 | 250 | 1.20x | 52 |" in rows["ahpa"]  # reaches 6.0 at 250 of the baseline's 300
     assert "1.00x" in rows["sit (baseline)"] and "not reached" in rows["repa"]
-    assert "- `align.weight`: ahpa=1.5, sit=0.5, repa=0.5" in text and "- `align.method`:" in text
+    # vanilla SiT reads no align.*: its value is not one side of the difference
+    assert "- `align.weight`: ahpa=1.5, sit=(not read), repa=0.5" in text and "- `align.method`:" in text
     assert (out / "compare.md").read_text() in text and (out / "FD-r20.png").is_file() and (out / "flow-loss.png").is_file()
     # a baseline whose first evaluation was already below its last: still 1.00x, not 3.00x
     wobbly = _run(tmp_path, "wobbly", "none", [6.5, 8.0, 7.0])
@@ -260,3 +261,26 @@ def test_the_environment_names_the_gpu_it_is_given_and_the_setup_note_the_per_pr
         "training on 8 x NVIDIA H200 (FSDP2), bf16 autocast, eager: 1,000 steps of global batch 256 "
         f"(32 per process in 2 micro-batches), align.method={cfg.align.method}")
     assert "8 x NVIDIA H200 (DDP)" in setup_note(cfg, parts, 8, False, "NVIDIA H200")
+
+
+def test_settings_a_run_did_not_read_are_no_difference():
+    """Two cached runs with other prior.stats_images (a cache brings its statistics), a vanilla run's align.* and
+    runs without evaluations' eval.* differ in nothing that was trained; a setting that one reader differs in is
+    listed, the runs that did not read it shown as such."""
+    from pathlib import Path
+
+    def run(name, *overrides):
+        return compare.Run(name, Path(name), config.flatten(config.load(None, list(overrides)).to_dict()))
+
+    cached = ["data.source=cache", "data.path=c"]
+    a = run("a", *cached, "prior.stats_images=64", "eval.num=100", "align.method=none", "align.weight=3")
+    b = run("b", *cached, "prior.stats_images=512", "eval.num=200", "align.method=none", "align.weight=1")
+    assert compare.differing_settings([a, b]) == {}
+    c = run("c", *cached, "align.method=ahpa", "align.weight=1.5")
+    d = run("d", *cached, "align.method=ahpa", "align.weight=0.5", "prior.external=dinov2:x")
+    got = compare.differing_settings([a, c, d])
+    assert got["align.weight"] == [compare.NOT_READ, 1.5, 0.5] and "prior.external" not in got
+    assert repr(got["align.weight"][0]) == "(not read)"
+    # read by one run, not by the others: nothing to compare it with
+    e = run("e", "data.source=procedural", "prior.stats_images=64", "align.method=none")
+    assert "prior.stats_images" not in compare.differing_settings([e, a]) and "data.source" in compare.differing_settings([e, a])

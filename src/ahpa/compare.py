@@ -78,13 +78,45 @@ def name_runs(runs: list[Run]) -> None:
             r.name = f"{r.path.parent.name}/{r.path.name}"
 
 
+class NotRead:
+    """The value of a setting the run did not read (shown as such; it differs from nothing)."""
+
+    def __repr__(self) -> str:
+        return "(not read)"
+
+
+NOT_READ = NotRead()
+
+
+def unread_settings(settings: dict) -> set[str]:
+    """The keys of a run's settings that its training did not read, so a difference in them changes nothing: a
+    cache brings its own statistics and data, a run without evaluations reads no eval.*, vanilla SiT no align.*,
+    and only an external-encoder method (REPA) reads prior.external."""
+    from ahpa.align.methods import METHODS
+
+    source, method = settings.get("data.source"), settings.get("align.method")
+    out = {"prior.stats_images"} if source == "cache" else set()
+    out |= {"data.procedural_size"} if source != "procedural" else {"data.path"}
+    if not settings.get("eval.every"):
+        out |= {k for k in settings if k.startswith("eval.") and k != "eval.every"}
+    spec = METHODS.get(method)  # a plugin's method unknown here: everything counts
+    if spec is not None and spec.levels == "none":
+        out |= {k for k in settings if k.startswith("align.") and k != "align.method"}
+    if spec is not None and spec.levels != "external":
+        out.add("prior.external")
+    return out
+
+
 def differing_settings(runs: list[Run]) -> dict[str, list]:
-    """{key: each run's value} for the keys whose values are not all equal (run length and cadences left out)."""
+    """{key: each run's value} for the keys whose values are not all equal among the runs that read them (run
+    length and cadences left out); a run that did not read the key shows NOT_READ."""
     keys = sorted({k for r in runs for k in r.settings} - set(NOT_COMPARED))
+    unread = [unread_settings(r.settings) for r in runs]
     out = {}
     for k in keys:
-        values = [r.settings.get(k) for r in runs]
-        if any(v != values[0] for v in values):
+        values = [NOT_READ if k in u else r.settings.get(k) for r, u in zip(runs, unread)]
+        read = [v for v in values if v is not NOT_READ]
+        if any(v != read[0] for v in read):
             out[k] = values
     return out
 

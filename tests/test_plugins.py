@@ -367,3 +367,25 @@ def test_a_name_registered_in_the_session_is_not_replaced_by_a_package_imported_
         assert METHODS["plug-same"].about == "the session's"
     finally:
         METHODS.pop("plug-same", None)
+
+
+def test_an_encoder_registered_by_a_plugin_module_is_found_by_its_kind_alone(monkeypatch):
+    """docs/extending.md: an "ahpa.plugins" module may register encoders too. Its kind used to be found only when a
+    lookup of a method, loss or router name had imported the packages first."""
+    import importlib.metadata
+
+    from ahpa import plugins
+    from ahpa.priors import registry
+
+    class Package:
+        name, value, dist = "pkg", "pkg_mod", None
+
+        def load(self):
+            monkeypatch.setitem(registry._LOADERS, "plugvae", lambda where, spec: registry._ahpa_vae("random", spec))
+
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_failures", [])
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Package()] if group == plugins.GROUP else [])
+    assert registry.load_encoder("plugvae:x").spec == "plugvae:x"
+    with pytest.raises(ValueError, match="encoder kind name 'my vae'.*written as prior.encoder=KIND:WHERE"):
+        registry.register_encoder("my vae", lambda where, spec: None)

@@ -1,6 +1,6 @@
 """Extensions from installed packages, and the checks that name an extension when it is called wrongly.
 
-A package that adds methods, router modes or losses declares a module in the entry-point group "ahpa.plugins"
+A package that adds methods, router modes, losses or encoders declares a module in the entry-point group "ahpa.plugins"
 (docs/extending.md). It is imported the first time a name is not found in a registry, in every process that
 reads one: the CLI, torchrun's workers, `ahpa sample --run` and a fresh Python session reading a run's
 config.yaml. Entries registered by a call at run time exist in that process only; such a call imports the

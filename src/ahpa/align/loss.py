@@ -71,7 +71,7 @@ def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg]
     if name in _BUILT_IN:
         raise ValueError(f"loss {name!r} is built in (every method that uses it would change); register yours "
                          "under another name")
-    check_name(name, "loss", "align.loss")
+    check_name(name, "loss", "align.loss=NAME")
     check_call(fn, (None, None, None), f"loss {name!r}", LOSS_CONTRACT)
     load_plugins()  # first: a package's entry imported later would replace this one, the session's own
     LOSSES[name] = about

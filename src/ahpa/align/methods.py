@@ -51,10 +51,11 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def check_name(name: str, what: str, key: str) -> None:
-    """A registered name is written as `key=NAME` in overrides and YAML: no spaces, no = , [ ] :"""
+def check_name(name: str, what: str, usage: str) -> None:
+    """A registered name is written in overrides and YAML as `usage` shows (e.g. align.method=NAME): no spaces, no
+    = , [ ] :"""
     if not isinstance(name, str) or not name or any(c.isspace() or c in "=,[]:" for c in name):
-        raise ValueError(f"{what} name {name!r}: give a name without spaces or = , [ ] : (it is written as {key}=NAME)")
+        raise ValueError(f"{what} name {name!r}: give a name without spaces or = , [ ] : (it is written as {usage})")
 
 
 _BUILT_IN_METHODS = frozenset(METHODS)
@@ -66,7 +67,7 @@ def register_method(spec: MethodSpec) -> None:
     every run, table and study result that names it would silently mean something else."""
     if not isinstance(spec, MethodSpec):
         raise ValueError(f"register_method takes a MethodSpec (ahpa.align.methods), not {type(spec).__name__}")
-    check_name(spec.name, "method", "align.method")
+    check_name(spec.name, "method", "align.method=NAME")
     if spec.name in _BUILT_IN_METHODS:
         raise ValueError(f"method {spec.name!r} is built in (every run and table naming it would change); register "
                          "yours under another name")

@@ -39,7 +39,7 @@ def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bo
     parameters. Learned: the router's MLP and objective as for `soft`, and fn(soft weights) -> [B, K] the weights the
     levels' losses get (as `topk` cuts them); the objective keeps training the soft weights, so a level fn leaves out
     can come back. The router checks fn's output when it is built."""
-    check_name(name, "router mode", "align.router")
+    check_name(name, "router mode", "align.router=NAME")
     if not callable(fn):
         raise ValueError(f"register_router_mode needs a function; got {type(fn).__name__}")
     if name in _BUILT_IN_ROUTER_MODES:

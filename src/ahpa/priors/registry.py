@@ -13,7 +13,8 @@ import torch
 
 from ahpa.config import shown
 from ahpa.device import as_device
-from ahpa.plugins import check_call, entry_point_failure
+from ahpa.align.methods import check_name
+from ahpa.plugins import check_call, entry_point_failure, load_plugins
 from ahpa.priors.base import PriorEncoder, frozen
 
 ENTRY_POINT_GROUP = "ahpa.encoders"
@@ -49,13 +50,13 @@ _BUILT_IN = frozenset(_LOADERS)
 
 def register_encoder(kind: str, loader: Callable[[str, str], PriorEncoder]) -> None:
     """Make `KIND:WHERE` specs load with `loader(where, spec)`: in configs, `ahpa prepare --vae`, exports."""
-    if not kind or ":" in kind:
-        raise ValueError(f"encoder kind {kind!r} must be a non-empty name without ':'")
+    check_name(kind, "encoder kind", "prior.encoder=KIND:WHERE")
     if not callable(loader):
         raise ValueError(f"register_encoder({kind!r}, ...) needs a function loader(where, spec) -> PriorEncoder; "
                          f"got {type(loader).__name__}")
     if kind in _BUILT_IN:
         raise ValueError(f"encoder kind {kind!r} is built in; register yours under another name")
+    load_plugins()  # first: a package's entry imported later would replace this one, the session's own
     _LOADERS[kind] = loader
 
 
@@ -67,7 +68,9 @@ def _entry_points() -> dict:
 
 
 def kinds() -> list[str]:
-    """Every encoder kind: the built-in ones, those registered, and those of installed packages' entry points."""
+    """Every encoder kind: the built-in ones, those registered (also by an "ahpa.plugins" module, imported here as
+    for a method's name), and those of installed packages' "ahpa.encoders" entry points."""
+    load_plugins()
     return list(_LOADERS) + list(_entry_points())
 
 
@@ -87,7 +90,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if not sep or not where:
         raise ValueError(f"encoder spec {spec!r} is not KIND:PATH; valid kinds: {', '.join(valid)} (e.g. taef2:weights/taef2)")
     if kind not in valid:
-        raise ValueError(f"unknown encoder kind {kind!r} in {spec!r}; valid kinds: {', '.join(valid)}")
+        failed = "".join(f"; {f}" for f in load_plugins())  # the kind may be a broken package's
+        raise ValueError(f"unknown encoder kind {kind!r} in {spec!r}; valid kinds: {', '.join(valid)}{failed}")
     return kind, where
 
 

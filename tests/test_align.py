@@ -395,6 +395,32 @@ def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path
     assert seen and set(seen) == {0.2} and "mse-ln" in config.CHOICES["align.loss"]
 
 
+def test_a_registered_loss_with_a_matmul_computes_in_fp32_under_the_steps_bf16_autocast(monkeypatch):
+    """The step runs the aligner under autocast; a loss's matmul (a Gram matrix) used to come out bf16 there, whatever
+    it cast its inputs to: logged in bf16, and with several bins of t the running means' index_add_ failed."""
+    from ahpa.align.loss import LEVEL_LOSSES, register_loss
+    from ahpa.align.methods import LOSSES
+
+    for registry in (LOSSES, LEVEL_LOSSES):
+        monkeypatch.setitem(registry, "gram", None)
+    seen = []
+
+    def gram(pred, target, cfg):
+        p, q = (torch.nn.functional.normalize(x.float(), dim=-1) for x in (pred, target))
+        g = p @ p.transpose(1, 2) - q @ q.transpose(1, 2)  # [B, N, N]
+        seen.append(g.dtype)
+        return g.pow(2).mean((1, 2))
+
+    register_loss("gram", gram)
+    torch.manual_seed(0)
+    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=4), "soft", "gram")
+    hidden, targets, t = torch.randn(4, 6, 16), [torch.randn(4, 6, 3), torch.randn(4, 6, 4)], torch.rand(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, m = al(hidden, targets, t)
+    al.update_running(m["running/sums"], m["running/counts"])
+    assert seen[-1] == torch.float32 and m["align/level_loss"].dtype == torch.float32 and al.bin_updates.sum() > 0
+
+
 def test_channel_stats_standardise_and_invert_with_one_copy_per_device():
     """Statistics stay on the CPU (checkpoints record them) and are copied to a device once: a copy from host
     memory at every call would wait for the GPU's queued work, a host sync in every training step."""

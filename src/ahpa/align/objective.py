@@ -5,6 +5,8 @@ Nothing here is part of the exported model: inference runs the plain SiT.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -14,6 +16,11 @@ from ahpa.align.router import Router
 from ahpa.align.tokens import gather_tokens, kept_tokens
 from ahpa.config import AlignCfg
 from ahpa.train.distributed import all_reduce_mean_
+
+
+def _no_autocast(device: torch.device):
+    """A region computed as written, whatever autocast the caller is in (the devices the trainer autocasts on)."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else contextlib.nullcontext()
 
 
 class Aligner(nn.Module):
@@ -45,9 +52,11 @@ class Aligner(nn.Module):
             self.register_buffer("bin_updates", torch.zeros(self.t_bins, dtype=torch.long))
 
     def level_losses(self, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-        """Per-sample, per-level losses [B, K] (fp32)."""
+        """Per-sample, per-level losses [B, K] (fp32). Outside the step's autocast: a registered loss with a matmul
+        (a Gram matrix) would otherwise compute it in bf16 whatever it casts its inputs to."""
         fn = LEVEL_LOSSES[self.loss_kind]
-        return torch.stack([fn(p, q, self.cfg) for p, q in zip(preds, targets)], dim=1)
+        with _no_autocast(preds[0].device):
+            return torch.stack([fn(p, q, self.cfg) for p, q in zip(preds, targets)], dim=1).float()
 
     def flops_per_image(self, num_tokens: int) -> float:
         """Model FLOPs (2 x multiply-adds) of the heads' forward for one image: they see only the aligned tokens."""

@@ -322,6 +322,39 @@ def test_an_encoder_returning_maps_of_other_channels_than_it_declares_is_named()
         pooled.encode(torch.rand(2, 3, 16, 16), [first.name])
 
 
+def test_an_encoder_that_contradicts_itself_is_named_before_it_trains():
+    """Two statements of one fact must agree: a logvar returned or not against `stochastic` (on the fly the attribute
+    decided whether the latent is sampled, in a prepared cache the logvar did: one config trained two ways), and the
+    latent Level against latent_channels and factor (a bare shape error at the first step), and unique level names."""
+    from ahpa.priors.base import Level
+    from ahpa.priors.kl_vae import KLVAE
+
+    images = torch.rand(2, 3, 16, 16)
+    enc = KLVAE.random()
+    enc.stochastic = False  # but it returns a logvar
+    with pytest.raises(ValueError, match="returned a posterior logvar but its `stochastic` is False.*set stochastic = "
+                                         "True or return logvar=None"):
+        enc.encode(images)
+
+    class NoLogvar(KLVAE):  # stochastic (the default) without a logvar
+        def _encode(self, x, levels):
+            out = super()._encode(x, levels)
+            out.logvar = None
+            return out
+
+    with pytest.raises(ValueError, match="returned no posterior logvar but its `stochastic` is True"):
+        NoLogvar.random().encode(images)
+    enc = KLVAE.random()
+    latent = enc.level("latent")
+    enc.levels = (*enc.levels[:-1], Level("latent", 2 * latent.channels, latent.stride))
+    with pytest.raises(ValueError, match=rf"declares Level\('latent', {2 * latent.channels}, {latent.stride}\) but "
+                                         rf"latent_channels={latent.channels}"):
+        enc.encode(images)
+    enc.levels = (enc.levels[0], *enc.levels)
+    with pytest.raises(ValueError, match="each name once"):
+        enc.encode(images)
+
+
 def test_an_encoder_entry_point_named_as_a_built_in_kind_is_listed_once_and_never_loaded(monkeypatch):
     import importlib.metadata
 

@@ -91,11 +91,28 @@ class PriorEncoder(nn.Module):
         h, w = images.shape[-2:]
         if h % self.factor or w % self.factor:
             raise ValueError(f"image size {h}x{w} is not divisible by the VAE factor {self.factor} of {self.spec!r}")
+        self._check_levels()
         for name in levels:
             self.level(name)  # fails with the list of valid names
         out = self._encode(self._in_memory_format(self.to_input_range(images)), tuple(levels))
         self._check_output(out, levels, (h, w))
         return out
+
+    def _check_levels(self) -> None:
+        """The declared hierarchy against itself: unique names, and a latent Level that says what `latent_channels` and
+        `factor` say (the heads are sized from the Level, the data from the attributes: a mismatch used to be a bare
+        shape error at the first training step)."""
+        names = self.level_names
+        where = f"{type(self).__name__} ({getattr(self, 'spec', '')!r})"
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where} declares levels {names}: each name once")
+        if "latent" not in names:
+            raise ValueError(f"{where} declares levels {names} without the latent: the last is Level('latent', "
+                             f"latent_channels, factor)")
+        lat = self.level("latent")
+        if (lat.channels, lat.stride) != (self.latent_channels, self.factor):
+            raise ValueError(f"{where} declares Level('latent', {lat.channels}, {lat.stride}) but latent_channels="
+                             f"{self.latent_channels} and factor={self.factor}: they describe the same latent")
 
     def _check_output(self, out: EncoderOutput, levels, size: tuple[int, int]) -> None:
         """What _encode returned against what `levels` declares (channels, and the side: image side / stride): a wrong
@@ -103,6 +120,12 @@ class PriorEncoder(nn.Module):
         where = f"{type(self).__name__}._encode ({self.spec!r})"
         if out.mean.shape[1] != self.latent_channels:
             raise ValueError(f"{where} returned a latent of {out.mean.shape[1]} channels; latent_channels is {self.latent_channels}")
+        if (out.logvar is not None) != self.stochastic:  # on the fly and a prepared cache must agree on sampling
+            raise ValueError(
+                f"{where} returned {'a' if out.logvar is not None else 'no'} posterior logvar but its `stochastic` is "
+                f"{self.stochastic}: training samples the latent exactly when an encoder is stochastic, and a cache "
+                f"stores the logvar to do so; set stochastic = {out.logvar is not None} or return "
+                f"{'logvar=None' if out.logvar is not None else 'the logvar'}")
         latent_side = (size[0] // self.factor, size[1] // self.factor)
         if tuple(out.mean.shape[2:]) != latent_side:
             raise ValueError(f"{where} returned a latent of {tuple(out.mean.shape[2:])} for images {size}; the factor "

@@ -123,6 +123,8 @@ def test_method_registry_and_levels():
         resolve_levels(get_method("vae-level"), avail, [])
     with pytest.raises(ValueError, match="does not provide"):
         resolve_levels(get_method("ahpa"), avail, ["mid"])
+    with pytest.raises(ValueError, match="align.levels names 'stage1' more than once"):  # it weighed stage1 double
+        resolve_levels(get_method("multi-uniform"), avail, ["stage1", "stage1", "latent"])
     with pytest.raises(ValueError, match="valid methods"):
         get_method("sra")
     assert set(METHODS) >= {"none", "repa", "vae-latent", "vae-level", "multi-uniform", "ahpa"}  # the study's methods

@@ -197,6 +197,9 @@ def test_repa_takes_a_plain_module_and_freezes_it(tmp_path, tiny):
     assert torch.equal(module.norm.running_mean, before) and not any(p.requires_grad for p in module.parameters())
     with pytest.raises(ValueError, match=r"the external encoder returned \(1, 3, 224, 224\) .* returns tokens \[B, N, C\]"):
         Trainer(tiny("align.method=repa", "train.steps=1"), tmp_path / "bad", external=nn.Identity())
+    # given to a method that aligns no external encoder: it used to train without it, without a word
+    with pytest.raises(ValueError, match="align.method=ahpa aligns no external encoder's tokens: set align.method=repa"):
+        Trainer(tiny("train.steps=1"), tmp_path / "not-repa", external=module)
 
 
 def test_img_per_s_leaves_out_the_evaluation_a_resume_redoes_first(tmp_path, tiny, monkeypatch):
@@ -466,6 +469,11 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
     assert notes("eval.ref=/r.npz", "eval.detectors=[torchscript:/d.pt]") == [
         "eval.every=0 does not read eval.detectors, eval.ref: ignored (eval.every=N evaluates every N steps)"]
     assert notes("align.method=vae-latent", "align.smooth_l1_beta=0.1") == []  # its loss is smooth-L1
+    from ahpa.train.build import ignored_settings_note
+
+    assert ignored_settings_note(tiny("align.method=repa", "align.levels=[latent]"), ["external"]) == [
+        "align.method=repa aligns its external encoder's tokens alone (prior.external), not the VAE's levels: "
+        "align.levels=['latent'] is ignored"]
     assert notes() == []
 
 

@@ -86,6 +86,9 @@ def resolve_levels(method: MethodSpec, available: list[str], requested: list[str
     for name in requested:
         if name not in available:
             raise ValueError(f"align.levels names {name!r}, which the encoder does not provide; its levels are {available}")
+    twice = sorted({n for n in requested if requested.count(n) > 1})
+    if twice:  # it would weigh that level double and log it twice under one name
+        raise ValueError(f"align.levels names {', '.join(map(repr, twice))} more than once: name each level once")
     if method.levels == "none":
         return []
     if method.levels == "external":

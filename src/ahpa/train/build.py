@@ -106,7 +106,9 @@ def build_parts(
     if method.levels != "none" and not 1 <= cfg.align.depth <= sc.depth:
         raise ValueError(f"align.depth={cfg.align.depth} must lie in [1, {sc.depth}] (the model's depth)")
     if method.levels != "external":
-        external = None
+        if external is not None:  # it would train without it, and the user believes it aligns to it
+            raise ValueError(f"an external encoder was given to Trainer, but align.method={cfg.align.method} aligns "
+                             "no external encoder's tokens: set align.method=repa, or leave external out")
     elif external is not None:
         if not isinstance(external, ExternalEncoder):  # any module mapping images to tokens [B, N, C], as docs say
             external = ExternalEncoder.wrap(external)
@@ -206,6 +208,8 @@ def _align_notes(cfg: Config, levels: list[str]) -> list[str]:
     routing = [k for k in changed if k.startswith("router") or k == "snr_width"]
     if spec.levels == "none":
         return [f"align.method={a.method} does not read align.{', align.'.join(changed)}: ignored"] if changed else []
+    notes = [f"align.method={a.method} aligns its external encoder's tokens alone (prior.external), not the VAE's "
+             f"levels: align.levels={list(a.levels)} is ignored"] if spec.levels == "external" and a.levels else []
     # the router mode in force: the method's own, or align.router's; a fixed schedule reads none of the learned
     # router's settings, and the running means' settings matter only when the router normalises by them
     mode = spec.router or a.router
@@ -216,7 +220,7 @@ def _align_notes(cfg: Config, levels: list[str]) -> list[str]:
         reads |= {"router_momentum", "router_t_bins"} if a.router_normalize else set()
     ignored = [k for k in routing if k not in reads]
     who = f"align.method={a.method}" if spec.router else f"align.router={a.router}"
-    notes = [f"{who} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
+    notes += [f"{who} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
     if "smooth_l1_beta" in changed and (spec.loss if a.loss == "default" else a.loss) == "cosine":
         notes.append("the cosine loss does not read align.smooth_l1_beta: ignored")
     if mode == "topk" and a.router_topk >= len(levels):

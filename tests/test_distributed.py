@@ -64,10 +64,21 @@ def test_two_processes_match_one(one_process_run, tmp_path):
         "    with open(os.environ['AHPA_TEST_STARTS'], 'a') as f:\n"
         "        f.write(os.environ.get('RANK', '-') + '\\n')\n"
         "    return _record(*args, **kwargs)\n"
-        "p.record_start = record_start\n")
+        "p.record_start = record_start\n"
+        # each process's buffers after training: DDP broadcasts none of rank 0's, so they must agree by construction
+        "import torch, ahpa.train.loop as loop\n_run = loop.Trainer.run\n"
+        "def run(self, *a, **k):\n"
+        "    out = _run(self, *a, **k)\n"
+        "    bufs = {f'{n}.{b}': t for n in ('model', 'aligner') for b, t in getattr(self.parts, n).named_buffers()}\n"
+        "    torch.save(bufs, os.environ['AHPA_TEST_STARTS'] + '.buffers' + os.environ['RANK'])\n"
+        "    return out\n"
+        "loop.Trainer.run = run\n")
     path = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
     res = ahpa(2, "train", "--out", str(tmp_path / "two"), *TINY, "train.steps=4",
                env={"PYTHONPATH": path, "AHPA_TEST_STARTS": str(tmp_path / "recorded-by")})
+    bufs = [torch.load(tmp_path / f"recorded-by.buffers{r}") for r in range(2)]
+    assert "aligner.running_loss" in bufs[0] and bufs[0].keys() == bufs[1].keys()
+    assert all(torch.equal(bufs[0][k], bufs[1][k]) for k in bufs[0])
     assert re.search(r"training on 2 x cpu \(.*\) \(DDP\), fp32, eager: 4 steps of global batch 8 \(4 per process\)", res.stderr)
     starts = [json.loads(line) for line in (tmp_path / "two" / "starts.jsonl").read_text().splitlines()]
     assert [(s["step"], s["processes"]) for s in starts] == [(0, 2)]

@@ -93,10 +93,12 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
 
 
 def agreed_max(value: float, device: torch.device) -> float:
-    """The largest of every process's `value` (itself in a single process). A host sync: not for every step."""
+    """The largest of every process's `value`: itself in a single process, without touching the device. With several
+    processes a host sync (a device tensor read back after the collective): not for every step."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return float(value)
     t = torch.tensor(float(value), device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 

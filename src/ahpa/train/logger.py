@@ -15,7 +15,9 @@ from ahpa.train.distributed import all_reduce_mean_
 def window_means(sums: dict[str, torch.Tensor]) -> tuple[dict, float]:
     """A log window's metric sums -> (their means over the window's good steps, the number of good steps),
     averaged across processes. `sums["good_steps"]` counts the good steps; the others are sums of per-step
-    metrics that skipped steps left at zero. One collective, and the training loop's only host sync."""
+    metrics that skipped steps left at zero. One collective and a host sync, at the end of a log window only (the
+    loop reads its skipped-step counters there too, already computed; under several processes it also agrees on a
+    stop signal every 10 steps, Trainer._stop_agreed)."""
     sums = dict(sums)
     good = sums.pop("good_steps")
     flat = torch.cat([v.reshape(-1).float() for v in sums.values()] + [good.reshape(1).float()])

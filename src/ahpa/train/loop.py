@@ -112,9 +112,11 @@ class Trainer:
         self.net, self.align_net = p.model, p.aligner
         if self.world > 1 and self.sharded is None:
             ids = [p.device.index] if p.device.type == "cuda" else None
-            self.net = DDP(p.model, device_ids=ids)
+            # buffers are equal on every process by construction (the SiT's fixed position embedding; the aligner's
+            # running means, updated from all-reduced terms): no broadcast of rank 0's before every forward
+            self.net = DDP(p.model, device_ids=ids, broadcast_buffers=False)
             if p.aligner is not None and any(q.requires_grad for q in p.aligner.parameters()):
-                self.align_net = DDP(p.aligner, device_ids=ids)
+                self.align_net = DDP(p.aligner, device_ids=ids, broadcast_buffers=False)
         # the parameters the step's clipping and EMA walk, listed once: after sharding, which replaces them (a small
         # model's step is host-bound on a GPU, and walking the module tree every step costs that time)
         self._trainable = p.trainable()

@@ -135,8 +135,8 @@ class Router(nn.Module):
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] -> (weights the levels' losses get [B, K], what a learned router's objective trains [B, K]): the
-        same tensor but for `topk`, whose objective takes the softmax before the cut, so that every level's weight
-        keeps learning."""
+        same tensor for the fixed modes and `soft`; `topk` and a registered learned mode apply their cut or
+        post-processing to the first only, so that the objective trains the softmax and every level keeps learning."""
         if self.mode == "uniform" or self.num_levels == 1:
             weights = torch.full((t.shape[0], self.num_levels), 1.0 / self.num_levels, device=t.device)
             return weights, weights

@@ -81,6 +81,40 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+# the align.* settings that choose and tune the router (the others: what is aligned, where, how strongly)
+ROUTING = ("router", "router_tau", "router_topk", "router_normalize", "router_entropy", "router_momentum",
+           "router_t_bins", "snr_width")
+
+
+def align_settings_read(method: str, router: str, router_normalize: bool, loss: str) -> set[str] | None:
+    """The align.* settings (AlignCfg's field names) a run of these choices reads; None for a method not registered
+    in this process. Vanilla SiT reads only `method`; REPA aligns one external level, so neither align.levels nor
+    the router; a fixed schedule reads none of the learned router's settings, the running means' settings matter
+    only when the router normalises by them, and align.smooth_l1_beta only to the smooth-L1 loss."""
+    spec = METHODS.get(method)
+    if spec is None:
+        return None
+    if spec.levels == "none":
+        return {"method"}
+    from dataclasses import fields
+
+    from ahpa.config import AlignCfg
+
+    reads = {f.name for f in fields(AlignCfg)} - set(ROUTING) - {"smooth_l1_beta"}
+    if spec.levels == "external":
+        reads.discard("levels")
+    mode = spec.router or router
+    if spec.levels != "external":
+        reads |= ({"router"} if not spec.router else set()) | ({"snr_width"} if mode == "snr" else set())
+        reads |= {"router_topk"} if mode == "topk" else set()
+        if ROUTER_MODES.get(mode):
+            reads |= {"router_tau", "router_entropy", "router_normalize"}
+            reads |= {"router_momentum", "router_t_bins"} if router_normalize else set()
+    if (spec.loss if loss == "default" else loss) == "smooth-l1":
+        reads.add("smooth_l1_beta")
+    return reads
+
+
 def resolve_levels(method: MethodSpec, available: list[str], requested: list[str]) -> list[str]:
     """The level names a method aligns, checked against what the encoder (or cache) provides."""
     for name in requested:

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ahpa.align import ROUTER_MODES, get_method, resolve_depths, resolve_levels
+from ahpa.align import get_method, resolve_depths, resolve_levels
+from ahpa.align.methods import ROUTING, align_settings_read
 from ahpa.align.objective import Aligner
 from ahpa.config import AlignCfg, Config, EvalCfg, absolute_spec
 from ahpa.data.batches import OnTheFly
@@ -205,25 +206,18 @@ def _align_notes(cfg: Config, levels: list[str]) -> list[str]:
     changed = [k for k, v in asdict(cfg.align).items() if k != "method" and v != defaults[k]]
     a = cfg.align
     spec = get_method(a.method)
-    routing = [k for k in changed if k.startswith("router") or k == "snr_width"]
+    reads = align_settings_read(a.method, a.router, a.router_normalize, a.loss)
     if spec.levels == "none":
         return [f"align.method={a.method} does not read align.{', align.'.join(changed)}: ignored"] if changed else []
     notes = [f"align.method={a.method} aligns its external encoder's tokens alone (prior.external), not the VAE's "
-             f"levels: align.levels={list(a.levels)} is ignored"] if spec.levels == "external" and a.levels else []
-    # the router mode in force: the method's own, or align.router's; a fixed schedule reads none of the learned
-    # router's settings, and the running means' settings matter only when the router normalises by them
-    mode = spec.router or a.router
-    reads = ({"router"} if not spec.router else set()) | ({"snr_width"} if mode == "snr" else set())
-    reads |= {"router_topk"} if mode == "topk" else set()
-    if ROUTER_MODES[mode]:
-        reads |= {"router_tau", "router_entropy", "router_normalize"}
-        reads |= {"router_momentum", "router_t_bins"} if a.router_normalize else set()
-    ignored = [k for k in routing if k not in reads]
+             f"levels: align.levels={list(a.levels)} is ignored"] if a.levels and "levels" not in reads else []
+    # the router mode in force: the method's own, or align.router's (align_settings_read says what each reads)
+    ignored = [k for k in changed if k in ROUTING and k not in reads]
     who = f"align.method={a.method}" if spec.router else f"align.router={a.router}"
     notes += [f"{who} does not read align.{', align.'.join(ignored)}: ignored"] if ignored else []
-    if "smooth_l1_beta" in changed and (spec.loss if a.loss == "default" else a.loss) == "cosine":
-        notes.append("the cosine loss does not read align.smooth_l1_beta: ignored")
-    if mode == "topk" and a.router_topk >= len(levels):
+    if "smooth_l1_beta" in changed and "smooth_l1_beta" not in reads:
+        notes.append(f"the {spec.loss if a.loss == 'default' else a.loss} loss does not read align.smooth_l1_beta: ignored")
+    if (spec.router or a.router) == "topk" and a.router_topk >= len(levels):
         notes.append(f"align.router_topk={a.router_topk} keeps all {len(levels)} levels: the same as router=soft")
     return notes
 

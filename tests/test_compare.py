@@ -39,7 +39,7 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
     assert main(["compare", str(ahpa), str(base), str(slow), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "| 5.000 | 5.000 | 5.000 | 250 | 1.20x | 52 |" in rows["ahpa"]  # reaches 6.0 at 250 of the baseline's 300
+    assert "| 5.000 | 5.000 | 5.000 | 250 | 1.20x | 52 (51-53) |" in rows["ahpa"]  # reaches 6.0 at 250 of the baseline's 300
     assert "1.00x" in rows["sit (baseline)"] and "not reached" in rows["repa"]
     # vanilla SiT reads no align.*: its value is not one side of the difference
     assert "- `align.weight`: ahpa=1.5, sit=(not read), repa=0.5" in text and "- `align.method`:" in text
@@ -284,3 +284,105 @@ def test_settings_a_run_did_not_read_are_no_difference():
     # read by one run, not by the others: nothing to compare it with
     e = run("e", "data.source=procedural", "prior.stats_images=64", "align.method=none")
     assert "prior.stats_images" not in compare.differing_settings([e, a]) and "data.source" in compare.differing_settings([e, a])
+
+
+def _evaluated(root, name, fds, *overrides, setup="eval.num=200 sampler=euler-50 guidance=[0.0, 1.0]", metric="FD-r20",
+               inputs=None):
+    """A run directory with config overrides, eval rows carrying `eval_setup`, and optionally an inputs.json."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(config.dump(config.load(None, list(overrides))))
+    rows = []
+    for i, fd in enumerate(fds, 1):
+        rows.append({"step": i, "images": 100 * i, "loss/flow": 1.0 / i, "img_per_s": 50.0 + i})
+        if fd is not None:
+            rows.append({"step": i, "images": 100 * i, f"eval/{metric}": fd, "eval_setup": setup})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "DONE").write_text("{}\n")
+    if inputs:
+        (d / "inputs.json").write_text(json.dumps({k: {"value": v[0], "identity": v[1]} for k, v in inputs.items()}))
+    return d
+
+
+def _rows(text):
+    return {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+
+
+def test_runs_evaluated_otherwise_than_the_baseline_get_no_speed_up_and_equal_values_reach(tmp_path, capsys):
+    """Two identical vanilla runs evaluated with 100 and 200 samples were "1.98x" apart (FD depends on the number of
+    samples): such a run is named above the table and its speed-up is "not comparable". A copy whose FD differs by
+    1e-13 (another batch size of the detector's pass) reaches the baseline's value: 1.00x in either order."""
+    base = _evaluated(tmp_path, "none", [10.0, 8.0, 6.0], "align.method=none")
+    fewer = _evaluated(tmp_path, "none-n100", [11.0, 9.0, 7.0], "align.method=none",
+                       setup="eval.num=100 sampler=euler-50 guidance=[0.0, 1.0]")
+    copy = _evaluated(tmp_path, "none-copy", [10.0, 8.0, 6.0 + 1.2e-13], "align.method=none", "eval.batch=50")
+    assert main(["compare", str(base), str(fewer), str(copy)]) == 0
+    text = capsys.readouterr().out
+    rows = _rows(text)
+    assert "not comparable" in rows["none-n100"] and "| 1.00x |" in rows["none-copy"]
+    assert "**Evaluated otherwise than the baseline**" in text and "- none-n100: eval.num=100" in text
+    assert "eval.batch" not in text  # equal to rounding: not a difference
+    assert main(["compare", str(copy), str(base)]) == 0
+    assert "| 1.00x |" in _rows(capsys.readouterr().out)["none"]
+
+
+def test_compare_names_variants_reads_recorded_content_and_picks_an_evaluated_baseline(tmp_path, capsys):
+    """The method column tells the router modes and levels apart; settings a method does not read (multi-uniform's
+    align.router) are no difference; data compared by the content inputs.json records, not by its path; the default
+    baseline is a vanilla run with evaluations; --baseline takes any path to a run."""
+    same, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    noeval = _evaluated(tmp_path, "none-noeval", [None, None, None], "align.method=none",
+                        inputs={"data.path": ("/d/train.npz", same)})
+    base = _evaluated(tmp_path, "none", [10.0, 8.0, 6.0], "align.method=none", "data.source=npz", "data.path=/d/train.npz",
+                      inputs={"data.path": ("/d/train.npz", same)})
+    moved = _evaluated(tmp_path, "topk", [9.0, 7.0, 5.0], "align.router=topk", "data.source=npz",
+                       "data.path=/scratch/train.npz", inputs={"data.path": ("/scratch/train.npz", same)})
+    level = _evaluated(tmp_path, "level", [9.5, 7.5, 5.5], "align.method=vae-level", "align.levels=[stage2]",
+                       "data.source=npz", "data.path=/d/train.npz", inputs={"data.path": ("/d/train.npz", same)})
+    uniform = _evaluated(tmp_path, "uniform", [9.9, 7.9, 5.9], "align.method=multi-uniform", "data.source=npz",
+                         "data.path=/d/train.npz", inputs={"data.path": ("/d/train.npz", other)})
+    assert main(["compare", str(noeval), str(base), str(moved), str(level), str(uniform)]) == 0
+    text = capsys.readouterr().out
+    rows = _rows(text)
+    assert text.startswith("# 5 runs; baseline none\n") and "none (baseline)" in rows
+    assert "| ahpa (topk) |" in rows["topk"] and "| vae-level (stage2) |" in rows["level"]
+    assert "no FD-r20 evaluations" in rows["none-noeval"]
+    assert "`align.router`" not in text  # only the ahpa run reads it
+    data = next(line for line in text.splitlines() if line.startswith("- `data.path`"))
+    assert data == ("- `data.path`: (not read): none-noeval; '/d/train.npz' (sha256:aaaaaaaaaaaaaaa...): none, level; "
+                    "'/scratch/train.npz' (sha256:aaaaaaaaaaaaaaa...): topk; '/d/train.npz' (sha256:bbbbbbbbbbbbbbb...): uniform")
+    # another metric than the baseline's; --baseline by a path with a trailing slash; a shorter run not there yet
+    r32 = _evaluated(tmp_path, "r32", [9.0, 7.0], "align.method=ahpa", metric="FD-r32")
+    short = _evaluated(tmp_path, "short", [9.5, 7.5], "align.method=ahpa")
+    assert main(["compare", str(base), str(r32), str(short), "--baseline", f"{base}/", "--metric", "fd-r20"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert "no FD-r20 evaluations (has FD-r32)" in rows["r32"] and "not yet (shorter)" in rows["short"]
+    assert main(["compare", str(noeval), str(moved), "--baseline", "none-noeval"]) == 0
+    assert "The baseline none-noeval has no FD-r20 evaluations, so no speed-up is read" in capsys.readouterr().out
+
+
+def test_compare_refuses_a_run_twice_and_a_foreign_out_and_replaces_its_own_plots(tmp_path, capsys):
+    base = _evaluated(tmp_path, "none", [10.0, 8.0, 6.0], "align.method=none")
+    assert main(["compare", str(base), str(tmp_path / "." / "none")]) == 2
+    assert "is given twice" in capsys.readouterr().err
+    assert main(["compare", str(base)]) == 0
+    assert capsys.readouterr().out.startswith("# 1 run; baseline none")
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("x")
+    assert main(["compare", str(base), "--out", str(foreign)]) == 2
+    assert "holds other files" in capsys.readouterr().err and (foreign / "mine.txt").exists()
+    out = tmp_path / "cmp"
+    r32 = _evaluated(tmp_path, "r32", [9.0, 7.0], "align.method=ahpa", metric="FD-r32")
+    assert main(["compare", str(base), str(r32), "--out", str(out)]) == 0
+    assert (out / "FD-r32.png").exists()
+    assert main(["compare", str(base), "--out", str(out)]) == 0  # a later comparison: the earlier plots go
+    assert sorted(p.name for p in out.glob("*.png")) == ["FD-r20.png", "flow-loss.png"]
+    assert "Plots: FD-r20.png, flow-loss.png" in (out / "compare.md").read_text()
+
+
+def test_values_of_many_runs_are_grouped_and_the_largest_group_is_the_others():
+    runs = [compare.Run(n, tmp, {}) for n, tmp in zip("abcde", [None] * 5)]
+    assert compare.summarise_values(runs, [128, 128, 64, 128, 128]) == "64: c; 128: the others"
+    assert compare.summarise_values(runs, [1, 1, 2, 2, compare.NOT_READ]) == "1: a, b; 2: c, d; (not read): e"
+    assert compare.summarise_values(runs[:3], [128, 64, 128]) == "a=128, b=64, c=128"

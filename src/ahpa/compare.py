@@ -2,26 +2,36 @@
 evaluations against images seen, how many images each needs to reach a baseline's Fréchet distance, and which
 settings differ between them, so that a reader sees at once whether the comparison is fair.
 
-Pure functions over run directories (config.yaml, metrics.jsonl, starts.jsonl); `ahpa compare` draws and prints
-them.
+Pure functions over run directories (config.yaml, metrics.jsonl, starts.jsonl, inputs.json); `ahpa compare` draws
+and prints them.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ahpa.align.methods import METHODS, align_settings_read
 from ahpa.config import flatten
 from ahpa.jsonl import read_rows
 from ahpa.provenance import last_start
+from ahpa.train import inputs
 
 # the facts of a run's newest start (ahpa.provenance) that are compared; its host and time are not
 ENV_COMPARED = ("device", "processes", "torch", "cuda", "ahpa", "source")
-# settings that differ between comparable runs without changing what is compared
+# settings that differ between comparable runs without changing what is compared: the run length and cadences, and
+# how a run computes rather than what (compiled or eager, checkpointed activations, the detector's and the sampler's
+# batch: equal to rounding), and its sample grids
 NOT_COMPARED = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints",
-                "train.device", "train.max_bad_steps", "data.prefetch")
+                "train.device", "train.max_bad_steps", "train.compile", "train.compile_mode",
+                "train.activation_checkpointing", "data.prefetch", "sample.compile", "sample.micro_batch",
+                "sample.grid_images", "eval.batch")
+# relative tolerance under which two Fréchet distances are equal: the same samples measured in other batches differ
+# by ~1e-13, and one run must not "reach" its own copy's value by chance of rounding
+SAME = 1e-9
 
 
 @dataclass
@@ -29,16 +39,44 @@ class Run:
     name: str
     path: Path
     settings: dict  # flattened config.yaml
-    evals: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(images, value)]
+    evals: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(images, value)], logged order
     flow: list[tuple[int, float]] = field(default_factory=list)  # [(images, flow loss)]
-    img_per_s: float | None = None  # median of the logged windows
+    rates: list[float] = field(default_factory=list)  # img/s of each logged window
     done: bool = False
     env: dict = field(default_factory=dict)  # its newest start's versions, commit and device (starts.jsonl)
     eval_setups: list[tuple[int, str]] = field(default_factory=list)  # [(images, what each evaluation used)]
+    identities: dict[str, str] = field(default_factory=dict)  # data.path / prior.encoder -> content identity
 
     @property
     def method(self) -> str:
         return str(self.settings.get("align.method", "?"))
+
+    @property
+    def label(self) -> str:
+        """The method with what tells its variants apart: the router mode of a method that takes align.router
+        (ahpa), the level of a one-level method, chosen levels."""
+        spec, s = METHODS.get(self.method), self.settings
+        if spec is None or spec.levels in ("none", "external"):
+            return self.method
+        details = [str(s.get("align.router"))] if not spec.router else []
+        if s.get("align.levels"):
+            details.append(",".join(map(str, s["align.levels"])))
+        return f"{self.method} ({'; '.join(details)})" if details else self.method
+
+    @property
+    def img_per_s(self) -> float | None:
+        """The median of the logged windows."""
+        return sorted(self.rates)[len(self.rates) // 2] if self.rates else None
+
+    @property
+    def length(self) -> int:
+        """Training images so far (the last logged window)."""
+        return self.flow[-1][0] if self.flow else 0
+
+    @property
+    def eval_setup(self) -> str | None:
+        """What its last evaluation used (None for a run from before it was recorded)."""
+        return self.eval_setups[-1][1] if self.eval_setups else None
 
 
 def read_run(path: str | Path) -> Run:
@@ -50,24 +88,33 @@ def read_run(path: str | Path) -> Run:
     settings = flatten(yaml.safe_load(cfg_file.read_text()) or {})
     start = last_start(path) or {}
     env = {k: start[k] for k in ENV_COMPARED if k in start}
-    run = Run(path.name, path, settings, done=(path / "DONE").exists(), env=env)
+    recorded = inputs.read(path) or {}
+    identities = {k: v["identity"] for k, v in recorded.items() if isinstance(v, dict) and v.get("identity")}
+    run = Run(path.name, path, settings, done=(path / "DONE").exists(), env=env, identities=identities)
     if not metrics_file.is_file():
         return run
-    rates = []
     for row in read_rows(metrics_file):
         images = row.get("images", 0)
         if "loss/flow" in row:
             run.flow.append((images, row["loss/flow"]))
         if "img_per_s" in row:
-            rates.append(row["img_per_s"])
+            run.rates.append(row["img_per_s"])
         for key, value in row.items():
             if key.startswith("eval/"):
                 run.evals.setdefault(key[len("eval/"):], []).append((images, value))
         if "eval_setup" in row:  # runs from before it was recorded have none
             run.eval_setups.append((images, row["eval_setup"]))
-    if rates:
-        run.img_per_s = sorted(rates)[len(rates) // 2]
     return run
+
+
+def check_distinct(runs: list[Run]) -> None:
+    """The same run given twice would be shown twice, and compared with itself."""
+    seen: dict[Path, Run] = {}
+    for r in runs:
+        key = r.path.resolve()
+        if key in seen:
+            raise ValueError(f"{r.path} is given twice (also as {seen[key].path}): give each run once")
+        seen[key] = r
 
 
 def name_runs(runs: list[Run]) -> None:
@@ -88,36 +135,48 @@ class NotRead:
 NOT_READ = NotRead()
 
 
+class Shown(str):
+    """A value already written as it is shown (a path with its content identity): not quoted again."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def unread_settings(settings: dict) -> set[str]:
     """The keys of a run's settings that its training did not read, so a difference in them changes nothing: a
-    cache brings its own statistics and data, a run without evaluations reads no eval.*, vanilla SiT no align.*,
-    and only an external-encoder method (REPA) reads prior.external."""
-    from ahpa.align.methods import METHODS
-
+    cache brings its own statistics and data, a run without evaluations reads no eval.*, and each method reads
+    its own align.* settings (ahpa.align.methods.align_settings_read: vanilla SiT none, REPA no router, ...); only
+    an external-encoder method (REPA) reads prior.external."""
     source, method = settings.get("data.source"), settings.get("align.method")
     out = {"prior.stats_images"} if source == "cache" else set()
     out |= {"data.procedural_size"} if source != "procedural" else {"data.path"}
     if not settings.get("eval.every"):
         out |= {k for k in settings if k.startswith("eval.") and k != "eval.every"}
-    spec = METHODS.get(method)  # a plugin's method unknown here: everything counts
-    if spec is not None and spec.levels == "none":
-        out |= {k for k in settings if k.startswith("align.") and k != "align.method"}
-    if spec is not None and spec.levels != "external":
-        out.add("prior.external")
+    reads = align_settings_read(str(method), str(settings.get("align.router")), bool(settings.get("align.router_normalize")),
+                                str(settings.get("align.loss")))
+    if reads is not None:  # a plugin's method unknown here: every setting counts
+        out |= {k for k in settings if k.startswith("align.") and k[len("align."):] not in reads}
+        if METHODS[method].levels != "external":
+            out.add("prior.external")
     return out
 
 
 def differing_settings(runs: list[Run]) -> dict[str, list]:
     """{key: each run's value} for the keys whose values are not all equal among the runs that read them (run
-    length and cadences left out); a run that did not read the key shows NOT_READ."""
+    length and cadences left out); a run that did not read the key shows NOT_READ. The data and the VAE are compared
+    by the content identity each run recorded (inputs.json) where both have one: a copy elsewhere is the same data,
+    and other data under the same path is not (values then show their identity beside the path)."""
     keys = sorted({k for r in runs for k in r.settings} - set(NOT_COMPARED))
     unread = [unread_settings(r.settings) for r in runs]
     out = {}
     for k in keys:
         values = [NOT_READ if k in u else r.settings.get(k) for r, u in zip(runs, unread)]
-        read = [v for v in values if v is not NOT_READ]
-        if any(v != read[0] for v in read):
-            out[k] = values
+        compared = [r.identities.get(k, v) if v is not NOT_READ else v for r, v in zip(runs, values)]
+        read = [c for c in compared if c is not NOT_READ]
+        if any(c != read[0] for c in read):
+            # compared by content: each run's identity beside its path shows which are the same files
+            out[k] = [Shown(f"{v!r} ({r.identities[k][:22]}...)") if k in r.identities and v is not NOT_READ else v
+                      for r, v in zip(runs, values)]
     return out
 
 
@@ -147,17 +206,37 @@ def mixed_evaluations(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _setup_items(setup: str) -> list[str]:
+    """"eval.num=100 ... guidance=[0.0, 1.0]" -> its KEY=VALUE items (a bracketed value holds a space)."""
+    return re.findall(r"\S+=\[[^\]]*\]|\S+", setup)
+
+
+def evaluated_otherwise(runs: list[Run], baseline: Run) -> dict[str, str]:
+    """{run name: what its last evaluation used that the baseline's did not}, for runs evaluated otherwise than the
+    baseline (other samples, reference, seed or sampler): their Fréchet distances do not compare with the
+    baseline's (FD depends on the number of samples), nor do speed-ups read from them."""
+    if baseline.eval_setup is None:
+        return {}
+    base = _setup_items(baseline.eval_setup)
+    out = {}
+    for r in runs:
+        if r is not baseline and r.eval_setup is not None and r.eval_setup != baseline.eval_setup:
+            out[r.name] = " ".join(item for item in _setup_items(r.eval_setup) if item not in base)
+    return out
+
+
 def images_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """The number of images from which a curve stays at or below `target`: where it crosses it for the last time
     (linear between evaluations), so that a noisy early dip below does not count as reaching it; None when its last
-    value is above."""
-    if not curve or curve[-1][1] > target:
+    value is above. Values within a relative SAME of the target count as reaching it."""
+    limit = target + SAME * max(abs(target), 1.0)
+    if not curve or curve[-1][1] > limit:
         return None
-    above = [i for i, (_, y) in enumerate(curve) if y > target]
+    above = [i for i, (_, y) in enumerate(curve) if y > limit]
     if not above:
         return float(curve[0][0])
     (x0, y0), (x1, y1) = curve[above[-1]], curve[above[-1] + 1]
-    return x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
+    return x0 + (x1 - x0) * (y0 - target) / (y0 - y1) if y1 < target else float(x1)
 
 
 def value_at(curve: list[tuple[int, float]], images: float) -> float | None:
@@ -172,49 +251,77 @@ def value_at(curve: list[tuple[int, float]], images: float) -> float | None:
 
 
 def pick_baseline(runs: list[Run], name: str | None) -> Run:
+    """The run named (its name, or any path to it), else the first vanilla SiT run that has evaluations, the first
+    vanilla one, the first evaluated one, the first."""
     if name:
+        given = Path(name).expanduser()
         for r in runs:
-            if name in (r.name, str(r.path), r.path.name):
+            if name == r.name or (given.exists() and given.resolve() == r.path.resolve()):
                 return r
         raise ValueError(f"--baseline {name!r} is none of the runs: {', '.join(r.name for r in runs)}")
-    return next((r for r in runs if r.method == "none"), runs[0])
+    ranked = [r for r in runs if r.method == "none" and r.evals] + [r for r in runs if r.method == "none"]
+    return next(iter(ranked + [r for r in runs if r.evals]), runs[0])
 
 
 def table(runs: list[Run], baseline: Run, metric: str) -> str:
     """Markdown: each run's last and best `metric`, its value where the baseline ended, and the speed-up in images
     to reach the baseline's last value (the baseline's images to reach it, by the same rule, over the run's). A run
     that reached it by its first evaluation may have reached it earlier: its speed-up is a lower bound (">= x"). A
-    baseline that did so did not improve after its first evaluation, and no speed-up is read from it (a note)."""
-    lines = [f"| run | method | images | last {metric} | best | at the baseline's last images | images to reach "
-             f"the baseline's last | speed-up | img/s |", "|---|---|---|---|---|---|---|---|---|"]
+    baseline that did so did not improve after its first evaluation, and no speed-up is read from it (a note). A run
+    evaluated otherwise than the baseline gets none ("not comparable"), and one shorter than the baseline that has
+    not reached it yet says so."""
+    lines = [f"| run | method | last evaluated at (images) | last {metric} | best | at the baseline's last images | "
+             f"images to reach the baseline's last | speed-up | img/s (median; min-max) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = baseline.evals.get(metric, [])
     # the baseline's own images to reach its last value by the same rule as every run's: where its curve rose again
     # at the end (noise, overfitting), that is before its last images, and a copy of it is 1.00x, not faster
     base_reach = images_to_reach(base, base[-1][1]) if base else None
     flat = len(base) > 1 and base_reach == base[0][0]  # no better after its first evaluation: no speed-up to read
+    otherwise = evaluated_otherwise(runs, baseline)
     for r in runs:
-        curve = r.evals.get(metric, [])
+        curve, name = r.evals.get(metric, []), f"{r.name}{' (baseline)' if r is baseline else ''}"
+        rate = "—" if r.img_per_s is None else f"{r.img_per_s:.0f} ({min(r.rates):.0f}-{max(r.rates):.0f})"
         if not curve:
-            lines.append(f"| {r.name} | {r.method} | {r.flow[-1][0] if r.flow else 0:,} | no evaluations | | | | | "
-                         f"{_num(r.img_per_s, '.0f')} |")
+            has = f" (has {', '.join(r.evals)})" if r.evals else ""
+            lines.append(f"| {name} | {r.label} | — | no {metric} evaluations{has} | | | | | {rate} |")
             continue
         at = value_at(curve, base[-1][0]) if base else None
         reach = images_to_reach(curve, base[-1][1]) if base else None
         if not base or flat:
             speed = "—"
+        elif r.name in otherwise:
+            speed = "not comparable"
         elif reach is None:
-            speed = "not reached"
+            speed = "not yet (shorter)" if curve[-1][0] < base[-1][0] else "not reached"
         else:
             speed = f"{'>= ' if reach == curve[0][0] and r is not baseline else ''}{base_reach / reach:.2f}x"
-        lines.append(f"| {r.name}{' (baseline)' if r is baseline else ''} | {r.method} | {curve[-1][0]:,} | "
-                     f"{curve[-1][1]:.3f} | {min(v for _, v in curve):.3f} | {_num(at, '.3f')} | "
-                     f"{_num(reach, ',.0f')} | {speed} | {_num(r.img_per_s, '.0f')} |")
-    if flat:
+        lines.append(f"| {name} | {r.label} | {curve[-1][0]:,} | {curve[-1][1]:.3f} | {min(v for _, v in curve):.3f} | "
+                     f"{_num(at, '.3f')} | {_num(reach, ',.0f')} | {speed} | {rate} |")
+    if not base:
+        lines += ["", f"The baseline {baseline.name} has no {metric} evaluations, so no speed-up is read: name one that "
+                  "has with --baseline RUN."]
+    elif flat:
         lines += ["", f"No speed-up is read from these curves: the baseline's {metric} was at or below its last value "
                   f"({base[-1][1]:.3f}) from its first evaluation on, so it did not improve after {base[0][0]:,} images "
                   "(noise, or training too short or too long for the evaluations' spacing). Evaluate earlier and more "
                   "often, or train longer."]
     return "\n".join(lines)
+
+
+def summarise_values(runs: list[Run], values: list) -> str:
+    """`name=value` for each run; with more than three runs, the runs grouped by value, and the largest group, when
+    it holds more than three, as "the others" ("100: none-n100; 200: the others")."""
+    shown = [repr(v) for v in values]
+    if len(runs) <= 3:
+        return ", ".join(f"{r.name}={v}" for r, v in zip(runs, shown))
+    groups: dict[str, list[str]] = {}
+    for r, v in zip(runs, shown):
+        groups.setdefault(v, []).append(r.name)
+    common, members = max(groups.items(), key=lambda kv: len(kv[1]))
+    others = len(members) > 3
+    parts = [f"{v}: {', '.join(names)}" for v, names in groups.items() if not (others and v == common)]
+    return "; ".join(parts + ([f"{common}: the others"] if others else []))
 
 
 def _num(x: float | None, fmt: str) -> str:

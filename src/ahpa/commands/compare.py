@@ -8,10 +8,10 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="compare training runs: FD curves, speed-up over a baseline, differing settings")
     p.add_argument("runs", nargs="+", help="run directories (as `ahpa train --out` wrote them)")
     p.add_argument("--out", default="", help="directory for compare.md and the plots (default: print only)")
-    p.add_argument("--baseline", default="", help="the run the speed-ups are measured against (default: the first "
-                   "with align.method=none, else the first given)")
-    p.add_argument("--metric", default="", help="the evaluation to rank by, e.g. FD-r20 or FID (default: the first "
-                   "one the baseline has)")
+    p.add_argument("--baseline", default="", help="the run the speed-ups are measured against, by name or path "
+                   "(default: the first with align.method=none that has evaluations)")
+    p.add_argument("--metric", default="", help="the evaluation to rank by, e.g. FD-r20 or FID, any case (default: the "
+                   "first one the baseline logged)")
     p.set_defaults(func=run)
 
 
@@ -21,31 +21,44 @@ def run(args) -> int:
     from ahpa import compare
     from ahpa.train import plots
 
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir() and any(out.iterdir()) and not (out / "compare.md").is_file():
+        raise ValueError(f"--out {out} holds other files (no compare.md of an earlier comparison): name an empty or new "
+                         "directory, or one that `ahpa compare` wrote")
     runs = [compare.read_run(p) for p in args.runs]
+    compare.check_distinct(runs)
     compare.name_runs(runs)
     baseline = compare.pick_baseline(runs, args.baseline or None)
-    metrics = sorted({m for r in runs for m in r.evals})
-    metric = args.metric or next(iter(sorted(baseline.evals)), metrics[0] if metrics else "")
-    if args.metric and args.metric not in metrics:
-        raise ValueError(f"--metric {args.metric!r}: the runs' evaluations are {', '.join(metrics) or 'none'}")
-    parts = [f"# {len(runs)} runs; baseline {baseline.name}", ""]
+    metrics = list(dict.fromkeys(m for r in [baseline, *runs] for m in r.evals))  # the baseline's first, as logged
+    metric = metrics[0] if metrics else ""
+    if args.metric:
+        metric = next((m for m in metrics if m.lower() == args.metric.lower()), "")
+        if not metric:
+            raise ValueError(f"--metric {args.metric!r}: the runs' evaluations are {', '.join(metrics) or 'none'}")
+    parts = [f"# {len(runs)} run{'s' if len(runs) != 1 else ''}; baseline {baseline.name}", ""]
+    otherwise = compare.evaluated_otherwise(runs, baseline)
+    if metric and otherwise:  # above the table: its FDs and speed-ups for these runs do not compare
+        parts += [f"**Evaluated otherwise than the baseline** ({baseline.name}: {baseline.eval_setup}); their {metric} "
+                  "does not compare with its, and no speed-up is read from them:",
+                  *(f"- {name}: {diff}" for name, diff in otherwise.items()), ""]
     if metric:
         parts += [compare.table(runs, baseline, metric), "",
                   f"Speed-up: the images from which the baseline stays at or below its last {metric} over the images "
                   "from which a run does (the last crossing, linear between evaluations; `>=`: reached by the run's "
-                  "first evaluation, maybe before); img/s: the median of the logged windows, for the cost per image.",
-                  ""]
+                  "first evaluation, maybe before); img/s: the median of the logged windows and their range, for the "
+                  "cost per image (it compares only on the same device under the same load).", ""]
     else:
-        parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances).", ""]
+        parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances). "
+                  "Trained so far: " + ", ".join(f"{r.name} {r.length:,} images" for r in runs) + ".", ""]
     mixed = compare.mixed_evaluations(runs)
     if mixed:
         parts += ["**Evaluations made differently within a run** (eval.* or sample.* changed on a resume; the points "
                   "on either side of a change are not comparable, nor speed-ups across it):", *mixed, ""]
     differing = compare.differing_settings(runs)
-    parts.append("Settings that differ (run length and the log, checkpoint and grid cadences are not compared; the "
-                 "images column shows the length):" + ("" if differing else " none"))
+    parts.append("Settings that differ (run length, cadences and how a run computes are not compared; a setting a "
+                 "run did not read shows `(not read)`):" + ("" if differing else " none"))
     for key, values in differing.items():
-        parts.append(f"- `{key}`: " + ", ".join(f"{r.name}={v!r}" for r, v in zip(runs, values)))
+        parts.append(f"- `{key}`: " + compare.summarise_values(runs, values))
     environment = compare.differing_environment(runs)
     if environment:  # speeds from other GPUs or process counts are no comparison; other code may train otherwise
         parts += ["", "Trained in different environments (their newest start; img/s compares only on the same device "
@@ -57,15 +70,20 @@ def run(args) -> int:
     unfinished = [r.name for r in runs if not r.done]
     if unfinished:
         parts += ["", "Not finished (no DONE): " + ", ".join(unfinished)]
+    if out is not None:
+        names = [f"{m}.png" for m in metrics] + ["flow-loss.png"]
+        parts += ["", "Plots: " + ", ".join(names)]
     text = "\n".join(parts) + "\n"
     print(text, end="")
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("*.png"):  # an earlier comparison's (the folder holds its compare.md): not this one's
+            old.unlink()
         (out / "compare.md").write_text(text)
         for m in metrics:
-            plots.line_plot({r.name: r.evals.get(m, []) for r in runs}, out / f"{m}.png", "training images", m, m)
+            plots.line_plot({r.name: r.evals.get(m, []) for r in runs}, out / f"{m}.png", "training images", m, m,
+                            highlight=baseline.name)
         plots.line_plot({r.name: r.flow for r in runs}, out / "flow-loss.png", "training images", "flow loss",
-                        "flow-matching loss", logy=True, markers=False)
-        print(f"wrote {out / 'compare.md'} and {len(metrics) + 1} plots")
+                        "flow-matching loss", logy=True, markers=False, highlight=baseline.name)
+        print(f"wrote {out / 'compare.md'} and {len(names)} plots")
     return 0

@@ -95,18 +95,31 @@ def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str,
-              title: str = "", logy: bool = False, markers: bool = True, figsize: tuple[float, float] = (7, 4)) -> Path:
-    """One line per named series of (x, y) points (a run's evaluations; one per run in `ahpa compare`)."""
+              title: str = "", logy: bool = False, markers: bool = True, figsize: tuple[float, float] = (7, 4),
+              highlight: str = "") -> Path:
+    """One line per named series of (x, y) points (a run's evaluations; one per run in `ahpa compare`). Ten colours,
+    then the same ten dashed, dotted, ...: no two lines alike; `highlight` (the baseline) in black, on top. The legend
+    sits beside the axes, where it hides no line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=figsize)
-    for name, pts in series.items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if markers else None, markersize=3, label=name)
+    colours, dashes = plt.rcParams["axes.prop_cycle"].by_key()["color"], ["-", "--", ":", "-."]
+    for i, (name, pts) in enumerate(series.items()):
+        if not pts:
+            continue
+        style = dict(color="black", linewidth=2.2, zorder=3) if name == highlight else dict(
+            color=colours[i % len(colours)], linestyle=dashes[(i // len(colours)) % len(dashes)], linewidth=1.3)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if markers else None, markersize=3,
+                label=f"{name} (baseline)" if name == highlight else name, **style)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
+        from matplotlib.ticker import FormatStrFormatter
+
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 1.95, not 1.95x10^0
+            axis(FormatStrFormatter("%g"))
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8)
+    if len(series) > 1:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return save_figure(fig, path)

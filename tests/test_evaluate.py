@@ -315,3 +315,7 @@ def test_a_complete_run_given_evaluation_settings_says_it_is_not_evaluated_again
     again = Trainer(config.load(None, [*TINY, "train.steps=2", "eval.every=1", f"eval.detectors=[{det.spec}]",
                                        f"eval.ref={ref}", "eval.num=16", "eval.batch=8"]), tmp_path / "run")
     assert any(m.startswith("eval.every=1: the run is complete and is not evaluated again") for m in again.messages)
+    # run anyway (a requeued job): its record keeps saying how it was trained, with no evaluations, and no new start
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("config.yaml", "starts.jsonl", "metrics.jsonl")}
+    again.run()
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before

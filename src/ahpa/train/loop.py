@@ -334,9 +334,14 @@ class Trainer:
     def _train(self, hooks: RunHooks) -> dict:
         c = self.cfg
         main = self.rank == 0
-        if main:
+        # a complete run rerun (to export, or by a requeued job) trains nothing: its config.yaml keeps describing how
+        # it was trained and evaluated (eval.* given now would claim otherwise), and no start is recorded; moved
+        # inputs are still written down, so that sampling finds them
+        complete = main and self.step >= c.train.steps and (self.run_dir / "DONE").exists()
+        if main and (not complete or self._moved_inputs is not None):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_mod.dump(c))  # a resume reads it back
+        if main and not complete:
             record_start(self.run_dir, self.step, environment(self.parts.device, self.world))  # versions, commit, GPUs
             if self._moved_inputs is not None:  # moved files, identified by check_moved_inputs
                 inputs.write(self.run_dir, self._moved_inputs)

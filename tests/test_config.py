@@ -227,6 +227,13 @@ def test_python_callers_get_named_mistakes(tmp_path):
         Trainer("configs/tiny.yaml", tmp_path)
     with pytest.raises(config.ConfigError, match="registered from Python exists only in the process that registered it"):
         config.load(None, ["align.method=all-snr"])
+    # a typo gets the near name, and the study's run names what they are made of, not the plugin note
+    with pytest.raises(config.ConfigError, match=r"align.method='reap' is not valid; .* \(did you mean 'repa'\?\)$"):
+        config.load(None, ["align.method=reap"])
+    with pytest.raises(config.ConfigError, match=r"'ahpa-topk' names a run of the study: align.method=ahpa align.router=topk"):
+        config.load(None, ["align.method=ahpa-topk"])
+    with pytest.raises(config.ConfigError, match=r"did you mean 'heun'"):
+        config.load(None, ["sample.solver=heunn"])
 
 
 def test_a_failed_or_interrupted_command_is_reported_once_per_launch(tmp_path, monkeypatch, capsys):

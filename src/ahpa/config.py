@@ -233,11 +233,8 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
         value = list(value)
     choices = CHOICES.get(key)
     if choices is not None and value not in choices:
-        hint = ""
-        if key in ("align.method", "align.loss", "align.router"):  # registered at run time in another process
-            hint = (" (a name registered from Python exists only in the process that registered it: register it "
-                    "again before loading, or install it as an ahpa.plugins entry point, docs/extending.md)")
-        raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}{hint}")
+        raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}"
+                          f"{_choice_hint(key, value, list(choices))}")
     allowed, text = RANGES.get(key, (None, ""))
     if allowed is not None and not allowed(value):
         raise ConfigError(f"{where}: {key}={value!r} is out of range; it must be {text}")
@@ -268,6 +265,26 @@ def from_dict(data: dict, where: str = "config", base: Config | None = None) -> 
         for name, value in values.items():
             _apply(cfg, f"{section}.{name}", value, where)
     return cfg
+
+
+# the study's and the paper's run names, which are a method and a router mode together
+_RUN_NAMES = {f"ahpa-{mode}": f"align.method=ahpa align.router={mode}" for mode in ("soft", "topk", "snr", "uniform")}
+
+
+def _choice_hint(key: str, value, choices: list[str]) -> str:
+    """What a user who gave `value` probably meant: a name of the study's tables, a near spelling, or (a name that
+    looks like nothing built in) one registered from Python in another process."""
+    import difflib
+
+    if key == "align.method" and value in _RUN_NAMES:
+        return f" ({value!r} names a run of the study: {_RUN_NAMES[value]})"
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    if key in ("align.method", "align.loss", "align.router"):
+        return (" (a name registered from Python exists only in the process that registered it: register it again "
+                "before loading, or install it as an ahpa.plugins entry point, docs/extending.md)")
+    return ""
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -319,3 +319,26 @@ def test_a_complete_run_given_evaluation_settings_says_it_is_not_evaluated_again
     before = {name: (tmp_path / "run" / name).read_bytes() for name in ("config.yaml", "starts.jsonl", "metrics.jsonl")}
     again.run()
     assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
+
+
+def test_a_resume_that_evaluates_otherwise_says_so_and_eval_png_breaks_the_line(setup, tmp_path, monkeypatch):
+    """eval.num changed on a resume: the curve would join 16-sample and 8-sample FDs as one line (read as a jump in
+    quality). The trainer says so when it starts, and eval.png draws the later part as a line of its own."""
+    from ahpa import config
+    from ahpa.train import plots
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, ref = setup
+    ev_args = ["eval.every=1", f"eval.detectors=[{det.spec}]", f"eval.ref={ref}", "eval.batch=8"]
+    Trainer(config.load(None, [*TINY, "train.steps=2", *ev_args, "eval.num=16"]), tmp_path / "run").run()
+    drawn = {}
+    monkeypatch.setattr(plots, "line_plot", lambda series, *a, **k: drawn.update(series))
+    same = Trainer(config.load(None, [*TINY, "train.steps=3", *ev_args, "eval.num=16"]), tmp_path / "run")
+    assert not [m for m in same.messages if "mixes two ways" in m]
+    same.run()
+    assert list(drawn) == ["FD-r20"] and len(drawn["FD-r20"]) == 3
+    other = Trainer(config.load(None, [*TINY, "train.steps=4", *ev_args, "eval.num=8"]), tmp_path / "run")
+    assert [m for m in other.messages if "earlier evaluations used eval.num=16" in m and "from now on eval.num=8" in m]
+    other.run()
+    assert [len(drawn[k]) for k in ("FD-r20", "FD-r20 [eval.num=8]")] == [3, 1]

@@ -8,7 +8,6 @@ and prints them.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ahpa.align.methods import METHODS, align_settings_read
 from ahpa.config import flatten
 from ahpa.jsonl import read_rows
 from ahpa.provenance import last_start
-from ahpa.train import inputs
+from ahpa.train import eval_setup, inputs
 
 # the facts of a run's newest start (ahpa.provenance) that are compared; its host and time are not
 ENV_COMPARED = ("device", "processes", "torch", "cuda", "ahpa", "source")
@@ -206,23 +205,14 @@ def mixed_evaluations(runs: list[Run]) -> list[str]:
     return lines
 
 
-def _setup_items(setup: str) -> list[str]:
-    """"eval.num=100 ... guidance=[0.0, 1.0]" -> its KEY=VALUE items (a bracketed value holds a space)."""
-    return re.findall(r"\S+=\[[^\]]*\]|\S+", setup)
-
-
 def evaluated_otherwise(runs: list[Run], baseline: Run) -> dict[str, str]:
     """{run name: what its last evaluation used that the baseline's did not}, for runs evaluated otherwise than the
     baseline (other samples, reference, seed or sampler): their Fréchet distances do not compare with the
     baseline's (FD depends on the number of samples), nor do speed-ups read from them."""
     if baseline.eval_setup is None:
         return {}
-    base = _setup_items(baseline.eval_setup)
-    out = {}
-    for r in runs:
-        if r is not baseline and r.eval_setup is not None and r.eval_setup != baseline.eval_setup:
-            out[r.name] = " ".join(item for item in _setup_items(r.eval_setup) if item not in base)
-    return out
+    return {r.name: eval_setup.changed(r.eval_setup, baseline.eval_setup) for r in runs
+            if r is not baseline and r.eval_setup is not None and r.eval_setup != baseline.eval_setup}
 
 
 def images_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:

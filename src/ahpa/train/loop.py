@@ -25,7 +25,7 @@ from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import standardise_levels
 from ahpa.provenance import device_name, environment, record_start
 from ahpa.sample import SamplerBundle
-from ahpa.train import inputs, outputs
+from ahpa.train import eval_setup, inputs, outputs
 from ahpa.train.build import Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note, setup_note
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 from ahpa.train.distributed import agreed_max, current, from_main, full_value
@@ -305,7 +305,7 @@ class Trainer:
         fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), self.cfg.sample, on_batch)
         if logger is not None:
             outputs.log_evaluation(logger, self.run_dir, self.step, self.step * self.cfg.train.batch_size, fd,
-                                   outputs.evaluation_setup(self.cfg))
+                                   eval_setup.describe(self.cfg))
         if hooks.on_eval is not None:
             hooks.on_eval(self.step, fd)
 

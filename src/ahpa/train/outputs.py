@@ -19,8 +19,9 @@ from ahpa.config import Config, EvalCfg, SampleCfg
 from ahpa.models.sit import SiT
 from ahpa.priors.targets import ChannelStats
 from ahpa.sample import SamplerBundle, export_model, generate
-from ahpa.train import plots
+from ahpa.train import eval_setup, plots
 from ahpa.train.distributed import barrier, from_main
+from ahpa.jsonl import read_rows
 from ahpa.train.logger import logged_at
 
 GRID_SEED = 1234
@@ -128,7 +129,22 @@ class Evaluator:
             return None
         if step >= cfg.train.steps and not last_evaluation_missing(run_dir, step, rank):
             return None
-        return cls(cfg.eval, device, run_dir, rank, world, cfg.data.resolution)
+        evaluator = cls(cfg.eval, device, run_dir, rank, world, cfg.data.resolution)
+        evaluator.notes += evaluator._setup_notes(eval_setup.describe(cfg))
+        return evaluator
+
+    def _setup_notes(self, setup: str) -> list[str]:
+        """A resumed run evaluated otherwise than before (eval.* or sample.* changed) says so when it starts: its FD
+        curve will mix two ways of measuring (the plots break the line there, and `ahpa compare` names it)."""
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.rank != 0 or not metrics.is_file():
+            return []
+        earlier = [r["eval_setup"] for r in read_rows(metrics) if "eval_setup" in r]
+        if not earlier or earlier[-1] == setup:
+            return []
+        return [f"this run's earlier evaluations used {earlier[-1]}; from now on {setup}: its FD curve mixes two ways of "
+                "measuring, and points on either side of the change do not compare (resume with the earlier eval.* and "
+                "sample.* settings to keep one curve)"]
 
     def _remeasure_notes(self, cache: Path) -> list[str]:
         """A resumed run whose reference statistics will be measured afresh says so: its earlier evaluations used
@@ -181,16 +197,8 @@ class Evaluator:
                            rank=self.rank, world_size=self.world, on_batch=on_batch)
 
 
-def evaluation_setup(cfg: Config) -> str:
-    """What an evaluation's numbers depend on besides the weights and the detector (eval.* and sample.* may change
-    on resume): recorded in each evaluation's row, so that `ahpa compare` can tell a curve measured two ways."""
-    e, s = cfg.eval, cfg.sample
-    return (f"eval.num={e.num} eval.ref={e.ref} eval.seed={e.seed} sampler={s.solver}-{s.steps} "
-            f"cfg-scale={s.cfg_scale} guidance=[{s.guidance_low}, {s.guidance_high}]")
-
-
 def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, float], setup: str = "") -> None:
-    """One metrics row of `eval/<detector>` values (and `eval_setup`, evaluation_setup), and eval.png redrawn from
+    """One metrics row of `eval/<detector>` values (and `eval_setup`, ahpa.train.eval_setup), and eval.png redrawn from
     metrics.jsonl."""
     row = {"images": images, **{f"eval/{k}": v for k, v in fd.items()}}
     logger.log(step, {**row, "eval_setup": setup} if setup else row)

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ahpa.jsonl import read_rows
+from ahpa.train import eval_setup
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
@@ -87,10 +88,19 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
 
 
 def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
-    """Each eval/* metric against training images seen."""
-    rows = read_rows(metrics_file)
+    """Each eval/* metric against training images seen; where a resume changed how the run is evaluated (the rows'
+    eval_setup), the line breaks, and each later part is named by what changed."""
+    rows = [r for r in read_rows(metrics_file) if any(k.startswith("eval/") for k in r)]
     names = sorted({k for r in rows for k in r if k.startswith("eval/")})
-    series = {name[len("eval/"):]: [(r["images"], r[name]) for r in rows if name in r] for name in names}
+    first = rows[0].get("eval_setup", "") if rows else ""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for name in names:
+        for r in rows:
+            if name in r:
+                setup = r.get("eval_setup", first)
+                changed = eval_setup.changed(setup, first)
+                series.setdefault(f"{name[len('eval/'):]}{f' [{changed}]' if changed else ''}", []).append(
+                    (r["images"], r[name]))
     return line_plot(series, path, "training images", "Fréchet distance", figsize=(6, 3.6))
 
 

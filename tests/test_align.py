@@ -147,6 +147,9 @@ def test_aligner_loss_falls_on_a_fixed_batch():
         loss.backward()
         opt.step()
     assert m["align/weighted"].item() < 0.5 * first
+    assert "align/router_entropy" in m  # a router whose weights change with t; uniform weights log no constant
+    _, fixed = Aligner(16, ["a", "b"], [3, 4], cfg, "uniform", "cosine")(hidden, targets, t)
+    assert "align/router_entropy" not in fixed
     assert m["align/level_loss"].shape == (2,)
     assert al.num_updates.item() == 30 and torch.all(al.running_loss > 0)
 

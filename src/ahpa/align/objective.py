@@ -95,11 +95,9 @@ class Aligner(nn.Module):
         bins = None if self.t_bins == 1 else (t.detach() * self.t_bins).long().clamp_(0, self.t_bins - 1)  # [B]
         if self.router.learned:
             loss = loss + self._router_objective(probs, losses, bins)
-        metrics = {
-            "align/weighted": weighted,
-            "align/level_loss": losses.detach().mean(dim=0),  # [K]
-            "align/router_entropy": entropy(weights.detach()).mean(),
-        }
+        metrics = {"align/weighted": weighted, "align/level_loss": losses.detach().mean(dim=0)}  # [K]
+        if self.router.varies:  # uniform weights or one level: a constant, logged as a curve it would mislead
+            metrics["align/router_entropy"] = entropy(weights.detach()).mean()
         if self.training:  # the caller sums these over a step's micro-batches and calls update_running once
             metrics["running/sums"], metrics["running/counts"] = self.running_terms(losses.detach(), bins)
         return loss, metrics

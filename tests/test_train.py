@@ -255,6 +255,11 @@ def test_a_sample_grid_made_in_pieces_for_its_progress_bar_is_the_grid_made_at_o
     at_once = outputs.plots.save_grid(whole.numpy(), tmp_path / "at_once.png", nrow=k if k <= 16 else None)
     a, b = (np.asarray(Image.open(p)).astype(int) for p in (grid, at_once))
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    # 16-pixel images are drawn 4x (nearest neighbour): a tile of 64 pixels, each source pixel a 4x4 block
+    side = whole.shape[1]
+    assert side == 16 and a.shape[0] == 2 + ((8 + k - 1) // k if k <= 16 else 3) * (64 + 2)
+    tile = a[2:66, 2:66]
+    assert np.array_equal(tile, whole[0].numpy().repeat(4, 0).repeat(4, 1))
 
 
 def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):

@@ -12,8 +12,12 @@ from ahpa.train import eval_setup
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
-    """uint8 [N, H, W, 3] -> one PNG grid."""
+    """uint8 [N, H, W, 3] -> one PNG grid (images under 64 pixels enlarged by a whole factor)."""
     n, h, w, _ = images.shape
+    if h < 64:  # small images (CIFAR's 32, a tiny run's 16) at 1:1 are too small to judge: nearest-neighbour, whole
+        k = -(-64 // h)
+        images = images.repeat(k, axis=1).repeat(k, axis=2)  # [N, kH, kW, 3]
+        n, h, w, _ = images.shape
     nrow = nrow or int(np.ceil(np.sqrt(n)))
     ncol = int(np.ceil(n / nrow))
     canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
@@ -63,7 +67,10 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
     rows = read_rows(metrics_file)
     rows = [r for r in rows if "loss/flow" in r]
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    leveled = [r for r in rows if "align/level_loss" in r]
+    # vanilla SiT has no per-level losses: one panel, not an empty second one
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6)) if leveled else plt.subplots(1, 1, figsize=(6, 3.6))
+    axes = axes if leveled else [axes]
     x = [r["images"] for r in rows]
     axes[0].plot(x, [r["loss/flow"] for r in rows], label="flow")
     # alignment rows end where align.stop_step ends alignment
@@ -74,7 +81,6 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
     axes[0].set_yscale("log")
     axes[0].legend()
     axes[0].set_title("losses")
-    leveled = [r for r in rows if "align/level_loss" in r]
     if leveled:
         per = np.array([r["align/level_loss"] for r in leveled])  # [T, K]
         for k in range(per.shape[1]):
@@ -82,8 +88,6 @@ def loss_curves(metrics_file: str | Path, path: str | Path, level_names: list[st
         axes[1].legend(fontsize=8)
         axes[1].set_title("per-level alignment loss")
         axes[1].set_xlabel("training images")
-    else:
-        axes[1].axis("off")
     return save_figure(fig, path)
 
 

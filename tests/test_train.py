@@ -154,10 +154,10 @@ def test_img_per_s_counts_the_training_steps_only(tmp_path, tiny, monkeypatch):
     median of such windows). A clock that advances 1 s per step and 100 s per checkpoint."""
     import types
 
-    from ahpa.train import loop
+    from ahpa.train import schedule
 
     clock = [0.0]
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(schedule, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     step, save = Trainer.train_step, Trainer.save
 
     def timed_step(self):
@@ -208,10 +208,10 @@ def test_img_per_s_leaves_out_the_evaluation_a_resume_redoes_first(tmp_path, tin
     too. A clock that advances 1 s per step and 100 s per evaluation; the evaluator a stand-in."""
     import types
 
-    from ahpa.train import loop, outputs
+    from ahpa.train import outputs, schedule
 
     clock = [0.0]
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(schedule, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     step = Trainer.train_step
 
     def timed_step(self):
@@ -220,13 +220,13 @@ def test_img_per_s_leaves_out_the_evaluation_a_resume_redoes_first(tmp_path, tin
 
     evaluated = []
 
-    def slow_evaluate(self, logger, hooks):
+    def slow_evaluate(tr, logger, hooks):
         clock[0] += 100.0
-        evaluated.append(self.step)
+        evaluated.append(tr.step)
 
     stand_in = types.SimpleNamespace(notes=[], missing=lambda step, last_step: step == 2)
     monkeypatch.setattr(Trainer, "train_step", timed_step)
-    monkeypatch.setattr(Trainer, "_evaluate", slow_evaluate)
+    monkeypatch.setattr(schedule, "evaluate", slow_evaluate)
     Trainer(tiny("train.steps=2", "train.log_every=2"), tmp_path).run()
     monkeypatch.setattr(outputs.Evaluator, "for_run", classmethod(lambda cls, *args: stand_in))
     Trainer(tiny("train.steps=4", "train.log_every=2", "eval.every=2"), tmp_path).run()

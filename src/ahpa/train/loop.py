@@ -1,4 +1,5 @@
-"""The training loop: deterministic steps, checkpoints and logs (other outputs: ahpa.train.outputs).
+"""A training run: set-up and resume, one deterministic step, checkpoints (when the loop logs, saves, evaluates and
+stops: ahpa.train.schedule; other outputs: ahpa.train.outputs).
 
 Rerunning the same command on the same run directory resumes exactly: the data position and all
 random draws are functions of (seed, step), and a checkpoint holds model, EMA, aligner (router
@@ -9,41 +10,30 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ahpa import config as config_mod
 from ahpa import lock
-from ahpa.atomic import atomic_write_text
 from ahpa.config import Config
 from ahpa.data.order import batch_indices, micro_batches, process_requests
 from ahpa.data.batches import PriorBatch
 from ahpa.priors.targets import standardise_levels
-from ahpa.provenance import device_name, environment, record_start
+from ahpa.provenance import device_name
 from ahpa.sample import SamplerBundle
-from ahpa.train import eval_setup, inputs, outputs
+from ahpa.train import outputs, schedule
 from ahpa.train.build import Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note, setup_note
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
-from ahpa.train.distributed import agreed_max, current, from_main, full_value
+from ahpa.train.distributed import current, from_main, full_value
 from ahpa.train.draws import step_draws
-from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.ema import ema_decay, ema_update
-from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
+from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run that diverges raises)
 from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir  # noqa: F401 (RunConfigError: API)
 from ahpa.train.run_state import checkpoint_state, must_fit, restore
 from ahpa.transport.path import get_path
-
-
-class RunHooks(NamedTuple):
-    """Trainer.run's callbacks (documented there)."""
-    on_log: Callable[[int, dict], None] | None
-    should_stop: Callable[[], int] | None
-    on_eval: Callable[[int, dict[str, float]], None] | None
-    progress: Callable[[str, int], Callable[[int], None] | None] | None
 
 
 class Trainer:
@@ -278,37 +268,6 @@ class Trainer:
         if error is not None:
             raise error
 
-    # ---- the loop ----
-    def _stop_agreed(self, should_stop: Callable[[], int] | None) -> int:
-        """Whether to stop now: 0, or the reason (a signal number) any process has; under torchrun every process
-        agrees, checked every 10 steps, and a process that was not signalled stops with the others' reason (a
-        scheduler's signal may reach the processes of some nodes only, or late)."""
-        if should_stop is None:
-            return 0
-        if self.world == 1:
-            return int(should_stop())
-        if self.step % 10:
-            return 0
-        return int(agreed_max(int(should_stop()), self.parts.device))
-
-    def _log_row(self, sums: dict[str, torch.Tensor], count: int, t0: float) -> dict:
-        c = self.cfg
-        row, n_good = window_means(sums)
-        row.update(images=self.step * c.train.batch_size, lr=self._lr(self.step - 1),
-                   img_per_s=count * c.train.batch_size / max(time.perf_counter() - t0, 1e-9),
-                   level_names=self.parts.levels, bad_steps=int(self.bad_total.item()),
-                   skipped_in_window=count - round(n_good))
-        return row
-
-    def _evaluate(self, logger: MetricsLogger | None, hooks: RunHooks) -> None:
-        on_batch = hooks.progress("eval", self.evaluator.share()) if hooks.progress is not None else None
-        fd = self.evaluator(self.sampler_bundle(on_all_ranks=True), self.cfg.sample, on_batch)
-        if logger is not None:
-            outputs.log_evaluation(logger, self.run_dir, self.step, self.step * self.cfg.train.batch_size, fd,
-                                   eval_setup.describe(self.cfg))
-        if hooks.on_eval is not None:
-            hooks.on_eval(self.step, fd)
-
     def run(self, on_log: Callable[[int, dict], None] | None = None,
             should_stop: Callable[[], int] | None = None,
             on_eval: Callable[[int, dict[str, float]], None] | None = None,
@@ -323,96 +282,10 @@ class Trainer:
         - `progress(label, total)` when a sample grid ("grid") or an evaluation ("eval") starts generating `total`
           images on this process; it may return a callback that takes the number of images of each batch.
         """
-        hooks = RunHooks(on_log, should_stop, on_eval, progress)
+        hooks = schedule.RunHooks(on_log, should_stop, on_eval, progress)
         try:
             self._check_still_current()
-            return self._train(hooks)
+            return schedule.train(self, hooks)
         finally:
             if self.rank == 0:
                 lock.release(self.run_dir / lock.LOCK_FILE)  # taken by _check_still_current
-
-    def _train(self, hooks: RunHooks) -> dict:
-        c = self.cfg
-        main = self.rank == 0
-        # a complete run rerun (to export, or by a requeued job) trains nothing: its config.yaml keeps describing how
-        # it was trained and evaluated (eval.* given now would claim otherwise), and no start is recorded; moved
-        # inputs are still written down, so that sampling finds them
-        complete = main and self.step >= c.train.steps and (self.run_dir / "DONE").exists()
-        if main and (not complete or self._moved_inputs is not None):
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", config_mod.dump(c))  # a resume reads it back
-        if main and not complete:
-            record_start(self.run_dir, self.step, environment(self.parts.device, self.world))  # versions, commit, GPUs
-            if self._moved_inputs is not None:  # moved files, identified by check_moved_inputs
-                inputs.write(self.run_dir, self._moved_inputs)
-            elif inputs.read(self.run_dir) is None:  # a new run, or one from before inputs.json
-                inputs.write(self.run_dir, inputs.current(c, self.parts.encoder))
-        if main and self.step < c.train.steps:  # a finished run trained further is unfinished until it ends again
-            (self.run_dir / "DONE").unlink(missing_ok=True)
-        logger = MetricsLogger(self.run_dir, self.step) if main else None
-        if main:
-            truncate_jsonl(self.run_dir / "router.jsonl", self.step)
-        sums: dict[str, torch.Tensor] = {}
-        count, t0, last = 0, time.perf_counter(), {}
-        watch = DivergenceWatch(c.train.max_bad_steps)
-        try:
-            # the step resumed from was due an evaluation that was not logged: stopped, or died, after its checkpoint
-            if self.evaluator is not None and self.evaluator.missing(self.step, c.train.steps):
-                self._evaluate(logger, hooks)
-                t0 = time.perf_counter()
-            while self.step < c.train.steps:
-                metrics = self.train_step()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v
-                count += 1
-                done = self.step == c.train.steps
-                # a window ends where alignment stops, so no logged mean mixes steps with and without it
-                if self.step % c.train.log_every == 0 or done or self.step == c.align.stop_step:
-                    last = self._log_row(sums, count, t0)
-                    if logger is not None:  # the window that stops a run is logged first
-                        logger.log(self.step, last)
-                    if hooks.on_log is not None:
-                        hooks.on_log(self.step, last)
-                    verdict = watch.update(count, last["skipped_in_window"], int(self.bad_run.item()))
-                    if verdict:
-                        raise TooManyBadSteps(
-                            f"{verdict} (step {self.step}); they were skipped, and no checkpoint is written inside a "
-                            f"streak of them. Start a new run with a lower train.lr, a smaller train.grad_clip, "
-                            f"model.qk_norm=true or train.precision=fp32, or check the data."
-                        )
-                    sums, count, t0 = {}, 0, time.perf_counter()
-                # asked to stop: log the window so far (its steps would never be logged), save with the router's
-                # record and go, before any sample grid or evaluation (a scheduler's grace period is short); an
-                # evaluation due at this step is done on resume (Evaluator.missing)
-                stop = not done and self._stop_agreed(hooks.should_stop)
-                if stop and count:
-                    last = self._log_row(sums, count, t0)
-                    if logger is not None:
-                        logger.log(self.step, last)
-                paused = time.perf_counter()  # checkpoints, grids and evaluations are not training: not in img/s
-                # every process takes part in saving and sampling (FSDP gathers); rank 0 writes. No checkpoint
-                # inside a streak of skipped steps (the last good one stays the newest), except on a stop: the
-                # skipped steps left the weights as they were
-                if stop or ((self.step % c.train.ckpt_every == 0 or done) and self.bad_run.item() == 0):
-                    self.save()
-                    aligner = self.unsharded("aligner", on_all_ranks=False) if self.parts.aligner is not None else None
-                    if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
-                        logger.image("router", outputs.write_router_plot(aligner, self.run_dir, self.step), self.step)
-                if stop:
-                    return {**last, "stopped": stop, "step": self.step}
-                if c.train.sample_every and c.sample.grid_images and (self.step % c.train.sample_every == 0 or done):
-                    bundle = self.sampler_bundle(on_all_ranks=False)
-                    if main:
-                        on_batch = hooks.progress("grid", c.sample.grid_images) if hooks.progress is not None else None
-                        grid = outputs.write_samples(bundle, c.sample, self.run_dir, self.step, on_batch)
-                        logger.image("samples", grid, self.step)
-                if self.evaluator is not None and (self.step % c.eval.every == 0 or done):
-                    self._evaluate(logger, hooks)
-                t0 += time.perf_counter() - paused
-            self.export()
-            if main:
-                outputs.finish(self.run_dir, self.parts.levels, self.step)
-        finally:
-            if logger is not None:
-                logger.close()
-        return last

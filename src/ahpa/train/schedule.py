@@ -1,0 +1,156 @@
+"""When a run logs, saves, draws a sample grid, evaluates and stops, around Trainer.train_step: the loop of
+Trainer.run (the step itself, set-up and resume are ahpa.train.loop's).
+
+Logging reads the window's sums once (window_means, the one host sync of a window); a checkpoint is never written
+inside a streak of skipped steps, except on a stop; a stop signal is agreed by every process every 10 steps, and
+the run saves and goes before any grid or evaluation (a scheduler's grace period is short); time spent saving,
+drawing and evaluating is left out of img/s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+import torch
+
+from ahpa import config as config_mod
+from ahpa.atomic import atomic_write_text
+from ahpa.provenance import environment, record_start
+from ahpa.train import eval_setup, inputs, outputs
+from ahpa.train.distributed import agreed_max
+from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
+from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
+
+if TYPE_CHECKING:
+    from ahpa.train.loop import Trainer
+
+
+class RunHooks(NamedTuple):
+    """Trainer.run's callbacks (documented there)."""
+    on_log: Callable[[int, dict], None] | None
+    should_stop: Callable[[], int] | None
+    on_eval: Callable[[int, dict[str, float]], None] | None
+    progress: Callable[[str, int], Callable[[int], None] | None] | None
+
+
+def stop_agreed(tr: Trainer, should_stop: Callable[[], int] | None) -> int:
+    """Whether to stop now: 0, or the reason (a signal number) any process has; under torchrun every process
+    agrees, checked every 10 steps, and a process that was not signalled stops with the others' reason (a
+    scheduler's signal may reach the processes of some nodes only, or late)."""
+    if should_stop is None:
+        return 0
+    if tr.world == 1:
+        return int(should_stop())
+    if tr.step % 10:
+        return 0
+    return int(agreed_max(int(should_stop()), tr.parts.device))
+
+
+def log_row(tr: Trainer, sums: dict[str, torch.Tensor], count: int, t0: float) -> dict:
+    c = tr.cfg
+    row, n_good = window_means(sums)
+    row.update(images=tr.step * c.train.batch_size, lr=tr._lr(tr.step - 1),
+               img_per_s=count * c.train.batch_size / max(time.perf_counter() - t0, 1e-9),
+               level_names=tr.parts.levels, bad_steps=int(tr.bad_total.item()),
+               skipped_in_window=count - round(n_good))
+    return row
+
+
+def evaluate(tr: Trainer, logger: MetricsLogger | None, hooks: RunHooks) -> None:
+    on_batch = hooks.progress("eval", tr.evaluator.share()) if hooks.progress is not None else None
+    fd = tr.evaluator(tr.sampler_bundle(on_all_ranks=True), tr.cfg.sample, on_batch)
+    if logger is not None:
+        outputs.log_evaluation(logger, tr.run_dir, tr.step, tr.step * tr.cfg.train.batch_size, fd,
+                               eval_setup.describe(tr.cfg))
+    if hooks.on_eval is not None:
+        hooks.on_eval(tr.step, fd)
+
+
+def train(tr: Trainer, hooks: RunHooks) -> dict:
+    """Trainer.run's loop: train to train.steps, and between steps log, save, draw a grid, evaluate and stop when
+    the settings and hooks say so (documented in Trainer.run)."""
+    c = tr.cfg
+    main = tr.rank == 0
+    # a complete run rerun (to export, or by a requeued job) trains nothing: its config.yaml keeps describing how
+    # it was trained and evaluated (eval.* given now would claim otherwise), and no start is recorded; moved
+    # inputs are still written down, so that sampling finds them
+    complete = main and tr.step >= c.train.steps and (tr.run_dir / "DONE").exists()
+    if main and (not complete or tr._moved_inputs is not None):
+        tr.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(tr.run_dir / "config.yaml", config_mod.dump(c))  # a resume reads it back
+    if main and not complete:
+        record_start(tr.run_dir, tr.step, environment(tr.parts.device, tr.world))  # versions, commit, GPUs
+        if tr._moved_inputs is not None:  # moved files, identified by check_moved_inputs
+            inputs.write(tr.run_dir, tr._moved_inputs)
+        elif inputs.read(tr.run_dir) is None:  # a new run, or one from before inputs.json
+            inputs.write(tr.run_dir, inputs.current(c, tr.parts.encoder))
+    if main and tr.step < c.train.steps:  # a finished run trained further is unfinished until it ends again
+        (tr.run_dir / "DONE").unlink(missing_ok=True)
+    logger = MetricsLogger(tr.run_dir, tr.step) if main else None
+    if main:
+        truncate_jsonl(tr.run_dir / "router.jsonl", tr.step)
+    sums: dict[str, torch.Tensor] = {}
+    count, t0, last = 0, time.perf_counter(), {}
+    watch = DivergenceWatch(c.train.max_bad_steps)
+    try:
+        # the step resumed from was due an evaluation that was not logged: stopped, or died, after its checkpoint
+        if tr.evaluator is not None and tr.evaluator.missing(tr.step, c.train.steps):
+            evaluate(tr, logger, hooks)
+            t0 = time.perf_counter()
+        while tr.step < c.train.steps:
+            metrics = tr.train_step()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v
+            count += 1
+            done = tr.step == c.train.steps
+            # a window ends where alignment stops, so no logged mean mixes steps with and without it
+            if tr.step % c.train.log_every == 0 or done or tr.step == c.align.stop_step:
+                last = log_row(tr, sums, count, t0)
+                if logger is not None:  # the window that stops a run is logged first
+                    logger.log(tr.step, last)
+                if hooks.on_log is not None:
+                    hooks.on_log(tr.step, last)
+                verdict = watch.update(count, last["skipped_in_window"], int(tr.bad_run.item()))
+                if verdict:
+                    raise TooManyBadSteps(
+                        f"{verdict} (step {tr.step}); they were skipped, and no checkpoint is written inside a "
+                        f"streak of them. Start a new run with a lower train.lr, a smaller train.grad_clip, "
+                        f"model.qk_norm=true or train.precision=fp32, or check the data."
+                    )
+                sums, count, t0 = {}, 0, time.perf_counter()
+            # asked to stop: log the window so far (its steps would never be logged), save with the router's
+            # record and go, before any sample grid or evaluation (a scheduler's grace period is short); an
+            # evaluation due at this step is done on resume (Evaluator.missing)
+            stop = not done and stop_agreed(tr, hooks.should_stop)
+            if stop and count:
+                last = log_row(tr, sums, count, t0)
+                if logger is not None:
+                    logger.log(tr.step, last)
+            paused = time.perf_counter()  # checkpoints, grids and evaluations are not training: not in img/s
+            # every process takes part in saving and sampling (FSDP gathers); rank 0 writes. No checkpoint
+            # inside a streak of skipped steps (the last good one stays the newest), except on a stop: the
+            # skipped steps left the weights as they were
+            if stop or ((tr.step % c.train.ckpt_every == 0 or done) and tr.bad_run.item() == 0):
+                tr.save()
+                aligner = tr.unsharded("aligner", on_all_ranks=False) if tr.parts.aligner is not None else None
+                if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
+                    logger.image("router", outputs.write_router_plot(aligner, tr.run_dir, tr.step), tr.step)
+            if stop:
+                return {**last, "stopped": stop, "step": tr.step}
+            if c.train.sample_every and c.sample.grid_images and (tr.step % c.train.sample_every == 0 or done):
+                bundle = tr.sampler_bundle(on_all_ranks=False)
+                if main:
+                    on_batch = hooks.progress("grid", c.sample.grid_images) if hooks.progress is not None else None
+                    grid = outputs.write_samples(bundle, c.sample, tr.run_dir, tr.step, on_batch)
+                    logger.image("samples", grid, tr.step)
+            if tr.evaluator is not None and (tr.step % c.eval.every == 0 or done):
+                evaluate(tr, logger, hooks)
+            t0 += time.perf_counter() - paused
+        tr.export()
+        if main:
+            outputs.finish(tr.run_dir, tr.parts.levels, tr.step)
+    finally:
+        if logger is not None:
+            logger.close()
+    return last

@@ -358,11 +358,12 @@ def test_router_modes_registered_at_run_time_train_and_are_checked(monkeypatch, 
     with pytest.raises(ValueError, match=r"router mode 'bad' \(.*\) cannot be called as fn\(t \[B\]"):
         router_mod.register_router_mode("bad", lambda t: t)
     router_mod.register_router_mode("bad", lambda t, k: torch.full((len(t), 2), 0.5))
-    with pytest.raises(ValueError, match=r"router mode 'bad' \(register_router_mode\): its function returned \(5, 2\) "
-                                         r"for 5 values of t and K=3"):
+    with pytest.raises(ValueError, match=r"router mode 'bad' \(register_router_mode\): its function returned \(101, 2\) "
+                                         r"for 101 values of t and K=3"):
         Router(3, "bad")
     router_mod.register_router_mode("bad", lambda t, k: torch.ones(len(t), k))
-    with pytest.raises(ValueError, match=r"router mode 'bad': its weights' rows sum to \[3.0"):
+    with pytest.raises(ValueError, match=r"router mode 'bad': its weights at t = 0.00, 0.01, 0.02, 0.03, ... are no "
+                                         r"distribution over the levels \(smallest weight 1.0000, row sums 3.0000"):
         Router(3, "bad")
 
     def wavy(t, k):  # uniform at t = 0, .25, .5, .75, 1 (sin(4 pi t) = 0 there), negative in between
@@ -441,3 +442,22 @@ def test_channel_stats_standardise_and_invert_with_one_copy_per_device():
         stats.invert(on_meta, channel_dim=2)
     assert set(stats._copies) == {torch.device("cpu"), torch.device("meta")}
     assert stats.mean.device.type == "cpu"
+
+
+def test_a_learned_mode_is_checked_again_on_its_trained_weights_where_the_router_is_plotted(monkeypatch, tmp_path):
+    """A learned mode passes at its uniform start; a post-processing that goes negative once the soft weights move
+    stops the run where its router is plotted (after the checkpoint), naming the mode, with the plot written."""
+    from ahpa.align import router as router_mod
+    from ahpa.align.methods import ROUTER_MODES
+    from ahpa.train import outputs
+
+    monkeypatch.setitem(ROUTER_MODES, "overshoot", True)
+    monkeypatch.setitem(router_mod.ROUTE_FNS, "overshoot", None)
+    router_mod.register_router_mode("overshoot", lambda soft: 2 * soft - 1 / soft.shape[1], learned=True)
+    al = Aligner(16, ["a", "b", "c"], [3, 4, 5], AlignCfg(projector_dim=32), "overshoot", "cosine")  # uniform: fine
+    with torch.no_grad():
+        al.router.mlp[-1].bias.copy_(torch.tensor([3.0, 0.0, 0.0]))  # as if trained: "a" takes most of the weight
+    with pytest.raises(ValueError, match=r"router mode 'overshoot': its weights at t = 0.00, 0.02, 0.04, 0.06, ... are "
+                                         r"no distribution over the levels \(smallest weight -0.2"):
+        outputs.write_router_plot(al, tmp_path, 5)
+    assert (tmp_path / "router.png").exists()

@@ -204,8 +204,8 @@ def test_a_router_mode_whose_branch_returns_the_wrong_thing_fails_when_built(mon
         return self.bad(t)
 
     monkeypatch.setattr(Router, "route", route)
-    for bad, message in [(lambda t: torch.full((len(t), 3), 1 / 3), r"returned \(5, 3\); it returns a pair"),
-                         (lambda t: (torch.ones(len(t), 3),) * 2, r"rows sum to \[3.0, 3.0, 3.0, 3.0, 3.0\]")]:
+    for bad, message in [(lambda t: torch.full((len(t), 3), 1 / 3), r"returned \(101, 3\); it returns a pair"),
+                         (lambda t: (torch.ones(len(t), 3),) * 2, r"weights at t = 0.00, 0.01, 0.02, 0.03, ... are no distribution .*row sums 3.0000..3.0000")]:
         monkeypatch.setattr(Router, "bad", staticmethod(bad), raising=False)
         with pytest.raises(ValueError, match=rf"router mode 'ramp': .*{message}"):
             Router(3, "ramp")
@@ -278,10 +278,10 @@ def test_a_loss_or_router_mode_with_the_wrong_shape_in_another_place_fails_when_
     monkeypatch.setitem(ROUTER_MODES, "ramp", False)
     original = Router.route
     monkeypatch.setattr(Router, "route", lambda self, t: original(self, t) if self.mode != "ramp" else self.bad(t))
-    third = torch.full((5, 3), 1 / 3)
-    for bad, message in [(lambda t: (third, torch.full((len(t), 2), 0.5)), r"returned \[\(5, 3\), \(5, 2\)\]"),
+    third = torch.full((101, 3), 1 / 3)
+    for bad, message in [(lambda t: (third, torch.full((len(t), 2), 0.5)), r"returned \[\(101, 3\), \(101, 2\)\]"),
                          (lambda t: (torch.tensor([[1.5, -0.5, 0.0]]).expand(len(t), 3),) * 2,
-                          r"rows sum to \[1.0, 1.0, 1.0, 1.0, 1.0\] \(or hold negative weights\)")]:
+                          r"are no distribution over the levels \(smallest weight -0.5000, row sums 1.0000..1.0000\)")]:
         monkeypatch.setattr(Router, "bad", staticmethod(bad), raising=False)
         with pytest.raises(ValueError, match=rf"router mode 'ramp': .*{message}"):
             Router(3, "ramp")

@@ -54,8 +54,6 @@ def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bo
 
 def snr_schedule(t: torch.Tensor, num_levels: int, width: float) -> torch.Tensor:
     """[B] -> [B, K] fixed weights: coarse levels at high noise, fine levels near the data."""
-    if num_levels == 1:
-        return torch.ones(t.shape[0], 1, device=t.device)
     centres = torch.linspace(0.0, 1.0, num_levels, device=t.device)  # fine -> coarse
     logits = -((t.float()[:, None] - centres[None]) ** 2) / (2 * width**2)
     return torch.softmax(logits, dim=-1)
@@ -69,6 +67,18 @@ def keep_topk(weights: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros_like(weights).scatter_(-1, idx, 1.0)
     kept = weights * mask
     return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def check_weights(mode: str, t: torch.Tensor, weights: torch.Tensor) -> None:
+    """Router weights [T, K] at t [T] must be a distribution over the levels at every t: non-negative rows that sum
+    to 1; otherwise the error names the mode and the first values of t where they are not."""
+    w = weights.detach().float().cpu()
+    bad = (w < 0).any(dim=1) | ((w.sum(dim=1) - 1).abs() > 1e-4)
+    if bad.any():
+        at = ", ".join(f"{x:.2f}" for x in t.cpu()[bad][:4].tolist()) + (", ..." if int(bad.sum()) > 4 else "")
+        raise ValueError(f"router mode {mode!r}: its weights at t = {at} are no distribution over the levels "
+                         f"(smallest weight {w[bad].min().item():.4f}, row sums {w[bad].sum(1).min().item():.4f}"
+                         f"..{w[bad].sum(1).max().item():.4f}); each row is non-negative and sums to 1")
 
 
 class Router(nn.Module):
@@ -90,35 +100,25 @@ class Router(nn.Module):
         self._check_route()
 
     def _check_route(self) -> None:
-        """Route a few t once, so that a mode whose branch is missing or returns the wrong thing fails when it is built
-        (docs/extending.md, "A router mode"), not at the first training step."""
+        """Route 101 values of t once, so that a mode whose branch is missing or returns the wrong thing fails when it
+        is built (docs/extending.md, "A router mode"), not at the first training step: a pair of [B, K] tensors, and
+        weights that are a distribution over the levels at every t (a schedule may go negative between a few
+        values). A learned mode is seen at its uniform start only; check_weights runs again on its trained weights
+        where the router is plotted."""
+        t = torch.linspace(0.0, 1.0, 101)
         with torch.no_grad():
-            out = self.route(torch.linspace(0.0, 1.0, 5))
-        want = (5, self.num_levels)
+            out = self.route(t)
+        want = (len(t), self.num_levels)
         shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
         shapes = [shape(w) for w in out] if isinstance(out, tuple) else shape(out)
         if self.mode in ROUTE_FNS and self.num_levels > 1 and shapes[0] != want:
             contract = LEARNED_CONTRACT if self.learned else FIXED_CONTRACT
             raise ValueError(f"router mode {self.mode!r} (register_router_mode): its function returned {shapes[0]} for "
-                             f"5 values of t and K={self.num_levels}; it is {contract}")
+                             f"{len(t)} values of t and K={self.num_levels}; it is {contract}")
         if shapes != [want, want]:
-            raise ValueError(f"router mode {self.mode!r}: Router.route(t [5]) returned {shapes}; it returns a pair "
-                             f"(weights, objective's weights), each [B, K] = {list(want)}")
-        sums = out[0].float().sum(dim=1)
-        if (out[0] < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
-            raise ValueError(f"router mode {self.mode!r}: its weights' rows sum to {[round(s, 4) for s in sums.tolist()]} "
-                             "(or hold negative weights); each row is a distribution over the levels and sums to 1")
-        # and between those five: a schedule may go negative in between (a learned mode is seen at its uniform start
-        # only: a post-processing that forgets to renormalise shows once the soft weights move)
-        t = torch.linspace(0.0, 1.0, 101)
-        with torch.no_grad():
-            dense = self.route(t)[0].float()
-        bad = (dense < 0).any(dim=1) | ((dense.sum(dim=1) - 1).abs() > 1e-4)
-        if bad.any():
-            at = ", ".join(f"{x:.2f}" for x in t[bad][:4].tolist()) + (", ..." if int(bad.sum()) > 4 else "")
-            raise ValueError(f"router mode {self.mode!r}: its weights at t = {at} are no distribution over the levels "
-                             f"(smallest weight {dense[bad].min().item():.4f}, row sums {dense[bad].sum(1).min().item():.4f}"
-                             f"..{dense[bad].sum(1).max().item():.4f}); each row is non-negative and sums to 1")
+            raise ValueError(f"router mode {self.mode!r}: Router.route(t [{len(t)}]) returned {shapes}; it returns a "
+                             f"pair (weights, objective's weights), each [B, K] = {list(want)}")
+        check_weights(self.mode, t, out[0])
 
     @property
     def varies(self) -> bool:

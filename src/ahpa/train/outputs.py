@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ahpa.align.objective import Aligner
+from ahpa.align.router import check_weights
 from ahpa.atomic import atomic_write_text
 from ahpa.config import Config, EvalCfg, SampleCfg
 from ahpa.models.sit import SiT
@@ -56,7 +57,11 @@ def write_router_plot(aligner: Aligner, run_dir: Path, step: int) -> Path:
         f.write(json.dumps(row) + "\n")
     title = f"router ({aligner.router.mode}) at step {step}"
     out = plots.router_heatmap(t.numpy(), w.numpy(), aligner.levels, run_dir / "plots" / f"router_{step:09d}.png", title)
-    return Path(shutil.copyfile(out, run_dir / "router.png"))
+    out = Path(shutil.copyfile(out, run_dir / "router.png"))
+    # a learned mode is checked at its uniform start when built; its trained weights here (after the checkpoint: a
+    # registered post-processing that forgets to renormalise stops the run with its plot and a resumable checkpoint)
+    check_weights(aligner.router.mode, t, w)
+    return out
 
 
 def last_evaluation_missing(run_dir: Path, step: int, rank: int) -> bool:

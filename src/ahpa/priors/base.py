@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# the name of the level that is the latent itself (the last of every encoder's levels)
+LATENT = "latent"
+
 
 @dataclass(frozen=True)
 class Level:
@@ -94,8 +97,11 @@ class PriorEncoder(nn.Module):
         self._check_levels()
         for name in levels:
             self.level(name)  # fails with the list of valid names
-        out = self._encode(self._in_memory_format(self.to_input_range(images)), tuple(levels))
-        self._check_output(out, levels, (h, w))
+        stages = tuple(n for n in levels if n != LATENT)  # _encode computes the latent anyway: it never sees the name
+        out = self._encode(self._in_memory_format(self.to_input_range(images)), stages)
+        self._check_output(out, stages, (h, w))
+        if LATENT in levels:  # asked for by name: the mean, for every encoder alike
+            out.features[LATENT] = out.mean
         return out
 
     def _check_levels(self) -> None:
@@ -106,10 +112,10 @@ class PriorEncoder(nn.Module):
         where = f"{type(self).__name__} ({getattr(self, 'spec', '')!r})"
         if len(set(names)) != len(names):
             raise ValueError(f"{where} declares levels {names}: each name once")
-        if "latent" not in names:
+        if LATENT not in names:
             raise ValueError(f"{where} declares levels {names} without the latent: the last is Level('latent', "
                              f"latent_channels, factor)")
-        lat = self.level("latent")
+        lat = self.level(LATENT)
         if (lat.channels, lat.stride) != (self.latent_channels, self.factor):
             raise ValueError(f"{where} declares Level('latent', {lat.channels}, {lat.stride}) but latent_channels="
                              f"{self.latent_channels} and factor={self.factor}: they describe the same latent")
@@ -131,8 +137,6 @@ class PriorEncoder(nn.Module):
             raise ValueError(f"{where} returned a latent of {tuple(out.mean.shape[2:])} for images {size}; the factor "
                              f"{self.factor} makes it {latent_side}")
         for name in levels:
-            if name == "latent":
-                continue
             if name not in out.features:
                 raise ValueError(f"{where} was asked for level {name!r} and returned features {sorted(out.features)}; "
                                  "features holds every requested level other than the latent")

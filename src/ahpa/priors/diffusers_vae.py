@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ahpa.priors.base import EncoderOutput, Level, PriorEncoder, frozen, sha256_file
+from ahpa.priors.base import LATENT, EncoderOutput, Level, PriorEncoder, frozen, sha256_file
 
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -53,7 +53,7 @@ def levels_from_config(block_out_channels: list[int] | tuple[int, ...], latent_c
     factor = 2 ** (n - 1)
     levels = [Level(f"down{i}", c, 2 ** min(i + 1, n - 1)) for i, c in enumerate(block_out_channels)]
     levels.append(Level("mid", block_out_channels[-1], factor))
-    levels.append(Level("latent", latent_channels, factor))
+    levels.append(Level(LATENT, latent_channels, factor))
     return tuple(levels)
 
 
@@ -172,7 +172,7 @@ class DiffusersVAE(PriorEncoder):
     def _encode(self, x: torch.Tensor, levels: tuple[str, ...]) -> EncoderOutput:
         vae = self.vae
         x = x.to(dtype=next(vae.parameters()).dtype, memory_format=self.memory_format)
-        with self._capture(tuple(n for n in levels if n != "latent")) as features:
+        with self._capture(levels) as features:
             # vae.encoder + quant_conv directly rather than vae.encode: tiling or slicing (if a user
             # enabled them) would run the stages once per tile and the hooks would keep only the last.
             moments = vae.encoder(x)  # [B, 2*C_lat, H/f, W/f]
@@ -181,10 +181,7 @@ class DiffusersVAE(PriorEncoder):
                 moments = quant_conv(moments)
         mean, logvar = torch.chunk(moments, 2, dim=1)  # [B, 2C, h, w] -> 2 x [B, C, h, w]
         logvar = logvar.clamp(-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
-        features = dict(features)
-        if "latent" in levels:
-            features["latent"] = mean
-        return EncoderOutput(mean=mean, logvar=logvar, features=features)
+        return EncoderOutput(mean=mean, logvar=logvar, features=dict(features))
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         z = z.to(dtype=next(self.vae.parameters()).dtype, memory_format=self.memory_format)

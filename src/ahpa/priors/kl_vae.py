@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ahpa.atomic import atomic_path, atomic_write_text
-from ahpa.priors.base import EncoderOutput, Level, PriorEncoder, frozen, posterior_sample, sha256_file
+from ahpa.priors.base import LATENT, EncoderOutput, Level, PriorEncoder, frozen, posterior_sample, sha256_file
 
 
 @dataclass
@@ -58,7 +58,7 @@ class KLVAE(PriorEncoder):
         self.factor = 2 ** (len(ch) - 1)
         self.latent_channels = cfg.latent_channels
         self.levels = tuple(Level(f"stage{i + 1}", c, 2**i) for i, c in enumerate(ch)) + (
-            Level("latent", cfg.latent_channels, self.factor),
+            Level(LATENT, cfg.latent_channels, self.factor),
         )
         self.spec = "ahpa-vae:<in memory>"
         self.weights_sha256 = None

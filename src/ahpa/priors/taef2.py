@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ahpa.priors.base import EncoderOutput, Level, PriorEncoder, frozen, sha256_file
+from ahpa.priors.base import LATENT, EncoderOutput, Level, PriorEncoder, frozen, sha256_file
 
 ENCODER_FILE = "taef2_encoder.pth"
 DECODER_FILE = "taef2_decoder.pth"
@@ -21,13 +21,13 @@ WIDTH = 64
 LATENT_CHANNELS = 32
 
 # level name -> index of the encoder module whose output it is; ordered fine to coarse, latent last.
-LEVEL_INDEX = {"stage1": 1, "stage2": 5, "stage3": 9, "stage4": 13, "latent": 14}
+LEVEL_INDEX = {"stage1": 1, "stage2": 5, "stage3": 9, "stage4": 13}
 LEVELS = (
     Level("stage1", WIDTH, 1),
     Level("stage2", WIDTH, 2),
     Level("stage3", WIDTH, 4),
     Level("stage4", WIDTH, 8),
-    Level("latent", LATENT_CHANNELS, 8),
+    Level(LATENT, LATENT_CHANNELS, 8),
 )
 
 
@@ -154,15 +154,13 @@ class TAEF2Encoder(PriorEncoder):
         return images.clamp(0, 1)
 
     def _encode(self, x: torch.Tensor, levels: tuple[str, ...]) -> EncoderOutput:
-        wanted = {LEVEL_INDEX[name]: name for name in levels if name != "latent"}
+        wanted = {LEVEL_INDEX[name]: name for name in levels}
         x = x.to(next(self.encoder.parameters()).dtype)  # follow the module if it was cast to half
         features: dict[str, torch.Tensor] = {}
         for i, module in enumerate(self.encoder):
             x = module(x)
             if i in wanted:
                 features[wanted[i]] = x
-        if "latent" in levels:
-            features["latent"] = x
         return EncoderOutput(mean=x, logvar=None, features=features)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ Nothing here is part of the exported model: inference runs the plain SiT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ class Aligner(nn.Module):
         if loss not in LEVEL_LOSSES:
             raise ValueError(f"alignment loss {loss!r} has no function in ahpa.align.loss.LEVEL_LOSSES (register_loss adds "
                              f"the name and the function); losses: {', '.join(LEVEL_LOSSES)}")
+        # the settings a loss is given say what is in force: a method that fixes its router (multi-uniform) runs that
+        # mode whatever align.router says, and its loss the resolved one, not "default"
+        cfg = dataclasses.replace(cfg, router=router_mode, loss=loss)
         check_loss(loss, cfg)
         self.loss_kind, self.cfg = loss, cfg
         self.normalize = cfg.router_normalize

@@ -400,8 +400,9 @@ def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path
     from ahpa.align.objective import Aligner as A
 
     seen_cfg = []
+    for registry in (LOSSES, LEVEL_LOSSES):
+        monkeypatch.setitem(registry, "cfg-probe", None)  # removed again after the test
     register_loss("cfg-probe", lambda p, q, cfg: seen_cfg.append(cfg) or (p.float() - q.float()).pow(2).flatten(1).mean(1))
-    monkeypatch.setitem(LOSSES, "cfg-probe", None)
     A(16, ["a", "b"], [3, 4], AlignCfg(router="soft"), "uniform", "cfg-probe")  # a method that fixes its router
     assert (seen_cfg[-1].router, seen_cfg[-1].loss) == ("uniform", "cfg-probe")  # the loss sees what is in force
     Trainer(tiny("align.loss=mse-ln", "align.smooth_l1_beta=0.2", "train.steps=1"), tmp_path).run()

@@ -9,6 +9,7 @@ the same quantities from disk. Statistics are measured by the source that knows 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,27 @@ class PriorBatch:
     levels: dict[str, torch.Tensor]  # name -> [B, N, C_k] pooled to the token grid, raw
     labels: torch.Tensor  # int64 [B]
     images: torch.Tensor | None = None  # [B, 3, R, R] in [0, 1]: on the fly, or a cache's stored crops (REPA reads pixels)
+
+
+class BatchSource(Protocol):
+    """What the trainer uses of a source of batches: `OnTheFly` and a prepared cache (ahpa.data.cache.CacheSource)
+    are the two; a third needs these, and may add `start_prefetch(plan, step)` and `close()` (a cache gathers the
+    coming steps' rows in a background thread; the trainer calls them where the source has them)."""
+
+    levels: list[str]  # the levels it reads, the external encoder's aside
+    num_classes: int
+    samples_posterior: bool  # whether fetch takes posterior noise (the latent is sampled)
+
+    def __len__(self) -> int: ...
+
+    @property
+    def reads_priors(self) -> bool: ...  # whether a batch reads more than the latent
+
+    def drop_levels(self) -> None: ...  # alignment has stopped: read the latent (and labels) alone from now on
+
+    def fetch(self, idx: torch.Tensor, flip: torch.Tensor | None, posterior_noise: torch.Tensor | None) -> PriorBatch: ...
+
+    def measure_stats(self, num_images: int, generator: torch.Generator) -> PriorStats: ...
 
 
 def prepare_images(images_u8: torch.Tensor, resolution: int, flip: torch.Tensor | None = None) -> torch.Tensor:

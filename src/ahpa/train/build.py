@@ -11,7 +11,7 @@ from ahpa.align import get_method, resolve_depths, resolve_levels
 from ahpa.align.methods import ROUTING, align_settings_read
 from ahpa.align.objective import Aligner
 from ahpa.config import AlignCfg, Config, EvalCfg, absolute_spec
-from ahpa.data.batches import OnTheFly
+from ahpa.data.batches import BatchSource, OnTheFly
 from ahpa.data.sources import load_image_set
 from ahpa.device import resolve_device
 from ahpa.models.sit import SiT, SiTConfig
@@ -36,7 +36,7 @@ class Parts:
     cfg: Config
     device: torch.device
     amp: torch.dtype | None
-    source: OnTheFly
+    source: BatchSource  # OnTheFly, or a prepared cache's CacheSource
     encoder: PriorEncoder
     external: ExternalEncoder | None
     levels: list[str]

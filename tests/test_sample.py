@@ -26,6 +26,18 @@ def collect(bundle, n, batch, cfg, seed=0):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def fake_iter_samples(calls):
+    """An iter_samples whose sample i is an image filled with i (its label i): cheap and checkable."""
+
+    def fake_iter(bundle, lo, hi, seed, n, cfg, labels=None):
+        calls.append((lo, hi))
+        idx = np.arange(lo, hi)
+        images = np.broadcast_to((idx % 256).astype(np.uint8)[:, None, None, None], (hi - lo, 2, 2, 3)).copy()
+        yield lo, torch.from_numpy(images), torch.from_numpy(idx) if labels is None else labels[lo:hi]
+
+    return fake_iter
+
+
 @pytest.mark.parametrize("solver", ["euler", "heun", "euler-maruyama"])
 def test_samples_do_not_depend_on_batch_size(run_dir, solver):
     bundle = load_export(run_dir / "model.safetensors", torch.device("cpu"))
@@ -230,13 +242,7 @@ def test_a_resume_with_another_batch_keeps_the_partial_runs_chunks(tmp_path, mon
     from ahpa.config import SampleCfg
 
     calls = []
-
-    def fake_iter(bundle, lo, hi, seed, n, cfg):  # sample i is an image filled with i: cheap and checkable
-        calls.append((lo, hi))
-        idx = np.arange(lo, hi)
-        images = np.broadcast_to((idx % 256).astype(np.uint8)[:, None, None, None], (hi - lo, 2, 2, 3)).copy()
-        yield lo, torch.from_numpy(images), torch.from_numpy(idx)
-
+    fake_iter = fake_iter_samples(calls)
     monkeypatch.setattr(sample_writer, "iter_samples", fake_iter)
     out, ident = tmp_path / "s.npz", {"model_sha256": "x"}
 
@@ -346,3 +352,33 @@ def test_an_export_refuses_a_vae_of_other_latent_channels(run_dir):
     channels = load_export(run_dir / "model.safetensors", "cpu").model.cfg.in_channels
     with pytest.raises(ValueError, match=rf"has latents of 8 channels, but .* was trained on latents of {channels}"):
         load_export(run_dir / "model.safetensors", "cpu", encoder=wide)
+
+
+def test_a_chunk_size_below_1_is_refused_before_the_parts_are_made(run_dir, tmp_path, monkeypatch, capsys):
+    """--batch 0 or -3 left OUT.parts/settings.json with that chunk size, which every corrected rerun kept and
+    failed on. It is refused before anything is written; write_samples refuses it too, and a partial attempt that
+    saved one (before the check) is resumed with the command's chunk size instead."""
+    import json
+
+    from ahpa import sample_writer
+
+    for bad in ("0", "-3"):
+        out = tmp_path / f"b{bad}.npz"
+        assert main(["sample", "--run", str(run_dir), "--num", "2", "--out", str(out), "--batch", bad]) == 2
+        assert "--batch must be positive" in capsys.readouterr().err
+        assert not out.with_name(out.name + ".parts").exists()
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    with pytest.raises(ValueError, match="batch .* must be a positive integer, got 0"):
+        sample_writer.write_samples(None, tmp_path / "w.npz", 2, 0, 0, SampleCfg(), {"model_sha256": "x"})
+    out = tmp_path / "old.npz"
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({"num": 5, "seed": 0, "batch": 0, **vars(SampleCfg()),
+                                                     "model_sha256": "x"}))
+    resumed = []
+    assert sample_writer.write_samples(None, out, 5, 0, 2, SampleCfg(), {"model_sha256": "x"},
+                                       on_resume=lambda *a: resumed.append(a)) == out
+    assert calls == [(0, 2), (2, 4), (4, 5)] and resumed == [(0, 2)]
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_1"], np.arange(5))

@@ -95,7 +95,13 @@ def _open_parts(out: Path, parts: Path, settings: dict, num: int) -> tuple[Excep
         atomic_write_text(saved_file, json.dumps(settings, indent=1))
         return None, None
     saved = json.loads(saved_file.read_text())
-    batch = settings["batch"] = saved.get("batch", settings["batch"])  # the chunks already written set the chunk size
+    kept = saved.get("batch", settings["batch"])
+    if not (isinstance(kept, int) and kept >= 1):
+        # a chunk size no chunk can have been written with (an attempt from before --batch was checked): keeping it
+        # would fail every rerun; this command's size replaces it, and the settings are compared as for any resume
+        saved["batch"] = kept = settings["batch"]
+        atomic_write_text(saved_file, json.dumps(saved, indent=1))
+    batch = settings["batch"] = kept  # the chunks already written set the chunk size
     # a partial run written before a sampler setting existed ran with that setting's default
     defaults = vars(SampleCfg())
     diff = [f"{k}: partial has {saved.get(k, defaults.get(k))!r}, command gives {v!r}" for k, v in settings.items()
@@ -123,6 +129,8 @@ def write_samples(
     out = Path(out)
     if out.suffix != ".npz":
         raise ValueError(f"sample output {str(out)!r} must end in .npz")
+    if not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"write_samples: batch (samples per chunk) must be a positive integer, got {batch!r}")
     parts = out.with_name(out.name + ".parts")
     settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
     settings.pop("grid_images", None)

@@ -54,6 +54,8 @@ def run(args) -> int:
     # everything that can be checked without loading a model is checked first
     if args.num <= 0:
         raise ValueError("--num must be positive")
+    if args.batch <= 0:  # before OUT.parts is made: its settings.json would keep the bad chunk size for every rerun
+        raise ValueError("--batch must be positive")
     if Path(args.out).suffix != ".npz":
         raise ValueError(f"--out {args.out!r} must end in .npz (the ADM sample format)")
     check_not_finished(args.out)

@@ -284,3 +284,20 @@ def test_show_config_is_printed_once_under_torchrun(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         assert main(["train", "--config", tiny, "--show-config"]) == 0
         assert ("train:" in capsys.readouterr().out) is shown
+
+
+def test_an_empty_guidance_interval_is_refused_once_every_key_is_set(tmp_path):
+    """sample.guidance_low > sample.guidance_high passed each key's own range check and turned guidance off without
+    a word (guidance runs for low <= t <= high). The pair is checked after the file and the overrides are in, so an
+    override may repair a file's value; `ahpa train` (config.load) and `ahpa sample` (from_dict) both refuse it."""
+    with pytest.raises(config.ConfigError, match=r"command line: sample.guidance_low=0.8 exceeds "
+                                                 r"sample.guidance_high=0.2: .* give low <= high"):
+        config.load(None, ["sample.guidance_low=0.8", "sample.guidance_high=0.2"])
+    with pytest.raises(config.ConfigError, match="ahpa sample: sample.guidance_low=0.8 exceeds"):
+        config.from_dict({"sample": {"guidance_low": 0.8, "guidance_high": 0.2}}, where="ahpa sample")
+    path = tmp_path / "c.yaml"
+    path.write_text("sample:\n  guidance_low: 0.8\n  guidance_high: 0.2\n")
+    with pytest.raises(config.ConfigError, match=r"c\.yaml: sample.guidance_low=0.8 exceeds"):
+        config.load(path)
+    assert config.load(path, ["sample.guidance_high=0.9"]).sample.guidance_high == 0.9
+    assert config.load(None, ["sample.guidance_low=0.3", "sample.guidance_high=0.3"]).sample.guidance_low == 0.3

@@ -382,3 +382,14 @@ def test_a_chunk_size_below_1_is_refused_before_the_parts_are_made(run_dir, tmp_
     assert calls == [(0, 2), (2, 4), (4, 5)] and resumed == [(0, 2)]
     with np.load(out) as f:
         assert np.array_equal(f["arr_1"], np.arange(5))
+
+
+def test_guidance_is_refused_on_an_empty_interval_and_the_summary_names_the_interval(run_dir, tmp_path, capsys):
+    """--guidance-low 0.8 --guidance-high 0.2 sampled unguided while the summary said cfg-scale 2; it is refused,
+    naming both, and a guided file's summary names the interval it was guided on."""
+    args = ["sample", "--run", str(run_dir), "--num", "1", "--steps", "1", "--micro-batch", "2", "--cfg-scale", "2"]
+    assert main([*args, "--guidance-low", "0.8", "--guidance-high", "0.2", "--out", str(tmp_path / "a.npz")]) == 2
+    assert "sample.guidance_low=0.8 exceeds sample.guidance_high=0.2" in capsys.readouterr().err
+    assert not (tmp_path / "a.npz.parts").exists()
+    assert main([*args, "--guidance-high", "0.7", "--out", str(tmp_path / "b.npz")]) == 0
+    assert "(euler, 1 steps, cfg-scale 2.0 for t in [0.0, 0.7])" in capsys.readouterr().out

@@ -255,8 +255,16 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(sub, name, _coerce(key, value, types_[name], where))
 
 
-def from_dict(data: dict, where: str = "config", base: Config | None = None) -> Config:
-    cfg = base if base is not None else Config()
+def check_across_keys(cfg: Config, where: str) -> None:
+    """The rules between keys of one section that each key's own range cannot check, once every key is set."""
+    s = cfg.sample
+    if s.guidance_low > s.guidance_high:  # guided_velocity guides for low <= t <= high: an empty interval never does
+        raise ConfigError(f"{where}: sample.guidance_low={s.guidance_low} exceeds sample.guidance_high="
+                          f"{s.guidance_high}: guidance runs for t in [low, high], which is then empty, so cfg_scale "
+                          "would do nothing; give low <= high")
+
+
+def _fill(cfg: Config, data: dict, where: str) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
     for section, values in data.items():
@@ -264,6 +272,12 @@ def from_dict(data: dict, where: str = "config", base: Config | None = None) -> 
             raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
         for name, value in values.items():
             _apply(cfg, f"{section}.{name}", value, where)
+    return cfg
+
+
+def from_dict(data: dict, where: str = "config", base: Config | None = None) -> Config:
+    cfg = _fill(base if base is not None else Config(), data, where)
+    check_across_keys(cfg, where)
     return cfg
 
 
@@ -300,12 +314,14 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        from_dict(data, where=str(path), base=cfg)
+        _fill(cfg, data, str(path))  # the keys across sections are checked once the overrides are in
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _apply(cfg, key.strip(), value.strip(), where="command line")
+    check_across_keys(cfg, str(path) + (" with the command line's overrides" if overrides else "")
+                      if path is not None else "command line")
     return cfg
 
 

@@ -104,7 +104,9 @@ def run(args) -> int:
                                  on_resume=on_resume)
         completed = True
         if d.is_main:
-            print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale})")
+            guided = f" for t in [{cfg.guidance_low}, {cfg.guidance_high}]" if cfg.cfg_scale != 1 else ""
+            print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale}"
+                  f"{guided})")
         return 0
     finally:
         finish(completed, 0)  # under torchrun the process ends here

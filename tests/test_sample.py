@@ -71,6 +71,36 @@ def test_generate_takes_labels_as_a_list_and_names_wrong_ones(run_dir):
         generate(bundle, [0, 1], [0, k + 1], 0, cfg)
 
 
+@pytest.mark.parametrize("bad, message", [
+    (SampleCfg(steps=0), r"generate: sample.steps=0 is out of range; it must be at least 1"),
+    (SampleCfg(cfg_scale=float("nan")), r"generate: sample.cfg_scale=nan is out of range"),
+    (SampleCfg(micro_batch=0), r"generate: sample.micro_batch=0 is out of range"),
+    (SampleCfg(guidance_low=0.8, guidance_high=0.2), r"generate: sample.guidance_low=0.8 exceeds"),
+    ({"steps": "four"}, r"generate: sample.steps must be an integer"),
+    ("euler", r"generate: expected a SampleCfg \(or a dict of its keys\), got str"),
+])
+def test_generate_checks_its_settings_as_the_cli_does(run_dir, bad, message):
+    """ahpa.generate took settings the CLI refuses and returned decoded noise (steps=0), black images (cfg_scale=nan)
+    or a raw range() error (micro_batch=0); the config's own checks now run on its SampleCfg."""
+    from ahpa.sample import generate
+
+    bundle = load_export(run_dir / "model.safetensors", "cpu")
+    with pytest.raises(ValueError, match=message):
+        generate(bundle, [0, 1], [0, 1], 0, bad)
+
+
+def test_generate_refuses_labels_that_are_not_integers(run_dir):
+    """Labels [0.5, 1.7] were cast to classes [0, 1] without a word; a dict of settings samples as its SampleCfg."""
+    from ahpa.sample import generate
+
+    bundle = load_export(run_dir / "model.safetensors", "cpu")
+    with pytest.raises(ValueError, match="labels must be integer class indices, got torch.float32"):
+        generate(bundle, [0, 1], [0.5, 1.7], 0, SampleCfg(steps=1, micro_batch=2))
+    with pytest.raises(ValueError, match="labels must be integer class indices, got torch.float64"):
+        generate(bundle, [0, 1], np.array([0.0, 1.0]), 0, SampleCfg(steps=1, micro_batch=2))
+    assert torch.equal(generate(bundle, [0, 1], np.array([0, 1]), 0, {"steps": 1, "micro_batch": 2}),
+                       generate(bundle, [0, 1], [0, 1], 0, SampleCfg(steps=1, micro_batch=2)))
+
 def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path, capsys):
     common = ["--num", "9", "--steps", "3", "--micro-batch", "8", "--batch", "5"]
     assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common]) == 0

@@ -264,6 +264,18 @@ def check_across_keys(cfg: Config, where: str) -> None:
                           "would do nothing; give low <= high")
 
 
+def checked_sample(cfg: SampleCfg | dict, where: str) -> SampleCfg:
+    """`cfg` (a SampleCfg, or a mapping of some of its keys) checked as a config's `sample` section is: each key's
+    type, choices and range, and the rules across keys. Returns a checked copy (a mapping's missing keys default)."""
+    if isinstance(cfg, SampleCfg):
+        values = vars(cfg)
+    elif isinstance(cfg, dict):
+        values = cfg
+    else:
+        raise ConfigError(f"{where}: expected a SampleCfg (or a dict of its keys), got {type(cfg).__name__}")
+    return from_dict({"sample": dict(values)}, where=where).sample
+
+
 def _fill(cfg: Config, data: dict, where: str) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")

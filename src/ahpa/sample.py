@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ahpa.atomic import atomic_path
-from ahpa.config import SampleCfg
+from ahpa.config import SampleCfg, checked_sample
 from ahpa.models.sit import SiT, SiTConfig
 from ahpa.priors.base import PriorEncoder
 from ahpa.priors.targets import ChannelStats
@@ -95,10 +95,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(bundle: SamplerBundle, indices: list[int], labels, seed: int, cfg: SampleCfg) -> torch.Tensor:
     """uint8 [n, H, W, 3] images for sample indices `indices` with class `labels` (a tensor, array or list of n
-    ints in [0, num_classes); num_classes itself, the null class, samples without a class)."""
+    ints in [0, num_classes); num_classes itself, the null class, samples without a class). `cfg` is checked as the
+    CLI checks its options (a SampleCfg, or a dict of some of its keys)."""
+    cfg = checked_sample(cfg, "generate")  # the config's own ranges: steps=0 or cfg_scale=nan gave garbage images
     if cfg.solver not in SOLVERS:
         raise ValueError(f"unknown sampler {cfg.solver!r}; valid samplers: {', '.join(SOLVERS)}")
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        # a cast to long would truncate 0.5 and 1.7 to classes 0 and 1 without a word
+        raise ValueError(f"generate: labels must be integer class indices, got {labels.dtype} values; give integers "
+                         "(e.g. labels.long() where they are whole numbers)")
+    labels = labels.to(torch.long).reshape(-1)
     if len(labels) != len(indices):
         raise ValueError(f"generate: {len(indices)} sample indices but {len(labels)} labels; give one label per sample")
     if len(labels) and (labels.min() < 0 or labels.max() > bundle.num_classes):

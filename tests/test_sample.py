@@ -423,3 +423,23 @@ def test_guidance_is_refused_on_an_empty_interval_and_the_summary_names_the_inte
     assert not (tmp_path / "a.npz.parts").exists()
     assert main([*args, "--guidance-high", "0.7", "--out", str(tmp_path / "b.npz")]) == 0
     assert "(euler, 1 steps, cfg-scale 2.0 for t in [0.0, 0.7])" in capsys.readouterr().out
+
+
+def test_sample_refusals_read_once_and_draw_no_bar(run_dir, tmp_path, capsys):
+    """A range error was prefixed twice ('ahpa sample: error: ahpa sample: ...'); a resume refused for other settings
+    first drew an empty progress bar; --run naming a file said it 'does not exist; it is a file'."""
+    import json
+
+    args = ["sample", "--run", str(run_dir), "--num", "2", "--micro-batch", "2"]
+    assert main([*args, "--steps", "0", "--out", str(tmp_path / "a.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "ahpa sample: error: command line: sample.steps=0 is out of range" in err and err.count("ahpa sample") == 1
+    parts = tmp_path / "b.npz.parts"
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({"num": 2, "seed": 0, "batch": 64, "steps": 7}))
+    assert main([*args, "--steps", "1", "--out", str(tmp_path / "b.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a partial sampling run with other settings (steps: partial has 7, command gives 1" in err
+    assert "0%" not in err and "img" not in err
+    assert main(["sample", "--run", str(run_dir / "model.safetensors"), "--num", "2", "--out", str(tmp_path / "c.npz")]) == 2
+    assert "is a file, not a run directory: an export is sampled with --model" in capsys.readouterr().err

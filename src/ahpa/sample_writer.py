@@ -116,14 +116,16 @@ def _open_parts(out: Path, parts: Path, settings: dict, num: int) -> tuple[Excep
 def write_samples(
     bundle: SamplerBundle, out: str | Path, num: int, seed: int, batch: int, cfg: SampleCfg,
     identity: dict, on_progress: Callable[[int], None] | None = None,
-    on_resume: Callable[[int, int], None] | None = None,
+    on_resume: Callable[[int, int], None] | None = None, on_start: Callable[[], None] | None = None,
 ) -> Path | None:
     """Generate samples [0, num) into `out`. Returns the path on the main process (None elsewhere).
 
     `identity` names what produced the samples (the model's or checkpoint's sha256); with the sampler
     settings it must match a previous partial attempt, else the error names the differing field. `batch` is the
     chunk size: a resume keeps the partial attempt's (the samples do not depend on it). On the main process,
-    `on_resume(images already there, the chunk size kept)` is called when a partial attempt is resumed.
+    `on_resume(images already there, the chunk size kept)` is called when a partial attempt is resumed, then
+    `on_start()` on every process once the settings are accepted, before the first chunk (a progress bar opened there
+    is not drawn before a refusal); `on_progress(n)` after each chunk of n images.
     """
     d = current()
     out = Path(out)
@@ -143,6 +145,8 @@ def write_samples(
             raise error
         if done is not None and on_resume is not None:  # a partial attempt, also one killed before its first chunk
             on_resume(done, batch)
+        if on_start is not None:
+            on_start()
         return _sample_chunks(bundle, out, parts, num, seed, batch, cfg, on_progress)
     finally:
         if d.is_main:  # also on an error: a notebook that goes on holds no one out

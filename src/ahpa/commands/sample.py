@@ -59,13 +59,15 @@ def run(args) -> int:
     if Path(args.out).suffix != ".npz":
         raise ValueError(f"--out {args.out!r} must end in .npz (the ADM sample format)")
     check_not_finished(args.out)
+    if args.run and Path(args.run).is_file():
+        raise FileNotFoundError(f"--run {args.run!r} is a file, not a run directory: an export is sampled with --model")
     if args.run and not Path(args.run).is_dir():
-        hint = "; it is a file: an export is sampled with --model" if Path(args.run).is_file() else ""
-        raise FileNotFoundError(f"run directory {args.run!r} does not exist{hint}")
+        raise FileNotFoundError(f"run directory {args.run!r} does not exist")
     if args.model and Path(args.model).is_dir():
         raise ValueError(f"--model {args.model!r} is a directory; a run directory is sampled with --run")
     given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
-    config_mod.from_dict({"sample": given}, where="ahpa sample")  # ranges: e.g. --steps 0 fails here
+    # ranges: e.g. --steps 0 fails here. The CLI prefixes "ahpa sample: error:" itself
+    config_mod.from_dict({"sample": given}, where="command line")
     d = init_from_env(args.device)
     completed = False
     try:
@@ -90,18 +92,27 @@ def run(args) -> int:
             # Only the main process compares settings (write_samples), so only it reads the file through the hash
             identity = {"model_sha256": sha256_file(args.model) if d.is_main else None}
             base = config_mod.SampleCfg()
-        cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}},
-                                   where="ahpa sample").sample
+        where = f"{Path(args.run) / 'config.yaml'}'s sample section with the command line" if args.run else "command line"
+        cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}}, where=where).sample
         def on_resume(done: int, batch: int) -> None:
             kept = f" (the first attempt's; --batch {args.batch} is not used)" if batch != args.batch else ""
             tqdm.write(f"resuming {args.out}.parts: {done} of {args.num} images are there; chunks of {batch}{kept}",
                        file=sys.stderr)
 
-        with tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main) as bar:
+        bars = []  # opened once write_samples has accepted the settings: a refusal draws no empty bar first
+
+        def on_start() -> None:
+            bars.append(tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main))
+
+        def on_progress(n: int) -> None:  # the main process counts its batches for every process: the last round may be short
+            bars[0].update(min(n * d.world, bars[0].total - bars[0].n))
+
+        try:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
-                                 # the main process counts its batches for every process: the last round may be short
-                                 on_progress=lambda n: bar.update(min(n * d.world, bar.total - bar.n)),
-                                 on_resume=on_resume)
+                                 on_progress=on_progress, on_resume=on_resume, on_start=on_start)
+        finally:
+            for bar in bars:
+                bar.close()
         completed = True
         if d.is_main:
             guided = f" for t in [{cfg.guidance_low}, {cfg.guidance_high}]" if cfg.cfg_scale != 1 else ""

@@ -108,15 +108,30 @@ def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path, capsys):
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert a["arr_0"].shape == (9, 16, 16, 3) and a["arr_1"].dtype == np.int64
         assert np.array_equal(a["arr_0"], b["arr_0"])
-    # a finished file is not written over, by another sampler's settings or the same
+    # a finished file is not written over. The same request (another --batch: the file does not depend on it) is
+    # complete and exits 0, as a requeued job or a rerun pipeline step needs; other settings are refused, named
     before = (tmp_path / "a.npz").read_bytes()
     capsys.readouterr()
     for batch in (["--batch", "3"], ["--batch", "5"]):
-        assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common[:-2], *batch]) == 2
-        err = capsys.readouterr().err
-        assert "a.npz' exists; a finished sample file is not written over" in err
-        assert "img/s" not in err  # refused before the model loads: no progress bar began
+        assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common[:-2], *batch]) == 0
+        out, err = capsys.readouterr()
+        assert "a.npz is already complete: 9 samples with these settings (a.npz.json); nothing to do" in out
+        assert "img" not in err  # nothing sampled: no progress bar
+    assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common, "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "a.npz' is finished with other settings (steps: the file has 3, command gives 2)" in err
+    assert "img" not in err  # refused before the model loads: no progress bar began
+    # the model's identity, compared once it is loaded: the export's sha256 is not the run's checkpoint's
+    assert main(["sample", "--model", str(run_dir / "model.safetensors"), "--out", str(tmp_path / "a.npz"), *common]) == 2
+    assert "finished with other settings (model_sha256: the file has None, command gives " in capsys.readouterr().err
     assert (tmp_path / "a.npz").read_bytes() == before
+    with np.load(tmp_path / "a.npz") as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]  # the record is beside the file, not in it (ADM's readers)
+    # a finished file without a record (written before OUT.json existed, or the record deleted) is not written over
+    (tmp_path / "a.npz.json").unlink()
+    assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common]) == 2
+    assert "exists without a readable record of its settings (a.npz.json); a finished sample file is not written " \
+           "over" in capsys.readouterr().err
 
 
 def test_sample_from_a_run_takes_its_sampler_settings(run_dir, tmp_path):
@@ -443,3 +458,23 @@ def test_sample_refusals_read_once_and_draw_no_bar(run_dir, tmp_path, capsys):
     assert "0%" not in err and "img" not in err
     assert main(["sample", "--run", str(run_dir / "model.safetensors"), "--num", "2", "--out", str(tmp_path / "c.npz")]) == 2
     assert "is a file, not a run directory: an export is sampled with --model" in capsys.readouterr().err
+
+
+def test_write_samples_returns_a_file_finished_with_the_same_settings(tmp_path, monkeypatch):
+    """A finished file keeps its settings in OUT.json; write_samples called again with them (another chunk size
+    too) generates nothing and returns the file; other settings are refused, naming each difference."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, ident = tmp_path / "s.npz", {"model_sha256": "x"}
+    assert sample_writer.write_samples(None, out, 5, 0, 2, SampleCfg(), ident) == out
+    before, calls[:] = out.read_bytes(), []
+    assert sample_writer.record_path(out) == tmp_path / "s.npz.json"
+    assert sample_writer.write_samples(None, out, 5, 0, 4, SampleCfg(), ident,
+                                       on_start=lambda: calls.append("started")) == out
+    assert calls == [] and out.read_bytes() == before and not (tmp_path / "s.npz.parts").exists()
+    with pytest.raises(sample_writer.SampleSettingsError, match=r"is finished with other settings \(num: the file has "
+                                                                r"5, command gives 6; model_sha256: the file has 'x', command gives 'y'\)"):
+        sample_writer.write_samples(None, out, 6, 0, 2, SampleCfg(), {"model_sha256": "y"})
+    assert calls == [] and out.read_bytes() == before

@@ -4,6 +4,10 @@ Batch b (samples [b*B, (b+1)*B)) goes to process b mod world and is stored as it
 `OUT.parts/` (written atomically). When every chunk exists, the main process concatenates them in
 index order into OUT (atomically) and removes the parts. A rerun skips the chunks already there,
 so a killed job loses at most one batch, and OUT never exists unless it is complete.
+
+A finished OUT keeps its settings beside it in OUT.json (e.g. s.npz.json, next to where s.npz.parts was), not
+inside the archive: ADM's evaluator and other readers take the .npz as arr_0 / arr_1 alone. A rerun with the same
+settings finds the file complete and returns it; one with other settings is refused, naming the differences.
 """
 
 from __future__ import annotations
@@ -67,13 +71,45 @@ def _chunk_images(parts: Path, starts: list[int]):
             yield f["images"]
 
 
-def check_not_finished(out: str | Path) -> None:
-    """Refuse an output that is a finished sample file: it keeps no record of its settings, so writing over it could
-    silently replace 50K samples of another model or sampler. (A partial one, with OUT.parts, is resumed.)"""
+def record_path(out: str | Path) -> Path:
+    """Where a finished sample file's settings are kept: OUT.npz -> OUT.npz.json."""
     out = Path(out)
-    if out.exists() and not out.with_name(out.name + ".parts").exists():
-        raise FileExistsError(f"sample output {str(out)!r} exists; a finished sample file is not written over: choose "
-                              "another --out, or delete it to sample again")
+    return out.with_name(out.name + ".json")
+
+
+# settings a file does not depend on: a rerun with another chunk size is the same request
+_NOT_IDENTITY = ("batch",)
+
+
+def _differences(saved: dict, settings: dict, holder: str) -> list[str]:
+    """'key: <holder> has a, command gives b' for each key of `settings` that `saved` holds otherwise; a key missing
+    from `saved` (written before that setting existed) counts as the setting's default, None outside SampleCfg."""
+    defaults = vars(SampleCfg())
+    return [f"{k}: {holder} has {saved.get(k, defaults.get(k))!r}, command gives {v!r}" for k, v in settings.items()
+            if saved.get(k, defaults.get(k)) != v]
+
+
+def check_finished(out: str | Path, settings: dict) -> bool:
+    """Whether `out` is a finished sample file made with `settings` (any subset of write_samples' settings: the CLI
+    compares the options it was given before it loads a model). False when there is no finished file (none, or a
+    partial one with OUT.parts, which is resumed). A finished file with other settings, or with no record of its
+    settings (from before OUT.json, or the record deleted), is refused: writing over it could silently replace 50K
+    samples of another model or sampler."""
+    out = Path(out)
+    if not out.exists() or out.with_name(out.name + ".parts").exists():
+        return False
+    fix = "choose another --out, or delete it to sample again"
+    record = record_path(out)
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        raise FileExistsError(f"sample output {str(out)!r} exists without a readable record of its settings "
+                              f"({record.name}); a finished sample file is not written over: {fix}") from None
+    diff = _differences(saved, {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}, "the file")
+    if diff:
+        raise SampleSettingsError(f"sample output {str(out)!r} is finished with other settings ({'; '.join(diff)}); "
+                                  f"a finished sample file is not written over: {fix} (and {record.name})")
+    return True
 
 
 def _open_parts(out: Path, parts: Path, settings: dict, num: int) -> tuple[Exception | None, int | None]:
@@ -103,9 +139,7 @@ def _open_parts(out: Path, parts: Path, settings: dict, num: int) -> tuple[Excep
         atomic_write_text(saved_file, json.dumps(saved, indent=1))
     batch = settings["batch"] = kept  # the chunks already written set the chunk size
     # a partial run written before a sampler setting existed ran with that setting's default
-    defaults = vars(SampleCfg())
-    diff = [f"{k}: partial has {saved.get(k, defaults.get(k))!r}, command gives {v!r}" for k, v in settings.items()
-            if saved.get(k, defaults.get(k)) != v]
+    diff = _differences(saved, settings, "partial")
     if diff:
         return SampleSettingsError(f"{parts} holds a partial sampling run with other settings ({'; '.join(diff)}); "
                                    "delete it or rerun with the same settings"), 0
@@ -136,26 +170,35 @@ def write_samples(
     parts = out.with_name(out.name + ".parts")
     settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
     settings.pop("grid_images", None)
-    check_not_finished(out)  # on every process, before any collective
-    error, done = (_open_parts(out, parts, settings, num) if d.is_main else (None, None))
+    finished, error, done = False, None, None
+    if d.is_main:  # only the main process may know the identity (the CLI hashes the model there alone)
+        try:
+            finished = check_finished(out, settings)
+        except (FileExistsError, SampleSettingsError) as e:
+            error = e
+        if not finished and error is None:
+            error, done = _open_parts(out, parts, settings, num)
     # every process raises rank 0's verdict, rather than the others failing in the next collective without a word
-    error, batch = from_main((error, settings["batch"]))
+    error, batch, finished = from_main((error, settings["batch"], finished))
     try:
         if error is not None:
             raise error
+        if finished:  # complete already, with these settings
+            return out if d.is_main else None
         if done is not None and on_resume is not None:  # a partial attempt, also one killed before its first chunk
             on_resume(done, batch)
         if on_start is not None:
             on_start()
-        return _sample_chunks(bundle, out, parts, num, seed, batch, cfg, on_progress)
+        return _sample_chunks(bundle, out, parts, num, seed, batch, cfg, on_progress, settings)
     finally:
         if d.is_main:  # also on an error: a notebook that goes on holds no one out
             lock.release(parts / lock.LOCK_FILE)
 
 
 def _sample_chunks(bundle: SamplerBundle, out: Path, parts: Path, num: int, seed: int, batch: int, cfg: SampleCfg,
-                   on_progress: Callable[[int], None] | None) -> Path | None:
-    """This process's chunks of [0, num), then, on the main process, OUT from all of them (OUT.parts removed)."""
+                   on_progress: Callable[[int], None] | None, settings: dict) -> Path | None:
+    """This process's chunks of [0, num), then, on the main process, OUT from all of them (OUT.parts removed) and
+    its settings beside it (OUT.json)."""
     d = current()
     starts = list(range(0, num, batch))
     mine = [lo for i, lo in enumerate(starts) if i % d.world == d.rank]
@@ -175,6 +218,8 @@ def _sample_chunks(bundle: SamplerBundle, out: Path, parts: Path, num: int, seed
         with np.load(_chunk_path(parts, lo)) as f:
             labels.append(f["labels"])
     shape = (num, *_chunk_shapes(_chunk_path(parts, 0))[0][1:])
+    # the record first: a kill between the two leaves OUT.parts, and the rerun writes both again
+    atomic_write_text(record_path(out), json.dumps(settings, indent=1))
     path = write_npz(out, _chunk_images(parts, starts), np.concatenate(labels), shape)
     shutil.rmtree(parts)
     return path

@@ -45,7 +45,7 @@ def run(args) -> int:
 
     from ahpa import config as config_mod
     from ahpa.sample import load_export
-    from ahpa.sample_writer import check_not_finished, write_samples
+    from ahpa.sample_writer import check_finished, record_path, write_samples
     from ahpa.device import resolve_device
     from ahpa.train.build import autocast_dtype
     from ahpa.commands.exit import finish
@@ -58,7 +58,6 @@ def run(args) -> int:
         raise ValueError("--batch must be positive")
     if Path(args.out).suffix != ".npz":
         raise ValueError(f"--out {args.out!r} must end in .npz (the ADM sample format)")
-    check_not_finished(args.out)
     if args.run and Path(args.run).is_file():
         raise FileNotFoundError(f"--run {args.run!r} is a file, not a run directory: an export is sampled with --model")
     if args.run and not Path(args.run).is_dir():
@@ -68,6 +67,9 @@ def run(args) -> int:
     given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
     # ranges: e.g. --steps 0 fails here. The CLI prefixes "ahpa sample: error:" itself
     config_mod.from_dict({"sample": given}, where="command line")
+    # a finished file with other settings is refused before a model loads (the options given; the run's sampler
+    # settings and the model's identity are compared by write_samples); one with the same settings is complete
+    finished = check_finished(args.out, {"num": args.num, "seed": args.seed, **given})
     d = init_from_env(args.device)
     completed = False
     try:
@@ -114,7 +116,10 @@ def run(args) -> int:
             for bar in bars:
                 bar.close()
         completed = True
-        if d.is_main:
+        if d.is_main and finished:
+            print(f"{path} is already complete: {args.num} samples with these settings ({record_path(path).name}); "
+                  "nothing to do")
+        elif d.is_main:
             guided = f" for t in [{cfg.guidance_low}, {cfg.guidance_high}]" if cfg.cfg_scale != 1 else ""
             print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale}"
                   f"{guided})")

@@ -478,3 +478,31 @@ def test_write_samples_returns_a_file_finished_with_the_same_settings(tmp_path, 
                                                                 r"5, command gives 6; model_sha256: the file has 'x', command gives 'y'\)"):
         sample_writer.write_samples(None, out, 6, 0, 2, SampleCfg(), {"model_sha256": "y"})
     assert calls == [] and out.read_bytes() == before
+
+
+def test_sample_takes_the_classes_to_sample_and_a_resume_keeps_them(run_dir, tmp_path, capsys):
+    """--seed's help said it seeds the labels (they are i mod C); --class K (repeated or a comma list) samples those
+    classes round-robin, records them in arr_1, and is part of the file's identity."""
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "sample i has class i mod C" in " ".join(capsys.readouterr().out.split())
+    args = ["sample", "--run", str(run_dir), "--num", "5", "--steps", "1", "--micro-batch", "2", "--batch", "2"]
+    out = str(tmp_path / "c.npz")
+    assert main([*args, "--class", "3", "--class", "1,2", "--out", out]) == 0
+    with np.load(out) as f:
+        assert f["arr_1"].tolist() == [3, 1, 2, 3, 1]
+        images = f["arr_0"]
+    assert main([*args, "--out", str(tmp_path / "all.npz")]) == 0
+    with np.load(tmp_path / "all.npz") as f:  # sample 3 has class 3 both ways: the same noise, the same image
+        assert f["arr_1"].tolist() == [0, 1, 2, 3, 4] and np.array_equal(f["arr_0"][3], images[3])
+    capsys.readouterr()
+    assert main([*args, "--class", "3,1,2", "--out", out]) == 0  # the same classes in the same order
+    assert "already complete" in capsys.readouterr().out
+    assert main([*args, "--class", "1", "--out", out]) == 2
+    assert "classes: the file has [3, 1, 2], command gives [1]" in capsys.readouterr().err
+    assert main([*args, "--out", out]) == 2
+    assert "classes: the file has [3, 1, 2], command gives None" in capsys.readouterr().err
+    assert main([*args, "--class", "99", "--out", str(tmp_path / "d.npz")]) == 2
+    assert "--class 99: this model has classes 0.." in capsys.readouterr().err
+    assert main([*args, "--class", "x", "--out", str(tmp_path / "d.npz")]) == 2
+    assert "--class 'x': a class is an integer index" in capsys.readouterr().err

@@ -65,6 +65,12 @@ def class_balanced_labels(indices: torch.Tensor, num_classes: int) -> torch.Tens
     return indices % num_classes
 
 
+def round_robin_labels(indices: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Sample i's label among the given classes: the (i mod len(classes))-th, so any n consecutive samples hold each
+    once (class_balanced_labels with classes 0..C-1)."""
+    return torch.as_tensor(classes, dtype=torch.long)[indices % len(classes)]
+
+
 def per_sample_noise(seed: int, indices: list[int], shape: tuple[int, ...], sde_steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(initial noise [n, *shape], SDE noise [sde_steps, n, *shape] or None) from (seed, index)."""
     x0, extra = [], []

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ahpa import lock
 from ahpa.atomic import atomic_path, atomic_write_text
 from ahpa.config import SampleCfg
 from ahpa.metrics.images import npy_header
-from ahpa.sample import SamplerBundle, iter_samples, write_npz
+from ahpa.sample import SamplerBundle, iter_samples, round_robin_labels, write_npz
 from ahpa.train.distributed import barrier, current, from_main
 
 
@@ -151,6 +152,7 @@ def write_samples(
     bundle: SamplerBundle, out: str | Path, num: int, seed: int, batch: int, cfg: SampleCfg,
     identity: dict, on_progress: Callable[[int], None] | None = None,
     on_resume: Callable[[int, int], None] | None = None, on_start: Callable[[], None] | None = None,
+    classes: list[int] | None = None,
 ) -> Path | None:
     """Generate samples [0, num) into `out`. Returns the path on the main process (None elsewhere).
 
@@ -159,7 +161,8 @@ def write_samples(
     chunk size: a resume keeps the partial attempt's (the samples do not depend on it). On the main process,
     `on_resume(images already there, the chunk size kept)` is called when a partial attempt is resumed, then
     `on_start()` on every process once the settings are accepted, before the first chunk (a progress bar opened there
-    is not drawn before a refusal); `on_progress(n)` after each chunk of n images.
+    is not drawn before a refusal); `on_progress(n)` after each chunk of n images. `classes`: sample i gets the
+    (i mod n)-th of these labels (round_robin_labels), part of the file's identity; None: every class, class-balanced.
     """
     d = current()
     out = Path(out)
@@ -168,7 +171,11 @@ def write_samples(
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"write_samples: batch (samples per chunk) must be a positive integer, got {batch!r}")
     parts = out.with_name(out.name + ".parts")
-    settings = {"num": num, "seed": seed, "batch": batch, **vars(cfg), **identity}
+    if classes is not None and not classes:
+        raise ValueError("write_samples: classes is an empty list; give at least one class, or None for all of them")
+    # classes None (every class) is also what a record from before this setting means
+    settings = {"num": num, "seed": seed, "batch": batch, "classes": None if classes is None else list(classes),
+                **vars(cfg), **identity}
     settings.pop("grid_images", None)
     finished, error, done = False, None, None
     if d.is_main:  # only the main process may know the identity (the CLI hashes the model there alone)
@@ -189,14 +196,16 @@ def write_samples(
             on_resume(done, batch)
         if on_start is not None:
             on_start()
-        return _sample_chunks(bundle, out, parts, num, seed, batch, cfg, on_progress, settings)
+        labels = None if classes is None else round_robin_labels(torch.arange(num), classes)
+        return _sample_chunks(bundle, out, parts, num, seed, batch, cfg, on_progress, settings, labels)
     finally:
         if d.is_main:  # also on an error: a notebook that goes on holds no one out
             lock.release(parts / lock.LOCK_FILE)
 
 
 def _sample_chunks(bundle: SamplerBundle, out: Path, parts: Path, num: int, seed: int, batch: int, cfg: SampleCfg,
-                   on_progress: Callable[[int], None] | None, settings: dict) -> Path | None:
+                   on_progress: Callable[[int], None] | None, settings: dict,
+                   labels: torch.Tensor | None) -> Path | None:
     """This process's chunks of [0, num), then, on the main process, OUT from all of them (OUT.parts removed) and
     its settings beside it (OUT.json)."""
     d = current()
@@ -206,20 +215,20 @@ def _sample_chunks(bundle: SamplerBundle, out: Path, parts: Path, num: int, seed
         n = min(batch, num - lo)
         path = _chunk_path(parts, lo)
         if not _chunk_ok(path, n):
-            for _, images, labels in iter_samples(bundle, lo, lo + n, seed, n, cfg):
-                _save_chunk(path, images.numpy(), labels.numpy())
+            for _, images, ys in iter_samples(bundle, lo, lo + n, seed, n, cfg, labels):
+                _save_chunk(path, images.numpy(), ys.numpy())
         if on_progress is not None:
             on_progress(n)
     barrier()
     if not d.is_main:
         return None
-    labels = []  # small (8 bytes a sample); the images are copied a chunk at a time
+    chunk_labels = []  # small (8 bytes a sample); the images are copied a chunk at a time
     for lo in starts:
         with np.load(_chunk_path(parts, lo)) as f:
-            labels.append(f["labels"])
+            chunk_labels.append(f["labels"])
     shape = (num, *_chunk_shapes(_chunk_path(parts, 0))[0][1:])
     # the record first: a kill between the two leaves OUT.parts, and the rerun writes both again
     atomic_write_text(record_path(out), json.dumps(settings, indent=1))
-    path = write_npz(out, _chunk_images(parts, starts), np.concatenate(labels), shape)
+    path = write_npz(out, _chunk_images(parts, starts), np.concatenate(chunk_labels), shape)
     shutil.rmtree(parts)
     return path

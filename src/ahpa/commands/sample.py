@@ -23,7 +23,11 @@ def register(sub) -> None:
     # --num-samples: the same; under torchrun `--num` collides with its own --numa-binding option
     p.add_argument("--num", "--num-samples", dest="num", type=int, required=True, help="number of images")
     p.add_argument("--out", required=True, help="output .npz (written once complete; a rerun resumes from OUT.parts/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise and labels (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0); labels are class-balanced, "
+                                                       "sample i has class i mod C (see --class)")
+    p.add_argument("--class", dest="classes", action="append", metavar="K",
+                   help="sample only class K (repeatable, or a comma list K1,K2): sample i has the (i mod n)-th class "
+                   "given; part of the file's identity (default: every class, round-robin)")
     p.add_argument("--batch", type=int, default=64, help="samples per iteration and per resumable chunk (the file does not depend on it; a resume keeps the first attempt's)")
     p.add_argument("--solver", choices=("euler", "heun", "euler-maruyama"), help="ODE solvers euler, heun; SDE solver euler-maruyama (euler)")
     p.add_argument("--steps", type=int, help="solver steps (50)")
@@ -64,12 +68,13 @@ def run(args) -> int:
         raise FileNotFoundError(f"run directory {args.run!r} does not exist")
     if args.model and Path(args.model).is_dir():
         raise ValueError(f"--model {args.model!r} is a directory; a run directory is sampled with --run")
+    classes = parse_classes(args.classes)
     given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
     # ranges: e.g. --steps 0 fails here. The CLI prefixes "ahpa sample: error:" itself
     config_mod.from_dict({"sample": given}, where="command line")
     # a finished file with other settings is refused before a model loads (the options given; the run's sampler
     # settings and the model's identity are compared by write_samples); one with the same settings is complete
-    finished = check_finished(args.out, {"num": args.num, "seed": args.seed, **given})
+    finished = check_finished(args.out, {"num": args.num, "seed": args.seed, "classes": classes, **given})
     d = init_from_env(args.device)
     completed = False
     try:
@@ -96,6 +101,9 @@ def run(args) -> int:
             base = config_mod.SampleCfg()
         where = f"{Path(args.run) / 'config.yaml'}'s sample section with the command line" if args.run else "command line"
         cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}}, where=where).sample
+        if classes is not None and not all(0 <= k < bundle.num_classes for k in classes):
+            raise ValueError(f"--class {','.join(map(str, classes))}: this model has classes 0..{bundle.num_classes - 1}")
+
         def on_resume(done: int, batch: int) -> None:
             kept = f" (the first attempt's; --batch {args.batch} is not used)" if batch != args.batch else ""
             tqdm.write(f"resuming {args.out}.parts: {done} of {args.num} images are there; chunks of {batch}{kept}",
@@ -111,7 +119,7 @@ def run(args) -> int:
 
         try:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
-                                 on_progress=on_progress, on_resume=on_resume, on_start=on_start)
+                                 on_progress=on_progress, on_resume=on_resume, on_start=on_start, classes=classes)
         finally:
             for bar in bars:
                 bar.close()
@@ -126,3 +134,17 @@ def run(args) -> int:
         return 0
     finally:
         finish(completed, 0)  # under torchrun the process ends here
+
+
+def parse_classes(items: list[str] | None) -> list[int] | None:
+    """--class values (each an integer or a comma list of them) as one list in the order given; None when absent."""
+    if items is None:
+        return None
+    classes = []
+    for item in items:
+        for part in item.split(","):
+            try:
+                classes.append(int(part))
+            except ValueError:
+                raise ValueError(f"--class {item!r}: a class is an integer index (e.g. --class 3 or --class 1,5)") from None
+    return classes

@@ -506,3 +506,33 @@ def test_sample_takes_the_classes_to_sample_and_a_resume_keeps_them(run_dir, tmp
     assert "--class 99: this model has classes 0.." in capsys.readouterr().err
     assert main([*args, "--class", "x", "--out", str(tmp_path / "d.npz")]) == 2
     assert "--class 'x': a class is an integer index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_scheduler_signal_stops_sampling_as_ctrl_c_does(run_dir, tmp_path, monkeypatch, capsys, signum):
+    """SIGTERM (a scheduler's preemption) and SIGHUP ended `ahpa sample` mid progress bar without a word; they now
+    say what Ctrl-C says, exit 128 + the signal, keep the chunks written, and the handlers are given back."""
+    import os
+    import signal
+
+    from ahpa import sample_writer
+
+    sig = getattr(signal, signum)
+    before = signal.getsignal(sig)
+    real = sample_writer.iter_samples
+
+    def signalled_after_first_chunk(bundle, lo, *a):
+        if lo > 0:
+            os.kill(os.getpid(), sig)
+        yield from real(bundle, lo, *a)
+
+    monkeypatch.setattr(sample_writer, "iter_samples", signalled_after_first_chunk)
+    out = tmp_path / "s.npz"
+    args = ["sample", "--run", str(run_dir), "--num", "4", "--steps", "1", "--micro-batch", "2", "--batch", "2"]
+    assert main([*args, "--out", str(out)]) == 128 + sig
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(sig) is before and not out.exists()
+    assert sorted(p.name for p in (tmp_path / "s.npz.parts").glob("chunk_*")) == ["chunk_0000000000.npz"]
+    monkeypatch.setattr(sample_writer, "iter_samples", real)
+    assert main([*args, "--out", str(out)]) == 0
+    assert "resuming" in capsys.readouterr().err and out.exists()

@@ -536,3 +536,43 @@ def test_a_scheduler_signal_stops_sampling_as_ctrl_c_does(run_dir, tmp_path, mon
     monkeypatch.setattr(sample_writer, "iter_samples", real)
     assert main([*args, "--out", str(out)]) == 0
     assert "resuming" in capsys.readouterr().err and out.exists()
+
+
+def test_guidance_warns_on_a_model_without_a_trained_null_class(run_dir, tmp_path, capsys):
+    """--cfg-scale on a model trained with train.label_dropout=0 (its null class never trained) or with a single class
+    was silently accepted. The run's config says so with --run; an export records label_dropout and is warned about
+    when written and when guided. An export from before the field (none recorded) gets no warning."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ahpa import config
+    from ahpa.sample import unguidable
+    from tests.conftest import TINY
+
+    nodrop = tmp_path / "nodrop"
+    Trainer(config.load(None, [*TINY, "train.steps=1", "train.label_dropout=0"]), nodrop).run()
+    args = ["--num", "1", "--steps", "1", "--micro-batch", "2"]
+    assert main(["sample", "--run", str(nodrop), *args, "--cfg-scale", "2", "--out", str(tmp_path / "a.npz")]) == 0
+    assert "ahpa sample: warning: cfg-scale 2.0: the model was trained with train.label_dropout=0" in capsys.readouterr().err
+    assert main(["sample", "--run", str(nodrop), *args, "--out", str(tmp_path / "b.npz")]) == 0  # no guidance
+    assert "warning" not in capsys.readouterr().err
+    export = tmp_path / "nodrop.safetensors"
+    assert main(["export", "--run", str(nodrop), "--out", str(export)]) == 0
+    assert "ahpa export: warning: the model was trained with train.label_dropout=0" in capsys.readouterr().err
+    assert load_export(export, "cpu").label_dropout == 0
+    assert main(["sample", "--model", str(export), *args, "--cfg-scale", "2", "--out", str(tmp_path / "c.npz")]) == 0
+    assert "label_dropout=0" in capsys.readouterr().err
+    with safe_open(str(export), framework="pt") as f:
+        meta = f.metadata()
+    old = json.loads(meta["ahpa"])
+    del old["label_dropout"]
+    save_file(load_file(str(export)), str(tmp_path / "old.safetensors"), metadata={**meta, "ahpa": json.dumps(old)})
+    assert main(["sample", "--model", str(tmp_path / "old.safetensors"), *args, "--cfg-scale", "2",
+                 "--out", str(tmp_path / "d.npz")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # the run's own export (trained with label dropout) records it and samples guided without a word
+    assert load_export(run_dir / "model.safetensors", "cpu").label_dropout == config.TrainCfg().label_dropout
+    assert unguidable(1, 0.1) == "the model has a single class, so guidance only rescales its velocity"
+    assert unguidable(10, 0.1) is None and unguidable(10, None) is None

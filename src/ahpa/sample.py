@@ -42,6 +42,9 @@ class SamplerBundle:
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     compiled: Callable | None = field(default=None, repr=False)  # torch.compile(model), made on first use
+    # the share of labels replaced by the null class in training (0: guidance has no trained unconditional branch);
+    # None where unknown (an export from before the field, a converted checkpoint)
+    label_dropout: float | None = None
 
     def network(self, compile: bool) -> Callable:
         """The backbone to call: the model itself, or its compiled form (made once, then reused)."""
@@ -181,9 +184,10 @@ def _npy_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int
 # ---- export: the EMA backbone alone, with what sampling needs in the metadata ----
 
 def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encoder_spec: str, path_name: str, resolution: int,
-                 encoder_sha256: str | None = None) -> Path:
+                 encoder_sha256: str | None = None, label_dropout: float | None = None) -> Path:
     """The model as a safetensors file whose metadata names what sampling needs: the VAE (its spec, and the sha256
-    of its weights when they come from a file, checked when the export is sampled), latent statistics, the path."""
+    of its weights when they come from a file, checked when the export is sampled), latent statistics, the path;
+    and the training's label dropout where known (0: no trained null class, so guidance has nothing to guide by)."""
     meta = {
         "sit": model.cfg.to_dict(),
         "encoder": encoder_spec,
@@ -193,6 +197,8 @@ def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encod
         "transport_path": path_name,
         "resolution": resolution,
     }
+    if label_dropout is not None:
+        meta["label_dropout"] = label_dropout
     path = Path(path)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -233,4 +239,16 @@ def load_export(path: str | Path, device: str | torch.device, encoder: PriorEnco
         raise ValueError(f"{getattr(enc, 'spec', 'the encoder')!r} is not the VAE {path} was trained with: its weights' "
                          f"sha256 is {found[:12]}..., the export's {recorded[:12]}... ({meta['encoder']!r})")
     stats = ChannelStats(torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]))
-    return SamplerBundle(model.to(device).eval(), get_path(meta["transport_path"]), stats, enc, device)
+    return SamplerBundle(model.to(device).eval(), get_path(meta["transport_path"]), stats, enc, device,
+                         label_dropout=meta.get("label_dropout"))
+
+
+def unguidable(num_classes: int, label_dropout: float | None) -> str | None:
+    """Why classifier-free guidance cannot work on a model, or None: with one class the conditional and unconditional
+    predictions learn the same distribution, and without label dropout the null class's embedding never trained."""
+    if num_classes == 1:
+        return "the model has a single class, so guidance only rescales its velocity"
+    if label_dropout == 0:
+        return ("the model was trained with train.label_dropout=0: its null class, the unconditional branch of "
+                "guidance, never received a gradient")
+    return None

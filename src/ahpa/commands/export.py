@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export the EMA backbone of a run's latest checkpoint")
@@ -17,11 +19,14 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ahpa.sample import export_model
+    from ahpa.sample import export_model, unguidable
     from ahpa.train.resume import run_sampler
 
     bundle, step, cfg = run_sampler(args.run, torch.device("cpu"), encoder=args.encoder)
     path = export_model(args.out, bundle.model, bundle.latent_stats, bundle.encoder.spec, cfg.transport.path,
-                        cfg.data.resolution, getattr(bundle.encoder, "weights_sha256", None))
+                        cfg.data.resolution, getattr(bundle.encoder, "weights_sha256", None), cfg.train.label_dropout)
+    why = unguidable(bundle.num_classes, cfg.train.label_dropout)
+    if why:
+        print(f"ahpa export: warning: {why}; sample it without --cfg-scale", file=sys.stderr)
     print(f"exported {bundle.model.num_params():,} parameters (step {step}) to {path}")
     return 0

@@ -79,7 +79,7 @@ def _run(args) -> int:
     from pathlib import Path
 
     from ahpa import config as config_mod
-    from ahpa.sample import load_export
+    from ahpa.sample import load_export, unguidable
     from ahpa.sample_writer import check_finished, record_path, write_samples
     from ahpa.device import resolve_device
     from ahpa.train.build import autocast_dtype
@@ -132,6 +132,10 @@ def _run(args) -> int:
             base = config_mod.SampleCfg()
         where = f"{Path(args.run) / 'config.yaml'}'s sample section with the command line" if args.run else "command line"
         cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}}, where=where).sample
+        dropout = run_cfg.train.label_dropout if args.run else bundle.label_dropout
+        why = unguidable(bundle.num_classes, dropout) if cfg.cfg_scale != 1 else None
+        if why and d.is_main:
+            print(f"ahpa sample: warning: cfg-scale {cfg.cfg_scale}: {why}", file=sys.stderr)
         if classes is not None and not all(0 <= k < bundle.num_classes for k in classes):
             raise ValueError(f"--class {','.join(map(str, classes))}: this model has classes 0..{bundle.num_classes - 1}")
 

@@ -213,7 +213,7 @@ def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, 
 def export(path: str | Path, ema: SiT, latent_stats: ChannelStats, encoder, cfg: Config) -> Path:
     """The EMA backbone alone as a plain SiT (.safetensors, with what sampling needs in its metadata)."""
     return export_model(path, ema, latent_stats, encoder.spec, cfg.transport.path, cfg.data.resolution,
-                        getattr(encoder, "weights_sha256", None))
+                        getattr(encoder, "weights_sha256", None), cfg.train.label_dropout)
 
 
 def finish(run_dir: Path, levels: list[str], step: int) -> None:

@@ -294,3 +294,23 @@ def test_compiled_and_ddp_prefixes_are_stripped():
     for prefix in ("_orig_mod.", "module._orig_mod.", "module."):
         model = load_public_checkpoint({prefix + k: v for k, v in sd.items()}, "repa")
         assert torch.equal(out(model, x, t, y), out(ref, x, t, y)), prefix
+
+
+def test_convert_stores_a_local_vae_path_absolute_and_a_hub_id_as_given(tmp_path, monkeypatch):
+    """--encoder diffusers:sdvae (relative) was stored as given, so the export decoded only from the directory
+    ahpa convert ran in; it is stored absolute, as ahpa export stores it. A hub id is no path: kept as written."""
+    import json
+
+    from safetensors import safe_open
+
+    from ahpa.cli import main
+
+    torch.save(to_public(public_like(), learn_sigma=True), tmp_path / "SiT-XS-2.pt")
+    (tmp_path / "sdvae").mkdir()
+    monkeypatch.chdir(tmp_path)
+    common = ["convert", "--checkpoint", "SiT-XS-2.pt", "--num-heads", "2"]
+    for encoder, stored in [("diffusers:sdvae", f"diffusers:{tmp_path / 'sdvae'}"),
+                            ("diffusers:stabilityai/sd-vae-ft-ema", "diffusers:stabilityai/sd-vae-ft-ema")]:
+        assert main([*common, "--encoder", encoder, "--out", "m.safetensors"]) == 0
+        with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+            assert json.loads(f.metadata()["ahpa"])["encoder"] == stored

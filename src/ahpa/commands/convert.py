@@ -21,8 +21,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .safetensors (ahpa export format)")
     p.add_argument("--encoder", required=True,
                    help="VAE spec stored in the export, not loaded here: the models of DiT, SiT and REPA decode with "
-                   "SD-VAE, e.g. diffusers:weights/sd-vae-ft-ema (a local copy) or diffusers:stabilityai/sd-vae-ft-ema "
-                   "(a hub id: sampling the export downloads it)")
+                   "SD-VAE, e.g. diffusers:weights/sd-vae-ft-ema (a local copy, stored as an absolute path) or "
+                   "diffusers:stabilityai/sd-vae-ft-ema (a hub id: sampling the export downloads it)")
     p.add_argument("--resolution", type=int, help="image side (default: latent side x 8, the SD-VAE factor)")
     p.add_argument("--latent-scale", type=float, default=SD_VAE_SCALE,
                    help="the model saw latent * scale (zero mean): stored as per-channel std 1/scale (default: SD-VAE's 0.18215)")
@@ -36,6 +36,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
+    from ahpa.config import absolute_spec
     from ahpa.models.convert import convert_checkpoint
     from ahpa.priors.registry import parse_spec
     from ahpa.priors.targets import ChannelStats
@@ -66,7 +67,9 @@ def run(args) -> int:
     model = conv.build()
     c = cfg.in_channels
     stats = ChannelStats(mean=torch.zeros(c), std=torch.full((c,), 1.0 / args.latent_scale))
-    path = export_model(args.out, model, stats, args.encoder, args.path, resolution)
+    # a local VAE path made absolute (a hub id stays as given), as ahpa export stores it: the export then samples
+    # from any directory, not only from where `ahpa convert` ran
+    path = export_model(args.out, model, stats, absolute_spec(args.encoder), args.path, resolution)
     for note in conv.notes:
         print(f"  {note}")
     print(f"converted {conv.layout} checkpoint ({model.num_params():,} parameters; hidden {cfg.hidden_size}, depth "

@@ -576,3 +576,22 @@ def test_guidance_warns_on_a_model_without_a_trained_null_class(run_dir, tmp_pat
     assert load_export(run_dir / "model.safetensors", "cpu").label_dropout == config.TrainCfg().label_dropout
     assert unguidable(1, 0.1) == "the model has a single class, so guidance only rescales its velocity"
     assert unguidable(10, 0.1) is None and unguidable(10, None) is None
+
+
+def test_export_names_its_format_and_says_when_it_replaces_another_model(run_dir, tmp_path, capsys):
+    """ahpa export wrote a safetensors file named x.npz (which ahpa eval would be fed) and replaced an export of
+    another model without a word; the suffix rule is convert's, and replacing different content is noted."""
+    from ahpa import config
+    from tests.conftest import TINY
+
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "x.npz")]) == 2
+    assert "--out '" in (err := capsys.readouterr().err) and "must end in .safetensors" in err
+    assert not (tmp_path / "x.npz").exists()
+    out = str(tmp_path / "m.safetensors")
+    for _ in range(2):  # the same model again: nothing to say
+        assert main(["export", "--run", str(run_dir), "--out", out]) == 0
+        assert "replaced" not in capsys.readouterr().err
+    other = tmp_path / "other"
+    Trainer(config.load(None, [*TINY, "train.steps=1", "train.seed=1"]), other).run()
+    assert main(["export", "--run", str(other), "--out", out]) == 0
+    assert f"ahpa export: note: replaced {out}, which held a different export" in capsys.readouterr().err

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export the EMA backbone of a run's latest checkpoint")
     # --run-dir: the same; under torchrun `--run` is an ambiguous abbreviation of its --run-path
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (its newest readable checkpoint's EMA weights)")
-    p.add_argument("--out", required=True, help="output .safetensors: the SiT's weights, with what sampling needs "
-                                                "(VAE spec, latent statistics, path) in its metadata")
+    p.add_argument("--out", required=True, help="output .safetensors (replaced if it exists): the SiT's weights, with "
+                                                "what sampling needs (VAE spec, latent statistics, path) in its metadata")
     p.add_argument("--encoder", help="the run's VAE (KIND:PATH) when it is no longer where its config.yaml says (the "
                                      "same weights); the export names it")
     p.set_defaults(func=run)
@@ -22,11 +23,40 @@ def run(args) -> int:
     from ahpa.sample import export_model, unguidable
     from ahpa.train.resume import run_sampler
 
+    if not args.out.endswith(".safetensors"):  # as ahpa convert: a file named .npz would be fed to ahpa eval
+        raise ValueError(f"--out {args.out!r} must end in .safetensors (the ahpa export format)")
     bundle, step, cfg = run_sampler(args.run, torch.device("cpu"), encoder=args.encoder)
+    before = _content(args.out) if Path(args.out).is_file() else None
     path = export_model(args.out, bundle.model, bundle.latent_stats, bundle.encoder.spec, cfg.transport.path,
                         cfg.data.resolution, getattr(bundle.encoder, "weights_sha256", None), cfg.train.label_dropout)
     why = unguidable(bundle.num_classes, cfg.train.label_dropout)
     if why:
         print(f"ahpa export: warning: {why}; sample it without --cfg-scale", file=sys.stderr)
+    if before is not None and not _same(before, _content(path)):
+        print(f"ahpa export: note: replaced {path}, which held a different export (another model, or other "
+              "metadata)", file=sys.stderr)
     print(f"exported {bundle.model.num_params():,} parameters (step {step}) to {path}")
     return 0
+
+
+def _content(path) -> tuple[dict, dict] | None:
+    """An export's (ahpa metadata, tensors), None for a file that is not one. Not its bytes: safetensors writes the
+    metadata's entries in no fixed order, so exporting the same model twice gives files that differ."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ahpa", "null"))
+        return meta, load_file(str(path))
+    except Exception:  # any other file: what it held is not an export of this model
+        return None
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return (a is not None and b is not None and a[0] == b[0] and a[1].keys() == b[1].keys()
+            and all(torch.equal(a[1][k], b[1][k]) for k in a[1]))

@@ -314,3 +314,13 @@ def test_convert_stores_a_local_vae_path_absolute_and_a_hub_id_as_given(tmp_path
         assert main([*common, "--encoder", encoder, "--out", "m.safetensors"]) == 0
         with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
             assert json.loads(f.metadata()["ahpa"])["encoder"] == stored
+
+
+def test_a_checkpoint_with_variance_channels_is_not_converted_as_repa(tmp_path):
+    """REPA's heads have C output channels; a 2C (learn_sigma) head is SiT / DiT's, and converted as REPA it would
+    skip SiT's time reversal and velocity negation: refused, naming the layouts to use."""
+    sd = to_public(public_like(), learn_sigma=True)
+    with pytest.raises(ValueError, match=r"REPA checkpoints have no variance channels .* final_layer.linear has 8 "
+                                         r"\(learn_sigma\): .* --layout sit\|dit"):
+        load_public_checkpoint(sd, "repa")
+    assert load_public_checkpoint(sd, "sit") is not None  # the same file as what it is

@@ -253,6 +253,10 @@ def convert_state_dict(state: dict, layout: str, *, convention: str = "ahpa", pr
     p, c = cfg.patch_size, cfg.in_channels
     w, b = ours.get("final_layer.linear.weight"), ours.get("final_layer.linear.bias")
     if w is not None and b is not None and w.shape[0] == 2 * p * p * c:
+        if layout == "repa":  # converted as REPA, a SiT file would skip the time reversal and sample wrongly
+            raise ValueError(f"REPA checkpoints have no variance channels (C = {c} output channels), but "
+                             f"final_layer.linear has {2 * c} (learn_sigma): this looks like a SiT or DiT checkpoint; "
+                             "convert it with --layout sit|dit (layout='sit' or 'dit')")
         ours["final_layer.linear.weight"], ours["final_layer.linear.bias"] = keep_prediction_channels(w, b, p, c)
         notes.append(f"learn_sigma: kept prediction channels 0..{c - 1} of {2 * c} in final_layer.linear")
     elif w is not None and w.shape[0] != p * p * c:

@@ -134,8 +134,6 @@ def _run(args) -> int:
         cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}}, where=where).sample
         dropout = run_cfg.train.label_dropout if args.run else bundle.label_dropout
         why = unguidable(bundle.num_classes, dropout) if cfg.cfg_scale != 1 else None
-        if why and d.is_main:
-            print(f"ahpa sample: warning: cfg-scale {cfg.cfg_scale}: {why}", file=sys.stderr)
         if classes is not None and not all(0 <= k < bundle.num_classes for k in classes):
             raise ValueError(f"--class {','.join(map(str, classes))}: this model has classes 0..{bundle.num_classes - 1}")
 
@@ -146,7 +144,9 @@ def _run(args) -> int:
 
         bars = []  # opened once write_samples has accepted the settings: a refusal draws no empty bar first
 
-        def on_start() -> None:
+        def on_start() -> None:  # when sampling begins: a refused or already complete file needs no warning
+            if why and d.is_main:
+                print(f"ahpa sample: warning: cfg-scale {cfg.cfg_scale}: {why}", file=sys.stderr)
             bars.append(tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main))
 
         def on_progress(n: int) -> None:  # the main process counts its batches for every process: the last round may be short

@@ -594,4 +594,4 @@ def test_export_names_its_format_and_says_when_it_replaces_another_model(run_dir
     other = tmp_path / "other"
     Trainer(config.load(None, [*TINY, "train.steps=1", "train.seed=1"]), other).run()
     assert main(["export", "--run", str(other), "--out", out]) == 0
-    assert f"ahpa export: note: replaced {out}, which held a different export" in capsys.readouterr().err
+    assert f"ahpa export: note: replaced {out}, which held a different export (another run or model)" in capsys.readouterr().err

@@ -26,37 +26,29 @@ def run(args) -> int:
     if not args.out.endswith(".safetensors"):  # as ahpa convert: a file named .npz would be fed to ahpa eval
         raise ValueError(f"--out {args.out!r} must end in .safetensors (the ahpa export format)")
     bundle, step, cfg = run_sampler(args.run, torch.device("cpu"), encoder=args.encoder)
-    before = _content(args.out) if Path(args.out).is_file() else None
+    existed = Path(args.out).is_file()
+    before = _metadata(args.out) if existed else None
     path = export_model(args.out, bundle.model, bundle.latent_stats, bundle.encoder.spec, cfg.transport.path,
                         cfg.data.resolution, getattr(bundle.encoder, "weights_sha256", None), cfg.train.label_dropout)
     why = unguidable(bundle.num_classes, cfg.train.label_dropout)
     if why:
         print(f"ahpa export: warning: {why}; sample it without --cfg-scale", file=sys.stderr)
-    if before is not None and not _same(before, _content(path)):
-        print(f"ahpa export: note: replaced {path}, which held a different export (another model, or other "
-              "metadata)", file=sys.stderr)
+    if existed and before != _metadata(path):  # another run's (other statistics, VAE or shape)
+        print(f"ahpa export: note: replaced {path}, which held a different export (another run or model)",
+              file=sys.stderr)
     print(f"exported {bundle.model.num_params():,} parameters (step {step}) to {path}")
     return 0
 
 
-def _content(path) -> tuple[dict, dict] | None:
-    """An export's (ahpa metadata, tensors), None for a file that is not one. Not its bytes: safetensors writes the
-    metadata's entries in no fixed order, so exporting the same model twice gives files that differ."""
+def _metadata(path) -> dict | None:
+    """An export's ahpa metadata (its model's shape, VAE, latent statistics, path), None for a file that is not one.
+    Read from the header alone: comparing the tensors would load a second XL/2 model (~2.7 GB) to print a note."""
     import json
 
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("ahpa", "null"))
-        return meta, load_file(str(path))
-    except Exception:  # any other file: what it held is not an export of this model
+            return json.loads((f.metadata() or {}).get("ahpa", "null"))
+    except Exception:  # any other file: what it held is not an export
         return None
-
-
-def _same(a, b) -> bool:
-    import torch
-
-    return (a is not None and b is not None and a[0] == b[0] and a[1].keys() == b[1].keys()
-            and all(torch.equal(a[1][k], b[1][k]) for k in a[1]))

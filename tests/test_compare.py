@@ -6,10 +6,13 @@ from ahpa import compare, config
 from ahpa.cli import main
 
 
-def _run(root, name, method, fds, weight=0.5):
-    """A run directory as the trainer writes one: config.yaml, metrics.jsonl with log and eval rows, DONE."""
+def _run(root, name, method, fds, weight=0.5, flops=None):
+    """A run directory as the trainer writes one: config.yaml, metrics.jsonl with log and eval rows, DONE, and with
+    `flops` a start record of its training FLOPs per image."""
     d = root / name
     d.mkdir(parents=True)
+    if flops is not None:
+        (d / "starts.jsonl").write_text(json.dumps({"step": 0, "train_flops_per_image": flops}) + "\n")
     (d / "config.yaml").write_text(config.dump(config.load(None, [f"align.method={method}", f"align.weight={weight}"])))
     rows = []
     for i, fd in enumerate(fds, 1):
@@ -39,7 +42,7 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
     assert main(["compare", str(ahpa), str(base), str(slow), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "| 5.000 | 5.000 | 5.000 | 250 | 1.20x | 52 (51-53) |" in rows["ahpa"]  # reaches 6.0 at 250 of the baseline's 300
+    assert "| 5.000 | 5.000 | 5.000 | 250 | 1.20x | — | 52 (51-53) |" in rows["ahpa"]  # no FLOPs recorded: no per FLOP  # reaches 6.0 at 250 of the baseline's 300
     assert "1.00x" in rows["sit (baseline)"] and "not reached" in rows["repa"]
     # vanilla SiT reads no align.*: its value is not one side of the difference
     assert "- `align.weight`: ahpa=1.5, sit=(not read), repa=0.5" in text and "- `align.method`:" in text
@@ -71,15 +74,17 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
 def test_a_baseline_evaluated_once_gives_speed_ups(tmp_path, capsys):
     """A baseline evaluated once (eval.every = its length) is at its last value from that evaluation on by
     definition, not a baseline that never improved: speed-ups are read from it (itself 1.00x, exact), and no note."""
-    base = _run(tmp_path, "sit", "none", [6.0])
-    slower = _run(tmp_path, "ahpa", "ahpa", [7.0, 5.0])  # crosses 6.0 at 150 images: 100 / 150
-    early = _run(tmp_path, "early", "ahpa", [5.5])  # at or below 6.0 by its first evaluation: a lower bound
+    base = _run(tmp_path, "sit", "none", [6.0], flops=100.0)
+    slower = _run(tmp_path, "ahpa", "ahpa", [7.0, 5.0], flops=120.0)  # crosses 6.0 at 150 images: 100 / 150
+    early = _run(tmp_path, "early", "ahpa", [5.5], flops=110.0)  # at or below 6.0 by its first evaluation: a lower bound
     assert main(["compare", str(base), str(slower), str(early)]) == 0
     text = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "| 100 | 1.00x |" in rows["sit (baseline)"]
-    assert "| 150 | 0.67x |" in rows["ahpa"] and "| 100 | >= 1.00x |" in rows["early"]
-    assert "No speed-up is read" not in text and "—" not in text
+    assert "| 100 | 1.00x | 1.00x |" in rows["sit (baseline)"]
+    # per FLOP: 100 images x 100 FLOPs over 150 x 120 = 0.56x; 100 x 100 over 100 x 110 = 0.91x (a bound too)
+    assert "| 150 | 0.67x | 0.56x |" in rows["ahpa"] and "| 100 | >= 1.00x | >= 0.91x |" in rows["early"]
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert "No speed-up is read" not in text and not any("—" in line for line in table)
 
 
 def test_a_run_whose_evaluations_changed_on_a_resume_is_named(tmp_path, capsys):
@@ -112,6 +117,10 @@ def test_compare_reads_a_real_run_without_evaluations(tmp_path, tiny, capsys):
     assert "No run has evaluations" in text and "baseline b" in text
     assert "`align.method`: a='ahpa', b='none'" in text
     assert "Trained in different environments" not in text  # the same machine and code
+    # each start records the training FLOPs per image: the SiT's forward x 3, plus the heads' for AHPA
+    a, b = (compare.read_run(tmp_path / n) for n in "ab")
+    assert b.flops_per_image == 3 * Trainer(tiny("train.steps=2", "align.method=none"), tmp_path / "b").parts.model.flops_per_image()
+    assert a.flops_per_image > b.flops_per_image
 
 
 def test_a_run_records_each_start_and_compare_names_other_environments(tmp_path, tiny, capsys):

@@ -45,6 +45,7 @@ class Run:
     env: dict = field(default_factory=dict)  # its newest start's versions, commit and device (starts.jsonl)
     eval_setups: list[tuple[int, str]] = field(default_factory=list)  # [(images, what each evaluation used)]
     identities: dict[str, str] = field(default_factory=dict)  # data.path / prior.encoder -> content identity
+    flops_per_image: float | None = None  # training FLOPs per image (its newest start; None before they were recorded)
 
     @property
     def method(self) -> str:
@@ -89,7 +90,8 @@ def read_run(path: str | Path) -> Run:
     env = {k: start[k] for k in ENV_COMPARED if k in start}
     recorded = inputs.read(path) or {}
     identities = {k: v["identity"] for k, v in recorded.items() if isinstance(v, dict) and v.get("identity")}
-    run = Run(path.name, path, settings, done=(path / "DONE").exists(), env=env, identities=identities)
+    run = Run(path.name, path, settings, done=(path / "DONE").exists(), env=env, identities=identities,
+              flops_per_image=start.get("train_flops_per_image"))
     if not metrics_file.is_file():
         return run
     for row in read_rows(metrics_file):
@@ -261,8 +263,8 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
     evaluated otherwise than the baseline gets none ("not comparable"), and one shorter than the baseline that has
     not reached it yet says so."""
     lines = [f"| run | method | last evaluated at (images) | last {metric} | best | at the baseline's last images | "
-             f"images to reach the baseline's last | speed-up | img/s (median; min-max) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"images to reach the baseline's last | speed-up | per FLOP | img/s (median; min-max) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = baseline.evals.get(metric, [])
     # the baseline's own images to reach its last value by the same rule as every run's: where its curve rose again
     # at the end (noise, overfitting), that is before its last images, and a copy of it is 1.00x, not faster
@@ -274,10 +276,11 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
         rate = "—" if r.img_per_s is None else f"{r.img_per_s:.0f} ({min(r.rates):.0f}-{max(r.rates):.0f})"
         if not curve:
             has = f" (has {', '.join(r.evals)})" if r.evals else ""
-            lines.append(f"| {name} | {r.label} | — | no {metric} evaluations{has} | | | | | {rate} |")
+            lines.append(f"| {name} | {r.label} | — | no {metric} evaluations{has} | | | | | | {rate} |")
             continue
         at = value_at(curve, base[-1][0]) if base else None
         reach = images_to_reach(curve, base[-1][1]) if base else None
+        per_flop = "—"
         if not base or flat:
             speed = "—"
         elif r.name in otherwise:
@@ -285,9 +288,12 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
         elif reach is None:
             speed = "not yet (shorter)" if curve[-1][0] < base[-1][0] else "not reached"
         else:
-            speed = f"{'>= ' if reach == curve[0][0] and r is not baseline else ''}{base_reach / reach:.2f}x"
+            bound = ">= " if reach == curve[0][0] and r is not baseline else ""
+            speed = f"{bound}{base_reach / reach:.2f}x"
+            if r.flops_per_image and baseline.flops_per_image:  # the same images, each at its own arithmetic
+                per_flop = f"{bound}{base_reach * baseline.flops_per_image / (reach * r.flops_per_image):.2f}x"
         lines.append(f"| {name} | {r.label} | {curve[-1][0]:,} | {curve[-1][1]:.3f} | {min(v for _, v in curve):.3f} | "
-                     f"{_num(at, '.3f')} | {_num(reach, ',.0f')} | {speed} | {rate} |")
+                     f"{_num(at, '.3f')} | {_num(reach, ',.0f')} | {speed} | {per_flop} | {rate} |")
     if not base:
         lines += ["", f"The baseline {baseline.name} has no {metric} evaluations, so no speed-up is read: name one that "
                   "has with --baseline RUN."]

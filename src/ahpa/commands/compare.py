@@ -45,8 +45,10 @@ def run(args) -> int:
         parts += [compare.table(runs, baseline, metric), "",
                   f"Speed-up: the images from which the baseline stays at or below its last {metric} over the images "
                   "from which a run does (the last crossing, linear between evaluations; `>=`: reached by the run's "
-                  "first evaluation, maybe before); img/s: the median of the logged windows and their range, for the "
-                  "cost per image (it compares only on the same device under the same load).", ""]
+                  "first evaluation, maybe before); per FLOP: the same counted in training FLOPs, each run's images at "
+                  "its own arithmetic per image (the alignment heads add some; — for a run from before it was "
+                  "recorded); img/s: the median of the logged windows and their range, for the cost per image (it "
+                  "compares only on the same device under the same load).", ""]
     else:
         parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances). "
                   "Trained so far: " + ", ".join(f"{r.name} {r.length:,} images" for r in runs) + ".", ""]

@@ -165,6 +165,15 @@ def given_encoder_spec(encoder, configured: str) -> tuple[str, list[str]]:
 HEADS_NOTE_SHARE = 0.15  # above this, a run says what its alignment heads cost
 
 
+def train_flops_per_image(parts: Parts) -> float:
+    """The training arithmetic per image: 3 x (2 x multiply-adds) of the SiT's forward and of the alignment heads'
+    (the MFU convention). Recorded at each start, so that `ahpa compare` reads speed-ups per FLOP as well as per
+    image: heads that cost 25% of a small SiT's arithmetic must buy more than 1.25x fewer images to pay."""
+    model = parts.model
+    heads = parts.aligner.flops_per_image(model.cfg.num_tokens) if parts.aligner is not None else 0.0
+    return 3.0 * (model.flops_per_image() + heads)
+
+
 def heads_cost_note(parts: Parts) -> list[str]:
     """A note when the alignment heads are a large part of the training arithmetic: REPA's 2048-wide projector adds
     ~2% to XL/2 and ~11% to B/2, but 25% to the study's SiT-S/1 (measured: its step took 1.29x vanilla's)."""

@@ -18,6 +18,7 @@ from ahpa import config as config_mod
 from ahpa.atomic import atomic_write_text
 from ahpa.provenance import environment, record_start
 from ahpa.train import eval_setup, inputs, outputs
+from ahpa.train.build import train_flops_per_image
 from ahpa.train.distributed import agreed_max
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
@@ -80,7 +81,9 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tr.run_dir / "config.yaml", config_mod.dump(c))  # a resume reads it back
     if main and not complete:
-        record_start(tr.run_dir, tr.step, environment(tr.parts.device, tr.world))  # versions, commit, GPUs
+        # versions, commit, GPUs, and the arithmetic per image (speed-ups per FLOP in `ahpa compare`)
+        record_start(tr.run_dir, tr.step, {**environment(tr.parts.device, tr.world),
+                                           "train_flops_per_image": train_flops_per_image(tr.parts)})
         if tr._moved_inputs is not None:  # moved files, identified by check_moved_inputs
             inputs.write(tr.run_dir, tr._moved_inputs)
         elif inputs.read(tr.run_dir) is None:  # a new run, or one from before inputs.json

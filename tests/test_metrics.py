@@ -544,3 +544,38 @@ def test_ahpas_own_warnings_are_one_line_under_the_cli(capsys, monkeypatch):
     main(["compare", "/nonexistent"])  # again in this process (a notebook, a test suite): not wrapped once more per
     capsys.readouterr()  # call, which would nest without end and overflow the stack after ~1000 commands
     assert warnings.formatwarning is installed
+
+
+def test_eval_options_are_checked_before_any_image_is_measured(tmp_path, tiny_detector_file, capsys, monkeypatch):
+    """A bad --pr-num, --pr-k, --is-splits, --num or --batch is one line naming the option and the fix, said before the
+    first image is read: it used to fail after the reference's pass (--is-splits 0, --pr-k 0), or with a traceback
+    (--pr-num 0: "Could not infer dtype of NoneType"; -5: "'NoneType' object has no attribute 'cpu'")."""
+    from ahpa.cli import main
+    from ahpa.metrics import evaluate
+    from ahpa.metrics import measurement
+
+    rng = np.random.default_rng(4)
+    data = tmp_path / "s.npz"
+    np.savez(data, arr_0=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+    monkeypatch.setattr(measurement, "iter_image_batches", lambda *a, **k: pytest.fail("an image was read"))
+    base = ["eval", str(data), "--ref", str(data), "--detector", f"torchscript:{tiny_detector_file}", "--no-ref-cache"]
+    cases = [(["--metrics", "pr", "--pr-num", "0"], "--pr-num must be larger than --pr-k (3): "),
+             (["--metrics", "pr", "--pr-num", "-5"], "--pr-num must be larger than --pr-k (3): "),
+             (["--metrics", "pr", "--pr-num", "3"], "--pr-num must be larger than --pr-k (3): "),
+             (["--metrics", "pr", "--pr-k", "0"], "--pr-k must be at least 1 "),
+             (["--metrics", "fd,is", "--is-splits", "0"], "--is-splits must be at least 1 "),
+             (["--num", "0"], "--num must be at least 1 "),
+             (["--num", "-1"], "--num must be at least 1 "),
+             (["--batch", "0"], "--batch must be at least 1 ")]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(f"ahpa eval: error: {message}") and err.count("\n") == 1, err
+    # unused settings are not held against a call: --pr-num 0 without pr
+    monkeypatch.undo()
+    assert main([*base, "--pr-num", "0", "--is-splits", "0"]) == 0
+    # from Python, under the parameters' own names, before any image is read
+    monkeypatch.setattr(measurement, "iter_image_batches", lambda *a, **k: pytest.fail("an image was read"))
+    det = load_detector(f"torchscript:{tiny_detector_file}")
+    with pytest.raises(ValueError, match=r"^pr_num must be larger than pr_k \(3\)"):
+        evaluate(data, data, det, ("fd", "pr"), pr_num=0)

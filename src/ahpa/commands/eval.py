@@ -8,6 +8,10 @@ import warnings
 from pathlib import Path
 
 
+# evaluate's parameters as this command's options, for the messages of check_settings
+OPTIONS = {"num": "--num", "batch_size": "--batch", "is_splits": "--is-splits", "pr_num": "--pr-num", "pr_k": "--pr-k"}
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="FID / FD, Inception Score, precision/recall of samples against a reference")
     p.add_argument("samples", help="samples: ADM .npz (arr_0), images .npz, or an image folder")
@@ -40,7 +44,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ahpa.metrics import load_detector
-    from ahpa.metrics.evaluation import EvaluationWarning, evaluate, parse_metrics
+    from ahpa.metrics.evaluation import EvaluationWarning, check_settings, evaluate, parse_metrics
     from ahpa.data.listing import default_workers
     from ahpa.metrics.images import SkippedFilesWarning, check_image_source, folder_source, npz_image_key
     from ahpa.metrics.measurement import is_stats_file
@@ -48,6 +52,9 @@ def run(args) -> int:
     from ahpa.device import resolve_device
 
     metrics = parse_metrics(args.metrics)
+    # before any image is measured: evaluate checks them too, but only after an earlier detector's whole pass
+    check_settings(metrics, num=args.num, batch_size=args.batch, is_splits=args.is_splits, pr_num=args.pr_num,
+                   pr_k=args.pr_k, names=OPTIONS)
     if args.save_ref_stats and len(args.detector) != 1:
         raise ValueError("--save-ref-stats needs exactly one --detector")
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):

@@ -43,6 +43,41 @@ def parse_metrics(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def check_settings(
+    metrics,
+    *,
+    num: int | None = None,
+    batch_size: int = 250,
+    is_splits: int = 10,
+    pr_num: int = 10_000,
+    pr_k: int = 3,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Raise ValueError for settings of `evaluate` that measure nothing or that would fail only once every image was
+    measured (an Inception Score over 0 splits, precision/recall with k = 0 or with fewer than k + 1 points): a
+    50,000-image pass must not be spent to learn that. `names` maps a parameter to the name its caller's user knows
+    it by (`ahpa eval`'s options)."""
+    metrics = parse_metrics(metrics)
+
+    def name(field: str) -> str:
+        return (names or {}).get(field, field)
+
+    if num is not None and num < 1:
+        raise ValueError(f"{name('num')} must be at least 1 (the number of samples to evaluate), got {num}")
+    if batch_size < 1:
+        raise ValueError(f"{name('batch_size')} must be at least 1 (images per detector call), got {batch_size}")
+    if "is" in metrics and is_splits < 1:
+        raise ValueError(f"{name('is_splits')} must be at least 1 (the Inception Score is averaged over that many "
+                         f"parts of the samples; 10 is the usual), got {is_splits}")
+    if "pr" in metrics:
+        if pr_k < 1:
+            raise ValueError(f"{name('pr_k')} must be at least 1 (each point's k-th nearest neighbour sets its "
+                             f"radius; 3 is the usual), got {pr_k}")
+        if pr_num <= pr_k:
+            raise ValueError(f"{name('pr_num')} must be larger than {name('pr_k')} ({pr_k}): each of the first "
+                             f"{name('pr_num')} points needs {pr_k} neighbours among them; got {pr_num}")
+
+
 def evaluate(
     samples,
     ref,
@@ -63,6 +98,7 @@ def evaluate(
     `progress(label)` may return a callback that takes the number of images of each batch (a bar's update).
     """
     metrics = parse_metrics(metrics)
+    check_settings(metrics, num=num, batch_size=batch_size, is_splits=is_splits, pr_num=pr_num, pr_k=pr_k)
     names = metric_names(detector)
     if "is" in metrics and not detector.has_classes:
         raise ValueError(f"the Inception Score needs a classifier head, which detector {detector.spec!r} lacks; "

@@ -325,3 +325,46 @@ def test_evaluate_passes_its_sets_and_splits_to_the_metrics(tmp_path):
     probs = det.class_probs(as_t(samples))
     assert inception_score(probs, 3)[0] < 1.1 and inception_score(probs, 1)[0] > 2.5
     assert got["IS-r20"] == pytest.approx(inception_score(probs, 3)[0], rel=1e-6)
+
+
+class _Colours(torch.nn.Module):
+    """_ColourClassifier's features without its classifier head (as DINOv2 has none)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        return torch.cat([x.mean(dim=(1, 2, 3))[:, None], x.mean(dim=(2, 3))], dim=1)
+
+
+def test_eval_computes_is_under_the_detectors_with_a_head_and_checks_every_detector_before_measuring(
+        tmp_path, capsys, monkeypatch):
+    """`--detector inception:... --detector dinov2:... --metrics fd,is` (FID, IS and FD-DINOv2, the usual ImageNet
+    row) gives IS under the detector with a classifier head and says it was skipped for the other: it used to measure
+    the first detector completely, then refuse the second, without the JSON line. What no detector can give, and
+    stored statistics of another detector, are refused before any image is read."""
+    from ahpa.cli import main
+    from ahpa.metrics import measurement
+
+    head = f"torchscript:{_script(_ColourClassifier(), tmp_path / 'toy-resnet20.pt')}"
+    plain = f"torchscript:{_script(_Colours(), tmp_path / 'plain.pt')}"
+    rng = np.random.default_rng(2)
+    data = tmp_path / "s.npz"
+    np.savez(data, arr_0=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+    base = ["eval", str(data), "--ref", str(data), "--no-ref-cache", "--is-splits", "2"]
+    assert main([*base, "--detector", head, "--detector", plain, "--metrics", "fd,is"]) == 0
+    out, err = capsys.readouterr()
+    assert set(json.loads(out.splitlines()[-1])) == {"FD-r20", "IS-r20", "IS-r20-std", "FD-plain"}
+    assert ("ahpa eval: note: the Inception Score is computed with FD-r20 only; skipped for the detector(s) without a "
+            f"classifier head: FD-plain ({plain})") in err
+    # `is` alone: the detector without a head has nothing to measure, and is not run
+    assert main([*base, "--detector", plain, "--detector", head, "--metrics", "is"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1]).keys() == {"IS-r20", "IS-r20-std"} and len(out.splitlines()) == 2
+    assert f"FD-plain ({plain}; no other metric asked: not evaluated)" in err
+    monkeypatch.setattr(measurement, "iter_image_batches", lambda *a, **k: pytest.fail("an image was read"))
+    assert main([*base, "--detector", plain, "--metrics", "fd,is"]) == 2
+    assert f"the Inception Score needs a classifier head, which detector '{plain}' lacks" in capsys.readouterr().err
+    # statistics of the first detector as the reference: the second is refused before the first one's pass
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(4), sigma=np.eye(4), detector="FD-r20")
+    assert main(["eval", str(data), "--ref", str(stats), "--detector", head, "--detector", plain]) == 2
+    assert f"were computed for FD-r20, not FD-plain ({plain}): give the reference images" in capsys.readouterr().err

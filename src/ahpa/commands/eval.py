@@ -44,10 +44,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ahpa.metrics import load_detector
-    from ahpa.metrics.evaluation import EvaluationWarning, check_settings, evaluate, parse_metrics
+    from ahpa.metrics.evaluation import EvaluationWarning, check_settings, evaluate, metrics_by_detector, parse_metrics
     from ahpa.data.listing import default_workers
     from ahpa.metrics.images import SkippedFilesWarning, check_image_source, folder_source, npz_image_key
-    from ahpa.metrics.measurement import is_stats_file
+    from ahpa.metrics.measurement import check_reference, is_stats_file
     from ahpa.metrics.reference import default_cache_dir, load_reference
     from ahpa.device import resolve_device
 
@@ -62,6 +62,19 @@ def run(args) -> int:
     workers = default_workers() if args.workers is None else args.workers
     samples, ref_source = (folder_source(p, args.resolution, workers) for p in (args.samples, args.ref))
     device = resolve_device(args.device, "--device")
+    # every detector loaded and checked against the metrics and the reference before the first image is measured: a
+    # refusal of the second detector must not come after the first one's pass (hours at 50k ImageNet samples)
+    detectors = [load_detector(spec, device) for spec in args.detector]
+    plans = metrics_by_detector(metrics, detectors)
+    for det, mine in zip(detectors, plans):
+        if "fd" in mine or "pr" in mine:
+            check_reference(args.ref, det, args.pr_num if "pr" in mine else 0)
+    skipped = [f"{d.name} ({d.spec}{'' if mine else '; no other metric asked: not evaluated'})"
+               for d, mine in zip(detectors, plans) if "is" in metrics and "is" not in mine]
+    if skipped:  # computed where it can be (the usual FID + IS + FD-DINOv2 call), and said where it is not
+        heads = ", ".join(d.name for d, mine in zip(detectors, plans) if "is" in mine)
+        print(f"ahpa eval: note: the Inception Score is computed with {heads} only; skipped for the detector(s) "
+              f"without a classifier head: {', '.join(skipped)}", file=sys.stderr)
     # stored statistics alone are already the cheap form of a reference: nothing to cache
     stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None
     cache = None if args.no_ref_cache or stats_only else (args.ref_cache or default_cache_dir())
@@ -79,14 +92,15 @@ def run(args) -> int:
 
     results, said = {}, set()  # a warning of every detector alike (fewer images, a size gap) is said once
     ours = (SkippedFilesWarning, EvaluationWarning)
-    for spec in args.detector:
-        det = load_detector(spec, device)
+    for det, mine in zip(detectors, plans):
+        if not mine:
+            continue
         caught = []
         try:
             with warnings.catch_warnings(record=True) as caught:  # said after the bars close, also before an error
                 for category in ours:
                     warnings.simplefilter("always", category)
-                values, stats = evaluate(samples, ref_source, det, metrics, num=args.num, batch_size=args.batch,
+                values, stats = evaluate(samples, ref_source, det, mine, num=args.num, batch_size=args.batch,
                                           is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
                                           progress=progress)
         finally:  # also on an error: an open bar would leave its line for the error message to continue

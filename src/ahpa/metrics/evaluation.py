@@ -78,6 +78,21 @@ def check_settings(
                              f"{name('pr_num')} points needs {pr_k} neighbours among them; got {pr_num}")
 
 
+def metrics_by_detector(metrics, detectors: list[Detector]) -> list[tuple[str, ...]]:
+    """The metrics each of `detectors` is evaluated with when one call asks for `metrics` under all of them: every
+    metric under every detector, except the Inception Score, which only detectors with a classifier head give. The
+    usual ImageNet row (FID, IS, FD-DINOv2: Inception and DINOv2 with `fd,is`) thus needs no second call, where
+    refusing the pair would make a user drop either `is` or DINOv2. A ValueError when no detector has a head: then
+    `is` can be given by none. A detector may be left with no metric (`is` alone under a DINOv2): ()."""
+    metrics = parse_metrics(metrics)
+    if "is" in metrics and not any(d.has_classes for d in detectors):
+        which = ", ".join(repr(d.spec) for d in detectors)
+        raise ValueError(f"the Inception Score needs a classifier head, which {'detector' if len(detectors) == 1 else 'no detector of'} "
+                         f"{which} {'lacks' if len(detectors) == 1 else 'has'}; drop `is` from the metrics or add a "
+                         "detector with one (inception:FILE, the CIFAR ResNets)")
+    return [tuple(m for m in metrics if m != "is" or d.has_classes) for d in detectors]
+
+
 def evaluate(
     samples,
     ref,
@@ -100,9 +115,7 @@ def evaluate(
     metrics = parse_metrics(metrics)
     check_settings(metrics, num=num, batch_size=batch_size, is_splits=is_splits, pr_num=pr_num, pr_k=pr_k)
     names = metric_names(detector)
-    if "is" in metrics and not detector.has_classes:
-        raise ValueError(f"the Inception Score needs a classifier head, which detector {detector.spec!r} lacks; "
-                         "drop `is` from the metrics or use a detector with one (inception:FILE, the CIFAR ResNets)")
+    metrics_by_detector(metrics, [detector])  # `is` needs a classifier head
     keep = pr_num if "pr" in metrics else 0
 
     def tick(label: str):

@@ -125,6 +125,27 @@ def is_stats_file(ref) -> bool:
     return {"mu", "sigma"} <= npz_names(ref)
 
 
+def _npz_file(ref) -> bool:
+    return isinstance(ref, (str, Path)) and Path(ref).suffix == ".npz" and Path(ref).is_file()
+
+
+def check_reference(ref, detector: Detector, keep: int = 0) -> None:
+    """Raise ValueError when the .npz `ref` holds statistics (mu, sigma) and no images, and those cannot serve
+    `detector`: they were computed for another detector, or `keep` > 0 (precision/recall needs the features of the
+    first `keep` reference images, which statistics do not hold). Reads the file's names only, so that a caller with
+    several detectors checks each before any image is measured."""
+    if not _npz_file(ref) or npz_image_key(ref) is not None:
+        return  # images (or a folder, an array) are measured under any detector
+    usable, tag = stored_stats_usable(Path(ref), detector)
+    if not usable and tag is not None:
+        raise ValueError(f"statistics in {str(ref)!r} were computed for {tag}, not {detector.name} ({detector.spec}): "
+                         "give the reference images, or statistics that detector measured (ahpa eval ... "
+                         "--save-ref-stats)")
+    if keep and usable and is_stats_file(ref):
+        raise ValueError(f"precision/recall needs reference images, but {str(ref)!r} holds statistics (mu, sigma) "
+                         "only; give the image source (folder or images .npz) as the reference")
+
+
 def reference_stats(
     ref,
     detector: Detector,
@@ -138,14 +159,11 @@ def reference_stats(
     ADM reference batch counts as Inception); otherwise images in the same file are measured afresh,
     and with no images the mismatch is an error rather than a wrong number.
     """
-    if isinstance(ref, (str, Path)) and Path(ref).suffix == ".npz" and Path(ref).is_file():
-        usable, tag = stored_stats_usable(Path(ref), detector)
-        if usable:
-            stats = FeatureStats.load(ref)
-            stats.detector = detector.name
-            return stats
-        if tag is not None and npz_image_key(ref) is None:
-            raise ValueError(f"statistics in {str(ref)!r} were computed for {tag}, not {detector.name}")
+    check_reference(ref, detector)
+    if _npz_file(ref) and stored_stats_usable(Path(ref), detector)[0]:
+        stats = FeatureStats.load(ref)
+        stats.detector = detector.name
+        return stats
     return compute_stats(ref, detector, batch_size, device, **kwargs)
 
 

@@ -25,8 +25,9 @@ from ahpa.atomic import atomic_path
 from ahpa.data.path_table import PathTable
 from ahpa.metrics.detectors import Detector, parse_spec
 from ahpa.metrics.frechet import FeatureStats
-from ahpa.metrics.images import ImageFolder, image_files, npz_image_key
-from ahpa.metrics.measurement import Measurement, stored_stats_usable, is_stats_file, measure, reference_stats
+from ahpa.metrics.images import ImageFolder, image_files
+from ahpa.metrics.measurement import (Measurement, check_reference, is_stats_file, measure, reference_stats,
+                                      stored_stats_usable)
 
 
 KEY_VERSION = 2  # raised when how a reference is measured changes: older entries are then measured afresh
@@ -150,10 +151,8 @@ def reference_measurement(
     """Statistics of the reference (an image source or stored mu/sigma, see `reference_stats`) and, with
     `keep` > 0, the features of its first `keep` images, cached in `cache_dir` (None: no caching) as
     `<metric>-<key>.npz` and `<metric>-<key>-first<keep>.npy`."""
+    check_reference(ref, detector, keep)
     stored = is_stats_file(ref) and stored_stats_usable(Path(ref), detector)[0]
-    if keep and stored and npz_image_key(ref) is None:
-        raise ValueError(f"precision/recall needs reference images, but {str(ref)!r} holds statistics (mu, sigma) only; "
-                         "give the image source (folder or images .npz) as the reference")
     if cache_dir is not None:
         stats_path, feat_path = _cache_files(ref, detector, cache_dir, keep)
         if stats_path.is_file() and (not keep or feat_path.is_file()):

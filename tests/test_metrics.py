@@ -579,3 +579,33 @@ def test_eval_options_are_checked_before_any_image_is_measured(tmp_path, tiny_de
     det = load_detector(f"torchscript:{tiny_detector_file}")
     with pytest.raises(ValueError, match=r"^pr_num must be larger than pr_k \(3\)"):
         evaluate(data, data, det, ("fd", "pr"), pr_num=0)
+
+
+def test_nothing_to_measure_names_the_source_and_why(tmp_path, tiny_detector_file, capsys):
+    """An empty .npz, an empty array or a folder none of whose files decodes used to end in "no features accumulated",
+    which names neither the source nor the reason."""
+    from ahpa.cli import main
+    from ahpa.metrics import measure
+
+    rng = np.random.default_rng(6)
+    data, empty = tmp_path / "data.npz", tmp_path / "empty.npz"
+    np.savez(data, arr_0=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+    np.savez(empty, arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    (tmp_path / "f32").mkdir()
+    for i in range(2):
+        from PIL import Image
+
+        Image.fromarray(np.zeros((8, 8), np.float32), mode="F").save(tmp_path / "f32" / f"{i}.tif")
+    det = ["--detector", f"torchscript:{tiny_detector_file}", "--no-ref-cache"]
+    for samples, ref, message in ((empty, data, f"{str(empty)!r} holds 0 images: nothing to measure"),
+                                  (data, empty, f"{str(empty)!r} holds 0 images: nothing to measure"),
+                                  (tmp_path / "f32", data, f"no image of {tmp_path / 'f32'} could be decoded (2 skipped; "
+                                                            "0.tif: 32-bit float image (mode F)")):
+        assert main(["eval", str(samples), "--ref", str(ref), *det]) == 2
+        err = capsys.readouterr().err
+        assert f"ahpa eval: error: {message}" in err and "no features accumulated" not in err, err
+    detector = load_detector(f"torchscript:{tiny_detector_file}")
+    with pytest.raises(ValueError, match="^the image array held 0 images: nothing to measure"):
+        measure(np.zeros((0, 8, 8, 3), np.uint8), detector)
+    with pytest.raises(ValueError, match=r"^max_images=0: nothing to measure \(it must be at least 1\)"):
+        measure(data, detector, max_images=0)

@@ -161,12 +161,13 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
     listing = list_source(folder.path, labels="none")
     n = len(listing) if limit is None else min(len(listing), limit)
     batches = [list(range(start, stop)) for start, stop in _batch_ranges(n, batch_size, rank, world_size)]
-    skipped, first = [], None
+    skipped, first, decoded = [], None, 0
     # decoded (and cropped at a resolution) as `ahpa prepare` decodes training images: upright, alpha on white,
     # 16-bit rescaled; in `workers` processes, in order
     for items in make_loader(listing, folder.resolution, batches, folder.workers):
         skipped += [(listing.name(it.index), it.reason) for it in items if it.image is None]
         good = [it for it in items if it.image is not None]
+        decoded += len(good)
         if not good:
             continue
         if folder.resolution:
@@ -183,6 +184,9 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
         shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
         warnings.warn(f"{folder.path}: skipped {len(skipped)} file(s) that cannot be decoded ({shown}"
                       f"{'; ...' if len(skipped) > 3 else ''}); remove or re-encode them", SkippedFilesWarning, stacklevel=2)
+        if not decoded and world_size == 1:  # (one rank of several may draw only bad files; the others' images count)
+            raise ValueError(f"no image of {folder.path} could be decoded ({len(skipped)} skipped; {shown}"
+                             f"{'; ...' if len(skipped) > 3 else ''}): nothing to measure")
 
 
 def _holds_an_image(folder: Path) -> bool:

@@ -17,7 +17,7 @@ import torch
 
 from ahpa.metrics.detectors import Detector
 from ahpa.metrics.frechet import FeatureStats
-from ahpa.metrics.images import iter_image_batches, npz_image_key, npz_names
+from ahpa.metrics.images import ImageFolder, iter_image_batches, npz_image_key, npz_names
 
 
 @dataclass
@@ -34,6 +34,16 @@ def _to_nchw(batch) -> torch.Tensor:
 
 def _distributed(world_size: int) -> bool:
     return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _nothing_measured(source, max_images: int | None) -> str:
+    # said instead of FeatureStats' "no features accumulated", which names neither the source nor the reason
+    if max_images is not None and max_images < 1:
+        return f"max_images={max_images}: nothing to measure (it must be at least 1)"
+    if isinstance(source, (str, Path, ImageFolder)):
+        path = source.path if isinstance(source, ImageFolder) else source
+        return f"{str(path)!r} holds 0 images: nothing to measure"
+    return f"the {'image array' if isinstance(source, (np.ndarray, torch.Tensor)) else 'image batches'} held 0 images: nothing to measure"
 
 
 def measure(
@@ -79,6 +89,8 @@ def measure(
         flat = stats.to_tensor()
         torch.distributed.all_reduce(flat)
         stats = FeatureStats.from_tensor(flat)
+    if not stats.count and (world_size == 1 or _distributed(world_size)):  # one rank of several may get no batch
+        raise ValueError(_nothing_measured(source, max_images))
     stats.detector = detector.name
     stats.image_size = size
     return Measurement(

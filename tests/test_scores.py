@@ -368,3 +368,27 @@ def test_eval_computes_is_under_the_detectors_with_a_head_and_checks_every_detec
     np.savez(stats, mu=np.zeros(4), sigma=np.eye(4), detector="FD-r20")
     assert main(["eval", str(data), "--ref", str(stats), "--detector", head, "--detector", plain]) == 2
     assert f"were computed for FD-r20, not FD-plain ({plain}): give the reference images" in capsys.readouterr().err
+
+
+def test_eval_result_line_and_resolution_say_what_was_used(tmp_path, capsys):
+    """`--metrics is` reads no reference, and its line used to say "(12 samples vs stored reference)"; --resolution
+    does nothing to .npz files, and said nothing when both inputs were .npz files."""
+    from ahpa.cli import main
+    from PIL import Image
+
+    det = ["--detector", f"torchscript:{_script(_ColourClassifier(), tmp_path / 'toy-resnet20.pt')}", "--no-ref-cache"]
+    rng = np.random.default_rng(5)
+    data = tmp_path / "s.npz"
+    np.savez(data, arr_0=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+    assert main(["eval", str(data), "--ref", str(data), *det, "--metrics", "is", "--is-splits", "2"]) == 0
+    assert "(12 samples; no reference needed)" in capsys.readouterr().out
+    assert main(["eval", str(data), "--ref", str(data), *det, "--metrics", "fd,is", "--is-splits", "2"]) == 0
+    assert "(12 samples vs 12 reference)" in capsys.readouterr().out
+    assert main(["eval", str(data), "--ref", str(data), *det, "--resolution", "16"]) == 0
+    assert ("ahpa eval: note: --resolution 16 applies to image folders only; SAMPLES and --ref are .npz files"
+            in capsys.readouterr().err)
+    (tmp_path / "folder").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "folder" / f"{i}.png")
+    assert main(["eval", str(data), "--ref", str(tmp_path / "folder"), *det, "--resolution", "8"]) == 0
+    assert "--resolution" not in capsys.readouterr().err  # it applies to the reference folder

@@ -59,6 +59,10 @@ def run(args) -> int:
         raise ValueError("--save-ref-stats needs exactly one --detector")
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):
         check_image_source(path, what)  # the reference too, before any sample is measured (the samples come first)
+    if args.resolution is not None and not any(Path(p).expanduser().is_dir() for p in (args.samples, args.ref)):
+        # said, since the output's size warning would otherwise look like the option's doing
+        print(f"ahpa eval: note: --resolution {args.resolution} applies to image folders only; SAMPLES and --ref are "
+              ".npz files, measured at the size they hold", file=sys.stderr)
     workers = default_workers() if args.workers is None else args.workers
     samples, ref_source = (folder_source(p, args.resolution, workers) for p in (args.samples, args.ref))
     device = resolve_device(args.device, "--device")
@@ -113,11 +117,13 @@ def run(args) -> int:
                     said.add(str(w.message))
                     print(f"ahpa eval: warning: {w.message}", file=sys.stderr)
         ref = stats["reference"]
+        # `is` alone reads no reference; stored statistics without a count (ADM's) say no number
+        against = "; no reference needed" if ref is None else f" vs {ref.count or 'stored'} reference"
         if args.save_ref_stats:  # the statistics evaluate measured (or read), measured here only for `is` alone
             ref = ref or load_reference(ref_source, det, cache, args.batch)
             ref.save(args.save_ref_stats, detector=det.name)
         shown = "  ".join(f"{k}: {v:.6g}" for k, v in values.items())
-        print(f"{shown}  ({stats['samples'].count} samples vs {(ref.count if ref else 0) or 'stored'} reference)")
+        print(f"{shown}  ({stats['samples'].count} samples{against})")
         results.update(values)
     print(json.dumps(results))
     return 0

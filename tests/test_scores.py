@@ -392,3 +392,28 @@ def test_eval_result_line_and_resolution_say_what_was_used(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "folder" / f"{i}.png")
     assert main(["eval", str(data), "--ref", str(tmp_path / "folder"), *det, "--resolution", "8"]) == 0
     assert "--resolution" not in capsys.readouterr().err  # it applies to the reference folder
+
+
+def test_precision_recall_of_sets_of_unequal_size_is_warned_about(tmp_path, capsys):
+    """Kynkäänniemi et al. and ADM's evaluator compare equal sizes; the default --pr-num 10000 compared 200 samples
+    with 1,000 reference images without a word, though the sizes move both figures."""
+    from ahpa.cli import main
+    from ahpa.metrics import EvaluationWarning, evaluate
+
+    det_file = _script(_ColourClassifier(), tmp_path / "toy-resnet20.pt")
+    rng = np.random.default_rng(7)
+    samples, ref = tmp_path / "s.npz", tmp_path / "r.npz"
+    np.savez(samples, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+    np.savez(ref, images=rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
+    said = "precision/recall compares 20 samples with 30 reference images; Kynkäänniemi et al."
+    with pytest.warns(EvaluationWarning, match=said) as caught:
+        evaluate(samples, ref, load_detector(f"torchscript:{det_file}"), ("fd", "pr"))
+    assert "set pr_num (ahpa eval --pr-num) to 20 for comparable figures" in str(caught[0].message)
+    argv = ["eval", str(samples), "--ref", str(ref), "--detector", f"torchscript:{det_file}", "--no-ref-cache",
+            "--metrics", "pr"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count(f"ahpa eval: warning: {said}") == 1
+    assert main([*argv, "--pr-num", "20"]) == 0  # 20 and 20: nothing to say
+    assert "warning" not in capsys.readouterr().err
+    assert main([*argv[:-1], "fd"]) == 0  # no precision/recall: nothing to say either
+    assert "warning" not in capsys.readouterr().err

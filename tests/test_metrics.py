@@ -323,7 +323,10 @@ def test_folder_images_decode_as_prepare_decodes_them(tmp_path):
     Image.fromarray(grey16).save(tmp_path / "a.png")
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # black, fully transparent
     Image.fromarray(rgba, "RGBA").save(tmp_path / "b.png")
-    a, b = np.concatenate(list(iter_image_batches(tmp_path, 2)))
+    from ahpa.metrics.images import ConvertedImagesWarning
+
+    with pytest.warns(ConvertedImagesWarning, match=r"\(1 I;16->RGB, 1 RGBA\+alpha->RGB; the first: a.png\)"):
+        a, b = np.concatenate(list(iter_image_batches(tmp_path, 2)))
     assert (a == 128).all() and (b == 255).all()
 
 
@@ -609,3 +612,31 @@ def test_nothing_to_measure_names_the_source_and_why(tmp_path, tiny_detector_fil
         measure(np.zeros((0, 8, 8, 3), np.uint8), detector)
     with pytest.raises(ValueError, match=r"^max_images=0: nothing to measure \(it must be at least 1\)"):
         measure(data, detector, max_images=0)
+
+
+def test_a_folder_of_images_converted_to_rgb_is_counted_in_a_warning(tmp_path, tiny_detector_file, capsys):
+    """A sample dump saved as grayscale (or palette) PNGs used to be converted to RGB without a word, and scored a
+    much worse FD (43.5 against 37.3 for the same images in colour): the conversions are now counted, by kind."""
+    from PIL import Image
+
+    from ahpa.cli import main
+    from ahpa.metrics.images import ConvertedImagesWarning
+
+    rng = np.random.default_rng(8)
+    data = tmp_path / "data.npz"
+    np.savez(data, arr_0=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    for i in range(5):
+        rgb = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        (rgb.convert("L") if i in (1, 3) else rgb.convert("P") if i == 4 else rgb).save(folder / f"{i}.png")
+    with pytest.warns(ConvertedImagesWarning, match=r"dump: 3 of 5 image\(s\) were not RGB and were converted "
+                                                    r"\(2 L->RGB, 1 P->RGB; the first: 1.png\)"):
+        list(iter_image_batches(folder, 2))
+    det = ["--detector", f"torchscript:{tiny_detector_file}", "--no-ref-cache"]
+    assert main(["eval", str(folder), "--ref", str(data), *det]) == 0
+    assert capsys.readouterr().err.count(f"ahpa eval: warning: {folder}: 3 of 5 image(s) were not RGB") == 1
+    for i in (1, 3, 4):  # the same folder in RGB: nothing to say
+        Image.open(folder / f"{i}.png").convert("RGB").save(folder / f"{i}.png")
+    assert main(["eval", str(folder), "--ref", str(data), *det]) == 0
+    assert "were not RGB" not in capsys.readouterr().err

@@ -46,7 +46,8 @@ def run(args) -> int:
     from ahpa.metrics import load_detector
     from ahpa.metrics.evaluation import EvaluationWarning, check_settings, evaluate, metrics_by_detector, parse_metrics
     from ahpa.data.listing import default_workers
-    from ahpa.metrics.images import SkippedFilesWarning, check_image_source, folder_source, npz_image_key
+    from ahpa.metrics.images import (ConvertedImagesWarning, SkippedFilesWarning, check_image_source, folder_source,
+                                     npz_image_key)
     from ahpa.metrics.measurement import check_reference, is_stats_file
     from ahpa.metrics.reference import default_cache_dir, load_reference
     from ahpa.device import resolve_device
@@ -95,7 +96,7 @@ def run(args) -> int:
         return update
 
     results, said = {}, set()  # a warning of every detector alike (fewer images, a size gap) is said once
-    ours = (SkippedFilesWarning, EvaluationWarning)
+    ours = (SkippedFilesWarning, ConvertedImagesWarning, EvaluationWarning)
     for det, mine in zip(detectors, plans):
         if not mine:
             continue

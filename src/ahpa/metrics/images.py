@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,12 @@ class SkippedFilesWarning(UserWarning):
     """Files of a folder that could not be decoded and were left out of a measurement (named in the message)."""
 
 
+class ConvertedImagesWarning(UserWarning):
+    """Images of a folder that were not RGB (grayscale, palette, alpha, CMYK, 16-bit) and were measured as their RGB
+    conversion, counted by kind: a model's sample dump is RGB, so a count here is how a broken dump is caught (a
+    grayscale one scores a much worse FD, for reasons that are not the model's)."""
+
+
 @dataclass(frozen=True)
 class ImageFolder:
     """A folder of image files as a metric source. With `resolution` R every image is read as `ahpa prepare` reads
@@ -162,12 +169,18 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
     n = len(listing) if limit is None else min(len(listing), limit)
     batches = [list(range(start, stop)) for start, stop in _batch_ranges(n, batch_size, rank, world_size)]
     skipped, first, decoded = [], None, 0
+    converted, first_converted = Counter(), None  # kind ("L->RGB") -> images; counts, since a folder may be all grey
     # decoded (and cropped at a resolution) as `ahpa prepare` decodes training images: upright, alpha on white,
     # 16-bit rescaled; in `workers` processes, in order
     for items in make_loader(listing, folder.resolution, batches, folder.workers):
         skipped += [(listing.name(it.index), it.reason) for it in items if it.image is None]
         good = [it for it in items if it.image is not None]
         decoded += len(good)
+        for it in good:
+            kinds = [c.split(" (")[0] for c in it.conversions if "->RGB" in c]  # not EXIF turns or upsampling
+            if kinds:
+                converted[kinds[0]] += 1
+                first_converted = first_converted or listing.name(it.index)
         if not good:
             continue
         if folder.resolution:
@@ -180,6 +193,11 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
                                  f"{first[1]}: images of several sizes need a resolution to be read at (ahpa eval "
                                  "--resolution R, or ImageFolder(path, R): centre-cropped as ahpa prepare crops them)")
         yield np.stack([it.image for it in good])
+    if converted:
+        kinds = ", ".join(f"{k} {kind}" for kind, k in converted.most_common())
+        warnings.warn(f"{folder.path}: {sum(converted.values())} of {decoded} image(s) were not RGB and were converted "
+                      f"({kinds}; the first: {first_converted}) and are measured so: a few are usual among photos, but a "
+                      "model's samples are RGB, so check how these were written", ConvertedImagesWarning, stacklevel=2)
     if skipped:
         shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
         warnings.warn(f"{folder.path}: skipped {len(skipped)} file(s) that cannot be decoded ({shown}"

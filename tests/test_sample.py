@@ -595,3 +595,32 @@ def test_export_names_its_format_and_says_when_it_replaces_another_model(run_dir
     Trainer(config.load(None, [*TINY, "train.steps=1", "train.seed=1"]), other).run()
     assert main(["export", "--run", str(other), "--out", out]) == 0
     assert f"ahpa export: note: replaced {out}, which held a different export (another run or model)" in capsys.readouterr().err
+
+
+def test_sample_and_export_take_an_earlier_checkpoint_by_step(tmp_path, capsys):
+    """An FD against training steps (or a partial sample file of a run trained on since) needs a kept checkpoint other
+    than the newest: --step N takes it; a step the run did not keep is named with those it did."""
+    from safetensors.torch import load_file
+
+    from ahpa import config
+    from ahpa.train.checkpoint import checkpoint_path, read_checkpoint
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    Trainer(config.load(None, [*TINY, "train.steps=3", "train.ckpt_every=1"]), run).run()
+    for step in (1, 3):
+        out = tmp_path / f"step{step}.safetensors"
+        assert main(["export", "--run", str(run), "--step", str(step), "--out", str(out)]) == 0
+        assert f"(step {step})" in capsys.readouterr().out
+        ema = read_checkpoint(checkpoint_path(run / "checkpoints", step))["ema"]
+        assert all(torch.equal(v, ema[k].float()) for k, v in load_file(str(out)).items())
+    assert main(["export", "--run", str(run), "--step", "7", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "has no checkpoint of step 7; it has those of steps 1, 2, 3" in capsys.readouterr().err
+    early, late = tmp_path / "early.npz", tmp_path / "late.npz"
+    for step, out in ((1, early), (3, late)):
+        assert main(["sample", "--run", str(run), "--step", str(step), "--num", "4", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    assert not np.array_equal(np.load(early)["arr_0"], np.load(late)["arr_0"])
+    assert main(["sample", "--model", str(tmp_path / "step1.safetensors"), "--step", "1", "--num", "4",
+                 "--out", str(tmp_path / "m.npz")]) == 2
+    assert "--step chooses a checkpoint of a run: give it with --run" in capsys.readouterr().err

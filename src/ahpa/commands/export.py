@@ -9,9 +9,12 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("export", help="export the EMA backbone of a run's latest checkpoint")
     # --run-dir: the same; under torchrun `--run` is an ambiguous abbreviation of its --run-path
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (its newest readable checkpoint's EMA weights)")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (its newest readable checkpoint's "
+                   "EMA weights, or --step's)")
     p.add_argument("--out", required=True, help="output .safetensors (replaced if it exists): the SiT's weights, with "
                                                 "what sampling needs (VAE spec, latent statistics, path) in its metadata")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this training step instead of the newest "
+                   "(one of those the run kept)")
     p.add_argument("--encoder", help="the run's VAE (KIND:PATH) when it is no longer where its config.yaml says (the "
                                      "same weights); the export names it")
     p.set_defaults(func=run)
@@ -25,7 +28,7 @@ def run(args) -> int:
 
     if not args.out.endswith(".safetensors"):  # as ahpa convert: a file named .npz would be fed to ahpa eval
         raise ValueError(f"--out {args.out!r} must end in .safetensors (the ahpa export format)")
-    bundle, step, cfg = run_sampler(args.run, torch.device("cpu"), encoder=args.encoder)
+    bundle, step, cfg = run_sampler(args.run, torch.device("cpu"), encoder=args.encoder, step=args.step)
     existed = Path(args.out).is_file()
     before = _metadata(args.out) if existed else None
     path = export_model(args.out, bundle.model, bundle.latent_stats, bundle.encoder.spec, cfg.transport.path,

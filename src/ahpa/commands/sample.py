@@ -22,7 +22,8 @@ def register(sub) -> None:
                                    "its config.yaml, as its sample grids used) and the defaults shown with --model.")
     src = p.add_mutually_exclusive_group(required=True)
     # --run-dir: the same; under torchrun `--run` is an ambiguous abbreviation of its --run-path
-    src.add_argument("--run", "--run-dir", dest="run", help="run directory (uses the EMA weights of its latest checkpoint)")
+    src.add_argument("--run", "--run-dir", dest="run", help="run directory (uses the EMA weights of its latest "
+                     "checkpoint, or of --step's)")
     src.add_argument("--model", help="exported model file (.safetensors, from `ahpa export` or a run's model.safetensors)")
     # --num-samples: the same; under torchrun `--num` collides with its own --numa-binding option
     p.add_argument("--num", "--num-samples", dest="num", type=int, required=True, help="number of images")
@@ -44,6 +45,8 @@ def register(sub) -> None:
                    "default: the run's sample.compile, off for an export)")
     p.add_argument("--encoder", help="the VAE that decodes (KIND:PATH), when the one the run's config or the export "
                                      "names is not at its recorded path on this machine (a run's: the same weights)")
+    p.add_argument("--step", type=int, default=None, help="with --run: the checkpoint of this training step instead of "
+                   "the newest (FD against training steps; one of those the run kept)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.set_defaults(func=run)
 
@@ -97,6 +100,8 @@ def _run(args) -> int:
         raise FileNotFoundError(f"--run {args.run!r} is a file, not a run directory: an export is sampled with --model")
     if args.run and not Path(args.run).is_dir():
         raise FileNotFoundError(f"run directory {args.run!r} does not exist")
+    if args.step is not None and not args.run:
+        raise ValueError("--step chooses a checkpoint of a run: give it with --run (an export holds one model)")
     if args.model and Path(args.model).is_dir():
         raise ValueError(f"--model {args.model!r} is a directory; a run directory is sampled with --run")
     classes = parse_classes(args.classes)
@@ -114,7 +119,7 @@ def _run(args) -> int:
             from ahpa.train.checkpoint import checkpoint_path, recorded_digest
             from ahpa.train.resume import run_sampler
 
-            bundle, step, run_cfg = run_sampler(args.run, device, encoder=args.encoder)
+            bundle, step, run_cfg = run_sampler(args.run, device, encoder=args.encoder, step=args.step)
             # the weights, not the path: the same run named another way resumes; a run trained on since does not
             ckpt = checkpoint_path(Path(args.run) / "checkpoints", step)
             identity, base = {"step": step, "checkpoint_sha256": recorded_digest(ckpt)}, run_cfg.sample

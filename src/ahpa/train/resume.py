@@ -1,4 +1,5 @@
-"""A run's EMA backbone from its newest checkpoint, for sampling and export, without rebuilding its training.
+"""A run's EMA backbone from its newest checkpoint (or one chosen by step), for sampling and export, without
+rebuilding its training.
 
 Neither needs the run's data, cache, aligner or optimiser, nor its number of processes: a run sampled or exported
 on another machine, after its cache was deleted, or on any number of GPUs, needs only its directory and its VAE.
@@ -18,8 +19,28 @@ from ahpa.priors.registry import load_encoder
 from ahpa.priors.targets import PriorStats
 from ahpa.sample import SamplerBundle
 from ahpa.train.build import autocast_dtype, sit_config
-from ahpa.train.checkpoint import load_latest_everywhere, owned
+from ahpa.train.checkpoint import (CheckpointError, checkpoint_path, checkpoint_step, list_checkpoints,
+                                   load_latest_everywhere, owned, read_checkpoint)
+from ahpa.train.distributed import all_true
 from ahpa.transport.path import get_path
+
+
+def _checkpoint_of_step(run_dir: Path, step: int, device: torch.device) -> dict:
+    """The checkpoint of `step`, read by every process (each reads the one file named: no choice to agree on); a
+    process that cannot read it fails, and every process with it."""
+    path = checkpoint_path(run_dir / "checkpoints", step)
+    if not path.is_file():
+        have = [checkpoint_step(p) for p in list_checkpoints(run_dir / "checkpoints")]
+        raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step}; it has those of steps "
+                                f"{', '.join(map(str, have)) or 'none'} (train.keep_checkpoints keeps the newest N)")
+    state, error = None, None
+    try:
+        state = read_checkpoint(path)
+    except (CheckpointError, EOFError, RuntimeError, OSError) as e:
+        error = e
+    if not all_true(error is None, device):
+        raise CheckpointError(f"{path} cannot be read" + (f": {error}" if error else " by every process"))
+    return state
 
 
 def _first_mismatch(e: RuntimeError) -> str:
@@ -27,15 +48,20 @@ def _first_mismatch(e: RuntimeError) -> str:
     return lines[1] if len(lines) > 1 else lines[0]  # torch's first line is a heading
 
 
-def run_sampler(run_dir: str | Path, device: str | torch.device, encoder: str | None = None) -> tuple[SamplerBundle, int, Config]:
+def run_sampler(run_dir: str | Path, device: str | torch.device, encoder: str | None = None,
+                step: int | None = None) -> tuple[SamplerBundle, int, Config]:
     """(what sampling needs, the checkpoint's step, the run's config). `encoder` names where the run's VAE is on
-    this machine when its config.yaml names a path that is not here; its weights must be the run's."""
+    this machine when its config.yaml names a path that is not here; its weights must be the run's. `step` takes the
+    checkpoint of that step instead of the newest (an FD against training steps, a partial sample file to finish)."""
     run_dir, device = Path(run_dir), as_device(device)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = config_mod.load(cfg_file)
-    state, _, skipped = load_latest_everywhere(run_dir / "checkpoints", device)
+    if step is None:
+        state, _, skipped = load_latest_everywhere(run_dir / "checkpoints", device)
+    else:
+        state, skipped = _checkpoint_of_step(run_dir, step, device), []
     if state is None:
         raise FileNotFoundError(f"{run_dir} has no valid checkpoint yet" + "".join(f"\n  {m}" for m in skipped))
     spec = config_mod.absolute_spec(encoder) if encoder else cfg.prior.encoder  # an export names it from anywhere

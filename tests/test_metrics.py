@@ -640,3 +640,10 @@ def test_a_folder_of_images_converted_to_rgb_is_counted_in_a_warning(tmp_path, t
         Image.open(folder / f"{i}.png").convert("RGB").save(folder / f"{i}.png")
     assert main(["eval", str(folder), "--ref", str(data), *det]) == 0
     assert "were not RGB" not in capsys.readouterr().err
+    # fully opaque RGBA (many tools write it): the same pixels as RGB, and no conversion to count
+    before = np.concatenate(list(iter_image_batches(folder, 5)))
+    for i in range(5):
+        Image.open(folder / f"{i}.png").convert("RGBA").save(folder / f"{i}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvertedImagesWarning)
+        np.testing.assert_array_equal(np.concatenate(list(iter_image_batches(folder, 5))), before)

@@ -52,6 +52,9 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
         raise BadImage("32-bit float image (mode F): its value range is unknown; convert it to 8-bit first")
     if _has_alpha(img):
         rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema() == (255, 255):  # fully opaque (many tools write RGBA): nothing to lay on
+            # white; an RGBA file is RGB as it is, a grey or palette one is still converted
+            return rgba.convert("RGB"), [] if img.mode == "RGBA" else [f"{img.mode}->RGB"]
         background = Image.new("RGBA", rgba.size, WHITE + (255,))
         conversions.append(f"{img.mode}+alpha->RGB (composited on white)")
         return Image.alpha_composite(background, rgba).convert("RGB"), conversions

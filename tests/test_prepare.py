@@ -60,6 +60,7 @@ def make_folder(root: Path) -> dict[str, str]:
     Image.new("LA", (40, 40), (90, 0)).save(c / "odd_grey_alpha.png")
     pal = Image.new("P", (40, 40), 1)
     pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.paste(0, (30, 30, 40, 40))  # a transparent corner (index 0): a key no pixel uses is no transparency
     pal.save(c / "odd_palette_transparent.png", transparency=0)
     Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(c / "odd_cmyk.jpg")
     Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(c / "odd_16bit.png")

@@ -34,7 +34,9 @@ import torch
 import benchlib
 from study_report import file_label
 from ahpa import config as config_mod
+from ahpa.align.methods import align_settings_read, get_method, resolve_levels
 from ahpa.config import SampleCfg
+from ahpa.data.cache import read_manifest
 from ahpa.data.prepare import PrepareOptions, prepare
 from ahpa.metrics import FeatureStats, load_detector, reference_stats
 from ahpa.priors.registry import load_encoder
@@ -66,6 +68,9 @@ VARIANT_KEYS = ("align.levels", "align.shared_trunk", "align.router_tau", "align
 # the alignment's strength and depth, as a variant of one run: vanilla SiT does not read them, so an ablation of
 # lambda or depth can sit beside the study's baselines; the study's own values (flags) stay in the key
 RUN_VARIANT_KEYS = (*VARIANT_KEYS, "align.weight", "align.depth", "align.projector_dim")
+# the order of a label's variants, whatever the order given: one configuration, one label (its seeds merge). The
+# published labels follow it (ahpa-soft[weight=1.5,projector_dim=512], ...[router_normalize=false,router_entropy=0])
+LABEL_ORDER = ("align.weight", "align.depth", "align.projector_dim", *VARIANT_KEYS)
 SIZES = {
     # smoke: a tiny SiT on 256 cached images at CIFAR's own 32x32 (TAEF2 decodes dominate a CPU evaluation and cost
     # 4x less there than at 64); every code path of the GPU study, none of its statistics
@@ -108,13 +113,38 @@ def study_config(args, size: dict, method: str, variants: bool = True):
 
 
 def parse_variant(items: list[str]) -> list[str]:
-    """Check --variant KEY=VALUE items: only a method's own switches (RUN_VARIANT_KEYS)."""
+    """Check --variant KEY=VALUE items: only a method's own switches (RUN_VARIANT_KEYS), each once; returned in
+    LABEL_ORDER, so that the same ablation typed in another order is the same run."""
+    keys = []
     for item in items:
         key = item.partition("=")[0]
         if "=" not in item or key not in RUN_VARIANT_KEYS:
             raise SystemExit(f"--variant {item!r}: expected KEY=VALUE with KEY one of {', '.join(RUN_VARIANT_KEYS)}; "
                              "other settings (lr, steps, model) change every method and make a separate study")
-    return items
+        if key in keys:
+            raise SystemExit(f"--variant {key} is given twice: give each switch once")
+        keys.append(key)
+    return sorted(items, key=lambda item: LABEL_ORDER.index(item.partition("=")[0]))
+
+
+def check_methods(args, size: dict, methods: list[str], levels: list[str]) -> None:
+    """Every method's configuration, before any trains: a variant the method does not read (router switches on
+    multi-uniform: a copy of its baseline under another name, trained for nothing), align.levels on vae-level (its
+    --level names the level), and levels the cache lacks fail now, not after the methods before them trained."""
+    for method in methods:
+        cfg = study_config(args, size, method)
+        a = cfg.align
+        reads = align_settings_read(a.method, a.router, a.router_normalize, a.loss) or set()
+        unread = [v for v in args.variant if v.partition("=")[0].removeprefix("align.") not in reads]
+        if method == "vae-level" and any(v.startswith("align.levels=") for v in args.variant):
+            unread.append("align.levels (vae-level aligns the level --level names)")
+        if unread:
+            raise SystemExit(f"--variant {', '.join(unread)}: {method} does not read it, so the run would be a copy of "
+                             f"{method} under another name; give such an ablation with the methods that read it")
+        try:
+            resolve_levels(get_method(a.method), levels, list(a.levels))
+        except ValueError as e:
+            raise SystemExit(f"{method}: {e}") from None
 
 
 def method_label(method: str, args) -> str:
@@ -344,6 +374,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "that contention; benchmarks/study_gpu_job.sh runs several)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; see throughput.py --threads)")
+    ap.add_argument("--check", action="store_true", help="check every method's configuration against the prepared "
+                    "cache and stop (benchmarks/study_gpu_job.sh checks each lane so before any lane trains)")
     args = ap.parse_args(argv)
     args.variant = parse_variant(args.variant)
     size = SIZES[args.size]
@@ -367,6 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant and "none" in methods:  # vanilla SiT reads no alignment switch: it would be a mislabelled copy
         raise SystemExit(f"--variant {' '.join(args.variant)} changes the alignment, which 'none' does not have: run "
                          f"'none' in a job of its own (its rows serve every variant of the same study key)")
+    if args.check:  # the prepared cache's levels, without preparing it (the job prepared it first)
+        manifest = read_manifest(args.cache)
+        check_methods(args, size, methods, [lvl["name"] for lvl in manifest["levels"]] + ["latent"])
+        print(f"checked: {', '.join(method_label(m, args) for m in methods) or 'no method'}", flush=True)
+        return
     started = time.perf_counter()
     detectors = [load_detector(spec, device) for spec in args.detectors.split(",")]
     refs = [reference(d, args) for d in detectors]
@@ -377,14 +414,18 @@ def main(argv: list[str] | None = None) -> None:
            "lanes": args.lanes}
     cache = ensure_cache(args, device)
     print(f"cache: {cache}", flush=True)
+    check_methods(args, size, methods, [lvl["name"] for lvl in read_manifest(args.cache)["levels"]] + ["latent"])
     last_cost = None
     for method in methods:
         elapsed = time.perf_counter() - started
         if args.budget_s and last_cost is not None and elapsed + last_cost > args.budget_s:
             print(f"{method}: skipped, {elapsed:.0f} s spent and the last method took {last_cost:.0f} s "
                   f"(budget {args.budget_s:.0f} s)", flush=True)
-            benchlib.append_jsonl(args.results, {"kind": "skipped", "method": method, "seed": args.seed,
-                                                 "reason": "time budget", **env})
+            # with its study key, so that the report lists it under its study: a lane's second method cut by the
+            # budget is named there, not lost
+            key, common = study_key(study_config(args, size, method, variants=False), args, args.size)
+            benchlib.append_jsonl(args.results, {"kind": "skipped", "study": key, "method": method_label(method, args),
+                                                 "seed": args.seed, "reason": "time budget", "config": common, **env})
             continue
         t0 = time.perf_counter()
         train_one(args, args.size, size, method, detectors, refs, device, env, started)

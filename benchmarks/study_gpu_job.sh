@@ -14,7 +14,9 @@
 # Runs are compiled with CUDA graphs (--compile on --compile-mode reduce-overhead): alone on an H200, SiT-S/1's
 # step took 15.0 ms (ahpa-soft 19.3) against 27.9 (32.1) compiled without them (docs/study.md, sixth session).
 # A lane whose run fails before its first evaluation is run again in the time left with torch.compile's default
-# mode (and says so in the log), so that one CUDA-graph failure does not cost the whole job.
+# mode (and says so in the log), so that one CUDA-graph failure does not cost the whole job. Every lane's flags are
+# split as a shell splits them (quotes allowed) and checked against the prepared cache (study.py --check) before any
+# lane starts; the job exits 1 when a lane failed (a lane stopped by STUDY_LIMIT_S keeps its evaluations, not a failure).
 #
 # The machine has none of ../shared: copy the three inputs (54 MB) into an ignored folder first, here,
 # and name it in the run's carry (the working tree that travels is limited to 64 MiB):
@@ -60,9 +62,24 @@ left() { echo $(( LIMIT_S - ($(date +%s) - start) )); }
 python3 benchmarks/study.py "${common[@]}" "${extra[@]}" --methods "" --results "$WORK/prep.jsonl" > "$WORK/lane0.log" 2>&1 \
     || { cat "$WORK/lane0.log"; cp "$WORK/lane0.log" "$OUT/study.log"; exit 1; }
 threads=$(( $(nproc) / lanes )); (( threads > 0 )) || threads=1  # OMP_NUM_THREADS=0 is invalid
+# a lane's flags as a shell would split them ('align.levels=[...]' quoted as in docs/study.md loses its quotes),
+# without running anything in them
+split() { python3 -c 'import shlex, sys; sys.stdout.write("".join(w + "\0" for w in shlex.split(sys.argv[1])))' "$1"; }
+# every lane's methods and variants checked against the prepared cache before any lane trains: a typo would cost
+# its lane (and be retried as if CUDA graphs had failed) while the others ran
+i=0
+for spec in "$@"; do
+    i=$(( i + 1 ))
+    mapfile -d '' -t flags < <(split "$spec")
+    # (not the compile mode: a lane whose mode fails is run again with the default one, below)
+    python3 benchmarks/study.py "${common[@]}" "${extra[@]}" "${flags[@]}" --compile-mode default --check \
+        --results "$WORK/check.jsonl" \
+        >> "$WORK/lane0.log" 2>&1 || { echo "lane $i ($spec) is refused:"; tail -3 "$WORK/lane0.log"; \
+                                        cp "$WORK/lane0.log" "$OUT/study.log"; exit 2; }
+done
 lane() {  # lane() INDEX FLAGS: one process, and its rerun without CUDA graphs if it fails before any evaluation
     local i=$1 log="$WORK/lane$1.log" rows="$WORK/lane$1/study.jsonl" flags retry rc=0
-    read -ra flags <<< "$2"
+    mapfile -d '' -t flags < <(split "$2")
     mkdir -p "$WORK/lane$i"
     echo "lane $i: $2" > "$log"
     for retry in "" "--compile-mode default"; do  # the rerun's flag comes last: argparse keeps it
@@ -74,15 +91,23 @@ lane() {  # lane() INDEX FLAGS: one process, and its rerun without CUDA graphs i
         [ -z "$retry" ] && echo "lane $i: the run failed (exit $rc) before its first evaluation; again without CUDA graphs, $(left) s left" >> "$log"
     done
     echo "lane $i: exit $rc after $(( $(date +%s) - start )) s" >> "$log"
+    return "$rc"
 }
 i=0
+pids=()
 for flags in "$@"; do
     i=$(( i + 1 ))
     lane "$i" "$flags" &
+    pids+=($!)
 done
-wait
+failed=0
+for pid in "${pids[@]}"; do  # 124 (stopped by STUDY_LIMIT_S) keeps its evaluations: not a failure
+    wait "$pid"; rc=$?
+    (( rc == 0 || rc == 124 )) || failed=$(( failed + 1 ))
+done
 cat "$WORK"/lane*/study.jsonl > "$OUT/study.jsonl" 2>/dev/null
 cat "$WORK"/lane*.log > "$OUT/study.log"
 cp "$WORK"/lane*/samples-*.png "$OUT/" 2>/dev/null
 echo "study job: $lanes lanes, $(( $(date +%s) - start )) s" | tee -a "$OUT/study.log"
 grep -h "step\|exit\|failed\|Error" "$WORK"/lane*.log | tail -40
+(( failed == 0 )) || { echo "study job: $failed lane(s) failed (study.log says why)"; exit 1; }

@@ -1,6 +1,6 @@
 """Merges study result files (benchmarks/study.py) into a markdown report with plots.
 
-    python benchmarks/study_report.py --results benchmarks/results/study --out docs/study
+    python benchmarks/study_report.py --results docs/study/gpu/results.jsonl --out docs/study/gpu
     python benchmarks/study_report.py --results docs/study/smoke/results.jsonl --out docs/study/smoke --smoke
 
 Rows are keyed by (study key, method, seed, step); a later row with the same key replaces an earlier one (a rerun
@@ -29,10 +29,13 @@ from study_tables import (ahpa_against_baselines, compiled_evaluation, fmt, pair
 
 
 
-def load_rows(paths: list[Path]) -> tuple[list[Path], dict, dict]:
-    """(files, eval rows by (study, method, seed, step), run rows by (study, method, seed))."""
+def load_rows(paths: list[Path], skipped: list | None = None) -> tuple[list[Path], dict, dict]:
+    """(files, eval rows by (study, method, seed, step), run rows by (study, method, seed)); the methods a time budget
+    skipped are appended to `skipped`, when given."""
     files = []
     for p in paths:
+        if not p.exists():
+            raise SystemExit(f"--results {p}: no such file or folder")
         files += sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")]) if p.is_dir() else [p]
     evals, runs = {}, {}
     for f in files:
@@ -47,6 +50,8 @@ def load_rows(paths: list[Path]) -> tuple[list[Path], dict, dict]:
                 evals[(r["study"], r["method"], r["seed"], r["step"])] = r
             elif r.get("kind") == "run":
                 runs[(r["study"], r["method"], r["seed"])] = r
+            elif r.get("kind") == "skipped" and skipped is not None:
+                skipped.append(r)
     return files, *merge_cadences(evals, runs)
 
 
@@ -204,7 +209,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="label the report as a smoke test (not results)")
     ap.add_argument("--pilot", action="store_true", help="label the report as a CPU pilot (not the protocol)")
     args = ap.parse_args()
-    files, evals, runs = load_rows(args.results)
+    skipped: list[dict] = []
+    files, evals, runs = load_rows(args.results, skipped)
+    if not evals and not runs:
+        raise SystemExit(f"no study rows in {', '.join(map(str, files)) or 'the folders given (no *.jsonl)'}: give the "
+                         "results file(s) benchmarks/study.py --results wrote")
+    sizes = {r.get("config", {}).get("study.size") for r in [*evals.values(), *runs.values()]}
+    args.smoke = args.smoke or sizes == {"smoke"}  # the rows say what they are, whatever the flags
+    args.pilot = args.pilot or sizes == {"pilot"}
     args.out.mkdir(parents=True, exist_ok=True)
     title = "SMOKE TEST, not results" if args.smoke else ("CPU PILOT, not the protocol" if args.pilot else "results")
     lines = ["# Convergence study: " + title, ""]
@@ -230,6 +242,10 @@ def main() -> None:
         lines += ["## Runs without an evaluation", ""]
         lines += [f"- study `{k}`, {m}, seed {seed}: {runs[(k, m, seed)].get('diverged') or 'no evaluation row'}"
                   for k, m, seed in unevaluated] + [""]
+    if skipped:  # a lane's later method cut by --budget-s: named, not lost
+        lines += ["## Methods skipped by the time budget", ""]
+        lines += [f"- study `{r.get('study', '?')}`, {r['method']}, seed {r['seed']}: {r.get('reason', 'skipped')}"
+                  for r in skipped] + [""]
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
     for png in sorted(args.out.glob("*.png")):
         compact_png(png)

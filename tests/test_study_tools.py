@@ -122,8 +122,9 @@ def test_study_gpu_job_runs_lanes_side_by_side_and_merges_them(tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # lane 2's first try fails before any evaluation (the config refuses the mode); its rerun without CUDA graphs
     # (--compile-mode default; argparse keeps the last) trains, eagerly here
+    # (lane 2 quotes its variant as docs/study.md does: split as a shell splits it, the quotes do not reach study.py)
     job = subprocess.run(["bash", "benchmarks/study_gpu_job.sh", "4", "0", "2", "--methods none",
-                          "--methods vae-level --level stage2 --variant align.weight=1.5 --compile-mode bogus"],
+                          "--methods vae-level --level stage2 --variant 'align.weight=1.5' --compile-mode bogus"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "study.jsonl").read_text().splitlines()]
@@ -133,6 +134,13 @@ def test_study_gpu_job_runs_lanes_side_by_side_and_merges_them(tmp_path):
     log = (out / "study.log").read_text()
     assert "lane 2: the run failed" in log and "lane 1: exit 0" in log and "lane 2: exit 0" in log
     assert len(list(out.glob("samples-*.png"))) == 2 and (out / "env.txt").is_file()
+    # a lane the study would waste (a router switch on a method without a router: a copy of its baseline) is refused
+    # before any lane trains, and the job's status says so
+    bad = subprocess.run(["bash", "benchmarks/study_gpu_job.sh", "4", "0", "2", "--methods none",
+                          "--methods multi-uniform --variant align.router_entropy=0"],
+                         cwd=ROOT, env={**env, "OUT": str(tmp_path / "bad")}, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "lane 2 (--methods multi-uniform --variant align.router_entropy=0) is refused" in bad.stdout
+    assert "multi-uniform does not read it" in bad.stdout and not (tmp_path / "bad" / "study.jsonl").exists()
 
 
 def test_study_keys_of_recorded_results_stay_the_same(monkeypatch):
@@ -578,3 +586,48 @@ def test_study_flops_per_step_are_three_times_an_independent_forward_count(monke
     cost = study.tflop_per_step(model, aligner, batch, 0)
     assert cost["flow"] * 1e12 / batch == pytest.approx(3 * fwd / B, rel=0.03)
     assert (cost["aligned"] - cost["flow"]) * 1e12 / batch == pytest.approx(3 * heads / B, rel=1e-3)
+
+
+def test_an_ablation_typed_in_another_order_is_one_run_and_a_wasted_one_is_refused(monkeypatch):
+    """The same variants in another order used to make another label, so its seeds did not merge (job 3's seed 1
+    typed the other way would have been two one-seed rows). Variants a method does not read (a copy of its baseline
+    under another name), align.levels on vae-level, and a level the cache lacks are refused before anything trains."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study
+
+    base = ["--size", "smoke", "--results", "/nonexistent.jsonl", "--encoder", "taef2:/nonexistent"]
+    labels = {study.method_label("ahpa-soft", study.parse_args(base + ["--variant", a, "--variant", b]))
+              for a, b in (("align.weight=1.5", "align.projector_dim=512"), ("align.projector_dim=512", "align.weight=1.5"))}
+    assert labels == {"ahpa-soft[weight=1.5,projector_dim=512]"}  # the published label (GPU job 3)
+    with pytest.raises(SystemExit, match="align.weight is given twice"):
+        study.parse_args(base + ["--variant", "align.weight=1.5", "--variant", "align.weight=2"])
+    levels = ["stage1", "stage2", "stage3", "stage4", "latent"]
+    args = study.parse_args(base + ["--variant", "align.router_entropy=0"])
+    size = study.SIZES["smoke"]
+    study.check_methods(args, size, ["ahpa-soft"], levels)  # the router reads it
+    with pytest.raises(SystemExit, match="align.router_entropy=0: multi-uniform does not read it"):
+        study.check_methods(args, size, ["ahpa-soft", "multi-uniform"], levels)
+    args = study.parse_args(base + ["--variant", "align.levels=[latent,stage4]"])
+    with pytest.raises(SystemExit, match="vae-level aligns the level --level names"):
+        study.check_methods(args, size, ["vae-level"], levels)
+    with pytest.raises(SystemExit, match="vae-level: align.levels names 'stage5'"):
+        study.check_methods(study.parse_args(base + ["--level", "stage5"]), size, ["none", "vae-level"], levels)
+
+
+def test_the_report_lists_skipped_methods_knows_smoke_rows_and_names_bad_inputs(tmp_path, monkeypatch):
+    """A method the time budget skipped is listed under its study (it used to vanish); rows of the smoke size get the
+    smoke banner without --smoke; a missing results file or a folder without rows is one line, exit non-zero."""
+    src = ROOT / "docs/study/smoke/results.jsonl"
+    rows = src.read_text() + json.dumps({"kind": "skipped", "study": "adedc4dc64e8", "method": "ahpa-snr", "seed": 3,
+                                         "reason": "time budget"}) + "\n"
+    (tmp_path / "r.jsonl").write_text(rows)
+    _run(["benchmarks/study_report.py", "--results", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert text.startswith("# Convergence study: SMOKE TEST, not results")
+    assert "## Methods skipped by the time budget\n\n- study `adedc4dc64e8`, ahpa-snr, seed 3: time budget" in text
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for given in (tmp_path / "nope.jsonl", tmp_path / "report"):
+        res = subprocess.run([sys.executable, "benchmarks/study_report.py", "--results", str(given), "--out",
+                              str(tmp_path / "x")], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert res.returncode != 0 and "Traceback" not in res.stderr
+        assert ("no such file or folder" if given.name == "nope.jsonl" else "no study rows") in res.stderr

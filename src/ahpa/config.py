@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ahpa.config_rules import CHOICES, RANGES  # noqa: F401  (the values each key may take; re-exported)
+from ahpa.config_rules import ACROSS_KEYS, CHOICES, RANGES, choice_hint  # noqa: F401  (CHOICES, RANGES re-exported)
 
 
 @dataclass
@@ -234,7 +234,7 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
     choices = CHOICES.get(key)
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}"
-                          f"{_choice_hint(key, value, list(choices))}")
+                          f"{choice_hint(key, value, list(choices))}")
     allowed, text = RANGES.get(key, (None, ""))
     if allowed is not None and not allowed(value):
         raise ConfigError(f"{where}: {key}={value!r} is out of range; it must be {text}")
@@ -256,12 +256,11 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
 
 
 def check_across_keys(cfg: Config, where: str) -> None:
-    """The rules between keys of one section that each key's own range cannot check, once every key is set."""
-    s = cfg.sample
-    if s.guidance_low > s.guidance_high:  # guided_velocity guides for low <= t <= high: an empty interval never does
-        raise ConfigError(f"{where}: sample.guidance_low={s.guidance_low} exceeds sample.guidance_high="
-                          f"{s.guidance_high}: guidance runs for t in [low, high], which is then empty, so cfg_scale "
-                          "would do nothing; give low <= high")
+    """The rules between keys (ahpa.config_rules.ACROSS_KEYS), once every key is set."""
+    for rule in ACROSS_KEYS:
+        problem = rule(cfg)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
 
 
 def checked_sample(cfg: SampleCfg | dict, where: str) -> SampleCfg:
@@ -291,26 +290,6 @@ def from_dict(data: dict, where: str = "config", base: Config | None = None) -> 
     cfg = _fill(base if base is not None else Config(), data, where)
     check_across_keys(cfg, where)
     return cfg
-
-
-# the study's and the paper's run names, which are a method and a router mode together
-_RUN_NAMES = {f"ahpa-{mode}": f"align.method=ahpa align.router={mode}" for mode in ("soft", "topk", "snr", "uniform")}
-
-
-def _choice_hint(key: str, value, choices: list[str]) -> str:
-    """What a user who gave `value` probably meant: a name of the study's tables, a near spelling, or (a name that
-    looks like nothing built in) one registered from Python in another process."""
-    import difflib
-
-    if key == "align.method" and value in _RUN_NAMES:
-        return f" ({value!r} names a run of the study: {_RUN_NAMES[value]})"
-    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    if key in ("align.method", "align.loss", "align.router"):
-        return (" (a name registered from Python exists only in the process that registered it: register it again "
-                "before loading, or install it as an ahpa.plugins entry point, docs/extending.md)")
-    return ""
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -84,3 +84,35 @@ RANGES = {
     "sample.guidance_high": _IN_0_1, "sample.micro_batch": _AT_LEAST_1, "sample.grid_images": _AT_LEAST_0,
     "eval.every": _AT_LEAST_0, "eval.num": (lambda v: v >= 2, "at least 2 (a covariance)"), "eval.batch": _AT_LEAST_1,
 }
+
+
+def _guidance_interval(cfg) -> str | None:
+    s = cfg.sample
+    if s.guidance_low > s.guidance_high:  # guided_velocity guides for low <= t <= high: an empty interval never does
+        return (f"sample.guidance_low={s.guidance_low} exceeds sample.guidance_high={s.guidance_high}: guidance runs "
+                "for t in [low, high], which is then empty, so cfg_scale would do nothing; give low <= high")
+    return None
+
+
+# the rules between keys that each key's own range cannot check: each takes a whole Config, and returns what is
+# wrong (or None)
+ACROSS_KEYS = (_guidance_interval,)
+
+# the study's and the paper's run names, which are a method and a router mode together
+_RUN_NAMES = {f"ahpa-{mode}": f"align.method=ahpa align.router={mode}" for mode in ("soft", "topk", "snr", "uniform")}
+
+
+def choice_hint(key: str, value, choices: list[str]) -> str:
+    """What a user who gave `value` probably meant: a name of the study's tables, a near spelling, or (a name that
+    looks like nothing built in) one registered from Python in another process."""
+    import difflib
+
+    if key == "align.method" and value in _RUN_NAMES:
+        return f" ({value!r} names a run of the study: {_RUN_NAMES[value]})"
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    if key in ("align.method", "align.loss", "align.router"):
+        return (" (a name registered from Python exists only in the process that registered it: register it again "
+                "before loading, or install it as an ahpa.plugins entry point, docs/extending.md)")
+    return ""

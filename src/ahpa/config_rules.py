@@ -1,5 +1,6 @@
 """The values each setting may take: choices (some read from the registries when asked, so that an entry added is
-valid at once) and ranges, checked by ahpa.config as soon as a key is set."""
+valid at once) and ranges, checked by ahpa.config as soon as a key is set; the rules between keys, checked once
+every key is set; and the hint for a value not among the choices."""
 
 from __future__ import annotations
 

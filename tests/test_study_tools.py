@@ -44,10 +44,10 @@ def test_study_smoke_merges_into_a_report(tmp_path, monkeypatch):
           "--steps", "4", "--eval-every", "2", "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0",
           "--cache", str(tmp_path / "cache"), "--results", str(results)])
     rows = [json.loads(l) for l in results.read_text().splitlines()]
-    ablation = [r for r in rows if r["kind"] == "eval" and r["method"] == "ahpa-soft[router_entropy=0,weight=1.5]"]
+    ablation = [r for r in rows if r["kind"] == "eval" and r["method"] == "ahpa-soft[weight=1.5,router_entropy=0]"]
     assert len(ablation) == 2 and ablation[0]["study"] == evals[0]["study"]
     assert ablation[0]["config"]["align.weight"] == evals[0]["config"]["align.weight"] != 1.5  # the study's lambda
-    assert ablation[0]["variant"] == ["align.router_entropy=0", "align.weight=1.5"]
+    assert ablation[0]["variant"] == ["align.weight=1.5", "align.router_entropy=0"]  # canonical order, as labelled
     # a second seed joins the same study (the seed is not part of the key)
     _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none", "--seed", "1", "--steps", "4", "--eval-every", "2",
           "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"),
@@ -64,7 +64,7 @@ def test_study_smoke_merges_into_a_report(tmp_path, monkeypatch):
     assert with_none.returncode != 0 and "'none' does not have" in with_none.stderr  # nothing written for it
     _run(["benchmarks/study_report.py", "--results", str(results), "--out", str(tmp_path / "report"), "--smoke"])
     text = (tmp_path / "report" / "README.md").read_text()
-    assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[router_entropy=0,weight=1.5] | 0 |" in text
+    assert "SMOKE TEST" in text and "| ahpa-soft | 0 |" in text and "| ahpa-soft[weight=1.5,router_entropy=0] | 0 |" in text
     assert "**Training speed-up per FLOP**" in text
     assert list((tmp_path / "report").glob("router-*-ahpa-soft-seed0.png"))
     # paired with vanilla SiT of the same seed (seed 0 only: ahpa-soft has no seed 1), at the last step

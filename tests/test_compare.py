@@ -395,3 +395,13 @@ def test_values_of_many_runs_are_grouped_and_the_largest_group_is_the_others():
     assert compare.summarise_values(runs, [128, 128, 64, 128, 128]) == "64: c; 128: the others"
     assert compare.summarise_values(runs, [1, 1, 2, 2, compare.NOT_READ]) == "1: a, b; 2: c, d; (not read): e"
     assert compare.summarise_values(runs[:3], [128, 64, 128]) == "a=128, b=64, c=128"
+
+
+def test_fds_that_agree_to_three_decimals_are_printed_with_enough_to_tell_them_apart(tmp_path, capsys):
+    """13.633694 (the baseline) and 13.634336 both printed 13.634, beside "1.00x" and "not reached"."""
+    base = _run(tmp_path, "none", "none", [14.0, 13.633694])
+    ahpa = _run(tmp_path, "ahpa", "ahpa", [14.1, 13.634336])
+    assert main(["compare", str(base), str(ahpa)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "| 13.6337 |" in rows["none (baseline)"] and "| 13.6343 |" in rows["ahpa"] and "not reached" in rows["ahpa"]
+    assert compare.digits([5.0, 6.0]) == 3 and compare.digits([10.0, 10.0 + 1e-13]) == 3  # rounding is not a difference

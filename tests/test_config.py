@@ -234,6 +234,8 @@ def test_python_callers_get_named_mistakes(tmp_path):
         config.load(None, ["align.method=ahpa-topk"])
     with pytest.raises(config.ConfigError, match=r"did you mean 'heun'"):
         config.load(None, ["sample.solver=heunn"])
+    with pytest.raises(config.ConfigError, match=r"did you mean 'repa'"):  # as the README writes it
+        config.load(None, ["align.method=REPA"])
 
 
 def test_a_failed_or_interrupted_command_is_reported_once_per_launch(tmp_path, monkeypatch, capsys):

@@ -342,3 +342,27 @@ def test_a_resume_that_evaluates_otherwise_says_so_and_eval_png_breaks_the_line(
     assert [m for m in other.messages if "earlier evaluations used eval.num=16" in m and "from now on eval.num=8" in m]
     other.run()
     assert [len(drawn[k]) for k in ("FD-r20", "FD-r20 [eval.num=8]")] == [3, 1]
+
+
+def test_the_reference_a_run_measures_when_it_is_built_reports_progress(setup, tmp_path):
+    """A run that evaluates measures eval.ref when it is built: minutes for 50,000 images, and `ahpa train` said
+    nothing meanwhile. Trainer(progress=...) gets a "reference" count per batch, and none once it is cached."""
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, _ = setup
+    ref = tmp_path / "fresh-ref.npz"  # a reference no earlier test measured
+    np.savez(ref, images=np.random.default_rng(11).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8))
+    args = [*TINY, "train.steps=1", "eval.every=1", f"eval.detectors=[{det.spec}]", f"eval.ref={ref}", "eval.num=8",
+            "eval.batch=10"]
+    counts = {}
+
+    def progress(label, total):
+        return lambda n: counts.__setitem__(label, counts.get(label, 0) + n)
+
+    Trainer(config.load(None, args), tmp_path / "a", progress=progress)
+    assert counts == {f"reference [{det.name}]": 24}
+    counts.clear()
+    Trainer(config.load(None, args), tmp_path / "b", progress=progress)  # cached once per machine: nothing measured
+    assert counts == {}

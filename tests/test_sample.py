@@ -489,6 +489,7 @@ def test_sample_takes_the_classes_to_sample_and_a_resume_keeps_them(run_dir, tmp
     args = ["sample", "--run", str(run_dir), "--num", "5", "--steps", "1", "--micro-batch", "2", "--batch", "2"]
     out = str(tmp_path / "c.npz")
     assert main([*args, "--class", "3", "--class", "1,2", "--out", out]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(", classes 3,1,2)")  # the summary says which
     with np.load(out) as f:
         assert f["arr_1"].tolist() == [3, 1, 2, 3, 1]
         images = f["arr_0"]
@@ -501,7 +502,7 @@ def test_sample_takes_the_classes_to_sample_and_a_resume_keeps_them(run_dir, tmp
     assert main([*args, "--class", "1", "--out", out]) == 2
     assert "classes: the file has [3, 1, 2], command gives [1]" in capsys.readouterr().err
     assert main([*args, "--out", out]) == 2
-    assert "classes: the file has [3, 1, 2], command gives None" in capsys.readouterr().err
+    assert "classes: the file has [3, 1, 2], command gives every class" in capsys.readouterr().err
     assert main([*args, "--class", "99", "--out", str(tmp_path / "d.npz")]) == 2
     assert "--class 99: this model has classes 0.." in capsys.readouterr().err
     assert main([*args, "--class", "x", "--out", str(tmp_path / "d.npz")]) == 2

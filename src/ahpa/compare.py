@@ -271,6 +271,7 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
     base_reach = images_to_reach(base, base[-1][1]) if base else None
     flat = len(base) > 1 and base_reach == base[0][0]  # no better after its first evaluation: no speed-up to read
     otherwise = evaluated_otherwise(runs, baseline)
+    fd = f".{digits([c[-1][1] for r in runs if (c := r.evals.get(metric))] + [v for _, v in base])}f"
     for r in runs:
         curve, name = r.evals.get(metric, []), f"{r.name}{' (baseline)' if r is baseline else ''}"
         rate = "—" if r.img_per_s is None else f"{r.img_per_s:.0f} ({min(r.rates):.0f}-{max(r.rates):.0f})"
@@ -292,8 +293,8 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
             speed = f"{bound}{base_reach / reach:.2f}x"
             if r.flops_per_image and baseline.flops_per_image:  # the same images, each at its own arithmetic
                 per_flop = f"{bound}{base_reach * baseline.flops_per_image / (reach * r.flops_per_image):.2f}x"
-        lines.append(f"| {name} | {r.label} | {curve[-1][0]:,} | {curve[-1][1]:.3f} | {min(v for _, v in curve):.3f} | "
-                     f"{_num(at, '.3f')} | {_num(reach, ',.0f')} | {speed} | {per_flop} | {rate} |")
+        lines.append(f"| {name} | {r.label} | {curve[-1][0]:,} | {curve[-1][1]:{fd}} | {min(v for _, v in curve):{fd}} | "
+                     f"{_num(at, fd)} | {_num(reach, ',.0f')} | {speed} | {per_flop} | {rate} |")
     if not base:
         lines += ["", f"The baseline {baseline.name} has no {metric} evaluations, so no speed-up is read: name one that "
                   "has with --baseline RUN."]
@@ -318,6 +319,16 @@ def summarise_values(runs: list[Run], values: list) -> str:
     others = len(members) > 3
     parts = [f"{v}: {', '.join(names)}" for v, names in groups.items() if not (others and v == common)]
     return "; ".join(parts + ([f"{common}: the others"] if others else []))
+
+
+def digits(values: list[float], least: int = 3, most: int = 8) -> int:
+    """Decimals enough to tell apart the values a verdict reads (runs' last values, the baseline's curve): two FDs
+    that differ by more than rounding (SAME) must not print alike beside "reached" and "not reached"."""
+    for d in range(least, most):
+        shown: dict[str, float] = {}
+        if all(abs(shown.setdefault(f"{v:.{d}f}", v) - v) <= SAME * max(abs(v), 1.0) for v in values):
+            return d
+    return most
 
 
 def _num(x: float | None, fmt: str) -> str:

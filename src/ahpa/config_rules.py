@@ -110,7 +110,8 @@ def choice_hint(key: str, value, choices: list[str]) -> str:
 
     if key == "align.method" and value in _RUN_NAMES:
         return f" ({value!r} names a run of the study: {_RUN_NAMES[value]})"
-    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    same_but_case = [c for c in choices if str(c).lower() == str(value).lower()]  # README writes AHPA, REPA
+    close = same_but_case or difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}?)"
     if key in ("align.method", "align.loss", "align.router"):

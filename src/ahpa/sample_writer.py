@@ -86,8 +86,12 @@ def _differences(saved: dict, settings: dict, holder: str) -> list[str]:
     """'key: <holder> has a, command gives b' for each key of `settings` that `saved` holds otherwise; a key missing
     from `saved` (written before that setting existed) counts as the setting's default, None outside SampleCfg."""
     defaults = vars(SampleCfg())
-    return [f"{k}: {holder} has {saved.get(k, defaults.get(k))!r}, command gives {v!r}" for k, v in settings.items()
-            if saved.get(k, defaults.get(k)) != v]
+
+    def said(key: str, value) -> str:  # classes: None is every class (class-balanced), not a Python None
+        return "every class" if key == "classes" and value is None else repr(value)
+
+    return [f"{k}: {holder} has {said(k, saved.get(k, defaults.get(k)))}, command gives {said(k, v)}"
+            for k, v in settings.items() if saved.get(k, defaults.get(k)) != v]
 
 
 def check_finished(out: str | Path, settings: dict) -> bool:

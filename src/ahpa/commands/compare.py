@@ -57,8 +57,8 @@ def run(args) -> int:
         parts += ["**Evaluations made differently within a run** (eval.* or sample.* changed on a resume; the points "
                   "on either side of a change are not comparable, nor speed-ups across it):", *mixed, ""]
     differing = compare.differing_settings(runs)
-    parts.append("Settings that differ (run length, cadences and how a run computes are not compared; a setting a "
-                 "run did not read shows `(not read)`):" + ("" if differing else " none"))
+    parts.append("Settings that differ (run length, the log, checkpoint and grid cadences and how a run computes are "
+                 "not compared; a setting a run did not read shows `(not read)`):" + ("" if differing else " none"))
     for key, values in differing.items():
         parts.append(f"- `{key}`: " + compare.summarise_values(runs, values))
     environment = compare.differing_environment(runs)
@@ -87,5 +87,5 @@ def run(args) -> int:
                             highlight=baseline.name)
         plots.line_plot({r.name: r.flow for r in runs}, out / "flow-loss.png", "training images", "flow loss",
                         "flow-matching loss", logy=True, markers=False, highlight=baseline.name)
-        print(f"wrote {out / 'compare.md'} and {len(names)} plots")
+        print(f"wrote {out / 'compare.md'} and {len(names)} plot{'s' if len(names) != 1 else ''}")
     return 0

@@ -169,8 +169,9 @@ def _run(args) -> int:
                   "nothing to do")
         elif d.is_main:
             guided = f" for t in [{cfg.guidance_low}, {cfg.guidance_high}]" if cfg.cfg_scale != 1 else ""
+            only = f", classes {','.join(map(str, classes))}" if classes else ""
             print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale}"
-                  f"{guided})")
+                  f"{guided}{only})")
         return 0
     finally:
         finish(completed, 0)  # under torchrun the process ends here

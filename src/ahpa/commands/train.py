@@ -60,7 +60,30 @@ def run(args) -> int:
         if d.is_main and cfg.data.source != "cache" and not list_checkpoints(Path(args.out) / "checkpoints"):
             print(f"setting up a new run in {args.out}: measuring latent and level statistics over "
                   f"prior.stats_images={cfg.prior.stats_images} images ...", file=sys.stderr, flush=True)
-        trainer = Trainer(cfg, args.out)
+        inner = []  # the reference's, a grid's or an evaluation's bar, below the training bar, gone when it ends
+        # in a terminal only: a log file (a batch job's) would get their redraws as lines around the FD lines
+        nested = d.is_main and sys.stderr.isatty()
+
+        def progress(label: str, total: int | None):
+            if not nested:
+                return None
+            desc = {"grid": "sample grid", "eval": "evaluation"}.get(label, label)
+
+            def update(n: int) -> None:  # the bar opens with the first batch: a cached reference shows none
+                if not inner or inner[-1].desc != desc:
+                    inner.append(tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False))
+                inner[-1].update(n)
+                if total is not None and inner[-1].n >= total:
+                    inner.pop().close()
+
+            return update
+
+        try:
+            # a run that evaluates measures eval.ref first (minutes for 50,000 images; once per machine, then cached)
+            trainer = Trainer(cfg, args.out, progress=progress)
+        finally:
+            while inner:
+                inner.pop().close()
         if d.is_main:
             for msg in trainer.messages:
                 print(msg, file=sys.stderr)
@@ -81,21 +104,6 @@ def run(args) -> int:
                 values = ", ".join(f"{k} {v:.4f}" for k, v in fd.items())
                 bar.write(f"step {step} ({step * cfg.train.batch_size:,} images): {values} "
                           f"({cfg.eval.num:,} EMA samples)", file=sys.stderr)
-
-        inner = []  # the grid's or evaluation's bar, below the training bar, gone when it ends
-
-        def progress(label: str, total: int):
-            if not d.is_main:
-                return None
-            names = {"grid": "sample grid", "eval": "evaluation"}
-            inner.append(tqdm(total=total, desc=names.get(label, label), unit="img", dynamic_ncols=True, leave=False))
-
-            def update(n: int) -> None:
-                inner[-1].update(n)
-                if inner[-1].n >= total:
-                    inner.pop().close()
-
-            return update
 
         try:
             result = trainer.run(on_log, should_stop=lambda: received[0] if received else 0, on_eval=on_eval,

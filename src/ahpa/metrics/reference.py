@@ -180,6 +180,8 @@ def reference_measurement(
     return got
 
 
-def load_reference(ref: str | Path, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250) -> FeatureStats:
-    """Reference statistics for `detector`, cached in `cache_dir` (see `reference_measurement`)."""
-    return reference_measurement(ref, detector, cache_dir, batch_size).stats
+def load_reference(ref: str | Path, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250,
+                   on_batch: Callable[[int], None] | None = None) -> FeatureStats:
+    """Reference statistics for `detector`, cached in `cache_dir` (see `reference_measurement`; `on_batch(n)` after
+    each batch of n images measured, none when they come from the cache)."""
+    return reference_measurement(ref, detector, cache_dir, batch_size, on_batch=on_batch).stats

@@ -197,7 +197,8 @@ def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_nam
     compiled = f"compiled ({t.compile_mode})" if t.compile else "eager"
     micro = f" in {t.grad_accum} micro-batches" if t.grad_accum > 1 else ""
     where = device_name if world == 1 else f"{world} x {device_name} ({how})"
-    return (f"training on {where}, {precision}, {compiled}: {t.steps:,} steps of global batch {t.batch_size} "
+    return (f"training on {where}, {precision}, {compiled}: {t.steps:,} step{'s' if t.steps != 1 else ''} of global "
+            f"batch {t.batch_size} "
             f"({t.batch_size // world} per process{micro}), align.method={cfg.align.method}")
 
 

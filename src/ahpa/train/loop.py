@@ -41,7 +41,10 @@ class Trainer:
     when train.fsdp is set: each process takes its slice of the same global batch, so 2 processes x b
     equal 1 process x 2b. With one process, train.fsdp trains unsharded (nothing to shard over)."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None):
+    def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None,
+                 progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None):
+        """`progress(label, total)` as for `run`, here for the measurement of eval.ref when the run evaluates (label
+        "reference [<detector>]", total None: minutes for 50,000 images, once per machine, then cached)."""
         if not isinstance(cfg, Config):
             raise TypeError(f"Trainer takes a Config (ahpa.load_config(path, overrides)), not a {type(cfg).__name__}")
         d = current()
@@ -69,7 +72,8 @@ class Trainer:
         if resumed is not None:
             self.step, self.ema_updates = resumed.step, resumed.ema_updates
         # before any training: a missing detector or reference fails now, not at the first evaluation
-        self.evaluator = outputs.Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world)
+        self.evaluator = outputs.Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world,
+                                                   progress)
         self.messages += self.evaluator.notes if self.evaluator is not None else []
         if self.evaluator is None and cfg.eval.every and self.step >= t.steps:  # said, not done silently
             self.messages.append(f"eval.every={cfg.eval.every}: the run is complete and is not evaluated again; "

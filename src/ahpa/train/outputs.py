@@ -77,7 +77,7 @@ class Evaluator:
     same arguments: each generates its share of the samples and the statistics are all-reduced."""
 
     def __init__(self, cfg: EvalCfg, device: torch.device, run_dir: Path, rank: int = 0, world: int = 1,
-                 resolution: int | None = None):
+                 resolution: int | None = None, progress: Callable | None = None):
         """Built before the first training step, so that what would fail the first evaluation (no detector, no
         reference, a missing or wrong file) fails then, not after hours of training. A reference folder is read at
         `resolution` (the run's data.resolution) as `ahpa prepare` reads training images: its photos may be of
@@ -117,7 +117,7 @@ class Evaluator:
         self.notes = self._remeasure_notes(cache)
         # measured (or read from the run's cache) now, not at the first evaluation: a reference that cannot be read
         # fails before training
-        self._load()
+        self._load(progress)
         sizes = sorted({r.image_size for r in self._refs if r.image_size is not None})
         if rank == 0 and resolution and sizes and sizes != [(resolution, resolution)]:
             (h, w), side = sizes[0], resolution
@@ -126,7 +126,8 @@ class Evaluator:
                               "for every run compared)")
 
     @classmethod
-    def for_run(cls, cfg: Config, step: int, device: torch.device, run_dir: Path, rank: int, world: int) -> "Evaluator | None":
+    def for_run(cls, cfg: Config, step: int, device: torch.device, run_dir: Path, rank: int, world: int,
+                progress: Callable | None = None) -> "Evaluator | None":
         """The evaluator of a run at `step`, or None when it evaluates nothing: eval.every=0, or a finished run rerun
         to export or sample (its evaluation settings are not held against it), unless it stopped before its last
         evaluation."""
@@ -134,7 +135,7 @@ class Evaluator:
             return None
         if step >= cfg.train.steps and not last_evaluation_missing(run_dir, step, rank):
             return None
-        evaluator = cls(cfg.eval, device, run_dir, rank, world, cfg.data.resolution)
+        evaluator = cls(cfg.eval, device, run_dir, rank, world, cfg.data.resolution, progress)
         evaluator.notes += evaluator._setup_notes(eval_setup.describe(cfg))
         return evaluator
 
@@ -161,7 +162,7 @@ class Evaluator:
                 "earlier evaluations, or how this version of ahpa reads them (a folder at data.resolution, as prepare "
                 "reads it); metrics.jsonl's earlier eval rows used the earlier statistics"] if fresh else []
 
-    def _load(self) -> None:
+    def _load(self, progress: Callable | None = None) -> None:
         from ahpa.metrics.reference import default_cache_dir, load_reference, share_cached
 
         # statistics given alone are already the cheap form: not copied into the shared cache
@@ -175,7 +176,8 @@ class Evaluator:
                     theirs = shared / self._files[i].name if self.rank == 0 and shared is not None else None
                     if self.rank == 0:
                         share_cached(self._files[i], theirs)  # theirs -> the run's, when only the shared one has them
-                    self._refs.append(load_reference(self._ref_source, det, cache, e.batch))
+                    tick = progress(f"reference [{det.name}]", None) if progress is not None else None
+                    self._refs.append(load_reference(self._ref_source, det, cache, e.batch, on_batch=tick))
                     if self.rank == 0:
                         share_cached(self._files[i], theirs)  # the run's -> theirs, when it was measured here
             barrier()

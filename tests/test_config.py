@@ -38,7 +38,7 @@ def test_yaml_errors_name_the_file(tmp_path):
                                   "align.router_momentum=1", "eval.num=1", "sample.guidance_high=1.5"])
 def test_values_out_of_range_fail_as_they_are_set(item, tmp_path):
     key = item.partition("=")[0]
-    with pytest.raises(config.ConfigError, match=rf"command line: {key}=\S+ is out of range; it must be "):
+    with pytest.raises(config.ConfigError, match=rf"overrides: {key}=\S+ is out of range; it must be "):
         config.load(None, [item])
     section, _, name = key.partition(".")
     bad = tmp_path / "bad.yaml"
@@ -217,7 +217,7 @@ def test_version_names_ahpa_torch_and_the_model_libraries(capsys):
     assert f"torch {torch.__version__} (" in out and "diffusers" in out and "safetensors" in out
 
 
-def test_python_callers_get_named_mistakes(tmp_path):
+def test_python_callers_get_named_mistakes(tmp_path, capsys):
     """One override given as a string (not a list) is one override, not its characters; a Trainer given a path where
     a Config goes, and a name registered in another Python process, are named with the fix."""
     from ahpa.train.loop import Trainer
@@ -236,6 +236,13 @@ def test_python_callers_get_named_mistakes(tmp_path):
         config.load(None, ["sample.solver=heunn"])
     with pytest.raises(config.ConfigError, match=r"did you mean 'repa'"):  # as the README writes it
         config.load(None, ["align.method=REPA"])
+    # from Python the overrides are "overrides" (a notebook has no command line); `ahpa train` names its command line
+    with pytest.raises(config.ConfigError, match=r"^overrides: align.method='ahap'"):
+        config.load(None, ["align.method=ahap"])
+    from ahpa.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "x"), "align.method=ahap"]) == 2
+    assert "ahpa train: error: command line: align.method='ahap' is not valid" in capsys.readouterr().err
 
 
 def test_a_failed_or_interrupted_command_is_reported_once_per_launch(tmp_path, monkeypatch, capsys):
@@ -292,7 +299,7 @@ def test_an_empty_guidance_interval_is_refused_once_every_key_is_set(tmp_path):
     """sample.guidance_low > sample.guidance_high passed each key's own range check and turned guidance off without
     a word (guidance runs for low <= t <= high). The pair is checked after the file and the overrides are in, so an
     override may repair a file's value; `ahpa train` (config.load) and `ahpa sample` (from_dict) both refuse it."""
-    with pytest.raises(config.ConfigError, match=r"command line: sample.guidance_low=0.8 exceeds "
+    with pytest.raises(config.ConfigError, match=r"overrides: sample.guidance_low=0.8 exceeds "
                                                  r"sample.guidance_high=0.2: .* give low <= high"):
         config.load(None, ["sample.guidance_low=0.8", "sample.guidance_high=0.2"])
     with pytest.raises(config.ConfigError, match="ahpa sample: sample.guidance_low=0.8 exceeds"):

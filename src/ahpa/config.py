@@ -292,8 +292,9 @@ def from_dict(data: dict, where: str = "config", base: Config | None = None) -> 
     return cfg
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A config from an optional YAML file plus `section.key=value` overrides (later wins)."""
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), where: str = "overrides") -> Config:
+    """A config from an optional YAML file plus `section.key=value` overrides (later wins); an error in an override
+    names it as coming from `where` (`ahpa train` passes "command line"; a notebook has none)."""
     if isinstance(overrides, str):  # one override given bare: its characters would be read as overrides
         overrides = [overrides]
     cfg = Config()
@@ -310,9 +311,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _apply(cfg, key.strip(), value.strip(), where="command line")
-    check_across_keys(cfg, str(path) + (" with the command line's overrides" if overrides else "")
-                      if path is not None else "command line")
+        _apply(cfg, key.strip(), value.strip(), where=where)
+    check_across_keys(cfg, str(path) + (f" with the {where}" if overrides else "") if path is not None else where)
     return cfg
 
 

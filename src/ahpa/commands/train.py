@@ -34,7 +34,7 @@ def run(args) -> int:
     from ahpa.train.checkpoint import list_checkpoints
     from ahpa.train.loop import Trainer
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides, where="command line")
     if args.show_config:
         from ahpa.config_doc import documented_yaml
 

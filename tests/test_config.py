@@ -243,6 +243,18 @@ def test_python_callers_get_named_mistakes(tmp_path, capsys):
 
     assert main(["train", "--out", str(tmp_path / "x"), "align.method=ahap"]) == 2
     assert "ahpa train: error: command line: align.method='ahap' is not valid" in capsys.readouterr().err
+    # keys, sections, encoder and detector kinds and devices get the near name too
+    from ahpa.device import resolve_device
+    from ahpa.metrics.detectors import parse_spec
+    from ahpa.priors.registry import load_encoder
+
+    for call, near in ((lambda: config.load(None, ["align.methd=ahpa"]), "did you mean 'align.method'"),
+                       (lambda: config.load(None, ["alin.method=ahpa"]), "did you mean 'align'"),
+                       (lambda: load_encoder("taef:/x"), "did you mean 'taef2'"),
+                       (lambda: parse_spec("torchscrip:x.pt"), "did you mean 'torchscript'"),
+                       (lambda: resolve_device("cpuu"), "did you mean 'cpu'")):
+        with pytest.raises(ValueError, match=near):
+            call()
 
 
 def test_a_failed_or_interrupted_command_is_reported_once_per_launch(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ahpa.spelling import did_you_mean
 from ahpa.config_rules import ACROSS_KEYS, CHOICES, RANGES, choice_hint  # noqa: F401  (CHOICES, RANGES re-exported)
 
 
@@ -245,12 +246,14 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     section, _, name = key.partition(".")
     sections = {f.name for f in dataclasses.fields(cfg)}
     if section not in sections or not name:
-        raise ConfigError(f"{where}: unknown config key {key!r}; sections are: {', '.join(sorted(sections))}")
+        raise ConfigError(f"{where}: unknown config key {key!r}{did_you_mean(section, sections) if name else ''}; "
+                          f"sections are: {', '.join(sorted(sections))}")
     sub = getattr(cfg, section)
     types_ = _section_types(sub)
     if name not in types_:
         elsewhere = [f"{other}.{name}" for other in sorted(sections) if name in _section_types(getattr(cfg, other))]
-        hint = f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere else ""
+        hint = (f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere
+                else did_you_mean(name, types_).replace("'", f"'{section}.", 1))
         raise ConfigError(f"{where}: unknown config key {key!r}{hint}; valid keys in {section}: {', '.join(types_)}")
     setattr(sub, name, _coerce(key, value, types_[name], where))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
 from ahpa.plugins import load_plugins
+from ahpa.spelling import did_you_mean
 
 
 class _Registry:
@@ -106,14 +107,11 @@ _RUN_NAMES = {f"ahpa-{mode}": f"align.method=ahpa align.router={mode}" for mode 
 def choice_hint(key: str, value, choices: list[str]) -> str:
     """What a user who gave `value` probably meant: a name of the study's tables, a near spelling, or (a name that
     looks like nothing built in) one registered from Python in another process."""
-    import difflib
-
     if key == "align.method" and value in _RUN_NAMES:
         return f" ({value!r} names a run of the study: {_RUN_NAMES[value]})"
-    same_but_case = [c for c in choices if str(c).lower() == str(value).lower()]  # README writes AHPA, REPA
-    close = same_but_case or difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
+    near = did_you_mean(value, choices)
+    if near:
+        return near
     if key in ("align.method", "align.loss", "align.router"):
         return (" (a name registered from Python exists only in the process that registered it: register it again "
                 "before loading, or install it as an ahpa.plugins entry point, docs/extending.md)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ahpa.spelling import did_you_mean
+
 
 def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
     """auto (CUDA, else MPS, else CPU) or the device named; one this torch or machine lacks is refused here, naming
@@ -15,7 +17,8 @@ def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"{setting}={spec!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
+        raise ValueError(f"{setting}={spec!r} is not a device{did_you_mean(spec, ('auto', 'cpu', 'cuda', 'mps'))}; "
+                         "valid: auto, cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None  # ROCm answers to cuda
         why = "sees no CUDA GPU" if built else "was built without CUDA (a CPU build)"

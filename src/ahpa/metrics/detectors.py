@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ahpa.config import shown
 from ahpa.device import as_device
+from ahpa.spelling import did_you_mean
 
 KINDS = ("torchscript", "inception", "dinov2")
 
@@ -47,7 +48,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
             "(e.g. torchscript:detectors/cifar10-resnet20.pt)"
         )
     if kind not in KINDS:
-        raise ValueError(f"unknown detector kind {kind!r} in {spec!r}; valid kinds: {', '.join(KINDS)}")
+        raise ValueError(f"unknown detector kind {kind!r} in {spec!r}{did_you_mean(kind, KINDS)}; valid kinds: "
+                         f"{', '.join(KINDS)}")
     return kind, where
 
 

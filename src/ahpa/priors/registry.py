@@ -16,6 +16,7 @@ from ahpa.device import as_device
 from ahpa.align.methods import check_name
 from ahpa.plugins import check_call, entry_point_failure, load_plugins
 from ahpa.priors.base import PriorEncoder, frozen
+from ahpa.spelling import did_you_mean
 
 ENTRY_POINT_GROUP = "ahpa.encoders"
 
@@ -91,7 +92,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
         raise ValueError(f"encoder spec {spec!r} is not KIND:PATH; valid kinds: {', '.join(valid)} (e.g. taef2:weights/taef2)")
     if kind not in valid:
         failed = "".join(f"; {f}" for f in load_plugins())  # the kind may be a broken package's
-        raise ValueError(f"unknown encoder kind {kind!r} in {spec!r}; valid kinds: {', '.join(valid)}{failed}")
+        raise ValueError(f"unknown encoder kind {kind!r} in {spec!r}{did_you_mean(kind, valid)}; valid kinds: "
+                         f"{', '.join(valid)}{failed}")
     return kind, where
 
 

@@ -56,7 +56,7 @@ def test_a_registered_encoder_kind_prepares_trains_and_is_recorded(toy_kind, tmp
     with pytest.raises(ValueError, match=r"obj's checkpoint does not fit the SiT its config describes \(size mismatch .*"
                                          r"--encoder 'wide:1' is not shaped like the VAE the run was trained with \('toy:4'\)"):
         run_sampler(tmp_path / "obj", torch.device("cpu"), encoder="wide:1")
-    with pytest.raises(ValueError, match=r"unknown encoder kind 'toi' in 'toi:3'; valid kinds: .*toy"):
+    with pytest.raises(ValueError, match=r"unknown encoder kind 'toi' in 'toi:3' \(did you mean 'toy'\?\); valid kinds: .*toy"):
         registry.load_encoder("toi:3")
 
 

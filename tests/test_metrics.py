@@ -569,7 +569,12 @@ def test_eval_options_are_checked_before_any_image_is_measured(tmp_path, tiny_de
              (["--metrics", "fd,is", "--is-splits", "0"], "--is-splits must be at least 1 "),
              (["--num", "0"], "--num must be at least 1 "),
              (["--num", "-1"], "--num must be at least 1 "),
-             (["--batch", "0"], "--batch must be at least 1 ")]
+             (["--batch", "0"], "--batch must be at least 1 "),
+             # against the 12 samples the .npz's header counts: found after the samples' pass before
+             (["--metrics", "pr", "--pr-k", "12"], "--pr-k 12 needs more than 12 samples (each needs 12 neighbours); "
+                                                    "the samples hold 12"),
+             (["--metrics", "is", "--is-splits", "13"], "--is-splits 13 needs at least that many samples; the samples hold 12"),
+             (["--num", "1"], "a Fréchet distance needs at least 2 samples for a covariance; the samples hold 1")]
     for extra, message in cases:
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err

@@ -47,7 +47,7 @@ def run(args) -> int:
     from ahpa.metrics.evaluation import EvaluationWarning, check_settings, evaluate, metrics_by_detector, parse_metrics
     from ahpa.data.listing import default_workers
     from ahpa.metrics.images import (ConvertedImagesWarning, SkippedFilesWarning, check_image_source, folder_source,
-                                     npz_image_key)
+                                     npz_image_count, npz_image_key)
     from ahpa.metrics.measurement import check_reference, is_stats_file
     from ahpa.metrics.reference import default_cache_dir, load_reference
     from ahpa.device import resolve_device
@@ -56,6 +56,9 @@ def run(args) -> int:
     # before any image is measured: evaluate checks them too, but only after an earlier detector's whole pass
     check_settings(metrics, num=args.num, batch_size=args.batch, is_splits=args.is_splits, pr_num=args.pr_num,
                    pr_k=args.pr_k, names=OPTIONS)
+    check_image_source(args.samples, "SAMPLES")  # then the options against the samples there (an .npz's header)
+    check_settings(metrics, num=args.num, is_splits=args.is_splits, pr_k=args.pr_k, pr_num=args.pr_num, names=OPTIONS,
+                   batch_size=args.batch, count=npz_image_count(args.samples))
     if args.save_ref_stats and len(args.detector) != 1:
         raise ValueError("--save-ref-stats needs exactly one --detector")
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):
@@ -120,6 +123,9 @@ def run(args) -> int:
         ref = stats["reference"]
         # `is` alone reads no reference; stored statistics without a count (ADM's) say no number
         against = "; no reference needed" if ref is None else f" vs {ref.count or 'stored'} reference"
+        if "pr" in mine and ref is not None:  # precision/recall read the first --pr-num of each, not every image
+            n = stats["samples"].count
+            against += f"; precision/recall: the first {min(args.pr_num, n)} vs {min(args.pr_num, ref.count or args.pr_num)}"
         if args.save_ref_stats:  # the statistics evaluate measured (or read), measured here only for `is` alone
             ref = ref or load_reference(ref_source, det, cache, args.batch)
             ref.save(args.save_ref_stats, detector=det.name)

@@ -53,6 +53,7 @@ def check_settings(
     pr_num: int = 10_000,
     pr_k: int = 3,
     names: dict[str, str] | None = None,
+    count: int | None = None,
 ) -> None:
     """Raise ValueError for settings of `evaluate` that measure nothing or that would fail only once every image was
     measured (an Inception Score over 0 splits, precision/recall with k = 0 or with fewer than k + 1 points): a
@@ -77,6 +78,16 @@ def check_settings(
         if pr_num <= pr_k:
             raise ValueError(f"{name('pr_num')} must be larger than {name('pr_k')} ({pr_k}): each of the first "
                              f"{name('pr_num')} points needs {pr_k} neighbours among them; got {pr_num}")
+    # against the samples there are (`count`, when known before reading them: an .npz's header)
+    n = min(count, num) if count is not None and num is not None else count
+    if n:  # none at all: the measurement names the empty source itself
+        if "fd" in metrics and n < 2:
+            raise ValueError(f"a Fréchet distance needs at least 2 samples for a covariance; the samples hold {n}")
+        if "is" in metrics and n < is_splits:
+            raise ValueError(f"{name('is_splits')} {is_splits} needs at least that many samples; the samples hold {n}")
+        if "pr" in metrics and n <= pr_k:
+            raise ValueError(f"{name('pr_k')} {pr_k} needs more than {pr_k} samples (each needs {pr_k} neighbours); "
+                             f"the samples hold {n}")
 
 
 def metrics_by_detector(metrics, detectors: list[Detector]) -> list[tuple[str, ...]]:

@@ -45,6 +45,20 @@ def npz_image_key(path: str | Path) -> str | None:
     return next((k for k in NPZ_IMAGE_KEYS if k in names), None)
 
 
+def npz_image_count(path: str | Path) -> int | None:
+    """How many images an .npz holds, from its header alone; None for anything else (a folder is counted when it is
+    listed)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".npz" or not path.is_file():
+        return None
+    key = npz_image_key(path)
+    if key is None:
+        return None
+    with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
+        header = npy_header(f)
+    return header[0][0] if header and header[0] else None
+
+
 def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype] | None:
     """(shape, fortran_order, dtype) of the .npy file `f` is open at the start of, from its header alone (the data
     follows); None for a format version other than 1.0 and 2.0, which np.save writes."""

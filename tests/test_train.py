@@ -330,7 +330,7 @@ def test_a_device_this_machine_lacks_is_refused_by_name(tmp_path, tiny, monkeypa
     """A typo or a CUDA device on a CPU build fails with the setting's name and the fix, not inside torch."""
     from ahpa.device import resolve_device
 
-    with pytest.raises(ValueError, match=r"train.device='gpu' is not a device; valid: auto, cpu, cuda"):
+    with pytest.raises(ValueError, match=r"train.device='gpu' is not a device \(did you mean 'cuda'\?\); valid: auto, cpu, cuda"):
         Trainer(tiny("train.device=gpu"), tmp_path / "a")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"--device='cuda:1': this torch .* use --device=auto or cpu"):

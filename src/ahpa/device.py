@@ -17,8 +17,9 @@ def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"{setting}={spec!r} is not a device{did_you_mean(spec, ('auto', 'cpu', 'cuda', 'mps'))}; "
-                         "valid: auto, cpu, cuda, cuda:N, mps") from None
+        near = " (did you mean 'cuda'?)" if str(spec).lower().startswith("gpu") else did_you_mean(
+            spec, ("auto", "cpu", "cuda", "mps"))  # 'gpu' is spelled like 'cpu' and means the other
+        raise ValueError(f"{setting}={spec!r} is not a device{near}; valid: auto, cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None  # ROCm answers to cuda
         why = "sees no CUDA GPU" if built else "was built without CUDA (a CPU build)"

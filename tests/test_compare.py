@@ -405,3 +405,81 @@ def test_fds_that_agree_to_three_decimals_are_printed_with_enough_to_tell_them_a
     rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert "| 13.6337 |" in rows["none (baseline)"] and "| 13.6343 |" in rows["ahpa"] and "not reached" in rows["ahpa"]
     assert compare.digits([5.0, 6.0]) == 3 and compare.digits([10.0, 10.0 + 1e-13]) == 3  # rounding is not a difference
+
+
+def test_how_an_evaluated_run_computes_is_no_difference_but_what_it_evaluates_is():
+    """Runs that evaluate (eval.every set, so eval.* is read) and differ only in how they compute (the detector's
+    batch, compiled or eager, checkpointed activations, the sampler's micro-batch) trained and measured the same
+    thing to rounding: listing those would make a fair comparison look unfair. eval.num, read by both, still is."""
+    from pathlib import Path
+
+    def run(name, *overrides):
+        cfg = config.load(None, ["eval.every=100", "eval.ref=r.npz", *overrides])
+        return compare.Run(name, Path(name), config.flatten(cfg.to_dict()))
+
+    a = run("a", "eval.batch=50", "train.compile=false", "sample.micro_batch=8")
+    b = run("b", "eval.batch=250", "train.compile=true", "train.activation_checkpointing=2", "sample.micro_batch=64")
+    assert compare.differing_settings([a, b]) == {}
+    c = run("c", "eval.num=100")
+    d = run("d", "eval.num=200")
+    assert compare.differing_settings([c, d]) == {"eval.num": [100, 200]}
+
+
+def test_data_is_compared_by_its_recorded_content_not_its_path():
+    """A copy of the same data at another path (a run on scratch) is the same data, and other data under the same
+    path is not: inputs.json's content identity decides, where both runs recorded one."""
+    from pathlib import Path
+
+    same, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+    def run(name, path, identity):
+        cfg = config.load(None, ["data.source=npz", f"data.path={path}"])
+        return compare.Run(name, Path(name), config.flatten(cfg.to_dict()), identities={"data.path": identity})
+
+    assert compare.differing_settings([run("a", "/d/train.npz", same), run("b", "/scratch/train.npz", same)]) == {}
+    got = compare.differing_settings([run("a", "/d/train.npz", same), run("b", "/d/train.npz", other)])
+    assert [str(v) for v in got["data.path"]] == ["'/d/train.npz' (sha256:aaaaaaaaaaaaaaa...)",
+                                                  "'/d/train.npz' (sha256:bbbbbbbbbbbbbbb...)"]
+
+
+def test_a_curve_that_reaches_the_target_within_rounding_reaches_it_at_that_evaluation():
+    """A last value above the target by less than the rounding tolerance counts as reaching it at that evaluation's
+    images, not at a point interpolated past it (the line through it crosses the target only after its images)."""
+    target = 6.0
+    curve = [(100, target + 1.2e-8), (200, target + 5e-9)]
+    assert compare.images_to_reach(curve, target) == 200.0
+    assert compare.images_to_reach([(100, 9.0), (200, 6.0)], target) == 200.0
+
+
+def test_without_a_vanilla_run_the_baseline_is_the_first_with_evaluations(tmp_path):
+    """Two alignment runs, the first never evaluated: speed-ups are read against the first one that has evaluations,
+    not against a run with no curve (which would give no speed-up for any run)."""
+    noeval = compare.read_run(_evaluated(tmp_path, "ahpa-noeval", [None, None], "align.method=ahpa"))
+    evaluated = compare.read_run(_evaluated(tmp_path, "ahpa", [9.0, 7.0], "align.method=ahpa"))
+    assert compare.pick_baseline([noeval, evaluated], None) is evaluated
+    assert compare.pick_baseline([noeval], None) is noeval  # nothing evaluated: the first
+
+
+def test_four_runs_are_grouped_and_a_group_of_three_is_named():
+    """Past three runs the values are grouped by value; the largest group becomes "the others" only when it holds
+    more than three runs, so a group of three is still named run by run."""
+    runs = [compare.Run(n, None, {}) for n in "abcde"]
+    assert compare.summarise_values(runs[:4], [1, 2, 1, 1]) == "1: a, c, d; 2: b"
+    assert compare.summarise_values(runs, [1, 1, 1, 2, 2]) == "1: a, b, c; 2: d, e"
+
+
+def test_the_default_metric_is_the_baselines_and_every_plot_draws_the_baseline_highlighted(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A run given first that logged another metric (FD-r32) does not choose what the table ranks by: the baseline's
+    first metric does, since speed-ups are read from the baseline's curve. Each plot, the flow loss's too, is told
+    which line is the baseline (drawn in black, on top)."""
+    from ahpa.train import plots
+
+    other = _evaluated(tmp_path, "r32", [9.0, 7.0], "align.method=ahpa", metric="FD-r32")
+    base = _evaluated(tmp_path, "none", [10.0, 8.0, 6.0], "align.method=none")
+    drawn = []
+    monkeypatch.setattr(plots, "line_plot", lambda series, path, *a, highlight="", **k: drawn.append((path.name, highlight)))
+    assert main(["compare", str(other), str(base), "--out", str(tmp_path / "cmp")]) == 0
+    text = capsys.readouterr().out
+    assert "| last FD-r20 |" in text and "no FD-r20 evaluations (has FD-r32)" in _rows(text)["r32"]
+    assert sorted(drawn) == [("FD-r20.png", "none"), ("FD-r32.png", "none"), ("flow-loss.png", "none")]

@@ -366,3 +366,14 @@ def test_the_reference_a_run_measures_when_it_is_built_reports_progress(setup, t
     counts.clear()
     Trainer(config.load(None, args), tmp_path / "b", progress=progress)  # cached once per machine: nothing measured
     assert counts == {}
+
+
+def test_what_changed_in_an_evaluation_setup_keeps_a_bracketed_value_whole():
+    """The guidance interval is written with a space ("guidance=[0.0, 0.7]"): what changed is named as that item,
+    not as a stray "0.7]" (the trainer's note on resume, eval.png's legend and ahpa compare show it)."""
+    from ahpa.train import eval_setup
+
+    before = "eval.num=200 sampler=euler-50 cfg-scale=1.5 guidance=[0.0, 1.0]"
+    after = "eval.num=200 sampler=euler-50 cfg-scale=1.5 guidance=[0.0, 0.7]"
+    assert eval_setup.items(after)[-1] == "guidance=[0.0, 0.7]"
+    assert eval_setup.changed(after, before) == "guidance=[0.0, 0.7]"

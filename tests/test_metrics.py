@@ -652,3 +652,67 @@ def test_a_folder_of_images_converted_to_rgb_is_counted_in_a_warning(tmp_path, t
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvertedImagesWarning)
         np.testing.assert_array_equal(np.concatenate(list(iter_image_batches(folder, 5))), before)
+
+
+def test_the_rank_deficiency_caveat_holds_up_to_as_many_samples_as_features():
+    """n samples give a covariance of rank at most n - 1: with exactly as many samples as the detector has features
+    it is still singular (the FD biased upward), and the caveat is said; one more sample and it is not."""
+    from types import SimpleNamespace
+
+    from ahpa.metrics.evaluation import caveats
+
+    det = SimpleNamespace(dim=16, name="tiny")
+
+    def stats(count):
+        return SimpleNamespace(count=count, image_size=(8, 8))
+
+    assert caveats(stats(16), stats(100), det, None, fd=True) == [
+        "16 samples for 16 features (tiny): the covariance is rank-deficient and the Fréchet distance biased upward; "
+        "compare only figures of the same number of samples"]
+    assert caveats(stats(17), stats(100), det, None, fd=True) == []
+    assert caveats(stats(16), stats(100), det, None, fd=False) == []  # no Fréchet distance asked for
+
+
+def test_a_warning_every_detector_gives_alike_is_said_once(tmp_path, tiny_detector_file, capsys):
+    """With two detectors (FID and FD-DINOv2 in one call) the samples' size gap is the same for both: it is said once,
+    not once per detector, so that one problem does not read as two."""
+    import shutil
+
+    from ahpa.cli import main
+
+    rng = np.random.default_rng(0)
+    small, big = tmp_path / "small.npz", tmp_path / "big.npz"
+    np.savez(small, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+    np.savez(big, arr_0=rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8))
+    other = shutil.copy(tiny_detector_file, tmp_path / "cifar10-resnet20.pt")
+    argv = ["eval", str(small), "--ref", str(big), "--detector", f"torchscript:{tiny_detector_file}",
+            "--detector", f"torchscript:{other}", "--batch", "8", "--no-ref-cache"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "FD-r32" in out and "FD-r20" in out
+    assert err.count("warning: samples are 8x8 but the reference is 16x16") == 1
+
+
+def test_an_exif_turn_is_no_conversion_to_rgb(tmp_path):
+    """Photos turned upright by their EXIF orientation are RGB as they are: only a conversion to RGB (grayscale,
+    palette, alpha) is counted, and a turned grayscale image is counted by that conversion."""
+    import warnings
+
+    from PIL import Image
+
+    from ahpa.metrics.images import ConvertedImagesWarning
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        exif = Image.Exif()
+        exif[0x0112] = 6  # the Orientation tag: turned 90 degrees
+        img.save(folder / f"{i}.jpg", exif=exif)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvertedImagesWarning)
+        assert np.concatenate(list(iter_image_batches(folder, 3))).shape == (3, 8, 8, 3)
+    Image.open(folder / "1.jpg").convert("L").save(folder / "1.jpg", exif=exif)
+    with pytest.warns(ConvertedImagesWarning, match=r"1 of 3 image\(s\) were not RGB and were converted \(1 L->RGB;"):
+        list(iter_image_batches(folder, 3))

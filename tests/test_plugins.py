@@ -422,3 +422,43 @@ def test_an_encoder_registered_by_a_plugin_module_is_found_by_its_kind_alone(mon
     assert registry.load_encoder("plugvae:x").spec == "plugvae:x"
     with pytest.raises(ValueError, match="encoder kind name 'my vae'.*written as prior.encoder=KIND:WHERE"):
         registry.register_encoder("my vae", lambda where, spec: None)
+
+
+def test_an_encoder_without_a_latent_level_is_named_and_the_latent_by_name_is_the_mean():
+    """Every encoder's levels end with the latent (the heads of vae-latent are sized from it): one that declares none
+    is named when it encodes, not a KeyError from a lookup. Asked for by name, the latent is the posterior mean,
+    whatever the encoder's own _encode does (it never sees the name)."""
+    from ahpa.priors.kl_vae import KLVAE
+
+    images = torch.rand(2, 3, 16, 16)
+    enc = KLVAE.random()
+    out = enc.encode(images, ["latent"])
+    assert torch.equal(out.features["latent"], out.mean)
+    enc.levels = enc.levels[:-1]
+    with pytest.raises(ValueError, match=r"declares levels .* without the latent: the last is Level\('latent', "):
+        enc.encode(images)
+
+
+def test_an_unknown_encoder_kind_names_a_plugin_package_that_failed_to_import(monkeypatch):
+    """The kind a spec names may be a broken package's: the refusal says which package failed, not only the valid
+    kinds (which then lack it, and read as if the package were not installed)."""
+    import importlib.metadata
+
+    from ahpa import plugins
+    from ahpa.priors.registry import parse_spec
+
+    class Dist:
+        name = "pkg"
+
+    class Bad:
+        name, value, dist = "bad", "bad_mod", Dist()
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'bad_mod'")
+
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_failures", [])
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Bad()] if group == plugins.GROUP else [])
+    with pytest.raises(ValueError, match=r"unknown encoder kind 'plugkind' in 'plugkind:/w'; valid kinds: .*"
+                                         r"entry point bad = 'bad_mod'"):
+        parse_spec("plugkind:/w")

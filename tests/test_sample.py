@@ -625,3 +625,39 @@ def test_sample_and_export_take_an_earlier_checkpoint_by_step(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "step1.safetensors"), "--step", "1", "--num", "4",
                  "--out", str(tmp_path / "m.npz")]) == 2
     assert "--step chooses a checkpoint of a run: give it with --run" in capsys.readouterr().err
+
+
+def test_a_finished_file_of_other_classes_is_refused_before_a_model_loads(run_dir, tmp_path, capsys, monkeypatch):
+    """The CLI compares the options given, --class among them, with a finished file's record before it loads a
+    model (an XL/2 model and its VAE take minutes to load, only to be refused)."""
+    from ahpa.train import resume
+
+    args = ["sample", "--run", str(run_dir), "--num", "3", "--steps", "1", "--micro-batch", "2"]
+    out = str(tmp_path / "c.npz")
+    assert main([*args, "--class", "3,1", "--out", out]) == 0
+    capsys.readouterr()
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded for a refused file")
+
+    monkeypatch.setattr(resume, "run_sampler", no_model)
+    assert main([*args, "--class", "1", "--out", out]) == 2
+    assert "classes: the file has [3, 1], command gives [1]" in capsys.readouterr().err
+
+
+def test_write_samples_refuses_an_empty_list_of_classes_and_a_torn_record(tmp_path, monkeypatch):
+    """classes=[] would sample from no class (a modulo by zero deep in the sampler); a finished file whose OUT.json
+    record is torn (not JSON) is refused as one without a record, naming it, not with a JSON parser's error."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    with pytest.raises(ValueError, match="classes is an empty list"):
+        sample_writer.write_samples(None, tmp_path / "e.npz", 2, 0, 2, SampleCfg(), {"model_sha256": "x"}, classes=[])
+    out = tmp_path / "s.npz"
+    assert sample_writer.write_samples(None, out, 2, 0, 2, SampleCfg(), {"model_sha256": "x"}) == out
+    sample_writer.record_path(out).write_text('{"num": 2, "se')
+    before, calls[:] = out.read_bytes(), []
+    with pytest.raises(FileExistsError, match=r"exists without a readable record of its settings \(s\.npz\.json\)"):
+        sample_writer.write_samples(None, out, 2, 0, 2, SampleCfg(), {"model_sha256": "x"})
+    assert calls == [] and out.read_bytes() == before

@@ -490,3 +490,22 @@ def test_a_method_that_fixes_a_router_is_judged_by_that_router(monkeypatch, tmp_
     trainer = Trainer(tiny("align.method=all-snr", "align.snr_width=0.05", "align.router_tau=2"), tmp_path)
     assert [m for m in trainer.messages if "read" in m] == ["align.method=all-snr does not read align.router_tau: ignored"]
     assert trainer.parts.aligner.router.width == 0.05
+
+
+def test_a_vanilla_runs_loss_plot_is_one_panel(tmp_path):
+    """A vanilla SiT run logs no per-level losses: its losses.png is the flow loss alone, not a figure with an empty
+    second panel beside it; a run with levels keeps both panels."""
+    import json
+
+    from PIL import Image
+
+    from ahpa.train import plots
+
+    def draw(name, extra):
+        rows = [{"step": i, "images": 100 * i, "loss/flow": 1.0 / i, **extra} for i in (1, 2, 3)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with Image.open(plots.loss_curves(tmp_path / f"{name}.jsonl", tmp_path / f"{name}.png", ["a", "b"])) as im:
+            return im.size
+
+    (w1, h1), (w2, h2) = draw("vanilla", {}), draw("aligned", {"loss/align": 0.5, "align/level_loss": [0.3, 0.2]})
+    assert h1 == h2 and w1 < 0.7 * w2

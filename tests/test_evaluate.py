@@ -377,3 +377,16 @@ def test_what_changed_in_an_evaluation_setup_keeps_a_bracketed_value_whole():
     after = "eval.num=200 sampler=euler-50 cfg-scale=1.5 guidance=[0.0, 0.7]"
     assert eval_setup.items(after)[-1] == "guidance=[0.0, 0.7]"
     assert eval_setup.changed(after, before) == "guidance=[0.0, 0.7]"
+
+
+def test_ahpa_train_prints_each_evaluation_above_its_bar(setup, tmp_path, capsys):
+    """`ahpa train` shows each evaluation's FD on its own line (the bar redraws over anything else), with the step,
+    the images seen and the number of EMA samples, so the FD curve stays on screen while the run trains."""
+    from ahpa.cli import main
+    from tests.conftest import TINY
+
+    _, det, ref = setup
+    assert main(["train", "--out", str(tmp_path / "run"), *TINY, "train.steps=2", "train.batch_size=4", "eval.every=2",
+                 f"eval.detectors=[{det.spec}]", f"eval.ref={ref}", "eval.num=8", "eval.batch=8"]) == 0
+    err = capsys.readouterr().err
+    assert f"step 2 (8 images): {det.name} " in err and "(8 EMA samples)" in err

@@ -206,6 +206,20 @@ def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encod
     return path
 
 
+def export_metadata(path: str | Path) -> dict:
+    """An export's metadata (the SiT's shape, its VAE, latent statistics, path), read from the file's header alone; a
+    ValueError naming what the file is otherwise."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("ahpa")
+    except Exception as e:  # safetensors raises its own error type for a file that is not one of its own
+        raise ValueError(f"{path}: not a safetensors file ({e}). A training checkpoint is sampled through its run "
+                         f"(--run RUN_DIR) or exported first with `ahpa export --run RUN_DIR`") from None
+    if meta is None:
+        raise ValueError(f"{path}: not an ahpa export (no 'ahpa' metadata); export one with `ahpa export`")
+    return json.loads(meta)
+
+
 def load_export(path: str | Path, device: str | torch.device, encoder: PriorEncoder | None = None) -> SamplerBundle:
     from safetensors.torch import load_file
 
@@ -215,15 +229,7 @@ def load_export(path: str | Path, device: str | torch.device, encoder: PriorEnco
     path, device = Path(path), as_device(device)
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("ahpa")
-    except Exception as e:  # safetensors raises its own error type for a file that is not one of its own
-        raise ValueError(f"{path}: not a safetensors file ({e}). A training checkpoint is sampled through its run "
-                         f"(--run RUN_DIR) or exported first with `ahpa export --run RUN_DIR`") from None
-    if meta is None:
-        raise ValueError(f"{path}: not an ahpa export (no 'ahpa' metadata); export one with `ahpa export`")
-    meta = json.loads(meta)
+    meta = export_metadata(path)
     model = SiT(SiTConfig(**meta["sit"]))
     model.load_state_dict(load_file(str(path)), strict=True)
     try:

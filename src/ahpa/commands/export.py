@@ -44,14 +44,11 @@ def run(args) -> int:
 
 
 def _metadata(path) -> dict | None:
-    """An export's ahpa metadata (its model's shape, VAE, latent statistics, path), None for a file that is not one.
-    Read from the header alone: comparing the tensors would load a second XL/2 model (~2.7 GB) to print a note."""
-    import json
-
-    from safetensors import safe_open
+    """An export's metadata, None for a file that is not one: read from the header alone (comparing the tensors
+    would load a second XL/2 model, ~2.7 GB, to print a note)."""
+    from ahpa.sample import export_metadata
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("ahpa", "null"))
-    except Exception:  # any other file: what it held is not an export
+        return export_metadata(path)
+    except (ValueError, OSError):  # any other file: what it held is not an export
         return None

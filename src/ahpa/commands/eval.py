@@ -53,12 +53,10 @@ def run(args) -> int:
     from ahpa.device import resolve_device
 
     metrics = parse_metrics(args.metrics)
-    # before any image is measured: evaluate checks them too, but only after an earlier detector's whole pass
+    # before any image is measured: evaluate checks them too, but only after an earlier detector's whole pass; and
+    # against the samples an .npz holds (its header; None for a folder or a path that is not there)
     check_settings(metrics, num=args.num, batch_size=args.batch, is_splits=args.is_splits, pr_num=args.pr_num,
-                   pr_k=args.pr_k, names=OPTIONS)
-    check_image_source(args.samples, "SAMPLES")  # then the options against the samples there (an .npz's header)
-    check_settings(metrics, num=args.num, is_splits=args.is_splits, pr_k=args.pr_k, pr_num=args.pr_num, names=OPTIONS,
-                   batch_size=args.batch, count=npz_image_count(args.samples))
+                   pr_k=args.pr_k, names=OPTIONS, count=npz_image_count(args.samples))
     if args.save_ref_stats and len(args.detector) != 1:
         raise ValueError("--save-ref-stats needs exactly one --detector")
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):

@@ -84,8 +84,9 @@ def _check_batch(batch, where: str):
     return batch
 
 
-def _batch_ranges(n: int, batch_size: int, rank: int, world_size: int) -> Iterator[tuple[int, int]]:
-    # Batch b goes to rank b % world_size: every image is seen exactly once, whatever the process count.
+def batch_ranges(n: int, batch_size: int, rank: int, world_size: int) -> Iterator[tuple[int, int]]:
+    """The [start, stop) of `rank`'s batches of [0, n): batch b goes to rank b % world_size, so every image is seen
+    exactly once whatever the process count (measurements here, and a model's samples in ahpa.train.evaluate)."""
     for b, start in enumerate(range(0, n, batch_size)):
         if b % world_size == rank:
             yield start, min(start + batch_size, n)
@@ -119,7 +120,7 @@ def _iter_npz(path: Path, key: str, batch_size: int, rank: int, world_size: int,
         _check_layout(dtype, shape, str(path))
         n = shape[0] if limit is None else min(shape[0], limit)
         pos = 0
-        for start, stop in _batch_ranges(n, batch_size, rank, world_size):
+        for start, stop in batch_ranges(n, batch_size, rank, world_size):
             if start > pos:  # another rank's batches: read past them
                 _read_exact(f, np.empty((start - pos, *shape[1:]), dtype), path)
             batch = np.empty((stop - start, *shape[1:]), dtype)
@@ -131,7 +132,7 @@ def _iter_npz(path: Path, key: str, batch_size: int, rank: int, world_size: int,
 def _iter_array(arr, batch_size: int, rank: int, world_size: int, limit: int | None, where: str):
     _check_batch(arr, where)
     n = len(arr) if limit is None else min(len(arr), limit)
-    for start, stop in _batch_ranges(n, batch_size, rank, world_size):
+    for start, stop in batch_ranges(n, batch_size, rank, world_size):
         yield arr[start:stop]
 
 
@@ -181,7 +182,7 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
     # failing at file 900,000 of a reference would throw away the measurement of the ones before it.
     listing = list_source(folder.path, labels="none")
     n = len(listing) if limit is None else min(len(listing), limit)
-    batches = [list(range(start, stop)) for start, stop in _batch_ranges(n, batch_size, rank, world_size)]
+    batches = [list(range(start, stop)) for start, stop in batch_ranges(n, batch_size, rank, world_size)]
     skipped, first, decoded = [], None, 0
     converted, first_converted = Counter(), None  # kind ("L->RGB") -> images; counts, since a folder may be all grey
     # decoded (and cropped at a resolution) as `ahpa prepare` decodes training images: upright, alpha on white,

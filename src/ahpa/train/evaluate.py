@@ -19,6 +19,7 @@ import torch
 from ahpa.config import SampleCfg
 from ahpa.metrics.detectors import Detector
 from ahpa.metrics.frechet import FeatureStats
+from ahpa.metrics.images import batch_ranges
 from ahpa.sample import SamplerBundle, iter_samples
 
 
@@ -38,10 +39,8 @@ def sample_stats(
     if batch < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch >= 1 and 0 <= rank < world_size; got {batch}, {rank}, {world_size}")
     stats = [FeatureStats(dim=d.dim, device=d.device) for d in dets]
-    for b, lo in enumerate(range(0, num, batch)):
-        if b % world_size != rank:
-            continue
-        for _, images, _ in iter_samples(bundle, lo, min(lo + batch, num), seed, batch, cfg):
+    for lo, hi in batch_ranges(num, batch, rank, world_size):
+        for _, images, _ in iter_samples(bundle, lo, hi, seed, batch, cfg):
             nchw = images.permute(0, 3, 1, 2)  # uint8 NHWC -> NCHW view
             for d, st in zip(dets, stats):
                 st.update(d.features(nchw))
@@ -54,7 +53,7 @@ def sample_stats(
 
 def rank_share(num: int, batch: int, rank: int = 0, world_size: int = 1) -> int:
     """How many of samples [0, num) `sample_stats` generates on `rank`: its batches are b = rank, rank + world, ..."""
-    return sum(min(batch, num - lo) for b, lo in enumerate(range(0, num, batch)) if b % world_size == rank)
+    return sum(hi - lo for lo, hi in batch_ranges(num, batch, rank, world_size))
 
 
 def evaluate_fd(

@@ -631,3 +631,60 @@ def test_the_report_lists_skipped_methods_knows_smoke_rows_and_names_bad_inputs(
                               str(tmp_path / "x")], cwd=ROOT, env=env, capture_output=True, text=True)
         assert res.returncode != 0 and "Traceback" not in res.stderr
         assert ("no such file or folder" if given.name == "nope.jsonl" else "no study rows") in res.stderr
+
+
+def test_fd_curves_average_the_seeds_every_method_has(monkeypatch, tmp_path):
+    """A second seed of some methods must not move their curves alone: the plotted means are over the seeds every
+    method has (here 0), at the steps they all reached; without a common seed each method keeps its own, said so."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_plots import mean_curve, plot_fd, seed_sets
+
+    def rows(fds):
+        return [{"step": 1000 * (i + 1), "images": 256000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
+
+    series = {("none", 0): rows([10.0, 9.0]), ("none", 1): rows([12.0, 11.0]), ("ahpa-soft", 0): rows([9.0, 8.0]),
+              ("ahpa-soft", 1): rows([11.0]), ("ahpa-snr", 0): rows([9.5, 8.5])}
+    chosen, common = seed_sets(series, ["none", "ahpa-soft", "ahpa-snr"])
+    assert common and chosen == {"none": [0], "ahpa-soft": [0], "ahpa-snr": [0]}
+    assert mean_curve(series, "FD-r20", "none", chosen["none"]) == ([256000, 512000], [10.0, 9.0])
+    # over both seeds: only the step both reached
+    assert mean_curve(series, "FD-r20", "ahpa-soft", [0, 1]) == ([256000], [10.0])
+    plot_fd(series, "FD-r20", 256, tmp_path / "fd.png", ["none", "ahpa-soft", "ahpa-snr"])
+    assert (tmp_path / "fd.png").stat().st_size > 0
+
+    apart = {("none", 0): rows([10.0]), ("ahpa-soft", 1): rows([9.0]), ("ahpa-soft", 2): rows([8.0])}
+    chosen, common = seed_sets(apart, ["none", "ahpa-soft"])
+    assert not common and chosen == {"none": [0], "ahpa-soft": [1, 2]}
+    plot_fd(apart, "FD-r20", 256, tmp_path / "apart.png", ["none", "ahpa-soft"])
+    assert (tmp_path / "apart.png").stat().st_size > 0
+
+
+def test_report_figures_leave_room_for_long_labels_and_the_router_colourbar(monkeypatch, tmp_path):
+    """A variant's label runs to ~120 characters: the speed bars and the FD legend make room for it instead of
+    matplotlib giving up on the layout (a warning, and labels cut off), and the router panels share a colourbar."""
+    import warnings
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from PIL import Image
+    from study_plots import plot_fd, plot_router, plot_speed
+
+    long = "ahpa-soft[weight=1.5,projector_dim=128,shared_trunk=false,level_depths=[stage1:1,stage2:2,stage3:2,stage4:3,latent:3]]"
+    series = {(m, 0): [{"step": 1000, "images": 256000, "fd": {"FD-r20": 9.0}}] for m in ("none", long)}
+    runs = {("k", m, 0): {"ms_per_step_steady": 50.0} for m in ("none", long)}
+    t = [i / 10 for i in range(11)]
+    # pure yellow (1) and purple (0) only near t = 0, at the panels' left edges: the right edge of the figure holds
+    # them only in a colourbar
+    router = {"mode": "soft", "levels": ["stage1", "latent"], "t": t, "weights": [[1 - x / 2, x / 2] for x in t]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied", "not compatible with tight_layout"
+        plot_fd(series, "FD-r20", 256, tmp_path / "fd.png", ["none", long])
+        plot_speed(runs, "k", tmp_path / "speed.png", ["none", long])
+        plot_router([{"step": 1000, "router": router}, {"step": 2000, "router": router}], tmp_path / "router.png", "x")
+    import numpy as np
+
+    with Image.open(tmp_path / "router.png") as im:
+        # the colourbar's viridis ramp: a column right of the panels holds its yellow end and its purple end
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    right = rgb[:, int(rgb.shape[1] * 0.9):]
+    assert ((right[..., 0] > 200) & (right[..., 1] > 200) & (right[..., 2] < 80)).any()  # yellow, g = 1
+    assert ((right[..., 0] < 90) & (right[..., 1] < 30) & (right[..., 2] > 60)).any()  # dark purple, g = 0

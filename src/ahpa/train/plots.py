@@ -41,10 +41,12 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write and close a figure (closing frees it: long runs draw many)."""
+    """Lay out (unless the figure has a layout engine of its own), write and close a figure (closing frees it: long
+    runs draw many)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path

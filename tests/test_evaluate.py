@@ -284,7 +284,7 @@ def test_evaluation_settings_fail_before_the_first_training_step(setup, tmp_path
              ([f"eval.detectors=[inception:{det.spec.partition(':')[2]}]", f"eval.ref={ref}"], ValueError,
               r"does not take Inception-v3's forward\(img, return_features=True\) .* torchscript:FILE"),
              ([f"eval.detectors=[{det.spec}]", f"eval.ref={listing}"], ValueError, "neither a folder of images nor an .npz"),
-             ([f"eval.detectors=[{det.spec}]", f"eval.ref={fid_stats}"], ValueError, "holds statistics of FID, not of FD-"),
+             ([f"eval.detectors=[{det.spec}]", f"eval.ref={fid_stats}"], ValueError, r"eval.ref: statistics in .* were computed for FID, not FD-"),
              ([f"eval.detectors=[{det.spec}]", f"eval.ref={tmp_path / 'no-images'}"], ValueError, "no images found under")]
     (tmp_path / "no-images").mkdir()
     (tmp_path / "no-images" / "notes.txt").write_text("not an image")

@@ -85,7 +85,7 @@ class Evaluator:
         from ahpa.metrics.detectors import load_detector
         from ahpa.data.listing import default_workers
         from ahpa.metrics.images import check_image_source, folder_source, npz_image_key
-        from ahpa.metrics.measurement import is_stats_file, stored_stats_usable
+        from ahpa.metrics.measurement import check_reference, is_stats_file
 
         fix = "or set eval.every=0 to train without evaluating"
         if not cfg.detectors:
@@ -102,13 +102,12 @@ class Evaluator:
         self._ref_source = folder_source(ref, resolution, default_workers())
         self._detectors = [load_detector(spec, device) for spec in cfg.detectors]
         self._stats_only = is_stats_file(ref) and npz_image_key(ref) is None
-        if self._stats_only:  # statistics alone: they must be the detectors' own
+        if self._stats_only:  # statistics alone: they must be the detectors' own (as `ahpa eval` checks them)
             for det in self._detectors:
-                usable, tag = stored_stats_usable(ref, det)
-                if not usable:
-                    raise ValueError(f"eval.ref {cfg.ref!r} holds statistics of {tag or 'an unnamed detector'}, not of "
-                                     f"{det.name} ({det.spec}): name the reference images, or statistics that detector "
-                                     "measured (`ahpa eval ... --save-ref-stats`)")
+                try:
+                    check_reference(ref, det)
+                except ValueError as e:
+                    raise ValueError(f"eval.ref: {e}") from None
         # where rank 0 keeps each detector's statistics in the run (one key each: a folder's key lists and stats it)
         from ahpa.metrics.reference import stats_file
 

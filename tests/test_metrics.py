@@ -579,6 +579,16 @@ def test_eval_options_are_checked_before_any_image_is_measured(tmp_path, tiny_de
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith(f"ahpa eval: error: {message}") and err.count("\n") == 1, err
+    # a folder of samples is counted by its image files before any is decoded (it was counted only when read)
+    from PIL import Image
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert main(["eval", str(folder), *base[2:], "--metrics", "is", "--is-splits", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ahpa eval: error: --is-splits 6 needs at least that many samples; the samples hold 5"), err
     # unused settings are not held against a call: --pr-num 0 without pr
     monkeypatch.undo()
     assert main([*base, "--pr-num", "0", "--is-splits", "0"]) == 0

@@ -47,16 +47,18 @@ def run(args) -> int:
     from ahpa.metrics.evaluation import EvaluationWarning, check_settings, evaluate, metrics_by_detector, parse_metrics
     from ahpa.data.listing import default_workers
     from ahpa.metrics.images import (ConvertedImagesWarning, SkippedFilesWarning, check_image_source, folder_source,
-                                     npz_image_count, npz_image_key)
+                                     image_files, npz_image_count, npz_image_key)
     from ahpa.metrics.measurement import check_reference, is_stats_file
     from ahpa.metrics.reference import default_cache_dir, load_reference
     from ahpa.device import resolve_device
 
     metrics = parse_metrics(args.metrics)
     # before any image is measured: evaluate checks them too, but only after an earlier detector's whole pass; and
-    # against the samples an .npz holds (its header; None for a folder or a path that is not there)
+    # against the samples there are: an .npz's header, or a folder's image files (at most the images that decode)
+    folder = Path(args.samples).expanduser()
+    count = len(image_files(folder)) if folder.is_dir() else npz_image_count(args.samples)
     check_settings(metrics, num=args.num, batch_size=args.batch, is_splits=args.is_splits, pr_num=args.pr_num,
-                   pr_k=args.pr_k, names=OPTIONS, count=npz_image_count(args.samples))
+                   pr_k=args.pr_k, names=OPTIONS, count=count)
     if args.save_ref_stats and len(args.detector) != 1:
         raise ValueError("--save-ref-stats needs exactly one --detector")
     for path, what in ((args.samples, "SAMPLES"), (args.ref, "--ref")):

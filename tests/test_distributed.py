@@ -176,6 +176,13 @@ def test_sampling_on_two_processes_writes_the_same_file(one_process_run, tmp_pat
     ahpa(2, "sample", "--run-dir", str(one_process_run), *common[3:], "--out", str(tmp_path / "run.npz"))
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "run.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+    # a finished file of 4 (chunks [0, 3) and [3, 4)) extended to 11 on two processes: the file of one process's 11
+    ahpa(1, *common[:4], "4", *common[5:], "--out", str(tmp_path / "grown.npz"))
+    res = ahpa(2, *common, "--out", str(tmp_path / "grown.npz"))
+    assert "extending" in res.stderr and "from 4 to 11 samples: its first 3 are kept" in res.stderr
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "grown.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert not (tmp_path / "grown.npz.parts").exists()
 
 
 # ---- FSDP2 (train.fsdp): same tolerance and reasons as DDP above ----

@@ -88,6 +88,18 @@ def test_sampling_survives_sigkill(tmp_path):
             "attempt's; --batch 8 is not used)") in err
     with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "killed.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    # a finished file of 10 extended to 64, killed midway: the 10 stay whole and in place, the rerun finishes the 64
+    grown, record = tmp_path / "grown.npz", tmp_path / "grown.npz.json"
+    common[6] = "4"  # straight's chunks: the same computation on any torch, bitwise
+    finish(*common[:4], "10", *common[5:], "--out", str(grown))
+    before, record_before, parts = grown.read_bytes(), record.read_text(), tmp_path / "grown.npz.parts"
+    kill_randomly([*common, "--out", str(grown)], times=2, seed=2,
+                  progress=lambda: len(list(parts.glob("chunk_*.npz"))) if parts.exists() else 0)
+    assert parts.exists() and grown.read_bytes() == before and record.read_text() == record_before
+    assert "extending" in finish(*common, "--out", str(grown))
+    with np.load(tmp_path / "straight.npz") as a, np.load(grown) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert json.loads(record.read_text())["num"] == 64 and not parts.exists()
 
 
 def test_sampling_refuses_a_partial_run_with_other_settings(tmp_path):

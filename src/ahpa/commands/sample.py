@@ -26,7 +26,8 @@ def register(sub) -> None:
                      "checkpoint, or of --step's)")
     src.add_argument("--model", help="exported model file (.safetensors, from `ahpa export` or a run's model.safetensors)")
     # --num-samples: the same; under torchrun `--num` collides with its own --numa-binding option
-    p.add_argument("--num", "--num-samples", dest="num", type=int, required=True, help="number of images")
+    p.add_argument("--num", "--num-samples", dest="num", type=int, required=True,
+                   help="number of images; more than a finished --out holds, all else equal, extends it (10K -> 50K)")
     p.add_argument("--out", required=True, help="output .npz (written once complete; a rerun resumes from OUT.parts/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0); labels are class-balanced, "
                                                        "sample i has class i mod C (see --class)")
@@ -142,6 +143,16 @@ def _run(args) -> int:
         if classes is not None and not all(0 <= k < bundle.num_classes for k in classes):
             raise ValueError(f"--class {','.join(map(str, classes))}: this model has classes 0..{bundle.num_classes - 1}")
 
+        extending = []  # the samples a finished file's extension keeps: where the bar starts
+
+        def on_extend(had: int, kept: int, batch: int) -> None:
+            kept_chunks = f" (the file's; --batch {args.batch} is not used)" if batch != args.batch else ""
+            redone = (f"; its last {had - kept} (a short chunk) are sampled again as part of a full chunk, as a "
+                      "fresh run samples them" if kept < had else "")
+            tqdm.write(f"extending {args.out} from {had} to {args.num} samples: its first {kept} are kept, the rest "
+                       f"sampled in chunks of {batch}{kept_chunks}{redone}", file=sys.stderr)
+            extending.append(kept)
+
         def on_resume(done: int, batch: int) -> None:
             kept = f" (the first attempt's; --batch {args.batch} is not used)" if batch != args.batch else ""
             tqdm.write(f"resuming {args.out}.parts: {done} of {args.num} images are there; chunks of {batch}{kept}",
@@ -152,14 +163,16 @@ def _run(args) -> int:
         def on_start() -> None:  # when sampling begins: a refused or already complete file needs no warning
             if why and d.is_main:
                 print(f"ahpa sample: warning: cfg-scale {cfg.cfg_scale}: {why}", file=sys.stderr)
-            bars.append(tqdm(total=args.num, desc="sample", unit="img", dynamic_ncols=True, disable=not d.is_main))
+            bars.append(tqdm(total=args.num, initial=sum(extending), desc="sample", unit="img", dynamic_ncols=True,
+                             disable=not d.is_main))
 
         def on_progress(n: int) -> None:  # the main process counts its batches for every process: the last round may be short
             bars[0].update(min(n * d.world, bars[0].total - bars[0].n))
 
         try:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
-                                 on_progress=on_progress, on_resume=on_resume, on_start=on_start, classes=classes)
+                                 on_progress=on_progress, on_resume=on_resume, on_start=on_start, classes=classes,
+                                 on_extend=on_extend)
         finally:
             for bar in bars:
                 bar.close()

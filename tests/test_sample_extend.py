@@ -1,0 +1,175 @@
+"""`ahpa sample` with a larger --num than a finished file holds extends it (FID-10K during development, then FID-50K)
+instead of refusing the new --num; the result is bitwise a fresh run's, and the old file survives a killed extension."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ahpa.cli import main
+from ahpa.config import SampleCfg
+from ahpa.train.loop import Trainer
+from tests.test_sample import fake_iter_samples
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from ahpa import config
+    from tests.conftest import TINY
+
+    run = tmp_path_factory.mktemp("extend") / "run"
+    Trainer(config.load(None, [*TINY, "train.steps=2"]), run).run()
+    return run
+
+
+@pytest.mark.parametrize("solver, classes", [("heun", []), ("euler-maruyama", ["--class", "3,1,2"])])
+def test_a_larger_num_extends_a_finished_file_into_a_fresh_runs_file(run_dir, tmp_path, capsys, solver, classes):
+    """5 samples in chunks of 2, then 11: the full chunks are kept and the short last one ([4, 5)) is sampled again
+    within the full chunk [4, 6) a fresh run computes (guided, so its rows pair across the chunk). The file, labels
+    and record are a fresh run's of 11 (sample i's noise, the SDE's too, and label depend on i, not on --num); the
+    chunk size stays the file's whatever --batch says."""
+    args = ["sample", "--run", str(run_dir), "--solver", solver, "--steps", "3", "--micro-batch", "4", "--cfg-scale",
+            "2", *classes]
+    out, fresh = tmp_path / "s.npz", tmp_path / "fresh.npz"
+    assert main([*args, "--num", "5", "--batch", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--num", "11", "--batch", "3", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert (f"extending {out} from 5 to 11 samples: its first 4 are kept, the rest sampled in chunks of 2 (the file's; "
+            "--batch 3 is not used); its last 1 (a short chunk) are sampled again") in captured.err
+    assert f"wrote 11 samples to {out}" in captured.out
+    assert main([*args, "--num", "11", "--batch", "2", "--out", str(fresh)]) == 0
+    with np.load(out) as a, np.load(fresh) as b:
+        assert a["arr_0"].shape == (11, 16, 16, 3)
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert json.loads((tmp_path / "s.npz.json").read_text()) == json.loads((tmp_path / "fresh.npz.json").read_text())
+    assert json.loads((tmp_path / "s.npz.json").read_text())["num"] == 11 and not (tmp_path / "s.npz.parts").exists()
+    capsys.readouterr()
+    assert main([*args, "--num", "11", "--out", str(out)]) == 0
+    assert "already complete: 11 samples" in capsys.readouterr().out
+
+
+def test_a_smaller_num_or_other_settings_are_refused_before_a_model_loads(run_dir, tmp_path, capsys, monkeypatch):
+    """Fewer samples than the file holds would cut it short: refused with the way to evaluate its first N. A larger
+    --num with another setting changed is not an extension: refused naming both."""
+    from ahpa.train import resume
+
+    args = ["sample", "--run", str(run_dir), "--steps", "1", "--micro-batch", "2", "--batch", "2"]
+    out = tmp_path / "s.npz"
+    assert main([*args, "--num", "4", "--out", str(out)]) == 0
+    before = out.read_bytes()
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded for a refused file")
+
+    monkeypatch.setattr(resume, "run_sampler", no_model)
+    capsys.readouterr()
+    assert main([*args, "--num", "3", "--out", str(out)]) == 2
+    assert (f"is finished with 4 samples, more than the 3 asked for; a finished sample file is not cut short: evaluate "
+            f"its first 3 (`ahpa eval {out} --num 3`), or choose another --out") in capsys.readouterr().err
+    assert main([*args, "--num", "8", "--seed", "1", "--out", str(out)]) == 2
+    assert ("finished with other settings (num: the file has 4, command gives 8; seed: the file has 0, command gives 1)"
+            in capsys.readouterr().err)
+    assert out.read_bytes() == before and not (tmp_path / "s.npz.parts").exists()
+
+
+def test_a_killed_extension_keeps_the_old_file_and_a_rerun_finishes_it(tmp_path, monkeypatch):
+    """Killed after its first new chunk, the extension left the old file and record as they were, and a rerun samples
+    only the chunks missing; a rerun of the old --num is told of the extension under way. Killed between the new file
+    and its record, the rerun writes both again from the same samples."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, ident, cfg = tmp_path / "s.npz", {"model_sha256": "x"}, SampleCfg()
+    record = sample_writer.record_path(out)
+    sample_writer.write_samples(None, out, 5, 0, 2, cfg, ident)
+    before, record_before, calls[:] = out.read_bytes(), record.read_text(), []
+
+    def killed(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_writer.write_samples(None, out, 11, 0, 3, cfg, ident, on_progress=killed)
+    assert calls == [(4, 6)] and out.read_bytes() == before and record.read_text() == record_before
+    with pytest.raises(sample_writer.SampleSettingsError, match=rf"holds a partial extension of {out} \(5 samples\) to "
+                       r"11 with other settings \(num: partial has 11, command gives 5\); rerun that command"):
+        sample_writer.write_samples(None, out, 5, 0, 2, cfg, ident)
+    told, calls[:] = [], []
+    assert sample_writer.write_samples(None, out, 11, 0, 3, cfg, ident, on_extend=lambda *a: told.append(("extend", a)),
+                                       on_resume=lambda *a: told.append(("resume", a))) == out
+    assert calls == [(6, 8), (8, 10), (10, 11)]  # the chunks of 2 that were missing, nothing of [0, 4) again
+    assert told == [("extend", (5, 4, 2)), ("resume", (6, 2))]
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"][:, 0, 0, 0], np.arange(11)) and np.array_equal(f["arr_1"], np.arange(11))
+    assert json.loads(record.read_text())["num"] == 11 and not (tmp_path / "s.npz.parts").exists()
+    # killed once the new file is in place, before its record: the old record never claims more than OUT holds
+    write_text = sample_writer.atomic_write_text
+
+    def no_record(path, text):
+        if path == record:
+            raise KeyboardInterrupt
+        write_text(path, text)
+
+    monkeypatch.setattr(sample_writer, "atomic_write_text", no_record)
+    with pytest.raises(KeyboardInterrupt):
+        sample_writer.write_samples(None, out, 14, 0, 2, cfg, ident)
+    assert json.loads(record.read_text())["num"] == 11
+    with np.load(out) as f:
+        assert len(f["arr_1"]) == 14
+    monkeypatch.setattr(sample_writer, "atomic_write_text", write_text)
+    calls[:] = []
+    sample_writer.write_samples(None, out, 14, 0, 2, cfg, ident)
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"][:, 0, 0, 0], np.arange(14)) and np.array_equal(f["arr_1"], np.arange(14))
+    assert calls == [] and json.loads(record.read_text())["num"] == 14 and not (tmp_path / "s.npz.parts").exists()
+
+
+def test_a_partial_extension_whose_file_is_gone_or_replaced_is_refused(tmp_path, monkeypatch):
+    """The extension takes the first samples of OUT when it finishes: OUT moved away, or written over by another
+    file, is named with the fix instead of a file of other samples (or a crash) at the end."""
+    from ahpa import sample_writer
+
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples([]))
+    out, cfg = tmp_path / "s.npz", SampleCfg()
+    sample_writer.write_samples(None, out, 4, 0, 2, cfg, {"model_sha256": "x"})
+
+    def killed(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_writer.write_samples(None, out, 8, 0, 2, cfg, {"model_sha256": "x"}, on_progress=killed)
+    moved = out.rename(tmp_path / "moved.npz")
+    with pytest.raises(FileNotFoundError, match=rf"s\.npz\.parts extends the finished {out} past its first 4 samples, "
+                       rf"but {out} is gone: put it back, or delete .*s\.npz\.parts to sample anew"):
+        sample_writer.write_samples(None, out, 8, 0, 2, cfg, {"model_sha256": "x"})
+    moved.rename(out)
+    record = sample_writer.record_path(out)
+    record.write_text(record.read_text().replace('"x"', '"y"'))
+    with pytest.raises(FileNotFoundError, match=r"holds other samples now \(model_sha256: the file has 'y', command "
+                                                r"gives 'x'\)"):
+        sample_writer.write_samples(None, out, 8, 0, 2, cfg, {"model_sha256": "x"})
+
+
+def test_a_file_extended_by_another_launch_meanwhile_is_not_extended_again(tmp_path, monkeypatch):
+    """Two launches extend one --out: the second saw the old file, then took the lock the first gave back once it
+    had extended the file. It is refused, and the file is the first launch's."""
+    from ahpa import lock, sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, ident = tmp_path / "s.npz", {"model_sha256": "x"}
+    sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+    hold, record = lock.hold, sample_writer.record_path(out)
+
+    def the_other_launch_extends_first(path, what):
+        record.write_text(record.read_text().replace('"num": 4', '"num": 6'))
+        return hold(path, what)
+
+    monkeypatch.setattr(lock, "hold", the_other_launch_extends_first)
+    calls[:] = []
+    with pytest.raises(FileExistsError, match="was finished by another launch meanwhile"):
+        sample_writer.write_samples(None, out, 6, 0, 2, SampleCfg(), ident)
+    assert calls == []
+    lock.release(tmp_path / "s.npz.parts" / lock.LOCK_FILE)
+

@@ -38,9 +38,9 @@ def test_fixed_and_topk_modes():
 
 
 def test_a_fixed_mode_registered_without_its_branch_is_named(monkeypatch):
-    from ahpa.align.methods import ROUTER_MODES
+    from ahpa.align.methods import ROUTER_MODES, RouterMode
 
-    monkeypatch.setitem(ROUTER_MODES, "ramp", False)
+    monkeypatch.setitem(ROUTER_MODES.entries, "ramp", RouterMode(learned=False))
     with pytest.raises(NotImplementedError, match="router mode 'ramp' is fixed .* no branch in Router.route"):
         Router(3, "ramp")(torch.zeros(2))
 
@@ -287,7 +287,7 @@ def test_a_method_added_to_the_registry_is_valid_everywhere(monkeypatch, tmp_pat
     with pytest.raises(config.ConfigError, match="align.method='stages-routed' is not valid"):
         tiny("align.method=stages-routed")
     spec = MethodSpec("stages-routed", "all", "", "cosine", "every level, routed: a copy of ahpa")
-    monkeypatch.setitem(METHODS, spec.name, spec)
+    monkeypatch.setitem(METHODS.entries, spec.name, spec)
     trainer = Trainer(tiny("align.method=stages-routed", "align.router_entropy=0.1", "train.steps=1"), tmp_path)
     assert not [m for m in trainer.messages if "read" in m] and trainer.parts.aligner.router.learned
     trainer.run()
@@ -306,7 +306,7 @@ def test_register_method_refuses_a_built_in_name(monkeypatch):
     for bad in ("", "all snr", "a=b"):  # written as align.method=NAME: no spaces, no =
         with pytest.raises(ValueError, match=r"method name .*: give a name without spaces"):
             register_method(MethodSpec(bad, "all", "snr", "cosine", ""))
-    monkeypatch.setitem(METHODS, "all-snr", None)  # removed again after the test
+    monkeypatch.setitem(METHODS.entries, "all-snr", None)  # removed again after the test
     register_method(MethodSpec("all-snr", "all", "snr", "cosine", "every level, the SNR schedule"))
     assert get_method("all-snr").router == "snr"
 
@@ -323,8 +323,7 @@ def test_router_modes_registered_at_run_time_train_and_are_checked(monkeypatch, 
     with pytest.raises(config.ConfigError, match="align.router='ramp' is not valid; valid values: soft, topk"):
         tiny("align.router=ramp")
     for name in ("ramp", "sharp", "bad"):
-        for registry in (ROUTER_MODES, router_mod.ROUTE_FNS):
-            monkeypatch.setitem(registry, name, None)  # removed again after the test
+        monkeypatch.setitem(ROUTER_MODES.entries, name, None)  # removed again after the test
 
     def ramp(t, num_levels):
         centres = torch.linspace(0.0, 1.0, num_levels)
@@ -379,14 +378,13 @@ def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path
     """register_loss (a notebook, a script) makes align.loss=NAME valid in the config at once, and the loss gets the
     run's align settings, where a parameter of its own lives."""
     from ahpa import config
-    from ahpa.align.loss import LEVEL_LOSSES, register_loss
+    from ahpa.align.loss import register_loss
     from ahpa.align.methods import LOSSES
     from ahpa.train.loop import Trainer
 
     with pytest.raises(config.ConfigError, match="align.loss='mse-ln' is not valid; valid values: default, cosine"):
         tiny("align.loss=mse-ln")
-    for registry in (LOSSES, LEVEL_LOSSES):
-        monkeypatch.setitem(registry, "mse-ln", None)  # removed again after the test
+    monkeypatch.setitem(LOSSES.entries, "mse-ln", None)  # removed again after the test
     seen = []
 
     def mse_ln(pred, target, cfg):
@@ -400,8 +398,7 @@ def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path
     from ahpa.align.objective import Aligner as A
 
     seen_cfg = []
-    for registry in (LOSSES, LEVEL_LOSSES):
-        monkeypatch.setitem(registry, "cfg-probe", None)  # removed again after the test
+    monkeypatch.setitem(LOSSES.entries, "cfg-probe", None)  # removed again after the test
     register_loss("cfg-probe", lambda p, q, cfg: seen_cfg.append(cfg) or (p.float() - q.float()).pow(2).flatten(1).mean(1))
     A(16, ["a", "b"], [3, 4], AlignCfg(router="soft"), "uniform", "cfg-probe")  # a method that fixes its router
     assert (seen_cfg[-1].router, seen_cfg[-1].loss) == ("uniform", "cfg-probe")  # the loss sees what is in force
@@ -412,11 +409,10 @@ def test_a_loss_registered_at_run_time_is_valid_everywhere(monkeypatch, tmp_path
 def test_a_registered_loss_with_a_matmul_computes_in_fp32_under_the_steps_bf16_autocast(monkeypatch):
     """The step runs the aligner under autocast; a loss's matmul (a Gram matrix) used to come out bf16 there, whatever
     it cast its inputs to: logged in bf16, and with several bins of t the running means' index_add_ failed."""
-    from ahpa.align.loss import LEVEL_LOSSES, register_loss
+    from ahpa.align.loss import register_loss
     from ahpa.align.methods import LOSSES
 
-    for registry in (LOSSES, LEVEL_LOSSES):
-        monkeypatch.setitem(registry, "gram", None)
+    monkeypatch.setitem(LOSSES.entries, "gram", None)
     seen = []
 
     def gram(pred, target, cfg):
@@ -459,8 +455,7 @@ def test_a_learned_mode_is_checked_again_on_its_trained_weights_where_the_router
     from ahpa.align.methods import ROUTER_MODES
     from ahpa.train import outputs
 
-    monkeypatch.setitem(ROUTER_MODES, "overshoot", True)
-    monkeypatch.setitem(router_mod.ROUTE_FNS, "overshoot", None)
+    monkeypatch.setitem(ROUTER_MODES.entries, "overshoot", None)
     router_mod.register_router_mode("overshoot", lambda soft: 2 * soft - 1 / soft.shape[1], learned=True)
     al = Aligner(16, ["a", "b", "c"], [3, 4, 5], AlignCfg(projector_dim=32), "overshoot", "cosine")  # uniform: fine
     with torch.no_grad():

@@ -85,7 +85,7 @@ def test_an_encoder_entry_point_that_fails_breaks_its_kind_only(monkeypatch):
         def load(self):
             raise ModuleNotFoundError("No module named 'badvae_pkg'")
 
-    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
+    monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group: [Broken()] if group == registry.ENTRY_POINT_GROUP else [])
     assert "badvae" in registry.kinds()
@@ -99,7 +99,7 @@ def test_encoder_registrations_and_loaders_that_break_the_contract(monkeypatch):
     from ahpa.priors import registry
     from ahpa.priors.kl_vae import KLVAE
 
-    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
+    monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))
     with pytest.raises(ValueError, match="encoder kind 'taef2' is built in"):
         registry.register_encoder("taef2", lambda where, spec: KLVAE.random())
     with pytest.raises(ValueError, match="needs a function loader"):
@@ -132,15 +132,14 @@ def test_an_encoder_returning_other_levels_than_it_declares_is_named():
 
 @pytest.fixture
 def losses():
-    """The loss registries as they were, restored in place after the test (the config's choices read them)."""
+    """The loss registry as it was, restored in place after the test (the config's choices read it)."""
     from ahpa.align import loss as loss_mod
     from ahpa.align.methods import LOSSES
 
-    saved = dict(LOSSES), dict(loss_mod.LEVEL_LOSSES)
+    saved = dict(LOSSES.entries)
     yield loss_mod
-    for registry, before in zip((LOSSES, loss_mod.LEVEL_LOSSES), saved):
-        registry.clear()
-        registry.update(before)
+    LOSSES.entries.clear()
+    LOSSES.entries.update(saved)
 
 
 def test_losses_that_break_the_contract_fail_when_registered_or_built(losses):
@@ -191,11 +190,40 @@ def test_a_negative_detached_or_low_precision_loss_fails_when_built(losses):
     Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", "one-minus-cos")
 
 
+def test_every_registry_refuses_names_alike_and_names_a_misspelt_one():
+    """Methods, router modes, losses and encoder kinds are one Registry each (ahpa.registry): a name that cannot be
+    written in an override, or a built-in one, is refused alike, and a misspelt name is named with the nearest valid
+    one and the list (an unknown method or router mode used to get the list only)."""
+    from ahpa.align.loss import register_loss
+    from ahpa.align.methods import MethodSpec, get_method, register_method
+    from ahpa.align.objective import Aligner
+    from ahpa.align.router import Router, register_router_mode
+    from ahpa.config import AlignCfg
+    from ahpa.priors.registry import load_encoder, register_encoder
+
+    kinds = {  # what: (register NAME, a built-in name, look up a misspelling of it, the list's word)
+        "alignment method": (lambda n: register_method(MethodSpec(n, "all", "", "cosine", "")), "ahpa",
+                             lambda: get_method("ahpaa"), "methods"),
+        "router mode": (lambda n: register_router_mode(n, lambda t, k: t), "soft", lambda: Router(2, "sotf"), "modes"),
+        "loss": (lambda n: register_loss(n, lambda p, q, cfg: p), "cosine",
+                 lambda: Aligner(16, ["a"], [4], AlignCfg(), "uniform", "cosin"), "losses"),
+        "encoder kind": (lambda n: register_encoder(n, lambda where, spec: None), "taef2",
+                         lambda: load_encoder("taef:x"), "kinds"),
+    }
+    for what, (register, built_in, misspelt, plural) in kinds.items():
+        with pytest.raises(ValueError, match=rf"^{what} name 'my name': give a name without spaces"):
+            register("my name")
+        with pytest.raises(ValueError, match=rf"^{what} '{built_in}' is built in"):
+            register(built_in)
+        with pytest.raises(ValueError, match=rf"^unknown {what} .*\(did you mean '{built_in}'\?\); valid {plural}: "):
+            misspelt()
+
+
 def test_a_router_mode_whose_branch_returns_the_wrong_thing_fails_when_built(monkeypatch):
-    from ahpa.align.methods import ROUTER_MODES
+    from ahpa.align.methods import ROUTER_MODES, RouterMode
     from ahpa.align.router import Router
 
-    monkeypatch.setitem(ROUTER_MODES, "ramp", False)
+    monkeypatch.setitem(ROUTER_MODES.entries, "ramp", RouterMode(learned=False))
     original = Router.route
 
     def route(self, t):
@@ -231,7 +259,7 @@ def test_plugins_load_once_when_a_name_is_missing_and_a_broken_one_blames_only_i
 
         def load(self):
             calls.append("good")
-            monkeypatch.setitem(METHODS, "plug-good", MethodSpec(name="plug-good", levels="all", router="uniform",
+            monkeypatch.setitem(METHODS.entries, "plug-good", MethodSpec(name="plug-good", levels="all", router="uniform",
                                                                  loss="cosine", about="test"))
 
     class Bad:
@@ -258,14 +286,14 @@ def test_plugins_load_once_when_a_name_is_missing_and_a_broken_one_blames_only_i
         assert str(err.value).count("entry point bad = 'bad_mod'") == 1
     assert calls == ["scan", "good", "bad"]  # imported once per process
     # in a fresh process, listing the valid names (--show-config, an error message) lists the packages' too
-    METHODS.pop("plug-good")
+    METHODS.entries.pop("plug-good")
     monkeypatch.setattr(plugins, "_loaded", False)
     monkeypatch.setattr(plugins, "_failures", [])
     assert "plug-good" in list(methods)
 
 
 def test_a_loss_or_router_mode_with_the_wrong_shape_in_another_place_fails_when_built(losses, monkeypatch):
-    from ahpa.align.methods import ROUTER_MODES
+    from ahpa.align.methods import ROUTER_MODES, RouterMode
     from ahpa.align.objective import Aligner
     from ahpa.align.router import Router
     from ahpa.config import AlignCfg
@@ -275,7 +303,7 @@ def test_a_loss_or_router_mode_with_the_wrong_shape_in_another_place_fails_when_
     with pytest.raises(ValueError, match=r"align.loss='batch-mean' returned \(3,\) for \[B=2, N=3, C=4\] inputs"):
         Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", "batch-mean")
 
-    monkeypatch.setitem(ROUTER_MODES, "ramp", False)
+    monkeypatch.setitem(ROUTER_MODES.entries, "ramp", RouterMode(learned=False))
     original = Router.route
     monkeypatch.setattr(Router, "route", lambda self, t: original(self, t) if self.mode != "ramp" else self.bad(t))
     third = torch.full((101, 3), 1 / 3)
@@ -369,7 +397,7 @@ def test_an_encoder_entry_point_named_as_a_built_in_kind_is_listed_once_and_neve
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group: [Shadow()] if group == registry.ENTRY_POINT_GROUP else [])
     kinds = registry.kinds()
-    assert kinds.count("taef2") == 1 and registry._loader("taef2") is registry._LOADERS["taef2"]
+    assert kinds.count("taef2") == 1 and registry.ENCODERS["taef2"] is registry._taef2
 
 
 def test_a_name_registered_in_the_session_is_not_replaced_by_a_package_imported_later(monkeypatch):
@@ -388,18 +416,18 @@ def test_a_name_registered_in_the_session_is_not_replaced_by_a_package_imported_
         name, value, dist = "pkg", "pkg_mod", None
 
         def load(self):
-            METHODS["plug-same"] = spec("the package's")
+            METHODS.entries["plug-same"] = spec("the package's")
 
     monkeypatch.setattr(plugins, "_loaded", False)
     monkeypatch.setattr(plugins, "_failures", [])
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Package()] if group == plugins.GROUP else [])
-    monkeypatch.delitem(METHODS, "plug-same", raising=False)
+    monkeypatch.delitem(METHODS.entries, "plug-same", raising=False)
     register_method(spec("the session's"))
     try:
         assert "plug-missing" not in CHOICES["align.method"]  # a lookup that would import the packages
         assert METHODS["plug-same"].about == "the session's"
     finally:
-        METHODS.pop("plug-same", None)
+        METHODS.entries.pop("plug-same", None)
 
 
 def test_an_encoder_registered_by_a_plugin_module_is_found_by_its_kind_alone(monkeypatch):
@@ -414,7 +442,7 @@ def test_an_encoder_registered_by_a_plugin_module_is_found_by_its_kind_alone(mon
         name, value, dist = "pkg", "pkg_mod", None
 
         def load(self):
-            monkeypatch.setitem(registry._LOADERS, "plugvae", lambda where, spec: registry._ahpa_vae("random", spec))
+            monkeypatch.setitem(registry.ENCODERS.entries, "plugvae", lambda where, spec: registry._ahpa_vae("random", spec))
 
     monkeypatch.setattr(plugins, "_loaded", False)
     monkeypatch.setattr(plugins, "_failures", [])

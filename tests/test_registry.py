@@ -11,7 +11,7 @@ from ahpa.priors.kl_vae import KLVAE
 
 @pytest.fixture
 def toy_kind(monkeypatch):
-    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))  # the test's kinds go with it
+    monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))  # the test's kinds go with it
     registry.register_encoder("toy", lambda where, spec: KLVAE.random(seed=int(where)))
     return "toy"
 
@@ -63,7 +63,7 @@ def test_a_registered_encoder_kind_prepares_trains_and_is_recorded(toy_kind, tmp
 def test_an_installed_package_adds_a_kind_by_entry_point(monkeypatch):
     import importlib.metadata
 
-    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
+    monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))
 
     class EntryPoint:
         name = "pkg-vae"

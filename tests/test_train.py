@@ -486,7 +486,7 @@ def test_a_method_that_fixes_a_router_is_judged_by_that_router(monkeypatch, tmp_
     """A method with a fixed SNR schedule reads align.snr_width (the router uses it), not align.router."""
     from ahpa.align.methods import METHODS, MethodSpec
 
-    monkeypatch.setitem(METHODS, "all-snr", MethodSpec("all-snr", "all", "snr", "cosine", "every level, SNR schedule"))
+    monkeypatch.setitem(METHODS.entries, "all-snr", MethodSpec("all-snr", "all", "snr", "cosine", "every level, SNR schedule"))
     trainer = Trainer(tiny("align.method=all-snr", "align.snr_width=0.05", "align.router_tau=2"), tmp_path)
     assert [m for m in trainer.messages if "read" in m] == ["align.method=all-snr does not read align.router_tau: ignored"]
     assert trainer.parts.aligner.router.width == 0.05

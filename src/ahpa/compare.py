@@ -55,7 +55,7 @@ class Run:
     def label(self) -> str:
         """The method with what tells its variants apart: the router mode of a method that takes align.router
         (ahpa), the level of a one-level method, chosen levels."""
-        spec, s = METHODS.get(self.method), self.settings
+        spec, s = METHODS.entries.get(self.method), self.settings
         if spec is None or spec.levels in ("none", "external"):
             return self.method
         details = [str(s.get("align.router"))] if not spec.router else []

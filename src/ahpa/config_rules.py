@@ -5,29 +5,18 @@ every key is set; and the hint for a value not among the choices."""
 from __future__ import annotations
 
 from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
-from ahpa.plugins import load_plugins
 from ahpa.spelling import did_you_mean
 
 
-class _Registry:
-    """A registry's names, read when asked (an entry registered at run time is valid at once); a name not found
-    first imports the installed packages' "ahpa.plugins" entry points (ahpa.plugins), which register theirs, and
-    is named with any of them that failed to import."""
-
-    def __init__(self, registry: dict, extra: tuple = ()):
-        self.registry, self.extra = registry, extra
+class _OrDefault:
+    """align.loss's values: default (the method's own loss), or a registered one (ahpa.registry.Registry: read
+    when asked, so that an entry registered at run time is valid at once, and a package's once it is imported)."""
 
     def __contains__(self, value) -> bool:
-        if value in self.extra or value in self.registry:
-            return True
-        failed = load_plugins()
-        if value not in self.registry and failed:  # the name may be the broken package's: say why it is missing
-            raise ImportError(f"{value!r} is no built-in name, and {'; '.join(failed)}")
-        return value in self.registry
+        return value == "default" or value in LOSSES
 
-    def __iter__(self):  # listing the valid names (an error message, --show-config): a broken package lists none
-        load_plugins()
-        return iter((*self.extra, *self.registry))
+    def __iter__(self):
+        return iter(("default", *LOSSES))
 
 
 class _Presets:
@@ -51,9 +40,9 @@ CHOICES = {
     "transport.path": ("linear", "cosine"),
     "transport.time_sampler": ("uniform", "logit-normal"),
     "data.source": ("procedural", "npz", "cache"),
-    "align.method": _Registry(METHODS),  # the registries (ahpa.align.methods), read when asked
-    "align.loss": _Registry(LOSSES, ("default",)),
-    "align.router": _Registry(ROUTER_MODES),
+    "align.method": METHODS,  # the registries (ahpa.align.methods), read when asked
+    "align.loss": _OrDefault(),
+    "align.router": ROUTER_MODES,
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.solver": ("euler", "heun", "euler-maruyama"),

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ahpa.align.methods import LOSSES, check_name
+from ahpa.align.methods import LOSSES, Loss
 from ahpa.config import AlignCfg
-from ahpa.plugins import check_call, load_plugins
+from ahpa.plugins import check_call
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -23,15 +23,6 @@ def smooth_l1_loss(pred: torch.Tensor, target: torch.Tensor, beta: float) -> tor
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta, reduction="none").flatten(1).mean(dim=1)
 
 
-# name -> per-sample loss (prediction [B, N, C], target [B, N, C], the run's align settings) -> [B]; the names are
-# ahpa.align.methods.LOSSES
-LEVEL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.Tensor]] = {
-    "cosine": lambda p, q, cfg: cosine_loss(p, q),
-    "smooth-l1": lambda p, q, cfg: smooth_l1_loss(p, q, cfg.smooth_l1_beta),
-}
-
-
-_BUILT_IN = frozenset(LEVEL_LOSSES)
 LOSS_CONTRACT = "fn(prediction [B, N, C], target [B, N, C], the run's AlignCfg) -> [B] (docs/extending.md, 'A loss')"
 
 
@@ -41,12 +32,12 @@ def check_loss(name: str, cfg: AlignCfg) -> None:
     first step or a run that silently does not learn (the router divides each level's loss by its running mean: a
     negative mean, -cos for 1 - cos, blew its gradient up by orders of magnitude and clipping then stalled the backbone). Built-in
     losses are not probed."""
-    if name in _BUILT_IN:
+    if name in LOSSES.built_in:
         return
     # [B=2, N=3, C=4]; no random draw: the run's seed stays as it is
     pred = torch.linspace(-1.0, 1.0, 24).reshape(2, 3, 4).requires_grad_()
     for target in (pred.detach().flip(-1), pred.detach()):
-        out = LEVEL_LOSSES[name](pred, target, cfg)
+        out = LOSSES.entries[name].fn(pred, target, cfg)
         where = f"align.loss={name!r} returned"
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2,):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -68,14 +59,8 @@ def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg]
     if not name or name == "default" or not callable(fn):
         raise ValueError(f"register_loss needs a name other than '' and 'default' (align.loss=default is the method's "
                          f"own loss) and a function; got {name!r} and {type(fn).__name__}")
-    if name in _BUILT_IN:
-        raise ValueError(f"loss {name!r} is built in (every method that uses it would change); register yours "
-                         "under another name")
-    check_name(name, "loss", "align.loss=NAME")
     check_call(fn, (None, None, None), f"loss {name!r}", LOSS_CONTRACT)
-    load_plugins()  # first: a package's entry imported later would replace this one, the session's own
-    LOSSES[name] = about
-    LEVEL_LOSSES[name] = fn
+    LOSSES.register(name, Loss(about, fn))
 
 
 def entropy(weights: torch.Tensor) -> torch.Tensor:

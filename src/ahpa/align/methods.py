@@ -3,15 +3,46 @@ losses. The config takes its valid names from here, so a new entry is valid ever
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ahpa.plugins import load_plugins
+from ahpa.registry import Registry
 
-# router mode -> whether it is learned (has parameters and gets the router objective); ahpa.align.router
-ROUTER_MODES: dict[str, bool] = {"soft": True, "topk": True, "snr": False, "uniform": False}
-# per-level loss -> what it is; ahpa.align.loss.LEVEL_LOSSES holds the functions (register_loss adds to both)
-LOSSES: dict[str, str] = {"cosine": "1 - cos(prediction, target), mean over tokens (REPA's)",
-                          "smooth-l1": "smooth-L1 with beta align.smooth_l1_beta, mean over tokens and channels (SRA2's)"}
+
+@dataclass(frozen=True)
+class RouterMode:
+    learned: bool  # has parameters and gets the router objective
+    # register_router_mode's function (ahpa.align.router); None for the built-in modes, branches of Router.route
+    fn: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Loss:
+    about: str
+    fn: Callable  # (prediction [B, N, C], target [B, N, C], the run's AlignCfg) -> loss per sample [B]
+
+
+# the built-in losses: their math is in ahpa.align.loss, imported when called (the config reads this module, and
+# needs no torch)
+def _cosine(pred, target, cfg):
+    from ahpa.align.loss import cosine_loss
+
+    return cosine_loss(pred, target)
+
+
+def _smooth_l1(pred, target, cfg):
+    from ahpa.align.loss import smooth_l1_loss
+
+    return smooth_l1_loss(pred, target, cfg.smooth_l1_beta)
+
+
+ROUTER_MODES = Registry("router mode", "modes", "align.router=NAME", {
+    "soft": RouterMode(True), "topk": RouterMode(True), "snr": RouterMode(False), "uniform": RouterMode(False),
+}, why=" (every run naming it would change)")
+LOSSES = Registry("loss", "losses", "align.loss=NAME", {
+    "cosine": Loss("1 - cos(prediction, target), mean over tokens (REPA's)", _cosine),
+    "smooth-l1": Loss("smooth-L1 with beta align.smooth_l1_beta, mean over tokens and channels (SRA2's)", _smooth_l1),
+}, why=" (every method that uses it would change)")
 
 
 # which levels a method aligns (MethodSpec.levels); each value is a branch of resolve_levels
@@ -32,13 +63,14 @@ class MethodSpec:
         if self.levels not in LEVEL_CHOICES:
             raise ValueError(f"method {self.name!r}: levels {self.levels!r} is not {'|'.join(LEVEL_CHOICES)} (a new kind "
                              "is an entry of LEVEL_CHOICES and a branch of resolve_levels)")
-        if self.router and self.router not in ROUTER_MODES:
-            raise ValueError(f"method {self.name!r}: router {self.router!r} is not one of {', '.join(ROUTER_MODES)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"method {self.name!r}: loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.router and self.router not in ROUTER_MODES.entries:
+            raise ValueError(f"method {self.name!r}: router {self.router!r} is not one of "
+                             f"{', '.join(ROUTER_MODES.entries)}")
+        if self.loss not in LOSSES.entries:
+            raise ValueError(f"method {self.name!r}: loss {self.loss!r} is not one of {', '.join(LOSSES.entries)}")
 
 
-METHODS: dict[str, MethodSpec] = {
+METHODS = Registry("alignment method", "methods", "align.method=NAME", {
     m.name: m
     for m in (
         MethodSpec("none", "none", "uniform", "cosine", "vanilla SiT, no alignment"),
@@ -48,18 +80,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("multi-uniform", "all", "uniform", "cosine", "all levels, equal weights (AHPA without its router)"),
         MethodSpec("ahpa", "all", "", "cosine", "all levels weighted by the timestep-conditioned Dynamic Router"),
     )
-}
-
-
-def check_name(name: str, what: str, usage: str) -> None:
-    """A registered name is written in overrides and YAML as `usage` shows (e.g. align.method=NAME): no spaces, no
-    = , [ ] :"""
-    if not isinstance(name, str) or not name or any(c.isspace() or c in "=,[]:" for c in name):
-        raise ValueError(f"{what} name {name!r}: give a name without spaces or = , [ ] : (it is written as {usage})")
-
-
-_BUILT_IN_METHODS = frozenset(METHODS)
-_BUILT_IN_ROUTER_MODES = frozenset(ROUTER_MODES)
+}, why=" (every run and table naming it would change)")
 
 
 def register_method(spec: MethodSpec) -> None:
@@ -67,17 +88,10 @@ def register_method(spec: MethodSpec) -> None:
     every run, table and study result that names it would silently mean something else."""
     if not isinstance(spec, MethodSpec):
         raise ValueError(f"register_method takes a MethodSpec (ahpa.align.methods), not {type(spec).__name__}")
-    check_name(spec.name, "method", "align.method=NAME")
-    if spec.name in _BUILT_IN_METHODS:
-        raise ValueError(f"method {spec.name!r} is built in (every run and table naming it would change); register "
-                         "yours under another name")
-    load_plugins()  # first: a package's entry imported later would replace this one, the session's own
-    METHODS[spec.name] = spec
+    METHODS.register(spec.name, spec)
 
 
 def get_method(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise ValueError(f"unknown alignment method {name!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -91,7 +105,7 @@ def align_settings_read(method: str, router: str, router_normalize: bool, loss: 
     in this process. Vanilla SiT reads only `method`; REPA aligns one external level, so neither align.levels nor
     the router; a fixed schedule reads none of the learned router's settings, the running means' settings matter
     only when the router normalises by them, and align.smooth_l1_beta only to the smooth-L1 loss."""
-    spec = METHODS.get(method)
+    spec = METHODS.entries.get(method)
     if spec is None:
         return None
     if spec.levels == "none":
@@ -107,7 +121,7 @@ def align_settings_read(method: str, router: str, router_normalize: bool, loss: 
     if spec.levels != "external":
         reads |= ({"router"} if not spec.router else set()) | ({"snr_width"} if mode == "snr" else set())
         reads |= {"router_topk"} if mode == "topk" else set()
-        if ROUTER_MODES.get(mode):
+        if mode in ROUTER_MODES.entries and ROUTER_MODES.entries[mode].learned:
             reads |= {"router_tau", "router_entropy", "router_normalize"}
             reads |= {"router_momentum", "router_t_bins"} if router_normalize else set()
     if (spec.loss if loss == "default" else loss) == "smooth-l1":

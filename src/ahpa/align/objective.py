@@ -11,7 +11,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ahpa.align.loss import LEVEL_LOSSES, check_loss, entropy, router_objective
+from ahpa.align.loss import check_loss, entropy, router_objective
+from ahpa.align.methods import LOSSES
 from ahpa.align.projector import Projector
 from ahpa.align.router import Router
 from ahpa.align.tokens import gather_tokens, kept_tokens
@@ -33,9 +34,7 @@ class Aligner(nn.Module):
         # forward takes are those after each of `taps`, in block order
         self.depths = list(depths) if depths is not None else [cfg.depth] * len(levels)
         self.taps = tuple(sorted(set(self.depths)))
-        if loss not in LEVEL_LOSSES:
-            raise ValueError(f"alignment loss {loss!r} has no function in ahpa.align.loss.LEVEL_LOSSES (register_loss adds "
-                             f"the name and the function); losses: {', '.join(LEVEL_LOSSES)}")
+        LOSSES.check(loss)
         # the settings a loss is given say what is in force: a method that fixes its router (multi-uniform) runs that
         # mode whatever align.router says, and its loss the resolved one, not "default"
         cfg = dataclasses.replace(cfg, router=router_mode, loss=loss)
@@ -58,7 +57,7 @@ class Aligner(nn.Module):
     def level_losses(self, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """Per-sample, per-level losses [B, K] (fp32). Outside the step's autocast: a registered loss with a matmul
         (a Gram matrix) would otherwise compute it in bf16 whatever it casts its inputs to."""
-        fn = LEVEL_LOSSES[self.loss_kind]
+        fn = LOSSES.entries[self.loss_kind].fn
         with _no_autocast(preds[0].device):
             return torch.stack([fn(p, q, self.cfg) for p, q in zip(preds, targets)], dim=1).float()
 

@@ -23,13 +23,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ahpa.align.methods import _BUILT_IN_ROUTER_MODES, ROUTER_MODES, check_name
+from ahpa.align.methods import ROUTER_MODES, RouterMode
 from ahpa.models.sit import timestep_embedding
-from ahpa.plugins import check_call, load_plugins
+from ahpa.plugins import check_call
 
-# registered modes (register_router_mode): a fixed one maps (t [B] fp32, K) -> weights [B, K]; a learned one maps the
-# soft path's weights [B, K] to the weights the levels' losses get [B, K] (its objective trains the soft weights)
-ROUTE_FNS: dict[str, Callable[..., torch.Tensor]] = {}
+# a registered mode's function (RouterMode.fn): a fixed one maps (t [B] fp32, K) -> weights [B, K]; a learned one maps
+# the soft path's weights [B, K] to the weights the levels' losses get [B, K] (its objective trains the soft weights)
 FIXED_CONTRACT = "fn(t [B] in [0, 1], num_levels K) -> weights [B, K], rows summing to 1"
 LEARNED_CONTRACT = "fn(soft weights [B, K]) -> weights [B, K], rows summing to 1"
 
@@ -39,17 +38,11 @@ def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bo
     parameters. Learned: the router's MLP and objective as for `soft`, and fn(soft weights) -> [B, K] the weights the
     levels' losses get (as `topk` cuts them); the objective keeps training the soft weights, so a level fn leaves out
     can come back. The router checks fn's output when it is built."""
-    check_name(name, "router mode", "align.router=NAME")
     if not callable(fn):
         raise ValueError(f"register_router_mode needs a function; got {type(fn).__name__}")
-    if name in _BUILT_IN_ROUTER_MODES:
-        raise ValueError(f"router mode {name!r} is built in (every run naming it would change); register yours under "
-                         "another name")
     check_call(fn, (None,) if learned else (None, None), f"router mode {name!r}",
                LEARNED_CONTRACT if learned else FIXED_CONTRACT)
-    load_plugins()  # first: a package's entry imported later would replace this one, the session's own
-    ROUTER_MODES[name] = bool(learned)
-    ROUTE_FNS[name] = fn
+    ROUTER_MODES.register(name, RouterMode(bool(learned), fn))
 
 
 def snr_schedule(t: torch.Tensor, num_levels: int, width: float) -> torch.Tensor:
@@ -87,8 +80,7 @@ class Router(nn.Module):
         hidden: int = 128, freq_dim: int = 64,
     ):
         super().__init__()
-        if mode not in ROUTER_MODES:
-            raise ValueError(f"unknown router mode {mode!r}; valid modes: {', '.join(ROUTER_MODES)}")
+        ROUTER_MODES.check(mode)
         self.num_levels, self.mode, self.tau, self.topk, self.width = num_levels, mode, tau, topk, width
         self.freq_dim = freq_dim
         self.mlp = None
@@ -111,7 +103,7 @@ class Router(nn.Module):
         want = (len(t), self.num_levels)
         shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
         shapes = [shape(w) for w in out] if isinstance(out, tuple) else shape(out)
-        if self.mode in ROUTE_FNS and self.num_levels > 1 and shapes[0] != want:
+        if ROUTER_MODES.entries[self.mode].fn is not None and self.num_levels > 1 and shapes[0] != want:
             contract = LEARNED_CONTRACT if self.learned else FIXED_CONTRACT
             raise ValueError(f"router mode {self.mode!r} (register_router_mode): its function returned {shapes[0]} for "
                              f"{len(t)} values of t and K={self.num_levels}; it is {contract}")
@@ -127,7 +119,7 @@ class Router(nn.Module):
 
     @property
     def learned(self) -> bool:
-        return ROUTER_MODES[self.mode] and self.num_levels > 1
+        return ROUTER_MODES.entries[self.mode].learned and self.num_levels > 1
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t [B] in [0, 1] -> weights [B, K] (fp32, rows sum to 1)."""
@@ -143,7 +135,7 @@ class Router(nn.Module):
         if self.mode == "snr":
             weights = snr_schedule(t, self.num_levels, self.width)
             return weights, weights
-        registered = ROUTE_FNS.get(self.mode)
+        registered = ROUTER_MODES.entries[self.mode].fn
         if not self.learned:
             if registered is None:
                 raise NotImplementedError(f"router mode {self.mode!r} is fixed (ROUTER_MODES) but has no branch in "

@@ -13,10 +13,9 @@ import torch
 
 from ahpa.config import shown
 from ahpa.device import as_device
-from ahpa.align.methods import check_name
-from ahpa.plugins import check_call, entry_point_failure, load_plugins
+from ahpa.plugins import check_call
 from ahpa.priors.base import PriorEncoder, frozen
-from ahpa.spelling import did_you_mean
+from ahpa.registry import Registry
 
 ENTRY_POINT_GROUP = "ahpa.encoders"
 
@@ -44,56 +43,31 @@ def _diffusers(where: str, spec: str) -> PriorEncoder:
 
 # kind -> loader(where, spec) -> PriorEncoder; more come from register_encoder or, for every process (the CLI,
 # torchrun workers), from packages that declare an entry point in the group "ahpa.encoders" (name = kind,
-# object = the loader)
-_LOADERS: dict[str, Callable[[str, str], PriorEncoder]] = {"taef2": _taef2, "diffusers": _diffusers, "ahpa-vae": _ahpa_vae}
-_BUILT_IN = frozenset(_LOADERS)
+# object = the loader), loaded when its kind is first used
+ENCODERS = Registry("encoder kind", "kinds", "prior.encoder=KIND:WHERE",
+                    {"taef2": _taef2, "diffusers": _diffusers, "ahpa-vae": _ahpa_vae}, group=ENTRY_POINT_GROUP)
 
 
 def register_encoder(kind: str, loader: Callable[[str, str], PriorEncoder]) -> None:
     """Make `KIND:WHERE` specs load with `loader(where, spec)`: in configs, `ahpa prepare --vae`, exports."""
-    check_name(kind, "encoder kind", "prior.encoder=KIND:WHERE")
     if not callable(loader):
         raise ValueError(f"register_encoder({kind!r}, ...) needs a function loader(where, spec) -> PriorEncoder; "
                          f"got {type(loader).__name__}")
-    if kind in _BUILT_IN:
-        raise ValueError(f"encoder kind {kind!r} is built in; register yours under another name")
-    load_plugins()  # first: a package's entry imported later would replace this one, the session's own
-    _LOADERS[kind] = loader
-
-
-def _entry_points() -> dict:
-    """Installed packages' loaders by kind, not loaded yet: a package that fails to import breaks its own kind only."""
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in _LOADERS}
+    ENCODERS.register(kind, loader)
 
 
 def kinds() -> list[str]:
     """Every encoder kind: the built-in ones, those registered (also by an "ahpa.plugins" module, imported here as
     for a method's name), and those of installed packages' "ahpa.encoders" entry points."""
-    load_plugins()
-    return list(_LOADERS) + list(_entry_points())
-
-
-def _loader(kind: str) -> Callable[[str, str], PriorEncoder]:
-    if kind not in _LOADERS:
-        ep = _entry_points()[kind]
-        try:
-            _LOADERS[kind] = ep.load()
-        except Exception as e:  # the user's package: any error, named with where it comes from
-            raise ImportError(f"encoder kind {kind!r} cannot load: {entry_point_failure(ep, ENTRY_POINT_GROUP, e)}") from e
-    return _LOADERS[kind]
+    return list(ENCODERS)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
     kind, sep, where = spec.partition(":")
-    valid = kinds()
     if not sep or not where:
-        raise ValueError(f"encoder spec {spec!r} is not KIND:PATH; valid kinds: {', '.join(valid)} (e.g. taef2:weights/taef2)")
-    if kind not in valid:
-        failed = "".join(f"; {f}" for f in load_plugins())  # the kind may be a broken package's
-        raise ValueError(f"unknown encoder kind {kind!r} in {spec!r}{did_you_mean(kind, valid)}; valid kinds: "
-                         f"{', '.join(valid)}{failed}")
+        raise ValueError(f"encoder spec {spec!r} is not KIND:PATH; valid kinds: {', '.join(kinds())} "
+                         "(e.g. taef2:weights/taef2)")
+    ENCODERS.check(kind, f" in {spec!r}")
     return kind, where
 
 
@@ -101,7 +75,7 @@ def load_encoder(spec: str, device: torch.device | str = "cpu") -> PriorEncoder:
     """Build a frozen encoder from its spec. Only `diffusers:` with a hub id may download."""
     device = as_device(device)  # a device this machine lacks is named before anything loads
     kind, where = parse_spec(spec)
-    loader = _loader(kind)
+    loader = ENCODERS[kind]
     check_call(loader, (where, spec), f"the loader of encoder kind {kind!r}", "loader(where: str, spec: str) -> PriorEncoder")
     enc = loader(where, spec)
     if not isinstance(enc, PriorEncoder):

@@ -1,0 +1,86 @@
+"""A registry of one kind of extension: alignment methods, router modes, losses, encoder kinds (docs/extending.md).
+
+Each kind keeps name -> entry in one dict (the entry holds whatever the kind needs: a MethodSpec, a router mode's
+function, a loss's function, an encoder's loader), and shares the rules: a name is written in overrides and YAML,
+so it is checked when registered; a built-in name is refused; registering imports the installed packages first
+(ahpa.plugins); a name not found imports them before it is refused, with a near spelling and the valid names.
+"""
+
+from __future__ import annotations
+
+from ahpa.plugins import entry_point_failure, load_plugins
+from ahpa.spelling import did_you_mean
+
+
+def check_name(name: str, what: str, usage: str) -> None:
+    """A registered name is written in overrides and YAML as `usage` shows (e.g. align.method=NAME): no spaces, no
+    = , [ ] :"""
+    if not isinstance(name, str) or not name or any(c.isspace() or c in "=,[]:" for c in name):
+        raise ValueError(f"{what} name {name!r}: give a name without spaces or = , [ ] : (it is written as {usage})")
+
+
+class Registry:
+    """`what` names the kind in errors ("router mode"), `plural` its list ("modes"), `usage` how a name is written
+    ("align.router=NAME"); `why` says what a built-in name registered again would break. `group`: an entry-point
+    group whose entries (name = a name, object = the entry) count as registered and load when first looked up, so
+    that a package failing to import breaks its own name only."""
+
+    def __init__(self, what: str, plural: str, usage: str, built_in: dict, why: str = "", group: str | None = None):
+        self.what, self.plural, self.usage, self.why, self.group = what, plural, usage, why, group
+        self.entries = dict(built_in)  # name -> entry: read it freely, add to it with `register`
+        self.built_in = frozenset(built_in)
+
+    def register(self, name: str, entry) -> None:
+        """Make `name` valid, with `entry` (checked by the caller: each kind has its own contract)."""
+        check_name(name, self.what, self.usage)
+        if name in self.built_in:
+            raise ValueError(f"{self.what} {name!r} is built in{self.why}; register yours under another name")
+        load_plugins()  # first: a package's entry imported later would replace this one, the session's own
+        self.entries[name] = entry
+
+    def __contains__(self, name) -> bool:
+        """Whether `name` is valid (the config's choices). A name not found imports the packages first; when it is still
+        missing and one of them failed to import, the name may be that package's: an ImportError says why."""
+        if name in self.entries:
+            return True
+        failed = load_plugins()
+        if name in self.entries or name in self._pending():
+            return True
+        if failed:
+            raise ImportError(f"{name!r} is no built-in name, and {'; '.join(failed)}")
+        return False
+
+    def __iter__(self):
+        """Every valid name (an error message, --show-config): built in, registered, and the packages'."""
+        load_plugins()
+        return iter([*self.entries, *self._pending()])
+
+    def __getitem__(self, name: str):
+        """The entry of `name` (an entry point's is loaded now), or the error of `check`."""
+        self.check(name)
+        if name not in self.entries:
+            ep = self._pending()[name]
+            try:
+                self.entries[name] = ep.load()
+            except Exception as e:  # the user's package: any error, named with where it comes from
+                raise ImportError(f"{self.what} {name!r} cannot load: {entry_point_failure(ep, self.group, e)}") from e
+        return self.entries[name]
+
+    def check(self, name: str, where: str = "") -> None:
+        """A ValueError unless `name` is valid, with a near spelling, the valid names and any package that failed to
+        import (the name may be its); `where` says where the name was read (" in 'kind:path'")."""
+        if name in self.entries:
+            return
+        valid = list(self)
+        if name not in valid:
+            failed = "".join(f"; {f}" for f in load_plugins())
+            raise ValueError(f"unknown {self.what} {name!r}{where}{did_you_mean(name, valid)}; valid {self.plural}: "
+                             f"{', '.join(valid)}{failed}")
+
+    def _pending(self) -> dict:
+        """The entry points of `group` by name, not loaded yet; one named as a registered name never loads."""
+        if self.group is None:
+            return {}
+        from importlib.metadata import entry_points
+
+        return {ep.name: ep for ep in entry_points(group=self.group) if ep.name not in self.entries}

@@ -661,3 +661,50 @@ def test_write_samples_refuses_an_empty_list_of_classes_and_a_torn_record(tmp_pa
     with pytest.raises(FileExistsError, match=r"exists without a readable record of its settings \(s\.npz\.json\)"):
         sample_writer.write_samples(None, out, 2, 0, 2, SampleCfg(), {"model_sha256": "x"})
     assert calls == [] and out.read_bytes() == before
+
+
+def test_parts_left_beside_a_finished_file_do_not_block_its_reruns(tmp_path, monkeypatch):
+    """A kill while a finished run removed OUT.parts, or a launch refused because another finished OUT meanwhile,
+    leaves parts beside the finished file: every rerun was refused ("finished by another launch meanwhile") until
+    they were deleted by hand. A rerun with the file's settings now finds it complete and removes them; the parts of
+    an extension of the file (another num) are kept, and so are parts another launch holds."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, parts, ident = tmp_path / "s.npz", tmp_path / "s.npz.parts", {"model_sha256": "x"}
+    sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+    record = json.loads(sample_writer.record_path(out).read_text())
+    before = out.read_bytes()
+    for left in ({"settings.json": json.dumps({**record, "extends": None}), "chunk_0000000000.npz": "x"}, {}):
+        parts.mkdir()
+        for name, text in left.items():
+            (parts / name).write_text(text)
+        calls[:] = []
+        assert sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident) == out
+        assert calls == [] and not parts.exists() and out.read_bytes() == before
+    # an unfinished extension of the file to 6: a rerun of 4 is refused, the parts stay
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({**record, "num": 6, "extends": 4}))
+    with pytest.raises(sample_writer.SampleSettingsError, match="partial extension"):
+        sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+    assert (parts / "settings.json").exists()
+    shutil.rmtree(parts)
+    # parts another launch holds are not removed from under it
+    parts.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from ahpa import lock; "
+                               "lock.hold(Path(sys.argv[1]), 'x'); print('held', flush=True); time.sleep(60)",
+                               str(parts / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OSError, match="in use by another launch"):
+            sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+        assert parts.exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -155,6 +155,34 @@ def check_finished(out: str | Path, settings: dict) -> bool:
     return saved is not None and saved["num"] == settings.get("num", saved["num"])
 
 
+def _drop_leftover_parts(out: Path, parts: Path, settings: dict) -> None:
+    """Remove OUT.parts when OUT is finished with these very settings and the parts were for that file: a kill while
+    the run that finished OUT removed them, or a launch refused because another finished OUT meanwhile, leaves them
+    behind, and every rerun would be refused as a clash with the finished file. The parts of an extension of OUT
+    (another num) stay, and so do parts another launch holds."""
+    if not (out.is_file() and parts.is_dir()):
+        return
+    saved = _record_or_none(out)
+    if saved is None or _differences(saved, {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}, "the file"):
+        return
+    try:
+        partial = json.loads((parts / "settings.json").read_text())
+    except FileNotFoundError:
+        partial = {}  # removed first, or never written
+    except (OSError, ValueError):
+        return
+    if partial.get("extends") is not None or partial.get("num", saved["num"]) != saved["num"]:
+        return
+    try:
+        lock.hold(parts / lock.LOCK_FILE, f"sample output {str(out)!r}")
+    except OSError:  # held: a live launch is finishing them
+        return
+    try:
+        shutil.rmtree(parts, ignore_errors=True)
+    finally:
+        lock.release(parts / lock.LOCK_FILE)
+
+
 def extension_start(had: int, batch: int) -> int:
     """The samples an extension keeps of a finished file of `had`: its full chunks. A short last chunk is sampled
     again, within the full chunk a fresh run of the larger num computes."""
@@ -271,6 +299,7 @@ def write_samples(
     settings.pop("grid_images", None)
     finished, error, done, extends = False, None, None, None
     if d.is_main:  # only the main process may know the identity (the CLI hashes the model there alone)
+        _drop_leftover_parts(out, parts, settings)
         try:
             base = finished_record(out, settings)
         except (FileExistsError, SampleSettingsError) as e:

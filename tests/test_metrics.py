@@ -448,11 +448,13 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
     # as many samples as features or fewer: the covariance is rank-deficient, and the command says so
     assert "4 samples for 12 features (FD-r32): the covariance is rank-deficient" in err
     # when nothing could be decoded the command fails, and the warning that explains why is still said, first
+    # (two files: one alone is refused before any is read, as too few for a covariance)
     (tmp_path / "all-broken").mkdir()
-    (tmp_path / "all-broken" / "1.png").write_bytes(b"not a png")
+    for name in ("1.png", "2.png"):
+        (tmp_path / "all-broken" / name).write_bytes(b"not a png")
     assert main(["eval", str(tmp_path / "all-broken"), "--ref", str(small), *det, "--no-ref-cache"]) == 2
     err = capsys.readouterr().err
-    assert err.index("skipped 1 file(s) that cannot be decoded (1.png") < err.index("ahpa eval: error:")
+    assert err.index("skipped 2 file(s) that cannot be decoded (1.png") < err.index("ahpa eval: error:")
 
 
 @needs_shared

@@ -3,6 +3,8 @@ setting and the fix, instead of failing inside torch at the first tensor."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ahpa.spelling import did_you_mean
@@ -38,3 +40,18 @@ def as_device(device: "str | torch.device", setting: str = "device") -> torch.de
     """What the Python API takes: a torch.device or its name ("cpu", "cuda:1", "auto"), checked as resolve_device
     checks a setting."""
     return resolve_device(str(device), setting)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A region run in `dtype` under autocast on `device`, or, with None, as written, whatever autocast the caller is
+    in. Disabling is autocast's own on CUDA and the CPU, the devices ahpa autocasts on by default; elsewhere nothing is
+    built: torch < 2.5 cannot construct even a disabled autocast for MPS (it asks MPS for a default dtype it lacks)."""
+    if dtype is None and device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def float64_device(device: "str | torch.device") -> torch.device:
+    """Where float64 sums for `device` live: there, except on MPS, which has no float64 (the CPU then)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ahpa.atomic import atomic_path
 from ahpa.config import SampleCfg, checked_sample
+from ahpa.device import autocast
 from ahpa.models.sit import SiT, SiTConfig
 from ahpa.priors.base import PriorEncoder
 from ahpa.priors.targets import ChannelStats
@@ -90,7 +91,7 @@ def _velocity_fn(bundle: SamplerBundle, compile: bool) -> Callable:
     net = bundle.network(compile)
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(bundle.device.type, dtype=bundle.autocast_dtype, enabled=bundle.autocast_dtype is not None):
+        with autocast(bundle.device, bundle.autocast_dtype):
             return net(x, t, y)[0].float()
 
     return fn

@@ -5,7 +5,6 @@ Nothing here is part of the exported model: inference runs the plain SiT.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -17,12 +16,10 @@ from ahpa.align.projector import Projector
 from ahpa.align.router import Router
 from ahpa.align.tokens import gather_tokens, kept_tokens
 from ahpa.config import AlignCfg
+from ahpa.device import autocast
 from ahpa.train.distributed import all_reduce_mean_
 
 
-def _no_autocast(device: torch.device):
-    """A region computed as written, whatever autocast the caller is in (the devices the trainer autocasts on)."""
-    return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else contextlib.nullcontext()
 
 
 class Aligner(nn.Module):
@@ -58,7 +55,7 @@ class Aligner(nn.Module):
         """Per-sample, per-level losses [B, K] (fp32). Outside the step's autocast: a registered loss with a matmul
         (a Gram matrix) would otherwise compute it in bf16 whatever it casts its inputs to."""
         fn = LOSSES.entries[self.loss_kind].fn
-        with _no_autocast(preds[0].device):
+        with autocast(preds[0].device, None):
             return torch.stack([fn(p, q, self.cfg) for p, q in zip(preds, targets)], dim=1).float()
 
     def flops_per_image(self, num_tokens: int) -> float:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ahpa.data.sources import ImageSet
+from ahpa.device import autocast
 from ahpa.priors.base import PriorEncoder
 from ahpa.priors.targets import PriorStats, StatsAccumulator, pool_to_grid
 
@@ -87,7 +88,7 @@ class OnTheFly:
     def fetch(self, idx: torch.Tensor, flip: torch.Tensor | None, posterior_noise: torch.Tensor | None) -> PriorBatch:
         flip = None if flip is None else flip.to(self.device, non_blocking=True)
         images = prepare_images(self.data.images[idx].to(self.device, non_blocking=True), self.resolution, flip)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+        with autocast(self.device, self.amp):
             out = self.encoder.encode(images, [l for l in self.levels if l != "latent"])
         latent = out.sample(posterior_noise)  # fp32: the flow loss is fp32 whatever the encoder ran in
         maps = {name: pool_to_grid(latent if name == "latent" else out.features[name], self.grid) for name in self.levels}

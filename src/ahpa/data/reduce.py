@@ -22,17 +22,19 @@ import torch
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from ahpa.device import autocast, float64_device
+
 REDUCE_FILE = "reduce.safetensors"
 
 
 class CovarianceSums:
-    """Streaming sum and Gram matrix of token vectors in float64 (on the device)."""
+    """Streaming sum and Gram matrix of token vectors in float64 (on the tokens' device; the CPU for MPS's)."""
 
     def __init__(self) -> None:
         self.n, self.s1, self.gram = 0, None, None
 
     def update(self, tokens: torch.Tensor) -> None:
-        x = tokens.reshape(-1, tokens.shape[-1]).double()  # [M, C]
+        x = tokens.reshape(-1, tokens.shape[-1]).to(float64_device(tokens.device), torch.float64)  # [M, C]
         s1, gram = x.sum(0), x.T @ x  # [C], [C, C]
         self.s1 = s1 if self.s1 is None else self.s1 + s1
         self.gram = gram if self.gram is None else self.gram + gram
@@ -94,7 +96,7 @@ def fit_bases(encoder, loader, names: list[str], grid: int, resolution: int, dim
         good = [it for it in items if it.image is not None]
         if not good:
             continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, torch.bfloat16 if precision == "bf16" else None):
             feats = encoder.encode(assemble(good, resolution, device), names).features
         for name in names:
             sums[name].update(pool_to_grid(feats[name].float(), grid))  # [n, G*G, C]

@@ -20,6 +20,7 @@ from ahpa.data.listing import Item, assemble, make_loader, to_uint8_hwc
 from ahpa.data.reduce import load_bases, project, reconstruct
 from ahpa.data.shard_writer import AsyncShardWriter, sum_arrays
 from ahpa.data.tokens import divisor_grids, pool_tokens
+from ahpa.device import autocast
 from ahpa.priors.base import posterior_sample
 from ahpa.priors.targets import StatsAccumulator, pool_to_grid
 
@@ -134,7 +135,7 @@ class ShardEncoder:
         image = to_uint8_hwc(x) if self.settings.get("images") else None  # [n, R, R, 3]
         if self.o.flips == "stored":
             x = torch.cat([x, x.flip(-1)])  # [2n, 3, R, R]: originals, then their mirror images
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.o.precision == "bf16"):
+        with autocast(self.device, torch.bfloat16 if self.o.precision == "bf16" else None):
             out = self.encoder.encode(x, self.levels)
         rows = {"latent_mean": out.mean.float().to(self.store)}
         if self.logvar:

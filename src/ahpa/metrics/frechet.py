@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ahpa.device import float64_device
+
 
 def _as_f64(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -69,7 +71,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 class FeatureStats:
     """Streaming count / sum / sum of outer products of feature vectors, in float64.
 
-    Sums live on `device` (the detector's, so a GPU run never copies features to the host). Feed batches
+    Sums live on `device` (the detector's, so a GPU run never copies features to the host; MPS has no float64,
+    so its features are summed on the CPU). Feed batches
     with `update`; read `mean` / `cov` (numpy float64); combine processes with `merge`, or with
     `torch.distributed.all_reduce(stats.to_tensor())` followed by `FeatureStats.from_tensor`.
     Statistics loaded from a file without a sample count (e.g. an ADM reference batch) have a mean and
@@ -80,7 +83,7 @@ class FeatureStats:
     image_size: tuple[int, int] | None = None  # (H, W) of the images measured, when known
 
     def __init__(self, dim: int | None = None, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+        self.device = float64_device(device)
         self.count = 0
         self.sum: torch.Tensor | None = None
         self.outer: torch.Tensor | None = None

@@ -21,6 +21,7 @@ from ahpa import lock
 from ahpa.config import Config
 from ahpa.data.order import batch_indices, micro_batches, process_requests
 from ahpa.data.batches import PriorBatch
+from ahpa.device import autocast
 from ahpa.priors.targets import standardise_levels
 from ahpa.provenance import device_name
 from ahpa.sample import SamplerBundle
@@ -147,18 +148,18 @@ class Trainer:
         x_t = self.path.interpolate(x, d["eps"], d["t"])
         target = self.path.velocity(x, d["eps"], d["t"])
         taps = p.aligner.taps if align_on else ()
-        with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
+        with autocast(p.device, p.amp):
             pred, hidden = self.net(x_t, d["t"], y, taps)
         flow = (pred.float() - target).pow(2).mean()
         metrics = {"loss/flow": flow.detach()}
         loss = flow
         if align_on:
             if p.external is not None:
-                with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
+                with autocast(p.device, p.amp):
                     targets = [p.external(batch.images, p.grid)]
             else:
                 targets = standardise_levels(batch.levels, p.levels, p.stats)
-            with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
+            with autocast(p.device, p.amp):
                 align, extra = self.align_net(hidden, targets, d["t"], d.get("kept"))
             loss = loss + c.align.weight * align
             metrics["loss/align"] = c.align.weight * extra.pop("align/weighted")

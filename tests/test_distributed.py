@@ -76,7 +76,7 @@ def test_two_processes_match_one(one_process_run, tmp_path):
     path = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
     res = ahpa(2, "train", "--out", str(tmp_path / "two"), *TINY, "train.steps=4",
                env={"PYTHONPATH": path, "AHPA_TEST_STARTS": str(tmp_path / "recorded-by")})
-    bufs = [torch.load(tmp_path / f"recorded-by.buffers{r}") for r in range(2)]
+    bufs = [torch.load(tmp_path / f"recorded-by.buffers{r}", weights_only=True) for r in range(2)]
     assert "aligner.running_loss" in bufs[0] and bufs[0].keys() == bufs[1].keys()
     assert all(torch.equal(bufs[0][k], bufs[1][k]) for k in bufs[0])
     assert re.search(r"training on 2 x cpu \(.*\) \(DDP\), fp32, eager: 4 steps of global batch 8 \(4 per process\)", res.stderr)

@@ -477,3 +477,34 @@ time.sleep(60)
     if not dead:
         os.kill(child, 9)
     assert dead
+
+
+def test_decoding_workers_start_under_spawn_as_on_macos_and_windows(tmp_path):
+    """macOS and Windows start DataLoader workers by spawning a fresh interpreter, which unpickles the dataset, the
+    collate and worker-init functions: a lambda or closure among them works on Linux (fork) and fails there. A
+    folder is decoded by two spawned workers into the batches one process decodes."""
+    import subprocess
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    code = """
+import multiprocessing, sys
+import numpy as np
+from ahpa.data.listing import list_source, make_loader
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn", force=True)
+    listing = list_source(sys.argv[1], labels="auto")
+    batches = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    got = [[(it.index, it.image.tobytes()) for it in items] for items in make_loader(listing, 8, batches, 2)]
+    want = [[(it.index, it.image.tobytes()) for it in items] for items in make_loader(listing, 8, batches, 0)]
+    assert got == want and len(got) == 4, "spawned workers decoded other items"
+    print("ok", sum(map(len, got)))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    run = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and run.stdout.split() == ["ok", "10"], run.stderr[-2000:]

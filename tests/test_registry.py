@@ -2,6 +2,7 @@
 is a valid spec everywhere a spec is read."""
 
 import numpy as np
+import torch
 import pytest
 
 from ahpa.data.procedural import make_shapes
@@ -74,3 +75,54 @@ def test_an_installed_package_adds_a_kind_by_entry_point(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group: [EntryPoint()] if group == registry.ENTRY_POINT_GROUP else [])
     assert registry.load_encoder("pkg-vae:1").spec == "pkg-vae:1"
+
+
+class _Dist:
+    def __init__(self, name):
+        self.name = name
+
+
+class _Plugin:
+    """An installed package's "ahpa.plugins" entry point (what importlib.metadata gives): `load` runs its module."""
+
+    def __init__(self, package, load):
+        self.name, self.value, self.dist, self._load = package, f"{package}_mod", _Dist(package), load
+
+    def load(self):
+        return self._load()
+
+
+@pytest.fixture
+def packages(monkeypatch):
+    """Installs fake "ahpa.plugins" packages for this test: packages(_Plugin, ...); every registry is restored."""
+    import importlib.metadata
+
+    from ahpa import plugins
+    from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
+
+    for reg in (METHODS, ROUTER_MODES, LOSSES, registry.ENCODERS):
+        monkeypatch.setattr(reg, "entries", dict(reg.entries))
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_failures", [])
+
+    def install(*eps, to=plugins.GROUP):
+        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: list(eps) if group == to else [])
+
+    return install
+
+
+def test_a_misspelt_name_with_a_broken_package_installed_names_the_key_the_near_name_and_the_package(packages):
+    """A typo of a registered mode, with some other installed package broken: the error used to be the broken
+    package's ImportError alone, without the key, the file, or the near spelling the user meant."""
+    from ahpa import config
+    from ahpa.align.router import register_router_mode
+
+    def broken():
+        raise ModuleNotFoundError("No module named 'bad_mod'")
+
+    packages(_Plugin("badpkg", broken))
+    register_router_mode("linear-ramp", lambda t, k: torch.full((len(t), k), 1 / k))
+    with pytest.raises(config.ConfigError, match=r"^overrides: align.router='linear-rmp' is not valid; valid values: "
+                                                 r".*linear-ramp \(did you mean 'linear-ramp'\?\); the 'ahpa.plugins' "
+                                                 r"entry point badpkg = 'badpkg_mod' of package 'badpkg' failed to load"):
+        config.load(None, ["align.router=linear-rmp"])

@@ -39,16 +39,13 @@ class Registry:
         self.entries[name] = entry
 
     def __contains__(self, name) -> bool:
-        """Whether `name` is valid (the config's choices). A name not found imports the packages first; when it is still
-        missing and one of them failed to import, the name may be that package's: an ImportError says why."""
+        """Whether `name` is valid (the config's choices). A name not found imports the packages first; the refusal
+        of one still missing names any package that failed to import (`check`, ahpa.config_rules.choice_hint), with
+        the key and the near spelling."""
         if name in self.entries:
             return True
-        failed = load_plugins()
-        if name in self.entries or name in self._pending():
-            return True
-        if failed:
-            raise ImportError(f"{name!r} is no built-in name, and {'; '.join(failed)}")
-        return False
+        load_plugins()
+        return name in self.entries or name in self._pending()
 
     def __iter__(self):
         """Every valid name (an error message, --show-config): built in, registered, and the packages'."""

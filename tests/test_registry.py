@@ -67,7 +67,7 @@ def test_an_installed_package_adds_a_kind_by_entry_point(monkeypatch):
     monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))
 
     class EntryPoint:
-        name = "pkg-vae"
+        name, value, dist = "pkg-vae", "pkg_vae:load", None
 
         def load(self):
             return lambda where, spec: KLVAE.random(seed=int(where))
@@ -83,10 +83,11 @@ class _Dist:
 
 
 class _Plugin:
-    """An installed package's "ahpa.plugins" entry point (what importlib.metadata gives): `load` runs its module."""
+    """An installed package's entry point (what importlib.metadata gives): `load` runs its module ("ahpa.plugins") or
+    returns the loader ("ahpa.encoders", then `name` is the kind)."""
 
-    def __init__(self, package, load):
-        self.name, self.value, self.dist, self._load = package, f"{package}_mod", _Dist(package), load
+    def __init__(self, package, load, name=None):
+        self.name, self.value, self.dist, self._load = name or package, f"{package}_mod", _Dist(package), load
 
     def load(self):
         return self._load()
@@ -105,8 +106,9 @@ def packages(monkeypatch):
     monkeypatch.setattr(plugins, "_loaded", False)
     monkeypatch.setattr(plugins, "_failures", [])
 
-    def install(*eps, to=plugins.GROUP):
-        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: list(eps) if group == to else [])
+    def install(*modules, encoders=()):
+        groups = {plugins.GROUP: list(modules), registry.ENTRY_POINT_GROUP: list(encoders)}
+        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: groups.get(group, []))
 
     return install
 
@@ -126,3 +128,30 @@ def test_a_misspelt_name_with_a_broken_package_installed_names_the_key_the_near_
                                                  r".*linear-ramp \(did you mean 'linear-ramp'\?\); the 'ahpa.plugins' "
                                                  r"entry point badpkg = 'badpkg_mod' of package 'badpkg' failed to load"):
         config.load(None, ["align.router=linear-rmp"])
+
+
+def test_two_packages_giving_one_name_are_both_named_and_neither_is_used(packages):
+    """Two installed packages registering one router mode, or one encoder kind: whichever was imported last used to win
+    silently (the order of installation chose what a run trained with); now the name is refused naming both."""
+    from ahpa import config
+    from ahpa.align.router import register_router_mode
+
+    def ramp(value):
+        return lambda: register_router_mode("linear-ramp", lambda t, k: torch.full((len(t), k), value / k))
+
+    def registers_kind():
+        registry.register_encoder("dupvae", lambda where, spec: KLVAE.random())
+
+    loader = lambda where, spec: KLVAE.random()  # noqa: E731
+    packages(_Plugin("pkg-a", ramp(1.0)), _Plugin("pkg-b", ramp(2.0)), _Plugin("pkg-c", registers_kind),
+             encoders=[_Plugin("pkg-d", lambda: loader, "twovae"), _Plugin("pkg-e", lambda: loader, "twovae"),
+                       _Plugin("pkg-f", lambda: loader, "dupvae")])
+    both = r"is given by packages 'pkg-a', 'pkg-b': "
+    with pytest.raises(config.ConfigError, match=rf"align.router='linear-ramp' is not valid.*router mode 'linear-ramp' {both}"):
+        config.load(None, ["align.router=linear-ramp"])
+    for kind, claims in [("twovae", "'pkg-d', 'pkg-e'"), ("dupvae", "'pkg-c', 'pkg-f'")]:
+        with pytest.raises(ValueError, match=rf"encoder kind '{kind}' is given by packages {claims}: "):
+            registry.load_encoder(f"{kind}:x")
+    # the session's own registration is what it asked for, and one package alone is fine
+    register_router_mode("linear-ramp", lambda t, k: torch.full((len(t), k), 1 / k))
+    assert config.load(None, ["align.router=linear-ramp"]).align.router == "linear-ramp"

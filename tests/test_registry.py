@@ -155,3 +155,35 @@ def test_two_packages_giving_one_name_are_both_named_and_neither_is_used(package
     # the session's own registration is what it asked for, and one package alone is fine
     register_router_mode("linear-ramp", lambda t, k: torch.full((len(t), k), 1 / k))
     assert config.load(None, ["align.router=linear-ramp"]).align.router == "linear-ramp"
+
+
+def test_a_loss_or_router_mode_registered_again_after_a_trainer_was_built_stops_it(packages, tiny, tmp_path):
+    """A notebook registers a loss, builds a Trainer (which probes the loss), then reruns the cell with an edited
+    function: the Trainer used to train with the new one unprobed (-cos trained without a word). It refuses now,
+    naming the setting; a new Trainer checks the new function."""
+    import torch.nn.functional as F
+
+    from ahpa.align.loss import register_loss
+    from ahpa.align.router import register_router_mode
+    from ahpa.train.loop import RunConfigError, Trainer
+
+    mse = lambda p, q, cfg: (p.float() - q.float()).pow(2).flatten(1).mean(1)  # noqa: E731
+    negative_cos = lambda p, q, cfg: -F.cosine_similarity(p.float(), q.float(), dim=-1).mean(1)  # noqa: E731
+    flat = lambda t, k: torch.full((len(t), k), 1 / k)  # noqa: E731
+    register_loss("mine", mse)
+    register_router_mode("mine-flat", flat)
+    cfg = tiny("align.loss=mine", "align.router=mine-flat", "train.steps=1")
+    doubled = lambda t, k: 2 * flat(t, k)  # noqa: E731
+    for again, key in [(lambda: register_loss("mine", negative_cos), "align.loss='mine'"),
+                       (lambda: register_router_mode("mine-flat", doubled), "align.router='mine-flat'")]:
+        trainer = Trainer(cfg, tmp_path / key[6:10])
+        again()
+        with pytest.raises(RunConfigError, match=rf"{key} was registered again after this Trainer was built"):
+            trainer.run()
+        register_loss("mine", mse)
+        register_router_mode("mine-flat", flat)
+    register_loss("mine", negative_cos)
+    with pytest.raises(ValueError, match="align.loss='mine' returned .*: a loss is >= 0"):
+        Trainer(cfg, tmp_path / "new")
+    register_loss("mine", mse)
+    Trainer(cfg, tmp_path / "new").run()

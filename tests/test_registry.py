@@ -187,3 +187,33 @@ def test_a_loss_or_router_mode_registered_again_after_a_trainer_was_built_stops_
         Trainer(cfg, tmp_path / "new")
     register_loss("mine", mse)
     Trainer(cfg, tmp_path / "new").run()
+
+
+def test_an_extension_that_raises_when_first_called_is_named_not_a_bare_traceback(packages):
+    """A loader, a loss or a router mode raising an error of its own (not a ValueError: a RuntimeError of torch, a
+    KeyError) when ahpa first calls it used to reach the CLI as a traceback from inside ahpa, naming neither the
+    extension nor the call; now a ValueError names both, its cause chained (the traceback into the user's code)."""
+    from ahpa.align.loss import register_loss
+    from ahpa.align.objective import Aligner
+    from ahpa.align.router import Router, register_router_mode
+    from ahpa.config import AlignCfg
+
+    def loader(where, spec):
+        raise RuntimeError("no weights of this format")
+
+    def grid_loss(p, q, cfg):  # a spatial loss: tokens as a square grid
+        side = int(p.shape[1] ** 0.5)
+        return (p - q).reshape(p.shape[0], side, side, p.shape[2]).diff(dim=1).pow(2).flatten(1).mean(1)
+
+    registry.register_encoder("raises", loader)
+    with pytest.raises(ValueError, match=r"^the loader of encoder kind 'raises' failed on 'raises:x': RuntimeError: no "
+                                         r"weights of this format") as err:
+        registry.load_encoder("raises:x")
+    assert isinstance(err.value.__cause__, RuntimeError)
+    register_loss("grid", grid_loss)
+    with pytest.raises(ValueError, match=r"^align.loss='grid' failed on the check's inputs \[B=2, N=3, C=4\]: "
+                                         r"RuntimeError: .*a loss takes any number of tokens N"):
+        Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", "grid")
+    register_router_mode("lookup", lambda t, k: {4: torch.full((len(t), 4), 0.25)}[k])
+    with pytest.raises(ValueError, match=r"^router mode 'lookup': Router.route\(t \[101\]\) with K=3 failed: KeyError: 3"):
+        Router(3, "lookup")

@@ -77,7 +77,12 @@ def load_encoder(spec: str, device: torch.device | str = "cpu") -> PriorEncoder:
     kind, where = parse_spec(spec)
     loader = ENCODERS[kind]
     check_call(loader, (where, spec), f"the loader of encoder kind {kind!r}", "loader(where: str, spec: str) -> PriorEncoder")
-    enc = loader(where, spec)
+    try:
+        enc = loader(where, spec)
+    except (ValueError, OSError, ImportError):  # say what is wrong already (callers name a VAE that moved)
+        raise
+    except Exception as e:  # any other error of the user's loader: named, not a traceback from inside ahpa
+        raise ValueError(f"the loader of encoder kind {kind!r} failed on {spec!r}: {type(e).__name__}: {e}") from e
     if not isinstance(enc, PriorEncoder):
         raise ValueError(f"the loader of encoder kind {kind!r} returned {type(enc).__name__}, not a PriorEncoder")
     enc.spec = spec

@@ -217,3 +217,21 @@ def test_an_extension_that_raises_when_first_called_is_named_not_a_bare_tracebac
     register_router_mode("lookup", lambda t, k: {4: torch.full((len(t), 4), 0.25)}[k])
     with pytest.raises(ValueError, match=r"^router mode 'lookup': Router.route\(t \[101\]\) with K=3 failed: KeyError: 3"):
         Router(3, "lookup")
+
+
+def test_a_run_or_export_whose_encoder_kind_is_not_registered_here_names_its_file_and_why(toy_kind, tiny, tmp_path):
+    """A run trained on a kind registered in a notebook, sampled in a fresh session: the refusal was "unknown encoder
+    kind 'toy'" alone, naming neither the run or export that asked for it nor why a kind that trained is unknown."""
+    from ahpa.sample import load_export
+    from ahpa.train.loop import Trainer
+    from ahpa.train.resume import run_sampler
+
+    Trainer(tiny("prior.encoder=toy:3", "train.steps=1"), tmp_path / "run").run()
+    registry.ENCODERS.entries.pop(toy_kind)  # as in another process
+    why = (r"unknown encoder kind 'toy' in 'toy:3'; valid kinds: .* \(a name registered from Python exists only in the "
+           r"process that registered it: register it again before loading, or declare it as an entry point")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'run'} decodes with 'toy:3' \(its config.yaml's prior.encoder\): {why}"):
+        run_sampler(tmp_path / "run", "cpu")
+    export = tmp_path / "run" / "model.safetensors"
+    with pytest.raises(ValueError, match=rf"{export} decodes with 'toy:3': {why}"):
+        load_export(export, "cpu")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
 from ahpa.plugins import load_plugins
+from ahpa.registry import ELSEWHERE
 from ahpa.spelling import did_you_mean
 
 
@@ -106,5 +107,4 @@ def choice_hint(key: str, value, choices: list[str]) -> str:
     failed = "".join(f"; {f}" for f in load_plugins())  # the name may be that package's
     if near or failed:
         return near + failed
-    return (" (a name registered from Python exists only in the process that registered it: register it again "
-            "before loading, or install it as an ahpa.plugins entry point, docs/extending.md)")
+    return f" ({ELSEWHERE})"

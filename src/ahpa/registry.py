@@ -12,6 +12,11 @@ from ahpa.plugins import entry_point_failure, importing, load_plugins, package_o
 from ahpa.spelling import did_you_mean
 
 
+# why a name that a run or export records, or a user remembers, may be unknown here (no near spelling, no broken package)
+ELSEWHERE = ("a name registered from Python exists only in the process that registered it: register it again before "
+             "loading, or declare it as an entry point of an installed package, docs/extending.md")
+
+
 def check_name(name: str, what: str, usage: str) -> None:
     """A registered name is written in overrides and YAML as `usage` shows (e.g. align.method=NAME): no spaces, no
     = , [ ] :"""
@@ -81,9 +86,9 @@ class Registry:
             return
         valid = list(self)
         if name not in valid:
-            failed = "".join(f"; {f}" for f in load_plugins())
-            raise ValueError(f"unknown {self.what} {name!r}{where}{did_you_mean(name, valid)}; valid {self.plural}: "
-                             f"{', '.join(valid)}{failed}")
+            near, failed = did_you_mean(name, valid), "".join(f"; {f}" for f in load_plugins())
+            raise ValueError(f"unknown {self.what} {name!r}{where}{near}; valid {self.plural}: {', '.join(valid)}"
+                             f"{failed}{'' if near or failed else f' ({ELSEWHERE})'}")
         claims = self._claims(name)
         if len(claims) > 1:
             raise ValueError(self._clash(name, claims))

@@ -235,3 +235,21 @@ def test_a_run_or_export_whose_encoder_kind_is_not_registered_here_names_its_fil
     export = tmp_path / "run" / "model.safetensors"
     with pytest.raises(ValueError, match=rf"{export} decodes with 'toy:3': {why}"):
         load_export(export, "cpu")
+
+
+def test_compare_knows_the_methods_and_router_modes_of_installed_packages(packages):
+    """`ahpa compare` in a fresh process read the registries' entries without importing the packages: a package's
+    fixed-router method showed align.router as read, and its learned mode's router_tau as not read."""
+    from ahpa.align.methods import MethodSpec, register_method
+    from ahpa.align.router import register_router_mode
+    from ahpa.compare import unread_settings
+
+    def module():
+        register_router_mode("plug-sharp", lambda soft: soft, learned=True)
+        register_method(MethodSpec("plug-fixed", "all", "uniform", "cosine", "every level, uniform"))
+
+    packages(_Plugin("pkg", module))
+    run = {"data.source": "procedural", "align.router": "plug-sharp", "align.router_tau": 2.0,
+           "align.router_normalize": True, "align.loss": "default"}
+    assert "align.router_tau" not in unread_settings({**run, "align.method": "ahpa"})
+    assert {"align.router", "align.router_tau"} <= unread_settings({**run, "align.method": "plug-fixed"})

@@ -68,6 +68,11 @@ class Registry:
         load_plugins()
         return iter([*self.entries, *self._pending()])
 
+    def get(self, name: str):
+        """The entry of `name`, or None where it is not valid: as `in`, a name not found imports the packages first (a
+        fresh process reading a run's settings: `ahpa compare`, the notes of what a run reads)."""
+        return self[name] if name in self else None
+
     def __getitem__(self, name: str):
         """The entry of `name` (an entry point's is loaded now), or the error of `check`."""
         self.check(name)

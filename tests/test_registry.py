@@ -253,3 +253,23 @@ def test_compare_knows_the_methods_and_router_modes_of_installed_packages(packag
            "align.router_normalize": True, "align.loss": "default"}
     assert "align.router_tau" not in unread_settings({**run, "align.method": "ahpa"})
     assert {"align.router", "align.router_tau"} <= unread_settings({**run, "align.method": "plug-fixed"})
+
+
+def test_a_method_built_from_an_installed_package_s_router_mode_and_loss(packages):
+    """A script's MethodSpec naming a router mode and a loss of an installed package, before anything imported the
+    package: it was refused ("router 'plug-ramp' is not one of soft, topk, snr, uniform"), without a near spelling
+    for a misspelt one either."""
+    from ahpa.align.loss import register_loss
+    from ahpa.align.methods import MethodSpec
+    from ahpa.align.router import register_router_mode
+
+    def module():
+        register_router_mode("plug-ramp", lambda t, k: torch.full((len(t), k), 1 / k))
+        register_loss("plug-mse", lambda p, q, cfg: (p.float() - q.float()).pow(2).flatten(1).mean(1))
+
+    packages(_Plugin("pkg", module))
+    assert MethodSpec("mine", "all", "plug-ramp", "plug-mse", "").router == "plug-ramp"
+    with pytest.raises(ValueError, match=r"^method 'mine': unknown router mode 'plug-rmp' \(did you mean 'plug-ramp'\?\)"):
+        MethodSpec("mine", "all", "plug-rmp", "cosine", "")
+    with pytest.raises(ValueError, match=r"^method 'mine': unknown loss 'cosin' \(did you mean 'cosine'\?\); valid "):
+        MethodSpec("mine", "all", "", "cosin", "")

@@ -63,11 +63,14 @@ class MethodSpec:
         if self.levels not in LEVEL_CHOICES:
             raise ValueError(f"method {self.name!r}: levels {self.levels!r} is not {'|'.join(LEVEL_CHOICES)} (a new kind "
                              "is an entry of LEVEL_CHOICES and a branch of resolve_levels)")
-        if self.router and self.router not in ROUTER_MODES.entries:
-            raise ValueError(f"method {self.name!r}: router {self.router!r} is not one of "
-                             f"{', '.join(ROUTER_MODES.entries)}")
-        if self.loss not in LOSSES.entries:
-            raise ValueError(f"method {self.name!r}: loss {self.loss!r} is not one of {', '.join(LOSSES.entries)}")
+        # checked by the registries: an installed package's mode or loss is imported first, a misspelt one named
+        for registry, name in ((ROUTER_MODES, self.router), (LOSSES, self.loss)):
+            if not name and registry is ROUTER_MODES:  # the mode align.router names
+                continue
+            try:
+                registry.check(name)
+            except ValueError as e:
+                raise ValueError(f"method {self.name!r}: {e}") from None
 
 
 METHODS = Registry("alignment method", "methods", "align.method=NAME", {

@@ -50,7 +50,8 @@ def package_of(ep) -> str:
 
 def entry_point_failure(ep, group: str, e: Exception) -> str:
     """An entry point that failed to import, named with its package (the error alone names a module only)."""
-    package = f" of package {ep.dist.name!r}" if getattr(ep, "dist", None) is not None else ""
+    dist = getattr(ep, "dist", None)
+    package = f" of package {dist.name!r}" if dist is not None else ""
     return f"the {group!r} entry point {ep.name} = {ep.value!r}{package} failed to load: {type(e).__name__}: {e}"
 
 

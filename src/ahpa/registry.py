@@ -3,7 +3,8 @@
 Each kind keeps name -> entry in one dict (the entry holds whatever the kind needs: a MethodSpec, a router mode's
 function, a loss's function, an encoder's loader), and shares the rules: a name is written in overrides and YAML,
 so it is checked when registered; a built-in name is refused; registering imports the installed packages first
-(ahpa.plugins); a name not found imports them before it is refused, with a near spelling and the valid names.
+(ahpa.plugins); a name not found imports them before it is refused, with a near spelling and the valid names; a
+name two installed packages give is refused naming both.
 """
 
 from __future__ import annotations

@@ -52,3 +52,14 @@ def test_the_api_takes_device_names_and_names_one_this_machine_lacks():
         with pytest.raises(ValueError, match=r"device='cuda(:0)?': this torch .* use device=auto or cpu"):
             call()
     assert next(ahpa.load_encoder("ahpa-vae:random", "auto").parameters()).device.type == "cpu"
+
+
+def test_every_registry_is_named_by_ahpa():
+    """The four registries from `ahpa` itself, as docs/extending.md names them: ahpa.LOSSES and ahpa.ENCODERS were
+    missing beside ahpa.METHODS and ahpa.ROUTER_MODES."""
+    import ahpa
+    from ahpa.registry import Registry
+
+    for name in ("METHODS", "ROUTER_MODES", "LOSSES", "ENCODERS"):
+        assert isinstance(getattr(ahpa, name), Registry), name
+    assert "cosine" in ahpa.LOSSES and "ahpa-vae" in ahpa.ENCODERS

@@ -26,6 +26,8 @@ _API = {
     "METHODS": ("ahpa.align.methods", "METHODS"),
     "MethodSpec": ("ahpa.align.methods", "MethodSpec"),
     "ROUTER_MODES": ("ahpa.align.methods", "ROUTER_MODES"),
+    "LOSSES": ("ahpa.align.methods", "LOSSES"),
+    "ENCODERS": ("ahpa.priors.registry", "ENCODERS"),
 }
 __all__ = ["__version__", *_API]
 

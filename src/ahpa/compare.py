@@ -55,7 +55,7 @@ class Run:
     def label(self) -> str:
         """The method with what tells its variants apart: the router mode of a method that takes align.router
         (ahpa), the level of a one-level method, chosen levels."""
-        spec, s = METHODS.entries.get(self.method), self.settings
+        spec, s = METHODS.get(self.method), self.settings
         if spec is None or spec.levels in ("none", "external"):
             return self.method
         details = [str(s.get("align.router"))] if not spec.router else []
@@ -155,7 +155,7 @@ def unread_settings(settings: dict) -> set[str]:
         out |= {k for k in settings if k.startswith("eval.") and k != "eval.every"}
     reads = align_settings_read(str(method), str(settings.get("align.router")), bool(settings.get("align.router_normalize")),
                                 str(settings.get("align.loss")))
-    if reads is not None:  # a plugin's method unknown here: every setting counts
+    if reads is not None:  # None: a plugin's method not installed here, and every setting counts
         out |= {k for k in settings if k.startswith("align.") and k[len("align."):] not in reads}
         if METHODS[method].levels != "external":
             out.add("prior.external")

@@ -5,6 +5,8 @@ every key is set; and the hint for a value not among the choices."""
 from __future__ import annotations
 
 from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
+from ahpa.plugins import load_plugins
+from ahpa.registry import ELSEWHERE
 from ahpa.spelling import did_you_mean
 
 
@@ -94,14 +96,15 @@ _RUN_NAMES = {f"ahpa-{mode}": f"align.method=ahpa align.router={mode}" for mode 
 
 
 def choice_hint(key: str, value, choices: list[str]) -> str:
-    """What a user who gave `value` probably meant: a name of the study's tables, a near spelling, or (a name that
-    looks like nothing built in) one registered from Python in another process."""
+    """What a user who gave `value` probably meant: a name of the study's tables, a near spelling, a name of an
+    installed package that failed to import (named with its error), or (a name that looks like nothing known) one
+    registered from Python in another process."""
     if key == "align.method" and value in _RUN_NAMES:
         return f" ({value!r} names a run of the study: {_RUN_NAMES[value]})"
     near = did_you_mean(value, choices)
-    if near:
+    if key not in ("align.method", "align.loss", "align.router"):
         return near
-    if key in ("align.method", "align.loss", "align.router"):
-        return (" (a name registered from Python exists only in the process that registered it: register it again "
-                "before loading, or install it as an ahpa.plugins entry point, docs/extending.md)")
-    return ""
+    failed = "".join(f"; {f}" for f in load_plugins())  # the name may be that package's
+    if near or failed:
+        return near + failed
+    return f" ({ELSEWHERE})"

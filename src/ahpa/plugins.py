@@ -14,22 +14,38 @@ import inspect
 GROUP = "ahpa.plugins"
 _loaded = False
 _failures: list[str] = []
+_importing: str | None = None  # the package whose "ahpa.plugins" module is being imported now
+
+
+def importing() -> str | None:
+    """The package whose module is registering now (None: the session's own code), so that a registry knows whose a
+    name is: two packages registering one name is a clash, a session replacing a package's name is not."""
+    return _importing
 
 
 def load_plugins() -> list[str]:
     """Import every installed "ahpa.plugins" entry point, once per process; returns what failed to import, each
     named with its package. One that fails leaves the others, and the built-in names, usable."""
-    global _loaded
+    global _loaded, _importing
     if not _loaded:
         _loaded = True
         from importlib.metadata import entry_points
 
         for ep in entry_points(group=GROUP):
+            _importing = package_of(ep)
             try:
                 ep.load()
             except Exception as e:  # the user's package: any error, named with where it comes from
                 _failures.append(entry_point_failure(ep, GROUP, e))
+            finally:
+                _importing = None
     return _failures
+
+
+def package_of(ep) -> str:
+    """The installed package an entry point comes from (its module where the metadata names none)."""
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else ep.value.partition(":")[0]
 
 
 def entry_point_failure(ep, group: str, e: Exception) -> str:

@@ -225,12 +225,17 @@ def load_export(path: str | Path, device: str | torch.device, encoder: PriorEnco
     from safetensors.torch import load_file
 
     from ahpa.device import as_device
-    from ahpa.priors.registry import load_encoder
+    from ahpa.priors.registry import load_encoder, parse_spec
 
     path, device = Path(path), as_device(device)
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist")
     meta = export_metadata(path)
+    if encoder is None:
+        try:
+            parse_spec(meta["encoder"])
+        except ValueError as e:  # the export's kind, registered where it trained: say whose spec it is
+            raise ValueError(f"{path} decodes with {meta['encoder']!r}: {e}") from None
     model = SiT(SiTConfig(**meta["sit"]))
     model.load_state_dict(load_file(str(path)), strict=True)
     try:

@@ -37,7 +37,12 @@ def check_loss(name: str, cfg: AlignCfg) -> None:
     # [B=2, N=3, C=4]; no random draw: the run's seed stays as it is
     pred = torch.linspace(-1.0, 1.0, 24).reshape(2, 3, 4).requires_grad_()
     for target in (pred.detach().flip(-1), pred.detach()):
-        out = LOSSES.entries[name].fn(pred, target, cfg)
+        try:
+            out = LOSSES.entries[name].fn(pred, target, cfg)
+        except Exception as e:  # the user's function: named with the call, its traceback chained
+            raise ValueError(f"align.loss={name!r} failed on the check's inputs [B=2, N=3, C=4]: {type(e).__name__}: "
+                             f"{e}; a loss takes any number of tokens N (align.token_fraction keeps a share of them) "
+                             "and channels C (docs/extending.md, 'A loss')") from e
         where = f"align.loss={name!r} returned"
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2,):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -63,11 +63,14 @@ class MethodSpec:
         if self.levels not in LEVEL_CHOICES:
             raise ValueError(f"method {self.name!r}: levels {self.levels!r} is not {'|'.join(LEVEL_CHOICES)} (a new kind "
                              "is an entry of LEVEL_CHOICES and a branch of resolve_levels)")
-        if self.router and self.router not in ROUTER_MODES.entries:
-            raise ValueError(f"method {self.name!r}: router {self.router!r} is not one of "
-                             f"{', '.join(ROUTER_MODES.entries)}")
-        if self.loss not in LOSSES.entries:
-            raise ValueError(f"method {self.name!r}: loss {self.loss!r} is not one of {', '.join(LOSSES.entries)}")
+        # checked by the registries: an installed package's mode or loss is imported first, a misspelt one named
+        for registry, name in ((ROUTER_MODES, self.router), (LOSSES, self.loss)):
+            if not name and registry is ROUTER_MODES:  # the mode align.router names
+                continue
+            try:
+                registry.check(name)
+            except ValueError as e:
+                raise ValueError(f"method {self.name!r}: {e}") from None
 
 
 METHODS = Registry("alignment method", "methods", "align.method=NAME", {
@@ -105,7 +108,7 @@ def align_settings_read(method: str, router: str, router_normalize: bool, loss: 
     in this process. Vanilla SiT reads only `method`; REPA aligns one external level, so neither align.levels nor
     the router; a fixed schedule reads none of the learned router's settings, the running means' settings matter
     only when the router normalises by them, and align.smooth_l1_beta only to the smooth-L1 loss."""
-    spec = METHODS.entries.get(method)
+    spec = METHODS.get(method)
     if spec is None:
         return None
     if spec.levels == "none":
@@ -121,7 +124,8 @@ def align_settings_read(method: str, router: str, router_normalize: bool, loss: 
     if spec.levels != "external":
         reads |= ({"router"} if not spec.router else set()) | ({"snr_width"} if mode == "snr" else set())
         reads |= {"router_topk"} if mode == "topk" else set()
-        if mode in ROUTER_MODES.entries and ROUTER_MODES.entries[mode].learned:
+        entry = ROUTER_MODES.get(mode)  # None: a mode unknown here (a plugin's, not installed)
+        if entry is not None and entry.learned:
             reads |= {"router_tau", "router_entropy", "router_normalize"}
             reads |= {"router_momentum", "router_t_bins"} if router_normalize else set()
     if (spec.loss if loss == "default" else loss) == "smooth-l1":

@@ -98,8 +98,14 @@ class Router(nn.Module):
         values). A learned mode is seen at its uniform start only; check_weights runs again on its trained weights
         where the router is plotted."""
         t = torch.linspace(0.0, 1.0, 101)
-        with torch.no_grad():
-            out = self.route(t)
+        try:
+            with torch.no_grad():
+                out = self.route(t)
+        except NotImplementedError:  # a mode of ROUTER_MODES without its branch: says so itself
+            raise
+        except Exception as e:  # a registered function's own error: named with the call, its traceback chained
+            raise ValueError(f"router mode {self.mode!r}: Router.route(t [{len(t)}]) with K={self.num_levels} failed: "
+                             f"{type(e).__name__}: {e}") from e
         want = (len(t), self.num_levels)
         shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
         shapes = [shape(w) for w in out] if isinstance(out, tuple) else shape(out)

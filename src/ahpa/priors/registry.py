@@ -18,6 +18,7 @@ from ahpa.priors.base import PriorEncoder, frozen
 from ahpa.registry import Registry
 
 ENTRY_POINT_GROUP = "ahpa.encoders"
+LOADER_CONTRACT = "loader(where: str, spec: str) -> PriorEncoder"
 
 
 def _taef2(where: str, spec: str) -> PriorEncoder:
@@ -53,6 +54,7 @@ def register_encoder(kind: str, loader: Callable[[str, str], PriorEncoder]) -> N
     if not callable(loader):
         raise ValueError(f"register_encoder({kind!r}, ...) needs a function loader(where, spec) -> PriorEncoder; "
                          f"got {type(loader).__name__}")
+    check_call(loader, (None, None), f"the loader of encoder kind {kind!r}", LOADER_CONTRACT)
     ENCODERS.register(kind, loader)
 
 
@@ -76,8 +78,13 @@ def load_encoder(spec: str, device: torch.device | str = "cpu") -> PriorEncoder:
     device = as_device(device)  # a device this machine lacks is named before anything loads
     kind, where = parse_spec(spec)
     loader = ENCODERS[kind]
-    check_call(loader, (where, spec), f"the loader of encoder kind {kind!r}", "loader(where: str, spec: str) -> PriorEncoder")
-    enc = loader(where, spec)
+    check_call(loader, (where, spec), f"the loader of encoder kind {kind!r}", LOADER_CONTRACT)  # an entry point's
+    try:
+        enc = loader(where, spec)
+    except (ValueError, OSError, ImportError):  # say what is wrong already (callers name a VAE that moved)
+        raise
+    except Exception as e:  # any other error of the user's loader: named, not a traceback from inside ahpa
+        raise ValueError(f"the loader of encoder kind {kind!r} failed on {spec!r}: {type(e).__name__}: {e}") from e
     if not isinstance(enc, PriorEncoder):
         raise ValueError(f"the loader of encoder kind {kind!r} returned {type(enc).__name__}, not a PriorEncoder")
     enc.spec = spec

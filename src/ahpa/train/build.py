@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ahpa.align import get_method, resolve_depths, resolve_levels
-from ahpa.align.methods import ROUTING, align_settings_read
+from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES, ROUTING, align_settings_read
 from ahpa.align.objective import Aligner
 from ahpa.config import AlignCfg, Config, EvalCfg, absolute_spec
 from ahpa.data.batches import BatchSource, OnTheFly
@@ -19,6 +19,7 @@ from ahpa.priors.base import PriorEncoder, frozen
 from ahpa.priors.external import ExternalEncoder, load_external
 from ahpa.priors.registry import kinds, load_encoder
 from ahpa.priors.targets import PriorStats
+from ahpa.registry import Registry
 from ahpa.train.distributed import current, device_for
 from ahpa.train.rng import generator
 
@@ -160,6 +161,17 @@ def given_encoder_spec(encoder, configured: str) -> tuple[str, list[str]]:
                       f"process trains with it, but a resume, an export's sampling or `ahpa sample --run` will not find "
                       f"it; {fix}"]
     return spec, []
+
+
+def registered_entries(cfg: Config, parts: Parts) -> list[tuple[str, Registry, str, object]]:
+    """(setting, registry, name, entry) of each extension the run's parts were built and checked with (a registered,
+    not built-in, method, router mode or loss): the Trainer refuses to train once one of them is registered again,
+    since the router and the aligner call a registry's entry at each step and would run the new one unchecked."""
+    used = [("align.method", METHODS, cfg.align.method)]
+    if parts.aligner is not None:
+        used += [("align.router", ROUTER_MODES, parts.aligner.router.mode),
+                 ("align.loss", LOSSES, parts.aligner.loss_kind)]
+    return [(key, reg, name, reg.entries[name]) for key, reg, name in used if name not in reg.built_in]
 
 
 HEADS_NOTE_SHARE = 0.15  # above this, a run says what its alignment heads cost

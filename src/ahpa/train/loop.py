@@ -26,7 +26,8 @@ from ahpa.priors.targets import standardise_levels
 from ahpa.provenance import device_name
 from ahpa.sample import SamplerBundle
 from ahpa.train import outputs, schedule
-from ahpa.train.build import Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note, setup_note
+from ahpa.train.build import (Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note,
+                              registered_entries, setup_note)
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 from ahpa.train.distributed import current, from_main, full_value
 from ahpa.train.draws import step_draws
@@ -63,6 +64,7 @@ class Trainer:
             )
         moved = check_run_dir(self.run_dir, cfg, self.rank)  # input paths changed on resume: {key: (run's, new)}
         self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
+        self._registered = registered_entries(cfg, self.parts)  # what the parts were checked with
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = encoder_notes + ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
@@ -256,9 +258,10 @@ class Trainer:
         return outputs.export(path or self.run_dir / "model.safetensors", ema, p.stats.latent, p.encoder, self.cfg)
 
     def _check_still_current(self) -> None:
-        """Before training: this process holds the run directory (until run() ends), and no one trained it past the
+        """Before training: this process holds the run directory (until run() ends), no one trained it past the
         step this Trainer was built at (another Trainer of this process, or a launch in between): training on would
-        redo those steps and log every one of them twice. Rank 0 decides for all."""
+        redo those steps and log every one of them twice; and no extension it uses was registered again since it was
+        built (a notebook's cell rerun with an edited loss), which it would train with unchecked. Rank 0 decides."""
         error = None
         if self.rank == 0:
             try:
@@ -269,6 +272,13 @@ class Trainer:
             if error is None and newest > self.step:
                 error = RunConfigError(f"{self.run_dir} was trained to step {newest} after this Trainer was built at step "
                                        f"{self.step} (by another Trainer or launch): build a new Trainer to resume it")
+            replaced = [(key, name, reg) for key, reg, name, entry in self._registered
+                        if reg.entries.get(name) is not entry]
+            if error is None and replaced:
+                key, name, reg = replaced[0]
+                error = RunConfigError(f"{key}={name!r} was registered again after this Trainer was built, which "
+                                       f"checked the {reg.what} it had then: build a new Trainer (it resumes the run) "
+                                       "to check and train the new one")
         error = from_main(error)
         if error is not None:
             raise error

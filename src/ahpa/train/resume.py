@@ -15,7 +15,7 @@ from ahpa import config as config_mod
 from ahpa.config import Config
 from ahpa.device import as_device
 from ahpa.models.sit import SiT
-from ahpa.priors.registry import load_encoder
+from ahpa.priors.registry import load_encoder, parse_spec
 from ahpa.priors.targets import PriorStats
 from ahpa.sample import SamplerBundle
 from ahpa.train.build import autocast_dtype, sit_config
@@ -65,6 +65,11 @@ def run_sampler(run_dir: str | Path, device: str | torch.device, encoder: str | 
     if state is None:
         raise FileNotFoundError(f"{run_dir} has no valid checkpoint yet" + "".join(f"\n  {m}" for m in skipped))
     spec = config_mod.absolute_spec(encoder) if encoder else cfg.prior.encoder  # an export names it from anywhere
+    if not encoder:
+        try:
+            parse_spec(spec)
+        except ValueError as e:  # the run's kind, registered where it trained: say whose spec it is
+            raise ValueError(f"{run_dir} decodes with {spec!r} (its config.yaml's prior.encoder): {e}") from None
     try:
         vae = load_encoder(spec, device)
     except FileNotFoundError as e:

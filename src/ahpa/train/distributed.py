@@ -114,6 +114,19 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def ddp_without_buffer_sync() -> dict:
+    """DDP's keyword for no broadcast of rank 0's buffers before every forward: `forward_sync_buffers=False` where
+    torch has it (it deprecates `broadcast_buffers` with a warning per process; the buffers are still synced once,
+    when DDP is built), `broadcast_buffers=False` on the torch versions before it."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def from_main(obj):
     """Rank 0's `obj` on every process (the object itself in a single process). Picklable objects only."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -29,7 +29,7 @@ from ahpa.train import outputs, schedule
 from ahpa.train.build import (Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note,
                               registered_entries, setup_note)
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
-from ahpa.train.distributed import current, from_main, full_value
+from ahpa.train.distributed import current, ddp_without_buffer_sync, from_main, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run that diverges raises)
@@ -111,9 +111,9 @@ class Trainer:
             ids = [p.device.index] if p.device.type == "cuda" else None
             # buffers are equal on every process by construction (the SiT's fixed position embedding; the aligner's
             # running means, updated from all-reduced terms): no broadcast of rank 0's before every forward
-            self.net = DDP(p.model, device_ids=ids, broadcast_buffers=False)
+            self.net = DDP(p.model, device_ids=ids, **ddp_without_buffer_sync())
             if p.aligner is not None and any(q.requires_grad for q in p.aligner.parameters()):
-                self.align_net = DDP(p.aligner, device_ids=ids, broadcast_buffers=False)
+                self.align_net = DDP(p.aligner, device_ids=ids, **ddp_without_buffer_sync())
         # the parameters the step's clipping and EMA walk, listed once: after sharding, which replaces them (a small
         # model's step is host-bound on a GPU, and walking the module tree every step costs that time)
         self._trainable = p.trainable()

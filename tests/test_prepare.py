@@ -508,3 +508,28 @@ if __name__ == "__main__":
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     run = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0 and run.stdout.split() == ["ok", "10"], run.stderr[-2000:]
+
+
+def test_the_names_of_a_runs_classes_come_from_its_data(tmp_path):
+    """`ahpa sample --class NAME` and exports name classes as the data did: a cache of class folders by the folders'
+    names (in label order), an .npz by its class_names array, the procedural set by its shapes; data that names none,
+    or that is not on this machine, gives None (classes are then given by index)."""
+    from ahpa.config import DataCfg
+    from ahpa.data.class_names import class_names
+
+    root = tmp_path / "imgs"
+    for c in ("zebra", "ant"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    prepare(PrepareOptions(images=str(root), vae="ahpa-vae:random", resolution=16, out=str(tmp_path / "cache"),
+                           workers=0, flips="none"))
+    assert class_names(DataCfg(source="cache", path=str(tmp_path / "cache"))) == ["ant", "zebra"]
+    np.savez(tmp_path / "named.npz", images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.arange(2),
+             class_names=np.array(["cat", "dog"]))
+    np.savez(tmp_path / "plain.npz", images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.arange(2))
+    assert class_names(DataCfg(source="npz", path=str(tmp_path / "named.npz"))) == ["cat", "dog"]
+    assert class_names(DataCfg(source="npz", path=str(tmp_path / "plain.npz"))) is None
+    assert class_names(DataCfg(source="npz", path=str(tmp_path / "moved.npz"))) is None
+    assert class_names(DataCfg(source="cache", path=str(tmp_path / "moved"))) is None
+    assert class_names(DataCfg(source="procedural"))[:2] == ["warm disc", "warm square"]

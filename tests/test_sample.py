@@ -504,9 +504,43 @@ def test_sample_takes_the_classes_to_sample_and_a_resume_keeps_them(run_dir, tmp
     assert main([*args, "--out", out]) == 2
     assert "classes: the file has [3, 1, 2], command gives every class" in capsys.readouterr().err
     assert main([*args, "--class", "99", "--out", str(tmp_path / "d.npz")]) == 2
-    assert "--class 99: this model has classes 0.." in capsys.readouterr().err
+    assert f"--class 99: run {run_dir} has classes 0..7" in capsys.readouterr().err
     assert main([*args, "--class", "x", "--out", str(tmp_path / "d.npz")]) == 2
-    assert "--class 'x': a class is an integer index" in capsys.readouterr().err
+    assert f"--class 'x' is no class of run {run_dir}; its classes: warm disc, warm square," in capsys.readouterr().err
+
+
+def test_sample_takes_classes_by_the_names_the_training_data_gave_them(run_dir, tmp_path, capsys):
+    """A class folder's name (here the procedural shapes' names) is a --class value, from a run and from its export,
+    which records the names; the file is the one the indices make (its record holds indices). A misspelt name gets a
+    near spelling; a model whose data named no classes says to give indices."""
+    from ahpa.sample import export_metadata
+
+    args = ["sample", "--num", "4", "--steps", "1", "--micro-batch", "2", "--batch", "2"]
+    out = str(tmp_path / "named.npz")
+    assert main([*args, "--run", str(run_dir), "--class", "cool ring,warm disc", "--out", out]) == 0
+    with np.load(out) as f:
+        assert f["arr_1"].tolist() == [6, 0, 6, 0]
+    capsys.readouterr()
+    assert main([*args, "--run", str(run_dir), "--class", "6", "--class", "0", "--out", out]) == 0
+    assert "already complete" in capsys.readouterr().out
+    model = run_dir / "model.safetensors"
+    assert export_metadata(model)["class_names"][6] == "cool ring"
+    assert main([*args, "--model", str(model), "--class", "cool rnig", "--out", str(tmp_path / "m.npz")]) == 2
+    assert "--class 'cool rnig' is no class of model" in (err := capsys.readouterr().err) and "did you mean 'cool ring'" in err
+    assert main([*args, "--model", str(model), "--class", "cool plus", "--out", str(tmp_path / "m.npz")]) == 0
+    with np.load(tmp_path / "m.npz") as f:
+        assert f["arr_1"].tolist() == [7, 7, 7, 7]
+    # an export without names (made before they were recorded, or of unnamed data)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    import json
+
+    with safe_open(str(model), framework="pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["ahpa"])
+    meta.pop("class_names")
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={"ahpa": json.dumps(meta), "format": "pt"})
+    assert main([*args, "--model", str(tmp_path / "old.safetensors"), "--class", "cool plus", "--out", str(tmp_path / "o.npz")]) == 2
+    assert "records no class names" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])

@@ -46,6 +46,8 @@ class SamplerBundle:
     # the share of labels replaced by the null class in training (0: guidance has no trained unconditional branch);
     # None where unknown (an export from before the field, a converted checkpoint)
     label_dropout: float | None = None
+    # class k's name where the training data recorded names (ahpa.data.class_names), for `--class NAME`; else None
+    class_names: list[str] | None = None
 
     def network(self, compile: bool) -> Callable:
         """The backbone to call: the model itself, or its compiled form (made once, then reused)."""
@@ -185,10 +187,12 @@ def _npy_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int
 # ---- export: the EMA backbone alone, with what sampling needs in the metadata ----
 
 def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encoder_spec: str, path_name: str, resolution: int,
-                 encoder_sha256: str | None = None, label_dropout: float | None = None) -> Path:
+                 encoder_sha256: str | None = None, label_dropout: float | None = None,
+                 class_names: list[str] | None = None) -> Path:
     """The model as a safetensors file whose metadata names what sampling needs: the VAE (its spec, and the sha256
     of its weights when they come from a file, checked when the export is sampled), latent statistics, the path;
-    and the training's label dropout where known (0: no trained null class, so guidance has nothing to guide by)."""
+    the training's label dropout where known (0: no trained null class, so guidance has nothing to guide by); and
+    its classes' names where the data recorded them."""
     meta = {
         "sit": model.cfg.to_dict(),
         "encoder": encoder_spec,
@@ -200,6 +204,8 @@ def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encod
     }
     if label_dropout is not None:
         meta["label_dropout"] = label_dropout
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
     path = Path(path)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -252,7 +258,7 @@ def load_export(path: str | Path, device: str | torch.device, encoder: PriorEnco
                          f"sha256 is {found[:12]}..., the export's {recorded[:12]}... ({meta['encoder']!r})")
     stats = ChannelStats(torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]))
     return SamplerBundle(model.to(device).eval(), get_path(meta["transport_path"]), stats, enc, device,
-                         label_dropout=meta.get("label_dropout"))
+                         label_dropout=meta.get("label_dropout"), class_names=meta.get("class_names"))
 
 
 def unguidable(num_classes: int, label_dropout: float | None) -> str | None:

@@ -32,8 +32,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0); labels are class-balanced, "
                                                        "sample i has class i mod C (see --class)")
     p.add_argument("--class", dest="classes", action="append", metavar="K",
-                   help="sample only class K (repeatable, or a comma list K1,K2): sample i has the (i mod n)-th class "
-                   "given; part of the file's identity (default: every class, round-robin)")
+                   help="sample only class K, an index or a name the training data gave it (a class folder's name; "
+                   "repeatable, or a comma list K1,K2): sample i has the (i mod n)-th class given; part of the file's "
+                   "identity (default: every class, round-robin)")
     p.add_argument("--batch", type=int, default=64, help="samples per iteration and per resumable chunk (the file does not depend on it; a resume keeps the first attempt's)")
     p.add_argument("--solver", choices=("euler", "heun", "euler-maruyama"), help="ODE solvers euler, heun; SDE solver euler-maruyama (euler)")
     p.add_argument("--steps", type=int, help="solver steps (50)")
@@ -83,6 +84,7 @@ def _run(args) -> int:
     from pathlib import Path
 
     from ahpa import config as config_mod
+    from ahpa.data.class_names import class_indices
     from ahpa.sample import load_export, unguidable
     from ahpa.sample_writer import check_finished, record_path, write_samples
     from ahpa.device import resolve_device
@@ -105,13 +107,15 @@ def _run(args) -> int:
         raise ValueError("--step chooses a checkpoint of a run: give it with --run (an export holds one model)")
     if args.model and Path(args.model).is_dir():
         raise ValueError(f"--model {args.model!r} is a directory; a run directory is sampled with --run")
-    classes = parse_classes(args.classes)
+    classes = parse_classes(args.classes)  # names are resolved once the model says its classes
+    named = classes is not None and any(isinstance(k, str) for k in classes)
     given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
     # ranges: e.g. --steps 0 fails here. The CLI prefixes "ahpa sample: error:" itself
     config_mod.from_dict({"sample": given}, where="command line")
     # a finished file with other settings is refused before a model loads (the options given; the run's sampler
     # settings and the model's identity are compared by write_samples); one with the same settings is complete
-    finished = check_finished(args.out, {"num": args.num, "seed": args.seed, "classes": classes, **given})
+    finished = check_finished(args.out, {"num": args.num, "seed": args.seed, **given,
+                                         **({} if named else {"classes": classes})})
     d = init_from_env(args.device)
     completed = False
     try:
@@ -140,8 +144,9 @@ def _run(args) -> int:
         cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}}, where=where).sample
         dropout = run_cfg.train.label_dropout if args.run else bundle.label_dropout
         why = unguidable(bundle.num_classes, dropout) if cfg.cfg_scale != 1 else None
-        if classes is not None and not all(0 <= k < bundle.num_classes for k in classes):
-            raise ValueError(f"--class {','.join(map(str, classes))}: this model has classes 0..{bundle.num_classes - 1}")
+        if classes is not None:
+            classes = class_indices(classes, bundle.class_names, bundle.num_classes,
+                                    f"run {args.run}" if args.run else f"model {args.model}")
 
         extending = []  # the samples a finished file's extension keeps: where the bar starts
 
@@ -190,15 +195,16 @@ def _run(args) -> int:
         finish(completed, 0)  # under torchrun the process ends here
 
 
-def parse_classes(items: list[str] | None) -> list[int] | None:
-    """--class values (each an integer or a comma list of them) as one list in the order given; None when absent."""
+def parse_classes(items: list[str] | None) -> list[int | str] | None:
+    """--class values (each an index, a name, or a comma list of them) as one list in the order given, indices as
+    integers; None when absent."""
     if items is None:
         return None
-    classes = []
+    classes: list[int | str] = []
     for item in items:
         for part in item.split(","):
-            try:
-                classes.append(int(part))
-            except ValueError:
-                raise ValueError(f"--class {item!r}: a class is an integer index (e.g. --class 3 or --class 1,5)") from None
+            part = part.strip()
+            if not part:
+                raise ValueError(f"--class {item!r}: an empty class; give indices or names, e.g. --class 3 or --class 1,5")
+            classes.append(int(part) if part.lstrip("-").isdigit() else part)
     return classes

@@ -17,6 +17,7 @@ from ahpa.align.objective import Aligner
 from ahpa.align.router import check_weights
 from ahpa.atomic import atomic_write_text
 from ahpa.config import Config, EvalCfg, SampleCfg
+from ahpa.data.class_names import class_names
 from ahpa.models.sit import SiT
 from ahpa.priors.targets import ChannelStats
 from ahpa.sample import SamplerBundle, export_model, generate
@@ -214,7 +215,7 @@ def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, 
 def export(path: str | Path, ema: SiT, latent_stats: ChannelStats, encoder, cfg: Config) -> Path:
     """The EMA backbone alone as a plain SiT (.safetensors, with what sampling needs in its metadata)."""
     return export_model(path, ema, latent_stats, encoder.spec, cfg.transport.path, cfg.data.resolution,
-                        getattr(encoder, "weights_sha256", None), cfg.train.label_dropout)
+                        getattr(encoder, "weights_sha256", None), cfg.train.label_dropout, class_names(cfg.data))
 
 
 def finish(run_dir: Path, levels: list[str], step: int) -> None:

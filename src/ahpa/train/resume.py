@@ -13,6 +13,7 @@ import torch
 
 from ahpa import config as config_mod
 from ahpa.config import Config
+from ahpa.data.class_names import class_names
 from ahpa.device import as_device
 from ahpa.models.sit import SiT
 from ahpa.priors.registry import load_encoder, parse_spec
@@ -96,5 +97,5 @@ def run_sampler(run_dir: str | Path, device: str | torch.device, encoder: str | 
                          f"{why}") from None
     latent_stats = PriorStats.from_dict(owned(state["stats"])).latent
     bundle = SamplerBundle(model.to(device).eval(), get_path(cfg.transport.path), latent_stats, vae, device,
-                           autocast_dtype(cfg.train.precision, device))
+                           autocast_dtype(cfg.train.precision, device), class_names=class_names(cfg.data))
     return bundle, state["step"], cfg

@@ -243,6 +243,12 @@ def test_python_callers_get_named_mistakes(tmp_path, capsys):
 
     assert main(["train", "--out", str(tmp_path / "x"), "align.method=ahap"]) == 2
     assert "ahpa train: error: command line: align.method='ahap' is not valid" in capsys.readouterr().err
+    # a misspelt encoder kind is named before `ahpa train` says it sets up a run (minutes of statistics), and leaves
+    # no run directory behind
+    assert main(["train", "--out", str(tmp_path / "y"), "prior.encoder=ahpa-vea:random"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ahpa train: error: unknown encoder kind 'ahpa-vea'") and "did you mean 'ahpa-vae'" in err
+    assert not (tmp_path / "y").exists()
     # keys, sections, encoder and detector kinds and devices get the near name too
     from ahpa.device import resolve_device
     from ahpa.metrics.detectors import parse_spec

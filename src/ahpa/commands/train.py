@@ -56,6 +56,10 @@ def run(args) -> int:
     previous = {s: signal.signal(s, on_signal) for s in stops}
     completed, code = False, 1
     try:
+        if cfg.prior.encoder:  # a misspelt kind is named now, not after the line below promises minutes of work
+            from ahpa.priors.registry import parse_spec
+
+            parse_spec(cfg.prior.encoder)
         # minutes on a CPU before the first line of the run: say what it does (a cache holds its statistics)
         if d.is_main and cfg.data.source != "cache" and not list_checkpoints(Path(args.out) / "checkpoints"):
             print(f"setting up a new run in {args.out}: measuring latent and level statistics over "

@@ -742,3 +742,25 @@ def test_parts_left_beside_a_finished_file_do_not_block_its_reruns(tmp_path, mon
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_sample_draws_a_grid_of_the_files_first_samples(run_dir, tmp_path, capsys):
+    """--grid PNG shows what was sampled without a script: the file's first samples, a class per column (sample i has
+    class i mod C), also for a file already complete; a --grid that is no .png is refused before a model loads."""
+    from PIL import Image
+
+    args = ["sample", "--run", str(run_dir), "--steps", "1", "--micro-batch", "2", "--batch", "2"]
+    out, png = tmp_path / "s.npz", tmp_path / "grid.png"
+    assert main([*args, "--num", "5", "--out", str(out), "--grid", str(png)]) == 0
+    assert f"grid of its first 5 samples: {png}" in capsys.readouterr().out
+    with Image.open(png) as im, np.load(out) as f:
+        # 16-pixel samples drawn 4x (64) with 2-pixel gaps: one row of 5; the third tile is sample 2
+        assert im.size == (5 * 66 + 2, 68)
+        tile = np.asarray(im.convert("RGB"))[2:66:4, 2 + 2 * 66:66 + 2 * 66:4]
+        assert np.array_equal(tile, f["arr_0"][2])
+    png.unlink()
+    assert main([*args, "--num", "5", "--out", str(out), "--grid", str(png)]) == 0  # complete: the grid all the same
+    assert "already complete" in (text := capsys.readouterr().out) and "grid of its first 5 samples" in text
+    assert png.exists()
+    assert main([*args, "--num", "5", "--out", str(tmp_path / "t.npz"), "--grid", str(tmp_path / "g.jpg")]) == 2
+    assert "--grid" in capsys.readouterr().err and not (tmp_path / "t.npz.parts").exists()

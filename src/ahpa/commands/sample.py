@@ -35,6 +35,9 @@ def register(sub) -> None:
                    help="sample only class K, an index or a name the training data gave it (a class folder's name; "
                    "repeatable, or a comma list K1,K2): sample i has the (i mod n)-th class given; part of the file's "
                    "identity (default: every class, round-robin)")
+    p.add_argument("--grid", metavar="PNG", help="also draw the file's first samples (up to 64) as one PNG grid, a "
+                   "class per column when there are at most 16 (sample i has the (i mod n)-th class); also for a "
+                   "file already complete")
     p.add_argument("--batch", type=int, default=64, help="samples per iteration and per resumable chunk (the file does not depend on it; a resume keeps the first attempt's)")
     p.add_argument("--solver", choices=("euler", "heun", "euler-maruyama"), help="ODE solvers euler, heun; SDE solver euler-maruyama (euler)")
     p.add_argument("--steps", type=int, help="solver steps (50)")
@@ -99,6 +102,8 @@ def _run(args) -> int:
         raise ValueError("--batch must be positive")
     if Path(args.out).suffix != ".npz":
         raise ValueError(f"--out {args.out!r} must end in .npz (the ADM sample format)")
+    if args.grid is not None and Path(args.grid).suffix.lower() != ".png":
+        raise ValueError(f"--grid {args.grid!r} must end in .png")
     if args.run and Path(args.run).is_file():
         raise FileNotFoundError(f"--run {args.run!r} is a file, not a run directory: an export is sampled with --model")
     if args.run and not Path(args.run).is_dir():
@@ -190,9 +195,27 @@ def _run(args) -> int:
             only = f", classes {','.join(map(str, classes))}" if classes else ""
             print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale}"
                   f"{guided}{only})")
+        if d.is_main and args.grid is not None:
+            shown = draw_grid(path, args.grid, len(classes) if classes else bundle.num_classes)
+            print(f"grid of its first {shown} samples: {args.grid}")
         return 0
     finally:
         finish(completed, 0)  # under torchrun the process ends here
+
+
+def draw_grid(samples, png, classes: int, most: int = 64) -> int:
+    """The first samples of an .npz (read from its start, not whole: 50K at 256 are ~10 GB) as one PNG; sample i has
+    the (i mod classes)-th class, so rows of `classes` samples put a class in each column where they fit. Returns how
+    many it drew."""
+    import numpy as np
+
+    from ahpa.metrics.images import iter_image_batches
+    from ahpa.train.plots import save_grid
+
+    nrow = classes if 1 < classes <= 16 else 8
+    images = np.concatenate(list(iter_image_batches(samples, most, max_images=most // nrow * nrow or most)))
+    save_grid(images, png, nrow=min(nrow, len(images)))
+    return len(images)
 
 
 def parse_classes(items: list[str] | None) -> list[int | str] | None:

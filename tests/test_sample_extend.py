@@ -264,6 +264,26 @@ def test_a_file_removed_before_its_extension_takes_the_lock_is_named_before_samp
     assert calls == [] and not (tmp_path / "s.npz.parts" / "settings.json").exists()
 
 
+def test_parts_left_beside_a_finished_file_do_not_block_its_extension(tmp_path, monkeypatch):
+    """Parts a finished run left behind (killed while it removed them) used to refuse a larger --num with 'finished by
+    another launch meanwhile', which no launch had done, on every rerun: they are the file's, and go as they do for a
+    rerun with the file's num."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, parts, ident = tmp_path / "s.npz", tmp_path / "s.npz.parts", {"model_sha256": "x"}
+    sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+    record = json.loads(sample_writer.record_path(out).read_text())
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({**record, "extends": None}))
+    calls[:] = []
+    assert sample_writer.write_samples(None, out, 6, 0, 2, SampleCfg(), ident) == out
+    assert calls == [(4, 6)] and not parts.exists()
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_1"], np.arange(6))
+
+
 def test_an_extension_of_whole_chunks_says_so_and_its_bar_starts_at_the_samples_kept(run_dir, tmp_path, capsys):
     """4 samples in chunks of 2, then 6: every sample is kept, and the line says nothing of a short chunk sampled
     again; the bar counts the kept samples from the start, so that it ends at 6 of 6."""

@@ -84,6 +84,17 @@ def test_cosine_loss_is_per_token_over_channels_and_averaged_over_tokens():
     assert torch.allclose(cosine_loss(p, p * sign), torch.full((3,), 2 * 2 / 5), atol=1e-6)
 
 
+def test_the_smooth_l1_loss_takes_its_beta_from_align_smooth_l1_beta():
+    """vae-latent's loss (SRA2's smooth-L1) is quadratic below align.smooth_l1_beta and linear above: the aligner must
+    hand it the run's beta, or the setting is silently ignored. Errors 0.5 and 2 with beta 1: 0.125 and 1.5; with
+    beta 4: 0.03125 and 0.5 (the mean over tokens and channels of 0.5 x^2 / beta, or |x| - beta / 2)."""
+    pred = torch.tensor([0.5, 2.0]).repeat(2, 3, 1)  # [B=2, N=3, C=2]
+    for beta, want in [(1.0, (0.125 + 1.5) / 2), (4.0, (0.03125 + 0.5) / 2)]:
+        aligner = Aligner(16, ["a"], [2], AlignCfg(smooth_l1_beta=beta), "uniform", "smooth-l1")
+        got = aligner.level_losses([pred], [torch.zeros(2, 3, 2)])  # [B, K=1]
+        assert torch.allclose(got, torch.full((2, 1), want)), (beta, got)
+
+
 def test_the_router_objective_sends_no_gradient_to_the_heads_or_the_backbone():
     """The hidden tokens (and the heads) get the gradient of sum_k g_k(t) l_k with the weights held fixed: the
     router's own objective trains the router alone."""

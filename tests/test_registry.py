@@ -74,6 +74,7 @@ def test_an_installed_package_adds_a_kind_by_entry_point(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group: [EntryPoint()] if group == registry.ENTRY_POINT_GROUP else [])
+    assert "pkg-vae" in registry.ENCODERS  # valid before it is loaded, as a name in a config's choices is
     assert registry.load_encoder("pkg-vae:1").spec == "pkg-vae:1"
 
 

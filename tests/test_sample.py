@@ -764,3 +764,27 @@ def test_sample_draws_a_grid_of_the_files_first_samples(run_dir, tmp_path, capsy
     assert png.exists()
     assert main([*args, "--num", "5", "--out", str(tmp_path / "t.npz"), "--grid", str(tmp_path / "g.jpg")]) == 2
     assert "--grid" in capsys.readouterr().err and not (tmp_path / "t.npz.parts").exists()
+
+
+def test_a_killed_run_beside_a_record_whose_file_was_deleted_resumes(tmp_path, monkeypatch):
+    """Deleting a finished OUT to sample it again may leave its record (OUT.json). A run killed then holds parts with
+    the record's very settings, but no finished file: they are that run's progress, not a finished file's leftovers,
+    and the rerun resumes them instead of removing them and sampling everything again."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, ident = tmp_path / "s.npz", {"model_sha256": "x"}
+    sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+    out.unlink()
+
+    def killed(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident, on_progress=killed)
+    calls[:] = []
+    assert sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident) == out
+    assert calls == [(2, 4)]
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_1"], np.arange(4))

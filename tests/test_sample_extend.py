@@ -173,3 +173,126 @@ def test_a_file_extended_by_another_launch_meanwhile_is_not_extended_again(tmp_p
     assert calls == []
     lock.release(tmp_path / "s.npz.parts" / lock.LOCK_FILE)
 
+
+
+def test_a_killed_extension_of_whole_chunks_resumes(tmp_path, monkeypatch):
+    """The usual extension, 10K in chunks of 1,000 to 50K, keeps every sample of the file: the file then holds exactly
+    the samples the extension takes, and a rerun after a kill must resume it, not refuse the file as too short."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, ident, cfg = tmp_path / "s.npz", {"model_sha256": "x"}, SampleCfg()
+    sample_writer.write_samples(None, out, 4, 0, 2, cfg, ident)
+
+    def killed(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_writer.write_samples(None, out, 8, 0, 2, cfg, ident, on_progress=killed)
+    calls[:] = []
+    assert sample_writer.write_samples(None, out, 8, 0, 2, cfg, ident) == out
+    assert calls == [(6, 8)]
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"][:, 0, 0, 0], np.arange(8)) and np.array_equal(f["arr_1"], np.arange(8))
+
+
+def test_a_file_replaced_by_a_shorter_one_under_its_record_is_not_extended(tmp_path, monkeypatch):
+    """A partial extension takes the first samples of OUT at the end: an OUT that now holds fewer (another file put
+    in its place, its record kept) is named before anything is sampled, rather than a file short of samples."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, ident, cfg = tmp_path / "s.npz", {"model_sha256": "x"}, SampleCfg()
+    sample_writer.write_samples(None, out, 4, 0, 2, cfg, ident)
+
+    def killed(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_writer.write_samples(None, out, 8, 0, 2, cfg, ident, on_progress=killed)
+    sample_writer.write_samples(None, tmp_path / "short.npz", 2, 0, 2, cfg, ident)
+    (tmp_path / "short.npz").replace(out)
+    calls[:] = []
+    with pytest.raises(FileNotFoundError, match=rf"past its first 4 samples, but {out} holds 2 samples now"):
+        sample_writer.write_samples(None, out, 8, 0, 2, cfg, ident)
+    assert calls == []
+
+
+def test_a_record_without_a_valid_num_or_chunk_size_is_refused_by_name(tmp_path, monkeypatch):
+    """An extension continues the file's chunks, and compares its num: a record edited or written by hand without
+    them (no num, or no chunk size, or 0) is refused naming the field, not a TypeError or ZeroDivisionError."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, ident = tmp_path / "s.npz", {"model_sha256": "x"}
+    sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+    record = sample_writer.record_path(out)
+    saved, before = json.loads(record.read_text()), out.read_bytes()
+    cases = [({k: v for k, v in saved.items() if k != "num"}, r"finished with other settings \(num: the file has None"),
+             ({k: v for k, v in saved.items() if k != "batch"}, r"records no valid chunk size \(batch: None in s\.npz\.json\)"),
+             ({**saved, "batch": 0}, r"records no valid chunk size \(batch: 0 in s\.npz\.json\)")]
+    calls[:] = []
+    for edited, message in cases:
+        record.write_text(json.dumps(edited))
+        with pytest.raises(sample_writer.SampleSettingsError, match=message):
+            sample_writer.write_samples(None, out, 6, 0, 2, SampleCfg(), ident)
+    assert calls == [] and out.read_bytes() == before
+
+
+def test_a_file_removed_before_its_extension_takes_the_lock_is_named_before_sampling(tmp_path, monkeypatch):
+    """The extension saw the finished file, then another launch or a person removed it before the lock was taken: it
+    says so at once, instead of sampling every new chunk and failing at the end for want of the file's first ones."""
+    from ahpa import lock, sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, ident = tmp_path / "s.npz", {"model_sha256": "x"}
+    sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+    hold = lock.hold
+
+    def removed_meanwhile(path, what):
+        out.unlink(missing_ok=True)
+        return hold(path, what)
+
+    monkeypatch.setattr(lock, "hold", removed_meanwhile)
+    calls[:] = []
+    with pytest.raises(FileNotFoundError, match="was removed meanwhile; rerun to sample it"):
+        sample_writer.write_samples(None, out, 8, 0, 2, SampleCfg(), ident)
+    assert calls == [] and not (tmp_path / "s.npz.parts" / "settings.json").exists()
+
+
+def test_parts_left_beside_a_finished_file_do_not_block_its_extension(tmp_path, monkeypatch):
+    """Parts a finished run left behind (killed while it removed them) used to refuse a larger --num with 'finished by
+    another launch meanwhile', which no launch had done, on every rerun: they are the file's, and go as they do for a
+    rerun with the file's num."""
+    from ahpa import sample_writer
+
+    calls = []
+    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
+    out, parts, ident = tmp_path / "s.npz", tmp_path / "s.npz.parts", {"model_sha256": "x"}
+    sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident)
+    record = json.loads(sample_writer.record_path(out).read_text())
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({**record, "extends": None}))
+    calls[:] = []
+    assert sample_writer.write_samples(None, out, 6, 0, 2, SampleCfg(), ident) == out
+    assert calls == [(4, 6)] and not parts.exists()
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_1"], np.arange(6))
+
+
+def test_an_extension_of_whole_chunks_says_so_and_its_bar_starts_at_the_samples_kept(run_dir, tmp_path, capsys):
+    """4 samples in chunks of 2, then 6: every sample is kept, and the line says nothing of a short chunk sampled
+    again; the bar counts the kept samples from the start, so that it ends at 6 of 6."""
+    args = ["sample", "--run", str(run_dir), "--steps", "1", "--micro-batch", "2", "--batch", "2"]
+    out = tmp_path / "s.npz"
+    assert main([*args, "--num", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--num", "6", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"extending {out} from 4 to 6 samples: its first 4 are kept, the rest sampled in chunks of 2\n" in err
+    assert "sampled again" not in err
+    assert "| 4/6 [" in err and "| 6/6 [" in err and "| 0/6 [" not in err

@@ -688,3 +688,49 @@ def test_report_figures_leave_room_for_long_labels_and_the_router_colourbar(monk
     right = rgb[:, int(rgb.shape[1] * 0.9):]
     assert ((right[..., 0] > 200) & (right[..., 1] > 200) & (right[..., 2] < 80)).any()  # yellow, g = 1
     assert ((right[..., 0] < 90) & (right[..., 1] < 30) & (right[..., 2] > 60)).any()  # dark purple, g = 0
+
+
+def test_the_fd_figure_draws_the_means_its_legend_names_and_speed_bars_keep_the_report_order(monkeypatch):
+    """Read off the figures themselves (the test above checks the means and seeds apart from the plot): each method's
+    line is the mean over the seeds its legend entry names, a method's other seeds are drawn faint and named so, and
+    the y label and title say what the curves are; without a common seed, that the means are over different seeds.
+    The speed bars run top to bottom in the report's method order."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study_plots
+
+    from ahpa.train.plots import pyplot
+
+    figures = []
+    monkeypatch.setattr(study_plots, "save_figure", lambda fig, path, dpi=110: figures.append(fig))
+
+    def rows(fds):
+        return [{"step": 1000 * (i + 1), "images": 256000 * (i + 1), "fd": {"FD-r20": f}} for i, f in enumerate(fds)]
+
+    def drawn(ax):  # (legend entry, FDs) of each line, in drawing order; a faint line has none
+        return [("faint" if line.get_label().startswith("_") else line.get_label(), list(line.get_ydata()))
+                for line in ax.get_lines()]
+
+    try:
+        series = {("none", 0): rows([10.0, 9.0]), ("none", 1): rows([12.0, 11.0]), ("ahpa-soft", 0): rows([9.0, 8.0])}
+        study_plots.plot_fd(series, "FD-r20", 256, "fd.png", ["none", "ahpa-soft"])
+        ax = figures[-1].axes[0]
+        assert drawn(ax) == [("none (seed 0; 1 faint)", [10.0, 9.0]), ("faint", [10.0, 9.0]), ("faint", [12.0, 11.0]),
+                             ("ahpa-soft (seed 0)", [9.0, 8.0])]
+        assert ax.get_ylabel() == "FD-r20, seed 0" and ax.get_title() == "faint: each seed alone"
+
+        apart = {("none", 0): rows([10.0]), ("ahpa-soft", 1): rows([9.0]), ("ahpa-soft", 2): rows([7.0])}
+        study_plots.plot_fd(apart, "FD-r20", 256, "apart.png", ["none", "ahpa-soft"])
+        ax = figures[-1].axes[0]
+        assert drawn(ax)[0] == ("none (seed 0)", [10.0]) and drawn(ax)[1] == ("ahpa-soft (seeds 1, 2)", [8.0])
+        assert ax.get_ylabel() == "FD-r20, mean over each method's own seeds"
+        assert ax.get_title().startswith("no seed common to every method: means over different seeds")
+
+        runs = {("k", m, 0): {"ms_per_step_steady": ms} for m, ms in (("none", 50.0), ("ahpa", 60.0), ("repa", 55.0))}
+        study_plots.plot_speed(runs, "k", "speed.png", ["none", "repa", "ahpa"])
+        ax = figures[-1].axes[0]
+        top_down = sorted(zip(ax.get_yticks(), (t.get_text() for t in ax.get_yticklabels())),
+                          key=lambda tick: tick[0], reverse=not ax.yaxis_inverted())
+        assert [name for _, name in top_down] == ["none", "repa", "ahpa"]
+    finally:
+        for fig in figures:
+            pyplot().close(fig)

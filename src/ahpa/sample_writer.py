@@ -156,14 +156,16 @@ def check_finished(out: str | Path, settings: dict) -> bool:
 
 
 def _drop_leftover_parts(out: Path, parts: Path, settings: dict) -> None:
-    """Remove OUT.parts when OUT is finished with these very settings and the parts were for that file: a kill while
-    the run that finished OUT removed them, or a launch refused because another finished OUT meanwhile, leaves them
-    behind, and every rerun would be refused as a clash with the finished file. The parts of an extension of OUT
-    (another num) stay, and so do parts another launch holds."""
+    """Remove OUT.parts when OUT is finished with these settings, or these settings extend it (a larger num, all else
+    equal), and the parts were for that file: a kill while the run that finished OUT removed them, or a launch refused
+    because another finished OUT meanwhile, leaves them behind, and every rerun and extension would be refused as a
+    clash with the finished file. The parts of an extension of OUT (another num) stay, and so do parts another launch
+    holds; a command refused for the file (other settings, a smaller num) changes nothing."""
     if not (out.is_file() and parts.is_dir()):
         return
-    saved = _record_or_none(out)
-    if saved is None or _differences(saved, {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}, "the file"):
+    saved = _record_or_none(out) or {}
+    same = {k: v for k, v in settings.items() if k not in (*_NOT_IDENTITY, "num")}
+    if not isinstance(saved.get("num"), int) or settings["num"] < saved["num"] or _differences(saved, same, "the file"):
         return
     try:
         partial = json.loads((parts / "settings.json").read_text())

@@ -722,6 +722,13 @@ def test_parts_left_beside_a_finished_file_do_not_block_its_reruns(tmp_path, mon
         calls[:] = []
         assert sample_writer.write_samples(None, out, 4, 0, 2, SampleCfg(), ident) == out
         assert calls == [] and not parts.exists() and out.read_bytes() == before
+    # a command these leftovers do not belong to (fewer samples) is refused, naming them with the way out
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({**record, "extends": None}))
+    with pytest.raises(FileExistsError, match=r"or s.npz.parts is left over beside it from a killed run: rerun with "
+                                              r"the file's settings \(which removes it\)"):
+        sample_writer.write_samples(None, out, 2, 0, 2, SampleCfg(), ident)
+    shutil.rmtree(parts)
     # an unfinished extension of the file to 6: a rerun of 4 is refused, the parts stay
     parts.mkdir()
     (parts / "settings.json").write_text(json.dumps({**record, "num": 6, "extends": 4}))

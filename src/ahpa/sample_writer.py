@@ -191,6 +191,14 @@ def extension_start(had: int, batch: int) -> int:
     return had // batch * batch
 
 
+def _finished_meanwhile(out: Path, parts: Path) -> FileExistsError:
+    """OUT finished beside parts that are not this command's: another launch's work, or a killed run's leftovers
+    that this command's settings (another num, other options) do not let it remove."""
+    return FileExistsError(f"sample output {str(out)!r} was finished by another launch meanwhile, or {parts.name} is "
+                           "left over beside it from a killed run: rerun with the file's settings (which removes it) or "
+                           f"delete {parts}, then run this command again")
+
+
 def _open_parts(out: Path, parts: Path, settings: dict, num: int,
                 base: dict | None) -> tuple[Exception | None, int | None, int | None]:
     """The main process's side of a start: OUT.parts made and locked, a partial attempt's settings compared (its
@@ -209,7 +217,7 @@ def _open_parts(out: Path, parts: Path, settings: dict, num: int,
     if not saved_file.exists():
         # the launch that held the lock until now may have finished OUT, or extended the file `base` described
         if out.exists() and (base is None or _record_or_none(out) != base):
-            return FileExistsError(f"sample output {str(out)!r} was finished by another launch meanwhile"), 0, None
+            return _finished_meanwhile(out, parts), 0, None
         if base is not None and not out.exists():
             return FileNotFoundError(f"sample output {str(out)!r} was removed meanwhile; rerun to sample it"), 0, None
         extends = None if base is None else base["num"]
@@ -218,7 +226,7 @@ def _open_parts(out: Path, parts: Path, settings: dict, num: int,
     saved = json.loads(saved_file.read_text())
     extends = saved.pop("extends", None)  # a partial run of before extensions has none
     if out.exists() and extends is None:  # finished by the launch that held the lock until now
-        return FileExistsError(f"sample output {str(out)!r} was finished by another launch meanwhile"), 0, None
+        return _finished_meanwhile(out, parts), 0, None
     kept = saved.get("batch", settings["batch"])
     if not (isinstance(kept, int) and kept >= 1):
         # a chunk size no chunk can have been written with (an attempt from before --batch was checked): keeping it

@@ -41,6 +41,18 @@ def run_script(args: list[str], timeout: int = 600) -> str:
     return out.stdout
 
 
+def hold_lock(path: Path, env: dict | None = None) -> subprocess.Popen:
+    """Another launch holding the lock file `path` (what a running `ahpa train` or `ahpa sample` holds), until the
+    caller kills it."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from ahpa import lock; "
+                             "lock.hold(Path(sys.argv[1]), 'x'); print('held', flush=True); time.sleep(600)", str(path)],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 TINY = [
     "model.preset=S/1", "model.hidden_size=32", "model.depth=3", "model.num_heads=2",
     "data.source=procedural", "data.resolution=16", "data.procedural_size=64",

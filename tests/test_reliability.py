@@ -23,7 +23,7 @@ from ahpa import config
 from ahpa.train import checkpoint as ckpt
 from ahpa.train.divergence import DivergenceWatch, bad_steps_verdict
 from ahpa.train.loop import RunConfigError, TooManyBadSteps, Trainer
-from tests.conftest import TINY
+from tests.conftest import TINY, hold_lock
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -122,15 +122,6 @@ def test_sampling_refuses_a_partial_run_with_other_settings(tmp_path):
     save_file(weights, str(model), metadata=metadata)
     res = subprocess.run([sys.executable, "-m", "ahpa.cli", *args], env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "model_sha256: partial has" in res.stderr, res.stderr[-2000:]
-
-
-def hold_lock(path: Path) -> subprocess.Popen:
-    """Another launch holding the lock file `path` (what a running `ahpa train` or `ahpa sample` holds)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from ahpa import lock; "
-                             "lock.hold(Path(sys.argv[1]), 'x'); print('held', flush=True); time.sleep(600)", str(path)],
-                            env=ENV, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
 
 
 def test_a_second_launch_on_a_run_or_sample_file_in_use_is_refused(tmp_path):

@@ -175,9 +175,9 @@ def test_a_file_extended_by_another_launch_meanwhile_is_not_extended_again(tmp_p
 
 
 
-def test_a_killed_extension_of_whole_chunks_resumes(tmp_path, monkeypatch):
-    """The usual extension, 10K in chunks of 1,000 to 50K, keeps every sample of the file: the file then holds exactly
-    the samples the extension takes, and a rerun after a kill must resume it, not refuse the file as too short."""
+def killed_extension(tmp_path, monkeypatch):
+    """A finished file of 4 samples (chunks of 2, sample i filled with i) whose extension to 8 was killed after its
+    first new chunk: (out, identity, cfg, the calls list of the fake sampler)."""
     from ahpa import sample_writer
 
     calls = []
@@ -190,6 +190,15 @@ def test_a_killed_extension_of_whole_chunks_resumes(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         sample_writer.write_samples(None, out, 8, 0, 2, cfg, ident, on_progress=killed)
+    return out, ident, cfg, calls
+
+
+def test_a_killed_extension_of_whole_chunks_resumes(tmp_path, monkeypatch):
+    """The usual extension, 10K in chunks of 1,000 to 50K, keeps every sample of the file: the file then holds exactly
+    the samples the extension takes, and a rerun after a kill must resume it, not refuse the file as too short."""
+    from ahpa import sample_writer
+
+    out, ident, cfg, calls = killed_extension(tmp_path, monkeypatch)
     calls[:] = []
     assert sample_writer.write_samples(None, out, 8, 0, 2, cfg, ident) == out
     assert calls == [(6, 8)]
@@ -202,16 +211,7 @@ def test_a_file_replaced_by_a_shorter_one_under_its_record_is_not_extended(tmp_p
     in its place, its record kept) is named before anything is sampled, rather than a file short of samples."""
     from ahpa import sample_writer
 
-    calls = []
-    monkeypatch.setattr(sample_writer, "iter_samples", fake_iter_samples(calls))
-    out, ident, cfg = tmp_path / "s.npz", {"model_sha256": "x"}, SampleCfg()
-    sample_writer.write_samples(None, out, 4, 0, 2, cfg, ident)
-
-    def killed(n):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        sample_writer.write_samples(None, out, 8, 0, 2, cfg, ident, on_progress=killed)
+    out, ident, cfg, calls = killed_extension(tmp_path, monkeypatch)
     sample_writer.write_samples(None, tmp_path / "short.npz", 2, 0, 2, cfg, ident)
     (tmp_path / "short.npz").replace(out)
     calls[:] = []

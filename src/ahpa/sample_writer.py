@@ -126,9 +126,11 @@ def finished_record(out: str | Path, settings: dict) -> dict | None:
     """The record of the finished sample file `out` when `settings` (any subset of write_samples' settings: the CLI
     compares the options it was given before it loads a model) either match it or ask for more samples with all else
     equal (an extension); None when there is no finished file (none, or a partial one with OUT.parts, which is
-    resumed). Other settings are refused, naming the differences, and so is a smaller num."""
+    resumed; parts merely left over beside the file do not count). Other settings are refused, naming the
+    differences, and so is a smaller num."""
     out = Path(out)
-    if not out.exists() or out.with_name(out.name + ".parts").exists():
+    parts = out.with_name(out.name + ".parts")
+    if not out.exists() or (parts.exists() and not _leftover_parts(out, parts, settings)):
         return None
     saved, name = _read_record(out), record_path(out).name
     same = {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}
@@ -155,25 +157,31 @@ def check_finished(out: str | Path, settings: dict) -> bool:
     return saved is not None and saved["num"] == settings.get("num", saved["num"])
 
 
-def _drop_leftover_parts(out: Path, parts: Path, settings: dict) -> None:
-    """Remove OUT.parts when OUT is finished with these settings, or these settings extend it (a larger num, all else
-    equal), and the parts were for that file: a kill while the run that finished OUT removed them, or a launch refused
-    because another finished OUT meanwhile, leaves them behind, and every rerun and extension would be refused as a
-    clash with the finished file. The parts of an extension of OUT (another num) stay, and so do parts another launch
-    holds; a command refused for the file (other settings, a smaller num) changes nothing."""
+def _leftover_parts(out: Path, parts: Path, settings: dict) -> bool:
+    """Whether OUT.parts beside a finished OUT are left over from it, with `settings` its own or extending it (a
+    larger num, all else equal): a kill while the run that finished OUT removed them, or a launch refused because
+    another finished OUT meanwhile, leaves them behind, and every rerun and extension would be refused as a clash
+    with the finished file. The parts of an extension of OUT (another num) are not; a command refused for the file
+    (other settings, a smaller num) leaves them as they are."""
     if not (out.is_file() and parts.is_dir()):
-        return
+        return False
     saved = _record_or_none(out) or {}
     same = {k: v for k, v in settings.items() if k not in (*_NOT_IDENTITY, "num")}
-    if not isinstance(saved.get("num"), int) or settings["num"] < saved["num"] or _differences(saved, same, "the file"):
-        return
+    had = saved.get("num")
+    if not isinstance(had, int) or settings.get("num", had) < had or _differences(saved, same, "the file"):
+        return False
     try:
         partial = json.loads((parts / "settings.json").read_text())
     except FileNotFoundError:
         partial = {}  # removed first, or never written
     except (OSError, ValueError):
-        return
-    if partial.get("extends") is not None or partial.get("num", saved["num"]) != saved["num"]:
+        return False
+    return partial.get("extends") is None and partial.get("num", had) == had
+
+
+def _drop_leftover_parts(out: Path, parts: Path, settings: dict) -> None:
+    """Remove OUT.parts where they are left over (`_leftover_parts`), unless another launch holds them."""
+    if not _leftover_parts(out, parts, settings):
         return
     try:
         lock.hold(parts / lock.LOCK_FILE, f"sample output {str(out)!r}")

@@ -601,6 +601,29 @@ def test_eval_options_are_checked_before_any_image_is_measured(tmp_path, tiny_de
         evaluate(data, data, det, ("fd", "pr"), pr_num=0)
 
 
+def test_a_folder_with_undecodable_files_is_checked_again_against_the_images_that_decode(tmp_path, tiny_detector_file,
+                                                                                          capsys):
+    """A folder's files are counted before any is decoded; one that does not decode leaves fewer samples than that
+    count, and --pr-k (or --is-splits) fitting the count but not the images failed with the math's own message ("need
+    1 <= k < number of points; got k=4 with 4 points"), naming no option."""
+    from PIL import Image
+
+    from ahpa.cli import main
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_text("not an image")
+    base = ["eval", str(folder), "--ref", str(folder), "--detector", f"torchscript:{tiny_detector_file}",
+            "--no-ref-cache", "--workers", "0"]
+    assert main([*base, "--metrics", "pr", "--pr-k", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "skipped 1 file(s) that cannot be decoded (broken.png" in err
+    assert "ahpa eval: error: --pr-k 4 needs more than 4 samples (each needs 4 neighbours); the samples hold 4\n" in err
+
+
 def test_nothing_to_measure_names_the_source_and_why(tmp_path, tiny_detector_file, capsys):
     """An empty .npz, an empty array or a folder none of whose files decodes used to end in "no features accumulated",
     which names neither the source nor the reason."""

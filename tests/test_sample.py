@@ -511,8 +511,8 @@ def test_sample_takes_the_classes_to_sample_and_a_resume_keeps_them(run_dir, tmp
 
 
 def test_sample_takes_classes_by_the_names_the_training_data_gave_them(run_dir, tmp_path, capsys):
-    """A class folder's name (here the procedural shapes' names) is a --class value, from a run and from its export,
-    which records the names; the file is the one the indices make (its record holds indices). A misspelt name gets a
+    """A class folder's name (here the procedural shapes' names) is a --class value, from a run and from its export
+    (the run's model.safetensors or `ahpa export`'s), which records the names; the file is the one the indices make (its record holds indices). A misspelt name gets a
     near spelling; a model whose data named no classes says to give indices."""
     from ahpa.sample import export_metadata
 
@@ -526,6 +526,10 @@ def test_sample_takes_classes_by_the_names_the_training_data_gave_them(run_dir, 
     assert "already complete" in capsys.readouterr().out
     model = run_dir / "model.safetensors"
     assert export_metadata(model)["class_names"][6] == "cool ring"
+    # `ahpa export` records them as the run's own model.safetensors does (it wrote none: its exports took indices only)
+    exported = tmp_path / "exported.safetensors"
+    assert main(["export", "--run", str(run_dir), "--out", str(exported)]) == 0
+    assert export_metadata(exported)["class_names"] == export_metadata(model)["class_names"]
     assert main([*args, "--model", str(model), "--class", "cool rnig", "--out", str(tmp_path / "m.npz")]) == 2
     assert "--class 'cool rnig' is no class of model" in (err := capsys.readouterr().err) and "did you mean 'cool ring'" in err
     assert main([*args, "--model", str(model), "--class", "cool plus", "--out", str(tmp_path / "m.npz")]) == 0

@@ -36,7 +36,7 @@ def test_a_larger_num_extends_a_finished_file_into_a_fresh_runs_file(run_dir, tm
     assert main([*args, "--num", "11", "--batch", "3", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert (f"extending {out} from 5 to 11 samples: its first 4 are kept, the rest sampled in chunks of 2 (the file's; "
-            "--batch 3 is not used); its last 1 (a short chunk) are sampled again") in captured.err
+            "--batch 3 is not used); its last 1 (a short chunk) is sampled again") in captured.err
     assert f"wrote 11 samples to {out}" in captured.out
     assert main([*args, "--num", "11", "--batch", "2", "--out", str(fresh)]) == 0
     with np.load(out) as a, np.load(fresh) as b:
@@ -296,3 +296,23 @@ def test_an_extension_of_whole_chunks_says_so_and_its_bar_starts_at_the_samples_
     assert f"extending {out} from 4 to 6 samples: its first 4 are kept, the rest sampled in chunks of 2\n" in err
     assert "sampled again" not in err
     assert "| 4/6 [" in err and "| 6/6 [" in err and "| 0/6 [" not in err
+
+
+def test_an_extension_that_keeps_nothing_says_so_in_plain_words(run_dir, tmp_path, capsys):
+    """A file of one short chunk (8 samples of the default chunks of 64) keeps none of them: the line said 'its first
+    0 are kept, ...; its last 8 (a short chunk) are sampled again'; it now says none is kept, and why. A single
+    sample sampled again is 'is', not 'are'."""
+    args = ["sample", "--run", str(run_dir), "--steps", "1", "--micro-batch", "2"]
+    out = tmp_path / "s.npz"
+    assert main([*args, "--num", "3", "--batch", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--num", "6", "--batch", "4", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (f"extending {out} from 3 to 6 samples: none of its 3 is kept (one short chunk, sampled again as part of a "
+            "full chunk, as a fresh run samples them); all sampled in chunks of 4\n") in err
+    assert "first 0" not in err
+    small = tmp_path / "small.npz"
+    assert main([*args, "--num", "5", "--batch", "4", "--out", str(small)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--num", "8", "--batch", "4", "--out", str(small)]) == 0
+    assert "its last 1 (a short chunk) is sampled again" in capsys.readouterr().err

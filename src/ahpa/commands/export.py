@@ -32,7 +32,8 @@ def run(args) -> int:
     existed = Path(args.out).is_file()
     before = _metadata(args.out) if existed else None
     path = export_model(args.out, bundle.model, bundle.latent_stats, bundle.encoder.spec, cfg.transport.path,
-                        cfg.data.resolution, getattr(bundle.encoder, "weights_sha256", None), cfg.train.label_dropout)
+                        cfg.data.resolution, getattr(bundle.encoder, "weights_sha256", None), cfg.train.label_dropout,
+                        bundle.class_names)
     why = unguidable(bundle.num_classes, cfg.train.label_dropout)
     if why:
         print(f"ahpa export: warning: {why}; sample it without --cfg-scale", file=sys.stderr)

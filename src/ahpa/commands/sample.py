@@ -157,10 +157,15 @@ def _run(args) -> int:
 
         def on_extend(had: int, kept: int, batch: int) -> None:
             kept_chunks = f" (the file's; --batch {args.batch} is not used)" if batch != args.batch else ""
-            redone = (f"; its last {had - kept} (a short chunk) are sampled again as part of a full chunk, as a "
-                      "fresh run samples them" if kept < had else "")
-            tqdm.write(f"extending {args.out} from {had} to {args.num} samples: its first {kept} are kept, the rest "
-                       f"sampled in chunks of {batch}{kept_chunks}{redone}", file=sys.stderr)
+            if kept == 0:  # the file was one short chunk: a fresh run samples it within its first full chunk
+                tqdm.write(f"extending {args.out} from {had} to {args.num} samples: none of its {had} is kept (one "
+                           "short chunk, sampled again as part of a full chunk, as a fresh run samples them); all "
+                           f"sampled in chunks of {batch}{kept_chunks}", file=sys.stderr)
+            else:
+                redone = (f"; its last {had - kept} (a short chunk) {'is' if had - kept == 1 else 'are'} sampled "
+                          "again as part of a full chunk, as a fresh run samples them" if kept < had else "")
+                tqdm.write(f"extending {args.out} from {had} to {args.num} samples: its first {kept} are kept, the "
+                           f"rest sampled in chunks of {batch}{kept_chunks}{redone}", file=sys.stderr)
             extending.append(kept)
 
         def on_resume(done: int, batch: int) -> None:

@@ -118,14 +118,17 @@ def evaluate(
     pr_k: int = 3,
     cache_dir: str | Path | None = None,
     progress: Callable[[str], Callable[[int], None]] | None = None,
+    names: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """({metric name: value}, {"samples": FeatureStats, "reference": FeatureStats or None}) for the first `num`
     samples; the reference's statistics come back when a metric needed them (None for `is` alone).
 
-    `progress(label)` may return a callback that takes the number of images of each batch (a bar's update).
+    `progress(label)` may return a callback that takes the number of images of each batch (a bar's update); `names`
+    as check_settings' (the caller's names of the parameters, in its errors).
     """
     metrics = parse_metrics(metrics)
-    check_settings(metrics, num=num, batch_size=batch_size, is_splits=is_splits, pr_num=pr_num, pr_k=pr_k)
+    settings = dict(num=num, batch_size=batch_size, is_splits=is_splits, pr_num=pr_num, pr_k=pr_k, names=names)
+    check_settings(metrics, **settings)
     names = metric_names(detector)
     metrics_by_detector(metrics, [detector])  # `is` needs a classifier head
     keep = pr_num if "pr" in metrics else 0
@@ -139,6 +142,8 @@ def evaluate(
     if "fd" in metrics or "pr" in metrics:
         ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, on_batch=tick("reference"))
     got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, max_images=num, on_batch=tick("samples"))
+    # against the images that decoded: a folder, counted by its files beforehand, may hold fewer (undecodable ones)
+    check_settings(metrics, **settings, count=got.stats.count)
     out: dict[str, float] = {}
     ref_stats = None
     if ref_m is not None:

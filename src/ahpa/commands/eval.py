@@ -110,7 +110,7 @@ def run(args) -> int:
                     warnings.simplefilter("always", category)
                 values, stats = evaluate(samples, ref_source, det, mine, num=args.num, batch_size=args.batch,
                                           is_splits=args.is_splits, pr_num=args.pr_num, pr_k=args.pr_k, cache_dir=cache,
-                                          progress=progress, names=OPTIONS)
+                                          progress=progress, option_names=OPTIONS)
         finally:  # also on an error: an open bar would leave its line for the error message to continue
             while bars:
                 bars.pop().close()

@@ -118,16 +118,16 @@ def evaluate(
     pr_k: int = 3,
     cache_dir: str | Path | None = None,
     progress: Callable[[str], Callable[[int], None]] | None = None,
-    names: dict[str, str] | None = None,
+    option_names: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """({metric name: value}, {"samples": FeatureStats, "reference": FeatureStats or None}) for the first `num`
     samples; the reference's statistics come back when a metric needed them (None for `is` alone).
 
-    `progress(label)` may return a callback that takes the number of images of each batch (a bar's update); `names`
-    as check_settings' (the caller's names of the parameters, in its errors).
+    `progress(label)` may return a callback that takes the number of images of each batch (a bar's update);
+    `option_names` as check_settings' `names` (the caller's names of the parameters, in its errors).
     """
     metrics = parse_metrics(metrics)
-    settings = dict(num=num, batch_size=batch_size, is_splits=is_splits, pr_num=pr_num, pr_k=pr_k, names=names)
+    settings = dict(num=num, batch_size=batch_size, is_splits=is_splits, pr_num=pr_num, pr_k=pr_k, names=option_names)
     check_settings(metrics, **settings)
     names = metric_names(detector)
     metrics_by_detector(metrics, [detector])  # `is` needs a classifier head

@@ -5,8 +5,7 @@ every key is set; and the hint for a value not among the choices."""
 from __future__ import annotations
 
 from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
-from ahpa.plugins import load_plugins
-from ahpa.registry import ELSEWHERE
+from ahpa.registry import unknown_hint
 from ahpa.spelling import did_you_mean
 
 
@@ -101,10 +100,6 @@ def choice_hint(key: str, value, choices: list[str]) -> str:
     registered from Python in another process."""
     if key == "align.method" and value in _RUN_NAMES:
         return f" ({value!r} names a run of the study: {_RUN_NAMES[value]})"
-    near = did_you_mean(value, choices)
     if key not in ("align.method", "align.loss", "align.router"):
-        return near
-    failed = "".join(f"; {f}" for f in load_plugins())  # the name may be that package's
-    if near or failed:
-        return near + failed
-    return f" ({ELSEWHERE})"
+        return did_you_mean(value, choices)
+    return "".join(unknown_hint(value, choices))  # a registry's name: as Registry.check explains it

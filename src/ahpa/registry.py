@@ -18,6 +18,14 @@ ELSEWHERE = ("a name registered from Python exists only in the process that regi
              "loading, or declare it as an entry point of an installed package, docs/extending.md")
 
 
+def unknown_hint(name, valid) -> tuple[str, str]:
+    """What follows the refusal of a name not among `valid`: (a near spelling, or ''; what else may explain it: the
+    installed packages that failed to import, since the name may be theirs, or, with neither, why a name registered
+    elsewhere is unknown here). Registry.check puts the spelling before the valid names, a config error after."""
+    near, failed = did_you_mean(name, valid), "".join(f"; {f}" for f in load_plugins())
+    return near, failed if near or failed else f" ({ELSEWHERE})"
+
+
 def check_name(name: str, what: str, usage: str) -> None:
     """A registered name is written in overrides and YAML as `usage` shows (e.g. align.method=NAME): no spaces, no
     = , [ ] :"""
@@ -92,9 +100,8 @@ class Registry:
             return
         valid = list(self)
         if name not in valid:
-            near, failed = did_you_mean(name, valid), "".join(f"; {f}" for f in load_plugins())
-            raise ValueError(f"unknown {self.what} {name!r}{where}{near}; valid {self.plural}: {', '.join(valid)}"
-                             f"{failed}{'' if near or failed else f' ({ELSEWHERE})'}")
+            near, rest = unknown_hint(name, valid)
+            raise ValueError(f"unknown {self.what} {name!r}{where}{near}; valid {self.plural}: {', '.join(valid)}{rest}")
         claims = self._claims(name)
         if len(claims) > 1:
             raise ValueError(self._clash(name, claims))

@@ -101,6 +101,12 @@ def _differences(saved: dict, settings: dict, holder: str) -> list[str]:
             for k, v in settings.items() if saved.get(k, defaults.get(k)) != v]
 
 
+def _other_than_num(saved: dict, settings: dict) -> list[str]:
+    """How `settings` differ from a finished file's record `saved`, its num and chunk size apart: a larger num extends
+    the file, and no sample depends on the chunk size."""
+    return _differences(saved, {k: v for k, v in settings.items() if k not in (*_NOT_IDENTITY, "num")}, "the file")
+
+
 _FIX = "choose another --out, or delete it to sample again"
 
 
@@ -135,7 +141,7 @@ def finished_record(out: str | Path, settings: dict) -> dict | None:
     saved, name = _read_record(out), record_path(out).name
     same = {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}
     had, num = saved.get("num"), same.get("num", saved.get("num"))
-    if not isinstance(had, int) or _differences(saved, {k: v for k, v in same.items() if k != "num"}, "the file"):
+    if not isinstance(had, int) or _other_than_num(saved, settings):
         diff = _differences(saved, same, "the file")
         raise SampleSettingsError(f"sample output {str(out)!r} is finished with other settings ({'; '.join(diff)}); "
                                   f"a finished sample file is not written over: {_FIX} (and {name})")
@@ -166,9 +172,8 @@ def _leftover_parts(out: Path, parts: Path, settings: dict) -> bool:
     if not (out.is_file() and parts.is_dir()):
         return False
     saved = _record_or_none(out) or {}
-    same = {k: v for k, v in settings.items() if k not in (*_NOT_IDENTITY, "num")}
     had = saved.get("num")
-    if not isinstance(had, int) or settings.get("num", had) < had or _differences(saved, same, "the file"):
+    if not isinstance(had, int) or settings.get("num", had) < had or _other_than_num(saved, settings):
         return False
     try:
         partial = json.loads((parts / "settings.json").read_text())
@@ -265,7 +270,6 @@ def _check_extended(out: Path, parts: Path, settings: dict, start: int) -> Excep
     """Why a partial extension cannot take the first `start` samples of OUT (gone, or replaced by another file), or
     None. OUT holds the old num until the extension replaces it, and the new one after (a kill before its record)."""
     saved = _record_or_none(out) if out.exists() else None
-    same = {k: v for k, v in settings.items() if k not in (*_NOT_IDENTITY, "num")}
     try:
         count = npz_image_count(out) or 0
     except ValueError:  # not a zip archive
@@ -274,7 +278,7 @@ def _check_extended(out: Path, parts: Path, settings: dict, start: int) -> Excep
         why = "is gone"
     elif saved is None:
         why = f"has no readable record of its settings ({record_path(out).name})"
-    elif diff := _differences(saved, same, "the file"):
+    elif diff := _other_than_num(saved, settings):
         why = f"holds other samples now ({'; '.join(diff)})"
     elif count < start:
         why = f"holds {count} samples now"

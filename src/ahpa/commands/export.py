@@ -23,7 +23,8 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ahpa.sample import export_model, unguidable
+    from ahpa.sample import unguidable
+    from ahpa.train.outputs import export
     from ahpa.train.resume import run_sampler
 
     if not args.out.endswith(".safetensors"):  # as ahpa convert: a file named .npz would be fed to ahpa eval
@@ -31,9 +32,7 @@ def run(args) -> int:
     bundle, step, cfg = run_sampler(args.run, torch.device("cpu"), encoder=args.encoder, step=args.step)
     existed = Path(args.out).is_file()
     before = _metadata(args.out) if existed else None
-    path = export_model(args.out, bundle.model, bundle.latent_stats, bundle.encoder.spec, cfg.transport.path,
-                        cfg.data.resolution, getattr(bundle.encoder, "weights_sha256", None), cfg.train.label_dropout,
-                        bundle.class_names)
+    path = export(args.out, bundle.model, bundle.latent_stats, bundle.encoder, cfg)  # as a run exports itself
     why = unguidable(bundle.num_classes, cfg.train.label_dropout)
     if why:
         print(f"ahpa export: warning: {why}; sample it without --cfg-scale", file=sys.stderr)

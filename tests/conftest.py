@@ -53,6 +53,45 @@ def hold_lock(path: Path, env: dict | None = None) -> subprocess.Popen:
     return proc
 
 
+class FakeEntryPoint:
+    """An installed package's entry point (what importlib.metadata gives): `load` runs its module ("ahpa.plugins") or
+    returns the loader ("ahpa.encoders", then `name` is the kind); `value` is what it names, `{package}_mod` unless
+    given."""
+
+    class _Dist:
+        def __init__(self, name):
+            self.name = name
+
+    def __init__(self, package, load, name=None, value=None):
+        self.name, self.value, self.dist = name or package, value or f"{package}_mod", self._Dist(package)
+        self._load = load
+
+    def load(self):
+        return self._load()
+
+
+@pytest.fixture
+def packages(monkeypatch):
+    """Installs fake packages for this test: packages(FakeEntryPoint, ..., encoders=[FakeEntryPoint, ...]) for the
+    "ahpa.plugins" and "ahpa.encoders" groups; the plugins are imported afresh, and every registry is restored."""
+    import importlib.metadata
+
+    from ahpa import plugins
+    from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
+    from ahpa.priors import registry
+
+    for reg in (METHODS, ROUTER_MODES, LOSSES, registry.ENCODERS):
+        monkeypatch.setattr(reg, "entries", dict(reg.entries))
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_failures", [])
+
+    def install(*modules, encoders=()):
+        groups = {plugins.GROUP: list(modules), registry.ENTRY_POINT_GROUP: list(encoders)}
+        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: groups.get(group, []))
+
+    return install
+
+
 TINY = [
     "model.preset=S/1", "model.hidden_size=32", "model.depth=3", "model.num_heads=2",
     "data.source=procedural", "data.resolution=16", "data.procedural_size=64",

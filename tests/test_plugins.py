@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import FakeEntryPoint
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PLUGIN = '''
@@ -71,23 +73,13 @@ def test_a_broken_plugin_is_named_with_its_package(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
-def test_an_encoder_entry_point_that_fails_breaks_its_kind_only(monkeypatch):
-    import importlib.metadata
-
+def test_an_encoder_entry_point_that_fails_breaks_its_kind_only(packages):
     from ahpa.priors import registry
 
-    class Dist:
-        name = "badvae-pkg"
+    def broken():
+        raise ModuleNotFoundError("No module named 'badvae_pkg'")
 
-    class Broken:
-        name, value, dist = "badvae", "badvae_pkg.vae:load", Dist()
-
-        def load(self):
-            raise ModuleNotFoundError("No module named 'badvae_pkg'")
-
-    monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group: [Broken()] if group == registry.ENTRY_POINT_GROUP else [])
+    packages(encoders=[FakeEntryPoint("badvae-pkg", broken, "badvae", "badvae_pkg.vae:load")])
     assert "badvae" in registry.kinds()
     assert registry.load_encoder("ahpa-vae:random").spec == "ahpa-vae:random"  # before: every kind failed
     with pytest.raises(ImportError, match=r"encoder kind 'badvae' .* entry point badvae = 'badvae_pkg.vae:load' of "
@@ -472,26 +464,15 @@ def test_an_encoder_without_a_latent_level_is_named_and_the_latent_by_name_is_th
         enc.encode(images)
 
 
-def test_an_unknown_encoder_kind_names_a_plugin_package_that_failed_to_import(monkeypatch):
+def test_an_unknown_encoder_kind_names_a_plugin_package_that_failed_to_import(packages):
     """The kind a spec names may be a broken package's: the refusal says which package failed, not only the valid
     kinds (which then lack it, and read as if the package were not installed)."""
-    import importlib.metadata
-
-    from ahpa import plugins
     from ahpa.priors.registry import parse_spec
 
-    class Dist:
-        name = "pkg"
+    def broken():
+        raise ModuleNotFoundError("No module named 'bad_mod'")
 
-    class Bad:
-        name, value, dist = "bad", "bad_mod", Dist()
-
-        def load(self):
-            raise ModuleNotFoundError("No module named 'bad_mod'")
-
-    monkeypatch.setattr(plugins, "_loaded", False)
-    monkeypatch.setattr(plugins, "_failures", [])
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Bad()] if group == plugins.GROUP else [])
+    packages(FakeEntryPoint("pkg", broken, "bad", "bad_mod"))
     with pytest.raises(ValueError, match=r"unknown encoder kind 'plugkind' in 'plugkind:/w'; valid kinds: .*"
                                          r"entry point bad = 'bad_mod'"):
         parse_spec("plugkind:/w")

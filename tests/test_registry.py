@@ -8,6 +8,7 @@ import pytest
 from ahpa.data.procedural import make_shapes
 from ahpa.priors import registry
 from ahpa.priors.kl_vae import KLVAE
+from tests.conftest import FakeEntryPoint
 
 
 @pytest.fixture
@@ -78,42 +79,6 @@ def test_an_installed_package_adds_a_kind_by_entry_point(monkeypatch):
     assert registry.load_encoder("pkg-vae:1").spec == "pkg-vae:1"
 
 
-class _Dist:
-    def __init__(self, name):
-        self.name = name
-
-
-class _Plugin:
-    """An installed package's entry point (what importlib.metadata gives): `load` runs its module ("ahpa.plugins") or
-    returns the loader ("ahpa.encoders", then `name` is the kind)."""
-
-    def __init__(self, package, load, name=None):
-        self.name, self.value, self.dist, self._load = name or package, f"{package}_mod", _Dist(package), load
-
-    def load(self):
-        return self._load()
-
-
-@pytest.fixture
-def packages(monkeypatch):
-    """Installs fake "ahpa.plugins" packages for this test: packages(_Plugin, ...); every registry is restored."""
-    import importlib.metadata
-
-    from ahpa import plugins
-    from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
-
-    for reg in (METHODS, ROUTER_MODES, LOSSES, registry.ENCODERS):
-        monkeypatch.setattr(reg, "entries", dict(reg.entries))
-    monkeypatch.setattr(plugins, "_loaded", False)
-    monkeypatch.setattr(plugins, "_failures", [])
-
-    def install(*modules, encoders=()):
-        groups = {plugins.GROUP: list(modules), registry.ENTRY_POINT_GROUP: list(encoders)}
-        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: groups.get(group, []))
-
-    return install
-
-
 def test_a_misspelt_name_with_a_broken_package_installed_names_the_key_the_near_name_and_the_package(packages):
     """A typo of a registered mode, with some other installed package broken: the error used to be the broken
     package's ImportError alone, without the key, the file, or the near spelling the user meant."""
@@ -123,7 +88,7 @@ def test_a_misspelt_name_with_a_broken_package_installed_names_the_key_the_near_
     def broken():
         raise ModuleNotFoundError("No module named 'bad_mod'")
 
-    packages(_Plugin("badpkg", broken))
+    packages(FakeEntryPoint("badpkg", broken))
     register_router_mode("linear-ramp", lambda t, k: torch.full((len(t), k), 1 / k))
     with pytest.raises(config.ConfigError, match=r"^overrides: align.router='linear-rmp' is not valid; valid values: "
                                                  r".*linear-ramp \(did you mean 'linear-ramp'\?\); the 'ahpa.plugins' "
@@ -144,9 +109,9 @@ def test_two_packages_giving_one_name_are_both_named_and_neither_is_used(package
         registry.register_encoder("dupvae", lambda where, spec: KLVAE.random())
 
     loader = lambda where, spec: KLVAE.random()  # noqa: E731
-    packages(_Plugin("pkg-a", ramp(1.0)), _Plugin("pkg-b", ramp(2.0)), _Plugin("pkg-c", registers_kind),
-             encoders=[_Plugin("pkg-d", lambda: loader, "twovae"), _Plugin("pkg-e", lambda: loader, "twovae"),
-                       _Plugin("pkg-f", lambda: loader, "dupvae")])
+    packages(FakeEntryPoint("pkg-a", ramp(1.0)), FakeEntryPoint("pkg-b", ramp(2.0)), FakeEntryPoint("pkg-c", registers_kind),
+             encoders=[FakeEntryPoint("pkg-d", lambda: loader, "twovae"), FakeEntryPoint("pkg-e", lambda: loader, "twovae"),
+                       FakeEntryPoint("pkg-f", lambda: loader, "dupvae")])
     both = r"is given by packages 'pkg-a', 'pkg-b': "
     with pytest.raises(config.ConfigError, match=rf"align.router='linear-ramp' is not valid.*router mode 'linear-ramp' {both}"):
         config.load(None, ["align.router=linear-ramp"])
@@ -249,7 +214,7 @@ def test_compare_knows_the_methods_and_router_modes_of_installed_packages(packag
         register_router_mode("plug-sharp", lambda soft: soft, learned=True)
         register_method(MethodSpec("plug-fixed", "all", "uniform", "cosine", "every level, uniform"))
 
-    packages(_Plugin("pkg", module))
+    packages(FakeEntryPoint("pkg", module))
     run = {"data.source": "procedural", "align.router": "plug-sharp", "align.router_tau": 2.0,
            "align.router_normalize": True, "align.loss": "default"}
     assert "align.router_tau" not in unread_settings({**run, "align.method": "ahpa"})
@@ -268,7 +233,7 @@ def test_a_method_built_from_an_installed_package_s_router_mode_and_loss(package
         register_router_mode("plug-ramp", lambda t, k: torch.full((len(t), k), 1 / k))
         register_loss("plug-mse", lambda p, q, cfg: (p.float() - q.float()).pow(2).flatten(1).mean(1))
 
-    packages(_Plugin("pkg", module))
+    packages(FakeEntryPoint("pkg", module))
     assert MethodSpec("mine", "all", "plug-ramp", "plug-mse", "").router == "plug-ramp"
     with pytest.raises(ValueError, match=r"^method 'mine': unknown router mode 'plug-rmp' \(did you mean 'plug-ramp'\?\)"):
         MethodSpec("mine", "all", "plug-rmp", "cosine", "")

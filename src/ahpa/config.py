@@ -103,7 +103,9 @@ class TrainCfg:
     label_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
     ema_decay: float = 0.9999  # EMA of the backbone: the weights that are sampled and exported
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
+    # auto: bf16 on CUDA GPUs with bf16 arithmetic (A100, H100, RTX 30xx on), fp16 on older ones (V100, T4), fp32
+    # elsewhere | fp32 | bf16 | fp16 (autocast with a dynamic loss scale, ahpa.train.loss_scale)
+    precision: str = "auto"
     compile: bool = False  # torch.compile the backbone and the aligner (for GPUs)
     # torch.compile's mode: default | max-autotune-no-cudagraphs (tries Triton GEMM templates against cuBLAS:
     # minutes more compilation, for long runs) | reduce-overhead / max-autotune (CUDA graphs: for small,

@@ -44,7 +44,7 @@ CHOICES = {
     "align.method": METHODS,  # the registries (ahpa.align.methods), read when asked
     "align.loss": _OrDefault(),
     "align.router": ROUTER_MODES,
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.solver": ("euler", "heun", "euler-maruyama"),
 }

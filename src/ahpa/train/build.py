@@ -21,15 +21,19 @@ from ahpa.priors.registry import kinds, load_encoder
 from ahpa.priors.targets import PriorStats
 from ahpa.registry import Registry
 from ahpa.train.distributed import current, device_for
+from ahpa.train.loss_scale import LossScale
 from ahpa.train.rng import generator
 
 STATS_STREAM = 2
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """train.precision's autocast dtype on `device` (None: fp32). auto is bf16 on a CUDA GPU that computes in it
+    (compute capability 8.0 or later: A100, H100, RTX 30xx on) and fp16, with a loss scale, on one that does not
+    (V100, T4, RTX 20xx: bf16 there is emulated, many times slower, or not supported); fp32 elsewhere."""
+    if precision == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Parts:
     aligner: Aligner | None
     optimizer: torch.optim.Optimizer
     stats: PriorStats | None = None
+    loss_scale: LossScale | None = None  # fp16 training's (ahpa.train.loss_scale)
 
     @property
     def grid(self) -> int:
@@ -135,12 +140,15 @@ def build_parts(
         depths = resolve_depths(levels, cfg.align.depth, list(cfg.align.level_depths), sc.depth, cfg.align.shared_trunk)
         aligner = Aligner(sc.hidden_size, levels, dims, cfg.align, router_mode, loss, depths).to(device)
     optimizer = build_optimizer(cfg, model, aligner)
+    amp = autocast_dtype(cfg.train.precision, device)
     if cfg.data.source == "cache":
         source = open_cache(cfg, encoder, levels, sc.grid, device)
     else:
-        source = OnTheFly(data, encoder, levels, sc.grid, cfg.data.resolution, device, autocast_dtype(cfg.train.precision, device))
-    return Parts(cfg, device, autocast_dtype(cfg.train.precision, device), source, encoder, external, levels,
-                 model, ema, aligner, optimizer)
+        # the VAE encodes in fp32 under fp16 training: VAEs are known to overflow fp16 (SDXL's needed an "fp16-fix"
+        # release; diffusers marks such VAEs force_upcast), and a bad latent is a bad step, not a loss-scale matter
+        source = OnTheFly(data, encoder, levels, sc.grid, cfg.data.resolution, device, None if amp == torch.float16 else amp)
+    return Parts(cfg, device, amp, source, encoder, external, levels, model, ema, aligner, optimizer,
+                 loss_scale=LossScale(device) if amp == torch.float16 else None)
 
 
 def given_encoder_spec(encoder, configured: str) -> tuple[str, list[str]]:
@@ -205,7 +213,7 @@ def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_nam
     (the wrong GPU, fp32 where bf16 was meant, an eager step, a per-process batch that is not the one planned)."""
     t = cfg.train
     how = "FSDP2" if sharding else "DDP"
-    precision = "bf16 autocast" if parts.amp == torch.bfloat16 else "fp32"
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast with a dynamic loss scale"}.get(parts.amp, "fp32")
     compiled = f"compiled ({t.compile_mode})" if t.compile else "eager"
     micro = f" in {t.grad_accum} micro-batches" if t.grad_accum > 1 else ""
     where = device_name if world == 1 else f"{world} x {device_name} ({how})"

@@ -185,13 +185,19 @@ class Trainer:
         elif p.source.reads_priors:  # alignment has stopped (align.stop_step): the priors are no longer read
             p.source.drop_levels()
         totals: dict[str, torch.Tensor] = {}
+        scale = p.loss_scale  # fp16 only (ahpa.train.loss_scale)
+        total_loss = 0  # the step's loss, for the loss scale's judgement of a skip
         for a, sl in enumerate(micro_batches(B, self.rank, self.world, accum)):
             d = {k: v[sl] for k, v in draws.items()}
             with self._no_sync(last=a == accum - 1):
                 loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d.get("posterior")), d, align_on)
-                (loss / accum).backward()
+                ((loss * scale.scale if scale is not None else loss) / accum).backward()
+            if scale is not None:
+                total_loss = total_loss + loss.detach()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v / accum
+        if scale is not None:
+            scale.unscale_(self._trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, c.train.grad_clip if c.train.grad_clip > 0 else float("inf"))
         grad_norm = full_value(grad_norm)  # under FSDP a replicated DTensor: the global norm, no communication
         # a non-finite loss or gradient: skip the optimiser and EMA updates, count it (no host sync)
@@ -202,12 +208,17 @@ class Trainer:
         ema_update(*self._ema_pairs, ema_decay(self.ema_updates, c.train.ema_decay, c.train.ema_warmup), keep=found_inf)
         if align_on:  # once per step, from all micro-batches: accumulating gradients trains as the whole batch does
             p.aligner.update_running(totals.pop("running/sums"), totals.pop("running/counts"), skip=found_inf)
-        self.bad_total += found_inf
-        self.bad_run = (self.bad_run + found_inf) * found_inf
+        # a skip that fp16's loss scale deals with (an overflow, the scale halves) is not a bad step
+        overflow = scale.update(found_inf, total_loss) if scale is not None else None
+        bad = found_inf - overflow if overflow is not None else found_inf
+        self.bad_total += bad
+        self.bad_run = (self.bad_run + bad) * bad
         totals["grad_norm"] = grad_norm.detach()
         # a skipped step's metrics are dropped from the averages (masked, not branched on)
         totals = {k: torch.where(found_inf > 0, torch.zeros_like(v), v) for k, v in totals.items()}
         totals["good_steps"] = 1 - found_inf
+        if overflow is not None:
+            totals["overflow_steps"] = overflow
         self.ema_updates += 1
         self.step += 1
         return totals

@@ -42,6 +42,8 @@ def checkpoint_state(parts: Parts, sharded, rank: int, step: int, ema_updates: i
         "stats": p.stats.to_dict(),
         "levels": p.levels,
         "encoder": p.encoder.identity(),
+        # fp16's loss scale: a resumed run scales its next step as the run that went on would have
+        "loss_scale": p.loss_scale.state_dict() if p.loss_scale is not None else None,
     }
 
 
@@ -85,6 +87,8 @@ def restore(run_dir: Path, parts: Parts, cfg: Config, world: int) -> tuple[Resum
         if p.aligner is not None:
             p.aligner.load_state_dict(state["aligner"])
         optimizer_state = state["optimizer"]
+    if p.loss_scale is not None and state.get("loss_scale"):  # not in a checkpoint of a bf16 or fp32 run (auto on
+        p.loss_scale.load_state_dict(state["loss_scale"])     # another GPU): the scale then starts afresh
     # what the run keeps of the mapped checkpoint gets memory of its own (checkpoint.owned); on a GPU, loading
     # the optimiser's state copies it there
     if p.device.type == "cpu":

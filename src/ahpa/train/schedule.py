@@ -55,6 +55,9 @@ def log_row(tr: Trainer, sums: dict[str, torch.Tensor], count: int, t0: float) -
                img_per_s=count * c.train.batch_size / max(time.perf_counter() - t0, 1e-9),
                level_names=tr.parts.levels, bad_steps=int(tr.bad_total.item()),
                skipped_in_window=count - round(n_good))
+    if tr.parts.loss_scale is not None:  # fp16: the scale now; the window's overflows are among its skipped steps
+        row["loss_scale"] = float(tr.parts.loss_scale.scale)
+        row["overflow_steps"] = round(row["overflow_steps"])
     return row
 
 
@@ -114,7 +117,8 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
                     logger.log(tr.step, last)
                 if hooks.on_log is not None:
                     hooks.on_log(tr.step, last)
-                verdict = watch.update(count, last["skipped_in_window"], int(tr.bad_run.item()))
+                bad = last["skipped_in_window"] - last.get("overflow_steps", 0)  # fp16's overflows are no sign
+                verdict = watch.update(count, bad, int(tr.bad_run.item()))
                 if verdict:
                     raise TooManyBadSteps(
                         f"{verdict} (step {tr.step}); they were skipped, and no checkpoint is written inside a "

@@ -30,6 +30,7 @@ import benchlib
 from throughput import SIZES, TINY_SIT, encoders_for, run_config, write_caches
 
 from ahpa.models.sit import SiTConfig
+from ahpa.train.build import autocast_dtype, precision_name
 from ahpa.train.loop import Trainer
 
 # first match wins: kernel names of cuBLAS/CUTLASS GEMMs, flash/cuDNN/efficient attention, inductor's Triton kernels
@@ -200,7 +201,7 @@ def main() -> None:
             trainer = Trainer(cfg, args.work_dir / "runs" / f"{model.replace('/', '')}-{method}", external=external, encoder=encoder)
             for _ in range(args.warmup):
                 trainer.train_step()
-            rec = {"model": model, "method": method, "batch": batch, "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+            rec = {"model": model, "method": method, "batch": batch, "precision": precision_name(autocast_dtype("auto", device))}
             try:
                 rec.update(profile_steps(trainer, args.steps, device))
                 print(f"{model} {method}: {rec['wall_ms_per_step']} ms/step wall, {rec['busy_ms_per_step']} busy, "

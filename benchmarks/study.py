@@ -40,6 +40,7 @@ from ahpa.metrics import FeatureStats, load_detector, reference_stats
 from ahpa.sample import iter_samples, generate
 from ahpa.train import logger, plots
 from ahpa.train.divergence import DivergenceWatch
+from ahpa.train.build import autocast_dtype, precision_name
 from ahpa.train.loop import Trainer
 
 DIVERGENCE_CHECK_EVERY = 200  # steps between checks of a run's skipped (non-finite) steps
@@ -143,7 +144,8 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
                 sums[k] = sums.get(k, 0) + v.detach()
                 seen[k] = seen.get(k, 0) + 1
             count += 1
-            good, checked = good + step["good_steps"], checked + 1  # a device tensor: no host read until the check
+            # device tensors: no host read until the check; fp16's forgiven overflows are no sign (Trainer.run)
+            good, checked = good + step["good_steps"] + step.get("overflow_steps", 0), checked + 1
             if trainer.step % DIVERGENCE_CHECK_EVERY == 0:  # one host read per check
                 diverged = watch.update(checked, checked - round(float(good)), int(trainer.bad_run.item()))
                 good, checked = 0, 0
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.refs_only:
         return
     env = {**benchlib.device_info(device), "command": benchlib.command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "compile": args.compile == "on",
+           "precision": precision_name(autocast_dtype("auto", device)), "compile": args.compile == "on",
            "lanes": args.lanes}
     cache = ensure_cache(args, device)
     print(f"cache: {cache}", flush=True)

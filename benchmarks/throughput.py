@@ -57,6 +57,7 @@ from ahpa.models.sit import SiT, SiTConfig
 from ahpa.priors.external import ExternalEncoder
 from ahpa.priors.targets import ChannelStats
 from ahpa.sample import export_model, generate, load_export, per_sample_noise
+from ahpa.train.build import autocast_dtype, precision_name
 from ahpa.train.loop import Trainer
 
 METHODS = ("none", "ahpa-cached", "ahpa-on-the-fly", "repa", "repa-cached")
@@ -222,7 +223,7 @@ def measure_sampling(model: str, size: dict, args, encoder, device: torch.device
         out.append({
             **info, "kind": "sample", "model": model, "solver": solver, "steps": steps, "nfe": nfe, "cfg_scale": 1.5,
             "guidance_interval": [0.0, 1.0], "batch": n, "micro_batch": 2 * n, "compile": compiled, "warmup_s": round(warm_s, 2),
-            "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "img_per_s": round(n / dt, 3),
+            "precision": precision_name(autocast_dtype("auto", device)), "img_per_s": round(n / dt, 3),
             "seconds": round(dt, 3), "host_noise_s": round(noise_s, 3), "decode": "stand-in decoder (trivial)",
             "mfu": round(flops / dt / (peak * 1e12), 4) if peak else None, "images_shape": list(images.shape),
         })
@@ -314,7 +315,7 @@ def main() -> None:
     for model, compiled, ckpt, method, prefetch, fraction in variants:
         base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
                 "compile_mode": args.compile_mode if compiled else None,
-                "batch": args.batch or size["batch"][model], "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                "batch": args.batch or size["batch"][model], "precision": precision_name(autocast_dtype("auto", device)),
                 "resolution": size["resolution"], "timed_steps": steps, "warmup_steps": warmup,
                 "activation_checkpointing": ckpt, "prefetch": prefetch, "token_fraction": fraction}
         label = f"{model} {method} compile={compiled}" + (f" checkpointing={blocks_name(ckpt)}" if ckpt else "") + (

@@ -36,6 +36,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def precision_name(amp: torch.dtype | None) -> str:
+    """How a run computes, as its first line and benchmark records say it."""
+    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "fp32")
+
+
 @dataclass
 class Parts:
     cfg: Config
@@ -213,7 +218,7 @@ def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_nam
     (the wrong GPU, fp32 where bf16 was meant, an eager step, a per-process batch that is not the one planned)."""
     t = cfg.train
     how = "FSDP2" if sharding else "DDP"
-    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast with a dynamic loss scale"}.get(parts.amp, "fp32")
+    precision = precision_name(parts.amp) + (" with a dynamic loss scale" if parts.loss_scale is not None else "")
     compiled = f"compiled ({t.compile_mode})" if t.compile else "eager"
     micro = f" in {t.grad_accum} micro-batches" if t.grad_accum > 1 else ""
     where = device_name if world == 1 else f"{world} x {device_name} ({how})"

@@ -36,7 +36,8 @@ class _HostReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("extra", [(), ("data.prefetch=false", "align.router_t_bins=4", "align.token_fraction=0.5",
-                                        "train.grad_accum=2"), ("align.method=vae-latent",)])
+                                        "train.grad_accum=2"), ("align.method=vae-latent",),
+                                   ("train.precision=fp16", "train.grad_accum=2")])  # the loss scale's schedule too
 def test_the_training_step_reads_no_value_back_to_the_host(tiny_cache, tmp_path, extra):
     """The step queues its work and returns device tensors; values come back only when a log row is written. On
     the CPU this checks the operators that would read back (a GPU run counts every host sync: throughput.py)."""

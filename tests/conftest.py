@@ -55,7 +55,7 @@ def hold_lock(path: Path, env: dict | None = None) -> subprocess.Popen:
 
 class FakeEntryPoint:
     """An installed package's entry point (what importlib.metadata gives): `load` runs its module ("ahpa.plugins") or
-    returns the loader ("ahpa.encoders", then `name` is the kind); `value` is what it names, `{package}_mod` unless
+    returns the loader ("ahpa.encoders" or "ahpa.external_encoders", then `name` is the kind); `value` is what it names, `{package}_mod` unless
     given."""
 
     class _Dist:
@@ -72,21 +72,23 @@ class FakeEntryPoint:
 
 @pytest.fixture
 def packages(monkeypatch):
-    """Installs fake packages for this test: packages(FakeEntryPoint, ..., encoders=[FakeEntryPoint, ...]) for the
-    "ahpa.plugins" and "ahpa.encoders" groups; the plugins are imported afresh, and every registry is restored."""
+    """Installs fake packages for this test: packages(FakeEntryPoint, ..., encoders=[FakeEntryPoint, ...],
+    externals=[...]) for the "ahpa.plugins", "ahpa.encoders" and "ahpa.external_encoders" groups; the plugins are
+    imported afresh, and every registry is restored."""
     import importlib.metadata
 
-    from ahpa import plugins
+    from ahpa import external_kinds, plugins
     from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
     from ahpa.priors import registry
 
-    for reg in (METHODS, ROUTER_MODES, LOSSES, registry.ENCODERS):
+    for reg in (METHODS, ROUTER_MODES, LOSSES, registry.ENCODERS, external_kinds.EXTERNALS):
         monkeypatch.setattr(reg, "entries", dict(reg.entries))
     monkeypatch.setattr(plugins, "_loaded", False)
     monkeypatch.setattr(plugins, "_failures", [])
 
-    def install(*modules, encoders=()):
-        groups = {plugins.GROUP: list(modules), registry.ENTRY_POINT_GROUP: list(encoders)}
+    def install(*modules, encoders=(), externals=()):
+        groups = {plugins.GROUP: list(modules), registry.ENTRY_POINT_GROUP: list(encoders),
+                  external_kinds.ENTRY_POINT_GROUP: list(externals)}
         monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: groups.get(group, []))
 
     return install

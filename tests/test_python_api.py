@@ -55,11 +55,12 @@ def test_the_api_takes_device_names_and_names_one_this_machine_lacks():
 
 
 def test_every_registry_is_named_by_ahpa():
-    """The four registries from `ahpa` itself, as docs/extending.md names them: ahpa.LOSSES and ahpa.ENCODERS were
-    missing beside ahpa.METHODS and ahpa.ROUTER_MODES."""
+    """The five registries from `ahpa` itself, as docs/extending.md names them: ahpa.LOSSES and ahpa.ENCODERS were
+    missing beside ahpa.METHODS and ahpa.ROUTER_MODES; ahpa.EXTERNALS (REPA's encoder kinds) joined them."""
     import ahpa
     from ahpa.registry import Registry
 
-    for name in ("METHODS", "ROUTER_MODES", "LOSSES", "ENCODERS"):
+    for name in ("METHODS", "ROUTER_MODES", "LOSSES", "ENCODERS", "EXTERNALS"):
         assert isinstance(getattr(ahpa, name), Registry), name
-    assert "cosine" in ahpa.LOSSES and "ahpa-vae" in ahpa.ENCODERS
+    assert "cosine" in ahpa.LOSSES and "ahpa-vae" in ahpa.ENCODERS and "transformers" in ahpa.EXTERNALS
+    assert callable(ahpa.register_external)

@@ -20,6 +20,7 @@ _API = {
     "load_encoder": ("ahpa.priors.registry", "load_encoder"),
     "register_encoder": ("ahpa.priors.registry", "register_encoder"),
     "ExternalEncoder": ("ahpa.priors.external", "ExternalEncoder"),
+    "register_external": ("ahpa.external_kinds", "register_external"),
     "register_loss": ("ahpa.align.loss", "register_loss"),
     "register_method": ("ahpa.align.methods", "register_method"),
     "register_router_mode": ("ahpa.align.router", "register_router_mode"),
@@ -28,6 +29,7 @@ _API = {
     "ROUTER_MODES": ("ahpa.align.methods", "ROUTER_MODES"),
     "LOSSES": ("ahpa.align.methods", "LOSSES"),
     "ENCODERS": ("ahpa.priors.registry", "ENCODERS"),
+    "EXTERNALS": ("ahpa.external_kinds", "EXTERNALS"),
 }
 __all__ = ["__version__", *_API]
 

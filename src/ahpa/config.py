@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from ahpa.spelling import did_you_mean
-from ahpa.config_rules import ACROSS_KEYS, CHOICES, RANGES, choice_hint  # noqa: F401  (CHOICES, RANGES re-exported)
+from ahpa.config_rules import (ACROSS_KEYS, CHOICES, RANGES, choice_hint,  # noqa: F401  (CHOICES, RANGES re-exported)
+                               spec_problem)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class DataCfg:
 class PriorCfg:
     encoder: str = ""  # taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR | a kind of register_encoder
     stats_images: int = 1024  # images used to measure latent/level statistics (a cache brings its own: ignored)
-    external: str = ""  # repa only: dinov2:DIR (an external frozen encoder)
+    external: str = ""  # repa only: dinov2:DIR | transformers:DIR | a kind of register_external (its frozen encoder)
 
 
 @dataclass
@@ -238,6 +239,9 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}"
                           f"{choice_hint(key, value, list(choices))}")
+    problem = spec_problem(key, value)
+    if problem:
+        raise ConfigError(f"{where}: {key}={value!r} is not valid: {problem}")
     allowed, text = RANGES.get(key, (None, ""))
     if allowed is not None and not allowed(value):
         raise ConfigError(f"{where}: {key}={value!r} is out of range; it must be {text}")

@@ -5,6 +5,7 @@ every key is set; and the hint for a value not among the choices."""
 from __future__ import annotations
 
 from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
+from ahpa.external_kinds import parse_external
 from ahpa.registry import unknown_hint
 from ahpa.spelling import did_you_mean
 
@@ -48,6 +49,24 @@ CHOICES = {
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.solver": ("euler", "heun", "euler-maruyama"),
 }
+
+# the keys naming a pretrained part as KIND:WHERE whose kinds are known here, each with its parser (a ValueError that
+# names the kinds); prior.encoder's registry needs torch, so its kind is checked when the encoder loads
+SPEC_KINDS = {"prior.external": parse_external}
+
+
+def spec_problem(key: str, value) -> str | None:
+    """What is wrong with the KIND:WHERE spec `value` of `key` (an unknown kind, with a near spelling and the valid
+    kinds), or None; an empty value sets no part."""
+    parse = SPEC_KINDS.get(key)
+    if parse is None or not value:
+        return None
+    try:
+        parse(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
 
 # the values a key may take, checked as soon as it is set (so a bad value fails before any file is written);
 # limits that depend on other keys (align.depth against the model's depth) are checked where both are known

@@ -189,7 +189,8 @@ class Dinov2Detector(Detector):
     input_size = 224
 
     def __init__(self, path: Path, device: torch.device, spec: str):
-        from ahpa.priors.external import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+        from ahpa.priors.external import IMAGENET_MEAN, IMAGENET_STD
+        from ahpa.priors.transformers_vit import load_dinov2
 
         self.spec, self.device = spec, device
         self.model = load_dinov2(path, spec).to(device).eval()

@@ -1,20 +1,21 @@
 """External frozen encoders for REPA: any module that maps images to patch tokens.
 
 `ExternalEncoder` resizes images to the encoder's input size, normalises them and pools the
-tokens [B, N, C] (square grid) to the DiT token grid. `dinov2:DIR` loads DINOv2 from a local
-directory through `transformers` (an optional dependency).
+tokens [B, N, C] (square grid) to the DiT token grid. `load_external` builds one from a
+`prior.external` spec, KIND:WHERE (ahpa.external_kinds; the built-in kinds, `dinov2:DIR` and
+`transformers:DIR`, load through `transformers`, an optional dependency: ahpa.priors.transformers_vit).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ahpa.config import shown
+from ahpa.external_kinds import EXTERNALS, LOADER_CONTRACT, parse_external
+from ahpa.plugins import check_call
 from ahpa.priors.base import frozen
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,38 +63,22 @@ class ExternalEncoder(nn.Module):
         return F.adaptive_avg_pool2d(maps.float(), grid).flatten(2).transpose(1, 2)  # [B, grid*grid, C]
 
 
-class _Dinov2Tokens(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).last_hidden_state[:, 1:]  # drop the CLS token -> [B, N, C]
-
-
-def load_dinov2(path: str | Path, spec: str):
-    """transformers' Dinov2Model from a local save_pretrained directory (never a download)."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        hub = "" if path.is_absolute() or str(path).count("/") != 1 else (
-            f"; a hub id is not read here (nothing downloads during training), so if {str(path)!r} is one, ")
-        raise FileNotFoundError(
-            f"DINOv2 directory {shown(path)} (from {spec!r}) does not exist{hub or '; '}"
-            "make the folder once where the hub is reachable: python -c \"from transformers import Dinov2Model as M; "
-            f"M.from_pretrained('facebook/dinov2-base').save_pretrained('{path}')\" (REPA's B/2 and XL/2 use "
-            "ViT-B/14, dinov2-base)")
-    try:
-        from transformers import Dinov2Model
-    except ImportError as e:
-        raise ImportError(f"{spec!r} needs the `transformers` package: pip install transformers (the dinov2 extra: "
-                          "pip install -e '.[dinov2]' in a checkout)") from e
-    return Dinov2Model.from_pretrained(str(path), local_files_only=True)
-
-
 def load_external(spec: str) -> ExternalEncoder:
-    kind, _, where = spec.partition(":")
-    if kind != "dinov2" or not where:
-        raise ValueError(f"external encoder spec {spec!r} is not dinov2:DIR")
-    model = load_dinov2(where, spec)
-    # register tokens (DINOv2 with registers) would also need dropping; plain DINOv2 has none
-    return ExternalEncoder(_Dinov2Tokens(model), model.config.hidden_size, input_size=224)
+    """REPA's frozen encoder from a `prior.external` spec, KIND:WHERE, by the loader of its kind (ahpa.external_kinds:
+    built in, register_external, or a package's entry point). A loader's module is wrapped (ExternalEncoder.wrap)."""
+    kind, where = parse_external(spec)
+    loader = EXTERNALS[kind]
+    what = f"the loader of external encoder kind {kind!r}"
+    check_call(loader, (where,), what, LOADER_CONTRACT)  # an entry point's, loaded just now
+    try:
+        external = loader(where)
+    except (ValueError, OSError, ImportError):  # say what is wrong already (a folder that moved, a model refused)
+        raise
+    except Exception as e:  # any other error of the user's loader: named, not a traceback from inside ahpa
+        raise ValueError(f"{what} failed on {spec!r}: {type(e).__name__}: {e}") from e
+    if isinstance(external, ExternalEncoder):
+        return frozen(external)
+    try:
+        return ExternalEncoder.wrap(external)
+    except ValueError as e:
+        raise ValueError(f"{what} returned, for {spec!r}, what REPA cannot align to: {e}") from None

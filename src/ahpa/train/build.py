@@ -127,7 +127,8 @@ def build_parts(
         external = frozen(external.to(device))  # eval mode, no gradients: whatever the caller left (BatchNorm drifts)
     else:
         if not cfg.prior.external:
-            raise ValueError("align.method=repa needs prior.external=dinov2:DIR (an external frozen encoder)")
+            raise ValueError("align.method=repa needs prior.external=KIND:DIR (an external frozen encoder: dinov2:DIR, "
+                             "transformers:DIR or a kind of register_external)")
         external = load_external(cfg.prior.external).to(device)
 
     torch.manual_seed(cfg.train.seed)  # weight init is part of the run's identity

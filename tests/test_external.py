@@ -1,0 +1,213 @@
+"""REPA's external encoders: `dinov2:DIR` as before, `transformers:DIR` for the ViT-likes of REPA's comparison (DINOv2
+with registers, CLIP, SigLIP, MAE), and kinds added by register_external or an installed package's entry point. The
+models are tiny, with random weights, saved to temporary folders (nothing downloads)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ahpa import config
+from ahpa.external_kinds import EXTERNALS, register_external
+from ahpa.priors.external import IMAGENET_MEAN, IMAGENET_STD, ExternalEncoder, load_external
+from tests.conftest import FakeEntryPoint
+
+SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+
+
+@pytest.fixture
+def transformers():
+    return pytest.importorskip("transformers", reason="the transformers kinds need the optional extra ahpa[dinov2]")
+
+
+@pytest.fixture
+def kinds(monkeypatch):
+    """The test's kinds go with it."""
+    monkeypatch.setattr(EXTERNALS, "entries", dict(EXTERNALS.entries))
+
+
+def _saved(model, folder, preprocessor=None):
+    model.eval().save_pretrained(folder)
+    if preprocessor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return model
+
+
+def _pooled(tokens, grid):  # [B, s*s, C] -> [B, grid*grid, C], as ExternalEncoder pools
+    b, n, c = tokens.shape
+    side = int(n ** 0.5)
+    return F.adaptive_avg_pool2d(tokens.transpose(1, 2).reshape(b, c, side, side), grid).flatten(2).transpose(1, 2)
+
+
+def test_dinov2_gives_the_targets_it_gave(transformers, tmp_path):
+    """`dinov2:DIR` is now a case of the patch-token module: bitwise the old composition (224x224, ImageNet's
+    statistics, the CLS token dropped), and a preprocessor_config.json beside the weights changes nothing."""
+    torch.manual_seed(0)
+    model = _saved(transformers.Dinov2Model(transformers.Dinov2Config(**{**SMALL, "patch_size": 14, "image_size": 224})),
+                   tmp_path / "dino", {"crop_size": {"height": 98, "width": 98}, "image_mean": [0.5] * 3})
+
+    class OldTokens(nn.Module):  # ahpa.priors.external._Dinov2Tokens before this change
+        def forward(self, x):
+            return model(pixel_values=x).last_hidden_state[:, 1:]
+
+    images = torch.rand(2, 3, 32, 32)
+    got = load_external(f"dinov2:{tmp_path / 'dino'}")
+    assert got.input_size == 224 and got.channels == 16
+    assert torch.equal(got(images, 4), ExternalEncoder(OldTokens(), 16, input_size=224)(images, 4))
+
+
+def _models(transformers):
+    """(name, model, preprocessor_config.json or None, leading tokens, input side, mean, std, the model whose
+    last_hidden_state the tokens are)."""
+    clip_mean, clip_std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+    out = []
+    if hasattr(transformers, "Dinov2WithRegistersModel"):  # CLS and 4 registers; a 24x24 crop: 3x3 patches of 8
+        reg = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4))
+        out.append(("dinov2-registers", reg, {"do_center_crop": True, "crop_size": {"height": 24, "width": 24},
+                                              "size": {"shortest_edge": 28}, "image_mean": clip_mean, "image_std": clip_std},
+                    5, 24, clip_mean, clip_std, reg))
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**SMALL))
+    out.append(("clip-vision", clip, None, 1, 32, IMAGENET_MEAN, IMAGENET_STD, clip))
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
+                bos_token_id=0, eos_token_id=1)
+    both = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=SMALL, projection_dim=8))
+    out.append(("clip-both-towers", both, {"crop_size": 32, "image_mean": clip_mean, "image_std": clip_std}, 1, 32,
+                clip_mean, clip_std, both.vision_model))
+    siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**SMALL))
+    out.append(("siglip", siglip, {"size": {"height": 32, "width": 32}, "image_mean": 0.5, "image_std": 0.5}, 0, 32,
+                [0.5] * 3, [0.5] * 3, siglip))
+    mae = transformers.ViTMAEModel(transformers.ViTMAEConfig(**SMALL, mask_ratio=0.0))
+    out.append(("mae", mae, None, 1, 32, IMAGENET_MEAN, IMAGENET_STD, mae))
+    return out
+
+
+def test_the_transformers_kind_aligns_to_the_patch_tokens_of_repas_encoders(transformers, tmp_path):
+    """Each model's own last_hidden_state less its leading tokens (CLS, registers), in raster order, at the input side
+    and with the normalisation its preprocessor_config.json names (else its config's image_size and ImageNet's),
+    pooled to the SiT's grid."""
+    images = torch.rand(3, 3, 40, 40)
+    for name, model, pre, leading, side, mean, std, ref in _models(transformers):
+        torch.manual_seed(0)
+        _saved(model, tmp_path / name, pre)
+        enc = load_external(f"transformers:{tmp_path / name}")
+        assert enc.input_size == side and enc.channels == 16, name
+        torch.testing.assert_close(enc.mean.flatten(), torch.tensor(mean), msg=name)
+        torch.testing.assert_close(enc.std.flatten(), torch.tensor(std), msg=name)
+        x = F.interpolate(images, size=side, mode="bicubic", align_corners=False)
+        x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            out = ref(pixel_values=x)
+        hidden = out.last_hidden_state
+        assert hidden.shape[1] == leading + (side // 8) ** 2, name
+        patches = hidden[:, leading:]
+        if name == "mae":  # MAE shuffles its tokens (all kept at mask_ratio 0): back to raster order
+            patches = torch.gather(patches, 1, out.ids_restore[..., None].expand(-1, -1, 16))
+        for grid in (2, side // 8):
+            got = enc(images, grid)
+            assert got.shape == (3, grid * grid, 16), name
+            torch.testing.assert_close(got, _pooled(patches, grid), msg=name)
+
+
+def test_a_model_repa_cannot_align_to_is_refused_naming_its_folder_and_the_fix(transformers, tmp_path):
+    T = transformers
+    _saved(T.ViTMAEModel(T.ViTMAEConfig(**SMALL)), tmp_path / "mae")  # the hub's MAE: mask_ratio 0.75
+    _saved(T.ResNetModel(T.ResNetConfig(hidden_sizes=[8], depths=[1], embedding_size=8)), tmp_path / "resnet")
+    _saved(T.ConvNextModel(T.ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1], image_size=32)), tmp_path / "convnext")
+    _saved(T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL)), tmp_path / "oblong", {"size": {"height": 32, "width": 24}})
+    _saved(T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL)), tmp_path / "patch")
+    settings = json.loads((tmp_path / "patch" / "config.json").read_text())
+    (tmp_path / "patch" / "config.json").write_text(json.dumps({**settings, "patch_size": [8, 4]}))
+    cases = [
+        ("mae", rf"mae/config.json: mask_ratio=0.75 makes this ViTMAE drop 75% of its patch tokens at random.*"
+                rf"set \"mask_ratio\": 0.0 in that file.*mask_ratio=0.0\).save_pretrained\('{tmp_path / 'mae'}'\)"),
+        ("resnet", r"resnet/config.json \(ResNetConfig\) has no patch_size: not a ViT-like token model.*register_external"),
+        ("convnext", r"convnext holds a ConvNextModel, whose forward gives no last_hidden_state of tokens \[B, N, C\] "
+                     r"\(shape \(1, 8, 8, 8\)\): not a ViT-like token model"),
+        ("oblong", r"oblong/preprocessor_config.json: size is \{'height': 32, 'width': 24\}, not the side of a square"),
+        ("patch", r"patch/config.json \(SiglipVisionConfig\) has patch_size=\[8, 4\], not a square patch"),
+    ]
+    for folder, message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_external(f"transformers:{tmp_path / folder}")
+    with pytest.raises(FileNotFoundError, match=r"model directory .*missing.* does not exist.*AutoImageProcessor"):
+        load_external(f"transformers:{tmp_path / 'missing'}")
+
+
+def test_a_tiny_repa_run_trains_with_a_transformers_folder(transformers, tmp_path, tiny):
+    from ahpa.train.loop import Trainer
+
+    reg = getattr(transformers, "Dinov2WithRegistersModel", None)
+    cls, cfg = (reg, transformers.Dinov2WithRegistersConfig) if reg else (transformers.Dinov2Model, transformers.Dinov2Config)
+    _saved(cls(cfg(**{**SMALL, "image_size": 16, "patch_size": 4})), tmp_path / "vit")
+    tr = Trainer(tiny("align.method=repa", f"prior.external=transformers:{tmp_path / 'vit'}", "train.steps=2"),
+                 tmp_path / "run")
+    last = tr.run()
+    assert tr.step == 2 and torch.isfinite(torch.tensor(last["loss/align"]))
+    assert tr.parts.external.input_size == 16 and tr.parts.external.channels == 16
+
+
+class Patchify(nn.Module):
+    """A stand-in encoder of a package: 224x224 images -> 16 tokens of 8 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 56, 56)
+
+    def forward(self, x):
+        return self.conv(x).flatten(2).transpose(1, 2)  # [B, 8, 4, 4] -> [B, 16, 8]
+
+
+def test_a_registered_kind_is_checked_by_the_config_trains_and_is_named_where_unknown(kinds, tmp_path, tiny):
+    from ahpa.train.loop import Trainer
+    from ahpa.train.resume import run_sampler
+
+    register_external("patchify", lambda where: Patchify())
+    enc = load_external("patchify:anything")
+    assert isinstance(enc, ExternalEncoder) and enc.channels == 8 and not enc.module.training
+    Trainer(tiny("align.method=repa", "prior.external=patchify:x", "train.steps=1"), tmp_path / "run").run()
+    with pytest.raises(config.ConfigError, match=r"^overrides: prior.external='patchfy:x' is not valid: unknown external "
+                                                 r"encoder kind 'patchfy' in 'patchfy:x' \(did you mean 'patchify'\?\); "
+                                                 r"valid kinds: dinov2, transformers, patchify"):
+        config.load(None, ["prior.external=patchfy:x"])
+    with pytest.raises(config.ConfigError, match=r"prior.external='dinov2' is not valid: .* is not KIND:DIR; valid kinds"):
+        config.load(None, ["prior.external=dinov2"])
+    # another process (the kind registered in the notebook that trained): the run's file and the kind are named
+    del EXTERNALS.entries["patchify"]
+    for call in (lambda: config.load(tmp_path / "run" / "config.yaml"), lambda: run_sampler(tmp_path / "run", "cpu")):
+        with pytest.raises(config.ConfigError, match=r"run/config.yaml: prior.external='patchify:x' is not valid: unknown "
+                                                     r"external encoder kind 'patchify'.*registered from Python exists only"):
+            call()
+
+
+def test_register_external_refuses_a_built_in_kind_and_a_loader_off_its_contract(kinds):
+    with pytest.raises(ValueError, match=r"external encoder kind 'transformers' is built in \(every REPA run naming it"):
+        register_external("transformers", lambda where: Patchify())
+    with pytest.raises(ValueError, match=r"cannot be called as loader\(where: str\)"):
+        register_external("two", lambda where, spec: Patchify())
+    register_external("identity", lambda where: nn.Identity())
+    with pytest.raises(ValueError, match=r"'identity' returned, for 'identity:x', what REPA cannot align to: the "
+                                         r"external encoder returned \(1, 3, 224, 224\)"):
+        load_external("identity:x")
+
+    def fails(where):
+        raise KeyError(where)
+
+    register_external("fails", fails)
+    with pytest.raises(ValueError, match=r"the loader of external encoder kind 'fails' failed on 'fails:w': KeyError"):
+        load_external("fails:w")
+
+
+def test_an_installed_package_adds_an_external_kind(packages):
+    """By an "ahpa.external_encoders" entry point (loaded when its kind is first used), or by its "ahpa.plugins"
+    module calling register_external; a kind two packages give is refused naming both."""
+    packages(FakeEntryPoint("pkg-mod", lambda: register_external("modenc", lambda where: Patchify())),
+             externals=[FakeEntryPoint("pkg-enc", lambda: (lambda where: Patchify()), "pkgenc")])
+    for kind in ("pkgenc", "modenc"):
+        assert kind in EXTERNALS and config.load(None, [f"prior.external={kind}:x"]).prior.external == f"{kind}:x"
+        assert load_external(f"{kind}:x").channels == 8
+    loader = lambda where: Patchify()  # noqa: E731
+    packages(externals=[FakeEntryPoint("pkg-a", lambda: loader, "dup"), FakeEntryPoint("pkg-b", lambda: loader, "dup")])
+    with pytest.raises(config.ConfigError, match=r"external encoder kind 'dup' is given by packages 'pkg-a', 'pkg-b'"):
+        config.load(None, ["prior.external=dup:x"])

@@ -29,6 +29,9 @@
 #                                           # by side: the profile put 28% (XL/2) and 39% (B/2) of the step in those
 #                                           # kernels (~6-7 min estimated: four compiles, two of them tuning; B/2 alone,
 #                                           # `tuning --models B/2`, ~4 min)
+#     bash benchmarks/gpu_job.sh fp16       # B/2 none and ahpa-cached compiled, bf16 then fp16 with its loss scale (the
+#                                           # precision older GPUs train in), side by side: the cost of the scale's
+#                                           # unscaling pass and a check of fp16 on a GPU (~3-4 min estimated)
 #     bash benchmarks/gpu_job.sh tokens     # B/2 and XL/2, none and ahpa-cached compiled, the heads on every token
 #                                           # and on a quarter of them (align.token_fraction=0.25), side by side
 #                                           # (~6 min estimated: six compiled measurements)
@@ -75,12 +78,14 @@ case "$job" in
     cudagraphs) TAG=default bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150
                 TAG=reduce-overhead bench --models B/2 --methods none,ahpa-cached --compile compiled --compile-mode reduce-overhead \
                     --sampling off --budget-s 150 ;;
+    fp16) TAG=bf16 bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150 --precision bf16
+          TAG=fp16 bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150 --precision fp16 ;;
     tuning) TAG=default bench --models XL/2,B/2 --methods none --compile compiled --sampling off --budget-s 200
             TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TAG=coordinate-descent bench --models XL/2,B/2 --methods none \
                 --compile compiled --sampling off --budget-s 250 ;;
     tokens) bench --models B/2,XL/2 --methods none,ahpa-cached --compile compiled --token-fractions 1,0.25 --sampling off \
                 --warmup 3 --steps 15 --budget-s 450 ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | tokens)"; exit 2 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | fp16 | tokens)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

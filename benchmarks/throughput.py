@@ -109,7 +109,7 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, caches
         "align": {"method": align_method, "depth": size["align_depth"][model], "weight": 0.5,
                   "projector_dim": size["projector"], "router": "soft", "token_fraction": token_fraction},
         "train": {"batch_size": batch, "compile": compiled, "compile_mode": args.compile_mode, "device": str(device), "activation_checkpointing": checkpointing,
-                  "precision": "auto", "seed": 0, "steps": 10**9, "sample_every": 0, "log_every": 10**9,
+                  "precision": args.precision, "seed": 0, "steps": 10**9, "sample_every": 0, "log_every": 10**9,
                   "ckpt_every": 10**9, "lr": 1e-4, "grad_clip": 1.0},
     })
 
@@ -260,6 +260,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds (0 = no limit)")
     ap.add_argument("--sampling-budget-s", type=float, default=0,
                     help="start no sampling measurement after this many seconds (default: --budget-s)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                    help="train.precision of the training measurements (auto: bf16 on GPUs with bf16 arithmetic)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (CPU runs only): 1 by default, since OpenMP threads spinning on shared, busy cores "
@@ -315,7 +317,7 @@ def main() -> None:
     for model, compiled, ckpt, method, prefetch, fraction in variants:
         base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
                 "compile_mode": args.compile_mode if compiled else None,
-                "batch": args.batch or size["batch"][model], "precision": precision_name(autocast_dtype("auto", device)),
+                "batch": args.batch or size["batch"][model], "precision": precision_name(autocast_dtype(args.precision, device)),
                 "resolution": size["resolution"], "timed_steps": steps, "warmup_steps": warmup,
                 "activation_checkpointing": ckpt, "prefetch": prefetch, "token_fraction": fraction}
         label = f"{model} {method} compile={compiled}" + (f" checkpointing={blocks_name(ckpt)}" if ckpt else "") + (

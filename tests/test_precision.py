@@ -58,6 +58,24 @@ def test_auto_is_bf16_on_gpus_that_compute_in_it_and_fp16_on_older_ones(monkeypa
     assert autocast_dtype("fp16", cpu) == torch.float16
 
 
+def test_bf16_asked_of_a_gpu_without_bf16_arithmetic_gets_a_note(monkeypatch, tmp_path):
+    from ahpa.train.build import precision_note
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "compute capability 7.5, which has no bf16 arithmetic" in precision_note("bf16", cuda)[0]
+    assert precision_note("auto", cuda) == precision_note("fp16", cuda) == []
+    assert precision_note("bf16", torch.device("cpu")) == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert precision_note("bf16", cuda) == []
+    # a run says it before training, beside its other notes
+    import ahpa.train.loop as loop
+
+    monkeypatch.setattr(loop, "precision_note", lambda precision, device: [f"note for {precision} on {device}"])
+    tr = Trainer(config.load(None, [*TINY, "train.precision=bf16", "train.steps=1"]), tmp_path / "r")
+    assert "note for bf16 on cpu" in tr.messages
+
+
 def test_fp16_trains_as_fp32_does_to_its_rounding(tmp_path):
     """The scaled loss's gradients are unscaled before clipping and the optimiser: the same losses and gradient
     norms as fp32, to fp16's rounding (an unscaled gradient would read 65,536 times larger)."""

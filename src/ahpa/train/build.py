@@ -36,6 +36,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def precision_note(precision: str, device: torch.device) -> list[str]:
+    """A note when train.precision=bf16 asks a CUDA GPU without bf16 arithmetic (before compute capability 8.0: V100,
+    T4, RTX 20xx) for it: it runs, emulated or with fp32 kernels, far slower than the fp16 that `auto` picks there."""
+    if precision != "bf16" or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8:
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    return [f"train.precision=bf16 on a GPU of compute capability {major}.{minor}, which has no bf16 arithmetic (it "
+            "comes with 8.0): far slower than fp16; train.precision=auto or fp16 trains in fp16 with a loss scale"]
+
+
 def precision_name(amp: torch.dtype | None) -> str:
     """How a run computes, as its first line and benchmark records say it."""
     return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "fp32")

@@ -27,7 +27,7 @@ from ahpa.provenance import device_name
 from ahpa.sample import SamplerBundle
 from ahpa.train import outputs, schedule
 from ahpa.train.build import (Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note,
-                              registered_entries, setup_note)
+                              precision_note, registered_entries, setup_note)
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 from ahpa.train.distributed import current, ddp_without_buffer_sync, from_main, full_value
 from ahpa.train.draws import step_draws
@@ -67,7 +67,8 @@ class Trainer:
         self._registered = registered_entries(cfg, self.parts)  # what the parts were checked with
         self.step = 0
         self.ema_updates = 0
-        self.messages: list[str] = encoder_notes + ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
+        self.messages: list[str] = (encoder_notes + ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
+                                    + precision_note(t.precision, self.parts.device))
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
         resumed, skipped = restore(self.run_dir, self.parts, cfg, self.world)

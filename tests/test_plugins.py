@@ -183,6 +183,27 @@ def test_a_negative_detached_or_low_precision_loss_fails_when_built(losses):
     Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", "one-minus-cos")
 
 
+def test_a_loss_that_is_not_finite_on_the_probe_fails_when_built(losses):
+    """A loss that divides by a norm gives NaN (0/0) or inf at a perfect match: the probe's negative check let it
+    through (NaN < 0 is false), and the steps it touched were skipped as non-finite. Refused, naming the loss, what it
+    returned and for which target."""
+    from ahpa.align.objective import Aligner
+    from ahpa.config import AlignCfg
+
+    cases = {
+        "relative": (lambda p, q, cfg: (p - q).pow(2).sum((1, 2)) / (p - q).abs().sum((1, 2)),
+                     r"align.loss='relative' returned \[nan, nan\] for a target equal to the prediction: a loss is finite"),
+        "inverse": (lambda p, q, cfg: 1 / (p - q).pow(2).mean((1, 2)),
+                    r"align.loss='inverse' returned \[inf, inf\] for a target equal to the prediction"),
+        "overflow": (lambda p, q, cfg: (p - q).pow(2).mean((1, 2)) * 1e39,
+                     r"align.loss='overflow' returned \[inf, inf\] for a target unlike the prediction"),
+    }
+    for name, (fn, message) in cases.items():
+        losses.register_loss(name, fn)
+        with pytest.raises(ValueError, match=message):
+            Aligner(16, ["a", "b"], [4, 4], AlignCfg(), "uniform", name)
+
+
 def test_every_registry_refuses_names_alike_and_names_a_misspelt_one():
     """Methods, router modes, losses and encoder kinds are one Registry each (ahpa.registry): a name that cannot be
     written in an override, or a built-in one, is refused alike, and a misspelt name is named with the nearest valid

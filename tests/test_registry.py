@@ -1,12 +1,15 @@
 """Extension points: an encoder kind added by a user (register_encoder) or by an installed package (entry point)
 is a valid spec everywhere a spec is read."""
 
+import re
+
 import numpy as np
 import torch
 import pytest
 
 from ahpa.data.procedural import make_shapes
 from ahpa.priors import registry
+from ahpa.priors.base import Level
 from ahpa.priors.kl_vae import KLVAE
 from tests.conftest import FakeEntryPoint
 
@@ -60,6 +63,53 @@ def test_a_registered_encoder_kind_prepares_trains_and_is_recorded(toy_kind, tmp
         run_sampler(tmp_path / "obj", torch.device("cpu"), encoder="wide:1")
     with pytest.raises(ValueError, match=r"unknown encoder kind 'toi' in 'toi:3' \(did you mean 'toy'\?\); valid kinds: .*toy"):
         registry.load_encoder("toi:3")
+
+
+class Strided(KLVAE):
+    """The ahpa-vae with one more level first: the image average-pooled by `stride` (a map of side resolution // stride,
+    as a strided convolution without padding gives)."""
+
+    def __init__(self, stride: int):
+        super().__init__(KLVAE.random().cfg)
+        self.load_state_dict(KLVAE.random().state_dict())
+        self.stride, self.spec = stride, f"strided:{stride}"
+        self.levels = (Level("pooled", 3, stride),) + self.levels
+
+    def _encode(self, x, levels):
+        out = super()._encode(x, tuple(n for n in levels if n != "pooled"))
+        if "pooled" in levels:
+            out.features["pooled"] = torch.nn.functional.avg_pool2d(x, self.stride)
+        return out
+
+
+def test_a_level_that_does_not_pool_evenly_to_the_tokens_is_refused_naming_the_fix(monkeypatch, tmp_path, tiny):
+    """A custom level whose stride does not divide a token's side (4 pixels here: factor 4 x patch 1) trained without a
+    word: its map was adaptively pooled to the token grid, from overlapping cells of unequal size (stride 3: 5x5 onto
+    4x4, the image's last row and column left out) or a cell copied into 2x2 tokens (stride 8), so a token's target was
+    not its patch. Refused on the fly as `ahpa prepare` refuses it, naming the level, its map, the resolution and the
+    fix; a stride that divides the token trains."""
+    from ahpa.data.prepare import PrepareOptions, prepare
+    from ahpa.data.shard_encoder import PrepareError
+    from ahpa.train.loop import Trainer
+
+    monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))
+    registry.register_encoder("strided", lambda where, spec: Strided(int(where)))
+    for stride, side, fix in [(3, 5, r"align.levels \(those that pool evenly: stage1, stage2, stage3, latent\)$"),
+                              (8, 2, r"latent\), or take a model.preset of patch /2 or /4")]:
+        with pytest.raises(ValueError, match=rf"prior.encoder='strided:{stride}': level 'pooled' has stride {stride}, a "
+                                             rf"{side}x{side} map at resolution 16, which does not pool evenly to the 4x4 "
+                                             rf"token grid: a token covers 4x4 pixels, .*{fix}"):
+            Trainer(tiny(f"prior.encoder=strided:{stride}"), tmp_path / "run")
+    Trainer(tiny("prior.encoder=strided:8", "align.levels=[stage1,latent]"), tmp_path / "run")  # left out: trains
+    Trainer(tiny("prior.encoder=strided:8", "model.preset=S/2"), tmp_path / "run")  # tokens of 8x8 pixels
+    Trainer(tiny("prior.encoder=strided:2"), tmp_path / "run")
+    images, labels = make_shapes(8, 16, seed=0)
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    for stride, fix in [(3, "leave the level out of --levels (no grid of the latent fits it)"),
+                        (8, "choose --grid 2 or 1, or leave the level out of --levels")]:
+        with pytest.raises(PrepareError, match=rf"--grid 4: level 'pooled' has stride {stride}, .*; {re.escape(fix)}"):
+            prepare(PrepareOptions(images=str(tmp_path / "set.npz"), vae=f"strided:{stride}", resolution=16, grid=4,
+                                   out=str(tmp_path / "c"), workers=0))
 
 
 def test_an_installed_package_adds_a_kind_by_entry_point(monkeypatch):

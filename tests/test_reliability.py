@@ -229,6 +229,38 @@ def test_a_run_from_python_holds_the_directory_while_it_trains_only(tmp_path, mo
     assert free()
 
 
+def test_a_trainer_refused_while_built_leaves_the_directory_as_it_found_it(tmp_path):
+    """A Trainer refused after it made the run directory (here a cache that is not there, refused in build_parts)
+    leaves no directory it made and no lock file: a new --out is gone again, parents it made too; an existing
+    directory (a scheduler's log in it, or a run) keeps what it had and nothing more, and is free."""
+    missing = ["data.source=cache", f"data.path={tmp_path / 'no-cache'}"]
+    new = tmp_path / "new" / "run"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer(tiny_cfg(*missing), new)
+    assert not (tmp_path / "new").exists()
+    res = subprocess.run([sys.executable, "-m", "ahpa.cli", "train", "--out", str(new), *TINY, *missing],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "does not exist" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "job.out").write_text("scheduler's log")
+    with pytest.raises(FileNotFoundError):
+        Trainer(tiny_cfg(*missing), logs)
+    assert sorted(p.name for p in logs.iterdir()) == ["job.out"]
+    run = tmp_path / "run"
+    Trainer(tiny_cfg("train.steps=2"), run).run()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(RunConfigError):
+        Trainer(tiny_cfg(*missing), run)  # a cache in place of procedural data: other settings
+    with pytest.raises(RunConfigError, match="is at step 2"):
+        Trainer(tiny_cfg("train.steps=1"), run)  # refused after its parts are built
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    probe = [sys.executable, "-c", "import sys; from pathlib import Path; from ahpa import lock; lock.hold(Path(sys.argv[1]), 'x')",
+             str(run / ".lock")]
+    assert subprocess.run(probe, env=ENV, capture_output=True, timeout=120).returncode == 0
+
+
 def test_the_holder_named_is_the_one_that_holds_it_now(tmp_path):
     """The lock file keeps its text after its holder ends; the next holder's text replaces it whole, so the message
     names the launch that holds it now, not a mix with an earlier one's longer text."""

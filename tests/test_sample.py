@@ -666,6 +666,44 @@ def test_sample_and_export_take_an_earlier_checkpoint_by_step(tmp_path, capsys):
     assert "--step chooses a checkpoint of a run: give it with --run" in capsys.readouterr().err
 
 
+def test_a_class_name_that_holds_a_comma_is_given_whole(tmp_path, capsys):
+    """A class folder named "a,b" could not be given: the comma split it into "a" and "b". A whole --class that is a
+    class's name is that class; other values split as before, and --help says how such a name is given."""
+    from PIL import Image
+
+    from ahpa.data.prepare import PrepareOptions, prepare
+    from tests.conftest import cache_cfg
+
+    folder = tmp_path / "images"
+    for k, name in enumerate(["a,b", "c"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((16, 16, 3), 20 * i + 100 * k, np.uint8)).save(folder / name / f"{i}.png")
+    prepare(PrepareOptions(images=str(folder), vae="ahpa-vae:random", resolution=16, out=str(tmp_path / "cache"),
+                           grid=4, batch=16, workers=0, device="cpu"))
+    run = tmp_path / "run"
+    Trainer(cache_cfg(tmp_path / "cache", "train.steps=1"), run).run()
+    args = ["sample", "--run", str(run), "--num", "4", "--steps", "1", "--micro-batch", "2", "--batch", "2"]
+    assert main([*args, "--class", "a,b", "--out", str(tmp_path / "ab.npz")]) == 0, capsys.readouterr().err
+    with np.load(tmp_path / "ab.npz") as f:
+        assert f["arr_1"].tolist() == [0, 0, 0, 0]
+    capsys.readouterr()
+    assert main([*args, "--class", "a,b", "--out", str(tmp_path / "ab.npz")]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main([*args, "--class", "c", "--class", "a,b", "--out", str(tmp_path / "cab.npz")]) == 0
+    with np.load(tmp_path / "cab.npz") as f:
+        assert f["arr_1"].tolist() == [1, 0, 1, 0]
+    assert main([*args, "--class", "1,0", "--out", str(tmp_path / "10.npz")]) == 0  # indices split as before
+    with np.load(tmp_path / "10.npz") as f:
+        assert f["arr_1"].tolist() == [1, 0, 1, 0]
+    capsys.readouterr()
+    assert main([*args, "--class", "c,a,b", "--out", str(tmp_path / "x.npz")]) == 2  # no class's name: split
+    assert f"--class 'a' is no class of run {run}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "A name that holds a comma is given whole" in " ".join(capsys.readouterr().out.split())
+
+
 def test_a_finished_file_of_other_classes_is_refused_before_a_model_loads(run_dir, tmp_path, capsys, monkeypatch):
     """The CLI compares the options given, --class among them, with a finished file's record before it loads a
     model (an XL/2 model and its VAE take minutes to load, only to be refused)."""

@@ -58,8 +58,9 @@ def hold(path: Path, what: str) -> None:
 
 def check_free(path: Path, what: str) -> None:
     """Refuse, as hold() does, while another process holds the lock; hold nothing (a check before the work that
-    takes it: a Trainer built but refused, or never run, keeps no one out)."""
-    if os.path.abspath(path) in _held:
+    takes it: a Trainer built but refused, or never run, keeps no one out). A lock file that is not there is held by
+    no one and is not made: a Trainer refused after the check leaves none behind."""
+    if os.path.abspath(path) in _held or not os.path.exists(path):
         return
     hold(path, what)
     release(path)

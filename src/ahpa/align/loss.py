@@ -28,15 +28,15 @@ LOSS_CONTRACT = "fn(prediction [B, N, C], target [B, N, C], the run's AlignCfg) 
 
 def check_loss(name: str, cfg: AlignCfg) -> None:
     """Call a registered loss on a small input, a target unlike the prediction and one equal to it: a loss returning
-    a scalar, [B, N] or [B, 1], no gradient, or a negative value fails here, named, and not as a shape error at the
-    first step or a run that silently does not learn (the router divides each level's loss by its running mean: a
-    negative mean, -cos for 1 - cos, blew its gradient up by orders of magnitude and clipping then stalled the backbone). Built-in
-    losses are not probed."""
+    a scalar, [B, N] or [B, 1], no gradient, a value not finite (0/0 at a perfect match), or a negative one fails here,
+    named, and not as a shape error at the first step, steps skipped as non-finite, or a run that silently does not
+    learn (the router divides each level's loss by its running mean: a negative mean, -cos for 1 - cos, blew its
+    gradient up by orders of magnitude and clipping then stalled the backbone). Built-in losses are not probed."""
     if name in LOSSES.built_in:
         return
     # [B=2, N=3, C=4]; no random draw: the run's seed stays as it is
     pred = torch.linspace(-1.0, 1.0, 24).reshape(2, 3, 4).requires_grad_()
-    for target in (pred.detach().flip(-1), pred.detach()):
+    for which, target in (("unlike", pred.detach().flip(-1)), ("equal to", pred.detach())):
         try:
             out = LOSSES.entries[name].fn(pred, target, cfg)
         except Exception as e:  # the user's function: named with the call, its traceback chained
@@ -52,6 +52,10 @@ def check_loss(name: str, cfg: AlignCfg) -> None:
             raise ValueError(f"{where} a {out.dtype} tensor {'with' if out.requires_grad else 'without'} a gradient "
                              "to the prediction; a loss is fp32 (compute in pred.float()) and differentiable in the "
                              "prediction, or its head learns nothing (docs/extending.md, 'A loss')")
+        if not torch.isfinite(out.detach()).all():  # NaN < 0 is false: checked before the sign
+            raise ValueError(f"{where} {[round(v, 4) for v in out.tolist()]} for a target {which} the prediction: a "
+                             "loss is finite, at a perfect match too (clamp a norm it divides by, e.g. "
+                             ".clamp_min(1e-6)); a step whose loss is not finite is skipped (docs/extending.md, 'A loss')")
         if (out.detach() < -1e-5).any():  # rounding: 1 - cos(x, x) may be -1e-7
             raise ValueError(f"{where} {[round(v, 4) for v in out.tolist()]}: a loss is >= 0 (0 at a perfect match), "
                              "as the router divides each level's loss by its running mean; e.g. 1 - cos, not -cos "

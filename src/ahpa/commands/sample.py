@@ -34,7 +34,8 @@ def register(sub) -> None:
     p.add_argument("--class", dest="classes", action="append", metavar="K",
                    help="sample only class K, an index or a name the training data gave it (a class folder's name; "
                    "repeatable, or a comma list K1,K2): sample i has the (i mod n)-th class given; part of the file's "
-                   "identity (default: every class, round-robin)")
+                   "identity (default: every class, round-robin). A name that holds a comma is given whole, as one "
+                   "--class (--class 'a,b' is the class named a,b where there is one, else classes a and b)")
     p.add_argument("--grid", metavar="PNG", help="also draw the file's first samples (up to 64) as one PNG grid, a "
                    "class per column when there are at most 16 (sample i has the (i mod n)-th class); also for a "
                    "file already complete")
@@ -149,8 +150,8 @@ def _run(args) -> int:
         cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}}, where=where).sample
         dropout = run_cfg.train.label_dropout if args.run else bundle.label_dropout
         why = unguidable(bundle.num_classes, dropout) if cfg.cfg_scale != 1 else None
-        if classes is not None:
-            classes = class_indices(classes, bundle.class_names, bundle.num_classes,
+        if classes is not None:  # parsed again with the names: a whole --class that is a class's name is that class
+            classes = class_indices(parse_classes(args.classes, bundle.class_names), bundle.class_names, bundle.num_classes,
                                     f"run {args.run}" if args.run else f"model {args.model}")
 
         extending = []  # the samples a finished file's extension keeps: where the bar starts
@@ -223,15 +224,21 @@ def draw_grid(samples, png, classes: int, most: int = 64) -> int:
     return len(images)
 
 
-def parse_classes(items: list[str] | None) -> list[int | str] | None:
+def parse_classes(items: list[str] | None, names: list[str] | None = None) -> list[int | str] | None:
     """--class values (each an index, a name, or a comma list of them) as one list in the order given, indices as
-    integers; None when absent."""
+    integers; None when absent. A value that is exactly one of the model's class `names` is that class, though it
+    holds a comma (a class folder named "a,b"); indices alone stay indices, as a class named "3" is class 3.
+    Without `names` (before a model loads) such a value comes back split: names, resolved once the model loads."""
     if items is None:
         return None
     classes: list[int | str] = []
     for item in items:
-        for part in item.split(","):
-            part = part.strip()
+        parts = [part.strip() for part in item.split(",")]
+        indices = all(part.lstrip("-").isdigit() for part in parts)
+        if names is not None and item in names and not indices:
+            classes.append(item)
+            continue
+        for part in parts:
             if not part:
                 raise ValueError(f"--class {item!r}: an empty class; give indices or names, e.g. --class 3 or --class 1,5")
             classes.append(int(part) if part.lstrip("-").isdigit() else part)

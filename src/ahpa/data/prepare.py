@@ -31,6 +31,7 @@ from ahpa.data.shard_store import (
 )  # fmt: skip
 from ahpa.data.tokens import divisor_grids
 from ahpa.priors.base import PriorEncoder
+from ahpa.priors.targets import uneven_pooling
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -136,8 +137,11 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
             raise PrepareError(f"--levels names {n!r}, which {encoder.spec!r} does not have; its levels are {encoder.level_names}")
     stored = [encoder.level(n) for n in encoder.level_names if n in names and n != "latent"]  # encoder order
     for lvl in stored:
-        if (R // lvl.stride) % grid:
-            raise PrepareError(f"level {lvl.name!r} ({R // lvl.stride}x{R // lvl.stride}) is not divisible by --grid {grid}")
+        if why := uneven_pooling(lvl, R, grid):
+            fits = [str(g) for g in divisor_grids(side) if not uneven_pooling(lvl, R, g)]
+            fix = (f"choose --grid {' or '.join(fits)}, or leave the level out of --levels" if fits else
+                   "leave the level out of --levels (no grid of the latent fits it)")
+            raise PrepareError(f"--grid {grid}: {why}; {fix}")
     # one blank image at the real size: a smaller one can fail in the encoder (a GroupNorm over a 1x1 map)
     has_logvar = encoder.encode(torch.zeros(1, 3, R, R, device=_device_of(encoder))).logvar is not None
     return {

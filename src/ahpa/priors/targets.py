@@ -11,6 +11,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ahpa.priors.base import Level
+
+
+def uneven_pooling(level: Level, resolution: int, grid: int) -> str | None:
+    """Why the map of `level` does not average-pool evenly to the `grid` x `grid` token grid of images of side
+    `resolution`, or None when it does: when whole cells of the level (stride x stride pixels) tile a token
+    (resolution / grid pixels), token i's target is the mean over patch i. Otherwise pool_to_grid's adaptive pooling
+    averages overlapping windows of unequal size (a map a little larger than the grid) or copies one cell into
+    several tokens (a smaller one), and a stride that does not divide the resolution leaves a map that does not cover
+    the image: targets that are not their tokens' patches."""
+    token = resolution // grid
+    if resolution % grid == 0 and token % level.stride == 0:
+        return None
+    side = resolution // level.stride
+    return (f"level {level.name!r} has stride {level.stride}, a {side}x{side} map at resolution {resolution}, which "
+            f"does not pool evenly to the {grid}x{grid} token grid: a token covers {token}x{token} pixels, and a "
+            f"level's stride must divide {token}")
 
 
 def pool_to_grid(feat: torch.Tensor, grid: int) -> torch.Tensor:

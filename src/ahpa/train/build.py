@@ -14,11 +14,11 @@ from ahpa.config import AlignCfg, Config, EvalCfg, absolute_spec
 from ahpa.data.batches import BatchSource, OnTheFly
 from ahpa.data.sources import load_image_set
 from ahpa.device import resolve_device
-from ahpa.models.sit import SiT, SiTConfig
+from ahpa.models.sit import PATCHES, SiT, SiTConfig
 from ahpa.priors.base import PriorEncoder, frozen
 from ahpa.priors.external import ExternalEncoder, load_external
 from ahpa.priors.registry import kinds, load_encoder
-from ahpa.priors.targets import PriorStats
+from ahpa.priors.targets import PriorStats, uneven_pooling
 from ahpa.registry import Registry
 from ahpa.train.distributed import current, device_for
 from ahpa.train.loss_scale import LossScale
@@ -96,6 +96,23 @@ def sit_config(cfg: Config, encoder: PriorEncoder, num_classes: int) -> SiTConfi
     return sc
 
 
+def check_pooling(encoder: PriorEncoder, levels: list[str], resolution: int, sc: SiTConfig) -> None:
+    """Refuses a level whose map does not pool evenly to the model's tokens (a custom encoder's level coarser than a
+    token, or of a stride that does not divide it): pool_to_grid would train it on targets that are not its tokens'
+    patches, without a word. `ahpa prepare` refuses such a level by the same rule."""
+    for lvl in map(encoder.level, levels):
+        why = uneven_pooling(lvl, resolution, sc.grid)
+        if why is None:
+            continue
+        f = encoder.factor
+        fits = [other.name for other in encoder.levels if not uneven_pooling(other, resolution, sc.grid)]
+        patches = [f"/{p}" for p in PATCHES if (f * p) % lvl.stride == 0 and (resolution // f) % p == 0]
+        raise ValueError(f"prior.encoder={encoder.spec!r}: {why} (the VAE factor {f} x the model's patch "
+                         f"{sc.patch_size}), so its targets would not be its tokens' patches: leave it out of "
+                         f"align.levels (those that pool evenly: {', '.join(fits)})"
+                         + (f", or take a model.preset of patch {' or '.join(patches)}" if patches else ""))
+
+
 def build_optimizer(cfg: Config, model: SiT, aligner: Aligner | None) -> torch.optim.Optimizer:
     """AdamW over the model's then the aligner's parameters (checkpoints key its state by this order)."""
     params = list(model.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
@@ -125,6 +142,7 @@ def build_parts(
         num_classes, available = data.num_classes, encoder.level_names
     sc = sit_config(cfg, encoder, num_classes)
     levels = resolve_levels(method, available, list(cfg.align.levels))
+    check_pooling(encoder, [n for n in levels if n != "external"], cfg.data.resolution, sc)
     if method.levels != "none" and not 1 <= cfg.align.depth <= sc.depth:
         raise ValueError(f"align.depth={cfg.align.depth} must lie in [1, {sc.depth}] (the model's depth)")
     if method.levels != "external":

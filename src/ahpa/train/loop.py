@@ -33,7 +33,8 @@ from ahpa.train.distributed import current, ddp_without_buffer_sync, from_main, 
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_update
 from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run that diverges raises)
-from ahpa.train.run_dir import RunConfigError, check_moved_inputs, check_run_dir  # noqa: F401 (RunConfigError: API)
+from ahpa.train.run_dir import RunConfigError  # noqa: F401 (API: what a refused run directory raises)
+from ahpa.train.run_dir import check_moved_inputs, check_run_dir, removed_if_refused
 from ahpa.train.run_state import checkpoint_state, must_fit, restore
 from ahpa.transport.path import get_path
 
@@ -49,6 +50,10 @@ class Trainer:
         "reference [<detector>]", total None: minutes for 50,000 images, once per machine, then cached)."""
         if not isinstance(cfg, Config):
             raise TypeError(f"Trainer takes a Config (ahpa.load_config(path, overrides)), not a {type(cfg).__name__}")
+        with removed_if_refused(Path(run_dir), current().rank):  # refused, it leaves no new empty --out behind
+            self._set_up(cfg, run_dir, external, encoder, progress)
+
+    def _set_up(self, cfg: Config, run_dir: str | Path, external, encoder, progress) -> None:
         d = current()
         spec, encoder_notes = given_encoder_spec(encoder, cfg.prior.encoder) if encoder is not None else ("", [])
         if spec and not cfg.prior.encoder:

@@ -4,6 +4,8 @@ length, cadences and the like may change, config.RESUMABLE_CHANGES) and the cont
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 from pathlib import Path
 
@@ -44,6 +46,21 @@ def _saved_config(run_dir: Path) -> Config | None:
             "would write over. Choose a new --out, or move them away."
         )
     return None
+
+
+@contextlib.contextmanager
+def removed_if_refused(run_dir: Path, rank: int):
+    """Around a Trainer's construction: refused, it leaves no directory it made (check_run_dir makes --out before
+    the minutes of set-up, to refuse an unwritable one first). Only directories still empty go, deepest first: an
+    existing directory, or one that got files meanwhile, stays as it is."""
+    made = [] if rank != 0 else list(itertools.takewhile(lambda p: not p.exists(), (run_dir, *run_dir.parents)))
+    try:
+        yield
+    except BaseException:
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
 
 
 def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:

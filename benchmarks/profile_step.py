@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, required=True, help="JSON file (rewritten after every record)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/ahpa-profile"))
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                    help="train.precision of the profiled steps (auto: bf16 on GPUs with bf16 arithmetic)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
@@ -201,7 +203,7 @@ def main() -> None:
             trainer = Trainer(cfg, args.work_dir / "runs" / f"{model.replace('/', '')}-{method}", external=external, encoder=encoder)
             for _ in range(args.warmup):
                 trainer.train_step()
-            rec = {"model": model, "method": method, "batch": batch, "precision": precision_name(autocast_dtype("auto", device))}
+            rec = {"model": model, "method": method, "batch": batch, "precision": precision_name(autocast_dtype(args.precision, device))}
             try:
                 rec.update(profile_steps(trainer, args.steps, device))
                 print(f"{model} {method}: {rec['wall_ms_per_step']} ms/step wall, {rec['busy_ms_per_step']} busy, "

@@ -46,6 +46,7 @@ class Run:
     eval_setups: list[tuple[int, str]] = field(default_factory=list)  # [(images, what each evaluation used)]
     identities: dict[str, str] = field(default_factory=dict)  # data.path / prior.encoder -> content identity
     flops_per_image: float | None = None  # training FLOPs per image (its newest start; None before they were recorded)
+    seeds: list[Run] = field(default_factory=list)  # a group of seeds (ahpa.compare_seeds): the runs it is the mean of
 
     @property
     def method(self) -> str:
@@ -243,12 +244,13 @@ def value_at(curve: list[tuple[int, float]], images: float) -> float | None:
 
 
 def pick_baseline(runs: list[Run], name: str | None) -> Run:
-    """The run named (its name, or any path to it), else the first vanilla SiT run that has evaluations, the first
-    vanilla one, the first evaluated one, the first."""
+    """The run named (its name, or any path to it; a group of seeds by its name or any of its runs'), else the first
+    vanilla SiT run that has evaluations, the first vanilla one, the first evaluated one, the first."""
     if name:
         given = Path(name).expanduser()
         for r in runs:
-            if name == r.name or (given.exists() and given.resolve() == r.path.resolve()):
+            if name == r.name or any(name == s.name or (given.exists() and given.resolve() == s.path.resolve())
+                                     for s in r.seeds or [r]):
                 return r
         raise ValueError(f"--baseline {name!r} is none of the runs: {', '.join(r.name for r in runs)}")
     ranked = [r for r in runs if r.method == "none" and r.evals] + [r for r in runs if r.method == "none"]
@@ -266,10 +268,7 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
              f"images to reach the baseline's last | speed-up | per FLOP | img/s (median; min-max) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     base = baseline.evals.get(metric, [])
-    # the baseline's own images to reach its last value by the same rule as every run's: where its curve rose again
-    # at the end (noise, overfitting), that is before its last images, and a copy of it is 1.00x, not faster
-    base_reach = images_to_reach(base, base[-1][1]) if base else None
-    flat = len(base) > 1 and base_reach == base[0][0]  # no better after its first evaluation: no speed-up to read
+    flat = not_improved(base)
     otherwise = evaluated_otherwise(runs, baseline)
     fd = f".{digits([c[-1][1] for r in runs if (c := r.evals.get(metric))] + [v for _, v in base])}f"
     for r in runs:
@@ -281,18 +280,12 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
             continue
         at = value_at(curve, base[-1][0]) if base else None
         reach = images_to_reach(curve, base[-1][1]) if base else None
+        ratio, speed = speed_up(base, curve)
+        if r.name in otherwise and speed != "—":
+            ratio, speed = None, "not comparable"
         per_flop = "—"
-        if not base or flat:
-            speed = "—"
-        elif r.name in otherwise:
-            speed = "not comparable"
-        elif reach is None:
-            speed = "not yet (shorter)" if curve[-1][0] < base[-1][0] else "not reached"
-        else:
-            bound = ">= " if reach == curve[0][0] and r is not baseline else ""
-            speed = f"{bound}{base_reach / reach:.2f}x"
-            if r.flops_per_image and baseline.flops_per_image:  # the same images, each at its own arithmetic
-                per_flop = f"{bound}{base_reach * baseline.flops_per_image / (reach * r.flops_per_image):.2f}x"
+        if ratio is not None and r.flops_per_image and baseline.flops_per_image:  # the same images, each at its own arithmetic
+            per_flop = f"{'>= ' if speed.startswith('>=') else ''}{ratio * baseline.flops_per_image / r.flops_per_image:.2f}x"
         lines.append(f"| {name} | {r.label} | {curve[-1][0]:,} | {curve[-1][1]:{fd}} | {min(v for _, v in curve):{fd}} | "
                      f"{_num(at, fd)} | {_num(reach, ',.0f')} | {speed} | {per_flop} | {rate} |")
     if not base:
@@ -304,6 +297,27 @@ def table(runs: list[Run], baseline: Run, metric: str) -> str:
                   "(noise, or training too short or too long for the evaluations' spacing). Evaluate earlier and more "
                   "often, or train longer."]
     return "\n".join(lines)
+
+
+def not_improved(base: list[tuple[int, float]]) -> bool:
+    """Whether a baseline curve of several evaluations was at or below its last value from its first on (the images
+    to reach its last value by the same rule as every run's: where it rose again at the end, noise or overfitting,
+    that is before its last images): it did not improve after its first evaluation, and no speed-up is read from it."""
+    return len(base) > 1 and images_to_reach(base, base[-1][1]) == base[0][0]
+
+
+def speed_up(base: list[tuple[int, float]], curve: list[tuple[int, float]]) -> tuple[float | None, str]:
+    """(ratio, as shown) of the images `base` needs to stay at or below its last value over those `curve` needs (both
+    by images_to_reach, so that a copy of the baseline is 1.00x): ">= 1.20x" where the curve was there by its first
+    evaluation (maybe earlier); "not reached", or "not yet (shorter)" for a curve that ends before the baseline's;
+    "—" where no speed-up is read (no baseline curve, or one that did not improve after its first evaluation)."""
+    if not base or not curve or not_improved(base):
+        return None, "—"
+    reach = images_to_reach(curve, base[-1][1])
+    if reach is None:
+        return None, "not yet (shorter)" if curve[-1][0] < base[-1][0] else "not reached"
+    ratio = images_to_reach(base, base[-1][1]) / reach
+    return ratio, f"{'>= ' if reach == curve[0][0] and curve is not base else ''}{ratio:.2f}x"
 
 
 def summarise_values(runs: list[Run], values: list) -> str:

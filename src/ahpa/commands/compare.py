@@ -1,5 +1,6 @@
 """ahpa compare RUN RUN ... --out DIR: runs side by side (Fréchet distances and flow loss against images seen, the
-speed-up over a baseline, the settings that differ), as a markdown table and plots."""
+speed-up over a baseline, the settings that differ), as a markdown table and plots; runs that differ only in their
+seed are read as one method, with the spread of its seeds (ahpa.compare_seeds)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ def register(sub) -> None:
                    "(default: the first with align.method=none that has evaluations)")
     p.add_argument("--metric", default="", help="the evaluation to rank by, e.g. FD-r20 or FID, any case (default: the "
                    "first one the baseline logged)")
+    p.add_argument("--no-group-seeds", action="store_true", help="show every run as its own row, also runs that differ "
+                   "only in train.seed (default: those are one row, the mean of their seeds, with their spread)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from ahpa import compare
+    from ahpa import compare, compare_seeds
     from ahpa.train import plots
 
     out = Path(args.out) if args.out else None
@@ -28,21 +31,24 @@ def run(args) -> int:
     runs = [compare.read_run(p) for p in args.runs]
     compare.check_distinct(runs)
     compare.name_runs(runs)
-    baseline = compare.pick_baseline(runs, args.baseline or None)
-    metrics = list(dict.fromkeys(m for r in [baseline, *runs] for m in r.evals))  # the baseline's first, as logged
+    # the rows: a group of seeds is one, its curves their mean; what belongs to a run itself (how it was evaluated
+    # along the way, its environment, whether it finished) is still told run by run
+    rows, ungrouped = compare_seeds.group_seeds(runs, not args.no_group_seeds)
+    baseline = compare.pick_baseline(rows, args.baseline or None)
+    metrics = list(dict.fromkeys(m for r in [baseline, *rows] for m in r.evals))  # the baseline's first, as logged
     metric = metrics[0] if metrics else ""
     if args.metric:
         metric = next((m for m in metrics if m.lower() == args.metric.lower()), "")
         if not metric:
             raise ValueError(f"--metric {args.metric!r}: the runs' evaluations are {', '.join(metrics) or 'none'}")
     parts = [f"# {len(runs)} run{'s' if len(runs) != 1 else ''}; baseline {baseline.name}", ""]
-    otherwise = compare.evaluated_otherwise(runs, baseline)
+    otherwise = compare.evaluated_otherwise(rows, baseline)
     if metric and otherwise:  # above the table: its FDs and speed-ups for these runs do not compare
         parts += [f"**Evaluated otherwise than the baseline** ({baseline.name}: {baseline.eval_setup}); their {metric} "
                   "does not compare with its, and no speed-up is read from them:",
                   *(f"- {name}: {diff}" for name, diff in otherwise.items()), ""]
     if metric:
-        parts += [compare.table(runs, baseline, metric), "",
+        parts += [compare.table(rows, baseline, metric), "",
                   f"Speed-up: the images from which the baseline stays at or below its last {metric} over the images "
                   "from which a run does (the last crossing, linear between evaluations; `>=`: reached by the run's "
                   "first evaluation, maybe before); per FLOP: the same counted in training FLOPs, each run's images at "
@@ -52,15 +58,32 @@ def run(args) -> int:
     else:
         parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances). "
                   "Trained so far: " + ", ".join(f"{r.name} {r.length:,} images" for r in runs) + ".", ""]
+    groups = compare_seeds.describe(rows, metric)
+    if groups:
+        parts += ["**Seeds read as one method**: runs that differ only in `train.seed` and were evaluated alike; the "
+                  "row of each group reads the mean of its seeds' curves at the images every seed was evaluated at:",
+                  *groups, ""]
+        pairs = compare_seeds.paired(rows, baseline, metric, otherwise) if metric else []
+        if pairs:
+            parts += [f"**Paired seeds** ({metric}): the speed-up between the mean curves, then that of each seed over "
+                      "the baseline's run of the same seed (same initial weights, batches and noise), each read at the "
+                      "points of its group's mean; ahead: above 1.00x. The spread: each side's seeds at the baseline's "
+                      "last images:", *pairs, ""]
+    if ungrouped:
+        parts += ["**Not read as seeds of one method** (alike but for their seed):", *ungrouped, ""]
     mixed = compare.mixed_evaluations(runs)
     if mixed:
         parts += ["**Evaluations made differently within a run** (eval.* or sample.* changed on a resume; the points "
                   "on either side of a change are not comparable, nor speed-ups across it):", *mixed, ""]
-    differing = compare.differing_settings(runs)
+    differing = compare.differing_settings(rows)
     parts.append("Settings that differ (run length, the log, checkpoint and grid cadences and how a run computes are "
                  "not compared; a setting a run did not read shows `(not read)`):" + ("" if differing else " none"))
     for key, values in differing.items():
-        parts.append(f"- `{key}`: " + compare.summarise_values(runs, values))
+        why = ""
+        if key == "train.seed":  # other seeds that are not one row: say why
+            why = (" (not read as seeds of one method: see above)" if ungrouped else
+                   " (runs that differ in other settings too are not read as seeds of one method)")
+        parts.append(f"- `{key}`: " + compare.summarise_values(rows, values) + why)
     environment = compare.differing_environment(runs)
     if environment:  # speeds from other GPUs or process counts are no comparison; other code may train otherwise
         parts += ["", "Trained in different environments (their newest start; img/s compares only on the same device "
@@ -82,10 +105,12 @@ def run(args) -> int:
         for old in out.glob("*.png"):  # an earlier comparison's (the folder holds its compare.md): not this one's
             old.unlink()
         (out / "compare.md").write_text(text)
+        faint = " (a group of seeds: their mean, each seed faint)" if groups else ""
         for m in metrics:
-            plots.line_plot({r.name: r.evals.get(m, []) for r in runs}, out / f"{m}.png", "training images", m, m,
-                            highlight=baseline.name)
-        plots.line_plot({r.name: r.flow for r in runs}, out / "flow-loss.png", "training images", "flow loss",
-                        "flow-matching loss", logy=True, markers=False, highlight=baseline.name)
+            plots.line_plot({r.name: r.evals.get(m, []) for r in rows}, out / f"{m}.png", "training images", m, m + faint,
+                            highlight=baseline.name, faint={r.name: [s.evals.get(m, []) for s in r.seeds] for r in rows})
+        plots.line_plot({r.name: r.flow for r in rows}, out / "flow-loss.png", "training images", "flow loss",
+                        "flow-matching loss" + faint, logy=True, markers=False, highlight=baseline.name,
+                        faint={r.name: [s.flow for s in r.seeds] for r in rows})
         print(f"wrote {out / 'compare.md'} and {len(names)} plot{'s' if len(names) != 1 else ''}")
     return 0

@@ -112,18 +112,21 @@ def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str,
               title: str = "", logy: bool = False, markers: bool = True, figsize: tuple[float, float] = (7, 4),
-              highlight: str = "") -> Path:
+              highlight: str = "", faint: dict[str, list[list[tuple[float, float]]]] | None = None) -> Path:
     """One line per named series of (x, y) points (a run's evaluations; one per run in `ahpa compare`). Ten colours,
-    then the same ten dashed, dotted, ...: no two lines alike; `highlight` (the baseline) in black, on top. The legend
-    sits beside the axes, where it hides no line."""
+    then the same ten dashed, dotted, ...: no two lines alike; `highlight` (the baseline) in black, on top. `faint`:
+    more series of a name (the seeds a mean is over), drawn thin and pale in its style. The legend sits beside the
+    axes, where it hides no line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=figsize)
     colours, dashes = plt.rcParams["axes.prop_cycle"].by_key()["color"], ["-", "--", ":", "-."]
     for i, (name, pts) in enumerate(series.items()):
-        if not pts:
-            continue
         style = dict(color="black", linewidth=2.2, zorder=3) if name == highlight else dict(
             color=colours[i % len(colours)], linestyle=dashes[(i // len(colours)) % len(dashes)], linewidth=1.3)
+        for seed in (faint or {}).get(name, []):
+            ax.plot([p[0] for p in seed], [p[1] for p in seed], **{**style, "linewidth": 0.8, "alpha": 0.35, "zorder": 1})
+        if not pts:
+            continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if markers else None, markersize=3,
                 label=f"{name} (baseline)" if name == highlight else name, **style)
     ax.set_xlabel(xlabel)

@@ -264,7 +264,7 @@ def test_the_environment_names_the_gpu_it_is_given_and_the_setup_note_the_per_pr
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     env = environment(torch.device("cuda", 0), 8)
     assert env["device"] == "NVIDIA H200" and env["processes"] == 8
-    parts = types.SimpleNamespace(amp=torch.bfloat16)
+    parts = types.SimpleNamespace(amp=torch.bfloat16, loss_scale=None)  # bf16: no loss scale
     cfg = tiny("train.batch_size=256", "train.steps=1000", "train.grad_accum=2")
     assert setup_note(cfg, parts, 8, True, "NVIDIA H200") == (
         "training on 8 x NVIDIA H200 (FSDP2), bf16 autocast, eager: 1,000 steps of global batch 256 "

@@ -101,7 +101,7 @@ def window_means(sums: dict, count: int, seen: dict) -> dict:
     align.stop_step ends it) is averaged over those steps."""
     row, good = logger.window_means(sums)
     for k, n in seen.items():
-        if 0 < n < count:
+        if 0 < n < count and k in row:  # a window of skipped steps alone has no means
             row[k] = [x * count / n for x in row[k]] if isinstance(row[k], list) else row[k] * count / n
     row["skipped_steps"] = count - round(good)
     return row

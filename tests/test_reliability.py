@@ -363,6 +363,25 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert not ckpt.list_checkpoints(tmp_path / "r2" / "checkpoints")  # nothing written over a good state
 
 
+def test_a_window_of_skipped_steps_alone_logs_no_losses_and_the_bar_goes_on(tmp_path, monkeypatch, capsys):
+    """Its means would be of no step: a flow loss of 0 was logged, drawn in TensorBoard and the loss plot. The row
+    keeps the step counts; `ahpa train`'s bar shows no loss for it."""
+    from ahpa.cli import main
+
+    real = Trainer._loss
+
+    def loss(self, batch, d, align_on):
+        value, metrics = real(self, batch, d, align_on)
+        return (value * float("nan"), metrics) if self.step == 1 else (value, metrics)
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY, "train.steps=3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [("loss/flow" in r, r["skipped_in_window"], r["bad_steps"]) for r in rows] == [
+        (True, 0, 0), (False, 1, 1), (True, 0, 1)]
+    assert "flow=—" in capsys.readouterr().err
+
+
 def test_a_run_that_skips_most_steps_stops_though_never_enough_in_a_row(tmp_path, monkeypatch):
     """A diverging run can stay finite on a few batches: three steps of every four skipped, never four in a row."""
     real = Trainer._loss

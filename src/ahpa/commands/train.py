@@ -96,7 +96,8 @@ def run(args) -> int:
 
         def on_log(step: int, row: dict) -> None:
             bar.update(step - bar.n)
-            post = {"flow": f"{row['loss/flow']:.4f}", "img/s": f"{row['img_per_s']:.0f}"}
+            # a window whose every step was skipped has no losses (ahpa.train.logger.window_means)
+            post = {"flow": f"{row['loss/flow']:.4f}" if "loss/flow" in row else "—", "img/s": f"{row['img_per_s']:.0f}"}
             if "loss/align" in row:
                 post["align"] = f"{row['loss/align']:.4f}"
             if row.get("bad_steps"):

@@ -115,7 +115,7 @@ def run_demo(
     def on_log(step: int, row: dict) -> None:
         bar.update(step - trainer_step[0])
         trainer_step[0] = step
-        bar.set_postfix({"flow": f"{row['loss/flow']:.3f}", "align": f"{row.get('loss/align', 0):.3f}"})
+        bar.set_postfix({k: f"{row[key]:.3f}" for k, key in (("flow", "loss/flow"), ("align", "loss/align")) if key in row})
 
     trainer_step = [trainer.step]
     trainer.run(on_log)

@@ -18,17 +18,20 @@ COUNTS = ("overflow_steps",)  # step counts (fp16's forgiven overflows), logged 
 def window_means(sums: dict[str, torch.Tensor]) -> tuple[dict, float]:
     """A log window's metric sums -> (their means over the window's good steps, the number of good steps),
     averaged across processes. `sums["good_steps"]` counts the good steps; the others are sums of per-step
-    metrics that skipped steps left at zero, except the COUNTS, which are the window's totals. One collective and a
-    host sync, at the end of a log window only (the loop reads its skipped-step counters there too, already
-    computed; under several processes it also agrees on a stop signal every 10 steps, Trainer._stop_agreed)."""
+    metrics that skipped steps left at zero, except the COUNTS, which are the window's totals. A window whose every
+    step was skipped has no means: its row holds the COUNTS alone (a loss of 0 would be drawn and plotted as one).
+    One collective and a host sync, at the end of a log window only (the loop reads its skipped-step counters there
+    too, already computed; under several processes it also agrees on a stop signal every 10 steps,
+    Trainer._stop_agreed)."""
     sums = dict(sums)
     good = sums.pop("good_steps")
     flat = torch.cat([v.reshape(-1).float() for v in sums.values()] + [good.reshape(1).float()])
     values = all_reduce_mean_(flat).tolist()
     n_good, row, at = values[-1], {}, 0
     for k, v in sums.items():
-        avg = [x / (1 if k in COUNTS else max(n_good, 1e-9)) for x in values[at : at + v.numel()]]
-        row[k] = avg if v.ndim else avg[0]
+        if k in COUNTS or n_good >= 0.5:  # n_good: a count, averaged over processes that agree on it
+            avg = [x / (1 if k in COUNTS else n_good) for x in values[at : at + v.numel()]]
+            row[k] = avg if v.ndim else avg[0]
         at += v.numel()
     return row, n_good
 

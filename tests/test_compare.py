@@ -483,3 +483,14 @@ def test_the_default_metric_is_the_baselines_and_every_plot_draws_the_baseline_h
     text = capsys.readouterr().out
     assert "| last FD-r20 |" in text and "no FD-r20 evaluations (has FD-r32)" in _rows(text)["r32"]
     assert sorted(drawn) == [("FD-r20.png", "none"), ("FD-r32.png", "none"), ("flow-loss.png", "none")]
+
+
+def test_a_repa_row_names_its_encoder(tmp_path, capsys):
+    """REPA with CLIP against REPA with SigLIP (or one REPA beside vanilla SiT and AHPA) was a row "repa" each: the
+    encoder, what tells REPA's variants apart, is in the method column, by its kind and folder."""
+    base = _evaluated(tmp_path, "sit", [10.0, 8.0, 6.0], "align.method=none")
+    clip = _evaluated(tmp_path, "repa-clip", [9.0, 7.0, 5.0], "align.method=repa",
+                      f"prior.external=transformers:{tmp_path / 'weights' / 'clip-vit-b16'}")
+    assert main(["compare", str(base), str(clip)]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["repa-clip"].startswith("| repa-clip | repa (transformers:clip-vit-b16) |") and "| none |" in rows["sit (baseline)"]

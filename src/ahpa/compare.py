@@ -55,8 +55,11 @@ class Run:
     @property
     def label(self) -> str:
         """The method with what tells its variants apart: the router mode of a method that takes align.router
-        (ahpa), the level of a one-level method, chosen levels."""
+        (ahpa), the level of a one-level method, chosen levels, REPA's encoder (its kind and folder's name)."""
         spec, s = METHODS.get(self.method), self.settings
+        if spec is not None and spec.levels == "external" and s.get("prior.external"):
+            kind, _, where = str(s["prior.external"]).partition(":")
+            return f"{self.method} ({kind}:{Path(where).name or where})"
         if spec is None or spec.levels in ("none", "external"):
             return self.method
         details = [str(s.get("align.router"))] if not spec.router else []

@@ -487,7 +487,8 @@ def test_the_default_metric_is_the_baselines_and_every_plot_draws_the_baseline_h
 
 def test_a_repa_row_names_its_encoder(tmp_path, capsys):
     """REPA with CLIP against REPA with SigLIP (or one REPA beside vanilla SiT and AHPA) was a row "repa" each: the
-    encoder, what tells REPA's variants apart, is in the method column, by its kind and folder; the legend says its forward is not in the FLOPs."""
+    encoder, what tells REPA's variants apart, is in the method column, by its kind and folder; the legend says that its
+    forward is not in the FLOPs."""
     base = _evaluated(tmp_path, "sit", [10.0, 8.0, 6.0], "align.method=none")
     clip = _evaluated(tmp_path, "repa-clip", [9.0, 7.0, 5.0], "align.method=repa",
                       f"prior.external=transformers:{tmp_path / 'weights' / 'clip-vit-b16'}")

@@ -454,3 +454,19 @@ print(len(src), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     assert ok.returncode == 0 and int(ok.stdout.split()[0]) == 40 and int(ok.stdout.split()[1]) > 64, ok.stderr[-2000:]
     low = subprocess.run([sys.executable, "-c", code, "hard"], capture_output=True, text=True, env=env, timeout=120)
     assert low.returncode != 0 and "may open at most 64" in low.stderr and "--shard-size" in low.stderr, low.stderr[-2000:]
+
+
+def test_a_folder_of_images_as_data_path_is_told_to_be_prepared_elsewhere(tmp_path):
+    """data.source=cache data.path=PHOTOS said "create it with `ahpa prepare ... --out PHOTOS`": an --out inside the
+    images, which prepare refuses. The message says the images are prepare's source and the cache another folder."""
+    from PIL import Image
+
+    from ahpa.data.cache import read_manifest
+
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "cats" / "a.png")
+    with pytest.raises(Exception) as e:
+        read_manifest(tmp_path / "photos")
+    assert str(e.value) == (f"{tmp_path / 'photos'} has no manifest.json: not a prepared cache; `ahpa prepare --images "
+                            "SRC ... --out DIR` makes one in DIR (a folder of images is the SRC, and DIR a folder outside "
+                            "it), then data.path=DIR")

@@ -483,3 +483,21 @@ def test_the_default_metric_is_the_baselines_and_every_plot_draws_the_baseline_h
     text = capsys.readouterr().out
     assert "| last FD-r20 |" in text and "no FD-r20 evaluations (has FD-r32)" in _rows(text)["r32"]
     assert sorted(drawn) == [("FD-r20.png", "none"), ("FD-r32.png", "none"), ("flow-loss.png", "none")]
+
+
+def test_a_repa_row_names_its_encoder(tmp_path, capsys):
+    """REPA with CLIP against REPA with SigLIP (or one REPA beside vanilla SiT and AHPA) was a row "repa" each: the
+    encoder, what tells REPA's variants apart, is in the method column, by its kind and folder; the legend says that its
+    forward is not in the FLOPs."""
+    base = _evaluated(tmp_path, "sit", [10.0, 8.0, 6.0], "align.method=none")
+    clip = _evaluated(tmp_path, "repa-clip", [9.0, 7.0, 5.0], "align.method=repa",
+                      f"prior.external=transformers:{tmp_path / 'weights' / 'clip-vit-b16'}")
+    assert main(["compare", str(base), str(clip)]) == 0
+    text = capsys.readouterr().out
+    rows = _rows(text)
+    assert rows["repa-clip"].startswith("| repa-clip | repa (transformers:clip-vit-b16) |") and "| none |" in rows["sit (baseline)"]
+    # per FLOP counts the SiT's and the heads' arithmetic: REPA's encoder forward on every batch is not in it
+    frozen = "REPA's frozen encoder, run on every batch, is not counted: its cost shows in img/s"
+    assert frozen in text
+    assert main(["compare", str(base), str(_evaluated(tmp_path, "ahpa", [9.0, 7.0, 5.0]))]) == 0
+    assert frozen not in capsys.readouterr().out

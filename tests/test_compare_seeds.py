@@ -136,3 +136,15 @@ def test_real_runs_of_two_seeds_are_grouped(tmp_path, tiny, capsys):
     text = capsys.readouterr().out
     assert text.startswith("# 2 runs; baseline none-s0 (2 seeds: 0, 1)\n") and "Settings that differ (" in text
     assert "- none-s0 (2 seeds: 0, 1): none-s0 (seed 0), none-s1 (seed 1)" in text and "- `" not in text
+
+
+def test_a_paired_seed_whose_baseline_did_not_improve_is_not_counted_as_ahead(tmp_path, capsys):
+    """Seed 1's baseline run rose from its first evaluation on, so no speed-up is read at seed 1 ("—"). The verdict
+    said "ahead of the baseline at every paired seed" from seed 0 alone; it counts the seeds read and names the other."""
+    none = _seeds(tmp_path, "none", [10.0, 8.0, 6.0], [6.0, 6.5, 7.0])  # the mean (8.0, 7.25, 6.5) improves
+    ahpa = _seeds(tmp_path, "ahpa", [9.0, 7.0, 5.0], [5.5, 6.0, 6.5])
+    assert main(["compare", *map(str, none + ahpa)]) == 0
+    text = capsys.readouterr().out
+    assert ("1.20x (seed 0), — (seed 1): ahead of the baseline at 1 of 1 paired seeds read; none is read at seed 1, "
+            "whose baseline run did not improve after its first evaluation.") in text
+    assert "every paired seed" not in text

@@ -211,3 +211,27 @@ def test_an_installed_package_adds_an_external_kind(packages):
     packages(externals=[FakeEntryPoint("pkg-a", lambda: loader, "dup"), FakeEntryPoint("pkg-b", lambda: loader, "dup")])
     with pytest.raises(config.ConfigError, match=r"external encoder kind 'dup' is given by packages 'pkg-a', 'pkg-b'"):
         config.load(None, ["prior.external=dup:x"])
+
+
+def test_dinov2_refuses_another_models_folder(transformers, tmp_path):
+    """`dinov2:DIR` on a DINOv2-with-registers or CLIP folder loaded as a Dinov2Model with a transformers warning only:
+    the registers dropped, or every weight left at random. REPA and FD-DINOv2 would have used features of no trained
+    model; the folder is refused naming its config.json and the kind that reads it."""
+    from ahpa.metrics import load_detector
+
+    T = transformers
+    _saved(T.CLIPVisionModel(T.CLIPVisionConfig(**SMALL)), tmp_path / "clip")
+    folders = [("clip", "clip_vision_model")]
+    if hasattr(T, "Dinov2WithRegistersModel"):
+        _saved(T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4)), tmp_path / "reg")
+        folders.append(("reg", "dinov2_with_registers"))
+    for folder, model_type in folders:
+        where = tmp_path / folder
+        message = (rf"{where / 'config.json'}: model_type '{model_type}', not 'dinov2'.*name it transformers:{where} ")
+        with pytest.raises(ValueError, match=message):
+            load_external(f"dinov2:{where}")
+        with pytest.raises(ValueError, match=message):
+            load_detector(f"dinov2:{where}", torch.device("cpu"))
+    (tmp_path / "clip" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"clip/config.json is not a transformers config \(a JSON object\)"):
+        load_external(f"dinov2:{tmp_path / 'clip'}")

@@ -834,3 +834,18 @@ def test_a_killed_run_beside_a_record_whose_file_was_deleted_resumes(tmp_path, m
     assert calls == [(2, 4)]
     with np.load(out) as f:
         assert np.array_equal(f["arr_1"], np.arange(4))
+
+
+def test_a_class_name_holding_a_comma_is_listed_as_written_when_a_class_is_refused():
+    """`--class 'red,blue,circle'` splits at its commas, and 'red' was refused listing "circle, red,blue, square":
+    three names or four? With a comma in a name the names are quoted, and the message says how to give that one."""
+    from ahpa.data.class_names import class_indices
+
+    names = ["circle", "red,blue", "square"]
+    with pytest.raises(ValueError) as e:
+        class_indices(["red", "blue", "circle"], names, 3, "run r")
+    assert str(e.value) == ("--class 'red' is no class of run r; its classes: 'circle', 'red,blue', 'square'; a name "
+                            "that holds a comma is given whole, as its own --class (--class 'red,blue')")
+    assert class_indices(["red,blue", "circle"], names, 3, "run r") == [1, 0]
+    with pytest.raises(ValueError, match=r"its classes: circle, square$"):  # no comma in any name: as before
+        class_indices(["red"], ["circle", "square"], 2, "run r")

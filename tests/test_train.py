@@ -509,3 +509,15 @@ def test_a_vanilla_runs_loss_plot_is_one_panel(tmp_path):
 
     (w1, h1), (w2, h2) = draw("vanilla", {}), draw("aligned", {"loss/align": 0.5, "align/level_loss": [0.3, 0.2]})
     assert h1 == h2 and w1 < 0.7 * w2
+
+
+def test_a_data_path_that_procedural_data_does_not_read_is_named(tiny):
+    """README's "with your data, pass data.path=..." under a config of procedural data trained on the shapes without a
+    word; the run's notes say the path is ignored and which data.source reads it."""
+    from ahpa.train.build import ignored_settings_note
+
+    notes = ignored_settings_note(tiny("data.path=/photos/train.npz"), ["latent"])
+    assert notes == ["data.source=procedural does not read data.path=/photos/train.npz: ignored, this run trains on "
+                     "procedural shapes (data.source=npz reads an .npz; a folder of images is encoded by `ahpa prepare` "
+                     "and read as data.source=cache)"]
+    assert ignored_settings_note(tiny(), ["latent"]) == []

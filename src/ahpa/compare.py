@@ -53,10 +53,19 @@ class Run:
         return str(self.settings.get("align.method", "?"))
 
     @property
+    def external(self) -> str:
+        """REPA's frozen encoder (prior.external) for a method that aligns to one, else ""."""
+        spec = METHODS.get(self.method)
+        return str(self.settings.get("prior.external") or "") if spec is not None and spec.levels == "external" else ""
+
+    @property
     def label(self) -> str:
         """The method with what tells its variants apart: the router mode of a method that takes align.router
-        (ahpa), the level of a one-level method, chosen levels."""
+        (ahpa), the level of a one-level method, chosen levels, REPA's encoder (its kind and folder's name)."""
         spec, s = METHODS.get(self.method), self.settings
+        if self.external:
+            kind, _, where = self.external.partition(":")
+            return f"{self.method} ({kind}:{Path(where).name or where})"
         if spec is None or spec.levels in ("none", "external"):
             return self.method
         details = [str(s.get("align.router"))] if not spec.router else []

@@ -153,11 +153,18 @@ def paired(rows: list[Run], baseline: Run, metric: str, otherwise: dict[str, str
 
 
 def ahead(pairs: dict) -> str:
-    """Whether the speed-ups of the paired seeds (ahpa.compare.speed_up's) are all above 1.00x, in words."""
+    """Whether the speed-ups of the paired seeds (ahpa.compare.speed_up's) are all above 1.00x, in words. A seed whose
+    baseline run did not improve after its first evaluation gives none ("—"): the verdict counts the seeds read and
+    names the others, as "every paired seed" over one seed read of two would claim what was not measured."""
     read = [ratio for ratio, text in pairs.values() if text != "—"]
     if not read:
         return "no speed-up is read at any paired seed"
     k = sum(ratio is not None and ratio > 1 for ratio in read)
+    unread = [str(s) for s, (_, text) in pairs.items() if text == "—"]
+    if unread:  # only a group's baseline has several seeds, and each of its seeds' curves has the group's points
+        return (f"ahead of the baseline at {k} of {len(read)} paired seeds read; "
+                f"none is read at seed{'s' if len(unread) > 1 else ''} {', '.join(unread)}, whose baseline run did not "
+                "improve after its first evaluation")
     return ("ahead of the baseline at every paired seed" if k == len(read) else
             "ahead of the baseline at no paired seed" if k == 0 else f"ahead of the baseline at {k} of {len(read)} paired seeds")
 

@@ -48,12 +48,15 @@ def run(args) -> int:
                   "does not compare with its, and no speed-up is read from them:",
                   *(f"- {name}: {diff}" for name, diff in otherwise.items()), ""]
     if metric:
+        # REPA's encoder runs on every batch, untrained: not in the recorded arithmetic, which is the SiT's and the heads'
+        frozen = ("; REPA's frozen encoder, run on every batch, is not counted: its cost shows in img/s"
+                  if any(r.external for r in rows) else "")
         parts += [compare.table(rows, baseline, metric), "",
                   f"Speed-up: the images from which the baseline stays at or below its last {metric} over the images "
                   "from which a run does (the last crossing, linear between evaluations; `>=`: reached by the run's "
                   "first evaluation, maybe before); per FLOP: the same counted in training FLOPs, each run's images at "
-                  "its own arithmetic per image (the alignment heads add some; — for a run from before it was "
-                  "recorded); img/s: the median of the logged windows and their range, for the cost per image (it "
+                  f"its own arithmetic per image (the alignment heads add some{frozen}; — for a run from before it "
+                  "was recorded); img/s: the median of the logged windows and their range, for the cost per image (it "
                   "compares only on the same device under the same load).", ""]
     else:
         parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances). "

@@ -46,7 +46,8 @@ def read_manifest(path: str | Path) -> dict:
                                 "of the same content)")
     file = directory / MANIFEST
     if not file.is_file():
-        raise CacheError(f"{directory} has no {MANIFEST}: not a prepared cache (create it with `ahpa prepare ... --out {directory}`)")
+        raise CacheError(f"{directory} has no {MANIFEST}: not a prepared cache; `ahpa prepare --images SRC ... --out DIR` "
+                         "makes one in DIR (a folder of images is the SRC, and DIR a folder outside it), then data.path=DIR")
     manifest = read_json(file)
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{file}: format {manifest.get('format')!r}, this version reads {FORMAT!r}; prepare the cache again")

@@ -50,8 +50,11 @@ def class_indices(given: list[int | str], names: list[str] | None, num_classes: 
                 raise ValueError(f"--class {k!r}: {what} records no class names (its data named none, or is not on "
                                  f"this machine); give class indices 0..{num_classes - 1}")
             if k not in names:
-                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-                raise ValueError(f"--class {k!r} is no class of {what}{did_you_mean(k, names)}; its classes: {shown}")
+                commas = any("," in n for n in names)  # listed as written: "a, a,b, c" would not say which is which
+                shown = ", ".join(map(repr if commas else str, names[:12])) + (", ..." if len(names) > 12 else "")
+                whole = (f"; a name that holds a comma is given whole, as its own --class (--class "
+                         f"{next(n for n in names if ',' in n)!r})") if commas else ""
+                raise ValueError(f"--class {k!r} is no class of {what}{did_you_mean(k, names)}; its classes: {shown}{whole}")
             k = names.index(k)
         if not 0 <= k < num_classes:
             raise ValueError(f"--class {k}: {what} has classes 0..{num_classes - 1}")

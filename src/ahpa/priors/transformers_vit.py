@@ -166,9 +166,21 @@ def _channels(module: PatchTokens, side: int, patch: int, path: Path) -> int:
 
 
 def load_dinov2(path: str | Path, spec: str):
-    """transformers' Dinov2Model from a local save_pretrained directory (never a download)."""
+    """transformers' Dinov2Model from a local save_pretrained directory (never a download). Another model's folder is
+    refused: Dinov2Model loads one with a warning only, a DINOv2 with registers without its registers, and any other
+    ViT as a randomly initialised DINOv2, whose features would be no model's."""
     path = _folder(path, spec, "DINOv2", "Dinov2Model", "facebook/dinov2-base",
                    " (REPA's B/2 and XL/2 use ViT-B/14, dinov2-base)")
+    file = path / "config.json"
+    try:
+        model_type = json.loads(file.read_text()).get("model_type") if file.is_file() else "dinov2"  # transformers says
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{file} is not a transformers config (a JSON object): {e}; save the model again") from None
+    if model_type != "dinov2":
+        raise ValueError(f"{file}: model_type {model_type!r}, not 'dinov2': {spec!r} loads transformers' Dinov2Model, "
+                         f"which would take this model's weights only in part or not at all. For REPA's encoder, name it "
+                         f"transformers:{path} (any ViT-like model, DINOv2 with registers, CLIP, SigLIP); FD-DINOv2 is "
+                         "measured with DINOv2 itself (facebook/dinov2-large)")
     return _transformers(spec).Dinov2Model.from_pretrained(str(path), local_files_only=True)
 
 

@@ -262,6 +262,10 @@ def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
     off = [k for k, v in asdict(cfg.eval).items() if k != "every" and v != asdict(EvalCfg())[k]]
     notes = [f"eval.every=0 does not read eval.{', eval.'.join(off)}: ignored (eval.every=N evaluates every N "
              "steps)"] if off and not cfg.eval.every else []
+    if cfg.data.source == "procedural" and cfg.data.path:  # "pass data.path=": the run trains on shapes all the same
+        notes.append(f"data.source=procedural does not read data.path={cfg.data.path}: ignored, this run trains on "
+                     "procedural shapes (data.source=npz reads an .npz; a folder of images is encoded by `ahpa prepare` "
+                     "and read as data.source=cache)")
     return notes + _align_notes(cfg, levels)
 
 

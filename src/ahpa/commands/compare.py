@@ -71,7 +71,8 @@ def run(args) -> int:
             parts += [f"**Paired seeds** ({metric}): the speed-up between the mean curves, then that of each seed over "
                       "the baseline's run of the same seed (same initial weights, batches and noise), each read at the "
                       "points of its group's mean; ahead: above 1.00x. The spread: each side's seeds at the baseline's "
-                      "last images:", *pairs, ""]
+                      "last images (the range of a few seeds, not a significance test: two seeds apart by a hair are "
+                      "'beyond' each other):", *pairs, ""]
     if ungrouped:
         parts += ["**Not read as seeds of one method** (alike but for their seed):", *ungrouped, ""]
     mixed = compare.mixed_evaluations(runs)

@@ -415,7 +415,8 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
     argv = ["eval", str(small), "--ref", str(big), *det, "--ref-cache", str(tmp_path / "cache")]
     for _ in range(2):
         assert main(argv) == 0
-        assert capsys.readouterr().err.count("warning: samples are 8x8 but the reference is 16x16") == 1
+        err = capsys.readouterr().err
+        assert err.count("warning: samples are 8x8 but the reference is 16x16") == 1 and "ahpa eval --resolution 8" in err
     assert main(["eval", str(small), "--ref", str(small), *det, "--no-ref-cache"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert main(["eval", str(small), "--ref", str(small), *det, "--no-ref-cache", "--num", "50"]) == 0

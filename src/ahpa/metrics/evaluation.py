@@ -182,5 +182,6 @@ def caveats(samples, reference, detector: Detector, num: int | None, fd: bool,
     if None not in sizes and sizes[0] != sizes[1]:
         (h, w), (rh, rw) = sizes
         out.append(f"samples are {h}x{w} but the reference is {rh}x{rw}; detectors resize images to their input size, "
-                   "so the FD mixes the resolution gap with sample quality")
+                   "so the FD mixes the resolution gap with sample quality (a folder of reference images is read at "
+                   f"the samples' size with resolution={h}: ahpa eval --resolution {h})")
     return out

@@ -198,7 +198,8 @@ def _run(args) -> int:
                   "nothing to do")
         elif d.is_main:
             guided = f" for t in [{cfg.guidance_low}, {cfg.guidance_high}]" if cfg.cfg_scale != 1 else ""
-            only = f", classes {','.join(map(str, classes))}" if classes else ""
+            names = bundle.class_names  # the class's name beside its index, where the training data gave names
+            only = (", classes " + ", ".join(f"{k} ({names[k]!r})" if names else str(k) for k in classes)) if classes else ""
             print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale}"
                   f"{guided}{only})")
         if d.is_main and args.grid is not None:

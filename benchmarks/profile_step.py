@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from throughput import SIZES, TINY_SIT, encoders_for, run_config, write_caches
+from throughput import PRECISIONS, SIZES, TINY_SIT, encoders_for, run_config, write_caches
 
 from ahpa.models.sit import SiTConfig
 from ahpa.train.build import autocast_dtype, precision_name
@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--compile", choices=("on", "off"), default=None, help="default: on at --size gpu, off at tiny")
     ap.add_argument("--compile-mode", default="default", help="train.compile_mode when compiled")
     ap.add_argument("--batch", type=int)
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="train.precision of the profiled runs (auto: bf16 on GPUs with bf16 arithmetic)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, required=True, help="JSON file (rewritten after every record)")
@@ -201,7 +203,7 @@ def main() -> None:
             trainer = Trainer(cfg, args.work_dir / "runs" / f"{model.replace('/', '')}-{method}", external=external, encoder=encoder)
             for _ in range(args.warmup):
                 trainer.train_step()
-            rec = {"model": model, "method": method, "batch": batch, "precision": precision_name(autocast_dtype("auto", device))}
+            rec = {"model": model, "method": method, "batch": batch, "precision": precision_name(autocast_dtype(args.precision, device))}
             try:
                 rec.update(profile_steps(trainer, args.steps, device))
                 print(f"{model} {method}: {rec['wall_ms_per_step']} ms/step wall, {rec['busy_ms_per_step']} busy, "

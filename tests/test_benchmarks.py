@@ -102,6 +102,7 @@ def test_profile_step_smoke(tmp_path):
     _run(["benchmarks/profile_step.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached",
           "--steps", "2", "--warmup", "1", "--work-dir", str(tmp_path), "--out", str(out)])
     result = json.loads(out.read_text())
+    assert {p["precision"] for p in result["profiles"]} == {"fp32"}  # auto on the CPU
     assert [p["method"] for p in result["profiles"]] == ["none", "ahpa-cached"]
     for p in result["profiles"]:
         assert p["wall_ms_per_step"] >= p["busy_ms_per_step"] > 0

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from throughput import SIZES, TINY_SIT, encoders_for, run_config, write_caches
+from throughput import PRECISIONS, SIZES, TINY_SIT, encoders_for, run_config, write_caches
 
 from ahpa.models.sit import SiTConfig
 from ahpa.train.build import autocast_dtype, precision_name
@@ -171,12 +171,12 @@ def main() -> None:
     ap.add_argument("--compile", choices=("on", "off"), default=None, help="default: on at --size gpu, off at tiny")
     ap.add_argument("--compile-mode", default="default", help="train.compile_mode when compiled")
     ap.add_argument("--batch", type=int)
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="train.precision of the profiled runs (auto: bf16 on GPUs with bf16 arithmetic)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, required=True, help="JSON file (rewritten after every record)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/ahpa-profile"))
-    ap.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                    help="train.precision of the profiled steps (auto: bf16 on GPUs with bf16 arithmetic)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 

@@ -61,6 +61,7 @@ from ahpa.train.build import autocast_dtype, precision_name
 from ahpa.train.loop import Trainer
 
 METHODS = ("none", "ahpa-cached", "ahpa-on-the-fly", "repa", "repa-cached")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision's values; run_config reads args.precision
 CACHED = ("none", "ahpa-cached", "repa-cached")  # read a prepared cache: they pay its loader, and prefetch applies
 TINY_SIT = {"B/2": (96, 4, 4), "XL/2": (128, 6, 4)}  # tiny stand-ins: (hidden, depth, heads)
 SIZES = {
@@ -260,7 +261,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this many seconds (0 = no limit)")
     ap.add_argument("--sampling-budget-s", type=float, default=0,
                     help="start no sampling measurement after this many seconds (default: --budget-s)")
-    ap.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="train.precision of the training measurements (auto: bf16 on GPUs with bf16 arithmetic)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1,

@@ -56,12 +56,20 @@ def test_throughput_measures_repa_reading_its_images_from_a_cache(tmp_path):
     assert "B/2 eager repa-cached/none" in result["ratios"]
 
 
-def test_throughput_tiny_records_checkpointing_and_prefetch(tmp_path):
+def test_throughput_tiny_records_checkpointing_prefetch_and_precision(tmp_path, monkeypatch):
     out = tmp_path / "tp.json"
     _run(["benchmarks/throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached,repa",
           "--prefetch", "both", "--activation-checkpointing", "all", "--steps", "1", "--warmup", "1", "--sampling", "off",
-          "--work-dir", str(tmp_path), "--out", str(out)])
+          "--precision", "fp16", "--work-dir", str(tmp_path), "--out", str(out)])
     result = json.loads(out.read_text())
+    # --precision reaches the runs (fp16 autocast with its loss scale on the CPU too) and their records
+    assert {r["precision"] for r in result["records"]} == {"fp16 autocast"}
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import throughput
+
+    args = SimpleNamespace(size="tiny", batch=0, compile_mode="default", precision="fp16")
+    cfg = throughput.run_config(throughput.SIZES["tiny"], args, "B/2", "none", False, {"levels": tmp_path}, torch.device("cpu"))
+    assert cfg.train.precision == "fp16"
     train = [(r["method"], r["prefetch"], r["checkpointed_blocks"], r.get("prefetch_hits"), r.get("prefetch_misses"))
              for r in result["records"]]
     # tiny B/2 has 4 blocks; 2 steps (1 warm-up + 1 timed), each fetched from the prefetch thread
@@ -94,6 +102,7 @@ def test_profile_step_smoke(tmp_path):
     _run(["benchmarks/profile_step.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached",
           "--steps", "2", "--warmup", "1", "--work-dir", str(tmp_path), "--out", str(out)])
     result = json.loads(out.read_text())
+    assert {p["precision"] for p in result["profiles"]} == {"fp32"}  # auto on the CPU
     assert [p["method"] for p in result["profiles"]] == ["none", "ahpa-cached"]
     for p in result["profiles"]:
         assert p["wall_ms_per_step"] >= p["busy_ms_per_step"] > 0

@@ -117,6 +117,11 @@ def test_a_model_repa_cannot_align_to_is_refused_naming_its_folder_and_the_fix(t
     _saved(T.ConvNextModel(T.ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1], image_size=32)), tmp_path / "convnext")
     _saved(T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL)), tmp_path / "oblong", {"size": {"height": 32, "width": 24}})
     _saved(T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL)), tmp_path / "patch")
+    _saved(T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                    window_size=2)), tmp_path / "swin")  # merges patches: 16 tokens for 64 patches
+    text = T.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=64)  # LLaVA: its image tower is `vision_tower`
+    _saved(T.LlavaModel(T.LlavaConfig(vision_config=T.CLIPVisionConfig(**SMALL), text_config=text)), tmp_path / "llava")
     settings = json.loads((tmp_path / "patch" / "config.json").read_text())
     (tmp_path / "patch" / "config.json").write_text(json.dumps({**settings, "patch_size": [8, 4]}))
     cases = [
@@ -127,12 +132,45 @@ def test_a_model_repa_cannot_align_to_is_refused_naming_its_folder_and_the_fix(t
                      r"\(shape \(1, 8, 8, 8\)\): not a ViT-like token model"),
         ("oblong", r"oblong/preprocessor_config.json: size is \{'height': 32, 'width': 24\}, not the side of a square"),
         ("patch", r"patch/config.json \(SiglipVisionConfig\) has patch_size=\[8, 4\], not a square patch"),
+        ("swin", r"swin holds a SwinModel, which gives 16 tokens for a 32x32 image, fewer than its \(32 / 4\)\^2 = 64 "
+                 r"patches \(a model that merges patches, as Swin does, is not ViT-like\)"),
+        ("llava", r"llava holds a LlavaModel, whose image tower ahpa does not find \(no `vision_model`\): save the image "
+                  r"tower alone, as a CLIPVisionModel"),
     ]
     for folder, message in cases:
         with pytest.raises(ValueError, match=message):
             load_external(f"transformers:{tmp_path / folder}")
     with pytest.raises(FileNotFoundError, match=r"model directory .*missing.* does not exist.*AutoImageProcessor"):
         load_external(f"transformers:{tmp_path / 'missing'}")
+
+
+def test_a_half_precision_folder_loads_in_fp32(transformers, tmp_path):
+    """transformers 5 loads a checkpoint in the dtype it was saved in: the encoder is made fp32, as the images are
+    (autocast still applies), or its first layer refuses them."""
+    _saved(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**SMALL)).half(), tmp_path / "half")
+    enc = load_external(f"transformers:{tmp_path / 'half'}")
+    assert {p.dtype for p in enc.parameters()} == {torch.float32}
+    assert enc(torch.rand(2, 3, 32, 32), 2).dtype == torch.float32
+
+
+def test_the_input_side_and_normalisation_are_read_as_the_preprocessor_gives_them(tmp_path):
+    """preprocessor_config.json's other forms: a resize to a shortest edge (no crop), no normalisation (the model
+    sees [0, 1] images), and a size that is no side at all."""
+    from types import SimpleNamespace
+
+    from ahpa.priors.transformers_vit import preprocessing
+
+    config = SimpleNamespace(image_size=64)
+    assert preprocessing(tmp_path, config) == (64, IMAGENET_MEAN, IMAGENET_STD)  # no file: the config's
+    file = tmp_path / "preprocessor_config.json"
+    file.write_text(json.dumps({"do_center_crop": False, "crop_size": 24, "size": {"shortest_edge": 28}}))
+    assert preprocessing(tmp_path, config) == (28, IMAGENET_MEAN, IMAGENET_STD)
+    file.write_text(json.dumps({"size": 32, "do_normalize": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    assert preprocessing(tmp_path, config) == (32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    for size in (True, 0, [32, 24], {"height": 32}):
+        file.write_text(json.dumps({"size": size}))
+        with pytest.raises(ValueError, match=r"preprocessor_config.json: size is .*, not the side of a square input"):
+            preprocessing(tmp_path, config)
 
 
 def test_a_tiny_repa_run_trains_with_a_transformers_folder(transformers, tmp_path, tiny):
@@ -171,8 +209,9 @@ def test_a_registered_kind_is_checked_by_the_config_trains_and_is_named_where_un
                                                  r"encoder kind 'patchfy' in 'patchfy:x' \(did you mean 'patchify'\?\); "
                                                  r"valid kinds: dinov2, transformers, patchify"):
         config.load(None, ["prior.external=patchfy:x"])
-    with pytest.raises(config.ConfigError, match=r"prior.external='dinov2' is not valid: .* is not KIND:DIR; valid kinds"):
-        config.load(None, ["prior.external=dinov2"])
+    for spec in ("dinov2", "dinov2:"):  # no folder: refused as the config is read, not when the run starts
+        with pytest.raises(config.ConfigError, match=rf"prior.external='{spec}' is not valid: .* is not KIND:DIR; valid kinds"):
+            config.load(None, [f"prior.external={spec}"])
     # another process (the kind registered in the notebook that trained): the run's file and the kind are named
     del EXTERNALS.entries["patchify"]
     for call in (lambda: config.load(tmp_path / "run" / "config.yaml"), lambda: run_sampler(tmp_path / "run", "cpu")):
@@ -191,6 +230,18 @@ def test_register_external_refuses_a_built_in_kind_and_a_loader_off_its_contract
                                          r"external encoder returned \(1, 3, 224, 224\)"):
         load_external("identity:x")
 
+    class Training(nn.Module):  # a loader's own ExternalEncoder, left in training mode with gradients
+        def __init__(self):
+            super().__init__()
+            self.patchify, self.norm = Patchify(), nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.norm(self.patchify(x).transpose(1, 2)).transpose(1, 2)  # normalised over the tokens
+
+    register_external("own", lambda where: ExternalEncoder(Training().train(), 8))
+    own = load_external("own:x")
+    assert not own.training and not own.module.norm.training and not any(p.requires_grad for p in own.parameters())
+
     def fails(where):
         raise KeyError(where)
 
@@ -207,6 +258,10 @@ def test_an_installed_package_adds_an_external_kind(packages):
     for kind in ("pkgenc", "modenc"):
         assert kind in EXTERNALS and config.load(None, [f"prior.external={kind}:x"]).prior.external == f"{kind}:x"
         assert load_external(f"{kind}:x").channels == 8
+    packages(externals=[FakeEntryPoint("pkg-c", lambda: (lambda where, spec: Patchify()), "twoargs")])
+    with pytest.raises(ValueError, match=r"the loader of external encoder kind 'twoargs' \(.*\) cannot be called as "
+                                         r"loader\(where: str\)"):  # checked before the call, naming the contract
+        load_external("twoargs:x")
     loader = lambda where: Patchify()  # noqa: E731
     packages(externals=[FakeEntryPoint("pkg-a", lambda: loader, "dup"), FakeEntryPoint("pkg-b", lambda: loader, "dup")])
     with pytest.raises(config.ConfigError, match=r"external encoder kind 'dup' is given by packages 'pkg-a', 'pkg-b'"):

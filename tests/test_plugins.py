@@ -197,6 +197,9 @@ def test_a_loss_that_is_not_finite_on_the_probe_fails_when_built(losses):
                     r"align.loss='inverse' returned \[inf, inf\] for a target equal to the prediction"),
         "overflow": (lambda p, q, cfg: (p - q).pow(2).mean((1, 2)) * 1e39,
                      r"align.loss='overflow' returned \[inf, inf\] for a target unlike the prediction"),
+        # one sample's value only (a norm that is 0 for that sample): every value is checked
+        "one-sample": (lambda p, q, cfg: (p - q).pow(2).mean((1, 2)) / p[:, 0, 0].clamp_min(0),
+                       r"align.loss='one-sample' returned \[inf, \d+\.\d+\] for a target unlike the prediction"),
     }
     for name, (fn, message) in cases.items():
         losses.register_loss(name, fn)

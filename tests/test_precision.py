@@ -30,6 +30,8 @@ def test_the_scale_halves_on_an_overflow_not_below_1_and_doubles_after_interval_
     t = torch.tensor
     scale, run = loss_scale.next_scale(t(8.0), t(5.0), t(1.0), interval=3)
     assert (scale.item(), run.item()) == (4.0, 0.0)  # an overflow restarts the count of good steps
+    scale, run = loss_scale.next_scale(t(8.0), t(1.0), t(1.0), interval=3)
+    assert (scale.item(), run.item()) == (4.0, 0.0)  # short of the interval too
     scale, run = loss_scale.next_scale(t(1.0), t(0.0), t(1.0), interval=3)
     assert scale.item() == 1.0  # not below 1: scaling down further cannot help
     scale, run = loss_scale.next_scale(t(4.0), t(1.0), t(0.0), interval=3)
@@ -45,6 +47,34 @@ def test_only_an_overflow_of_a_finite_loss_above_scale_1_is_forgiven():
     assert loss_scale.forgiven(t(1.0), t(float("nan")), t(1024.0)).item() == 0.0  # the forward failed
     assert loss_scale.forgiven(t(1.0), t(float("inf")), t(1024.0)).item() == 0.0
     assert loss_scale.forgiven(t(1.0), t(2.5), t(1.0)).item() == 0.0  # no scaling matter
+
+
+def test_the_scale_follows_torch_amp_grad_scaler_from_its_defaults():
+    """The module's claim: GradScaler's schedule, from its initial scale and growth interval, step for step over
+    overflows and the 2000 good steps in a row that double the scale (GradScaler on the CPU as the reference)."""
+    ref = torch.amp.GradScaler("cpu")
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.0)
+    ref.scale(torch.ones(()))  # GradScaler makes its scale on first use
+    ours = loss_scale.LossScale(torch.device("cpu"))
+    got, want = [], []
+    for i in range(2010):
+        overflow = i in (0, 1, 5)
+        param.grad = torch.full((1,), float("inf") if overflow else 1.0)
+        ref.step(opt)
+        ref.update()
+        ours.update(torch.tensor(float(overflow)), torch.tensor(1.0))
+        got.append(float(ours.scale))
+        want.append(ref.get_scale())
+    assert got == want and got[0] == 2.0 ** 15 and got[-1] == 2.0 ** 14  # halved thrice, then doubled once
+
+
+def test_an_overflow_at_scale_2_is_forgiven_and_the_next_at_scale_1_is_not():
+    """Forgiven is judged by the scale the step ran at, before the update halves it."""
+    s = loss_scale.LossScale(torch.device("cpu"), init=2.0)
+    finite, overflow = torch.tensor(0.5), torch.tensor(1.0)
+    assert s.update(overflow, finite).item() == 1.0 and s.scale.item() == 1.0
+    assert s.update(overflow, finite).item() == 0.0 and s.scale.item() == 1.0
 
 
 def test_auto_is_bf16_on_gpus_that_compute_in_it_and_fp16_on_older_ones(monkeypatch):
@@ -102,6 +132,7 @@ def test_an_overflowing_scale_comes_down_and_its_skipped_steps_do_not_stop_the_r
     assert all(r["skipped_in_window"] == r["overflow_steps"] for r in rows)
     # a window of skipped steps alone has no means: no loss of 0 drawn or plotted (log_every=1 here)
     assert all("loss/flow" not in r and "grad_norm" not in r for r in rows if r["overflow_steps"])
+    assert all(type(r["overflow_steps"]) is int for r in rows)  # a count, logged as one
     good = [r for r in rows if not r["overflow_steps"]]
     assert good and all(np.isfinite(r["loss/flow"]) and r["loss/flow"] > 0 for r in good)
 
@@ -119,6 +150,45 @@ def test_a_non_finite_loss_under_fp16_counts_and_stops_the_run(tmp_path, monkeyp
         tr.run()
     assert tr.bad_total.item() == 3
     assert tr.parts.loss_scale.scale.item() == 2.0 ** 13  # a skip halves the scale, whatever its cause
+
+
+def test_a_nan_in_one_micro_batch_counts_though_the_last_is_finite(tmp_path, monkeypatch):
+    """The loss scale judges the step's loss, every micro-batch's: a NaN loss in the first of two micro-batches is
+    a failed forward pass, not an overflow to forgive."""
+    real, calls = Trainer._loss, []
+
+    def loss(self, batch, d, align_on):
+        value, metrics = real(self, batch, d, align_on)
+        calls.append(1)
+        return (value * float("nan") if len(calls) % 2 else value), metrics
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    tr = Trainer(config.load(None, [*FP16, "train.steps=10", "train.max_bad_steps=3", "train.grad_accum=2"]),
+                 tmp_path / "r")
+    with pytest.raises(TooManyBadSteps, match="3 steps in a row"):
+        tr.run()
+
+
+def test_fp16_trains_on_past_align_stop_step(tmp_path):
+    """Once the alignment stops, the aligner's parameters get no gradient (None): the unscaling skips them."""
+    tr = Trainer(config.load(None, [*FP16, "train.steps=4", "align.stop_step=2"]), tmp_path / "r")
+    rows = run_rows(tr)
+    assert len(rows) == 4 and "loss/align" not in rows[-1] and math.isfinite(rows[-1]["loss/flow"])
+    assert any(p.grad is None for p in tr.parts.aligner.parameters())
+
+
+def test_a_run_resumed_in_fp16_from_a_checkpoint_without_a_scale_starts_one(tmp_path, monkeypatch):
+    """precision=auto resolves per GPU: a run begun in bf16 (here fp32) and resumed where auto means fp16 finds no
+    scale in its checkpoint and starts the scale afresh."""
+    from ahpa.train import build
+
+    run_rows(Trainer(config.load(None, [*TINY, "train.steps=2", "train.ckpt_every=2"]), tmp_path / "r"))
+    assert read_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])["loss_scale"] is None
+    real = build.autocast_dtype
+    monkeypatch.setattr(build, "autocast_dtype", lambda precision, device: torch.float16 if precision == "auto"
+                        else real(precision, device))
+    rows = run_rows(Trainer(config.load(None, [*TINY, "train.steps=3"]), tmp_path / "r"))
+    assert [r["step"] for r in rows] == [3] and rows[0]["loss_scale"] == 2.0 ** 16
 
 
 def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path, monkeypatch):

@@ -100,16 +100,22 @@ def test_a_level_that_does_not_pool_evenly_to_the_tokens_is_refused_naming_the_f
                                              rf"{side}x{side} map at resolution 16, which does not pool evenly to the 4x4 "
                                              rf"token grid: a token covers 4x4 pixels, .*{fix}"):
             Trainer(tiny(f"prior.encoder=strided:{stride}"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"level 'pooled' has stride 3"):  # checked after a level that pools evenly
+        Trainer(tiny("prior.encoder=strided:3", "align.levels=[stage1,pooled]"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"a 3x3 map at resolution 24, .*or take a model.preset of patch /2$"):
+        Trainer(tiny("prior.encoder=strided:8", "data.resolution=24"), tmp_path / "run")  # /4 does not divide 6
     Trainer(tiny("prior.encoder=strided:8", "align.levels=[stage1,latent]"), tmp_path / "run")  # left out: trains
     Trainer(tiny("prior.encoder=strided:8", "model.preset=S/2"), tmp_path / "run")  # tokens of 8x8 pixels
     Trainer(tiny("prior.encoder=strided:2"), tmp_path / "run")
     images, labels = make_shapes(8, 16, seed=0)
     np.savez(tmp_path / "set.npz", images=images, labels=labels)
-    for stride, fix in [(3, "leave the level out of --levels (no grid of the latent fits it)"),
-                        (8, "choose --grid 2 or 1, or leave the level out of --levels")]:
-        with pytest.raises(PrepareError, match=rf"--grid 4: level 'pooled' has stride {stride}, .*; {re.escape(fix)}"):
-            prepare(PrepareOptions(images=str(tmp_path / "set.npz"), vae=f"strided:{stride}", resolution=16, grid=4,
-                                   out=str(tmp_path / "c"), workers=0))
+    for stride, resolution, grid, fix in [(3, 16, 4, "leave the level out of --levels (no grid of the latent fits it)"),
+                                          (8, 16, 4, "choose --grid 2 or 1, or leave the level out of --levels"),
+                                          # a 10x10 map divides into the 2x2 grid, but 3 does not divide 32: not the image
+                                          (3, 32, 2, "leave the level out of --levels (no grid of the latent fits it)")]:
+        with pytest.raises(PrepareError, match=rf"--grid {grid}: level 'pooled' has stride {stride}, .*; {re.escape(fix)}"):
+            prepare(PrepareOptions(images=str(tmp_path / "set.npz"), vae=f"strided:{stride}", resolution=resolution,
+                                   grid=grid, out=str(tmp_path / "c"), workers=0))
 
 
 def test_an_installed_package_adds_a_kind_by_entry_point(monkeypatch):

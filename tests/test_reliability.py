@@ -261,6 +261,19 @@ def test_a_trainer_refused_while_built_leaves_the_directory_as_it_found_it(tmp_p
     assert subprocess.run(probe, env=ENV, capture_output=True, timeout=120).returncode == 0
 
 
+def test_a_trainer_interrupted_while_built_leaves_no_directory_it_made(tmp_path, monkeypatch):
+    """Ctrl-C during the minutes of set-up (a KeyboardInterrupt, not an Exception) cleans up as a refusal does."""
+    import ahpa.train.loop as loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "build_parts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_cfg(), tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
+
+
 def test_the_holder_named_is_the_one_that_holds_it_now(tmp_path):
     """The lock file keeps its text after its holder ends; the next holder's text replaces it whole, so the message
     names the launch that holds it now, not a mix with an earlier one's longer text."""

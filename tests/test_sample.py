@@ -706,6 +706,17 @@ def test_a_class_name_that_holds_a_comma_is_given_whole(tmp_path, capsys):
     assert "A name that holds a comma is given whole" in " ".join(capsys.readouterr().out.split())
 
 
+def test_class_values_that_are_indices_stay_indices_though_a_class_has_that_name():
+    """Class folders named by numbers ("0", "1", "10", "2": sorted as text, folder "2" is class 3): --class 2 is
+    class 2, as it always was; only a value that is not all indices is looked up whole among the names."""
+    from ahpa.commands.sample import parse_classes
+
+    names = ["0", "1", "10", "2", "a,b"]
+    assert parse_classes(["2"], names) == [2] and parse_classes(["2,1"], names) == [2, 1]
+    assert parse_classes(["a,b", "10"], names) == ["a,b", 10]
+    assert parse_classes(["a,b"], None) == ["a", "b"]  # before the model loads: split, resolved once it has
+
+
 def test_a_finished_file_of_other_classes_is_refused_before_a_model_loads(run_dir, tmp_path, capsys, monkeypatch):
     """The CLI compares the options given, --class among them, with a finished file's record before it loads a
     model (an XL/2 model and its VAE take minutes to load, only to be refused)."""

@@ -105,6 +105,28 @@ def test_study_stops_a_diverged_run_and_the_report_says_so(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
+def test_study_forgives_fp16_overflows_as_the_library_does(tmp_path, monkeypatch):
+    """On a GPU without bf16 (auto: fp16), the loss scale's first overflows are skipped steps but no sign of
+    divergence, as in Trainer.run: a scale far too large overflows most of the first 20 steps, and the run goes on."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study
+
+    from ahpa.train import build, loss_scale
+
+    real = build.autocast_dtype
+    monkeypatch.setattr(build, "autocast_dtype", lambda p, d: torch.float16 if p == "auto" else real(p, d))
+    monkeypatch.setattr(loss_scale, "INIT_SCALE", 2.0 ** 40)
+    monkeypatch.setattr(study, "DIVERGENCE_CHECK_EVERY", 2)
+    results = tmp_path / "r.jsonl"
+    study.main(["--size", "smoke", "--methods", "none", "--steps", "20", "--eval-every", "20", "--eval-num", "10",
+                "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"), "--results", str(results)])
+    rows = [json.loads(l) for l in results.read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["metrics"]["skipped_steps"] > 10  # more than half of the steps overflowed
+    assert rows[-1]["kind"] == "run" and rows[-1]["complete"] is True and "diverged" not in rows[-1]
+
+
+@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
 def test_study_gpu_job_runs_lanes_side_by_side_and_merges_them(tmp_path):
     """The device job script, rehearsed on the CPU at the smoke size: lanes run at once, every row knows how many
     shared the device, one merged study.jsonl/log comes back, and a lane that fails before its first evaluation is

@@ -6,9 +6,9 @@ A ViT's last_hidden_state [B, N, C] is some leading tokens (CLS, register tokens
 SigLIP or I-JEPA), then the (S / p)^2 patch tokens in raster order, S the input side and p the patch size. The
 leading N - (S / p)^2 are dropped by count, so no model needs a rule of its own. The input side and normalisation
 are those of the folder's preprocessor_config.json (what the model was trained with), else the config's image_size
-and ImageNet's mean and std. Where that side's patch tokens do not tile the SiT's grid (fewer a side: DINOv2's 16 at
-224 against a /2 model's 32 at 512), the model runs at the side that does (ExternalEncoder.input_side), as REPA feeds
-DINOv2 448x448 images at 512: DINOv2 interpolates its position embeddings at any side, and the ViT-likes of
+and ImageNet's mean and std. Where that side's patch tokens do not tile the SiT's grid (too few: DINOv2's 16 a side
+at 224 against a /2 model's 32 at 512; or not a multiple), the model runs at the side whose tokens do
+(ExternalEncoder.input_side), as REPA feeds DINOv2 448x448 images at 512: DINOv2 interpolates its position embeddings at any side, and the ViT-likes of
 transformers that do not (CLIP, SigLIP, MAE, ViT, I-JEPA) are asked to by `interpolate_pos_encoding=True`.
 
 A folder of several towers (CLIPModel, SiglipModel: what the hub holds for CLIP and SigLIP) gives its image tower,
@@ -66,8 +66,8 @@ class PatchTokens(nn.Module):
 
 
 def load_dinov2_tokens(where: str) -> ExternalEncoder:
-    """`dinov2:DIR`: DINOv2's patch tokens at 224x224 with ImageNet's normalisation, whatever the folder holds
-    beside the weights (runs that name it keep their targets)."""
+    """`dinov2:DIR`: DINOv2's patch tokens at 224x224 (or the side whose tokens tile a finer SiT grid) with ImageNet's
+    normalisation, whatever the folder holds beside the weights (runs that name it keep their targets)."""
     model = load_dinov2(where, f"dinov2:{where}")
     patch = model.config.patch_size
     return ExternalEncoder(PatchTokens(model, patch, DINOV2_INPUT), model.config.hidden_size, input_size=DINOV2_INPUT,

@@ -55,7 +55,48 @@ def test_dinov2_gives_the_targets_it_gave(transformers, tmp_path):
     images = torch.rand(2, 3, 32, 32)
     got = load_external(f"dinov2:{tmp_path / 'dino'}")
     assert got.input_size == 224 and got.channels == 16
-    assert torch.equal(got(images, 4), ExternalEncoder(OldTokens(), 16, input_size=224)(images, 4))
+    # S = 16 tokens a side at 224: a B/2 or XL/2 SiT's 16x16 at 256 (S = G), and a /4's 8x8 (whole 2x2 windows)
+    for grid in (16, 8, 4):
+        assert torch.equal(got(images, grid), _old_targets(OldTokens(), images, grid, 224)), grid
+
+
+def _old_targets(module, images, grid, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """ExternalEncoder's forward before the encoder ran at the SiT's grid: resized to its input side, normalised,
+    its tokens pooled to the grid whatever their side."""
+    x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        tokens = module((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    return _pooled(tokens.float(), grid)
+
+
+def test_dinov2_runs_where_its_patch_tokens_are_the_sits_grid(transformers, tmp_path):
+    """At 512 a /2 SiT on SD-VAE has 32x32 tokens and DINOv2-B/14 at 224 16x16: REPA feeds it 448x448 images, so that
+    each target is its own token's patch, where pooling 16 to 32 copied each target onto 2x2 tokens."""
+    torch.manual_seed(0)
+    model = _saved(transformers.Dinov2Model(transformers.Dinov2Config(**{**SMALL, "patch_size": 14, "image_size": 224})),
+                   tmp_path / "dino")
+    enc = load_external(f"dinov2:{tmp_path / 'dino'}")
+    images = torch.rand(2, 3, 64, 64)
+    x = F.interpolate(images, size=448, mode="bicubic", align_corners=False)
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = model(pixel_values=x).last_hidden_state[:, 1:]  # DINOv2 interpolates its position embeddings itself
+    assert want.shape == (2, 32 * 32, 16)
+    torch.testing.assert_close(enc(images, 32), want)
+    assert enc.setup(32) == (f"REPA's encoder dinov2:{tmp_path / 'dino'}: 448x448 inputs (its 224x224 scaled to tile "
+                             "the SiT's grid), 32x32 patch tokens (the SiT's grid), normalised with mean (0.485, 0.456, "
+                             "0.406) std (0.229, 0.224, 0.225) (ImageNet's, as REPA feeds DINOv2)")
+    assert enc.setup(8).startswith(f"REPA's encoder dinov2:{tmp_path / 'dino'}: 224x224 inputs, 16x16 patch tokens "
+                                   "(averaged in 2x2 windows to the SiT's 8x8)")
+
+
+def test_tiling_side_is_the_multiple_of_the_grid_nearest_the_encoders_own():
+    from ahpa.priors.external import tiling_side
+
+    # (encoder's token side, SiT's grid side) -> the token side it runs at
+    cases = {(16, 16): 16, (16, 8): 16, (16, 32): 32, (16, 24): 24, (3, 8): 8, (24, 16): 16, (31, 16): 32,
+             (40, 16): 32, (37, 16): 32, (4, 3): 3, (3, 2): 2}
+    assert {k: tiling_side(*k) for k in cases} == cases
 
 
 def _models(transformers):
@@ -104,10 +145,44 @@ def test_the_transformers_kind_aligns_to_the_patch_tokens_of_repas_encoders(tran
         patches = hidden[:, leading:]
         if name == "mae":  # MAE shuffles its tokens (all kept at mask_ratio 0): back to raster order
             patches = torch.gather(patches, 1, out.ids_restore[..., None].expand(-1, -1, 16))
-        for grid in (2, side // 8):
+        for grid in (1, side // 8):  # grids its own patch tokens tile
             got = enc(images, grid)
             assert got.shape == (3, grid * grid, 16), name
             torch.testing.assert_close(got, _pooled(patches, grid), msg=name)
+
+
+def test_a_transformers_encoder_runs_at_the_side_whose_patch_tokens_tile_the_sits_grid(transformers, tmp_path):
+    """A grid finer than the model's patch tokens (or one they do not tile) is met by running it at the input side
+    whose tokens do: the model's own forward at that side, its position embeddings interpolated (asked by
+    interpolate_pos_encoding=True where transformers asks; DINOv2 with registers does it unasked)."""
+    T = transformers
+    images = torch.rand(2, 3, 40, 40)
+    models = _models(T) + [("vit", T.ViTModel(T.ViTConfig(**SMALL)), None, 1, 32, IMAGENET_MEAN, IMAGENET_STD, None)]
+    if hasattr(T, "IJepaModel"):
+        models.append(("ijepa", T.IJepaModel(T.IJepaConfig(**SMALL)), None, 0, 32, IMAGENET_MEAN, IMAGENET_STD, None))
+    for name, model, pre, leading, side, mean, std, ref in models:
+        ref = ref or model
+        _saved(model, tmp_path / name, pre)
+        enc = load_external(f"transformers:{tmp_path / name}")
+        # 4x4 tokens at 32: twice as fine, and 3, which 4 does not tile; 3x3 at 24: twice as fine, and 2
+        for grid, input_side in {32: [(8, 64), (3, 24)], 24: [(6, 48), (2, 16)]}[side]:
+            x = F.interpolate(images, size=input_side, mode="bicubic", align_corners=False)
+            x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+            asked = {} if name == "dinov2-registers" else {"interpolate_pos_encoding": True}
+            with torch.no_grad():
+                out = ref(pixel_values=x, **asked)
+            patches = out.last_hidden_state[:, leading:]
+            assert patches.shape[1] == grid * grid, (name, grid)
+            if name == "mae":  # back to raster order, as above
+                patches = torch.gather(patches, 1, out.ids_restore[..., None].expand(-1, -1, 16))
+            assert enc.input_side(grid) == input_side, (name, grid)
+            torch.testing.assert_close(enc(images, grid), patches, msg=f"{name} at grid {grid}")
+            assert f": {input_side}x{input_side} inputs (its {side}x{side} scaled to tile the SiT's grid), {grid}x{grid} " \
+                   "patch tokens (the SiT's grid)" in enc.setup(grid), name
+        # at the grid of its own tokens, bitwise what it gave before: the model's forward as it was always called
+        noise = {"noise": torch.arange((side // 8) ** 2).float().expand(2, -1)} if name == "mae" else {}
+        as_before = lambda x: ref(pixel_values=x, **noise).last_hidden_state[:, leading:]  # noqa: E731
+        assert torch.equal(enc(images, side // 8), _old_targets(as_before, images, side // 8, side, mean, std)), name
 
 
 def test_a_model_repa_cannot_align_to_is_refused_naming_its_folder_and_the_fix(transformers, tmp_path):
@@ -184,6 +259,71 @@ def test_a_tiny_repa_run_trains_with_a_transformers_folder(transformers, tmp_pat
     last = tr.run()
     assert tr.step == 2 and torch.isfinite(torch.tensor(last["loss/align"]))
     assert tr.parts.external.input_size == 16 and tr.parts.external.channels == 16
+
+
+def test_a_run_says_what_its_encoder_runs_at_and_trains_where_its_tokens_are_coarser_than_the_grid(transformers, tmp_path, tiny):
+    """A model of 2x2 patch tokens at its 8x8 for the tiny SiT's 4x4 grid: run at 16x16, and said in one message beside
+    the run's first, with the normalisation its folder gives."""
+    from ahpa.train.loop import Trainer
+
+    reg = getattr(transformers, "Dinov2WithRegistersModel", None)
+    cls, cfg = (reg, transformers.Dinov2WithRegistersConfig) if reg else (transformers.Dinov2Model, transformers.Dinov2Config)
+    folder = tmp_path / "vit"
+    _saved(cls(cfg(**{**SMALL, "image_size": 8, "patch_size": 4})), folder,
+           {"size": {"height": 8, "width": 8}, "image_mean": [0.5] * 3, "image_std": [0.25] * 3})
+    tr = Trainer(tiny("align.method=repa", f"prior.external=transformers:{folder}", "train.steps=2"), tmp_path / "run")
+    assert tr.messages[1] == (f"REPA's encoder transformers:{folder}: 16x16 inputs (its 8x8 scaled to tile the SiT's "
+                              "grid), 4x4 patch tokens (the SiT's grid), normalised with mean (0.5, 0.5, 0.5) std (0.25, "
+                              f"0.25, 0.25) ({folder / 'preprocessor_config.json'})")
+    last = tr.run()
+    assert tr.step == 2 and torch.isfinite(torch.tensor(last["loss/align"]))
+
+
+class Coarse(nn.Module):
+    """A module of one input side whose patches are `patch` pixels: 2x2 tokens at 224 for patch 112."""
+
+    def __init__(self, patch: int = 112, fixed_side: int | None = None):
+        super().__init__()
+        self.conv, self.fixed_side = nn.Conv2d(3, 8, patch, patch), fixed_side
+
+    def forward(self, x):
+        if self.fixed_side is not None and x.shape[-1] != self.fixed_side:  # as a ViT of fixed position embeddings
+            raise RuntimeError(f"expected {self.fixed_side}x{self.fixed_side} images, got {tuple(x.shape)}")
+        return self.conv(x).flatten(2).transpose(1, 2)  # [B, 8, s, s] -> [B, s*s, 8]
+
+
+def test_a_module_whose_tokens_do_not_tile_the_grid_is_refused_unless_it_takes_another_side(tmp_path, tiny):
+    """From Python, a module takes its input side only: 2x2 tokens for the tiny SiT's 4x4 (each target copied onto 2x2
+    tokens) or 6x6 (windows of unequal size) are refused naming the sides and the fix, before a step; given its patch,
+    it runs at the side that tiles the grid, unless it cannot."""
+    from ahpa.train.loop import Trainer
+
+    fix = r"take a model.preset of larger patch \(a coarser grid\), or an encoder that takes larger inputs"
+    with pytest.raises(ValueError, match=r"^the Coarse given from Python gives 2x2 patch tokens for 224x224 inputs, fewer "
+                                         r"than the SiT's 4x4 tokens: each target would be copied onto several tokens, "
+                                         rf"not the tokens' patches; {fix} \(.*ExternalEncoder\(module, channels, "
+                                         r"input_size, mean, std, patch_size=P\)"):
+        Trainer(tiny("align.method=repa", "train.steps=1"), tmp_path / "coarse", external=Coarse())
+    uneven = ExternalEncoder(Coarse(32), 8, input_size=192)
+    with pytest.raises(ValueError, match=r"^the Coarse given from Python gives 6x6 patch tokens for 192x192 inputs, not a "
+                                         r"multiple of the SiT's 4x4 tokens: targets would be averages over windows of "
+                                         r"unequal size"):
+        Trainer(tiny("align.method=repa", "train.steps=1"), tmp_path / "uneven", external=uneven)
+    with pytest.raises(ValueError, match=r"gives 2x2 patch tokens for 224x224 inputs, fewer than the SiT's 4x4"):
+        ExternalEncoder.wrap(Coarse())(torch.rand(1, 3, 16, 16), 4)  # the forward refuses as well: never upsampled
+
+    module = Coarse()
+    enc = ExternalEncoder(module, 8, input_size=224, patch_size=112)
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(enc(images, 4), _old_targets(module, images, 4, 448))
+    tr = Trainer(tiny("align.method=repa", "train.steps=1"), tmp_path / "scaled", external=enc)
+    assert tr.messages[1].startswith("REPA's encoder the Coarse given from Python: 448x448 inputs (its 224x224 scaled to "
+                                     "tile the SiT's grid), 4x4 patch tokens (the SiT's grid)")
+    fixed = ExternalEncoder(Coarse(fixed_side=224), 8, input_size=224, patch_size=112)
+    with pytest.raises(ValueError, match=rf"^the Coarse given from Python does not run at 448x448 inputs, the side at "
+                                         rf"which its patch tokens tile the SiT's 4x4 \(RuntimeError: expected 224x224 "
+                                         rf"images, got \(1, 3, 448, 448\)\); {fix}$"):
+        Trainer(tiny("align.method=repa", "train.steps=1"), tmp_path / "fixed", external=fixed)
 
 
 class Patchify(nn.Module):

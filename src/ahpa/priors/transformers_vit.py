@@ -6,7 +6,10 @@ A ViT's last_hidden_state [B, N, C] is some leading tokens (CLS, register tokens
 SigLIP or I-JEPA), then the (S / p)^2 patch tokens in raster order, S the input side and p the patch size. The
 leading N - (S / p)^2 are dropped by count, so no model needs a rule of its own. The input side and normalisation
 are those of the folder's preprocessor_config.json (what the model was trained with), else the config's image_size
-and ImageNet's mean and std.
+and ImageNet's mean and std. Where that side's patch tokens do not tile the SiT's grid (too few: DINOv2's 16 a side
+at 224 against a /2 model's 32 at 512; or not a multiple), the model runs at the side whose tokens do
+(ExternalEncoder.input_side), as REPA feeds DINOv2 448x448 images at 512: DINOv2 interpolates its position embeddings at any side, and the ViT-likes of
+transformers that do not (CLIP, SigLIP, MAE, ViT, I-JEPA) are asked to by `interpolate_pos_encoding=True`.
 
 A folder of several towers (CLIPModel, SiglipModel: what the hub holds for CLIP and SigLIP) gives its image tower,
 the module CLIPVisionModel / SiglipVisionModel wrap, with the same outputs: REPA aligns to the image tokens, and
@@ -17,6 +20,7 @@ each text weight as unexpected, on every run).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -33,32 +37,41 @@ NOT_A_VIT = ("REPA aligns to a ViT's patch tokens: name the folder of a ViT-like
 
 
 class PatchTokens(nn.Module):
-    """A transformers ViT as a module from normalised images [B, 3, S, S] to its patch tokens [B, (S / p)^2, C]."""
+    """A transformers ViT as a module from normalised images [B, 3, S, S] to its patch tokens [B, (S / p)^2, C], at
+    its own input side `side` or, its position embeddings interpolated, another."""
 
-    def __init__(self, model: nn.Module, patches: int, fixed_order: bool = False):
+    def __init__(self, model: nn.Module, patch: int, side: int, fixed_order: bool = False):
         super().__init__()
-        self.model, self.patches = model, patches
+        self.model, self.patch, self.side = model, patch, side
         # ViTMAE orders its tokens by argsort(noise), random unless given, even when it keeps them all: an ascending
         # noise keeps the raster order
         self.fixed_order = fixed_order
+        # CLIP, SigLIP, MAE, ViT, I-JEPA add their position embeddings as trained unless asked to interpolate them
+        # (transformers 4.57 and 5); DINOv2 and DINOv2 with registers interpolate them at any side, unasked
+        self.interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+
+    def patches(self, x: torch.Tensor) -> int:
+        return (x.shape[-1] // self.patch) ** 2
 
     def outputs(self, x: torch.Tensor):
-        if not self.fixed_order:
-            return self.model(pixel_values=x)
-        noise = torch.arange(self.patches, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)  # [B, patches]
-        return self.model(pixel_values=x, noise=noise)
+        # asked at another side only: at its own, the model runs exactly as it always did
+        kwargs = {"interpolate_pos_encoding": True} if self.interpolates and x.shape[-1] != self.side else {}
+        if self.fixed_order:
+            kwargs["noise"] = torch.arange(self.patches(x), device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+        return self.model(pixel_values=x, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.outputs(x).last_hidden_state  # [B, N, C]
-        return hidden[:, hidden.shape[1] - self.patches:]  # the leading non-patch tokens dropped -> [B, patches, C]
+        return hidden[:, hidden.shape[1] - self.patches(x):]  # the leading non-patch tokens dropped -> [B, patches, C]
 
 
 def load_dinov2_tokens(where: str) -> ExternalEncoder:
-    """`dinov2:DIR`: DINOv2's patch tokens at 224x224 with ImageNet's normalisation, whatever the folder holds
-    beside the weights (runs that name it keep their targets)."""
+    """`dinov2:DIR`: DINOv2's patch tokens at 224x224 (or the side whose tokens tile a finer SiT grid) with ImageNet's
+    normalisation, whatever the folder holds beside the weights (runs that name it keep their targets)."""
     model = load_dinov2(where, f"dinov2:{where}")
-    patches = (DINOV2_INPUT // model.config.patch_size) ** 2
-    return ExternalEncoder(PatchTokens(model, patches), model.config.hidden_size, input_size=DINOV2_INPUT)
+    patch = model.config.patch_size
+    return ExternalEncoder(PatchTokens(model, patch, DINOV2_INPUT), model.config.hidden_size, input_size=DINOV2_INPUT,
+                           patch_size=patch, origin="ImageNet's, as REPA feeds DINOv2")
 
 
 def load_vit_tokens(where: str) -> ExternalEncoder:
@@ -73,6 +86,7 @@ def load_vit_tokens(where: str) -> ExternalEncoder:
     tower = getattr(config, "vision_config", None) or config  # CLIP, SigLIP: the image tower's settings
     patch = _patch_size(tower, path)
     side, mean, std = preprocessing(path, tower)
+    origin = str(path / PREPROCESSOR) if (path / PREPROCESSOR).is_file() else "ImageNet's: no preprocessor_config.json"
     mask_ratio = getattr(tower, "mask_ratio", None)
     if mask_ratio:
         raise ValueError(
@@ -84,8 +98,8 @@ def load_vit_tokens(where: str) -> ExternalEncoder:
     if tower is not config:
         model = _image_tower(model, tower, path)
     # fp32 as our images are (transformers 5 loads a half-precision checkpoint as it was saved); autocast still applies
-    module = PatchTokens(model.float(), (side // patch) ** 2, fixed_order=mask_ratio is not None)
-    return ExternalEncoder(module, _channels(module, side, patch, path), side, mean, std)
+    module = PatchTokens(model.float(), patch, side, fixed_order=mask_ratio is not None)
+    return ExternalEncoder(module, _channels(module, side, patch, path), side, mean, std, patch_size=patch, origin=origin)
 
 
 def preprocessing(path: Path, config) -> tuple[int, tuple, tuple]:
@@ -158,9 +172,10 @@ def _channels(module: PatchTokens, side: int, patch: int, path: Path) -> int:
         got = "none" if hidden is None else f"shape {tuple(hidden.shape)}"
         raise ValueError(f"{path} holds a {model}, whose forward gives no last_hidden_state of tokens [B, N, C] ({got}): "
                          f"not a ViT-like token model. {NOT_A_VIT}")
-    if hidden.shape[1] < module.patches:
+    patches = (side // patch) ** 2
+    if hidden.shape[1] < patches:
         raise ValueError(f"{path} holds a {model}, which gives {hidden.shape[1]} tokens for a {side}x{side} image, fewer "
-                         f"than its ({side} / {patch})^2 = {module.patches} patches (a model that merges patches, as Swin "
+                         f"than its ({side} / {patch})^2 = {patches} patches (a model that merges patches, as Swin "
                          f"does, is not ViT-like). {NOT_A_VIT}")
     return int(hidden.shape[-1])
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -66,6 +66,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     stats: PriorStats | None = None
     loss_scale: LossScale | None = None  # fp16 training's (ahpa.train.loss_scale)
+    notes: list[str] = field(default_factory=list)  # what the parts run at, said when the run starts
 
     @property
     def grid(self) -> int:
@@ -158,6 +159,8 @@ def build_parts(
             raise ValueError("align.method=repa needs prior.external=KIND:DIR (an external frozen encoder: dinov2:DIR, "
                              "transformers:DIR or a kind of register_external)")
         external = load_external(cfg.prior.external).to(device)
+    # refuses tokens that do not tile the SiT's grid; runs an encoder that takes other input sides at one that does
+    notes = [external.setup(sc.grid)] if external is not None else []
 
     torch.manual_seed(cfg.train.seed)  # weight init is part of the run's identity
     model = SiT(sc).to(device)
@@ -182,7 +185,7 @@ def build_parts(
         # release; diffusers marks such VAEs force_upcast), and a bad latent is a bad step, not a loss-scale matter
         source = OnTheFly(data, encoder, levels, sc.grid, cfg.data.resolution, device, None if amp == torch.float16 else amp)
     return Parts(cfg, device, amp, source, encoder, external, levels, model, ema, aligner, optimizer,
-                 loss_scale=LossScale(device) if amp == torch.float16 else None)
+                 loss_scale=LossScale(device) if amp == torch.float16 else None, notes=notes)
 
 
 def given_encoder_spec(encoder, configured: str) -> tuple[str, list[str]]:

@@ -72,8 +72,8 @@ class Trainer:
         self._registered = registered_entries(cfg, self.parts)  # what the parts were checked with
         self.step = 0
         self.ema_updates = 0
-        self.messages: list[str] = (encoder_notes + ignored_settings_note(cfg, self.parts.levels) + heads_cost_note(self.parts)
-                                    + precision_note(t.precision, self.parts.device))
+        self.messages: list[str] = (self.parts.notes + encoder_notes + ignored_settings_note(cfg, self.parts.levels)
+                                    + heads_cost_note(self.parts) + precision_note(t.precision, self.parts.device))
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
         resumed, skipped = restore(self.run_dir, self.parts, cfg, self.world)

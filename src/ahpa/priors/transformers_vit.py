@@ -8,8 +8,9 @@ leading N - (S / p)^2 are dropped by count, so no model needs a rule of its own.
 are those of the folder's preprocessor_config.json (what the model was trained with), else the config's image_size
 and ImageNet's mean and std. Where that side's patch tokens do not tile the SiT's grid (too few: DINOv2's 16 a side
 at 224 against a /2 model's 32 at 512; or not a multiple), the model runs at the side whose tokens do
-(ExternalEncoder.input_side), as REPA feeds DINOv2 448x448 images at 512: DINOv2 interpolates its position embeddings at any side, and the ViT-likes of
-transformers that do not (CLIP, SigLIP, MAE, ViT, I-JEPA) are asked to by `interpolate_pos_encoding=True`.
+(ExternalEncoder.input_side), as REPA feeds DINOv2 448x448 images at 512: DINOv2 interpolates its position
+embeddings at any side, and the ViT-likes of transformers that do not (CLIP, SigLIP, MAE, ViT, I-JEPA) are asked to
+by `interpolate_pos_encoding=True`.
 
 A folder of several towers (CLIPModel, SiglipModel: what the hub holds for CLIP and SigLIP) gives its image tower,
 the module CLIPVisionModel / SiglipVisionModel wrap, with the same outputs: REPA aligns to the image tokens, and

@@ -2,6 +2,7 @@
 with registers, CLIP, SigLIP, MAE), and kinds added by register_external or an installed package's entry point. The
 models are tiny, with random weights, saved to temporary folders (nothing downloads)."""
 
+import contextlib
 import json
 
 import pytest
@@ -259,6 +260,19 @@ def test_a_tiny_repa_run_trains_with_a_transformers_folder(transformers, tmp_pat
     last = tr.run()
     assert tr.step == 2 and torch.isfinite(torch.tensor(last["loss/align"]))
     assert tr.parts.external.input_size == 16 and tr.parts.external.channels == 16
+    # the start records the encoder's forward per image, which `ahpa compare` adds per FLOP: the model's on one
+    # image at its input side. On the CPU the counter does not see the fused attention kernel (a GPU's it does): with
+    # the math attention it counts more, by the attention's matmuls
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    start = json.loads((tmp_path / "run" / "starts.jsonl").read_text().splitlines()[0])
+    counts = []
+    for backend in (None, SDPBackend.MATH):
+        with (sdpa_kernel(backend) if backend else contextlib.nullcontext()), FlopCounterMode(display=False) as counter:
+            tr.parts.external.module(torch.zeros(1, 3, 16, 16))
+        counts.append(counter.get_total_flops())
+    assert start["frozen_flops_per_image"] == counts[0] > 0 and counts[1] > counts[0]
 
 
 def test_a_run_says_what_its_encoder_runs_at_and_trains_where_its_tokens_are_coarser_than_the_grid(transformers, tmp_path, tiny):

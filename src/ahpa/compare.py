@@ -47,6 +47,7 @@ class Run:
     identities: dict[str, str] = field(default_factory=dict)  # data.path / prior.encoder -> content identity
     flops_per_image: float | None = None  # training FLOPs per image (its newest start; None before they were recorded)
     seeds: list[Run] = field(default_factory=list)  # a group of seeds (ahpa.compare_seeds): the runs it is the mean of
+    frozen_counted: bool = True  # whether flops_per_image holds REPA's frozen encoder (recorded since it was counted)
 
     @property
     def method(self) -> str:
@@ -100,8 +101,12 @@ def read_run(path: str | Path) -> Run:
     env = {k: start[k] for k in ENV_COMPARED if k in start}
     recorded = inputs.read(path) or {}
     identities = {k: v["identity"] for k, v in recorded.items() if isinstance(v, dict) and v.get("identity")}
+    # the training arithmetic and REPA's frozen encoder's forward (recorded since the nineteenth session; before,
+    # the SiT's and the heads' alone)
+    flops = start.get("train_flops_per_image")
     run = Run(path.name, path, settings, done=(path / "DONE").exists(), env=env, identities=identities,
-              flops_per_image=start.get("train_flops_per_image"))
+              flops_per_image=flops + start.get("frozen_flops_per_image", 0.0) if flops else flops,
+              frozen_counted="frozen_flops_per_image" in start)
     if not metrics_file.is_file():
         return run
     for row in read_rows(metrics_file):

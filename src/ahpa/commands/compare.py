@@ -48,9 +48,11 @@ def run(args) -> int:
                   "does not compare with its, and no speed-up is read from them:",
                   *(f"- {name}: {diff}" for name, diff in otherwise.items()), ""]
     if metric:
-        # REPA's encoder runs on every batch, untrained: not in the recorded arithmetic, which is the SiT's and the heads'
-        frozen = ("; REPA's frozen encoder, run on every batch, is not counted: its cost shows in img/s"
-                  if any(r.external for r in rows) else "")
+        # REPA's encoder runs on every batch, untrained: its forward is counted for runs that recorded it
+        uncounted = [r.name for r in rows if r.external and not r.frozen_counted]
+        frozen = ("; REPA's frozen encoder's forward, run on every batch, too" if any(r.external for r in rows) else "")
+        frozen += (f", except for {', '.join(uncounted)}, trained before it was recorded: there its cost shows in img/s "
+                   "only" if uncounted else "")
         parts += [compare.table(rows, baseline, metric), "",
                   f"Speed-up: the images from which the baseline stays at or below its last {metric} over the images "
                   "from which a run does (the last crossing, linear between evaluations; `>=`: reached by the run's "

@@ -47,6 +47,7 @@ class ExternalEncoder(nn.Module):
         self.patch_size = patch_size
         self.origin = origin
         self.spec = ""  # the prior.external it was loaded by (load_external), to name it in messages
+        self.flops_per_image = 0.0  # its forward's FLOPs (2 x multiply-adds) per image, counted by setup()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -98,9 +99,14 @@ class ExternalEncoder(nn.Module):
     def setup(self, grid: int) -> str:
         """Checks, by one forward of a blank image, that the tokens tile a SiT of grid x grid tokens, and says in one
         line what the encoder runs at; where they do not, refuses naming the encoder, the sides and the fix."""
+        from torch.utils.flop_counter import FlopCounterMode
+
         size = self.input_side(grid)
         try:
-            side = self._token_maps(torch.zeros(1, 3, size, size, device=self.mean.device), size).shape[-1]
+            # the probe's arithmetic is the encoder's per training image: `ahpa compare` counts it per FLOP
+            with FlopCounterMode(display=False) as counter:
+                side = self._token_maps(torch.zeros(1, 3, size, size, device=self.mean.device), size).shape[-1]
+            self.flops_per_image = float(counter.get_total_flops())
         except Exception as e:  # the model's own error at a side it was not made for: said with what asked it
             if size == self.input_size:
                 raise

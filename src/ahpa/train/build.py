@@ -231,6 +231,13 @@ def train_flops_per_image(parts: Parts) -> float:
     return 3.0 * (model.flops_per_image() + heads)
 
 
+def frozen_flops_per_image(parts: Parts) -> float:
+    """The forward arithmetic per image of REPA's frozen encoder, run on every batch (no backward; counted by
+    torch's FlopCounterMode when it was set up, on the run's device): the cost of the external target that AHPA's
+    own levels do not have, which `ahpa compare` adds to the training FLOPs per image. 0 for other methods."""
+    return parts.external.flops_per_image if parts.external is not None else 0.0
+
+
 def heads_cost_note(parts: Parts) -> list[str]:
     """A note when the alignment heads are a large part of the training arithmetic: REPA's 2048-wide projector adds
     ~2% to XL/2 and ~11% to B/2, but 25% to the study's SiT-S/1 (measured: its step took 1.29x vanilla's)."""

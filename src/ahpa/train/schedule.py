@@ -18,7 +18,7 @@ from ahpa import config as config_mod
 from ahpa.atomic import atomic_write_text
 from ahpa.provenance import environment, record_start
 from ahpa.train import eval_setup, inputs, outputs
-from ahpa.train.build import train_flops_per_image
+from ahpa.train.build import frozen_flops_per_image, train_flops_per_image
 from ahpa.train.distributed import agreed_max
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
@@ -86,7 +86,8 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
     if main and not complete:
         # versions, commit, GPUs, and the arithmetic per image (speed-ups per FLOP in `ahpa compare`)
         record_start(tr.run_dir, tr.step, {**environment(tr.parts.device, tr.world),
-                                           "train_flops_per_image": train_flops_per_image(tr.parts)})
+                                           "train_flops_per_image": train_flops_per_image(tr.parts),
+                                           "frozen_flops_per_image": frozen_flops_per_image(tr.parts)})
         if tr._moved_inputs is not None:  # moved files, identified by check_moved_inputs
             inputs.write(tr.run_dir, tr._moved_inputs)
         elif inputs.read(tr.run_dir) is None:  # a new run, or one from before inputs.json

@@ -148,3 +148,25 @@ def test_a_paired_seed_whose_baseline_did_not_improve_is_not_counted_as_ahead(tm
     assert ("1.20x (seed 0), — (seed 1): ahead of the baseline at 1 of 1 paired seeds read; none is read at seed 1, "
             "whose baseline run did not improve after its first evaluation.") in text
     assert "every paired seed" not in text
+
+
+def test_a_group_of_repa_seeds_keeps_what_its_flops_count(tmp_path):
+    """A group's FLOPs per image are its seeds' mean only where every seed counted the same things: a REPA seed
+    started before its encoder's forward was recorded makes the group's per-FLOP figure unknown, and the group is
+    named as uncounted, as such a run alone is."""
+    import json
+
+    from ahpa import compare
+    from ahpa.compare_seeds import group_seeds
+
+    repa = _seeds(tmp_path, "repa", [9.0, 7.0, 5.0], [9.4, 7.4, 5.4],
+                  s0=("prior.external=dinov2:w/dinov2",), s1=("prior.external=dinov2:w/dinov2",))
+    (repa[0] / "starts.jsonl").write_text(json.dumps({"step": 0, "train_flops_per_image": 100.0,
+                                                      "frozen_flops_per_image": 50.0}) + "\n")
+    (repa[1] / "starts.jsonl").write_text(json.dumps({"step": 0, "train_flops_per_image": 100.0}) + "\n")
+    rows, _ = group_seeds([compare.read_run(p) for p in repa])
+    assert len(rows) == 1 and rows[0].flops_per_image is None and not rows[0].frozen_counted
+    (repa[1] / "starts.jsonl").write_text(json.dumps({"step": 0, "train_flops_per_image": 100.0,
+                                                      "frozen_flops_per_image": 70.0}) + "\n")
+    rows, _ = group_seeds([compare.read_run(p) for p in repa])
+    assert rows[0].flops_per_image == 160.0 and rows[0].frozen_counted

@@ -87,14 +87,16 @@ def mean_of(members: list[Run]) -> Run:
     each curve the mean of its seeds'; its img/s windows all of theirs; its settings theirs, train.seed the list."""
     members = sorted(members, key=seed_of)
     seeds, first = [seed_of(r) for r in members], members[0]
-    flops = [r.flops_per_image for r in members]
+    flops, counted = [r.flops_per_image for r in members], {r.frozen_counted for r in members}
+    # seeds recorded with and without REPA's encoder FLOPs (a seed started before they were) have no common figure
     return Run(f"{first.name} ({len(seeds)} seeds: {', '.join(map(str, seeds))})", first.path,
                {**first.settings, "train.seed": seeds},
                evals={m: mean_curve([r.evals[m] for r in members])[0] for m in first.evals},
                flow=mean_curve([r.flow for r in members])[0], rates=[x for r in members for x in r.rates],
                done=all(r.done for r in members), env=first.env, eval_setups=first.eval_setups,
-               identities=first.identities, flops_per_image=statistics.mean(flops) if all(flops) else None,
-               seeds=members)
+               identities=first.identities,
+               flops_per_image=statistics.mean(flops) if all(flops) and len(counted) == 1 else None,
+               frozen_counted=all(counted), seeds=members)
 
 
 def seed_curves(row: Run, metric: str) -> dict:

@@ -27,23 +27,29 @@ from ahpa.train.rng import generator
 STATS_STREAM = 2
 
 
+BF16_MAJOR = 8  # CUDA compute capability from which a GPU computes in bf16 (A100, H100, RTX 30xx on)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """train.precision's autocast dtype on `device` (None: fp32). auto is bf16 on a CUDA GPU that computes in it
-    (compute capability 8.0 or later: A100, H100, RTX 30xx on) and fp16, with a loss scale, on one that does not
-    (V100, T4, RTX 20xx: bf16 there is emulated, many times slower, or not supported); fp32 elsewhere."""
+    (compute capability BF16_MAJOR or later) and fp16, with a loss scale, on one that does not (V100, T4, RTX 20xx:
+    bf16 there is emulated, many times slower, or not supported); fp32 elsewhere."""
     if precision == "auto" and device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= BF16_MAJOR else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def precision_note(precision: str, device: torch.device) -> list[str]:
-    """A note when train.precision=bf16 asks a CUDA GPU without bf16 arithmetic (before compute capability 8.0: V100,
-    T4, RTX 20xx) for it: it runs, emulated or with fp32 kernels, far slower than the fp16 that `auto` picks there."""
-    if precision != "bf16" or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8:
+    """A note when train.precision=bf16 asks a CUDA GPU without bf16 arithmetic (before compute capability BF16_MAJOR:
+    V100, T4, RTX 20xx) for it: it runs, emulated or with fp32 kernels, far slower than the fp16 that `auto` picks."""
+    if precision != "bf16" or device.type != "cuda":
         return []
     major, minor = torch.cuda.get_device_capability(device)
+    if major >= BF16_MAJOR:
+        return []
     return [f"train.precision=bf16 on a GPU of compute capability {major}.{minor}, which has no bf16 arithmetic (it "
-            "comes with 8.0): far slower than fp16; train.precision=auto or fp16 trains in fp16 with a loss scale"]
+            f"comes with {BF16_MAJOR}.0): far slower than fp16; train.precision=auto or fp16 trains in fp16 with a "
+            "loss scale"]
 
 
 def precision_name(amp: torch.dtype | None) -> str:

@@ -111,8 +111,9 @@ def test_fp16_on_two_processes_with_accumulation_matches_one(tmp_path, sharding)
 
 
 def test_a_signal_that_reaches_one_process_stops_every_process_with_its_exit_code(tmp_path):
-    """A scheduler's SIGTERM may reach some processes only (one node's, or late): the processes agree to stop at the
-    next multiple of 10 steps, save once, and every one exits 128 + that signal (the one not signalled exited 1, with
+    """A scheduler's SIGTERM may reach some processes only (one node's, or late): the processes vote at the next
+    multiple of 10 steps, act on that vote at the one after (schedule.stop_agreed reads it late: no host sync that
+    drains the GPU's queue), save once, and every one exits 128 + that signal (the one not signalled exited 1, with
     no message, before)."""
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -135,8 +136,33 @@ def test_a_signal_that_reaches_one_process_stops_every_process_with_its_exit_cod
                           *TINY, "train.steps=40"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode != 0
     assert sorted((tmp_path / "codes").read_text().split("\n")[:-1]) == ["0 143", "1 143"], res.stderr[-3000:]
-    assert res.stderr.count("stopped by signal at step 10; checkpoint saved") == 1
-    assert latest(tmp_path / "run")["step"] == 10
+    assert res.stderr.count("stopped by signal at step 20; checkpoint saved") == 1
+    assert latest(tmp_path / "run")["step"] == 20
+
+
+def test_a_late_vote_gives_every_process_the_previous_votes_max(tmp_path):
+    """LateMax (the stop vote): each call returns the max over processes of the value the call before gave, the same
+    on every process, 0 at the first call; a value voted by one process alone reaches the others."""
+    script = tmp_path / "vote.py"
+    script.write_text("""
+import os, sys, torch.distributed as dist
+from pathlib import Path
+from ahpa.train.distributed import LateMax
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+votes = {0: [0, 0, 2, 0, 0], 1: [0, 15, 0, 0, 7]}[rank]
+vote = LateMax("cpu")
+got = [vote(v) for v in votes]
+Path(sys.argv[1], f"rank{rank}.txt").write_text(" ".join(str(g) for g in got))
+dist.barrier()
+os._exit(0)  # as the CLI ends a torchrun process: tearing gloo down can abort (ahpa.commands.exit)
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", str(script), str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "0.0 0.0 15.0 2.0 0.0"
 
 
 def test_an_error_under_torchrun_is_printed_once_and_named_in_torchruns_summary(one_process_run, tmp_path):

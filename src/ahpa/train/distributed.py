@@ -102,6 +102,37 @@ def agreed_max(value: float, device: torch.device) -> float:
     return t.item()
 
 
+class LateMax:
+    """The largest of every process's value, read one vote late. Each call starts a max over processes of the value
+    given now and returns the one the previous call started (0 at the first call). `agreed_max` reads its result at
+    once, and on a GPU that read waits for all the work queued before it: the GPU's queue runs dry while the host
+    catches up. Read a vote later, the collective has long finished, so the read waits for nothing still queued.
+    Every process makes the same calls, so every one gets the same answer at the same call."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self._host: torch.Tensor | None = None  # the last vote's result, copied to the host (pinned on CUDA)
+        self._copied = None  # the CUDA event recorded after that copy; None off CUDA, where the copy is done
+
+    def __call__(self, value: float) -> float:
+        previous = 0.0
+        if self._host is not None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            previous = float(self._host)
+        t = torch.full((), float(value), device=self.device)  # a fill: no blocking copy from the host
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t.is_cuda:
+            if self._host is None:
+                self._host = torch.empty((), pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = t
+        return previous
+
+
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This process's part of a DTensor (FSDP2's sharded parameters), a view: in-place updates reach
     the parameter. A plain tensor as is."""

@@ -21,8 +21,8 @@ def window_means(sums: dict[str, torch.Tensor]) -> tuple[dict, float]:
     metrics that skipped steps left at zero, except the COUNTS, which are the window's totals. A window whose every
     step was skipped has no means: its row holds the COUNTS alone (a loss of 0 would be drawn and plotted as one).
     One collective and a host sync, at the end of a log window only (the loop reads its skipped-step counters there
-    too, already computed; under several processes it also agrees on a stop signal every 10 steps,
-    Trainer._stop_agreed)."""
+    too, already computed; under several processes a stop signal is voted on every 10 steps without a wait,
+    schedule.stop_agreed)."""
     sums = dict(sums)
     good = sums.pop("good_steps")
     flat = torch.cat([v.reshape(-1).float() for v in sums.values()] + [good.reshape(1).float()])

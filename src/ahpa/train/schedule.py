@@ -2,7 +2,8 @@
 Trainer.run (the step itself, set-up and resume are ahpa.train.loop's).
 
 Logging reads the window's sums once (window_means, the one host sync of a window); a checkpoint is never written
-inside a streak of skipped steps, except on a stop; a stop signal is agreed by every process every 10 steps, and
+inside a streak of skipped steps, except on a stop; a stop signal is voted on by every process every 10 steps and
+acted on at the next vote (no host sync that drains the GPU's queue), and
 the run saves and goes before any grid or evaluation (a scheduler's grace period is short); time spent saving,
 drawing and evaluating is left out of img/s.
 """
@@ -19,7 +20,7 @@ from ahpa.atomic import atomic_write_text
 from ahpa.provenance import environment, record_start
 from ahpa.train import eval_setup, inputs, outputs
 from ahpa.train.build import frozen_flops_per_image, train_flops_per_image
-from ahpa.train.distributed import agreed_max
+from ahpa.train.distributed import LateMax
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
 
@@ -35,17 +36,18 @@ class RunHooks(NamedTuple):
     progress: Callable[[str, int], Callable[[int], None] | None] | None
 
 
-def stop_agreed(tr: Trainer, should_stop: Callable[[], int] | None) -> int:
-    """Whether to stop now: 0, or the reason (a signal number) any process has; under torchrun every process
-    agrees, checked every 10 steps, and a process that was not signalled stops with the others' reason (a
-    scheduler's signal may reach the processes of some nodes only, or late)."""
+def stop_agreed(tr: Trainer, should_stop: Callable[[], int] | None, vote: LateMax) -> int:
+    """Whether to stop now: 0, or the reason (a signal number) any process has. Under torchrun every process votes
+    every 10 steps and acts on the vote before (`LateMax`: the answer is read when the GPU has long finished the
+    collective), so a signal stops the run 10 to 19 steps after it arrives, and a process that was not signalled
+    stops with the others' reason (a scheduler's signal may reach the processes of some nodes only, or late)."""
     if should_stop is None:
         return 0
     if tr.world == 1:
         return int(should_stop())
     if tr.step % 10:
         return 0
-    return int(agreed_max(int(should_stop()), tr.parts.device))
+    return int(vote(int(should_stop())))
 
 
 def log_row(tr: Trainer, sums: dict[str, torch.Tensor], count: int, t0: float) -> dict:
@@ -100,6 +102,7 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
     sums: dict[str, torch.Tensor] = {}
     count, t0, last = 0, time.perf_counter(), {}
     watch = DivergenceWatch(c.train.max_bad_steps)
+    vote = LateMax(tr.parts.device)
     try:
         # the step resumed from was due an evaluation that was not logged: stopped, or died, after its checkpoint
         if tr.evaluator is not None and tr.evaluator.missing(tr.step, c.train.steps):
@@ -130,7 +133,7 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
             # asked to stop: log the window so far (its steps would never be logged), save with the router's
             # record and go, before any sample grid or evaluation (a scheduler's grace period is short); an
             # evaluation due at this step is done on resume (Evaluator.missing)
-            stop = not done and stop_agreed(tr, hooks.should_stop)
+            stop = not done and stop_agreed(tr, hooks.should_stop, vote)
             if stop and count:
                 last = log_row(tr, sums, count, t0)
                 if logger is not None:

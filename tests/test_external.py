@@ -444,3 +444,25 @@ def test_dinov2_refuses_another_models_folder(transformers, tmp_path):
     (tmp_path / "clip" / "config.json").write_text("{")
     with pytest.raises(ValueError, match=r"clip/config.json is not a transformers config \(a JSON object\)"):
         load_external(f"dinov2:{tmp_path / 'clip'}")
+
+
+def test_loading_a_folder_draws_no_progress_bar_of_transformers(transformers, tmp_path, capfd):
+    """transformers 5 draws a "Loading weights" bar on every from_pretrained: once per REPA run and per FD-DINOv2
+    evaluation, among the run's own bars. Loading prints nothing, and transformers' setting is left as it was."""
+    from transformers.utils import logging as hf_logging
+
+    _saved(transformers.Dinov2Model(transformers.Dinov2Config(**{**SMALL, "patch_size": 14, "image_size": 224})),
+           tmp_path / "dino")
+    _saved(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**SMALL)), tmp_path / "clip")
+    capfd.readouterr()
+    for spec in (f"dinov2:{tmp_path / 'dino'}", f"transformers:{tmp_path / 'clip'}"):
+        load_external(spec)
+        out, err = capfd.readouterr()
+        assert out == "" and "Loading" not in err and "%|" not in err, (spec, err[-500:])
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        load_external(f"dinov2:{tmp_path / 'dino'}")
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

@@ -95,7 +95,7 @@ def load_vit_tokens(where: str) -> ExternalEncoder:
             f"drop {mask_ratio:.0%} of its patch tokens at random, other ones each call, and REPA aligns every patch: "
             f"set \"mask_ratio\": 0.0 in that file, or save the model so: ViTMAEModel.from_pretrained(HUB_ID, "
             f"mask_ratio=0.0).save_pretrained('{path}')")
-    model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+    model = from_folder(transformers.AutoModel, path)
     if tower is not config:
         model = _image_tower(model, tower, path)
     # fp32 as our images are (transformers 5 loads a half-precision checkpoint as it was saved); autocast still applies
@@ -197,7 +197,22 @@ def load_dinov2(path: str | Path, spec: str):
                          f"which would take this model's weights only in part or not at all. For REPA's encoder, name it "
                          f"transformers:{path} (any ViT-like model, DINOv2 with registers, CLIP, SigLIP); FD-DINOv2 is "
                          "measured with DINOv2 itself (facebook/dinov2-large)")
-    return _transformers(spec).Dinov2Model.from_pretrained(str(path), local_files_only=True)
+    return from_folder(_transformers(spec).Dinov2Model, path)
+
+
+def from_folder(model_class, path: Path) -> nn.Module:
+    """`model_class.from_pretrained` of a local folder (never a download), without the progress bar transformers 5
+    draws on every load ("Loading weights"): a library prints nothing of its own, and the run's bars say what it
+    does. transformers' setting for bars is put back as it was."""
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(str(path), local_files_only=True)
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
 
 
 def _folder(where: str | Path, spec: str, what: str, model_class: str, example: str, note: str = "") -> Path:

@@ -31,7 +31,8 @@
 #                                           # `tuning --models B/2`, ~4 min)
 #     bash benchmarks/gpu_job.sh fp16       # B/2 none and ahpa-cached compiled, bf16 then fp16 with its loss scale (the
 #                                           # precision older GPUs train in), side by side: the cost of the scale's
-#                                           # unscaling pass and a check of fp16 on a GPU (~3-4 min estimated)
+#                                           # unscaling pass and a check of fp16 on a GPU (~3-4 min estimated); first the
+#                                           # CUDA-only tests (the copy stream, the stop vote under NCCL; ~20 s)
 #     bash benchmarks/gpu_job.sh tokens     # B/2 and XL/2, none and ahpa-cached compiled, the heads on every token
 #                                           # and on a quarter of them (align.token_fraction=0.25), side by side
 #                                           # (~6 min estimated: six compiled measurements)
@@ -70,7 +71,7 @@ case "$job" in
     xl256) bench --models XL/2 --batch 256 --methods none,ahpa-cached --compile compiled --activation-checkpointing all,0 \
                  --sampling off --budget-s 450 ;;
     prefetch) bench --models B/2 --methods none,ahpa-cached --compile compiled --prefetch both --sampling off --budget-s 450 ;;
-    diagnose) python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py -k cuda 2>&1 | tee "$OUT/pytest_cuda.log"
+    diagnose) python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py tests/test_distributed.py -k cuda 2>&1 | tee "$OUT/pytest_cuda.log"
               bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --warmup 3 --steps 15
               profile ;;
     profile) profile ;;
@@ -78,7 +79,9 @@ case "$job" in
     cudagraphs) TAG=default bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150
                 TAG=reduce-overhead bench --models B/2 --methods none,ahpa-cached --compile compiled --compile-mode reduce-overhead \
                     --sampling off --budget-s 150 ;;
-    fp16) TAG=bf16 bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150 --precision bf16
+    fp16) python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py tests/test_distributed.py -k cuda 2>&1 \
+              | tee "$OUT/pytest_cuda.log"  # the CUDA-only tests (~20 s): the copy stream, the stop vote
+          TAG=bf16 bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150 --precision bf16
           TAG=fp16 bench --models B/2 --methods none,ahpa-cached --compile compiled --sampling off --budget-s 150 --precision fp16 ;;
     tuning) TAG=default bench --models XL/2,B/2 --methods none --compile compiled --sampling off --budget-s 200
             TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TAG=coordinate-descent bench --models XL/2,B/2 --methods none \

@@ -348,6 +348,31 @@ os._exit(0)  # as the CLI ends: no teardown of gloo (ahpa.commands.exit)
     assert out.stdout.split()[-2:] == ["False", "True"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the pinned copy and its event exist only there")
+def test_a_late_vote_on_cuda_reads_the_previous_vote_without_a_host_sync():
+    """On a GPU, LateMax's call makes no host sync (CUDA's sync debug mode set to error): it reads the previous
+    vote's pinned copy after that copy's event, and returns what the one before gave. A one-process NCCL group in a
+    subprocess (gpu_job.sh fp16 and diagnose run the CUDA tests)."""
+    code = """
+import os, torch, torch.distributed as dist
+from ahpa.train.distributed import LateMax
+dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+torch.cuda.set_device(0)
+vote = LateMax("cuda:0")
+got = [vote(3)]  # the first call allocates the pinned buffer
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+got += [vote(0), vote(5), vote(0)]
+torch.cuda.set_sync_debug_mode("default")
+print(*got, flush=True)
+os._exit(0)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["0.0", "3.0", "0.0", "5.0"]
+
+
 def test_every_process_loads_the_checkpoint_rank_0_chose_or_all_fail(tmp_path):
     """Rank 0 chooses the newest readable checkpoint and the others read that file, so no process resumes or
     samples from another one (a newer file appearing between them, a transient read error). A process that

@@ -74,12 +74,17 @@ def child(mode: str, how: str, path: Path, mb: int) -> dict:
             "anon_after_read_mb": round(anon_mb() - base_anon, 1)}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=1024, help="size of the state (fp32 tensors)")
     ap.add_argument("--out", type=Path, help="JSON results")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "HOW", "PATH"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], Path(args.child[2]), args.mb)))
         return

@@ -21,7 +21,8 @@ import torch
 from ahpa.metrics import compute_stats, load_detector
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, required=True, help="folder with test.npz and train.npz")
     ap.add_argument("--detector", action="append", required=True, help="detector spec; repeat for several")
@@ -30,7 +31,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-images", type=int, help="first N images of each set (smoke runs)")
     ap.add_argument("--save-stats", type=Path, help="folder to keep the per-set statistics (.npz) in")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     result = {"test": str(args.data_dir / "test.npz"), "ref": str(args.data_dir / "train.npz"), "fd": {}, "seconds": {}}
     t_all = time.perf_counter()

@@ -21,14 +21,19 @@ import torch.nn.functional as F
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", default=str(SHARED / "data" / "cifar10" / "test.npz"))
     p.add_argument("--vae", default=f"taef2:{SHARED / 'weights' / 'taef2'}")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--num", type=int, default=64)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
 
     from ahpa.data.listing import ItemDataset, assemble, list_source
     from ahpa.data.tokens import flip_tokens

@@ -7,6 +7,8 @@ tokens of one block and their backward is counted the same way.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from ahpa.align.projector import Projector
@@ -17,6 +19,11 @@ SETTINGS = {
     "SD-VAE @256 (down0-3, mid, latent)": (("B/2", "XL/2"), 32, 4, [128, 256, 512, 512, 512, 4]),
     "TAEF2 @64 (stage1-4, latent)": (("S/1",), 8, 32, [64, 64, 64, 64, 32]),
 }
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands): no options."""
+    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main() -> None:
@@ -36,7 +43,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser().parse_args()
     main()

@@ -84,7 +84,8 @@ def plot(rows: list[dict], path: Path) -> None:
     plots.save_figure(fig, path)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("smoke", "pilot", "gpu"), default="pilot")
     ap.add_argument("--method", default="multi-uniform", choices=tuple(study.METHODS))
@@ -95,7 +96,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for gradients.json and gradients.png")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, help="TAEF2 cache directory (default: the study's per-size folder)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
     size = study.SIZES[args.size]
     steps = sorted(int(s) for s in args.steps.split(","))

@@ -82,13 +82,18 @@ def in_forked_child(work) -> float:
     return round(copied, 1)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=Path("/tmp/listing-tree"))
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--per-class", type=int, default=1281)
     ap.add_argument("--out", type=Path, help="write the JSON here too")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     t0 = time.perf_counter()
     build_tree(args.root, args.classes, args.per_class)
     result = {"command": "python " + " ".join(sys.argv), "python": platform.python_version(),

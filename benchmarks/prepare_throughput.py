@@ -104,7 +104,8 @@ def prepare_rate(args, encoder, device: torch.device) -> dict:
             "bytes_per_image": res.bytes / res.images, "encoder_share": inside[0] / wall}
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", default=str(SHARED / "data" / "cifar10" / "test.npz"))
     p.add_argument("--vae", default=f"taef2:{SHARED / 'weights' / 'taef2'}")
@@ -120,7 +121,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="prepare runs, each between two bare measurements")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
     p.add_argument("--out", default="", help="write the JSON here too")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not Path(args.images).exists():

@@ -163,7 +163,8 @@ def attention_rates(sc: SiTConfig, batch: int, device: torch.device) -> list[dic
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=tuple(SIZES), default="tiny")
     ap.add_argument("--models", default="XL/2")
@@ -178,7 +179,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON file (rewritten after every record)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/ahpa-profile"))
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     size = SIZES[args.size]
     device = benchlib.resolve_device(args.device)

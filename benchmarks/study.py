@@ -199,8 +199,8 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with each size's defaults filled in and the cache path resolved."""
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=tuple(SIZES), default="smoke")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
@@ -245,7 +245,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; see throughput.py --threads)")
     ap.add_argument("--check", action="store_true", help="check every method's configuration against the prepared "
                     "cache and stop (benchmarks/study_gpu_job.sh checks each lane so before any lane trains)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with each size's defaults filled in and the cache path resolved."""
+    args = parser().parse_args(argv)
     args.variant = parse_variant(args.variant)
     size = SIZES[args.size]
     for name in ("steps", "eval_every", "eval_num", "eval_batch", "grid_images", "limit", "resolution", "grid"):

@@ -45,10 +45,15 @@ def cost_of(row: dict) -> dict:
     return tflop_per_step(model, aligner, int(cfg["train.batch_size"]), int(cfg.get("align.stop_step") or 0))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, nargs="+")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     for path in args.results:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         filled = 0

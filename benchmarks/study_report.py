@@ -202,13 +202,18 @@ def lr_sweeps(evals: dict, runs: dict, out: Path) -> list[str]:
     return lines
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, nargs="+", required=True, help="results files or folders of *.jsonl")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="label the report as a smoke test (not results)")
     ap.add_argument("--pilot", action="store_true", help="label the report as a CPU pilot (not the protocol)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     skipped: list[dict] = []
     files, evals, runs = load_rows(args.results, skipped)
     if not evals and not runs:

@@ -33,7 +33,8 @@ from ahpa.priors.registry import load_encoder
 from ahpa.sample import to_uint8, write_npz
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/cifar10/test.npz"), help="npz with `images` uint8 NHWC and `labels`")
     ap.add_argument("--encoder", default="taef2:../shared/weights/taef2")
@@ -42,7 +43,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--num", type=int, help="first N images only (smoke runs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     with np.load(args.data) as f:
         images, labels = f["images"], f["labels"]

@@ -231,7 +231,8 @@ def measure_sampling(model: str, size: dict, args, encoder, device: torch.device
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=tuple(SIZES), default="tiny")
     ap.add_argument("--out", type=Path, required=True, help="JSON file (rewritten after every record)")
@@ -267,7 +268,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (CPU runs only): 1 by default, since OpenMP threads spinning on shared, busy cores "
                          "made every op 10-50x slower here")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     size = SIZES[args.size]
     device = benchlib.resolve_device(args.device)

@@ -53,8 +53,10 @@ class _Versions(argparse.Action):
         parser.exit()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line as `ahpa` reads it, running nothing (a bad one exits as argparse does, status 2). `parser`:
+    one build_parser() made, to read many command lines (the test of the documentation's commands does)."""
+    parser = parser or build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse collects a positional list once: `key=value` overrides after an option (`--out X a.b=1`) are left
     # over; they belong to the command's overrides, in the order given (later wins)
@@ -62,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides, extra = [*args.overrides, *extra], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     _show_own_warnings_plainly()
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED:

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 import benchlib
+from throughput_ratios import blocks_name, ratios
 from ahpa import config as config_mod
 from ahpa.config import SampleCfg
 from ahpa.data.cache import CacheSource
@@ -381,38 +382,6 @@ def main() -> None:
     if args.work_dir is None:  # a temp dir of our own: the synthetic cache is gigabytes at --size gpu
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result["ratios"], indent=1))
-
-
-def blocks_name(ckpt: int) -> str:
-    return "all" if ckpt == -1 else str(ckpt)
-
-
-def ratios(records: list[dict]) -> dict:
-    """img/s of each method over `none` of the same model, compile mode and activation checkpointing (measured side
-    by side; a cached method against `none` with the same prefetch setting, others against `none` with prefetch on),
-    and of each cached method with prefetch on over off."""
-    train = [r for r in records if r.get("kind") == "train" and "img_per_s" in r]
-    base = {(r["model"], r["compile"], r.get("activation_checkpointing", 0), r.get("prefetch")): r["img_per_s"]
-            for r in train if r["method"] == "none"}
-    out = {}
-    for r in train:
-        model, compiled, ckpt, prefetch = r["model"], r["compile"], r.get("activation_checkpointing", 0), r.get("prefetch")
-        mode = ("compiled" if compiled else "eager") + (f", checkpointing {blocks_name(ckpt)}" if ckpt else "")
-        share = f" (token_fraction {r['token_fraction']:g})" if r.get("token_fraction", 1) != 1 else ""
-        if r["method"] != "none":
-            ref = base.get((model, compiled, ckpt, True if prefetch is None else prefetch))
-            if ref is None and prefetch is None:
-                ref = base.get((model, compiled, ckpt, False))
-            if ref is not None:
-                off = " (prefetch off)" if prefetch is False else ""
-                out[f"{model} {mode} {r['method']}/none{share}{off}"] = round(r["img_per_s"] / ref, 3)
-        if prefetch is True:
-            twin = next((o for o in train if o["method"] == r["method"] and o.get("prefetch") is False
-                         and o.get("token_fraction", 1) == r.get("token_fraction", 1)
-                         and (o["model"], o["compile"], o.get("activation_checkpointing", 0)) == (model, compiled, ckpt)), None)
-            if twin is not None:
-                out[f"{model} {mode} {r['method']}{share} prefetch on/off"] = round(r["img_per_s"] / twin["img_per_s"], 3)
-    return out
 
 
 if __name__ == "__main__":

@@ -409,8 +409,9 @@ def test_fds_that_agree_to_three_decimals_are_printed_with_enough_to_tell_them_a
 
 def test_how_an_evaluated_run_computes_is_no_difference_but_what_it_evaluates_is():
     """Runs that evaluate (eval.every set, so eval.* is read) and differ only in how they compute (the detector's
-    batch, compiled or eager, checkpointed activations, the sampler's micro-batch) trained and measured the same
-    thing to rounding: listing those would make a fair comparison look unfair. eval.num, read by both, still is."""
+    batch, compiled or eager, checkpointed activations, the sampler's micro-batch, FSDP or DDP, micro-batches: a run
+    resumed on fewer GPUs with train.grad_accum, then sharded) trained and measured the same thing to rounding:
+    listing those would make a fair comparison look unfair. eval.num, read by both, still is."""
     from pathlib import Path
 
     def run(name, *overrides):
@@ -418,7 +419,8 @@ def test_how_an_evaluated_run_computes_is_no_difference_but_what_it_evaluates_is
         return compare.Run(name, Path(name), config.flatten(cfg.to_dict()))
 
     a = run("a", "eval.batch=50", "train.compile=false", "sample.micro_batch=8")
-    b = run("b", "eval.batch=250", "train.compile=true", "train.activation_checkpointing=2", "sample.micro_batch=64")
+    b = run("b", "eval.batch=250", "train.compile=true", "train.activation_checkpointing=2", "sample.micro_batch=64",
+            "train.fsdp=true", "train.grad_accum=2")
     assert compare.differing_settings([a, b]) == {}
     c = run("c", "eval.num=100")
     d = run("d", "eval.num=200")

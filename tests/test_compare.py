@@ -211,6 +211,23 @@ def test_compare_names_a_run_without_a_start_record_unrecorded(tmp_path, capsys)
     assert "- processes: a=8, b=1, c=unrecorded" in text and "- source: a=abc, b=none, c=unrecorded" in text
 
 
+def test_a_run_resumed_on_another_process_count_is_named_as_mixing_their_speeds(tmp_path, capsys):
+    """A run started on 2 processes, resumed on 1 with train.grad_accum=2, then on 2 again (a walkthrough's): its
+    img/s mixed the three, and compare, which reads each run's newest start, said nothing of it. A resume on a newer
+    commit changes no speed and is not named here."""
+    env = {"device": "cpu (x86_64)", "processes": 2, "torch": "2.13.0", "cuda": None, "ahpa": "0.1.0", "source": "abc"}
+    a, b = _run(tmp_path, "a", "ahpa", [1.0]), _run(tmp_path, "b", "none", [1.0])
+    starts = [{"step": 0, **env}, {"step": 170, **env, "processes": 1}, {"step": 300, **env, "source": "def"}]
+    (a / "starts.jsonl").write_text("".join(json.dumps(s) + "\n" for s in starts))
+    (b / "starts.jsonl").write_text(json.dumps({"step": 0, **env}) + "\n")
+    assert main(["compare", str(b), str(a)]) == 0
+    text = capsys.readouterr().out
+    assert ("**Environments that changed within a run** (resumed on other GPUs, process counts or versions; its img/s "
+            "mixes their speeds):\n- a: processes 2 (from step 0); then processes 1 (from step 170); then processes 2 "
+            "(from step 300)\n") in text
+    assert "- b:" not in text and "Trained in different environments" in text and "- source: b=abc, a=def" in text
+
+
 def test_the_source_revision_is_marked_dirty_by_changed_tracked_files_only(tmp_path, monkeypatch):
     """A checkout's commit, "+dirty" once a tracked file differs from it (untracked files do not count); a copy of
     the package inside another repository (one with a commit) is no checkout of ahpa's."""
@@ -409,8 +426,9 @@ def test_fds_that_agree_to_three_decimals_are_printed_with_enough_to_tell_them_a
 
 def test_how_an_evaluated_run_computes_is_no_difference_but_what_it_evaluates_is():
     """Runs that evaluate (eval.every set, so eval.* is read) and differ only in how they compute (the detector's
-    batch, compiled or eager, checkpointed activations, the sampler's micro-batch) trained and measured the same
-    thing to rounding: listing those would make a fair comparison look unfair. eval.num, read by both, still is."""
+    batch, compiled or eager, checkpointed activations, the sampler's micro-batch, FSDP or DDP, micro-batches: a run
+    resumed on fewer GPUs with train.grad_accum, then sharded) trained and measured the same thing to rounding:
+    listing those would make a fair comparison look unfair. eval.num, read by both, still is."""
     from pathlib import Path
 
     def run(name, *overrides):
@@ -418,7 +436,8 @@ def test_how_an_evaluated_run_computes_is_no_difference_but_what_it_evaluates_is
         return compare.Run(name, Path(name), config.flatten(cfg.to_dict()))
 
     a = run("a", "eval.batch=50", "train.compile=false", "sample.micro_batch=8")
-    b = run("b", "eval.batch=250", "train.compile=true", "train.activation_checkpointing=2", "sample.micro_batch=64")
+    b = run("b", "eval.batch=250", "train.compile=true", "train.activation_checkpointing=2", "sample.micro_batch=64",
+            "train.fsdp=true", "train.grad_accum=2")
     assert compare.differing_settings([a, b]) == {}
     c = run("c", "eval.num=100")
     d = run("d", "eval.num=200")

@@ -381,6 +381,32 @@ def test_cli_prepare_reports_and_is_a_noop_on_rerun(folder, tmp_path, capsys):
     assert "ignored 1 file(s) without an image extension (notes.txt;" in capsys.readouterr().err
 
 
+def test_a_resumed_prepare_bar_starts_at_the_shards_there(folder, tmp_path, capsys, monkeypatch):
+    """Resumed, the bar counted the shards already there as encoded in its first second (a walkthrough's rate read 28
+    img/s where it encoded 21); it now starts at them, so that tqdm's rate is of the images this launch encodes."""
+    from ahpa.cli import main
+    from ahpa.data.shard_encoder import ShardEncoder
+
+    real_open = ShardEncoder._open
+
+    def killed_at_the_second_shard(self, i, writer):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real_open(self, i, writer)
+
+    args = ["prepare", "--images", str(folder / "dogs"), "--vae", "ahpa-vae:random", "--resolution", "16",
+            "--out", str(tmp_path / "c"), "--workers", "0", "--flips", "none", "--limit", "6", "--shard-size", "2",
+            "--batch", "2"]
+    monkeypatch.setattr(ShardEncoder, "_open", killed_at_the_second_shard)
+    assert main(args) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(ShardEncoder, "_open", real_open)
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "shards written 2, kept 1" in out
+    assert "| 2/6 [" in err and "| 6/6 [" in err and "| 0/6 [" not in err
+
+
 def test_vae_train_reads_a_folder_as_prepare_does(folder, tmp_path, capsys):
     from ahpa.cli import main
     from ahpa.data.listing import decode_all

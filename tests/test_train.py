@@ -304,6 +304,24 @@ def test_config_errors_name_the_valid_choices(tiny):
         tiny("align.levels=[stage1")
 
 
+def test_a_global_batch_that_does_not_split_names_the_grad_accum_that_fits(tmp_path, tiny):
+    """A run resumed on fewer or other GPUs keeps its global batch: the refusal said 'not divisible by grad_accum x
+    processes = 6' and left the user to find a train.grad_accum that fits; it now names them."""
+    with pytest.raises(ValueError, match=r"train.batch_size=8 \(the global batch\) is not divisible by train.grad_accum "
+                       r"x processes = 3 x 1: with 1 process, train.grad_accum may be 1, 2, 4, 8$"):
+        Trainer(tiny("train.grad_accum=3"), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    from ahpa.train.build import check_batch_split
+
+    check_batch_split(256, 4, 8)  # 8 per micro-step
+    with pytest.raises(ValueError, match=r"= 4 x 3: no train.grad_accum fits 3 processes: launch a number of processes "
+                       r"that divides 256$"):
+        check_batch_split(256, 4, 3)
+    with pytest.raises(ValueError, match=r"= 7 x 2: with 2 processes, train.grad_accum may be 1, 2, 3, 4, 5, 6, 8, 9, "
+                       r"\.\.\.$"):
+        check_batch_split(720, 7, 2)  # 360's divisors: more than a line
+
+
 def test_bad_sizes_and_paths(tmp_path, tiny):
     with pytest.raises(ValueError, match="not divisible by the VAE factor 4"):
         Trainer(tiny("data.resolution=18"), tmp_path / "a")

@@ -16,18 +16,21 @@ import yaml
 from ahpa.align.methods import METHODS, align_settings_read
 from ahpa.config import flatten
 from ahpa.jsonl import read_rows
-from ahpa.provenance import last_start
+from ahpa.provenance import starts
 from ahpa.train import eval_setup, inputs
 
 # the facts of a run's newest start (ahpa.provenance) that are compared; its host and time are not
 ENV_COMPARED = ("device", "processes", "torch", "cuda", "ahpa", "source")
+# those that set a run's speed: a run resumed with others (a job requeued on other GPUs, resumed on fewer) mixes speeds
+SPEED_FACTS = ("device", "processes", "torch", "cuda")
 # settings that differ between comparable runs without changing what is compared: the run length and cadences, and
-# how a run computes rather than what (compiled or eager, checkpointed activations, the detector's and the sampler's
-# batch: equal to rounding), and its sample grids
+# how a run computes rather than what (compiled or eager, checkpointed activations, FSDP or DDP, the global batch in
+# micro-batches, the detector's and the sampler's batch: equal to rounding), and its sample grids. config.yaml holds
+# the newest start's: a run resumed on one GPU with train.grad_accum=2, then sharded, is the same run
 NOT_COMPARED = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints",
                 "train.device", "train.max_bad_steps", "train.compile", "train.compile_mode",
-                "train.activation_checkpointing", "data.prefetch", "sample.compile", "sample.micro_batch",
-                "sample.grid_images", "eval.batch")
+                "train.activation_checkpointing", "train.fsdp", "train.grad_accum", "data.prefetch", "sample.compile",
+                "sample.micro_batch", "sample.grid_images", "eval.batch")
 # relative tolerance under which two Fréchet distances are equal: the same samples measured in other batches differ
 # by ~1e-13, and one run must not "reach" its own copy's value by chance of rounding
 SAME = 1e-9
@@ -48,6 +51,7 @@ class Run:
     flops_per_image: float | None = None  # training FLOPs per image (its newest start; None before they were recorded)
     seeds: list[Run] = field(default_factory=list)  # a group of seeds (ahpa.compare_seeds): the runs it is the mean of
     frozen_counted: bool = True  # whether flops_per_image holds REPA's frozen encoder (recorded since it was counted)
+    speeds: list[tuple[int, dict]] = field(default_factory=list)  # [(step, SPEED_FACTS)] at each start that changed them
 
     @property
     def method(self) -> str:
@@ -97,8 +101,14 @@ def read_run(path: str | Path) -> Run:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a run directory (no config.yaml); give directories that `ahpa train --out` wrote")
     settings = flatten(yaml.safe_load(cfg_file.read_text()) or {})
-    start = last_start(path) or {}
+    history = starts(path)
+    start = history[-1] if history else {}
     env = {k: start[k] for k in ENV_COMPARED if k in start}
+    speeds: list[tuple[int, dict]] = []
+    for s in history:
+        facts = {k: s.get(k) for k in SPEED_FACTS}
+        if not speeds or speeds[-1][1] != facts:
+            speeds.append((s.get("step", 0), facts))
     recorded = inputs.read(path) or {}
     identities = {k: v["identity"] for k, v in recorded.items() if isinstance(v, dict) and v.get("identity")}
     # the training arithmetic and REPA's frozen encoder's forward (recorded since the nineteenth session; before,
@@ -106,7 +116,7 @@ def read_run(path: str | Path) -> Run:
     flops = start.get("train_flops_per_image")
     run = Run(path.name, path, settings, done=(path / "DONE").exists(), env=env, identities=identities,
               flops_per_image=flops + start.get("frozen_flops_per_image", 0.0) if flops else flops,
-              frozen_counted="frozen_flops_per_image" in start)
+              frozen_counted="frozen_flops_per_image" in start, speeds=speeds)
     if not metrics_file.is_file():
         return run
     for row in read_rows(metrics_file):
@@ -219,6 +229,18 @@ def mixed_evaluations(runs: list[Run]) -> list[str]:
                 spans.append([setup, images, images])
         if len({setup for setup, _, _ in spans}) > 1:
             lines.append(f"- {r.name}: " + "; then ".join(f"{setup} (images {a:,}-{b:,})" for setup, a, b in spans))
+    return lines
+
+
+def mixed_speeds(runs: list[Run]) -> list[str]:
+    """A line for each run resumed on another device, process count or version than it started with: its img/s
+    mixes their speeds, which the newest start alone (differing_environment) does not show."""
+    lines = []
+    for r in runs:
+        changed = [k for k in SPEED_FACTS if len({str(facts[k]) for _, facts in r.speeds}) > 1]
+        if changed:
+            lines.append(f"- {r.name}: " + "; then ".join(
+                ", ".join(f"{k} {facts[k]}" for k in changed) + f" (from step {step:,})" for step, facts in r.speeds))
     return lines
 
 

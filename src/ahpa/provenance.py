@@ -64,8 +64,13 @@ def record_start(run_dir: Path, step: int, env: dict) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def starts(run_dir: Path) -> list[dict]:
+    """A run's start records, oldest first; none for a run from before starts.jsonl."""
+    path = Path(run_dir) / STARTS
+    return read_rows(path) if path.is_file() else []
+
+
 def last_start(run_dir: Path) -> dict | None:
     """The newest start record of a run, or None for a run without one (written before starts.jsonl)."""
-    path = Path(run_dir) / STARTS
-    rows = read_rows(path) if path.is_file() else []
+    rows = starts(run_dir)
     return rows[-1] if rows else None

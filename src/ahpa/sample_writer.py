@@ -303,7 +303,8 @@ def write_samples(
     called when a finished file with fewer samples and otherwise these settings is extended (the module's doc),
     `on_resume(images already there, the chunk size kept)` when a partial attempt is resumed, then
     `on_start()` on every process once the settings are accepted, before the first chunk (a progress bar opened there
-    is not drawn before a refusal); `on_progress(n)` after each chunk of n images. `classes`: sample i gets the
+    is not drawn before a refusal); `on_progress(n)` after each chunk of n images it samples (not those a resume finds
+    there). `classes`: sample i gets the
     (i mod n)-th of these labels (round_robin_labels), part of the file's identity; None: every class, class-balanced.
     """
     d = current()
@@ -364,9 +365,10 @@ def _sample_chunks(bundle: SamplerBundle, out: Path, parts: Path, num: int, seed
     for lo in mine:
         n = min(batch, num - lo)
         path = _chunk_path(parts, lo)
-        if not _chunk_ok(path, n):
-            for _, images, ys in iter_samples(bundle, lo, lo + n, seed, n, cfg, labels):
-                _save_chunk(path, images.numpy(), ys.numpy())
+        if _chunk_ok(path, n):  # a resume's: on_resume counted it, and a bar's rate is of the samples drawn now
+            continue
+        for _, images, ys in iter_samples(bundle, lo, lo + n, seed, n, cfg, labels):
+            _save_chunk(path, images.numpy(), ys.numpy())
         if on_progress is not None:
             on_progress(n)
     barrier()

@@ -98,6 +98,10 @@ def run(args) -> int:
             # "unrecorded": a run from before starts.jsonl; "none": recorded as absent (no CUDA build, no checkout)
             parts.append(f"- {key}: " + ", ".join(f"{r.name}={v if v is not None else 'none' if r.env else 'unrecorded'}"
                                                    for r, v in zip(runs, values)))
+    mixed_speeds = compare.mixed_speeds(runs)
+    if mixed_speeds:
+        parts += ["", "**Environments that changed within a run** (resumed on other GPUs, process counts or versions; "
+                  "its img/s mixes their speeds):", *mixed_speeds]
     unfinished = [r.name for r in runs if not r.done]
     if unfinished:
         parts += ["", "Not finished (no DONE): " + ", ".join(unfinished)]

@@ -84,9 +84,10 @@ def run(args) -> int:
         nonlocal bar
         if bar is None:
             # one bar, rank 0's: one per rank interleaves their cursor codes in a job's log. Shards go round the
-            # ranks, so rank 0's share of the work stands for the whole
-            bar = tqdm(total=p.items_total, desc=f"prepare{f' [rank 0 of {world}]' if world > 1 else ''}", unit="img",
-                       dynamic_ncols=True, smoothing=0.05, disable=rank != 0)
+            # ranks, so rank 0's share of the work stands for the whole. The first report is before any encoding: it
+            # starts at the shards a resume kept, so that the rate is of the images encoded now
+            bar = tqdm(total=p.items_total, initial=p.items_done, unit="img", dynamic_ncols=True, smoothing=0.05,
+                       desc=f"prepare{f' [rank 0 of {world}]' if world > 1 else ''}", disable=rank != 0)
         bar.set_postfix(shards=f"{p.shards_done}/{p.shards_total}", skipped=p.skipped, refresh=False)
         bar.update(p.items_done - bar.n)  # redraws (rate-limited by tqdm) with the new postfix
 

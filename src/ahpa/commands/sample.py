@@ -154,7 +154,7 @@ def _run(args) -> int:
             classes = class_indices(parse_classes(args.classes, bundle.class_names), bundle.class_names, bundle.num_classes,
                                     f"run {args.run}" if args.run else f"model {args.model}")
 
-        extending = []  # the samples a finished file's extension keeps: where the bar starts
+        there = [0]  # where the bar starts: the samples a finished file's extension keeps, or a resume finds
 
         def on_extend(had: int, kept: int, batch: int) -> None:
             kept_chunks = f" (the file's; --batch {args.batch} is not used)" if batch != args.batch else ""
@@ -167,19 +167,20 @@ def _run(args) -> int:
                           "again as part of a full chunk, as a fresh run samples them" if kept < had else "")
                 tqdm.write(f"extending {args.out} from {had} to {args.num} samples: its first {kept} are kept, the "
                            f"rest sampled in chunks of {batch}{kept_chunks}{redone}", file=sys.stderr)
-            extending.append(kept)
+            there[0] = kept
 
         def on_resume(done: int, batch: int) -> None:
             kept = f" (the first attempt's; --batch {args.batch} is not used)" if batch != args.batch else ""
             tqdm.write(f"resuming {args.out}.parts: {done} of {args.num} images are there; chunks of {batch}{kept}",
                        file=sys.stderr)
+            there[0] = done
 
         bars = []  # opened once write_samples has accepted the settings: a refusal draws no empty bar first
 
         def on_start() -> None:  # when sampling begins: a refused or already complete file needs no warning
             if why and d.is_main:
                 print(f"ahpa sample: warning: cfg-scale {cfg.cfg_scale}: {why}", file=sys.stderr)
-            bars.append(tqdm(total=args.num, initial=sum(extending), desc="sample", unit="img", dynamic_ncols=True,
+            bars.append(tqdm(total=args.num, initial=there[0], desc="sample", unit="img", dynamic_ncols=True,
                              disable=not d.is_main))
 
         def on_progress(n: int) -> None:  # the main process counts its batches for every process: the last round may be short
@@ -189,6 +190,8 @@ def _run(args) -> int:
             path = write_samples(bundle, args.out, args.num, args.seed, args.batch, cfg, identity,
                                  on_progress=on_progress, on_resume=on_resume, on_start=on_start, classes=classes,
                                  on_extend=on_extend)
+            if bars:  # complete: a resume may have left the other processes more chunks than the main one
+                bars[0].update(bars[0].total - bars[0].n)
         finally:
             for bar in bars:
                 bar.close()

@@ -258,6 +258,19 @@ def heads_cost_note(parts: Parts) -> list[str]:
             f"aligning a share of the tokens (align.token_fraction), costs less (docs/method.md, 'Projector cost')"]
 
 
+def check_batch_split(batch_size: int, grad_accum: int, world: int) -> None:
+    """The global batch splits evenly into processes x micro-batches, or the refusal names the train.grad_accum values
+    that fit this many processes: a run resumed on fewer or other GPUs keeps its batch and changes those."""
+    if batch_size % (grad_accum * world) == 0:
+        return
+    fits = [str(a) for a in range(1, batch_size // world + 1) if batch_size % (a * world) == 0]
+    shown = ", ".join(fits[:8]) + (", ..." if len(fits) > 8 else "")
+    fix = (f"with {world} process{'es' if world > 1 else ''}, train.grad_accum may be {shown}" if fits else
+           f"no train.grad_accum fits {world} processes: launch a number of processes that divides {batch_size}")
+    raise ValueError(f"train.batch_size={batch_size} (the global batch) is not divisible by train.grad_accum x "
+                     f"processes = {grad_accum} x {world}: {fix}")
+
+
 def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_name: str) -> str:
     """What the run trains on, in one line: the first thing to check when a cluster run is slower than expected
     (the wrong GPU, fp32 where bf16 was meant, an eager step, a per-process batch that is not the one planned)."""

@@ -26,8 +26,8 @@ from ahpa.priors.targets import standardise_levels
 from ahpa.provenance import device_name
 from ahpa.sample import SamplerBundle
 from ahpa.train import outputs, schedule
-from ahpa.train.build import (Parts, build_parts, given_encoder_spec, heads_cost_note, ignored_settings_note,
-                              precision_note, registered_entries, setup_note)
+from ahpa.train.build import (Parts, build_parts, check_batch_split, given_encoder_spec, heads_cost_note,
+                              ignored_settings_note, precision_note, registered_entries, setup_note)
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 from ahpa.train.distributed import current, ddp_without_buffer_sync, from_main, full_value
 from ahpa.train.draws import step_draws
@@ -63,10 +63,7 @@ class Trainer:
         self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), d.rank, d.world
         self.path = get_path(cfg.transport.path)
         t = cfg.train
-        if t.batch_size % (t.grad_accum * self.world):
-            raise ValueError(
-                f"train.batch_size={t.batch_size} is not divisible by grad_accum x processes = {t.grad_accum * self.world}"
-            )
+        check_batch_split(t.batch_size, t.grad_accum, self.world)
         moved = check_run_dir(self.run_dir, cfg, self.rank)  # input paths changed on resume: {key: (run's, new)}
         self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
         self._registered = registered_entries(cfg, self.parts)  # what the parts were checked with

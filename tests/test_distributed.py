@@ -140,6 +140,46 @@ def test_a_signal_that_reaches_one_process_stops_every_process_with_its_exit_cod
     assert latest(tmp_path / "run")["step"] == 20
 
 
+def test_a_signal_during_an_evaluation_stops_every_process_between_its_batches(tmp_path):
+    """SIGTERM reaching one process while the run evaluates: the processes agree between two batches of samples that
+    every one has, give the evaluation up, save that step and exit 143 alike, instead of finishing 10,000 samples
+    past torchrun's 30 s (which then killed them, with no checkpoint of the step)."""
+    import warnings
+
+    class Features(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return images.float().mean(dim=(2, 3))  # uint8 [N, 3, H, W] -> [N, 3]
+
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript authoring; detectors are TorchScript files
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(Features()).save(str(tmp_path / "det-resnet20.pt"))
+    np.savez(tmp_path / "ref.npz", images=np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\nimport ahpa.commands.exit as ex\nimport ahpa.train.outputs as out\n"
+        "_call, _end = out.Evaluator.__call__, ex.end_process\n"
+        "def call(self, *a, **k):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return _call(self, *a, **k)\n"
+        "def end_process(code):\n"
+        "    with open(os.environ['AHPA_TEST_CODES'], 'a') as f:\n"
+        "        f.write(os.environ['RANK'] + ' ' + str(code) + '\\n')\n"
+        "    _end(code)\n"
+        "out.Evaluator.__call__, ex.end_process = call, end_process\n")
+    path = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "AHPA_TEST_CODES": str(tmp_path / "codes")}
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "ahpa.cli", "train", "--out", str(tmp_path / "run"),
+                          *TINY, "train.steps=40", "train.ckpt_every=10", "eval.every=3", "eval.num=64", "eval.batch=8",
+                          f"eval.detectors=[torchscript:{tmp_path / 'det-resnet20.pt'}]", f"eval.ref={tmp_path / 'ref.npz'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0
+    assert sorted((tmp_path / "codes").read_text().split("\n")[:-1]) == ["0 143", "1 143"], res.stderr[-3000:]
+    assert res.stderr.count("stopped by signal at step 3; checkpoint saved") == 1
+    assert latest(tmp_path / "run")["step"] == 3
+
+
 def test_a_late_vote_gives_every_process_the_previous_votes_max(tmp_path):
     """LateMax (the stop vote): each call returns the max over processes of the value the call before gave, the same
     on every process, 0 at the first call; a value voted by one process alone reaches the others."""

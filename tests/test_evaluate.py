@@ -201,6 +201,52 @@ def test_a_stop_saves_once_before_evaluating_and_the_resume_evaluates_that_step(
     assert not (run / "DONE").exists()  # a SLURM script that requeues until DONE exists goes on requeueing
 
 
+def test_an_evaluation_asks_to_stop_after_each_batch_every_process_has(setup):
+    """`stop` is asked after each batch that every rank has, so that a collective inside it runs alike everywhere:
+    11 samples in batches of 4 on 2 ranks are batches 0 and 2 on rank 0 and batch 1 on rank 1, and each asks once.
+    A reason raises EvaluationStopped with it, before the next batch is generated."""
+    bundle, det, _ = setup
+    asked = {0: [], 1: []}
+    for rank in (0, 1):
+        ev.sample_stats(bundle, det, 11, 0, CFG, 4, rank=rank, world_size=2,
+                        stop=lambda rank=rank: asked[rank].append(1) and 0)
+    assert asked == {0: [1], 1: [1]}
+    seen = []
+    with pytest.raises(ev.EvaluationStopped) as stopped:
+        ev.sample_stats(bundle, det, 16, 0, CFG, 4, on_batch=seen.append, stop=lambda: 15 if seen else 0)
+    assert stopped.value.reason == 15 and seen == [4]
+
+
+def test_a_stop_during_an_evaluation_saves_that_step_and_the_resume_evaluates_it(setup, tmp_path):
+    """A signal that arrives while the run evaluates (10,000 or 50,000 samples: longer than torchrun's 30 s before
+    it kills) gives the evaluation up between two batches, logs the steps since the last log row, saves that step
+    (also where no checkpoint was due) and goes; the resume from it evaluates it first."""
+    import json
+
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, ref = setup
+    base = [*TINY, "train.ckpt_every=4", "train.log_every=4", "eval.every=3", f"eval.detectors=[{det.spec}]",
+            f"eval.ref={ref}", "eval.num=24", "eval.batch=8"]
+    run = tmp_path / "run"
+    trainer = Trainer(config.load(None, [*base, "train.steps=4"]), run)
+    saves, batches = [], []
+    trainer.save = lambda save=trainer.save: saves.append(trainer.step) or save()
+
+    def progress(kind, total):
+        return batches.append if kind == "eval" else None
+
+    result = trainer.run(should_stop=lambda: 15 if batches else 0, progress=progress)
+    assert result["stopped"] == 15 and result["step"] == 3 and saves == [3] and batches == [8]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3] and f"eval/{det.name}" not in rows[0]  # steps 1-3 logged, no FD
+    Trainer(config.load(None, [*base, "train.steps=4"]), run).run()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if f"eval/{det.name}" in r] == [3, 4] and (run / "DONE").exists()
+
+
 def test_ahpa_eval_and_runs_share_reference_statistics_and_a_broken_shared_cache_stops_nothing(setup, tmp_path, monkeypatch):
     """`ahpa eval` with the detector's relative path measures the reference once; a run naming the same file (its
     config holds the absolute path) takes those statistics. A shared cache that cannot be used costs a measurement,

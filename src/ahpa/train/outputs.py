@@ -194,14 +194,15 @@ class Evaluator:
 
         return rank_share(self.cfg.num, self.cfg.batch, self.rank, self.world)
 
-    def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg,
-                 on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+    def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg, on_batch: Callable[[int], None] | None = None,
+                 stop: Callable[[], int] | None = None) -> dict[str, float]:
+        """`stop`: asked between batches; a reason raises ahpa.train.evaluate.EvaluationStopped."""
         from ahpa.train.evaluate import evaluate_fd
 
         e = self.cfg
         # one set of samples feeds every detector
         return evaluate_fd(bundle, self._detectors, self._refs, e.num, e.seed, sample_cfg, e.batch,
-                           rank=self.rank, world_size=self.world, on_batch=on_batch)
+                           rank=self.rank, world_size=self.world, on_batch=on_batch, stop=stop)
 
 
 def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, float], setup: str = "") -> None:

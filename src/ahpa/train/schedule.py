@@ -20,8 +20,9 @@ from ahpa.atomic import atomic_write_text
 from ahpa.provenance import environment, record_start
 from ahpa.train import eval_setup, inputs, outputs
 from ahpa.train.build import frozen_flops_per_image, train_flops_per_image
-from ahpa.train.distributed import LateMax
+from ahpa.train.distributed import LateMax, agreed_max
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
+from ahpa.train.evaluate import EvaluationStopped
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
 
 if TYPE_CHECKING:
@@ -63,14 +64,23 @@ def log_row(tr: Trainer, sums: dict[str, torch.Tensor], count: int, t0: float) -
     return row
 
 
-def evaluate(tr: Trainer, logger: MetricsLogger | None, hooks: RunHooks) -> None:
+def evaluate(tr: Trainer, logger: MetricsLogger | None, hooks: RunHooks) -> int:
+    """The evaluation due now, logged: 0, or the reason (a signal number) it was given up for between two batches of
+    samples. Every process then has the same reason (agreed_max: a host sync per batch, nothing beside generating
+    it), and the evaluation is done again by the resume from this step's checkpoint (Evaluator.missing)."""
     on_batch = hooks.progress("eval", tr.evaluator.share()) if hooks.progress is not None else None
-    fd = tr.evaluator(tr.sampler_bundle(on_all_ranks=True), tr.cfg.sample, on_batch)
+    should_stop = hooks.should_stop
+    stop = None if should_stop is None else (lambda: int(agreed_max(int(should_stop()), tr.parts.device)))
+    try:
+        fd = tr.evaluator(tr.sampler_bundle(on_all_ranks=True), tr.cfg.sample, on_batch, stop)
+    except EvaluationStopped as e:
+        return e.reason
     if logger is not None:
         outputs.log_evaluation(logger, tr.run_dir, tr.step, tr.step * tr.cfg.train.batch_size, fd,
                                eval_setup.describe(tr.cfg))
     if hooks.on_eval is not None:
         hooks.on_eval(tr.step, fd)
+    return 0
 
 
 def train(tr: Trainer, hooks: RunHooks) -> dict:
@@ -103,10 +113,19 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
     count, t0, last = 0, time.perf_counter(), {}
     watch = DivergenceWatch(c.train.max_bad_steps)
     vote = LateMax(tr.parts.device)
+
+    def save() -> None:
+        tr.save()
+        aligner = tr.unsharded("aligner", on_all_ranks=False) if tr.parts.aligner is not None else None
+        if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
+            logger.image("router", outputs.write_router_plot(aligner, tr.run_dir, tr.step), tr.step)
+
     try:
         # the step resumed from was due an evaluation that was not logged: stopped, or died, after its checkpoint
         if tr.evaluator is not None and tr.evaluator.missing(tr.step, c.train.steps):
-            evaluate(tr, logger, hooks)
+            stopped = evaluate(tr, logger, hooks)
+            if stopped:  # the checkpoint resumed from is this step's
+                return {**last, "stopped": stopped, "step": tr.step}
             t0 = time.perf_counter()
         while tr.step < c.train.steps:
             metrics = tr.train_step()
@@ -142,11 +161,9 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
             # every process takes part in saving and sampling (FSDP gathers); rank 0 writes. No checkpoint
             # inside a streak of skipped steps (the last good one stays the newest), except on a stop: the
             # skipped steps left the weights as they were
-            if stop or ((tr.step % c.train.ckpt_every == 0 or done) and tr.bad_run.item() == 0):
-                tr.save()
-                aligner = tr.unsharded("aligner", on_all_ranks=False) if tr.parts.aligner is not None else None
-                if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
-                    logger.image("router", outputs.write_router_plot(aligner, tr.run_dir, tr.step), tr.step)
+            saved = bool(stop) or ((tr.step % c.train.ckpt_every == 0 or done) and tr.bad_run.item() == 0)
+            if saved:
+                save()
             if stop:
                 return {**last, "stopped": stop, "step": tr.step}
             if c.train.sample_every and c.sample.grid_images and (tr.step % c.train.sample_every == 0 or done):
@@ -156,7 +173,15 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
                     grid = outputs.write_samples(bundle, c.sample, tr.run_dir, tr.step, on_batch)
                     logger.image("samples", grid, tr.step)
             if tr.evaluator is not None and (tr.step % c.eval.every == 0 or done):
-                evaluate(tr, logger, hooks)
+                stop = evaluate(tr, logger, hooks)
+                if stop:  # given up on a signal: as a stop between steps, the window so far logged and a checkpoint
+                    if count:  # the pause for saving, the grid and the evaluation left out of its img/s
+                        last = log_row(tr, sums, count, t0 + time.perf_counter() - paused)
+                        if logger is not None:
+                            logger.log(tr.step, last)
+                    if not saved:
+                        save()
+                    return {**last, "stopped": stop, "step": tr.step}
             t0 += time.perf_counter() - paused
         tr.export()
         if main:

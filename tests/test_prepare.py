@@ -407,6 +407,38 @@ def test_a_resumed_prepare_bar_starts_at_the_shards_there(folder, tmp_path, caps
     assert "| 2/6 [" in err and "| 6/6 [" in err and "| 0/6 [" not in err
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_scheduler_signal_stops_prepare_as_ctrl_c_does(folder, tmp_path, capsys, monkeypatch, signum):
+    """SIGTERM (a scheduler's preemption) and SIGHUP ended `ahpa prepare` without a word or its clean-up (exit -15);
+    as `ahpa sample`, it now says what Ctrl-C says, exits 128 + the signal, keeps the shards written and gives the
+    handlers back; the rerun goes on from them."""
+    import os
+    import signal
+
+    from ahpa.cli import main
+    from ahpa.data.shard_encoder import ShardEncoder
+
+    sig = getattr(signal, signum)
+    before = signal.getsignal(sig)
+    real_open = ShardEncoder._open
+
+    def signalled_at_the_second_shard(self, i, writer):
+        if i == 1:
+            os.kill(os.getpid(), sig)
+        return real_open(self, i, writer)
+
+    args = ["prepare", "--images", str(folder / "dogs"), "--vae", "ahpa-vae:random", "--resolution", "16",
+            "--out", str(tmp_path / "c"), "--workers", "0", "--flips", "none", "--limit", "6", "--shard-size", "2",
+            "--batch", "2"]
+    monkeypatch.setattr(ShardEncoder, "_open", signalled_at_the_second_shard)
+    assert main(args) == 128 + sig
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(sig) is before
+    monkeypatch.setattr(ShardEncoder, "_open", real_open)
+    assert main(args) == 0
+    assert "shards written 2, kept 1" in capsys.readouterr().out
+
+
 def test_vae_train_reads_a_folder_as_prepare_does(folder, tmp_path, capsys):
     from ahpa.cli import main
     from ahpa.data.listing import decode_all

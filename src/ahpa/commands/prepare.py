@@ -1,6 +1,7 @@
 """ahpa prepare --images SRC --vae SPEC --resolution R --out CACHE_DIR: a sharded cache of latents and priors.
 
-Rerun the same command to resume an interrupted run; on a complete cache it returns at once, or with --repair
+Rerun the same command to resume an interrupted run (Ctrl-C, SIGTERM and SIGHUP keep the shards written and exit 130 /
+143 / 129); on a complete cache it returns at once, or with --repair
 checks every file's sha256 and encodes the damaged shards again. Under
 torchrun (`torchrun --nproc-per-node N -m ahpa.cli prepare ...`) each process encodes every N-th shard
 and rank 0 writes the manifest.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+from ahpa.commands.stopping import run_stoppable
 
 
 def register(sub) -> None:
@@ -62,6 +65,10 @@ def _distributed():
 
 
 def run(args) -> int:
+    return run_stoppable(_run, args)
+
+
+def _run(args) -> int:
     from tqdm import tqdm
 
     from ahpa.data.listing import default_workers

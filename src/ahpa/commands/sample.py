@@ -5,11 +5,11 @@ Ctrl-C, SIGTERM and SIGHUP keep the chunks written (exit 130 / 143 / 129); rerun
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 
 from tqdm import tqdm
+
+from ahpa.commands.stopping import run_stoppable
 
 
 # sampler options that default to the run's `sample` section (with --run) or to SampleCfg's defaults (--model)
@@ -57,31 +57,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (a scheduler's preemption) or SIGHUP (a closed terminal): raised where Ctrl-C's KeyboardInterrupt would
-    be, so the same cleanup runs (the chunks written stay; the output's lock is given back)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop(signum, _frame):
-    raise Stopped(signum)
-
-
 def run(args) -> int:
-    stops = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-    previous = {s: signal.signal(s, _stop) for s in stops}
-    try:
-        return _run(args)
-    except Stopped as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # once per launch, as the CLI reports Ctrl-C
-            print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 128 + e.signum  # as a process killed by the signal, or ahpa train stopped by it, exits
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return run_stoppable(_run, args)
 
 
 def _run(args) -> int:

@@ -836,6 +836,28 @@ def test_parts_left_beside_a_finished_file_do_not_block_its_reruns(tmp_path, mon
         holder.wait()
 
 
+def test_a_grid_of_few_classes_repeats_them_across_its_rows(tmp_path):
+    """A grid of 2 or 3 classes was one class per column, 2 or 3 wide and 32 or 21 tall (a strip); a row now holds the
+    classes repeated, at least 8 wide where that fits in 16, so each column still holds one class. The run's grids
+    (samples.png) follow the same rule."""
+    from PIL import Image
+
+    from ahpa.commands.sample import draw_grid
+    from ahpa.train.plots import class_columns
+
+    assert [class_columns(k) for k in (1, 2, 3, 5, 8, 10, 16, 17)] == [8, 8, 9, 10, 8, 10, 16, None]
+    images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(64) % 2)
+    assert draw_grid(tmp_path / "s.npz", tmp_path / "g.png", classes=2) == 64
+    with Image.open(tmp_path / "g.png") as im:  # 16-pixel samples drawn 4x (64) with 2-pixel gaps: 8 x 8
+        assert im.size == (8 * 66 + 2, 8 * 66 + 2)
+        tile = np.asarray(im.convert("RGB"))[2 + 66:66 + 66:4, 2 + 3 * 66:66 + 3 * 66:4]  # row 1, column 3: sample 11
+        assert np.array_equal(tile, images[11])
+    assert draw_grid(tmp_path / "s.npz", tmp_path / "g3.png", classes=3) == 63  # whole rows of 9
+    with Image.open(tmp_path / "g3.png") as im:
+        assert im.size == (9 * 66 + 2, 7 * 66 + 2)
+
+
 def test_sample_draws_a_grid_of_the_files_first_samples(run_dir, tmp_path, capsys):
     """--grid PNG shows what was sampled without a script: the file's first samples, a class per column (sample i has
     class i mod C), also for a file already complete; a --grid that is no .png is refused before a model loads."""

@@ -192,14 +192,14 @@ def _run(args) -> int:
 
 def draw_grid(samples, png, classes: int, most: int = 64) -> int:
     """The first samples of an .npz (read from its start, not whole: 50K at 256 are ~10 GB) as one PNG; sample i has
-    the (i mod classes)-th class, so rows of `classes` samples put a class in each column where they fit. Returns how
-    many it drew."""
+    the (i mod classes)-th class, so rows of a multiple of `classes` put a class in each column where they fit
+    (plots.class_columns). Returns how many it drew."""
     import numpy as np
 
     from ahpa.metrics.images import iter_image_batches
-    from ahpa.train.plots import save_grid
+    from ahpa.train.plots import class_columns, save_grid
 
-    nrow = classes if 1 < classes <= 16 else 8
+    nrow = class_columns(classes) or 8
     images = np.concatenate(list(iter_image_batches(samples, most, max_images=most // nrow * nrow or most)))
     save_grid(images, png, nrow=min(nrow, len(images)))
     return len(images)

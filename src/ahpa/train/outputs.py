@@ -45,7 +45,7 @@ def write_samples(bundle: SamplerBundle, cfg: SampleCfg, run_dir: Path, step: in
         if on_batch is not None:
             on_batch(hi - lo)
     images = torch.cat(chunks)  # uint8 [n, H, W, 3]
-    out = plots.save_grid(images.numpy(), run_dir / "samples" / f"step_{step:09d}.png", nrow=k if k <= 16 else None)
+    out = plots.save_grid(images.numpy(), run_dir / "samples" / f"step_{step:09d}.png", nrow=plots.class_columns(k))
     shutil.copyfile(out, run_dir / "samples.png")  # the latest grid, under a fixed name
     return out
 

@@ -30,6 +30,15 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad
     return path
 
 
+def class_columns(classes: int) -> int | None:
+    """Images per row of a grid of class-balanced samples (sample i has class i mod `classes`): a multiple of the
+    classes, so that each column holds one class, and at least 8 where that fits in 16 (2 classes: 8 columns, not a
+    strip 2 wide); None (a square grid) for more than 16 classes."""
+    if classes > 16:
+        return None
+    return max(classes, 1) * -(-8 // max(classes, 1))
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed), imported when first drawn."""
     import matplotlib

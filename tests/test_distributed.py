@@ -110,32 +110,41 @@ def test_fp16_on_two_processes_with_accumulation_matches_one(tmp_path, sharding)
         assert max_diff(a[part], b[part]) < 1e-4, part
 
 
+def signalled_training(tmp_path: Path, patch: str, overrides: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """A 2-process tiny run of 40 steps with `patch` (Python run in every process at start-up, through sitecustomize,
+    with os and signal imported: it sends a signal somewhere), and the exit code each process ended with, sorted
+    ("RANK CODE")."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\nimport ahpa.commands.exit as ex\n" + patch + "_end = ex.end_process\n"
+        "def end_process(code):\n"
+        "    with open(os.environ['AHPA_TEST_CODES'], 'a') as f:\n"
+        "        f.write(os.environ['RANK'] + ' ' + str(code) + '\\n')\n"
+        "    _end(code)\n"
+        "ex.end_process = end_process\n")
+    path = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "AHPA_TEST_CODES": str(tmp_path / "codes")}
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "ahpa.cli", "train", "--out", str(tmp_path / "run"),
+                          *TINY, "train.steps=40", *overrides], capture_output=True, text=True, env=env, timeout=300)
+    codes = (tmp_path / "codes").read_text().split("\n")[:-1] if (tmp_path / "codes").exists() else []
+    return res, sorted(codes)
+
+
 def test_a_signal_that_reaches_one_process_stops_every_process_with_its_exit_code(tmp_path):
     """A scheduler's SIGTERM may reach some processes only (one node's, or late): the processes vote at the next
     multiple of 10 steps, act on that vote at the one after (schedule.stop_agreed reads it late: no host sync that
     drains the GPU's queue), save once, and every one exits 128 + that signal (the one not signalled exited 1, with
     no message, before)."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, signal\nimport ahpa.commands.exit as ex\nimport ahpa.train.loop as loop\n"
-        "_step, _end = loop.Trainer.train_step, ex.end_process\n"
-        "def train_step(self):\n"
-        "    out = _step(self)\n"
-        "    if self.step == 3 and os.environ.get('RANK') == '1':\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return out\n"
-        "def end_process(code):\n"
-        "    with open(os.environ['AHPA_TEST_CODES'], 'a') as f:\n"
-        "        f.write(os.environ['RANK'] + ' ' + str(code) + '\\n')\n"
-        "    _end(code)\n"
-        "loop.Trainer.train_step, ex.end_process = train_step, end_process\n")
-    path = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "AHPA_TEST_CODES": str(tmp_path / "codes")}
-    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "ahpa.cli", "train", "--out", str(tmp_path / "run"),
-                          *TINY, "train.steps=40"], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode != 0
-    assert sorted((tmp_path / "codes").read_text().split("\n")[:-1]) == ["0 143", "1 143"], res.stderr[-3000:]
+    res, codes = signalled_training(tmp_path, "import ahpa.train.loop as loop\n"
+                                    "_step = loop.Trainer.train_step\n"
+                                    "def train_step(self):\n"
+                                    "    out = _step(self)\n"
+                                    "    if self.step == 3 and os.environ.get('RANK') == '1':\n"
+                                    "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                                    "    return out\n"
+                                    "loop.Trainer.train_step = train_step\n", [])
+    assert res.returncode != 0 and codes == ["0 143", "1 143"], res.stderr[-3000:]
     assert res.stderr.count("stopped by signal at step 20; checkpoint saved") == 1
     assert latest(tmp_path / "run")["step"] == 20
 
@@ -154,28 +163,17 @@ def test_a_signal_during_an_evaluation_stops_every_process_between_its_batches(t
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(Features()).save(str(tmp_path / "det-resnet20.pt"))
     np.savez(tmp_path / "ref.npz", images=np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8))
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, signal\nimport ahpa.commands.exit as ex\nimport ahpa.train.outputs as out\n"
-        "_call, _end = out.Evaluator.__call__, ex.end_process\n"
-        "def call(self, *a, **k):\n"
-        "    if os.environ.get('RANK') == '1':\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return _call(self, *a, **k)\n"
-        "def end_process(code):\n"
-        "    with open(os.environ['AHPA_TEST_CODES'], 'a') as f:\n"
-        "        f.write(os.environ['RANK'] + ' ' + str(code) + '\\n')\n"
-        "    _end(code)\n"
-        "out.Evaluator.__call__, ex.end_process = call, end_process\n")
-    path = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "AHPA_TEST_CODES": str(tmp_path / "codes")}
-    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "ahpa.cli", "train", "--out", str(tmp_path / "run"),
-                          *TINY, "train.steps=40", "train.ckpt_every=10", "eval.every=3", "eval.num=64", "eval.batch=8",
-                          f"eval.detectors=[torchscript:{tmp_path / 'det-resnet20.pt'}]", f"eval.ref={tmp_path / 'ref.npz'}"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode != 0
-    assert sorted((tmp_path / "codes").read_text().split("\n")[:-1]) == ["0 143", "1 143"], res.stderr[-3000:]
+    res, codes = signalled_training(
+        tmp_path, "import ahpa.train.outputs as out\n"
+                  "_call = out.Evaluator.__call__\n"
+                  "def call(self, *a, **k):\n"
+                  "    if os.environ.get('RANK') == '1':\n"
+                  "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                  "    return _call(self, *a, **k)\n"
+                  "out.Evaluator.__call__ = call\n",
+        ["train.ckpt_every=10", "eval.every=3", "eval.num=64", "eval.batch=8",
+         f"eval.detectors=[torchscript:{tmp_path / 'det-resnet20.pt'}]", f"eval.ref={tmp_path / 'ref.npz'}"])
+    assert res.returncode != 0 and codes == ["0 143", "1 143"], res.stderr[-3000:]
     assert res.stderr.count("stopped by signal at step 3; checkpoint saved") == 1
     assert latest(tmp_path / "run")["step"] == 3
 

@@ -475,3 +475,93 @@ def test_a_learned_mode_is_checked_again_on_its_trained_weights_where_the_router
                                          r"no distribution over the levels \(smallest weight -0.2"):
         outputs.write_router_plot(al, tmp_path, 5)
     assert (tmp_path / "router.png").exists()
+
+
+def test_the_router_is_a_softmax_over_tau_of_an_mlp_of_the_sinusoid_of_1000_t():
+    """g(t) = softmax(MLP(sinusoidal(1000 t)) / tau) (docs/method.md): the features are computed here by hand (cos then
+    sin of 1000 t at frequencies 10000^(-i/32)), the MLP is the router's own, moved off its uniform start."""
+    import math
+
+    torch.manual_seed(0)
+    router = Router(3, "soft", tau=2.5)
+    torch.nn.init.normal_(router.mlp[-1].weight)
+    t = torch.tensor([0.0, 0.3, 0.9], dtype=torch.float64)
+    freqs = [math.exp(-math.log(10000.0) * i / 32) for i in range(32)]
+    feats = torch.tensor([[math.cos(1000 * x * f) for f in freqs] + [math.sin(1000 * x * f) for f in freqs]
+                          for x in t.tolist()])  # [3, 64]
+    logits = router.mlp(feats).detach().double()
+    want = logits.div(2.5).exp() / logits.div(2.5).exp().sum(dim=1, keepdim=True)
+    assert torch.allclose(router(t.float()).double(), want, atol=1e-5)
+
+
+def test_the_snr_schedule_is_a_normalised_gaussian_window_per_level():
+    """Level k of K gets exp(-(t - k/(K-1))^2 / (2 width^2)), normalised over the levels: by hand, at one t."""
+    import math
+
+    t, width, K = 0.3, 0.2, 4
+    raw = [math.exp(-((t - k / (K - 1)) ** 2) / (2 * width**2)) for k in range(K)]
+    want = torch.tensor([r / sum(raw) for r in raw])
+    assert torch.allclose(snr_schedule(torch.tensor([t]), K, width)[0], want, atol=1e-6)
+
+
+def test_the_router_objective_is_the_relative_loss_less_eta_times_the_entropy():
+    """sum_k g_k l_k / m_k - eta H(g), averaged over the batch (by hand), and the entropy is a bonus: with equal
+    relative losses a step on the objective moves the weights towards uniform, never away."""
+    import math
+
+    g = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]])
+    losses, running = torch.tensor([[0.4, 0.6, 0.9], [0.2, 0.3, 0.1]]), torch.tensor([0.5, 0.3, 0.2])
+    want = 0.0
+    for row, loss_row in zip(g.tolist(), losses.tolist()):
+        rel = sum(w * l / m for w, l, m in zip(row, loss_row, running.tolist()))
+        want += (rel - 0.05 * -sum(w * math.log(w) for w in row)) / 2
+    assert router_objective(g, losses, running, 0.05).item() == pytest.approx(want, rel=1e-6)
+    logits = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
+    router_objective(torch.softmax(logits, -1), torch.ones(1, 3), None, 0.5).backward()
+    with torch.no_grad():
+        stepped = torch.softmax(logits - 0.1 * logits.grad, -1)
+    entropy = lambda w: -(w * w.log()).sum().item()  # noqa: E731
+    assert entropy(stepped) > entropy(torch.softmax(logits.detach(), -1))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_router_gets_the_gradient_of_its_relative_losses(normalize):
+    """With align.router_normalize=false and align.router_entropy=0 the router's gradient is that of the paper's
+    sum_k g_k(t) l_k (docs/method.md); with normalisation, that of sum_k g_k(t) l_k / m_k, m_k the running means."""
+    torch.manual_seed(0)
+    cfg = AlignCfg(projector_dim=32, router_normalize=normalize, router_entropy=0.0)
+    al = Aligner(16, ["a", "b", "c"], [3, 4, 2], cfg, "soft", "cosine")
+    torch.nn.init.normal_(al.router.mlp[-1].weight)
+    means = torch.tensor([[0.2, 0.5, 1.5]])
+    al.update_running(*al.running_terms(means, None))  # running means known: [0.2, 0.5, 1.5]
+    hidden, t = torch.randn(5, 6, 16), torch.rand(5)
+    targets = [torch.randn(5, 6, c) for c in (3, 4, 2)]
+    params = list(al.router.parameters())
+    got = torch.autograd.grad(al(hidden, targets, t)[0], params)
+    losses = al.level_losses(al.predictions(hidden), targets).detach()
+    rel = losses / means if normalize else losses
+    want = torch.autograd.grad((al.router(t) * rel).sum(dim=1).mean(), params)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_projector_is_repas_mlp(shared):
+    """REPA's Linear(h, P) - SiLU - Linear(P, P) - SiLU - Linear(P, C_k) on each token, written out here with the
+    projector's weights (with a shared trunk, each level's last layer is its slice of the fused head)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    proj = Projector(16, [3, 5], proj_dim=32, shared_trunk=shared)
+    h = torch.randn(2, 4, 16)
+    for k, (out, c) in enumerate(zip(proj(h), (3, 5))):
+        trunk = proj.trunk if shared else proj.trunks[k]
+        first, second = trunk[0], trunk[2]
+        if shared:
+            lo = sum((3, 5)[:k])  # the fused head's rows of level k
+            w3, b3 = proj.head.weight[lo:lo + c], proj.head.bias[lo:lo + c]
+        else:
+            w3, b3 = proj.trunks[k][4].weight, proj.trunks[k][4].bias
+        assert (first.in_features, first.out_features, second.out_features, w3.shape) == (16, 32, 32, (c, 32))
+        z = F.silu(F.linear(F.silu(F.linear(h, first.weight, first.bias)), second.weight, second.bias))
+        assert torch.allclose(out, F.linear(z, w3, b3), atol=1e-6)

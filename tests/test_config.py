@@ -14,6 +14,39 @@ def test_shipped_configs_load(path):
     assert cfg.train.steps > 0 and cfg.align.method in config.CHOICES["align.method"]
 
 
+def test_defaults_are_the_published_settings_of_sit_repa_and_sra2():
+    """The defaults are SiT's recipe (AdamW lr 1e-4, betas (0.9, 0.999), no weight decay, batch 256, EMA 0.9999,
+    label drop 0.1, linear path, uniform t), REPA's alignment for B (depth 4, lambda 0.5, a 2048-wide projector)
+    and SRA2's smooth-L1 beta 0.05, as docs/method.md gives them; and the optimiser is AdamW with them."""
+    import torch
+
+    from ahpa.models.sit import SiT, SiTConfig
+    from ahpa.train.build import build_optimizer
+
+    cfg = config.Config()
+    t, a = cfg.train, cfg.align
+    assert (t.lr, t.betas, t.weight_decay, t.batch_size, t.ema_decay, t.label_dropout) == (1e-4, [0.9, 0.999], 0.0, 256,
+                                                                                             0.9999, 0.1)
+    assert (cfg.transport.path, cfg.transport.time_sampler) == ("linear", "uniform")
+    assert (a.depth, a.weight, a.projector_dim, a.smooth_l1_beta) == (4, 0.5, 2048, 0.05)
+    opt = build_optimizer(cfg, SiT(SiTConfig(input_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=2)), None)
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-4, (0.9, 0.999), 0.0)
+
+
+def test_the_imagenet_configs_are_the_papers_run_and_repas_b2():
+    """imagenet256-xl2.yaml is the AHPA paper's run (SiT-XL/2, alignment depth 7, lr 2e-4, grad clip 2.0, batch 256,
+    400K steps); imagenet256-b2.yaml REPA's B/2 (depth 4, lambda 0.5, lr 1e-4); both sample with REPA's guidance
+    interval (guidance up to t = 0.7)."""
+    by_name = {p.name: config.load(p) for p in CONFIGS}
+    xl, b = by_name["imagenet256-xl2.yaml"], by_name["imagenet256-b2.yaml"]
+    assert (xl.model.preset, xl.align.depth, xl.train.lr, xl.train.grad_clip, xl.train.batch_size, xl.train.steps) == (
+        "XL/2", 7, 2e-4, 2.0, 256, 400_000)
+    assert (b.model.preset, b.align.depth, b.align.weight, b.train.lr, b.train.batch_size) == ("B/2", 4, 0.5, 1e-4, 256)
+    assert xl.sample.guidance_high == b.sample.guidance_high == 0.7
+
+
 def test_overrides_parse_types_and_lists():
     cfg = config.load(None, ["train.steps=7", "train.lr=3e-4", "align.levels=[stage1,latent]", "data.hflip=false",
                              "train.betas=[0.9,0.95]"])

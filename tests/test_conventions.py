@@ -1,6 +1,7 @@
 """The conventions that tie training to sampling and to the objective as documented, which smoke tests (the loss
 falls, two runs agree bitwise) cannot see: the flow target and the direction of t, λ, label dropout, the EMA's
-weight, what guidance is given, and the latents the VAE decodes. Each was a surviving hand-made mutation."""
+weight, what guidance is given, the latents the VAE decodes, the standardised inputs training sees and the
+learning-rate warm-up. Each was a surviving hand-made mutation."""
 
 import pytest
 import torch
@@ -99,3 +100,36 @@ def test_samples_are_decoded_from_unstandardised_latents(tmp_path, tiny, monkeyp
     monkeypatch.setattr(bundle.encoder, "decode", lambda x: (got.append(x.clone()), decode(x))[1])
     sample.generate(bundle, [0, 1], torch.tensor([0, 1]), 0, SampleCfg(solver="euler", steps=2, micro_batch=2))
     assert torch.allclose(torch.cat(got), z * 3.0 + mean[None, :, None, None])
+
+
+def test_training_standardises_the_latent_and_each_levels_targets_with_the_datas_statistics(tmp_path, tiny, monkeypatch):
+    """The path interpolates (latent - mean) / std per channel and each level's pooled map reaches the aligner as
+    (map - mean_k) / std_k, with the statistics measured on the data (not 0 and 1: a missing or inverted
+    standardisation would pass otherwise)."""
+    tr = Trainer(tiny("align.method=multi-uniform"), tmp_path / "r")
+    batch, d = _step_inputs(tr)
+    stats, seen = tr.parts.stats, {}
+    interpolate, align_net = type(tr.path).interpolate, tr.align_net
+    monkeypatch.setattr(type(tr.path), "interpolate",
+                        lambda path, x, eps, t: (seen.update(x=x), interpolate(path, x, eps, t))[1])
+    tr.align_net = lambda hidden, targets, t, kept=None: (seen.update(targets=targets),
+                                                          align_net(hidden, targets, t, kept))[1]
+    tr._loss(batch, d, True)
+    mean, std = stats.latent.mean, stats.latent.std
+    assert not torch.allclose(mean, torch.zeros_like(mean)) and not torch.allclose(std, torch.ones_like(std))
+    assert torch.allclose(seen["x"], (batch.latent - mean[None, :, None, None]) / std[None, :, None, None], atol=1e-5)
+    for name, target in zip(tr.parts.levels, seen["targets"]):
+        s = stats.levels[name]
+        assert torch.allclose(target, (batch.levels[name] - s.mean) / s.std, atol=1e-5), name
+
+
+def test_the_learning_rate_warms_up_linearly_to_train_lr():
+    """step s of a warm-up of W steps trains at lr (s + 1) / W, then at lr (constant)."""
+    from types import SimpleNamespace
+
+    from ahpa.config import TrainCfg
+
+    run = SimpleNamespace(cfg=SimpleNamespace(train=TrainCfg(lr=1e-3, warmup_steps=4)))
+    assert [Trainer._lr(run, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    run.cfg.train.warmup_steps = 0
+    assert Trainer._lr(run, 0) == 1e-3

@@ -151,3 +151,25 @@ def test_pooled_targets_are_row_major_like_the_sits_tokens():
     with torch.no_grad():
         model(feat, torch.zeros(2), torch.zeros(2, dtype=torch.long))
     assert torch.allclose((seen[0] - model.pos_embed)[..., :3], tokens, atol=1e-6)
+
+
+def test_a_tap_is_the_hidden_tokens_after_that_block_counted_from_1():
+    """taps=(d,) returns the output of the d-th block (REPA's "encoder depth" d, counted from 1), read here by a
+    forward hook on each block."""
+    model = _perturbed_sit(depth=4)
+    outputs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: outputs.append(out))
+    with torch.no_grad():
+        _, hidden = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]), taps=(1, 3))
+    assert len(outputs) == 4 and torch.equal(hidden[0], outputs[0]) and torch.equal(hidden[1], outputs[2])
+
+
+@pytest.mark.parametrize("name,gmacs", [("S/2", 6.06), ("B/2", 23.01), ("L/2", 80.71), ("XL/2", 118.64)])
+def test_flops_are_twice_the_multiply_adds_the_dit_paper_gives(name, gmacs):
+    """flops_per_image is 2 x the forward's multiply-adds (training: 3x it, so 6 x the multiply-adds; the MFU
+    convention), against DiT's published Gflops (multiply-adds) at 256x256 (latent 4x32x32), within 1%."""
+    cfg = SiTConfig.preset(name, input_size=32, in_channels=4, num_classes=1000)
+    with torch.device("meta"):
+        model = SiT(cfg)
+    assert model.flops_per_image() == pytest.approx(2 * gmacs * 1e9, rel=0.01)

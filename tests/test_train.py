@@ -268,6 +268,9 @@ def test_run_outputs_and_export_is_a_plain_sit(tmp_path, tiny):
     run = tmp_path / "r"
     for name in ("config.yaml", "metrics.jsonl", "router.png", "losses.png", "samples.png", "model.safetensors", "DONE"):
         assert (run / name).exists(), name
+    # progress in training images seen (EDM2): the global batch of 8 per step
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["images"]) for r in rows] == [(1, 8), (2, 16)]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = EventAccumulator(str(run / "tb"))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ahpa.device import peak_tflops
 from ahpa.priors.base import EncoderOutput, PriorEncoder, frozen
 from ahpa.priors.diffusers_vae import levels_from_config
 
@@ -43,15 +44,10 @@ SD_VAE_CONFIG = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }  # fmt: skip
 
-# dense bf16 tensor-core peak, TFLOP/s, by the name torch reports (the MFU denominator)
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
-
-
 def device_info(device: torch.device) -> dict:
     """What every record carries about where it ran."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((p for key, p in PEAK_BF16_TFLOPS if key in name), None)
+        name, peak = torch.cuda.get_device_name(device), peak_tflops(device)  # the MFU denominator
     else:
         n = torch.get_num_threads()
         name = f"CPU {platform.machine()} ({n} thread{'s' if n > 1 else ''})"

@@ -252,6 +252,32 @@ def test_mfu_peak_by_device_name(monkeypatch, name, peak):
     assert benchlib.device_info(torch.device("cuda", 0))["peak_bf16_tflops"] == peak
 
 
+def test_a_training_log_row_has_the_mfu_of_a_listed_gpu_in_16_bit(monkeypatch, tmp_path):
+    """metrics.jsonl's `mfu` (and the bar's): the SiT's training FLOPs (3 x its forward, the heads left out) per
+    second per process over the GPU's dense 16-bit peak, the benchmarks' own MFU; none in fp32 or on a GPU not
+    listed (no guessed peak). The same table as the benchmarks' (ahpa.device.PEAK_BF16_TFLOPS)."""
+    import time
+
+    from ahpa import config
+    from ahpa.device import peak_tflops
+    from ahpa.train import schedule
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_tflops(torch.device("cuda", 0)) == 756.0 and peak_tflops(torch.device("cpu")) is None
+    tr = Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "run")
+    sums = tr.train_step()
+    peaks = {"cpu": 2e-6}
+    monkeypatch.setattr(schedule, "peak_tflops", lambda device: peaks.get(torch.device(device).type))
+    assert "mfu" not in schedule.log_row(tr, sums, 1, time.perf_counter() - 1)  # fp32: no MFU
+    monkeypatch.setattr(tr.parts, "amp", torch.bfloat16)
+    row = schedule.log_row(tr, sums, 1, time.perf_counter() - 1)
+    assert row["mfu"] == pytest.approx(row["img_per_s"] * 3 * tr.parts.model.flops_per_image() / 2e6, rel=1e-9)
+    peaks.clear()  # a GPU not listed
+    assert "mfu" not in schedule.log_row(tr, sums, 1, time.perf_counter() - 1)
+
+
 def test_sampling_mfu_counts_the_solvers_network_evaluations(monkeypatch, tmp_path):
     """the sampling record's NFE (MFU's numerator) is the number of network calls the solver makes."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))

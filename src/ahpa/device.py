@@ -10,6 +10,20 @@ import torch
 from ahpa.spelling import did_you_mean
 
 
+# dense bf16 (and fp16) tensor-core peak, TFLOP/s, by the name torch reports: the MFU denominator of training logs and
+# benchmarks. A GPU not listed gets no MFU figure rather than a guessed one.
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The dense 16-bit tensor-core peak of a CUDA device (TFLOP/s), or None: another device, or a GPU not listed."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p for key, p in PEAK_BF16_TFLOPS if key in name), None)
+
+
 def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
     """auto (CUDA, else MPS, else CPU) or the device named; one this torch or machine lacks is refused here, naming
     `setting` (the config key or the command's flag), instead of failing inside torch at the first tensor."""

@@ -100,6 +100,8 @@ def run(args) -> int:
             post = {"flow": f"{row['loss/flow']:.4f}" if "loss/flow" in row else "—", "img/s": f"{row['img_per_s']:.0f}"}
             if "loss/align" in row:
                 post["align"] = f"{row['loss/align']:.4f}"
+            if "mfu" in row:  # a listed GPU in bf16 or fp16 (ahpa.device.PEAK_BF16_TFLOPS)
+                post["mfu"] = f"{row['mfu']:.0%}"
             if row.get("bad_steps"):
                 post["skipped"] = row["bad_steps"]
             bar.set_postfix(post)

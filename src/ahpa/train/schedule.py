@@ -17,6 +17,7 @@ import torch
 
 from ahpa import config as config_mod
 from ahpa.atomic import atomic_write_text
+from ahpa.device import peak_tflops
 from ahpa.provenance import environment, record_start
 from ahpa.train import eval_setup, inputs, outputs
 from ahpa.train.build import frozen_flops_per_image, train_flops_per_image
@@ -58,6 +59,10 @@ def log_row(tr: Trainer, sums: dict[str, torch.Tensor], count: int, t0: float) -
                img_per_s=count * c.train.batch_size / max(time.perf_counter() - t0, 1e-9),
                level_names=tr.parts.levels, bad_steps=int(tr.bad_total.item()),
                skipped_in_window=count - round(n_good))
+    peak = peak_tflops(tr.parts.device) if tr.parts.amp is not None else None
+    if peak:  # model FLOPs utilisation: the SiT's training arithmetic (3 x its forward; the heads' left out, as the
+        # issue's and DiT's convention) per GPU over the listed GPU's dense 16-bit peak; none in fp32 or elsewhere
+        row["mfu"] = row["img_per_s"] * 3 * tr.parts.model.flops_per_image() / (tr.world * peak * 1e12)
     if tr.parts.loss_scale is not None:  # fp16: the scale now; the window's overflows are among its skipped steps
         row["loss_scale"] = float(tr.parts.loss_scale.scale)
         row["overflow_steps"] = round(row["overflow_steps"])

@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 
 from ahpa.align import METHODS, get_method, resolve_levels
-from ahpa.align.loss import cosine_loss, router_objective
+from ahpa.align.loss import cosine_loss, entropy, router_objective
 from ahpa.align.objective import Aligner
 from ahpa.align.projector import Projector
 from ahpa.align.router import Router, keep_topk, snr_schedule
@@ -30,11 +32,39 @@ def test_fixed_and_topk_modes():
     w = snr_schedule(t, 5, 0.25)
     assert torch.allclose(w.sum(1), torch.ones(2))
     assert w[0].argmax() == 0 and w[1].argmax() == 4  # fine near the data, coarse at high noise
+    # the Gaussian window by hand: t = 0.3, centres 0, 0.5, 1, width 0.25: logits -(t - c)^2 / (2 * 0.25^2)
+    logits = [-((0.3 - c) ** 2) / (2 * 0.25**2) for c in (0.0, 0.5, 1.0)]
+    want = torch.tensor([math.exp(v) for v in logits]) / sum(math.exp(v) for v in logits)
+    assert torch.allclose(snr_schedule(torch.tensor([0.3]), 3, 0.25)[0], want, atol=1e-6)
     k = keep_topk(torch.tensor([[0.1, 0.5, 0.15, 0.25]]), 2)
     assert torch.allclose(k, torch.tensor([[0.0, 2 / 3, 0.0, 1 / 3]]))
     assert torch.allclose(Router(3, "uniform")(t), torch.full((2, 3), 1 / 3))
     with pytest.raises(ValueError, match="valid modes"):
         Router(3, "hard")
+
+
+def test_the_router_temperature_divides_the_logits():
+    """softmax(logits / tau): tau = 0.5 doubles the logits. The default tau = 1 cannot tell / from * or none."""
+    router = Router(3, "soft", tau=0.5)
+    with torch.no_grad():
+        router.mlp[-1].bias.copy_(torch.tensor([1.0, 0.0, -1.0]))  # last weight is zero: these are the logits
+    want = torch.tensor([math.exp(2.0), 1.0, math.exp(-2.0)]) / (math.exp(2.0) + 1.0 + math.exp(-2.0))
+    assert torch.allclose(router(torch.tensor([0.2, 0.9])), want.expand(2, 3), atol=1e-6)
+
+
+def test_the_router_objective_and_entropy_by_hand():
+    """mean_b [sum_k g_k r_k - eta H(g)], r_k = l_k / m_k, H = -sum g log g; samples not `active` add 0 to the
+    mean (they still count in it)."""
+    weights = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    losses = torch.tensor([[0.2, 0.4], [1.0, 3.0]])
+    running = torch.tensor([0.5, 2.0])
+    h = [math.log(2), -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))]
+    assert torch.allclose(entropy(weights), torch.tensor(h))
+    per_sample = [0.5 * 0.4 + 0.5 * 0.2 - 0.1 * h[0], 0.9 * 2.0 + 0.1 * 1.5 - 0.1 * h[1]]
+    got = router_objective(weights, losses, running, 0.1)
+    assert got.item() == pytest.approx(sum(per_sample) / 2, rel=1e-6)
+    got = router_objective(weights, losses, running, 0.1, torch.tensor([1.0, 0.0]))
+    assert got.item() == pytest.approx(per_sample[0] / 2, rel=1e-6)
 
 
 def test_a_fixed_mode_registered_without_its_branch_is_named(monkeypatch):
@@ -65,6 +95,23 @@ def test_a_level_topk_leaves_out_still_learns_and_comes_in():
         al(torch.randn(32, 4, 16), [torch.randn(32, 4, 3)] * 4, t)[0].backward()
         opt.step()
     assert (al.router(t)[:, left_out] > 0).all()
+
+
+def test_topk_weighs_the_levels_losses_with_the_cut_weights_and_trains_the_soft_ones():
+    """The backbone's loss is sum_k g_k l_k with the top-k weights (renormalised); the router's objective adds
+    sum_k p_k l_k with the soft weights p before the cut (router_normalize=false, no entropy term)."""
+    al = Aligner(16, ["a", "b", "c"], [3, 3, 3], AlignCfg(projector_dim=32, router_topk=2, router_entropy=0.0,
+                                                          router_normalize=False), "topk", "cosine")
+    with torch.no_grad():
+        al.router.mlp[-1].bias.copy_(torch.tensor([1.0, 0.5, 0.0]))  # the logits at every t
+    soft = torch.tensor([math.exp(1.0), math.exp(0.5), 1.0])
+    soft = soft / soft.sum()
+    cut = torch.tensor([soft[0], soft[1], 0.0]) / (soft[0] + soft[1])
+    losses = torch.tensor([0.2, 0.4, 0.8]).expand(4, 3)
+    al.level_losses = lambda preds, targets: losses
+    loss, m = al(torch.randn(4, 2, 16), [torch.randn(4, 2, 3)] * 3, torch.rand(4))
+    assert m["align/weighted"].item() == pytest.approx((cut * losses[0]).sum().item(), rel=1e-6)
+    assert loss.item() == pytest.approx((cut * losses[0]).sum().item() + (soft * losses[0]).sum().item(), rel=1e-6)
 
 
 def test_cosine_loss_is_vectorised_and_fp32():
@@ -109,11 +156,16 @@ def test_the_router_objective_sends_no_gradient_to_the_heads_or_the_backbone():
 
 
 def test_the_running_loss_mean_of_one_bin_follows_its_momentum():
-    """The default one bin of t: the first batch as it is, then momentum * old + (1 - momentum) * new."""
+    """The default one bin of t: the first batch as it is, then momentum * old + (1 - momentum) * new; a skipped
+    step (non-finite loss) changes nothing."""
     al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_momentum=0.9), "soft", "cosine")
     al.update_running(*al.running_terms(torch.tensor([[1.0, 2.0]]), None))
     al.update_running(*al.running_terms(torch.tensor([[11.0, 12.0]]), None))
     assert torch.allclose(al.running_loss, torch.tensor([2.0, 3.0]))
+    al.update_running(*al.running_terms(torch.tensor([[50.0, 50.0]]), None), skip=torch.tensor(1.0))
+    assert torch.allclose(al.running_loss, torch.tensor([2.0, 3.0])) and al.num_updates.item() == 2
+    al.update_running(*al.running_terms(torch.tensor([[12.0, 13.0]]), None), skip=torch.tensor(0.0))
+    assert torch.allclose(al.running_loss, torch.tensor([3.0, 4.0])) and al.num_updates.item() == 3
 
 
 def test_shared_trunk_projector_splits_heads():
@@ -124,14 +176,33 @@ def test_shared_trunk_projector_splits_heads():
     assert sep.flops_per_token() > proj.flops_per_token()  # shared trunk is the cheap option
 
 
+def test_the_projector_is_repas_mlp_and_counts_its_flops():
+    """REPA's projector, written out from the weights: Linear(h, P) - SiLU - Linear(P, P) - SiLU - Linear(P, C);
+    FLOPs per token are 2 x its multiply-adds, h P + P P + P C per trunk (the biases are adds, not counted)."""
+    silu = torch.nn.functional.silu
+    h = torch.randn(2, 4, 16)
+    sep = Projector(16, [3, 5], proj_dim=32, shared_trunk=False)
+    for trunk, out in zip(sep.trunks, sep(h)):
+        l1, l2, l3 = [m for m in trunk if isinstance(m, torch.nn.Linear)]
+        assert torch.allclose(out, l3(silu(l2(silu(l1(h))))), atol=1e-6)
+    assert sep.flops_per_token() == 2 * ((16 * 32 + 32 * 32 + 32 * 3) + (16 * 32 + 32 * 32 + 32 * 5))
+    shared = Projector(16, [3, 5], proj_dim=32)
+    l1, l2 = [m for m in shared.trunk if isinstance(m, torch.nn.Linear)]
+    assert torch.allclose(torch.cat(shared(h), dim=-1), shared.head(silu(l2(silu(l1(h))))), atol=1e-6)
+    assert shared.flops_per_token() == 2 * (16 * 32 + 32 * 32 + 32 * 8)
+
+
 def test_method_registry_and_levels():
     avail = ["stage1", "stage2", "latent"]
     assert resolve_levels(get_method("ahpa"), avail, []) == avail
     assert resolve_levels(get_method("vae-latent"), avail, []) == ["latent"]
     assert resolve_levels(get_method("vae-level"), avail, ["stage2"]) == ["stage2"]
+    assert resolve_levels(get_method("ahpa"), avail, ["stage2", "latent"]) == ["stage2", "latent"]  # align.levels
     assert resolve_levels(get_method("none"), avail, []) == []
     with pytest.raises(ValueError, match="exactly one level"):
         resolve_levels(get_method("vae-level"), avail, [])
+    with pytest.raises(ValueError, match="exactly one level"):
+        resolve_levels(get_method("vae-latent"), avail, ["stage1", "latent"])
     with pytest.raises(ValueError, match="does not provide"):
         resolve_levels(get_method("ahpa"), avail, ["mid"])
     with pytest.raises(ValueError, match="align.levels names 'stage1' more than once"):  # it weighed stage1 double
@@ -168,15 +239,15 @@ def test_aligner_loss_falls_on_a_fixed_batch():
 def test_running_means_per_bin_of_t():
     """align.router_t_bins: each bin of t keeps its own running mean per level; a bin without samples keeps its value,
     and a bin's first batch is taken as it is (later ones through the momentum)."""
-    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=4, router_momentum=0.5), "soft", "cosine")
+    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=4, router_momentum=0.75), "soft", "cosine")
     assert al.running_loss.shape == (4, 2)
     losses = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
     al.update_running(*al.running_terms(losses, torch.tensor([0, 0, 2])))  # bins 0 and 2 only
     assert torch.equal(al.running_loss, torch.tensor([[2.0, 20.0], [1.0, 1.0], [5.0, 50.0], [1.0, 1.0]]))
     assert al.bin_updates.tolist() == [1, 0, 1, 0]
     al.update_running(*al.running_terms(torch.tensor([[4.0, 40.0], [7.0, 70.0]]), torch.tensor([0, 1])))
-    # bin 0: 0.5 * 2 + 0.5 * 4 = 3; bin 1's first batch as it is; bins 2 and 3 unchanged
-    assert torch.equal(al.running_loss, torch.tensor([[3.0, 30.0], [7.0, 70.0], [5.0, 50.0], [1.0, 1.0]]))
+    # bin 0: 0.75 * 2 + 0.25 * 4 = 2.5; bin 1's first batch as it is; bins 2 and 3 unchanged
+    assert torch.equal(al.running_loss, torch.tensor([[2.5, 25.0], [7.0, 70.0], [5.0, 50.0], [1.0, 1.0]]))
     assert al.bin_updates.tolist() == [2, 1, 1, 0] and al.num_updates.item() == 2
     before = al.running_loss.clone()
     al.update_running(*al.running_terms(losses, torch.tensor([1, 1, 3])), skip=torch.tensor(1.0))  # a bad step
@@ -198,6 +269,26 @@ def test_a_bin_of_t_without_a_running_mean_yet_teaches_the_router_nothing():
 
     assert router_grad(torch.tensor([0.1, 0.2])) > 0  # bin 0: its mean is known
     assert router_grad(torch.tensor([0.6, 0.7])) == 0  # bin 2: nothing yet
+    # one bin (the default): the first step, before any running mean, teaches the router nothing either
+    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_entropy=0.0), "soft", "cosine")
+    assert router_grad(torch.tensor([0.1, 0.7])) == 0
+    al.update_running(*al.running_terms(torch.tensor([[0.2, 0.4]]), None))
+    assert router_grad(torch.tensor([0.1, 0.7])) > 0
+
+
+def test_each_sample_is_normalised_by_the_running_means_of_its_own_bin_of_t():
+    """With align.router_t_bins = 2, t = 0.1 is in bin 0 and t = 1.0 (the last value of t) in bin 1. At the uniform
+    start (g = 1/2, 1/2), losses (0.2, 0.4), running means (0.1, 0.2) in bin 0 and (1, 4) in bin 1 and no entropy
+    term, the router's objective is the mean of 0.5 (2 + 2) = 2 and 0.5 (0.2 + 0.1) = 0.15; the loss adds the
+    weighted 0.3."""
+    cfg = AlignCfg(projector_dim=32, router_t_bins=2, router_entropy=0.0)
+    al = Aligner(16, ["a", "b"], [3, 4], cfg, "soft", "cosine")
+    al.running_loss.copy_(torch.tensor([[0.1, 0.2], [1.0, 4.0]]))
+    al.bin_updates.fill_(1)
+    al.level_losses = lambda preds, targets: torch.tensor([[0.2, 0.4], [0.2, 0.4]])
+    loss, m = al(torch.randn(2, 4, 16), [torch.randn(2, 4, 3), torch.randn(2, 4, 4)], torch.tensor([0.1, 1.0]))
+    assert m["align/weighted"].item() == pytest.approx(0.3) and loss.item() == pytest.approx(0.3 + (2.0 + 0.15) / 2)
+    assert m["running/counts"].tolist() == [1.0, 1.0]
 
 
 def test_per_bin_normalisation_removes_the_pull_of_an_easy_level_near_the_data():
@@ -255,6 +346,9 @@ def test_aligning_a_share_of_the_tokens_is_an_unbiased_estimate_of_aligning_all(
     everything = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32), "uniform", "cosine")
     assert al.flops_per_image(16) == everything.flops_per_image(16) / 4
     assert kept_tokens(16, 0.01) == 1 and kept_tokens(16, 1.0) == 16
+    assert kept_tokens(16, 0.3) == 5  # round(F x N), as docs/method.md says: 4.8 -> 5
+    many = draw_kept(64, 16, 0.25, torch.Generator().manual_seed(3), "cpu")
+    assert len({tuple(sorted(row)) for row in many.tolist()}) > 32  # a subset of its own per image
 
 
 def test_levels_at_their_own_blocks_see_only_their_blocks_tokens():
@@ -286,6 +380,14 @@ def test_levels_at_their_own_blocks_see_only_their_blocks_tokens():
         with pytest.raises(ValueError, match=message):
             resolve_depths(["a", "b", "c"], 2, items, 4, shared_trunk=shared)
     assert resolve_depths(["a", "b"], 2, ["a:2"], 4, shared_trunk=True) == [2, 2]  # one block: a shared trunk is fine
+    with pytest.raises(ValueError, match=r"gives a block 0; it must lie in \[1, 4\]"):  # blocks count from 1
+        resolve_depths(["a", "b"], 2, ["a:0"], 4, shared_trunk=False)
+    # levels named in another order than their blocks: the SiT returns the tapped tokens in block order
+    al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, shared_trunk=False), "uniform", "cosine", [3, 1])
+    assert al.taps == (1, 3)
+    hidden = [torch.randn(2, 6, 16, requires_grad=True) for _ in al.taps]  # after block 1, after block 3
+    grads = torch.autograd.grad(al.predictions(hidden)[0].sum(), hidden, allow_unused=True)  # level "a": block 3
+    assert grads[0] is None and grads[1].abs().sum() > 0
 
 
 def test_a_method_added_to_the_registry_is_valid_everywhere(monkeypatch, tmp_path, tiny):
@@ -370,6 +472,9 @@ def test_router_modes_registered_at_run_time_train_and_are_checked(monkeypatch, 
     router_mod.register_router_mode("bad", lambda t, k: torch.full((len(t), 2), 0.5))
     with pytest.raises(ValueError, match=r"router mode 'bad' \(register_router_mode\): its function returned \(101, 2\) "
                                          r"for 101 values of t and K=3"):
+        Router(3, "bad")
+    router_mod.register_router_mode("bad", lambda t, k: torch.full((len(t), k), 1.01 / k))  # rows sum to 1.01
+    with pytest.raises(ValueError, match=r"router mode 'bad': its weights at t = 0.00, .* row sums 1.0100"):
         Router(3, "bad")
     router_mod.register_router_mode("bad", lambda t, k: torch.ones(len(t), k))
     with pytest.raises(ValueError, match=r"router mode 'bad': its weights at t = 0.00, 0.01, 0.02, 0.03, ... are no "

@@ -69,6 +69,18 @@ def test_the_ema_moves_by_one_minus_decay_and_not_on_a_skipped_step():
     assert ema_decay(0, 0.9999, True) == pytest.approx(0.1) and ema_decay(10**6, 0.9999, True) == 0.9999
 
 
+def test_the_ema_after_n_steps_is_the_closed_form():
+    """Tracking a fixed model m from e_0 = 0 with decay d, n steps give e_n = m (1 - d^n). Training passes `keep` on
+    every step (0 when the step is not skipped): that must move the EMA as a step without it does. The warm-up decay
+    is min(d, (1 + n) / (10 + n)); without warm-up, d."""
+    ema, model = [torch.nn.Parameter(torch.zeros(3))], [torch.nn.Parameter(torch.tensor([1.0, -2.0, 4.0]))]
+    for _ in range(5):
+        ema_update(ema, model, 0.8, keep=torch.tensor(0.0))
+    assert torch.allclose(ema[0], model[0] * (1 - 0.8**5))
+    assert ema_decay(5, 0.9999, True) == pytest.approx(6 / 15) and ema_decay(5, 0.3, True) == 0.3
+    assert ema_decay(5, 0.9, False) == 0.9
+
+
 def test_sampling_guides_with_the_settings_and_the_null_class(tmp_path, tiny, monkeypatch):
     import ahpa.sample as sample
 

@@ -1,3 +1,6 @@
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -43,6 +46,94 @@ def test_every_preset_builds_on_meta():
         for patch in (1, 2, 4):
             with torch.device("meta"):
                 SiT(SiTConfig.preset(f"{size}/{patch}", input_size=32))
+
+
+def test_forward_matches_dit_written_out():
+    """The forward against DiT's computation written out here with plain tensor ops, in float64: the patch embedding
+    as a matmul over each patch's pixels, the t (x 1000) and class embeddings, adaLN-Zero's six chunks in DiT's
+    order (shift, scale, gate for attention, then for the MLP), timm's qkv layout, the tanh GELU, the final layer's
+    (shift, scale) and unpatchify's layout (per token, pixel (p, q), then channel fastest). Shapes, parameter counts
+    and the zero start all stay right under a swapped chunk or axis; this does not. (The position embedding is
+    checked against MAE's definition in test_convert.)"""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    P, G, C, D, H = 2, 4, 3, 32, 4
+    model = SiT(SiTConfig(input_size=G * P, in_channels=C, patch_size=P, hidden_size=D, depth=2, num_heads=H,
+                          num_classes=10)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the zero start, where every block is the identity
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, C, G * P, G * P, dtype=torch.float64, generator=g)
+    t, y = torch.tensor([0.3, 0.8], dtype=torch.float64), torch.tensor([4, 10])
+    with torch.no_grad():
+        got, (tapped,) = model(x, t, y, taps=(1,))
+    sd = model.state_dict()
+    lin = lambda h, name: h @ sd[name + ".weight"].T + sd[name + ".bias"]  # noqa: E731
+    norm = lambda h: (h - h.mean(-1, keepdim=True)) / (h.var(-1, False, keepdim=True) + 1e-6).sqrt()  # noqa: E731
+    gelu = lambda h: 0.5 * h * (1 + torch.tanh((2 / math.pi) ** 0.5 * (h + 0.044715 * h**3)))  # noqa: E731
+    # token r * G + c holds the pixels of patch (row r, column c), ordered (channel, p, q) as the conv's [D, C, P, P]
+    patches = x.reshape(2, C, G, P, G, P).permute(0, 2, 4, 1, 3, 5).reshape(2, G * G, C * P * P)
+    h = patches @ sd["x_embedder.weight"].reshape(D, -1).T + sd["x_embedder.bias"] + model.pos_embed
+    # the sinusoid of 1000 t is computed in fp32 (timestep_embedding's contract), the rest in the model's dtype
+    args = (1000 * t).float()[:, None] * torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    c = lin(F.silu(lin(torch.cat([args.cos(), args.sin()], -1).double(), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = c + sd["y_embedder.weight"][y]  # [B, D]
+    for i in range(2):
+        b = f"blocks.{i}."
+        shift1, scale1, gate1, shift2, scale2, gate2 = lin(F.silu(c), b + "adaLN_modulation.1")[:, None].chunk(6, -1)
+        qkv = lin(norm(h) * (1 + scale1) + shift1, b + "attn.qkv").reshape(2, G * G, 3, H, D // H)
+        q, k, v = qkv.unbind(2)  # [B, N, H, Dh] each
+        att = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) / (D // H) ** 0.5, dim=-1)
+        h = h + gate1 * lin(torch.einsum("bhnm,bmhd->bnhd", att, v).reshape(2, G * G, D), b + "attn.proj")
+        h = h + gate2 * lin(gelu(lin(norm(h) * (1 + scale2) + shift2, b + "mlp.fc1")), b + "mlp.fc2")
+        if i == 0:
+            assert torch.allclose(tapped, h, atol=1e-10)  # taps count blocks from 1: after the first block
+    shift, scale = lin(F.silu(c), "final_layer.adaLN_modulation.1")[:, None].chunk(2, -1)
+    out = lin(norm(h) * (1 + scale) + shift, "final_layer.linear")  # [B, N, P * P * C]
+    want = torch.empty_like(x)
+    for r, col, p, q in itertools.product(range(G), range(G), range(P), range(P)):
+        want[:, :, r * P + p, col * P + q] = out[:, r * G + col, (p * P + q) * C : (p * P + q + 1) * C]
+    assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_a_config_without_a_position_order_means_ahpas_row_first_layout():
+    """pos_embed_order "hw" (ahpa's own): the first half of the channels encodes the row only, the second the column
+    only. A config written before the field existed (a checkpoint's, an export's) gets this default: changing it
+    would silently give those models another position embedding."""
+    from ahpa.models.sit import sincos_pos_embed
+
+    old = {k: v for k, v in SiTConfig().to_dict().items() if k != "pos_embed_order"}
+    assert SiTConfig(**old).pos_embed_order == "hw"
+    emb = sincos_pos_embed(16, 4, "hw").reshape(4, 4, 16)  # [row, column, channel]
+    assert torch.equal(emb[:, :1, :8].expand(4, 4, 8), emb[..., :8])  # the same along a row: the row's code
+    assert torch.equal(emb[:1, :, 8:].expand(4, 4, 8), emb[..., 8:])  # the same down a column: the column's code
+
+
+def test_every_block_starts_as_the_identity():
+    """adaLN-Zero (DiT): each block's modulation starts at zero, so its gates are 0 and a fresh block passes its input
+    through. The zero output layer alone makes the untrained prediction 0 whatever the blocks do."""
+    model = SiT(SiTConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4,
+                          num_classes=10))
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    for block in model.blocks:
+        assert torch.equal(block(h, c), h)
+
+
+@pytest.mark.parametrize("preset", ["S/1", "B/2", "XL/4"])
+def test_flops_per_image_counts_the_per_token_layers_and_attention(preset):
+    """2 x multiply-adds per image, counted here from the model's own layers: every per-token matmul (patch
+    embedding, qkv, output projection, the MLP's two, the final linear) N times, plus attention's two N x N x D
+    products per block. The per-image conditioning (adaLN, the t and class embedders) is left out: under 1/N of it."""
+    cfg = SiTConfig.preset(preset, input_size=32)
+    with torch.device("meta"):
+        model = SiT(cfg)
+    per_token = ("x_embedder.weight", "qkv.weight", "attn.proj.weight", "fc1.weight", "fc2.weight",
+                 "final_layer.linear.weight")
+    macs = sum(p.numel() for name, p in model.named_parameters() if name.endswith(per_token))
+    n, d = cfg.num_tokens, cfg.hidden_size
+    assert model.flops_per_image() == 2 * n * macs + cfg.depth * 2 * (2 * n * n * d)
 
 
 def test_bad_preset_and_sizes():

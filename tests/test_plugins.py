@@ -170,6 +170,9 @@ def test_a_negative_detached_or_low_precision_loss_fails_when_built(losses):
     cases = {
         "negcos": (lambda p, q, cfg: -F.cosine_similarity(p.float(), q.float(), dim=-1).mean(1),
                    r"align.loss='negcos' returned \[-?[0-9.]+, -?[0-9.]+\]: a loss is >= 0 .* 1 - cos, not -cos"),
+        # below 0 by a little, at a perfect match only: refused too (>= 0, and 0 at a perfect match)
+        "offset": (lambda p, q, cfg: 1 - F.cosine_similarity(p.float(), q.float(), dim=-1).mean(1) - 0.01,
+                   r"align.loss='offset' returned \[-?[0-9.]+, -?[0-9.]+\]: a loss is >= 0"),
         "detached": (lambda p, q, cfg: (p.detach() - q).pow(2).mean((1, 2)),
                      r"align.loss='detached' returned a torch.float32 tensor without a gradient to the prediction"),
         "half": (lambda p, q, cfg: (p - q).pow(2).mean((1, 2)).bfloat16(),

@@ -39,6 +39,14 @@ def test_time_samplers():
         sample_t(3, "beta", g)
 
 
+def test_logit_normal_times_have_the_set_mean_and_spread_in_logit_space():
+    """logit(t) ~ N(mean, std), t = 1 noise as in SD3: a positive mean puts more of the training steps at high noise.
+    The defaults (0, 1) are symmetric, so a sampler that ignored std, negated the mean or drew 1 - t looked right."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.logit(sample_t(40000, "logit-normal", g, mean=0.5, std=0.7).double())
+    assert abs(z.mean().item() - 0.5) < 0.02 and abs(z.std().item() - 0.7) < 0.02  # 6 standard errors
+
+
 def test_solvers_transport_a_point_mass_exactly():
     # data = constant c: the exact velocity field on the linear path is v(x, t) = (x - c) / t
     c = torch.full((3, 2), 0.7, dtype=torch.float64)
@@ -72,6 +80,12 @@ def test_cfg_scale_one_is_the_conditional_output():
     assert torch.allclose(guided, uncond + 2 * (cond - uncond))
     # outside the guidance interval only the conditional branch runs
     assert torch.equal(guided_velocity(fn, x, 0.9, y, 3, 2.0, (0.0, 0.7), 4), fn(x, torch.full((5,), 0.9), y))
+    # by default the interval is all of [0, 1]; it is closed: at either end the velocity is guided
+    assert torch.allclose(guided_velocity(fn, x, 0.9, y, 3, 2.0, micro_batch=4), 2 * fn(x, torch.full((5,), 0.9), y)
+                          - fn(x, torch.full((5,), 0.9), torch.full_like(y, 3)))
+    for t in (0.1, 0.7):
+        cond, uncond = fn(x, torch.full((5,), t), y), fn(x, torch.full((5,), t), torch.full_like(y, 3))
+        assert torch.allclose(guided_velocity(fn, x, t, y, 3, 2.0, (0.1, 0.7), 4), uncond + 2 * (cond - uncond))
 
 
 def test_fixed_batch_pads_and_drops():
@@ -93,3 +107,27 @@ def test_heun_is_second_order_with_2n_minus_1_evaluations():
     assert heun10 < 0.15 * (euler(lambda x, t: x, x1, 10) - exact).abs().max().item()
     heun20 = (heun(lambda x, t: x, x1, 20) - exact).abs().max().item()
     assert 3.0 < heun10 / heun20 < 5.0  # half the step, a quarter of the error
+    # a velocity that depends on t: dx/dt = t x ends at x(1) e^(-1/2). dx/dt = x cannot tell a corrector evaluated at
+    # t_cur from one at t_next; this one is then first order (the error halves, not quarters, with the step)
+    exact = x1 * torch.exp(torch.tensor(-0.5, dtype=torch.float64))
+    err = [(heun(lambda x, t: t * x, x1, n) - exact).abs().max().item() for n in (10, 20)]
+    assert 3.0 < err[0] / err[1] < 5.0
+    # solve() runs the solver it names
+    path = get_path("linear")
+    for name, solver in (("euler", euler), ("heun", heun)):
+        assert torch.equal(solve(name, lambda x, t: t * x, x1, 10, path), solver(lambda x, t: t * x, x1, 10))
+
+
+def test_euler_maruyama_by_hand_with_diffusion_two_sigma():
+    """Two steps by hand on the linear path: w(t) = 2 sigma(t) (REPA's choice), drift in tau = 1 - t of
+    -v + (w/2) score with score = -eps_hat / sigma, noise sqrt(w h) n. Any w gives the same marginals, so the
+    Gaussian test above cannot tell w = sigma from 2 sigma; this pins the one documented. With v(x, t) = x / 2:
+    t = 1 -> 0.04 (h = 0.96, w = 2): eps_hat = x, score = -x, drift = -1.5 x;
+    t = 0.04 -> 0 (no noise): eps_hat = 0.96 v + x = 1.48 x, score = -37 x, w = 0.08, drift = -1.98 x."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    noise = torch.randn(1, 4, 3, dtype=torch.float64, generator=g)  # [steps - 1, B, ...]
+    first = x + 0.96 * (-1.5 * x) + (2 * 0.96) ** 0.5 * noise[0]
+    want = first + 0.04 * (-1.98 * first)
+    got = solve("euler-maruyama", lambda x, t: x / 2, x, 2, get_path("linear"), noise)
+    assert torch.allclose(got, want, atol=1e-12)

@@ -212,6 +212,15 @@ def test_method_registry_and_levels():
     assert set(METHODS) >= {"none", "repa", "vae-latent", "vae-level", "multi-uniform", "ahpa"}  # the study's methods
 
 
+def test_vae_latent_aligns_the_latent_and_refuses_another_level():
+    """`align.method=vae-latent align.levels=[mid]` aligned mid under the latent baseline's name (and its smooth-L1
+    loss), so compare's table showed "vae-latent" for a run that never saw the latent; one other level is vae-level's."""
+    avail = ["stage1", "stage2", "latent"]
+    assert resolve_levels(get_method("vae-latent"), avail, ["latent"]) == ["latent"]
+    with pytest.raises(ValueError, match=r"vae-latent aligns the VAE latent.*align.method=vae-level align.levels=\[stage2\]"):
+        resolve_levels(get_method("vae-latent"), avail, ["stage2"])
+
+
 def test_aligner_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     cfg = AlignCfg(projector_dim=32)

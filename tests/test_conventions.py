@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ahpa.config import SampleCfg
-from ahpa.train.ema import ema_decay, ema_update
+from ahpa.train.ema import ema_decay, ema_note, ema_update
 from ahpa.train.loop import Trainer
 
 
@@ -145,3 +145,16 @@ def test_the_learning_rate_warms_up_linearly_to_train_lr():
     assert [Trainer._lr(run, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     run.cfg.train.warmup_steps = 0
     assert Trainer._lr(run, 0) == 1e-3
+
+
+def test_a_run_too_short_for_its_ema_says_that_its_samples_show_the_initial_weights():
+    """configs/imagenet256-b2.yaml shrunk to a few dozen steps keeps ema_decay 0.9999 without warm-up: its grids,
+    evaluations and export were the initial weights' (FD 16.804 then 16.806), and nothing said so."""
+    assert ema_note(0.9999, False, 40) == [
+        "train.ema_decay=0.9999 without train.ema_warmup: after 40 steps the EMA, which the grids, evaluations, "
+        "export and samples use, still holds 100% of the initial weights (half of them after 6,931 steps); for a "
+        "short run set train.ema_warmup=true or a lower train.ema_decay"]
+    assert ema_note(0.9999, False, 400_000) == []  # the ImageNet configs' own length
+    assert ema_note(0.9999, True, 40) == []  # the warm-up ramps the decay: the EMA follows from the start
+    assert ema_note(0.9, False, 40) == []
+    assert "after 1 step the EMA" in ema_note(0.9999, False, 1)[0]

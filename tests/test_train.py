@@ -503,6 +503,24 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
     assert notes() == []
 
 
+def test_settings_a_zoo_of_methods_does_not_read_are_named(tiny):
+    """Comparing every method from one set of overrides: REPA's encoder given to a method of the VAE's levels, and a
+    router given one level to weigh, changed nothing and said nothing."""
+    from ahpa.train.build import ignored_settings_note
+
+    assert ignored_settings_note(tiny("prior.external=dinov2:/w/dinov2"), ["stage1", "latent"]) == [
+        "align.method=ahpa does not read prior.external=dinov2:/w/dinov2 (REPA's encoder): ignored"]
+    assert ("align.method=none does not read prior.external=dinov2:/w/dinov2 (REPA's encoder): ignored"
+            in ignored_settings_note(tiny("align.method=none", "prior.external=dinov2:/w/dinov2"), []))
+    assert ignored_settings_note(tiny("align.method=repa", "prior.external=dinov2:/w/dinov2"), ["external"]) == []
+    assert ignored_settings_note(tiny("align.levels=[stage2]"), ["stage2"]) == [
+        "align.levels: one level (stage2), which align.router=soft gives weight 1 at every t, as align.method=vae-level does"]
+    assert ignored_settings_note(tiny("align.method=multi-uniform", "align.levels=[stage2]"), ["stage2"]) == [
+        "align.levels: one level (stage2), which align.method=multi-uniform gives weight 1 at every t, as "
+        "align.method=vae-level does"]
+    assert ignored_settings_note(tiny("align.method=vae-level", "align.levels=[stage2]"), ["stage2"]) == []
+
+
 def test_a_method_that_fixes_a_router_is_judged_by_that_router(monkeypatch, tmp_path, tiny):
     """A method with a fixed SNR schedule reads align.snr_width (the router uses it), not align.router."""
     from ahpa.align.methods import METHODS, MethodSpec
@@ -537,8 +555,8 @@ def test_a_data_path_that_procedural_data_does_not_read_is_named(tiny):
     word; the run's notes say the path is ignored and which data.source reads it."""
     from ahpa.train.build import ignored_settings_note
 
-    notes = ignored_settings_note(tiny("data.path=/photos/train.npz"), ["latent"])
+    notes = ignored_settings_note(tiny("data.path=/photos/train.npz"), ["stage1", "latent"])
     assert notes == ["data.source=procedural does not read data.path=/photos/train.npz: ignored, this run trains on "
                      "procedural shapes (data.source=npz reads an .npz; a folder of images is encoded by `ahpa prepare` "
                      "and read as data.source=cache)"]
-    assert ignored_settings_note(tiny(), ["latent"]) == []
+    assert ignored_settings_note(tiny(), ["stage1", "latent"]) == []

@@ -146,7 +146,12 @@ def resolve_levels(method: MethodSpec, available: list[str], requested: list[str
     if method.levels == "external":
         return ["external"]
     if method.levels == "latent":
-        chosen = requested or ["latent"]
+        others = [n for n in requested if n != "latent"]
+        if others:  # another level under the latent baseline's name would mislabel the run
+            raise ValueError(f"align.method={method.name} aligns the VAE latent, not align.levels={requested}: for one "
+                             f"other level, align.method=vae-level align.levels=[{others[0]}] (align.loss=smooth-l1 "
+                             "for SRA2's loss)")
+        chosen = ["latent"]
     elif method.levels == "one":
         chosen = requested
     else:

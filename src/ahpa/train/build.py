@@ -295,6 +295,9 @@ def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
         notes.append(f"data.source=procedural does not read data.path={cfg.data.path}: ignored, this run trains on "
                      "procedural shapes (data.source=npz reads an .npz; a folder of images is encoded by `ahpa prepare` "
                      "and read as data.source=cache)")
+    if cfg.prior.external and get_method(cfg.align.method).levels != "external":  # one set of overrides for every method
+        notes.append(f"align.method={cfg.align.method} does not read prior.external={cfg.prior.external} (REPA's "
+                     "encoder): ignored")
     return notes + _align_notes(cfg, levels)
 
 
@@ -316,6 +319,9 @@ def _align_notes(cfg: Config, levels: list[str]) -> list[str]:
         notes.append(f"the {spec.loss if a.loss == 'default' else a.loss} loss does not read align.smooth_l1_beta: ignored")
     if (spec.router or a.router) == "topk" and a.router_topk >= len(levels):
         notes.append(f"align.router_topk={a.router_topk} keeps all {len(levels)} levels: the same as router=soft")
+    if spec.levels == "all" and len(levels) == 1:  # a weighting of one level has nothing to choose
+        notes.append(f"align.levels: one level ({levels[0]}), which {who} gives weight 1 at every t, as "
+                     "align.method=vae-level does")
     return notes
 
 

@@ -6,6 +6,8 @@ ramps up as min(decay, (1 + n) / (10 + n)) when warm-up is on.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,6 +16,18 @@ from ahpa.train.distributed import local_shard
 
 def ema_decay(num_updates: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay
+
+
+def ema_note(decay: float, warmup: bool, steps: int) -> list[str]:
+    """A note when the run ends before its EMA has left the initial weights: without warm-up they keep a share
+    decay ** steps, so the ImageNet configs' 0.9999 shrunk to a few hundred steps grids, evaluates and exports an
+    untrained model, and every method compared looks alike."""
+    if warmup or decay ** steps <= 0.5:
+        return []
+    return [f"train.ema_decay={decay} without train.ema_warmup: after {steps:,} step{'s' if steps != 1 else ''} the "
+            f"EMA, which the grids, evaluations, export and samples use, still holds {decay ** steps:.0%} of the initial "
+            f"weights (half of them after {math.log(0.5) / math.log(decay):,.0f} steps); for a short run set "
+            "train.ema_warmup=true or a lower train.ema_decay"]
 
 
 @torch.no_grad()

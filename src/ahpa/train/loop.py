@@ -31,7 +31,7 @@ from ahpa.train.build import (Parts, build_parts, check_batch_split, given_encod
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 from ahpa.train.distributed import current, ddp_without_buffer_sync, from_main, full_value
 from ahpa.train.draws import step_draws
-from ahpa.train.ema import ema_decay, ema_update
+from ahpa.train.ema import ema_decay, ema_note, ema_update
 from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run that diverges raises)
 from ahpa.train.run_dir import RunConfigError  # noqa: F401 (API: what a refused run directory raises)
 from ahpa.train.run_dir import check_moved_inputs, check_run_dir, removed_if_refused
@@ -70,7 +70,8 @@ class Trainer:
         self.step = 0
         self.ema_updates = 0
         self.messages: list[str] = (self.parts.notes + encoder_notes + ignored_settings_note(cfg, self.parts.levels)
-                                    + heads_cost_note(self.parts) + precision_note(t.precision, self.parts.device))
+                                    + heads_cost_note(self.parts) + precision_note(t.precision, self.parts.device)
+                                    + ema_note(t.ema_decay, t.ema_warmup, t.steps))
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
         resumed, skipped = restore(self.run_dir, self.parts, cfg, self.world)

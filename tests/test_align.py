@@ -201,7 +201,7 @@ def test_method_registry_and_levels():
     assert resolve_levels(get_method("none"), avail, []) == []
     with pytest.raises(ValueError, match="exactly one level"):
         resolve_levels(get_method("vae-level"), avail, [])
-    with pytest.raises(ValueError, match="exactly one level"):
+    with pytest.raises(ValueError, match="vae-latent aligns the VAE latent, not"):  # the latent and one more
         resolve_levels(get_method("vae-latent"), avail, ["stage1", "latent"])
     with pytest.raises(ValueError, match="does not provide"):
         resolve_levels(get_method("ahpa"), avail, ["mid"])

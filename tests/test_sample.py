@@ -103,6 +103,42 @@ def test_generate_refuses_labels_that_are_not_integers(run_dir):
     assert torch.equal(generate(bundle, [0, 1], np.array([0, 1]), 0, {"steps": 1, "micro_batch": 2}),
                        generate(bundle, [0, 1], [0, 1], 0, SampleCfg(steps=1, micro_batch=2)))
 
+def test_an_export_samples_with_its_runs_sampler_settings_where_options_are_left_out(tmp_path, capsys):
+    """`ahpa sample --model` drew with the --help defaults (guidance over [0, 1], 50 steps) where `--run` drew with the
+    run's sample section (the ImageNet configs' 0.7 interval): the same model gave other samples. The export records
+    its run's solver, steps, cfg-scale and guidance interval, and --model takes them where the command does not
+    give them, so both draw the same images; an option given still wins, and an export without them (from before,
+    or a conversion) keeps the defaults."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ahpa import config
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    Trainer(config.load(None, [*TINY, "train.steps=2", "sample.steps=3", "sample.cfg_scale=2.5",
+                               "sample.guidance_high=0.6", "sample.solver=euler"]), run).run()
+    model, common = run / "model.safetensors", ["--num", "6", "--batch", "3", "--micro-batch", "8"]
+    assert load_export(model, "cpu").sample_settings == {"solver": "euler", "steps": 3, "cfg_scale": 2.5,
+                                                         "guidance_low": 0.0, "guidance_high": 0.6}
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "r.npz"), *common]) == 0
+    assert main(["sample", "--model", str(model), "--out", str(tmp_path / "m.npz"), *common]) == 0
+    assert main(["sample", "--model", str(model), "--out", str(tmp_path / "g.npz"), *common, "--guidance-high", "1"]) == 0
+    with np.load(tmp_path / "r.npz") as r, np.load(tmp_path / "m.npz") as m, np.load(tmp_path / "g.npz") as g:
+        assert np.array_equal(r["arr_0"], m["arr_0"]) and not np.array_equal(m["arr_0"], g["arr_0"])
+    with safe_open(str(model), framework="pt") as f:  # an export from before the field
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["ahpa"])
+    meta.pop("sample")
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={"ahpa": json.dumps(meta), "format": "pt"})
+    assert load_export(tmp_path / "old.safetensors", "cpu").sample_settings is None
+    capsys.readouterr()
+    assert main(["sample", "--model", str(tmp_path / "old.safetensors"), "--out", str(tmp_path / "o.npz"), *common,
+                 "--steps", "0"]) == 2  # the defaults' checks as before: the command line's value is refused
+    assert "command line" in capsys.readouterr().err
+
+
 def test_cli_sample_from_run_and_export_agree(run_dir, tmp_path, capsys):
     common = ["--num", "9", "--steps", "3", "--micro-batch", "8", "--batch", "5"]
     assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "a.npz"), *common]) == 0

@@ -48,6 +48,9 @@ class SamplerBundle:
     label_dropout: float | None = None
     # class k's name where the training data recorded names (ahpa.data.class_names), for `--class NAME`; else None
     class_names: list[str] | None = None
+    # an export's sampler settings: its run's sample section (SAMPLER_MATH), the defaults of `ahpa sample --model`;
+    # None for an export from before them or a converted checkpoint
+    sample_settings: dict | None = None
 
     def network(self, compile: bool) -> Callable:
         """The backbone to call: the model itself, or its compiled form (made once, then reused)."""
@@ -186,13 +189,19 @@ def _npy_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int
 
 # ---- export: the EMA backbone alone, with what sampling needs in the metadata ----
 
+# the sample settings that decide what a model draws (not how fast: micro_batch, compile), recorded in an export so
+# that sampling it draws what sampling its run draws
+SAMPLER_MATH = ("solver", "steps", "cfg_scale", "guidance_low", "guidance_high")
+
+
 def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encoder_spec: str, path_name: str, resolution: int,
                  encoder_sha256: str | None = None, label_dropout: float | None = None,
-                 class_names: list[str] | None = None) -> Path:
+                 class_names: list[str] | None = None, sample: SampleCfg | None = None) -> Path:
     """The model as a safetensors file whose metadata names what sampling needs: the VAE (its spec, and the sha256
     of its weights when they come from a file, checked when the export is sampled), latent statistics, the path;
-    the training's label dropout where known (0: no trained null class, so guidance has nothing to guide by); and
-    its classes' names where the data recorded them."""
+    the training's label dropout where known (0: no trained null class, so guidance has nothing to guide by); its
+    classes' names where the data recorded them; and its run's sampler settings (`sample`, SAMPLER_MATH), which
+    `ahpa sample --model` takes where its options are left out, as `--run` takes the run's."""
     meta = {
         "sit": model.cfg.to_dict(),
         "encoder": encoder_spec,
@@ -206,6 +215,8 @@ def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encod
         meta["label_dropout"] = label_dropout
     if class_names is not None:
         meta["class_names"] = list(class_names)
+    if sample is not None:
+        meta["sample"] = {k: getattr(sample, k) for k in SAMPLER_MATH}
     path = Path(path)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -258,7 +269,9 @@ def load_export(path: str | Path, device: str | torch.device, encoder: PriorEnco
                          f"sha256 is {found[:12]}..., the export's {recorded[:12]}... ({meta['encoder']!r})")
     stats = ChannelStats(torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]))
     return SamplerBundle(model.to(device).eval(), get_path(meta["transport_path"]), stats, enc, device,
-                         label_dropout=meta.get("label_dropout"), class_names=meta.get("class_names"))
+                         label_dropout=meta.get("label_dropout"), class_names=meta.get("class_names"),
+                         sample_settings={k: v for k, v in meta["sample"].items() if k in SAMPLER_MATH}
+                         if isinstance(meta.get("sample"), dict) else None)
 
 
 def unguidable(num_classes: int, label_dropout: float | None) -> str | None:

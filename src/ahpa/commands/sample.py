@@ -12,14 +12,17 @@ from tqdm import tqdm
 from ahpa.commands.stopping import run_stoppable
 
 
-# sampler options that default to the run's `sample` section (with --run) or to SampleCfg's defaults (--model)
+# sampler options that default to the run's `sample` section (with --run), or with --model to the export's recorded
+# settings (its run's: ahpa.sample.SAMPLER_MATH) and SampleCfg's defaults for the rest
 SAMPLER_OPTIONS = ("solver", "steps", "cfg_scale", "guidance_low", "guidance_high", "micro_batch", "compile")
 
 
 def register(sub) -> None:
     p = sub.add_parser("sample", help="generate images into an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels)",
                        description="Sampler options left out take the run's `sample` settings with --run (those of "
-                                   "its config.yaml, as its sample grids used) and the defaults shown with --model.")
+                                   "its config.yaml, as its sample grids used); with --model, those its run "
+                                   "recorded in the export (solver, steps, cfg-scale, guidance interval), else the "
+                                   "defaults shown.")
     src = p.add_mutually_exclusive_group(required=True)
     # --run-dir: the same; under torchrun `--run` is an ambiguous abbreviation of its --run-path
     src.add_argument("--run", "--run-dir", dest="run", help="run directory (uses the EMA weights of its latest "
@@ -122,8 +125,10 @@ def _run(args) -> int:
             # the file's content, not its name: an export written over with another model is another model.
             # Only the main process compares settings (write_samples), so only it reads the file through the hash
             identity = {"model_sha256": sha256_file(args.model) if d.is_main else None}
-            base = config_mod.SampleCfg()
-        where = f"{Path(args.run) / 'config.yaml'}'s sample section with the command line" if args.run else "command line"
+            # the export's run's sampler settings, as --run takes the run's (an older export or a conversion: none)
+            base = config_mod.SampleCfg(**(bundle.sample_settings or {}))
+        where = (f"{Path(args.run) / 'config.yaml'}'s sample section with the command line" if args.run else
+                 f"{args.model}'s sampler settings with the command line" if bundle.sample_settings else "command line")
         cfg = config_mod.from_dict({"sample": {**base.__dict__, **given}}, where=where).sample
         dropout = run_cfg.train.label_dropout if args.run else bundle.label_dropout
         why = unguidable(bundle.num_classes, dropout) if cfg.cfg_scale != 1 else None

@@ -214,9 +214,11 @@ def log_evaluation(logger, run_dir: Path, step: int, images: int, fd: dict[str, 
 
 
 def export(path: str | Path, ema: SiT, latent_stats: ChannelStats, encoder, cfg: Config) -> Path:
-    """The EMA backbone alone as a plain SiT (.safetensors, with what sampling needs in its metadata)."""
+    """The EMA backbone alone as a plain SiT (.safetensors, with what sampling needs in its metadata, and the run's
+    sampler settings: sampling the export draws what sampling the run draws)."""
     return export_model(path, ema, latent_stats, encoder.spec, cfg.transport.path, cfg.data.resolution,
-                        getattr(encoder, "weights_sha256", None), cfg.train.label_dropout, class_names(cfg.data))
+                        getattr(encoder, "weights_sha256", None), cfg.train.label_dropout, class_names(cfg.data),
+                        cfg.sample)
 
 
 def finish(run_dir: Path, levels: list[str], step: int) -> None:

@@ -125,6 +125,16 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
         if main and aligner is not None and aligner.router.varies:  # REPA's one level: nothing to plot
             logger.image("router", outputs.write_router_plot(aligner, tr.run_dir, tr.step), tr.step)
 
+    def stopped_here(reason: int, window_start: float, saved: bool) -> dict:
+        """Asked to stop, between steps or during an evaluation: the window so far logged (its steps would never be
+        logged), the step saved with the router's record unless it just was, and the row that says so."""
+        row = log_row(tr, sums, count, window_start) if count else last
+        if count and logger is not None:
+            logger.log(tr.step, row)
+        if not saved:
+            save()
+        return {**row, "stopped": reason, "step": tr.step}
+
     try:
         # the step resumed from was due an evaluation that was not logged: stopped, or died, after its checkpoint
         if tr.evaluator is not None and tr.evaluator.missing(tr.step, c.train.steps):
@@ -158,19 +168,14 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
             # record and go, before any sample grid or evaluation (a scheduler's grace period is short); an
             # evaluation due at this step is done on resume (Evaluator.missing)
             stop = not done and stop_agreed(tr, hooks.should_stop, vote)
-            if stop and count:
-                last = log_row(tr, sums, count, t0)
-                if logger is not None:
-                    logger.log(tr.step, last)
+            if stop:  # a stop saves also inside a streak of skipped steps: they left the weights as they were
+                return stopped_here(stop, t0, saved=False)
             paused = time.perf_counter()  # checkpoints, grids and evaluations are not training: not in img/s
             # every process takes part in saving and sampling (FSDP gathers); rank 0 writes. No checkpoint
-            # inside a streak of skipped steps (the last good one stays the newest), except on a stop: the
-            # skipped steps left the weights as they were
-            saved = bool(stop) or ((tr.step % c.train.ckpt_every == 0 or done) and tr.bad_run.item() == 0)
+            # inside a streak of skipped steps (the last good one stays the newest)
+            saved = (tr.step % c.train.ckpt_every == 0 or done) and tr.bad_run.item() == 0
             if saved:
                 save()
-            if stop:
-                return {**last, "stopped": stop, "step": tr.step}
             if c.train.sample_every and c.sample.grid_images and (tr.step % c.train.sample_every == 0 or done):
                 bundle = tr.sampler_bundle(on_all_ranks=False)
                 if main:
@@ -179,14 +184,8 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
                     logger.image("samples", grid, tr.step)
             if tr.evaluator is not None and (tr.step % c.eval.every == 0 or done):
                 stop = evaluate(tr, logger, hooks)
-                if stop:  # given up on a signal: as a stop between steps, the window so far logged and a checkpoint
-                    if count:  # the pause for saving, the grid and the evaluation left out of its img/s
-                        last = log_row(tr, sums, count, t0 + time.perf_counter() - paused)
-                        if logger is not None:
-                            logger.log(tr.step, last)
-                    if not saved:
-                        save()
-                    return {**last, "stopped": stop, "step": tr.step}
+                if stop:  # given up on a signal: as a stop between steps (the pause left out of the window's img/s)
+                    return stopped_here(stop, t0 + time.perf_counter() - paused, saved)
             t0 += time.perf_counter() - paused
         tr.export()
         if main:

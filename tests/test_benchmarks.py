@@ -270,12 +270,13 @@ def test_a_training_log_row_has_the_mfu_of_a_listed_gpu_in_16_bit(monkeypatch, t
     sums = tr.train_step()
     peaks = {"cpu": 2e-6}
     monkeypatch.setattr(schedule, "peak_tflops", lambda device: peaks.get(torch.device(device).type))
-    assert "mfu" not in schedule.log_row(tr, sums, 1, time.perf_counter() - 1)  # fp32: no MFU
+    assert "mfu" not in schedule.log_row(tr, sums, 1, time.perf_counter() - 1, 1)  # fp32: no MFU
     monkeypatch.setattr(tr.parts, "amp", torch.bfloat16)
-    row = schedule.log_row(tr, sums, 1, time.perf_counter() - 1)
+    row = schedule.log_row(tr, sums, 1, time.perf_counter() - 1, 1)
     assert row["mfu"] == pytest.approx(row["img_per_s"] * 3 * tr.parts.model.flops_per_image() / 2e6, rel=1e-9)
+    assert "mfu" not in schedule.log_row(tr, sums, 1, time.perf_counter() - 1, 0)  # a launch's first step alone
     peaks.clear()  # a GPU not listed
-    assert "mfu" not in schedule.log_row(tr, sums, 1, time.perf_counter() - 1)
+    assert "mfu" not in schedule.log_row(tr, sums, 1, time.perf_counter() - 1, 1)
 
 
 def test_sampling_mfu_counts_the_solvers_network_evaluations(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ from ahpa import config
 from ahpa.models.sit import SiT
 from ahpa.priors.external import ExternalEncoder
 from ahpa.train.loop import RunConfigError, Trainer
+from tests.conftest import TINY
 
 
 class PatchTokens(nn.Module):
@@ -173,6 +174,37 @@ def test_img_per_s_counts_the_training_steps_only(tmp_path, tiny, monkeypatch):
     Trainer(tiny("train.steps=6", "train.log_every=2", "train.ckpt_every=2"), tmp_path).run()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["img_per_s"]) for r in rows if "img_per_s" in r] == [(2, 8.0), (4, 8.0), (6, 8.0)]
+
+
+def test_img_per_s_leaves_out_each_launchs_first_step(tmp_path, tiny, monkeypatch, capsys):
+    """torch.compile compiles in a launch's first step (CUDA graphs record, cuDNN tunes): minutes on a GPU against a
+    fraction of a second a step, so the first window's img/s read 0 on the bar and pulled `ahpa compare`'s min-max.
+    Every launch's first window is timed from the end of that step; a window of that step alone has no img/s, and the
+    bar shows none. A clock that advances 100 s in a launch's first step and 1 s in the others."""
+    import types
+
+    from ahpa.cli import main
+    from ahpa.train import schedule
+
+    clock, launches = [0.0], []
+    monkeypatch.setattr(schedule, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    step = Trainer.train_step
+
+    def timed_step(self):
+        clock[0] += 1.0 if self in launches else 100.0
+        launches.append(self)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    Trainer(tiny("train.steps=4", "train.log_every=2"), tmp_path).run()
+    Trainer(tiny("train.steps=6", "train.log_every=1"), tmp_path).run()  # resumed: its first step compiles again
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("img_per_s")) for r in rows if "loss/flow" in r] == [(2, 8.0), (4, 8.0), (5, None), (6, 8.0)]
+    assert "bad_steps" in rows[2] and "mfu" not in rows[2]  # the rest of the row is there
+    # the command's bar reads the row: "—" where it has no img/s
+    assert main(["train", "--out", str(tmp_path / "cli"), *TINY, "train.steps=2", "train.log_every=1",
+                 "train.sample_every=0"]) == 0
+    assert "img/s=—" in capsys.readouterr().err
 
 
 def test_repa_takes_a_plain_module_and_freezes_it(tmp_path, tiny):

@@ -97,7 +97,9 @@ def run(args) -> int:
         def on_log(step: int, row: dict) -> None:
             bar.update(step - bar.n)
             # a window whose every step was skipped has no losses (ahpa.train.logger.window_means)
-            post = {"flow": f"{row['loss/flow']:.4f}" if "loss/flow" in row else "—", "img/s": f"{row['img_per_s']:.0f}"}
+            post = {"flow": f"{row['loss/flow']:.4f}" if "loss/flow" in row else "—",
+                    # a window of the launch's first step alone (compiling) has none (ahpa.train.schedule)
+                    "img/s": f"{row['img_per_s']:.0f}" if "img_per_s" in row else "—"}
             if "loss/align" in row:
                 post["align"] = f"{row['loss/align']:.4f}"
             if "mfu" in row:  # a listed GPU in bf16 or fp16 (ahpa.device.PEAK_BF16_TFLOPS)

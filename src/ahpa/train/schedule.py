@@ -5,7 +5,8 @@ Logging reads the window's sums once (window_means, the one host sync of a windo
 inside a streak of skipped steps, except on a stop; a stop signal is voted on by every process every 10 steps and
 acted on at the next vote (no host sync that drains the GPU's queue), and
 the run saves and goes before any grid or evaluation (a scheduler's grace period is short); time spent saving,
-drawing and evaluating is left out of img/s.
+drawing and evaluating is left out of img/s, as is a launch's first step (torch.compile compiles in it, CUDA graphs
+record, cuDNN tunes: minutes on a GPU, where a step takes a fraction of a second).
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ def stop_agreed(tr: Trainer, should_stop: Callable[[], int] | None, vote: LateMa
     return int(vote(int(should_stop())))
 
 
-def log_row(tr: Trainer, sums: dict[str, torch.Tensor], count: int, t0: float) -> dict:
+def log_row(tr: Trainer, sums: dict[str, torch.Tensor], count: int, t0: float, timed: int) -> dict:
+    """The window's row: its `count` steps' means; img/s of its last `timed` steps, which began at `t0` (a window that
+    holds only a launch's first step has no img/s)."""
     c = tr.cfg
     row, n_good = window_means(sums)
-    row.update(images=tr.step * c.train.batch_size, lr=tr._lr(tr.step - 1),
-               img_per_s=count * c.train.batch_size / max(time.perf_counter() - t0, 1e-9),
-               level_names=tr.parts.levels, bad_steps=int(tr.bad_total.item()),
-               skipped_in_window=count - round(n_good))
-    peak = peak_tflops(tr.parts.device) if tr.parts.amp is not None else None
+    row.update(images=tr.step * c.train.batch_size, lr=tr._lr(tr.step - 1), level_names=tr.parts.levels,
+               bad_steps=int(tr.bad_total.item()), skipped_in_window=count - round(n_good))
+    if timed:
+        row["img_per_s"] = timed * c.train.batch_size / max(time.perf_counter() - t0, 1e-9)
+    peak = peak_tflops(tr.parts.device) if tr.parts.amp is not None and timed else None
     if peak:  # model FLOPs utilisation: the SiT's training arithmetic (3 x its forward; the heads' left out, as the
         # issue's and DiT's convention) per GPU over the listed GPU's dense 16-bit peak; none in fp32 or elsewhere
         row["mfu"] = row["img_per_s"] * 3 * tr.parts.model.flops_per_image() / (tr.world * peak * 1e12)
@@ -115,7 +118,8 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
     if main:
         truncate_jsonl(tr.run_dir / "router.jsonl", tr.step)
     sums: dict[str, torch.Tensor] = {}
-    count, t0, last = 0, time.perf_counter(), {}
+    # `timed`: the window's steps in its img/s, which began at t0; the launch's `first` step is not one of them
+    count, timed, t0, last, first = 0, 0, time.perf_counter(), {}, True
     watch = DivergenceWatch(c.train.max_bad_steps)
     vote = LateMax(tr.parts.device)
 
@@ -128,7 +132,7 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
     def stopped_here(reason: int, window_start: float, saved: bool) -> dict:
         """Asked to stop, between steps or during an evaluation: the window so far logged (its steps would never be
         logged), the step saved with the router's record unless it just was, and the row that says so."""
-        row = log_row(tr, sums, count, window_start) if count else last
+        row = log_row(tr, sums, count, window_start, timed) if count else last
         if count and logger is not None:
             logger.log(tr.step, row)
         if not saved:
@@ -141,16 +145,19 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
             stopped = evaluate(tr, logger, hooks)
             if stopped:  # the checkpoint resumed from is this step's
                 return {**last, "stopped": stopped, "step": tr.step}
-            t0 = time.perf_counter()
         while tr.step < c.train.steps:
             metrics = tr.train_step()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v
+            if first:  # compiled, recorded, tuned: its window's img/s is timed from its end
+                first, t0 = False, time.perf_counter()
+            else:
+                timed += 1
             count += 1
             done = tr.step == c.train.steps
             # a window ends where alignment stops, so no logged mean mixes steps with and without it
             if tr.step % c.train.log_every == 0 or done or tr.step == c.align.stop_step:
-                last = log_row(tr, sums, count, t0)
+                last = log_row(tr, sums, count, t0, timed)
                 if logger is not None:  # the window that stops a run is logged first
                     logger.log(tr.step, last)
                 if hooks.on_log is not None:
@@ -163,7 +170,7 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
                         f"streak of them. Start a new run with a lower train.lr, a smaller train.grad_clip, "
                         f"model.qk_norm=true or train.precision=fp32, or check the data."
                     )
-                sums, count, t0 = {}, 0, time.perf_counter()
+                sums, count, timed, t0 = {}, 0, 0, time.perf_counter()
             # asked to stop: log the window so far (its steps would never be logged), save with the router's
             # record and go, before any sample grid or evaluation (a scheduler's grace period is short); an
             # evaluation due at this step is done on resume (Evaluator.missing)

@@ -24,10 +24,7 @@ from ahpa.priors.targets import PriorStats, uneven_pooling
 from ahpa.registry import Registry
 from ahpa.train.distributed import current, device_for
 from ahpa.train.loss_scale import LossScale
-from ahpa.train.rng import generator
-
-STATS_STREAM = 2
-
+from ahpa.train.rng import STATS_STREAM, generator
 
 BF16_MAJOR = 8  # CUDA compute capability from which a GPU computes in bf16 (A100, H100, RTX 30xx on)
 

@@ -65,3 +65,17 @@ def check_call(fn, args: tuple, what: str, contract: str) -> None:
     except TypeError as e:
         name = getattr(fn, "__qualname__", type(fn).__name__)
         raise ValueError(f"{what} ({name}) cannot be called as {contract}: {e}") from None
+
+
+def call_loader(loader, args: tuple, what: str, spec: str, contract: str):
+    """`loader(*args)`, the loader of a kind named by `spec` (an encoder's, an external encoder's), its signature
+    checked first (an entry point's is loaded just now). ValueError, OSError and ImportError pass as they are: they
+    say what is wrong already (a folder that moved, a model refused); any other error of the user's loader is named
+    with `what` and the spec, not a traceback from inside ahpa."""
+    check_call(loader, args, what, contract)
+    try:
+        return loader(*args)
+    except (ValueError, OSError, ImportError):
+        raise
+    except Exception as e:
+        raise ValueError(f"{what} failed on {spec!r}: {type(e).__name__}: {e}") from e

@@ -23,13 +23,11 @@ from ahpa.device import autocast
 from ahpa.models.sit import SiT, SiTConfig
 from ahpa.priors.base import PriorEncoder
 from ahpa.priors.targets import ChannelStats
-from ahpa.train.rng import generator
+from ahpa.train.rng import SAMPLE_STREAM, generator
 from ahpa.transport.guidance import fixed_batch, guided_velocity
 from ahpa.transport.path import Path as TPath
 from ahpa.transport.path import get_path
 from ahpa.transport.solvers import SOLVERS, solve
-
-SAMPLE_STREAM = 3
 
 
 @dataclass

@@ -20,8 +20,6 @@ from ahpa.device import autocast
 from ahpa.train.distributed import all_reduce_mean_
 
 
-
-
 class Aligner(nn.Module):
     def __init__(self, hidden: int, levels: list[str], dims: list[int], cfg: AlignCfg, router_mode: str, loss: str,
                  depths: list[int] | None = None):

@@ -34,4 +34,4 @@ def finish(completed: bool, code: int) -> None:
     if completed and dist.is_available() and dist.is_initialized():
         dist.barrier()
         end_process(code)
-    shutdown(completed)
+    shutdown()

@@ -110,7 +110,7 @@ def _run(args) -> int:
         if world > 1 and not completed:  # an error: leave the group without a barrier
             from ahpa.train.distributed import shutdown
 
-            shutdown(False)
+            shutdown()
     if rank == 0:
         _report(result, world)
     if world > 1:  # torchrun: the process ends here

@@ -12,14 +12,12 @@ import functools
 
 import torch
 
-from ahpa.train.rng import derive_seed, generator
-
-FLIP_STREAM = 4
+from ahpa.train.rng import EPOCH_STREAM, FLIP_STREAM, derive_seed, generator
 
 
 @functools.lru_cache(maxsize=4)  # a step touches at most two epochs; randperm of 1.3M costs ~10 ms
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(derive_seed(seed, epoch, stream=17))
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, stream=EPOCH_STREAM))
     return torch.randperm(n, generator=g)
 
 

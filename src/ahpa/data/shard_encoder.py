@@ -25,7 +25,6 @@ from ahpa.priors.base import posterior_sample
 from ahpa.priors.targets import StatsAccumulator, pool_to_grid
 
 TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
-NOISE_STREAM = 31  # posterior draws for the latent statistics: from (seed, shard), never from the batch size
 
 
 class PrepareError(ValueError):
@@ -100,7 +99,7 @@ class ShardEncoder:
         writer.open({f: self.plan.field_file(index, f) for f in self.fields()})
         noise = None
         if self.logvar:
-            from ahpa.train.rng import generator
+            from ahpa.train.rng import NOISE_STREAM, generator
 
             lat = self.settings["latent"]
             g = generator(self.o.seed, index, stream=NOISE_STREAM)

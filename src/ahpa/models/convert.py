@@ -126,7 +126,7 @@ def infer_config(state: dict, *, preset: str | None = None, input_size: int | No
                  num_heads: int | None = None) -> SiTConfig:
     """The SiTConfig a public state dict was built with (sizes from shapes; heads from `preset`,
     `num_heads`, the qk-norm shape, or the standard size table)."""
-    hidden, in_ch, p, p2 = _need(state, "x_embedder.proj.weight", 4).shape  # [D, C, p, p]
+    hidden, in_ch, p, _ = _need(state, "x_embedder.proj.weight", 4).shape  # [D, C, p, p]
     depth = len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
     rows = _need(state, "y_embedder.embedding_table.weight", 2).shape[0]
     mlp_hidden = _need(state, "blocks.0.mlp.fc1.weight", 2).shape[0]

@@ -245,7 +245,7 @@ class SiT(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x [B, C, H, W] latents, t [B] in [0, 1], y [B] class ids (num_classes = null).
 
-        Returns (velocity [B, C, H, W], [hidden tokens [B, N, D] after block d for d in taps]).
+        Returns (velocity [B, C, H, W], [hidden tokens [B, N, D] after block d for d in taps, in block order]).
         """
         # [B, D, g, g] -> [B, N = g*g, D], row-major over the grid: the order of the alignment targets
         # (ahpa.priors.targets.pool_to_grid, the cache's token maps), so token i of both is the same patch

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahpa.external_kinds import EXTERNALS, LOADER_CONTRACT, parse_external
-from ahpa.plugins import check_call
+from ahpa.plugins import call_loader
 from ahpa.priors.base import frozen
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -147,15 +147,8 @@ def load_external(spec: str) -> ExternalEncoder:
     """REPA's frozen encoder from a `prior.external` spec, KIND:WHERE, by the loader of its kind (ahpa.external_kinds:
     built in, register_external, or a package's entry point). A loader's module is wrapped (ExternalEncoder.wrap)."""
     kind, where = parse_external(spec)
-    loader = EXTERNALS[kind]
     what = f"the loader of external encoder kind {kind!r}"
-    check_call(loader, (where,), what, LOADER_CONTRACT)  # an entry point's, loaded just now
-    try:
-        external = loader(where)
-    except (ValueError, OSError, ImportError):  # say what is wrong already (a folder that moved, a model refused)
-        raise
-    except Exception as e:  # any other error of the user's loader: named, not a traceback from inside ahpa
-        raise ValueError(f"{what} failed on {spec!r}: {type(e).__name__}: {e}") from e
+    external = call_loader(EXTERNALS[kind], (where,), what, spec, LOADER_CONTRACT)
     if not isinstance(external, ExternalEncoder):
         try:
             external = ExternalEncoder.wrap(external)

@@ -13,7 +13,7 @@ import torch
 
 from ahpa.config import shown
 from ahpa.device import as_device
-from ahpa.plugins import check_call
+from ahpa.plugins import call_loader, check_call
 from ahpa.priors.base import PriorEncoder, frozen
 from ahpa.registry import Registry
 
@@ -77,14 +77,7 @@ def load_encoder(spec: str, device: torch.device | str = "cpu") -> PriorEncoder:
     """Build a frozen encoder from its spec. Only `diffusers:` with a hub id may download."""
     device = as_device(device)  # a device this machine lacks is named before anything loads
     kind, where = parse_spec(spec)
-    loader = ENCODERS[kind]
-    check_call(loader, (where, spec), f"the loader of encoder kind {kind!r}", LOADER_CONTRACT)  # an entry point's
-    try:
-        enc = loader(where, spec)
-    except (ValueError, OSError, ImportError):  # say what is wrong already (callers name a VAE that moved)
-        raise
-    except Exception as e:  # any other error of the user's loader: named, not a traceback from inside ahpa
-        raise ValueError(f"the loader of encoder kind {kind!r} failed on {spec!r}: {type(e).__name__}: {e}") from e
+    enc = call_loader(ENCODERS[kind], (where, spec), f"the loader of encoder kind {kind!r}", spec, LOADER_CONTRACT)
     if not isinstance(enc, PriorEncoder):
         raise ValueError(f"the loader of encoder kind {kind!r} returned {type(enc).__name__}, not a PriorEncoder")
     enc.spec = spec

@@ -1,4 +1,6 @@
-"""Builds a run's parts from its config: device, data, encoders, statistics, model, aligner, optimiser."""
+"""Builds a run's parts from its config: device, data, encoders, model, aligner, optimiser (the prior statistics:
+compute_stats, called by ahpa.train.run_state.restore on a new run); and what a run says when it starts: its set-up
+line, the notes on settings it ignores, on precision and on the heads' cost, and its FLOPs per image."""
 
 from __future__ import annotations
 
@@ -22,10 +24,7 @@ from ahpa.priors.targets import PriorStats, uneven_pooling
 from ahpa.registry import Registry
 from ahpa.train.distributed import current, device_for
 from ahpa.train.loss_scale import LossScale
-from ahpa.train.rng import generator
-
-STATS_STREAM = 2
-
+from ahpa.train.rng import STATS_STREAM, generator
 
 BF16_MAJOR = 8  # CUDA compute capability from which a GPU computes in bf16 (A100, H100, RTX 30xx on)
 
@@ -70,7 +69,7 @@ class Parts:
     ema: SiT
     aligner: Aligner | None
     optimizer: torch.optim.Optimizer
-    stats: PriorStats | None = None
+    stats: PriorStats | None = None  # None until ahpa.train.run_state.restore measures or loads them
     loss_scale: LossScale | None = None  # fp16 training's (ahpa.train.loss_scale)
     notes: list[str] = field(default_factory=list)  # what the parts run at, said when the run starts
 

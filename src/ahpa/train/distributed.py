@@ -178,13 +178,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown(completed: bool = True) -> None:
-    """Tear the process group down. After a command that completed, a barrier first, so that no process
-    destroys the group while another's last collectives are still in flight (without it, a gloo process was
-    seen to abort at exit, "terminate called without an active exception", about once in 12 FSDP runs).
-    Not after an error: the other processes may never reach the barrier. The CLI's commands end a torchrun
-    process without tearing the group down at all (ahpa.commands.exit), which the race can still hit."""
+def shutdown() -> None:
+    """Tear the process group down, without a barrier: this is the end of a command that failed (or of one that
+    never joined a group), and the other processes may never reach a barrier. A command that completed ends
+    without tearing the group down at all (ahpa.commands.exit.finish: a barrier, then os._exit)."""
     if dist.is_available() and dist.is_initialized():
-        if completed:
-            dist.barrier()
         dist.destroy_process_group()

@@ -8,11 +8,8 @@ import torch
 from ahpa.align.tokens import draw_kept
 from ahpa.config import Config
 from ahpa.data.order import flip_mask
-from ahpa.train.rng import generator
+from ahpa.train.rng import TOKEN_STREAM, TRAIN_STREAM, generator
 from ahpa.transport.timesteps import sample_t
-
-TRAIN_STREAM = 1
-TOKEN_STREAM = 5  # a stream of its own: aligning a share of the tokens changes no other draw
 
 
 def step_draws(cfg: Config, step: int, n: int, latent_shape: tuple[int, ...], device: torch.device,

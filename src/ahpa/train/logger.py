@@ -52,20 +52,19 @@ def logged_at(path: Path, step: int, prefix: str) -> bool:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int = 0):
         """`resume_step`: the checkpoint the run resumes from. What was logged after it will be logged again, so it
         is dropped from metrics.jsonl and hidden from TensorBoard (purge_step), which would otherwise draw those
         steps twice."""
         self.path = run_dir / "metrics.jsonl"
         truncate_jsonl(self.path, resume_step)
         self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
-            except ImportError:  # tensorboard is a dependency, but keep the JSONL working without it
-                self.writer = None
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # tensorboard is a dependency, but keep the JSONL working without it
+            self.writer = None
 
     def log(self, step: int, row: dict) -> None:
         row = {"step": step, **row}

@@ -128,7 +128,7 @@ class Trainer:
             if self.align_net is not None:  # its heads, losses and router: dozens of small kernels when eager
                 self.align_net = torch.compile(self.align_net, mode=t.compile_mode)
 
-    # ---- set-up and resume ----
+    # ---- checkpoint ----
     def state_dict(self) -> dict | None:
         """The checkpoint (ahpa.train.run_state). Under FSDP every process calls it; only rank 0 gets the dict."""
         return checkpoint_state(self.parts, self.sharded, self.rank, self.step, self.ema_updates, self.world, self.cfg)
@@ -301,7 +301,7 @@ class Trainer:
     def run(self, on_log: Callable[[int, dict], None] | None = None,
             should_stop: Callable[[], int] | None = None,
             on_eval: Callable[[int, dict[str, float]], None] | None = None,
-            progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
+            progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> dict:
         """Trains to train.steps. Returns the last log row, with "stopped": the reason when `should_stop` asked for
         an early, clean exit (a checkpoint is saved first: rerun to resume).
 

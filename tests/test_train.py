@@ -500,6 +500,9 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
     assert notes("eval.ref=/r.npz", "eval.detectors=[torchscript:/d.pt]") == [
         "eval.every=0 does not read eval.detectors, eval.ref: ignored (eval.every=N evaluates every N steps)"]
     assert notes("align.method=vae-latent", "align.smooth_l1_beta=0.1") == []  # its loss is smooth-L1
+    assert notes("train.compile_mode=reduce-overhead") == [
+        "train.compile=false does not read train.compile_mode=reduce-overhead: ignored, the run is eager "
+        "(train.compile=true compiles)"]
     from ahpa.train.build import ignored_settings_note
 
     assert ignored_settings_note(tiny("align.method=repa", "align.levels=[latent]"), ["external"]) == [

@@ -361,3 +361,20 @@ def test_an_empty_guidance_interval_is_refused_once_every_key_is_set(tmp_path):
         config.load(path)
     assert config.load(path, ["sample.guidance_high=0.9"]).sample.guidance_high == 0.9
     assert config.load(None, ["sample.guidance_low=0.3", "sample.guidance_high=0.3"]).sample.guidance_low == 0.3
+
+
+def test_a_setting_misspelt_on_a_config_object_or_overrides_given_as_a_dict_are_named(tmp_path):
+    """A notebook edits the Config it loaded: `cfg.train.stepz = 30` added a stray attribute and the run trained the
+    default 1000 steps; it is refused as an unknown override key is. Overrides given as a dict were read by their
+    keys alone, each refused as "not of the form section.key=value"."""
+    cfg = config.load(None, ["train.steps=5"])
+    cfg.train.steps = 30  # a setting it has
+    assert cfg.train.steps == 30
+    with pytest.raises(AttributeError, match=r"unknown config key 'train.stepz' \(did you mean 'train.steps'\?\); "
+                                             r"valid keys in train: steps, "):
+        cfg.train.stepz = 30
+    with pytest.raises(AttributeError, match=r"unknown config key 'trian' \(did you mean 'train'\?\); sections are: "):
+        cfg.trian = config.TrainCfg()
+    assert not hasattr(cfg.train, "stepz") and config.from_dict(cfg.to_dict()).train.steps == 30
+    with pytest.raises(config.ConfigError, match=r"^overrides: a list of 'section.key=value' strings, .* not a dict"):
+        config.load(None, {"train.steps": 5})

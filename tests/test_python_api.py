@@ -22,6 +22,8 @@ def test_the_documented_python_session_runs(tmp_path, monkeypatch):
     assert scope["step"] == 20 and scope["bundle2"].device == scope["again"].device == scope["bundle"].device
     assert isinstance(scope["notes"], list) and any(n.startswith("training on") for n in scope["notes"])
     assert os.path.isfile("runs/notebook/DONE")
+    assert [r["step"] for r in scope["rows"]] == [5, 10, 15, 20] and "loss/flow" in scope["rows"][-1]
+    assert os.path.getsize("runs/notebook/router-now.png") and os.path.getsize("runs/notebook/grid.png")
 
 
 def test_import_ahpa_stays_light_and_names_its_api():

@@ -155,6 +155,52 @@ def test_a_second_launch_on_a_run_or_sample_file_in_use_is_refused(tmp_path):
         holder.wait()
 
 
+def test_a_trainer_interrupted_inside_a_step_refuses_to_train_on_and_a_new_one_resumes(tmp_path):
+    """Ctrl-C in a notebook lands inside a step (here between backward and the optimiser): run() again on that
+    Trainer added the step's gradients twice and trained on from weights no run reaches, without a word. It is now
+    refused, holding nothing, and a new Trainer resumes from the checkpoint to the weights of an uninterrupted run.
+    A Trainer stopped between steps (an exception from on_log) trains on as before."""
+    def cfg():
+        return tiny_cfg("train.steps=4", "train.ckpt_every=2")
+
+    whole = Trainer(cfg(), tmp_path / "whole")
+    whole.run()
+    tr = Trainer(cfg(), tmp_path / "run")
+    real_step = tr.parts.optimizer.step
+
+    def interrupted_step(*args, **kwargs):
+        if tr.step == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    tr.parts.optimizer.step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    tr.parts.optimizer.step = real_step
+    with pytest.raises(RunConfigError, match=r"interrupted inside step 3, part of which .* Build a new Trainer: it "
+                                             r"resumes .* from its newest checkpoint \(step 2\)"):
+        tr.run()
+    probe = [sys.executable, "-c", "import sys; from pathlib import Path; from ahpa import lock; lock.hold(Path(sys.argv[1]), 'x')",
+             str(tmp_path / "run" / ".lock")]
+    assert subprocess.run(probe, env=ENV, capture_output=True, timeout=120).returncode == 0  # the refusal holds nothing
+    resumed = Trainer(cfg(), tmp_path / "run")
+    assert resumed.step == 2
+    resumed.run()
+    for a, b in zip(whole.parts.ema.parameters(), resumed.parts.ema.parameters()):
+        assert torch.equal(a, b)
+
+    def stop_at_log(step, row):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    between = Trainer(cfg(), tmp_path / "between")
+    with pytest.raises(KeyboardInterrupt):
+        between.run(on_log=stop_at_log)
+    between.run()
+    for a, b in zip(whole.parts.ema.parameters(), between.parts.ema.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_a_trainer_does_not_train_a_run_that_went_on_without_it(tmp_path):
     """Two Trainers of one process on one directory (a notebook cell run twice), or a Trainer run again after a stop
     while another launch trained the run: the stale one refuses, instead of redoing the steps and logging each twice;

@@ -73,6 +73,27 @@ def test_generate_takes_labels_as_a_list_and_names_wrong_ones(run_dir):
         generate(bundle, [0, 1], [0, k + 1], 0, cfg)
 
 
+def test_generate_draws_a_samples_noise_by_its_index_whatever_its_type(run_dir):
+    """Sample indices and a seed given as a tensor or numpy's ints (torch.arange(8), list(np.arange(8))) drew other
+    noise than the same ints do, and than `ahpa sample` draws: the seed was hashed from their repr(). Indices that
+    are not a list of integers are refused, and so are labels left out."""
+    from ahpa.sample import generate
+
+    bundle = load_export(run_dir / "model.safetensors", "cpu")
+    cfg = SampleCfg(steps=2, micro_batch=4)
+    want = generate(bundle, [0, 1, 2], [0, 1, 2], 0, cfg)
+    for indices in (torch.arange(3), np.arange(3), list(np.arange(3)), range(3)):
+        assert torch.equal(generate(bundle, indices, [0, 1, 2], np.int64(0), cfg), want), type(indices)
+    assert torch.equal(generate(bundle, [1], [1], torch.tensor(0), cfg), want[1:2])
+    for bad in (3, [0.5, 1.0], torch.tensor([[0, 1]]), [True, False]):
+        with pytest.raises(ValueError, match="generate: (sample )?indices must be"):
+            generate(bundle, bad, [0, 1], 0, cfg)
+    with pytest.raises(ValueError, match="generate: seed must be an integer, got float 0.5"):
+        generate(bundle, [0], [0], 0.5, cfg)
+    with pytest.raises(ValueError, match=f"generate: labels are required.*{bundle.num_classes} .this model's null class"):
+        generate(bundle, [0], None, 0, cfg)
+
+
 @pytest.mark.parametrize("bad, message", [
     (SampleCfg(steps=0), r"generate: sample.steps=0 is out of range; it must be at least 1"),
     (SampleCfg(cfg_scale=float("nan")), r"generate: sample.cfg_scale=nan is out of range"),

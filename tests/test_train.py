@@ -373,6 +373,11 @@ def test_bad_sizes_and_paths(tmp_path, tiny):
     (tmp_path / "garbage.npz").write_text("not an npz")
     with pytest.raises(ValueError, match=r"garbage.npz' is not a readable .npz of images .*np.savez"):
         Trainer(tiny("data.source=npz", f"data.path={tmp_path / 'garbage.npz'}"), tmp_path / "e")
+    # a torch user's batch, floats in NCHW, is named with its conversion
+    np.savez(tmp_path / "floats.npz", images=np.zeros((4, 3, 16, 16), np.float32), labels=np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match=r"images must be uint8 \[N, H, W, 3\], got float32 \(4, 3, 16, 16\); a torch "
+                                         r"batch .* is \(x \* 255\).round\(\).byte\(\).permute\(0, 2, 3, 1\).numpy\(\)"):
+        Trainer(tiny("data.source=npz", f"data.path={tmp_path / 'floats.npz'}"), tmp_path / "e")
     with pytest.raises(ValueError, match="is a folder.*ahpa prepare --images FOLDER"):
         Trainer(tiny("data.source=npz", f"data.path={tmp_path}"), tmp_path / "f")
     with pytest.raises(ValueError, match="garbage.npz is a file; --out names a directory"):
@@ -527,6 +532,9 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
     assert notes("eval.ref=/r.npz", "eval.detectors=[torchscript:/d.pt]") == [
         "eval.every=0 does not read eval.detectors, eval.ref: ignored (eval.every=N evaluates every N steps)"]
     assert notes("align.method=vae-latent", "align.smooth_l1_beta=0.1") == []  # its loss is smooth-L1
+    assert notes("train.compile_mode=reduce-overhead") == [
+        "train.compile=false does not read train.compile_mode=reduce-overhead: ignored, the run is eager "
+        "(train.compile=true compiles)"]
     from ahpa.train.build import ignored_settings_note
 
     assert ignored_settings_note(tiny("align.method=repa", "align.levels=[latent]"), ["external"]) == [

@@ -19,8 +19,22 @@ from ahpa.config_rules import (ACROSS_KEYS, CHOICES, RANGES, choice_hint,  # noq
                                spec_problem)
 
 
+class _Settings:
+    """A config section, or the whole config: setting a name it lacks is refused, as an unknown override key is.
+    `cfg.train.stepz = 30` in a notebook used to add a stray attribute, and the run trained with the default."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        names = self.__dataclass_fields__
+        if name not in names:
+            section = next((f.name for f in dataclasses.fields(Config) if f.default_factory is type(self)), "")
+            key, what = (f"{section}.{name}", f"valid keys in {section}") if section else (name, "sections are")
+            hint = did_you_mean(name, names).replace("'", f"'{section}.", 1) if section else did_you_mean(name, names)
+            raise AttributeError(f"unknown config key {key!r}{hint}; {what}: {', '.join(names)}")
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class ModelCfg:
+class ModelCfg(_Settings):
     preset: str = "S/2"  # SiT size/patch
     qk_norm: bool = False  # LayerNorm of queries and keys in attention (off in DiT, SiT and REPA)
     # overrides of the preset, for tiny test models (0 = take the preset's value)
@@ -31,7 +45,7 @@ class ModelCfg:
 
 
 @dataclass
-class TransportCfg:
+class TransportCfg(_Settings):
     path: str = "linear"  # linear | cosine
     time_sampler: str = "uniform"  # uniform | logit-normal
     time_mean: float = 0.0  # time_sampler=logit-normal: mean of the logit of t (SD3: 0)
@@ -39,7 +53,7 @@ class TransportCfg:
 
 
 @dataclass
-class DataCfg:
+class DataCfg(_Settings):
     source: str = "procedural"  # procedural | npz | cache
     path: str = ""  # npz file or cache directory
     resolution: int = 32  # image side fed to the encoder
@@ -53,14 +67,14 @@ class DataCfg:
 
 
 @dataclass
-class PriorCfg:
+class PriorCfg(_Settings):
     encoder: str = ""  # taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR | a kind of register_encoder
     stats_images: int = 1024  # images used to measure latent/level statistics (a cache brings its own: ignored)
     external: str = ""  # repa only: dinov2:DIR | transformers:DIR | a kind of register_external (its frozen encoder)
 
 
 @dataclass
-class AlignCfg:
+class AlignCfg(_Settings):
     method: str = "ahpa"  # a method of ahpa.align.methods.METHODS
     depth: int = 4  # hidden tokens after this block (1-based) are aligned
     weight: float = 0.5  # lambda
@@ -92,7 +106,7 @@ class AlignCfg:
 
 
 @dataclass
-class TrainCfg:
+class TrainCfg(_Settings):
     steps: int = 1000  # optimiser steps of the whole run (may change on resume)
     batch_size: int = 256  # global batch, all processes and accumulation steps together
     grad_accum: int = 1  # micro-batches per step; the same run as one batch of batch_size
@@ -128,7 +142,7 @@ class TrainCfg:
 
 
 @dataclass
-class SampleCfg:
+class SampleCfg(_Settings):
     solver: str = "euler"  # euler | heun | euler-maruyama
     steps: int = 50  # solver steps
     cfg_scale: float = 1.0  # classifier-free guidance scale (1 = no guidance)
@@ -145,7 +159,7 @@ class SampleCfg:
 
 
 @dataclass
-class EvalCfg:
+class EvalCfg(_Settings):
     every: int = 0  # evaluate every N steps (0 = off); uses the `sample` section's sampler settings
     detectors: list = field(default_factory=list)  # torchscript:FILE | inception:FILE | dinov2:DIR
     ref: str = ""  # reference images (.npz, or a folder: read at data.resolution as prepare reads it) or statistics .npz
@@ -155,7 +169,7 @@ class EvalCfg:
 
 
 @dataclass
-class Config:
+class Config(_Settings):
     model: ModelCfg = field(default_factory=ModelCfg)
     transport: TransportCfg = field(default_factory=TransportCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -306,6 +320,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     names it as coming from `where` (`ahpa train` passes "command line"; a notebook has none)."""
     if isinstance(overrides, str):  # one override given bare: its characters would be read as overrides
         overrides = [overrides]
+    if isinstance(overrides, dict):  # its keys alone would be read, each refused as "not of the form section.key=value"
+        raise ConfigError(f"{where}: a list of 'section.key=value' strings, as the command line takes them, not a "
+                          "dict: e.g. [f'{k}={v}' for k, v in overrides.items()]")
     cfg = Config()
     if path is not None:
         path = Path(path)

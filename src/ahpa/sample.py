@@ -7,6 +7,7 @@ a fixed micro-batch, so a file is identical whatever the batch size or number of
 from __future__ import annotations
 
 import json
+import operator
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,14 +106,41 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def sample_indices(indices) -> list[int]:
+    """generate's sample indices as Python ints: each is hashed into its noise's seed by value, so that index 3 draws
+    the same noise given as 3, numpy's int64(3) or torch's tensor(3), as `ahpa sample` draws for sample 3."""
+    if isinstance(indices, int) or (isinstance(indices, (np.ndarray, torch.Tensor)) and indices.ndim != 1):
+        raise ValueError(f"generate: indices must be a list of sample indices (e.g. list(range(8)) for samples 0-7), "
+                         f"got {type(indices).__name__} {indices!r:.60}")
+    try:  # a float (0.5) is refused, not truncated
+        out = [operator.index(i) for i in indices]
+    except TypeError:
+        out = None
+    if out is None or any(isinstance(i, bool) for i in indices):
+        raise ValueError(f"generate: sample indices must be integers, got {indices!r:.80}")
+    return out
+
+
+def whole_seed(seed) -> int:
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise ValueError(f"generate: seed must be an integer, got {type(seed).__name__} {seed!r:.60}") from None
+
+
 @torch.no_grad()
-def generate(bundle: SamplerBundle, indices: list[int], labels, seed: int, cfg: SampleCfg) -> torch.Tensor:
-    """uint8 [n, H, W, 3] images for sample indices `indices` with class `labels` (a tensor, array or list of n
-    ints in [0, num_classes); num_classes itself, the null class, samples without a class). `cfg` is checked as the
-    CLI checks its options (a SampleCfg, or a dict of some of its keys)."""
+def generate(bundle: SamplerBundle, indices, labels, seed: int, cfg: SampleCfg) -> torch.Tensor:
+    """uint8 [n, H, W, 3] images for sample indices `indices` (a list, range, array or tensor of n ints: sample i's
+    noise is drawn from (seed, i)) with class `labels` (a tensor, array or list of n ints in [0, num_classes);
+    num_classes itself, the null class, samples without a class). `cfg` is checked as the CLI checks its options (a
+    SampleCfg, or a dict of some of its keys)."""
     cfg = checked_sample(cfg, "generate")  # the config's own ranges: steps=0 or cfg_scale=nan gave garbage images
     if cfg.solver not in SOLVERS:
         raise ValueError(f"unknown sampler {cfg.solver!r}; valid samplers: {', '.join(SOLVERS)}")
+    indices, seed = sample_indices(indices), whole_seed(seed)
+    if labels is None:  # torch's "Could not infer dtype of NoneType" said nothing of the fix
+        raise ValueError(f"generate: labels are required, one class per sample; {bundle.num_classes} (this model's "
+                         "null class) samples without a class")
     labels = torch.as_tensor(labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         # a cast to long would truncate 0.5 and 1.7 to classes 0 and 1 without a word

@@ -44,7 +44,8 @@ def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if key is None:
         raise ValueError(f"{path}: no 'images' or 'arr_0' array (found {found})")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: {key} must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+        raise ValueError(f"{path}: {key} must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}; a torch batch x "
+                         "of floats [N, 3, H, W] in [0, 1] is (x * 255).round().byte().permute(0, 2, 3, 1).numpy()")
     return images, labels
 
 

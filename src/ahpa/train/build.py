@@ -294,6 +294,9 @@ def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
         notes.append(f"data.source=procedural does not read data.path={cfg.data.path}: ignored, this run trains on "
                      "procedural shapes (data.source=npz reads an .npz; a folder of images is encoded by `ahpa prepare` "
                      "and read as data.source=cache)")
+    if cfg.train.compile_mode != "default" and not cfg.train.compile:  # a GPU recipe's mode, its switch left out
+        notes.append(f"train.compile=false does not read train.compile_mode={cfg.train.compile_mode}: ignored, the run "
+                     "is eager (train.compile=true compiles)")
     if cfg.prior.external and get_method(cfg.align.method).levels != "external":  # one set of overrides for every method
         notes.append(f"align.method={cfg.align.method} does not read prior.external={cfg.prior.external} (REPA's "
                      "encoder): ignored")

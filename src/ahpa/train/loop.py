@@ -69,6 +69,7 @@ class Trainer:
         self._registered = registered_entries(cfg, self.parts)  # what the parts were checked with
         self.step = 0
         self.ema_updates = 0
+        self._torn = False  # a step left part-done by an exception (Ctrl-C in a notebook): see _check_still_current
         self.messages: list[str] = (self.parts.notes + encoder_notes + ignored_settings_note(cfg, self.parts.levels)
                                     + heads_cost_note(self.parts) + precision_note(t.precision, self.parts.device)
                                     + ema_note(t.ema_decay, t.ema_warmup, t.steps))
@@ -183,6 +184,7 @@ class Trainer:
         if not p.model.training:  # sampling with the trained weights set it to eval; .train() walks every module
             p.model.train()
         align_on = self.aligning(step)
+        self._torn = True  # until the step's last update: gradients, weights, EMA and running means change in turn
         if align_on:
             if not p.aligner.training:
                 p.aligner.train()
@@ -225,6 +227,7 @@ class Trainer:
             totals["overflow_steps"] = overflow
         self.ema_updates += 1
         self.step += 1
+        self._torn = False
         return totals
 
     def _no_sync(self, last: bool):
@@ -275,8 +278,10 @@ class Trainer:
     def _check_still_current(self) -> None:
         """Before training: this process holds the run directory (until run() ends), no one trained it past the
         step this Trainer was built at (another Trainer of this process, or a launch in between): training on would
-        redo those steps and log every one of them twice; and no extension it uses was registered again since it was
-        built (a notebook's cell rerun with an edited loss), which it would train with unchecked. Rank 0 decides."""
+        redo those steps and log every one of them twice; no extension it uses was registered again since it was
+        built (a notebook's cell rerun with an edited loss), which it would train with unchecked; and no exception
+        (Ctrl-C) left its last step part-done: its gradients accumulated, or its weights updated but not its EMA,
+        and training on would apply that step twice. Rank 0 decides."""
         error = None
         if self.rank == 0:
             try:
@@ -284,6 +289,12 @@ class Trainer:
             except OSError as e:
                 error = e
             newest = max((checkpoint_step(p) for p in list_checkpoints(self.run_dir / "checkpoints")), default=0)
+            if error is None and self._torn:
+                error = RunConfigError(f"this Trainer's run() was interrupted inside step {self.step + 1}, part of which "
+                                       f"its weights, optimiser and EMA hold: training on would apply it twice. Build a "
+                                       f"new Trainer: it resumes {self.run_dir} from "
+                                       + (f"its newest checkpoint (step {newest})" if newest else "the start (no checkpoint yet)")
+                                       + "; run(should_stop=...) stops between steps, saving one")
             if error is None and newest > self.step:
                 error = RunConfigError(f"{self.run_dir} was trained to step {newest} after this Trainer was built at step "
                                        f"{self.step} (by another Trainer or launch): build a new Trainer to resume it")

@@ -8,6 +8,7 @@ of every run's identity: changing one changes what a seed draws.
 from __future__ import annotations
 
 import hashlib
+import operator
 
 import torch
 
@@ -21,6 +22,9 @@ NOISE_STREAM = 31  # posterior noise of prepare's latent statistics, from (seed,
 
 
 def derive_seed(*parts: int, stream: int = 0) -> int:
+    # hashed by value: repr() of numpy's int64(3) or torch's tensor(3) is not repr(3), and a sample index given so
+    # (generate(bundle, torch.arange(8), ...)) drew other noise than `ahpa sample` draws for that index
+    parts = tuple(operator.index(p) for p in parts)
     digest = hashlib.blake2b(repr((stream, *parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 

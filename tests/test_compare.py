@@ -276,7 +276,7 @@ def test_the_environment_names_the_gpu_it_is_given_and_the_setup_note_the_per_pr
     import torch
 
     from ahpa.provenance import environment
-    from ahpa.train.build import setup_note
+    from ahpa.train.notes import setup_note
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     env = environment(torch.device("cuda", 0), 8)

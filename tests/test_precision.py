@@ -89,7 +89,7 @@ def test_auto_is_bf16_on_gpus_that_compute_in_it_and_fp16_on_older_ones(monkeypa
 
 
 def test_bf16_asked_of_a_gpu_without_bf16_arithmetic_gets_a_note(monkeypatch, tmp_path):
-    from ahpa.train.build import precision_note
+    from ahpa.train.notes import precision_note
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))

@@ -240,7 +240,7 @@ def test_img_per_s_leaves_out_the_evaluation_a_resume_redoes_first(tmp_path, tin
     too. A clock that advances 1 s per step and 100 s per evaluation; the evaluator a stand-in."""
     import types
 
-    from ahpa.train import outputs, schedule
+    from ahpa.train import evaluate, schedule
 
     clock = [0.0]
     monkeypatch.setattr(schedule, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -260,7 +260,7 @@ def test_img_per_s_leaves_out_the_evaluation_a_resume_redoes_first(tmp_path, tin
     monkeypatch.setattr(Trainer, "train_step", timed_step)
     monkeypatch.setattr(schedule, "evaluate", slow_evaluate)
     Trainer(tiny("train.steps=2", "train.log_every=2"), tmp_path).run()
-    monkeypatch.setattr(outputs.Evaluator, "for_run", classmethod(lambda cls, *args: stand_in))
+    monkeypatch.setattr(evaluate.Evaluator, "for_run", classmethod(lambda cls, *args: stand_in))
     Trainer(tiny("train.steps=4", "train.log_every=2", "eval.every=2"), tmp_path).run()
     assert evaluated == [2, 4]  # the missing one first, then the last step's
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -448,7 +448,7 @@ def test_compiled_training_matches_eager(tmp_path, tiny):
 def test_a_run_says_when_its_alignment_heads_are_a_large_part_of_the_arithmetic(tmp_path, tiny):
     """A projector wide for its SiT (REPA's 2048 on the study's S/1 adds 25%) is named with the fix; a narrow one and
     vanilla SiT say nothing."""
-    from ahpa.train.build import HEADS_NOTE_SHARE
+    from ahpa.train.notes import HEADS_NOTE_SHARE
 
     def note(*extra):
         tr = Trainer(tiny(*extra), tmp_path / "-".join(extra).replace("=", "_"))
@@ -535,7 +535,7 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
     assert notes("train.compile_mode=reduce-overhead") == [
         "train.compile=false does not read train.compile_mode=reduce-overhead: ignored, the run is eager "
         "(train.compile=true compiles)"]
-    from ahpa.train.build import ignored_settings_note
+    from ahpa.train.notes import ignored_settings_note
 
     assert ignored_settings_note(tiny("align.method=repa", "align.levels=[latent]"), ["external"]) == [
         "align.method=repa aligns its external encoder's tokens alone (prior.external), not the VAE's levels: "
@@ -546,7 +546,7 @@ def test_settings_the_method_does_not_read_are_named(tmp_path, tiny):
 def test_settings_a_zoo_of_methods_does_not_read_are_named(tiny):
     """Comparing every method from one set of overrides: REPA's encoder given to a method of the VAE's levels, and a
     router given one level to weigh, changed nothing and said nothing."""
-    from ahpa.train.build import ignored_settings_note
+    from ahpa.train.notes import ignored_settings_note
 
     assert ignored_settings_note(tiny("prior.external=dinov2:/w/dinov2"), ["stage1", "latent"]) == [
         "align.method=ahpa does not read prior.external=dinov2:/w/dinov2 (REPA's encoder): ignored"]
@@ -593,7 +593,7 @@ def test_a_vanilla_runs_loss_plot_is_one_panel(tmp_path):
 def test_a_data_path_that_procedural_data_does_not_read_is_named(tiny):
     """README's "with your data, pass data.path=..." under a config of procedural data trained on the shapes without a
     word; the run's notes say the path is ignored and which data.source reads it."""
-    from ahpa.train.build import ignored_settings_note
+    from ahpa.train.notes import ignored_settings_note
 
     notes = ignored_settings_note(tiny("data.path=/photos/train.npz"), ["stage1", "latent"])
     assert notes == ["data.source=procedural does not read data.path=/photos/train.npz: ignored, this run trains on "

@@ -26,12 +26,13 @@ from ahpa.priors.targets import standardise_levels
 from ahpa.provenance import device_name
 from ahpa.sample import SamplerBundle
 from ahpa.train import outputs, schedule
-from ahpa.train.build import (Parts, build_parts, check_batch_split, given_encoder_spec, heads_cost_note,
-                              ignored_settings_note, precision_note, registered_entries, setup_note)
+from ahpa.train.build import Parts, build_parts, check_batch_split, given_encoder_spec, registered_entries
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 from ahpa.train.distributed import current, ddp_without_buffer_sync, from_main, full_value
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_note, ema_update
+from ahpa.train.evaluate import Evaluator
+from ahpa.train.notes import heads_cost_note, ignored_settings_note, precision_note, setup_note
 from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run that diverges raises)
 from ahpa.train.run_dir import RunConfigError  # noqa: F401 (API: what a refused run directory raises)
 from ahpa.train.run_dir import check_moved_inputs, check_run_dir, removed_if_refused
@@ -80,7 +81,7 @@ class Trainer:
         if resumed is not None:
             self.step, self.ema_updates = resumed.step, resumed.ema_updates
         # before any training: a missing detector or reference fails now, not at the first evaluation
-        self.evaluator = outputs.Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world,
+        self.evaluator = Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world,
                                                    progress)
         self.messages += self.evaluator.notes if self.evaluator is not None else []
         if self.evaluator is None and cfg.eval.every and self.step >= t.steps:  # said, not done silently

@@ -24,7 +24,7 @@ from ahpa.train import eval_setup, inputs, outputs
 from ahpa.train.build import frozen_flops_per_image, train_flops_per_image
 from ahpa.train.distributed import LateMax, agreed_max
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
-from ahpa.train.evaluate import EvaluationStopped
+from ahpa.train.evaluate import EvaluationStopped, log_evaluation
 from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def evaluate(tr: Trainer, logger: MetricsLogger | None, hooks: RunHooks) -> int:
     except EvaluationStopped as e:
         return e.reason
     if logger is not None:
-        outputs.log_evaluation(logger, tr.run_dir, tr.step, tr.step * tr.cfg.train.batch_size, fd,
+        log_evaluation(logger, tr.run_dir, tr.step, tr.step * tr.cfg.train.batch_size, fd,
                                eval_setup.describe(tr.cfg))
     if hooks.on_eval is not None:
         hooks.on_eval(tr.step, fd)

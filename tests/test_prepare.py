@@ -355,6 +355,38 @@ def test_one_image_at_256_has_the_documented_geometry(sd_vae, sd_vae_dir, tmp_pa
     assert b.latent.shape == (1, 4, 32, 32) and b.levels["down0"].shape == (1, 256, 128) and b.levels["latent"].shape == (1, 256, 4)
 
 
+def test_one_image_at_512_has_the_documented_geometry_and_trains_the_512_config(sd_vae, sd_vae_dir, tmp_path):
+    """At 512 the levels are pooled to the 32x32 grid of a /2 SiT (four times 256's bytes: docs/data.md's 512 table),
+    and configs/imagenet512-xl2.yaml, shrunk, trains from that cache: 1,024 tokens with their position embeddings,
+    every level routed. (~25 s: the SD-VAE encoder at 512 on two CPU cores.)"""
+    from ahpa import config as config_mod
+    from ahpa.train.loop import Trainer
+
+    _rgb(np.random.default_rng(2), 600, 800).save(tmp_path / "big.jpg")
+    (tmp_path / "one.txt").write_text("big.jpg\t0\n")
+    opts = PrepareOptions(images=str(tmp_path / "one.txt"), vae=f"diffusers:{sd_vae_dir}", resolution=512,
+                          out=str(tmp_path / "c"), batch=1, workers=0, flips="none")
+    assert prepare(opts, encoder=sd_vae).images == 1
+    m = read_manifest(tmp_path / "c")
+    per_level = {k: 2 * int(np.prod(v["shape"])) for k, v in m["fields"].items() if v["dtype"] == "fp16"}
+    assert m["grid"] == 32 and per_level == {"latent_mean": 32768, "latent_logvar": 32768, "level.down0": 262144,
+                                             "level.down1": 524288, "level.down2": 1048576, "level.down3": 1048576,
+                                             "level.mid": 1048576}
+    data = sum(f["bytes"] for s in m["shards"] for k, f in s["files"].items() if k != "stats")
+    assert data == sum(per_level.values()) + 16 == 3_997_712
+    preset = Path(__file__).resolve().parents[1] / "configs" / "imagenet512-xl2.yaml"
+    cfg = config_mod.load(preset, [f"data.path={tmp_path / 'c'}", "data.hflip=false", f"prior.encoder=diffusers:{sd_vae_dir}",
+                                   "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "align.depth=1",
+                                   "align.projector_dim=32", "train.steps=1", "train.batch_size=1", "train.compile=false",
+                                   "train.sample_every=0", "train.ema_warmup=true", "train.device=cpu"])
+    trainer = Trainer(cfg, tmp_path / "run", encoder=sd_vae)
+    model = trainer.parts.model
+    assert model.cfg.grid == 32 and model.pos_embed.shape == (1, 1024, 32) and trainer.parts.levels == SD_LEVELS
+    assert trainer.parts.aligner.router.num_levels == len(SD_LEVELS)
+    last = trainer.run()
+    assert trainer.step == 1 and np.isfinite(last["loss/flow"]) and np.isfinite(last["loss/align"])
+
+
 def test_cli_prepare_reports_and_is_a_noop_on_rerun(folder, tmp_path, capsys):
     from ahpa.cli import main
 

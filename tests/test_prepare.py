@@ -413,6 +413,53 @@ def test_cli_prepare_reports_and_is_a_noop_on_rerun(folder, tmp_path, capsys):
     assert "ignored 1 file(s) without an image extension (notes.txt;" in capsys.readouterr().err
 
 
+def test_a_cache_larger_than_the_free_space_is_refused_before_any_work(folder, tmp_path, capsys, monkeypatch):
+    """At 512 every level with stored flips is 10 TB for ImageNet, and a disk that filled days into the encoding left
+    a cache whose options cannot change without starting again. prepare now refuses, before it writes anything, the
+    shards that need more bytes than the disk holding --out has free, naming both figures and the options that store
+    less; a resume counts only the shards it lacks; --no-space-check skips it."""
+    from types import SimpleNamespace
+
+    from ahpa.cli import main
+    from ahpa.data.shard_encoder import ShardEncoder
+
+    def args(out, *extra):
+        return ["prepare", "--images", str(folder / "dogs"), "--vae", "ahpa-vae:random", "--resolution", "16", "--out",
+                str(out), "--workers", "0", "--flips", "none", "--limit", "6", "--shard-size", "2", "--batch", "2", *extra]
+
+    assert main(args(tmp_path / "whole")) == 0
+    m = read_manifest(tmp_path / "whole")
+    per_image = sum(f["bytes"] for k, f in m["shards"][0]["files"].items() if k != "stats") // 2
+    capsys.readouterr()
+    free = {"bytes": 6 * per_image - 1}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    assert main(args(tmp_path / "new")) == 2
+    err = capsys.readouterr().err
+    assert f"the cache needs up to 0.00 GB more ({per_image:,} B per image x 6 images to encode)" in err
+    assert "--flips generated or none halves it" in err and "--no-space-check" in err
+    assert not (tmp_path / "new").exists()
+    # a resume needs room for the shards it lacks only
+    real_open = ShardEncoder._open
+
+    def killed_at_the_second_shard(self, i, writer):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real_open(self, i, writer)
+
+    free["bytes"] = 10**15
+    monkeypatch.setattr(ShardEncoder, "_open", killed_at_the_second_shard)
+    assert main(args(tmp_path / "part")) == 130
+    monkeypatch.setattr(ShardEncoder, "_open", real_open)
+    free["bytes"] = 4 * per_image - 1
+    assert main(args(tmp_path / "part")) == 2
+    assert "x 4 images to encode" in capsys.readouterr().err
+    free["bytes"] = 4 * per_image
+    assert main(args(tmp_path / "part")) == 0
+    free["bytes"] = 0  # a complete cache is a no-op whatever the disk holds
+    assert main(args(tmp_path / "part")) == 0 and "already complete" in capsys.readouterr().out
+    assert main(args(tmp_path / "unchecked", "--no-space-check")) == 0
+
+
 def test_a_resumed_prepare_bar_starts_at_the_shards_there(folder, tmp_path, capsys, monkeypatch):
     """Resumed, the bar counted the shards already there as encoded in its first second (a walkthrough's rate read 28
     img/s where it encoded 21); it now starts at them, so that tqdm's rate is of the images this launch encodes."""

@@ -47,6 +47,34 @@ def test_the_imagenet_configs_are_the_papers_run_and_repas_b2():
     assert xl.sample.guidance_high == b.sample.guidance_high == 0.7
 
 
+def test_the_imagenet512_configs_are_the_512_recipe_at_1024_tokens():
+    """imagenet512-xl2.yaml: SiT-XL/2 as SiT and REPA train it at 512 (lr 1e-4, batch 256, grad clip 1.0) with the
+    AHPA paper's XL alignment (depth 7, lambda 0.5); imagenet512-b2.yaml: imagenet256-b2.yaml at 512. On SD-VAE's
+    64x64x4 latent both are 32x32 = 1,024 tokens, with position embeddings for all of them and a tap inside the
+    model; they sample as the 256 configs do; REPA's DINOv2-B/14 (16x16 tokens at 224) runs at 448 to tile them."""
+    from types import SimpleNamespace
+
+    from ahpa.models.sit import sincos_pos_embed
+    from ahpa.priors.external import tiling_side
+    from ahpa.train.build import sit_config
+
+    by_name = {p.name: config.load(p) for p in CONFIGS}
+    xl, b = by_name["imagenet512-xl2.yaml"], by_name["imagenet512-b2.yaml"]
+    assert (xl.model.preset, xl.data.resolution, xl.train.lr, xl.train.batch_size, xl.train.grad_clip, xl.align.depth,
+            xl.align.weight) == ("XL/2", 512, 1e-4, 256, 1.0, 7, 0.5)
+    b256 = by_name["imagenet256-b2.yaml"].to_dict()
+    b256["data"] |= {"resolution": 512, "path": "caches/imagenet512-sdvae"}
+    assert b.to_dict() == b256
+    sd_vae = SimpleNamespace(factor=8, latent_channels=4, spec="diffusers:stabilityai/sd-vae-ft-ema")
+    for cfg in (xl, b):
+        sc = sit_config(cfg, sd_vae, 1000)
+        assert (sc.input_size, sc.grid, sc.num_tokens) == (64, 32, 1024)
+        assert sincos_pos_embed(sc.hidden_size, sc.grid).shape == (1024, sc.hidden_size)
+        assert 1 <= cfg.align.depth <= sc.depth
+        assert cfg.sample == by_name["imagenet256-xl2.yaml"].sample
+    assert tiling_side(224 // 14, 32) * 14 == 448
+
+
 def test_overrides_parse_types_and_lists():
     cfg = config.load(None, ["train.steps=7", "train.lr=3e-4", "align.levels=[stage1,latent]", "data.hflip=false",
                              "train.betas=[0.9,0.95]"])

@@ -355,6 +355,38 @@ def test_one_image_at_256_has_the_documented_geometry(sd_vae, sd_vae_dir, tmp_pa
     assert b.latent.shape == (1, 4, 32, 32) and b.levels["down0"].shape == (1, 256, 128) and b.levels["latent"].shape == (1, 256, 4)
 
 
+def test_one_image_at_512_has_the_documented_geometry_and_trains_the_512_config(sd_vae, sd_vae_dir, tmp_path):
+    """At 512 the levels are pooled to the 32x32 grid of a /2 SiT (four times 256's bytes: docs/data.md's 512 table),
+    and configs/imagenet512-xl2.yaml, shrunk, trains from that cache: 1,024 tokens with their position embeddings,
+    every level routed. (~25 s: the SD-VAE encoder at 512 on two CPU cores.)"""
+    from ahpa import config as config_mod
+    from ahpa.train.loop import Trainer
+
+    _rgb(np.random.default_rng(2), 600, 800).save(tmp_path / "big.jpg")
+    (tmp_path / "one.txt").write_text("big.jpg\t0\n")
+    opts = PrepareOptions(images=str(tmp_path / "one.txt"), vae=f"diffusers:{sd_vae_dir}", resolution=512,
+                          out=str(tmp_path / "c"), batch=1, workers=0, flips="none")
+    assert prepare(opts, encoder=sd_vae).images == 1
+    m = read_manifest(tmp_path / "c")
+    per_level = {k: 2 * int(np.prod(v["shape"])) for k, v in m["fields"].items() if v["dtype"] == "fp16"}
+    assert m["grid"] == 32 and per_level == {"latent_mean": 32768, "latent_logvar": 32768, "level.down0": 262144,
+                                             "level.down1": 524288, "level.down2": 1048576, "level.down3": 1048576,
+                                             "level.mid": 1048576}
+    data = sum(f["bytes"] for s in m["shards"] for k, f in s["files"].items() if k != "stats")
+    assert data == sum(per_level.values()) + 16 == 3_997_712
+    preset = Path(__file__).resolve().parents[1] / "configs" / "imagenet512-xl2.yaml"
+    cfg = config_mod.load(preset, [f"data.path={tmp_path / 'c'}", "data.hflip=false", f"prior.encoder=diffusers:{sd_vae_dir}",
+                                   "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "align.depth=1",
+                                   "align.projector_dim=32", "train.steps=1", "train.batch_size=1", "train.compile=false",
+                                   "train.sample_every=0", "train.ema_warmup=true", "train.device=cpu"])
+    trainer = Trainer(cfg, tmp_path / "run", encoder=sd_vae)
+    model = trainer.parts.model
+    assert model.cfg.grid == 32 and model.pos_embed.shape == (1, 1024, 32) and trainer.parts.levels == SD_LEVELS
+    assert trainer.parts.aligner.router.num_levels == len(SD_LEVELS)
+    last = trainer.run()
+    assert trainer.step == 1 and np.isfinite(last["loss/flow"]) and np.isfinite(last["loss/align"])
+
+
 def test_cli_prepare_reports_and_is_a_noop_on_rerun(folder, tmp_path, capsys):
     from ahpa.cli import main
 
@@ -379,6 +411,53 @@ def test_cli_prepare_reports_and_is_a_noop_on_rerun(folder, tmp_path, capsys):
     assert main(["prepare", "--images", str(loose), "--vae", "ahpa-vae:random", "--resolution", "16", "--out",
                  str(tmp_path / "c2"), "--workers", "0", "--flips", "none"]) == 0
     assert "ignored 1 file(s) without an image extension (notes.txt;" in capsys.readouterr().err
+
+
+def test_a_cache_larger_than_the_free_space_is_refused_before_any_work(folder, tmp_path, capsys, monkeypatch):
+    """At 512 every level with stored flips is 10 TB for ImageNet, and a disk that filled days into the encoding left
+    a cache whose options cannot change without starting again. prepare now refuses, before it writes anything, the
+    shards that need more bytes than the disk holding --out has free, naming both figures and the options that store
+    less; a resume counts only the shards it lacks; --no-space-check skips it."""
+    from types import SimpleNamespace
+
+    from ahpa.cli import main
+    from ahpa.data.shard_encoder import ShardEncoder
+
+    def args(out, *extra):
+        return ["prepare", "--images", str(folder / "dogs"), "--vae", "ahpa-vae:random", "--resolution", "16", "--out",
+                str(out), "--workers", "0", "--flips", "none", "--limit", "6", "--shard-size", "2", "--batch", "2", *extra]
+
+    assert main(args(tmp_path / "whole")) == 0
+    m = read_manifest(tmp_path / "whole")
+    per_image = sum(f["bytes"] for k, f in m["shards"][0]["files"].items() if k != "stats") // 2
+    capsys.readouterr()
+    free = {"bytes": 6 * per_image - 1}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    assert main(args(tmp_path / "new")) == 2
+    err = capsys.readouterr().err
+    assert f"the cache needs up to 0.00 GB more ({per_image:,} B per image x 6 images to encode)" in err
+    assert "--flips generated or none halves it" in err and "--no-space-check" in err
+    assert not (tmp_path / "new").exists()
+    # a resume needs room for the shards it lacks only
+    real_open = ShardEncoder._open
+
+    def killed_at_the_second_shard(self, i, writer):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real_open(self, i, writer)
+
+    free["bytes"] = 10**15
+    monkeypatch.setattr(ShardEncoder, "_open", killed_at_the_second_shard)
+    assert main(args(tmp_path / "part")) == 130
+    monkeypatch.setattr(ShardEncoder, "_open", real_open)
+    free["bytes"] = 4 * per_image - 1
+    assert main(args(tmp_path / "part")) == 2
+    assert "x 4 images to encode" in capsys.readouterr().err
+    free["bytes"] = 4 * per_image
+    assert main(args(tmp_path / "part")) == 0
+    free["bytes"] = 0  # a complete cache is a no-op whatever the disk holds
+    assert main(args(tmp_path / "part")) == 0 and "already complete" in capsys.readouterr().out
+    assert main(args(tmp_path / "unchecked", "--no-space-check")) == 0
 
 
 def test_a_resumed_prepare_bar_starts_at_the_shards_there(folder, tmp_path, capsys, monkeypatch):

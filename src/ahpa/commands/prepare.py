@@ -43,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--repair", action="store_true",
                    help="check every finished shard's files against their sha256 (reads them whole; a plain rerun "
                    "checks sizes) and encode the damaged shards again, keeping the rest; not while a run reads the cache")
+    p.add_argument("--no-space-check", action="store_true",
+                   help="skip the check that the shards still to write fit in the free space of --out's disk (for a "
+                   "file system that misreports its free space)")
     p.set_defaults(func=run)
 
 
@@ -82,7 +85,7 @@ def _run(args) -> int:
         workers=default_workers() if args.workers is None else args.workers,
         device=args.device, precision=args.precision, shard_size=args.shard_size, labels=args.labels,
         limit=args.limit, reduce=args.reduce, reduce_images=args.reduce_images, store_images=args.store_images,
-        repair=args.repair, rank=rank,
+        repair=args.repair, space_check=not args.no_space_check, rank=rank,
         world=world,
     )
     bar = None

@@ -13,6 +13,7 @@ resumes. PrepareError and Progress are defined in ahpa.data.shard_encoder and im
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,7 @@ from ahpa.data.manifest import (
 from ahpa.data.reduce import REDUCE_FILE, fit_bases
 from ahpa.data.shard_encoder import PrepareError, Progress, ShardEncoder
 from ahpa.data.shard_store import (
-    ShardPlan, check_output_dir, damaged_shards, delete_shards, finalize_cache, sweep_shards,
+    ShardPlan, bytes_to_write, check_output_dir, damaged_shards, delete_shards, finalize_cache, sweep_shards,
 )  # fmt: skip
 from ahpa.data.tokens import divisor_grids
 from ahpa.priors.base import PriorEncoder
@@ -59,6 +60,7 @@ class PrepareOptions:
     store_images: bool = False  # keep the uint8 crops too: REPA's external encoder reads them (R*R*3 bytes each)
     seed: int = 0  # posterior draws for the statistics
     repair: bool = False  # a complete cache: check every file's sha256 and encode the damaged shards again
+    space_check: bool = True  # refuse, before any work, shards that need more bytes than the disk has free
     rank: int = 0
     world: int = 1
 
@@ -168,6 +170,27 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
     }
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e12:.2f} TB" if n >= 1e12 else f"{n / 1e9:.2f} GB"
+
+
+def check_space(out: Path, settings: dict, items: int, shard_size: int) -> None:
+    """Refuse a cache whose shards still to write need more bytes than the disk holding `out` has free: found before
+    any work, it is a choice of options; found when the disk fills, days of encoding under settings that cannot
+    change without starting again (at 512, every level with stored flips is 10 TB for ImageNet)."""
+    need, todo, per_item = bytes_to_write(ShardPlan(out, items, shard_size, ""), settings)
+    disk = out
+    while not disk.exists():
+        disk = disk.parent
+    free = shutil.disk_usage(disk).free
+    if need > free:
+        raise PrepareError(
+            f"--out {out}: the cache needs up to {_size(need)} more ({per_item:,} B per image x {todo:,} images to "
+            f"encode) and {disk} has {_size(free)} free. Free space, choose another --out, or store less per image "
+            "(docs/data.md, 'Storage'): --flips generated or none halves it, --reduce N or --levels stores fewer "
+            "bytes. If the file system misreports its free space, add --no-space-check")
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -193,6 +216,12 @@ def prepare(
     encoder = encoder if encoder is not None else load_encoder(o.vae, device)
     device = _device_of(encoder)
     settings = plan_settings(o, encoder, listing)
+    # what is still to encode must fit: all of a new cache, the shards a resume lacks; a complete one is a no-op (or
+    # --repair's few shards), and one of other settings is refused below, naming them
+    saved = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
+    resumable = saved is None or not (saved.get("complete") or settings_differences(saved, settings))
+    if o.rank == 0 and o.space_check and resumable:
+        check_space(out, settings, len(listing), o.shard_size)
     try:
         (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -134,6 +134,14 @@ class ShardPlan:
         return sum(f["bytes"] for s in manifest["shards"] for f in s["files"].values())
 
 
+def bytes_to_write(plan: ShardPlan, settings: dict) -> tuple[int, int, int]:
+    """(bytes, items, bytes per item) that the shards without a commit record will hold at most: one row of every
+    field per source item (a skipped file writes none), the statistics files aside (~0.2 MB a shard)."""
+    per_item = sum(row_bytes(spec) for spec in field_spec(settings).values())
+    items = sum(b - a for i in range(plan.num_shards) if not plan.record_path(i).is_file() for a, b in [plan.items(i)])
+    return per_item * items, items, per_item
+
+
 def _sha_bytes(data: bytes) -> str:
     import hashlib
 

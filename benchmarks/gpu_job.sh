@@ -36,6 +36,9 @@
 #     bash benchmarks/gpu_job.sh tokens     # B/2 and XL/2, none and ahpa-cached compiled, the heads on every token
 #                                           # and on a quarter of them (align.token_fraction=0.25), side by side
 #                                           # (~6 min estimated: six compiled measurements)
+#     bash benchmarks/gpu_job.sh in512      # ImageNet 512 (1,024 tokens): B/2 and XL/2, none and ahpa-cached compiled,
+#                                           # batch 64 per GPU (REPA's 256 over 8 GPUs is 32), a 256-image synthetic cache
+#                                           # of SD-VAE's 512 level shapes (~2 GB with stored flips); ~5-6 min estimated
 #
 # For on-the-fly, here first (diffusers is pure Python; its other needs are on the machine already):
 #     echo /.whl/ >> .git/info/exclude
@@ -89,6 +92,8 @@ case "$job" in
     tokens) bench --models B/2,XL/2 --methods none,ahpa-cached --compile compiled --token-fractions 1,0.25 --sampling off \
                 --warmup 3 --steps 15 --budget-s 450 ;;
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | fp16 | tokens)"; exit 2 ;;
+    in512) bench --models B/2,XL/2 --methods none,ahpa-cached --resolution 512 --batch 64 --cache-images 256 --compile compiled \
+               --sampling off --budget-s 420 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | fp16 | tokens | in512)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

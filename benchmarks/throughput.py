@@ -77,6 +77,18 @@ SIZES = {
 }
 
 
+def at_resolution(size: dict, resolution: int | None) -> dict:
+    """A size's settings at another image side: the ViT's input scales with it (REPA: 224 at 256, 448 at 512), a
+    whole number of its patches; everything else (batch, steps) is the size's or the options'."""
+    if not resolution or resolution == size["resolution"]:
+        return size
+    if resolution % 16:  # the SD-VAE's 1/8 latent and patch 2
+        raise SystemExit(f"--resolution {resolution}: give a multiple of 16 (the VAE's 1/8 latent, patch 2)")
+    vit = size["vit"]
+    side = max(vit["patch"], round(vit["image_size"] * resolution / size["resolution"] / vit["patch"]) * vit["patch"])
+    return {**size, "resolution": resolution, "vit": {**vit, "image_size": side}}
+
+
 def write_caches(work: Path, size: dict, synthetic, methods: list[str], num: int, device: torch.device
                  ) -> tuple[dict[str, Path], dict[str, dict]]:
     """The synthetic caches the methods read, written (or reused) where one of them needs it: `levels` (SD-VAE-shaped
@@ -246,6 +258,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="timed steps (default per size)")
     ap.add_argument("--warmup", type=int, help="warm-up steps before timing (default per size)")
     ap.add_argument("--batch", type=int, help="global batch for every model (default per size and model)")
+    ap.add_argument("--resolution", type=int,
+                    help="image side (default per size: 256 for gpu); REPA's ViT input scales with it, as REPA feeds "
+                         "DINOv2 448 at 512. ImageNet 512 trains at 1,024 tokens: give a --batch that fits")
     ap.add_argument("--activation-checkpointing", default="0",
                     help="comma list of SiT blocks to checkpoint, one measurement each: N = the first N, all = every "
                          "block, 0 = off (default 0)")
@@ -275,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
 
-    size = SIZES[args.size]
+    size = at_resolution(SIZES[args.size], args.resolution)
     device = benchlib.resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

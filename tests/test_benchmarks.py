@@ -42,6 +42,25 @@ def test_throughput_tiny_writes_complete_records(tmp_path):
     assert [r["solver"] for r in result["records"] if r["kind"] == "sample"] == ["heun", "euler-maruyama"]
 
 
+def test_throughput_at_another_resolution_scales_the_grid_and_repas_input(tmp_path, monkeypatch):
+    """--resolution (ImageNet 512's 1,024 tokens): the runs train at that side, REPA's ViT input scales as REPA's
+    (224 at 256 -> 448 at 512, whole patches), and a side the latent grid cannot tile is refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import throughput
+
+    gpu = throughput.at_resolution(throughput.SIZES["gpu"], 512)
+    assert gpu["resolution"] == 512 and gpu["vit"]["image_size"] == 448 and throughput.SIZES["gpu"]["vit"]["image_size"] == 224
+    assert throughput.at_resolution(throughput.SIZES["gpu"], None) is throughput.SIZES["gpu"]
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        throughput.at_resolution(throughput.SIZES["gpu"], 500)
+    out = tmp_path / "tp.json"
+    _run(["benchmarks/throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,repa", "--resolution", "128",
+          "--steps", "1", "--warmup", "1", "--sampling", "off", "--work-dir", str(tmp_path), "--out", str(out)])
+    train = [r for r in json.loads(out.read_text())["records"] if r["kind"] == "train"]
+    assert [r["resolution"] for r in train] == [128, 128] and all(r["finite"] for r in train)
+    assert "'image_size': 224" in train[1]["note"]
+
+
 def test_throughput_measures_repa_reading_its_images_from_a_cache(tmp_path):
     """repa-cached: REPA's own cache (latent moments + uint8 crops): the loader reads the image once and the latent
     variant, and the external encoder runs in the step as for in-memory images."""

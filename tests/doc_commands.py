@@ -1,5 +1,5 @@
 """The commands the documentation shows, found as a user copying them reads them: the shell lines of the fenced code
-blocks of README.md, docs/*.md and docs/study/**/README.md, the usage lines at the head of the benchmarks/ scripts
+blocks of README.md, CHANGELOG.md, docs/*.md and docs/study/**/README.md, the usage lines at the head of the benchmarks/ scripts
 (a Python script's docstring, a shell job's first comments), and the commands quoted in the docs' prose
 (`ahpa prepare --levels latent --store-images`: often part of a command, so only their names count).
 
@@ -43,7 +43,7 @@ class DocCommand:
 
 def find(root: Path = ROOT) -> list[DocCommand]:
     """Every command of the documentation and of the benchmarks/ scripts' headers, in file and line order."""
-    docs = [root / "README.md", *sorted((root / "docs").glob("*.md")),
+    docs = [root / "README.md", root / "CHANGELOG.md", *sorted((root / "docs").glob("*.md")),
             *sorted((root / "docs").glob("study/**/README.md"))]
     found = [c for path in docs for c in commands_in_markdown(path, root)]
     for path in sorted((root / "benchmarks").glob("*.py")) + sorted((root / "benchmarks").glob("*.sh")):

@@ -126,6 +126,12 @@ def _run(args) -> int:
 def _report(result, world: int = 1) -> None:
     if result.label_doubt:  # said first and on stderr: a class-conditional run may be about to train without labels
         print(f"warning: labels: {result.labels}; {result.label_doubt}", file=sys.stderr)
+    if result.empty_classes:  # on stderr, with the doubt: a class-balanced grid of two classes would be half noise
+        shown = ", ".join(result.empty_classes[:5]) + (", ..." if len(result.empty_classes) > 5 else "")
+        print(f"warning: {len(result.empty_classes)} class(es) hold no image in the cache (every file of theirs was "
+              f"skipped, or the source names none): {shown}. The model still has a class for each, which never trains, "
+              "and class-balanced samples and evaluations draw it: fix or remove those files, then prepare into a new "
+              f"--out (counts per class: {result.path / 'report.json'})", file=sys.stderr)
     if result.noop:
         checked = "every file matches its sha256" if result.checked else "nothing to do"
         print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); {checked}")

@@ -195,8 +195,12 @@ def _run(args) -> int:
             print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale}"
                   f"{guided}{only})")
         if d.is_main and args.grid is not None:
+            from ahpa.train.plots import columns_note
+
             shown = draw_grid(path, args.grid, len(classes) if classes else bundle.num_classes)
-            print(f"grid of its first {shown} samples: {args.grid}")
+            drawn = classes if classes else range(bundle.num_classes)
+            names = [bundle.class_names[k] if bundle.class_names else f"class {k}" for k in drawn]
+            print(f"grid of its first {shown} samples: {args.grid}{columns_note(names)}")
         return 0
     finally:
         finish(completed, 0)  # under torchrun the process ends here

@@ -298,3 +298,20 @@ def test_stale_commands_are_named_with_the_fix(tmp_path):
     assert sorted(problems) == sorted(expected), problems
     for line, message in expected.items():
         assert problems[line] and message in problems[line], (line, problems[line])
+
+
+@pytest.mark.parametrize("name", ["prepare", "train", "sample", "eval", "compare"])
+def test_a_commands_help_ends_with_examples_that_parse(name):
+    """`ahpa prepare --help` listed options alone: a first-time user with a folder of their own images learnt neither
+    which options a first command needs nor where the docs are. Each of the commands of that walk now ends its help with
+    examples, checked as the docs' commands are (options, config keys and values, presets)."""
+    sub = next(a for a in ahpa_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    text = sub.format_help()
+    assert "\nexamples:\n" in text, f"ahpa {name} --help has no examples"
+    lines = list(enumerate(text.split("\nexamples:\n", 1)[1].splitlines(), 1))
+    found = doc_commands._commands(f"ahpa {name} --help", lines, usage_lines_only=True)
+    assert found and all(c.program == "ahpa" and c.args[0] == name for c in found), found
+    for cmd in found:
+        problem = check(cmd)
+        assert problem is None, f"{cmd}: {cmd.text}\n  {problem}"
+    assert "More: " in text  # where to read on

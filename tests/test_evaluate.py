@@ -436,3 +436,22 @@ def test_ahpa_train_prints_each_evaluation_above_its_bar(setup, tmp_path, capsys
                  f"eval.detectors=[{det.spec}]", f"eval.ref={ref}", "eval.num=8", "eval.batch=8"]) == 0
     err = capsys.readouterr().err
     assert f"step 2 (8 images): {det.name} " in err and "(8 EMA samples)" in err
+
+
+def test_eval_png_names_its_one_metric(tmp_path, monkeypatch):
+    """A run evaluated with one detector drew eval.png as one unnamed line under "Fréchet distance": neither a legend
+    (drawn for two lines or more) nor a title said it was FD-r20, not FID. With several, the legend names them."""
+    import json
+
+    from ahpa.train import plots
+
+    rows = [{"step": s, "images": 16 * s, "eval/FD-r20": 9.0 - s} for s in (10, 20)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    monkeypatch.setattr(plots, "line_plot", lambda series, path, *a, **kw: drawn.append((list(series), kw)) or path)
+    plots.eval_curves(tmp_path / "metrics.jsonl", tmp_path / "eval.png")
+    assert drawn[-1][0] == ["FD-r20"] and drawn[-1][1]["title"] == "FD-r20"
+    rows = [{**r, "eval/FD-r32": 8.0} for r in rows]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plots.eval_curves(tmp_path / "metrics.jsonl", tmp_path / "eval.png")
+    assert drawn[-1][0] == ["FD-r20", "FD-r32"] and drawn[-1][1]["title"] == ""

@@ -434,7 +434,8 @@ def test_eval_command_errors_and_size_warning(tmp_path, tiny_detector_file, caps
 
     with mock.patch.object(evaluation, "measure", side_effect=evaluation.measure) as samples_read:
         assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache"]) == 2
-    assert "need a resolution to be read at (ahpa eval --resolution R" in capsys.readouterr().err
+    # which R: the samples' side (a user's first guess was the training images', which vary)
+    assert "need a resolution to be read at (ahpa eval --resolution R, R the samples' side" in capsys.readouterr().err
     assert not samples_read.called  # refused before the samples' work (minutes for 50K in a real evaluation)
     assert main(["eval", str(small), "--ref", str(photos), *det, "--no-ref-cache", "--resolution", "8"]) == 0
     out, err = capsys.readouterr()

@@ -670,3 +670,41 @@ def test_the_names_of_a_runs_classes_come_from_its_data(tmp_path):
     assert class_names(DataCfg(source="npz", path=str(tmp_path / "moved.npz"))) is None
     assert class_names(DataCfg(source="cache", path=str(tmp_path / "moved"))) is None
     assert class_names(DataCfg(source="procedural"))[:2] == ["warm disc", "warm square"]
+
+
+def test_a_folder_without_images_and_a_class_whose_files_were_all_skipped_are_said(tmp_path, capsys):
+    """A user's class folders: one empty (or holding only notes), one whose only file is corrupt. The empty one was
+    dropped without a word (four folders, three classes); the corrupt one kept its class index with no image, so the
+    model had a class that never trained and class-balanced grids and evaluations drew from it, unsaid."""
+    from ahpa.cli import main
+
+    root = tmp_path / "mine"
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((16, 16, 3), 60 * k, np.uint8)).save(root / cls / f"{k}.png")
+    (root / "birds").mkdir()
+    (root / "birds" / "only.jpg").write_text("not an image")
+    (root / "empty").mkdir()
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("label these")
+    listing = list_source(root)
+    assert listing.class_names == ["birds", "cats", "dogs"]
+    assert listing.labels_text() == ("3 class(es) from the sub-folder names (birds, cats, dogs); 2 sub-folder(s) "
+                                     "without image files, not classes: empty, notes")
+    args = ["prepare", "--images", str(root), "--vae", "ahpa-vae:random", "--resolution", "16", "--workers", "0",
+            "--flips", "none", "--out", str(tmp_path / "c")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "not classes: empty, notes" in out
+    assert "warning: 1 class(es) hold no image in the cache (every file of theirs was skipped, or the source names " \
+           "none): birds." in err
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["images_per_class"] == {"birds": 0, "cats": 2, "dogs": 2}
+    assert main(args) == 0  # the rerun, a no-op, says it again
+    out, err = capsys.readouterr()
+    assert "already complete" in out and "hold no image in the cache" in err
+    (root / "birds" / "only.jpg").unlink()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "birds" / "only.png")
+    assert main([*args[:-1], str(tmp_path / "c2")]) == 0
+    assert "hold no image" not in capsys.readouterr().err

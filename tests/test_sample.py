@@ -706,7 +706,9 @@ def test_guidance_warns_on_a_model_without_a_trained_null_class(run_dir, tmp_pat
     assert "warning" not in capsys.readouterr().err
     # the run's own export (trained with label dropout) records it and samples guided without a word
     assert load_export(run_dir / "model.safetensors", "cpu").label_dropout == config.TrainCfg().label_dropout
-    assert unguidable(1, 0.1) == "the model has a single class, so guidance only rescales its velocity"
+    # one class: both branches learn the same images (guidance does not rescale the velocity, as this said before)
+    assert unguidable(1, 0.1).startswith("the model has a single class (its data had no labels): the class and the "
+                                         "null class learn the same images")
     assert unguidable(10, 0.1) is None and unguidable(10, None) is None
 
 
@@ -923,7 +925,9 @@ def test_sample_draws_a_grid_of_the_files_first_samples(run_dir, tmp_path, capsy
     args = ["sample", "--run", str(run_dir), "--steps", "1", "--micro-batch", "2", "--batch", "2"]
     out, png = tmp_path / "s.npz", tmp_path / "grid.png"
     assert main([*args, "--num", "5", "--out", str(out), "--grid", str(png)]) == 0
-    assert f"grid of its first 5 samples: {png}" in capsys.readouterr().out
+    # which column is which class, as the data named them (the grid itself does not say)
+    assert (f"grid of its first 5 samples: {png}; its columns, left to right: warm disc, warm square, warm ring, "
+            "warm plus, cool disc, cool square, cool ring, cool plus\n") in capsys.readouterr().out
     with Image.open(png) as im, np.load(out) as f:
         # 16-pixel samples drawn 4x (64) with 2-pixel gaps: one row of 5; the third tile is sample 2
         assert im.size == (5 * 66 + 2, 68)
@@ -933,6 +937,8 @@ def test_sample_draws_a_grid_of_the_files_first_samples(run_dir, tmp_path, capsy
     assert main([*args, "--num", "5", "--out", str(out), "--grid", str(png)]) == 0  # complete: the grid all the same
     assert "already complete" in (text := capsys.readouterr().out) and "grid of its first 5 samples" in text
     assert png.exists()
+    assert main([*args, "--num", "4", "--out", str(tmp_path / "c.npz"), "--grid", str(png), "--class", "1,0"]) == 0
+    assert "its columns, left to right: warm square, warm disc, 4 times along each row" in capsys.readouterr().out
     assert main([*args, "--num", "5", "--out", str(tmp_path / "t.npz"), "--grid", str(tmp_path / "g.jpg")]) == 2
     assert "--grid" in capsys.readouterr().err and not (tmp_path / "t.npz.parts").exists()
 

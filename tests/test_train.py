@@ -600,3 +600,24 @@ def test_a_data_path_that_procedural_data_does_not_read_is_named(tiny):
                      "procedural shapes (data.source=npz reads an .npz; a folder of images is encoded by `ahpa prepare` "
                      "and read as data.source=cache)"]
     assert ignored_settings_note(tiny(), ["stage1", "latent"]) == []
+
+
+def test_guiding_a_model_guidance_cannot_help_is_said_when_the_run_starts(tmp_path, tiny):
+    """An unlabelled folder or .npz trains one class; sample.cfg_scale=2 from a shared config then guided the run's
+    grids and evaluations (twice the network calls, the noise of two estimates of one distribution) without a word:
+    `ahpa sample` warned, the run did not. Likewise a null class that never trains (train.label_dropout=0)."""
+    images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "unlabelled.npz", images=images)
+    data = ["data.source=npz", f"data.path={tmp_path / 'unlabelled.npz'}"]
+    runs = iter(range(10))
+    notes = lambda *extra: [m for m in Trainer(tiny(*extra), tmp_path / f"run{next(runs)}").messages  # noqa: E731
+                            if "guid" in m]
+    assert notes(*data, "sample.cfg_scale=2") == [
+        "sample.cfg_scale=2: the model has a single class (its data had no labels): the class and the null class learn "
+        "the same images, so guidance adds the noise of their difference, not conditioning, at twice the network "
+        "calls; the run's sample grids and evaluations guide with it, as `ahpa sample --run` does by default "
+        "(sample.cfg_scale=1 does not guide)"]
+    assert notes(*data) == []
+    assert notes("sample.cfg_scale=1.5", "train.label_dropout=0")[0].startswith(
+        "sample.cfg_scale=1.5: the model was trained with train.label_dropout=0")
+    assert notes("sample.cfg_scale=1.5") == []  # procedural shapes: classes and label dropout

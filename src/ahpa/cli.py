@@ -13,7 +13,10 @@ DISTRIBUTED = ("train", "sample", "prepare")  # the commands whose processes sha
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ahpa", description="Adaptive Hierarchical Prior Alignment for Diffusion Transformers")
+    parser = argparse.ArgumentParser(prog="ahpa", description="Adaptive Hierarchical Prior Alignment for Diffusion Transformers",
+                                     epilog="Start with `ahpa demo` (about 3 minutes on a CPU, no files needed). "
+                                     "`ahpa COMMAND --help` shows a command's options and examples; your own images: "
+                                     "`ahpa prepare --help`. Docs: README.md and docs/ in the repository")
     parser.add_argument("--version", action=_Versions, help="the versions of ahpa, Python, torch (and its CUDA) and "
                         "the libraries it loads models with, for a bug report")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -304,7 +304,8 @@ def unguidable(num_classes: int, label_dropout: float | None) -> str | None:
     """Why classifier-free guidance cannot work on a model, or None: with one class the conditional and unconditional
     predictions learn the same distribution, and without label dropout the null class's embedding never trained."""
     if num_classes == 1:
-        return "the model has a single class, so guidance only rescales its velocity"
+        return ("the model has a single class (its data had no labels): the class and the null class learn the same "
+                "images, so guidance adds the noise of their difference, not conditioning, at twice the network calls")
     if label_dropout == 0:
         return ("the model was trained with train.label_dropout=0: its null class, the unconditional branch of "
                 "guidance, never received a gradient")

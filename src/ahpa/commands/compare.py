@@ -4,9 +4,15 @@ seed are read as one method, with the spread of its seeds (ahpa.compare_seeds)."
 
 from __future__ import annotations
 
+from ahpa.commands.examples import with_examples
+
 
 def register(sub) -> None:
-    p = sub.add_parser("compare", help="compare training runs: FD curves, speed-up over a baseline, differing settings")
+    p = sub.add_parser("compare", help="compare training runs: FD curves, speed-up over a baseline, differing settings",
+                       **with_examples(
+        "  # runs trained with eval.every (FD during training); the baseline is the vanilla SiT run",
+        "  ahpa compare runs/mine-none runs/mine --out runs/compare",
+        "More: docs/evaluation.md ('Comparing runs')"))
     p.add_argument("runs", nargs="+", help="run directories (as `ahpa train --out` wrote them)")
     p.add_argument("--out", default="", help="directory for compare.md and the plots (default: print only)")
     p.add_argument("--baseline", default="", help="the run the speed-ups are measured against, by name or path "

@@ -7,13 +7,22 @@ import sys
 import warnings
 from pathlib import Path
 
+from ahpa.commands.examples import with_examples
+
 
 # evaluate's parameters as this command's options, for the messages of check_settings
 OPTIONS = {"num": "--num", "batch_size": "--batch", "is_splits": "--is-splits", "pr_num": "--pr-num", "pr_k": "--pr-k"}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="FID / FD, Inception Score, precision/recall of samples against a reference")
+    p = sub.add_parser("eval", help="FID / FD, Inception Score, precision/recall of samples against a reference",
+                       **with_examples(
+        "  # against a folder of your images of any size: read at 64x64 as `ahpa prepare` reads them",
+        "  ahpa eval samples.npz --ref photos/ --resolution 64 --detector inception:inception-2015-12-05.pt",
+        "  # FID and Inception Score against ADM's ImageNet reference batch",
+        "  ahpa eval samples.npz --ref VIRTUAL_imagenet256_labeled.npz --detector inception:inception-2015-12-05.pt \\",
+        "      --metrics fd,is",
+        "The last line printed is one JSON object. More: docs/evaluation.md"))
     p.add_argument("samples", help="samples: ADM .npz (arr_0), images .npz, or an image folder")
     p.add_argument("--ref", required=True, help="reference: image source, or a statistics .npz (mu, sigma)")
     p.add_argument("--detector", action="append", required=True,

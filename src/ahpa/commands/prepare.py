@@ -12,11 +12,20 @@ from __future__ import annotations
 import os
 import sys
 
+from ahpa.commands.examples import with_examples
 from ahpa.commands.stopping import run_stoppable
 
 
 def register(sub) -> None:
-    p = sub.add_parser("prepare", help="encode images once into a sharded cache of latents and prior levels")
+    p = sub.add_parser("prepare", help="encode images once into a sharded cache of latents and prior levels", **with_examples(
+        "  # a folder of your images, one sub-folder per class (or all at its top level: no labels), through TAEF2 at",
+        "  # 64x64; --grid 8 serves a patch-1 SiT (the default grid, latent side / 2, serves patch 2)",
+        "  ahpa prepare --images photos/ --vae taef2:weights/taef2 --resolution 64 --grid 8 --out caches/photos64",
+        "  # ImageNet through SD-VAE at 256 (saved with diffusers' save_pretrained)",
+        "  ahpa prepare --images imagenet/train --vae diffusers:weights/sd-vae-ft-ema --resolution 256 \\",
+        "      --out caches/in256",
+        "The labels it inferred and the files it skipped or converted are printed, and listed in OUT/report.json;",
+        "rerun the same command to resume. Then: ahpa train ... data.source=cache data.path=OUT. More: docs/data.md"))
     p.add_argument("--images", required=True, help="image folder (class sub-folders give labels), .npz (images, labels) or .txt file list")
     p.add_argument("--vae", required=True, help="encoder spec: taef2:DIR | diffusers:DIR_OR_HUB_ID | ahpa-vae:DIR | "
                    "ahpa-vae:random (an untrained small VAE, for smoke tests)")
@@ -126,6 +135,12 @@ def _run(args) -> int:
 def _report(result, world: int = 1) -> None:
     if result.label_doubt:  # said first and on stderr: a class-conditional run may be about to train without labels
         print(f"warning: labels: {result.labels}; {result.label_doubt}", file=sys.stderr)
+    if result.empty_classes:  # on stderr, with the doubt: a class-balanced grid of two classes would be half noise
+        shown = ", ".join(result.empty_classes[:5]) + (", ..." if len(result.empty_classes) > 5 else "")
+        print(f"warning: {len(result.empty_classes)} class(es) hold no image in the cache (every file of theirs was "
+              f"skipped, or the source names none): {shown}. The model still has a class for each, which never trains, "
+              "and class-balanced samples and evaluations draw it: fix or remove those files, then prepare into a new "
+              f"--out (counts per class: {result.path / 'report.json'})", file=sys.stderr)
     if result.noop:
         checked = "every file matches its sha256" if result.checked else "nothing to do"
         print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); {checked}")

@@ -9,6 +9,7 @@ import sys
 
 from tqdm import tqdm
 
+from ahpa.commands.examples import with_examples
 from ahpa.commands.stopping import run_stoppable
 
 
@@ -19,6 +20,12 @@ SAMPLER_OPTIONS = ("solver", "steps", "cfg_scale", "guidance_low", "guidance_hig
 
 def register(sub) -> None:
     p = sub.add_parser("sample", help="generate images into an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels)",
+                       **with_examples(
+        "  ahpa sample --run runs/mine --num 10000 --out samples.npz --grid grid.png",
+        "  # only the classes named (a class folder's name, or its index)",
+        "  ahpa sample --run runs/mine --num 64 --out cats.npz --class cats",
+        "  ahpa sample --model sit.safetensors --num 50000 --out samples.npz --cfg-scale 1.8 --guidance-high 0.7",
+        "More: README.md (Quickstart), docs/imagenet.md (step 3)"),
                        description="Sampler options left out take the run's `sample` settings with --run (those of "
                                    "its config.yaml, as its sample grids used); with --model, those its run "
                                    "recorded in the export (solver, steps, cfg-scale, guidance interval), else the "
@@ -188,8 +195,12 @@ def _run(args) -> int:
             print(f"wrote {args.num} samples to {path} ({cfg.solver}, {cfg.steps} steps, cfg-scale {cfg.cfg_scale}"
                   f"{guided}{only})")
         if d.is_main and args.grid is not None:
+            from ahpa.train.plots import columns_note
+
             shown = draw_grid(path, args.grid, len(classes) if classes else bundle.num_classes)
-            print(f"grid of its first {shown} samples: {args.grid}")
+            drawn = classes if classes else range(bundle.num_classes)
+            names = [bundle.class_names[k] if bundle.class_names else f"class {k}" for k in drawn]
+            print(f"grid of its first {shown} samples: {args.grid}{columns_note(names)}")
         return 0
     finally:
         finish(completed, 0)  # under torchrun the process ends here

@@ -15,9 +15,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ahpa.commands.examples import with_examples
+
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a SiT (rerun the same command to resume; torchrun for several GPUs)")
+    p = sub.add_parser("train", help="train a SiT (rerun the same command to resume; torchrun for several GPUs)",
+                       **with_examples(
+        "  # seconds on a CPU, needs no files",
+        "  ahpa train --config configs/tiny.yaml --out runs/tiny",
+        "  # every setting with its documentation: a YAML file to edit and pass to --config",
+        "  ahpa train --config configs/cifar64-s1.yaml --show-config",
+        "  # your images, encoded once by `ahpa prepare` (its --vae and --resolution; a --grid that fits the patch),",
+        "  # with FID against their folder every 2000 steps",
+        "  ahpa train --config configs/cifar64-s1.yaml --out runs/mine data.source=cache data.path=caches/photos64 \\",
+        "      prior.encoder=taef2:weights/taef2 data.resolution=64 eval.every=2000 eval.ref=photos/ \\",
+        "      eval.detectors=inception:inception-2015-12-05.pt",
+        "  # vanilla SiT, the baseline of `ahpa compare runs/mine-none runs/mine`: the same with align.method=none",
+        "  # and --out runs/mine-none",
+        "Overrides are section.key=value (--show-config lists them). More: README.md (Quickstart), docs/data.md"))
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--out", help="run directory (config, checkpoints, logs, plots); required to train")
     p.add_argument("--show-config", action="store_true",

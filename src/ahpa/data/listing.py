@@ -91,9 +91,12 @@ def walk_folder(root: Path):
 def _folder(root: Path, labels: str) -> Listing:
     names: list[str] = []  # relative to root
     ignored: list[str] = []
+    subfolders: list[str] = []  # first-level, in walk (sorted) order: the candidates for classes
     for dirpath, filenames in walk_folder(root):
         rel = os.path.relpath(dirpath, root)
         prefix = "" if rel == "." else rel + os.sep
+        if rel != "." and os.sep not in rel:
+            subfolders.append(rel)
         for f in filenames:
             (names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS else ignored).append(prefix + f)
     if not names:
@@ -120,8 +123,13 @@ def _folder(root: Path, labels: str) -> Listing:
     index = {c: k for k, c in enumerate(classes)}
     y = np.fromiter((index[n.split(os.sep, 1)[0]] for n in names), np.int64, len(names))
     shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-    return Listing("folder", root, y, classes, paths=paths, ignored=ignored,
-                   label_note=f"{len(classes)} class(es) from the sub-folder names ({shown})")
+    note = f"{len(classes)} class(es) from the sub-folder names ({shown})"
+    # a folder without images is no class (torchvision's ImageFolder refuses it): said, since the user counted it
+    empty = [d for d in subfolders if d not in index]
+    if empty:
+        note += (f"; {len(empty)} sub-folder(s) without image files, not classes: "
+                 + ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
+    return Listing("folder", root, y, classes, paths=paths, ignored=ignored, label_note=note)
 
 
 def _file_list(path: Path, labels: str) -> Listing:

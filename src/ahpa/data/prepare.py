@@ -28,7 +28,8 @@ from ahpa.data.manifest import (
 from ahpa.data.reduce import REDUCE_FILE, fit_bases
 from ahpa.data.shard_encoder import PrepareError, Progress, ShardEncoder
 from ahpa.data.shard_store import (
-    ShardPlan, bytes_to_write, check_output_dir, damaged_shards, delete_shards, finalize_cache, sweep_shards,
+    ShardPlan, bytes_to_write, check_output_dir, damaged_shards, delete_shards, empty_classes, finalize_cache,
+    sweep_shards,
 )  # fmt: skip
 from ahpa.data.tokens import divisor_grids
 from ahpa.priors.base import PriorEncoder
@@ -82,6 +83,7 @@ class PrepareResult:
     ignored: list[str] = field(default_factory=list)  # files of a folder without an image extension (not read)
     labels: str = ""  # where the labels come from (Listing.labels_text)
     label_doubt: str = ""  # what to do when they are likely not what was meant (Listing.label_doubt)
+    empty_classes: list[str] = field(default_factory=list)  # classes left without an image (their files skipped)
 
 
 CACHE_ENTRIES = (MANIFEST, REPORT, SHARD_DIR, REDUCE_FILE)  # what a cache directory holds
@@ -255,8 +257,10 @@ def prepare(
         saved = read_json(out / MANIFEST)
     if saved.get("complete"):
         plan.check_complete(saved)
+        report = read_json(out / REPORT) if (out / REPORT).is_file() else {}
         return PrepareResult(out, True, True, saved["count"], len(listing), bytes=plan.total_bytes(saved),
-                             checked=bool(hashed), labels=listing.labels_text(), label_doubt=listing.label_doubt)
+                             checked=bool(hashed), labels=listing.labels_text(), label_doubt=listing.label_doubt,
+                             empty_classes=empty_classes(report))
 
     mine = [i for i in range(plan.num_shards) if i % o.world == o.rank]
     # a record is written after its shard's files are fsynced and renamed into place: a plain resume checks sizes
@@ -280,7 +284,8 @@ def prepare(
         barrier()
     return PrepareResult(out, False, True, manifest["count"], len(listing), report["skipped"], report["conversions"],
                          len(todo), len(reused), plan.total_bytes(manifest), repaired, ignored=list(listing.ignored),
-                         labels=listing.labels_text(), label_doubt=listing.label_doubt)
+                         labels=listing.labels_text(), label_doubt=listing.label_doubt,
+                         empty_classes=empty_classes(report))
 
 
 def _digest(settings: dict) -> str:

@@ -188,6 +188,8 @@ def finalize_cache(plan: ShardPlan, settings: dict, listing) -> tuple[dict, dict
             conversions[k] = conversions.get(k, 0) + v
     report = {"source": settings["source"]["path"], "items": plan.n, "images": count, "skipped_count": len(skipped),
               "skipped": skipped, "conversions": dict(sorted(conversions.items())), "ignored_files": listing.ignored}
+    if settings["labels"]["num_classes"] > 1:
+        report["images_per_class"] = images_per_class(plan, records, settings["labels"])
     atomic_write_json(plan.directory / REPORT, report)
     if count == 0:
         raise CacheError(f"every one of the {plan.n} source items was skipped (see {plan.directory / REPORT}); nothing to cache")
@@ -217,6 +219,20 @@ def finalize_cache(plan: ShardPlan, settings: dict, listing) -> tuple[dict, dict
     }
     atomic_write_json(plan.directory / MANIFEST, manifest)
     return manifest, report
+
+
+def images_per_class(plan: ShardPlan, records: list[dict], labels: dict) -> dict[str, int]:
+    """{class name (or index): rows in the cache}, from the shards' label rows (8 B each): a class whose every file was
+    skipped still has its index, and the model a class that never trains."""
+    rows = [np.fromfile(plan.shard_dir / r["files"]["labels"]["file"], dtype="<i8") for r in records]
+    counts = np.bincount(np.concatenate(rows), minlength=labels["num_classes"]).tolist()
+    names = labels["class_names"] or [str(k) for k in range(len(counts))]
+    return dict(zip(names, counts))
+
+
+def empty_classes(report: dict) -> list[str]:
+    """The classes of a cache's report that hold no image (a report from before the count: none)."""
+    return [name for name, n in report.get("images_per_class", {}).items() if n == 0]
 
 
 def stats_tensor(values: list[float]) -> torch.Tensor:

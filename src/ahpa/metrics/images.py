@@ -206,7 +206,8 @@ def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: in
             if it.image.shape[:2] != first[1]:
                 raise ValueError(f"{folder.path}: {listing.name(it.index)!r} is {it.image.shape[:2]}, but {first[0]!r} is "
                                  f"{first[1]}: images of several sizes need a resolution to be read at (ahpa eval "
-                                 "--resolution R, or ImageFolder(path, R): centre-cropped as ahpa prepare crops them)")
+                                 "--resolution R, R the samples' side, as a run reads its eval.ref folder at "
+                                 "data.resolution; or ImageFolder(path, R)): centre-cropped as ahpa prepare crops them")
         yield np.stack([it.image for it in good])
     if converted:
         kinds = ", ".join(f"{k} {kind}" for kind, k in converted.most_common())

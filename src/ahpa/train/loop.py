@@ -32,7 +32,7 @@ from ahpa.train.distributed import current, ddp_without_buffer_sync, from_main, 
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_note, ema_update
 from ahpa.train.evaluate import Evaluator
-from ahpa.train.notes import heads_cost_note, ignored_settings_note, precision_note, setup_note
+from ahpa.train.notes import guidance_note, heads_cost_note, ignored_settings_note, precision_note, setup_note
 from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run that diverges raises)
 from ahpa.train.run_dir import RunConfigError  # noqa: F401 (API: what a refused run directory raises)
 from ahpa.train.run_dir import check_moved_inputs, check_run_dir, removed_if_refused
@@ -73,7 +73,8 @@ class Trainer:
         self._torn = False  # a step left part-done by an exception (Ctrl-C in a notebook): see _check_still_current
         self.messages: list[str] = (self.parts.notes + encoder_notes + ignored_settings_note(cfg, self.parts.levels)
                                     + heads_cost_note(self.parts) + precision_note(t.precision, self.parts.device)
-                                    + ema_note(t.ema_decay, t.ema_warmup, t.steps))
+                                    + ema_note(t.ema_decay, t.ema_warmup, t.steps)
+                                    + guidance_note(cfg, self.parts.model.cfg.num_classes))
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
         resumed, skipped = restore(self.run_dir, self.parts, cfg, self.world)

@@ -45,6 +45,17 @@ def heads_cost_note(parts: Parts) -> list[str]:
             f"aligning a share of the tokens (align.token_fraction), costs less (docs/method.md, 'Projector cost')"]
 
 
+def guidance_note(cfg: Config, num_classes: int) -> list[str]:
+    """A note when the run's sampler guides (sample.cfg_scale != 1) a model guidance cannot help
+    (`ahpa.sample.unguidable`: one class, or no label dropout): its grids and evaluations guide, and so does
+    `ahpa sample --run` where the command leaves --cfg-scale out, which says so only when it samples."""
+    from ahpa.sample import unguidable
+
+    why = unguidable(num_classes, cfg.train.label_dropout) if cfg.sample.cfg_scale != 1 else None
+    return [f"sample.cfg_scale={cfg.sample.cfg_scale:g}: {why}; the run's sample grids and evaluations guide with it, "
+            "as `ahpa sample --run` does by default (sample.cfg_scale=1 does not guide)"] if why else []
+
+
 def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_name: str) -> str:
     """What the run trains on, in one line: the first thing to check when a cluster run is slower than expected
     (the wrong GPU, fp32 where bf16 was meant, an eager step, a per-process batch that is not the one planned)."""

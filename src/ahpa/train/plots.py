@@ -39,6 +39,16 @@ def class_columns(classes: int) -> int | None:
     return max(classes, 1) * -(-8 // max(classes, 1))
 
 
+def columns_note(names: list[str]) -> str:
+    """Which class each column of a class-balanced grid (class_columns) holds, said beside the grid's path: the image
+    itself names none. '' for one class, and for more than 16, whose grid is square."""
+    wide = class_columns(len(names))
+    if len(names) < 2 or wide is None:
+        return ""
+    again = f", {wide // len(names)} times along each row" if wide > len(names) else ""
+    return f"; its columns, left to right: {', '.join(names)}{again}"
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed), imported when first drawn."""
     import matplotlib
@@ -116,7 +126,9 @@ def eval_curves(metrics_file: str | Path, path: str | Path) -> Path:
                 changed = eval_setup.changed(setup, first)
                 series.setdefault(f"{name[len('eval/'):]}{f' [{changed}]' if changed else ''}", []).append(
                     (r["images"], r[name]))
-    return line_plot(series, path, "training images", "Fréchet distance", figsize=(6, 3.6))
+    # one line has no legend (line_plot draws one for several): the title names what it measures (FD-r20, FID)
+    title = next(iter(series)) if len(series) == 1 else ""
+    return line_plot(series, path, "training images", "Fréchet distance", title=title, figsize=(6, 3.6))
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str,

@@ -435,7 +435,7 @@ def test_a_cache_larger_than_the_free_space_is_refused_before_any_work(folder, t
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     assert main(args(tmp_path / "new")) == 2
     err = capsys.readouterr().err
-    assert f"the cache needs up to 0.00 GB more ({per_image:,} B per image x 6 images to encode)" in err
+    assert f"the cache needs up to {6 * per_image / 1e3:.1f} kB more ({per_image:,} B per image x 6 images to encode)" in err
     assert "--flips generated or none halves it" in err and "--no-space-check" in err
     assert not (tmp_path / "new").exists()
     # a resume needs room for the shards it lacks only

@@ -133,6 +133,8 @@ def _run(args) -> int:
 
 
 def _report(result, world: int = 1) -> None:
+    from ahpa.data.prepare import size_text
+
     if result.label_doubt:  # said first and on stderr: a class-conditional run may be about to train without labels
         print(f"warning: labels: {result.labels}; {result.label_doubt}", file=sys.stderr)
     if result.empty_classes:  # on stderr, with the doubt: a class-balanced grid of two classes would be half noise
@@ -143,11 +145,11 @@ def _report(result, world: int = 1) -> None:
               f"--out (counts per class: {result.path / 'report.json'})", file=sys.stderr)
     if result.noop:
         checked = "every file matches its sha256" if result.checked else "nothing to do"
-        print(f"{result.path}: already complete ({result.images:,} images, {result.bytes / 1e9:.2f} GB); {checked}")
+        print(f"{result.path}: already complete ({result.images:,} images, {size_text(result.bytes)}); {checked}")
         return
     for shard, why in result.repaired.items():
         print(f"repaired {shard}: {why}")
-    print(f"{result.path}: {result.images:,} images from {result.items:,} source items, {result.bytes / 1e9:.2f} GB "
+    print(f"{result.path}: {result.images:,} images from {result.items:,} source items, {size_text(result.bytes)} "
           f"({result.bytes / max(result.images, 1) / 1e3:.1f} kB per image); "
           + ("" if world == 1 else f"process 0 of {world}: ")  # each process counts its own shards
           + f"shards written {result.shards_written}, kept {result.shards_reused}")

@@ -172,8 +172,12 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
     }
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e12:.2f} TB" if n >= 1e12 else f"{n / 1e9:.2f} GB"
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: 3.99 MB, 10.24 TB (a test cache is not "0.00 GB")."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 def check_space(out: Path, settings: dict, items: int, shard_size: int) -> None:
@@ -187,8 +191,8 @@ def check_space(out: Path, settings: dict, items: int, shard_size: int) -> None:
     free = shutil.disk_usage(disk).free
     if need > free:
         raise PrepareError(
-            f"--out {out}: the cache needs up to {_size(need)} more ({per_item:,} B per image x {todo:,} images to "
-            f"encode) and {disk} has {_size(free)} free. Free space, choose another --out, or store less per image "
+            f"--out {out}: the cache needs up to {size_text(need)} more ({per_item:,} B per image x {todo:,} images to "
+            f"encode) and {disk} has {size_text(free)} free. Free space, choose another --out, or store less per image "
             "(docs/data.md, 'Storage'): --flips generated or none halves it, --reduce N or --levels stores fewer "
             "bytes. If the file system misreports its free space, add --no-space-check")
 

@@ -473,3 +473,18 @@ def test_a_folder_of_images_as_data_path_is_told_to_be_prepared_elsewhere(tmp_pa
     assert str(e.value) == (f"{tmp_path / 'photos'} has no manifest.json: not a prepared cache; `ahpa prepare --images "
                             "SRC ... --out DIR` makes one in DIR (a folder of images is the SRC, and DIR a folder outside "
                             "it), then data.path=DIR")
+
+
+def test_methods_that_read_no_level_take_a_cache_whose_grid_the_model_does_not_share(taef2, tmp_path):
+    """The cache's grid is where its levels were pooled: vanilla SiT (and REPA, which reads the crops) reads none of
+    them, so a cache prepared for a patch-2 model (grid 4) trains a patch-1 SiT without them; a method that aligns
+    the levels is refused, naming the grid (it was refused for every method)."""
+    from ahpa.train.loop import Trainer
+
+    out = tmp_path / "grid4"
+    prepare(_opts(out, grid=4, limit=8, shard_size=8), encoder=taef2)
+    with pytest.raises(CacheError, match="field grid: the cache grid 4 is not a multiple of the model grid 8"):
+        Trainer(_cfg(out), tmp_path / "ahpa")
+    tr = Trainer(_cfg(out, **{"align.method": "none", "train.steps": 2}), tmp_path / "none")
+    tr.run()
+    assert tr.step == 2 and (tmp_path / "none" / "DONE").exists()

@@ -110,7 +110,7 @@ def open_cache(cfg, encoder: PriorEncoder, levels: list[str], grid: int, device:
             raise CacheError(f"{where}: level {lvl['name']!r} has {lvl['channels']} channels in the cache, the encoder "
                              f"{encoder.level(lvl['name']).channels}")
     G = manifest["grid"]
-    if G % grid:
+    if G % grid and any(n != "external" for n in levels):  # the grid the levels were pooled to: vanilla SiT reads none
         raise CacheError(f"{where}: field grid: the cache grid {G} is not a multiple of the model grid {grid}; "
                          f"prepare with --grid {grid} (or a multiple of it) or pick a model patch size that fits")
     if cfg.data.hflip and manifest["flips"] == "none":
@@ -336,7 +336,7 @@ class CacheSource:
     def measure_stats(self, num_images: int, generator: torch.Generator) -> PriorStats:
         """The statistics measured at prepare time (every image, originals) at the model's grid."""
         st = self.manifest["stats"]
-        per_grid = st["grids"][str(self.grid)]
+        per_grid = st["grids"][str(self.grid)] if self.levels else {}  # no level read: any model grid (open_cache)
 
         def cs(d: dict) -> ChannelStats:
             return ChannelStats(stats_tensor(d["mean"]), stats_tensor(d["std"]))

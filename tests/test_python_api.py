@@ -66,3 +66,36 @@ def test_every_registry_is_named_by_ahpa():
         assert isinstance(getattr(ahpa, name), Registry), name
     assert "cosine" in ahpa.LOSSES and "ahpa-vae" in ahpa.ENCODERS and "transformers" in ahpa.EXTERNALS
     assert callable(ahpa.register_external)
+
+
+def test_stop_signals_turn_a_notebooks_interrupt_into_a_stop_with_a_checkpoint(tmp_path, tiny, monkeypatch):
+    """In a notebook, the kernel's interrupt (SIGINT) raised KeyboardInterrupt out of run(), losing the steps since the
+    last checkpoint. Inside `ahpa.StopSignals()` it stops the run after the step in progress, with a checkpoint of
+    that step, as `ahpa train` does with Ctrl-C; the handlers in place before are back after the block, and a new
+    Trainer resumes at that step. (A SIGINT outside the block would be pytest's KeyboardInterrupt.)"""
+    import os
+    import signal
+
+    import ahpa
+    from ahpa.train.checkpoint import checkpoint_step, list_checkpoints
+    from ahpa.train.loop import Trainer
+
+    step = Trainer.train_step
+
+    def interrupted_at_3(self):
+        out = step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_3)
+    cfg = tiny("train.steps=40", "train.ckpt_every=100", "train.sample_every=0")
+    before = signal.getsignal(signal.SIGINT)
+    tr = Trainer(cfg, tmp_path)
+    with ahpa.StopSignals() as stop:
+        result = tr.run(should_stop=stop)
+    assert result["stopped"] == signal.SIGINT and result["step"] == 3 and stop() == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path / "checkpoints")] == [3]
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert Trainer(tiny("train.steps=5", "train.ckpt_every=100", "train.sample_every=0"), tmp_path).step == 3

@@ -14,6 +14,7 @@ _API = {
     "Config": ("ahpa.config", "Config"),
     "load_config": ("ahpa.config", "load"),
     "Trainer": ("ahpa.train.loop", "Trainer"),
+    "StopSignals": ("ahpa.train.signals", "StopSignals"),
     "generate": ("ahpa.sample", "generate"),
     "load_export": ("ahpa.sample", "load_export"),
     "run_sampler": ("ahpa.train.resume", "run_sampler"),

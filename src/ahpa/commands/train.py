@@ -9,7 +9,6 @@ torchrun a signal that reaches one process stops them all, each with that code.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def run(args) -> int:
     from ahpa.train.distributed import init_from_env
     from ahpa.train.checkpoint import list_checkpoints
     from ahpa.train.loop import Trainer
+    from ahpa.train.signals import StopSignals
 
     cfg = config.load(args.config, args.overrides, where="command line")
     if args.show_config:
@@ -61,14 +61,9 @@ def run(args) -> int:
     # each process's GPU (cuda:LOCAL_RANK) is chosen where the run is built; config.yaml keeps the device as given,
     # so that `--config RUN/config.yaml` resumes under torchrun too
     d = init_from_env(cfg.train.device)
-    received: list[int] = []
-
-    def on_signal(signum, _frame):  # finish the step, save, exit: schedulers send SIGTERM before a kill
-        received.append(signum)
-
-    # SIGHUP: a closed terminal or ssh session (torchrun forwards it too) stops the run as cleanly as a scheduler
-    stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-    previous = {s: signal.signal(s, on_signal) for s in stops}
+    # finish the step, save, exit: schedulers send SIGTERM before a kill; SIGHUP is a closed terminal or ssh session
+    # (torchrun forwards it too), stopped as cleanly
+    stops = StopSignals().install()
     completed, code = False, 1
     try:
         if cfg.prior.encoder:  # a misspelt kind is named now, not after the line below promises minutes of work
@@ -130,7 +125,7 @@ def run(args) -> int:
                           f"({cfg.eval.num:,} EMA samples)", file=sys.stderr)
 
         try:
-            result = trainer.run(on_log, should_stop=lambda: received[0] if received else 0, on_eval=on_eval,
+            result = trainer.run(on_log, should_stop=stops, on_eval=on_eval,
                                  progress=progress)
         finally:  # also on an error, which then starts a line of its own
             while inner:
@@ -150,6 +145,5 @@ def run(args) -> int:
         code = 0
         return code
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        stops.restore()
         finish(completed, code)  # under torchrun the process ends here, the trainer still alive

@@ -621,3 +621,14 @@ def test_guiding_a_model_guidance_cannot_help_is_said_when_the_run_starts(tmp_pa
     assert notes("sample.cfg_scale=1.5", "train.label_dropout=0")[0].startswith(
         "sample.cfg_scale=1.5: the model was trained with train.label_dropout=0")
     assert notes("sample.cfg_scale=1.5") == []  # procedural shapes: classes and label dropout
+
+
+def test_a_finished_run_says_which_class_each_column_of_its_grid_holds(tmp_path, capsys):
+    """samples.png is class-balanced, one class per column, and names none: the run's last lines name them, as
+    `ahpa sample --grid` does (a run on your own folder's classes showed a grid nobody could read)."""
+    from ahpa.cli import main
+    from ahpa.data.procedural import CLASS_NAMES
+
+    assert main(["train", "--out", str(tmp_path / "run"), *TINY, "train.steps=1", "train.sample_every=1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'run' / 'samples.png'}; its columns, left to right: {', '.join(CLASS_NAMES)}\n" in out

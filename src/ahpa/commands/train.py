@@ -142,6 +142,15 @@ def run(args) -> int:
             made = [n for n in ("model.safetensors", "samples.png", "router.png", "losses.png", "eval.png", "metrics.jsonl",
                                 "tb") if (Path(args.out) / n).exists()]
             print(f"run complete: {args.out} ({', '.join(made)})")
+            if "samples.png" in made:  # the grid names no class: which column holds which (ahpa sample --grid says it too)
+                from ahpa.data.class_names import class_names
+                from ahpa.train.plots import columns_note
+
+                k = trainer.parts.model.cfg.num_classes
+                names = class_names(cfg.data) or [f"class {i}" for i in range(k)]
+                note = columns_note(names[:k])
+                if note:
+                    print(f"{Path(args.out) / 'samples.png'}{note}")
         code = 0
         return code
     finally:

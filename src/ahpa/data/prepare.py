@@ -183,7 +183,12 @@ def size_text(n: float) -> str:
 def check_space(out: Path, settings: dict, items: int, shard_size: int) -> None:
     """Refuse a cache whose shards still to write need more bytes than the disk holding `out` has free: found before
     any work, it is a choice of options; found when the disk fills, days of encoding under settings that cannot
-    change without starting again (at 512, every level with stored flips is 10 TB for ImageNet)."""
+    change without starting again (at 512, every level with stored flips is 10 TB for ImageNet). What is still to
+    encode: all of a new cache, the shards a resume lacks; a complete one is a no-op (or --repair's few shards), and
+    one of other settings is refused by prepare, naming them."""
+    saved = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
+    if saved is not None and (saved.get("complete") or settings_differences(saved, settings)):
+        return
     need, todo, per_item = bytes_to_write(ShardPlan(out, items, shard_size, ""), settings)
     disk = out
     while not disk.exists():
@@ -222,11 +227,7 @@ def prepare(
     encoder = encoder if encoder is not None else load_encoder(o.vae, device)
     device = _device_of(encoder)
     settings = plan_settings(o, encoder, listing)
-    # what is still to encode must fit: all of a new cache, the shards a resume lacks; a complete one is a no-op (or
-    # --repair's few shards), and one of other settings is refused below, naming them
-    saved = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
-    resumable = saved is None or not (saved.get("complete") or settings_differences(saved, settings))
-    if o.rank == 0 and o.space_check and resumable:
+    if o.rank == 0 and o.space_check:  # what is still to encode must fit
         check_space(out, settings, len(listing), o.shard_size)
     try:
         (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)

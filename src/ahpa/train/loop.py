@@ -83,7 +83,7 @@ class Trainer:
             self.step, self.ema_updates = resumed.step, resumed.ema_updates
         # before any training: a missing detector or reference fails now, not at the first evaluation
         self.evaluator = Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world,
-                                                   progress)
+                                           progress)
         self.messages += self.evaluator.notes if self.evaluator is not None else []
         if self.evaluator is None and cfg.eval.every and self.step >= t.steps:  # said, not done silently
             self.messages.append(f"eval.every={cfg.eval.every}: the run is complete and is not evaluated again; "

@@ -84,8 +84,7 @@ def evaluate(tr: Trainer, logger: MetricsLogger | None, hooks: RunHooks) -> int:
     except EvaluationStopped as e:
         return e.reason
     if logger is not None:
-        log_evaluation(logger, tr.run_dir, tr.step, tr.step * tr.cfg.train.batch_size, fd,
-                               eval_setup.describe(tr.cfg))
+        log_evaluation(logger, tr.run_dir, tr.step, tr.step * tr.cfg.train.batch_size, fd, eval_setup.describe(tr.cfg))
     if hooks.on_eval is not None:
         hooks.on_eval(tr.step, fd)
     return 0

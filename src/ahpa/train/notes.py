@@ -62,7 +62,9 @@ def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_nam
     t = cfg.train
     how = "FSDP2" if sharding else "DDP"
     precision = precision_name(parts.amp) + (" with a dynamic loss scale" if parts.loss_scale is not None else "")
-    compiled = f"compiled ({t.compile_mode}; the first step compiles: 30-80 s on an H200)" if t.compile else "eager"
+    # the compile times measured in docs/benchmarks.md: a bar that does not move at first is expected
+    compiled = (f"compiled ({t.compile_mode}; the first step compiles: 28-77 s on an H200, docs/benchmarks.md)"
+                if t.compile else "eager")
     micro = f" in {t.grad_accum} micro-batches" if t.grad_accum > 1 else ""
     where = device_name if world == 1 else f"{world} x {device_name} ({how})"
     return (f"training on {where}, {precision}, {compiled}: {t.steps:,} step{'s' if t.steps != 1 else ''} of global "

@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import Callable
 
+from ahpa.train.signals import StopSignals, default_signals
+
 
 class Stopped(KeyboardInterrupt):
     """A stop signal, raised as Ctrl-C's KeyboardInterrupt is."""
@@ -19,20 +21,21 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def _stop(signum, _frame):
-    raise Stopped(signum)
+class RaisingSignals(StopSignals):
+    """StopSignals that raise `Stopped` where the signal arrives instead of recording it: these commands have no step
+    to finish first, and their clean-up already runs on Ctrl-C's KeyboardInterrupt."""
+
+    def _on_signal(self, signum, _frame) -> None:
+        raise Stopped(signum)
 
 
 def run_stoppable(command: Callable[[object], int], args) -> int:
     """`command(args)`, stopped by SIGTERM or SIGHUP as by Ctrl-C; exits 128 + the signal, as a process it killed."""
-    stops = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-    previous = {s: signal.signal(s, _stop) for s in stops}
-    try:
-        return command(args)
-    except Stopped as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # once per launch, as the CLI reports Ctrl-C
-            print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 128 + e.signum
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    # SIGINT is left alone: Python already raises KeyboardInterrupt for it, which the CLI reports
+    with RaisingSignals(tuple(s for s in default_signals() if s != signal.SIGINT)):
+        try:
+            return command(args)
+        except Stopped as e:
+            if int(os.environ.get("RANK", "0")) == 0:  # once per launch, as the CLI reports Ctrl-C
+                print("interrupted; rerun the same command to resume", file=sys.stderr)
+            return 128 + e.signum

@@ -34,6 +34,9 @@ NOT_COMPARED = ("train.steps", "train.log_every", "train.ckpt_every", "train.sam
 # relative tolerance under which two Fréchet distances are equal: the same samples measured in other batches differ
 # by ~1e-13, and one run must not "reach" its own copy's value by chance of rounding
 SAME = 1e-9
+# a speed-up's kind (speed_kind; compare.json names it) -> how compare.md shows it; only the first two have a ratio
+SPEED_SHOWN = {"exact": "{:.2f}x", "lower_bound": ">= {:.2f}x", "not_reached": "not reached",
+               "not_yet": "not yet (shorter)", "not_comparable": "not comparable", "not_read": "—"}
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Run:
     seeds: list[Run] = field(default_factory=list)  # a group of seeds (ahpa.compare_seeds): the runs it is the mean of
     frozen_counted: bool = True  # whether flops_per_image holds REPA's frozen encoder (recorded since it was counted)
     speeds: list[tuple[int, dict]] = field(default_factory=list)  # [(step, SPEED_FACTS)] at each start that changed them
+    steps: dict[int, int] = field(default_factory=dict)  # images -> the step logged at them (compare.json's curves)
 
     @property
     def method(self) -> str:
@@ -121,6 +125,8 @@ def read_run(path: str | Path) -> Run:
         return run
     for row in read_rows(metrics_file):
         images = row.get("images", 0)
+        if "step" in row:
+            run.steps[images] = row["step"]
         if "loss/flow" in row:
             run.flow.append((images, row["loss/flow"]))
         if "img_per_s" in row:
@@ -293,48 +299,6 @@ def pick_baseline(runs: list[Run], name: str | None) -> Run:
     return next(iter(ranked + [r for r in runs if r.evals]), runs[0])
 
 
-def table(runs: list[Run], baseline: Run, metric: str) -> str:
-    """Markdown: each run's last and best `metric`, its value where the baseline ended, and the speed-up in images
-    to reach the baseline's last value (the baseline's images to reach it, by the same rule, over the run's). A run
-    that reached it by its first evaluation may have reached it earlier: its speed-up is a lower bound (">= x"). A
-    baseline that did so did not improve after its first evaluation, and no speed-up is read from it (a note). A run
-    evaluated otherwise than the baseline gets none ("not comparable"), and one shorter than the baseline that has
-    not reached it yet says so."""
-    lines = [f"| run | method | last evaluated at (images) | last {metric} | best | at the baseline's last images | "
-             f"images to reach the baseline's last | speed-up | per FLOP | img/s (median; min-max) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    base = baseline.evals.get(metric, [])
-    flat = not_improved(base)
-    otherwise = evaluated_otherwise(runs, baseline)
-    fd = f".{digits([c[-1][1] for r in runs if (c := r.evals.get(metric))] + [v for _, v in base])}f"
-    for r in runs:
-        curve, name = r.evals.get(metric, []), f"{r.name}{' (baseline)' if r is baseline else ''}"
-        rate = "—" if r.img_per_s is None else f"{r.img_per_s:.0f} ({min(r.rates):.0f}-{max(r.rates):.0f})"
-        if not curve:
-            has = f" (has {', '.join(r.evals)})" if r.evals else ""
-            lines.append(f"| {name} | {r.label} | — | no {metric} evaluations{has} | | | | | | {rate} |")
-            continue
-        at = value_at(curve, base[-1][0]) if base else None
-        reach = images_to_reach(curve, base[-1][1]) if base else None
-        ratio, speed = speed_up(base, curve)
-        if r.name in otherwise and speed != "—":
-            ratio, speed = None, "not comparable"
-        per_flop = "—"
-        if ratio is not None and r.flops_per_image and baseline.flops_per_image:  # the same images, each at its own arithmetic
-            per_flop = f"{'>= ' if speed.startswith('>=') else ''}{ratio * baseline.flops_per_image / r.flops_per_image:.2f}x"
-        lines.append(f"| {name} | {r.label} | {curve[-1][0]:,} | {curve[-1][1]:{fd}} | {min(v for _, v in curve):{fd}} | "
-                     f"{_num(at, fd)} | {_num(reach, ',.0f')} | {speed} | {per_flop} | {rate} |")
-    if not base:
-        lines += ["", f"The baseline {baseline.name} has no {metric} evaluations, so no speed-up is read: name one that "
-                  "has with --baseline RUN."]
-    elif flat:
-        lines += ["", f"No speed-up is read from these curves: the baseline's {metric} was at or below its last value "
-                  f"({base[-1][1]:.3f}) from its first evaluation on, so it did not improve after {base[0][0]:,} images "
-                  "(noise, or training too short or too long for the evaluations' spacing). Evaluate earlier and more "
-                  "often, or train longer."]
-    return "\n".join(lines)
-
-
 def not_improved(base: list[tuple[int, float]]) -> bool:
     """Whether a baseline curve of several evaluations was at or below its last value from its first on (the images
     to reach its last value by the same rule as every run's: where it rose again at the end, noise or overfitting,
@@ -342,18 +306,25 @@ def not_improved(base: list[tuple[int, float]]) -> bool:
     return len(base) > 1 and images_to_reach(base, base[-1][1]) == base[0][0]
 
 
-def speed_up(base: list[tuple[int, float]], curve: list[tuple[int, float]]) -> tuple[float | None, str]:
-    """(ratio, as shown) of the images `base` needs to stay at or below its last value over those `curve` needs (both
-    by images_to_reach, so that a copy of the baseline is 1.00x): ">= 1.20x" where the curve was there by its first
-    evaluation (maybe earlier); "not reached", or "not yet (shorter)" for a curve that ends before the baseline's;
-    "—" where no speed-up is read (no baseline curve, or one that did not improve after its first evaluation)."""
+def speed_kind(base: list[tuple[int, float]], curve: list[tuple[int, float]]) -> tuple[float | None, str]:
+    """(ratio, kind) of the images `base` needs to stay at or below its last value over those `curve` needs (both by
+    images_to_reach, so that a copy of the baseline is 1.00x). Kinds (SPEED_SHOWN): "exact"; "lower_bound" where the
+    curve was there by its first evaluation (maybe earlier); "not_reached", or "not_yet" for a curve that ends before
+    the baseline's; "not_read" where no speed-up is read (no baseline curve, or one that did not improve after its
+    first evaluation). Only the first two have a ratio."""
     if not base or not curve or not_improved(base):
-        return None, "—"
+        return None, "not_read"
     reach = images_to_reach(curve, base[-1][1])
     if reach is None:
-        return None, "not yet (shorter)" if curve[-1][0] < base[-1][0] else "not reached"
+        return None, "not_yet" if curve[-1][0] < base[-1][0] else "not_reached"
     ratio = images_to_reach(base, base[-1][1]) / reach
-    return ratio, f"{'>= ' if reach == curve[0][0] and curve is not base else ''}{ratio:.2f}x"
+    return ratio, "lower_bound" if reach == curve[0][0] and curve is not base else "exact"
+
+
+def speed_up(base: list[tuple[int, float]], curve: list[tuple[int, float]]) -> tuple[float | None, str]:
+    """(ratio, as shown): speed_kind's, its kind written as the table shows it (">= 1.20x", "not reached", "—")."""
+    ratio, kind = speed_kind(base, curve)
+    return ratio, SPEED_SHOWN[kind].format(ratio)
 
 
 def summarise_values(runs: list[Run], values: list) -> str:
@@ -380,6 +351,3 @@ def digits(values: list[float], least: int = 3, most: int = 8) -> int:
             return d
     return most
 
-
-def _num(x: float | None, fmt: str) -> str:
-    return "—" if x is None else format(x, fmt)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 
-from ahpa.compare import Run, differing_settings, digits, speed_up, value_at
+from ahpa.compare import SPEED_SHOWN, Run, differing_settings, digits, speed_kind, speed_up, value_at
 from ahpa.train import eval_setup
 
 
@@ -94,7 +94,7 @@ def mean_of(members: list[Run]) -> Run:
                evals={m: mean_curve([r.evals[m] for r in members])[0] for m in first.evals},
                flow=mean_curve([r.flow for r in members])[0], rates=[x for r in members for x in r.rates],
                done=all(r.done for r in members), env=first.env, eval_setups=first.eval_setups,
-               identities=first.identities,
+               identities=first.identities, steps={x: n for r in reversed(members) for x, n in r.steps.items()},
                flops_per_image=statistics.mean(flops) if all(flops) and len(counted) == 1 else None,
                frozen_counted=all(counted), seeds=members)
 
@@ -133,7 +133,6 @@ def paired(rows: list[Run], baseline: Run, metric: str, otherwise: dict[str, str
     its group's mean), and in words whether it is ahead at every paired seed and whether the two sets of seeds'
     values at the baseline's last images overlap (a difference within the seed spread) or not. `otherwise`: rows
     evaluated otherwise than the baseline (ahpa.compare.evaluated_otherwise), of which nothing is read."""
-    base = seed_curves(baseline, metric)
     lines = []
     for row in rows:
         if row is baseline or not (row.seeds or baseline.seeds) or not row.evals.get(metric):
@@ -141,8 +140,8 @@ def paired(rows: list[Run], baseline: Run, metric: str, otherwise: dict[str, str
         if row.name in otherwise:
             lines.append(f"- {row.name}: evaluated otherwise than the baseline; nothing is read")
             continue
-        mine = seed_curves(row, metric)
-        pairs = {s: speed_up(base[s], mine[s]) for s in mine if s in base}
+        pairs = {s: (ratio, SPEED_SHOWN[kind].format(ratio))
+                 for s, (ratio, kind) in paired_speed_ups(row, baseline, metric).items()}
         means = ("the mean curves" if row.seeds and baseline.seeds else
                  "its mean curve and the baseline" if row.seeds else "it and the baseline's mean curve")
         line = f"- {row.name}: {speed_up(baseline.evals.get(metric, []), row.evals[metric])[1]} between {means}"
@@ -152,6 +151,13 @@ def paired(rows: list[Run], baseline: Run, metric: str, otherwise: dict[str, str
             line += "; no seed in common with the baseline, so none is paired (train the baseline's seeds to pair them)"
         lines.append(line + spread(row, baseline, metric))
     return lines
+
+
+def paired_speed_ups(row: Run, baseline: Run, metric: str) -> dict:
+    """{seed: (ratio, kind) of ahpa.compare.speed_kind} of each seed of `row` over the baseline's run of that seed,
+    each read at the points of its group's mean (seed_curves); {} where they share no seed."""
+    base, mine = seed_curves(baseline, metric), seed_curves(row, metric)
+    return {s: speed_kind(base[s], mine[s]) for s in mine if s in base}
 
 
 def ahead(pairs: dict) -> str:

@@ -1,6 +1,7 @@
 """ahpa compare RUN RUN ... --out DIR: runs side by side (Fréchet distances and flow loss against images seen, the
-speed-up over a baseline, the settings that differ), as a markdown table and plots; runs that differ only in their
-seed are read as one method, with the spread of its seeds (ahpa.compare_seeds)."""
+speed-up over a baseline, the settings that differ), as a markdown table, the same as data (compare.json,
+ahpa.compare_data) and plots; runs that differ only in their seed are read as one method, with the spread of its
+seeds (ahpa.compare_seeds)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def register(sub) -> None:
         "  ahpa compare runs/mine-none runs/mine --out runs/compare",
         "More: docs/evaluation.md ('Comparing runs')"))
     p.add_argument("runs", nargs="+", help="run directories (as `ahpa train --out` wrote them)")
-    p.add_argument("--out", default="", help="directory for compare.md and the plots (default: print only)")
+    p.add_argument("--out", default="", help="directory for compare.md, compare.json (its figures as data) and the plots "
+                   "(default: print only)")
     p.add_argument("--baseline", default="", help="the run the speed-ups are measured against, by name or path "
                    "(default: the first with align.method=none that has evaluations)")
     p.add_argument("--metric", default="", help="the evaluation to rank by, e.g. FD-r20 or FID, any case (default: the "
@@ -27,7 +29,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ahpa import compare, compare_seeds
+    from ahpa import compare, compare_data, compare_seeds
+    from ahpa.atomic import atomic_write_text
     from ahpa.train import plots
 
     out = Path(args.out) if args.out else None
@@ -47,19 +50,22 @@ def run(args) -> int:
         metric = next((m for m in metrics if m.lower() == args.metric.lower()), "")
         if not metric:
             raise ValueError(f"--metric {args.metric!r}: the runs' evaluations are {', '.join(metrics) or 'none'}")
+    # every value compare.md states, once: its table and notes are written from this, and compare.json holds it
+    data = compare_data.comparison(runs, rows, baseline, metric, metrics, ungrouped)
+    notes, bullets = data["notes"], lambda lines: [f"- {line}" for line in lines]
     parts = [f"# {len(runs)} run{'s' if len(runs) != 1 else ''}; baseline {baseline.name}", ""]
-    otherwise = compare.evaluated_otherwise(rows, baseline)
-    if metric and otherwise:  # above the table: its FDs and speed-ups for these runs do not compare
+    if metric and notes["evaluated_otherwise"]:  # above the table: its FDs and speed-ups for these runs do not compare
         parts += [f"**Evaluated otherwise than the baseline** ({baseline.name}: {baseline.eval_setup}); their {metric} "
-                  "does not compare with its, and no speed-up is read from them:",
-                  *(f"- {name}: {diff}" for name, diff in otherwise.items()), ""]
+                  "does not compare with its, and no speed-up is read from them:", *bullets(notes["evaluated_otherwise"]),
+                  ""]
     if metric:
         # REPA's encoder runs on every batch, untrained: its forward is counted for runs that recorded it
-        uncounted = [r.name for r in rows if r.external and not r.frozen_counted]
-        frozen = ("; REPA's frozen encoder's forward, run on every batch, too" if any(r.external for r in rows) else "")
+        uncounted = [r["name"] for r in data["rows"] if r["external"] and not r["frozen_flops_counted"]]
+        frozen = ("; REPA's frozen encoder's forward, run on every batch, too" if any(r["external"] for r in data["rows"])
+                  else "")
         frozen += (f", except for {', '.join(uncounted)}, trained before it was recorded: there its cost shows in img/s "
                    "only" if uncounted else "")
-        parts += [compare.table(rows, baseline, metric), "",
+        parts += [compare_data.markdown_table(data), "",
                   f"Speed-up: the images from which the baseline stays at or below its last {metric} over the images "
                   "from which a run does (the last crossing, linear between evaluations; `>=`: reached by the run's "
                   "first evaluation, maybe before); per FLOP: the same counted in training FLOPs, each run's images at "
@@ -69,48 +75,35 @@ def run(args) -> int:
     else:
         parts += ["No run has evaluations (set eval.every, eval.ref and eval.detectors to get Fréchet distances). "
                   "Trained so far: " + ", ".join(f"{r.name} {r.length:,} images" for r in runs) + ".", ""]
-    groups = compare_seeds.describe(rows, metric)
-    if groups:
+    if notes["seed_groups"]:
         parts += ["**Seeds read as one method**: runs that differ only in `train.seed` and were evaluated alike; the "
                   "row of each group reads the mean of its seeds' curves at the images every seed was evaluated at:",
-                  *groups, ""]
-        pairs = compare_seeds.paired(rows, baseline, metric, otherwise) if metric else []
-        if pairs:
+                  *bullets(notes["seed_groups"]), ""]
+        if notes["paired_seeds"]:
             parts += [f"**Paired seeds** ({metric}): the speed-up between the mean curves, then that of each seed over "
                       "the baseline's run of the same seed (same initial weights, batches and noise), each read at the "
                       "points of its group's mean; ahead: above 1.00x. The spread: each side's seeds at the baseline's "
                       "last images (the range of a few seeds, not a significance test: two seeds apart by a hair are "
-                      "'beyond' each other):", *pairs, ""]
-    if ungrouped:
-        parts += ["**Not read as seeds of one method** (alike but for their seed):", *ungrouped, ""]
-    mixed = compare.mixed_evaluations(runs)
-    if mixed:
+                      "'beyond' each other):", *bullets(notes["paired_seeds"]), ""]
+    if notes["not_grouped"]:
+        parts += ["**Not read as seeds of one method** (alike but for their seed):", *bullets(notes["not_grouped"]), ""]
+    if notes["mixed_evaluations"]:
         parts += ["**Evaluations made differently within a run** (eval.* or sample.* changed on a resume; the points "
-                  "on either side of a change are not comparable, nor speed-ups across it):", *mixed, ""]
-    differing = compare.differing_settings(rows)
+                  "on either side of a change are not comparable, nor speed-ups across it):",
+                  *bullets(notes["mixed_evaluations"]), ""]
     parts.append("Settings that differ (run length, the log, checkpoint and grid cadences and how a run computes are "
-                 "not compared; a setting a run did not read shows `(not read)`):" + ("" if differing else " none"))
-    for key, values in differing.items():
-        why = ""
-        if key == "train.seed":  # other seeds that are not one row: say why
-            why = (" (not read as seeds of one method: see above)" if ungrouped else
-                   " (runs that differ in other settings too are not read as seeds of one method)")
-        parts.append(f"- `{key}`: " + compare.summarise_values(rows, values) + why)
-    environment = compare.differing_environment(runs)
-    if environment:  # speeds from other GPUs or process counts are no comparison; other code may train otherwise
+                 "not compared; a setting a run did not read shows `(not read)`):" + ("" if notes["settings"] else " none"))
+    for line in notes["settings"]:
+        key, _, values = line.partition(": ")
+        parts.append(f"- `{key}`: {values}")
+    if notes["environments"]:  # speeds from other GPUs or process counts are no comparison; other code may train otherwise
         parts += ["", "Trained in different environments (their newest start; img/s compares only on the same device "
-                  "and process count):"]
-        for key, values in environment.items():
-            # "unrecorded": a run from before starts.jsonl; "none": recorded as absent (no CUDA build, no checkout)
-            parts.append(f"- {key}: " + ", ".join(f"{r.name}={v if v is not None else 'none' if r.env else 'unrecorded'}"
-                                                   for r, v in zip(runs, values)))
-    mixed_speeds = compare.mixed_speeds(runs)
-    if mixed_speeds:
+                  "and process count):", *bullets(notes["environments"])]
+    if notes["mixed_environments"]:
         parts += ["", "**Environments that changed within a run** (resumed on other GPUs, process counts or versions; "
-                  "its img/s mixes their speeds):", *mixed_speeds]
-    unfinished = [r.name for r in runs if not r.done]
-    if unfinished:
-        parts += ["", "Not finished (no DONE): " + ", ".join(unfinished)]
+                  "its img/s mixes their speeds):", *bullets(notes["mixed_environments"])]
+    if notes["unfinished"]:
+        parts += ["", "Not finished (no DONE): " + ", ".join(notes["unfinished"])]
     if out is not None:
         names = [f"{m}.png" for m in metrics] + ["flow-loss.png"]
         parts += ["", "Plots: " + ", ".join(names)]
@@ -120,13 +113,15 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for old in out.glob("*.png"):  # an earlier comparison's (the folder holds its compare.md): not this one's
             old.unlink()
-        (out / "compare.md").write_text(text)
-        faint = " (a group of seeds: their mean, each seed faint)" if groups else ""
+        # compare.md first: a folder holding it is one `ahpa compare` wrote, and may be written again
+        atomic_write_text(out / "compare.md", text)
+        atomic_write_text(out / "compare.json", compare_data.to_json(data))
+        faint = " (a group of seeds: their mean, each seed faint)" if notes["seed_groups"] else ""
         for m in metrics:
             plots.line_plot({r.name: r.evals.get(m, []) for r in rows}, out / f"{m}.png", "training images", m, m + faint,
                             highlight=baseline.name, faint={r.name: [s.evals.get(m, []) for s in r.seeds] for r in rows})
         plots.line_plot({r.name: r.flow for r in rows}, out / "flow-loss.png", "training images", "flow loss",
                         "flow-matching loss" + faint, logy=True, markers=False, highlight=baseline.name,
                         faint={r.name: [s.flow for s in r.seeds] for r in rows})
-        print(f"wrote {out / 'compare.md'} and {len(names)} plot{'s' if len(names) != 1 else ''}")
+        print(f"wrote {out / 'compare.md'}, compare.json and {len(names)} plot{'s' if len(names) != 1 else ''}")
     return 0

@@ -141,6 +141,18 @@ def test_other_classes_are_refused_with_the_supported_ones(tmp_path):
         DiffusersVAE(_build(DCAE).vae)
 
 
+def test_a_diffusers_without_the_class_says_so(monkeypatch):
+    """A release older than the class is named as such, not as a diffusers that fails to import beside this torch."""
+    import types
+
+    older = types.ModuleType("diffusers")
+    older.AutoencoderKL = object
+    monkeypatch.setitem(sys.modules, "diffusers", older)
+    assert diffusers_class() is object
+    with pytest.raises(ImportError, match=r"diffusers \S+ has no AutoencoderKLFlux2: install a release that has it"):
+        diffusers_class("AutoencoderKLFlux2")
+
+
 def test_a_hub_id_reads_its_class_before_its_weights(tmp_path):
     """A hub id's config.json decides the class (a DC-AE loads as one, identified by its weights' sha256), and a class
     not supported is refused before any weights are fetched (this hub cache holds none for it). Offline: a hub cache

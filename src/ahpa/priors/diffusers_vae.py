@@ -8,6 +8,7 @@ latent: one pass gives the latent and every requested level.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +43,8 @@ def diffusers_class(name: str = "AutoencoderKL") -> type:
 
             return getattr(diffusers, name)
     except (AttributeError, RuntimeError, TypeError) as e:
-        if isinstance(e, AttributeError) and name not in dir(diffusers):  # not an import failure: an older release
+        module = sys.modules.get("diffusers")  # None when `import diffusers` itself failed
+        if isinstance(e, AttributeError) and module is not None and name not in dir(module):  # an older release
             raise ImportError(f"diffusers {version('diffusers')} has no {name}: install a release that has it "
                               "(diffusers 0.36.0, the release for torch 2.4, has AutoencoderKLFlux2 and AutoencoderDC)") from None
         cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

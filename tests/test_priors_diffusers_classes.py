@@ -25,7 +25,7 @@ DCAE = {"_class_name": "AutoencoderDC", "latent_channels": 4, "attention_head_di
         "encoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
         "decoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
         "encoder_qkv_multiscales": [[], [], [5]], "decoder_qkv_multiscales": [[], [], [5]]}
-# the first block without layers (as DC-AE's f32c32-in/mix): conv_in downsamples into the second width, down0 is empty
+# the first block without layers: conv_in downsamples into the second width, down0 is empty (no level)
 DCAE_NO_FIRST = {**DCAE, "encoder_layers_per_block": [0, 1, 1], "downsample_block_type": "Conv"}
 
 

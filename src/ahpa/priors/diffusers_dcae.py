@@ -24,7 +24,7 @@ def dc_levels_from_config(block_out_channels: Sequence[int], layers_per_block: S
     `encoder_layers_per_block`, `latent_channels`).
 
     diffusers' DC-AE encoder: conv_in keeps the image side when the first block has layers, and is itself a stride-2
-    downsampler into the second block's width when it has none (the f32c32-in/mix configs). Every block with layers
+    downsampler into the second block's width when it has none (encoder_layers_per_block[0] = 0). Every block with layers
     but the last ends in a downsampler to the next block's width, so down_blocks[i] outputs block_out_channels[i + 1]
     channels at twice the stride it read (not block i's width, as in an AutoencoderKL); the last keeps its input's
     stride, the latent's. A block without layers is an identity (and then has no downsampler): no level of its own.

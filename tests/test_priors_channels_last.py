@@ -23,6 +23,11 @@ def _encoders():
     yield "diffusers", DiffusersVAE.from_config({"block_out_channels": [16, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
                                                  "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1,
                                                  "norm_num_groups": 8, "latent_channels": 4})
+    from tests.test_priors_diffusers_classes import DCAE, FLUX2
+
+    for name, config in (("diffusers-flux2", FLUX2), ("diffusers-dcae", DCAE)):
+        torch.manual_seed(0)
+        yield name, DiffusersVAE.from_config(config)
 
 
 @pytest.mark.parametrize("name,encoder", list(_encoders()), ids=lambda v: v if isinstance(v, str) else "")

@@ -116,11 +116,12 @@ def test_missing_dir_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="/no/such/dir"):
         load_encoder("diffusers:/no/such/dir")
     # a folder that holds no VAE: the spec and what a VAE folder holds, not diffusers' bare message
-    with pytest.raises(ValueError, match=r"VAE 'diffusers:.*' is not a diffusers AutoencoderKL folder .*config.json"):
+    with pytest.raises(ValueError, match=r"VAE 'diffusers:.*' is not a diffusers autoencoder folder .*config.json"):
         load_encoder(f"diffusers:{tmp_path}")
     # another model's folder (a DINOv2 saved by transformers) is named by what it holds, before diffusers loads it
     (tmp_path / "config.json").write_text('{"architectures": ["Dinov2Model"], "model_type": "dinov2"}')
-    with pytest.raises(ValueError, match=r"is not a diffusers AutoencoderKL folder .*: its config.json describes a Dinov2Model"):
+    with pytest.raises(ValueError, match=r"is not a diffusers autoencoder folder .*: its config.json describes a "
+                                         r"Dinov2Model, which `diffusers:` does not load; it loads AutoencoderKL, "):
         load_encoder(f"diffusers:{tmp_path}")
 
 
@@ -152,7 +153,7 @@ def test_a_diffusers_that_does_not_import_beside_this_torch_names_the_fix(monkey
     import sys
     import types
 
-    from ahpa.priors.diffusers_vae import autoencoder_kl
+    from ahpa.priors.diffusers_vae import diffusers_class
 
     broken = types.ModuleType("diffusers")
 
@@ -162,7 +163,7 @@ def test_a_diffusers_that_does_not_import_beside_this_torch_names_the_fix(monkey
     broken.__getattr__ = fail
     monkeypatch.setitem(sys.modules, "diffusers", broken)
     with pytest.raises(ImportError, match=r"beside torch .*diffusers<0\.37"):
-        autoencoder_kl()
+        diffusers_class()
     with pytest.raises(ImportError, match="Failed to import diffusers.models"):
         DiffusersVAE.from_config({"block_out_channels": [16, 32]})
 
@@ -174,10 +175,10 @@ def test_a_hub_id_that_cannot_load_says_to_name_a_local_copy(monkeypatch):
 
     class Offline:
         @staticmethod
-        def from_pretrained(where, **kwargs):
+        def load_config(where, **kwargs):
             raise OSError(f"{where} does not appear to have a file named config.json.")
 
-    monkeypatch.setattr(module, "autoencoder_kl", lambda: Offline)
+    monkeypatch.setattr(module, "diffusers_class", lambda name="AutoencoderKL": Offline)
     with pytest.raises(OSError, match=r"'org/some-vae' is not a local directory.*name a local copy"):
         load_encoder("diffusers:org/some-vae")
 

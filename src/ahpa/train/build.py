@@ -82,9 +82,13 @@ def sit_config(cfg: Config, encoder: PriorEncoder, num_classes: int) -> SiTConfi
         if getattr(cfg.model, key):
             setattr(sc, key, getattr(cfg.model, key))
     if latent % sc.patch_size:
+        # a coarse VAE (DC-AE's factor 32) leaves few latent cells: the patch that fits is as good a fix as a resolution
+        size = cfg.model.preset.split("/")[0]
+        fits = [f"{size}/{p}" for p in PATCHES if latent % p == 0]
         raise ValueError(
-            f"latent side {latent} (resolution {res} / VAE factor {encoder.factor}) is not divisible by patch size "
-            f"{sc.patch_size}: use a resolution that is a multiple of {encoder.factor * sc.patch_size}"
+            f"model.preset={cfg.model.preset}: latent side {latent} (data.resolution={res} / VAE factor {encoder.factor} "
+            f"of {encoder.spec!r}) is not divisible by patch size {sc.patch_size}: use a resolution that is a multiple "
+            f"of {encoder.factor * sc.patch_size}, or model.preset={' or '.join(fits)}"
         )
     return sc
 

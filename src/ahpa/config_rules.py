@@ -75,6 +75,11 @@ _AT_LEAST_0 = (lambda v: v >= 0, "0 or more")
 _POSITIVE = (lambda v: v > 0, "positive")
 _IN_0_1 = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+# a power-function EMA's sigma_rel: 12^-1/2 is its exponent 0, the plain mean of the whole run (ahpa.train.posthoc_ema)
+_SIGMA_MAX = 12 ** -0.5
+_SIGMAS = (lambda v: all(0 < s < _SIGMA_MAX for s in v) and len(set(v)) == len(v),
+           f"[] (off) or distinct sigma_rel values each in (0, {_SIGMA_MAX:.4f}), where the power-function EMA's exponent "
+           "is finite and positive; EDM2 tracks [0.05, 0.10]")
 RANGES = {
     "model.hidden_size": _AT_LEAST_0, "model.depth": _AT_LEAST_0, "model.num_heads": _AT_LEAST_0,
     "model.mlp_ratio": _POSITIVE, "transport.time_std": _POSITIVE,
@@ -88,6 +93,7 @@ RANGES = {
     "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1,
     "train.lr": _POSITIVE, "train.warmup_steps": _AT_LEAST_0, "train.weight_decay": _AT_LEAST_0,
     "train.grad_clip": _AT_LEAST_0, "train.label_dropout": _BELOW_1, "train.ema_decay": _BELOW_1,
+    "train.posthoc_ema": _SIGMAS, "train.posthoc_every": _AT_LEAST_1,
     "train.activation_checkpointing": (lambda v: v >= -1, "-1 (all blocks), 0 (off) or a number of blocks"),
     "train.log_every": _AT_LEAST_1, "train.ckpt_every": _AT_LEAST_1, "train.sample_every": _AT_LEAST_0,
     "train.keep_checkpoints": _AT_LEAST_0, "train.max_bad_steps": _AT_LEAST_1,

@@ -222,12 +222,14 @@ SAMPLER_MATH = ("solver", "steps", "cfg_scale", "guidance_low", "guidance_high")
 
 def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encoder_spec: str, path_name: str, resolution: int,
                  encoder_sha256: str | None = None, label_dropout: float | None = None,
-                 class_names: list[str] | None = None, sample: SampleCfg | None = None) -> Path:
+                 class_names: list[str] | None = None, sample: SampleCfg | None = None,
+                 posthoc: dict | None = None) -> Path:
     """The model as a safetensors file whose metadata names what sampling needs: the VAE (its spec, and the sha256
     of its weights when they come from a file, checked when the export is sampled), latent statistics, the path;
     the training's label dropout where known (0: no trained null class, so guidance has nothing to guide by); its
     classes' names where the data recorded them; and its run's sampler settings (`sample`, SAMPLER_MATH), which
-    `ahpa sample --model` takes where its options are left out, as `--run` takes the run's."""
+    `ahpa sample --model` takes where its options are left out, as `--run` takes the run's; and, for an EMA
+    reconstructed after training (`posthoc`, ahpa.train.posthoc_export), its sigma_rel, step, residual and snapshots."""
     meta = {
         "sit": model.cfg.to_dict(),
         "encoder": encoder_spec,
@@ -243,6 +245,8 @@ def export_model(path: str | Path, model: SiT, latent_stats: ChannelStats, encod
         meta["class_names"] = list(class_names)
     if sample is not None:
         meta["sample"] = {k: getattr(sample, k) for k in SAMPLER_MATH}
+    if posthoc is not None:
+        meta["posthoc_ema"] = posthoc
     path = Path(path)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:

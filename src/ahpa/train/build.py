@@ -24,6 +24,7 @@ from ahpa.priors.targets import PriorStats, uneven_pooling
 from ahpa.registry import Registry
 from ahpa.train.distributed import current, device_for
 from ahpa.train.loss_scale import LossScale
+from ahpa.train.posthoc_track import PowerEMAs
 from ahpa.train.rng import STATS_STREAM, generator
 
 BF16_MAJOR = 8  # CUDA compute capability from which a GPU computes in bf16 (A100, H100, RTX 30xx on)
@@ -59,6 +60,7 @@ class Parts:
     stats: PriorStats | None = None  # None until ahpa.train.run_state.restore measures or loads them
     loss_scale: LossScale | None = None  # fp16 training's (ahpa.train.loss_scale)
     notes: list[str] = field(default_factory=list)  # what the parts run at, said when the run starts
+    posthoc: PowerEMAs | None = None  # train.posthoc_ema's power-function EMAs (ahpa.train.posthoc_track), or None
 
     @property
     def grid(self) -> int:
@@ -181,7 +183,8 @@ def build_parts(
         # release; diffusers marks such VAEs force_upcast), and a bad latent is a bad step, not a loss-scale matter
         source = OnTheFly(data, encoder, levels, sc.grid, cfg.data.resolution, device, None if amp == torch.float16 else amp)
     return Parts(cfg, device, amp, source, encoder, external, levels, model, ema, aligner, optimizer,
-                 loss_scale=LossScale(device) if amp == torch.float16 else None, notes=notes)
+                 loss_scale=LossScale(device) if amp == torch.float16 else None, notes=notes,
+                 posthoc=PowerEMAs(ema, cfg.train.posthoc_ema) if cfg.train.posthoc_ema else None)
 
 
 def given_encoder_spec(encoder, configured: str) -> tuple[str, list[str]]:

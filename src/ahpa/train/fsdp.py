@@ -6,7 +6,7 @@ What is sharded:
   holds the embedders and the final layer;
 - the EMA: sharded exactly like the SiT (same mesh, same Shard(0) placement of every parameter), so its
   update is the usual foreach arithmetic on each process's local shards and no process holds a full copy
-  while training;
+  while training; so are train.posthoc_ema's power-function EMAs (ahpa.train.posthoc_track);
 - the aligner (projector heads + router): one FSDP unit. It is small (about 10M parameters at XL with
   all SD-VAE levels), but replicating it with DDP would put plain tensors and DTensors into the same
   fused AdamW and clip_grad_norm_ calls, which DTensor refuses; one unit costs one all-gather and one
@@ -105,6 +105,8 @@ class Sharded:
         mp = mixed_precision(parts.device, parts.amp)
         _shard_sit(parts.model, mesh, mp)
         _shard_sit(parts.ema, mesh, None)  # never run sharded: the placements are what must match the model
+        for copy_ in parts.posthoc.copies if parts.posthoc is not None else []:  # train.posthoc_ema's, as the EMA
+            _shard_sit(copy_, mesh, None)
         if parts.aligner is not None:
             fully_shard(parts.aligner, mesh=mesh, reshard_after_forward=False, **({"mp_policy": mp} if mp else {}))
         parts.optimizer = build_optimizer(parts.cfg, parts.model, parts.aligner)
@@ -119,7 +121,9 @@ class Sharded:
 
     def _modules(self) -> dict[str, nn.Module]:
         p = self.parts
-        return {k: m for k, m in (("model", p.model), ("ema", p.ema), ("aligner", p.aligner)) if m is not None}
+        powers = {f"posthoc_{i}": m for i, m in enumerate(p.posthoc.copies)} if p.posthoc is not None else {}
+        return {**{k: m for k, m in (("model", p.model), ("ema", p.ema), ("aligner", p.aligner)) if m is not None},
+                **powers}
 
     def full_state(self, name: str, everywhere: bool = False) -> dict:
         """parts.<name>'s plain full state dict: on CPU on rank 0 and {} elsewhere, or on every

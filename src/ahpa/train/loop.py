@@ -3,7 +3,7 @@ stops: ahpa.train.schedule; other outputs: ahpa.train.outputs).
 
 Rerunning the same command on the same run directory resumes exactly: the data position and all
 random draws are functions of (seed, step), and a checkpoint holds model, EMA, aligner (router
-and running statistics), optimiser and prior statistics.
+and running statistics), optimiser and prior statistics (and train.posthoc_ema's power-function EMAs when on).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_note, ema_update
 from ahpa.train.evaluate import Evaluator
 from ahpa.train.notes import guidance_note, heads_cost_note, ignored_settings_note, precision_note, setup_note
+from ahpa.train.posthoc_track import cost_note
 from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run that diverges raises)
 from ahpa.train.run_dir import RunConfigError  # noqa: F401 (API: what a refused run directory raises)
 from ahpa.train.run_dir import check_moved_inputs, check_run_dir, removed_if_refused
@@ -74,6 +75,7 @@ class Trainer:
         self.messages: list[str] = (self.parts.notes + encoder_notes + ignored_settings_note(cfg, self.parts.levels)
                                     + heads_cost_note(self.parts) + precision_note(t.precision, self.parts.device)
                                     + ema_note(t.ema_decay, t.ema_warmup, t.steps)
+                                    + cost_note(t, self.parts.posthoc, self.world, bool(t.fsdp and self.world > 1))
                                     + guidance_note(cfg, self.parts.model.cfg.num_classes))
         notes, self._moved_inputs = check_moved_inputs(self.run_dir, cfg, self.parts.encoder, moved)
         self.messages += notes
@@ -125,6 +127,8 @@ class Trainer:
         # model's step is host-bound on a GPU, and walking the module tree every step costs that time)
         self._trainable = p.trainable()
         self._ema_pairs = (list(p.ema.parameters()), list(p.model.parameters()))
+        if p.posthoc is not None:  # train.posthoc_ema's copies, listed the same way
+            p.posthoc.bind(p.model)
         self.messages.insert(0, setup_note(cfg, p, self.world, self.sharded is not None, device_name(p.device)))
         if t.compile:  # after DDP or sharding, as torch.compile expects
             self.net = torch.compile(self.net, mode=t.compile_mode)
@@ -214,6 +218,8 @@ class Trainer:
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
         ema_update(*self._ema_pairs, ema_decay(self.ema_updates, c.train.ema_decay, c.train.ema_warmup), keep=found_inf)
+        if p.posthoc is not None:  # power-function EMAs, t counting steps from 1 (ahpa.train.posthoc_track)
+            p.posthoc.update(step + 1, keep=found_inf)
         if align_on:  # once per step, from all micro-batches: accumulating gradients trains as the whole batch does
             p.aligner.update_running(totals.pop("running/sums"), totals.pop("running/counts"), skip=found_inf)
         # a skip that fp16's loss scale deals with (an overflow, the scale halves) is not a bad step

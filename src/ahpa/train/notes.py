@@ -10,7 +10,7 @@ import torch
 
 from ahpa.align import get_method
 from ahpa.align.methods import ROUTING, align_settings_read
-from ahpa.config import AlignCfg, Config, EvalCfg
+from ahpa.config import AlignCfg, Config, EvalCfg, TrainCfg
 from ahpa.train.build import BF16_MAJOR, Parts, precision_name
 
 
@@ -85,6 +85,9 @@ def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
     if cfg.train.compile_mode != "default" and not cfg.train.compile:  # a GPU recipe's mode, its switch left out
         notes.append(f"train.compile=false does not read train.compile_mode={cfg.train.compile_mode}: ignored, the run "
                      "is eager (train.compile=true compiles)")
+    if cfg.train.posthoc_every != TrainCfg().posthoc_every and not cfg.train.posthoc_ema:
+        notes.append(f"train.posthoc_ema=[] does not read train.posthoc_every={cfg.train.posthoc_every}: ignored, no "
+                     "post-hoc EMA is tracked (train.posthoc_ema=[0.05,0.10] tracks EDM2's)")
     if cfg.prior.external and get_method(cfg.align.method).levels != "external":  # one set of overrides for every method
         notes.append(f"align.method={cfg.align.method} does not read prior.external={cfg.prior.external} (REPA's "
                      "encoder): ignored")

@@ -62,12 +62,14 @@ def write_router_plot(aligner: Aligner, run_dir: Path, step: int) -> Path:
     return out
 
 
-def export(path: str | Path, ema: SiT, latent_stats: ChannelStats, encoder, cfg: Config) -> Path:
+def export(path: str | Path, ema: SiT, latent_stats: ChannelStats, encoder, cfg: Config,
+           posthoc: dict | None = None) -> Path:
     """The EMA backbone alone as a plain SiT (.safetensors, with what sampling needs in its metadata, and the run's
-    sampler settings: sampling the export draws what sampling the run draws)."""
+    sampler settings: sampling the export draws what sampling the run draws); `posthoc` describes an EMA
+    reconstructed after training (ahpa.train.posthoc_export.Reconstruction.metadata)."""
     return export_model(path, ema, latent_stats, encoder.spec, cfg.transport.path, cfg.data.resolution,
                         getattr(encoder, "weights_sha256", None), cfg.train.label_dropout, class_names(cfg.data),
-                        cfg.sample)
+                        cfg.sample, posthoc)
 
 
 def finish(run_dir: Path, levels: list[str], step: int) -> None:

@@ -2,7 +2,7 @@
 
 Plain full state dicts of the backbone, its EMA, the aligner and the optimiser, the same with or without FSDP, so a
 run may change between FSDP, DDP and one process on resume; plus the step, the EMA's update count, the prior
-statistics and what identifies the levels and the encoder.
+statistics and what identifies the levels and the encoder; and train.posthoc_ema's power-function EMAs when on.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def checkpoint_state(parts: Parts, sharded, rank: int, step: int, ema_updates: i
     else:
         model, ema, optimizer = sharded.full_state("model"), sharded.full_state("ema"), sharded.optimizer_state()
         aligner = sharded.full_state("aligner") if p.aligner is not None else None
-        if rank != 0:
-            return None
+    # train.posthoc_ema's copies: a key of its own, absent when off (the checkpoint is then what it always was)
+    posthoc = {"posthoc_ema": p.posthoc.checkpoint_state(sharded)} if p.posthoc is not None else {}
+    if sharded is not None and rank != 0:
+        return None
     return {
         "step": step,
         "ema_updates": ema_updates,
@@ -44,6 +46,7 @@ def checkpoint_state(parts: Parts, sharded, rank: int, step: int, ema_updates: i
         "encoder": p.encoder.identity(),
         # fp16's loss scale: a resumed run scales its next step as the run that went on would have
         "loss_scale": p.loss_scale.state_dict() if p.loss_scale is not None else None,
+        **posthoc,
     }
 
 
@@ -87,6 +90,8 @@ def restore(run_dir: Path, parts: Parts, cfg: Config, world: int) -> tuple[Resum
         if p.aligner is not None:
             p.aligner.load_state_dict(state["aligner"])
         optimizer_state = state["optimizer"]
+    if p.posthoc is not None:  # shaped as the model, which fitted; its own error names what it lacks
+        p.posthoc.load(state.get("posthoc_ema"), run_dir / "checkpoints")
     if p.loss_scale is not None and state.get("loss_scale"):  # not in a checkpoint of a bf16 or fp32 run (auto on
         p.loss_scale.load_state_dict(state["loss_scale"])     # another GPU): the scale then starts afresh
     # what the run keeps of the mapped checkpoint gets memory of its own (checkpoint.owned); on a GPU, loading

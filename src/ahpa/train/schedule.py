@@ -20,7 +20,7 @@ from ahpa import config as config_mod
 from ahpa.atomic import atomic_write_text
 from ahpa.device import peak_tflops
 from ahpa.provenance import environment, record_start
-from ahpa.train import eval_setup, inputs, outputs
+from ahpa.train import eval_setup, inputs, outputs, posthoc_track
 from ahpa.train.build import frozen_flops_per_image, train_flops_per_image
 from ahpa.train.distributed import LateMax, agreed_max
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
@@ -116,6 +116,8 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
     logger = MetricsLogger(tr.run_dir, tr.step) if main else None
     if main:
         truncate_jsonl(tr.run_dir / "router.jsonl", tr.step)
+        if tr.parts.posthoc is not None:
+            posthoc_track.drop_after(tr.run_dir, tr.step)
     sums: dict[str, torch.Tensor] = {}
     # `timed`: the window's steps in its img/s, which began at t0; the launch's `first` step is not one of them
     count, timed, t0, last, first = 0, 0, time.perf_counter(), {}, True
@@ -170,6 +172,10 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
                         f"model.qk_norm=true or train.precision=fp32, or check the data."
                     )
                 sums, count, timed, t0 = {}, 0, 0, time.perf_counter()
+            if posthoc_track.due(c.train, tr.step):  # before a stop: a run resumed from this step never writes them
+                began = time.perf_counter()
+                tr.parts.posthoc.snapshot(tr.sharded, tr.rank, tr.run_dir, tr.step)
+                t0 += time.perf_counter() - began  # not training: not in img/s
             # asked to stop: log the window so far (its steps would never be logged), save with the router's
             # record and go, before any sample grid or evaluation (a scheduler's grace period is short); an
             # evaluation due at this step is done on resume (Evaluator.missing)

@@ -1,0 +1,172 @@
+"""EDM2's post-hoc EMA in a run (train.posthoc_ema): off by default at no cost; on, power-function EMAs beside the
+EMA that leave the training's numbers alone, snapshots at the interval, a bitwise resume; and `ahpa export
+--posthoc-sigma`, whose reconstruction samples."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ahpa import config
+from ahpa.cli import main
+from ahpa.config import ConfigError
+from ahpa.sample import export_metadata
+from ahpa.train.checkpoint import list_checkpoints, read_checkpoint
+from ahpa.train.loop import Trainer
+from ahpa.train.notes import ignored_settings_note
+from ahpa.train.posthoc_export import reconstruct
+from ahpa.train.posthoc_track import snapshot_info, snapshot_path
+from tests.test_distributed import TINY as DIST_TINY
+from tests.test_distributed import ahpa, cpu_fsdp, latest, max_diff
+
+ON = ("train.posthoc_ema=[0.05,0.1]", "train.posthoc_every=2")
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_off_by_default_costs_nothing(tmp_path, tiny):
+    tr = Trainer(tiny("train.steps=2"), tmp_path / "r")
+    tr.run()
+    assert tr.cfg.train.posthoc_ema == [] and tr.parts.posthoc is None  # no copies
+    assert not (tmp_path / "r" / "posthoc").exists()  # no files
+    assert "posthoc_ema" not in read_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
+    assert not any("posthoc" in m for m in tr.messages)
+
+
+def test_snapshots_appear_at_the_interval_and_the_run_trains_as_without(tmp_path, tiny):
+    on = Trainer(tiny("train.steps=5", *ON), tmp_path / "on")
+    note = next(m for m in on.messages if m.startswith("train.posthoc_ema="))
+    assert "2 power-function EMAs" in note and "68,708 parameters (275 kB per process)" in note and "6 files" in note
+    on.run()
+    off = Trainer(tiny("train.steps=5"), tmp_path / "off")
+    off.run()
+    for name in ("model", "ema", "aligner"):  # the run's numbers are those of the run without
+        assert same(getattr(on.parts, name).state_dict(), getattr(off.parts, name).state_dict()), name
+    # every 2 steps and at the last, one file per sigma_rel, named by step and sigma_rel
+    names = sorted(p.name for p in (tmp_path / "on" / "posthoc").iterdir())
+    assert names == [f"step_{s:09d}.sigma_{r}.safetensors" for s in (2, 4, 5) for r in ("0.05", "0.1")]
+    for i, sigma in enumerate((0.05, 0.1)):
+        path = snapshot_path(tmp_path / "on" / "posthoc", 5, sigma)
+        info = snapshot_info(path)
+        assert (info["step"], info["sigma_rel"]) == (5, sigma) and info["gamma"] == on.parts.posthoc.gammas[i]
+        assert same(load_file(str(path)), on.parts.posthoc.copies[i].state_dict())  # the backbone alone, as trained
+    a, b = (c.state_dict() for c in on.parts.posthoc.copies)
+    assert not same(a, b) and not same(a, on.parts.ema.state_dict())
+    assert read_checkpoint(list_checkpoints(tmp_path / "on" / "checkpoints")[-1])["posthoc_ema"]["sigma_rel"] == [0.05, 0.1]
+
+
+def test_the_first_step_starts_the_average_and_a_skipped_step_leaves_it(tmp_path, tiny):
+    tr = Trainer(tiny("train.steps=3", *ON), tmp_path / "r")
+    tr.train_step()
+    model = tr.parts.model.state_dict()
+    for c in tr.parts.posthoc.copies:  # beta_1 = 0: the weights after step 1, not the initial ones
+        assert all(torch.allclose(v, model[k], atol=1e-7, rtol=0) for k, v in c.state_dict().items())
+    before = [{k: v.clone() for k, v in c.state_dict().items()} for c in tr.parts.posthoc.copies]
+    with torch.no_grad():
+        for q in tr.parts.model.parameters():
+            q.add_(1.0)
+    tr.parts.posthoc.update(2, keep=torch.ones(()))  # a skipped step (found_inf = 1), as the EMA's
+    assert all(same(c.state_dict(), b) for c, b in zip(tr.parts.posthoc.copies, before))
+    tr.parts.posthoc.update(2, keep=torch.zeros(()))
+    assert not any(same(c.state_dict(), b) for c, b in zip(tr.parts.posthoc.copies, before))
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, tiny):
+    straight = Trainer(tiny("train.steps=6", *ON), tmp_path / "a")
+    straight.run()
+    Trainer(tiny("train.steps=3", *ON), tmp_path / "b").run()
+    # a snapshot of a step after the checkpoint resumed from (a launch that died after writing it): not kept
+    stale = snapshot_path(tmp_path / "b" / "posthoc", 9, 0.05)
+    shutil.copyfile(snapshot_path(tmp_path / "b" / "posthoc", 2, 0.05), stale)
+    second = Trainer(tiny("train.steps=6", *ON), tmp_path / "b")
+    assert second.step == 3
+    second.run()
+    for a, b in zip(straight.parts.posthoc.copies, second.parts.posthoc.copies):
+        assert same(a.state_dict(), b.state_dict())
+    assert not stale.exists()
+    for step in (2, 4, 6):
+        for sigma in (0.05, 0.1):
+            a, b = (load_file(str(snapshot_path(tmp_path / r / "posthoc", step, sigma))) for r in ("a", "b"))
+            assert same(a, b), (step, sigma)
+
+
+@pytest.mark.parametrize("value,match", [
+    ("[0.3]", "out of range"), ("[0.05,0.05]", "out of range"), ("[0]", "out of range"), ("[-0.1]", "out of range"),
+    ("[abc]", "list of numbers, got the item 'abc'"), ("0.05,x", "list of numbers"),
+])
+def test_bad_sigma_rel_values_are_refused(value, match):
+    with pytest.raises(ConfigError, match=f"train.posthoc_ema.*{match}"):
+        config.load(None, [f"train.posthoc_ema={value}"])
+
+
+def test_sigma_rel_forms_the_interval_and_resume():
+    assert config.load(None, ["train.posthoc_ema=0.05,0.1"]).train.posthoc_ema == [0.05, 0.1]
+    assert config.load(None, ["train.posthoc_ema=0.07"]).train.posthoc_ema == [0.07]
+    assert config.load(None, ["train.posthoc_ema=[]"]).train.posthoc_ema == []
+    with pytest.raises(ConfigError, match="train.posthoc_every=0 is out of range"):
+        config.load(None, ["train.posthoc_every=0"])
+    base = config.load(None, list(ON))
+    assert not config.resume_conflicts(base, config.load(None, [ON[0], "train.posthoc_every=7"]))  # a cadence
+    assert config.resume_conflicts(base, config.load(None, ["train.posthoc_ema=[0.05]", ON[1]]))  # other averages
+    note = ignored_settings_note(config.load(None, ["train.posthoc_every=7"]), ["latent"])
+    assert any("does not read train.posthoc_every=7" in n for n in note)
+
+
+def test_a_reconstruction_exports_samples_and_refuses_what_it_cannot_represent(tmp_path, tiny, capsys):
+    run = tmp_path / "r"
+    Trainer(tiny("train.steps=8", *ON), run).run()  # snapshots of steps 2, 4, 6, 8
+    out = tmp_path / "e.safetensors"
+    assert main(["export", "--run", str(run), "--out", str(out), "--posthoc-sigma", "0.07"]) == 0
+    printed = capsys.readouterr().out
+    assert "sigma_rel 0.07 at step 8, from 8 snapshots" in printed and "profile residual" in printed
+    meta = export_metadata(out)["posthoc_ema"]
+    assert (meta["sigma_rel"], meta["step"], len(meta["snapshots"])) == (0.07, 8, 8) and 0 < meta["residual"] < 0.1
+    assert f"{meta['residual']:.2%}" in printed
+    assert main(["sample", "--model", str(out), "--num", "2", "--batch", "2", "--steps", "2",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (2, 16, 16, 3)
+    # a tracked length at a snapshot's step is that snapshot
+    state, rec = reconstruct(run, 0.1, step=6)
+    snap = load_file(str(snapshot_path(run / "posthoc", 6, 0.1)))
+    assert rec.residual < 1e-5 and max((state[k] - snap[k]).abs().max().item() for k in snap) < 1e-5
+    refused = [
+        (["--posthoc-sigma", "0.005"], "residual of .* above the 10% accepted: they represent sigma_rel 0.0"),
+        (["--posthoc-sigma", "0.3"], r"sigma_rel is in \(0, 0.2887\)"),
+        (["--posthoc-sigma", "0.07", "--step", "1"], "0 post-hoc EMA snapshots of a step up to 1 .* at least 2"),
+        (["--posthoc-sigma", "0.07", "--step", "9"], "after the newest snapshot"),
+        (["--max-residual", "0.2"], "with --posthoc-sigma only"),
+    ]
+    for extra, match in refused:
+        assert main(["export", "--run", str(run), "--out", str(tmp_path / "x.safetensors"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert __import__("re").search(match, err), (extra, err)
+    assert not (tmp_path / "x.safetensors").exists()
+    Trainer(tiny("train.steps=1"), tmp_path / "plain").run()
+    assert main(["export", "--run", str(tmp_path / "plain"), "--out", str(out), "--posthoc-sigma", "0.07"]) == 2
+    assert "holds no post-hoc EMA snapshots" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sharding", ["DDP", pytest.param("FSDP2", marks=cpu_fsdp)])
+def test_two_processes_track_and_snapshot_as_one(tmp_path, sharding):
+    """Under DDP each process updates its full copies; under FSDP2 its local shards, gathered for the checkpoint and
+    the snapshots (rank 0 writes). The same tolerance as the other two-process tests (all-reduce order: 1e-5)."""
+    args = [*DIST_TINY, "train.steps=4", *ON]
+    ahpa(1, "train", "--out", str(tmp_path / "one"), *args)
+    res = ahpa(2, "train", "--out", str(tmp_path / "two"), *args, *(["train.fsdp=true"] if sharding == "FSDP2" else []))
+    assert ("sharded over 2 processes (FSDP2)" in res.stderr) == (sharding == "FSDP2")
+    assert "per process, sharded" in res.stderr if sharding == "FSDP2" else "275 kB per process)" in res.stderr
+    a, b = latest(tmp_path / "one")["posthoc_ema"], latest(tmp_path / "two")["posthoc_ema"]
+    assert a["sigma_rel"] == b["sigma_rel"] == [0.05, 0.1]
+    for wa, wb in zip(a["weights"], b["weights"]):
+        assert wa.keys() == wb.keys() and max_diff(wa, wb) < 1e-5
+    for step in (2, 4):
+        for sigma in (0.05, 0.1):
+            fa, fb = (load_file(str(snapshot_path(tmp_path / r / "posthoc", step, sigma))) for r in ("one", "two"))
+            assert fa.keys() == fb.keys() and max_diff(fa, fb) < 1e-5
+    assert sorted(p.name for p in (tmp_path / "two" / "posthoc").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "posthoc").iterdir())

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ahpa import config
+from ahpa import config, config_resume
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "src" / "ahpa" / "configs").glob("*.yaml"))
 
@@ -118,9 +118,9 @@ def test_every_range_is_checked_against_a_key_that_exists():
 def test_resume_conflicts_allow_only_run_length_and_cadence():
     a = config.load(None, [])
     b = config.load(None, ["train.steps=5", "train.log_every=3", "sample.steps=9", "train.grad_accum=4"])
-    assert config.resume_conflicts(a, b) == []
+    assert config_resume.resume_conflicts(a, b) == []
     c = config.load(None, ["align.weight=1.0"])
-    assert config.resume_conflicts(a, c) == ["align.weight: run has 0.5, command gives 1.0"]
+    assert config_resume.resume_conflicts(a, c) == ["align.weight: run has 0.5, command gives 1.0"]
 
 
 def test_show_config_documents_every_key_and_is_a_config_file(tmp_path):
@@ -202,7 +202,7 @@ def test_settings_that_change_the_run_are_never_resumable(change):
     """Batch size and seed fix the data order (ahpa.data.order), the rest the model or its objective."""
     from ahpa import config
 
-    assert config.resume_conflicts(config.load(None, []), config.load(None, [change])), change
+    assert config_resume.resume_conflicts(config.load(None, []), config.load(None, [change])), change
 
 
 @pytest.mark.parametrize("item", ["train.steps=true", "train.batch_size=false", "data.resolution=true"])
@@ -233,7 +233,7 @@ def test_positive_settings_refuse_zero(item):
                                     "align.weight=1.0", "align.stop_step=5", "data.limit=10"])
 def test_optimisation_settings_are_not_resumable(change):
     """RESUMABLE_CHANGES grown by a key that changes the trained weights."""
-    assert config.resume_conflicts(config.load(None, []), config.load(None, [change])), change
+    assert config_resume.resume_conflicts(config.load(None, []), config.load(None, [change])), change
 
 
 def test_unknown_options_are_refused_even_beside_overrides_left_over(capsys):

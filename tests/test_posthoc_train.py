@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ahpa import config
+from ahpa import config, config_resume
 from ahpa.cli import main
 from ahpa.config import ConfigError
 from ahpa.sample import export_metadata
@@ -110,8 +110,8 @@ def test_sigma_rel_forms_the_interval_and_resume():
     with pytest.raises(ConfigError, match="train.posthoc_every=0 is out of range"):
         config.load(None, ["train.posthoc_every=0"])
     base = config.load(None, list(ON))
-    assert not config.resume_conflicts(base, config.load(None, [ON[0], "train.posthoc_every=7"]))  # a cadence
-    assert config.resume_conflicts(base, config.load(None, ["train.posthoc_ema=[0.05]", ON[1]]))  # other averages
+    assert not config_resume.resume_conflicts(base, config.load(None, [ON[0], "train.posthoc_every=7"]))  # a cadence
+    assert config_resume.resume_conflicts(base, config.load(None, ["train.posthoc_ema=[0.05]", ON[1]]))  # other averages
     note = ignored_settings_note(config.load(None, ["train.posthoc_every=7"]), ["latent"])
     assert any("does not read train.posthoc_every=7" in n for n in note)
 

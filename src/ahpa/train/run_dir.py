@@ -1,5 +1,5 @@
 """What a run directory binds a rerun to: once it holds a checkpoint, the settings of its config.yaml (only run
-length, cadences and the like may change, config.RESUMABLE_CHANGES) and the content of its input files
+length, cadences and the like may change, config_resume.RESUMABLE_CHANGES) and the content of its input files
 (inputs.json: a cache or VAE may be named under a new path if its content is the same)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ahpa import config as config_mod
-from ahpa import lock
+from ahpa import config_resume, lock
 from ahpa.config import Config
 from ahpa.train import inputs
 from ahpa.train.checkpoint import list_checkpoints
@@ -93,14 +93,14 @@ def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
     if saved is None or not list_checkpoints(run_dir / "checkpoints"):
         return {}
     saved = config_mod.with_absolute_paths(saved)  # runs that stored relative paths
-    differences = config_mod.resume_differences(saved, cfg)
+    differences = config_resume.resume_differences(saved, cfg)
     # a cache or VAE under a new path may carry on: checked against the run's record once they are open
     moved = {k: v for k, v in differences.items() if k in inputs.MOVABLE}
     if len(differences) > len(moved):
-        may_change = ", ".join(r + "*" if r.endswith(".") else r for r in config_mod.RESUMABLE_CHANGES)
+        may_change = ", ".join(r + "*" if r.endswith(".") else r for r in config_resume.RESUMABLE_CHANGES)
         raise RunConfigError(
             f"{run_dir} holds a run with another configuration; on resume only these may change: "
-            f"{may_change}. Differences:\n  " + "\n  ".join(config_mod.resume_conflicts(saved, cfg))
+            f"{may_change}. Differences:\n  " + "\n  ".join(config_resume.resume_conflicts(saved, cfg))
             + f"\nThe run's settings are in {saved_file} (`--config {saved_file}` resumes it as it was); a new --out "
             "directory starts another run."
             + (f"\n({' and '.join(moved)} may name the same files under a new path.)" if moved else "")

@@ -395,8 +395,10 @@ def test_eval_result_line_and_resolution_say_what_was_used(tmp_path, capsys):
 
 
 def test_precision_recall_of_sets_of_unequal_size_is_warned_about(tmp_path, capsys):
-    """Kynkäänniemi et al. and ADM's evaluator compare equal sizes; the default --pr-num 10000 compared 200 samples
-    with 1,000 reference images without a word, though the sizes move both figures."""
+    """The default --pr-num 10000 compared 200 samples with 1,000 reference images without a word, though the sizes
+    move both figures. The warning names both conventions: Kynkäänniemi et al.'s equal sets, and ADM's evaluator's
+    50,000 samples against its batch's 10,000 images (it said ADM compared equal sizes, which would have had a user
+    quote 10K-vs-10K figures beside the papers' 50K-vs-10K ones)."""
     from ahpa.cli import main
     from ahpa.metrics import EvaluationWarning, evaluate
 
@@ -405,10 +407,12 @@ def test_precision_recall_of_sets_of_unequal_size_is_warned_about(tmp_path, caps
     samples, ref = tmp_path / "s.npz", tmp_path / "r.npz"
     np.savez(samples, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
     np.savez(ref, images=rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
-    said = "precision/recall compares 20 samples with 30 reference images; Kynkäänniemi et al."
+    said = "precision/recall compares 20 samples with 30 reference images, and the sizes move both figures"
     with pytest.warns(EvaluationWarning, match=said) as caught:
         evaluate(samples, ref, load_detector(f"torchscript:{det_file}"), ("fd", "pr"))
-    assert "set pr_num (ahpa eval --pr-num) to 20 for comparable figures" in str(caught[0].message)
+    message = str(caught[0].message)
+    assert "Kynkäänniemi et al. compare sets of equal size (pr_num, ahpa eval --pr-num, 20)" in message
+    assert "ADM's evaluator" in message and "all 50,000 samples with its reference batch's 10,000 images" in message
     argv = ["eval", str(samples), "--ref", str(ref), "--detector", f"torchscript:{det_file}", "--no-ref-cache",
             "--metrics", "pr"]
     assert main(argv) == 0

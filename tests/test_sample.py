@@ -1,3 +1,4 @@
+import json
 import re
 import subprocess
 import sys
@@ -980,3 +981,33 @@ def test_a_class_name_holding_a_comma_is_listed_as_written_when_a_class_is_refus
     assert class_indices(["red,blue", "circle"], names, 3, "run r") == [1, 0]
     with pytest.raises(ValueError, match=r"its classes: circle, square$"):  # no comma in any name: as before
         class_indices(["red"], ["circle", "square"], 2, "run r")
+
+
+def test_the_default_batch_is_the_micro_batch_and_a_padded_one_is_named(run_dir, tmp_path, capsys, monkeypatch):
+    """Every network and decoder call runs --micro-batch rows, padded. --batch defaulted to 64 whatever the micro-batch,
+    so a run of the study config (micro_batch 250) sampled 64 images in calls of 250 rows: 3.9x the work at cfg 1
+    (1,000 CIFAR samples of a tiny SiT through TAEF2, Heun 10 steps, 2 CPU cores: 64 s, against 18 s at 250 for the
+    same file). Now the default is the run's micro-batch (8 here), and a --batch that pads its calls is named."""
+    from ahpa.transport import guidance
+
+    rows = []  # (rows a call computed, rows whose output was kept)
+    real = guidance.fixed_batch
+
+    def counted(fn, micro_batch, *inputs):
+        rows.append((-(-inputs[0].shape[0] // micro_batch) * micro_batch, inputs[0].shape[0]))
+        return real(fn, micro_batch, *inputs)
+
+    monkeypatch.setattr(guidance, "fixed_batch", counted)
+    monkeypatch.setattr("ahpa.sample.fixed_batch", counted)
+    args = ["sample", "--run", str(run_dir), "--num", "16", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "default.npz")]) == 0
+    assert "note" not in capsys.readouterr().err
+    assert rows and all(computed == kept for computed, kept in rows)  # no padding
+    assert json.loads((tmp_path / "default.npz.json").read_text())["batch"] == 8
+    rows.clear()
+    assert main([*args, "--batch", "5", "--out", str(tmp_path / "five.npz")]) == 0
+    assert ("ahpa sample: note: --batch 5 fills the 8 rows of its network and decoder calls (--micro-batch 8) with 5 "
+            "images, the rest padding that is computed and dropped: --batch 8 (or leaving it out) writes the same file "
+            "with up to 1.6x less work") in " ".join(capsys.readouterr().err.split())
+    with np.load(tmp_path / "default.npz") as a, np.load(tmp_path / "five.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])  # the same file either way

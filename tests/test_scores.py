@@ -395,8 +395,10 @@ def test_eval_result_line_and_resolution_say_what_was_used(tmp_path, capsys):
 
 
 def test_precision_recall_of_sets_of_unequal_size_is_warned_about(tmp_path, capsys):
-    """Kynkäänniemi et al. and ADM's evaluator compare equal sizes; the default --pr-num 10000 compared 200 samples
-    with 1,000 reference images without a word, though the sizes move both figures."""
+    """The default --pr-num 10000 compared 200 samples with 1,000 reference images without a word, though the sizes
+    move both figures. The warning names both conventions: Kynkäänniemi et al.'s equal sets, and ADM's evaluator's
+    50,000 samples against its batch's 10,000 images (it said ADM compared equal sizes, which would have had a user
+    quote 10K-vs-10K figures beside the papers' 50K-vs-10K ones)."""
     from ahpa.cli import main
     from ahpa.metrics import EvaluationWarning, evaluate
 
@@ -405,10 +407,12 @@ def test_precision_recall_of_sets_of_unequal_size_is_warned_about(tmp_path, caps
     samples, ref = tmp_path / "s.npz", tmp_path / "r.npz"
     np.savez(samples, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
     np.savez(ref, images=rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
-    said = "precision/recall compares 20 samples with 30 reference images; Kynkäänniemi et al."
+    said = "precision/recall compares 20 samples with 30 reference images, and the sizes move both figures"
     with pytest.warns(EvaluationWarning, match=said) as caught:
         evaluate(samples, ref, load_detector(f"torchscript:{det_file}"), ("fd", "pr"))
-    assert "set pr_num (ahpa eval --pr-num) to 20 for comparable figures" in str(caught[0].message)
+    message = str(caught[0].message)
+    assert "Kynkäänniemi et al. compare sets of equal size (pr_num, ahpa eval --pr-num, 20)" in message
+    assert "ADM's evaluator" in message and "all 50,000 samples with its reference batch's 10,000 images" in message
     argv = ["eval", str(samples), "--ref", str(ref), "--detector", f"torchscript:{det_file}", "--no-ref-cache",
             "--metrics", "pr"]
     assert main(argv) == 0
@@ -419,3 +423,49 @@ def test_precision_recall_of_sets_of_unequal_size_is_warned_about(tmp_path, caps
     assert "warning" not in capsys.readouterr().err
     assert main([*argv[:-1], "fd"]) == 0  # no precision/recall: nothing to say either
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:precision/recall compares")  # unequal sets on purpose
+def test_another_pr_num_reuses_the_cached_reference(tmp_path, monkeypatch):
+    """A cached reference serves every --pr-num: fewer points come from the kept features, more from its first images
+    alone. Each other --pr-num measured the whole reference again (150 s instead of 10 s for CIFAR-10's 50,000; hours
+    for an ImageNet folder), though its statistics and the points asked for were in the cache."""
+    from ahpa.metrics import measurement as measure_mod
+    from ahpa.metrics import reference as reference_mod
+    from ahpa.metrics.evaluation import evaluate
+
+    det = load_detector(f"torchscript:{_script(TinyClassifier(), tmp_path / 'toy-resnet20.pt')}")
+    rng = np.random.default_rng(11)
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8))
+    np.savez(ref, images=rng.integers(0, 256, (80, 16, 16, 3), dtype=np.uint8))
+    cache = tmp_path / "cache"
+    expected = {n: evaluate(samples, ref, det, ("fd", "pr"), pr_num=n, batch_size=16)[0] for n in (20, 30, 50, 90)}
+    evaluate(samples, ref, det, ("fd", "pr"), pr_num=40, batch_size=16, cache_dir=cache)  # keeps the first 40
+
+    read = []  # the reference images each measurement of the reference read
+    real_measure = measure_mod.measure
+
+    def counted(source, *a, **k):
+        got = real_measure(source, *a, **k)
+        if Path(source) == ref:
+            read.append(got.stats.count)
+        return got
+
+    monkeypatch.setattr(reference_mod, "measure", counted)
+    monkeypatch.setattr(reference_mod, "reference_stats", lambda *a, **k: pytest.fail("statistics measured again"))
+    for n in (20, 30):  # fewer than the 40 kept: nothing measured
+        assert evaluate(samples, ref, det, ("fd", "pr"), pr_num=n, batch_size=16, cache_dir=cache)[0] == \
+            pytest.approx(expected[n], rel=1e-6)
+    assert read == []
+    # more than kept: the first 50 images, not the 80
+    assert evaluate(samples, ref, det, ("fd", "pr"), pr_num=50, batch_size=16, cache_dir=cache)[0] == \
+        pytest.approx(expected[50], rel=1e-6)
+    assert read == [50]
+    # more than the reference holds: all 80, once; then the file of all 80 serves any larger number
+    for _ in range(2):
+        assert evaluate(samples, ref, det, ("fd", "pr"), pr_num=90, batch_size=16, cache_dir=cache)[0] == \
+            pytest.approx(expected[90], rel=1e-6)
+    assert read == [50, 80]
+    evaluate(samples, ref, det, ("pr",), pr_num=200, batch_size=16, cache_dir=cache)
+    assert read == [50, 80]

@@ -168,9 +168,13 @@ def caveats(samples, reference, detector: Detector, num: int | None, fd: bool,
     if pr_sizes is not None and pr_sizes[0] != pr_sizes[1]:
         # a set's k-NN radii shrink as it grows, so the sizes move both figures (0.865/0.832 at 200 vs 1,000 CIFAR
         # images, 0.895/0.815 at 200 vs 200, for the same images)
-        out.append(f"precision/recall compares {pr_sizes[0]} samples with {pr_sizes[1]} reference images; "
-                   "Kynkäänniemi et al. and ADM's evaluator compare sets of equal size, and the sizes move both "
-                   f"figures: set pr_num (ahpa eval --pr-num) to {min(pr_sizes)} for comparable figures")
+        # two conventions: Kynkäänniemi et al.'s code takes sets of equal size; ADM's evaluator (whose figures the
+        # DiT, SiT and REPA tables quote) all of its 50,000 samples against its reference batch's 10,000 images
+        out.append(f"precision/recall compares {pr_sizes[0]} samples with {pr_sizes[1]} reference images, and the "
+                   "sizes move both figures: compare only figures of the same sizes. Kynkäänniemi et al. compare sets "
+                   f"of equal size (pr_num, ahpa eval --pr-num, {min(pr_sizes)}); ADM's evaluator, whose figures the "
+                   "DiT, SiT and REPA papers report, all 50,000 samples with its reference batch's 10,000 images "
+                   "(--pr-num 50000)")
     if num and samples.count < num:
         out.append(f"{num} samples asked for, but the samples gave {samples.count} images: the metrics are of those")
     for name, stats in (("samples", samples), ("reference images", reference)):

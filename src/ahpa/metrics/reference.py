@@ -10,6 +10,7 @@ them, and a changed reference gets a new key rather than stale numbers.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -103,6 +104,26 @@ def _cache_files(ref, detector: Detector, cache_dir: str | Path, keep: int = 0) 
     return Path(cache_dir) / f"{stem}.npz", Path(cache_dir) / f"{stem}-first{keep}.npy"
 
 
+def _cached_first(stats_path: Path, keep: int) -> torch.Tensor | None:
+    """The features of the reference's first `keep` images from a cached `-first<M>.npy` beside `stats_path` that holds
+    them: M >= keep (its first `keep` rows), or fewer rows than M (the whole reference, however many are asked for).
+    None when no such file is there. A precision/recall at another --pr-num thus reuses what an earlier one measured."""
+    best = None
+    for f in stats_path.parent.glob(f"{glob.escape(stats_path.stem)}-first*.npy"):
+        m = re.fullmatch(r"first(\d+)", f.stem[len(stats_path.stem) + 1:])
+        if m is None:
+            continue
+        try:
+            rows = np.load(f, mmap_mode="r").shape[0]
+        except (OSError, ValueError):  # torn or unreadable: measured afresh, as a missing file is
+            continue
+        if (int(m[1]) >= keep or rows < int(m[1])) and (best is None or rows < best[1]):
+            best = (f, rows)  # the smallest that serves: the least to read
+    if best is None:
+        return None
+    return torch.from_numpy(np.array(np.load(best[0], mmap_mode="r")[:keep]))
+
+
 def default_cache_dir() -> Path | None:
     """Where reference measurements are kept between calls and runs: $AHPA_CACHE/reference, else
     $XDG_CACHE_HOME/ahpa/reference, else ~/.cache/ahpa/reference; None with AHPA_CACHE=off (or no home)."""
@@ -155,11 +176,19 @@ def reference_measurement(
     stored = is_stats_file(ref) and stored_stats_usable(Path(ref), detector)[0]
     if cache_dir is not None:
         stats_path, feat_path = _cache_files(ref, detector, cache_dir, keep)
-        if stats_path.is_file() and (not keep or feat_path.is_file()):
+        if stats_path.is_file():
             stats = FeatureStats.load(stats_path)
             if stats.detector == detector.name:
-                feats = torch.from_numpy(np.load(feat_path)).to(detector.device) if keep else None
-                return Measurement(stats, None, feats)
+                if not keep:
+                    return Measurement(stats)
+                feats = _cached_first(stats_path, keep)
+                if feats is None:
+                    # the statistics are known: only the first `keep` images are measured, not the whole reference
+                    # again (another --pr-num against a 1.28M-image folder took the hours of the first pass)
+                    feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, on_batch=on_batch).features
+                    with atomic_path(feat_path) as tmp, open(tmp, "wb") as f:
+                        np.save(f, feats.cpu().numpy())
+                return Measurement(stats, None, feats.to(detector.device))
     if not keep:
         got = Measurement(reference_stats(ref, detector, batch_size, on_batch=on_batch))
     elif stored:

@@ -137,7 +137,9 @@ def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
     # the seed is not in the key: runs differ in it by design, and the tables put the seeds side by side
     skip = ("align.method", "align.router", "align.loss", *VARIANT_KEYS, "train.seed", "train.device", "train.compile",
             "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path",
-            "train.activation_checkpointing", "data.prefetch", "train.compile_mode", "sample.compile")  # these change no math
+            "train.activation_checkpointing", "data.prefetch", "train.compile_mode", "sample.compile",
+            # side outputs: the post-hoc EMAs leave the model, its EMA and every evaluation bitwise as they were
+            "train.posthoc_ema", "train.posthoc_every")  # these change no math
     common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}
     common["prior.encoder"] = encoder_identity(cfg.prior.encoder)
     common.update({"study.size": size_name, "study.data": args.data.name, "study.limit": args.limit,

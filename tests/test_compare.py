@@ -310,6 +310,11 @@ def test_settings_a_run_did_not_read_are_no_difference():
     # read by one run, not by the others: nothing to compare it with
     e = run("e", "data.source=procedural", "prior.stats_images=64", "align.method=none")
     assert "prior.stats_images" not in compare.differing_settings([e, a]) and "data.source" in compare.differing_settings([e, a])
+    # post-hoc EMAs kept beside the run's own change neither its model nor the EMA evaluated; an older run has no key
+    f = run("f", *cached, "prior.stats_images=64", "eval.num=100", "align.method=none", "train.posthoc_ema=0.05,0.1",
+            "train.posthoc_every=100")
+    older = compare.Run("older", Path("older"), {k: v for k, v in a.settings.items() if "posthoc" not in k})
+    assert compare.differing_settings([a, f]) == {} and compare.differing_settings([older, f]) == {}
 
 
 def _evaluated(root, name, fds, *overrides, setup="eval.num=200 sampler=euler-50 guidance=[0.0, 1.0]", metric="FD-r20",

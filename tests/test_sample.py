@@ -1011,3 +1011,27 @@ def test_the_default_batch_is_the_micro_batch_and_a_padded_one_is_named(run_dir,
             "with up to 1.6x less work") in " ".join(capsys.readouterr().err.split())
     with np.load(tmp_path / "default.npz") as a, np.load(tmp_path / "five.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])  # the same file either way
+
+
+def test_the_padding_note_is_not_about_a_batch_that_a_resume_does_not_use(run_dir, tmp_path, monkeypatch, capsys):
+    """A resume keeps the first attempt's chunks (8 here, the micro-batch: no padding) and says --batch 5 is not used;
+    the note then also said that --batch 5 padded every call and that --batch 8 would do less work, of chunks that
+    were already 8."""
+    from ahpa import sample_writer
+
+    real_iter = sample_writer.iter_samples
+
+    def killed_after_first_chunk(bundle, lo, *a):
+        if lo > 0:
+            raise KeyboardInterrupt
+        yield from real_iter(bundle, lo, *a)
+
+    monkeypatch.setattr(sample_writer, "iter_samples", killed_after_first_chunk)
+    args = ["sample", "--run", str(run_dir), "--num", "16", "--steps", "1", "--out", str(tmp_path / "s.npz")]
+    assert main(args) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(sample_writer, "iter_samples", real_iter)
+    assert main([*args, "--batch", "5"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "chunks of 8 (the first attempt's; --batch 5 is not used)" in err
+    assert "ahpa sample: note" not in err, err

@@ -149,6 +149,7 @@ def _run(args) -> int:
                                     f"run {args.run}" if args.run else f"model {args.model}")
 
         there = [0]  # where the bar starts: the samples a finished file's extension keeps, or a resume finds
+        chunks = [batch]  # the chunk size sampled: a resume keeps the first attempt's, an extension the file's
 
         unused = "" if args.batch is None else f"; --batch {args.batch} is not used"
 
@@ -163,20 +164,21 @@ def _run(args) -> int:
                           "again as part of a full chunk, as a fresh run samples them" if kept < had else "")
                 tqdm.write(f"extending {args.out} from {had} to {args.num} samples: its first {kept} are kept, the "
                            f"rest sampled in chunks of {chunk}{kept_chunks}{redone}", file=sys.stderr)
-            there[0] = kept
+            there[0], chunks[0] = kept, chunk
 
         def on_resume(done: int, chunk: int) -> None:
             kept = f" (the first attempt's{unused})" if chunk != batch else ""
             tqdm.write(f"resuming {args.out}.parts: {done} of {args.num} images are there; chunks of {chunk}{kept}",
                        file=sys.stderr)
-            there[0] = done
+            there[0], chunks[0] = done, chunk
 
         bars = []  # opened once write_samples has accepted the settings: a refusal draws no empty bar first
 
         def on_start() -> None:  # when sampling begins: a refused or already complete file needs no warning
             if why and d.is_main:
                 print(f"ahpa sample: warning: cfg-scale {cfg.cfg_scale}: {why}", file=sys.stderr)
-            if batch % cfg.micro_batch and args.num > batch and d.is_main:
+            # about the --batch sampled with only: a kept chunk size is not the command's to change (said above)
+            if chunks[0] == batch and batch % cfg.micro_batch and args.num > batch and d.is_main:
                 calls = -(-batch // cfg.micro_batch)
                 print(f"ahpa sample: note: --batch {batch} fills the {calls * cfg.micro_batch} rows of its network "
                       f"and decoder calls (--micro-batch {cfg.micro_batch}) with {batch} images, the rest padding that "

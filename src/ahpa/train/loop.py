@@ -218,8 +218,8 @@ class Trainer:
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
         ema_update(*self._ema_pairs, ema_decay(self.ema_updates, c.train.ema_decay, c.train.ema_warmup), keep=found_inf)
-        if p.posthoc is not None:  # power-function EMAs, t counting steps from 1 (ahpa.train.posthoc_track)
-            p.posthoc.update(step + 1, keep=found_inf)
+        if p.posthoc is not None:  # power-function EMAs, t counting every step from 1 (ahpa.train.posthoc_track)
+            p.posthoc.update(step + 1)
         if align_on:  # once per step, from all micro-batches: accumulating gradients trains as the whole batch does
             p.aligner.update_running(totals.pop("running/sums"), totals.pop("running/counts"), skip=found_inf)
         # a skip that fp16's loss scale deals with (an overflow, the scale halves) is not a bad step

@@ -73,12 +73,14 @@ class PowerEMAs:
         trained = list(model.parameters())
         self._pairs = [(list(c.parameters()), trained) for c in self.copies]
 
-    def update(self, t: int, keep: torch.Tensor | None) -> None:
+    def update(self, t: int) -> None:
         """hat <- beta_t hat + (1 - beta_t) theta after optimiser step t (1-based: the first step's t = 1 gives beta 0,
-        the average starts at the weights after it). `keep` (1 = a skipped step) leaves every copy as it was, as it
-        leaves the EMA: ema_update's arithmetic, without a host sync (beta_t is a Python float of the step count)."""
+        the average starts at the weights after it): ema_update's arithmetic, without a host sync (beta_t is a Python
+        float of the step count). Also after a skipped step: its weights are the previous step's, and they are the
+        trajectory's at step t. Left as they were (as the EMA is), each copy would put its own average in that step's
+        place, and the copies would no longer average one trajectory, which the reconstruction assumes."""
         for (averaged, trained), gamma in zip(self._pairs, self.gammas):
-            ema_update(averaged, trained, power_beta(gamma, t), keep=keep)
+            ema_update(averaged, trained, power_beta(gamma, t))
 
     def states(self, sharded) -> list[dict]:
         """Each copy's full state dict; under FSDP (`sharded`) every process calls it and rank 0 alone gets them."""

@@ -2,7 +2,9 @@
 EMA that leave the training's numbers alone, snapshots at the interval, a bitwise resume; and `ahpa export
 --posthoc-sigma`, whose reconstruction samples."""
 
+import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,12 +14,15 @@ from safetensors.torch import load_file
 from ahpa import config, config_resume
 from ahpa.cli import main
 from ahpa.config import ConfigError
+from ahpa.disk_space import size_text
 from ahpa.sample import export_metadata
 from ahpa.train.checkpoint import list_checkpoints, read_checkpoint
 from ahpa.train.loop import Trainer
 from ahpa.train.notes import ignored_settings_note
 from ahpa.train.posthoc_export import reconstruct
-from ahpa.train.posthoc_track import snapshot_info, snapshot_path
+from ahpa.train.posthoc_track import due, snapshot_info, snapshot_path
+from ahpa.train.run_dir import RunConfigError
+from tests.conftest import TINY
 from tests.test_distributed import TINY as DIST_TINY
 from tests.test_distributed import ahpa, cpu_fsdp, latest, max_diff
 
@@ -40,7 +45,7 @@ def test_off_by_default_costs_nothing(tmp_path, tiny):
 def test_snapshots_appear_at_the_interval_and_the_run_trains_as_without(tmp_path, tiny):
     on = Trainer(tiny("train.steps=5", *ON), tmp_path / "on")
     note = next(m for m in on.messages if m.startswith("train.posthoc_ema="))
-    assert "2 power-function EMAs" in note and "68,708 parameters (275 kB per process)" in note and "6 files" in note
+    assert "2 power-function EMAs" in note and "68,708 parameters (274.8 kB per process)" in note and "6 files" in note
     on.run()
     off = Trainer(tiny("train.steps=5"), tmp_path / "off")
     off.run()
@@ -105,6 +110,77 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, tiny):
             assert same(a, b), (step, sigma)
 
 
+def test_the_default_spacing_is_16_snapshot_steps_a_run_and_an_explicit_one_is_kept(tmp_path, tiny):
+    """train.posthoc_every=0 (the default) spaces them ceil(train.steps / 16) apart; 500, the old default, gave a
+    400K-step XL/2 run 800 snapshot steps (4.3 TB at [0.05, 0.10]) and a 32-step run only its last."""
+    on = "train.posthoc_ema=[0.05,0.1]"
+    assert config.load(None, []).train.posthoc_every == 0
+
+    def written(*extra, start=0):
+        t = config.load(None, [on, *extra]).train
+        return [s for s in range(start + 1, t.steps + 1) if due(t, s)]
+
+    assert written("train.steps=32") == list(range(2, 33, 2))
+    assert written("train.steps=400000")[:2] == [25000, 50000] and len(written("train.steps=400000")) == 16
+    assert written("train.steps=40") == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 40]  # ceil(40/16) = 3
+    assert written("train.steps=32", "train.posthoc_every=5") == [5, 10, 15, 20, 25, 30, 32]  # as before
+    # lengthened on resume from step 32 (train.steps is resumable): the steps still to come are spaced 4 apart
+    assert written("train.steps=64", start=32) == list(range(36, 65, 4))
+    run = Trainer(tiny("train.steps=32", on), tmp_path / "r")
+    assert any("every 2 steps (train.posthoc_every=0: train.steps / 16) and at the last" in m for m in run.messages)
+    run.run()
+    assert sorted(p.name for p in (tmp_path / "r" / "posthoc").iterdir()) == \
+        [f"step_{s:09d}.sigma_{r}.safetensors" for s in range(2, 33, 2) for r in ("0.05", "0.1")]
+    # lengthened: the snapshots of steps 2..32 stay as they were (a power-function EMA at step t does not depend on
+    # the run's length) and the reconstruction at step 64 takes them with those of 36..64
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r" / "posthoc").iterdir()}
+    Trainer(tiny("train.steps=64", on), tmp_path / "r").run()
+    after = {p.name: p for p in (tmp_path / "r" / "posthoc").iterdir()}
+    assert all(after[name].read_bytes() == data for name, data in before.items())
+    assert sorted(int(n[5:14]) for n in after if n.endswith("0.05.safetensors")) == [*range(2, 33, 2), *range(36, 65, 4)]
+    assert reconstruct(tmp_path / "r", 0.07)[1].step == 64
+
+
+def _tree(run):
+    """Every file's size and time, but the lock's: any Trainer probes it (ahpa.lock.check_free), holding nothing."""
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*")
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_snapshots_that_would_not_fit_on_the_disk_are_refused_before_any_step(tmp_path, tiny, monkeypatch, capsys):
+    """Rank 0 compares the snapshots still to write (steps from the current one to train.steps x sigma_rel x the fp32
+    backbone's bytes) with the free space of the run directory's disk, and refuses before training, leaving nothing
+    a rerun with a fix would trip on (a new run's config.yaml would hold it to the sigma_rel that did not fit)."""
+    per_file = 68_708 * 4  # the tiny backbone's parameters (the cost note's count), fp32
+    free = {"bytes": 16 * 2 * per_file - 1}  # one byte short of 16 snapshot steps (steps=32, auto) x 2 sigma_rel
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    run = tmp_path / "r"
+    with pytest.raises(RunConfigError) as refused:
+        Trainer(tiny("train.steps=32", ON[0]), run)
+    message = str(refused.value)
+    assert f"need {size_text(32 * per_file)} (16 snapshot steps from step 0 to 32 x 2 sigma_rel x " \
+           f"{size_text(per_file)}), and the run directory {run} has {size_text(free['bytes'])} free" in message
+    for fix in ("a larger train.posthoc_every (now 2, by 0: train.steps / 16)", "fewer sigma_rel in train.posthoc_ema",
+                "another --out", "--no-space-check"):
+        assert fix in message, fix
+    assert not run.exists()  # nothing written: the new run directory it made is gone
+    assert main(["train", "--out", str(run), *TINY, "train.steps=32", ON[0]]) == 2
+    assert "the snapshots still to write need" in capsys.readouterr().err and not run.exists()
+    free["bytes"] += 1  # exactly enough: it trains
+    Trainer(tiny("train.steps=32", ON[0]), run).run()
+    assert len(list((run / "posthoc").iterdir())) == 32
+    # resumed and lengthened to 40 (every 3 from step 32: 33, 36, 39 and the last) with less room: refused with the
+    # checkpoints, snapshots and records left exactly as they were
+    free["bytes"] = 4 * 2 * per_file - 1
+    before = _tree(run)
+    with pytest.raises(RunConfigError, match="need .* [(]4 snapshot steps from step 32 to 40 x 2 sigma_rel"):
+        Trainer(tiny("train.steps=40", ON[0]), run)
+    assert _tree(run) == before
+    # the file system misreports: --no-space-check trains anyway
+    assert main(["train", "--out", str(run), "--no-space-check", *TINY, "train.steps=40", ON[0]]) == 0
+    assert snapshot_path(run / "posthoc", 40, 0.1).is_file() and os.path.getsize(snapshot_path(run / "posthoc", 40, 0.1))
+
+
 @pytest.mark.parametrize("value,match", [
     ("[0.3]", "out of range"), ("[0.05,0.05]", "out of range"), ("[0]", "out of range"), ("[-0.1]", "out of range"),
     ("[abc]", "list of numbers, got the item 'abc'"), ("0.05,x", "list of numbers"),
@@ -118,8 +194,8 @@ def test_sigma_rel_forms_the_interval_and_resume():
     assert config.load(None, ["train.posthoc_ema=0.05,0.1"]).train.posthoc_ema == [0.05, 0.1]
     assert config.load(None, ["train.posthoc_ema=0.07"]).train.posthoc_ema == [0.07]
     assert config.load(None, ["train.posthoc_ema=[]"]).train.posthoc_ema == []
-    with pytest.raises(ConfigError, match="train.posthoc_every=0 is out of range"):
-        config.load(None, ["train.posthoc_every=0"])
+    with pytest.raises(ConfigError, match=r"train.posthoc_every=-1 is out of range.*0 \(auto"):
+        config.load(None, ["train.posthoc_every=-1"])
     base = config.load(None, list(ON))
     assert not config_resume.resume_conflicts(base, config.load(None, [ON[0], "train.posthoc_every=7"]))  # a cadence
     assert config_resume.resume_conflicts(base, config.load(None, ["train.posthoc_ema=[0.05]", ON[1]]))  # other averages
@@ -170,7 +246,7 @@ def test_two_processes_track_and_snapshot_as_one(tmp_path, sharding):
     ahpa(1, "train", "--out", str(tmp_path / "one"), *args)
     res = ahpa(2, "train", "--out", str(tmp_path / "two"), *args, *(["train.fsdp=true"] if sharding == "FSDP2" else []))
     assert ("sharded over 2 processes (FSDP2)" in res.stderr) == (sharding == "FSDP2")
-    assert "per process, sharded" in res.stderr if sharding == "FSDP2" else "275 kB per process)" in res.stderr
+    assert "per process, sharded" in res.stderr if sharding == "FSDP2" else "274.8 kB per process)" in res.stderr
     a, b = latest(tmp_path / "one")["posthoc_ema"], latest(tmp_path / "two")["posthoc_ema"]
     assert a["sigma_rel"] == b["sigma_rel"] == [0.05, 0.1]
     for wa, wb in zip(a["weights"], b["weights"]):

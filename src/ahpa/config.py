@@ -123,10 +123,12 @@ class TrainCfg(_Settings):
     # `ahpa export --posthoc-sigma` builds an EMA of any length after training. [] = off; EDM2 tracks [0.05, 0.10].
     # Each costs one copy of the backbone in memory and one file per snapshot
     posthoc_ema: list[float] = field(default_factory=list)
-    # steps between post-hoc EMA snapshots (and one at the last step). 500 gives a 4,000-step comparison 8 snapshots
-    # per sigma_rel, enough for a profile residual under 4% from 0.05 to 0.15 tracking [0.05, 0.10]; EDM2's 8M images
-    # (32,768 steps at batch 256) would give such a run none. A long run takes a larger one (its start says the disk)
-    posthoc_every: int = 500
+    # steps between post-hoc EMA snapshots (and one at the last step). 0 (auto) = ceil(train.steps / 16): 16 snapshot
+    # steps in a run of 256 steps or more, which represent sigma_rel 0.025-0.255 within a 10% residual tracking
+    # [0.05, 0.10] (XL/2's 400K steps: 86 GB, where every 500 steps would be 4.3 TB). The run refuses to start when they would not fit in --out's
+    # free space (`ahpa train --no-space-check` skips that). A lengthened run (train.steps on resume) spaces the
+    # snapshots still to come more widely; those written stay valid
+    posthoc_every: int = 0
     # auto: bf16 on CUDA GPUs with bf16 arithmetic (A100, H100, RTX 30xx on), fp16 on older ones (V100, T4), fp32
     # elsewhere | fp32 | bf16 | fp16 (autocast with a dynamic loss scale, ahpa.train.loss_scale)
     precision: str = "auto"

@@ -133,7 +133,7 @@ def _run(args) -> int:
 
 
 def _report(result, world: int = 1) -> None:
-    from ahpa.data.prepare import size_text
+    from ahpa.disk_space import size_text
 
     if result.label_doubt:  # said first and on stderr: a class-conditional run may be about to train without labels
         print(f"warning: labels: {result.labels}; {result.label_doubt}", file=sys.stderr)

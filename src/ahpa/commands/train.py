@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved configuration, every key with its documentation, as YAML (a config file "
                         "to edit and pass to --config) and exit without training")
+    p.add_argument("--no-space-check", action="store_true",
+                   help="skip the check that train.posthoc_ema's snapshots still to write fit in the free space of "
+                        "--out's disk (for a file system that misreports its free space)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=1000")
     p.set_defaults(func=run)
 
@@ -94,7 +97,7 @@ def run(args) -> int:
 
         try:
             # a run that evaluates measures eval.ref first (minutes for 50,000 images; once per machine, then cached)
-            trainer = Trainer(cfg, args.out, progress=progress)
+            trainer = Trainer(cfg, args.out, progress=progress, space_check=not args.no_space_check)
         finally:
             while inner:
                 inner.pop().close()

@@ -13,7 +13,6 @@ resumes. PrepareError and Progress are defined in ahpa.data.shard_encoder and im
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,7 @@ from ahpa.data.shard_store import (
     sweep_shards,
 )  # fmt: skip
 from ahpa.data.tokens import divisor_grids
+from ahpa.disk_space import free_space, size_text
 from ahpa.priors.base import PriorEncoder
 from ahpa.priors.targets import uneven_pooling
 
@@ -172,14 +172,6 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
     }
 
 
-def size_text(n: float) -> str:
-    """Bytes as a person reads them: 3.99 MB, 10.24 TB (a test cache is not "0.00 GB")."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n / 1e3:.1f} kB"
-
-
 def check_space(out: Path, settings: dict, items: int, shard_size: int) -> None:
     """Refuse a cache whose shards still to write need more bytes than the disk holding `out` has free: found before
     any work, it is a choice of options; found when the disk fills, days of encoding under settings that cannot
@@ -190,10 +182,7 @@ def check_space(out: Path, settings: dict, items: int, shard_size: int) -> None:
     if saved is not None and (saved.get("complete") or settings_differences(saved, settings)):
         return
     need, todo, per_item = bytes_to_write(ShardPlan(out, items, shard_size, ""), settings)
-    disk = out
-    while not disk.exists():
-        disk = disk.parent
-    free = shutil.disk_usage(disk).free
+    disk, free = free_space(out)
     if need > free:
         raise PrepareError(
             f"--out {out}: the cache needs up to {size_text(need)} more ({per_item:,} B per image x {todo:,} images to "

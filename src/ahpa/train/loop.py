@@ -33,7 +33,7 @@ from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_note, ema_update
 from ahpa.train.evaluate import Evaluator
 from ahpa.train.notes import guidance_note, heads_cost_note, ignored_settings_note, precision_note, setup_note
-from ahpa.train.posthoc_track import cost_note
+from ahpa.train.posthoc_track import check_space, cost_note
 from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run that diverges raises)
 from ahpa.train.run_dir import RunConfigError  # noqa: F401 (API: what a refused run directory raises)
 from ahpa.train.run_dir import check_moved_inputs, check_run_dir, removed_if_refused
@@ -47,15 +47,18 @@ class Trainer:
     equal 1 process x 2b. With one process, train.fsdp trains unsharded (nothing to shard over)."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, external=None, encoder=None,
-                 progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None):
+                 progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
+                 space_check: bool = True):
         """`progress(label, total)` as for `run`, here for the measurement of eval.ref when the run evaluates (label
-        "reference [<detector>]", total None: minutes for 50,000 images, once per machine, then cached)."""
+        "reference [<detector>]", total None: minutes for 50,000 images, once per machine, then cached).
+        `space_check=False` (`ahpa train --no-space-check`) skips the refusal of train.posthoc_ema's snapshots that
+        need more than the run directory's disk has free (ahpa.train.posthoc_track.check_space)."""
         if not isinstance(cfg, Config):
             raise TypeError(f"Trainer takes a Config (ahpa.load_config(path, overrides)), not a {type(cfg).__name__}")
         with removed_if_refused(Path(run_dir), current().rank):  # refused, it leaves no new empty --out behind
-            self._set_up(cfg, run_dir, external, encoder, progress)
+            self._set_up(cfg, run_dir, external, encoder, progress, space_check)
 
-    def _set_up(self, cfg: Config, run_dir: str | Path, external, encoder, progress) -> None:
+    def _set_up(self, cfg: Config, run_dir: str | Path, external, encoder, progress, space_check: bool) -> None:
         d = current()
         spec, encoder_notes = given_encoder_spec(encoder, cfg.prior.encoder) if encoder is not None else ("", [])
         if spec and not cfg.prior.encoder:
@@ -83,6 +86,16 @@ class Trainer:
         self.messages += skipped + ([resumed.message] if resumed else [])
         if resumed is not None:
             self.step, self.ema_updates = resumed.step, resumed.ema_updates
+        if self.parts.posthoc is not None and space_check:  # the step resumed from known, before minutes more set-up
+            refused = None
+            if self.rank == 0:  # its disk: the one process that writes snapshots
+                try:
+                    check_space(t, self.parts.posthoc, self.run_dir, self.step)
+                except RunConfigError as e:
+                    refused = e
+            refused = from_main(refused)  # every process refuses, rather than waiting in a collective
+            if refused is not None:
+                raise refused
         # before any training: a missing detector or reference fails now, not at the first evaluation
         self.evaluator = Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world,
                                            progress)

@@ -1,6 +1,7 @@
 """EDM2's post-hoc EMA while training (opt-in, train.posthoc_ema): a power-function EMA of the backbone per sigma_rel,
 updated after every optimiser step beside the run's exponential EMA, kept in the checkpoint, and saved every
-train.posthoc_every steps (and at the run's last step) to RUN/posthoc/ as snapshots, from which
+train.posthoc_every steps (0, the default: 16 times a run, `interval`) and at the run's last step to RUN/posthoc/ as
+snapshots, from which
 `ahpa export --posthoc-sigma` reconstructs the EMA of another length after training (ahpa.train.posthoc_export; the
 math: ahpa.train.posthoc_ema).
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 
 from ahpa.atomic import atomic_path
 from ahpa.config import TrainCfg
+from ahpa.disk_space import free_space, size_text
 from ahpa.models.sit import SiT
 from ahpa.train.ema import ema_update
 from ahpa.train.posthoc_ema import power_beta, std_to_exp
@@ -117,9 +120,57 @@ class PowerEMAs:
         return written
 
 
+# snapshot steps of a run under train.posthoc_every=0: 16 evenly spaced represent sigma_rel 0.025-0.255 within a
+# 10% profile residual tracking [0.05, 0.10], nearly all that a sigma_rel can be (0.2887), and the run's first half
+# still holds 8, which represent 0.035-0.215 (docs/method.md, "Post-hoc EMA"), for a reconstruction at its midpoint
+AUTO_SNAPSHOTS = 16
+
+
+def interval(t: TrainCfg) -> int:
+    """Steps between snapshots: train.posthoc_every, or under 0 (auto) ceil(train.steps / 16), which makes 16
+    snapshot steps of a run of 256 steps or more, the last included (fewer, at least 9, of a shorter one). Of the
+    train.steps of this launch: a resume that lengthens the run spaces the steps still to come more widely, which the
+    reconstruction takes (it reads each snapshot's step from the file), and leaves those written as they are."""
+    return t.posthoc_every or math.ceil(t.steps / AUTO_SNAPSHOTS)
+
+
 def due(t: TrainCfg, step: int) -> bool:
-    """Whether step `step` (just taken) writes snapshots: every train.posthoc_every steps, and the run's last."""
-    return bool(t.posthoc_ema) and (step % t.posthoc_every == 0 or step == t.steps)
+    """Whether step `step` (just taken) writes snapshots: every `interval` steps, and the run's last."""
+    return bool(t.posthoc_ema) and (step % interval(t) == 0 or step == t.steps)
+
+
+def steps_to_write(t: TrainCfg, start: int) -> int:
+    """How many snapshot steps a run at step `start` still writes, up to train.steps (those after `start` that an
+    earlier launch wrote are removed and written again: drop_after)."""
+    if start >= t.steps:
+        return 0
+    every = interval(t)
+    return t.steps // every - start // every + (t.steps % every != 0)
+
+
+def snapshot_bytes(powers: PowerEMAs) -> int:
+    """The tensor bytes of one snapshot file (fp32, as `snapshot` writes them; its header is a few kB more)."""
+    return sum(v.numel() * 4 for v in powers.copies[0].state_dict().values())
+
+
+def check_space(t: TrainCfg, powers: PowerEMAs, run_dir: Path, start: int) -> None:
+    """Refuses a run whose snapshots still to write need more than the free space of the run directory's disk: found
+    when it starts, a setting to change; found when the disk fills, a crash days in, with the checkpoints (which
+    train.keep_checkpoints prunes, and this leaves out) on the same full disk."""
+    steps = steps_to_write(t, start)
+    need = steps * len(powers.sigmas) * snapshot_bytes(powers)
+    disk, free = free_space(Path(run_dir) / DIRECTORY)
+    if need > free:
+        every = interval(t)
+        now = f"{every:,}, by 0: train.steps / {AUTO_SNAPSHOTS}" if not t.posthoc_every else f"{every:,}"
+        where = f"{disk} (the run directory's disk)" if Path(disk) != Path(run_dir) else f"the run directory {disk}"
+        raise RunConfigError(
+            f"train.posthoc_ema={powers.sigmas}: the snapshots still to write need {size_text(need)} ({steps:,} "
+            f"snapshot steps from step {start:,} to {t.steps:,} x {len(powers.sigmas)} sigma_rel x "
+            f"{size_text(snapshot_bytes(powers))}), and {where} has {size_text(free)} free. "
+            f"Give a larger train.posthoc_every (now {now}), fewer sigma_rel in train.posthoc_ema, or another --out "
+            "on a larger disk. If the file system misreports its free space, add --no-space-check to `ahpa "
+            "train` (Trainer(..., space_check=False))")
 
 
 def drop_after(run_dir: Path, step: int) -> None:
@@ -131,21 +182,19 @@ def drop_after(run_dir: Path, step: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def _size(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
-
-
 def cost_note(t: TrainCfg, powers: PowerEMAs | None, world: int, sharding: bool) -> list[str]:
     """What the post-hoc EMAs cost, said when the run starts: memory per copy, and the files and disk of snapshots."""
     if powers is None:
         return []
     ema = powers.copies[0]
     per_copy = sum(p.numel() * p.element_size() for p in ema.parameters())
-    n = len(powers.sigmas)
-    snapshots = t.steps // t.posthoc_every + (t.steps % t.posthoc_every != 0)
-    held = f"{_size(per_copy / world)} per process, sharded" if sharding else f"{_size(per_copy)} per process"
+    n, every, per_file = len(powers.sigmas), interval(t), snapshot_bytes(powers)
+    snapshots = steps_to_write(t, 0)
+    held = f"{size_text(per_copy / world)} per process, sharded" if sharding else f"{size_text(per_copy)} per process"
+    spacing = f"every {every:,} steps" + (f" (train.posthoc_every=0: train.steps / {AUTO_SNAPSHOTS})"
+                                         if not t.posthoc_every else "")
     return [f"train.posthoc_ema={powers.sigmas}: {n} power-function EMA{'s' if n > 1 else ''} beside the EMA, each a "
-            f"copy of the backbone's {ema.num_params():,} parameters ({held}); every {t.posthoc_every:,} steps and "
-            f"at the last, {n} snapshot file{'s' if n > 1 else ''} of {_size(per_copy)} to posthoc/: {snapshots * n} "
-            f"files, {_size(snapshots * n * per_copy)} over {t.steps:,} steps (a larger train.posthoc_every writes "
-            "fewer; `ahpa export --posthoc-sigma` reconstructs any EMA length from them)"]
+            f"copy of the backbone's {ema.num_params():,} parameters ({held}); {spacing} and at the last, "
+            f"{n} snapshot file{'s' if n > 1 else ''} of {size_text(per_file)} to posthoc/: {snapshots * n} files, "
+            f"{size_text(snapshots * n * per_file)} over {t.steps:,} steps (`ahpa export --posthoc-sigma` "
+            "reconstructs any EMA length from them)"]

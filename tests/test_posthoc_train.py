@@ -3,7 +3,10 @@ EMA that leave the training's numbers alone, snapshots at the interval, a bitwis
 --posthoc-sigma`, whose reconstruction samples."""
 
 import os
+import re
 import shutil
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ahpa as ahpa_api
 from ahpa import config, config_resume
 from ahpa.cli import main
 from ahpa.config import ConfigError
@@ -257,3 +261,20 @@ def test_two_processes_track_and_snapshot_as_one(tmp_path, sharding):
             assert fa.keys() == fb.keys() and max_diff(fa, fb) < 1e-5
     assert sorted(p.name for p in (tmp_path / "two" / "posthoc").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one" / "posthoc").iterdir())
+
+
+def test_the_notebooks_sweep_of_the_docs_samples_as_the_export_of_each_length(tmp_path, tiny, monkeypatch):
+    """docs/extending.md's sweep over sigma_rel in Python (ahpa.posthoc_reconstruct loaded into one bundle) runs as
+    written and draws the images that `ahpa export --posthoc-sigma` of the same length samples."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    code = textwrap.dedent(re.search(r"A sweep loads each.*?```python\n(.*?)```", doc, re.S).group(1))
+    Trainer(tiny("train.steps=8", *ON), tmp_path / "runs" / "notebook").run()
+    monkeypatch.chdir(tmp_path)
+    ns = {"ahpa": ahpa_api, "torch": torch}
+    exec(code, ns)
+    assert ns["rec"].sigma_rel == 0.10 and ns["rec"].residual < 1e-6  # the last length swept is a tracked one
+    out = tmp_path / "e.safetensors"
+    assert main(["export", "--run", "runs/notebook", "--out", str(out), "--posthoc-sigma", "0.1"]) == 0
+    exported = ahpa_api.load_export(out, "cpu")
+    again = ahpa_api.generate(exported, range(8), torch.arange(8) % exported.num_classes, 0, ns["run_cfg"].sample)
+    assert torch.equal(ns["images"], again)

@@ -18,6 +18,7 @@ _API = {
     "generate": ("ahpa.sample", "generate"),
     "load_export": ("ahpa.sample", "load_export"),
     "run_sampler": ("ahpa.train.resume", "run_sampler"),
+    "posthoc_reconstruct": ("ahpa.train.posthoc_export", "reconstruct"),
     "load_encoder": ("ahpa.priors.registry", "load_encoder"),
     "register_encoder": ("ahpa.priors.registry", "register_encoder"),
     "ExternalEncoder": ("ahpa.priors.external", "ExternalEncoder"),

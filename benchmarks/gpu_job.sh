@@ -39,6 +39,11 @@
 #     bash benchmarks/gpu_job.sh in512      # ImageNet 512 (1,024 tokens): B/2 and XL/2, none and ahpa-cached compiled,
 #                                           # batch 64 per GPU (REPA's 256 over 8 GPUs is 32), a 256-image synthetic cache
 #                                           # of SD-VAE's 512 level shapes (~2 GB with stored flips); ~5-6 min estimated
+#     bash benchmarks/gpu_job.sh posthoc    # XL/2 then B/2, none and ahpa-cached compiled, without and with EDM2's post-hoc
+#                                           # EMAs (train.posthoc_ema=[0.05,0.10]: two more EMA updates a step), side by
+#                                           # side; eight compiled measurements, ~9-10 min estimated if no compile is
+#                                           # reused (XL/2 ~90 s each, B/2 ~40-65 s), guarded at 7.5 min like the core
+#                                           # job (B/2's last may be skipped; then `posthoc --models B/2`, ~4 min)
 #
 # For on-the-fly, here first (diffusers is pure Python; its other needs are on the machine already):
 #     echo /.whl/ >> .git/info/exclude
@@ -94,6 +99,10 @@ case "$job" in
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
     in512) bench --models B/2,XL/2 --methods none,ahpa-cached --resolution 512 --batch 64 --cache-images 256 --compile compiled \
                --sampling off --budget-s 420 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | fp16 | tokens | in512)"; exit 2 ;;
+    # XL/2 first: its ~10 ms of a 231 ms step (estimated) stands above the windows' spread, B/2's ~2 ms of 99 barely;
+    # each pair's second run compiles the same graphs (the EMAs update outside them), from inductor's disk cache
+    posthoc) bench --models XL/2,B/2 --methods none,ahpa-cached --compile compiled --posthoc-ema off,0.05:0.10 \
+                 --sampling off --budget-s 450 ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | fp16 | tokens | in512 | posthoc)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

@@ -27,7 +27,10 @@ memory (torch.cuda.max_memory_allocated) and, on a GPU, the host syncs per step 
 Options the GPU jobs compare: --activation-checkpointing (comma list of block counts, 'all' = every block; the
 memory target is XL/2 at batch 256 in 80 GB), --prefetch on|off|both (the cache source gathering the next
 step's rows in a background thread; it applies to the cached methods none and ahpa-cached) and --token-fractions
-(comma list of align.token_fraction values for the aligned methods: the heads run on that share of the tokens).
+(comma list of align.token_fraction values for the aligned methods: the heads run on that share of the tokens) and
+--posthoc-ema (comma list of train.posthoc_ema settings, `off` or sigma_rel joined by ':', for every method: each
+sigma_rel is one more EMA update of the backbone in every timed step; snapshots are written by the training loop,
+not by train_step, so none is written or timed here).
 
 Sampling: an exported model (export_model -> load_export, a plain SiT) with CFG over every step, 50 Heun and 250
 Euler-Maruyama steps, bf16 autocast on GPU (fp32 on CPU); decoding uses the stand-in's trivial decoder.
@@ -49,7 +52,7 @@ from pathlib import Path
 import torch
 
 import benchlib
-from throughput_ratios import blocks_name, ratios
+from throughput_ratios import blocks_name, ratios, sigmas_name
 from ahpa import config as config_mod
 from ahpa.config import SampleCfg
 from ahpa.data.cache import CacheSource
@@ -60,6 +63,7 @@ from ahpa.priors.targets import ChannelStats
 from ahpa.sample import export_model, generate, load_export, per_sample_noise
 from ahpa.train.build import autocast_dtype, precision_name
 from ahpa.train.loop import Trainer
+from ahpa.train.posthoc_ema import SIGMA_MAX
 
 METHODS = ("none", "ahpa-cached", "ahpa-on-the-fly", "repa", "repa-cached")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision's values; run_config reads args.precision
@@ -89,6 +93,18 @@ def at_resolution(size: dict, resolution: int | None) -> dict:
     return {**size, "resolution": resolution, "vit": {**vit, "image_size": side}}
 
 
+def posthoc_settings(text: str) -> list[list[float]]:
+    """--posthoc-ema: a comma list of train.posthoc_ema settings, each `off` or sigma_rel joined by ':'."""
+    fix = "give a comma list of settings, each 'off' or distinct sigma_rel in (0, 0.2887) joined by ':', e.g. off,0.05:0.10"
+    try:
+        out = [[] if v == "off" else [float(s) for s in v.split(":")] for v in text.split(",") if v]
+    except ValueError:
+        raise SystemExit(f"--posthoc-ema {text!r}: {fix}") from None
+    if not out or any(not all(0 < s < SIGMA_MAX for s in v) or len(set(v)) != len(v) for v in out):
+        raise SystemExit(f"--posthoc-ema {text!r}: {fix}")
+    return out
+
+
 def write_caches(work: Path, size: dict, synthetic, methods: list[str], num: int, device: torch.device
                  ) -> tuple[dict[str, Path], dict[str, dict]]:
     """The synthetic caches the methods read, written (or reused) where one of them needs it: `levels` (SD-VAE-shaped
@@ -105,8 +121,11 @@ def write_caches(work: Path, size: dict, synthetic, methods: list[str], num: int
 
 
 def run_config(size: dict, args, model: str, method: str, compiled: bool, caches: dict[str, Path], device: torch.device,
-               checkpointing: int = 0, prefetch: bool | None = None, token_fraction: float = 1.0):
-    """The Trainer config of one measurement (plain dict -> Config, as a YAML file would give)."""
+               checkpointing: int = 0, prefetch: bool | None = None, token_fraction: float = 1.0,
+               posthoc: tuple[float, ...] = ()):
+    """The Trainer config of one measurement (plain dict -> Config, as a YAML file would give). `posthoc`'s snapshot
+    spacing is the run's length: its free-space check then counts one snapshot step, not train.steps / 16 of them
+    (16 x 2 x 2.7 GB at XL/2, more than the GPU machine's disk), and train_step writes none anyway."""
     res = size["resolution"]
     m = {"preset": model}
     if args.size == "tiny":
@@ -124,7 +143,8 @@ def run_config(size: dict, args, model: str, method: str, compiled: bool, caches
                   "projector_dim": size["projector"], "router": "soft", "token_fraction": token_fraction},
         "train": {"batch_size": batch, "compile": compiled, "compile_mode": args.compile_mode, "device": str(device), "activation_checkpointing": checkpointing,
                   "precision": args.precision, "seed": 0, "steps": 10**9, "sample_every": 0, "log_every": 10**9,
-                  "ckpt_every": 10**9, "lr": 1e-4, "grad_clip": 1.0},
+                  "ckpt_every": 10**9, "lr": 1e-4, "grad_clip": 1.0, "posthoc_ema": list(posthoc),
+                  "posthoc_every": 10**9 if posthoc else 0},  # not 10**9 when off: the run notes it as ignored
     })
 
 
@@ -269,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--token-fractions", default="1",
                     help="comma list of align.token_fraction values, one measurement each for the aligned methods "
                          "(the share of tokens the heads align; default 1 = all)")
+    ap.add_argument("--posthoc-ema", default="off",
+                    help="comma list of train.posthoc_ema settings, one measurement each for every method: off, or "
+                         "sigma_rel joined by ':' (off,0.05:0.10 = without, then with EDM2's two power-function EMAs)")
     ap.add_argument("--sampling", choices=("on", "off"), default="on")
     ap.add_argument("--sampling-compile", choices=("off", "on", "both"), default="off",
                     help="sample.compile for the sampling measurements (both: eager, then compiled, side by side)")
@@ -310,6 +333,7 @@ def main() -> None:
         fractions = [float(v) for v in args.token_fractions.split(",") if v]
     except ValueError:
         raise SystemExit(f"--token-fractions {args.token_fractions!r}: give a comma list of numbers in (0, 1], e.g. 1,0.25") from None
+    posthocs = [tuple(v) for v in posthoc_settings(args.posthoc_ema)]
     steps, warmup = args.steps or size["steps"], args.warmup if args.warmup is not None else size["warmup"]
     info = benchlib.device_info(device)
     info["command"] = benchlib.command_line()
@@ -332,18 +356,20 @@ def main() -> None:
             result[key] = written[name]
             print(f"{key}: {written[name]}", flush=True)
     save()
-    variants = [(model, compiled, ckpt, method, prefetch, fraction) for model in models for compiled in compile_modes
-                for ckpt in checkpointing for method in methods
+    variants = [(model, compiled, ckpt, method, prefetch, fraction, posthoc) for model in models
+                for compiled in compile_modes for ckpt in checkpointing for method in methods
                 for prefetch in (prefetch_modes if method in CACHED else (None,))
-                for fraction in (fractions if method != "none" else (1.0,))]
-    for model, compiled, ckpt, method, prefetch, fraction in variants:
+                for fraction in (fractions if method != "none" else (1.0,)) for posthoc in posthocs]
+    for model, compiled, ckpt, method, prefetch, fraction, posthoc in variants:
         base = {**info, "kind": "train", "size": args.size, "model": model, "method": method, "compile": compiled,
                 "compile_mode": args.compile_mode if compiled else None,
                 "batch": args.batch or size["batch"][model], "precision": precision_name(autocast_dtype(args.precision, device)),
                 "resolution": size["resolution"], "timed_steps": steps, "warmup_steps": warmup,
-                "activation_checkpointing": ckpt, "prefetch": prefetch, "token_fraction": fraction}
+                "activation_checkpointing": ckpt, "prefetch": prefetch, "token_fraction": fraction,
+                "posthoc_ema": list(posthoc)}
         label = f"{model} {method} compile={compiled}" + (f" checkpointing={blocks_name(ckpt)}" if ckpt else "") + (
-            " prefetch=off" if prefetch is False else "") + (f" token_fraction={fraction:g}" if fraction != 1 else "")
+            " prefetch=off" if prefetch is False else "") + (f" token_fraction={fraction:g}" if fraction != 1 else "") + (
+            f" posthoc_ema={sigmas_name(posthoc)}" if posthoc else "")
         if args.budget_s and time.perf_counter() - started > args.budget_s:
             result["records"].append({**base, "skipped": f"time budget {args.budget_s:.0f} s spent"})
             save()
@@ -355,7 +381,7 @@ def main() -> None:
             print(f"{label}: skipped ({e})", flush=True)
             save()
             continue
-        cfg = run_config(size, args, model, method, compiled, caches, device, ckpt, prefetch, fraction)
+        cfg = run_config(size, args, model, method, compiled, caches, device, ckpt, prefetch, fraction, posthoc)
         try:
             rec = measure_train(cfg, encoder, external, warmup, steps, device, work / "runs" / f"{len(result['records'])}")
             rec["frozen_encoder_gflop_per_img"] = frozen_encoder_gflops(method, encoder, external, size, device)

@@ -341,3 +341,46 @@ def test_head_flops_table_is_three_times_the_heads_forward(capsys, monkeypatch):
     proj = Projector(384, [64, 64, 64, 64, 32], 2048, shared_trunk=True)
     fwd_per_token = count_flops(lambda: proj(torch.randn(1, 1, 384)))
     assert shared == pytest.approx(3 * fwd_per_token * 64 / 1e9, abs=0.05)
+
+
+def test_throughput_measures_posthoc_ema_off_and_on_side_by_side(monkeypatch, tmp_path):
+    """--posthoc-ema off,0.05:0.1: each method with and without the power-function EMAs, in turn; the tracked run's
+    every step (warm-up and timed) updates both copies from the trained weights, the other's none; records say
+    which, ratios pair them, and no snapshot is written (train_step never writes one; the spacing is the run's)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import throughput
+    from ahpa.train import posthoc_track
+
+    calls, fresh = [], []
+    real_update = posthoc_track.PowerEMAs.update
+
+    def update(self, t):
+        real_update(self, t)
+        calls.append((tuple(self.sigmas), t))
+        if t == 1:  # beta_1 = 0: each copy is then exactly the weights after the first step
+            fresh.append(all(torch.equal(a, b) for averaged, trained in self._pairs for a, b in zip(averaged, trained)))
+
+    monkeypatch.setattr(posthoc_track.PowerEMAs, "update", update)
+    out = tmp_path / "tp.json"
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--size", "tiny", "--models", "B/2", "--methods", "none,ahpa-cached",
+                                      "--posthoc-ema", "off,0.05:0.1", "--steps", "2", "--warmup", "1", "--sampling",
+                                      "off", "--work-dir", str(tmp_path), "--out", str(out)])
+    throughput.main()
+    result = json.loads(out.read_text())
+    assert [(r["method"], r["posthoc_ema"]) for r in result["records"]] == [
+        ("none", []), ("none", [0.05, 0.1]), ("ahpa-cached", []), ("ahpa-cached", [0.05, 0.1])]
+    assert all(r["finite"] for r in result["records"])
+    assert calls == [((0.05, 0.1), t) for t in (1, 2, 3)] * 2 and fresh == [True, True]
+    assert list(tmp_path.glob("runs/*/posthoc/*")) == []
+    assert {"B/2 eager none posthoc_ema 0.05:0.1 on/off", "B/2 eager ahpa-cached posthoc_ema 0.05:0.1 on/off",
+            "B/2 eager ahpa-cached/none", "B/2 eager ahpa-cached/none (posthoc_ema 0.05:0.1)"} == set(result["ratios"])
+    on, off = result["records"][1], result["records"][0]
+    assert result["ratios"]["B/2 eager none posthoc_ema 0.05:0.1 on/off"] == round(on["img_per_s"] / off["img_per_s"], 3)
+    # the spacing is the run's length: the free-space check counts one snapshot step, not 16
+    args = SimpleNamespace(size="gpu", batch=0, compile_mode="default", precision="auto")
+    cfg = throughput.run_config(throughput.SIZES["gpu"], args, "XL/2", "none", True, {"levels": tmp_path},
+                                torch.device("cpu"), posthoc=(0.05, 0.1))
+    assert cfg.train.posthoc_ema == [0.05, 0.1] and posthoc_track.steps_to_write(cfg.train, 0) == 1
+    for bad in ("0.05,0.3", "0.05:0.05", "on", ""):
+        with pytest.raises(SystemExit, match="--posthoc-ema"):
+            throughput.posthoc_settings(bad)

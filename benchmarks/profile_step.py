@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from throughput import PRECISIONS, SIZES, TINY_SIT, encoders_for, run_config, write_caches
+from throughput_setup import PRECISIONS, SIZES, TINY_SIT, encoders_for, run_config, write_caches
 
 from ahpa.models.sit import SiTConfig
 from ahpa.train.build import autocast_dtype, precision_name

@@ -315,3 +315,15 @@ def test_a_commands_help_ends_with_examples_that_parse(name):
         problem = check(cmd)
         assert problem is None, f"{cmd}: {cmd.text}\n  {problem}"
     assert "More: " in text  # where to read on
+
+
+def test_gpu_job_names_its_jobs_as_its_case_has_them():
+    """gpu_job.sh's answer to an unknown job lists the jobs, and its header shows each with a command line: both are
+    read by whoever plans a GPU session, so a job added to the `case` (or renamed) must appear in both."""
+    text = (ROOT / "benchmarks/gpu_job.sh").read_text()
+    jobs = set(re.findall(r"^    ([a-z0-9-]+)\)", text, re.MULTILINE))
+    listed = re.search(r"unknown job \$job \(([^)]*)\)", text).group(1)
+    assert {j.strip() for j in listed.split("|")} == jobs
+    header = text.split("\nset ")[0]  # the comment block above the script's first command
+    shown = set(re.findall(r"^#\s+bash benchmarks/gpu_job\.sh ([a-z0-9-]+)", header, re.MULTILINE))
+    assert jobs - shown == set(), f"jobs without a line in the header: {sorted(jobs - shown)}"

@@ -167,6 +167,14 @@ def from_main(obj):
     return obj
 
 
+def raise_from_main(error: BaseException | None) -> None:
+    """Raises rank 0's verdict (None: none) on every process, rather than the others failing alone later, waiting in
+    their next collective."""
+    error = from_main(error)
+    if error is not None:
+        raise error
+
+
 def all_true(ok: bool, device: torch.device) -> bool:
     """Whether `ok` holds on every process: each raises the same way, instead of one failing alone while the
     others wait in their next collective. A host sync: for set-up, not the step."""

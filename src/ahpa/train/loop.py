@@ -28,7 +28,7 @@ from ahpa.sample import SamplerBundle
 from ahpa.train import outputs, schedule
 from ahpa.train.build import Parts, build_parts, check_batch_split, given_encoder_spec, registered_entries
 from ahpa.train.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
-from ahpa.train.distributed import current, ddp_without_buffer_sync, from_main, full_value
+from ahpa.train.distributed import current, ddp_without_buffer_sync, full_value, raise_from_main
 from ahpa.train.draws import step_draws
 from ahpa.train.ema import ema_decay, ema_note, ema_update
 from ahpa.train.evaluate import Evaluator
@@ -93,9 +93,7 @@ class Trainer:
                     check_space(t, self.parts.posthoc, self.run_dir, self.step)
                 except RunConfigError as e:
                     refused = e
-            refused = from_main(refused)  # every process refuses, rather than waiting in a collective
-            if refused is not None:
-                raise refused
+            raise_from_main(refused)
         # before any training: a missing detector or reference fails now, not at the first evaluation
         self.evaluator = Evaluator.for_run(cfg, self.step, self.parts.device, self.run_dir, self.rank, self.world,
                                            progress)
@@ -326,9 +324,7 @@ class Trainer:
                 error = RunConfigError(f"{key}={name!r} was registered again after this Trainer was built, which "
                                        f"checked the {reg.what} it had then: build a new Trainer (it resumes the run) "
                                        "to check and train the new one")
-        error = from_main(error)
-        if error is not None:
-            raise error
+        raise_from_main(error)
 
     def run(self, on_log: Callable[[int, dict], None] | None = None,
             should_stop: Callable[[], int] | None = None,

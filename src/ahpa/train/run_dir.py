@@ -14,7 +14,7 @@ from ahpa import config_resume, lock
 from ahpa.config import Config
 from ahpa.train import inputs
 from ahpa.train.checkpoint import list_checkpoints
-from ahpa.train.distributed import from_main
+from ahpa.train.distributed import raise_from_main
 
 
 class RunConfigError(ValueError):
@@ -83,10 +83,7 @@ def check_run_dir(run_dir: Path, cfg: Config, rank: int) -> dict[str, tuple]:
                 lock.check_free(run_dir / lock.LOCK_FILE, f"run directory {run_dir}")
             except OSError as e:
                 error = e
-    # every process raises rank 0's verdict, rather than the others failing in their next collective
-    error = from_main(error)
-    if error is not None:
-        raise error
+    raise_from_main(error)
     saved_file = run_dir / "config.yaml"
     # a run that ended before its first checkpoint (a failed start) has nothing to resume: a new command,
     # with other settings, starts it afresh rather than being held to the settings that failed

@@ -157,8 +157,8 @@ def check_space(t: TrainCfg, powers: PowerEMAs, run_dir: Path, start: int) -> No
     """Refuses a run whose snapshots still to write need more than the free space of the run directory's disk: found
     when it starts, a setting to change; found when the disk fills, a crash days in, with the checkpoints (which
     train.keep_checkpoints prunes, and this leaves out) on the same full disk."""
-    steps = steps_to_write(t, start)
-    need = steps * len(powers.sigmas) * snapshot_bytes(powers)
+    steps, per_file = steps_to_write(t, start), snapshot_bytes(powers)
+    need = steps * len(powers.sigmas) * per_file
     disk, free = free_space(Path(run_dir) / DIRECTORY)
     if need > free:
         every = interval(t)
@@ -167,7 +167,7 @@ def check_space(t: TrainCfg, powers: PowerEMAs, run_dir: Path, start: int) -> No
         raise RunConfigError(
             f"train.posthoc_ema={powers.sigmas}: the snapshots still to write need {size_text(need)} ({steps:,} "
             f"snapshot steps from step {start:,} to {t.steps:,} x {len(powers.sigmas)} sigma_rel x "
-            f"{size_text(snapshot_bytes(powers))}), and {where} has {size_text(free)} free. "
+            f"{size_text(per_file)}), and {where} has {size_text(free)} free. "
             f"Give a larger train.posthoc_every (now {now}), fewer sigma_rel in train.posthoc_ema, or another --out "
             "on a larger disk. If the file system misreports its free space, add --no-space-check to `ahpa "
             "train` (Trainer(..., space_check=False))")

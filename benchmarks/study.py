@@ -19,6 +19,7 @@ Nothing carries over from one job to the next: a job trains complete runs from s
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import shutil
@@ -31,17 +32,19 @@ import torch
 
 import benchlib
 from study_report import file_label
-from study_setup import (DEFAULT_METHODS, METHODS, REPO, SHARED, SIZES, check_methods, default_cache,  # noqa: F401
-                         method_label, parse_variant, study_config, study_key)
+from study_setup import (DEFAULT_METHODS, METHODS, REPO, SHARED, SIZES, TRACKED_SIGMAS, check_methods,  # noqa: F401
+                         default_cache, method_label, parse_variant, study_config, study_key)
 from ahpa.config import SampleCfg
 from ahpa.data.cache import read_manifest
 from ahpa.data.prepare import PrepareOptions, prepare
 from ahpa.metrics import FeatureStats, load_detector, reference_stats
-from ahpa.sample import iter_samples, generate
+from ahpa.sample import SamplerBundle, iter_samples, generate
 from ahpa.train import logger, plots
 from ahpa.train.divergence import DivergenceWatch
 from ahpa.train.build import autocast_dtype, precision_name
 from ahpa.train.loop import Trainer
+from ahpa.train.posthoc_export import reconstruct
+from ahpa.train.posthoc_track import due
 
 DIVERGENCE_CHECK_EVERY = 200  # steps between checks of a run's skipped (non-finite) steps
 
@@ -116,6 +119,31 @@ def tflop_per_step(model, aligner, batch: int, stop_step: int) -> dict:
     return {"aligned": round(flow + heads, 6), "flow": round(flow, 6), "stop_step": stop_step}
 
 
+def ema_lengths(trainer, run_dir: Path, args, detectors, refs, scfg: SampleCfg):
+    """--ema-lengths: the EMA of each listed sigma_rel at this step, reconstructed from the run's post-hoc snapshots
+    (EDM2's least squares, ahpa.train.posthoc_export) and evaluated as the run's EMA is (same samples' seeds): one
+    row each, of kind eval_ema, so that a reader of the run's own EMA rows ("eval") never takes one for them; a
+    sigma_rel the snapshots cannot represent yields an ema_refused row naming why."""
+    p = trainer.parts
+    model = copy.deepcopy(p.ema).eval()  # one copy per call, loaded with each reconstruction in turn
+    bundle = SamplerBundle(model, trainer.path, p.stats.latent, p.encoder, p.device, p.amp)
+    for sigma in args.ema_lengths:
+        try:
+            state, rec = reconstruct(run_dir, sigma, trainer.step)
+        except ValueError as e:
+            print(f"sigma_rel {sigma:g} at step {trainer.step}: refused ({e})", flush=True)
+            yield {"kind": "ema_refused", "ema_sigma": sigma, "reason": str(e)}
+            continue
+        model.load_state_dict(state)
+        t0 = time.perf_counter()
+        fd = evaluate(bundle, detectors, refs, args.eval_num, args.eval_batch, scfg)
+        eval_s = time.perf_counter() - t0
+        print(f"  sigma_rel {sigma:g} (residual {rec.residual:.2%}): " + ", ".join(f"{k} {v:.4f}" for k, v in fd.items())
+              + f" (eval {eval_s:.1f} s)", flush=True)
+        yield {"kind": "eval_ema", "ema_sigma": sigma, "ema_residual": round(rec.residual, 6),
+               "ema_snapshots": len(rec.sources), "fd": fd, "eval_s": round(eval_s, 2)}
+
+
 def train_one(args, size_name: str, size: dict, method: str, detectors, refs, device, env: dict, started: float) -> dict:
     cfg = study_config(args, size, method)
     # the key comes from the study's settings without this run's variants: an ablation joins its baselines' table
@@ -135,11 +163,15 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     train_total, windows, diverged, compiled_bundle = 0.0, [], None, None
     watch, good, checked = DivergenceWatch(cfg.train.max_bad_steps), 0, 0  # the library's rule (Trainer.run)
     for point in points:
-        sums, seen, count = {}, {}, 0
+        sums, seen, count, snap_s = {}, {}, 0, 0.0
         benchlib.sync(device)
         t0 = time.perf_counter()
         while trainer.step < point and not diverged:
             step = trainer.train_step()
+            if args.ema_lengths and due(cfg.train, trainer.step):  # timed apart: a side output, not the step's cost
+                t_snap = time.perf_counter()
+                trainer.parts.posthoc.snapshot(None, 0, run_dir, trainer.step)
+                snap_s += time.perf_counter() - t_snap
             for k, v in step.items():
                 sums[k] = sums.get(k, 0) + v.detach()
                 seen[k] = seen.get(k, 0) + 1
@@ -150,7 +182,7 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
                 diverged = watch.update(checked, checked - round(float(good)), int(trainer.bad_run.item()))
                 good, checked = 0, 0
         benchlib.sync(device)
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0 - snap_s
         train_total += dt
         windows.append(1000 * dt / max(count, 1))
         if diverged:  # the last evaluation stands; later ones would measure an EMA frozen by skipped steps
@@ -181,6 +213,10 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
         benchlib.append_jsonl(args.results, row)
         print(f"{label} seed {args.seed} step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in fd.items())
               + f" ({windows[-1]:.1f} ms/step, eval {eval_s:.1f} s, {time.perf_counter() - started:.0f} s in)", flush=True)
+        if args.ema_lengths and (args.ema_every_point or point == points[-1]):
+            for out in ema_lengths(trainer, run_dir, args, detectors, refs, scfg):
+                benchlib.append_jsonl(args.results, {**out, **ident, "step": trainer.step, "images": trainer.step * B,
+                                                     "tflop_per_step": cost, "config": common, **env})
     grid = None
     if args.grid_images:
         n = args.grid_images
@@ -197,6 +233,20 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
     benchlib.append_jsonl(args.results, summary)
     shutil.rmtree(run_dir, ignore_errors=True)  # nothing in it is kept: the JSON lines hold the run
     return summary
+
+
+def sigma_list(text: str) -> list[float]:
+    """--ema-lengths' value: comma-separated sigma_rel, each in (0, 0.2887) (what a power-function EMA can be)."""
+    from ahpa.train.posthoc_ema import SIGMA_MAX
+
+    try:
+        sigmas = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.03,0.05,0.15") from None
+    bad = [s for s in sigmas if not 0 < s < SIGMA_MAX]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(str, bad))}: a sigma_rel lies in (0, {SIGMA_MAX:.4f})")
+    return sigmas
 
 
 def parser() -> argparse.ArgumentParser:
@@ -224,6 +274,14 @@ def parser() -> argparse.ArgumentParser:
                     help="evaluate each point a second time with the sampler compiled (sample.compile), recording "
                          "fd_compiled and eval_s_compiled beside the eager protocol's fd and eval_s: the side-by-side "
                          "check before the study's evaluation may be compiled")
+    ap.add_argument("--ema-lengths", type=sigma_list, default=[], metavar="S1,S2,...",
+                    help="also evaluate the EMA of each of these sigma_rel (EDM2's relative EMA length; the run's own EMA, "
+                         "decay 0.9999 with warm-up, is near 0.09) at the last evaluation point: the run tracks "
+                         f"train.posthoc_ema={TRACKED_SIGMAS} with snapshots, and each length is reconstructed from them. "
+                         "Rows of kind eval_ema; the run's own rows and the study key are unchanged")
+    ap.add_argument("--ema-every-point", action="store_true",
+                    help="with --ema-lengths: at every evaluation point instead of the last only (the lengths a point's "
+                         "snapshots cannot represent are refused with their reason)")
     ap.add_argument("--compile-mode", default="default",
                     help="train.compile_mode (e.g. reduce-overhead: CUDA graphs for the host-bound SiT-S/1 step)")
     ap.add_argument("--results", type=Path, required=True, help="JSON-lines file results are appended to")

@@ -60,6 +60,11 @@ SIZES = {
 }
 
 
+# the power-function EMAs study.py --ema-lengths tracks: EDM2's pair, from whose 16 snapshots a sigma_rel between
+# ~0.025 and ~0.255 is reconstructed (ahpa.train.posthoc_track.AUTO_SNAPSHOTS); side outputs, outside the study key
+TRACKED_SIGMAS = [0.05, 0.10]
+
+
 def default_cache(resolution: int, limit: int) -> Path:
     """The TAEF2 cache a study size uses unless --cache names one (shared by every job of that size)."""
     return Path(tempfile.gettempdir()) / f"ahpa-study-cache-taef2-{resolution}-limit{limit}"
@@ -76,6 +81,8 @@ def study_config(args, size: dict, method: str, variants: bool = True):
             over[key] = value
     if method == "vae-level":
         over["align.levels"] = [args.level]
+    if getattr(args, "ema_lengths", None):  # snapshots for the reconstructions (study.py ema_lengths)
+        over["train.posthoc_ema"] = TRACKED_SIGMAS
     items = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in over.items()]
     return config_mod.load(STUDY_CONFIG, items + (list(args.variant) if variants else []))
 

@@ -756,3 +756,30 @@ def test_the_fd_figure_draws_the_means_its_legend_names_and_speed_bars_keep_the_
     finally:
         for fig in figures:
             pyplot().close(fig)
+
+
+@pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
+def test_study_evaluates_reconstructed_ema_lengths_beside_the_runs_own(tmp_path):
+    """--ema-lengths tracks EDM2's post-hoc EMAs and evaluates each listed sigma_rel, reconstructed from the run's
+    snapshots, as rows of their own kind: the run's own rows, its training and its study key are those of a run
+    without the flag, and a length the snapshots cannot represent is refused with its reason."""
+    common = ["benchmarks/study.py", "--size", "smoke", "--methods", "ahpa-soft", "--steps", "16", "--eval-every", "8",
+              "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache")]
+    _run([*common, "--results", str(tmp_path / "plain.jsonl")])
+    _run([*common, "--ema-lengths", "0.05,0.15,0.28", "--results", str(tmp_path / "ema.jsonl")])
+    plain, ema = ([json.loads(l) for l in (tmp_path / f).read_text().splitlines()] for f in ("plain.jsonl", "ema.jsonl"))
+    own = [r for r in ema if r["kind"] == "eval"]
+    assert [(r["study"], r["step"], r["fd"]) for r in own] == [(r["study"], r["step"], r["fd"]) for r in plain
+                                                               if r["kind"] == "eval"]
+    assert own[-1]["metrics"] == [r for r in plain if r["kind"] == "eval"][-1]["metrics"]  # the same training
+    made = [r for r in ema if r["kind"] == "eval_ema"]
+    assert [(r["step"], r["ema_sigma"]) for r in made] == [(16, 0.05), (16, 0.15)]  # the last point only
+    assert all(r["study"] == own[0]["study"] and set(r["fd"]) == set(own[0]["fd"]) and r["ema_snapshots"] > 0
+               for r in made)
+    assert made[0]["ema_residual"] < 1e-3  # a tracked length at a snapshot's step is that snapshot
+    assert made[0]["fd"] != own[-1]["fd"]  # another average of the weights than the run's own EMA
+    refused = [r for r in ema if r["kind"] == "ema_refused"]
+    assert [(r["step"], r["ema_sigma"]) for r in refused] == [(16, 0.28)] and "residual" in refused[0]["reason"]
+    bad = subprocess.run([sys.executable, "benchmarks/study.py", "--ema-lengths", "0.3", "--results", str(tmp_path / "x")],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert bad.returncode == 2 and "0.3: a sigma_rel lies in (0, 0.2887)" in bad.stderr

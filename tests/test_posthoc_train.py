@@ -278,3 +278,25 @@ def test_the_notebooks_sweep_of_the_docs_samples_as_the_export_of_each_length(tm
     exported = ahpa_api.load_export(out, "cpu")
     again = ahpa_api.generate(exported, range(8), torch.arange(8) % exported.num_classes, 0, ns["run_cfg"].sample)
     assert torch.equal(ns["images"], again)
+
+
+def test_the_space_check_counts_the_snapshots_a_resume_rewrites_as_free(tmp_path, tiny, monkeypatch):
+    """A run killed after its last checkpoint left snapshots of later steps; the resume deletes them before it writes
+    them again (drop_after), so their room is the resume's to use: the check counts it, and says so when it refuses."""
+    run = tmp_path / "r"
+    Trainer(tiny("train.steps=32", "train.ckpt_every=16", "train.keep_checkpoints=0", *ON), run).run()
+    (run / "checkpoints" / list_checkpoints(run / "checkpoints")[-1].name).unlink()  # the newest is step 16's now
+    after = [p for p in (run / "posthoc").iterdir() if int(p.name[5:14]) > 16]
+    rewritten = sum(p.stat().st_size for p in after)
+    assert len(after) == 16  # steps 18-32, every 2, x 2 sigma_rel
+    free = {"bytes": 0}  # a full disk: only the rewritten snapshots' room
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    trainer = Trainer(tiny("train.steps=32", "train.ckpt_every=16", "train.keep_checkpoints=0", *ON), run)
+    assert trainer.step == 16
+    trainer.run()
+    assert sorted(p.name for p in (run / "posthoc").iterdir() if int(p.name[5:14]) > 16) == sorted(p.name for p in after)
+    # lengthened by 8 steps (4 more snapshot steps) on the same full disk: refused, naming both figures
+    (run / "checkpoints" / list_checkpoints(run / "checkpoints")[-1].name).unlink()
+    with pytest.raises(RunConfigError, match=f"has {re.escape(size_text(0))} free and {re.escape(size_text(rewritten))} in the snapshots "
+                                             "after step 16, which the resume rewrites"):
+        Trainer(tiny("train.steps=40", "train.ckpt_every=16", "train.keep_checkpoints=0", *ON), run)

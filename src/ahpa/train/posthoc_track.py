@@ -160,15 +160,19 @@ def check_space(t: TrainCfg, powers: PowerEMAs, run_dir: Path, start: int) -> No
     steps, per_file = steps_to_write(t, start), snapshot_bytes(powers)
     need = steps * len(powers.sigmas) * per_file
     disk, free = free_space(Path(run_dir) / DIRECTORY)
-    if need > free:
+    # a resume first deletes the snapshots of steps after its own (drop_after): their room counts as free
+    rewritten = sum(p.stat().st_size for p in list_snapshots(Path(run_dir) / DIRECTORY)
+                    if int(PATTERN.match(p.name).group(1)) > start)
+    if need > free + rewritten:
         every = interval(t)
         now = f"{every:,}, by 0: train.steps / {AUTO_SNAPSHOTS}" if not t.posthoc_every else f"{every:,}"
         where = f"{disk} (the run directory's disk)" if Path(disk) != Path(run_dir) else f"the run directory {disk}"
         raise RunConfigError(
             f"train.posthoc_ema={powers.sigmas}: the snapshots still to write need {size_text(need)} ({steps:,} "
             f"snapshot steps from step {start:,} to {t.steps:,} x {len(powers.sigmas)} sigma_rel x "
-            f"{size_text(per_file)}), and {where} has {size_text(free)} free. "
-            f"Give a larger train.posthoc_every (now {now}), fewer sigma_rel in train.posthoc_ema, or another --out "
+            f"{size_text(per_file)}), and {where} has {size_text(free)} free"
+            + (f" and {size_text(rewritten)} in the snapshots after step {start:,}, which the resume rewrites" if rewritten else "")
+            + f". Give a larger train.posthoc_every (now {now}), fewer sigma_rel in train.posthoc_ema, or another --out "
             "on a larger disk. If the file system misreports its free space, add --no-space-check to `ahpa "
             "train` (Trainer(..., space_check=False))")
 

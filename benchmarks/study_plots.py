@@ -1,5 +1,5 @@
 """The study report's figures (benchmarks/study_report.py): FD curves, per-level losses, step times, router maps,
-the learning-rate sweep; every PNG stored with a palette (`compact_png`)."""
+the learning-rate sweep, FD against the EMA length; every PNG stored with a palette (`compact_png`)."""
 
 from __future__ import annotations
 
@@ -152,4 +152,21 @@ def plot_sweep(curves: dict, metric: str, path: Path) -> None:
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=100)
+
+
+def plot_ema_lengths(means: dict, sigmas: list[float], own: dict, metric: str, path: Path) -> None:
+    """FD against the EMA's sigma_rel, one line per method ({method: mean FD at each of `sigmas`}), each method's own
+    EMA an open marker of its colour at its sigma_rel ({method: (sigma_rel or None, mean FD)}; None: not drawn)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5 + 0.055 * max(map(len, means), default=0), 4))
+    for i, (m, fds) in enumerate(means.items()):
+        colour, style = f"C{i % 10}", ("-", "--", ":", "-.")[i // 10 % 4]
+        ax.plot(sigmas, fds, marker="o", color=colour, linestyle=style, label=m)
+        if own[m][0] is not None:
+            ax.plot([own[m][0]], [own[m][1]], marker="D", markerfacecolor="none", color=colour, linestyle="none")
+    ax.set_xlabel("EMA length sigma_rel (diamond: the run's own EMA)")
+    ax.set_ylabel(f"{metric}, mean over the table's seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(fig, path, dpi=100)

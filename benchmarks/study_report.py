@@ -3,14 +3,15 @@
     python benchmarks/study_report.py --results docs/study/gpu/results.jsonl --out docs/study/gpu
     python benchmarks/study_report.py --results docs/study/smoke/results.jsonl --out docs/study/smoke --smoke
 
-Rows are keyed by (study key, method, seed, step); a later row with the same key replaces an earlier one (a rerun
-of a job). Runs are compared only within one study key (same config, steps, evaluation protocol; keys that differ
-in the evaluation cadence alone are one study, `merge_cadences`), at equal steps; the comparisons are in
-study_tables.py, the figures in study_plots.py.
+Rows are keyed by (study key, method, seed, step), post-hoc EMA rows also by their sigma_rel (study_ema.py); a later
+row with the same key replaces an earlier one (a rerun of a job). Runs are compared only within one study key (same
+config, steps, evaluation protocol; keys that differ in the evaluation cadence alone are one study,
+`merge_cadences`), at equal steps; the comparisons are in study_tables.py, the figures in study_plots.py.
 Writes README.md (tables), fd-<metric>-<key>.png (FD against training images, one line per method and seed),
 router-<key>-<method>-seed<s>.png (router weights against t, one panel per evaluation point), levels-<key>.png
-(per-level alignment losses), ms-per-step-<key>.png, and copies the sample grids found beside the results;
-every PNG in --out is stored with a 256-colour palette (`compact_png`: the docs travel with each device call).
+(per-level alignment losses), ms-per-step-<key>.png, ema-length-<metric>-<key>.png (FD against the post-hoc
+reconstructions' sigma_rel, study_ema.py, when the rows hold them), and copies the sample grids found beside the
+results; every PNG in --out is stored with a 256-colour palette (`compact_png`: the docs travel with each device call).
 """
 
 from __future__ import annotations
@@ -23,26 +24,29 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from study_ema import ema_section, orphan_notes
 from study_plots import compact_png, plot_fd, plot_levels, plot_router, plot_speed, plot_sweep
 from study_tables import (ahpa_against_baselines, compiled_evaluation, fmt, paired_with_base, paired_with_none,
                           skipped_before, skipped_notes, steps_to_match_none)
 
 
 
-def load_rows(paths: list[Path], skipped: list | None = None) -> tuple[list[Path], dict, dict]:
+def load_rows(paths: list[Path], skipped: list | None = None, ema: dict | None = None) -> tuple[list[Path], dict, dict]:
     """(files, eval rows by (study, method, seed, step), run rows by (study, method, seed)); the methods a time budget
-    skipped are appended to `skipped`, when given."""
+    skipped are appended to `skipped`, and the post-hoc EMA rows ("eval_ema", "ema_refused") put in `ema` by (study,
+    method, seed, step, ema_sigma), when given: a new kind, so that a reader of eval rows never takes them for the
+    run's own EMA."""
     files = []
     for p in paths:
         if not p.exists():
             raise SystemExit(f"--results {p}: no such file or folder")
         files += sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")]) if p.is_dir() else [p]
-    evals, runs = {}, {}
+    evals, runs, posthoc = {}, {}, {}
     for f in files:
         # a finished pilot's rows are stored gzipped (they travel with every device call); appending a gzip member
         # (`gzip -nc new.jsonl >> results.jsonl.gz`) keeps the file one valid stream
         text = gzip.decompress(f.read_bytes()).decode() if f.suffix == ".gz" else f.read_text()
-        for line in text.splitlines():
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             r = json.loads(line)
@@ -52,16 +56,26 @@ def load_rows(paths: list[Path], skipped: list | None = None) -> tuple[list[Path
                 runs[(r["study"], r["method"], r["seed"])] = r
             elif r.get("kind") == "skipped" and skipped is not None:
                 skipped.append(r)
-    return files, *merge_cadences(evals, runs)
+            elif r.get("kind") in ("eval_ema", "ema_refused"):  # one key: a rerun's verdict replaces the earlier one
+                need = ("study", "method", "seed", "step", "ema_sigma", *(("fd", "ema_residual") if r["kind"] == "eval_ema" else ()))
+                if any(k not in r for k in need):
+                    raise SystemExit(f"{f}, line {n}: a {r['kind']} row without {', '.join(k for k in need if k not in r)} "
+                                     "(benchmarks/study.py --ema-lengths writes them): correct or delete that line, "
+                                     "the other rows are read as they are")
+                posthoc[(r["study"], r["method"], r["seed"], r["step"], r["ema_sigma"])] = r
+    evals, runs, posthoc = merge_cadences(evals, runs, posthoc)
+    if ema is not None:
+        ema.update(posthoc)
+    return files, evals, runs
 
 
-def merge_cadences(evals: dict, runs: dict) -> tuple[dict, dict]:
+def merge_cadences(evals: dict, runs: dict, *more: dict) -> tuple[dict, ...]:
     """Study keys whose settings differ in `study.eval_every` alone are one study: evaluating draws none of training's
     random numbers (every draw is a function of (seed, step), ahpa/train/draws.py), so a run evaluated every 4,000
     steps trained exactly as one evaluated every 2,000. Their rows move to the key of the finest cadence, each keeping
-    its own key as `evaluated_as`."""
+    its own key as `evaluated_as`. Further dicts (`more`: post-hoc EMA rows) move alike."""
     families = defaultdict(list)  # the settings without the cadence -> [(cadence, key)]
-    for r in [*evals.values(), *runs.values()]:
+    for r in [*evals.values(), *runs.values(), *(r for rows in more for r in rows.values())]:
         if "config" in r:
             rest = json.dumps({k: v for k, v in r["config"].items() if k != "study.eval_every"}, sort_keys=True)
             families[rest].append((r["config"].get("study.eval_every") or 0, r["study"]))
@@ -73,7 +87,7 @@ def merge_cadences(evals: dict, runs: dict) -> tuple[dict, dict]:
         for (k, *rest), r in sorted(rows.items(), key=lambda kv: home.get(kv[0][0], kv[0][0]) == kv[0][0]):
             out[(home.get(k, k), *rest)] = r if home.get(k, k) == k else {**r, "study": home[k], "evaluated_as": k}
         return out
-    return moved(evals), moved(runs)
+    return moved(evals), moved(runs), *map(moved, more)
 
 
 def method_order(methods) -> list[str]:
@@ -87,7 +101,7 @@ def file_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
 
 
-def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]) -> list[str]:
+def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path], ema: dict | None = None) -> list[str]:
     rows = {k: v for k, v in evals.items() if k[0] == key}
     series = defaultdict(list)  # (method, seed) -> eval rows by step
     for (_, m, s, _), r in sorted(rows.items(), key=lambda kv: kv[0][3]):
@@ -165,7 +179,8 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
         rank = {file_label(m): i for i, m in enumerate(methods)}
         order = sorted(grids, key=lambda g: (rank.get(grids[g].split("-seed")[0], 99), grids[g]))
         lines += [f"- {grids[g]}: ![samples]({g})" for g in order] + [""]
-    return lines
+    # last: its heading (###) would otherwise hold the section's figures that follow
+    return lines + ema_section(key, series, ema or {}, methods, metrics, out)
 
 
 def lr_sweeps(evals: dict, runs: dict, out: Path) -> list[str]:
@@ -215,8 +230,9 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     skipped: list[dict] = []
-    files, evals, runs = load_rows(args.results, skipped)
-    if not evals and not runs:
+    ema: dict = {}
+    files, evals, runs = load_rows(args.results, skipped, ema)
+    if not evals and not runs and not ema:
         raise SystemExit(f"no study rows in {', '.join(map(str, files)) or 'the folders given (no *.jsonl)'}: give the "
                          "results file(s) benchmarks/study.py --results wrote")
     sizes = {r.get("config", {}).get("study.size") for r in [*evals.values(), *runs.values()]}
@@ -241,12 +257,13 @@ def main() -> None:
         lines.append("No evaluation rows found.")
     lines += lr_sweeps(evals, runs, args.out)
     for key in keys:
-        lines += report_study(key, evals, runs, args.out, files)
+        lines += report_study(key, evals, runs, args.out, files, ema)
     unevaluated = sorted((k, m, seed) for k, m, seed in runs if k not in keys)
     if unevaluated:  # runs that ended before their first evaluation (a diverged one, say): listed, not lost
         lines += ["## Runs without an evaluation", ""]
         lines += [f"- study `{k}`, {m}, seed {seed}: {runs[(k, m, seed)].get('diverged') or 'no evaluation row'}"
                   for k, m, seed in unevaluated] + [""]
+    lines += orphan_notes(ema, set(keys))
     if skipped:  # a lane's later method cut by --budget-s: named, not lost
         lines += ["## Methods skipped by the time budget", ""]
         lines += [f"- study `{r.get('study', '?')}`, {r['method']}, seed {r['seed']}: {r.get('reason', 'skipped')}"

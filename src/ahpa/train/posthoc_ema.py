@@ -43,6 +43,15 @@ The inner product of two profiles (t_a <= t_b; both vanish beyond their own t):
                = (g_a+1)(g_b+1) / ((g_a+g_b+1) t_b) * (t_a / t_b)^g_b,
 
 and <q, q> = (g+1)^2 / ((2g+1) T).
+
+Any EMA's length. An EMA run for T updates with per-update decays beta_1..beta_T (the share of the previous average
+kept at update t) is sum_{t=0..T} w_t theta_t, with w_T = 1 - beta_T, w_t = (1 - beta_t) beta_{t+1} ... beta_T and
+the initial weights' share w_0 = beta_1 ... beta_T. In the conventions above (theta_t on (t-1, t]; theta_0 at tau = 0)
+its averaging profile puts the mass w_t uniformly on (t-1, t] and w_0 at 0, whose moments are sums: mean
+m = sum_t w_t (t - 1/2) and variance sum_{t>=1} w_t ((t - 1/2 - m)^2 + 1/12) + w_0 m^2 (1/12: a unit interval's own).
+Its sigma_rel is sqrt(variance) / T, comparable with a power-function EMA's: beta_t = power_beta(gamma, t) gives back
+exp_to_std(gamma) up to O(1/T^2). The common warm-up decay min(d, (1+n)/(10+n)) = 1 - 9/(n+10) is, to first order in
+1/t, power_beta(8, t) = (1 - 1/t)^9 at t = n + 10: until d caps it, its sigma_rel is close to exp_to_std(8) = 0.0905.
 """
 
 from __future__ import annotations
@@ -107,3 +116,20 @@ def solve_weights(steps, gammas, target_step: float, target_gamma: float) -> tup
     # ||e||^2 = <q,q> - 2 x.b + x.A.x, clipped at 0: it cancels to rounding (~1e-16 <q,q>) when the fit is exact
     err2 = max(qq - 2 * float(x @ b) + float(x @ gram @ x), 0.0)
     return x, math.sqrt(err2 / qq)
+
+
+def averaging_sigma_rel(betas) -> float:
+    """sigma_rel of the EMA whose update t (1-based) kept the share betas[t-1] of the previous average, after all
+    len(betas) updates (module docstring, "Any EMA's length"): the relative std of its averaging profile over the run."""
+    b = np.asarray(betas, dtype=np.float64).reshape(-1)
+    if b.size == 0:
+        raise ValueError("no EMA updates: sigma_rel is told after at least one")
+    ok = (b >= 0) & (b <= 1)  # False for NaN too
+    if not ok.all():
+        raise ValueError(f"EMA decays {b[~ok][:3].tolist()}: a decay (the share of the average kept) is in [0, 1]")
+    kept = np.append(np.cumprod(b[::-1])[::-1], 1.0)  # kept[t] = beta_{t+1} ... beta_T, kept[T] = 1
+    w = (1.0 - b) * kept[1:]  # theta_t's weight, t = 1..T
+    mid = np.arange(1, b.size + 1, dtype=np.float64) - 0.5
+    mean = float(w @ mid)  # theta_0 sits at 0 and adds nothing to it
+    var = float(w @ ((mid - mean) ** 2 + 1.0 / 12.0)) + kept[0] * mean ** 2
+    return math.sqrt(var) / b.size

@@ -783,3 +783,17 @@ def test_study_evaluates_reconstructed_ema_lengths_beside_the_runs_own(tmp_path)
     bad = subprocess.run([sys.executable, "benchmarks/study.py", "--ema-lengths", "0.3", "--results", str(tmp_path / "x")],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert bad.returncode == 2 and "0.3: a sigma_rel lies in (0, 0.2887)" in bad.stderr
+
+
+def test_the_smoke_and_pilot_banners_describe_the_rows_not_the_sizes_defaults(monkeypatch):
+    """A smoke run of 20 samples was bannered "evaluated on 500 samples" (the size's default, written as text)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from study_report import banner_values
+
+    pilot = {"study.size": "pilot", "model.preset": "S/1", "model.hidden_size": 96, "model.depth": 6,
+             "train.batch_size": 32, "study.limit": 4096, "data.resolution": 32, "study.eval_num": 2000}
+    assert banner_values([{"config": pilot}]) == {"hidden": "96", "depth": "6", "tokens": "16", "batch": "32",
+                                                  "images": "4,096", "side": "32x32", "eval_num": "2,000"}
+    quick = {**pilot, "study.eval_num": 20, "model.preset": "S/2"}
+    values = banner_values([{"config": pilot}, {"config": quick}, {"kind": "skipped"}])
+    assert values["eval_num"] == "2,000 or 20" and values["tokens"] == "16 or 4"

@@ -19,6 +19,7 @@ from study_tables import fmt
 from ahpa.train.ema import ema_sigma_rel
 
 OWN = None  # the column of the run's own EMA, beside the sigma_rel columns
+BASE = "none"  # the method every other is paired with
 
 
 @lru_cache(maxsize=None)
@@ -94,7 +95,6 @@ def step_tables(key, step, series, mine, methods, metrics, out, plot) -> list[st
 
     def value(m, s, col, metric):
         return (own[(m, s)] if col is OWN else recs[(m, s, col)])["fd"][metric]
-    base = "none"
     for metric in metrics:
         mean = {m: {c: statistics.mean(value(m, s, c, metric) for s in complete[m]) for c in [OWN, *sigmas]}
                 for m in rows if complete[m]}
@@ -110,7 +110,7 @@ def step_tables(key, step, series, mine, methods, metrics, out, plot) -> list[st
             lines.append(f"| {m} | {len(complete[m])} ({', '.join(map(str, complete[m]))}) | {fmt(mean[m][OWN])} | "
                          + " | ".join(cells) + f" | {best[m]:g} |")
         lines.append("")
-        if base in mean:
+        if BASE in mean:
             lines += paired_table(metric, step, sigmas, complete, mean, best, value, label)
         if plot and len(sigmas) > 1 and mean:
             name = f"ema-length-{metric}-{key}.png"
@@ -124,18 +124,18 @@ def step_tables(key, step, series, mine, methods, metrics, out, plot) -> list[st
 def paired_table(metric, step, sigmas, complete, mean, best, value, label) -> list[str]:
     """Each method minus vanilla SiT of the same seed, over the seeds both have complete: at the run's EMA, at each
     sigma_rel, and each at its own best sigma_rel; and which methods' sign against vanilla the choice of length flips."""
-    base, rows, flips = "none", [], []
-    for m in (m for m in mean if m != base):
-        seeds = [s for s in complete[m] if s in complete[base]]
+    rows, flips = [], []
+    for m in (m for m in mean if m != BASE):
+        seeds = [s for s in complete[m] if s in complete[BASE]]
         if not seeds:
             continue
 
         def diff(cm, cb):
-            return [value(m, s, cm, metric) - value(base, s, cb, metric) for s in seeds]
-        at_own, at_best = diff(OWN, OWN), diff(best[m], best[base])
+            return [value(m, s, cm, metric) - value(BASE, s, cb, metric) for s in seeds]
+        at_own, at_best = diff(OWN, OWN), diff(best[m], best[BASE])
         rows.append(f"| {m} | {', '.join(map(str, seeds))} | {cell(at_own)} | "
                     + " | ".join(cell(diff(sig, sig)) for sig in sigmas)
-                    + f" | {cell(at_best)} at {best[m]:g} vs {best[base]:g} |")
+                    + f" | {cell(at_best)} at {best[m]:g} vs {best[BASE]:g} |")
         if (statistics.mean(at_own) < 0) != (statistics.mean(at_best) < 0):
             flips.append(f"{m} ({statistics.mean(at_own):+.3f} → {statistics.mean(at_best):+.3f})")
     if not rows:

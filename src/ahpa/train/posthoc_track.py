@@ -161,8 +161,7 @@ def check_space(t: TrainCfg, powers: PowerEMAs, run_dir: Path, start: int) -> No
     need = steps * len(powers.sigmas) * per_file
     disk, free = free_space(Path(run_dir) / DIRECTORY)
     # a resume first deletes the snapshots of steps after its own (drop_after): their room counts as free
-    rewritten = sum(p.stat().st_size for p in list_snapshots(Path(run_dir) / DIRECTORY)
-                    if int(PATTERN.match(p.name).group(1)) > start)
+    rewritten = sum(p.stat().st_size for p in snapshots_after(run_dir, start))
     if need > free + rewritten:
         every = interval(t)
         now = f"{every:,}, by 0: train.steps / {AUTO_SNAPSHOTS}" if not t.posthoc_every else f"{every:,}"
@@ -181,9 +180,13 @@ def drop_after(run_dir: Path, step: int) -> None:
     """Removes snapshots of steps after `step`, the one a run resumes from: written by the launch that died after its
     last checkpoint, they are rewritten as the run passes them again (bitwise the same, the run being deterministic),
     and one it never reaches again (a run resumed from an older checkpoint) would be of another trajectory."""
-    for path in list_snapshots(run_dir / DIRECTORY):
-        if int(PATTERN.match(path.name).group(1)) > step:
-            path.unlink(missing_ok=True)
+    for path in snapshots_after(run_dir, step):
+        path.unlink(missing_ok=True)
+
+
+def snapshots_after(run_dir: Path, step: int) -> list[Path]:
+    """The run's snapshots of steps after `step`: those a resume from `step` deletes and writes again."""
+    return [p for p in list_snapshots(Path(run_dir) / DIRECTORY) if int(PATTERN.match(p.name).group(1)) > step]
 
 
 def cost_note(t: TrainCfg, powers: PowerEMAs | None, world: int, sharding: bool) -> list[str]:

@@ -214,12 +214,15 @@ def test_eval_command_all_metrics_and_reference_cache(tmp_path, monkeypatch, cap
     # --save-ref-stats writes the statistics the evaluation measured: without a cache the reference is read once
     calls = []
 
-    def counted(*a, **k):
-        calls.append(a[0])
-        return real_reference_stats(*a, **k)
+    def counted(real):
+        def call(*a, **k):
+            calls.append(a[0])
+            return real(*a, **k)
 
-    real_reference_stats = reference_mod.reference_stats
-    monkeypatch.setattr(reference_mod, "reference_stats", counted)
+        return call
+
+    monkeypatch.setattr(reference_mod, "reference_stats", counted(reference_mod.reference_stats))
+    monkeypatch.setattr(reference_mod, "measure", counted(reference_mod.measure))
     assert main(["eval", str(samples), "--ref", str(ref), "--detector", f"torchscript:{det_file}", "--no-ref-cache", "--batch", "16",
                  "--save-ref-stats", str(tmp_path / "saved.npz")]) == 0
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""ahpa eval SAMPLES --ref REF --detector D [--detector D ...] [--metrics fd,is,pr] [--resolution R]: last line JSON."""
+"""ahpa eval SAMPLES --ref REF --detector D [--detector D ...] [--metrics fd,sfid,is,pr] [--resolution R]: last line JSON."""
 
 from __future__ import annotations
 
@@ -15,21 +15,22 @@ OPTIONS = {"num": "--num", "batch_size": "--batch", "is_splits": "--is-splits", 
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="FID / FD, Inception Score, precision/recall of samples against a reference",
+    p = sub.add_parser("eval", help="FID / FD, sFID, Inception Score, precision/recall of samples against a reference",
                        **with_examples(
         "  # against a folder of your images of any size: read at 64x64 as `ahpa prepare` reads them",
         "  ahpa eval samples.npz --ref photos/ --resolution 64 --detector inception:inception-2015-12-05.pt",
-        "  # FID and Inception Score against ADM's ImageNet reference batch",
+        "  # the ADM suite (FID, sFID, IS, precision, recall) against ADM's ImageNet reference batch",
         "  ahpa eval samples.npz --ref VIRTUAL_imagenet256_labeled.npz --detector inception:inception-2015-12-05.pt \\",
-        "      --metrics fd,is",
+        "      --metrics fd,sfid,is,pr --pr-num 50000",
         "The last line printed is one JSON object. More: docs/evaluation.md"))
     p.add_argument("samples", help="samples: ADM .npz (arr_0), images .npz, or an image folder")
     p.add_argument("--ref", required=True, help="reference: image source, or a statistics .npz (mu, sigma)")
     p.add_argument("--detector", action="append", required=True,
                    help="torchscript:FILE | inception:FILE | dinov2:DIR (repeatable)")
     p.add_argument("--metrics", default="fd",
-                   help="comma-separated: fd (Fréchet distance), is (Inception Score; needs a classifier head), "
-                        "pr (precision/recall; needs reference images). Default: fd")
+                   help="comma-separated: fd (Fréchet distance), sfid (spatial FID; Inception-v3 only), is "
+                        "(Inception Score; needs a classifier head), pr (precision/recall; needs reference images). "
+                        "Default: fd")
     p.add_argument("--num", type=int, help="evaluate the first NUM samples (default: all)")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
     p.add_argument("--pr-num", type=int, default=10_000,
@@ -47,7 +48,8 @@ def register(sub) -> None:
                    help="directory for cached reference measurements (default: $AHPA_CACHE/reference, else "
                         "$XDG_CACHE_HOME/ahpa/reference or ~/.cache/ahpa/reference; AHPA_CACHE=off: none)")
     p.add_argument("--no-ref-cache", action="store_true", help="measure the reference afresh and keep nothing")
-    p.add_argument("--save-ref-stats", help="also write the reference statistics to this .npz (one detector only)")
+    p.add_argument("--save-ref-stats", help="also write the reference statistics to this .npz (one detector only; "
+                                           "with sfid, its statistics too, as mu_s and sigma_s)")
     p.set_defaults(func=run)
 
 
@@ -84,14 +86,18 @@ def run(args) -> int:
     detectors = [load_detector(spec, device) for spec in args.detector]
     plans = metrics_by_detector(metrics, detectors)
     for det, mine in zip(detectors, plans):
-        if "fd" in mine or "pr" in mine:
-            check_reference(args.ref, det, args.pr_num if "pr" in mine else 0)
-    skipped = [f"{d.name} ({d.spec}{'' if mine else '; no other metric asked: not evaluated'})"
-               for d, mine in zip(detectors, plans) if "is" in metrics and "is" not in mine]
-    if skipped:  # computed where it can be (the usual FID + IS + FD-DINOv2 call), and said where it is not
-        heads = ", ".join(d.name for d, mine in zip(detectors, plans) if "is" in mine)
-        print(f"ahpa eval: note: the Inception Score is computed with {heads} only; skipped for the detector(s) "
-              f"without a classifier head: {', '.join(skipped)}", file=sys.stderr)
+        if "sfid" in mine:
+            det.check_spatial()  # the network, run layer by layer, gives back its own FID features (a probe batch)
+        if "fd" in mine or "pr" in mine or "sfid" in mine:
+            check_reference(args.ref, det, args.pr_num if "pr" in mine else 0, "sfid" in mine)
+    for metric, what, lacking in (("is", "the Inception Score", "without a classifier head"),
+                                  ("sfid", "sFID", "other than Inception-v3")):
+        skipped = [f"{d.name} ({d.spec}{'' if mine else '; no other metric asked: not evaluated'})"
+                   for d, mine in zip(detectors, plans) if metric in metrics and metric not in mine]
+        if skipped:  # computed where it can be (the usual FID + IS + FD-DINOv2 call), and said where it is not
+            able = ", ".join(d.name for d, mine in zip(detectors, plans) if metric in mine)
+            print(f"ahpa eval: note: {what} is computed with {able} only; skipped for the detector(s) {lacking}: "
+                  f"{', '.join(skipped)}", file=sys.stderr)
     # stored statistics alone are already the cheap form of a reference: nothing to cache
     stats_only = is_stats_file(args.ref) and npz_image_key(args.ref) is None
     cache = None if args.no_ref_cache or stats_only else (args.ref_cache or default_cache_dir())
@@ -137,7 +143,7 @@ def run(args) -> int:
             against += f"; precision/recall: the first {min(args.pr_num, n)} vs {min(args.pr_num, ref.count or args.pr_num)}"
         if args.save_ref_stats:  # the statistics evaluate measured (or read), measured here only for `is` alone
             ref = ref or load_reference(ref_source, det, cache, args.batch)
-            ref.save(args.save_ref_stats, detector=det.name)
+            ref.save(args.save_ref_stats, detector=det.name, spatial=stats["reference_spatial"])
         shown = "  ".join(f"{k}: {v:.6g}" for k, v in values.items())
         print(f"{shown}  ({stats['samples'].count} samples{against})")
         results.update(values)

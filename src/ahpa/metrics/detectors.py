@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ahpa.config import shown
 from ahpa.device import as_device
+from ahpa.metrics.spatial import check_split, pool_and_spatial
 from ahpa.spelling import did_you_mean
 
 KINDS = ("torchscript", "inception", "dinov2")
@@ -95,6 +96,11 @@ class Detector:
         return self.has_logits
 
     @property
+    def has_spatial(self) -> bool:
+        """Whether the detector has `features_and_spatial(images)` (sFID's spatial features: Inception-v3 only)."""
+        return False
+
+    @property
     def dim(self) -> int:
         """Feature dimension, probed once with a blank image (so that empty shards can size their sums)."""
         if getattr(self, "_dim", None) is None:
@@ -107,6 +113,10 @@ class Detector:
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"detector {self.spec!r} has no classifier head (no `logits`)")
+
+    def check_spatial(self) -> None:
+        raise ValueError(f"detector {self.spec!r} ({self.name}) has no spatial features: sFID is Inception-v3's "
+                         "(inception:FILE)")
 
     def class_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities [N, K] (float32, rows sum to 1)."""
@@ -157,19 +167,44 @@ class InceptionDetector(Detector):
     Its forward takes uint8-range images of any size and resizes them to 299x299 inside, as the
     TensorFlow graph did: `forward(img, return_features=True)` gives the 2048 pool_3 features FID uses,
     `forward(img, no_output_bias=True)` the 1008 softmax probabilities of the original Inception Score
-    code (which left the output bias out).
+    code (which left the output bias out); `features_and_spatial` adds sFID's features (ahpa.metrics.spatial).
     """
 
     name = "FID"
+    spatial_name = "sFID"
 
     def __init__(self, path: Path, device: torch.device, spec: str):
         self.spec, self.device = spec, device
         self.module = _load_torchscript(path, device)
         self._dim = 2048
+        self._spatial_dim = None  # known once the split is checked
 
     @property
     def has_classes(self) -> bool:
         return True
+
+    @property
+    def has_spatial(self) -> bool:
+        return True
+
+    def check_spatial(self) -> None:
+        """A ValueError unless this network, run layer by layer for sFID, gives back its own pool_3 features
+        (ahpa.metrics.spatial.check_split); checked once, on a probe batch, before any image is measured."""
+        if self._spatial_dim is None:
+            self._spatial_dim = check_split(self.module, self.device, self.spec)
+
+    @property
+    def spatial_dim(self) -> int:
+        """sFID's feature count: 2023 (7 channels of 17x17) for inception-2015-12-05.pt."""
+        self.check_spatial()
+        return self._spatial_dim
+
+    @torch.inference_mode()
+    def features_and_spatial(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pool_3 features [N, 2048], sFID's spatial features [N, 2023]) in one pass through the network."""
+        _check_images(images)
+        self.check_spatial()
+        return pool_and_spatial(self.module, images.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:

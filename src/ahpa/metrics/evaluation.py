@@ -2,6 +2,8 @@
 from one pass over the samples.
 
 - `fd`: the Fréchet distance (FID for Inception-v3, FD-r20, FD-DINOv2, ...);
+- `sfid`: sFID, the Fréchet distance of Inception-v3's spatial features as ADM's evaluator computes it
+  (ahpa.metrics.spatial), from the same pass as FID;
 - `is`: the Inception Score, or its analogue under another classifier (IS-r20 with a CIFAR ResNet);
 - `pr`: improved precision and recall (k-NN manifolds, k = 3) of the first `pr_num` samples against the
   first `pr_num` reference images.
@@ -19,7 +21,7 @@ from ahpa.metrics.measurement import measure
 from ahpa.metrics.precision_recall import precision_recall
 from ahpa.metrics.reference import reference_measurement
 
-METRICS = ("fd", "is", "pr")
+METRICS = ("fd", "sfid", "is", "pr")
 
 
 class EvaluationWarning(UserWarning):
@@ -32,7 +34,7 @@ def metric_names(detector: Detector) -> dict[str, str]:
     """The names under which `evaluate` reports each metric of this detector."""
     tag = metric_tag(detector.name)
     suffix = f"-{tag}" if tag else ""
-    return {"fd": detector.name, "is": f"IS{suffix}", "is_std": f"IS{suffix}-std",
+    return {"fd": detector.name, "sfid": getattr(detector, "spatial_name", None), "is": f"IS{suffix}", "is_std": f"IS{suffix}-std",
             "precision": f"precision{suffix}", "recall": f"recall{suffix}"}
 
 
@@ -81,7 +83,7 @@ def check_settings(
     # against the samples there are (`count`, when known before reading them: an .npz's header)
     n = min(count, num) if count is not None and num is not None else count
     if n:  # none at all: the measurement names the empty source itself
-        if "fd" in metrics and n < 2:
+        if ("fd" in metrics or "sfid" in metrics) and n < 2:
             raise ValueError(f"a Fréchet distance needs at least 2 samples for a covariance; the samples hold {n}")
         if "is" in metrics and n < is_splits:
             raise ValueError(f"{name('is_splits')} {is_splits} needs at least that many samples; the samples hold {n}")
@@ -92,17 +94,24 @@ def check_settings(
 
 def metrics_by_detector(metrics, detectors: list[Detector]) -> list[tuple[str, ...]]:
     """The metrics each of `detectors` is evaluated with when one call asks for `metrics` under all of them: every
-    metric under every detector, except the Inception Score, which only detectors with a classifier head give. The
-    usual ImageNet row (FID, IS, FD-DINOv2: Inception and DINOv2 with `fd,is`) thus needs no second call, where
-    refusing the pair would make a user drop either `is` or DINOv2. A ValueError when no detector has a head: then
-    `is` can be given by none. A detector may be left with no metric (`is` alone under a DINOv2): ()."""
+    metric under every detector, except the Inception Score, which only detectors with a classifier head give, and
+    sFID, which only Inception-v3 gives. The usual ImageNet row (FID, sFID, IS, FD-DINOv2: Inception and DINOv2 with
+    `fd,sfid,is`) thus needs no second call, where refusing the pair would make a user drop either `is` or DINOv2. A
+    ValueError when no detector can give one of them. A detector may be left with no metric (`is` alone under a
+    DINOv2): ()."""
     metrics = parse_metrics(metrics)
+    which = ", ".join(repr(d.spec) for d in detectors)
+    one = len(detectors) == 1
     if "is" in metrics and not any(d.has_classes for d in detectors):
-        which = ", ".join(repr(d.spec) for d in detectors)
-        raise ValueError(f"the Inception Score needs a classifier head, which {'detector' if len(detectors) == 1 else 'no detector of'} "
-                         f"{which} {'lacks' if len(detectors) == 1 else 'has'}; drop `is` from the metrics or add a "
+        raise ValueError(f"the Inception Score needs a classifier head, which {'detector' if one else 'no detector of'} "
+                         f"{which} {'lacks' if one else 'has'}; drop `is` from the metrics or add a "
                          "detector with one (inception:FILE, the CIFAR ResNets)")
-    return [tuple(m for m in metrics if m != "is" or d.has_classes) for d in detectors]
+    if "sfid" in metrics and not any(d.has_spatial for d in detectors):
+        raise ValueError(f"sFID is measured in Inception-v3's spatial features, which {'detector' if one else 'no detector of'} "
+                         f"{which} {'lacks' if one else 'has'}; drop `sfid` from the metrics or add "
+                         "--detector inception:inception-2015-12-05.pt")
+    return [tuple(m for m in metrics if (m != "is" or d.has_classes) and (m != "sfid" or d.has_spatial))
+            for d in detectors]
 
 
 def evaluate(
@@ -132,6 +141,9 @@ def evaluate(
     names = metric_names(detector)
     metrics_by_detector(metrics, [detector])  # `is` needs a classifier head
     keep = pr_num if "pr" in metrics else 0
+    spatial = "sfid" in metrics
+    if spatial:
+        detector.check_spatial()  # before the reference's pass: a network that cannot give them is refused now
 
     def tick(label: str):
         return progress(f"{label} [{detector.name}]") if progress is not None else None
@@ -139,9 +151,11 @@ def evaluate(
     # the reference first: its statistics are cached for the next evaluation, so a reference that cannot be read
     # (images of several sizes without a resolution, a missing file) fails before the samples' work, not after it
     ref_m = None
-    if "fd" in metrics or "pr" in metrics:
-        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, on_batch=tick("reference"))
-    got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, max_images=num, on_batch=tick("samples"))
+    if "fd" in metrics or "pr" in metrics or spatial:
+        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, on_batch=tick("reference"),
+                                      spatial=spatial)
+    got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, spatial=spatial, max_images=num,
+                  on_batch=tick("samples"))
     # against the images that decoded: a folder, counted by its files beforehand, may hold fewer (undecodable ones)
     check_settings(metrics, **settings, count=got.stats.count)
     out: dict[str, float] = {}
@@ -150,20 +164,23 @@ def evaluate(
         ref_stats = ref_m.stats
         if "fd" in metrics:
             out[names["fd"]] = got.stats.frechet_distance(ref_m.stats)
+        if spatial:
+            out[names["sfid"]] = got.spatial.frechet_distance(ref_m.spatial)
         if "pr" in metrics:
             out[names["precision"]], out[names["recall"]] = precision_recall(ref_m.features, got.features, k=pr_k)
     if "is" in metrics:
         out[names["is"]], out[names["is_std"]] = inception_score(got.probs, is_splits)
     pr_sizes = (len(got.features), len(ref_m.features)) if "pr" in metrics else None
-    for message in caveats(got.stats, ref_stats, detector, num, "fd" in metrics, pr_sizes):
+    for message in caveats(got.stats, ref_stats, detector, num, "fd" in metrics, pr_sizes, spatial):
         warnings.warn(message, EvaluationWarning, stacklevel=2)
-    return out, {"samples": got.stats, "reference": ref_stats}
+    return out, {"samples": got.stats, "reference": ref_stats, "samples_spatial": got.spatial,
+                 "reference_spatial": ref_m.spatial if ref_m is not None else None}
 
 
 def caveats(samples, reference, detector: Detector, num: int | None, fd: bool,
-            pr_sizes: tuple[int, int] | None = None) -> list[str]:
+            pr_sizes: tuple[int, int] | None = None, spatial: bool = False) -> list[str]:
     """Why the figures of this evaluation may not compare with others (EvaluationWarning's messages); `pr_sizes`:
-    the numbers of samples and of reference images precision/recall compared."""
+    the numbers of samples and of reference images precision/recall compared; `spatial`: sFID was measured."""
     out = []
     if pr_sizes is not None and pr_sizes[0] != pr_sizes[1]:
         # a set's k-NN radii shrink as it grows, so the sizes move both figures (0.865/0.832 at 200 vs 1,000 CIFAR
@@ -177,11 +194,12 @@ def caveats(samples, reference, detector: Detector, num: int | None, fd: bool,
                    "(--pr-num 50000)")
     if num and samples.count < num:
         out.append(f"{num} samples asked for, but the samples gave {samples.count} images: the metrics are of those")
+    dims = ([(detector.dim, detector.name)] if fd else []) + ([(detector.spatial_dim, detector.spatial_name)] if spatial else [])
     for name, stats in (("samples", samples), ("reference images", reference)):
-        if fd and stats is not None and stats.count and stats.count <= detector.dim:
-            out.append(f"{stats.count} {name} for {detector.dim} features ({detector.name}): the covariance is "
-                       "rank-deficient and the Fréchet distance biased upward; compare only figures of the same number "
-                       f"of {name}")
+        for dim, metric in dims:
+            if stats is not None and stats.count and stats.count <= dim:
+                out.append(f"{stats.count} {name} for {dim} features ({metric}): the covariance is rank-deficient and "
+                           f"the Fréchet distance biased upward; compare only figures of the same number of {name}")
     sizes = (samples.image_size, reference.image_size if reference is not None else None)
     if None not in sizes and sizes[0] != sizes[1]:
         (h, w), (rh, rw) = sizes

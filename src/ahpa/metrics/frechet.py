@@ -200,26 +200,35 @@ class FeatureStats:
         out.outer.copy_(torch.from_numpy((count - 1) * sigma + count * np.outer(mu, mu)))
         return out
 
-    def save(self, path: str | Path, detector: str | None = None) -> None:
-        """Write an .npz with `mu`, `sigma`, `count` (and the detector's metric name and the image size, when known)."""
+    def save(self, path: str | Path, detector: str | None = None, spatial: "FeatureStats | None" = None) -> None:
+        """Write an .npz with `mu`, `sigma`, `count` (and the detector's metric name and the image size, when known);
+        with `spatial`, sFID's statistics beside them as `mu_s`, `sigma_s`, `count_s` (ADM's reference batch names)."""
         detector = detector if detector is not None else self.detector
         extra = {} if detector is None else {"detector": np.array(detector)}
         if self.image_size is not None:  # kept so that a cached reference can still be compared with samples' size
             extra["image_size"] = np.array(self.image_size, dtype=np.int64)
-        count = -1 if self._moments is not None else self.count  # -1: unknown
-        np.savez(Path(path), mu=self.mean, sigma=self.cov, count=np.array(count, dtype=np.int64), **extra)
+        if spatial is not None:
+            extra.update(mu_s=spatial.mean, sigma_s=spatial.cov, count_s=np.array(spatial._stored_count, dtype=np.int64))
+        np.savez(Path(path), mu=self.mean, sigma=self.cov, count=np.array(self._stored_count, dtype=np.int64), **extra)
+
+    @property
+    def _stored_count(self) -> int:
+        return -1 if self._moments is not None else self.count  # -1: unknown
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureStats":
-        """Read our .npz or an ADM reference batch (`mu`, `sigma`; no count)."""
+    def load(cls, path: str | Path, spatial: bool = False) -> "FeatureStats":
+        """Read our .npz or an ADM reference batch (`mu`, `sigma`; no count); with `spatial`, the sFID statistics
+        stored beside them (`mu_s`, `sigma_s`: ADM's reference batches and our files written with them)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"statistics file {str(path)!r} does not exist")
+        s = "_s" if spatial else ""
         with np.load(path, allow_pickle=False) as f:
-            if "mu" not in f or "sigma" not in f:
-                raise ValueError(f"{str(path)!r} holds no `mu`/`sigma` statistics (keys: {sorted(f.keys())})")
-            count = int(f["count"]) if "count" in f else None
-            out = cls.from_moments(f["mu"], f["sigma"], None if count is None or count < 0 else count)
-            out.detector = str(f["detector"]) if "detector" in f else None
+            if f"mu{s}" not in f or f"sigma{s}" not in f:
+                raise ValueError(f"{str(path)!r} holds no `mu{s}`/`sigma{s}` statistics (keys: {sorted(f.keys())})")
+            count = int(f[f"count{s}"]) if f"count{s}" in f else None
+            out = cls.from_moments(f[f"mu{s}"], f[f"sigma{s}"], None if count is None or count < 0 else count)
+            # mu_s/sigma_s are sFID's by their name (ADM's); mu/sigma the detector's the file names, if it does
+            out.detector = "sFID" if spatial else str(f["detector"]) if "detector" in f else None
             out.image_size = tuple(int(x) for x in f["image_size"]) if "image_size" in f else None
         return out

@@ -2,8 +2,9 @@
 probabilities and raw features, all in one pass over the images.
 
 `measure` reads a source (see `ahpa.metrics.images`) once: every batch goes through the detector into a
-float64 `FeatureStats`; on request it also keeps the class probabilities of every image (Inception Score)
-and the features of the first `keep` images (precision/recall needs the points, not just their moments).
+float64 `FeatureStats`; on request it also keeps the class probabilities of every image (Inception Score),
+the features of the first `keep` images (precision/recall needs the points, not just their moments) and the
+statistics of Inception's spatial features (sFID).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Measurement:
     stats: FeatureStats
     probs: torch.Tensor | None = None  # [N, K] float32 on the host, in source order
     features: torch.Tensor | None = None  # [min(N, keep), D] float32 on the detector's device
+    spatial: FeatureStats | None = None  # sFID's statistics (Inception's spatial features), when asked for
 
 
 def _to_nchw(batch) -> torch.Tensor:
@@ -54,14 +56,16 @@ def measure(
     *,
     probs: bool = False,
     keep: int = 0,
+    spatial: bool = False,
     rank: int = 0,
     world_size: int = 1,
     max_images: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Measurement:
     """Statistics of `source` under `detector` (sums on `device`, default the detector's; with the (H, W) of
-    its first image as `stats.image_size`), plus class probabilities (`probs=True`) and the first `keep`
-    features; `on_batch(n)` after each batch of n images (a progress bar's update).
+    its first image as `stats.image_size`), plus class probabilities (`probs=True`), the first `keep`
+    features and the statistics of sFID's spatial features (`spatial=True`, Inception only); `on_batch(n)` after
+    each batch of n images (a progress bar's update).
 
     With world_size > 1 each rank reads its share and, when torch.distributed is initialised, the sums are
     all-reduced so that every rank returns the statistics of the whole source; probabilities and kept
@@ -71,12 +75,20 @@ def measure(
         raise ValueError("class probabilities and kept features are measured by one process (world_size=1)")
     if probs and not detector.has_classes:
         raise ValueError(f"detector {detector.spec!r} ({detector.name}) has no classifier head: no class probabilities")
-    stats = FeatureStats(dim=detector.dim, device=device if device is not None else detector.device)
+    if spatial:
+        detector.check_spatial()  # before the first image: a network that cannot give them is refused here
+    sums_on = device if device is not None else detector.device
+    stats = FeatureStats(dim=detector.dim, device=sums_on)
+    sstats = FeatureStats(dim=detector.spatial_dim, device=sums_on) if spatial else None
     prob_parts, feat_parts, kept, size = [], [], 0, None
     for batch in iter_image_batches(source, batch_size, rank=rank, world_size=world_size, max_images=max_images):
         size = size or (int(batch.shape[1]), int(batch.shape[2]))
         images = _to_nchw(batch)
-        feats = detector.features(images)
+        if spatial:
+            feats, spatial_feats = detector.features_and_spatial(images)
+            sstats.update(spatial_feats)
+        else:
+            feats = detector.features(images)
         stats.update(feats)
         if kept < keep:
             feat_parts.append(feats[: keep - kept].float())
@@ -86,18 +98,26 @@ def measure(
         if on_batch is not None:
             on_batch(len(images))
     if _distributed(world_size):
-        flat = stats.to_tensor()
-        torch.distributed.all_reduce(flat)
-        stats = FeatureStats.from_tensor(flat)
+        stats = _all_reduced(stats)
+        sstats = _all_reduced(sstats) if spatial else None
     if not stats.count and (world_size == 1 or _distributed(world_size)):  # one rank of several may get no batch
         raise ValueError(_nothing_measured(source, max_images))
     stats.detector = detector.name
     stats.image_size = size
+    if sstats is not None:
+        sstats.detector, sstats.image_size = detector.spatial_name, size
     return Measurement(
         stats,
         torch.cat(prob_parts) if prob_parts else None,
         torch.cat(feat_parts) if feat_parts else None,
+        sstats,
     )
+
+
+def _all_reduced(stats: FeatureStats) -> FeatureStats:
+    flat = stats.to_tensor()
+    torch.distributed.all_reduce(flat)
+    return FeatureStats.from_tensor(flat)
 
 
 def compute_stats(
@@ -137,15 +157,22 @@ def is_stats_file(ref) -> bool:
     return {"mu", "sigma"} <= npz_names(ref)
 
 
+def has_stored_spatial(ref) -> bool:
+    """Whether `ref` names an .npz that stores sFID's statistics (`mu_s`, `sigma_s`: ADM's reference batches, and
+    statistics `ahpa eval --metrics fd,sfid --save-ref-stats` wrote)."""
+    return _npz_file(ref) and {"mu_s", "sigma_s"} <= npz_names(ref)
+
+
 def _npz_file(ref) -> bool:
     return isinstance(ref, (str, Path)) and Path(ref).suffix == ".npz" and Path(ref).is_file()
 
 
-def check_reference(ref, detector: Detector, keep: int = 0) -> None:
+def check_reference(ref, detector: Detector, keep: int = 0, spatial: bool = False) -> None:
     """Raise ValueError when the .npz `ref` holds statistics (mu, sigma) and no images, and those cannot serve
     `detector`: they were computed for another detector, or `keep` > 0 (precision/recall needs the features of the
-    first `keep` reference images, which statistics do not hold). Reads the file's names only, so that a caller with
-    several detectors checks each before any image is measured."""
+    first `keep` reference images, which statistics do not hold), or `spatial` (sFID) and no `mu_s`/`sigma_s` are
+    stored. Reads the file's names only, so that a caller with several detectors checks each before any image is
+    measured."""
     if not _npz_file(ref) or npz_image_key(ref) is not None:
         return  # images (or a folder, an array) are measured under any detector
     usable, tag = stored_stats_usable(Path(ref), detector)
@@ -156,6 +183,10 @@ def check_reference(ref, detector: Detector, keep: int = 0) -> None:
     if keep and usable and is_stats_file(ref):
         raise ValueError(f"precision/recall needs reference images, but {str(ref)!r} holds statistics (mu, sigma) "
                          "only; give the image source (folder or images .npz) as the reference")
+    if spatial and usable and not has_stored_spatial(ref):
+        raise ValueError(f"sFID needs the reference's spatial statistics (mu_s, sigma_s, as ADM's reference batches "
+                         f"store them) or its images, but {str(ref)!r} holds mu and sigma only; give the image source, "
+                         "or statistics written with them (ahpa eval ... --metrics fd,sfid --save-ref-stats FILE)")
 
 
 def reference_stats(

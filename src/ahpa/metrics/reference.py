@@ -27,8 +27,8 @@ from ahpa.data.path_table import PathTable
 from ahpa.metrics.detectors import Detector, parse_spec
 from ahpa.metrics.frechet import FeatureStats
 from ahpa.metrics.images import ImageFolder, image_files
-from ahpa.metrics.measurement import (Measurement, check_reference, is_stats_file, measure, reference_stats,
-                                      stored_stats_usable)
+from ahpa.metrics.measurement import (Measurement, check_reference, has_stored_spatial, is_stats_file, measure,
+                                      reference_stats, stored_stats_usable)
 
 
 KEY_VERSION = 2  # raised when how a reference is measured changes: older entries are then measured afresh
@@ -104,6 +104,21 @@ def _cache_files(ref, detector: Detector, cache_dir: str | Path, keep: int = 0) 
     return Path(cache_dir) / f"{stem}.npz", Path(cache_dir) / f"{stem}-first{keep}.npy"
 
 
+def _spatial_file(stats_path: Path, detector: Detector) -> Path:
+    """sFID's statistics `sFID-<key>.npz` beside the detector's own `<metric>-<key>.npz` (same reference, same key)."""
+    key = stats_path.stem.rpartition("-")[2]
+    return stats_path.with_name(f"{detector.spatial_name}-{key}.npz")
+
+
+def _cached_stats(path: Path, name: str) -> FeatureStats | None:
+    """The statistics a cache file holds when it holds those of metric `name`; None otherwise (not there, or another
+    metric's: measured afresh)."""
+    if not path.is_file():
+        return None
+    stats = FeatureStats.load(path)
+    return stats if stats.detector == name else None
+
+
 def _cached_first(stats_path: Path, keep: int) -> torch.Tensor | None:
     """The features of the reference's first `keep` images from a cached `-first<M>.npy` beside `stats_path` that holds
     them: M >= keep (its first `keep` rows), or fewer rows than M (the whole reference, however many are asked for).
@@ -165,44 +180,57 @@ def share_cached(mine: Path, theirs: Path | None) -> None:
             raise
 
 
+def _measured(ref, detector: Detector, batch_size: int, keep: int, spatial: bool,
+              on_batch: Callable[[int], None] | None) -> Measurement:
+    """The reference measured afresh: its images in one pass, or its stored statistics and, where they are not
+    enough, the images beside them."""
+    if not (is_stats_file(ref) and stored_stats_usable(Path(ref), detector)[0]):
+        return measure(ref, detector, batch_size, keep=keep, spatial=spatial, on_batch=on_batch)
+    # stored statistics (an ADM reference batch: of the full dataset) stand for the reference; the images beside them
+    # give the points precision/recall needs, as ADM's evaluator uses them, and sFID's statistics when none are stored
+    stats = reference_stats(ref, detector, batch_size)
+    sstats = FeatureStats.load(ref, spatial=True) if spatial and has_stored_spatial(ref) else None
+    if spatial and sstats is None:
+        got = measure(ref, detector, batch_size, keep=keep, spatial=True, on_batch=on_batch)
+        return Measurement(stats, None, got.features, got.spatial)
+    feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, on_batch=on_batch).features if keep else None
+    return Measurement(stats, None, feats, sstats)
+
+
 def reference_measurement(
     ref, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250, keep: int = 0,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None, spatial: bool = False,
 ) -> Measurement:
-    """Statistics of the reference (an image source or stored mu/sigma, see `reference_stats`) and, with
-    `keep` > 0, the features of its first `keep` images, cached in `cache_dir` (None: no caching) as
-    `<metric>-<key>.npz` and `<metric>-<key>-first<keep>.npy`."""
-    check_reference(ref, detector, keep)
-    stored = is_stats_file(ref) and stored_stats_usable(Path(ref), detector)[0]
+    """Statistics of the reference (an image source or stored mu/sigma, see `reference_stats`), with `keep` > 0 the
+    features of its first `keep` images, and with `spatial` the statistics of sFID's features (stored `mu_s`/`sigma_s`,
+    or measured), cached in `cache_dir` (None: no caching) as `<metric>-<key>.npz`, `<metric>-<key>-first<keep>.npy`
+    and `sFID-<key>.npz`."""
+    check_reference(ref, detector, keep, spatial)
     if cache_dir is not None:
         stats_path, feat_path = _cache_files(ref, detector, cache_dir, keep)
-        if stats_path.is_file():
-            stats = FeatureStats.load(stats_path)
-            if stats.detector == detector.name:
-                if not keep:
-                    return Measurement(stats)
-                feats = _cached_first(stats_path, keep)
-                if feats is None:
-                    # the statistics are known: only the first `keep` images are measured, not the whole reference
-                    # again (another --pr-num against a 1.28M-image folder took the hours of the first pass)
-                    feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, on_batch=on_batch).features
-                    with atomic_path(feat_path) as tmp, open(tmp, "wb") as f:
-                        np.save(f, feats.cpu().numpy())
-                return Measurement(stats, None, feats.to(detector.device))
-    if not keep:
-        got = Measurement(reference_stats(ref, detector, batch_size, on_batch=on_batch))
-    elif stored:
-        # an ADM reference batch: its stored statistics (of the full dataset) stand for the reference, and
-        # its images give the points precision/recall needs, as ADM's evaluator uses them
-        feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, on_batch=on_batch).features
-        got = Measurement(reference_stats(ref, detector, batch_size), None, feats)
-    else:
-        got = measure(ref, detector, batch_size, keep=keep, on_batch=on_batch)
+        spatial_path = _spatial_file(stats_path, detector) if spatial else None
+        stats = _cached_stats(stats_path, detector.name)
+        sstats = _cached_stats(spatial_path, detector.spatial_name) if spatial else None
+        if stats is not None and (sstats is not None or not spatial):
+            if not keep:
+                return Measurement(stats, spatial=sstats)
+            feats = _cached_first(stats_path, keep)
+            if feats is None:
+                # the statistics are known: only the first `keep` images are measured, not the whole reference
+                # again (another --pr-num against a 1.28M-image folder took the hours of the first pass)
+                feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, on_batch=on_batch).features
+                with atomic_path(feat_path) as tmp, open(tmp, "wb") as f:
+                    np.save(f, feats.cpu().numpy())
+            return Measurement(stats, None, feats.to(detector.device), sstats)
+    got = _measured(ref, detector, batch_size, keep, spatial, on_batch)
     got.stats.detector = detector.name
     if cache_dir is None:
         return got
     with atomic_path(stats_path) as tmp:  # concurrent ranks never read half a file
         got.stats.save(tmp, detector=detector.name)
+    if got.spatial is not None:
+        with atomic_path(spatial_path) as tmp:
+            got.spatial.save(tmp, detector=detector.spatial_name)
     if keep:
         with atomic_path(feat_path) as tmp, open(tmp, "wb") as f:
             np.save(f, got.features.cpu().numpy())

@@ -25,7 +25,7 @@ from ahpa.metrics.frechet import FeatureStats, frechet_distance
 
 
 class Mixed(nn.Module):
-    """An Inception block: its 1x1 branch `conv` (with its ReLU, as TensorFlow's mixed_N/conv tensor) and a tower."""
+    """An Inception block: its 1x1 branch `conv` (TensorFlow's mixed_N/conv) and a tower."""
 
     def __init__(self, cin: int, cconv: int, ctower: int):
         super().__init__()
@@ -223,3 +223,16 @@ def test_sfid_is_inceptions_only(inception, tmp_path, capsys):
     assert "sFID is computed with FID only; skipped for the detector(s) other than Inception-v3: FD-r20" in out.err
     assert main([*base, "--detector", f"torchscript:{resnet}"]) == 2
     assert "drop `sfid` from the metrics" in capsys.readouterr().err
+
+
+def test_sfid_split_of_the_real_inception():
+    # the file itself, where it is (AHPA_INCEPTION, or ../shared/detectors): its layers, run as sFID runs them, give
+    # back its own pool_3 features, and mixed_6/conv has ADM's 7 x 17 x 17 features
+    from tests.test_scores import INCEPTION
+
+    if not INCEPTION.is_file():
+        pytest.skip(f"needs the Inception-v3 TorchScript file {INCEPTION} (set AHPA_INCEPTION); not available offline here")
+    det = load_detector(f"inception:{INCEPTION}")
+    assert det.spatial_dim == 2023
+    pool, spatial = det.features_and_spatial(torch.from_numpy(_images(3, 7, side=64)).permute(0, 3, 1, 2))
+    assert pool.shape == (3, 2048) and spatial.shape == (3, 2023)

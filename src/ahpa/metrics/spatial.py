@@ -3,7 +3,7 @@
 sFID (Nash et al. 2021) is the Fréchet distance of an intermediate, unpooled Inception activation, so that it sees
 where things are as well as what they are. ADM's evaluator (openai/guided-diffusion, `evaluations/evaluator.py`),
 whose sFID the DiT, SiT and REPA tables quote, reads TensorFlow's tensor `mixed_6/conv:0` (the 1x1 branch of the
-third 17x17 block, after its ReLU: [N, 17, 17, 192]), keeps the first 7 channels and flattens them in TensorFlow's
+third 17x17 block: [N, 17, 17, 192]), keeps the first 7 channels and flattens them in TensorFlow's
 (height, width, channel) order: 7 * 17 * 17 = 2023 features. Its reference batches store their statistics as
 `mu_s` and `sigma_s`, so our order must be that order for a figure against them to mean anything.
 

@@ -44,6 +44,10 @@
 #                                           # side; eight compiled measurements, ~9-10 min estimated if no compile is
 #                                           # reused (XL/2 ~90 s each, B/2 ~40-65 s), guarded at 7.5 min like the core
 #                                           # job (B/2's last may be skipped; then `posthoc --models B/2`, ~4 min)
+#     bash benchmarks/gpu_job.sh ema        # the EMA update alone, XL/2's and B/2's parameters: the foreach lerp against
+#                                           # the three passes it replaced, with a keep tensor (training's call: one lerp
+#                                           # kernel per parameter on CUDA) and a float (the post-hoc EMAs'), side by side
+#                                           # (benchmarks/ema_update.py; no compile, under a minute estimated)
 #
 # For on-the-fly, here first (diffusers is pure Python; its other needs are on the machine already):
 #     echo /.whl/ >> .git/info/exclude
@@ -99,10 +103,14 @@ case "$job" in
     on-the-fly) bench --models B/2,XL/2 --methods none,ahpa-on-the-fly --compile both --sampling off --budget-s 450 ;;
     in512) bench --models B/2,XL/2 --methods none,ahpa-cached --resolution 512 --batch 64 --cache-images 256 --compile compiled \
                --sampling off --budget-s 420 ;;
-    # XL/2 first: its ~10 ms of a 231 ms step (estimated) stands above the windows' spread, B/2's ~2 ms of 99 barely;
+    # XL/2 first: its ~4 ms of a 231 ms step (two foreach lerps, estimated) is the larger share, B/2's ~1 ms of 99 barely;
     # each pair's second run compiles the same graphs (the EMAs update outside them), from inductor's disk cache
     posthoc) bench --models XL/2,B/2 --methods none,ahpa-cached --compile compiled --posthoc-ema off,0.05:0.10 \
                  --sampling off --budget-s 450 ;;
-    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | fp16 | tokens | in512 | posthoc)"; exit 2 ;;
+    ema) for model in XL/2 B/2; do
+             python3 benchmarks/ema_update.py --device cuda --model $model --repeats 21 \
+                 --out "$OUT/ema_update_${model/\//}.json" 2>&1 | tee -a "$OUT/ema_update.log"
+         done ;;
+    *) echo "unknown job $job (core | eager | xl256 | prefetch | diagnose | profile | sampling | on-the-fly | cudagraphs | tuning | fp16 | tokens | in512 | posthoc | ema)"; exit 2 ;;
 esac
 echo "job $job took $(( $(date +%s) - start )) s" | tee -a "$OUT/throughput_$job.log"

@@ -384,3 +384,24 @@ def test_throughput_measures_posthoc_ema_off_and_on_side_by_side(monkeypatch, tm
     for bad in ("0.05,0.3", "0.05:0.05", "on", ""):
         with pytest.raises(SystemExit, match="--posthoc-ema"):
             throughput.posthoc_settings(bad)
+
+
+def test_ema_update_benchmark_measures_both_ways_side_by_side(tmp_path):
+    """benchmarks/ema_update.py at S/2 (~20 s): each way timed under both calls, the ratios of their medians, and the
+    three passes' temporary (a copy of the parameters) in the extra memory, which the library's lerp does not take."""
+    from ahpa.models.sit import SiT, SiTConfig
+
+    out = tmp_path / "ema.json"
+    _run(["benchmarks/ema_update.py", "--model", "S/2", "--repeats", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    with torch.device("meta"):
+        params = list(SiT(SiTConfig.preset("S/2")).parameters())
+    assert (r["params"], r["tensors"], r["dtype"], r["torch"]) == (sum(p.numel() for p in params), len(params), "fp32",
+                                                                    torch.__version__)
+    ways = {f"{way} {call}" for way in ("three-pass", "lerp") for call in ("keep", "float")}
+    assert set(r["time"]) == set(r["extra_mb"]) == ways and all(len(t["ms"]) == 2 for t in r["time"].values())
+    for call in ("keep", "float"):
+        slow, fast = r["time"][f"three-pass {call}"]["median_ms"], r["time"][f"lerp {call}"]["median_ms"]
+        assert r["ratios"][f"three-pass/lerp {call} time"] == round(slow / fast, 2)
+        copy_mb = r["params"] * 4 / 2**20
+        assert r["extra_mb"][f"three-pass {call}"] > 0.9 * copy_mb > 10 * r["extra_mb"][f"lerp {call}"]

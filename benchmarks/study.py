@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import benchlib
+from study_cfg import guidance_list, guided_rows
 from study_report import file_label
 from study_setup import (DEFAULT_METHODS, METHODS, REPO, SHARED, SIZES, TRACKED_SIGMAS, check_methods,  # noqa: F401
                          default_cache, method_label, parse_variant, study_config, study_key)
@@ -213,6 +214,10 @@ def train_one(args, size_name: str, size: dict, method: str, detectors, refs, de
         benchlib.append_jsonl(args.results, row)
         print(f"{label} seed {args.seed} step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in fd.items())
               + f" ({windows[-1]:.1f} ms/step, eval {eval_s:.1f} s, {time.perf_counter() - started:.0f} s in)", flush=True)
+        if args.eval_cfg and point == points[-1]:
+            for out in guided_rows(trainer.sampler_bundle(), evaluate, args, detectors, refs, scfg):
+                benchlib.append_jsonl(args.results, {**out, **ident, "step": trainer.step, "images": trainer.step * B,
+                                                     "tflop_per_step": cost, "config": common, **env})
         if args.ema_lengths and (args.ema_every_point or point == points[-1]):
             for out in ema_lengths(trainer, run_dir, args, detectors, refs, scfg):
                 benchlib.append_jsonl(args.results, {**out, **ident, "step": trainer.step, "images": trainer.step * B,
@@ -282,6 +287,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ema-every-point", action="store_true",
                     help="with --ema-lengths: at every evaluation point instead of the last only (the lengths a point's "
                          "snapshots cannot represent are refused with their reason)")
+    ap.add_argument("--eval-cfg", type=guidance_list, default=[], metavar="S1,S2@HIGH,...",
+                    help="also evaluate the final EMA with classifier-free guidance of each scale (over the whole "
+                         "trajectory, or for t <= HIGH only: 1.8@0.7 is REPA's interval): rows of kind eval_cfg; the run's "
+                         "own rows and the study key are unchanged")
     ap.add_argument("--compile-mode", default="default",
                     help="train.compile_mode (e.g. reduce-overhead: CUDA graphs for the host-bound SiT-S/1 step)")
     ap.add_argument("--results", type=Path, required=True, help="JSON-lines file results are appended to")

@@ -77,10 +77,13 @@ class FakeInception(nn.Module):
         self.feat = nn.Linear(3, 2048)
         self.out = nn.Linear(2048, 1008)
 
+    def pool_features(self, img: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(img.to(torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
+        return torch.tanh(self.feat(x.mean(dim=(2, 3)) / 128.0 - 1.0))  # [N, 2048]
+
     def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
                 no_output_bias: bool = False) -> torch.Tensor:
-        x = F.interpolate(img.to(torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
-        f = torch.tanh(self.feat(x.mean(dim=(2, 3)) / 128.0 - 1.0))  # [N, 2048]
+        f = self.pool_features(img)
         if return_features:
             return f
         logits = f @ self.out.weight.t()

@@ -22,6 +22,7 @@ from torch import nn
 from ahpa.metrics import load_detector, measure
 from ahpa.metrics.evaluation import EvaluationWarning, evaluate, metrics_by_detector
 from ahpa.metrics.frechet import FeatureStats, frechet_distance
+from tests.test_scores import FakeInception
 
 
 class Mixed(nn.Module):
@@ -36,9 +37,10 @@ class Mixed(nn.Module):
         return torch.cat([self.conv(x), self.tower(x)], dim=1)
 
 
-class LayeredInception(nn.Module):
-    """NVIDIA's TorchScript Inception-v3 in miniature: pool_3 features 2048, 1008 classes; 9x9 maps at mixed_6 where the
-    real network has 17x17 (567 spatial features instead of 2023: the same code, cheaper Fréchet distances)."""
+class LayeredInception(FakeInception):
+    """NVIDIA's TorchScript Inception-v3 in miniature: pool_3 features 2048, 1008 classes (FakeInception's head); 9x9
+    maps at mixed_6 where the real network has 17x17 (567 spatial features instead of 2023: the same code, cheaper
+    Fréchet distances)."""
 
     def __init__(self, offset: float = 128.0, scale: float = 128.0):
         super().__init__()
@@ -48,23 +50,15 @@ class LayeredInception(nn.Module):
             conv=nn.Conv2d(3, 8, 3, stride=2), pool0=nn.AdaptiveAvgPool2d(9), mixed_5=Mixed(8, 6, 6),
             mixed_6=Mixed(12, 10, 6), mixed_7=nn.Conv2d(16, 2048, 1), pool2=nn.AdaptiveAvgPool2d(1),
         ))
-        self.output = nn.Linear(2048, 1008)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
+    def pool_features(self, img: torch.Tensor) -> torch.Tensor:
         n, _, h, w = img.shape
         x = img.to(torch.float32)
         # TensorFlow 1's resize: half a pixel of each size off the centred grid, borders clamped
         theta = torch.tensor([[1.0, 0.0, 1.0 / w - 1.0 / 299], [0.0, 1.0, 1.0 / h - 1.0 / 299]]).unsqueeze(0)
         grid = F.affine_grid(theta.expand(n, 2, 3), [n, 3, 299, 299], False)
         x = (F.grid_sample(x, grid, "bilinear", "border", False) - self.offset) / self.scale
-        features = self.layers(x).view(n, 2048)
-        if return_features:
-            return features
-        logits = features @ self.output.weight.t()
-        if not no_output_bias:
-            logits = logits + self.output.bias
-        return torch.softmax(logits, dim=1)
+        return self.layers(x).view(n, 2048)
 
 
 def _script(module: nn.Module, path: Path) -> Path:

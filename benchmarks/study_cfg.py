@@ -72,7 +72,7 @@ def cfg_section(key: str, series: dict, guided: dict, methods: list[str], metric
     unguided = {(m, s): {r["step"]: r for r in rs} for (m, s), rs in series.items()}
     lines = ["### With classifier-free guidance", "",
              "The final EMA also evaluated with guidance (`study.py --eval-cfg`; same samples' seeds as the unguided "
-             "column, guided for t in the interval given; t = 1 is noise). Mean over seeds, seeds in brackets:", ""]
+             "column, guided for t in the interval given; t = 1 is noise), mean over the seeds listed:", ""]
     for step in sorted({k[3] for k in mine}):
         columns = sorted({(k[4], k[5]) for k in mine if k[3] == step})
         for metric in metrics:

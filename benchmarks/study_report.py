@@ -24,6 +24,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from study_cfg import cfg_section, guided_key
 from study_ema import ema_section, orphan_notes
 from study_setup import SIZES
 from study_plots import compact_png, plot_fd, plot_levels, plot_router, plot_speed, plot_sweep
@@ -32,17 +33,18 @@ from study_tables import (ahpa_against_baselines, compiled_evaluation, fmt, pair
 
 
 
-def load_rows(paths: list[Path], skipped: list | None = None, ema: dict | None = None) -> tuple[list[Path], dict, dict]:
+def load_rows(paths: list[Path], skipped: list | None = None, ema: dict | None = None,
+              guided: dict | None = None) -> tuple[list[Path], dict, dict]:
     """(files, eval rows by (study, method, seed, step), run rows by (study, method, seed)); the methods a time budget
-    skipped are appended to `skipped`, and the post-hoc EMA rows ("eval_ema", "ema_refused") put in `ema` by (study,
-    method, seed, step, ema_sigma), when given: a new kind, so that a reader of eval rows never takes them for the
-    run's own EMA."""
+    skipped are appended to `skipped`, the post-hoc EMA rows ("eval_ema", "ema_refused") put in `ema` by (study,
+    method, seed, step, ema_sigma), and the guided evaluations ("eval_cfg") in `guided` by study_cfg.guided_key, when
+    given: kinds of their own, so that a reader of eval rows never takes them for the run's own unguided EMA."""
     files = []
     for p in paths:
         if not p.exists():
             raise SystemExit(f"--results {p}: no such file or folder")
         files += sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")]) if p.is_dir() else [p]
-    evals, runs, posthoc = {}, {}, {}
+    evals, runs, posthoc, cfg_rows = {}, {}, {}, {}
     for f in files:
         # a finished pilot's rows are stored gzipped (they travel with every device call); appending a gzip member
         # (`gzip -nc new.jsonl >> results.jsonl.gz`) keeps the file one valid stream
@@ -64,9 +66,18 @@ def load_rows(paths: list[Path], skipped: list | None = None, ema: dict | None =
                                      "(benchmarks/study.py --ema-lengths writes them): correct or delete that line, "
                                      "the other rows are read as they are")
                 posthoc[(r["study"], r["method"], r["seed"], r["step"], r["ema_sigma"])] = r
-    evals, runs, posthoc = merge_cadences(evals, runs, posthoc)
+            elif r.get("kind") == "eval_cfg":
+                need = ("study", "method", "seed", "step", "cfg_scale", "guidance_interval", "fd")
+                if any(k not in r for k in need):
+                    raise SystemExit(f"{f}, line {n}: an eval_cfg row without {', '.join(k for k in need if k not in r)} "
+                                     "(benchmarks/study.py --eval-cfg writes them): correct or delete that line, the "
+                                     "other rows are read as they are")
+                cfg_rows[guided_key(r)] = r
+    evals, runs, posthoc, cfg_rows = merge_cadences(evals, runs, posthoc, cfg_rows)
     if ema is not None:
         ema.update(posthoc)
+    if guided is not None:
+        guided.update(cfg_rows)
     return files, evals, runs
 
 
@@ -102,7 +113,8 @@ def file_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
 
 
-def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path], ema: dict | None = None) -> list[str]:
+def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path], ema: dict | None = None,
+                 guided: dict | None = None) -> list[str]:
     rows = {k: v for k, v in evals.items() if k[0] == key}
     series = defaultdict(list)  # (method, seed) -> eval rows by step
     for (_, m, s, _), r in sorted(rows.items(), key=lambda kv: kv[0][3]):
@@ -180,8 +192,9 @@ def report_study(key: str, evals: dict, runs: dict, out: Path, files: list[Path]
         rank = {file_label(m): i for i, m in enumerate(methods)}
         order = sorted(grids, key=lambda g: (rank.get(grids[g].split("-seed")[0], 99), grids[g]))
         lines += [f"- {grids[g]}: ![samples]({g})" for g in order] + [""]
-    # last: its heading (###) would otherwise hold the section's figures that follow
-    return lines + ema_section(key, series, ema or {}, methods, metrics, out)
+    # last: their headings (###) would otherwise hold the section's figures that follow
+    return lines + cfg_section(key, series, guided or {}, methods, metrics) + ema_section(key, series, ema or {}, methods,
+                                                                                          metrics, out)
 
 
 def lr_sweeps(evals: dict, runs: dict, out: Path) -> list[str]:
@@ -252,7 +265,8 @@ def main() -> None:
     args = parser().parse_args()
     skipped: list[dict] = []
     ema: dict = {}
-    files, evals, runs = load_rows(args.results, skipped, ema)
+    guided: dict = {}
+    files, evals, runs = load_rows(args.results, skipped, ema, guided)
     if not evals and not runs and not ema:
         raise SystemExit(f"no study rows in {', '.join(map(str, files)) or 'the folders given (no *.jsonl)'}: give the "
                          "results file(s) benchmarks/study.py --results wrote")
@@ -279,7 +293,7 @@ def main() -> None:
         lines.append("No evaluation rows found.")
     lines += lr_sweeps(evals, runs, args.out)
     for key in keys:
-        lines += report_study(key, evals, runs, args.out, files, ema)
+        lines += report_study(key, evals, runs, args.out, files, ema, guided)
     unevaluated = sorted((k, m, seed) for k, m, seed in runs if k not in keys)
     if unevaluated:  # runs that ended before their first evaluation (a diverged one, say): listed, not lost
         lines += ["## Runs without an evaluation", ""]

@@ -44,7 +44,7 @@
 #                                           # side; eight compiled measurements, ~9-10 min estimated if no compile is
 #                                           # reused (XL/2 ~90 s each, B/2 ~40-65 s), guarded at 7.5 min like the core
 #                                           # job (B/2's last may be skipped; then `posthoc --models B/2`, ~4 min)
-#     bash benchmarks/gpu_job.sh ema        # the EMA update alone, XL/2's and B/2's parameters: the foreach lerp against
+#     bash benchmarks/gpu_job.sh ema        # the EMA update alone, XL/2's, B/2's and S/1's parameters: the foreach lerp against
 #                                           # the three passes it replaced, with a keep tensor (training's call: one lerp
 #                                           # kernel per parameter on CUDA) and a float (the post-hoc EMAs'), side by side
 #                                           # (benchmarks/ema_update.py; no compile, under a minute estimated)
@@ -107,7 +107,7 @@ case "$job" in
     # each pair's second run compiles the same graphs (the EMAs update outside them), from inductor's disk cache
     posthoc) bench --models XL/2,B/2 --methods none,ahpa-cached --compile compiled --posthoc-ema off,0.05:0.10 \
                  --sampling off --budget-s 450 ;;
-    ema) for model in XL/2 B/2; do
+    ema) for model in XL/2 B/2 S/1; do  # S/1: the study's host-bound model, where one kernel per parameter may show
              python3 benchmarks/ema_update.py --device cuda --model $model --repeats 21 \
                  --out "$OUT/ema_update_${model/\//}.json" 2>&1 | tee -a "$OUT/ema_update.log"
          done ;;

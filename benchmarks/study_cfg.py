@@ -16,9 +16,7 @@ import statistics
 import time
 from collections import defaultdict
 
-from study_tables import fmt
-
-BASE = "none"  # the method every other is paired with
+from study_tables import BASE, fmt
 
 
 def guidance_list(text: str) -> list[tuple[float, float]]:

@@ -14,12 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from study_plots import plot_ema_lengths
-from study_tables import fmt
+from study_tables import BASE, fmt
 
 from ahpa.train.ema import ema_sigma_rel
 
 OWN = None  # the column of the run's own EMA, beside the sigma_rel columns
-BASE = "none"  # the method every other is paired with
 
 
 @lru_cache(maxsize=None)

@@ -9,6 +9,8 @@ import statistics
 
 from ahpa.compare import images_to_reach
 
+BASE = "none"  # the method the report's paired sections set every other beside
+
 
 def fmt(x: float | None, nd: int = 3) -> str:
     return "—" if x is None else f"{x:.{nd}f}"

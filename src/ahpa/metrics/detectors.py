@@ -83,6 +83,7 @@ class Detector:
     """Base: `features(images)` and, where the network has a classifier head, `logits(images)`."""
 
     name: str
+    spatial_name: str | None = None  # the metric of its spatial features, where it has them (sFID: Inception-v3)
     spec: str
     device: torch.device
 

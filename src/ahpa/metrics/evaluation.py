@@ -34,7 +34,7 @@ def metric_names(detector: Detector) -> dict[str, str]:
     """The names under which `evaluate` reports each metric of this detector."""
     tag = metric_tag(detector.name)
     suffix = f"-{tag}" if tag else ""
-    return {"fd": detector.name, "sfid": getattr(detector, "spatial_name", None), "is": f"IS{suffix}", "is_std": f"IS{suffix}-std",
+    return {"fd": detector.name, "sfid": detector.spatial_name, "is": f"IS{suffix}", "is_std": f"IS{suffix}-std",
             "precision": f"precision{suffix}", "recall": f"recall{suffix}"}
 
 

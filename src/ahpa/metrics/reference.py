@@ -98,16 +98,13 @@ def reference_key(ref: str | Path, detector: Detector) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _cache_files(ref, detector: Detector, cache_dir: str | Path, keep: int = 0) -> tuple[Path, Path]:
-    """(statistics `<metric>-<key>.npz`, first features `<metric>-<key>-first<keep>.npy`) of a reference in a cache."""
-    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', detector.name)}-{reference_key(ref, detector)}"
-    return Path(cache_dir) / f"{stem}.npz", Path(cache_dir) / f"{stem}-first{keep}.npy"
-
-
-def _spatial_file(stats_path: Path, detector: Detector) -> Path:
-    """sFID's statistics `sFID-<key>.npz` beside the detector's own `<metric>-<key>.npz` (same reference, same key)."""
-    key = stats_path.stem.rpartition("-")[2]
-    return stats_path.with_name(f"{detector.spatial_name}-{key}.npz")
+def _cache_files(ref, detector: Detector, cache_dir: str | Path, keep: int = 0) -> tuple[Path, Path, Path | None]:
+    """(statistics `<metric>-<key>.npz`, first features `<metric>-<key>-first<keep>.npy`, sFID's statistics
+    `sFID-<key>.npz` or None for a detector without spatial features) of a reference in a cache."""
+    key = reference_key(ref, detector)
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', detector.name)}-{key}"
+    spatial = Path(cache_dir) / f"{detector.spatial_name}-{key}.npz" if detector.has_spatial else None
+    return Path(cache_dir) / f"{stem}.npz", Path(cache_dir) / f"{stem}-first{keep}.npy", spatial
 
 
 def _cached_stats(path: Path, name: str) -> FeatureStats | None:
@@ -207,8 +204,7 @@ def reference_measurement(
     and `sFID-<key>.npz`."""
     check_reference(ref, detector, keep, spatial)
     if cache_dir is not None:
-        stats_path, feat_path = _cache_files(ref, detector, cache_dir, keep)
-        spatial_path = _spatial_file(stats_path, detector) if spatial else None
+        stats_path, feat_path, spatial_path = _cache_files(ref, detector, cache_dir, keep)
         stats = _cached_stats(stats_path, detector.name)
         sstats = _cached_stats(spatial_path, detector.spatial_name) if spatial else None
         if stats is not None and (sstats is not None or not spatial):

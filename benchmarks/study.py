@@ -12,6 +12,7 @@ guidance) in the features of each detector against reference statistics of the f
 The reference statistics are computed once (from --ref-images) and kept as small files in --ref-dir, which is
 committed, so GPU jobs need neither train.npz nor a recomputation. Each evaluation point appends one JSON line
 to --results keyed by (study key, method, seed): jobs that ran on different machines merge (study_report.py).
+Every row also names its data file and decoder by sha256 (`inputs`): rows of other inputs are refused (study_inputs.py).
 
 Nothing carries over from one job to the next: a job trains complete runs from step 0.
 """
@@ -32,6 +33,7 @@ import torch
 
 import benchlib
 from study_cfg import guidance_list, guided_rows
+from study_inputs import check_append, input_hashes
 from study_report import file_label
 from study_setup import (DEFAULT_METHODS, METHODS, REPO, SHARED, SIZES, TRACKED_SIGMAS, check_methods,  # noqa: F401
                          default_cache, method_label, parse_variant, study_config, study_key)
@@ -340,6 +342,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant and "none" in methods:  # vanilla SiT reads no alignment switch: it would be a mislabelled copy
         raise SystemExit(f"--variant {' '.join(args.variant)} changes the alignment, which 'none' does not have: run "
                          f"'none' in a job of its own (its rows serve every variant of the same study key)")
+    inputs = None  # (the job's first call prepares the cache with no method: it writes no row)
+    if methods and not args.refs_only:  # before anything trains: rows of other inputs never join the file's
+        inputs = input_hashes(args.data, args.encoder)
+        check_append(args.results, [study_key(study_config(args, size, m, variants=False), args, args.size)
+                                    for m in methods], inputs)
     if args.check:  # the prepared cache's levels, without preparing it (the job prepared it first)
         manifest = read_manifest(args.cache)
         check_methods(args, size, methods, [lvl["name"] for lvl in manifest["levels"]] + ["latent"])
@@ -352,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     env = {**benchlib.device_info(device), "command": benchlib.command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "precision": precision_name(autocast_dtype("auto", device)), "compile": args.compile == "on",
-           "lanes": args.lanes}
+           "lanes": args.lanes, "inputs": inputs}
     cache = ensure_cache(args, device)
     print(f"cache: {cache}", flush=True)
     check_methods(args, size, methods, [lvl["name"] for lvl in read_manifest(args.cache)["levels"]] + ["latent"])

@@ -6,7 +6,8 @@
 Rows are keyed by (study key, method, seed, step), post-hoc EMA rows also by their sigma_rel (study_ema.py); a later
 row with the same key replaces an earlier one (a rerun of a job). Runs are compared only within one study key (same
 config, steps, evaluation protocol; keys that differ in the evaluation cadence alone are one study,
-`merge_cadences`), at equal steps; the comparisons are in study_tables.py, the figures in study_plots.py.
+`merge_cadences`), at equal steps; the comparisons are in study_tables.py, the figures in study_plots.py. Rows of
+one table that record other input files (`inputs`: the data's and the decoder's sha256, study_inputs.py) are refused.
 Writes README.md (tables), fd-<metric>-<key>.png (FD against training images, one line per method and seed),
 router-<key>-<method>-seed<s>.png (router weights against t, one panel per evaluation point), levels-<key>.png
 (per-level alignment losses), ms-per-step-<key>.png, ema-length-<metric>-<key>.png (FD against the post-hoc
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from study_cfg import cfg_section, guided_key
 from study_ema import ema_section, orphan_notes
-from study_setup import SIZES
+from study_inputs import check_mixed
+from study_setup import SIZES, settings_but_cadence
 from study_plots import compact_png, plot_fd, plot_levels, plot_router, plot_speed, plot_sweep
 from study_tables import (ahpa_against_baselines, compiled_evaluation, fmt, paired_with_base, paired_with_none,
                           skipped_before, skipped_notes, steps_to_match_none)
@@ -45,6 +47,7 @@ def load_rows(paths: list[Path], skipped: list | None = None, ema: dict | None =
             raise SystemExit(f"--results {p}: no such file or folder")
         files += sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")]) if p.is_dir() else [p]
     evals, runs, posthoc, cfg_rows = {}, {}, {}, {}
+    seen: dict = {}  # study_inputs.check_mixed: the first row of each table that records its input files
     for f in files:
         # a finished pilot's rows are stored gzipped (they travel with every device call); appending a gzip member
         # (`gzip -nc new.jsonl >> results.jsonl.gz`) keeps the file one valid stream
@@ -53,6 +56,8 @@ def load_rows(paths: list[Path], skipped: list | None = None, ema: dict | None =
             if not line.strip():
                 continue
             r = json.loads(line)
+            if r.get("inputs"):  # rows from before the field: unknown inputs, merged as they always were
+                check_mixed(seen, r, f"{f}, line {n}")
             if r.get("kind") == "eval":
                 evals[(r["study"], r["method"], r["seed"], r["step"])] = r
             elif r.get("kind") == "run":
@@ -89,8 +94,7 @@ def merge_cadences(evals: dict, runs: dict, *more: dict) -> tuple[dict, ...]:
     families = defaultdict(list)  # the settings without the cadence -> [(cadence, key)]
     for r in [*evals.values(), *runs.values(), *(r for rows in more for r in rows.values())]:
         if "config" in r:
-            rest = json.dumps({k: v for k, v in r["config"].items() if k != "study.eval_every"}, sort_keys=True)
-            families[rest].append((r["config"].get("study.eval_every") or 0, r["study"]))
+            families[settings_but_cadence(r["config"])].append((r["config"].get("study.eval_every") or 0, r["study"]))
     home = {key: min(members)[1] for members in families.values() for _, key in members}
 
     def moved(rows: dict) -> dict:

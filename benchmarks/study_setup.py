@@ -131,11 +131,23 @@ def method_label(method: str, args) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def encoder_sha256(spec: str) -> str | None:
+    """The sha256 of the prior encoder's weights as the library computed it when it loaded them (None when it could
+    not: a hub id not in the local cache); loaded once per process."""
+    return load_encoder(spec, "cpu").identity()["weights_sha256"]
+
+
 def encoder_identity(spec: str) -> str:
     """The prior encoder as a study key knows it: its kind and the sha256 of its weights (what a prepared cache
     records), not the path it was read from, so that runs from any checkout or machine share their key."""
-    sha = load_encoder(spec, "cpu").identity()["weights_sha256"]
+    sha = encoder_sha256(spec)
     return f"{spec.partition(':')[0]}:sha256:{sha}" if sha else spec
+
+
+def settings_but_cadence(config: dict) -> str:
+    """A row's settings without the evaluation cadence: study keys whose rows share these are one table
+    (study_report.merge_cadences), so study.py and the report check the rows' inputs across them."""
+    return json.dumps({k: v for k, v in config.items() if k != "study.eval_every"}, sort_keys=True)
 
 
 def study_key(cfg, args, size_name: str) -> tuple[str, dict]:

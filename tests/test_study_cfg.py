@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_script as _run
+from tests.test_study_tools import recorded_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -33,6 +34,7 @@ def test_study_evaluates_the_final_ema_with_guidance_beside_the_runs_own(tmp_pat
                                                                                    (8, 1.8, [0.0, 0.7])]
     assert all(r["study"] == own[0]["study"] and set(r["fd"]) == set(own[0]["fd"]) for r in guided)
     assert guided[0]["fd"] != own[-1]["fd"] != guided[1]["fd"]
+    assert all(r["inputs"] == recorded_inputs() for r in cfg)  # every kind names its data file and decoder
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for bad, said in (("1.0", "a guidance scale is above 1"), ("1.5@1.2", "HIGH in (0, 1]"), ("x", "SCALE or SCALE@HIGH")):
         out = subprocess.run([sys.executable, "benchmarks/study.py", "--eval-cfg", bad, "--results", str(tmp_path / "x")],

@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+def recorded_inputs() -> dict:
+    """What study.py's rows record of the default data file and decoder (hashed here apart from the library)."""
+    import hashlib
+
+    return {"data": hashlib.sha256((SHARED / "data/cifar10/train16k.npz").read_bytes()).hexdigest(),
+            "decoder": hashlib.sha256((SHARED / "weights/taef2/taef2_decoder.pth").read_bytes()).hexdigest()}
+
+
 @pytest.mark.skipif(not (SHARED / "data/cifar10/train16k.npz").is_file(), reason="needs ../shared (CIFAR-10, TAEF2, detectors)")
 def test_study_smoke_merges_into_a_report(tmp_path, monkeypatch):
     results = tmp_path / "r.jsonl"
@@ -48,12 +56,19 @@ def test_study_smoke_merges_into_a_report(tmp_path, monkeypatch):
     assert len(ablation) == 2 and ablation[0]["study"] == evals[0]["study"]
     assert ablation[0]["config"]["align.weight"] == evals[0]["config"]["align.weight"] != 1.5  # the study's lambda
     assert ablation[0]["variant"] == ["align.weight=1.5", "align.router_entropy=0"]  # canonical order, as labelled
-    # a second seed joins the same study (the seed is not part of the key)
-    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none", "--seed", "1", "--steps", "4", "--eval-every", "2",
-          "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0", "--cache", str(tmp_path / "cache"),
-          "--results", str(results)])
-    seed1 = [json.loads(l) for l in results.read_text().splitlines()][-1]
+    # a second seed joins the same study (the seed is not part of the key); the time budget, spent by the first
+    # method, skips the second: a row of its own
+    _run(["benchmarks/study.py", "--size", "smoke", "--methods", "none,ahpa-soft", "--seed", "1", "--steps", "4",
+          "--eval-every", "2", "--eval-num", "20", "--eval-batch", "10", "--grid-images", "0", "--budget-s", "1",
+          "--cache", str(tmp_path / "cache"), "--results", str(results)])
+    rows = [json.loads(l) for l in results.read_text().splitlines()]
+    seed1 = rows[-1]
+    assert seed1["kind"] == "skipped" and seed1["method"] == "ahpa-soft"
     assert seed1["seed"] == 1 and seed1["study"] == evals[0]["study"]
+    assert rows[-2]["kind"] == "run" and rows[-2]["seed"] == 1 and rows[-2]["method"] == "none"
+    # every row names its data file and decoder by content (the study key holds neither): study_inputs.py
+    assert {r["kind"] for r in rows} == {"eval", "run", "skipped"}
+    assert all(r["inputs"] == recorded_inputs() for r in rows)
     bad = subprocess.run([sys.executable, "benchmarks/study.py", "--variant", "train.lr=1", "--results", str(results)],
                          capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
@@ -780,6 +795,7 @@ def test_study_evaluates_reconstructed_ema_lengths_beside_the_runs_own(tmp_path)
     assert made[0]["fd"] != own[-1]["fd"]  # another average of the weights than the run's own EMA
     refused = [r for r in ema if r["kind"] == "ema_refused"]
     assert [(r["step"], r["ema_sigma"]) for r in refused] == [(16, 0.28)] and "residual" in refused[0]["reason"]
+    assert all(r["inputs"] == recorded_inputs() for r in ema)  # every kind names its data file and decoder
     bad = subprocess.run([sys.executable, "benchmarks/study.py", "--ema-lengths", "0.3", "--results", str(tmp_path / "x")],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert bad.returncode == 2 and "0.3: a sigma_rel lies in (0, 0.2887)" in bad.stderr

@@ -405,3 +405,30 @@ def test_ema_update_benchmark_measures_both_ways_side_by_side(tmp_path):
         assert r["ratios"][f"three-pass/lerp {call} time"] == round(slow / fast, 2)
         copy_mb = r["params"] * 4 / 2**20
         assert r["extra_mb"][f"three-pass {call}"] > 0.9 * copy_mb > 10 * r["extra_mb"][f"lerp {call}"]
+
+
+def test_step_ops_counts_each_methods_operators_by_phase_beside_a_baseline_library(tmp_path):
+    """benchmarks/step_ops.py at its tiny size, this checkout measured beside itself as --baseline-src (the before/after
+    path): every operator has its phase (a line of Trainer.train_step the benchmark's table does not name shows as
+    "other: ..."), the totals add up, and only alignment runs an aligner and running means."""
+    out = tmp_path / "ops.json"
+    _run(["benchmarks/step_ops.py", "--size", "tiny", "--methods", "none,ahpa-soft", "--steps", "2", "--rounds", "1",
+          "--count-steps", "1", "--baseline-src", "src", "--work-dir", str(tmp_path), "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["torch"], r["levels"], r["size"]) == (torch.__version__, 5, "tiny") and "step_ops.py" in r["command"]
+    assert set(r["libraries"]) == {"this", "baseline"} and set(r["this_over_baseline"]) == {"none", "ahpa-soft"}
+    for lib in r["libraries"].values():
+        assert lib["finite"] and set(lib["cpu_ratios_to_none"]) == set(lib["wall_ratios_to_none"]) == {"ahpa-soft"}
+        assert all(len(ms) == 1 and ms[0] > 0 for ms in lib["round_median_cpu_ms"].values())
+        none, ahpa = lib["counts"]["none"], lib["counts"]["ahpa-soft"]
+        for rec in (none, ahpa):
+            assert not [p for p in rec["phases"] if p.startswith(("other", "unknown"))], list(rec["phases"])
+            eager = [v for p, v in rec["phases"].items() if p.split(" ")[0] not in ("SiT", "aligner")]
+            assert rec["totals"]["eager"]["ops"] == pytest.approx(sum(v["ops"] for v in eager))
+            assert all(v["ops"] == sum(v["by_op"].values()) >= v["launches"] for v in rec["phases"].values())
+        assert {"SiT forward", "SiT backward", "fetch", "optimizer", "EMA", "window sums"} <= set(none["phases"])
+        assert {"aligner forward", "aligner backward", "running means"} <= set(ahpa["phases"]) - set(none["phases"])
+        assert ahpa["totals"]["eager"]["launches"] > none["totals"]["eager"]["launches"] and ahpa["levels"] == [
+            "down0", "down1", "down2", "mid", "latent"]
+    # the same library on both sides: the same counts
+    assert r["libraries"]["this"]["counts"] == r["libraries"]["baseline"]["counts"]

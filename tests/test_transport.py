@@ -20,6 +20,35 @@ def test_velocity_is_the_time_derivative(name):
     assert torch.allclose(path.interpolate(x, eps, torch.ones(5, dtype=torch.float64)), eps, atol=1e-12)
 
 
+def test_the_linear_velocity_is_the_general_formulas_numbers_in_one_operator():
+    """eps - x for alpha' = -1, sigma' = 1: the same bits as (-1) x + 1 eps (each product exact), signed zeros, infinities
+    and NaN included, from one kernel where the training step launched six (it runs eagerly every step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ahpa.transport.path import Path
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    path = PATHS["linear"]
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -3.0])
+    x = torch.cat([torch.randn(2, 3, 4, 4).flatten(), special, special.flip(0), torch.randn(18)]).reshape(4, 2, 4, 4)
+    eps = torch.cat([torch.randn(2, 3, 4, 4).flatten(), special.flip(0), special, torch.randn(18)]).reshape(4, 2, 4, 4)
+    t = torch.rand(4)
+    general = Path.velocity(path, x, eps, t)  # the formula of every path
+    with Ops() as ops:
+        v = path.velocity(x, eps, t)
+    assert ops.names == ["sub"]
+    assert torch.equal(v.isnan(), general.isnan())
+    assert torch.equal(v[~v.isnan()].view(torch.int32), general[~general.isnan()].view(torch.int32))
+
+
 @pytest.mark.parametrize("name", list(PATHS))
 def test_predictions_invert_the_path(name):
     path = PATHS[name]

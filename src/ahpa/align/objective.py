@@ -17,7 +17,7 @@ from ahpa.align.router import Router
 from ahpa.align.tokens import gather_tokens, kept_tokens
 from ahpa.config import AlignCfg
 from ahpa.device import autocast
-from ahpa.train.distributed import all_reduce_mean_
+from ahpa.train.distributed import all_reduce_mean
 
 
 class Aligner(nn.Module):
@@ -126,9 +126,9 @@ class Aligner(nn.Module):
         (or averaged) over the step's micro-batches, so that accumulating gradients over micro-batches trains as
         the whole batch does. Every process keeps the same statistics: the global batch's. A step whose loss was
         not finite (`skip` > 0, a 0-dim tensor) changes nothing. No host sync."""
-        sums = all_reduce_mean_(sums.clone())
+        sums = all_reduce_mean(sums)
         if self.t_bins > 1:  # global sums / global counts, as a ratio
-            counts = all_reduce_mean_(counts.clone())
+            counts = all_reduce_mean(counts)
             mean = sums / counts.clamp_min(1e-12)[:, None]
             seen = counts > 0
             if skip is not None:

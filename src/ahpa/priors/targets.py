@@ -49,23 +49,27 @@ class ChannelStats:
     mean: torch.Tensor  # [C]
     std: torch.Tensor  # [C]
     _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._copies:
-            self._copies[device] = (self.mean.to(device, torch.float32), self.std.to(device, torch.float32))
-        return self._copies[device]
+    def _on(self, x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of x's device's copy, viewed to broadcast along `channel_dim`; the views are kept too (the
+        training step standardises the latent and every level each micro-batch: two views each, host time)."""
+        key = (x.device, x.ndim, channel_dim % x.ndim)
+        if key not in self._views:
+            if x.device not in self._copies:
+                self._copies[x.device] = (self.mean.to(x.device, torch.float32), self.std.to(x.device, torch.float32))
+            shape = [1] * x.ndim
+            shape[channel_dim] = -1
+            self._views[key] = tuple(v.reshape(shape) for v in self._copies[x.device])
+        return self._views[key]
 
     def apply(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[channel_dim] = -1
-        mean, std = self._on(x.device)
-        return (x.float() - mean.reshape(shape)) / std.reshape(shape)
+        mean, std = self._on(x, channel_dim)
+        return (x.float() - mean) / std
 
     def invert(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[channel_dim] = -1
-        mean, std = self._on(x.device)
-        return x.float() * std.reshape(shape) + mean.reshape(shape)
+        mean, std = self._on(x, channel_dim)
+        return x.float() * std + mean
 
 
 class StatsAccumulator:

@@ -92,6 +92,13 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean over processes in a new tensor; `t` itself in a single process (nothing to reduce: no copy)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return all_reduce_mean_(t.clone())
+    return t
+
+
 def agreed_max(value: float, device: torch.device) -> float:
     """The largest of every process's `value`: itself in a single process, without touching the device. With several
     processes a host sync (a device tensor read back after the collective): not for every step."""

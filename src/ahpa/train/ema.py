@@ -58,7 +58,7 @@ def ema_update(ema: list[nn.Parameter], model: list[nn.Parameter], decay: float,
     parameters of the same dtype (the EMA is a copy of the model).
     """
     ema_params = [local_shard(p) for p in ema]
-    trained = [local_shard(p.detach()) for p in model]
+    trained = [local_shard(p) for p in model]  # read under no_grad: no detach (a view per parameter, every step)
     if keep is None:
         torch._foreach_lerp_(ema_params, trained, 1.0 - decay)
         return

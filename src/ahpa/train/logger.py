@@ -15,6 +15,17 @@ from ahpa.train.distributed import all_reduce_mean_
 COUNTS = ("overflow_steps",)  # step counts (fp16's forgiven overflows), logged as the window's totals
 
 
+def add_to_window(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    """Adds a step's metrics to its log window's sums, in place. The window's first step starts them (0 + value: new
+    tensors, the sums' own); each later step with the same metrics is one foreach add, a kernel or a few on a GPU where
+    one add per metric was a kernel each, every step. The same sums either way: each is the same additions."""
+    if sums and sums.keys() == metrics.keys():
+        torch._foreach_add_(list(sums.values()), [metrics[k] for k in sums])
+        return
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0) + v
+
+
 def window_means(sums: dict[str, torch.Tensor]) -> tuple[dict, float]:
     """A log window's metric sums -> (their means over the window's good steps, the number of good steps),
     averaged across processes. `sums["good_steps"]` counts the good steps; the others are sums of per-step

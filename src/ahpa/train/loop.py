@@ -126,6 +126,7 @@ class Trainer:
         # the fused AdamW skips a step whose gradients are not finite without a host sync (found_inf)
         self.bad_total = torch.zeros((), device=p.device)
         self.bad_run = torch.zeros((), device=p.device)
+        self._constants: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # _constant's
         self.net, self.align_net = p.model, p.aligner
         if self.world > 1 and self.sharded is None:
             ids = [p.device.index] if p.device.type == "cuda" else None
@@ -168,7 +169,7 @@ class Trainer:
     def _loss(self, batch: PriorBatch, d: dict[str, torch.Tensor], align_on: bool):
         p, c = self.parts, self.cfg
         x = p.stats.latent.apply(batch.latent, channel_dim=1)
-        y = torch.where(d["drop"], torch.full_like(batch.labels, p.model.null_class), batch.labels)
+        y = torch.where(d["drop"], self._constant(p.model.null_class, batch.labels.dtype), batch.labels)
         x_t = self.path.interpolate(x, d["eps"], d["t"])
         target = self.path.velocity(x, d["eps"], d["t"])
         taps = p.aligner.taps if align_on else ()
@@ -211,20 +212,22 @@ class Trainer:
         scale = p.loss_scale  # fp16 only (ahpa.train.loss_scale)
         total_loss = 0  # the step's loss, for the loss scale's judgement of a skip
         for a, sl in enumerate(micro_batches(B, self.rank, self.world, accum)):
-            d = {k: v[sl] for k, v in draws.items()}
+            d = draws if sl == slice(0, B) else {k: v[sl] for k, v in draws.items()}  # the whole batch: no views
             with self._no_sync(last=a == accum - 1):
                 loss, metrics = self._loss(p.source.fetch(idx[sl], d["flip"], d.get("posterior")), d, align_on)
-                ((loss * scale.scale if scale is not None else loss) / accum).backward()
+                scaled = loss * scale.scale if scale is not None else loss
+                (scaled / accum if accum > 1 else scaled).backward()  # / 1, forward and backward: two kernels for nothing
             if scale is not None:
                 total_loss = total_loss + loss.detach()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0) + v / accum
+            for k, v in metrics.items():  # the micro-batches' mean; one micro-batch's metrics as they are, no operator
+                v = v / accum if accum > 1 else v
+                totals[k] = totals[k] + v if k in totals else v
         if scale is not None:
             scale.unscale_(self._trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, c.train.grad_clip if c.train.grad_clip > 0 else float("inf"))
         grad_norm = full_value(grad_norm)  # under FSDP a replicated DTensor: the global norm, no communication
         # a non-finite loss or gradient: skip the optimiser and EMA updates, count it (no host sync)
-        found_inf = (~torch.isfinite(grad_norm)).float()
+        found_inf = (grad_norm - grad_norm).ne(0).float()  # inf - inf and NaN - NaN are NaN: 3 kernels, isfinite's 6
         p.optimizer.found_inf, p.optimizer.grad_scale = found_inf, None
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
@@ -239,8 +242,10 @@ class Trainer:
         self.bad_total += bad
         self.bad_run = (self.bad_run + bad) * bad
         totals["grad_norm"] = grad_norm.detach()
-        # a skipped step's metrics are dropped from the averages (masked, not branched on)
-        totals = {k: torch.where(found_inf > 0, torch.zeros_like(v), v) for k, v in totals.items()}
+        # a skipped step's metrics are dropped from the averages (masked, not branched on): one comparison for all
+        # of them, and a zero made once (a zeros_like per metric was a kernel each, every step)
+        skipped = found_inf > 0
+        totals = {k: torch.where(skipped, self._constant(0, v.dtype), v) for k, v in totals.items()}
         totals["good_steps"] = 1 - found_inf
         if overflow is not None:
             totals["overflow_steps"] = overflow
@@ -248,6 +253,14 @@ class Trainer:
         self.step += 1
         self._torn = False
         return totals
+
+    def _constant(self, value: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 0-dim `value` of `dtype` on the run's device, made once: the step's torch.where takes it every step where
+        a full_like or zeros_like was a kernel each time."""
+        key = (value, dtype)
+        if key not in self._constants:
+            self._constants[key] = torch.full((), value, dtype=dtype, device=self.parts.device)
+        return self._constants[key]
 
     def _no_sync(self, last: bool):
         """DDP reduces gradients on the last accumulation micro-step only. FSDP reduce-scatters on every

@@ -25,7 +25,7 @@ from ahpa.train.build import frozen_flops_per_image, train_flops_per_image
 from ahpa.train.distributed import LateMax, agreed_max
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
 from ahpa.train.evaluate import EvaluationStopped, log_evaluation
-from ahpa.train.logger import MetricsLogger, truncate_jsonl, window_means
+from ahpa.train.logger import MetricsLogger, add_to_window, truncate_jsonl, window_means
 
 if TYPE_CHECKING:
     from ahpa.train.loop import Trainer
@@ -147,9 +147,7 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
             if stopped:  # the checkpoint resumed from is this step's
                 return {**last, "stopped": stopped, "step": tr.step}
         while tr.step < c.train.steps:
-            metrics = tr.train_step()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v
+            add_to_window(sums, tr.train_step())
             if first:  # compiled, recorded, tuned: its window's img/s is timed from its end
                 first, t0 = False, time.perf_counter()
             else:

@@ -42,6 +42,14 @@ class Path:
         return -eps / _bc(self.sigma(t), x_t)
 
 
+@dataclass(frozen=True)
+class LinearPath(Path):
+    def velocity(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps - x: the general formula's numbers exactly ((-1) x + 1 eps, each product exact), in one kernel instead
+        of six (two ones_like, a negation, two products, a sum): the training step runs it eagerly, every step."""
+        return eps - x
+
+
 def _bc(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     # [B] -> [B, 1, 1, ...] to broadcast over the sample's dimensions
     return coef.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
@@ -50,7 +58,7 @@ def _bc(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 _HALF_PI = math.pi / 2
 
 PATHS: dict[str, Path] = {
-    "linear": Path(
+    "linear": LinearPath(
         "linear",
         alpha=lambda t: 1 - t,
         sigma=lambda t: t,

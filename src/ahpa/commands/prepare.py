@@ -112,17 +112,11 @@ def _run(args) -> int:
 
     if rank == 0 and os.path.isdir(args.images):  # the bar comes once every file is listed: 2-4 s for 1.28M files here
         print(f"listing the images under {args.images} ...", file=sys.stderr, flush=True)
-    completed = False
     try:
         result = prepare(opts, on_progress, barrier)
-        completed = True
-    finally:
+    finally:  # an error leaves the process group as it is (ahpa.commands.exit.finish)
         if bar is not None:
             bar.close()
-        if world > 1 and not completed:  # an error: leave the group without a barrier
-            from ahpa.train.distributed import shutdown
-
-            shutdown()
     if rank == 0:
         _report(result, world)
     if world > 1:  # torchrun: the process ends here

@@ -191,11 +191,3 @@ def all_true(ok: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def shutdown() -> None:
-    """Tear the process group down, without a barrier: this is the end of a command that failed (or of one that
-    never joined a group), and the other processes may never reach a barrier. A command that completed ends
-    without tearing the group down at all (ahpa.commands.exit.finish: a barrier, then os._exit)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -83,3 +83,24 @@ def test_the_update_allocates_no_copy_of_the_parameters_and_reads_nothing_back(k
     assert ops.new_elements <= 2, f"the update allocated {ops.new_elements} elements ({ops.names})"
     assert "_foreach_lerp_" in ops.names
     assert not {"_local_scalar_dense", "lift_fresh", "item"} & set(ops.names), ops.names
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.0])
+def test_keep_weights_each_parameter_in_its_own_dtype(keep):
+    """Parameters of several dtypes in one call (bf16 listed first): each is averaged at its own precision, as
+    ema + (1 - decay) * (model - ema) in fp64 rounded once, and a skipped step leaves them all bitwise as they were.
+    A weight made in the first parameter's dtype only would round 1 - decay = 0.1 to bf16's 0.10009765625 for the
+    fp64 one (torch 2.13 accepts that weight; 2.4 refuses it)."""
+    g = torch.Generator().manual_seed(1)
+    dtypes = [torch.bfloat16, torch.float64, torch.float32, torch.float64]
+    ema = [torch.randn(5, 3, generator=g).to(d) for d in dtypes]
+    model = [torch.nn.Parameter(torch.randn(5, 3, generator=g).to(d)) for d in dtypes]
+    before = [t.clone() for t in ema]
+    ema_update(ema, model, 0.9, keep=torch.tensor(keep))
+    for e, b, m in zip(ema, before, model, strict=True):
+        assert e.dtype == b.dtype
+        if keep:
+            assert torch.equal(e, b)
+        else:
+            want = b.double() + 0.1 * (m.detach().double() - b.double())
+            torch.testing.assert_close(e.double(), want, rtol=0, atol=4 * torch.finfo(e.dtype).eps)

@@ -9,6 +9,9 @@ written here independently of ahpa.metrics.spatial, so that the check of the spl
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -22,7 +25,7 @@ from torch import nn
 from ahpa.metrics import load_detector, measure
 from ahpa.metrics.evaluation import EvaluationWarning, evaluate, metrics_by_detector
 from ahpa.metrics.frechet import FeatureStats, frechet_distance
-from tests.test_scores import FakeInception
+from tests.test_scores import FakeInception, TinyClassifier
 
 
 class Mixed(nn.Module):
@@ -42,10 +45,11 @@ class LayeredInception(FakeInception):
     maps at mixed_6 where the real network has 17x17 (567 spatial features instead of 2023: the same code, cheaper
     Fréchet distances)."""
 
-    def __init__(self, offset: float = 128.0, scale: float = 128.0):
+    def __init__(self, offset: float = 128.0, scale: float = 128.0, swap_hw: bool = False, keep: int = 2048):
         super().__init__()
         torch.manual_seed(0)
         self.offset, self.scale = offset, scale
+        self.swap_hw, self.keep = swap_hw, keep  # other forwards, which sFID's check must tell from this one
         self.layers = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(3, 8, 3, stride=2), pool0=nn.AdaptiveAvgPool2d(9), mixed_5=Mixed(8, 6, 6),
             mixed_6=Mixed(12, 10, 6), mixed_7=nn.Conv2d(16, 2048, 1), pool2=nn.AdaptiveAvgPool2d(1),
@@ -53,12 +57,14 @@ class LayeredInception(FakeInception):
 
     def pool_features(self, img: torch.Tensor) -> torch.Tensor:
         n, _, h, w = img.shape
+        if self.swap_hw:  # a forward written for square images: each side's half pixel taken from the other side
+            h, w = w, h
         x = img.to(torch.float32)
         # TensorFlow 1's resize: half a pixel of each size off the centred grid, borders clamped
         theta = torch.tensor([[1.0, 0.0, 1.0 / w - 1.0 / 299], [0.0, 1.0, 1.0 / h - 1.0 / 299]]).unsqueeze(0)
         grid = F.affine_grid(theta.expand(n, 2, 3), [n, 3, 299, 299], False)
         x = (F.grid_sample(x, grid, "bilinear", "border", False) - self.offset) / self.scale
-        return self.layers(x).view(n, 2048)
+        return self.layers(x).view(n, 2048)[:, : self.keep]
 
 
 def _script(module: nn.Module, path: Path) -> Path:
@@ -129,6 +135,38 @@ def test_sfid_refused_for_a_network_whose_forward_differs(tmp_path):
         other.check_spatial()
     with pytest.raises(ValueError, match="do not give back"):
         measure(_images(4, 1), other, spatial=True)
+    with pytest.raises(ValueError, match="do not give back"):  # asked directly, the features are refused too
+        other.features_and_spatial(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("kind, said", [
+    # half a pixel of each side from the other side: the same on square images, so only a non-square probe tells
+    (dict(swap_hw=True), r"relative difference \d\.\de-04"),
+    # a forward giving other features than the layers' pool_3 (here its first 1024)
+    (dict(keep=1024), r"shapes \(2, 1024\) and \(2, 2048\)"),
+], ids=["h and w swapped", "other features"])
+def test_sfid_refused_for_a_forward_that_resizes_otherwise_or_gives_other_features(kind, said, tmp_path):
+    other = load_detector(f"inception:{_script(LayeredInception(**kind), tmp_path / 'other.pt')}")
+    with pytest.raises(ValueError, match=f"do not give back the network.s own pool_3 features \\({said}"):
+        other.check_spatial()
+
+
+def test_sfid_refused_for_a_network_not_laid_out_as_nvidias(tmp_path):
+    # no `layers` at all (test_scores' FakeInception), and a mixed_6 without its 1x1 branch `conv`: refused with the
+    # layers it has, while FID still works with either
+    flat = load_detector(f"inception:{_script(FakeInception(), tmp_path / 'flat.pt')}")
+    with pytest.raises(ValueError, match=r"reads the layer layers.mixed_6.conv .* lacks \(its layers: none\)"):
+        flat.check_spatial()
+    net = LayeredInception()
+    net.layers.mixed_6 = nn.Conv2d(12, 16, 3, padding=1)
+    bare = load_detector(f"inception:{_script(net, tmp_path / 'bare.pt')}")
+    with pytest.raises(ValueError, match=r"lacks \(its layers: conv, pool0, mixed_5, mixed_6, mixed_7, pool2\)"):
+        bare.check_spatial()
+    assert bare.features(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)).shape == (2, 2048)
+    # float images are refused as every detector refuses them
+    good = load_detector(f"inception:{_script(LayeredInception(), tmp_path / 'good.pt')}")
+    with pytest.raises(TypeError, match="detectors take uint8 image tensors"):
+        good.features_and_spatial(torch.full((2, 3, 16, 16), 128.0))
 
 
 def test_sfid_against_an_adm_reference_batch_uses_its_stored_mu_s(inception, tmp_path):
@@ -173,6 +211,7 @@ def test_sfid_of_reference_images_is_cached_and_saved_with_adm_names(inception, 
     want = frechet_distance(s.mean(0), np.cov(s, rowvar=False), r.mean(0), np.cov(r, rowvar=False))
     assert first["sFID"] == pytest.approx(want, rel=1e-6)
     assert "40 reference images for 567 features (sFID)" in out.err  # rank-deficient: said for sFID's dimension too
+    assert "features (FID)" not in out.err  # FID's Fréchet distance was not asked for: nothing to say of its features
     cached = sorted(p.name.partition("-")[0] for p in (tmp_path / "cache").iterdir())
     assert cached == ["FID", "sFID"]  # FID's statistics too: the same pass measured them, and fd needs them next
 
@@ -230,3 +269,119 @@ def test_sfid_split_of_the_real_inception():
     assert det.spatial_dim == 2023
     pool, spatial = det.features_and_spatial(torch.from_numpy(_images(3, 7, side=64)).permute(0, 3, 1, 2))
     assert pool.shape == (3, 2048) and spatial.shape == (3, 2023)
+
+
+def test_sfid_completes_a_reference_cache_that_holds_fids_statistics_only(inception, tmp_path, monkeypatch):
+    """A cache written by an evaluation without sFID (precision/recall here: FID's statistics and first features) is
+    completed with sFID's statistics, then read whole; an sFID file that holds another metric's statistics is
+    measured afresh, not taken for sFID's."""
+    from ahpa.metrics import reference as reference_mod
+
+    det, cache = load_detector(inception), tmp_path / "cache"
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=_images(12, 4))
+    np.savez(ref, images=_images(16, 5, side=24))
+    _, r = _by_hand(_images(16, 5, side=24))
+    run = dict(pr_num=8, cache_dir=cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EvaluationWarning)  # few images for their features: expected here
+        evaluate(samples, ref, det, ("pr",), **run)
+        assert sorted(p.name.partition("-")[0] for p in cache.iterdir()) == ["FID", "FID"]  # statistics, features
+        first, stats = evaluate(samples, ref, det, ("sfid", "pr"), **run)
+        np.testing.assert_allclose(stats["reference_spatial"].mean, r.mean(0), rtol=1e-5, atol=1e-6)
+        assert stats["reference_spatial"].count == 16
+        real = reference_mod.measure
+        monkeypatch.setattr(reference_mod, "measure", lambda source, *a, **k: (
+            real(source, *a, **k) if Path(source) == samples else pytest.fail("the reference was measured again")))
+        assert evaluate(samples, ref, det, ("sfid", "pr"), **run)[0] == pytest.approx(first, rel=1e-6)
+        monkeypatch.undo()
+        (sfid_file,) = cache.glob("sFID-*.npz")
+        FeatureStats.load(next(cache.glob("FID-*.npz"))).save(sfid_file, detector="FID")
+        assert evaluate(samples, ref, det, ("sfid",), **run)[0]["sFID"] == pytest.approx(first["sFID"], rel=1e-6)
+        assert FeatureStats.load(sfid_file).detector == "sFID"  # and written again
+
+
+@pytest.mark.parametrize("stray", [{}, {"mu_s": np.zeros(567)}], ids=["no mu_s", "mu_s without sigma_s"])
+def test_sfid_against_a_reference_batch_without_mu_s_measures_its_images(inception, tmp_path, stray):
+    """ADM's layout with mu and sigma but no mu_s (a batch saved before sFID), or half of sFID's pair: FID's statistics
+    are the stored ones (of the full dataset), sFID's are measured from the images beside them, and both are saved
+    with their own counts (the stored statistics' unknown, the images' 12)."""
+    det = load_detector(inception)
+    ref_imgs = _images(12, 2)
+    mu, sigma = np.full(2048, 0.25), np.eye(2048) / 16  # stand for the full dataset's
+    np.savez(tmp_path / "samples.npz", arr_0=_images(10, 1))
+    np.savez(tmp_path / "ref.npz", arr_0=ref_imgs, mu=mu, sigma=sigma, **stray)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EvaluationWarning)
+        got, stats = evaluate(tmp_path / "samples.npz", tmp_path / "ref.npz", det, ("sfid",))
+    assert set(got) == {"sFID"}
+    np.testing.assert_allclose(stats["reference"].mean, mu)  # the stored statistics, not the images'
+    _, r = _by_hand(ref_imgs)
+    np.testing.assert_allclose(stats["reference_spatial"].mean, r.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["reference_spatial"].cov, np.cov(r, rowvar=False), rtol=1e-4, atol=1e-6)
+    assert stats["reference"].count == 0 and stats["reference_spatial"].count == 12
+    for s in (stats["samples_spatial"], stats["reference_spatial"]):
+        assert (s.detector, s.image_size) == ("sFID", (32, 32))
+    stats["reference"].save(tmp_path / "saved.npz", detector="FID", spatial=stats["reference_spatial"])
+    assert FeatureStats.load(tmp_path / "saved.npz").count == 0  # unknown, as stored
+    assert FeatureStats.load(tmp_path / "saved.npz", spatial=True).count == 12
+    # a file of neither images nor statistics: refused by what it lacks (images), not as statistics without mu_s
+    np.savez(tmp_path / "neither.npz", foo=np.zeros(3))
+    with pytest.raises(ValueError, match=r"holds no images under arr_0 or images \(keys: \['foo'\]\)"):
+        evaluate(tmp_path / "samples.npz", tmp_path / "neither.npz", det, ("sfid",))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_sfid_statistics_measured_by_two_processes_are_those_of_one(inception, tmp_path):
+    """measure(spatial=True) under torchrun: each process reads its share and the spatial sums are all-reduced like
+    FID's, so both processes hold the statistics of all the images."""
+    np.savez(tmp_path / "images.npz", arr_0=_images(10, 8))
+    script = tmp_path / "two.py"
+    script.write_text("""
+import os, sys, numpy as np, torch.distributed as dist
+from ahpa.metrics import load_detector, measure
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+got = measure(sys.argv[2], load_detector(sys.argv[1]), 3, rank=rank, world_size=2, spatial=True)
+np.savez(f"{sys.argv[3]}/rank{rank}.npz", mu=got.spatial.mean, sigma=got.spatial.cov, count=got.spatial.count)
+dist.barrier()
+os._exit(0)  # as the CLI ends a torchrun process: tearing gloo down can abort (ahpa.commands.exit)
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), inception, str(tmp_path / "images.npz"), str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, want = _by_hand(_images(10, 8))
+    for rank in (0, 1):
+        with np.load(tmp_path / f"rank{rank}.npz") as f:
+            assert int(f["count"]) == 10
+            np.testing.assert_allclose(f["mu"], want.mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(f["sigma"], np.cov(want, rowvar=False), rtol=1e-4, atol=1e-6)
+
+
+def test_eval_refuses_what_sfid_cannot_measure_before_any_image_is(inception, tmp_path, monkeypatch, capsys):
+    """ahpa eval's refusals come before the first detector's pass (hours at 50k ImageNet samples): an Inception whose
+    forward is not NVIDIA's listed after another detector, a reference of FID's statistics without sFID's listed after
+    a classifier that needs no reference (its Inception Score alone), and sFID of one sample."""
+    from ahpa.cli import main
+    from ahpa.metrics import evaluation, reference
+
+    resnet = _script(_Float(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())), tmp_path / "r.pt")
+    other = _script(LayeredInception(offset=127.5, scale=127.5), tmp_path / "other.pt")
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=_images(6, 9))
+    for module in (evaluation, reference):
+        monkeypatch.setattr(module, "measure", lambda *a, **k: pytest.fail("an image was measured before the refusal"))
+    base = ["eval", str(samples), "--ref", str(samples), "--no-ref-cache"]
+    assert main([*base, "--metrics", "fd,sfid", "--detector", f"torchscript:{resnet}", "--detector",
+                 f"inception:{other}"]) == 2
+    assert "do not give back the network's own pool_3 features" in capsys.readouterr().err
+    stats = tmp_path / "fid-stats.npz"
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048), detector=np.array("FID"))
+    classifier = _script(TinyClassifier(), tmp_path / "classifier.pt")
+    assert main(["eval", str(samples), "--ref", str(stats), "--metrics", "is,sfid", "--is-splits", "2", "--detector",
+                 f"torchscript:{classifier}", "--detector", inception]) == 2
+    assert "sFID needs the reference's spatial statistics (mu_s, sigma_s" in capsys.readouterr().err
+    assert main([*base, "--metrics", "sfid", "--num", "1", "--detector", inception]) == 2
+    assert "a Fréchet distance needs at least 2 samples for a covariance; the samples hold 1" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -76,3 +77,104 @@ def test_report_section_pairs_each_guided_fd_with_vanilla_sits_of_the_same_seed(
     (tmp_path / "bad.jsonl").write_text(json.dumps(broken) + "\n")
     with pytest.raises(SystemExit, match="line 1: an eval_cfg row without guidance_interval"):
         load_rows([tmp_path / "bad.jsonl"], guided={})
+
+
+@pytest.fixture
+def study_cfg(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study_cfg
+
+    return study_cfg
+
+
+def test_guidance_list_reads_scales_and_intervals_and_refuses_what_cannot_guide(study_cfg):
+    parse = study_cfg.guidance_list
+    # spaces and an empty item (a trailing comma) are forgiven; HIGH defaults to 1 (the whole trajectory) and may be 1
+    assert parse(" 1.5, 1.8@0.7 ,") == [(1.5, 1.0), (1.8, 0.7)]
+    assert parse("2@1,4@0.05") == [(2.0, 1.0), (4.0, 0.05)]
+    for bad, said in (("1", "above 1"), ("0.5", "above 1"), ("1.5@0", r"HIGH in \(0, 1\]"), ("1.5@-0.2", "HIGH in"),
+                      ("1.5@1.01", "HIGH in"), ("1.5@x", "SCALE or SCALE@HIGH"), ("@0.7", "SCALE or SCALE@HIGH"),
+                      ("", "no guidance scale given"), (" , ", "no guidance scale given")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            parse(bad)
+
+
+def test_guided_rows_sample_with_the_guidance_they_record(study_cfg, capsys):
+    """Each row's FD comes from samples drawn with its own scale and interval (t in [0, HIGH]), the rest of the
+    sampler as the unguided evaluation's, the same number of samples and batch."""
+    from types import SimpleNamespace
+
+    from ahpa.config import SampleCfg
+
+    calls = []
+
+    def evaluate(bundle, detectors, refs, num, batch, scfg):
+        calls.append((bundle, detectors, refs, num, batch, scfg))
+        return {"FD-r20": 10 * scfg.cfg_scale + scfg.guidance_high}
+
+    base = SampleCfg(solver="euler", steps=50, cfg_scale=1.0, micro_batch=10)
+    args = SimpleNamespace(eval_cfg=[(1.5, 1.0), (1.8, 0.7)], eval_num=20, eval_batch=10)
+    rows = list(study_cfg.guided_rows("bundle", evaluate, args, ["det"], ["ref"], base))
+    assert [(r["kind"], r["cfg_scale"], r["guidance_interval"], r["fd"]) for r in rows] == [
+        ("eval_cfg", 1.5, [0.0, 1.0], {"FD-r20": 16.0}), ("eval_cfg", 1.8, [0.0, 0.7], {"FD-r20": 18.7})]
+    for (bundle, dets, refs, num, batch, scfg), (scale, high) in zip(calls, args.eval_cfg, strict=True):
+        assert (bundle, dets, refs, num, batch) == ("bundle", ["det"], ["ref"], 20, 10)
+        assert (scfg.cfg_scale, scfg.guidance_low, scfg.guidance_high) == (scale, 0.0, high)
+        assert (scfg.solver, scfg.steps, scfg.micro_batch) == ("euler", 50, 10)
+    assert "cfg 1.8, t <= 0.7: FD-r20 18.7000" in capsys.readouterr().out
+
+
+def _rows(method, seed, step, plain, guided):
+    """An eval row and its eval_cfg rows ({(scale, high): fd}) of one run at `step`."""
+    out = [{**_row("eval", method, seed, plain), "step": step}]
+    for (scale, high), fd in guided.items():
+        out.append({**_row("eval_cfg", method, seed, fd, cfg_scale=scale, guidance_interval=[0.0, high]), "step": step})
+    return out
+
+
+def test_report_section_means_seeds_says_missing_ones_and_pairs_only_shared_seeds(study_cfg, tmp_path):
+    """Three seeds, one missing from a guided column of each method, a tie with vanilla SiT, one scale guided over two
+    intervals (the whole trajectory and t <= 0.7: two columns) and a second step: the values below are worked by hand."""
+    from study_report import load_rows
+
+    whole, late, strong = (1.5, 1.0), (1.8, 0.7), (1.8, 1.0)
+    rows = [  # at step 4000; each method lacks one seed in one guided column
+        *_rows("none", 0, 4000, 9.0, {whole: 6.0, late: 5.5, strong: 5.8}),
+        *_rows("none", 1, 4000, 8.0, {whole: 6.2, late: 5.6, strong: 5.9}),
+        *_rows("none", 2, 4000, 6.0, {whole: 5.0, strong: 4.9}),
+        *_rows("ahpa-soft", 0, 4000, 8.0, {whole: 5.9, late: 5.4, strong: 5.7}),
+        *_rows("ahpa-soft", 1, 4000, 8.0, {whole: 6.4, late: 5.4, strong: 5.9}),
+        *_rows("ahpa-soft", 2, 4000, 6.5, {late: 4.9, strong: 4.8}),
+        # an earlier step, after the later one in the file
+        *_rows("none", 0, 2000, 12.0, {whole: 10.0}),
+        *_rows("ahpa-soft", 0, 2000, 11.0, {whole: 10.5}),
+    ]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    guided: dict = {}
+    _, evals, _ = load_rows([tmp_path / "r.jsonl"], guided=guided)
+    assert len(guided) == 8 + 8 + 2  # no two columns of one scale collide
+    series: dict = {}
+    for (_, m, s, _), r in sorted(evals.items(), key=lambda kv: kv[0][3]):
+        series.setdefault((m, s), []).append(r)
+    lines = study_cfg.cfg_section("k1", series, guided, ["none", "ahpa-soft"], ["FD-r20"])
+    tables = [line for line in lines if line.startswith("|") and not line.startswith("|---")]
+    assert tables == [
+        "| method | seeds | no guidance | cfg 1.5 |",
+        "| none | 0 | 12.000 | 10.000 |",
+        "| ahpa-soft | 0 | 11.000 | 10.500 |",
+        "| method | no guidance | cfg 1.5 |",
+        "| ahpa-soft | -1.000 (1/1) | +0.500 (0/1) |",
+        "| method | seeds | no guidance | cfg 1.5 | cfg 1.8, t <= 0.7 | cfg 1.8 |",
+        # means over the seeds each column has: (9 + 8 + 6) / 3, (6.0 + 6.2 + 5.0) / 3, (5.5 + 5.6) / 2, ...
+        "| none | 0, 1, 2 | 7.667 | 5.733 | 5.550 (no seed 2) | 5.533 |",
+        "| ahpa-soft | 0, 1, 2 | 7.500 | 6.150 (no seed 2) | 5.233 | 5.467 |",
+        "| method | no guidance | cfg 1.5 | cfg 1.8, t <= 0.7 | cfg 1.8 |",
+        # differences over the seeds both have: (-1 + 0 + 0.5) / 3 with the tie not ahead; (-0.1 + 0.2) / 2 over
+        # seeds 0, 1 (ahpa-soft lacks 2); (-0.1 - 0.2) / 2 over 0, 1 (vanilla lacks 2); (-0.1 + 0 - 0.1) / 3
+        "| ahpa-soft | -0.167 (1/3) | +0.050 (1/2) | -0.150 (2/2) | -0.067 (2/3) |",
+    ]
+    assert [line for line in lines if line.startswith("**")] == ["**FD-r20** at step 2000:", "**FD-r20** at step 4000:"]
+    # without vanilla SiT among the methods, no paired table (nothing to pair with)
+    alone = study_cfg.cfg_section("k1", series, guided, ["ahpa-soft"], ["FD-r20"])
+    assert not any("minus vanilla SiT" in line for line in alone)
+    assert "| ahpa-soft | 0, 1, 2 | 7.500 | 6.150 (no seed 2) | 5.233 | 5.467 |" in alone

@@ -39,7 +39,7 @@ def test_study_evaluates_the_final_ema_with_guidance_beside_the_runs_own(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for bad, said in (("1.0", "a guidance scale is above 1"), ("1.5@1.2", "HIGH in (0, 1]"), ("x", "SCALE or SCALE@HIGH")):
         out = subprocess.run([sys.executable, "benchmarks/study.py", "--eval-cfg", bad, "--results", str(tmp_path / "x")],
-                             capture_output=True, text=True, cwd=ROOT, env=env)
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)  # a value let through would train
         assert out.returncode == 2 and said in out.stderr, out.stderr
 
 

@@ -114,6 +114,17 @@ def test_level_gradients_smoke(tmp_path):
     assert trained["norm"][0] > 0 and (tmp_path / "lg" / "gradients.png").is_file()
 
 
+def test_torchrun_failures_counts_how_a_refused_launch_ends(tmp_path):
+    """One 2-process launch refused (its run directory held): it ends, prints the message once and torchrun's
+    summary names it (once or twice: torchrun may stop the second process as it ends too)."""
+    _run(["benchmarks/torchrun_failures.py", "--launches", "1", "--out", str(tmp_path / "f.json")])
+    out = json.loads((tmp_path / "f.json").read_text())
+    (row,) = out["launch_rows"]
+    assert out["hung"] == 0 and out["message_not_printed"] == 0 and not row["hung"] and row["exit"] != 0
+    assert row["printed"] == 1 and row["in_summary"] in (1, 2)
+    assert out["clean"] + out["summary_names_one_process"] == 1 and out["torch"] == torch.__version__
+
+
 def test_profile_step_smoke(tmp_path):
     """The kernel-profile tool of the MFU analysis at tiny size on the CPU: its table adds up (the times themselves are
     CPU operator times, not GPU figures)."""

@@ -1,0 +1,106 @@
+"""How a failed launch under torchrun ends, over many launches: does it exit, print its message once, and name it in
+torchrun's summary?
+
+    python benchmarks/torchrun_failures.py --launches 100 --out benchmarks/results/torchrun_failures.json
+
+Each launch is `ahpa train` on 2 gloo processes (a tiny config) whose run directory another process holds, so rank 0
+refuses it and every process fails alike. Per launch: torchrun's exit code, the lines that print the message, the
+processes torchrun's summary names with it, or `hung` when the launch is still running after --timeout seconds (it
+is then killed). A failed command used to tear the process group down on its way out, which could deadlock there
+(docs/reliability.md). Prints and writes one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.preset=S/1", "model.hidden_size=32", "model.depth=3", "model.num_heads=2",
+    "data.source=procedural", "data.resolution=16", "data.procedural_size=64",
+    "prior.encoder=ahpa-vae:random", "prior.stats_images=32", "align.depth=2", "align.projector_dim=32",
+    "train.batch_size=8", "train.steps=2", "train.sample_every=0",
+]
+
+
+def hold(path: Path, env: dict) -> subprocess.Popen:
+    """Another launch holding the run directory's lock until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from ahpa import lock; "
+                             "lock.hold(Path(sys.argv[1]), 'x'); print('held', flush=True); time.sleep(3600)", str(path)],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "held":
+        raise SystemExit(f"could not hold {path}")
+    return proc
+
+
+def launch(work: Path, env: dict, timeout: float) -> dict:
+    run = work / "run"
+    run.mkdir(parents=True)
+    holder = hold(run / ".lock", env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ahpa.cli",
+           "train", "--out", str(run), *TINY]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # torchrun and its workers
+        proc.communicate()
+        return {"hung": True, "seconds": round(time.perf_counter() - t0, 1)}
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = err.splitlines()
+    return {"hung": False, "exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+            "printed": sum(line.startswith("ahpa train: error:") for line in lines),
+            "in_summary": sum(line.strip().startswith("traceback : ahpa train: error:") for line in lines)}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--launches", type=int, default=20)
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds after which a launch counts as hung")
+    ap.add_argument("--out", type=Path, help="write the JSON here too")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="torchrun-failures-") as tmp:
+        for i in range(args.launches):
+            rows.append(launch(Path(tmp) / str(i), env, args.timeout))
+    done = [r for r in rows if not r["hung"]]
+    out = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "torch": torch.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+        "launches": args.launches, "timeout_s": args.timeout,
+        "hung": len(rows) - len(done),
+        "message_not_printed": sum(r["printed"] == 0 for r in done),
+        "summary_names_one_process": sum(r["printed"] == 1 and r["in_summary"] == 1 for r in done),
+        "clean": sum(r["printed"] == 1 and r["in_summary"] == 2 for r in done),
+        "launch_rows": rows,
+    }
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

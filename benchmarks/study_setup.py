@@ -158,7 +158,8 @@ def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
             "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints", "data.path",
             "train.activation_checkpointing", "data.prefetch", "train.compile_mode", "sample.compile",
             # side outputs: the post-hoc EMAs leave the model, its EMA and every evaluation bitwise as they were
-            "train.posthoc_ema", "train.posthoc_every")  # these change no math
+            "train.posthoc_ema", "train.posthoc_every",
+            "train.wandb", "train.wandb_name")  # these change no math (W&B: a copy of the metrics)
     common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}
     common["prior.encoder"] = encoder_identity(cfg.prior.encoder)
     common.update({"study.size": size_name, "study.data": args.data.name, "study.limit": args.limit,

@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -r requirements/pinned.txt
-# dinov2 (transformers) too, so that the tests exercise the DINOv2 encoder and detector
-.venv/bin/python -m pip install -q -e ".[dev,dinov2]"
+# dinov2 (transformers) and wandb too, so that the tests exercise the DINOv2 encoder and detector and W&B logging
+.venv/bin/python -m pip install -q -e ".[dev,dinov2,wandb]"

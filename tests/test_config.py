@@ -275,7 +275,7 @@ def test_version_names_ahpa_torch_and_the_model_libraries(capsys):
     source = source_revision()
     first = f"ahpa {__version__}" + (f" (checkout at {source})" if source else "")
     assert stop.value.code == 0 and out.startswith(first + "\n")
-    assert f"torch {torch.__version__} (" in out and "diffusers" in out and "safetensors" in out
+    assert f"torch {torch.__version__} (" in out and "diffusers" in out and "safetensors" in out and "\nwandb" in out
 
 
 def test_python_callers_get_named_mistakes(tmp_path, capsys):

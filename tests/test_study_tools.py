@@ -198,6 +198,8 @@ def test_study_keys_of_recorded_results_stay_the_same(monkeypatch):
         for method in ("none", "ahpa-soft"):
             cfg = study.study_config(args, study.SIZES[size], method, variants=False)
             assert study.study_key(cfg, args, size)[0] == key, (size, method)
+        cfg.train.wandb, cfg.train.wandb_name = "me/study", "a-name"  # where a copy of the metrics goes: no math
+        assert study.study_key(cfg, args, size)[0] == key
         # the same weights elsewhere give the same key (the GPU jobs read them from .carry/)
         moved = study.parse_args(["--size", size, "--results", "unused.jsonl", *extra,
                                   "--encoder", f"taef2:{SHARED / 'weights' / '..' / 'weights' / 'taef2'}"])

@@ -39,7 +39,7 @@ def versions() -> str:
     gpus = torch.cuda.device_count() if env["cuda"] else 0
     lines = [f"ahpa {env['ahpa']}" + (f" (checkout at {env['source']})" if env["source"] else ""),
              f"Python {env['python']} ({platform.platform()})", f"torch {env['torch']} ({cuda}, {gpus} GPU(s) visible)"]
-    for name in ("numpy", "safetensors", "diffusers", "transformers", "tensorboard"):
+    for name in ("numpy", "safetensors", "diffusers", "transformers", "tensorboard", "wandb"):
         try:
             lines.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:

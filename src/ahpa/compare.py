@@ -25,14 +25,15 @@ ENV_COMPARED = ("device", "processes", "torch", "cuda", "ahpa", "source")
 SPEED_FACTS = ("device", "processes", "torch", "cuda")
 # settings that differ between comparable runs without changing what is compared: the run length and cadences, and
 # how a run computes rather than what (compiled or eager, checkpointed activations, FSDP or DDP, the global batch in
-# micro-batches, the detector's and the sampler's batch: equal to rounding), its sample grids, and the post-hoc EMAs
-# kept beside its own (they leave the model and the EMA that is evaluated bitwise as they were). config.yaml holds
-# the newest start's: a run resumed on one GPU with train.grad_accum=2, then sharded, is the same run
+# micro-batches, the detector's and the sampler's batch: equal to rounding), its sample grids, the post-hoc EMAs
+# kept beside its own (they leave the model and the EMA that is evaluated bitwise as they were), and where a copy of
+# its metrics goes (W&B). config.yaml holds the newest start's: a run resumed on one GPU with train.grad_accum=2, then
+# sharded, is the same run
 NOT_COMPARED = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_checkpoints",
                 "train.posthoc_ema", "train.posthoc_every",
                 "train.device", "train.max_bad_steps", "train.compile", "train.compile_mode",
                 "train.activation_checkpointing", "train.fsdp", "train.grad_accum", "data.prefetch", "sample.compile",
-                "sample.micro_batch", "sample.grid_images", "eval.batch")
+                "sample.micro_batch", "sample.grid_images", "eval.batch", "train.wandb", "train.wandb_name")
 # relative tolerance under which two Fréchet distances are equal: the same samples measured in other batches differ
 # by ~1e-13, and one run must not "reach" its own copy's value by chance of rounding
 SAME = 1e-9

@@ -150,6 +150,12 @@ class TrainCfg(_Settings):
     sample_every: int = 1000  # steps per sample grid of the EMA model, and one at the end (0 = none)
     keep_checkpoints: int = 3  # newest checkpoints kept on disk (0 = keep every one)
     max_bad_steps: int = 20  # non-finite steps in a row (or over half of any stretch this long) before the run stops
+    # Weights & Biases: "" = off; PROJECT or ENTITY/PROJECT = rank 0 also logs what TensorBoard gets to one W&B run per
+    # run directory, which a resume continues (its id in RUN/wandb_id; W&B's files in RUN/wandb/). `pip install wandb`.
+    # Online unless WANDB_MODE=offline (`wandb sync RUN/wandb/offline-run-*` uploads it later). The steps a resume
+    # redoes keep in W&B the values it had (README, "A run directory")
+    wandb: str = ""
+    wandb_name: str = ""  # the W&B run's display name ("" = the run directory's name)
 
 
 @dataclass

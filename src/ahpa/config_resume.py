@@ -21,6 +21,8 @@ RESUMABLE_CHANGES = (
     "train.fsdp",  # checkpoints are full state dicts either way
     "train.activation_checkpointing",  # recomputation, not other math: the losses and gradients stay the same
     "train.max_bad_steps",
+    "train.wandb",  # where a copy of the metrics goes, not what they are
+    "train.wandb_name",
     "train.posthoc_every",  # when snapshots are written: the reconstruction takes snapshots of any steps
     "train.grad_accum",  # the same run in micro-batches (tested to 3e-8): resume on fewer GPUs at the same batch
     "data.prefetch",  # the same batches either way

@@ -55,10 +55,23 @@ CHOICES = {
 SPEC_KINDS = {"prior.external": parse_external}
 
 
+def wandb_project(value: str) -> tuple[str | None, str]:
+    """train.wandb's PROJECT or ENTITY/PROJECT -> (entity or None, project); a ValueError says what W&B would refuse
+    (its names take no `\\ # ? % :`, and a slash only between entity and project)."""
+    parts = value.split("/")
+    if len(parts) > 2 or not all(parts) or any(c in value for c in "\\#?%:"):
+        raise ValueError("give a W&B project as PROJECT or ENTITY/PROJECT (no \\ # ? % : in either), or '' for no W&B")
+    return (parts[0] if len(parts) == 2 else None), parts[-1]
+
+
+# keys whose non-empty text has a form of its own, each with its parser (a ValueError that says the form)
+FORMS = {"train.wandb": wandb_project}
+
+
 def spec_problem(key: str, value) -> str | None:
     """What is wrong with the KIND:WHERE spec `value` of `key` (an unknown kind, with a near spelling and the valid
-    kinds), or None; an empty value sets no part."""
-    parse = SPEC_KINDS.get(key)
+    kinds), or with the form of a key of FORMS, or None; an empty value sets no part."""
+    parse = SPEC_KINDS.get(key) or FORMS.get(key)
     if parse is None or not value:
         return None
     try:

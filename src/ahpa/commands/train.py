@@ -143,7 +143,7 @@ def run(args) -> int:
             return code
         if d.is_main:
             made = [n for n in ("model.safetensors", "samples.png", "router.png", "losses.png", "eval.png", "metrics.jsonl",
-                                "tb") if (Path(args.out) / n).exists()]
+                                "tb", "wandb") if (Path(args.out) / n).exists()]
             print(f"run complete: {args.out} ({', '.join(made)})")
             if "samples.png" in made:  # the grid names no class: which column holds which (ahpa sample --grid says it too)
                 from ahpa.data.class_names import class_names

@@ -1,4 +1,4 @@
-"""Metrics to JSONL and TensorBoard (rank 0 only)."""
+"""Metrics to JSONL and TensorBoard, and with train.wandb to W&B too (rank 0 only)."""
 
 from __future__ import annotations
 
@@ -62,11 +62,22 @@ def logged_at(path: Path, step: int, prefix: str) -> bool:
     return any(r.get("step") == step and any(k.startswith(prefix) for k in r) for r in read_rows(path))
 
 
+def scalars(row: dict) -> dict[str, float]:
+    """A metrics row's scalars as TensorBoard and W&B get them: its numbers (not the step or the images count; not
+    text, e.g. eval_setup), and the per-level losses as align/level_loss/<level>."""
+    out = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "images")}
+    if isinstance(row.get("align/level_loss"), list) and "level_names" in row:
+        out.update({f"align/level_loss/{name}": x for name, x in zip(row["level_names"], row["align/level_loss"])})
+    return out
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, resume_step: int = 0):
+    def __init__(self, run_dir: Path, resume_step: int = 0, wandb=None):
         """`resume_step`: the checkpoint the run resumes from. What was logged after it will be logged again, so it
         is dropped from metrics.jsonl and hidden from TensorBoard (purge_step), which would otherwise draw those
-        steps twice."""
+        steps twice. `wandb`: the run's ahpa.train.wandb_sink.WandbRun (train.wandb), which gets what TensorBoard
+        gets (the steps a resume redoes: as that module says)."""
+        self.wandb = wandb
         self.path = run_dir / "metrics.jsonl"
         truncate_jsonl(self.path, resume_step)
         self.writer = None
@@ -81,16 +92,17 @@ class MetricsLogger:
         row = {"step": step, **row}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        values = scalars(row)
         if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "images"):
-                    self.writer.add_scalar(k, v, step)
-                elif isinstance(v, list) and k == "align/level_loss" and "level_names" in row:
-                    for name, x in zip(row["level_names"], v):
-                        self.writer.add_scalar(f"align/level_loss/{name}", x, step)
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
 
     def image(self, tag: str, png: Path, step: int) -> None:
-        """A written plot or sample grid, also in TensorBoard's images tab."""
+        """A written plot or sample grid, also in TensorBoard's images tab (and W&B's media)."""
+        if self.wandb is not None:
+            self.wandb.image(tag, png, step)
         if self.writer is not None:
             import numpy as np
             from PIL import Image
@@ -98,6 +110,9 @@ class MetricsLogger:
             with Image.open(png) as im:
                 self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the training raised (W&B marks its run failed)."""
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close(failed)

@@ -38,6 +38,7 @@ from ahpa.train.divergence import TooManyBadSteps  # noqa: F401 (API: what a run
 from ahpa.train.run_dir import RunConfigError  # noqa: F401 (API: what a refused run directory raises)
 from ahpa.train.run_dir import check_moved_inputs, check_run_dir, removed_if_refused
 from ahpa.train.run_state import checkpoint_state, must_fit, restore
+from ahpa.train.wandb_sink import missing_wandb
 from ahpa.transport.path import get_path
 
 
@@ -69,6 +70,9 @@ class Trainer:
         self.path = get_path(cfg.transport.path)
         t = cfg.train
         check_batch_split(t.batch_size, t.grad_accum, self.world)
+        if t.wandb:  # refused before the minutes of set-up, not when logging starts; rank 0 logs, so its install counts
+            missing = missing_wandb(t.wandb) if self.rank == 0 else None
+            raise_from_main(RunConfigError(missing) if missing else None)
         moved = check_run_dir(self.run_dir, cfg, self.rank)  # input paths changed on resume: {key: (run's, new)}
         self.parts: Parts = build_parts(cfg, external=external, encoder=encoder)
         self._registered = registered_entries(cfg, self.parts)  # what the parts were checked with

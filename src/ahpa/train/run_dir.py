@@ -23,7 +23,8 @@ class RunConfigError(ValueError):
 
 # what a run writes at the top of its directory: a directory holding any of them that is not a run would be written over
 RUN_FILES = ("config.yaml", "metrics.jsonl", "router.jsonl", "inputs.json", "starts.jsonl", "checkpoints", "samples", "plots", "tb",
-             "model.safetensors", "DONE", "samples.png", "router.png", "losses.png", "eval.png", "eval_ref")
+             "model.safetensors", "DONE", "samples.png", "router.png", "losses.png", "eval.png", "eval_ref",
+             "wandb_id")
 
 
 def _saved_config(run_dir: Path) -> Config | None:

@@ -20,7 +20,7 @@ from ahpa import config as config_mod
 from ahpa.atomic import atomic_write_text
 from ahpa.device import peak_tflops
 from ahpa.provenance import environment, record_start
-from ahpa.train import eval_setup, inputs, outputs, posthoc_track
+from ahpa.train import eval_setup, inputs, outputs, posthoc_track, wandb_sink
 from ahpa.train.build import frozen_flops_per_image, train_flops_per_image
 from ahpa.train.distributed import LateMax, agreed_max
 from ahpa.train.divergence import DivergenceWatch, TooManyBadSteps
@@ -113,7 +113,9 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
             inputs.write(tr.run_dir, inputs.current(c, tr.parts.encoder))
     if main and tr.step < c.train.steps:  # a finished run trained further is unfinished until it ends again
         (tr.run_dir / "DONE").unlink(missing_ok=True)
-    logger = MetricsLogger(tr.run_dir, tr.step) if main else None
+    # train.wandb's W&B run: started (or refused, on every process) before the first step
+    wandb_run = wandb_sink.start(c, tr.run_dir, main, skip=complete)
+    logger = MetricsLogger(tr.run_dir, tr.step, wandb_run) if main else None
     if main:
         truncate_jsonl(tr.run_dir / "router.jsonl", tr.step)
         if tr.parts.posthoc is not None:
@@ -123,6 +125,7 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
     count, timed, t0, last, first = 0, 0, time.perf_counter(), {}, True
     watch = DivergenceWatch(c.train.max_bad_steps)
     vote = LateMax(tr.parts.device)
+    failed = False  # the training raised: W&B marks its run failed
 
     def save() -> None:
         tr.save()
@@ -200,7 +203,10 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
         tr.export()
         if main:
             outputs.finish(tr.run_dir, tr.parts.levels, tr.step)
+    except BaseException:
+        failed = True
+        raise
     finally:
         if logger is not None:
-            logger.close()
+            logger.close(failed)
     return last

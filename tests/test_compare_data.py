@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -133,8 +134,11 @@ def test_the_documented_example_prints_a_latex_row_per_method(tmp_path, monkeypa
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["compare", *map(str, runs), "--out", "runs/compare-seeds"]) == 0
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    # a file the example leaves open is a ResourceWarning in a reader's own script (`json.load(open(...))` was)
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
         exec(compile(code, str(DOC), "exec"), {})
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
     sd = math.sqrt(2 * 0.2 ** 2)  # of 6.0 and 6.4, of 5.0 and 5.4
     assert printed.getvalue().splitlines() == [
         f"none & 6.20 $\\pm$ {sd:.2f} & 1.00$\\times$ \\\\",

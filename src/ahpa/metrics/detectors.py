@@ -74,8 +74,10 @@ def metric_tag(name: str) -> str:
 def _load_torchscript(path: Path, device: torch.device):
     with warnings.catch_warnings():
         # torch >= 2.10 deprecates TorchScript authoring and warns on load too; the detector files are
-        # TorchScript by design (portable, no Python class needed) and loading still works.
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
+        # TorchScript by design (portable, no Python class needed) and loading still works. The category
+        # moved from DeprecationWarning (2.10 to 2.13) to FutureWarning (2.14, 2.15), which Python shows to
+        # every user: match the message alone. Python 3.14's "not supported ... may break" still shows.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated")
         return torch.jit.load(str(path), map_location=device).eval()
 
 

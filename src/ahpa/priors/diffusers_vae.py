@@ -143,17 +143,21 @@ def load_hub(repo_id: str) -> tuple[nn.Module, str | None]:
                        f"({str(e).splitlines()[0]}). Offline, name a local copy (diffusers:/path/to/sd-vae-ft-ema, "
                        "a folder with config.json and the weights)")
 
-    try:
-        config = diffusers_class().load_config(repo_id)
-    except OSError as e:
-        raise offline(e) from None
-    kind = (config.get("_class_name") if isinstance(config, dict) else None) or "AutoencoderKL"
-    if kind not in SUPPORTED:
-        raise ValueError(f"VAE 'diffusers:{repo_id}': {_not_supported(kind)}")
-    try:
-        vae = diffusers_class(kind).from_pretrained(repo_id, low_cpu_mem_usage=_have_accelerate())
-    except OSError as e:
-        raise offline(e) from None
+    with warnings.catch_warnings():
+        # diffusers (0.36 to 0.42.1) passes huggingface_hub a keyword that newer huggingface_hub ignores and warns
+        # about on every load by hub id (2.4.0 does, 0.36.2 does not): a UserWarning the user can do nothing about
+        warnings.filterwarnings("ignore", message=r"The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
+        try:
+            config = diffusers_class().load_config(repo_id)
+        except OSError as e:
+            raise offline(e) from None
+        kind = (config.get("_class_name") if isinstance(config, dict) else None) or "AutoencoderKL"
+        if kind not in SUPPORTED:
+            raise ValueError(f"VAE 'diffusers:{repo_id}': {_not_supported(kind)}")
+        try:
+            vae = diffusers_class(kind).from_pretrained(repo_id, low_cpu_mem_usage=_have_accelerate())
+        except OSError as e:
+            raise offline(e) from None
     return vae, _hub_weights_sha256(repo_id)
 
 

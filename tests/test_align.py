@@ -679,3 +679,27 @@ def test_the_projector_is_repas_mlp(shared):
         assert (first.in_features, first.out_features, second.out_features, w3.shape) == (16, 32, 32, (c, 32))
         z = F.silu(F.linear(F.silu(F.linear(h, first.weight, first.bias)), second.weight, second.bias))
         assert torch.allclose(out, F.linear(z, w3, b3), atol=1e-6)
+
+
+def test_channel_stats_views_follow_each_inputs_device_rank_and_channel_dim():
+    """ChannelStats keeps its broadcast views per (device, rank, channel dimension): one statistics object
+    standardises [B, C, H, W] along 1, channels-last along -1 or 3, tokens [B, N, C] along 2 and the same shape on
+    another device, each along its own channels. C = H = W here, so a view kept for another dimension would broadcast
+    without an error, along the wrong one."""
+    from ahpa.priors.targets import ChannelStats
+
+    mean, std = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([2.0, 0.5, 4.0])
+    stats = ChannelStats(mean, std)
+
+    def by_hand(x, dim):
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        return (x.float() - mean.reshape(shape)) / std.reshape(shape)
+
+    square, tokens = torch.randn(2, 3, 3, 3), torch.randn(4, 3, 3)
+    for x, dim in [(square, 1), (square, 3), (square, -1), (square, 2), (tokens, 2), (tokens, 1), (square, 1)]:
+        z = stats.apply(x, channel_dim=dim)
+        assert torch.allclose(z, by_hand(x, dim)), (x.shape, dim)
+        assert torch.allclose(stats.invert(z, channel_dim=dim), x, atol=1e-6), (x.shape, dim)
+    z = stats.apply(torch.empty(2, 3, 3, 3, device="meta"), channel_dim=1)  # a shape seen before, on another device
+    assert z.device.type == "meta" and z.shape == (2, 3, 3, 3)

@@ -249,12 +249,54 @@ from ahpa.commands.exit import finish
 dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 finish(False, 2)
 print("after a failure:", dist.is_initialized(), flush=True)
+print("a completed command's last line", end="")  # not flushed: stdout to a pipe is block-buffered
 finish(True, 3)
 print("not reached", flush=True)
 """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as it is by default
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.stdout == "after a failure: True\n" and res.returncode == 3, res.stdout + res.stderr[-2000:]
+                         env={**env, "OMP_NUM_THREADS": "1"})
+    # os._exit skips the interpreter's flush at exit: end_process flushes first, or that line is lost
+    assert res.stdout == "after a failure: True\na completed command's last line" and res.returncode == 3, \
+        res.stdout + res.stderr[-2000:]
+
+
+def test_running_means_per_bin_of_t_on_two_processes_are_those_of_the_global_batch(tmp_path):
+    """Aligner.update_running under 2 processes, each with its own samples and bins of t: both keep the running means
+    one process computes from the whole batch (the sums and the counts per bin are both averaged over processes, so
+    their ratio is the global one), and the terms passed in are left as they were (the reduction is on copies)."""
+    script = tmp_path / "bins.py"
+    script.write_text("""
+import os, sys, torch, torch.distributed as dist
+from ahpa.align.objective import Aligner
+from ahpa.config import AlignCfg
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+losses, bins = torch.rand(7, 2) + 0.5, torch.tensor([0, 0, 1, 2, 2, 2, 0])
+share = {0: slice(0, 2), 1: slice(2, 7)}  # unequal shares: bin 1 is rank 1's alone, bin 3 nobody's
+al = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=4, router_momentum=0.75), "soft", "cosine")
+whole = Aligner(16, ["a", "b"], [3, 4], AlignCfg(projector_dim=32, router_t_bins=4, router_momentum=0.75), "soft", "cosine")
+for step in range(2):
+    sums, counts = al.running_terms(losses[share[rank]] * (step + 1), bins[share[rank]])
+    kept = sums.clone(), counts.clone()
+    al.update_running(sums, counts)
+    assert torch.equal(sums, kept[0]) and torch.equal(counts, kept[1])
+    # one process with the whole batch: per-process terms are the global ones over 2 (a mean), ratios equal
+    total = whole.running_terms(losses * (step + 1), bins)
+    whole.update_running(total[0] / 2, total[1] / 2)
+ok = torch.allclose(al.running_loss, whole.running_loss, rtol=1e-6) and torch.equal(al.bin_updates, whole.bin_updates)
+with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as f:
+    f.write(f"{ok} {al.bin_updates.tolist()} {al.running_loss[3].tolist()}")
+dist.barrier()
+os._exit(0)
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", str(script), str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):  # bin 3 saw no sample: its initial value, no update
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "True [2, 2, 2, 0] [1.0, 1.0]"
 
 
 def test_save_on_two_resume_on_one(one_process_run, tmp_path):

@@ -104,3 +104,14 @@ def test_keep_weights_each_parameter_in_its_own_dtype(keep):
         else:
             want = b.double() + 0.1 * (m.detach().double() - b.double())
             torch.testing.assert_close(e.double(), want, rtol=0, atol=4 * torch.finfo(e.dtype).eps)
+
+
+def test_the_ema_takes_no_autograd_history_from_the_parameters_that_train():
+    """The model's parameters require grad (the EMA's do not); ema_update reads them under no_grad, with no detach:
+    the EMA stays leaf tensors without a graph. A lerp recorded by autograd would chain every step's EMA to the
+    last, and keep every step's graph alive."""
+    model = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    ema = [torch.nn.Parameter(p.detach().clone(), requires_grad=False) for p in model]
+    for keep in (None, torch.zeros(()), torch.ones(())):
+        ema_update(ema, model, 0.9, keep=keep)
+        assert all(e.is_leaf and e.grad_fn is None and not e.requires_grad for e in ema)

@@ -422,6 +422,35 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert not ckpt.list_checkpoints(tmp_path / "r2" / "checkpoints")  # nothing written over a good state
 
 
+def test_a_skipped_steps_metrics_leave_its_windows_means_to_the_good_steps(tmp_path, monkeypatch):
+    """A non-finite step returns zeros (a metric each, grad_norm too) and good_steps 0, however non-finite its own
+    metrics were: its window's means are the good steps' alone. A NaN left in would make the whole window's row NaN;
+    a finite one would be averaged in over the good steps' count."""
+    from ahpa.train.logger import add_to_window, window_means
+
+    real = Trainer._loss
+
+    def loss(self, batch, d, align_on):
+        value, metrics = real(self, batch, d, align_on)
+        if self.step != 1:
+            return value, metrics
+        return value * float("nan"), {k: v * float("nan") for k, v in metrics.items()}
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    tr = Trainer(tiny_cfg("train.steps=3", "align.router=soft"), tmp_path / "r")
+    steps = [tr.train_step() for _ in range(3)]
+    assert [s["good_steps"].item() for s in steps] == [1.0, 0.0, 1.0]
+    assert {"loss/flow", "loss/align", "align/level_loss", "grad_norm"} <= set(steps[1])
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in steps[1].items())
+    sums = {}
+    for s in steps:
+        add_to_window(sums, s)
+    row, n_good = window_means(sums)
+    assert n_good == 2 and row.keys() == steps[0].keys() - {"good_steps"}
+    for k, v in row.items():
+        assert np.allclose(v, ((steps[0][k] + steps[2][k]) / 2).tolist(), rtol=1e-6), k
+
+
 def test_a_window_of_skipped_steps_alone_logs_no_losses_and_the_bar_goes_on(tmp_path, monkeypatch, capsys):
     """Its means would be of no step: a flow loss of 0 was logged, drawn in TensorBoard and the loss plot. The row
     keeps the step counts; `ahpa train`'s bar shows no loss for it."""

@@ -127,3 +127,78 @@ def test_the_log_windows_sums_are_the_per_metric_sums_from_one_foreach_add():
     assert all(m["loss"].data_ptr() != sums["loss"].data_ptr() for m in steps)  # the steps' metrics are left as they were
     add_to_window(sums, {"loss": torch.ones(())})  # other metrics: one add each
     assert sums["loss"] == plain["loss"] + 1 and set(sums) == set(plain)
+
+
+def test_the_sit_gets_the_null_class_where_the_draws_drop_the_label_and_the_samples_own_elsewhere(tiny_cache, tmp_path):
+    """train.label_dropout (classifier-free guidance's training): the SiT's labels are the batch's, each replaced by
+    the null class where the step's draws drop it; read off the SiT's forward. A mask taken the other way (90% of
+    the labels dropped), or a dropped label set to a class of the data, trains a guided model that guides wrongly."""
+    import torch
+
+    from ahpa.data.order import batch_indices
+
+    tr = Trainer(cache_cfg(tiny_cache, "train.steps=4", "align.method=none", "data.prefetch=false",
+                           "train.label_dropout=0.5"), tmp_path / "r")
+    p, seen = tr.parts, []
+    hook = p.model.register_forward_pre_hook(lambda module, args: seen.append(args[2].clone()))
+    B, mc = tr.cfg.train.batch_size, p.model.cfg
+    for step in range(3):
+        draws = tr._draws(step, B, (mc.in_channels, mc.input_size, mc.input_size))
+        idx = batch_indices(step, B, len(p.source), tr.cfg.train.seed)
+        labels = p.source.fetch(idx, draws["flip"], draws.get("posterior")).labels
+        tr.train_step()
+        drop = draws["drop"]
+        assert drop.any() and not drop.all()  # both kinds in the batch: the check can tell a mask from its inverse
+        assert seen[-1].dtype == labels.dtype and torch.equal(seen[-1][drop], torch.full_like(labels[drop], p.model.null_class))
+        assert torch.equal(seen[-1][~drop], labels[~drop]) and (labels < p.model.null_class).all()
+    hook.remove()
+    p.source.close()
+
+
+def test_a_steps_metrics_over_micro_batches_are_their_means_as_one_batch_logs_them(tiny_cache, tmp_path):
+    """train.grad_accum=2 logs the same metrics as one batch of the same step (to rounding): each micro-batch's are
+    averaged, not summed, and every metric of both micro-batches counts."""
+    import torch
+
+    steps = {}
+    for accum in (1, 2):
+        tr = Trainer(cache_cfg(tiny_cache, "train.steps=4", "align.router=soft", "data.prefetch=false",
+                               f"train.grad_accum={accum}"), tmp_path / f"a{accum}")
+        steps[accum] = [tr.train_step() for _ in range(2)]
+        tr.parts.source.close()
+    for one, two in zip(steps[1], steps[2]):
+        assert one.keys() == two.keys() and {"loss/flow", "loss/align", "align/level_loss"} <= set(one)
+        for k in one:
+            assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-7), (k, one[k], two[k])
+
+
+def test_the_steps_constants_are_the_value_and_dtype_asked_made_once(tiny_cache, tmp_path):
+    """Trainer._constant keeps each (value, dtype) apart: a zero cached for float32 metrics is not the bf16 one, nor a
+    label constant of another value the same dtype's zero."""
+    import torch
+
+    tr = Trainer(cache_cfg(tiny_cache, "train.steps=2", "align.method=none"), tmp_path / "r")
+    asked = [(0, torch.float32), (0, torch.bfloat16), (0, torch.int64), (7, torch.int64), (7, torch.float32)]
+    made = [tr._constant(v, dtype) for v, dtype in asked]
+    for (v, dtype), c in zip(asked, made):
+        assert c.dtype == dtype and c.shape == () and c.item() == v and c.device == tr.parts.device
+    assert all(tr._constant(v, dtype) is c for (v, dtype), c in zip(asked, made))  # made once
+    tr.parts.source.close()
+
+
+def test_the_log_windows_one_foreach_add_takes_the_same_metrics_only_and_pairs_them_by_name():
+    """The fast path of ahpa.train.logger.add_to_window is for a step with the window's metrics: given in another
+    order they are still added by name; a step with one more metric (or as many, of other names) takes the per-metric
+    adds, each new metric starting its own sum."""
+    import torch
+
+    from ahpa.train.logger import add_to_window
+
+    sums = {}
+    add_to_window(sums, {"a": torch.tensor(1.0), "b": torch.tensor([2.0, 3.0])})
+    add_to_window(sums, {"b": torch.tensor([20.0, 30.0]), "a": torch.tensor(10.0)})  # another order
+    assert sums["a"].item() == 11.0 and sums["b"].tolist() == [22.0, 33.0]
+    add_to_window(sums, {"a": torch.tensor(100.0), "b": torch.tensor([1.0, 1.0]), "c": torch.tensor(5.0)})  # one more
+    assert (sums["a"].item(), sums["b"].tolist(), sums["c"].item()) == (111.0, [23.0, 34.0], 5.0)
+    add_to_window(sums, {"a": torch.tensor(1.0), "b": torch.tensor([1.0, 1.0]), "d": torch.tensor(7.0)})  # as many
+    assert (sums["a"].item(), sums["c"].item(), sums["d"].item()) == (112.0, 5.0, 7.0)

@@ -123,3 +123,30 @@ def test_the_report_refuses_to_merge_rows_of_other_inputs(tmp_path):
     write(tmp_path / "b.jsonl", [row(8000, {**ours, "decoder": OTHER}, key="other", every=4000) | {
         "config": {"train.lr": 2e-4, "study.eval_every": 4000}}])  # another lr: another table, no conflict
     assert len(load_rows([tmp_path])[1]) == 3
+
+
+def test_a_run_whose_data_is_unknown_appends_and_gzipped_or_torn_files_are_read_as_the_report_reads_them(tmp_path):
+    """This run's data file unknown (a folder of images: no sha256) is no conflict with rows that know theirs; a
+    gzipped results file (a finished pilot's) is checked as its text, and lines that are no row (a row torn by a
+    killed job, stray JSON) are skipped, the refusal naming the conflicting row's own line."""
+    import gzip
+
+    from study_inputs import check_append
+
+    ours, common = {"data": "a" * 64, "decoder": "b" * 64}, {"train.lr": 8e-4, "study.eval_every": 2}
+    write(tmp_path / "r.jsonl", [{"study": "k", "config": common, "inputs": ours}])
+    check_append(tmp_path / "r.jsonl", [("k", common)], {"data": None, "decoder": ours["decoder"]})
+    lines = ['{"study": "k", "config": {"train.lr": 8e-4, "stu', "[1, 2]", '"text"',
+             json.dumps({"study": "k", "config": common, "inputs": {**ours, "data": OTHER}})]
+    (tmp_path / "r.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(SystemExit, match=rf"r\.jsonl\.gz, line 4: .*inputs\.data .* is sha256 {OTHER} there"):
+        check_append(tmp_path / "r.jsonl.gz", [("k", common)], ours)
+
+
+@pytest.mark.skipif(not TAEF2.is_dir(), reason="needs ../shared (TAEF2)")
+def test_a_folder_of_images_has_no_data_sha256(tmp_path):
+    """--data a folder of images: its rows record the data as unknown (None), the decoder as its weights' sha256."""
+    from study_inputs import input_hashes
+
+    (tmp_path / "images").mkdir()
+    assert input_hashes(tmp_path / "images", f"taef2:{TAEF2}") == {"data": None, "decoder": sha(TAEF2 / "taef2_decoder.pth")}

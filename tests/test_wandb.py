@@ -4,6 +4,7 @@ read back from the run files W&B writes."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 import warnings
@@ -111,6 +112,9 @@ def test_an_offline_wandb_run_gets_what_tensorboard_gets_and_a_resume_continues_
     assert trainer.run(should_stop=lambda: trainer.step >= 2)["stopped"]
     run_id = (run / ID_FILE).read_text().strip()
     Trainer(cfg, run).run()
+    # run.finish() can return before W&B's service has written the run's file: the second launch's held its 7-byte
+    # header alone in 1 of 10 tries, complete 3 s later. Ending the service waits for it (40 of 40 complete)
+    offline_wandb.teardown()
     assert (run / ID_FILE).read_text().strip() == run_id  # the resume kept it
     launches = sorted(run.glob("wandb/offline-run-*"))
     assert [p.name.rsplit("-", 1)[1] for p in launches] == [run_id, run_id]
@@ -183,3 +187,143 @@ def test_wandb_settings_are_logging_only():
         with pytest.raises(config.ConfigError, match=rf"train.wandb='{bad}' is not valid: give a W&B project as "
                                                      r"PROJECT or ENTITY/PROJECT"):
             config.load(None, [f"train.wandb={bad}"])
+
+
+def test_a_run_that_fails_marks_its_wandb_run_failed_under_its_name_entity_and_project(tmp_path, tiny, offline_wandb,
+                                                                                       monkeypatch):
+    """A diverged run (every loss NaN: TooManyBadSteps) finishes its W&B run with exit code 1, which W&B shows as
+    failed, not finished; train.wandb=ENTITY/PROJECT and train.wandb_name go to W&B as such, and the eval/* charts
+    are drawn against eval/step."""
+    from ahpa.train.divergence import TooManyBadSteps
+
+    real = Trainer._loss
+
+    def loss(self, batch, d, align_on):
+        value, metrics = real(self, batch, d, align_on)
+        return value * float("nan"), metrics
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    run = tmp_path / "run"
+    with pytest.raises(TooManyBadSteps):
+        Trainer(tiny("train.steps=6", "train.max_bad_steps=2", "train.wandb=me/proj", "train.wandb_name=a name"), run).run()
+    offline_wandb.teardown()  # its file written (as in the first test)
+    run_id = (run / ID_FILE).read_text().strip()
+    records = wandb_records(next(run.glob("wandb/offline-run-*")) / f"run-{run_id}.wandb")
+    r = the_run(records)
+    assert (r.entity, r.project, r.display_name) == ("me", "proj", "a name")
+    exits = [x.exit for x in records if x.WhichOneof("record_type") == "exit"]
+    assert [x.exit_code for x in exits] == [1]
+    metrics = {x.metric.glob_name or x.metric.name: x.metric.step_metric for x in records
+               if x.WhichOneof("record_type") == "metric"}
+    assert metrics["eval/*"] == "eval/step"
+
+
+def test_a_finished_run_ends_its_wandb_run_finished_and_a_rerun_of_it_logs_nothing(tmp_path, tiny, offline_wandb,
+                                                                                  capsys):
+    """A run that completes ends its W&B run with exit code 0, and `ahpa train` names RUN/wandb among what it made; the
+    same command again (a requeued job: the run is complete, it trains nothing) starts no W&B run."""
+    from ahpa.cli import main
+
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, "train.steps=2", "train.wandb=proj"]) == 0
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run complete:")]
+    assert len(done) == 1 and done[0].endswith(", tb, wandb)"), done
+    Trainer(tiny("train.steps=2", "train.wandb=proj"), run).run()
+    offline_wandb.teardown()  # its file written (as in the first test)
+    launches = list(run.glob("wandb/offline-run-*"))
+    assert len(launches) == 1
+    records = wandb_records(launches[0] / f"run-{(run / ID_FILE).read_text().strip()}.wandb")
+    assert [x.exit.exit_code for x in records if x.WhichOneof("record_type") == "exit"] == [0]
+
+
+def test_the_wandb_id_file_is_read_back_made_once_and_refused_when_it_is_not_an_id(tmp_path, tiny):
+    """RUN/wandb_id: made on the first start (12 lowercase hex digits), read back as it is on every later one; text
+    that is no W&B id (a hand edit, another tool's file) is refused with the fix, not handed to W&B. A directory that
+    is no run (no config.yaml) but holds a wandb_id is refused as --out: a run there would log to that W&B run."""
+    from ahpa.train.wandb_sink import stored_id
+
+    made = stored_id(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{12}", made) and (tmp_path / ID_FILE).read_text() == made + "\n"
+    assert stored_id(tmp_path) == made
+    (tmp_path / ID_FILE).write_text("abc123\n")
+    assert stored_id(tmp_path) == "abc123"
+    for bad in ("Run-1", "a b", "../x", "ABC"):
+        (tmp_path / ID_FILE).write_text(bad + "\n")
+        with pytest.raises(RunConfigError, match=rf"{ID_FILE} holds '{re.escape(bad)}', not a W&B run id .*delete the file"):
+            stored_id(tmp_path)
+    (tmp_path / ID_FILE).write_text(made + "\n")
+    with pytest.raises(RunConfigError, match=rf"is not a run directory of ahpa \(no config.yaml\) but holds {ID_FILE}"):
+        Trainer(tiny("train.steps=1"), tmp_path)
+
+
+def test_a_wandb_install_that_fails_at_import_is_named_as_missing(monkeypatch):
+    """An install that raises at import (not an ImportError: e.g. wandb against a protobuf it does not support
+    raises TypeError) refuses train.wandb before set-up, with the error, like a missing one."""
+    import importlib.abc
+
+    from ahpa.train.wandb_sink import missing_wandb
+
+    class Broken(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "wandb":
+                raise TypeError("Descriptors cannot be created directly")
+            return None
+
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    said = missing_wandb("proj")
+    assert said.startswith("train.wandb='proj' logs to Weights & Biases, but wandb cannot be imported (TypeError: "
+                           "Descriptors cannot be created directly): pip install wandb")
+
+
+def test_a_wandb_project_is_split_into_entity_and_project_and_each_character_wandb_refuses_is_refused():
+    """train.wandb=ENTITY/PROJECT -> (entity, project), PROJECT -> (None, project): W&B gets each where it belongs. W&B's
+    names take none of \\ # ? % :, in either part; each is refused by the setting's name before the run starts."""
+    from ahpa.config_rules import wandb_project
+
+    assert wandb_project("me/proj") == ("me", "proj") and wandb_project("proj") == (None, "proj")
+    for c in "\\#?%:":
+        for bad in (f"pro{c}ject", f"me{c}/proj"):
+            with pytest.raises(config.ConfigError, match=r"train.wandb=.* is not valid: give a W&B project as "):
+                config.load(None, [f"train.wandb={bad}"])
+
+
+def test_tensorboard_and_wandb_get_a_rows_numbers_and_its_levels_losses_by_name():
+    """ahpa.train.logger.scalars: a row's numbers but its step and the images count (a count of evaluated images, not
+    a metric), no text, and each level's loss under align/level_loss/<level> in the order the row names them."""
+    from ahpa.train.logger import scalars
+
+    row = {"step": 4, "images": 16, "eval/FD-det": 2.5, "eval_setup": "euler-4", "loss/flow": 1.0, "bad_steps": 0,
+           "align/level_loss": [0.5, 0.25], "level_names": ["latent", "mid"]}
+    assert scalars(row) == {"eval/FD-det": 2.5, "loss/flow": 1.0, "bad_steps": 0, "align/level_loss/latent": 0.5,
+                            "align/level_loss/mid": 0.25}
+
+
+def test_under_torchrun_rank_0_alone_logs_and_a_wandb_that_cannot_start_stops_every_process(tmp_path, offline_wandb):
+    """Two processes: one W&B run, rank 0's, with every step; W&B refusing to start (online, no API key) stops both
+    processes before the first step with W&B's reason printed once, not rank 1 alone in a collective that rank 0
+    never joins."""
+    import os
+    import subprocess
+
+    from tests.conftest import TINY
+
+    def launch(out: Path, **env) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ahpa.cli",
+               "train", "--out", str(out), *TINY, "train.steps=2", "train.wandb=proj"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+    res = launch(tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_id = (tmp_path / "run" / ID_FILE).read_text().strip()
+    launches = list((tmp_path / "run").glob("wandb/offline-run-*"))
+    assert [p.name.rsplit("-", 1)[1] for p in launches] == [run_id]
+    assert [r["_step"] for r in history(wandb_records(launches[0] / f"run-{run_id}.wandb"))] == [1, 2]
+    res = launch(tmp_path / "online", WANDB_MODE="online", HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
+    said = [line for line in res.stderr.splitlines() if line.startswith("ahpa train: error: train.wandb='proj': W&B "
+                                                                       "could not start")]
+    assert res.returncode != 0 and len(said) == 1 and "gloo" not in res.stderr.lower(), res.stderr[-3000:]
+    assert not (tmp_path / "online" / "metrics.jsonl").exists()

@@ -77,21 +77,13 @@ def the_run(records):
 
 
 def tiny_detector(root: Path) -> tuple[str, Path]:
-    """A TorchScript detector (mean colour and a pooled random convolution) and a reference .npz: an evaluation in
-    seconds."""
-    class Detector(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
-
-        def forward(self, images):
-            x = images.float() / 255.0
-            return torch.cat([x.mean(dim=(2, 3)), torch.relu(self.conv(x)).mean(dim=(2, 3))], dim=1)
+    """A TorchScript detector (test_evaluate's: mean colour and a pooled random convolution) and a reference .npz: an
+    evaluation in seconds."""
+    from tests.test_evaluate import TinyDetector
 
     with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript authoring; detectors are TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(Detector().eval()).save(str(root / "det.pt"))
+        torch.jit.script(TinyDetector().eval()).save(str(root / "det.pt"))
     rng = np.random.default_rng(0)
     np.savez(root / "ref.npz", images=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), labels=np.arange(24) % 8)
     return f"torchscript:{root / 'det.pt'}", root / "ref.npz"

@@ -503,3 +503,36 @@ def test_an_unknown_encoder_kind_names_a_plugin_package_that_failed_to_import(pa
     with pytest.raises(ValueError, match=r"unknown encoder kind 'plugkind' in 'plugkind:/w'; valid kinds: .*"
                                          r"entry point bad = 'bad_mod'"):
         parse_spec("plugkind:/w")
+
+
+def test_installed_extension_packages_are_named_by_version_and_in_each_start_record(tmp_path):
+    """A package's method, loss or encoder changes what a run trains as ahpa's own code does: `ahpa --version` (for
+    a bug report) and each start of a run (starts.jsonl, which `ahpa compare` reads) name the installed packages
+    that extend ahpa, in every entry-point group ahpa reads. They used to name none: two runs of a method whose
+    package had changed looked alike."""
+    import json
+    import shutil
+
+    from ahpa import compare, external_kinds, plugins
+    from ahpa.priors import registry
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _install(site, "myplug", "myplug_ahpa", PLUGIN)
+    _install(site, "myvae", "myvae_mod", None, group=registry.ENTRY_POINT_GROUP)  # an encoder's: never imported here
+    version = _ahpa(site, "--version")
+    assert version.returncode == 0 and "\nextensions: myplug 0.1, myvae 0.1 (" in version.stdout, version.stdout
+    bare = _ahpa(tmp_path / "none", "--version")
+    assert "\nextensions: none installed (" in bare.stdout, bare.stdout
+    run = tmp_path / "run"
+    out = _ahpa(site, "train", "--config", "configs/tiny.yaml", "--out", str(run), "train.steps=1", "train.sample_every=0",
+                "align.method=plug-uniform")
+    assert out.returncode == 0, out.stderr[-2000:]
+    start = json.loads((run / "starts.jsonl").read_text().splitlines()[-1])
+    assert start["extensions"] == "myplug 0.1, myvae 0.1"
+    # the same run started without them: compare names the difference
+    shutil.copytree(run, tmp_path / "bare")
+    (tmp_path / "bare" / "starts.jsonl").write_text(json.dumps({**start, "extensions": None}) + "\n")
+    runs = [compare.read_run(run), compare.read_run(tmp_path / "bare")]
+    assert compare.differing_environment(runs) == {"extensions": ["myplug 0.1, myvae 0.1", None]}
+    assert set(plugins.GROUPS) == {plugins.GROUP, registry.ENTRY_POINT_GROUP, external_kinds.ENTRY_POINT_GROUP}

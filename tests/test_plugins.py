@@ -536,3 +536,27 @@ def test_installed_extension_packages_are_named_by_version_and_in_each_start_rec
     runs = [compare.read_run(run), compare.read_run(tmp_path / "bare")]
     assert compare.differing_environment(runs) == {"extensions": ["myplug 0.1, myvae 0.1", None]}
     assert set(plugins.GROUPS) == {plugins.GROUP, registry.ENTRY_POINT_GROUP, external_kinds.ENTRY_POINT_GROUP}
+
+
+def test_a_run_whose_registered_loss_turns_non_finite_in_training_names_it_when_it_stops(losses, tmp_path):
+    """A registered loss passes the check when the aligner is built ([B=2] inputs) and returns NaN on the training
+    batches: every step is skipped and the run stops. The message used to offer only the learning rate, clipping,
+    QK-norm, fp32 and the data, none of which is the cause; it names the registered code the run computes with."""
+    from ahpa import config
+    from ahpa.train.divergence import TooManyBadSteps
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    def nan_in_training(p, q, cfg):
+        mse = (p.float() - q.float()).pow(2).flatten(1).mean(1)
+        return mse if p.shape[0] == 2 else mse * float("nan")  # the check's batch is 2, the run's 8
+
+    losses.register_loss("nan-later", nan_in_training)
+    cfg = config.load(None, [*TINY, "train.steps=6", "train.max_bad_steps=3", "align.loss=nan-later"])
+    with pytest.raises(TooManyBadSteps, match=r"3 steps in a row .* or the registered code the run computes with "
+                                              r"\(loss 'nan-later'\)"):
+        Trainer(cfg, tmp_path / "run").run()
+    # a run of built-in parts only is told the usual causes alone
+    from ahpa.train.schedule import registered_code
+
+    assert registered_code(Trainer(config.load(None, [*TINY, "train.steps=1"]), tmp_path / "plain")) == []

@@ -560,3 +560,24 @@ def test_a_run_whose_registered_loss_turns_non_finite_in_training_names_it_when_
     from ahpa.train.schedule import registered_code
 
     assert registered_code(Trainer(config.load(None, [*TINY, "train.steps=1"]), tmp_path / "plain")) == []
+
+
+def test_a_plugin_module_naming_a_mode_before_registering_it_is_told_the_order(packages):
+    """A package's module that registers its method before the router mode the method names fails to import. The
+    refusal used to say that a name registered from Python exists only in the process that registered it, and to
+    declare an entry point: advice that does not apply to a package's own module. It names the order."""
+    from ahpa.align.methods import METHODS, MethodSpec, register_method
+    from ahpa.align.router import register_router_mode
+
+    def module():
+        register_method(MethodSpec("ordered", "all", "later-mode", "cosine", "the mode is registered below"))
+        register_router_mode("later-mode", lambda t, k: torch.full((t.shape[0], k), 1.0 / k))
+
+    packages(FakeEntryPoint("orderpkg", module, "orderpkg", "orderpkg_mod"))
+    with pytest.raises(ValueError) as refused:
+        METHODS.check("ordered")
+    message = str(refused.value)
+    assert ("method 'ordered': unknown router mode 'later-mode'; valid modes: soft, topk, snr, uniform (package "
+            "'orderpkg' is importing its 'ahpa.plugins' module: register a router mode or loss before the method "
+            "that names it)") in message, message
+    assert "exists only in the process" not in message

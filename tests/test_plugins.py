@@ -503,3 +503,81 @@ def test_an_unknown_encoder_kind_names_a_plugin_package_that_failed_to_import(pa
     with pytest.raises(ValueError, match=r"unknown encoder kind 'plugkind' in 'plugkind:/w'; valid kinds: .*"
                                          r"entry point bad = 'bad_mod'"):
         parse_spec("plugkind:/w")
+
+
+def test_installed_extension_packages_are_named_by_version_and_in_each_start_record(tmp_path):
+    """A package's method, loss or encoder changes what a run trains as ahpa's own code does: `ahpa --version` (for
+    a bug report) and each start of a run (starts.jsonl, which `ahpa compare` reads) name the installed packages
+    that extend ahpa, in every entry-point group ahpa reads. They used to name none: two runs of a method whose
+    package had changed looked alike."""
+    import json
+    import shutil
+
+    from ahpa import compare, external_kinds, plugins
+    from ahpa.priors import registry
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _install(site, "myplug", "myplug_ahpa", PLUGIN)
+    _install(site, "myvae", "myvae_mod", None, group=registry.ENTRY_POINT_GROUP)  # an encoder's: never imported here
+    version = _ahpa(site, "--version")
+    assert version.returncode == 0 and "\nextensions: myplug 0.1, myvae 0.1 (" in version.stdout, version.stdout
+    bare = _ahpa(tmp_path / "none", "--version")
+    assert "\nextensions: none installed (" in bare.stdout, bare.stdout
+    run = tmp_path / "run"
+    out = _ahpa(site, "train", "--config", "configs/tiny.yaml", "--out", str(run), "train.steps=1", "train.sample_every=0",
+                "align.method=plug-uniform")
+    assert out.returncode == 0, out.stderr[-2000:]
+    start = json.loads((run / "starts.jsonl").read_text().splitlines()[-1])
+    assert start["extensions"] == "myplug 0.1, myvae 0.1"
+    # the same run started without them: compare names the difference
+    shutil.copytree(run, tmp_path / "bare")
+    (tmp_path / "bare" / "starts.jsonl").write_text(json.dumps({**start, "extensions": None}) + "\n")
+    runs = [compare.read_run(run), compare.read_run(tmp_path / "bare")]
+    assert compare.differing_environment(runs) == {"extensions": ["myplug 0.1, myvae 0.1", None]}
+    assert set(plugins.GROUPS) == {plugins.GROUP, registry.ENTRY_POINT_GROUP, external_kinds.ENTRY_POINT_GROUP}
+
+
+def test_a_run_whose_registered_loss_turns_non_finite_in_training_names_it_when_it_stops(losses, tmp_path):
+    """A registered loss passes the check when the aligner is built ([B=2] inputs) and returns NaN on the training
+    batches: every step is skipped and the run stops. The message used to offer only the learning rate, clipping,
+    QK-norm, fp32 and the data, none of which is the cause; it names the registered code the run computes with."""
+    from ahpa import config
+    from ahpa.train.divergence import TooManyBadSteps
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    def nan_in_training(p, q, cfg):
+        mse = (p.float() - q.float()).pow(2).flatten(1).mean(1)
+        return mse if p.shape[0] == 2 else mse * float("nan")  # the check's batch is 2, the run's 8
+
+    losses.register_loss("nan-later", nan_in_training)
+    cfg = config.load(None, [*TINY, "train.steps=6", "train.max_bad_steps=3", "align.loss=nan-later"])
+    with pytest.raises(TooManyBadSteps, match=r"3 steps in a row .* or the registered code the run computes with "
+                                              r"\(loss 'nan-later'\)"):
+        Trainer(cfg, tmp_path / "run").run()
+    # a run of built-in parts only is told the usual causes alone
+    from ahpa.train.schedule import registered_code
+
+    assert registered_code(Trainer(config.load(None, [*TINY, "train.steps=1"]), tmp_path / "plain")) == []
+
+
+def test_a_plugin_module_naming_a_mode_before_registering_it_is_told_the_order(packages):
+    """A package's module that registers its method before the router mode the method names fails to import. The
+    refusal used to say that a name registered from Python exists only in the process that registered it, and to
+    declare an entry point: advice that does not apply to a package's own module. It names the order."""
+    from ahpa.align.methods import METHODS, MethodSpec, register_method
+    from ahpa.align.router import register_router_mode
+
+    def module():
+        register_method(MethodSpec("ordered", "all", "later-mode", "cosine", "the mode is registered below"))
+        register_router_mode("later-mode", lambda t, k: torch.full((t.shape[0], k), 1.0 / k))
+
+    packages(FakeEntryPoint("orderpkg", module, "orderpkg", "orderpkg_mod"))
+    with pytest.raises(ValueError) as refused:
+        METHODS.check("ordered")
+    message = str(refused.value)
+    assert ("method 'ordered': unknown router mode 'later-mode'; valid modes: soft, topk, snr, uniform (package "
+            "'orderpkg' is importing its 'ahpa.plugins' module: register a router mode or loss before the method "
+            "that names it)") in message, message
+    assert "exists only in the process" not in message

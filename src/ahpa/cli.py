@@ -17,8 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Start with `ahpa demo` (about 3 minutes on a CPU, no files needed). "
                                      "`ahpa COMMAND --help` shows a command's options and examples; your own images: "
                                      "`ahpa prepare --help`. Docs: README.md and docs/ in the repository")
-    parser.add_argument("--version", action=_Versions, help="the versions of ahpa, Python, torch (and its CUDA) and "
-                        "the libraries it loads models with, for a bug report")
+    parser.add_argument("--version", action=_Versions, help="the versions of ahpa, Python, torch (and its CUDA), the "
+                        "installed packages that extend ahpa and the libraries it loads models with, for a bug report")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"ahpa.commands.{name.replace('-', '_')}")
@@ -38,7 +38,9 @@ def versions() -> str:
     cuda = f"CUDA {env['cuda']}" if env["cuda"] else "no CUDA build"
     gpus = torch.cuda.device_count() if env["cuda"] else 0
     lines = [f"ahpa {env['ahpa']}" + (f" (checkout at {env['source']})" if env["source"] else ""),
-             f"Python {env['python']} ({platform.platform()})", f"torch {env['torch']} ({cuda}, {gpus} GPU(s) visible)"]
+             f"Python {env['python']} ({platform.platform()})", f"torch {env['torch']} ({cuda}, {gpus} GPU(s) visible)",
+             f"extensions: {env['extensions'] or 'none installed'} (packages with an ahpa.plugins, ahpa.encoders or "
+             "ahpa.external_encoders entry point)"]
     for name in ("numpy", "safetensors", "diffusers", "transformers", "tensorboard", "wandb"):
         try:
             lines.append(f"{name} {metadata.version(name)}")

@@ -20,7 +20,7 @@ from ahpa.provenance import starts
 from ahpa.train import eval_setup, inputs
 
 # the facts of a run's newest start (ahpa.provenance) that are compared; its host and time are not
-ENV_COMPARED = ("device", "processes", "torch", "cuda", "ahpa", "source")
+ENV_COMPARED = ("device", "processes", "torch", "cuda", "ahpa", "source", "extensions")
 # those that set a run's speed: a run resumed with others (a job requeued on other GPUs, resumed on fewer) mixes speeds
 SPEED_FACTS = ("device", "processes", "torch", "cuda")
 # settings that differ between comparable runs without changing what is compared: the run length and cadences, and

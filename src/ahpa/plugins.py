@@ -12,6 +12,9 @@ from __future__ import annotations
 import inspect
 
 GROUP = "ahpa.plugins"
+# every entry-point group ahpa reads: this module's, the prior encoders' (ahpa.priors.registry) and REPA's external
+# encoders' (ahpa.external_kinds)
+GROUPS = (GROUP, "ahpa.encoders", "ahpa.external_encoders")
 _loaded = False
 _failures: list[str] = []
 _importing: str | None = None  # the package whose "ahpa.plugins" module is being imported now
@@ -40,6 +43,21 @@ def load_plugins() -> list[str]:
             finally:
                 _importing = None
     return _failures
+
+
+def installed_extensions() -> str | None:
+    """The installed packages that extend ahpa (an entry point in one of GROUPS), "NAME VERSION, ..." sorted; None
+    with none. A package's method, loss or encoder is part of what trains a run and changes its numerics as ahpa's
+    own code does, so `ahpa --version` and a run's starts.jsonl name them (their entry points are not imported)."""
+    from importlib.metadata import entry_points
+
+    found = set()
+    for group in GROUPS:
+        for ep in entry_points(group=group):
+            dist = getattr(ep, "dist", None)
+            version = getattr(dist, "version", None)
+            found.add(f"{dist.name} {version}" if version is not None else package_of(ep))
+    return ", ".join(sorted(found)) or None
 
 
 def package_of(ep) -> str:

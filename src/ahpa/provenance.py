@@ -39,12 +39,14 @@ def source_revision() -> str | None:
 
 
 def environment(device: torch.device | None = None, processes: int = 1) -> dict:
-    """Versions, commit, device and process count: the facts a numerics or speed difference may come from."""
+    """Versions, commit, the installed packages that extend ahpa (None: none), device and process count: the facts a
+    numerics or speed difference may come from."""
     from ahpa import __version__
+    from ahpa.plugins import installed_extensions
 
-    return {"ahpa": __version__, "source": source_revision(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "device": device_name(device or torch.device("cpu")),
-            "processes": processes, "host": platform.node()}
+    return {"ahpa": __version__, "source": source_revision(), "extensions": installed_extensions(),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": device_name(device or torch.device("cpu")), "processes": processes, "host": platform.node()}
 
 
 def device_name(device: torch.device) -> str:

@@ -20,10 +20,16 @@ ELSEWHERE = ("a name registered from Python exists only in the process that regi
 
 def unknown_hint(name, valid) -> tuple[str, str]:
     """What follows the refusal of a name not among `valid`: (a near spelling, or ''; what else may explain it: the
-    installed packages that failed to import, since the name may be theirs, or, with neither, why a name registered
-    elsewhere is unknown here). Registry.check puts the spelling before the valid names, a config error after."""
+    installed packages that failed to import, since the name may be theirs, or, with neither, the order of a
+    package's registrations while its module imports, else why a name registered elsewhere is unknown here). Registry.check puts the spelling before the valid names, a config error after."""
     near, failed = did_you_mean(name, valid), "".join(f"; {f}" for f in load_plugins())
-    return near, failed if near or failed else f" ({ELSEWHERE})"
+    if near or failed:
+        return near, failed
+    package = importing()
+    if package is not None:  # a package's module names a name it has not registered yet: ELSEWHERE's advice is no fix
+        return near, (f" (package {package!r} is importing its 'ahpa.plugins' module: register a router mode or loss "
+                      "before the method that names it)")
+    return near, f" ({ELSEWHERE})"
 
 
 def check_name(name: str, what: str, usage: str) -> None:

@@ -39,6 +39,28 @@ class RunHooks(NamedTuple):
     progress: Callable[[str, int], Callable[[int], None] | None] | None
 
 
+def registered_code(tr: Trainer) -> list[str]:
+    """The registered loss, router mode and encoder kinds (not built in) the run computes with, named: code
+    outside ahpa, whose output is checked when the run is built but not at each step (a host sync each), so a run
+    whose every step is skipped names it beside the usual causes."""
+    from ahpa.align.methods import LOSSES, ROUTER_MODES
+    from ahpa.external_kinds import EXTERNALS
+    from ahpa.priors.registry import ENCODERS
+
+    p, named = tr.parts, []
+    if p.aligner is not None:
+        if p.aligner.loss_kind not in LOSSES.built_in:
+            named.append(f"loss {p.aligner.loss_kind!r}")
+        if p.aligner.router.mode not in ROUTER_MODES.built_in:
+            named.append(f"router mode {p.aligner.router.mode!r}")
+    for key, spec, registry in (("prior.encoder", getattr(p.encoder, "spec", ""), ENCODERS),
+                                ("prior.external", tr.cfg.prior.external if p.external is not None else "", EXTERNALS)):
+        kind = (spec or "").partition(":")[0]
+        if kind and kind not in registry.built_in:
+            named.append(f"{key}={spec!r}")
+    return named
+
+
 def stop_agreed(tr: Trainer, should_stop: Callable[[], int] | None, vote: LateMax) -> int:
     """Whether to stop now: 0, or the reason (a signal number) any process has. Under torchrun every process votes
     every 10 steps and acts on the vote before (`LateMax`: the answer is read when the GPU has long finished the
@@ -167,10 +189,14 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
                 bad = last["skipped_in_window"] - last.get("overflow_steps", 0)  # fp16's overflows are no sign
                 verdict = watch.update(count, bad, int(tr.bad_run.item()))
                 if verdict:
+                    own = registered_code(tr)
                     raise TooManyBadSteps(
                         f"{verdict} (step {tr.step}); they were skipped, and no checkpoint is written inside a "
                         f"streak of them. Start a new run with a lower train.lr, a smaller train.grad_clip, "
-                        f"model.qk_norm=true or train.precision=fp32, or check the data."
+                        f"model.qk_norm=true or train.precision=fp32, or check the data"
+                        + (f"; or the registered code the run computes with ({', '.join(own)}): what it returns is "
+                           "checked when the run is built, not at every step, and one value that is not finite "
+                           "(a division by 0, a log of 0) skips the step (docs/extending.md)." if own else ".")
                     )
                 sums, count, timed, t0 = {}, 0, 0, time.perf_counter()
             if posthoc_track.due(c.train, tr.step):  # before a stop: a run resumed from this step never writes them

@@ -467,7 +467,29 @@ def test_a_window_of_skipped_steps_alone_logs_no_losses_and_the_bar_goes_on(tmp_
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [("loss/flow" in r, r["skipped_in_window"], r["bad_steps"]) for r in rows] == [
         (True, 0, 0), (False, 1, 1), (True, 0, 1)]
-    assert "flow=—" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "flow=—" in err
+    assert "1 of the 3 steps trained now were skipped (a non-finite loss or gradient" in err
+
+
+def test_a_short_run_whose_every_step_is_skipped_is_not_complete(tmp_path, monkeypatch, capsys):
+    """Shorter than train.max_bad_steps (20), so neither rule of the stretch applies: it trained nothing, and said
+    "run complete" with exit code 0 (a short trial of a new loss is where this happens). It stops as a diverged run
+    does, before its export; a run with good steps among them completes."""
+    from ahpa.cli import main
+
+    real = Trainer._loss
+
+    def loss(self, batch, d, align_on):
+        value, metrics = real(self, batch, d, align_on)
+        return value * float("nan"), metrics
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY, "train.steps=4", "train.log_every=2"]) != 0
+    err = capsys.readouterr()
+    assert "every one of the 4 steps trained had a non-finite loss or gradient (step 4)" in err.err
+    assert "run complete" not in err.out + err.err
+    assert not (tmp_path / "r" / "DONE").exists() and not (tmp_path / "r" / "model.safetensors").exists()
 
 
 def test_a_run_that_skips_most_steps_stops_though_never_enough_in_a_row(tmp_path, monkeypatch):

@@ -145,6 +145,10 @@ def run(args) -> int:
             made = [n for n in ("model.safetensors", "samples.png", "router.png", "losses.png", "eval.png", "metrics.jsonl",
                                 "tb", "wandb") if (Path(args.out) / n).exists()]
             print(f"run complete: {args.out} ({', '.join(made)})")
+            if result.get("launch_skipped"):  # the steps whose loss or gradient was not finite changed no weight
+                print(f"{result['launch_skipped']} of the {result['launch_steps']} steps trained now were skipped "
+                      "(a non-finite loss or gradient; metrics.jsonl's bad_steps): they changed no weight",
+                      file=sys.stderr)
             if "samples.png" in made:  # the grid names no class: which column holds which (ahpa sample --grid says it too)
                 from ahpa.data.class_names import class_names
                 from ahpa.train.plots import columns_note

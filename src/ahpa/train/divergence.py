@@ -35,11 +35,21 @@ class DivergenceWatch:
     max_bad_steps: int
     steps: int = 0
     skipped: int = 0
+    launch_steps: int = 0  # this launch's steps and skipped steps, never reset: the completion line reports them
+    launch_skipped: int = 0
 
-    def update(self, steps: int, skipped: int, in_a_row: int) -> str | None:
+    def update(self, steps: int, skipped: int, in_a_row: int, last: bool = False) -> str | None:
+        """The verdict on the stretch so far, with this window of `steps` (`skipped` of them) added. `last`: the
+        launch's last window. A launch shorter than `max_bad_steps` whose every step was skipped is stopped too: it
+        trained nothing, and a short trial of a new loss or encoder is where that happens (it used to say "run
+        complete" and exit 0)."""
         self.steps += steps
         self.skipped += skipped
+        self.launch_steps += steps
+        self.launch_skipped += skipped
         verdict = bad_steps_verdict(self.skipped, self.steps, in_a_row, self.max_bad_steps)
+        if verdict is None and last and self.launch_steps and self.launch_skipped == self.launch_steps:
+            verdict = f"every one of the {self.launch_steps} steps trained had a non-finite loss or gradient"
         if self.steps >= self.max_bad_steps:  # judged: the next stretch starts afresh
             self.steps = self.skipped = 0
         return verdict

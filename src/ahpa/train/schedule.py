@@ -187,7 +187,7 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
                 if hooks.on_log is not None:
                     hooks.on_log(tr.step, last)
                 bad = last["skipped_in_window"] - last.get("overflow_steps", 0)  # fp16's overflows are no sign
-                verdict = watch.update(count, bad, int(tr.bad_run.item()))
+                verdict = watch.update(count, bad, int(tr.bad_run.item()), last=done)
                 if verdict:
                     own = registered_code(tr)
                     raise TooManyBadSteps(
@@ -229,6 +229,8 @@ def train(tr: Trainer, hooks: RunHooks) -> dict:
         tr.export()
         if main:
             outputs.finish(tr.run_dir, tr.parts.levels, tr.step)
+        if watch.launch_skipped:  # said when the run completes: its steps without an update
+            last = {**last, "launch_skipped": watch.launch_skipped, "launch_steps": watch.launch_steps}
     except BaseException:
         failed = True
         raise

@@ -305,6 +305,26 @@ def test_a_reference_folder_of_photos_is_read_at_the_run_resolution(setup, tmp_p
     assert [m for m in Trainer(cfg, tmp_path / "run8").messages if "holds 8x8 images and the samples are 16x16" in m]
 
 
+def test_a_run_says_before_training_when_its_evaluations_have_fewer_images_than_features(setup, tmp_path):
+    """`ahpa eval` warns that an FD of as many images as features or fewer is biased upward; a run that evaluates with
+    such an eval.num (a small CPU run; eval.num=1000 under Inception's 2048) or reference said nothing, and its FD curve
+    read as any other."""
+    from ahpa import config
+    from ahpa.train.loop import Trainer
+    from tests.conftest import TINY
+
+    _, det, ref = setup  # 9 features, a reference of 40 images
+    few = tmp_path / "few.npz"
+    np.savez(few, images=np.random.default_rng(2).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    base = [*TINY, "train.steps=2", "eval.every=2", f"eval.detectors=[{det.spec}]", "eval.batch=8"]
+    said = Trainer(config.load(None, [*base, f"eval.ref={few}", "eval.num=8"]), tmp_path / "few").messages
+    assert [m for m in said if m.startswith(f"8 samples for 9 features ({det.name}): the covariance is rank-deficient")
+            and "eval.num above 9" in m]
+    assert [m for m in said if m.startswith(f"eval.ref: 6 reference images for 9 features ({det.name})")]
+    said = Trainer(config.load(None, [*base, f"eval.ref={ref}", "eval.num=10"]), tmp_path / "enough").messages
+    assert not [m for m in said if "rank-deficient" in m]
+
+
 def test_several_detectors_share_one_set_of_samples(setup, tmp_path):
     bundle, det, ref = setup
     ref_stats = load_reference(ref, det, tmp_path)

@@ -708,3 +708,9 @@ def test_a_folder_without_images_and_a_class_whose_files_were_all_skipped_are_sa
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "birds" / "only.png")
     assert main([*args[:-1], str(tmp_path / "c2")]) == 0
     assert "hold no image" not in capsys.readouterr().err
+    # --limit cuts the sorted listing after the first class folders: the warning said files were skipped or the source
+    # named none, and to fix or remove files, where the cause was the limit
+    assert main([*args[:-1], str(tmp_path / "c3"), "--limit", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 class(es) hold no image in the cache (--limit 3 keeps the first 3 source items" in err
+    assert "dogs. The model still has a class" in err and "drop --limit" in err and "fix or remove" not in err

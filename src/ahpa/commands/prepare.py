@@ -118,7 +118,7 @@ def _run(args) -> int:
         if bar is not None:
             bar.close()
     if rank == 0:
-        _report(result, world)
+        _report(result, world, args.limit)
     if world > 1:  # torchrun: the process ends here
         from ahpa.commands.exit import finish
 
@@ -126,17 +126,22 @@ def _run(args) -> int:
     return 0
 
 
-def _report(result, world: int = 1) -> None:
+def _report(result, world: int = 1, limit: int = 0) -> None:
     from ahpa.disk_space import size_text
 
     if result.label_doubt:  # said first and on stderr: a class-conditional run may be about to train without labels
         print(f"warning: labels: {result.labels}; {result.label_doubt}", file=sys.stderr)
     if result.empty_classes:  # on stderr, with the doubt: a class-balanced grid of two classes would be half noise
         shown = ", ".join(result.empty_classes[:5]) + (", ..." if len(result.empty_classes) > 5 else "")
-        print(f"warning: {len(result.empty_classes)} class(es) hold no image in the cache (every file of theirs was "
-              f"skipped, or the source names none): {shown}. The model still has a class for each, which never trains, "
-              "and class-balanced samples and evaluations draw it: fix or remove those files, then prepare into a new "
-              f"--out (counts per class: {result.path / 'report.json'})", file=sys.stderr)
+        why, fix = "every file of theirs was skipped, or the source names none", "fix or remove those files"
+        if limit and result.items == limit:  # the limit cut the listing: its order puts a folder's classes one by one
+            why = (f"--limit {limit} keeps the first {limit} source items in the source's order, a folder's sorted one "
+                   "class folder after another, so the classes after them get none; or their files were skipped")
+            fix = ("for a few images of every class, drop --limit and give a folder with the same class sub-folders "
+                   "holding a few files (or links) of each")
+        print(f"warning: {len(result.empty_classes)} class(es) hold no image in the cache ({why}): {shown}. The model "
+              "still has a class for each, which never trains, and class-balanced samples and evaluations draw it: "
+              f"{fix}, then prepare into a new --out (counts per class: {result.path / 'report.json'})", file=sys.stderr)
     if result.noop:
         checked = "every file matches its sha256" if result.checked else "nothing to do"
         print(f"{result.path}: already complete ({result.images:,} images, {size_text(result.bytes)}); {checked}")

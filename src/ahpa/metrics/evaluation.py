@@ -177,6 +177,13 @@ def evaluate(
                  "reference_spatial": ref_m.spatial if ref_m is not None else None}
 
 
+def rank_deficient(count: int, name: str, dim: int, metric: str) -> str:
+    """The caveat of `count` images (`name`: "samples", "reference images") measured in `dim` features, count <= dim:
+    said by `ahpa eval` after measuring and by a run that evaluates before its first step."""
+    return (f"{count} {name} for {dim} features ({metric}): the covariance is rank-deficient and the Fréchet distance "
+            f"biased upward; compare only figures of the same number of {name}")
+
+
 def caveats(samples, reference, detector: Detector, num: int | None, fd: bool,
             pr_sizes: tuple[int, int] | None = None, spatial: bool = False) -> list[str]:
     """Why the figures of this evaluation may not compare with others (EvaluationWarning's messages); `pr_sizes`:
@@ -198,8 +205,7 @@ def caveats(samples, reference, detector: Detector, num: int | None, fd: bool,
     for name, stats in (("samples", samples), ("reference images", reference)):
         for dim, metric in dims:
             if stats is not None and stats.count and stats.count <= dim:
-                out.append(f"{stats.count} {name} for {dim} features ({metric}): the covariance is rank-deficient and "
-                           f"the Fréchet distance biased upward; compare only figures of the same number of {name}")
+                out.append(rank_deficient(stats.count, name, dim, metric))
     sizes = (samples.image_size, reference.image_size if reference is not None else None)
     if None not in sizes and sizes[0] != sizes[1]:
         (h, w), (rh, rw) = sizes

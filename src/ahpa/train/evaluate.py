@@ -169,6 +169,15 @@ class Evaluator:
             self.notes.append(f"eval.ref holds {h}x{w} images and the samples are {side}x{side}: detectors resize both to "
                               "their input size, so the FD mixes the resolution gap with sample quality (the same gap "
                               "for every run compared)")
+        if rank == 0:  # as `ahpa eval` warns after measuring; a run says it before training, where eval.num can change
+            from ahpa.metrics.evaluation import rank_deficient
+
+            for det, ref in zip(self._detectors, self._refs):
+                if cfg.num <= det.dim:
+                    self.notes.append(f"{rank_deficient(cfg.num, 'samples', det.dim, det.name)} (eval.num above "
+                                      f"{det.dim} avoids it)")
+                if ref.count and ref.count <= det.dim:
+                    self.notes.append(f"eval.ref: {rank_deficient(ref.count, 'reference images', det.dim, det.name)}")
 
     @classmethod
     def for_run(cls, cfg: Config, step: int, device: torch.device, run_dir: Path, rank: int, world: int,

@@ -52,6 +52,15 @@ def test_compare_ranks_against_the_vanilla_run_and_names_what_differs(tmp_path, 
     assert main(["compare", str(wobbly), str(ahpa), "--baseline", "wobbly"]) == 0
     rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert "| 300 | 1.00x |" in rows["wobbly (baseline)"] and "| 200 | 1.50x |" in rows["ahpa"]
+    # its FD rose at its end: the speed-ups read against its last value are said to be so
+    noisy = _run(tmp_path, "noisy", "none", [7.909, 7.650, 7.847])
+    lower = _run(tmp_path, "lower", "ahpa", [8.029, 7.374, 7.591])  # below the baseline after its first evaluation
+    assert main(["compare", str(noisy), str(lower)]) == 0
+    text = capsys.readouterr().out
+    assert "| 0.97x |" in text  # 123.9 images against 127.8: the rule's figure stands, with its note
+    assert ("The baseline's FD-r20 rose at its end (lowest 7.650 at 200 images, last 7.847 at 300): speed-ups are read "
+            "against its last value") in text
+    assert main(["compare", str(base), str(ahpa)]) == 0 and "rose at its end" not in capsys.readouterr().out
     # a baseline whose FD rose after its first evaluation: a copy of it is not faster, and no speed-up is read
     rising = _run(tmp_path, "rising", "none", [7.0, 8.5, 8.835])
     copy = _run(tmp_path, "copy", "none", [7.0, 8.5, 8.835])

@@ -35,6 +35,13 @@ def comparison(runs: list[Run], rows: list[Run], baseline: Run, metric: str, met
             f"({base[-1][1]:.3f}) from its first evaluation on, so it did not improve after {base[0][0]:,} images "
             "(noise, or training too short or too long for the evaluations' spacing). Evaluate earlier and more "
             "often, or train longer.")
+    elif metric and rose_at_end(base):
+        low = min(base, key=lambda point: point[1])
+        table_notes.append(
+            f"The baseline's {metric} rose at its end (lowest {low[1]:.3f} at {low[0]:,} images, last {base[-1][1]:.3f} "
+            f"at {base[-1][0]:,}): speed-ups are read against its last value, which a run reaches early, so a run below "
+            "the baseline at every later evaluation can still read near or under 1.00x. Read the FDs at equal images "
+            "too; more samples per evaluation (less noise) or a longer run make the speed-up mean more.")
     settings = []
     for key, values in differing.items():
         why = ""
@@ -61,6 +68,13 @@ def comparison(runs: list[Run], rows: list[Run], baseline: Run, metric: str, met
     return {"schema": SCHEMA, "metric": metric or None, "metrics": metrics, "baseline": baseline.name,
             "rows": [row_data(r, i, baseline, metric, otherwise, differing) for i, r in enumerate(rows)],
             "notes": notes}
+
+
+def rose_at_end(base: list[tuple[int, float]]) -> bool:
+    """Whether a baseline curve's last value lies above its lowest by more than rounding (compare.SAME): its speed-ups
+    are read against a value other runs pass early, and a reader should be told (compare.md's table note)."""
+    low = min(y for _, y in base)
+    return len(base) > 1 and base[-1][1] > low + compare.SAME * max(abs(low), 1.0)
 
 
 def row_data(r: Run, i: int, baseline: Run, metric: str, otherwise: dict[str, str],

@@ -21,6 +21,7 @@ from ahpa import config as config_mod
 from ahpa.data.procedural import CLASS_NAMES, make_shapes
 from ahpa.demo.classifier import accuracy, train_classifier
 from ahpa.priors.kl_vae import KLVAEConfig, train_vae
+from ahpa.priors.reconstruction import reconstruct
 from ahpa.sample import iter_samples
 from ahpa.train import plots
 from ahpa.train.loop import Trainer
@@ -100,10 +101,7 @@ def run_demo(
     judge = train_classifier(images, labels, len(CLASS_NAMES), steps=judge_steps, seed=seed, on_step=lambda s: bar.update(1))
     bar.close()
     judge_acc = accuracy(judge, held_images, held_labels)
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(torch.from_numpy(held_images).permute(0, 3, 1, 2).float() / 255).mean)
-    rec_u8 = (rec.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    rec_acc = accuracy(judge, rec_u8, held_labels)
+    rec_acc = accuracy(judge, reconstruct(vae, held_images), held_labels)
     timings["judge"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -713,4 +713,31 @@ def test_a_folder_without_images_and_a_class_whose_files_were_all_skipped_are_sa
     assert main([*args[:-1], str(tmp_path / "c3"), "--limit", "3"]) == 0
     err = capsys.readouterr().err
     assert "warning: 1 class(es) hold no image in the cache (--limit 3 keeps the first 3 source items" in err
-    assert "dogs. The model still has a class" in err and "drop --limit" in err and "fix or remove" not in err
+    assert "dogs. The model still has a class" in err and "give --per-class N instead of --limit" in err
+    assert "fix or remove" not in err
+    # --per-class 1 keeps the first image of every class: none is empty
+    assert main([*args[:-1], str(tmp_path / "c4"), "--per-class", "1"]) == 0
+    assert "hold no image" not in capsys.readouterr().err
+    report = json.loads((tmp_path / "c4" / "report.json").read_text())
+    assert report["images_per_class"] == {"birds": 1, "cats": 1, "dogs": 1}
+
+
+def test_per_class_keeps_the_first_items_of_each_class_in_the_source_order(tmp_path):
+    """`--per-class N`: a subset of every class (--limit's first N items of a sorted folder are its first classes).
+    Labels interleaved as a file list or an .npz may give them; then --limit after it."""
+    from ahpa.data.listing import first_of_each_class
+
+    labels = np.array([2, 0, 2, 1, 0, 2, 0, 1, 2])
+    assert first_of_each_class(labels, 2).tolist() == [0, 1, 2, 3, 4, 7]
+    assert first_of_each_class(labels, 1).tolist() == [0, 1, 3]
+    assert first_of_each_class(labels, 9).tolist() == list(range(9))
+    assert first_of_each_class(np.zeros(0, np.int64), 3).tolist() == []
+    images = np.arange(9, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    listing = list_source(tmp_path / "d.npz", per_class=2)
+    assert listing.labels.tolist() == [2, 0, 2, 1, 0, 1] and listing.array[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 7]
+    assert list_source(tmp_path / "d.npz", per_class=2, limit=4).labels.tolist() == [2, 0, 2, 1]
+    lines = "".join(f"{i}.png\t{y}\n" for i, y in enumerate(labels))
+    (tmp_path / "l.txt").write_text(lines)
+    listing = list_source(tmp_path / "l.txt", per_class=1)
+    assert [p.name for p in listing.paths] == ["0.png", "1.png", "3.png"] and listing.labels.tolist() == [2, 0, 1]

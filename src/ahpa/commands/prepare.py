@@ -42,7 +42,9 @@ def register(sub) -> None:
     p.add_argument("--precision", default="fp32", help="encoder arithmetic: fp32 | bf16 (part of the cache's identity; default fp32)")
     p.add_argument("--shard-size", type=int, default=4096, help="source items per shard (the unit of resume; default 4096)")
     p.add_argument("--labels", default="auto", help="auto | folders | none (how a folder gives labels)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N source items")
+    p.add_argument("--limit", type=int, default=0, help="only the first N source items (a folder's: its first classes)")
+    p.add_argument("--per-class", type=int, default=0,
+                   help="only the first N items of each class, e.g. 100 of each of ImageNet's 1,000 (before --limit)")
     p.add_argument("--reduce", type=int, default=0,
                    help="store levels wider than N channels as N PCA coefficients (basis fitted and kept with the cache)")
     p.add_argument("--reduce-images", type=int, default=1024, help="first source items the PCA bases are fitted on (default 1024)")
@@ -93,7 +95,7 @@ def _run(args) -> int:
         dtype=args.dtype, flips=args.flips, batch=args.batch, strict=args.strict,
         workers=default_workers() if args.workers is None else args.workers,
         device=args.device, precision=args.precision, shard_size=args.shard_size, labels=args.labels,
-        limit=args.limit, reduce=args.reduce, reduce_images=args.reduce_images, store_images=args.store_images,
+        limit=args.limit, per_class=args.per_class, reduce=args.reduce, reduce_images=args.reduce_images, store_images=args.store_images,
         repair=args.repair, space_check=not args.no_space_check, rank=rank,
         world=world,
     )
@@ -137,8 +139,7 @@ def _report(result, world: int = 1, limit: int = 0) -> None:
         if limit and result.items == limit:  # the limit cut the listing: its order puts a folder's classes one by one
             why = (f"--limit {limit} keeps the first {limit} source items in the source's order, a folder's sorted one "
                    "class folder after another, so the classes after them get none; or their files were skipped")
-            fix = ("for a few images of every class, drop --limit and give a folder with the same class sub-folders "
-                   "holding a few files (or links) of each")
+            fix = "for a few images of every class, give --per-class N instead of --limit"
         print(f"warning: {len(result.empty_classes)} class(es) hold no image in the cache ({why}): {shown}. The model "
               "still has a class for each, which never trains, and class-balanced samples and evaluations draw it: "
               f"{fix}, then prepare into a new --out (counts per class: {result.path / 'report.json'})", file=sys.stderr)

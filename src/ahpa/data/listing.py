@@ -181,8 +181,18 @@ def _npz(path: Path, labels: str) -> Listing:
     return Listing("npz", path, y, None, array=images)
 
 
-def list_source(src: str | Path, labels: str = "auto", limit: int = 0) -> Listing:
-    """Numbered items of SRC (a folder, a .npz, or a .txt/.lst file list); the first `limit` only if > 0."""
+def first_of_each_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices (ascending: the source's order) of the first `per_class` items of each label: int64 [M]."""
+    order = np.argsort(labels, kind="stable")  # by class, each class's items in source order
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")  # where each item's class begins
+    rank_in_class = np.arange(len(labels)) - starts
+    return np.sort(order[rank_in_class < per_class])
+
+
+def list_source(src: str | Path, labels: str = "auto", limit: int = 0, per_class: int = 0) -> Listing:
+    """Numbered items of SRC (a folder, a .npz, or a .txt/.lst file list): with `per_class` > 0 the first that many of
+    each class (in the source's order), then the first `limit` only if > 0."""
     if labels not in LABEL_MODES:
         raise ValueError(f"labels mode {labels!r} is not valid; valid: {', '.join(LABEL_MODES)}")
     path = Path(src).expanduser()
@@ -196,6 +206,11 @@ def list_source(src: str | Path, labels: str = "auto", limit: int = 0) -> Listin
         listing = _file_list(path, labels)
     else:
         raise ValueError(f"image source {path} is neither a folder, a .npz file nor a {'/'.join(LIST_SUFFIXES)} file list")
+    if per_class:
+        keep = first_of_each_class(listing.labels, per_class)
+        listing.labels = listing.labels[keep]
+        listing.paths = listing.paths.take(keep) if listing.paths is not None else None
+        listing.array = listing.array[keep] if listing.array is not None else None
     if limit and limit < len(listing):
         listing.labels = listing.labels[:limit]
         listing.paths = listing.paths[:limit] if listing.paths is not None else None

@@ -61,6 +61,10 @@ class PathTable:
         name = self.name(i)
         return Path(name) if self.root is None else self.root / name
 
+    def take(self, indices: np.ndarray) -> PathTable:
+        """The paths at `indices` (int [M], in the order given), as a new table."""
+        return PathTable([self.name(int(i)) for i in indices], self.root)
+
     def names(self, chunk: int = 65536) -> Iterator[str]:
         """Every name in order, decoded `chunk` names at a time: a million files' names one by one through
         `name(i)` take seconds."""

@@ -56,6 +56,7 @@ class PrepareOptions:
     shard_size: int = 4096  # source items per shard: the unit of resume
     labels: str = "auto"  # auto | folders | none
     limit: int = 0  # only the first N source items (0 = all)
+    per_class: int = 0  # only the first N items of each class, in the source's order (0 = all); before limit
     reduce: int = 0  # store levels with more channels as this many PCA coefficients (0 = store every channel)
     reduce_images: int = 1024  # first source items the PCA bases are fitted on
     store_images: bool = False  # keep the uint8 crops too: REPA's external encoder reads them (R*R*3 bytes each)
@@ -116,6 +117,7 @@ def _check_options(o: PrepareOptions) -> None:
         (o.shard_size >= 1, f"--shard-size must be >= 1, got {o.shard_size}"),
         (o.grid >= 0, f"--grid must be >= 1 (or 0 for the default), got {o.grid}"),
         (o.limit >= 0, f"--limit must be >= 0, got {o.limit}"),
+        (o.per_class >= 0, f"--per-class must be >= 0, got {o.per_class}"),
         (o.reduce >= 0, f"--reduce must be >= 0 (0 = no reduction), got {o.reduce}"),
         (o.reduce_images >= 1, f"--reduce-images must be >= 1, got {o.reduce_images}"),
         (0 <= o.rank < o.world, f"rank {o.rank} is outside [0, world={o.world})"),
@@ -203,7 +205,7 @@ def prepare(
 ) -> PrepareResult:
     """Prepare (or resume, or confirm) the cache `o.out`. `barrier` synchronises the processes of a torchrun."""
     _check_options(o)
-    listing = list_source(o.images, o.labels, o.limit)  # missing path / empty folder: fail before any work
+    listing = list_source(o.images, o.labels, o.limit, o.per_class)  # missing path / empty folder: fail before any work
     out = Path(o.out).expanduser()
     check_output_dir(out)
     _check_not_foreign(out, listing)

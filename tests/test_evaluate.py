@@ -412,7 +412,8 @@ def test_a_resume_that_evaluates_otherwise_says_so_and_eval_png_breaks_the_line(
 
 def test_the_reference_a_run_measures_when_it_is_built_reports_progress(setup, tmp_path):
     """A run that evaluates measures eval.ref when it is built: minutes for 50,000 images, and `ahpa train` said
-    nothing meanwhile. Trainer(progress=...) gets a "reference" count per batch, and none once it is cached."""
+    nothing meanwhile. Trainer(progress=...) opens a "reference" bar with the number of images it reads (it had none:
+    no ETA), counted per batch, and none once it is cached."""
     from ahpa import config
     from ahpa.train.loop import Trainer
     from tests.conftest import TINY
@@ -425,10 +426,11 @@ def test_the_reference_a_run_measures_when_it_is_built_reports_progress(setup, t
     counts = {}
 
     def progress(label, total):
-        return lambda n: counts.__setitem__(label, counts.get(label, 0) + n)
+        counts[label] = [total, 0]
+        return lambda n: counts[label].__setitem__(1, counts[label][1] + n)
 
     Trainer(config.load(None, args), tmp_path / "a", progress=progress)
-    assert counts == {f"reference [{det.name}]": 24}
+    assert counts == {f"reference [{det.name}]": [24, 24]}
     counts.clear()
     Trainer(config.load(None, args), tmp_path / "b", progress=progress)  # cached once per machine: nothing measured
     assert counts == {}

@@ -305,15 +305,18 @@ def test_sfid_completes_a_reference_cache_that_holds_fids_statistics_only(incept
 def test_sfid_against_a_reference_batch_without_mu_s_measures_its_images(inception, tmp_path, stray):
     """ADM's layout with mu and sigma but no mu_s (a batch saved before sFID), or half of sFID's pair: FID's statistics
     are the stored ones (of the full dataset), sFID's are measured from the images beside them, and both are saved
-    with their own counts (the stored statistics' unknown, the images' 12)."""
+    with their own counts (the stored statistics' unknown, the images' 12); the reference's progress bar has all 12."""
     det = load_detector(inception)
     ref_imgs = _images(12, 2)
     mu, sigma = np.full(2048, 0.25), np.eye(2048) / 16  # stand for the full dataset's
     np.savez(tmp_path / "samples.npz", arr_0=_images(10, 1))
     np.savez(tmp_path / "ref.npz", arr_0=ref_imgs, mu=mu, sigma=sigma, **stray)
+    bars = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EvaluationWarning)
-        got, stats = evaluate(tmp_path / "samples.npz", tmp_path / "ref.npz", det, ("sfid",))
+        got, stats = evaluate(tmp_path / "samples.npz", tmp_path / "ref.npz", det, ("sfid",),
+                              progress=lambda label, total: bars.append((label, total)))
+    assert bars == [("reference [FID]", 12), ("samples [FID]", 10)]
     assert set(got) == {"sFID"}
     np.testing.assert_allclose(stats["reference"].mean, mu)  # the stored statistics, not the images'
     _, r = _by_hand(ref_imgs)

@@ -105,13 +105,11 @@ def run(args) -> int:
 
     bars = []
 
-    def progress(label: str):
-        def update(n: int) -> None:  # the bar opens with the first batch: a reference read from the cache shows none
-            if not bars or bars[-1].desc != label:
-                bars.append(tqdm(desc=label, unit="img", dynamic_ncols=True, leave=False))
-            bars[-1].update(n)
-
-        return update
+    def progress(label: str, total: int | None):
+        # called as a pass over images starts (none for a reference read from the cache), with the images it reads:
+        # the bar shows how far and how long to go
+        bars.append(tqdm(total=total, desc=label, unit="img", dynamic_ncols=True, leave=False))
+        return bars[-1].update
 
     results, said = {}, set()  # a warning of every detector alike (fewer images, a size gap) is said once
     ours = (SkippedFilesWarning, ConvertedImagesWarning, EvaluationWarning)

@@ -11,6 +11,7 @@ from one pass over the samples.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -126,13 +127,15 @@ def evaluate(
     pr_num: int = 10_000,
     pr_k: int = 3,
     cache_dir: str | Path | None = None,
-    progress: Callable[[str], Callable[[int], None]] | None = None,
+    progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
     option_names: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """({metric name: value}, {"samples": FeatureStats, "reference": FeatureStats or None}) for the first `num`
     samples; the reference's statistics come back when a metric needed them (None for `is` alone).
 
-    `progress(label)` may return a callback that takes the number of images of each batch (a bar's update);
+    `progress(label, total)` is called as each pass over images starts ("reference [<metric>]", none when the
+    reference is cached; "samples [<metric>]"), with the number of images it reads (None for an iterable of
+    batches), and may return a callback that takes the number of images of each batch (a bar's update);
     `option_names` as check_settings' `names` (the caller's names of the parameters, in its errors).
     """
     metrics = parse_metrics(metrics)
@@ -145,17 +148,17 @@ def evaluate(
     if spatial:
         detector.check_spatial()  # before the reference's pass: a network that cannot give them is refused now
 
-    def tick(label: str):
-        return progress(f"{label} [{detector.name}]") if progress is not None else None
+    def bar(label: str):  # measure's factory: given a pass's total, the caller's bar for it
+        return functools.partial(progress, f"{label} [{detector.name}]") if progress is not None else None
 
     # the reference first: its statistics are cached for the next evaluation, so a reference that cannot be read
     # (images of several sizes without a resolution, a missing file) fails before the samples' work, not after it
     ref_m = None
     if "fd" in metrics or "pr" in metrics or spatial:
-        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, on_batch=tick("reference"),
+        ref_m = reference_measurement(ref, detector, cache_dir, batch_size, keep=keep, progress=bar("reference"),
                                       spatial=spatial)
     got = measure(samples, detector, batch_size, probs="is" in metrics, keep=keep, spatial=spatial, max_images=num,
-                  on_batch=tick("samples"))
+                  progress=bar("samples"))
     # against the images that decoded: a folder, counted by its files beforehand, may hold fewer (undecodable ones)
     check_settings(metrics, **settings, count=got.stats.count)
     out: dict[str, float] = {}

@@ -92,6 +92,25 @@ def batch_ranges(n: int, batch_size: int, rank: int, world_size: int) -> Iterato
             yield start, min(start + batch_size, n)
 
 
+def share_count(n: int, batch_size: int, rank: int, world_size: int) -> int:
+    """How many of [0, n) `rank` reads in `batch_ranges`' batches (a progress bar's total)."""
+    return sum(stop - start for start, stop in batch_ranges(n, batch_size, rank, world_size))
+
+
+class ImageBatches:
+    """The uint8 NHWC batches of an image source (iterated once) and `total`, how many images they hold: this rank's
+    share, capped at max_images, known before the first batch is read so that a progress bar has an end and an ETA;
+    None for a caller's own iterable of batches. A folder's total is its listed files: an undecodable one is skipped,
+    so it may yield fewer."""
+
+    def __init__(self, batches: Iterator, total: int | None):
+        self._batches, self.total = batches, total
+
+    def __iter__(self) -> Iterator:
+        # the generator itself, not a wrapper's __next__: a folder's warnings (stacklevel=2) keep naming the caller
+        return self._batches
+
+
 def _read_exact(f, out: np.ndarray, path: Path) -> None:
     view = memoryview(out.reshape(-1).view(np.uint8))
     pos = 0
@@ -118,7 +137,7 @@ def _iter_npz(path: Path, key: str, batch_size: int, rank: int, world_size: int,
             return
         shape, _, dtype = header
         _check_layout(dtype, shape, str(path))
-        n = shape[0] if limit is None else min(shape[0], limit)
+        n = _capped(shape[0], limit)
         pos = 0
         for start, stop in batch_ranges(n, batch_size, rank, world_size):
             if start > pos:  # another rank's batches: read past them
@@ -131,7 +150,7 @@ def _iter_npz(path: Path, key: str, batch_size: int, rank: int, world_size: int,
 
 def _iter_array(arr, batch_size: int, rank: int, world_size: int, limit: int | None, where: str):
     _check_batch(arr, where)
-    n = len(arr) if limit is None else min(len(arr), limit)
+    n = _capped(len(arr), limit)
     for start, stop in batch_ranges(n, batch_size, rank, world_size):
         yield arr[start:stop]
 
@@ -177,11 +196,9 @@ def image_files(folder: str | Path) -> PathTable:
     return list_source(folder, labels="none").paths
 
 
-def _iter_folder(folder: ImageFolder, batch_size: int, rank: int, world_size: int, limit: int | None):
+def _iter_folder(folder: ImageFolder, listing, batch_size: int, rank: int, world_size: int, n: int):
     # Undecodable files are skipped and named in one warning at the end, as `ahpa prepare` skips and reports them:
     # failing at file 900,000 of a reference would throw away the measurement of the ones before it.
-    listing = list_source(folder.path, labels="none")
-    n = len(listing) if limit is None else min(len(listing), limit)
     batches = [list(range(start, stop)) for start, stop in batch_ranges(n, batch_size, rank, world_size)]
     skipped, first, decoded = [], None, 0
     converted, first_converted = Counter(), None  # kind ("L->RGB") -> images; counts, since a folder may be all grey
@@ -254,8 +271,9 @@ def check_image_source(source: "str | Path | ImageFolder", what: str = "image so
 
 def iter_image_batches(
     source, batch_size: int = 250, *, rank: int = 0, world_size: int = 1, max_images: int | None = None
-) -> Iterator[np.ndarray | torch.Tensor]:
-    """Yield uint8 NHWC batches of `source` (see the module doc); with world_size > 1, this rank's share.
+) -> ImageBatches:
+    """The uint8 NHWC batches of `source` (see the module doc), with world_size > 1 this rank's share, and their
+    number of images as `.total` (see `ImageBatches`).
 
     `max_images` takes the first images of the source (before sharding). An iterable of batches is
     passed through as it is (it is the caller's to shard), only checked and cut at `max_images`.
@@ -266,17 +284,28 @@ def iter_image_batches(
         path = check_image_source(source)
         if path.is_dir():
             folder = source if isinstance(source, ImageFolder) else ImageFolder(path)
-            return _iter_folder(folder, batch_size, rank, world_size, max_images)
+            listing = list_source(folder.path, labels="none")  # listed now, for the total
+            n = _capped(len(listing), max_images)
+            return ImageBatches(_iter_folder(folder, listing, batch_size, rank, world_size, n),
+                                share_count(n, batch_size, rank, world_size))
         key = npz_image_key(path)
         if key is None:
             keys = sorted(npz_names(path))
             raise ValueError(f"{str(path)!r} holds no images under {' or '.join(NPZ_IMAGE_KEYS)} (keys: {keys})")
-        return _iter_npz(path, key, batch_size, rank, world_size, max_images)
+        count = npz_image_count(path)  # from the header; None only for a header np.save does not write for images
+        total = None if count is None else share_count(_capped(count, max_images), batch_size, rank, world_size)
+        return ImageBatches(_iter_npz(path, key, batch_size, rank, world_size, max_images), total)
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        return _iter_array(source, batch_size, rank, world_size, max_images, "image array")
+        n = _capped(len(_check_batch(source, "image array")), max_images)
+        return ImageBatches(_iter_array(source, batch_size, rank, world_size, max_images, "image array"),
+                            share_count(n, batch_size, rank, world_size))
     if isinstance(source, Iterable):
-        return _iter_batches(source, max_images)
+        return ImageBatches(_iter_batches(source, max_images), None)
     raise TypeError(f"unsupported image source of type {type(source).__name__}")
+
+
+def _capped(n: int, limit: int | None) -> int:
+    return n if limit is None else max(0, min(n, limit))
 
 
 def _iter_batches(batches: Iterable, limit: int | None):

@@ -21,6 +21,12 @@ from ahpa.metrics.frechet import FeatureStats
 from ahpa.metrics.images import ImageFolder, iter_image_batches, npz_image_key, npz_names
 
 
+# A progress bar's factory: called with the number of images a pass will read (None when unknown) when, and only
+# when, a pass starts (a cached reference starts none); returns the per-batch update taking each batch's number of
+# images, or None. Given the total up front, a bar shows an ETA (a 50,000-image pass is minutes).
+Progress = Callable[[int | None], Callable[[int], None] | None]
+
+
 @dataclass
 class Measurement:
     stats: FeatureStats
@@ -60,12 +66,15 @@ def measure(
     rank: int = 0,
     world_size: int = 1,
     max_images: int | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Measurement:
     """Statistics of `source` under `detector` (sums on `device`, default the detector's; with the (H, W) of
     its first image as `stats.image_size`), plus class probabilities (`probs=True`), the first `keep`
-    features and the statistics of sFID's spatial features (`spatial=True`, Inception only); `on_batch(n)` after
-    each batch of n images (a progress bar's update).
+    features and the statistics of sFID's spatial features (`spatial=True`, Inception only).
+
+    `progress(total)` is called once the source is opened, with the number of images this pass reads (this rank's
+    share, capped at `max_images`; None for an iterable of batches, whose length is unknown): it may return a
+    callback that takes the number of images of each batch (a progress bar's update). See `Progress`.
 
     With world_size > 1 each rank reads its share and, when torch.distributed is initialised, the sums are
     all-reduced so that every rank returns the statistics of the whole source; probabilities and kept
@@ -81,7 +90,9 @@ def measure(
     stats = FeatureStats(dim=detector.dim, device=sums_on)
     sstats = FeatureStats(dim=detector.spatial_dim, device=sums_on) if spatial else None
     prob_parts, feat_parts, kept, size = [], [], 0, None
-    for batch in iter_image_batches(source, batch_size, rank=rank, world_size=world_size, max_images=max_images):
+    batches = iter_image_batches(source, batch_size, rank=rank, world_size=world_size, max_images=max_images)
+    on_batch = progress(batches.total) if progress is not None else None
+    for batch in batches:
         size = size or (int(batch.shape[1]), int(batch.shape[2]))
         images = _to_nchw(batch)
         if spatial:
@@ -129,11 +140,11 @@ def compute_stats(
     rank: int = 0,
     world_size: int = 1,
     max_images: int | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> FeatureStats:
     """Feature statistics of `source` under `detector` (see `measure`)."""
     return measure(source, detector, batch_size, device, rank=rank, world_size=world_size, max_images=max_images,
-                   on_batch=on_batch).stats
+                   progress=progress).stats
 
 
 def stored_stats_usable(path: Path, detector: Detector) -> tuple[bool, str | None]:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ from ahpa.data.path_table import PathTable
 from ahpa.metrics.detectors import Detector, parse_spec
 from ahpa.metrics.frechet import FeatureStats
 from ahpa.metrics.images import ImageFolder, image_files
-from ahpa.metrics.measurement import (Measurement, check_reference, has_stored_spatial, is_stats_file, measure,
-                                      reference_stats, stored_stats_usable)
+from ahpa.metrics.measurement import (Measurement, Progress, check_reference, has_stored_spatial, is_stats_file,
+                                      measure, reference_stats, stored_stats_usable)
 
 
 KEY_VERSION = 2  # raised when how a reference is measured changes: older entries are then measured afresh
@@ -178,30 +177,31 @@ def share_cached(mine: Path, theirs: Path | None) -> None:
 
 
 def _measured(ref, detector: Detector, batch_size: int, keep: int, spatial: bool,
-              on_batch: Callable[[int], None] | None) -> Measurement:
+              progress: Progress | None) -> Measurement:
     """The reference measured afresh: its images in one pass, or its stored statistics and, where they are not
     enough, the images beside them."""
     if not (is_stats_file(ref) and stored_stats_usable(Path(ref), detector)[0]):
-        return measure(ref, detector, batch_size, keep=keep, spatial=spatial, on_batch=on_batch)
+        return measure(ref, detector, batch_size, keep=keep, spatial=spatial, progress=progress)
     # stored statistics (an ADM reference batch: of the full dataset) stand for the reference; the images beside them
     # give the points precision/recall needs, as ADM's evaluator uses them, and sFID's statistics when none are stored
     stats = reference_stats(ref, detector, batch_size)
     sstats = FeatureStats.load(ref, spatial=True) if spatial and has_stored_spatial(ref) else None
     if spatial and sstats is None:
-        got = measure(ref, detector, batch_size, keep=keep, spatial=True, on_batch=on_batch)
+        got = measure(ref, detector, batch_size, keep=keep, spatial=True, progress=progress)
         return Measurement(stats, None, got.features, got.spatial)
-    feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, on_batch=on_batch).features if keep else None
+    feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, progress=progress).features if keep else None
     return Measurement(stats, None, feats, sstats)
 
 
 def reference_measurement(
     ref, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250, keep: int = 0,
-    on_batch: Callable[[int], None] | None = None, spatial: bool = False,
+    progress: Progress | None = None, spatial: bool = False,
 ) -> Measurement:
     """Statistics of the reference (an image source or stored mu/sigma, see `reference_stats`), with `keep` > 0 the
     features of its first `keep` images, and with `spatial` the statistics of sFID's features (stored `mu_s`/`sigma_s`,
     or measured), cached in `cache_dir` (None: no caching) as `<metric>-<key>.npz`, `<metric>-<key>-first<keep>.npy`
-    and `sFID-<key>.npz`."""
+    and `sFID-<key>.npz`. `progress` as `measure`'s, for the pass that runs (if any): the whole reference, its first
+    `keep` images (statistics cached or stored), or none (everything cached)."""
     check_reference(ref, detector, keep, spatial)
     if cache_dir is not None:
         stats_path, feat_path, spatial_path = _cache_files(ref, detector, cache_dir, keep)
@@ -214,11 +214,11 @@ def reference_measurement(
             if feats is None:
                 # the statistics are known: only the first `keep` images are measured, not the whole reference
                 # again (another --pr-num against a 1.28M-image folder took the hours of the first pass)
-                feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, on_batch=on_batch).features
+                feats = measure(ref, detector, batch_size, keep=keep, max_images=keep, progress=progress).features
                 with atomic_path(feat_path) as tmp, open(tmp, "wb") as f:
                     np.save(f, feats.cpu().numpy())
             return Measurement(stats, None, feats.to(detector.device), sstats)
-    got = _measured(ref, detector, batch_size, keep, spatial, on_batch)
+    got = _measured(ref, detector, batch_size, keep, spatial, progress)
     got.stats.detector = detector.name
     if cache_dir is None:
         return got
@@ -234,7 +234,7 @@ def reference_measurement(
 
 
 def load_reference(ref: str | Path, detector: Detector, cache_dir: str | Path | None, batch_size: int = 250,
-                   on_batch: Callable[[int], None] | None = None) -> FeatureStats:
-    """Reference statistics for `detector`, cached in `cache_dir` (see `reference_measurement`; `on_batch(n)` after
-    each batch of n images measured, none when they come from the cache)."""
-    return reference_measurement(ref, detector, cache_dir, batch_size, on_batch=on_batch).stats
+                   progress: Progress | None = None) -> FeatureStats:
+    """Reference statistics for `detector`, cached in `cache_dir` (see `reference_measurement`; `progress` as
+    `measure`'s, not called when they come from the cache)."""
+    return reference_measurement(ref, detector, cache_dir, batch_size, progress=progress).stats

@@ -16,6 +16,7 @@ each result into metrics.jsonl and eval.png.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,7 @@ from ahpa.config import Config, EvalCfg, SampleCfg
 from ahpa.jsonl import read_rows
 from ahpa.metrics.detectors import Detector
 from ahpa.metrics.frechet import FeatureStats
-from ahpa.metrics.images import batch_ranges
+from ahpa.metrics.images import batch_ranges, share_count
 from ahpa.sample import SamplerBundle, iter_samples
 from ahpa.train import eval_setup, plots
 from ahpa.train.distributed import barrier, from_main
@@ -78,7 +79,7 @@ def sample_stats(
 
 def rank_share(num: int, batch: int, rank: int = 0, world_size: int = 1) -> int:
     """How many of samples [0, num) `sample_stats` generates on `rank`: its batches are b = rank, rank + world, ..."""
-    return sum(hi - lo for lo, hi in batch_ranges(num, batch, rank, world_size))
+    return share_count(num, batch, rank, world_size)
 
 
 def evaluate_fd(
@@ -230,8 +231,9 @@ class Evaluator:
                     theirs = shared / self._files[i].name if self.rank == 0 and shared is not None else None
                     if self.rank == 0:
                         share_cached(self._files[i], theirs)  # theirs -> the run's, when only the shared one has them
-                    tick = progress(f"reference [{det.name}]", None) if progress is not None else None
-                    self._refs.append(load_reference(self._ref_source, det, cache, e.batch, on_batch=tick))
+                    # a bar, with the number of images of the pass, only when one runs: none for a cached reference
+                    bar = functools.partial(progress, f"reference [{det.name}]") if progress is not None else None
+                    self._refs.append(load_reference(self._ref_source, det, cache, e.batch, progress=bar))
                     if self.rank == 0:
                         share_cached(self._files[i], theirs)  # the run's -> theirs, when it was measured here
             barrier()

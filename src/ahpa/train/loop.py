@@ -51,7 +51,8 @@ class Trainer:
                  progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
                  space_check: bool = True):
         """`progress(label, total)` as for `run`, here for the measurement of eval.ref when the run evaluates (label
-        "reference [<detector>]", total None: minutes for 50,000 images, once per machine, then cached).
+        "reference [<detector>]", total the images it reads: minutes for 50,000, once per machine, then cached and
+        not called).
         `space_check=False` (`ahpa train --no-space-check`) skips the refusal of train.posthoc_ema's snapshots that
         need more than the run directory's disk has free (ahpa.train.posthoc_track.check_space)."""
         if not isinstance(cfg, Config):

@@ -465,6 +465,12 @@ def test_router_modes_registered_at_run_time_train_and_are_checked(monkeypatch, 
     torch.nn.init.normal_(learned.mlp[-1].weight)  # away from the uniform start, where squaring changes nothing
     weights, trained = learned.route(t)
     assert not torch.allclose(weights, trained) and torch.allclose(weights, sharpen(trained))
+    # a mode computing in float64 gives fp32 weights as the built-in ones: float64 promoted the alignment loss
+    for name, fn, learned_mode in (("ramp64", lambda t, k: ramp(t, k).double(), False),
+                                   ("sharp64", lambda soft: sharpen(soft).double(), True)):
+        monkeypatch.setitem(ROUTER_MODES.entries, name, None)
+        router_mod.register_router_mode(name, fn, learned=learned_mode)
+        assert Router(3, name)(t).dtype == torch.float32
 
     for mode in ("ramp", "sharp"):
         trainer = Trainer(tiny(f"align.router={mode}", "train.steps=2"), tmp_path / mode)

@@ -146,10 +146,10 @@ class Router(nn.Module):
             if registered is None:
                 raise NotImplementedError(f"router mode {self.mode!r} is fixed (ROUTER_MODES) but has no branch in "
                                           "Router.route and no function of register_router_mode")
-            weights = registered(t.float(), self.num_levels)
-            return weights, weights
+            weights = registered(t.float(), self.num_levels).float()  # fp32 as the built-in modes: float64 weights
+            return weights, weights  # would promote the whole alignment loss to float64 (slow on a GPU)
         emb = timestep_embedding(t * 1000.0, self.freq_dim)
         probs = torch.softmax(self.mlp(emb.to(self.mlp[0].weight.dtype)).float() / self.tau, dim=-1)
         if registered is not None:
-            return registered(probs), probs
+            return registered(probs).float(), probs
         return (keep_topk(probs, self.topk) if self.mode == "topk" else probs), probs

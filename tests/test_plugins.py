@@ -581,3 +581,34 @@ def test_a_plugin_module_naming_a_mode_before_registering_it_is_told_the_order(p
             "'orderpkg' is importing its 'ahpa.plugins' module: register a router mode or loss before the method "
             "that names it)") in message, message
     assert "exists only in the process" not in message
+
+
+def test_a_run_of_a_name_registered_elsewhere_is_refused_with_what_it_lacks(losses, tmp_path):
+    """A run trained with a session's (or a package's) loss, reopened in a process without it: the refusal said to
+    choose a new --out or fix the key named, for a run of an older ahpa. It names what the process lacks and the
+    extension packages the run's last start recorded."""
+    import json
+
+    from ahpa import config
+    from ahpa.align.methods import LOSSES
+    from ahpa.train.loop import Trainer
+    from ahpa.train.run_dir import RunConfigError
+    from tests.conftest import TINY
+
+    saved = dict(LOSSES.entries)
+    losses.register_loss("mse2", lambda p, q, cfg: (p.float() - q.float()).pow(2).flatten(1).mean(1))
+    Trainer(config.load(None, [*TINY, "train.steps=1", "align.loss=mse2"]), tmp_path / "run").run()
+    LOSSES.entries.clear()
+    LOSSES.entries.update(saved)  # a new process: the session's loss is gone
+    with pytest.raises(RunConfigError) as refused:
+        Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "run")
+    message = str(refused.value)
+    assert "align.loss='mse2' is not valid" in message and "fix the key named" not in message
+    assert message.endswith("this process lacks the package or session code the run trained with: install or "
+                            "register it before resuming this run.")
+    starts = tmp_path / "run" / "starts.jsonl"
+    start = json.loads(starts.read_text().splitlines()[-1])
+    starts.write_text(json.dumps({**start, "extensions": "myahpa 0.2"}) + "\n")
+    with pytest.raises(RunConfigError, match=r"trained with \(its last start recorded the extension packages myahpa "
+                                             r"0\.2\): install"):
+        Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "run")

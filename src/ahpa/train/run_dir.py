@@ -27,6 +27,21 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "router.jsonl", "inputs.json", "sta
              "wandb_id")
 
 
+# the keys whose values may be names that a package or a session registered (docs/extending.md)
+REGISTERED_KEYS = ("align.method", "align.loss", "align.router", "prior.encoder", "prior.external")
+
+
+def _registered_elsewhere(run_dir: Path) -> str:
+    """The fix for a run whose config names a method, loss, router mode or encoder kind that is not registered in
+    this process: its package (named by the run's newest start, where it recorded one) or the session's code."""
+    from ahpa.provenance import last_start
+
+    start = last_start(run_dir) or {}
+    named = f" (its last start recorded the extension packages {start['extensions']})" if start.get("extensions") else ""
+    return (f"this process lacks the package or session code the run trained with{named}: install or register it "
+            "before resuming this run.")
+
+
 def _saved_config(run_dir: Path) -> Config | None:
     """The run's config.yaml, or None where there is none. Refuses a directory that is not a run but holds files of
     the names a run writes (a run's own config.yaml written over is harmless; someone else's, or their samples/, is
@@ -36,9 +51,11 @@ def _saved_config(run_dir: Path) -> Config | None:
         try:
             return config_mod.load(config_file)
         except ValueError as e:  # ConfigError, or bytes that are not text
+            first = str(e).splitlines()[0]
             raise RunConfigError(
-                f"{run_dir} holds a config.yaml that cannot be read as a run's config ({str(e).splitlines()[0]}), and "
-                "a run would write over it. Choose a new --out; or, for a run of an older ahpa, fix the key named."
+                f"{run_dir} holds a config.yaml that cannot be read as a run's config ({first}); "
+                + (_registered_elsewhere(run_dir) if any(f": {k}=" in first for k in REGISTERED_KEYS) else
+                   "a run would write over it: choose a new --out; or, for a run of an older ahpa, fix the key named.")
             ) from None
     clash = [name for name in RUN_FILES if (run_dir / name).exists()]
     if clash:

@@ -33,6 +33,7 @@ import torch
 
 import benchlib
 from study_cfg import guidance_list, guided_rows
+from study_extensions import check_append_extensions, check_method_names
 from study_inputs import check_append, input_hashes
 from study_report import file_label
 from study_setup import (DEFAULT_METHODS, METHODS, REPO, SHARED, SIZES, TRACKED_SIGMAS, check_methods,  # noqa: F401
@@ -41,6 +42,7 @@ from ahpa.config import SampleCfg
 from ahpa.data.cache import read_manifest
 from ahpa.data.prepare import PrepareOptions, prepare
 from ahpa.metrics import FeatureStats, load_detector, reference_stats
+from ahpa.plugins import installed_extensions
 from ahpa.sample import SamplerBundle, iter_samples, generate
 from ahpa.train import logger, plots
 from ahpa.train.divergence import DivergenceWatch
@@ -260,7 +262,9 @@ def parser() -> argparse.ArgumentParser:
     """The command line (tests/test_docs_commands.py reads its flags to check the documented commands)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=tuple(SIZES), default="smoke")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma list of {', '.join(METHODS)}, or the name of an alignment method registered by an "
+                         "installed package (docs/extending.md; run as align.method=NAME, labelled NAME)")
     ap.add_argument("--level", default="stage4", help="the level vae-level aligns (TAEF2: stage1..stage4, latent)")
     ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
                     help="a method's own switch for an ablation, e.g. align.router_entropy=0, align.levels=[latent,stage4] "
@@ -336,17 +340,19 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
+    check_method_names(methods)
     if args.variant and "none" in methods:  # vanilla SiT reads no alignment switch: it would be a mislabelled copy
         raise SystemExit(f"--variant {' '.join(args.variant)} changes the alignment, which 'none' does not have: run "
                          f"'none' in a job of its own (its rows serve every variant of the same study key)")
     inputs = None  # (the job's first call prepares the cache with no method: it writes no row)
+    # a registered method's numerics are its package's: every row names the installed extensions (study_extensions.py)
+    extensions = installed_extensions()
     if methods and not args.refs_only:  # before anything trains: rows of other inputs never join the file's
         inputs = input_hashes(args.data, args.encoder)
-        check_append(args.results, [study_key(study_config(args, size, m, variants=False), args, args.size)
-                                    for m in methods], inputs)
+        runs = {method_label(m, args): study_key(study_config(args, size, m, variants=False), args, args.size)
+                for m in methods}
+        check_append(args.results, list(runs.values()), inputs)
+        check_append_extensions(args.results, runs, extensions)
     if args.check:  # the prepared cache's levels, without preparing it (the job prepared it first)
         manifest = read_manifest(args.cache)
         check_methods(args, size, methods, [lvl["name"] for lvl in manifest["levels"]] + ["latent"])
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     env = {**benchlib.device_info(device), "command": benchlib.command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "precision": precision_name(autocast_dtype("auto", device)), "compile": args.compile == "on",
-           "lanes": args.lanes, "inputs": inputs}
+           "lanes": args.lanes, "inputs": inputs, "extensions": extensions}
     cache = ensure_cache(args, device)
     print(f"cache: {cache}", flush=True)
     check_methods(args, size, methods, [lvl["name"] for lvl in read_manifest(args.cache)["levels"]] + ["latent"])

@@ -17,6 +17,8 @@
 # mode (and says so in the log), so that one CUDA-graph failure does not cost the whole job. Every lane's flags are
 # split as a shell splits them (quotes allowed) and checked against the prepared cache (study.py --check) before any
 # lane starts; the job exits 1 when a lane failed (a lane stopped by STUDY_LIMIT_S keeps its evaluations, not a failure).
+# A lane may run a method an installed package registers ("--methods NAME", docs/study.md "A method of your own"): the
+# package must be installed in the Python that runs the job, or --check refuses the name (with the valid ones).
 #
 # The machine has none of ../shared: copy the three inputs (54 MB) into an ignored folder first, here,
 # and name it in the run's carry (the working tree that travels is limited to 64 MiB):

@@ -7,7 +7,8 @@ Rows are keyed by (study key, method, seed, step), post-hoc EMA rows also by the
 row with the same key replaces an earlier one (a rerun of a job). Runs are compared only within one study key (same
 config, steps, evaluation protocol; keys that differ in the evaluation cadence alone are one study,
 `merge_cadences`), at equal steps; the comparisons are in study_tables.py, the figures in study_plots.py. Rows of
-one table that record other input files (`inputs`: the data's and the decoder's sha256, study_inputs.py) are refused.
+one table that record other input files (`inputs`: the data's and the decoder's sha256, study_inputs.py) are refused,
+as are rows of one registered method in one table that record other extensions (study_extensions.py).
 Writes README.md (tables), fd-<metric>-<key>.png (FD against training images, one line per method and seed),
 router-<key>-<method>-seed<s>.png (router weights against t, one panel per evaluation point), levels-<key>.png
 (per-level alignment losses), ms-per-step-<key>.png, ema-length-<metric>-<key>.png (FD against the post-hoc
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from study_cfg import cfg_section, guided_key
 from study_ema import ema_section, orphan_notes
+from study_extensions import check_extensions
 from study_inputs import check_mixed
 from study_setup import SIZES, settings_but_cadence
 from study_plots import compact_png, plot_fd, plot_levels, plot_router, plot_speed, plot_sweep
@@ -48,6 +50,7 @@ def load_rows(paths: list[Path], skipped: list | None = None, ema: dict | None =
         files += sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")]) if p.is_dir() else [p]
     evals, runs, posthoc, cfg_rows = {}, {}, {}, {}
     seen: dict = {}  # study_inputs.check_mixed: the first row of each table that records its input files
+    seen_ext: dict = {}  # study_extensions.check_extensions: the first row of each registered method in each table
     for f in files:
         # a finished pilot's rows are stored gzipped (they travel with every device call); appending a gzip member
         # (`gzip -nc new.jsonl >> results.jsonl.gz`) keeps the file one valid stream
@@ -58,6 +61,7 @@ def load_rows(paths: list[Path], skipped: list | None = None, ema: dict | None =
             r = json.loads(line)
             if r.get("inputs"):  # rows from before the field: unknown inputs, merged as they always were
                 check_mixed(seen, r, f"{f}, line {n}")
+            check_extensions(seen_ext, r, f"{f}, line {n}")
             if r.get("kind") == "eval":
                 evals[(r["study"], r["method"], r["seed"], r["step"])] = r
             elif r.get("kind") == "run":
@@ -107,7 +111,8 @@ def merge_cadences(evals: dict, runs: dict, *more: dict) -> tuple[dict, ...]:
 
 
 def method_order(methods) -> list[str]:
-    """Baselines first, AHPA last; a vae-level's level (":stage4") and a variant ("[router_entropy=0]") follow their method."""
+    """Baselines first, AHPA last; a vae-level's level (":stage4") and a variant ("[router_entropy=0]") follow their
+    method; methods registered with the library (study_extensions.py) after the table's, by name."""
     order = ["none", "vae-latent", "vae-level", "multi-uniform", "ahpa-soft", "ahpa-snr", "ahpa-topk"]
     return sorted(methods, key=lambda m: (next((i for i, o in enumerate(order) if re.split(r"[:\[]", m)[0] == o), 99), m))
 

@@ -17,7 +17,8 @@ from ahpa.priors.registry import load_encoder
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 STUDY_CONFIG = REPO / "src" / "ahpa" / "configs" / "cifar64-s1.yaml"
-# method label -> config overrides; vae-level's level comes from --level
+# method label -> config overrides; vae-level's level comes from --level. A method registered with the library
+# (docs/extending.md) is run too, as align.method=NAME under its own name (method_overrides, study_extensions.py)
 METHODS = {
     "none": {"align.method": "none"},
     "vae-latent": {"align.method": "vae-latent"},
@@ -70,9 +71,15 @@ def default_cache(resolution: int, limit: int) -> Path:
     return Path(tempfile.gettempdir()) / f"ahpa-study-cache-taef2-{resolution}-limit{limit}"
 
 
+def method_overrides(method: str) -> dict:
+    """A study method's settings: the table's, or align.method=NAME for a method registered with the library (its
+    router mode and loss are its own, or the study config's where it leaves them to align.router / align.loss)."""
+    return METHODS.get(method, {"align.method": method})
+
+
 def study_config(args, size: dict, method: str, variants: bool = True):
     """The run's Config: the project's study config + the size's overrides + the method's (+ the run's variants)."""
-    over = {**size["overrides"], **METHODS[method], "data.source": "cache", "data.path": str(args.cache),
+    over = {**size["overrides"], **method_overrides(method), "data.source": "cache", "data.path": str(args.cache),
             "prior.encoder": args.encoder, "train.steps": args.steps, "train.seed": args.seed,
             "train.compile": args.compile == "on", "train.compile_mode": args.compile_mode, "train.device": args.device, "train.sample_every": 0,
             "train.log_every": 10**9, "train.ckpt_every": 10**9}
@@ -109,6 +116,7 @@ def check_methods(args, size: dict, methods: list[str], levels: list[str]) -> No
     for method in methods:
         cfg = study_config(args, size, method)
         a = cfg.align
+        # a registered method's too: its MethodSpec says what it reads (study_config refused an unknown name)
         reads = align_settings_read(a.method, a.router, a.router_normalize, a.loss) or set()
         unread = [v for v in args.variant if v.partition("=")[0].removeprefix("align.") not in reads]
         if method == "vae-level" and any(v.startswith("align.levels=") for v in args.variant):

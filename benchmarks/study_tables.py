@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 
 from ahpa.compare import images_to_reach
+from study_setup import METHODS as TABLE
 
 BASE = "none"  # the method the report's paired sections set every other beside
 
@@ -76,13 +77,16 @@ def paired_with_base(series, metrics: list[str], methods: list[str]) -> list[str
 
 def ahpa_against_baselines(series, metric: str, methods: list[str]) -> list[str]:
     """The study's question in one table: each AHPA run (`ahpa-*`) minus each alignment baseline trained with the same
-    variant (`multi-uniform[weight=1.5]` for `ahpa-soft[weight=1.5]`), same seed, at every step both reached."""
+    variant (`multi-uniform[weight=1.5]` for `ahpa-soft[weight=1.5]`), same seed, at every step both reached. Of the
+    table's methods only: a method registered with the library (study_extensions.py) is neither AHPA nor one of its
+    baselines, whatever its name; it is paired with `none` as every method is."""
     def split(m):
         name, sep, variant = m.partition("[")
         return name.partition(":")[0], sep + variant
+    own = [m for m in methods if split(m)[0] in TABLE]
     rows = []
-    for a in (m for m in methods if m.startswith("ahpa")):
-        for b in (m for m in methods if m != "none" and not m.startswith("ahpa") and split(m)[1] == split(a)[1]):
+    for a in (m for m in own if m.startswith("ahpa")):
+        for b in (m for m in own if m != "none" and not m.startswith("ahpa") and split(m)[1] == split(a)[1]):
             seeds = sorted(s for mm, s in series if mm == a and (b, s) in series)
             by_step: dict[int, list[float]] = {}
             for s in seeds:

@@ -279,7 +279,8 @@ def test_the_source_revision_is_marked_dirty_by_changed_tracked_files_only(tmp_p
     assert revision_of(other / "lib" / "ahpa") is None
 
 
-def test_the_environment_names_the_gpu_it_is_given_and_the_setup_note_the_per_process_batch(monkeypatch, tiny):
+def test_the_environment_names_the_gpu_it_is_given_and_the_setup_note_the_per_process_batch(monkeypatch, tiny,
+                                                                                              tmp_path):
     import types
 
     import torch
@@ -296,6 +297,15 @@ def test_the_environment_names_the_gpu_it_is_given_and_the_setup_note_the_per_pr
         "training on 8 x NVIDIA H200 (FSDP2), bf16 autocast, eager: 1,000 steps of global batch 256 "
         f"(32 per process in 2 micro-batches), align.method={cfg.align.method}")
     assert "8 x NVIDIA H200 (DDP)" in setup_note(cfg, parts, 8, False, "NVIDIA H200")
+    # with an aligner, what it resolved: the levels and block, the router mode and the loss (a method fixes them, a
+    # package may bring them), and lambda
+    from ahpa.train.loop import Trainer
+
+    for over, said in ((["align.router=snr", "align.weight=1.5"], "router snr; loss cosine; λ 1.5)"),
+                       (["align.method=multi-uniform", "align.router=snr"], "router uniform; loss cosine; λ 0.5)"),
+                       (["align.method=vae-latent"], "(levels latent at block 2; router uniform; loss smooth-l1; λ 0.5)")):
+        tr = Trainer(tiny(*over), tmp_path / over[0])
+        assert setup_note(tr.cfg, tr.parts, 1, False, "CPU").endswith(said), setup_note(tr.cfg, tr.parts, 1, False, "CPU")
 
 
 def test_settings_a_run_did_not_read_are_no_difference():

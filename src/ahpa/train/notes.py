@@ -67,9 +67,14 @@ def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_nam
                 if t.compile else "eager")
     micro = f" in {t.grad_accum} micro-batches" if t.grad_accum > 1 else ""
     where = device_name if world == 1 else f"{world} x {device_name} ({how})"
+    # what the aligner resolved: a method fixes its router and loss (multi-uniform: uniform), a package may bring them
+    a = getattr(parts, "aligner", None)
+    aligned = (f" (levels {', '.join(a.levels)} at block{'s' if len(a.taps) > 1 else ''} "
+               f"{', '.join(map(str, a.taps))}; router {a.router.mode}; loss {a.loss_kind}; λ {cfg.align.weight:g})"
+               if a is not None else "")
     return (f"training on {where}, {precision}, {compiled}: {t.steps:,} step{'s' if t.steps != 1 else ''} of global "
             f"batch {t.batch_size} "
-            f"({t.batch_size // world} per process{micro}), align.method={cfg.align.method}")
+            f"({t.batch_size // world} per process{micro}), align.method={cfg.align.method}{aligned}")
 
 
 def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:

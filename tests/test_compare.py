@@ -298,12 +298,12 @@ def test_the_environment_names_the_gpu_it_is_given_and_the_setup_note_the_per_pr
         f"(32 per process in 2 micro-batches), align.method={cfg.align.method}")
     assert "8 x NVIDIA H200 (DDP)" in setup_note(cfg, parts, 8, False, "NVIDIA H200")
     # with an aligner, what it resolved: the levels and block, the router mode and the loss (a method fixes them, a
-    # package may bring them), and lambda
+    # package may bring them), and align.weight
     from ahpa.train.loop import Trainer
 
-    for over, said in ((["align.router=snr", "align.weight=1.5"], "router snr; loss cosine; λ 1.5)"),
-                       (["align.method=multi-uniform", "align.router=snr"], "router uniform; loss cosine; λ 0.5)"),
-                       (["align.method=vae-latent"], "(levels latent at block 2; router uniform; loss smooth-l1; λ 0.5)")):
+    for over, said in ((["align.router=snr", "align.weight=1.5"], "router snr; loss cosine; weight 1.5)"),
+                       (["align.method=multi-uniform", "align.router=snr"], "router uniform; loss cosine; weight 0.5)"),
+                       (["align.method=vae-latent"], "(levels latent at block 2; router uniform; loss smooth-l1; weight 0.5)")):
         tr = Trainer(tiny(*over), tmp_path / over[0])
         assert setup_note(tr.cfg, tr.parts, 1, False, "CPU").endswith(said), setup_note(tr.cfg, tr.parts, 1, False, "CPU")
 

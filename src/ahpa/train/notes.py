@@ -70,7 +70,7 @@ def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_nam
     # what the aligner resolved: a method fixes its router and loss (multi-uniform: uniform), a package may bring them
     a = getattr(parts, "aligner", None)
     aligned = (f" (levels {', '.join(a.levels)} at block{'s' if len(a.taps) > 1 else ''} "
-               f"{', '.join(map(str, a.taps))}; router {a.router.mode}; loss {a.loss_kind}; λ {cfg.align.weight:g})"
+               f"{', '.join(map(str, a.taps))}; router {a.router.mode}; loss {a.loss_kind}; weight {cfg.align.weight:g})"
                if a is not None else "")
     return (f"training on {where}, {precision}, {compiled}: {t.steps:,} step{'s' if t.steps != 1 else ''} of global "
             f"batch {t.batch_size} "

@@ -479,6 +479,10 @@ def test_router_modes_registered_at_run_time_train_and_are_checked(monkeypatch, 
         after = list(trainer.parts.aligner.router.parameters())
         assert len(before) == (4 if mode == "sharp" else 0)  # the learned mode's MLP, and it trained
         assert all(not torch.equal(b, a) for b, a in zip(before[-2:], after[-2:]))
+        # a run stopped for skipped steps names the registered mode beside the usual causes
+        from ahpa.train.schedule import registered_code
+
+        assert registered_code(trainer) == [f"router mode {mode!r}"]
 
     with pytest.raises(ValueError, match="router mode 'soft' is built in"):
         router_mod.register_router_mode("soft", ramp)

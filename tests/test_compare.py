@@ -494,6 +494,18 @@ def test_a_curve_that_reaches_the_target_within_rounding_reaches_it_at_that_eval
     assert compare.images_to_reach([(100, 9.0), (200, 6.0)], target) == 200.0
 
 
+def test_a_baseline_rose_at_its_end_only_by_more_than_rounding():
+    """The table's note on a baseline whose last FD lies above its lowest: not for a rise within the rounding
+    tolerance (relative to the value, or absolute under 1), nor for a single evaluation."""
+    from ahpa.compare_data import rose_at_end
+
+    assert rose_at_end([(100, 8.0), (200, 7.5), (300, 7.6)])
+    assert not rose_at_end([(100, 8.0), (200, 7.5), (300, 7.5 + 5e-9)])  # under 1e-9 of 7.5
+    assert not rose_at_end([(100, 0.5), (200, 0.2), (300, 0.2 + 5e-10)])  # under 1e-9 absolute
+    assert rose_at_end([(100, 0.5), (200, 0.2), (300, 0.2 + 2e-9)])
+    assert not rose_at_end([(100, 7.0)]) and not rose_at_end([(100, 8.0), (200, 7.0)])
+
+
 def test_without_a_vanilla_run_the_baseline_is_the_first_with_evaluations(tmp_path):
     """Two alignment runs, the first never evaluated: speed-ups are read against the first one that has evaluations,
     not against a run with no curve (which would give no speed-up for any run)."""

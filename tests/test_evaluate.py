@@ -323,6 +323,20 @@ def test_a_run_says_before_training_when_its_evaluations_have_fewer_images_than_
     assert [m for m in said if m.startswith(f"eval.ref: 6 reference images for 9 features ({det.name})")]
     said = Trainer(config.load(None, [*base, f"eval.ref={ref}", "eval.num=10"]), tmp_path / "enough").messages
     assert not [m for m in said if "rank-deficient" in m]
+    # as many as features: rank-deficient too (a covariance of n images has rank n - 1 at most)
+    nine = tmp_path / "nine.npz"
+    np.savez(nine, images=np.random.default_rng(3).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8))
+    said = Trainer(config.load(None, [*base, f"eval.ref={nine}", "eval.num=9"]), tmp_path / "nine").messages
+    assert [m for m in said if m.startswith(f"9 samples for 9 features ({det.name})")]
+    assert [m for m in said if m.startswith(f"eval.ref: 9 reference images for 9 features ({det.name})")]
+    # stored statistics of an unknown number of images (ADM's reference batches record none): nothing to say
+    from ahpa.metrics import compute_stats
+
+    stats = compute_stats(np.load(ref)["images"], det)
+    np.savez(tmp_path / "stats.npz", mu=stats.mean, sigma=stats.cov, detector=det.name)
+    said = Trainer(config.load(None, [*base, f"eval.ref={tmp_path / 'stats.npz'}", "eval.num=10"]),
+                   tmp_path / "stored").messages
+    assert not [m for m in said if "rank-deficient" in m], said
 
 
 def test_several_detectors_share_one_set_of_samples(setup, tmp_path):

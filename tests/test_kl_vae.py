@@ -53,8 +53,21 @@ def test_reconstruction_psnr_rises_as_the_vae_trains_and_vae_train_reports_it(tm
     assert psnr(images, images) == float("inf")
     with pytest.raises(ValueError, match="shapes"):
         psnr(images, images[:3])
+    with pytest.raises(ValueError, match="shapes"):
+        psnr(images, images[:, :1])  # one that numpy would broadcast
+    # the usual figure: 10 log10(255^2 / MSE), an MSE of 1 gives 48.13 dB
+    assert psnr(np.zeros((2, 4, 4, 3), np.uint8), np.ones((2, 4, 4, 3), np.uint8)) == pytest.approx(48.1308, abs=1e-4)
+    # each pixel is the decoded mean rounded to the nearest value, as a saved image's, not truncated
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        decoded = (short.decode(short.encode(x).mean) * 255).permute(0, 2, 3, 1).numpy()
+    assert np.abs(reconstruct(short, images) - decoded.clip(0, 255)).max() <= 0.5 + 1e-3
     np.savez(tmp_path / "ramps.npz", images=images)
     assert main(["vae-train", "--images", str(tmp_path / "ramps.npz"), "--out", str(tmp_path / "vae"), "--steps", "3",
                  "--batch", "4", "--channels", "8,8", "--latent-channels", "4"]) == 0
     out = capsys.readouterr().out
     assert "reconstruction PSNR " in out and " dB on its first 16 training images" in out
+    from ahpa.priors.kl_vae import KLVAE
+
+    said = float(out.split("reconstruction PSNR ")[1].split(" dB")[0])  # the saved VAE's, on those images
+    assert said == pytest.approx(psnr(images, reconstruct(KLVAE.from_dir(tmp_path / "vae"), images)), abs=0.01)

@@ -538,7 +538,19 @@ def test_installed_extension_packages_are_named_by_version_and_in_each_start_rec
     assert set(plugins.GROUPS) == {plugins.GROUP, registry.ENTRY_POINT_GROUP, external_kinds.ENTRY_POINT_GROUP}
 
 
-def test_a_run_whose_registered_loss_turns_non_finite_in_training_names_it_when_it_stops(losses, tmp_path):
+def test_no_installed_extension_is_recorded_as_none(monkeypatch):
+    """starts.jsonl's "extensions" is null (JSON) where no package extends ahpa, as before the field and as `ahpa
+    compare` reads an absent fact, not an empty string that would differ from it."""
+    import importlib.metadata
+
+    from ahpa import plugins
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [])
+    assert plugins.installed_extensions() is None
+
+
+def test_a_run_whose_registered_loss_turns_non_finite_in_training_names_it_when_it_stops(losses, tmp_path,
+                                                                                         monkeypatch):
     """A registered loss passes the check when the aligner is built ([B=2] inputs) and returns NaN on the training
     batches: every step is skipped and the run stops. The message used to offer only the learning rate, clipping,
     QK-norm, fp32 and the data, none of which is the cause; it names the registered code the run computes with."""
@@ -560,6 +572,14 @@ def test_a_run_whose_registered_loss_turns_non_finite_in_training_names_it_when_
     from ahpa.train.schedule import registered_code
 
     assert registered_code(Trainer(config.load(None, [*TINY, "train.steps=1"]), tmp_path / "plain")) == []
+    # an encoder kind registered in the session is code outside ahpa too
+    from ahpa.priors import registry
+    from ahpa.priors.kl_vae import KLVAE
+
+    monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))
+    registry.register_encoder("myvae", lambda where, spec: KLVAE.random())
+    tr = Trainer(config.load(None, [*TINY, "train.steps=1", "prior.encoder=myvae:x"]), tmp_path / "mine")
+    assert registered_code(tr) == ["prior.encoder='myvae:x'"]
 
 
 def test_a_plugin_module_naming_a_mode_before_registering_it_is_told_the_order(packages):
@@ -611,4 +631,23 @@ def test_a_run_of_a_name_registered_elsewhere_is_refused_with_what_it_lacks(loss
     starts.write_text(json.dumps({**start, "extensions": "myahpa 0.2"}) + "\n")
     with pytest.raises(RunConfigError, match=r"trained with \(its last start recorded the extension packages myahpa "
                                              r"0\.2\): install"):
+        Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "run")
+    # a registered method or router mode as well; a run without a start record (an older ahpa's) names no packages
+    saved_config = (tmp_path / "run" / "config.yaml").read_text()
+    valid = saved_config.replace("  loss: mse2\n", "  loss: cosine\n")
+    starts.unlink()
+    for key, value in (("method", "ahpa"), ("router", "soft")):
+        line = f"  {key}: {value}\n"
+        assert line in valid
+        (tmp_path / "run" / "config.yaml").write_text(valid.replace(line, f"  {key}: gone\n"))
+        with pytest.raises(RunConfigError) as refused:
+            Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "run")
+        message = str(refused.value)
+        assert f"align.{key}='gone' is not valid" in message, message
+        assert message.endswith("this process lacks the package or session code the run trained with: install or "
+                                "register it before resuming this run."), message
+    # a key whose name begins as a registered one's (align.router_tau) is no registered name: the older-ahpa fix
+    (tmp_path / "run" / "config.yaml").write_text(valid.replace("  router_tau: 1.0\n", "  router_tau: abc\n"))
+    with pytest.raises(RunConfigError, match=r"align.router_tau must be a number, got 'abc'\); a run would write "
+                                             r"over it: choose a new --out; or, for a run of an older ahpa, fix the key"):
         Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "run")

@@ -720,6 +720,11 @@ def test_a_folder_without_images_and_a_class_whose_files_were_all_skipped_are_sa
     assert "hold no image" not in capsys.readouterr().err
     report = json.loads((tmp_path / "c4" / "report.json").read_text())
     assert report["images_per_class"] == {"birds": 1, "cats": 1, "dogs": 1}
+    # a --limit above the source's items cut nothing: a class without an image is the files' doing, as without it
+    (root / "birds" / "only.png").write_text("not an image")
+    assert main([*args[:-1], str(tmp_path / "c5"), "--limit", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "(every file of theirs was skipped, or the source names none): birds" in err and "--per-class" not in err
 
 
 def test_per_class_keeps_the_first_items_of_each_class_in_the_source_order(tmp_path):
@@ -741,3 +746,11 @@ def test_per_class_keeps_the_first_items_of_each_class_in_the_source_order(tmp_p
     (tmp_path / "l.txt").write_text(lines)
     listing = list_source(tmp_path / "l.txt", per_class=1)
     assert [p.name for p in listing.paths] == ["0.png", "1.png", "3.png"] and listing.labels.tolist() == [2, 0, 1]
+    # a listing of ImageNet's size: each class's first items in the source's order, not those a sort left first
+    many = np.random.default_rng(0).integers(0, 10, 5000)
+    first = [i for i, y in enumerate(many) if (many[:i] == y).sum() < 3]
+    assert first_of_each_class(many, 3).tolist() == first
+    # a count below 0 is refused, not taken for "none of any class"
+    with pytest.raises(PrepareError, match="--per-class must be >= 0, got -1"):
+        prepare(PrepareOptions(images=str(tmp_path / "d.npz"), vae="ahpa-vae:random", resolution=16,
+                               out=str(tmp_path / "c"), per_class=-1))

@@ -702,3 +702,20 @@ def test_a_judged_stretch_leaves_nothing_to_the_next():
     assert watch.update(20, 10, 0) is None  # exactly half: not diverged; judged, starts afresh
     assert watch.update(20, 1, 0) is None  # a clean stretch: 1 of 20
     assert watch.steps == 0 and watch.skipped == 0
+
+
+def test_a_launchs_counts_outlive_its_judged_stretches_and_only_its_last_window_ends_it():
+    """The launch's own counts are never reset with a judged stretch: the completion line reports them, and a launch
+    that trained some steps before an all-skipped last stretch trained something (it is not "every one" skipped)."""
+    watch = DivergenceWatch(max_bad_steps=4)
+    assert watch.update(4, 0, 0) is None  # judged and reset
+    assert watch.update(2, 2, 2, last=True) is None  # 2 of the launch's 6 steps: it trained 4
+    assert (watch.launch_steps, watch.launch_skipped) == (6, 2)
+    early = DivergenceWatch(max_bad_steps=20)
+    assert early.update(2, 2, 2) is None  # a first window all skipped, the launch goes on
+    assert early.update(2, 0, 0, last=True) is None
+    # a streak long enough is said as one, not as "every one" of a short launch
+    streak = DivergenceWatch(max_bad_steps=4).update(4, 4, 4, last=True)
+    assert streak == "4 steps in a row had a non-finite loss or gradient"
+    assert DivergenceWatch(max_bad_steps=20).update(3, 3, 3, last=True) == (
+        "every one of the 3 steps trained had a non-finite loss or gradient")

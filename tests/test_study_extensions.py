@@ -102,13 +102,22 @@ def test_report_refuses_to_merge_two_versions_of_a_registered_method(tmp_path, m
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from study_report import load_rows
 
-    def row(method, seed, extensions):
-        return json.dumps({"kind": "eval", "study": "k", "method": method, "seed": seed, "step": 1000,
-                           "fd": {"FD-r20": 1.0}, "config": {"train.lr": 1e-3}, "extensions": extensions}) + "\n"
+    def row(method, seed, extensions, lr=1e-3, study="k"):
+        return json.dumps({"kind": "eval", "study": study, "method": method, "seed": seed, "step": 1000,
+                           "fd": {"FD-r20": 1.0}, "config": {"train.lr": lr}, "extensions": extensions}) + "\n"
     (tmp_path / "a.jsonl").write_text(row("none", 0, "studypkg 1.0") + row("none", 1, "studypkg 1.1")
                                       + row("plug[weight=1.5]", 0, "studypkg 1.0"))
     _, evals, _ = load_rows([tmp_path / "a.jsonl"])
     assert len(evals) == 3
+    # the table's methods with a variant or a level are the table's too; another table's rows of the method are
+    # another table's; a row from before the field (no "extensions") is not checked
+    old = json.loads(row("plug", 2, None))
+    del old["extensions"]
+    table = [row(m, s, f"studypkg 1.{s}") for m in ("ahpa-soft[weight=1.5]", "vae-level:stage4") for s in (0, 1)]
+    (tmp_path / "c.jsonl").write_text("".join(table) + row("plug[weight=1.5]", 1, "studypkg 1.1", lr=2e-3, study="k2")
+                                      + json.dumps(old) + "\n")
+    _, evals, _ = load_rows([tmp_path / "a.jsonl", tmp_path / "c.jsonl"])
+    assert len(evals) == 9
     (tmp_path / "b.jsonl").write_text(row("plug[weight=1.5]", 1, "studypkg 1.1"))
     with pytest.raises(SystemExit, match=r"b.jsonl, line 1: plug\[weight=1.5\]'s row was made with the extensions "
                                          r"'studypkg 1.1', and .*a.jsonl, line 3 with 'studypkg 1.0'"):
@@ -128,3 +137,27 @@ def test_ahpa_against_baselines_keeps_to_the_tables_methods(monkeypatch):
     table = "\n".join(ahpa_against_baselines(series, "FD-r20", list(dict.fromkeys(m for m, _ in series))))
     assert "| ahpa-soft | multi-uniform | 0 |" in table
     assert "ahpa-plug" not in table and "my-method" not in table
+
+
+def test_appending_checks_the_rows_of_its_registered_methods_in_its_table_only(tmp_path, monkeypatch):
+    """study.py's check before training (check_append_extensions): the rows of a registered method in the run's table,
+    gzipped or not; not the table's methods' rows, nor the method's rows in another table."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gzip
+
+    from study_extensions import check_append_extensions
+
+    def row(method, extensions, lr=1e-3):
+        return json.dumps({"kind": "eval", "study": "k", "method": method, "seed": 0, "step": 1000,
+                           "config": {"train.lr": lr}, "extensions": extensions}) + "\n"
+    runs = {m: ("k", {"train.lr": 1e-3}) for m in ("none", "plug")}
+    results = tmp_path / "r.jsonl"
+    results.write_text(row("none", "studypkg 1.0") + row("plug", "studypkg 1.0", lr=2e-3))
+    check_append_extensions(results, runs, "studypkg 1.1")
+    check_append_extensions(tmp_path / "absent.jsonl", runs, "studypkg 1.1")  # a new results file
+    packed = tmp_path / "r.jsonl.gz"
+    packed.write_bytes(gzip.compress((row("none", None) + row("plug", "studypkg 1.0")).encode()))
+    check_append_extensions(packed, runs, "studypkg 1.0")
+    with pytest.raises(SystemExit, match=r"r.jsonl.gz, line 2: its rows of plug were made with the extensions "
+                                         r"'studypkg 1.0', and this run has 'studypkg 1.1'"):
+        check_append_extensions(packed, runs, "studypkg 1.1")

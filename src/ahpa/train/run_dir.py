@@ -27,12 +27,13 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "router.jsonl", "inputs.json", "sta
              "wandb_id")
 
 
-# the keys whose values may be names that a package or a session registered (docs/extending.md)
-REGISTERED_KEYS = ("align.method", "align.loss", "align.router", "prior.encoder", "prior.external")
+# the keys whose values may be names that a package or a session registered (docs/extending.md) and that reading a
+# config checks; prior.encoder's kind is checked where the encoder loads, which names the kind and the same fix
+REGISTERED_KEYS = ("align.method", "align.loss", "align.router", "prior.external")
 
 
 def _registered_elsewhere(run_dir: Path) -> str:
-    """The fix for a run whose config names a method, loss, router mode or encoder kind that is not registered in
+    """The fix for a run whose config names a method, loss, router mode or external encoder kind not registered in
     this process: its package (named by the run's newest start, where it recorded one) or the session's code."""
     from ahpa.provenance import last_start
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahpa.config import SampleCfg
+from ahpa.metrics.images import share_count
 from ahpa.metrics import compute_stats, load_detector, load_reference
 from ahpa.sample import iter_samples, load_export
 from ahpa.train import evaluate as ev
@@ -74,7 +75,7 @@ def test_ranks_share_the_samples(setup):
     whole = ev.sample_stats(bundle, det, 11, 0, CFG, 4)
     parts = [ev.sample_stats(bundle, det, 11, 0, CFG, 4, rank=r, world_size=2) for r in range(2)]
     assert [p.count for p in parts] == [7, 4]  # batches 0, 2 and 1
-    assert [ev.rank_share(11, 4, r, 2) for r in range(2)] == [7, 4] and ev.rank_share(11, 4) == 11
+    assert [share_count(11, 4, r, 2) for r in range(2)] == [7, 4] and share_count(11, 4) == 11
     seen = []  # a progress bar's updates: this rank's batches, summing to its share
     ev.sample_stats(bundle, det, 11, 0, CFG, 4, rank=0, world_size=2, on_batch=seen.append)
     assert seen == [4, 3]

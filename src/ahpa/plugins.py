@@ -54,9 +54,8 @@ def installed_extensions() -> str | None:
     found = set()
     for group in GROUPS:
         for ep in entry_points(group=group):
-            dist = getattr(ep, "dist", None)
-            version = getattr(dist, "version", None)
-            found.add(f"{dist.name} {version}" if version is not None else package_of(ep))
+            version = getattr(getattr(ep, "dist", None), "version", None)
+            found.add(package_of(ep) + (f" {version}" if version is not None else ""))
     return ", ".join(sorted(found)) or None
 
 

@@ -21,7 +21,8 @@ ELSEWHERE = ("a name registered from Python exists only in the process that regi
 def unknown_hint(name, valid) -> tuple[str, str]:
     """What follows the refusal of a name not among `valid`: (a near spelling, or ''; what else may explain it: the
     installed packages that failed to import, since the name may be theirs, or, with neither, the order of a
-    package's registrations while its module imports, else why a name registered elsewhere is unknown here). Registry.check puts the spelling before the valid names, a config error after."""
+    package's registrations while its module imports, else why a name registered elsewhere is unknown here).
+    Registry.check puts the spelling before the valid names, a config error after."""
     near, failed = did_you_mean(name, valid), "".join(f"; {f}" for f in load_plugins())
     if near or failed:
         return near, failed

@@ -92,7 +92,7 @@ def batch_ranges(n: int, batch_size: int, rank: int, world_size: int) -> Iterato
             yield start, min(start + batch_size, n)
 
 
-def share_count(n: int, batch_size: int, rank: int, world_size: int) -> int:
+def share_count(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
     """How many of [0, n) `rank` reads in `batch_ranges`' batches (a progress bar's total)."""
     return sum(stop - start for start, stop in batch_ranges(n, batch_size, rank, world_size))
 

@@ -49,7 +49,7 @@ def sample_stats(
     """Detector statistics of this rank's share of samples [0, num) (batch b goes to rank b % world_size).
 
     Each sample batch is generated once and fed to every detector; a single detector gives a single result.
-    `on_batch(n)` after each of this rank's batches of n samples (a progress bar's update; `rank_share` is its total).
+    `on_batch(n)` after each of this rank's batches of n samples (a progress bar's update; `share_count` is its total).
     `stop()` after each batch that every rank has (the last rank has the fewest), so that a collective inside it is
     called alike on every rank: a reason to stop (a signal number) raises EvaluationStopped, and a scheduler's short
     grace period is not spent on the rest of 10,000 or 50,000 samples.
@@ -75,11 +75,6 @@ def sample_stats(
     for d, st in zip(dets, stats):
         st.detector = d.name
     return stats[0] if single else stats
-
-
-def rank_share(num: int, batch: int, rank: int = 0, world_size: int = 1) -> int:
-    """How many of samples [0, num) `sample_stats` generates on `rank`: its batches are b = rank, rank + world, ..."""
-    return share_count(num, batch, rank, world_size)
 
 
 def evaluate_fd(
@@ -246,7 +241,7 @@ class Evaluator:
 
     def share(self) -> int:
         """How many of the evaluation's samples this process generates (a progress bar's total)."""
-        return rank_share(self.cfg.num, self.cfg.batch, self.rank, self.world)
+        return share_count(self.cfg.num, self.cfg.batch, self.rank, self.world)
 
     def __call__(self, bundle: SamplerBundle, sample_cfg: SampleCfg, on_batch: Callable[[int], None] | None = None,
                  stop: Callable[[], int] | None = None) -> dict[str, float]:

@@ -52,6 +52,14 @@ class Listing:
     def num_classes(self) -> int:
         return len(self.class_names) if self.class_names else int(self.labels.max(initial=0)) + 1
 
+    def keep(self, items: slice | np.ndarray) -> None:
+        """Keep only `items` (the first ones, as a slice: the path table's view; or ascending indices), in place."""
+        self.labels = self.labels[items]
+        if self.paths is not None:
+            self.paths = self.paths[items] if isinstance(items, slice) else self.paths.take(items)
+        if self.array is not None:
+            self.array = self.array[items]
+
     def name(self, i: int) -> str:
         """How the report names item i: the path relative to a folder, the path from a list, or npz[i]."""
         return f"{self.location.name}[{i}]" if self.paths is None else self.paths.name(i)
@@ -207,14 +215,9 @@ def list_source(src: str | Path, labels: str = "auto", limit: int = 0, per_class
     else:
         raise ValueError(f"image source {path} is neither a folder, a .npz file nor a {'/'.join(LIST_SUFFIXES)} file list")
     if per_class:
-        keep = first_of_each_class(listing.labels, per_class)
-        listing.labels = listing.labels[keep]
-        listing.paths = listing.paths.take(keep) if listing.paths is not None else None
-        listing.array = listing.array[keep] if listing.array is not None else None
+        listing.keep(first_of_each_class(listing.labels, per_class))
     if limit and limit < len(listing):
-        listing.labels = listing.labels[:limit]
-        listing.paths = listing.paths[:limit] if listing.paths is not None else None
-        listing.array = listing.array[:limit] if listing.array is not None else None
+        listing.keep(slice(0, limit))
     return listing
 
 

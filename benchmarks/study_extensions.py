@@ -12,14 +12,12 @@ method would enter its mean and curve)."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from pathlib import Path
 
 from ahpa.align import methods as align_methods
 from ahpa.registry import unknown_hint
-from study_inputs import table_of
+from study_inputs import rows_of, table_of
 from study_setup import METHODS
 
 
@@ -63,23 +61,6 @@ def check_method_names(methods: list[str]) -> None:
         if m not in METHODS and align_methods.get_method(m).levels == "external":
             raise SystemExit(f"--methods {m}: it aligns an external encoder (prior.external), which the study does not "
                              "give: every method of a study aligns to the prior encoder's levels or none")
-
-
-def rows_of(results: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of a results file (gzipped or not); a line that is not a row is left to the report."""
-    if not results.is_file():
-        return []
-    raw = results.read_bytes()
-    text = (gzip.decompress(raw) if results.suffix == ".gz" else raw).decode()
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            out.append((n, row))
-    return out
 
 
 def check_extensions(seen: dict, row: dict, where: str) -> None:

@@ -57,20 +57,30 @@ def table_of(row: dict) -> tuple[str, str]:
     return ("settings", settings_but_cadence(row["config"])) if "config" in row else ("study", str(row.get("study")))
 
 
-def check_append(results: Path, runs: list[tuple[str, dict]], inputs: dict) -> None:
-    """Refuse, before anything trains, to append this run's rows (`runs`: its (study key, settings) pairs) to a
-    results file whose rows of the same table were made from other inputs."""
+def rows_of(results: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a results file (gzipped or not; none for a file not there yet); a line that is not a row
+    is left to the report, which names it when it reads it."""
     if not results.is_file():
-        return
+        return []
     raw = results.read_bytes()
     text = (gzip.decompress(raw) if results.suffix == ".gz" else raw).decode()
-    keys, tables = {key for key, _ in runs}, {table_of({"config": common}) for _, common in runs}
+    out = []
     for n, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
-        except ValueError:  # not this check's business: the report names such a line when it reads it
+        except ValueError:
             continue
-        if not isinstance(row, dict) or not row.get("inputs"):
+        if isinstance(row, dict):
+            out.append((n, row))
+    return out
+
+
+def check_append(results: Path, runs: list[tuple[str, dict]], inputs: dict) -> None:
+    """Refuse, before anything trains, to append this run's rows (`runs`: its (study key, settings) pairs) to a
+    results file whose rows of the same table were made from other inputs."""
+    keys, tables = {key for key, _ in runs}, {table_of({"config": common}) for _, common in runs}
+    for n, row in rows_of(results):
+        if not row.get("inputs"):
             continue
         if row.get("study") not in keys and table_of(row) not in tables:
             continue

@@ -1,15 +1,18 @@
 """The Dynamic Router: weights over K prior levels as a function of the noise level t.
 
 Modes:
-- soft:    g(t) = softmax(MLP(sinusoidal(1000 t)) / tau), learned, initialised uniform.
-- topk:    as soft, then only the k largest weights are kept and renormalised. The router's objective takes the
-           weights before the cut (`route`): after it, a level left out has no gradient and its weight could never
-           rise again (at initialisation, where all weights tie, the tie-break chooses the k). Its head does not
-           train while it is left out, so its relative loss stays where it was; the entropy bonus, or the kept
-           levels' relative losses rising above it, bring it back.
-- snr:     fixed schedule, no parameters: level k gets a Gaussian window centred at t = k / (K - 1), in the
-           order the levels come (the encoder's: stages fine -> coarse, then the latent; or align.levels'), so
-           coarse levels dominate at high noise (the paper's story).
+- soft:    g(t) = softmax(MLP(sinusoidal(1000 t)) / tau), learned, initialised uniform. The MLP and its sinusoid
+           are the router's own, not the SiT's time embedding.
+- topk:    as soft, then only the k largest weights of each sample (at its t) are kept and renormalised. The
+           router's objective takes the weights before the cut (`route`): after it, a level left out has no
+           gradient and its weight could never rise again (at initialisation, where all weights tie, the tie-break
+           chooses the k, the same at every t). A level's head learns only from the samples whose t keeps it; left
+           out at every t, its relative loss stays about where it was; the entropy bonus, or the kept levels'
+           relative losses rising above it, bring it back.
+- snr:     fixed schedule, no parameters: level k (from 0) gets a Gaussian window centred at t = k / (K - 1), the
+           windows normalised over the levels at each t, in the order the levels come (the encoder's: stages
+           fine -> coarse, then the latent; or align.levels'), so coarse levels dominate at high noise (the paper's
+           story).
 - uniform: 1/K everywhere (the multi-uniform baseline; a single level gets weight 1).
 
 More modes come from register_router_mode: a fixed schedule of t, or a learned mode that post-processes the soft
@@ -47,9 +50,9 @@ def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bo
 
 def snr_schedule(t: torch.Tensor, num_levels: int, width: float) -> torch.Tensor:
     """[B] -> [B, K] fixed weights: coarse levels at high noise, fine levels near the data."""
-    centres = torch.linspace(0.0, 1.0, num_levels, device=t.device)  # fine -> coarse
-    logits = -((t.float()[:, None] - centres[None]) ** 2) / (2 * width**2)
-    return torch.softmax(logits, dim=-1)
+    centres = torch.linspace(0.0, 1.0, num_levels, device=t.device)  # [K], level k at k / (K - 1): fine -> coarse
+    logits = -((t.float()[:, None] - centres[None]) ** 2) / (2 * width**2)  # [B, K] log of each Gaussian window
+    return torch.softmax(logits, dim=-1)  # the windows normalised over the levels
 
 
 def keep_topk(weights: torch.Tensor, k: int) -> torch.Tensor:
@@ -148,8 +151,8 @@ class Router(nn.Module):
                                           "Router.route and no function of register_router_mode")
             weights = registered(t.float(), self.num_levels).float()  # fp32 as the built-in modes: float64 weights
             return weights, weights  # would promote the whole alignment loss to float64 (slow on a GPU)
-        emb = timestep_embedding(t * 1000.0, self.freq_dim)
-        probs = torch.softmax(self.mlp(emb.to(self.mlp[0].weight.dtype)).float() / self.tau, dim=-1)
+        emb = timestep_embedding(t * 1000.0, self.freq_dim)  # [B, freq_dim]
+        probs = torch.softmax(self.mlp(emb.to(self.mlp[0].weight.dtype)).float() / self.tau, dim=-1)  # [B, K]
         if registered is not None:
             return registered(probs).float(), probs
         return (keep_topk(probs, self.topk) if self.mode == "topk" else probs), probs

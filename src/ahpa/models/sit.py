@@ -175,8 +175,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x [B, D]
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, N, D] -> [B, N, p*p*C]
 
 
 class SiT(nn.Module):
@@ -233,6 +233,7 @@ class SiT(nn.Module):
         self.checkpoint_blocks = self.cfg.depth if blocks == -1 else blocks
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, p*p*C] (each token's patch, channel fastest, as DiT) -> [B, C, H, W]."""
         b, p, c, g = x.shape[0], self.cfg.patch_size, self.cfg.in_channels, self.cfg.grid
         x = x.reshape(b, g, g, p, p, c)  # [B, gh, gw, ph, pw, C]
         x = torch.einsum("nhwpqc->nchpwq", x)
@@ -251,7 +252,7 @@ class SiT(nn.Module):
         # (ahpa.priors.targets.pool_to_grid, the cache's token maps), so token i of both is the same patch
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
-        hidden = []
+        hidden = []  # [B, N, D] after each block in taps
         recompute = self.checkpoint_blocks if torch.is_grad_enabled() else 0  # nothing to save without a backward
         for i, block in zip(range(1, len(self.blocks) + 1), self.blocks):  # dynamo of torch 2.4 breaks on enumerate(start=)
             if i <= recompute:
@@ -268,7 +269,9 @@ class SiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self) -> float:
-        """Multiply-adds x 2 of one forward pass (the MFU convention: training = 3x this)."""
+        """Multiply-adds x 2 of one forward pass (the MFU convention: training = 3x this): the per-token layers
+        (attention's projections, the MLP, the patch embedding and the final linear) and attention's two matmuls. The
+        per-image conditioning (adaLN: 0.2% of XL/2's, t and y embeddings) and the elementwise work are left out."""
         cfg = self.cfg
         n, d = cfg.num_tokens, cfg.hidden_size
         per_block = 2 * n * (4 * d * d + 2 * d * int(d * cfg.mlp_ratio)) + 2 * 2 * n * n * d

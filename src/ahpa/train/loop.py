@@ -173,23 +173,26 @@ class Trainer:
 
     def _loss(self, batch: PriorBatch, d: dict[str, torch.Tensor], align_on: bool):
         p, c = self.parts, self.cfg
-        x = p.stats.latent.apply(batch.latent, channel_dim=1)
-        y = torch.where(d["drop"], self._constant(p.model.null_class, batch.labels.dtype), batch.labels)
-        x_t = self.path.interpolate(x, d["eps"], d["t"])
-        target = self.path.velocity(x, d["eps"], d["t"])
+        x = p.stats.latent.apply(batch.latent, channel_dim=1)  # [B, C, h, w] the posterior sample, standardised
+        y = torch.where(d["drop"], self._constant(p.model.null_class, batch.labels.dtype), batch.labels)  # [B]
+        x_t = self.path.interpolate(x, d["eps"], d["t"])  # t [B]: 0 data, 1 noise
+        target = self.path.velocity(x, d["eps"], d["t"])  # d x_t / dt, [B, C, h, w] fp32
         taps = p.aligner.taps if align_on else ()
         with autocast(p.device, p.amp):
-            pred, hidden = self.net(x_t, d["t"], y, taps)
+            pred, hidden = self.net(x_t, d["t"], y, taps)  # [B, C, h, w], one [B, N, D] per tap
+        # a mean over the batch and every element, as SiT's and REPA's mean_flat: align.weight has REPA's scale
         flow = (pred.float() - target).pow(2).mean()
         metrics = {"loss/flow": flow.detach()}
         loss = flow
         if align_on:
             if p.external is not None:
                 with autocast(p.device, p.amp):
-                    targets = [p.external(batch.images, p.grid)]
+                    targets = [p.external(batch.images, p.grid)]  # 1 x [B, N, C], not standardised (REPA)
             else:
-                targets = standardise_levels(batch.levels, p.levels, p.stats)
+                targets = standardise_levels(batch.levels, p.levels, p.stats)  # K x [B, N, C_k]
             with autocast(p.device, p.amp):
+                # the weighted alignment loss plus, for a learned router, its own objective (ahpa.align.objective):
+                # both are scaled by align.weight below
                 align, extra = self.align_net(hidden, targets, d["t"], d.get("kept"))
             loss = loss + c.align.weight * align
             metrics["loss/align"] = c.align.weight * extra.pop("align/weighted")

@@ -100,7 +100,9 @@ class PriorEncoder(nn.Module):
         stages = tuple(n for n in levels if n != LATENT)  # _encode computes the latent anyway: it never sees the name
         out = self._encode(self._in_memory_format(self.to_input_range(images)), stages)
         self._check_output(out, stages, (h, w))
-        if LATENT in levels:  # asked for by name: the mean, for every encoder alike
+        # asked for by name: the mean, for every encoder alike. (Training's `latent` level is not this: it is the
+        # posterior sample the SiT denoises, pooled, ahpa.data.batches and the cache reader)
+        if LATENT in levels:
             out.features[LATENT] = out.mean
         return out
 

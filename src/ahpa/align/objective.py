@@ -21,6 +21,9 @@ from ahpa.train.distributed import all_reduce_mean
 
 
 class Aligner(nn.Module):
+    """K levels' projector heads, the router over them and the running means of their losses (`running_loss`: [K],
+    or [bins, K] with align.router_t_bins > 1), for the hidden tokens after the blocks `taps`."""
+
     def __init__(self, hidden: int, levels: list[str], dims: list[int], cfg: AlignCfg, router_mode: str, loss: str,
                  depths: list[int] | None = None):
         super().__init__()
@@ -87,12 +90,14 @@ class Aligner(nn.Module):
         if kept is not None:  # align.token_fraction < 1: the heads and losses see each sample's kept tokens only
             targets = [gather_tokens(x, kept) for x in targets]
         losses = self.level_losses(self.predictions(hidden, kept), targets)  # [B, K]
-        weights, probs = self.router.route(t)  # [B, K] each: applied, and trained by the router's objective
+        # [B, K] each: the weights the losses get (detached below), and those the router's objective trains (the
+        # same tensor but for topk and registered learned modes, whose cut or post-processing only the first has)
+        weights, trained = self.router.route(t)
         loss = (weights.detach() * losses).sum(dim=1).mean()
         weighted = loss.detach()
         bins = None if self.t_bins == 1 else (t.detach() * self.t_bins).long().clamp_(0, self.t_bins - 1)  # [B]
         if self.router.learned:
-            loss = loss + self._router_objective(probs, losses, bins)
+            loss = loss + self._router_objective(trained, losses, bins)
         metrics = {"align/weighted": weighted, "align/level_loss": losses.detach().mean(dim=0)}  # [K]
         if self.router.varies:  # uniform weights or one level: a constant, logged as a curve it would mislead
             metrics["align/router_entropy"] = entropy(weights.detach()).mean()

@@ -75,7 +75,8 @@ def test_a_run_of_a_package_method_samples_and_exports_without_the_package_but_r
     for args in (["sample", "--run", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "ckpt.npz")],
                  ["sample", "--model", str(run / "model.safetensors"), "--num", "2", "--steps", "2", "--out",
                   str(tmp_path / "export.npz")],
-                 ["export", "--run", str(run), "--out", str(tmp_path / "again.safetensors")]):
+                 ["export", "--run", str(run), "--out", str(tmp_path / "again.safetensors")],
+                 ["compare", str(run), "--out", str(tmp_path / "compared")]):  # compare read it unresolved already
         done = _ahpa(bare, *args)
         assert done.returncode == 0, (args, done.stderr[-2000:])
     # the same SiT from its checkpoint and from the export written at the end of training: the same samples

@@ -357,7 +357,7 @@ class Patchify(nn.Module):
 
 
 def test_a_registered_kind_is_checked_by_the_config_trains_and_is_named_where_unknown(kinds, tmp_path, tiny):
-    from ahpa.train.loop import Trainer
+    from ahpa.train.loop import RunConfigError, Trainer
     from ahpa.train.resume import run_sampler
 
     register_external("patchify", lambda where: Patchify())
@@ -373,10 +373,15 @@ def test_a_registered_kind_is_checked_by_the_config_trains_and_is_named_where_un
             config.load(None, [f"prior.external={spec}"])
     # another process (the kind registered in the notebook that trained): the run's file and the kind are named
     del EXTERNALS.entries["patchify"]
-    for call in (lambda: config.load(tmp_path / "run" / "config.yaml"), lambda: run_sampler(tmp_path / "run", "cpu")):
-        with pytest.raises(config.ConfigError, match=r"run/config.yaml: prior.external='patchify:x' is not valid: unknown "
-                                                     r"external encoder kind 'patchify'.*registered from Python exists only"):
-            call()
+    with pytest.raises(config.ConfigError, match=r"run/config.yaml: prior.external='patchify:x' is not valid: unknown "
+                                                 r"external encoder kind 'patchify'.*registered from Python exists only"):
+        config.load(tmp_path / "run" / "config.yaml")
+    with pytest.raises(RunConfigError, match=r"prior.external='patchify:x' is not valid.*this process lacks the "
+                                             r"package or session code the run trained with"):
+        Trainer(tiny("train.steps=2"), tmp_path / "run")  # a resume builds the aligner and its encoder
+    # sampling needs the SiT alone (it used to be refused as the config is)
+    bundle, step, run_cfg = run_sampler(tmp_path / "run", "cpu")
+    assert step == 1 and run_cfg.prior.external == "patchify:x" and run_cfg.align.method == "repa"
 
 
 def test_register_external_refuses_a_built_in_kind_and_a_loader_off_its_contract(kinds):

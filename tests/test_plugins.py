@@ -62,6 +62,34 @@ def test_a_plugin_package_is_found_by_a_fresh_cli_process(tmp_path):
     assert bare.returncode == 2 and "align.method='plug-uniform' is not valid" in bare.stderr
 
 
+def test_a_run_of_a_package_method_samples_and_exports_without_the_package_but_resumes_only_with_it(tmp_path):
+    """What sampling and exporting need is the plain SiT; the package's method, loss and router are training's. Its
+    run used to be refused by `ahpa sample --run` and `ahpa export` (reading config.yaml checked the names)."""
+    (tmp_path / "site").mkdir()
+    _install(tmp_path / "site", "myplug", "myplug_ahpa", PLUGIN)
+    run = tmp_path / "run"
+    trained = _ahpa(tmp_path / "site", "train", "--config", "configs/tiny.yaml", "--out", str(run), "train.steps=2",
+                    "align.method=plug-uniform", "align.loss=plug-mse")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    bare = tmp_path / "none"  # a process without the package
+    for args in (["sample", "--run", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "ckpt.npz")],
+                 ["sample", "--model", str(run / "model.safetensors"), "--num", "2", "--steps", "2", "--out",
+                  str(tmp_path / "export.npz")],
+                 ["export", "--run", str(run), "--out", str(tmp_path / "again.safetensors")],
+                 ["compare", str(run), "--out", str(tmp_path / "compared")]):  # compare read it unresolved already
+        done = _ahpa(bare, *args)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    # the same SiT from its checkpoint and from the export written at the end of training: the same samples
+    import numpy as np
+
+    assert np.array_equal(np.load(tmp_path / "ckpt.npz")["arr_0"], np.load(tmp_path / "export.npz")["arr_0"])
+    # resuming builds the aligner: refused as before, naming what the process lacks
+    resumed = _ahpa(bare, "train", "--config", "configs/tiny.yaml", "--out", str(run), "train.steps=4")
+    assert resumed.returncode == 2 and "align.method='plug-uniform' is not valid" in resumed.stderr
+    assert ("this process lacks the package or session code the run trained with (its last start recorded the "
+            "extension packages myplug 0.1): install or register it before resuming this run.") in resumed.stderr
+
+
 def test_a_broken_plugin_is_named_with_its_package(tmp_path):
     _install(tmp_path, "brokenplug", "brokenplug_ahpa", "import no_such_module_here\n")
     out = _ahpa(tmp_path, "train", "--config", "configs/tiny.yaml", "--show-config", "align.method=plug-uniform")

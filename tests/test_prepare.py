@@ -754,3 +754,50 @@ def test_per_class_keeps_the_first_items_of_each_class_in_the_source_order(tmp_p
     with pytest.raises(PrepareError, match="--per-class must be >= 0, got -1"):
         prepare(PrepareOptions(images=str(tmp_path / "d.npz"), vae="ahpa-vae:random", resolution=16,
                                out=str(tmp_path / "c"), per_class=-1))
+
+
+def test_the_manifest_names_a_local_vae_by_its_absolute_path_and_older_manifests_still_match(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """`--vae ahpa-vae:vae` was recorded as typed, so a mismatch met by a run started elsewhere named a folder relative
+    to where prepare ran; and an encoder without a weights hash (matched by its spec) never matched a run's, whose
+    paths are absolute. Older manifests keep their relative spec: they still match."""
+    from ahpa.cli import main
+    from ahpa.data.cache import check_encoder
+    from ahpa.data.procedural import make_shapes
+    from ahpa.priors import registry
+    from ahpa.priors.kl_vae import KLVAE
+
+    monkeypatch.setattr(registry.ENCODERS, "entries", dict(registry.ENCODERS.entries))
+
+    def unhashed(where, spec):  # a package's kind that records no weights hash: a cache knows it by its spec
+        enc = KLVAE.from_dir(where)
+        enc.weights_sha256 = None
+        return enc
+
+    registry.register_encoder("plainvae", unhashed)
+    KLVAE.random(0).save(tmp_path / "vae")
+    KLVAE.random(1).save(tmp_path / "other")
+    images, labels = make_shapes(4, 16, seed=0)
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    (tmp_path / "elsewhere").mkdir()
+    for kind in ("ahpa-vae", "plainvae"):
+        monkeypatch.chdir(tmp_path)
+        out = tmp_path / f"cache-{kind}"
+        args = ["prepare", "--images", "set.npz", "--vae", f"{kind}:vae", "--resolution", "16", "--out", str(out),
+                "--workers", "0", "--flips", "none"]
+        assert main(args) == 0
+        file = out / "manifest.json"
+        manifest = json.loads(file.read_text())
+        assert manifest["encoder"]["spec"] == f"{kind}:{tmp_path / 'vae'}"
+        monkeypatch.chdir(tmp_path / "elsewhere")  # a run started in another directory, paths absolute as a run's are
+        check_encoder(manifest, registry.load_encoder(f"{kind}:{tmp_path / 'vae'}"), out)
+        if kind == "ahpa-vae":
+            with pytest.raises(CacheError, match=rf"cache was encoded by '{kind}:{tmp_path / 'vae'}' \(sha256"):
+                check_encoder(manifest, registry.load_encoder(f"{kind}:{tmp_path / 'other'}"), out)
+        # an older manifest, the path as typed: the same command finds it complete, and a run from its directory
+        # takes it
+        monkeypatch.chdir(tmp_path)
+        file.write_text(file.read_text().replace(f'"{kind}:{tmp_path / "vae"}"', f'"{kind}:vae"'))
+        capsys.readouterr()
+        assert main(args) == 0 and "already complete" in capsys.readouterr().out
+        check_encoder(json.loads(file.read_text()), registry.load_encoder(f"{kind}:{tmp_path / 'vae'}"), out)

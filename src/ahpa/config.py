@@ -16,7 +16,7 @@ import yaml
 
 from ahpa.spelling import did_you_mean
 from ahpa.config_rules import (ACROSS_KEYS, CHOICES, RANGES, choice_hint,  # noqa: F401  (CHOICES, RANGES re-exported)
-                               spec_problem)
+                               named_elsewhere, spec_problem)
 
 
 class _Settings:
@@ -209,8 +209,9 @@ def _section_types(obj: Any) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
-def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
-    """Check/convert one value to the declared type; strings from the command line are parsed as YAML."""
+def _coerce(key: str, value: Any, typ: Any, where: str, unresolved: tuple[str, ...] = ()) -> Any:
+    """Check/convert one value to the declared type; strings from the command line are parsed as YAML. A key of
+    `unresolved` may hold a registered name unknown here (config_rules.named_elsewhere)."""
     if isinstance(value, str) and typ is not str and value != "":
         try:
             value = yaml.safe_load(value)
@@ -250,10 +251,11 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
         value = [_number(key, v, where) for v in value] if numbers else list(value)
     choices = CHOICES.get(key)
-    if choices is not None and value not in choices:
+    elsewhere = key in unresolved and named_elsewhere(key, value)
+    if choices is not None and value not in choices and not elsewhere:
         raise ConfigError(f"{where}: {key}={value!r} is not valid; valid values: {', '.join(choices)}"
                           f"{choice_hint(key, value, list(choices))}")
-    problem = spec_problem(key, value)
+    problem = None if elsewhere else spec_problem(key, value)
     if problem:
         raise ConfigError(f"{where}: {key}={value!r} is not valid: {problem}")
     allowed, text = RANGES.get(key, (None, ""))
@@ -272,7 +274,7 @@ def _number(key: str, item: Any, where: str) -> float:
         raise ConfigError(f"{where}: {key} must be a list of numbers, got the item {item!r}") from None
 
 
-def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+def _apply(cfg: Config, key: str, value: Any, where: str, unresolved: tuple[str, ...] = ()) -> None:
     section, _, name = key.partition(".")
     sections = {f.name for f in dataclasses.fields(cfg)}
     if section not in sections or not name:
@@ -285,7 +287,7 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
         hint = (f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere
                 else did_you_mean(name, types_).replace("'", f"'{section}.", 1))
         raise ConfigError(f"{where}: unknown config key {key!r}{hint}; valid keys in {section}: {', '.join(types_)}")
-    setattr(sub, name, _coerce(key, value, types_[name], where))
+    setattr(sub, name, _coerce(key, value, types_[name], where, unresolved))
 
 
 def check_across_keys(cfg: Config, where: str) -> None:
@@ -308,14 +310,14 @@ def checked_sample(cfg: SampleCfg | dict, where: str) -> SampleCfg:
     return from_dict({"sample": dict(values)}, where=where).sample
 
 
-def _fill(cfg: Config, data: dict, where: str) -> Config:
+def _fill(cfg: Config, data: dict, where: str, unresolved: tuple[str, ...] = ()) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
         for name, value in values.items():
-            _apply(cfg, f"{section}.{name}", value, where)
+            _apply(cfg, f"{section}.{name}", value, where, unresolved)
     return cfg
 
 
@@ -325,9 +327,12 @@ def from_dict(data: dict, where: str = "config", base: Config | None = None) -> 
     return cfg
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), where: str = "overrides") -> Config:
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), where: str = "overrides",
+         unresolved: tuple[str, ...] = ()) -> Config:
     """A config from an optional YAML file plus `section.key=value` overrides (later wins); an error in an override
-    names it as coming from `where` (`ahpa train` passes "command line"; a notebook has none)."""
+    names it as coming from `where` (`ahpa train` passes "command line"; a notebook has none). `unresolved`: keys of
+    config_rules.REGISTERED_KEYS whose names may be unknown in this process, for a reader that builds no aligner (a
+    run's config read to sample or export its SiT: the package that registered its method is not needed there)."""
     if isinstance(overrides, str):  # one override given bare: its characters would be read as overrides
         overrides = [overrides]
     if isinstance(overrides, dict):  # its keys alone would be read, each refused as "not of the form section.key=value"
@@ -342,12 +347,12 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _fill(cfg, data, str(path))  # the keys across sections are checked once the overrides are in
+        _fill(cfg, data, str(path), unresolved)  # the keys across sections are checked once the overrides are in
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _apply(cfg, key.strip(), value.strip(), where=where)
+        _apply(cfg, key.strip(), value.strip(), where, unresolved)
     check_across_keys(cfg, str(path) + (f" with the {where}" if overrides else "") if path is not None else where)
     return cfg
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ahpa.align.methods import LOSSES, METHODS, ROUTER_MODES
 from ahpa.external_kinds import parse_external
-from ahpa.registry import unknown_hint
+from ahpa.registry import check_name, unknown_hint
 from ahpa.spelling import did_you_mean
 
 
@@ -49,6 +49,28 @@ CHOICES = {
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.solver": ("euler", "heun", "euler-maruyama"),
 }
+
+# the keys whose values are names (of prior.external, its kind) that a package or a session may register
+# (docs/extending.md): a run's config.yaml may name one this process lacks. Resuming refuses it (ahpa.train.run_dir);
+# sampling and exporting, which build no aligner, read it unresolved (ahpa.config.load's `unresolved`)
+REGISTERED_KEYS = ("align.method", "align.loss", "align.router", "prior.external")
+
+
+def named_elsewhere(key: str, value) -> bool:
+    """Whether `value` of a REGISTERED_KEYS key has the form of a name a registry takes (of prior.external, KIND:WHERE
+    with such a kind), so that, unknown here, it may be registered elsewhere; whether it is, or is misspelt, cannot be
+    told here. A value of another form is refused even where the name is not needed."""
+    if key not in REGISTERED_KEYS or not isinstance(value, str):
+        return False
+    name, sep, where = value.partition(":")
+    if key == "prior.external" and not (sep and where):
+        return False
+    try:
+        check_name(name if key == "prior.external" else value, key, f"{key}=NAME")
+    except ValueError:
+        return False
+    return True
+
 
 # the keys naming a pretrained part as KIND:WHERE whose kinds are known here, each with its parser (a ValueError that
 # names the kinds); prior.encoder's registry needs torch, so its kind is checked when the encoder loads

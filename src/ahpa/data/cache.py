@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ahpa.config import shown
+from ahpa.config import absolute_spec, shown
 from ahpa.data.batches import PriorBatch
 from ahpa.data.manifest import FORMAT, MANIFEST, NUMPY_DTYPE, SHARD_DIR, read_json
 from ahpa.data.prefetch import Prefetcher, Request
@@ -66,7 +66,7 @@ def check_encoder(manifest: dict, encoder: PriorEncoder, where: Path) -> None:
                              f"(sha256 {got['weights_sha256'][:12]}...); use the same VAE or prepare a new cache")
         if got["spec"].partition(":")[0] != have["spec"].partition(":")[0]:
             raise CacheError(f"{where}: field encoder.spec differs in kind: cache {have['spec']!r}, prior.encoder {got['spec']!r}")
-    elif got["spec"] != have["spec"]:
+    elif absolute_spec(got["spec"]) != absolute_spec(have["spec"]):  # an older manifest's path may be relative
         raise CacheError(f"{where}: field encoder.spec differs: cache {have['spec']!r}, prior.encoder {got['spec']!r}; "
                          f"use the same VAE or prepare a new cache")
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ahpa.atomic import atomic_write_bytes
+from ahpa.config import absolute_spec
 
 FORMAT = "ahpa-cache/1"
 MANIFEST = "manifest.json"
@@ -81,8 +82,9 @@ def identity_view(settings: dict) -> dict[str, Any]:
         "format": settings["format"],
         "encoder.kind": enc["spec"].partition(":")[0],
         "encoder.weights_sha256": enc["weights_sha256"],
-        # a moved weights directory keeps its hash and its cache; without a hash the spec is all we have
-        "encoder.spec_if_unhashed": None if enc["weights_sha256"] else enc["spec"],
+        # a moved weights directory keeps its hash and its cache; without a hash the spec is all we have (made
+        # absolute: older manifests kept a path as typed, newer ones record it absolute)
+        "encoder.spec_if_unhashed": None if enc["weights_sha256"] else absolute_spec(enc["spec"]),
         "source.kind": settings["source"]["kind"],
         "source.count": settings["source"]["count"],
         "source.fingerprint": settings["source"]["fingerprint"],

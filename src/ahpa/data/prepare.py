@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ahpa.config import absolute_spec
 from ahpa.data.listing import Listing, list_source, make_loader
 from ahpa.data.manifest import (
     DTYPES, FLIPS, FORMAT, MANIFEST, REPORT, SHARD_DIR, atomic_write_bytes, atomic_write_json, identity_view, read_json,
@@ -152,7 +153,9 @@ def plan_settings(o: PrepareOptions, encoder: PriorEncoder, listing: Listing) ->
     has_logvar = encoder.encode(torch.zeros(1, 3, R, R, device=_device_of(encoder))).logvar is not None
     return {
         "format": FORMAT,
-        "encoder": encoder.identity(),
+        # a local path as typed (--vae ahpa-vae:vae) would mean another folder, or none, to a run started elsewhere
+        # and to the messages that name it; a hub id stays as written. Matched by sha256 where there is one
+        "encoder": {**encoder.identity(), "spec": absolute_spec(encoder.spec)},
         "resolution": R,
         "grid": grid,
         "dtype": o.dtype,

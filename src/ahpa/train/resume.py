@@ -13,6 +13,7 @@ import torch
 
 from ahpa import config as config_mod
 from ahpa.config import Config
+from ahpa.config_rules import REGISTERED_KEYS
 from ahpa.data.class_names import class_names
 from ahpa.device import as_device
 from ahpa.models.sit import SiT
@@ -58,7 +59,8 @@ def run_sampler(run_dir: str | Path, device: str | torch.device, encoder: str | 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = config_mod.load(cfg_file)
+    # the SiT alone: a method, loss, router mode or REPA encoder kind of a package not installed here is not needed
+    cfg = config_mod.load(cfg_file, unresolved=REGISTERED_KEYS)
     if step is None:
         state, _, skipped = load_latest_everywhere(run_dir / "checkpoints", device)
     else:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ahpa import config as config_mod
-from ahpa import config_resume, lock
+from ahpa import config_resume, config_rules, lock
 from ahpa.config import Config
 from ahpa.train import inputs
 from ahpa.train.checkpoint import list_checkpoints
@@ -27,9 +27,10 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "router.jsonl", "inputs.json", "sta
              "wandb_id")
 
 
-# the keys whose values may be names that a package or a session registered (docs/extending.md) and that reading a
-# config checks; prior.encoder's kind is checked where the encoder loads, which names the kind and the same fix
-REGISTERED_KEYS = ("align.method", "align.loss", "align.router", "prior.external")
+# the keys whose values may be names that a package or a session registered (docs/extending.md): read strictly
+# here, since a resume builds the aligner; prior.encoder's kind is checked where the encoder loads, which names the
+# kind and the same fix
+REGISTERED_KEYS = config_rules.REGISTERED_KEYS
 
 
 def _registered_elsewhere(run_dir: Path) -> str:

@@ -1,5 +1,6 @@
 """A configuration as YAML with every key's documentation: the comments written beside the fields in
-ahpa.config, so that `ahpa train --show-config` is the reference of every setting, and its output a config file."""
+ahpa.config_sections, so that `ahpa train --show-config` is the reference of every setting, and its output a
+config file."""
 
 from __future__ import annotations
 

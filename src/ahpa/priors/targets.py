@@ -42,25 +42,24 @@ def pool_to_grid(feat: torch.Tensor, grid: int) -> torch.Tensor:
 @dataclass
 class ChannelStats:
     """Per-channel mean and std of one level (or the latent), measured on the data. They stay on the CPU (what
-    checkpoints and exports record); each device they are used on gets one float32 copy, made at the first use:
-    copying them from host memory at every call would make the training step wait for the GPU (a host sync),
-    2 + 2 x levels times per micro-batch."""
+    checkpoints and exports record); each device and layout they are used at (rank, channel dimension) gets one
+    float32 copy shaped to broadcast, made at the first use: copying them from host memory at every call would make
+    the training step wait for the GPU (a host sync), 2 + 2 x levels times per micro-batch, and reshaping them at
+    every call costs host time (two views each for the latent and every level, each micro-batch)."""
 
     mean: torch.Tensor  # [C]
     std: torch.Tensor  # [C]
-    _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _on(self, x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of x's device's copy, viewed to broadcast along `channel_dim`; the views are kept too (the
-        training step standardises the latent and every level each micro-batch: two views each, host time)."""
+        """(mean, std) on x's device, viewed to broadcast along `channel_dim`. A step uses one or two layouts per
+        statistics object, so a copy per layout rather than one per device shared by its views costs a few [C]
+        copies, once."""
         key = (x.device, x.ndim, channel_dim % x.ndim)
         if key not in self._views:
-            if x.device not in self._copies:
-                self._copies[x.device] = (self.mean.to(x.device, torch.float32), self.std.to(x.device, torch.float32))
             shape = [1] * x.ndim
             shape[channel_dim] = -1
-            self._views[key] = tuple(v.reshape(shape) for v in self._copies[x.device])
+            self._views[key] = tuple(v.to(x.device, torch.float32).reshape(shape) for v in (self.mean, self.std))
         return self._views[key]
 
     def apply(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:

@@ -42,8 +42,9 @@ if TYPE_CHECKING:
     from ahpa.data.listing import Listing
 
 # imported once by the fork server, so that each worker it forks has torch and the decoder already (about 1 s of
-# imports per worker on a CPU otherwise); "__main__" is the fork server's own default. Only speed depends on it.
-PRELOAD = ["__main__", "ahpa.data.listing"]
+# imports per worker on a CPU otherwise). Not "__main__", the server's default: a user's script without an
+# `if __name__ == "__main__":` guard would run again in the server, which lives as long as the script.
+PRELOAD = ["ahpa.data.listing"]
 
 
 def worker_context() -> BaseContext | None:

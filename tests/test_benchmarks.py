@@ -125,6 +125,17 @@ def test_torchrun_failures_counts_how_a_refused_launch_ends(tmp_path):
     assert out["clean"] + out["summary_names_one_process"] == 1 and out["torch"] == torch.__version__
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="it compares fork and the fork server, Linux's")
+def test_worker_start_times_each_method_in_its_own_process(tmp_path):
+    """benchmarks/worker_start.py (docs/data.md's table of start methods): each method's three loaders timed in a
+    fresh process, and the fork server's later loaders reuse it (far below its first, which starts the server)."""
+    _run(["benchmarks/worker_start.py", "--workers", "1", "--repeats", "1", "--methods", "fork,forkserver",
+          "--out", str(tmp_path / "w.json")])
+    out = json.loads((tmp_path / "w.json").read_text())
+    assert set(out["runs"]) == {"fork", "forkserver"} and all(len(r[0]["later_s"]) == 2 for r in out["runs"].values())
+    assert out["median_later_start_s"]["forkserver"] < out["median_first_start_s"]["forkserver"] / 2
+
+
 def test_profile_step_smoke(tmp_path):
     """The kernel-profile tool of the MFU analysis at tiny size on the CPU: its table adds up (the times themselves are
     CPU operator times, not GPU figures)."""

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -575,76 +574,6 @@ def test_labels_follow_their_images_past_skipped_files(tmp_path):
     assert res.images == 12 and len(res.skipped) == 2
     src = CacheSource(tmp_path / "c", read_manifest(tmp_path / "c"), ["latent"], 2, torch.device("cpu"))
     assert src.labels.tolist() == [0] * 5 + [1] * 4 + [2] * 3
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_decoding_worker_dies_with_its_killed_parent():
-    """A DataLoader worker blocked on a full result pipe outlived a SIGKILLed ImageNet prepare for good (786 MB
-    each). Here the worker is a child that sleeps: it must be gone soon after its parent is killed."""
-    import subprocess
-    import time
-
-    code = """
-import os, sys, time
-from ahpa.data.listing import _die_with_parent
-pid = os.fork()
-if pid == 0:
-    _die_with_parent()
-    time.sleep(60)
-    os._exit(0)
-print(pid, flush=True)
-time.sleep(60)
-"""
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
-    time.sleep(0.5)  # the child has made its call
-    parent.kill()
-    parent.wait()
-
-    def alive(pid: int) -> bool:  # a zombie (no init to reap it in a container) is dead
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-
-    deadline = time.time() + 5
-    while alive(child) and time.time() < deadline:
-        time.sleep(0.05)
-    dead = not alive(child)
-    if not dead:
-        os.kill(child, 9)
-    assert dead
-
-
-def test_decoding_workers_start_under_spawn_as_on_macos_and_windows(tmp_path):
-    """macOS and Windows start DataLoader workers by spawning a fresh interpreter, which unpickles the dataset, the
-    collate and worker-init functions: a lambda or closure among them works on Linux (fork) and fails there. A
-    folder is decoded by two spawned workers into the batches one process decodes."""
-    import subprocess
-
-    root = tmp_path / "imgs"
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    code = """
-import multiprocessing, sys
-import numpy as np
-from ahpa.data.listing import list_source, make_loader
-
-if __name__ == "__main__":
-    multiprocessing.set_start_method("spawn", force=True)
-    listing = list_source(sys.argv[1], labels="auto")
-    batches = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    got = [[(it.index, it.image.tobytes()) for it in items] for items in make_loader(listing, 8, batches, 2)]
-    want = [[(it.index, it.image.tobytes()) for it in items] for items in make_loader(listing, 8, batches, 0)]
-    assert got == want and len(got) == 4, "spawned workers decoded other items"
-    print("ok", sum(map(len, got)))
-"""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    run = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0 and run.stdout.split() == ["ok", "10"], run.stderr[-2000:]
 
 
 def test_the_names_of_a_runs_classes_come_from_its_data(tmp_path):

@@ -7,10 +7,9 @@ returns either a crop ready for the encoder or the reason it was skipped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from ahpa.data.decode import IMAGE_EXTENSIONS, BadImage, adm_center_crop, load_rgb, upsample_size
 from ahpa.data.path_table import PathTable
+from ahpa.data.workers import share_listing, start_worker, unshare, worker_context
 
 LABEL_MODES = ("auto", "folders", "none")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -239,16 +239,30 @@ class ItemDataset(torch.utils.data.Dataset):
 
     def __init__(self, listing: Listing, resolution: int | None):
         self.listing, self.resolution = listing, resolution
+        self.paths, self.array = listing.paths, listing.array
+        self._sent: dict | None = None
+
+    def __getstate__(self) -> dict:
+        # a worker started by forkserver or spawn unpickles its dataset: it gets what decoding reads (not the
+        # labels or the names of ignored files), the large arrays in shared memory, put there once for all workers
+        if self._sent is None:
+            self._sent = share_listing(self.listing)
+            self.paths, self.array = self.listing.paths, self.listing.array
+        return {"resolution": self.resolution, "sent": self._sent}
+
+    def __setstate__(self, state: dict) -> None:
+        self.listing, self.resolution, self._sent = None, state["resolution"], None
+        self.paths, self.array = unshare(state["sent"])
 
     def __len__(self) -> int:
-        return len(self.listing)
+        return len(self.array) if self.array is not None else len(self.paths)
 
     def __getitem__(self, i: int) -> Item:
-        if self.listing.array is not None:
-            arr, conversions = self.listing.array[i], []
+        if self.array is not None:
+            arr, conversions = self.array[i], []
         else:
             try:
-                arr, conversions = load_rgb(self.listing.paths[i])
+                arr, conversions = load_rgb(self.paths[i])
             except BadImage as e:
                 return Item(i, None, reason=e.reason)
         if self.resolution is None:
@@ -262,27 +276,6 @@ def collate_items(items: list[Item]) -> list[Item]:
     return items  # images of a batch may differ in size (small ones); `assemble` stacks them on the device
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding is per-process; intra-op threads would only fight over cores
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """A worker whose parent was killed (SIGKILL: a scheduler's kill, an OOM) can block for good on a full result
-    pipe, which DataLoader's own check of the parent never reaches: seen holding 786 MB each, ten minutes after a
-    killed ImageNet prepare. On Linux the kernel now kills it with its parent."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before the call above: nobody will read this worker's results
-        os._exit(1)
-
-
 def default_workers() -> int:
     """Processes decoding images when the user names none (prepare, vae-train, eval, a run's reference): the CPUs,
     at most 8."""
@@ -293,7 +286,8 @@ def make_loader(listing: Listing, resolution: int | None, batches: list[list[int
     """Decode the given batches of item indices in `workers` processes (0: in this process), in order."""
     return torch.utils.data.DataLoader(
         ItemDataset(listing, resolution), batch_sampler=batches, num_workers=workers, collate_fn=collate_items,
-        worker_init_fn=_worker_init, prefetch_factor=4 if workers else None,
+        worker_init_fn=functools.partial(start_worker, os.getpid()), prefetch_factor=4 if workers else None,
+        multiprocessing_context=worker_context() if workers else None,  # how and why: ahpa.data.workers
     )
 
 

@@ -166,6 +166,11 @@ def test_a_declaration_two_extensions_make_otherwise_is_refused(registries):
                              settings=[Setting("scale", 2, "an integer scale")])
     # the session registers its loss again with another declaration (a notebook's cell rerun): its own, replaced
     register_loss("scaled", _mse, settings=[Setting("scale", 2.0, "multiplies the MSE", gt=0)])
+    from ahpa.align.methods import MethodSpec, register_method
+
+    # the same declaration in other words is one setting: a method naming the loss may declare it too
+    register_method(MethodSpec("uses-scaled", "all", "uniform", "scaled", "x",
+                               settings=[Setting("scale", 2.0, "the MSE's factor", gt=0)]))
     with pytest.raises(ValueError, match=r"loss 'twice': declares setting 'scale' more than once"):
         register_loss("twice", _mse, settings=[Setting("scale", 1.0, "x"), Setting("scale", 1.0, "x")])
 

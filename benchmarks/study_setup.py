@@ -38,8 +38,13 @@ VARIANT_KEYS = ("align.levels", "align.shared_trunk", "align.router_tau", "align
 # lambda or depth can sit beside the study's baselines; the study's own values (flags) stay in the key
 RUN_VARIANT_KEYS = (*VARIANT_KEYS, "align.weight", "align.depth", "align.projector_dim")
 # the order of a label's variants, whatever the order given: one configuration, one label (its seeds merge). The
-# published labels follow it (ahpa-soft[weight=1.5,projector_dim=512], ...[router_normalize=false,router_entropy=0])
+# published labels follow it (ahpa-soft[weight=1.5,projector_dim=512], ...[router_normalize=false,router_entropy=0]);
+# a registered extension's own settings (align.options.NAME, below) come after them, by name
 LABEL_ORDER = ("align.weight", "align.depth", "align.projector_dim", *VARIANT_KEYS)
+# a registered method's, loss's or router mode's own settings (docs/extending.md, "Settings of your own"): switches of
+# the method, as VARIANT_KEYS are. A variant names its row (method[options.NAME=V]) in the table of its baselines;
+# left at their defaults they are the package's code, as its version is (study_extensions.py), not the key's
+OPTIONS_PREFIX = "align.options."
 SIZES = {
     # smoke: a tiny SiT on 256 cached images at CIFAR's own 32x32 (TAEF2 decodes dominate a CPU evaluation and cost
     # 4x less there than at 64); every code path of the GPU study, none of its statistics
@@ -100,13 +105,20 @@ def parse_variant(items: list[str]) -> list[str]:
     keys = []
     for item in items:
         key = item.partition("=")[0]
-        if "=" not in item or key not in RUN_VARIANT_KEYS:
-            raise SystemExit(f"--variant {item!r}: expected KEY=VALUE with KEY one of {', '.join(RUN_VARIANT_KEYS)}; "
-                             "other settings (lr, steps, model) change every method and make a separate study")
+        own = key.startswith(OPTIONS_PREFIX) and len(key) > len(OPTIONS_PREFIX)  # checked as a key by the config
+        if "=" not in item or (key not in RUN_VARIANT_KEYS and not own):
+            raise SystemExit(f"--variant {item!r}: expected KEY=VALUE with KEY one of {', '.join(RUN_VARIANT_KEYS)}, or "
+                             f"{OPTIONS_PREFIX}NAME (a setting of a registered method, loss or router mode); other "
+                             "settings (lr, steps, model) change every method and make a separate study")
         if key in keys:
             raise SystemExit(f"--variant {key} is given twice: give each switch once")
         keys.append(key)
-    return sorted(items, key=lambda item: LABEL_ORDER.index(item.partition("=")[0]))
+
+    def order(item: str) -> tuple[int, str]:
+        key = item.partition("=")[0]
+        return (LABEL_ORDER.index(key), "") if key in LABEL_ORDER else (len(LABEL_ORDER), key)
+
+    return sorted(items, key=order)
 
 
 def check_methods(args, size: dict, methods: list[str], levels: list[str]) -> None:
@@ -168,7 +180,8 @@ def study_key(cfg, args, size_name: str) -> tuple[str, dict]:
             # side outputs: the post-hoc EMAs leave the model, its EMA and every evaluation bitwise as they were
             "train.posthoc_ema", "train.posthoc_every",
             "train.wandb", "train.wandb_name")  # these change no math (W&B: a copy of the metrics)
-    common = {k: v for k, v in flat.items() if k not in skip and not k.startswith(("eval.", "sample.grid"))}
+    common = {k: v for k, v in flat.items()
+              if k not in skip and not k.startswith(("eval.", "sample.grid", OPTIONS_PREFIX))}
     common["prior.encoder"] = encoder_identity(cfg.prior.encoder)
     common.update({"study.size": size_name, "study.data": args.data.name, "study.limit": args.limit,
                    "study.eval_every": args.eval_every, "study.eval_num": args.eval_num,

@@ -679,3 +679,67 @@ def test_a_run_of_a_name_registered_elsewhere_is_refused_with_what_it_lacks(loss
     with pytest.raises(RunConfigError, match=r"align.router_tau must be a number, got 'abc'\); a run would write "
                                              r"over it: choose a new --out; or, for a run of an older ahpa, fix the key"):
         Trainer(config.load(None, [*TINY, "train.steps=2"]), tmp_path / "run")
+
+
+def _documented_settings_module() -> str:
+    """The package module of docs/extending.md's "Settings of your own, and a loss per level", as written."""
+    import re
+
+    text = (ROOT / "docs" / "extending.md").read_text()
+    return re.search(r"## Settings of your own, and a loss per level\n.*?```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_documented_settings_and_level_aware_loss_through_the_cli(tmp_path):
+    """A package's loss and router mode declare settings of their own (align.options.NAME) and the loss computes each
+    level its own way (its `level` keyword): a package could add neither without editing ahpa (a parameter was a field
+    of AlignCfg, and a loss could not tell the latent from a stage). Set on the command line, checked as ahpa's keys
+    are, shown by --show-config, recorded in config.yaml, held on resume, compared by `ahpa compare`, and read without
+    the package by `ahpa sample --run`."""
+    import json
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _install(site, "docplug", "docplug_ahpa", _documented_settings_module())
+    base = ["--config", "configs/tiny.yaml", "align.loss=latent-mse", "align.router=power"]
+    shown = _ahpa(site, "train", *base, "--show-config", "align.options.latent_weight=2")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert ("    # the latent's MSE is multiplied by it (a float >= 0; loss 'latent-mse')\n    latent_weight: 2.0\n"
+            "    # the power the router's soft weights are raised to (a float > 0; router mode 'power')\n"
+            "    sharpness: 2.0\n") in shown.stdout, shown.stdout
+    for bad, message in (("align.options.latent_weight=-1", "command line: align.options.latent_weight=-1.0 is out of "
+                                                            "range; it must be a float >= 0 (loss 'latent-mse')"),
+                         ("align.options.latent_wieght=1", "unknown config key 'align.options.latent_wieght' (did you "
+                                                           "mean 'align.options.latent_weight'?)"),
+                         ("align.options.sharpness=high", "align.options.sharpness must be a number, got 'high'")):
+        refused = _ahpa(site, "train", *base, "--show-config", bad)
+        assert refused.returncode == 2 and message in refused.stderr, (bad, refused.stderr[-2000:])
+    runs = {}
+    for weight in (1, 3):
+        runs[weight] = tmp_path / f"run{weight}"
+        out = _ahpa(site, "train", *base, "--out", str(runs[weight]), "train.steps=2", "train.sample_every=0",
+                    "train.log_every=1", f"align.options.latent_weight={weight}")
+        assert out.returncode == 0, out.stderr[-2000:]
+    saved = (runs[3] / "config.yaml").read_text()
+    assert "  options:\n    latent_weight: 3.0\n    sharpness: 2.0\n" in saved, saved
+    # the level reached the loss, and the setting with it: at the first step (the same weights and batch) the latent's
+    # loss is 3x, the stages' the same
+    first = [json.loads((r / "metrics.jsonl").read_text().splitlines()[0]) for r in (runs[1], runs[3])]
+    names = first[0]["level_names"]
+    assert "latent" in names and len(names) > 1
+    for name, one, three in zip(names, first[0]["align/level_loss"], first[1]["align/level_loss"]):
+        assert three == pytest.approx(3 * one if name == "latent" else one, rel=1e-5), (name, one, three)
+    # a resume that changes the setting is refused as any change is; the same setting resumes
+    changed = _ahpa(site, "train", *base, "--out", str(runs[3]), "train.steps=3", "align.options.latent_weight=2")
+    assert changed.returncode == 2 and "align.options.latent_weight: run has 3.0, command gives 2.0" in changed.stderr
+    same = _ahpa(site, "train", "--config", str(runs[3] / "config.yaml"), "--out", str(runs[3]), "train.steps=3")
+    assert same.returncode == 0, same.stderr[-2000:]
+    # compare names the setting where the runs differ
+    compared = _ahpa(site, "compare", str(runs[1]), str(runs[3]), "--out", str(tmp_path / "cmp"))
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    assert "align.options.latent_weight" in (tmp_path / "cmp" / "compare.md").read_text()
+    # without the package: the settings are unknown keys, read as written where only the SiT is needed
+    bare = tmp_path / "none"
+    sampled = _ahpa(bare, "sample", "--run", str(runs[3]), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s.npz"))
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    resumed = _ahpa(bare, "train", "--config", "configs/tiny.yaml", "--out", str(runs[3]), "train.steps=4")
+    assert resumed.returncode == 2 and "this process lacks the package or session code" in resumed.stderr, resumed.stderr

@@ -24,6 +24,7 @@ _API = {
     "ExternalEncoder": ("ahpa.priors.external", "ExternalEncoder"),
     "register_external": ("ahpa.external_kinds", "register_external"),
     "register_loss": ("ahpa.align.loss", "register_loss"),
+    "Setting": ("ahpa.align.settings", "Setting"),
     "register_method": ("ahpa.align.methods", "register_method"),
     "register_router_mode": ("ahpa.align.router", "register_router_mode"),
     "METHODS": ("ahpa.align.methods", "METHODS"),

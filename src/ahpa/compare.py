@@ -205,7 +205,9 @@ def differing_settings(runs: list[Run]) -> dict[str, list]:
     unread = [unread_settings(r.settings) for r in runs]
     out = {}
     for k in keys:
-        values = [NOT_READ if k in u else r.settings.get(k) for r, u in zip(runs, unread)]
+        # a run records the settings of the extensions it uses (align.options.NAME): one without the key read none
+        values = [NOT_READ if k in u or (k.startswith("align.options.") and k not in r.settings) else r.settings.get(k)
+                  for r, u in zip(runs, unread)]
         compared = [r.identities.get(k, v) if v is not NOT_READ else v for r, v in zip(runs, values)]
         read = [c for c in compared if c is not NOT_READ]
         if any(c != read[0] for c in read):

@@ -14,9 +14,11 @@ from typing import Any
 
 import yaml
 
+from ahpa.align.methods import declared_settings, settings_in_use
+from ahpa.plugins import load_plugins
 from ahpa.spelling import did_you_mean
-from ahpa.config_rules import (ACROSS_KEYS, CHOICES, RANGES, choice_hint,  # noqa: F401  (CHOICES, RANGES re-exported)
-                               named_elsewhere, spec_problem)
+from ahpa.config_rules import (ACROSS_KEYS, CHOICES, OPTIONS, RANGES,  # noqa: F401  (CHOICES, RANGES re-exported)
+                               choice_hint, named_elsewhere, spec_problem)
 # the sections, re-exported: `from ahpa.config import AlignCfg` is how src/, tests and docs name them
 from ahpa.config_sections import (AlignCfg, Config, DataCfg, EvalCfg, ModelCfg, PriorCfg,  # noqa: F401
                                   SampleCfg, TrainCfg, TransportCfg)
@@ -96,7 +98,59 @@ def _number(key: str, item: Any, where: str) -> float:
         raise ConfigError(f"{where}: {key} must be a list of numbers, got the item {item!r}") from None
 
 
+def _apply_option(cfg: Config, name: str, value: Any, where: str, unresolved: tuple[str, ...]) -> None:
+    """align.options.NAME=VALUE: a setting a registered method, loss or router mode declares (ahpa.align.settings),
+    checked against its declaration. With OPTIONS in `unresolved` (a run's config read to sample or export), a name
+    no extension here declares is kept as written: its package may be missing here, and the SiT needs none."""
+    key = f"{OPTIONS}.{name}"
+    declared = declared_settings()
+    if name in declared:
+        setting = declared[name][0]
+        value = _coerce(key, value, setting.type, where)
+        problem = setting.problem(value)
+        if problem:
+            raise ConfigError(f"{where}: {key}={value!r} {problem} ({', '.join(declared[name][1])})")
+    elif OPTIONS in unresolved and name.isidentifier():
+        if isinstance(value, str) and value != "":
+            value = _coerce(key, value, typing.Any, where)
+    else:
+        valid = [f"{n} ({', '.join(owners)})" for n, (_, owners) in declared.items()]
+        failed = "".join(f"; {f}" for f in load_plugins())  # the setting may be a package's that failed to import
+        near = did_you_mean(name, declared).replace("'", f"'{OPTIONS}.", 1)
+        raise ConfigError(f"{where}: unknown config key {key!r}{near}; align.options holds the "
+                          "settings that registered methods, losses and router modes declare: "
+                          f"{', '.join(valid) or 'none is registered in this process'}{failed}")
+    cfg.align.options[name] = value
+
+
+def _apply_options(cfg: Config, value: Any, where: str, unresolved: tuple[str, ...]) -> None:
+    """align.options as one mapping (a YAML file's, or `align.options={a: 1}`): each item as align.options.NAME."""
+    if isinstance(value, str):
+        value = _coerce(OPTIONS, value, typing.Any, where) if value else {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {OPTIONS} must be a mapping of NAME: VALUE (a setting of a registered method, loss "
+                          f"or router mode each), got {value!r}; one setting is align.options.NAME=VALUE")
+    for name, item in value.items():
+        _apply_option(cfg, str(name), item, where, unresolved)
+
+
+def fill_options(cfg: Config) -> None:
+    """The settings of the method, loss and router mode in use, each given or its default, first and in that order
+    (what the run reads, in config.yaml and --show-config); any other given setting stays (an extension not in use:
+    the run notes it as ignored). With a name not registered here (read unresolved), the options stay as written."""
+    a = cfg.align
+    used = settings_in_use(a.method, a.router, a.loss)
+    if used is None:
+        return
+    filled = {name: a.options.get(name, s.default) for name, (s, _) in used.items()}
+    a.options = {**filled, **{k: v for k, v in a.options.items() if k not in filled}}
+
+
 def _apply(cfg: Config, key: str, value: Any, where: str, unresolved: tuple[str, ...] = ()) -> None:
+    if key == OPTIONS:
+        return _apply_options(cfg, value, where, unresolved)
+    if key.startswith(OPTIONS + "."):
+        return _apply_option(cfg, key[len(OPTIONS) + 1:], value, where, unresolved)
     section, _, name = key.partition(".")
     sections = {f.name for f in dataclasses.fields(cfg)}
     if section not in sections or not name:
@@ -145,6 +199,7 @@ def _fill(cfg: Config, data: dict, where: str, unresolved: tuple[str, ...] = ())
 
 def from_dict(data: dict, where: str = "config", base: Config | None = None) -> Config:
     cfg = _fill(base if base is not None else Config(), data, where)
+    fill_options(cfg)
     check_across_keys(cfg, where)
     return cfg
 
@@ -175,6 +230,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _apply(cfg, key.strip(), value.strip(), where, unresolved)
+    fill_options(cfg)
     check_across_keys(cfg, str(path) + (f" with the {where}" if overrides else "") if path is not None else where)
     return cfg
 

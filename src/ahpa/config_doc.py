@@ -9,7 +9,32 @@ import inspect
 
 import yaml
 
-from ahpa.config import CHOICES, Config
+from ahpa.align.methods import declared_settings, settings_in_use
+from ahpa.config import CHOICES, OPTIONS, Config
+
+
+def _one_line(value) -> str:
+    # a one-item flow list, brackets dropped: any value on one line ('' quoted, lists as [a, b])
+    return yaml.safe_dump([value], default_flow_style=True, width=10**6).strip()[1:-1]
+
+
+def _options(cfg: Config) -> list[str]:
+    """align.options as a block, each setting with its declaration's line: what it does, what it takes, whose it is
+    (a setting no extension in use declares is kept, and the run notes it as ignored)."""
+    a = cfg.align
+    used, declared = settings_in_use(a.method, a.router, a.loss) or {}, declared_settings()
+    lines = ["  options:"]
+    for name, value in a.options.items():
+        setting, owners = used.get(name) or declared.get(name, (None, ["no extension registered here"]))
+        owner = owners if isinstance(owners, str) else ", ".join(owners)
+        if name not in used:
+            owner += "; not used by this run"
+        if setting is not None:
+            lines.append(f"    # {setting.help} ({setting.allowed()}; {owner})")
+        else:
+            lines.append(f"    # ({owner})")
+        lines.append(f"    {name}: {_one_line(value)}")
+    return lines
 
 
 def field_comments(section_type: type) -> dict[str, list[str]]:
@@ -47,8 +72,13 @@ def documented_yaml(cfg: Config) -> str:
             if choices and not any("|" in c for c in doc):
                 doc.append(" | ".join(choices))
             lines += [f"  # {c}" for c in doc]
-            # a one-item flow list, brackets dropped: any value on one line ('' quoted, lists as [a, b])
-            value = yaml.safe_dump([getattr(sub, f.name)], default_flow_style=True, width=10**6).strip()[1:-1]
-            lines.append(f"  {f.name}: {value}")
+            if f"{section.name}.{f.name}" == OPTIONS:
+                if getattr(sub, f.name):
+                    lines += _options(cfg)
+                    continue
+                others = [f"{n} ({', '.join(owners)})" for n, (_, owners) in declared_settings().items()]
+                if others:
+                    lines.append(f"  # declared here, by extensions this run does not use: {', '.join(others)}")
+            lines.append(f"  {f.name}: {_one_line(getattr(sub, f.name))}")
         lines.append("")
     return "\n".join(lines)

@@ -50,10 +50,13 @@ CHOICES = {
     "sample.solver": ("euler", "heun", "euler-maruyama"),
 }
 
+# the settings that registered methods, losses and router modes declare (ahpa.align.settings): align.options.NAME
+OPTIONS = "align.options"
 # the keys whose values are names (of prior.external, its kind) that a package or a session may register
-# (docs/extending.md): a run's config.yaml may name one this process lacks. Resuming refuses it (ahpa.train.run_dir);
-# sampling and exporting, which build no aligner, read it unresolved (ahpa.config.load's `unresolved`)
-REGISTERED_KEYS = ("align.method", "align.loss", "align.router", "prior.external")
+# (docs/extending.md), and align.options, whose names they declare: a run's config.yaml may name one this process
+# lacks. Resuming refuses it (ahpa.train.run_dir); sampling and exporting, which build no aligner, read it unresolved
+# (ahpa.config.load's `unresolved`)
+REGISTERED_KEYS = ("align.method", "align.loss", "align.router", "prior.external", OPTIONS)
 
 
 def named_elsewhere(key: str, value) -> bool:

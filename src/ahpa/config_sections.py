@@ -97,6 +97,9 @@ class AlignCfg(_Settings):
     # the share of each image's tokens that the heads align, drawn anew every step (ahpa.align.tokens): an unbiased
     # estimate of the full alignment loss at that share of the heads' cost. 1 aligns every token (REPA, the paper)
     token_fraction: float = 1.0
+    # the settings a registered method, loss or router mode declares for itself (docs/extending.md, "Settings of your
+    # own"), align.options.NAME=VALUE; the run's method, loss and router mode get theirs, defaults filled in
+    options: dict = field(default_factory=dict)
 
 
 @dataclass

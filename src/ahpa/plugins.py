@@ -72,11 +72,23 @@ def entry_point_failure(ep, group: str, e: Exception) -> str:
     return f"the {group!r} entry point {ep.name} = {ep.value!r}{package} failed to load: {type(e).__name__}: {e}"
 
 
-def check_call(fn, args: tuple, what: str, contract: str) -> None:
-    """Whether `fn` accepts `args`, checked without calling it: a wrong signature is named with the contract, while a
-    TypeError raised inside `fn` stays its own."""
+def declares(fn, keyword: str) -> bool:
+    """Whether `fn` names the parameter `keyword` and takes it by keyword (an optional argument of a contract, e.g. a
+    loss's `level`): read once, where the function is registered or built into a module, never per call. A `**kwargs`
+    does not count: the function says which arguments it reads."""
     try:
-        inspect.signature(fn).bind(*args)
+        param = inspect.signature(fn).parameters.get(keyword)
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return False
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+
+def check_call(fn, args: tuple, what: str, contract: str, keywords: tuple[str, ...] = ()) -> None:
+    """Whether `fn` accepts `args`, and each of the optional `keywords` it declares (ahpa passes those by keyword),
+    checked without calling it: a wrong signature is named with the contract, while a TypeError raised inside `fn`
+    stays its own."""
+    try:
+        inspect.signature(fn).bind(*args, **{k: None for k in keywords if declares(fn, k)})
     except ValueError:  # no signature to read (a builtin): the call itself will tell
         return
     except TypeError as e:

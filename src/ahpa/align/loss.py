@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ahpa.align.methods import LOSSES, Loss
+from ahpa.align.methods import LOSSES, Loss, check_new_settings
+from ahpa.align.settings import Setting, checked_settings
 from ahpa.config import AlignCfg
-from ahpa.plugins import check_call
+from ahpa.plugins import check_call, declares
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -23,27 +24,37 @@ def smooth_l1_loss(pred: torch.Tensor, target: torch.Tensor, beta: float) -> tor
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta, reduction="none").flatten(1).mean(dim=1)
 
 
-LOSS_CONTRACT = "fn(prediction [B, N, C], target [B, N, C], the run's AlignCfg) -> [B] (docs/extending.md, 'A loss')"
+LOSS_CONTRACT = ("fn(prediction [B, N, C], target [B, N, C], the run's AlignCfg[, level=NAME]) -> [B] "
+                 "(docs/extending.md, 'A loss')")
 
 
-def check_loss(name: str, cfg: AlignCfg) -> None:
+def check_loss(name: str, cfg: AlignCfg, levels: list[str] | tuple[str, ...] = ()) -> None:
     """Call a registered loss on a small input, a target unlike the prediction and one equal to it: a loss returning
     a scalar, [B, N] or [B, 1], no gradient, a value not finite (0/0 at a perfect match), or a negative one fails here,
     named, and not as a shape error at the first step, steps skipped as non-finite, or a run that silently does not
     learn (the router divides each level's loss by its running mean: a negative mean, -cos for 1 - cos, blew its
-    gradient up by orders of magnitude and clipping then stalled the backbone). Built-in losses are not probed."""
+    gradient up by orders of magnitude and clipping then stalled the backbone). A loss that declares `level` is probed
+    at each of `levels`, the aligner's (it may compute each its own way). Built-in losses are not probed."""
     if name in LOSSES.built_in:
         return
+    fn = LOSSES.entries[name].fn
+    for level in (levels if declares(fn, "level") else [None]):
+        _probe(name, fn, cfg, {} if level is None else {"level": level})
+
+
+def _probe(name: str, fn, cfg: AlignCfg, level: dict) -> None:
+    """check_loss at one level (`level`: {} or {"level": NAME}, as the aligner passes it)."""
     # [B=2, N=3, C=4]; no random draw: the run's seed stays as it is
     pred = torch.linspace(-1.0, 1.0, 24).reshape(2, 3, 4).requires_grad_()
+    at = f" at level {level['level']!r}" if level else ""
     for which, target in (("unlike", pred.detach().flip(-1)), ("equal to", pred.detach())):
         try:
-            out = LOSSES.entries[name].fn(pred, target, cfg)
+            out = fn(pred, target, cfg, **level)
         except Exception as e:  # the user's function: named with the call, its traceback chained
-            raise ValueError(f"align.loss={name!r} failed on the check's inputs [B=2, N=3, C=4]: {type(e).__name__}: "
-                             f"{e}; a loss takes any number of tokens N (align.token_fraction keeps a share of them) "
-                             "and channels C (docs/extending.md, 'A loss')") from e
-        where = f"align.loss={name!r} returned"
+            raise ValueError(f"align.loss={name!r} failed{at} on the check's inputs [B=2, N=3, C=4]: "
+                             f"{type(e).__name__}: {e}; a loss takes any number of tokens N (align.token_fraction "
+                             "keeps a share of them) and channels C (docs/extending.md, 'A loss')") from e
+        where = f"align.loss={name!r} returned{at}"
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2,):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"{where} {got} for [B=2, N=3, C=4] inputs; a loss returns one value per sample, [B] "
@@ -62,14 +73,19 @@ def check_loss(name: str, cfg: AlignCfg) -> None:
                              "(docs/extending.md, 'A loss')")
 
 
-def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor, AlignCfg], torch.Tensor], about: str = "") -> None:
+def register_loss(name: str, fn: Callable[..., torch.Tensor], about: str = "",
+                  settings: tuple[Setting, ...] = ()) -> None:
     """Make `align.loss=NAME` (and a MethodSpec's loss) valid, computed by fn(prediction, target, align settings) ->
-    loss per sample [B] in fp32. A parameter of its own is a field of AlignCfg, read from the settings."""
+    loss per sample [B] in fp32. A function that declares a parameter `level` is given the name of the level it
+    computes (`level="latent"`), by keyword. `settings`: its own parameters (ahpa.align.settings.Setting), set as
+    align.options.NAME=VALUE and read as cfg.options["NAME"]."""
     if not name or name == "default" or not callable(fn):
         raise ValueError(f"register_loss needs a name other than '' and 'default' (align.loss=default is the method's "
                          f"own loss) and a function; got {name!r} and {type(fn).__name__}")
-    check_call(fn, (None, None, None), f"loss {name!r}", LOSS_CONTRACT)
-    LOSSES.register(name, Loss(about, fn))
+    check_call(fn, (None, None, None), f"loss {name!r}", LOSS_CONTRACT, keywords=("level",))
+    settings = checked_settings(settings, f"loss {name!r}")
+    check_new_settings(LOSSES, name, settings)
+    LOSSES.register(name, Loss(about, fn, settings))
 
 
 def entropy(weights: torch.Tensor) -> torch.Tensor:

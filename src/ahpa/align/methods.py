@@ -3,9 +3,11 @@ losses. The config takes its valid names from here, so a new entry is valid ever
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ahpa.align.settings import Setting, checked_settings
 from ahpa.registry import Registry
 
 
@@ -14,12 +16,15 @@ class RouterMode:
     learned: bool  # has parameters and gets the router objective
     # register_router_mode's function (ahpa.align.router); None for the built-in modes, branches of Router.route
     fn: Callable | None = None
+    settings: tuple[Setting, ...] = ()  # its own settings, align.options.NAME (ahpa.align.settings)
 
 
 @dataclass(frozen=True)
 class Loss:
     about: str
-    fn: Callable  # (prediction [B, N, C], target [B, N, C], the run's AlignCfg) -> loss per sample [B]
+    # (prediction [B, N, C], target [B, N, C], the run's AlignCfg[, level=NAME]) -> loss per sample [B]
+    fn: Callable
+    settings: tuple[Setting, ...] = ()  # its own settings, align.options.NAME (ahpa.align.settings)
 
 
 # the built-in losses: their math is in ahpa.align.loss, imported when called (the config reads this module, and
@@ -58,8 +63,10 @@ class MethodSpec:
     router: str  # the router mode the method fixes; "" = the mode named by align.router (ahpa)
     loss: str  # the method's loss when align.loss=default: one of LOSSES
     about: str
+    settings: tuple[Setting, ...] = ()  # its own settings, align.options.NAME, read by its loss or router mode
 
     def __post_init__(self):
+        object.__setattr__(self, "settings", checked_settings(self.settings, f"method {self.name!r}"))
         if self.levels not in LEVEL_CHOICES:
             raise ValueError(f"method {self.name!r}: levels {self.levels!r} is not {'|'.join(LEVEL_CHOICES)} (a new kind "
                              "is an entry of LEVEL_CHOICES and a branch of resolve_levels)")
@@ -91,7 +98,71 @@ def register_method(spec: MethodSpec) -> None:
     every run, table and study result that names it would silently mean something else."""
     if not isinstance(spec, MethodSpec):
         raise ValueError(f"register_method takes a MethodSpec (ahpa.align.methods), not {type(spec).__name__}")
+    check_new_settings(METHODS, spec.name, spec.settings)
     METHODS.register(spec.name, spec)
+
+
+# the registries whose entries may declare settings, with the word that names an entry's kind
+_DECLARING = (("method", METHODS), ("loss", LOSSES), ("router mode", ROUTER_MODES))
+
+
+def declared_settings() -> dict[str, tuple[Setting, list[str]]]:
+    """{name: (its declaration, the entries declaring it, e.g. "loss 'gram'")} over every registered method, loss and
+    router mode (the installed packages imported first)."""
+    out: dict[str, tuple[Setting, list[str]]] = {}
+    for what, registry in _DECLARING:
+        for name in list(registry):  # imports the packages; a pending entry point is no ahpa.plugins entry
+            entry = registry.entries.get(name)
+            for s in getattr(entry, "settings", ()):
+                out.setdefault(s.name, (s, []))[1].append(f"{what} {name!r}")
+    return out
+
+
+def check_new_settings(registry: Registry, name: str, settings: tuple[Setting, ...]) -> None:
+    """Refuses a registration whose setting another entry declares otherwise: align.options.NAME is one key, whose
+    type, default and allowed values must be one. The same declaration twice (its help aside) is one setting (a
+    method and its loss)."""
+    what = next(w for w, r in _DECLARING if r is registry)
+    for s in settings:
+        for other_what, other in _DECLARING:
+            for other_name in list(other):
+                if other is registry and other_name == name:  # the entry this registration replaces (a rerun cell)
+                    continue
+                declared = getattr(other.entries.get(other_name), "settings", ())
+                theirs = next((t for t in declared if t.name == s.name), None)
+                if theirs is not None and dataclasses.replace(theirs, help=s.help) != s:  # its help may differ
+                    raise ValueError(f"{what} {name!r} declares setting align.options.{s.name} as {s}, and "
+                                     f"{other_what} {other_name!r} declares it as {theirs}: one key has one meaning; "
+                                     "rename yours, or declare it the same way")
+
+
+def extensions_in_use(method: str, router: str, loss: str) -> list[tuple[str, object]] | None:
+    """[(e.g. "loss 'gram'", its entry)] of the method, the loss and the router mode a run of these settings uses
+    (the method's own loss and mode where it fixes them; vanilla SiT none but the method, REPA no router mode), in
+    that order; None when one of them is not registered in this process."""
+    spec = METHODS.get(method)
+    if spec is None:
+        return None
+    names = [("method", METHODS, method)]
+    if spec.levels != "none":
+        names.append(("loss", LOSSES, spec.loss if loss == "default" else loss))
+        if spec.levels != "external":
+            names.append(("router mode", ROUTER_MODES, spec.router or router))
+    entries = [(f"{what} {name!r}", registry.get(name)) for what, registry, name in names]
+    return None if any(entry is None for _, entry in entries) else entries
+
+
+def settings_in_use(method: str, router: str, loss: str) -> dict[str, tuple[Setting, str]] | None:
+    """{name: (declaration, the first entry in use declaring it)} of the settings a run of these choices reads; None
+    when one of its method, loss or router mode is not registered in this process."""
+    used = extensions_in_use(method, router, loss)
+    if used is None:
+        return None
+    out: dict[str, tuple[Setting, str]] = {}
+    for owner, entry in used:
+        for s in getattr(entry, "settings", ()):
+            out.setdefault(s.name, (s, owner))
+    return out
 
 
 def get_method(name: str) -> MethodSpec:
@@ -111,8 +182,9 @@ def align_settings_read(method: str, router: str, router_normalize: bool, loss: 
     spec = METHODS.get(method)
     if spec is None:
         return None
+    own = {f"options.{name}" for name in settings_in_use(method, router, loss) or {}}
     if spec.levels == "none":
-        return {"method"}
+        return {"method"} | own
     from dataclasses import fields
 
     from ahpa.config import AlignCfg
@@ -130,7 +202,9 @@ def align_settings_read(method: str, router: str, router_normalize: bool, loss: 
             reads |= {"router_momentum", "router_t_bins"} if router_normalize else set()
     if (spec.loss if loss == "default" else loss) == "smooth-l1":
         reads.add("smooth_l1_beta")
-    return reads
+    # the extensions' own settings (align.options.NAME) of the method, loss and router mode in use; the mapping
+    # itself is no setting: its keys are what a run reads
+    return (reads - {"options"}) | own
 
 
 def resolve_levels(method: MethodSpec, available: list[str], requested: list[str]) -> list[str]:

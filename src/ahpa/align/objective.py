@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from ahpa.align.loss import check_loss, entropy, router_objective
-from ahpa.align.methods import LOSSES
+from ahpa.align.methods import LOSSES, settings_in_use
 from ahpa.align.projector import Projector
 from ahpa.align.router import Router
 from ahpa.align.tokens import gather_tokens, kept_tokens
 from ahpa.config import AlignCfg
 from ahpa.device import autocast
+from ahpa.plugins import declares
 from ahpa.train.distributed import all_reduce_mean
 
 
@@ -36,15 +37,22 @@ class Aligner(nn.Module):
         # the settings a loss is given say what is in force: a method that fixes its router (multi-uniform) runs that
         # mode whatever align.router says, and its loss the resolved one, not "default"
         cfg = dataclasses.replace(cfg, router=router_mode, loss=loss)
-        check_loss(loss, cfg)
+        # the loss's and the mode's own settings (align.options), defaults filled in where the caller built the
+        # AlignCfg by hand (a config read by ahpa.config has them): a function reads cfg.options["NAME"] as declared
+        cfg.options = {**{n: s.default for n, (s, _) in (settings_in_use(cfg.method, router_mode, loss) or {}).items()},
+                       **cfg.options}
+        check_loss(loss, cfg, levels)
         self.loss_kind, self.cfg = loss, cfg
+        # a loss that declares `level` gets each level's name by keyword; read once here, not at each step
+        fn = LOSSES.entries[loss].fn
+        self._loss_kwargs = [{"level": name} if declares(fn, "level") else {} for name in self.levels]
         self.normalize = cfg.router_normalize
         self.entropy_weight = cfg.router_entropy
         self.momentum = cfg.router_momentum
         self.t_bins = cfg.router_t_bins
         self.token_fraction = cfg.token_fraction
         self.projector = Projector(hidden, dims, cfg.projector_dim, cfg.shared_trunk)
-        self.router = Router(len(levels), router_mode, cfg.router_tau, cfg.router_topk, cfg.snr_width)
+        self.router = Router(len(levels), router_mode, cfg.router_tau, cfg.router_topk, cfg.snr_width, cfg=cfg)
         k = len(levels)
         # [K] with one bin (the layout checkpoints have always had), [bins, K] with several
         self.register_buffer("running_loss", torch.ones(k) if self.t_bins == 1 else torch.ones(self.t_bins, k))
@@ -57,7 +65,8 @@ class Aligner(nn.Module):
         (a Gram matrix) would otherwise compute it in bf16 whatever it casts its inputs to."""
         fn = LOSSES.entries[self.loss_kind].fn
         with autocast(preds[0].device, None):
-            return torch.stack([fn(p, q, self.cfg) for p, q in zip(preds, targets)], dim=1).float()
+            return torch.stack([fn(p, q, self.cfg, **kw) for p, q, kw in zip(preds, targets, self._loss_kwargs)],
+                               dim=1).float()
 
     def flops_per_image(self, num_tokens: int) -> float:
         """Model FLOPs (2 x multiply-adds) of the heads' forward for one image: they see only the aligned tokens."""

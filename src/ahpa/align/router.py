@@ -26,26 +26,32 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ahpa.align.methods import ROUTER_MODES, RouterMode
+from ahpa.align.methods import ROUTER_MODES, RouterMode, check_new_settings
+from ahpa.align.settings import Setting, checked_settings
 from ahpa.models.sit import timestep_embedding
-from ahpa.plugins import check_call
+from ahpa.plugins import check_call, declares
 
 # a registered mode's function (RouterMode.fn): a fixed one maps (t [B] fp32, K) -> weights [B, K]; a learned one maps
 # the soft path's weights [B, K] to the weights the levels' losses get [B, K] (its objective trains the soft weights)
-FIXED_CONTRACT = "fn(t [B] in [0, 1], num_levels K) -> weights [B, K], rows summing to 1"
-LEARNED_CONTRACT = "fn(soft weights [B, K]) -> weights [B, K], rows summing to 1"
+FIXED_CONTRACT = "fn(t [B] in [0, 1], num_levels K[, cfg=AlignCfg]) -> weights [B, K], rows summing to 1"
+LEARNED_CONTRACT = "fn(soft weights [B, K][, cfg=AlignCfg]) -> weights [B, K], rows summing to 1"
 
 
-def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bool = False) -> None:
+def register_router_mode(name: str, fn: Callable[..., torch.Tensor], learned: bool = False,
+                         settings: tuple[Setting, ...] = ()) -> None:
     """Make `align.router=NAME` valid. Fixed (learned=False): fn(t, num_levels) -> [B, K], a schedule with no
     parameters. Learned: the router's MLP and objective as for `soft`, and fn(soft weights) -> [B, K] the weights the
     levels' losses get (as `topk` cuts them); the objective keeps training the soft weights, so a level fn leaves out
-    can come back. The router checks fn's output when it is built."""
+    can come back. The router checks fn's output when it is built. A function that declares a parameter `cfg` is
+    given the run's align settings by keyword, whose `options` hold its `settings` (ahpa.align.settings.Setting:
+    align.options.NAME=VALUE)."""
     if not callable(fn):
         raise ValueError(f"register_router_mode needs a function; got {type(fn).__name__}")
     check_call(fn, (None,) if learned else (None, None), f"router mode {name!r}",
-               LEARNED_CONTRACT if learned else FIXED_CONTRACT)
-    ROUTER_MODES.register(name, RouterMode(bool(learned), fn))
+               LEARNED_CONTRACT if learned else FIXED_CONTRACT, keywords=("cfg",))
+    settings = checked_settings(settings, f"router mode {name!r}")
+    check_new_settings(ROUTER_MODES, name, settings)
+    ROUTER_MODES.register(name, RouterMode(bool(learned), fn, settings))
 
 
 def snr_schedule(t: torch.Tensor, num_levels: int, width: float) -> torch.Tensor:
@@ -80,12 +86,25 @@ def check_weights(mode: str, t: torch.Tensor, weights: torch.Tensor) -> None:
 class Router(nn.Module):
     def __init__(
         self, num_levels: int, mode: str = "soft", tau: float = 1.0, topk: int = 2, width: float = 0.25,
-        hidden: int = 128, freq_dim: int = 64,
+        hidden: int = 128, freq_dim: int = 64, cfg=None,
     ):
+        """`cfg`: the run's AlignCfg, given to a registered mode's function that declares `cfg` (its settings are in
+        cfg.options); None gives it the defaults."""
         super().__init__()
         ROUTER_MODES.check(mode)
         self.num_levels, self.mode, self.tau, self.topk, self.width = num_levels, mode, tau, topk, width
         self.freq_dim = freq_dim
+        fn = ROUTER_MODES.entries[mode].fn
+        self._fn_kwargs = {}  # read once here: route() passes them on every step without inspecting fn again
+        if fn is not None and declares(fn, "cfg"):
+            from ahpa.config import Config, fill_options
+
+            if cfg is None:
+                whole = Config()
+                whole.align.router = mode
+                fill_options(whole)
+                cfg = whole.align
+            self._fn_kwargs = {"cfg": cfg}
         self.mlp = None
         if self.learned:
             self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, num_levels))
@@ -149,10 +168,12 @@ class Router(nn.Module):
             if registered is None:
                 raise NotImplementedError(f"router mode {self.mode!r} is fixed (ROUTER_MODES) but has no branch in "
                                           "Router.route and no function of register_router_mode")
-            weights = registered(t.float(), self.num_levels).float()  # fp32 as the built-in modes: float64 weights
-            return weights, weights  # would promote the whole alignment loss to float64 (slow on a GPU)
+            # fp32 as the built-in modes: float64 weights would promote the whole alignment loss to float64 (slow on
+            # a GPU)
+            weights = registered(t.float(), self.num_levels, **self._fn_kwargs).float()
+            return weights, weights
         emb = timestep_embedding(t * 1000.0, self.freq_dim)  # [B, freq_dim]
         probs = torch.softmax(self.mlp(emb.to(self.mlp[0].weight.dtype)).float() / self.tau, dim=-1)  # [B, K]
         if registered is not None:
-            return registered(probs).float(), probs
+            return registered(probs, **self._fn_kwargs).float(), probs
         return (keep_topk(probs, self.topk) if self.mode == "topk" else probs), probs

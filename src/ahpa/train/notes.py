@@ -101,10 +101,19 @@ def ignored_settings_note(cfg: Config, levels: list[str]) -> list[str]:
 
 def _align_notes(cfg: Config, levels: list[str]) -> list[str]:
     defaults = asdict(AlignCfg())
-    changed = [k for k, v in asdict(cfg.align).items() if k != "method" and v != defaults[k]]
+    # align.options is no setting itself: each of its keys is one, kept where given for an extension not in use
+    changed = [k for k, v in asdict(cfg.align).items() if k not in ("method", "options") and v != defaults[k]]
     a = cfg.align
     spec = get_method(a.method)
     reads = align_settings_read(a.method, a.router, a.router_normalize, a.loss)
+    unread = [f"align.options.{k}" for k in a.options if f"options.{k}" not in reads]
+    notes = [f"{', '.join(unread)}: no method, loss or router mode this run uses declares it (a setting of "
+             "another extension): ignored"] if unread else []
+    return notes + _builtin_align_notes(cfg, levels, changed, spec, reads)
+
+
+def _builtin_align_notes(cfg: Config, levels: list[str], changed: list[str], spec, reads: set[str]) -> list[str]:
+    a = cfg.align
     if spec.levels == "none":
         return [f"align.method={a.method} does not read align.{', align.'.join(changed)}: ignored"] if changed else []
     notes = [f"align.method={a.method} aligns its external encoder's tokens alone (prior.external), not the VAE's "

@@ -56,7 +56,8 @@ def _saved_config(run_dir: Path) -> Config | None:
             first = str(e).splitlines()[0]
             raise RunConfigError(
                 f"{run_dir} holds a config.yaml that cannot be read as a run's config ({first}); "
-                + (_registered_elsewhere(run_dir) if any(f": {k}=" in first for k in REGISTERED_KEYS) else
+                + (_registered_elsewhere(run_dir) if any(f": {k}=" in first for k in REGISTERED_KEYS)
+                   or f"key '{config_rules.OPTIONS}." in first else
                    "a run would write over it: choose a new --out; or, for a run of an older ahpa, fix the key named.")
             ) from None
     clash = [name for name in RUN_FILES if (run_dir / name).exists()]

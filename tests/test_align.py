@@ -712,5 +712,10 @@ def test_channel_stats_views_follow_each_inputs_device_rank_and_channel_dim():
         z = stats.apply(x, channel_dim=dim)
         assert torch.allclose(z, by_hand(x, dim)), (x.shape, dim)
         assert torch.allclose(stats.invert(z, channel_dim=dim), x, atol=1e-6), (x.shape, dim)
+    # five layouts (3 and -1 are one), each copied once and kept: the same tensors at the next call
+    first = stats._on(square, 1)
+    assert len(stats._views) == 5 and all(a is b for a, b in zip(first, stats._on(square, -3)))
+    # the copies are float32 whatever the statistics' dtype: the targets are float32
+    assert ChannelStats(mean.double(), std.double()).apply(square, channel_dim=1).dtype == torch.float32
     z = stats.apply(torch.empty(2, 3, 3, 3, device="meta"), channel_dim=1)  # a shape seen before, on another device
     assert z.device.type == "meta" and z.shape == (2, 3, 3, 3)

@@ -429,6 +429,8 @@ def test_registered_names_may_be_left_unresolved_where_no_aligner_is_built_and_n
         ({"align": {"router": ["soft"]}}, r"align.router must be a string, got \['soft'\]"),
         ({"prior": {"external": "pkgkind"}}, r"prior.external='pkgkind' is not valid: .* is not KIND:DIR"),
         ({"prior": {"external": "pkg kind:/w"}}, r"prior.external='pkg kind:/w' is not valid: unknown external encoder"),
+        ({"prior": {"external": "pkgkind:"}}, r"prior.external='pkgkind:' is not valid: .* is not KIND:DIR"),
+        ({"align": {"method": "pkg:method"}}, r"align.method='pkg:method' is not valid; valid values: "),
         ({"align": {"router_tau": 0}}, r"align.router_tau=0.0 is out of range"),
     ]
     for edit, named in refused:
@@ -436,6 +438,10 @@ def test_registered_names_may_be_left_unresolved_where_no_aligner_is_built_and_n
                                        {**run, "align": {**run["align"], **edit["align"]}}))
         with pytest.raises(config.ConfigError, match=named):
             config.load(path, unresolved=REGISTERED_KEYS)
+    # overrides are read alike; a kind is the text before the first colon, so its WHERE may hold one (C:/...)
+    cfg = config.load(None, ["align.method=pkg-method", "prior.external=pkgkind:C:/weights/vit"],
+                      unresolved=REGISTERED_KEYS)
+    assert (cfg.align.method, cfg.prior.external) == ("pkg-method", "pkgkind:C:/weights/vit")
     # only the registered names: any other key given as unresolved is checked as ever
     with pytest.raises(config.ConfigError, match=r"sample.solver='eulr' is not valid"):
         config.load(None, ["sample.solver=eulr"], unresolved=("sample.solver",))

@@ -718,6 +718,7 @@ def test_the_manifest_names_a_local_vae_by_its_absolute_path_and_older_manifests
         file = out / "manifest.json"
         manifest = json.loads(file.read_text())
         assert manifest["encoder"]["spec"] == f"{kind}:{tmp_path / 'vae'}"
+        check_encoder(manifest, registry.load_encoder(f"{kind}:vae"), out)  # a Python caller's relative path
         monkeypatch.chdir(tmp_path / "elsewhere")  # a run started in another directory, paths absolute as a run's are
         check_encoder(manifest, registry.load_encoder(f"{kind}:{tmp_path / 'vae'}"), out)
         if kind == "ahpa-vae":
@@ -730,3 +731,9 @@ def test_the_manifest_names_a_local_vae_by_its_absolute_path_and_older_manifests
         capsys.readouterr()
         assert main(args) == 0 and "already complete" in capsys.readouterr().out
         check_encoder(json.loads(file.read_text()), registry.load_encoder(f"{kind}:{tmp_path / 'vae'}"), out)
+    # a hashed VAE's folder moved: the same weights, so prepare finds its cache complete (the spec is not compared)
+    (tmp_path / "vae").rename(tmp_path / "moved")
+    moved = ["prepare", "--images", "set.npz", "--vae", "ahpa-vae:moved", "--resolution", "16", "--out",
+             str(tmp_path / "cache-ahpa-vae"), "--workers", "0", "--flips", "none"]
+    capsys.readouterr()
+    assert main(moved) == 0 and "already complete" in capsys.readouterr().out

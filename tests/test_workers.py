@@ -94,10 +94,15 @@ def test_workers_are_sent_the_large_arrays_through_shared_memory(tmp_path):
         assert len(sent) < 5000, (src.name, len(sent))
         shared = [t for t in dataset._sent.values() if isinstance(t, torch.Tensor)]
         assert shared and all(t.is_shared() for t in shared)
+        # the parent's listing and dataset read the shared copies: no second copy of their own is kept
+        own = [[obj.array] if obj.array is not None else [obj.paths._bytes, obj.paths._ends] for obj in (listing, dataset)]
+        assert all(len(o) == len(shared) and all(np.shares_memory(a, t.numpy()) for a, t in zip(o, shared)) for o in own)
         ForkingPickler.dumps(dataset)  # the next worker's: the same shared copy, not another
         again = [t for t in dataset._sent.values() if isinstance(t, torch.Tensor)]
         assert len(again) == len(shared) and all(a is b for a, b in zip(again, shared))
         worker = ForkingPickler.loads(sent)
+        got = [worker.array] if worker.array is not None else [worker.paths._bytes, worker.paths._ends]
+        assert all(np.shares_memory(a, t.numpy()) for a, t in zip(got, shared))  # the worker's too
         assert worker.listing is None and len(worker) == len(dataset) == len(listing)
         for (name, item), i in zip(want, range(0, len(listing), 97)):  # worker and parent read what was listed
             assert listing.name(i) == name
@@ -117,6 +122,7 @@ def test_without_room_in_shared_memory_each_worker_gets_a_copy(tmp_path, monkeyp
     import torch.multiprocessing  # noqa: F401
     from ahpa.data import workers
 
+    assert workers.room_in_shared_memory(1, str(tmp_path / "none"))  # no such file system (macOS): nothing to check
     _, npz = _sources(tmp_path)
     listing = list_source(npz)
     own = listing.array
@@ -133,15 +139,17 @@ def test_without_room_in_shared_memory_each_worker_gets_a_copy(tmp_path, monkeyp
 
 
 @pytest.mark.skipif(not LINUX, reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_decoding_worker_dies_with_its_killed_parent():
+@pytest.mark.parametrize("call", ["die_with_parent()", "start_worker(os.getppid(), 0)"])
+def test_a_decoding_worker_dies_with_its_killed_parent(call):
     """A DataLoader worker blocked on a full result pipe outlived a SIGKILLed ImageNet prepare for good (786 MB
-    each). Here the worker is a child that sleeps: it must be gone soon after its parent is killed."""
-    code = """
+    each). Here the worker is a child that sleeps: it must be gone soon after its parent is killed. Also by way of
+    start_worker, the first call of a worker whose parent reads it (spawned, or forked): no reader watch then."""
+    code = f"""
 import os, sys, time
-from ahpa.data.workers import die_with_parent
+from ahpa.data.workers import die_with_parent, start_worker
 pid = os.fork()
 if pid == 0:
-    die_with_parent()
+    {call}
     time.sleep(60)
     os._exit(0)
 print(pid, flush=True)
@@ -206,3 +214,29 @@ def _gone(pids: list[int], within: float = 10.0) -> bool:
     for p in left:
         os.kill(p, 9)
     return not left
+
+
+@pytest.mark.skipif(not LINUX, reason="the reader watch runs on Linux")
+def test_without_pidfd_the_reader_watch_asks_until_the_reader_has_ended():
+    """Linux before 5.3 has no pidfd_open: the watch of a fork server's worker asks every second whether the reader
+    lives. It must wait while the reader lives, and end the worker once the reader is gone."""
+    code = """
+import os, subprocess, sys, threading, time
+from ahpa.data import workers
+
+def no_pidfd(pid):
+    raise OSError("no pidfd_open before Linux 5.3")
+
+os.pidfd_open = no_pidfd
+reader = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+threading.Thread(target=workers._exit_when_ended, args=(reader.pid,), daemon=True).start()
+time.sleep(1.5)
+print("waited", flush=True)
+reader.kill()
+reader.wait()
+time.sleep(5)
+print("outlived", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": SRC})
+    assert (done.returncode, done.stdout.split()) == (1, ["waited"]), done.stderr[-2000:]

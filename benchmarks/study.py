@@ -37,7 +37,7 @@ from study_extensions import check_append_extensions, check_method_names
 from study_inputs import check_append, input_hashes
 from study_report import file_label
 from study_setup import (DEFAULT_METHODS, METHODS, REPO, SHARED, SIZES, TRACKED_SIGMAS, check_methods,  # noqa: F401
-                         default_cache, method_label, parse_variant, study_config, study_key)
+                         check_variant_values, default_cache, method_label, parse_variant, study_config, study_key)
 from ahpa.config import SampleCfg
 from ahpa.data.cache import read_manifest
 from ahpa.data.prepare import PrepareOptions, prepare
@@ -268,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--level", default="stage4", help="the level vae-level aligns (TAEF2: stage1..stage4, latent)")
     ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
                     help="a method's own switch for an ablation, e.g. align.router_entropy=0, align.levels=[latent,stage4] "
-                         "or align.weight=1.5 (lambda; also align.depth, align.projector_dim); "
+                         "or align.weight=1.5 (lambda; also align.depth, align.projector_dim), or a registered "
+                         "method's own setting, align.options.NAME=VALUE (docs/extending.md); "
                          "it names the run (ahpa-soft[router_entropy=0]) and keeps the study key, so the ablation sits in "
                          "the same table as the baselines. Repeatable")
     ap.add_argument("--seed", type=int, default=0)
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant and "none" in methods:  # vanilla SiT reads no alignment switch: it would be a mislabelled copy
         raise SystemExit(f"--variant {' '.join(args.variant)} changes the alignment, which 'none' does not have: run "
                          f"'none' in a job of its own (its rows serve every variant of the same study key)")
+    check_variant_values(args, size, methods)
     inputs = None  # (the job's first call prepares the cache with no method: it writes no row)
     # a registered method's numerics are its package's: every row names the installed extensions (study_extensions.py)
     extensions = installed_extensions()

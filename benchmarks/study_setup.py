@@ -121,6 +121,17 @@ def parse_variant(items: list[str]) -> list[str]:
     return sorted(items, key=order)
 
 
+def check_variant_values(args, size: dict, methods: list[str]) -> None:
+    """Each --variant value checked as the config checks it (type, range, an extension's setting and its owner),
+    before the study reads data or prepares a cache: refused by the flag, not as a traceback of "overrides"."""
+    for method in methods:
+        study_config(args, size, method, variants=False)  # the study's own settings: an error there is no variant's
+        try:
+            study_config(args, size, method)
+        except config_mod.ConfigError as e:
+            raise SystemExit(f"--variant {' '.join(args.variant)}: {str(e).removeprefix('overrides: ')}") from None
+
+
 def check_methods(args, size: dict, methods: list[str], levels: list[str]) -> None:
     """Every method's configuration, before any trains: a variant the method does not read (router switches on
     multi-uniform: a copy of its baseline under another name, trained for nothing), align.levels on vae-level (its

@@ -71,8 +71,9 @@ def test_settings_are_filled_checked_and_kept_only_for_what_a_run_uses(registrie
     assert kept.align.options == {"scale": 3.0}
     from ahpa.train.notes import ignored_settings_note
 
-    assert ("align.options.scale: no method, loss or router mode this run uses declares it (a setting of another "
-            "extension): ignored") in ignored_settings_note(kept, ["stage1", "latent"])
+    # naming what declares it (it said "a setting of another extension")
+    assert ("align.options.scale: no method, loss or router mode this run uses declares it (a setting of method "
+            "'scaled-flat', loss 'scaled'): ignored") in ignored_settings_note(kept, ["stage1", "latent"])
     assert not any("options" in n for n in ignored_settings_note(cfg, ["stage1", "latent"]))
     refused = {
         "align.options.scale=0": r"overrides: align.options.scale=0.0 is out of range; it must be a float > 0 "
@@ -85,10 +86,37 @@ def test_settings_are_filled_checked_and_kept_only_for_what_a_run_uses(registrie
     for item, message in refused.items():
         with pytest.raises(config.ConfigError, match=message):
             config.load(None, [*TINY, "align.method=scaled-flat", item])
+    # a value not of the type says what the setting takes and whose it is, as an out-of-range one does (it said
+    # "must be a number, got 'abc'" alone, leaving the user to find the rule in --show-config)
+    with pytest.raises(config.ConfigError, match=r"align.options.scale must be a number, got 'abc' \(a float > 0; "
+                                                 r"method 'scaled-flat', loss 'scaled'\)$"):
+        config.load(None, [*TINY, "align.method=scaled-flat", "align.options.scale=abc"])
     # a notebook's edit is checked when the Trainer copies the config, as an override is
     cfg.align.options["scale"] = -1.0
     with pytest.raises(config.ConfigError, match=r"align.options.scale=-1.0 is out of range"):
         config.from_dict(cfg.to_dict())
+
+
+def test_a_setting_unknown_here_says_to_install_or_register_what_declares_it(registries):
+    """A run's or a YAML file's setting whose package is missing here (not installed in this environment, or a
+    session's code not run) is no typo: the refusal said "none is registered in this process", or listed the other
+    extensions' settings, without the fix."""
+    from ahpa import config
+    from ahpa.align.loss import register_loss
+    from ahpa.align.settings import Setting
+
+    fix = (r"; a setting is declared by the package or session code of a method, loss or router mode: install that "
+           r"package in this environment \(`ahpa --version` lists the extension packages installed\) or run its code "
+           r"before this, docs/extending.md$")
+    with pytest.raises(config.ConfigError, match=r"unknown config key 'align.options.margin'; align.options holds the "
+                                                 r"settings that .* declare: none is registered in this process" + fix):
+        config.load(None, [*TINY, "align.options.margin=0.2"])
+    register_loss("scaled", _mse, settings=[Setting("scale", 1.0, "multiplies the MSE", gt=0)])
+    with pytest.raises(config.ConfigError, match=r"declare: scale \(loss 'scaled'\)" + fix):
+        config.load(None, [*TINY, "align.options.margin=0.2"])
+    with pytest.raises(config.ConfigError) as near:  # a near spelling is the likelier fix: no more than that
+        config.load(None, [*TINY, "align.options.scal=1"])
+    assert "did you mean 'align.options.scale'?" in str(near.value) and "install" not in str(near.value)
 
 
 def test_a_loss_declaring_level_is_given_each_levels_name_and_probed_at_each(registries):
@@ -229,3 +257,29 @@ def test_the_study_varies_a_registered_methods_setting_in_the_table_of_its_basel
                       ["stage1", "latent"])
     with pytest.raises(SystemExit, match=r"--variant 'align.optionz.scale=1': expected KEY=VALUE"):
         study.parse_args([*flags, "--variant", "align.optionz.scale=1"])
+
+
+def test_the_study_refuses_a_variants_bad_value_by_its_flag_before_it_reads_data(registries, monkeypatch, tmp_path):
+    """A --variant value out of range or of the wrong type, an extension's setting or ahpa's own key: a Python
+    traceback of the config's error (naming "overrides"), after the study had hashed the data and prepared the cache."""
+    from ahpa.align.loss import register_loss
+    from ahpa.align.methods import MethodSpec, register_method
+    from ahpa.align.settings import Setting
+
+    register_loss("scaled", _mse, settings=[Setting("scale", 1.0, "multiplies the MSE", gt=0)])
+    register_method(MethodSpec("plug-scaled", "all", "uniform", "scaled", "every level, a scaled MSE"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study
+
+    # data that does not exist: the refusal comes before anything reads it
+    flags = ["--size", "smoke", "--methods", "plug-scaled", "--encoder", "ahpa-vae:random", "--cache",
+             str(tmp_path / "cache"), "--data", str(tmp_path / "absent.npz"), "--results", str(tmp_path / "r.jsonl")]
+    for variant, message in (("align.options.scale=0", "align.options.scale=0.0 is out of range; it must be a float "
+                                                       "> 0 (loss 'scaled')"),
+                             ("align.options.scale=abc", "align.options.scale must be a number, got 'abc' (a float > "
+                                                         "0; loss 'scaled')"),
+                             ("align.weight=abc", "align.weight must be a number, got 'abc'")):
+        with pytest.raises(SystemExit) as refused:
+            study.main([*flags, "--variant", variant])
+        assert str(refused.value) == f"--variant {variant}: {message}", str(refused.value)
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "cache").exists()

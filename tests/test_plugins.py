@@ -88,6 +88,12 @@ def test_a_run_of_a_package_method_samples_and_exports_without_the_package_but_r
     assert resumed.returncode == 2 and "align.method='plug-uniform' is not valid" in resumed.stderr
     assert ("this process lacks the package or session code the run trained with (its last start recorded the "
             "extension packages myplug 0.1): install or register it before resuming this run.") in resumed.stderr
+    # resumed "as it was" (`--config RUN/config.yaml`, what a refused resume suggests): the same fix, naming the
+    # package (the config file's refusal came first, and said only how a name registered from Python is lost)
+    as_was = _ahpa(bare, "train", "--config", str(run / "config.yaml"), "--out", str(run), "train.steps=4")
+    assert as_was.returncode == 2 and "align.method='plug-uniform' is not valid" in as_was.stderr
+    assert ("; this process lacks the package or session code the run trained with (its last start recorded the "
+            "extension packages myplug 0.1): install or register it before resuming this run.") in as_was.stderr
 
 
 def test_a_broken_plugin_is_named_with_its_package(tmp_path):

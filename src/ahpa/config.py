@@ -106,7 +106,10 @@ def _apply_option(cfg: Config, name: str, value: Any, where: str, unresolved: tu
     declared = declared_settings()
     if name in declared:
         setting = declared[name][0]
-        value = _coerce(key, value, setting.type, where)
+        try:
+            value = _coerce(key, value, setting.type, where)
+        except ConfigError as e:  # "must be a number" alone: the rule and its owner, as --show-config writes them
+            raise ConfigError(f"{e} ({setting.allowed()}; {', '.join(declared[name][1])})") from None
         problem = setting.problem(value)
         if problem:
             raise ConfigError(f"{where}: {key}={value!r} {problem} ({', '.join(declared[name][1])})")
@@ -117,9 +120,14 @@ def _apply_option(cfg: Config, name: str, value: Any, where: str, unresolved: tu
         valid = [f"{n} ({', '.join(owners)})" for n, (_, owners) in declared.items()]
         failed = "".join(f"; {f}" for f in load_plugins())  # the setting may be a package's that failed to import
         near = did_you_mean(name, declared).replace("'", f"'{OPTIONS}.", 1)
+        # no near spelling and no broken package: most likely a run's or a file's setting whose package is not here
+        fix = "" if near or failed else (
+            "; a setting is declared by the package or session code of a method, loss or router mode: install that "
+            "package in this environment (`ahpa --version` lists the extension packages installed) or run its code "
+            "before this, docs/extending.md")
         raise ConfigError(f"{where}: unknown config key {key!r}{near}; align.options holds the "
                           "settings that registered methods, losses and router modes declare: "
-                          f"{', '.join(valid) or 'none is registered in this process'}{failed}")
+                          f"{', '.join(valid) or 'none is registered in this process'}{failed}{fix}")
     cfg.align.options[name] = value
 
 

@@ -52,7 +52,18 @@ def run(args) -> int:
     from ahpa.train.loop import Trainer
     from ahpa.train.signals import StopSignals
 
-    cfg = config.load(args.config, args.overrides, where="command line")
+    try:
+        cfg = config.load(args.config, args.overrides, where="command line")
+    except config.ConfigError as e:
+        from ahpa.train.run_dir import missing_extension_fix
+
+        # `--config RUN/config.yaml --out RUN` without the run's package: the refusal names a near built-in name,
+        # or how a session's name is lost; the run's record names the package to install
+        own = args.out and args.config and Path(args.config).resolve() == (Path(args.out) / "config.yaml").resolve()
+        fix = missing_extension_fix(Path(args.out), str(e)) if own else None
+        if fix is None:
+            raise
+        raise config.ConfigError(f"{e}; {fix}") from None
     if args.show_config:
         from ahpa.config_doc import documented_yaml
 

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import torch
 
 from ahpa.align import get_method
-from ahpa.align.methods import ROUTING, align_settings_read
+from ahpa.align.methods import ROUTING, align_settings_read, declared_settings
 from ahpa.config import AlignCfg, Config, EvalCfg, TrainCfg
 from ahpa.train.build import BF16_MAJOR, Parts, precision_name
 
@@ -106,9 +106,11 @@ def _align_notes(cfg: Config, levels: list[str]) -> list[str]:
     a = cfg.align
     spec = get_method(a.method)
     reads = align_settings_read(a.method, a.router, a.router_normalize, a.loss)
-    unread = [f"align.options.{k}" for k in a.options if f"options.{k}" not in reads]
-    notes = [f"{', '.join(unread)}: no method, loss or router mode this run uses declares it (a setting of "
-             "another extension): ignored"] if unread else []
+    declared = declared_settings()
+    # each with what declares it, so the user sees which extension the run would need to use to read it
+    notes = [f"align.options.{k}: no method, loss or router mode this run uses declares it (a setting of "
+             f"{', '.join(declared[k][1]) if k in declared else 'another extension'}): ignored"
+             for k in a.options if f"options.{k}" not in reads]
     return notes + _builtin_align_notes(cfg, levels, changed, spec, reads)
 
 

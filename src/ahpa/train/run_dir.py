@@ -44,6 +44,20 @@ def _registered_elsewhere(run_dir: Path) -> str:
             "before resuming this run.")
 
 
+def names_a_registered_value(message: str) -> bool:
+    """Whether a config's refusal (its first line) is of a name a package or a session registers, or of a setting
+    one declares: what a run's own config.yaml meets in a process without that package."""
+    return any(f": {k}=" in message for k in REGISTERED_KEYS) or f"key '{config_rules.OPTIONS}." in message
+
+
+def missing_extension_fix(run_dir: Path, message: str) -> str | None:
+    """The fix for a refusal of `run_dir`'s config (given as --config to resume it) that names what a package
+    registers, with the packages its last start recorded; None where the refusal is another's or no run is there."""
+    if not (run_dir / "config.yaml").is_file() or not names_a_registered_value(message.splitlines()[0]):
+        return None
+    return _registered_elsewhere(run_dir)
+
+
 def _saved_config(run_dir: Path) -> Config | None:
     """The run's config.yaml, or None where there is none. Refuses a directory that is not a run but holds files of
     the names a run writes (a run's own config.yaml written over is harmless; someone else's, or their samples/, is
@@ -56,8 +70,7 @@ def _saved_config(run_dir: Path) -> Config | None:
             first = str(e).splitlines()[0]
             raise RunConfigError(
                 f"{run_dir} holds a config.yaml that cannot be read as a run's config ({first}); "
-                + (_registered_elsewhere(run_dir) if any(f": {k}=" in first for k in REGISTERED_KEYS)
-                   or f"key '{config_rules.OPTIONS}." in first else
+                + (_registered_elsewhere(run_dir) if names_a_registered_value(first) else
                    "a run would write over it: choose a new --out; or, for a run of an older ahpa, fix the key named.")
             ) from None
     clash = [name for name in RUN_FILES if (run_dir / name).exists()]

@@ -154,6 +154,32 @@ def test_a_run_records_each_start_and_compare_names_other_environments(tmp_path,
     assert "- torch:" not in text  # the same torch: not listed
 
 
+def test_a_run_resumed_by_other_software_says_so_when_it_resumes(tmp_path, tiny):
+    """A resume under another torch, ahpa or extension package than the run's last start is said (steps before and
+    after may differ in numerics), naming only what changed; not for the same software, a key an older record
+    lacks, the device (compare's, for speeds) or a complete run rerun to export."""
+    import torch
+
+    from ahpa.train.loop import Trainer
+
+    run = tmp_path / "a"
+    Trainer(tiny("train.steps=1"), run).run()
+    said = lambda tr: [m for m in tr.messages if "other software" in m]  # noqa: E731
+    assert said(Trainer(tiny("train.steps=2"), run)) == []  # the same software
+    starts = run / "starts.jsonl"
+    row = json.loads(starts.read_text())
+    del row["source"]  # an older record without the key: no difference claimed
+    starts.write_text(json.dumps({**row, "torch": "2.4.1", "extensions": "walkpkg 0.1.0", "device": "NVIDIA H200"}) + "\n")
+    tr = Trainer(tiny("train.steps=2"), run)
+    assert said(tr) == [f"resuming at step 1 with other software than the run's last start: extensions walkpkg "
+                        f"0.1.0 -> none; torch 2.4.1 -> {torch.__version__}; the steps before and after may "
+                        "differ in numerics (the run's starts.jsonl records each start)"]
+    tr.run()
+    rows = starts.read_text().splitlines()
+    starts.write_text(rows[0] + "\n" + json.dumps({**json.loads(rows[1]), "torch": "2.4.1"}) + "\n")
+    assert said(Trainer(tiny("train.steps=2"), run)) == []  # complete: rerun to export, it trains nothing
+
+
 def test_a_damaged_metrics_file_is_named_and_a_torn_last_line_is_dropped(tmp_path):
     d = _run(tmp_path, "x", "none", [1.0])
     rows = len(compare.read_run(d).flow)

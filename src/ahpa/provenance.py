@@ -76,3 +76,27 @@ def last_start(run_dir: Path) -> dict | None:
     """The newest start record of a run, or None for a run without one (written before starts.jsonl)."""
     rows = starts(run_dir)
     return rows[-1] if rows else None
+
+
+# what computes a run's steps: a resume under other values may train on with other numerics (a package's new
+# loss, another torch's kernels); the device and process count are `ahpa compare`'s, which names them for speeds
+SOFTWARE = ("ahpa", "source", "extensions", "torch")
+
+
+def software_changes(last: dict | None, now: dict) -> list[str]:
+    """What of SOFTWARE differs between a run's last start record and this environment, as "KEY OLD -> NEW"; none
+    for a run without a record (written before starts.jsonl) or a key the record lacks (an older ahpa's)."""
+    if not last:
+        return []
+    return [f"{key} {last[key] or 'none'} -> {now.get(key) or 'none'}" for key in SOFTWARE
+            if key in last and last[key] != now.get(key)]
+
+
+def resumed_software_note(run_dir: Path, step: int) -> list[str]:
+    """The note of a run resumed at `step` by other software than its last start: said once, when it resumes, and
+    not refused (a bug-fix release is a reason to resume); starts.jsonl keeps both starts."""
+    changes = software_changes(last_start(run_dir), environment())
+    if not changes:
+        return []
+    return [f"resuming at step {step} with other software than the run's last start: {'; '.join(changes)}; the "
+            "steps before and after may differ in numerics (the run's starts.jsonl records each start)"]

@@ -23,7 +23,7 @@ from ahpa.data.order import batch_indices, micro_batches, process_requests
 from ahpa.data.batches import PriorBatch
 from ahpa.device import autocast
 from ahpa.priors.targets import standardise_levels
-from ahpa.provenance import device_name
+from ahpa.provenance import device_name, resumed_software_note
 from ahpa.sample import SamplerBundle
 from ahpa.train import outputs, schedule
 from ahpa.train.build import Parts, build_parts, check_batch_split, given_encoder_spec, registered_entries
@@ -91,6 +91,8 @@ class Trainer:
         self.messages += skipped + ([resumed.message] if resumed else [])
         if resumed is not None:
             self.step, self.ema_updates = resumed.step, resumed.ema_updates
+            if self.step < t.steps:  # a complete run rerun (to export) trains no step under this software
+                self.messages += resumed_software_note(self.run_dir, self.step)
         if self.parts.posthoc is not None and space_check:  # the step resumed from known, before minutes more set-up
             refused = None
             if self.rank == 0:  # its disk: the one process that writes snapshots

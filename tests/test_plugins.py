@@ -725,6 +725,8 @@ def test_the_documented_settings_and_level_aware_loss_through_the_cli(tmp_path):
         out = _ahpa(site, "train", *base, "--out", str(runs[weight]), "train.steps=2", "train.sample_every=0",
                     "train.log_every=1", f"align.options.latent_weight={weight}")
         assert out.returncode == 0, out.stderr[-2000:]
+    # the run's first line names the settings it reads, as in force (sharpness: its default)
+    assert f"weight 0.5; options.latent_weight={weight:.1f}; options.sharpness=2.0)" in out.stdout + out.stderr
     saved = (runs[3] / "config.yaml").read_text()
     assert "  options:\n    latent_weight: 3.0\n    sharpness: 2.0\n" in saved, saved
     # the level reached the loss, and the setting with it: at the first step (the same weights and batch) the latent's

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import torch
 
 from ahpa.align import get_method
-from ahpa.align.methods import ROUTING, align_settings_read, declared_settings
+from ahpa.align.methods import ROUTING, align_settings_read, declared_settings, settings_in_use
 from ahpa.config import AlignCfg, Config, EvalCfg, TrainCfg
 from ahpa.train.build import BF16_MAJOR, Parts, precision_name
 
@@ -69,9 +69,14 @@ def setup_note(cfg: Config, parts: Parts, world: int, sharding: bool, device_nam
     where = device_name if world == 1 else f"{world} x {device_name} ({how})"
     # what the aligner resolved: a method fixes its router and loss (multi-uniform: uniform), a package may bring them
     a = getattr(parts, "aligner", None)
-    aligned = (f" (levels {', '.join(a.levels)} at block{'s' if len(a.taps) > 1 else ''} "
-               f"{', '.join(map(str, a.taps))}; router {a.router.mode}; loss {a.loss_kind}; weight {cfg.align.weight:g})"
-               if a is not None else "")
+    aligned = ""
+    if a is not None:
+        # the extensions' own settings it reads (align.options), as in force: given or their defaults
+        used = settings_in_use(cfg.align.method, cfg.align.router, cfg.align.loss) or {}
+        options = "".join(f"; options.{name}={a.cfg.options[name]}" for name in used if name in a.cfg.options)
+        aligned = (f" (levels {', '.join(a.levels)} at block{'s' if len(a.taps) > 1 else ''} "
+                   f"{', '.join(map(str, a.taps))}; router {a.router.mode}; loss {a.loss_kind}; weight "
+                   f"{cfg.align.weight:g}{options})")
     return (f"training on {where}, {precision}, {compiled}: {t.steps:,} step{'s' if t.steps != 1 else ''} of global "
             f"batch {t.batch_size} "
             f"({t.batch_size // world} per process{micro}), align.method={cfg.align.method}{aligned}")

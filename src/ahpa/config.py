@@ -98,10 +98,12 @@ def _number(key: str, item: Any, where: str) -> float:
         raise ConfigError(f"{where}: {key} must be a list of numbers, got the item {item!r}") from None
 
 
-def _apply_option(cfg: Config, name: str, value: Any, where: str, unresolved: tuple[str, ...]) -> None:
+def _apply_option(cfg: Config, name: str, value: Any, where: str, unresolved: tuple[str, ...],
+                  parsed: bool = False) -> None:
     """align.options.NAME=VALUE: a setting a registered method, loss or router mode declares (ahpa.align.settings),
     checked against its declaration. With OPTIONS in `unresolved` (a run's config read to sample or export), a name
-    no extension here declares is kept as written: its package may be missing here, and the SiT needs none."""
+    no extension here declares is kept as written: its package may be missing here, and the SiT needs none. `parsed`:
+    the value is YAML's already (an item of a mapping), not a command line's string."""
     key = f"{OPTIONS}.{name}"
     declared = declared_settings()
     if name in declared:
@@ -114,7 +116,9 @@ def _apply_option(cfg: Config, name: str, value: Any, where: str, unresolved: tu
         if problem:
             raise ConfigError(f"{where}: {key}={value!r} {problem} ({', '.join(declared[name][1])})")
     elif OPTIONS in unresolved and name.isidentifier():
-        if isinstance(value, str) and value != "":
+        # only a command line's string is parsed: a string of the file's ('1.0', '@latest') is the setting's value,
+        # which parsed again would change type or fail to parse, and a run could not be sampled without its package
+        if not parsed and isinstance(value, str) and value != "":
             value = _coerce(key, value, typing.Any, where)
     else:
         valid = [f"{n} ({', '.join(owners)})" for n, (_, owners) in declared.items()]
@@ -139,7 +143,7 @@ def _apply_options(cfg: Config, value: Any, where: str, unresolved: tuple[str, .
         raise ConfigError(f"{where}: {OPTIONS} must be a mapping of NAME: VALUE (a setting of a registered method, loss "
                           f"or router mode each), got {value!r}; one setting is align.options.NAME=VALUE")
     for name, item in value.items():
-        _apply_option(cfg, str(name), item, where, unresolved)
+        _apply_option(cfg, str(name), item, where, unresolved, parsed=True)
 
 
 def fill_options(cfg: Config) -> None:

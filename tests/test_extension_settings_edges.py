@@ -110,7 +110,7 @@ def test_the_settings_a_run_reads_are_those_of_the_parts_it_runs(registries):
 
     notes = ignored_settings_note(config.load(None, [*TINY, "align.method=none", "align.options.scale=2"]), ["latent"])
     assert [n for n in notes if "options" in n] == ["align.options.scale: no method, loss or router mode this run uses "
-                                                    "declares it (a setting of another extension): ignored"]
+                                                    "declares it (a setting of method 'all-plug', loss 'scaled'): ignored"]
 
 
 def test_options_read_unresolved_keep_the_files_values_and_parse_the_command_lines(tmp_path):

@@ -27,7 +27,9 @@
 #         && cp ../shared/detectors/cifar10-resnet2*.pt ../shared/detectors/cifar10-resnet3*.pt .carry/detectors/
 # What travels (tracked files + .carry) must stay under 64 MiB; it was 56 MiB in the sixth session once the docs'
 # PNGs were paletted (study_report.py does that to every PNG it writes), 59 MiB in the twelfth once the pilots' rows
-# were gzipped; each study job adds ~1 MB (three sample grids, plots). Check before a call:
+# were gzipped, 61.9 MiB in the twenty-eighth (10.6 MiB tracked + 51.3 MiB .carry, 2.1 MiB left, once the levels
+# figures were written at 72 dpi, freeing 0.6 MB): each study job adds ~1 MB (three sample grids, plots), so commit
+# the grids a report needs, not every one, or make room. Check before a call:
 #     echo $(( ($(git ls-files -z | xargs -0 stat -c %s | paste -sd+ | bc) + $(du -sb .carry | cut -f1)) / 1048576 )) MiB
 # The reference statistics of the full training set are committed (benchmarks/results/study/ref), so train.npz
 # does not travel. What comes back in $OUT (at most 8 files): study.jsonl (every lane's rows: one per evaluation

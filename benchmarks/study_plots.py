@@ -86,7 +86,9 @@ def plot_levels(series, batch: int, path: Path, methods: list[str]) -> bool:
         ax.set_ylabel("level loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    save_figure(fig, path, dpi=100)
+    # one panel per run: a pilot's grid of 40 panels at 100 dpi was ~0.4 MB paletted, and the docs travel with
+    # every device call (64 MiB with the study's inputs, benchmarks/study_gpu_job.sh)
+    save_figure(fig, path, dpi=72)
     return True
 
 

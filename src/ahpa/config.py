@@ -146,11 +146,11 @@ def _apply_options(cfg: Config, value: Any, where: str, unresolved: tuple[str, .
         _apply_option(cfg, str(name), item, where, unresolved, parsed=True)
 
 
-def fill_options(cfg: Config) -> None:
+def fill_options(a: AlignCfg) -> None:
     """The settings of the method, loss and router mode in use, each given or its default, first and in that order
-    (what the run reads, in config.yaml and --show-config); any other given setting stays (an extension not in use:
-    the run notes it as ignored). With a name not registered here (read unresolved), the options stay as written."""
-    a = cfg.align
+    (what the run reads, in config.yaml and --show-config; what the aligner's functions get); any other given setting
+    stays (an extension not in use: the run notes it as ignored). With a name not registered here (read unresolved),
+    the options stay as written."""
     used = settings_in_use(a.method, a.router, a.loss)
     if used is None:
         return
@@ -211,7 +211,7 @@ def _fill(cfg: Config, data: dict, where: str, unresolved: tuple[str, ...] = ())
 
 def from_dict(data: dict, where: str = "config", base: Config | None = None) -> Config:
     cfg = _fill(base if base is not None else Config(), data, where)
-    fill_options(cfg)
+    fill_options(cfg.align)
     check_across_keys(cfg, where)
     return cfg
 
@@ -242,7 +242,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _apply(cfg, key.strip(), value.strip(), where, unresolved)
-    fill_options(cfg)
+    fill_options(cfg.align)
     check_across_keys(cfg, str(path) + (f" with the {where}" if overrides else "") if path is not None else where)
     return cfg
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ahpa.align.loss import check_loss, entropy, router_objective
-from ahpa.align.methods import LOSSES, settings_in_use
+from ahpa.align.methods import LOSSES
 from ahpa.align.projector import Projector
 from ahpa.align.router import Router
 from ahpa.align.tokens import gather_tokens, kept_tokens
-from ahpa.config import AlignCfg
+from ahpa.config import AlignCfg, fill_options
 from ahpa.device import autocast
 from ahpa.plugins import declares
 from ahpa.train.distributed import all_reduce_mean
@@ -39,8 +39,7 @@ class Aligner(nn.Module):
         cfg = dataclasses.replace(cfg, router=router_mode, loss=loss)
         # the loss's and the mode's own settings (align.options), defaults filled in where the caller built the
         # AlignCfg by hand (a config read by ahpa.config has them): a function reads cfg.options["NAME"] as declared
-        cfg.options = {**{n: s.default for n, (s, _) in (settings_in_use(cfg.method, router_mode, loss) or {}).items()},
-                       **cfg.options}
+        fill_options(cfg)
         check_loss(loss, cfg, levels)
         self.loss_kind, self.cfg = loss, cfg
         # a loss that declares `level` gets each level's name by keyword; read once here, not at each step

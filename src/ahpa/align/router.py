@@ -97,13 +97,11 @@ class Router(nn.Module):
         fn = ROUTER_MODES.entries[mode].fn
         self._fn_kwargs = {}  # read once here: route() passes them on every step without inspecting fn again
         if fn is not None and declares(fn, "cfg"):
-            from ahpa.config import Config, fill_options
+            from ahpa.config import AlignCfg, fill_options
 
             if cfg is None:
-                whole = Config()
-                whole.align.router = mode
-                fill_options(whole)
-                cfg = whole.align
+                cfg = AlignCfg(router=mode)
+                fill_options(cfg)
             self._fn_kwargs = {"cfg": cfg}
         self.mlp = None
         if self.learned:
